@@ -1,0 +1,775 @@
+"""CLIPSeg: a frozen CLIP ViT-B/16 and a small FiLM-conditioned transformer decoder that turns a text or image
+prompt into a segmentation mask (Lüddecke & Ecker, CVPR 2022).
+
+The CLIP towers and the tokenizer come from `transformers`; the decoder, the early-exit vision pass (it stops
+after the deepest extracted block), position-embedding interpolation for any image shape, the visual-prompt
+engineering and the weight loaders are ours. Weights load from:
+
+- an HF CLIPSeg checkpoint (hub id such as `CIDAS/clipseg-rd64-refined`, or a directory with `config.json` and
+  `model.safetensors`/`pytorch_model.bin`); our own `save_pretrained` writes that same layout;
+- an original-release decoder file (`rd64-uni.pth`, `rd64-uni-refined.pth`, `rd16-uni.pth`) plus a CLIP
+  backbone (hub id such as `openai/clip-vit-base-patch16` or a local directory).
+
+    model = CLIPSeg.from_pretrained("CIDAS/clipseg-rd64-refined").eval()
+    logits = model(pixel_values, phrases=["a cat", "a sofa"])          # (2, 1, H, W)
+    features = model.encode_image(pixel_values[:1])                   # run the vision tower once ...
+    logits = model.decode(features, model.embed_text(["a", "b", "c"]))  # ... decode many prompts: (3, 1, H, W)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+# Normalisation of CLIPSeg's inputs: ImageNet statistics (not CLIP's), as in the released code and hub processor.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SIZE = 352  # training and test resolution of the released models
+PATCH_SIZE = 16
+DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
+TOKENIZER_DIR = Path(__file__).resolve().parent / "clip_tokenizer"
+CLIP_VOCAB_SIZE = 49408
+CLIP_CONTEXT_LENGTH = 77
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class CLIPSegConfig:
+    """Decoder knobs (paper section 3, SPEC section 1) plus the geometry of the CLIP backbone.
+
+    Defaults are those of the released `rd64` models. `clip` is a `transformers.CLIPConfig`; when it is None the
+    backbone's geometry is unknown until `CLIPSeg.from_pretrained`/`from_backbone` fills it in.
+    """
+
+    extract_layers: tuple[int, ...] = (3, 6, 9)  # 0-based visual blocks read by the decoder (paper: 3, 7, 9)
+    reduce_dim: int = 64  # D: decoder width (16 for rd16, 128 in one paper row)
+    decoder_heads: int = 4
+    decoder_ffn_dim: int = 2048
+    refined: bool = False  # the "complex transposed convolution" head of the -refined weights
+    conditional_layer: int = 0  # FiLM is applied before this decoder block
+    dropout: float = 0.1  # decoder dropout during training (attention weights, residual branches, FFN)
+    backbone: str = DEFAULT_BACKBONE  # where the CLIP weights came from (informational)
+    image_size: int = IMAGE_SIZE  # default input side for training, scoring and prediction
+    clip: transformers.CLIPConfig | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.extract_layers = tuple(int(i) for i in self.extract_layers)
+        if not self.extract_layers or list(self.extract_layers) != sorted(set(self.extract_layers)):
+            raise ValueError(f"extract_layers must be strictly increasing, got {self.extract_layers}")
+        if self.reduce_dim % self.decoder_heads:
+            raise ValueError(f"reduce_dim {self.reduce_dim} is not divisible by decoder_heads {self.decoder_heads}")
+        if not 0 <= self.conditional_layer < len(self.extract_layers):
+            raise ValueError(f"conditional_layer {self.conditional_layer} must index one of the decoder blocks")
+        if self.clip is not None:
+            depth = self.clip.vision_config.num_hidden_layers
+            if self.extract_layers[0] < 0 or self.extract_layers[-1] >= depth:
+                raise ValueError(f"extract_layers {self.extract_layers} out of range for a {depth}-block backbone")
+            if self.clip.vision_config.patch_size != PATCH_SIZE:
+                raise ValueError(f"CLIPSeg needs a patch-16 backbone, got {self.clip.vision_config.patch_size}")
+
+    def to_hf_dict(self) -> dict:
+        """The config as `transformers.CLIPSegConfig` JSON; our extra knobs ride along as extra keys."""
+        if self.clip is None:
+            raise ValueError("config has no CLIP geometry (clip=None)")
+        hf = transformers.CLIPSegConfig(
+            text_config=self.clip.text_config.to_dict(),
+            vision_config=self.clip.vision_config.to_dict(),
+            projection_dim=self.clip.projection_dim,
+            logit_scale_init_value=self.clip.logit_scale_init_value,
+            extract_layers=list(self.extract_layers),
+            reduce_dim=self.reduce_dim,
+            decoder_num_attention_heads=self.decoder_heads,
+            decoder_intermediate_size=self.decoder_ffn_dim,
+            conditional_layer=self.conditional_layer,
+            use_complex_transposed_convolution=self.refined,
+        )
+        out = hf.to_dict()
+        out["architectures"] = ["CLIPSegForImageSegmentation"]
+        out["clipseg_decoder_dropout"] = self.dropout
+        out["clipseg_backbone"] = self.backbone
+        out["clipseg_image_size"] = self.image_size
+        return out
+
+    @classmethod
+    def from_hf_dict(cls, data: dict) -> CLIPSegConfig:
+        if data.get("model_type") != "clipseg":
+            raise ValueError(f"not a CLIPSeg config (model_type={data.get('model_type')!r})")
+        hf = transformers.CLIPSegConfig.from_dict(data)
+        clip = transformers.CLIPConfig(
+            text_config=hf.text_config.to_dict(),
+            vision_config=hf.vision_config.to_dict(),
+            projection_dim=hf.projection_dim,
+            logit_scale_init_value=hf.logit_scale_init_value,
+        )
+        return cls(
+            extract_layers=tuple(hf.extract_layers),
+            reduce_dim=hf.reduce_dim,
+            decoder_heads=hf.decoder_num_attention_heads,
+            decoder_ffn_dim=hf.decoder_intermediate_size,
+            refined=bool(hf.use_complex_transposed_convolution),
+            conditional_layer=hf.conditional_layer,
+            dropout=data.get("clipseg_decoder_dropout", 0.1),
+            backbone=data.get("clipseg_backbone", data.get("_name_or_path") or DEFAULT_BACKBONE),
+            image_size=data.get("clipseg_image_size", IMAGE_SIZE),
+            clip=clip,
+        )
+
+    def knobs(self) -> dict:
+        """The decoder knobs without the backbone geometry (for logs and argument files)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "clip"}
+
+
+def tiny_clip_config(vision_layers: int = 6, width: int = 64) -> transformers.CLIPConfig:
+    """A small random CLIP with the real tokenizer's vocabulary, for tests and the offline demo."""
+    return transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=CLIP_CONTEXT_LENGTH,
+        ),
+        vision_config=dict(
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=PATCH_SIZE,
+        ),
+        projection_dim=width,
+    )
+
+
+def tiny_config(**knobs) -> CLIPSegConfig:
+    """A tiny CLIPSeg configuration: 6 vision blocks, width 64, decoder reading blocks 1, 3, 4, D = 16."""
+    defaults = dict(extract_layers=(1, 3, 4), reduce_dim=16, decoder_ffn_dim=64, backbone="tiny")
+    return CLIPSegConfig(**{**defaults, **knobs, "clip": knobs.get("clip") or tiny_clip_config()})
+
+
+# --------------------------------------------------------------------------------------------------- decoder
+
+
+class DecoderAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v projections (the HF CLIPSeg parameter names)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+
+        def split(t: Tensor) -> Tensor:
+            return t.view(batch, tokens, self.heads, dim // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+
+
+class DecoderBlock(nn.Module):
+    """Post-LN transformer encoder layer (ReLU FFN), as `nn.TransformerEncoderLayer` in the original code."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.self_attn = DecoderAttention(dim, heads, dropout)
+        self.layer_norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = DecoderMLP(dim, ffn_dim, dropout)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer_norm1(x + self.dropout(self.self_attn(x)))
+        return self.layer_norm2(x + self.dropout(self.mlp(x)))
+
+
+def refined_head(dim: int) -> nn.Sequential:
+    """Conv 3x3 + two 4x transposed convolutions: the head of the `-refined` weights (patch 16 only)."""
+    return nn.Sequential(
+        nn.Conv2d(dim, dim, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(dim, dim // 2, kernel_size=4, stride=4),
+        nn.ReLU(),
+        nn.ConvTranspose2d(dim // 2, 1, kernel_size=4, stride=4),
+    )
+
+
+class CLIPSegDecoder(nn.Module):
+    """Activations of the extracted blocks + conditional vector -> mask logits.
+
+    The FiLM modulation and the `reduces` projections broadcast over the batch, so one image's activations
+    (batch 1) can be decoded against K conditionals at once.
+    """
+
+    def __init__(self, config: CLIPSegConfig):
+        super().__init__()
+        assert config.clip is not None, "CLIPSegDecoder needs the backbone geometry (config.clip)"
+        width, dim = config.clip.vision_config.hidden_size, config.reduce_dim
+        self.conditional_layer = config.conditional_layer
+        self.film_mul = nn.Linear(config.clip.projection_dim, dim)
+        self.film_add = nn.Linear(config.clip.projection_dim, dim)
+        self.reduces = nn.ModuleList(nn.Linear(width, dim) for _ in config.extract_layers)
+        self.layers = nn.ModuleList(
+            DecoderBlock(dim, config.decoder_heads, config.decoder_ffn_dim, config.dropout)
+            for _ in config.extract_layers
+        )
+        if config.refined:
+            self.transposed_convolution = refined_head(dim)
+        else:
+            self.transposed_convolution = nn.ConvTranspose2d(dim, 1, kernel_size=PATCH_SIZE, stride=PATCH_SIZE)
+
+    def forward(self, activations: Sequence[Tensor], conditional: Tensor, grid: tuple[int, int]) -> Tensor:
+        """activations: shallowest first, each (B or 1, 1 + h*w, width); conditional: (K, 512), where the
+        batch of the activations is K or 1; grid: (h, w). Returns (K, 1, 16h, 16w) logits."""
+        x = None
+        for i, (activation, reduce, layer) in enumerate(zip(reversed(activations), self.reduces, self.layers)):
+            x = reduce(activation) if x is None else reduce(activation) + x
+            if i == self.conditional_layer:
+                x = self.film_mul(conditional)[:, None] * x + self.film_add(conditional)[:, None]
+            x = layer(x)
+        batch, _, dim = x.shape
+        x = x[:, 1:].transpose(1, 2).reshape(batch, dim, *grid)
+        return self.transposed_convolution(x)
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class ImageFeatures:
+    """What the decoder needs from one pass of the vision tower.
+
+    activations: per extracted block (shallowest first), (B, 1 + h*w, width); grid: (h, w) patch grid.
+    """
+
+    activations: list[Tensor]
+    grid: tuple[int, int]
+
+
+class CLIPSeg(nn.Module):
+    """Frozen CLIP + trainable decoder. All inputs are ImageNet-normalised pixels; outputs are logits."""
+
+    def __init__(self, config: CLIPSegConfig):
+        super().__init__()
+        if config.clip is None:
+            raise ValueError("CLIPSeg needs config.clip; use CLIPSeg.from_backbone or from_pretrained")
+        self.config = config
+        self.clip = transformers.CLIPModel(config.clip)
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+        self.decoder = CLIPSegDecoder(config)
+        self._tokenizer = None
+        self.text_cache: dict[str, Tensor] | None = None  # phrase -> (512,) text embedding, when enabled
+
+    # -- construction and weights --------------------------------------------------------------------
+
+    @classmethod
+    def from_backbone(cls, backbone: str = DEFAULT_BACKBONE, **knobs) -> CLIPSeg:
+        """A CLIP backbone (hub id, local directory, or "tiny" for a small random CLIP) and a fresh decoder."""
+        if backbone == "tiny":
+            return cls(tiny_config(**knobs))
+        clip = _load_clip(backbone)
+        model = cls(CLIPSegConfig(**knobs, backbone=backbone, clip=clip.config))
+        model.clip = clip.requires_grad_(False).eval()
+        return model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, backbone: str | None = None, **knobs) -> CLIPSeg:
+        """Load an HF CLIPSeg checkpoint (hub id or directory, ours included) or an original `.pth` decoder.
+
+        backbone: the CLIP weights for an original `.pth` (default `openai/clip-vit-base-patch16`).
+        knobs: config values the caller relies on. Structural ones (`refined`, `reduce_dim`, ...) are checked
+        against the checkpoint and a mismatch raises `CheckpointError` naming the knob; for a `.pth` the ones
+        its weights cannot show (`extract_layers`, `decoder_heads`, `conditional_layer`) are taken as given.
+        `dropout` and `image_size` override the stored values. Keys and shapes are matched strictly.
+        """
+        unknown = set(knobs) - set(STRUCTURAL_KNOBS) - set(FREE_KNOBS)
+        if unknown:
+            raise TypeError(f"unknown config knobs {sorted(unknown)}; known: {STRUCTURAL_KNOBS + FREE_KNOBS}")
+        name = str(name_or_path)
+        if Path(name).suffix in (".pth", ".pt") and Path(name).is_file():
+            return cls._from_original(Path(name), backbone or DEFAULT_BACKBONE, knobs)
+        if backbone is not None:
+            raise ValueError("backbone= is only for original .pth decoder files; HF checkpoints carry their CLIP")
+        config = CLIPSegConfig.from_hf_dict(json.loads(Path(_resolve_file(name, CONFIG_NAME)).read_text()))
+        _check_knobs(config, knobs, STRUCTURAL_KNOBS, name)
+        model = cls(replace(config, **{k: v for k, v in knobs.items() if k in FREE_KNOBS}))
+        model.load_weights(_load_hf_state_dict(name), source=name)
+        return model
+
+    @classmethod
+    def _from_original(cls, path: Path, backbone: str, knobs: dict) -> CLIPSeg:
+        state = original_to_hf_names(_torch_load_safely(path))
+        inferred = _decoder_knobs_from_state(state)
+        _check_knobs(CLIPSegConfig(**inferred), knobs, tuple(inferred), str(path))
+        model = cls.from_backbone(backbone, **{**knobs, **inferred})
+        clip_state = {f"clip.{k}": v for k, v in model.clip.state_dict().items()}
+        model.load_weights({**clip_state, **state}, source=str(path))
+        return model
+
+    def load_weights(self, state: dict[str, Tensor], source: str = "checkpoint") -> None:
+        """Copy a full HF-named state dict into the model after checking every key and shape."""
+        own = self.state_dict()
+        state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong_shape = [
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in sorted(set(own) & set(state))
+            if state[k].shape != own[k].shape
+        ]
+        if missing or unexpected or wrong_shape:
+            raise CheckpointError(_mismatch_message(source, self.config, missing, unexpected, wrong_shape))
+        with torch.no_grad():
+            for key, tensor in own.items():
+                tensor.copy_(state[key])
+        self.text_cache = {} if self.text_cache is not None else None
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write `config.json` + `model.safetensors` (the HF CLIPSeg layout), each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        text = json.dumps(self.config.to_hf_dict(), indent=2, sort_keys=True)
+        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+        return directory
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.decoder.parameters())
+
+    def train(self, mode: bool = True) -> CLIPSeg:
+        super().train(mode)
+        self.clip.eval()  # the backbone is frozen and always in inference mode
+        return self
+
+    # -- tokenizer and conditional vectors -----------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> transformers.CLIPTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer()
+        return self._tokenizer
+
+    def tokenize(self, phrases: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Phrases -> (input_ids, attention_mask), each (K, L) with L the longest prompt (at most 77 tokens).
+
+        Longer phrases are truncated (keeping the end-of-text token) with a warning."""
+        if isinstance(phrases, str):
+            raise TypeError("phrases must be a list of strings, not a single string")
+        for i, phrase in enumerate(phrases):
+            if not isinstance(phrase, str) or not phrase.strip():
+                raise ValueError(f"phrase {i} is empty or not a string: {phrase!r}")
+        ids = self.tokenizer(list(phrases))["input_ids"]
+        too_long = [p for p, t in zip(phrases, ids) if len(t) > CLIP_CONTEXT_LENGTH]
+        if too_long:
+            warnings.warn(
+                f"{len(too_long)} phrase(s) longer than CLIP's {CLIP_CONTEXT_LENGTH} tokens were truncated, "
+                f"e.g. {too_long[0][:60]!r}...",
+                stacklevel=2,
+            )
+        ids = [t[: CLIP_CONTEXT_LENGTH - 1] + t[-1:] if len(t) > CLIP_CONTEXT_LENGTH else t for t in ids]
+        length = max(len(t) for t in ids)
+        pad = self.tokenizer.eos_token_id
+        input_ids = torch.tensor([t + [pad] * (length - len(t)) for t in ids])
+        attention_mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in ids])
+        return input_ids, attention_mask
+
+    @torch.no_grad()
+    def embed_token_ids(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(K, L) token ids -> (K, 512) CLIP text embeddings (end-of-text token, final LN, projection)."""
+        device = self.clip.text_projection.weight.device
+        input_ids = input_ids.to(device)
+        mask = attention_mask.to(device) if attention_mask is not None else None
+        hidden = self.clip.text_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        pooled = hidden[torch.arange(len(hidden), device=device), input_ids.argmax(dim=-1)]
+        return self.clip.text_projection(pooled)
+
+    @torch.no_grad()
+    def embed_text(self, phrases: Sequence[str]) -> Tensor:
+        """Phrases -> (K, 512) text embeddings. With `text_cache` enabled ({}), each phrase is encoded once."""
+        if self.text_cache is None:
+            return self.embed_token_ids(*self.tokenize(phrases))
+        new = list(dict.fromkeys(p for p in phrases if p not in self.text_cache))
+        if new:
+            for phrase, embedding in zip(new, self.embed_token_ids(*self.tokenize(new))):
+                self.text_cache[phrase] = embedding
+        return torch.stack([self.text_cache[p] for p in phrases])
+
+    @torch.no_grad()
+    def embed_images(self, prompt_images: Tensor) -> Tensor:
+        """(K, 3, h, w) engineered prompt images -> (K, 512) projected CLS embeddings (full vision tower)."""
+        hidden, _, _ = self._vision_tower(prompt_images, stop_after=None)
+        pooled = self.clip.vision_model.post_layernorm(hidden[:, 0])
+        return self.clip.visual_projection(pooled)
+
+    # -- image encoding and decoding -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_image(self, pixel_values: Tensor) -> ImageFeatures:
+        """(B, 3, H, W) normalised pixels, H and W multiples of 16 -> activations of the extracted blocks.
+
+        The vision tower stops after block max(extract_layers); later blocks are never run."""
+        _, activations, grid = self._vision_tower(pixel_values, stop_after=max(self.config.extract_layers))
+        return ImageFeatures(activations, grid)
+
+    def decode(self, features: ImageFeatures, conditional: Tensor) -> Tensor:
+        """Image features (batch B or 1) + (K, 512) conditionals (K = B, or any K when B = 1) -> (K, 1, H, W)."""
+        batch = features.activations[0].shape[0]
+        if conditional.ndim != 2 or conditional.shape[1] != self.config.clip.projection_dim:
+            raise ValueError(
+                f"conditional must be (K, {self.config.clip.projection_dim}), got {tuple(conditional.shape)}"
+            )
+        if batch != 1 and conditional.shape[0] != batch:
+            raise ValueError(f"{conditional.shape[0]} prompts for {batch} images: give one prompt per image")
+        dtype = self.decoder.film_mul.weight.dtype
+        if not torch.is_autocast_enabled(conditional.device.type):
+            conditional = conditional.to(dtype)
+            features = ImageFeatures([a.to(dtype) for a in features.activations], features.grid)
+        return self.decoder(features.activations, conditional, features.grid)
+
+    def conditional(
+        self,
+        phrases: Sequence[str] | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        prompt_images: Tensor | None = None,
+        conditional: Tensor | None = None,
+    ) -> Tensor:
+        """Exactly one of the four prompt kinds -> (K, 512) conditional vectors."""
+        given = [n for n, v in [("phrases", phrases), ("input_ids", input_ids), ("prompt_images", prompt_images),
+                                ("conditional", conditional)] if v is not None]  # fmt: skip
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of phrases, input_ids, prompt_images, conditional; got {given}")
+        if phrases is not None:
+            return self.embed_text(phrases)
+        if input_ids is not None:
+            return self.embed_token_ids(input_ids, attention_mask)
+        if prompt_images is not None:
+            return self.embed_images(prompt_images.to(self.clip.visual_projection.weight.device))
+        return conditional
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        phrases: Sequence[str] | None = None,
+        *,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        prompt_images: Tensor | None = None,
+        conditional: Tensor | None = None,
+    ) -> Tensor:
+        """(B, 3, H, W) normalised pixels + one prompt per image -> (B, 1, H, W) logits.
+
+        The prompt is exactly one of: `phrases` (B strings), `input_ids` (B, L) [+ `attention_mask`],
+        `prompt_images` (B, 3, h, w) already engineered (see `visual_prompt`), `conditional` (B, 512)."""
+        cond = self.conditional(phrases, input_ids, attention_mask, prompt_images, conditional)
+        if len(cond) != len(pixel_values):
+            raise ValueError(f"{len(cond)} prompts for {len(pixel_values)} images: give one prompt per image")
+        return self.decode(self.encode_image(pixel_values), cond)
+
+    @torch.no_grad()
+    def predict_prompts(self, pixel_values: Tensor, **prompt) -> Tensor:
+        """One image (1, 3, H, W) or (3, H, W) and K prompts (any one kind, as in `forward`) -> (K, 1, H, W)
+        logits, running the vision tower once."""
+        if pixel_values.ndim == 3:
+            pixel_values = pixel_values[None]
+        if pixel_values.shape[0] != 1:
+            raise ValueError(f"predict_prompts takes one image, got a batch of {pixel_values.shape[0]}")
+        return self.decode(self.encode_image(pixel_values), self.conditional(**prompt))
+
+    def _vision_tower(self, pixel_values: Tensor, stop_after: int | None) -> tuple[Tensor, list[Tensor], tuple]:
+        """Run CLIP's vision blocks 0..stop_after (all when None) on any (H, W) multiple of 16.
+
+        Returns the last hidden state, the activations after each extracted block, and the patch grid."""
+        vision = self.clip.vision_model
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        height, width = pixel_values.shape[-2:]
+        if height % PATCH_SIZE or width % PATCH_SIZE:
+            raise ValueError(f"image size {height}x{width} must be a multiple of {PATCH_SIZE} in both sides")
+        weight = vision.embeddings.patch_embedding.weight
+        patches = vision.embeddings.patch_embedding(pixel_values.to(weight.device, weight.dtype))
+        grid = (patches.shape[-2], patches.shape[-1])
+        cls_token = vision.embeddings.class_embedding.expand(len(patches), 1, -1).to(patches.dtype)
+        x = torch.cat([cls_token, patches.flatten(2).transpose(1, 2)], dim=1)
+        x = vision.pre_layrnorm(x + self._position_embedding(grid).to(x.dtype))
+        layers = vision.encoder.layers
+        last = len(layers) - 1 if stop_after is None else stop_after
+        wanted = set(self.config.extract_layers)
+        activations = []
+        for i in range(last + 1):
+            x = _run_clip_block(layers[i], x)
+            if i in wanted:
+                activations.append(x)
+        return x, activations, grid
+
+    def _position_embedding(self, grid: tuple[int, int]) -> Tensor:
+        """CLIP's position embeddings, the patch part resized bicubically to `grid`: (1, 1 + h*w, width)."""
+        table = self.clip.vision_model.embeddings.position_embedding.weight
+        side = math.isqrt(table.shape[0] - 1)
+        cls_pos, patch_pos = table[:1], table[1:]
+        if grid != (side, side):
+            patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+            patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
+        return torch.cat([cls_pos, patch_pos])[None]
+
+
+def _run_clip_block(layer: nn.Module, x: Tensor) -> Tensor:
+    """One `CLIPEncoderLayer` without masks (transformers 5 returns a tensor, 4.x a tuple with a causal mask)."""
+    out = layer(x, None) if _TRANSFORMERS_MAJOR >= 5 else layer(x, None, None)
+    return out[0] if isinstance(out, tuple) else out
+
+
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+
+# ------------------------------------------------------------------------------- visual prompt engineering
+
+
+def gaussian_blur(image: Tensor, kernel_size: int = 15, sigma: float = 3.0) -> Tensor:
+    """Separable Gaussian blur of (C, H, W) or (B, C, H, W) with reflect padding."""
+    squeeze = image.ndim == 3
+    x = image[None] if squeeze else image
+    coords = torch.arange(kernel_size, dtype=x.dtype, device=x.device) - (kernel_size - 1) / 2
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    pad = kernel_size // 2
+    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
+    x = F.pad(x, (pad, pad, pad, pad), mode=mode)
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, kernel_size), groups=channels)
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, kernel_size, 1), groups=channels)
+    return x[0] if squeeze else x
+
+
+def visual_prompt(
+    image: Tensor,
+    mask: Tensor,
+    size: int = IMAGE_SIZE,
+    background: float = 0.1,
+    context: float = 0.1,
+) -> Tensor:
+    """Support image + mask -> prompt image ("crop + blur + 10% background", the paper's best, Table 2).
+
+    image: (3, H, W) ImageNet-normalised support (352 px in the paper); mask: (H, W), non-zero = object.
+    The image is blurred (Gaussian 15x15, sigma 3) outside the object and kept at `background` strength there,
+    cropped to the mask's box grown by `context` of its width/height on each side (clamped to the image),
+    zero-padded to a square (0 is the mean colour after normalisation) and resized to `size` (nearest).
+    An empty mask gives the whole image, padded and resized. Returns (3, size, size).
+    """
+    if image.ndim != 3 or mask.shape != image.shape[1:]:
+        raise ValueError(f"image (3, H, W) and mask (H, W) must match, got {tuple(image.shape)} / {tuple(mask.shape)}")
+    mask = (mask > 0).to(image.dtype)
+    if mask.any():
+        blurred = gaussian_blur(image)
+        composite = image * mask + background * blurred * (1 - mask)
+        rows, cols = mask.any(dim=1).nonzero()[:, 0], mask.any(dim=0).nonzero()[:, 0]
+        top, bottom, left, right = rows[0].item(), rows[-1].item() + 1, cols[0].item(), cols[-1].item() + 1
+        grow_y, grow_x = context * (bottom - top), context * (right - left)
+        top, bottom = max(0, int(top - grow_y)), min(mask.shape[0], int(bottom + grow_y))
+        left, right = max(0, int(left - grow_x)), min(mask.shape[1], int(right + grow_x))
+        crop = composite[:, top:bottom, left:right]
+    else:
+        crop = image
+    height, width = crop.shape[1:]
+    side = max(height, width)
+    pad_y, pad_x = side - height, side - width
+    square = F.pad(crop, (pad_x // 2, pad_x - pad_x // 2, pad_y // 2, pad_y - pad_y // 2))
+    return F.interpolate(square[None], size=(size, size), mode="nearest")[0]
+
+
+# ---------------------------------------------------------------------------------------- loading helpers
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model it is loaded into."""
+
+
+def load_tokenizer() -> transformers.CLIPTokenizer:
+    """The real CLIP BPE tokenizer from the vocabulary shipped in `clip_tokenizer/` (works offline)."""
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    if len(tokenizer) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(
+            f"CLIP tokenizer from {TOKENIZER_DIR} has {len(tokenizer)} tokens, expected {CLIP_VOCAB_SIZE}: "
+            "the vocabulary files are missing or damaged (restore clip_tokenizer/ from the repository)"
+        )
+    return tokenizer
+
+
+def _load_clip(backbone: str) -> transformers.CLIPModel:
+    try:
+        return transformers.CLIPModel.from_pretrained(backbone)
+    except OSError as err:
+        raise OSError(
+            f"could not load the CLIP backbone {backbone!r}: give a hub id (needs network or a filled HF cache) "
+            f"or a local directory saved with CLIPModel.save_pretrained ({err})"
+        ) from err
+
+
+def _resolve_file(name_or_path: str, filename: str) -> str:
+    """A file of a checkpoint directory or hub repository (the same code path for both)."""
+    try:
+        path = transformers.utils.cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False)
+    except OSError as err:
+        raise OSError(
+            f"could not open {filename} of {name_or_path!r}: not a local checkpoint directory and not reachable "
+            f"on the HF hub (offline? set HF_HUB_OFFLINE=0 and check the id) ({err})"
+        ) from err
+    if path is None:
+        raise FileNotFoundError(f"{name_or_path!r} has no {filename}: is it a CLIPSeg checkpoint?")
+    return path
+
+
+def _load_hf_state_dict(name_or_path: str) -> dict[str, Tensor]:
+    try:
+        path = transformers.utils.cached_file(name_or_path, WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        path = None
+    if path is not None:
+        return load_file(path)
+    return _torch_load_safely(Path(_resolve_file(name_or_path, "pytorch_model.bin")))
+
+
+def _torch_load_safely(path: Path) -> dict[str, Tensor]:
+    """A pickled state dict read with `weights_only=True`: tensors and containers only, no code runs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: refused to load; it is not a plain tensor state dict (pickled code or objects are never "
+            f"executed) or it is damaged: {err}"
+        ) from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), got {type(state).__name__}")
+    return state
+
+
+def original_to_hf_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename an original-release decoder state dict to HF CLIPSeg names (`decoder.*`); the fused attention
+    `in_proj` is split into q/k/v; the unused `reduce` layer is dropped. Unknown keys raise."""
+    renames = {"linear1": "mlp.fc1", "linear2": "mlp.fc2", "norm1": "layer_norm1", "norm2": "layer_norm2"}
+    out, unknown = {}, []
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if parts[0] in ("film_mul", "film_add", "reduces"):
+            out[f"decoder.{key}"] = tensor
+        elif parts[0] == "trans_conv":
+            out["decoder.transposed_convolution." + ".".join(parts[1:])] = tensor
+        elif parts[0] == "reduce":
+            continue
+        elif parts[0] == "blocks" and key.endswith(("in_proj_weight", "in_proj_bias")):
+            prefix, kind = f"decoder.layers.{parts[1]}.self_attn", parts[-1].split("_")[-1]
+            for proj, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                out[f"{prefix}.{proj}.{kind}"] = chunk.clone()
+        elif parts[0] == "blocks" and parts[2] in ("self_attn", *renames):
+            name = renames.get(parts[2], parts[2])
+            out[f"decoder.layers.{parts[1]}.{name}." + ".".join(parts[3:])] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"unknown keys in an original CLIPSeg decoder file: {unknown[:10]}")
+    return out
+
+
+def _decoder_knobs_from_state(state: dict[str, Tensor]) -> dict:
+    """The knobs that HF-named decoder weights show: reduce_dim, head, FFN width."""
+    if "decoder.film_mul.weight" not in state or "decoder.layers.0.mlp.fc1.weight" not in state:
+        raise CheckpointError("not a CLIPSeg decoder: no film_mul / layers.0 weights")
+    return dict(
+        reduce_dim=state["decoder.film_mul.weight"].shape[0],
+        refined="decoder.transposed_convolution.0.weight" in state,
+        decoder_ffn_dim=state["decoder.layers.0.mlp.fc1.weight"].shape[0],
+    )
+
+
+def _check_knobs(config: CLIPSegConfig, knobs: dict, checkable: Sequence[str], source: str) -> None:
+    for knob in checkable:
+        if knob in knobs and _normalise(knobs[knob]) != _normalise(getattr(config, knob)):
+            hint = _REFINED_HINT if knob == "refined" else ""
+            raise CheckpointError(
+                f"{source}: the checkpoint has {knob}={getattr(config, knob)!r} but {knob}={knobs[knob]!r} was "
+                f"asked for; its weights do not fit that model{hint}"
+            )
+
+
+def _normalise(value):
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+STRUCTURAL_KNOBS = (
+    "extract_layers", "reduce_dim", "decoder_heads", "decoder_ffn_dim", "refined", "conditional_layer",
+)  # fmt: skip
+FREE_KNOBS = ("dropout", "image_size", "backbone")
+_REFINED_HINT = (
+    " (keys decoder.transposed_convolution.{0,2,4}.* belong to the refined head, "
+    "decoder.transposed_convolution.weight to the plain one)"
+)
+
+
+def _mismatch_message(source, config, missing, unexpected, wrong_shape) -> str:
+    def listing(keys):
+        return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+
+    lines = [f"{source} does not fit this model (refined={config.refined}, reduce_dim={config.reduce_dim}):"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {listing(unexpected)}")
+    if wrong_shape:
+        lines.append(f"  wrong shapes ({len(wrong_shape)}): {listing(wrong_shape)}")
+    keys = missing + unexpected
+    if any("transposed_convolution.0" in k for k in keys) or any(
+        k.endswith("transposed_convolution.weight") for k in keys
+    ):
+        lines.append("  the checkpoint and the model disagree on the head: refined (3 layers) vs plain")
+    if any("film_mul" in k or "reduces" in k for k in wrong_shape):
+        lines.append("  the checkpoint and the model disagree on reduce_dim")
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory and rename: a crash leaves the old file intact."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
