@@ -1,0 +1,351 @@
+"""model.py against the reference `transformers.CLIPSegForImageSegmentation`, weight loading and saving."""
+
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from model import (
+    CheckpointError,
+    CLIPSeg,
+    CLIPSegConfig,
+    CLIPSegDecoder,
+    count_parameters,
+    load_tokenizer,
+    tiny_config,
+    visual_prompt,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+PHRASES = ["a red circle", "the large blue square on the left"]
+
+
+def hf_reference(config: CLIPSegConfig) -> transformers.CLIPSegForImageSegmentation:
+    torch.manual_seed(0)
+    hf = transformers.CLIPSegForImageSegmentation(transformers.CLIPSegConfig.from_dict(config.to_hf_dict()))
+    # HF initialises some decoder biases to zero; random values make the parity check stronger.
+    with torch.no_grad():
+        for param in hf.decoder.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    return hf.eval()
+
+
+def hf_logits(hf, pixels, input_ids=None, attention_mask=None, prompt_images=None) -> torch.Tensor:
+    with torch.no_grad():
+        out = hf(
+            pixel_values=pixels,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            conditional_pixel_values=prompt_images,
+        )
+    return out.logits.reshape(len(pixels), 1, *pixels.shape[-2:])
+
+
+def assert_parity(hf, ours, size: int, tol: float) -> None:
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, size, size)
+    ids, mask = ours.tokenize(PHRASES)
+    with torch.no_grad():
+        text = ours(pixels, PHRASES)
+    assert text.shape == (2, 1, size, size)
+    assert (text - hf_logits(hf, pixels, ids, mask)).abs().max() <= tol
+    prompts = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        image = ours(pixels, prompt_images=prompts)
+    assert (image - hf_logits(hf, pixels, prompt_images=prompts)).abs().max() <= tol
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny HF CLIPSeg checkpoint directory written by transformers itself (the path a hub id takes)."""
+    directory = tmp_path_factory.mktemp("tiny_hf")
+    hf_reference(tiny_config()).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return CLIPSeg.from_pretrained(tiny_dir).eval()
+
+
+@pytest.mark.parametrize("refined", [False, True])
+@pytest.mark.parametrize("reduce_dim", [16, 64])
+def test_tiny_parity_with_hf(tmp_path, refined, reduce_dim):
+    hf = hf_reference(tiny_config(refined=refined, reduce_dim=reduce_dim))
+    hf.save_pretrained(tmp_path)
+    ours = CLIPSeg.from_pretrained(tmp_path).eval()
+    assert ours.config.refined is refined and ours.config.reduce_dim == reduce_dim
+    assert_parity(hf, ours, size=96, tol=1e-4)  # 96 px: a 6x6 grid, interpolated from the 4x4 position table
+
+
+@pytest.fixture(scope="module")
+def full_clip_config():
+    return transformers.CLIPConfig(
+        text_config={},  # CLIP ViT-B/16 geometry: text width 512, 12 layers
+        vision_config=dict(patch_size=16, image_size=224),
+        projection_dim=512,
+    )
+
+
+@pytest.mark.parametrize("refined,reduce_dim", [(True, 64), (False, 16)])
+def test_full_geometry_parity_at_352(tmp_path, full_clip_config, refined, reduce_dim):
+    config = CLIPSegConfig(refined=refined, reduce_dim=reduce_dim, clip=full_clip_config)
+    hf = hf_reference(config)
+    hf.save_pretrained(tmp_path)
+    ours = CLIPSeg.from_pretrained(tmp_path).eval()
+    torch.manual_seed(1)
+    pixels = torch.randn(1, 3, 352, 352)
+    ids, mask = ours.tokenize(PHRASES[:1])
+    with torch.no_grad():
+        text = ours(pixels, PHRASES[:1])
+        image = ours(pixels, prompt_images=pixels.flip(-1))
+    assert text.shape == (1, 1, 352, 352)
+    assert (text - hf_logits(hf, pixels, ids, mask)).abs().max() <= 1e-4
+    assert (image - hf_logits(hf, pixels, prompt_images=pixels.flip(-1))).abs().max() <= 1e-4
+
+
+def test_trainable_parameter_counts(full_clip_config):
+    plain = CLIPSegDecoder(CLIPSegConfig(clip=full_clip_config))
+    refined = CLIPSegDecoder(CLIPSegConfig(refined=True, clip=full_clip_config))
+    assert count_parameters(plain) == 1_073_153
+    assert count_parameters(refined) == 1_127_009
+
+
+def test_only_decoder_trains(tiny):
+    assert count_parameters(tiny) == count_parameters(tiny.decoder) > 0
+    assert all(not p.requires_grad for p in tiny.clip.parameters())
+    tiny.train()
+    assert not tiny.clip.training and tiny.decoder.training
+    tiny.eval()
+
+
+def test_our_checkpoint_loads_in_hf_with_same_logits(tmp_path, tiny):
+    tiny.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    hf = transformers.CLIPSegForImageSegmentation.from_pretrained(tmp_path).eval()
+    assert_parity(hf, tiny, size=64, tol=1e-5)
+    again = CLIPSeg.from_pretrained(tmp_path)
+    assert again.config.knobs() == tiny.config.knobs()
+
+
+def to_original_layout(hf_state: dict) -> dict:
+    """The released `rd64-uni*.pth` naming (SPEC section 2), built from HF decoder weights."""
+    out = {}
+    for key, value in hf_state.items():
+        if not key.startswith("decoder."):
+            continue
+        key = key[len("decoder.") :]
+        key = key.replace("layers.", "blocks.").replace("transposed_convolution", "trans_conv")
+        key = key.replace("mlp.fc1", "linear1").replace("mlp.fc2", "linear2")
+        key = key.replace("layer_norm1", "norm1").replace("layer_norm2", "norm2")
+        if ".self_attn.q_proj." in key:
+            kind = key.rsplit(".", 1)[1]
+            fused = [hf_state[f"decoder.{k}"] for k in _qkv_names(key)]
+            out[key.split(".self_attn.")[0] + f".self_attn.in_proj_{kind}"] = torch.cat(fused)
+        elif ".self_attn." in key and "out_proj" not in key:
+            continue
+        else:
+            out[key] = value
+    dim = hf_state["decoder.film_mul.weight"].shape[0]
+    out["reduce.weight"] = torch.randn(dim, hf_state["decoder.reduces.0.weight"].shape[1])  # unused in the release
+    out["reduce.bias"] = torch.randn(dim)
+    return out
+
+
+def _qkv_names(original_q_key: str) -> list[str]:
+    hf_key = original_q_key.replace("blocks.", "layers.")
+    return [hf_key.replace("q_proj", proj) for proj in ("q_proj", "k_proj", "v_proj")]
+
+
+@pytest.mark.parametrize("refined", [False, True])
+def test_original_release_file_loads_with_same_logits(tmp_path, refined):
+    hf = hf_reference(tiny_config(refined=refined))
+    hf.save_pretrained(tmp_path / "hf")
+    ours_hf = CLIPSeg.from_pretrained(tmp_path / "hf").eval()
+    ours_hf.clip.save_pretrained(tmp_path / "clip")  # the CLIP backbone, as openai/clip-vit-base-patch16 is
+    original = to_original_layout(hf.state_dict())
+    assert any("in_proj_weight" in k for k in original)
+    torch.save(original, tmp_path / "rd-uni.pth")
+
+    loaded = CLIPSeg.from_pretrained(tmp_path / "rd-uni.pth", backbone=str(tmp_path / "clip"), extract_layers=(1, 3, 4))
+    loaded.eval()
+    assert loaded.config.refined is refined
+    pixels = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        assert (loaded(pixels, PHRASES) - ours_hf(pixels, PHRASES)).abs().max() <= 1e-6
+
+
+def test_refined_checkpoint_into_plain_head_is_an_error(tiny_dir, tmp_path):
+    hf_reference(tiny_config(refined=True)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"refined=True but refined=False.*transposed_convolution"):
+        CLIPSeg.from_pretrained(tmp_path, refined=False)
+    with pytest.raises(CheckpointError, match=r"reduce_dim=16 but reduce_dim=64"):
+        CLIPSeg.from_pretrained(tiny_dir, reduce_dim=64)
+
+
+def test_state_dict_mismatches_name_the_keys(tiny_dir, tmp_path):
+    plain = tiny_config()
+    refined_state = CLIPSeg(tiny_config(refined=True)).state_dict()
+    model = CLIPSeg(plain)
+    with pytest.raises(CheckpointError) as err:
+        model.load_weights(refined_state, source="refined.safetensors")
+    message = str(err.value)
+    assert "missing keys (2): decoder.transposed_convolution.bias, decoder.transposed_convolution.weight" in message
+    assert "decoder.transposed_convolution.0.weight" in message and "refined (3 layers) vs plain" in message
+
+    wide_state = CLIPSeg(tiny_config(reduce_dim=32)).state_dict()
+    with pytest.raises(CheckpointError, match=r"wrong shapes .*decoder.film_mul.weight: checkpoint \(32, 64\)"):
+        model.load_weights(wide_state)
+
+    state = load_file(tiny_dir / "model.safetensors")
+    del state["decoder.reduces.1.bias"]
+    (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text())
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): decoder.reduces.1.bias"):
+        CLIPSeg.from_pretrained(tmp_path)
+
+
+def test_original_file_with_unknown_keys_or_wrong_head_is_an_error(tmp_path, tiny):
+    tiny.clip.save_pretrained(tmp_path / "clip")
+    original = to_original_layout({f"decoder.{k}": v for k, v in tiny.decoder.state_dict().items()})
+    torch.save({**original, "something.else": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="unknown keys .*something.else"):
+        CLIPSeg.from_pretrained(tmp_path / "bad.pth", backbone=str(tmp_path / "clip"))
+    torch.save(original, tmp_path / "plain.pth")
+    with pytest.raises(CheckpointError, match="refined=False but refined=True"):
+        CLIPSeg.from_pretrained(tmp_path / "plain.pth", backbone=str(tmp_path / "clip"), refined=True)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Payload.marker}",))
+
+
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
+    _Payload.marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pth", "wb") as handle:
+        pickle.dump({"film_mul.weight": _Payload()}, handle)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        CLIPSeg.from_pretrained(tmp_path / "evil.pth", backbone="tiny")
+    assert not _Payload.marker.exists()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises((OSError, FileNotFoundError), match="config.json"):
+        CLIPSeg.from_pretrained(tmp_path / "nothing-here")
+
+
+def test_encode_once_decode_many_equals_separate_passes(tiny):
+    pixels = torch.randn(1, 3, 64, 96)
+    phrases = ["red circle", "blue square", "triangle left of the green circle", "the sky"]
+    with torch.no_grad():
+        many = tiny.predict_prompts(pixels, phrases=phrases)
+        single = torch.cat([tiny(pixels, [p]) for p in phrases])
+        prompt_images = torch.randn(3, 3, 64, 64)
+        many_images = tiny.predict_prompts(pixels[0], prompt_images=prompt_images)
+        single_images = torch.cat([tiny(pixels, prompt_images=p[None]) for p in prompt_images])
+    assert many.shape == (4, 1, 64, 96)
+    assert (many - single).abs().max() <= 1e-5
+    assert (many_images - single_images).abs().max() <= 1e-5
+
+
+def test_vision_tower_stops_at_the_deepest_extracted_block(tiny):
+    calls = []
+    hooks = [
+        layer.register_forward_hook(lambda *_, i=i: calls.append(i))
+        for i, layer in enumerate(tiny.clip.vision_model.encoder.layers)
+    ]
+    try:
+        features = tiny.encode_image(torch.randn(1, 3, 64, 64))
+        assert calls == [0, 1, 2, 3, 4] and len(features.activations) == 3  # tiny: 6 blocks, extract (1, 3, 4)
+        calls.clear()
+        tiny.embed_images(torch.randn(1, 3, 64, 64))  # image prompts need the pooled embedding: all blocks
+        assert calls == [0, 1, 2, 3, 4, 5]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_rectangular_input_and_batch_of_one(tiny):
+    with torch.no_grad():
+        logits = tiny(torch.randn(1, 3, 352, 512), ["a cat"])
+    assert logits.shape == (1, 1, 352, 512)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tiny(torch.randn(1, 3, 100, 64), ["a cat"])
+
+
+def test_prompt_arguments_are_validated(tiny):
+    pixels = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match="exactly one of"):
+        tiny(pixels, PHRASES, conditional=torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="exactly one of"):
+        tiny(pixels)
+    with pytest.raises(ValueError, match="3 prompts for 2 images"):
+        tiny(pixels, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="conditional must be"):
+        tiny(pixels, conditional=torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="phrase 1 is empty"):
+        tiny(pixels, ["a", "  "])
+    with pytest.raises(TypeError, match="list of strings"):
+        tiny.tokenize("a cat")
+
+
+def test_token_ids_and_conditionals_give_the_same_logits_as_phrases(tiny):
+    pixels = torch.randn(2, 3, 64, 64)
+    ids, mask = tiny.tokenize(PHRASES)
+    with torch.no_grad():
+        by_phrase = tiny(pixels, PHRASES)
+        by_ids = tiny(pixels, input_ids=ids, attention_mask=mask)
+        by_vector = tiny(pixels, conditional=tiny.embed_text(PHRASES))
+    assert torch.equal(by_phrase, by_ids) and torch.equal(by_phrase, by_vector)
+
+
+def test_text_cache_returns_the_same_embeddings(tiny):
+    expected = tiny.embed_text(PHRASES + PHRASES[:1])
+    tiny.text_cache = {}
+    try:
+        cached = tiny.embed_text(PHRASES + PHRASES[:1])
+        assert set(tiny.text_cache) == set(PHRASES)
+        assert torch.allclose(cached, expected, atol=1e-6)
+    finally:
+        tiny.text_cache = None
+
+
+def test_real_clip_tokenizer_offline():
+    tokenizer = load_tokenizer()
+    assert len(tokenizer) == 49408
+    assert tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_long_phrase_is_truncated_with_a_warning(tiny):
+    long_phrase = " ".join(["red"] * 120)
+    with pytest.warns(UserWarning, match="longer than CLIP's 77 tokens were truncated"):
+        ids, mask = tiny.tokenize([long_phrase, "cat"])
+    assert ids.shape == (2, 77) and ids[0, -1] == 49407 and mask[1].sum() == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny.tokenize(["a short phrase"])
+
+
+def test_visual_prompt_crops_blurs_and_pads():
+    image = torch.randn(3, 100, 100)
+    mask = torch.zeros(100, 100)
+    mask[40:60, 20:80] = 1  # 20 x 60 box, grown by 10%: rows 38..62, cols 14..86 -> 24 x 72, padded to 72 x 72
+    prompt = visual_prompt(image, mask, size=72)
+    assert prompt.shape == (3, 72, 72)
+    assert torch.equal(prompt[:, :24], torch.zeros(3, 24, 72))  # top padding of (72 - 24) / 2 rows
+    assert torch.equal(prompt[:, 24 + 2 : 24 + 22, 6:66], image[:, 40:60, 20:80])  # object kept as is
+    background = prompt[:, 24, :]  # the context row above the object: 10% of the blurred image
+    assert background.abs().max() < 0.1 * image.abs().max()
+
+
+def test_visual_prompt_of_empty_mask_is_the_whole_image():
+    image = torch.randn(3, 32, 64)
+    prompt = visual_prompt(image, torch.zeros(32, 64), size=64)
+    assert torch.equal(prompt[:, 16:48], image) and torch.equal(prompt[:, :16], torch.zeros(3, 16, 64))
+    with pytest.raises(ValueError, match="must match"):
+        visual_prompt(image, torch.zeros(10, 10))
