@@ -636,9 +636,12 @@ def _load_clip(backbone: str) -> transformers.CLIPModel:
 
 def _resolve_file(name_or_path: str, filename: str) -> str:
     """A file of a checkpoint directory or hub repository (the same code path for both)."""
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path and not Path(name_or_path).exists():
+        raise FileNotFoundError(f"{name_or_path}: no such checkpoint directory (expected {filename} in it)")
     try:
         path = transformers.utils.cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise OSError(
             f"could not open {filename} of {name_or_path!r}: not a local checkpoint directory and not reachable "
             f"on the HF hub (offline? set HF_HUB_OFFLINE=0 and check the id) ({err})"

@@ -225,6 +225,7 @@ class _Payload:
         return (os.system, (f"touch {_Payload.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
     _Payload.marker = tmp_path / "pwned"
     with open(tmp_path / "evil.pth", "wb") as handle:

@@ -1,0 +1,310 @@
+"""Speed of our CLIPSeg against `transformers.CLIPSegForImageSegmentation` and against this machine's limit.
+
+    python bench.py                      # CPU, full ViT-B/16 geometry at 352 px, writes bench_results.json
+    python bench.py --repeats 7 --threads 2
+    python bench.py --device cuda --compile
+
+Both models hold the same random weights (speed does not depend on their values). Variants are interleaved
+(A B A B ...) after a warm-up and the median of `--repeats` runs is reported, so drift of the machine hits both
+sides alike; compare ratios, not absolute times. FLOP counts are analytic (SPEC section 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+
+from model import CLIPSeg, CLIPSegConfig
+
+PHRASES = [
+    "a red car on the left",
+    "the cat",
+    "a person riding a bike",
+    "green tree",
+    "the sky",
+    "white building behind the fence",
+    "dog",
+    "a wooden table",
+    "the road",
+    "two people walking",
+]
+
+
+def vit_flops(tokens: int, blocks: int, width: int = 768, mlp: int = 3072) -> float:
+    """Multiply-adds x 2 of `blocks` ViT blocks over `tokens` tokens (projections, attention, MLP)."""
+    per_block = 2 * tokens * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * tokens * width
+    return blocks * per_block
+
+
+def decoder_flops(tokens: int, dim: int = 64, ffn: int = 2048, width: int = 768, layers: int = 3) -> float:
+    per_layer = 2 * tokens * (4 * dim * dim + 2 * dim * ffn) + 4 * tokens * tokens * dim
+    return layers * (per_layer + 2 * tokens * width * dim) + 2 * (tokens - 1) * dim * 256
+
+
+def text_flops(tokens: int, blocks: int = 12, width: int = 512) -> float:
+    return vit_flops(tokens, blocks, width, 4 * width)
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each variant, measured A B A B ... after `warmup` rounds."""
+    for _ in range(warmup):
+        for run in variants.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def matmul_rate(dtype: torch.dtype, device: str, repeats: int, n: int = 2048) -> float:
+    """GFLOP/s of an n x n x n matmul in `dtype` (median of `repeats`)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = interleaved({"mm": lambda: _sync(device, a @ b)}, repeats, warmup=2)["mm"]
+    return 2 * n**3 / seconds / 1e9
+
+
+def _sync(device: str, value=None):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return value
+
+
+def build_models(device: str, refined: bool) -> tuple[CLIPSeg, transformers.CLIPSegForImageSegmentation]:
+    """The full ViT-B/16 CLIPSeg geometry with random weights, in both implementations."""
+    clip = transformers.CLIPConfig(
+        text_config={}, vision_config=dict(patch_size=16, image_size=224), projection_dim=512
+    )
+    config = CLIPSegConfig(refined=refined, clip=clip)
+    torch.manual_seed(0)
+    hf = transformers.CLIPSegForImageSegmentation(transformers.CLIPSegConfig.from_dict(config.to_hf_dict()))
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = CLIPSeg.from_pretrained(tmp)
+    return ours.to(device).eval(), hf.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per variant (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--image-size", type=int, default=352)
+    parser.add_argument("--refined", action="store_true", help="benchmark the refined head")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile our model (GPU runs)")
+    parser.add_argument("--skip-train", action="store_true", help="skip the training-step comparison")
+    parser.add_argument("--skip-data", action="store_true", help="skip the data pipeline measurement")
+    parser.add_argument("--out", default="bench_results.json", help="where to write the JSON results")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, size, repeats = args.device, args.image_size, args.repeats
+    results: dict = {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        },
+        "image_size": size,
+        "repeats": repeats,
+    }
+    bf16 = torch.bfloat16
+    results["matmul_gflops"] = {
+        "fp32": matmul_rate(torch.float32, device, repeats),
+        "bf16": matmul_rate(bf16, device, repeats),
+    }
+    rates = results["matmul_gflops"]
+    print(f"matmul 2048^3: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s")
+
+    ours, hf = build_models(device, args.refined)
+    if args.compile:
+        ours.decoder = torch.compile(ours.decoder)
+    tokens = (size // 16) ** 2 + 1
+    deepest = max(ours.config.extract_layers) + 1
+    text_tokens = max(len(ours.tokenize([p])[0][0]) for p in PHRASES)
+    flops_ours = vit_flops(tokens, deepest) + text_flops(text_tokens) + decoder_flops(tokens)
+    rows = []
+
+    def compare(name: str, batch: int, prompts: int, run_ours, run_hf, flops: float) -> None:
+        timing = interleaved({"ours": run_ours, "hf": run_hf}, repeats)
+        row = {
+            "case": name,
+            "batch": batch,
+            "prompts": prompts,
+            "ours_s": timing["ours"],
+            "hf_s": timing["hf"],
+            "ours_over_hf": timing["ours"] / timing["hf"],
+            "speedup": timing["hf"] / timing["ours"],
+            "ours_gflops": flops / timing["ours"] / 1e9,
+        }
+        rows.append(row)
+        print(
+            f"{name:38s} ours {timing['ours'] * 1e3:8.0f} ms  HF {timing['hf'] * 1e3:8.0f} ms  "
+            f"ours/HF {row['ours_over_hf']:.2f}  ({row['ours_gflops']:.0f} GFLOP/s)"
+        )
+
+    for batch in (1, 8):
+        pixels = torch.randn(batch, 3, size, size, device=device)
+        phrases = (PHRASES * batch)[:batch]
+        ids, mask = ours.tokenize(phrases)
+        ids, mask = ids.to(device), mask.to(device)
+
+        def run_ours(pixels=pixels, phrases=phrases):
+            with torch.inference_mode():
+                return _sync(device, ours(pixels, phrases))
+
+        def run_hf(pixels=pixels, ids=ids, mask=mask):
+            with torch.inference_mode():
+                return _sync(device, hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits)
+
+        compare(f"1 prompt per image, batch {batch}, fp32", batch, batch, run_ours, run_hf, batch * flops_ours)
+
+    one = torch.randn(1, 3, size, size, device=device)
+    ids, mask = ours.tokenize(PHRASES)
+    ids, mask = ids.to(device), mask.to(device)
+
+    def ours_many():
+        with torch.inference_mode():
+            return _sync(device, ours.predict_prompts(one, phrases=PHRASES))
+
+    def hf_many():
+        with torch.inference_mode():
+            return _sync(device, hf(pixel_values=one.expand(10, -1, -1, -1), input_ids=ids, attention_mask=mask).logits)
+
+    many_flops = vit_flops(tokens, deepest) + 10 * (text_flops(text_tokens) + decoder_flops(tokens))
+    compare("1 image, 10 prompts, fp32", 1, 10, ours_many, hf_many, many_flops)
+
+    results["bf16"] = bf16_comparison(ours, hf, device, size, repeats, rows, flops_ours)
+    results["rows"] = rows
+    results["fraction_of_fp32_matmul"] = rows[0]["ours_gflops"] / results["matmul_gflops"]["fp32"]
+    print(f"fp32 forward (batch 1) at {100 * results['fraction_of_fp32_matmul']:.0f}% of the fp32 matmul rate")
+
+    if not args.skip_train:
+        results["training"] = training_comparison(ours, hf, device, size, repeats)
+    if not args.skip_data:
+        results["data_pipeline"] = data_pipeline_rate()
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return results
+
+
+def bf16_comparison(ours, hf, device, size, repeats, rows, flops) -> dict:
+    """Our bf16-autocast forward vs HF fp32, and how many mask pixels (p > 0.5) agree with our fp32 masks."""
+    batch = 8
+    pixels = torch.randn(batch, 3, size, size, device=device)
+    phrases = PHRASES[:batch]
+    ids, mask = ours.tokenize(phrases)
+
+    def ours_bf16():
+        with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16):
+            return _sync(device, ours(pixels, phrases))
+
+    def hf_fp32():
+        with torch.inference_mode():
+            return _sync(
+                device, hf(pixel_values=pixels, input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            )
+
+    timing = interleaved({"ours_bf16": ours_bf16, "hf_fp32": hf_fp32}, repeats)
+    with torch.inference_mode():
+        fp32_masks = ours(pixels, phrases) > 0
+    agreement = ((ours_bf16().float() > 0) == fp32_masks).float().mean().item()
+    speedup = timing["hf_fp32"] / timing["ours_bf16"]
+    rows.append(
+        {
+            "case": f"bf16 ours vs fp32 HF, batch {batch}",
+            "batch": batch,
+            "prompts": batch,
+            "ours_s": timing["ours_bf16"],
+            "hf_s": timing["hf_fp32"],
+            "ours_over_hf": 1 / speedup,
+            "speedup": speedup,
+            "ours_gflops": batch * flops / timing["ours_bf16"] / 1e9,
+        }
+    )
+    print(f"bf16 ours vs fp32 HF, batch {batch}: {speedup:.2f}x faster, mask agreement {100 * agreement:.2f}%")
+    return {"speedup_vs_hf_fp32": speedup, "mask_agreement": agreement}
+
+
+def training_comparison(ours, hf, device, size, repeats, batch: int = 8) -> dict:
+    """Samples/s of one training step (frozen backbone, decoder trained): ours fp32/bf16 vs a plain HF loop."""
+    pixels = torch.randn(batch, 3, size, size, device=device)
+    target = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
+    phrases = PHRASES[:batch]
+    ids, mask = (t.to(device) for t in ours.tokenize(phrases))
+    ours.train()
+    ours.text_cache = {}
+    hf.train()
+    hf.clip.requires_grad_(False)
+    opt_ours = torch.optim.AdamW(ours.decoder.parameters(), lr=1e-4)
+    opt_hf = torch.optim.AdamW(hf.decoder.parameters(), lr=1e-4)
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def step_ours(dtype=None):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype is not None):
+            loss = loss_fn(ours(pixels, phrases).float(), target)
+        opt_ours.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_ours.step()
+        _sync(device)
+
+    def step_hf(dtype=None):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype is not None):
+            logits = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+            loss = loss_fn(logits.float()[:, None], target)
+        opt_hf.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_hf.step()
+        _sync(device)
+
+    timing = interleaved(
+        {
+            "ours_fp32": step_ours,
+            "hf_fp32": step_hf,
+            "ours_bf16": lambda: step_ours(torch.bfloat16),
+            "hf_bf16": lambda: step_hf(torch.bfloat16),
+        },
+        repeats,
+    )
+    ours.eval()
+    ours.text_cache = None
+    hf.eval()
+    rates = {name: batch / seconds for name, seconds in timing.items()}
+    out = {
+        "samples_per_s": rates,
+        "fp32_ratio": rates["ours_fp32"] / rates["hf_fp32"],
+        "bf16_vs_hf_fp32": rates["ours_bf16"] / rates["hf_fp32"],
+        "bf16_ratio": rates["ours_bf16"] / rates["hf_bf16"],
+    }
+    print(
+        f"training step, batch {batch}: ours fp32 {rates['ours_fp32']:.2f} samples/s, HF fp32 "
+        f"{rates['hf_fp32']:.2f}, ours bf16 {rates['ours_bf16']:.2f}, HF bf16 {rates['hf_bf16']:.2f} "
+        f"(ours/HF fp32 {out['fp32_ratio']:.2f}x, ours bf16 / HF fp32 {out['bf16_vs_hf_fp32']:.2f}x)"
+    )
+    return out
+
+
+def data_pipeline_rate() -> dict:
+    """Training-pipeline samples/s in one process (one worker), from dataset.py's own benchmark."""
+    import dataset
+
+    rate = dataset.pipeline_samples_per_second()
+    print(f"data pipeline: {rate:.0f} samples/s per worker (500x375 JPEGs -> 352 px)")
+    return {"samples_per_s_per_worker": rate}
+
+
+if __name__ == "__main__":
+    main()
