@@ -33,6 +33,11 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x
+    from transformers.modeling_utils import no_init_weights
+
 # Normalisation of CLIPSeg's inputs: ImageNet statistics (not CLIP's), as in the released code and hub processor.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -319,8 +324,10 @@ class CLIPSeg(nn.Module):
             raise ValueError("backbone= is only for original .pth decoder files; HF checkpoints carry their CLIP")
         config = CLIPSegConfig.from_hf_dict(json.loads(Path(_resolve_file(name, CONFIG_NAME)).read_text()))
         _check_knobs(config, knobs, STRUCTURAL_KNOBS, name)
-        model = cls(replace(config, **{k: v for k, v in knobs.items() if k in FREE_KNOBS}))
-        model.load_weights(_load_hf_state_dict(name), source=name)
+        state = _load_hf_state_dict(name)
+        with no_init_weights():  # every weight is overwritten below: skip CLIP's random init (seconds at B/16)
+            model = cls(replace(config, **{k: v for k, v in knobs.items() if k in FREE_KNOBS}))
+        model.load_weights(state, source=name)
         return model
 
     @classmethod

@@ -1,0 +1,643 @@
+"""Segment your own images with text or image prompts: many prompts per image, the image encoded once.
+
+    python predict.py photos/ --prompt "a cat" --prompt "the sofa" --out predictions
+    python predict.py room.jpg --visual-prompt support.jpg:support_mask.png --threshold 0.4
+
+For each image and prompt this writes, under `--out/<image>/`, the probability map (`<prompt>.prob.png`, 8- or
+16-bit grayscale), the binary mask (`<prompt>.mask.png`, 0/255, probability > threshold) and an overlay
+(`<prompt>.overlay.png`); with several prompts also one combined `overlay.png` (a colour per prompt, legend).
+`summary.json` lists, per image and prompt, the mask's area fraction, the maximum probability and the files.
+All maps are at the original image resolution.
+
+Geometry: by default the image keeps its aspect ratio. It is resized so that its short side is `--image-size`
+(the model's training size, 352 for the released weights) and both sides are multiples of 16; the long side is
+capped at 3x the short side (more elongated images are squashed to 3:1). `--square` squashes every image to
+S x S as the reference implementations do. Logits are resized bilinearly to the original size, then sigmoid.
+
+Python API, in the style of a predictor (encode once, prompt many times):
+
+    predictor = Predictor(CLIPSeg.from_pretrained("CIDAS/clipseg-rd64-refined"))
+    predictor.set_image("room.jpg")                          # path, PIL image or (H, W[, C]) array
+    probs = predictor.predict(phrases=["a cat", "the sofa"])  # (2, H0, W0) float32 in [0, 1]
+    probs = predictor.predict(support=[("dog.jpg", "dog_mask.png")])  # image prompt, engineered for you
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+from torch import Tensor
+from tqdm import tqdm
+
+from dataset import UnreadableImage, open_rgb
+from model import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, CLIPSeg, ImageFeatures, visual_prompt
+
+DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
+MAX_ASPECT = 3  # native-aspect inference caps the long side at this multiple of the short side
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+PALETTE = (
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
+    (245, 130, 48), (70, 240, 240), (240, 50, 230), (210, 245, 60), (170, 110, 40),
+)  # fmt: skip
+OVERLAY_ALPHA = 0.5
+SLUG_LENGTH = 48
+
+ImageInput = Image.Image | str | os.PathLike | np.ndarray
+
+
+# ----------------------------------------------------------------------------------------- image handling
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """A path (opened upright: EXIF rotation applied), a PIL image or an array -> RGB PIL image.
+
+    PIL images and arrays are taken as they are (no EXIF rotation): the maps match the pixels you passed.
+    Arrays: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); uint8, bool, or float in [0, 1]. Alpha is composited on
+    black, as `dataset.open_rgb` does for files. Raises `dataset.UnreadableImage` for unreadable files."""
+    if isinstance(image, str | os.PathLike):
+        return open_rgb(image)
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected an image path, a PIL image or a numpy array, got {type(image).__name__}")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", image.size)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        raise ValueError(f"image array must be (H, W), (H, W, 3) or (H, W, 4) (channels last), got {array.shape}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1 or np.isnan(array).any()):
+            raise ValueError("float image arrays must hold values in [0, 1]; divide uint8-range data by 255")
+        array = np.round(array * 255).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8, bool or float in [0, 1], got {array.dtype}")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def load_mask(mask: ImageInput) -> np.ndarray:
+    """A support mask (path, PIL image or array) -> (H, W) bool. Object = at least half the mask's maximum,
+    so 0/1, 0/255 and slightly noisy (JPEG) masks all work; colour masks count any channel."""
+    if isinstance(mask, np.ndarray) and mask.dtype != np.uint8 and mask.ndim in (2, 3):
+        values = np.asarray(mask, dtype=np.float32)
+    else:
+        values = np.asarray(load_image(mask), dtype=np.float32)
+    if values.ndim == 3:
+        values = values.max(axis=-1)
+    peak = float(values.max()) if values.size else 0.0
+    return values >= peak / 2 if peak > 0 else np.zeros(values.shape, dtype=bool)
+
+
+def inference_size(width: int, height: int, short_side: int, square: bool = False) -> tuple[int, int]:
+    """The (W, H) the model sees for a `width` x `height` image.
+
+    Native aspect: the short side becomes `short_side` (a multiple of 16), the long side is scaled alike and
+    rounded to a multiple of 16, at most MAX_ASPECT x the short side. `square`: `short_side` x `short_side`."""
+    if square:
+        return short_side, short_side
+    scale = short_side / min(width, height)
+
+    def on_grid(length: float) -> int:
+        return min(MAX_ASPECT * short_side, max(PATCH_SIZE, int(length * scale / PATCH_SIZE + 0.5) * PATCH_SIZE))
+
+    return on_grid(width), on_grid(height)
+
+
+def to_pixel_values(image: Image.Image, size: tuple[int, int]) -> Tensor:
+    """RGB PIL image -> (3, H, W) ImageNet-normalised pixels, resized (bilinear) to `size` = (W, H)."""
+    if image.size != size:
+        image = image.resize(size, Image.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return (pixels - mean) / std
+
+
+def engineer_support(image: ImageInput, mask: ImageInput, size: int) -> Tensor:
+    """Support image + mask -> (3, size, size) prompt image: the support squashed to `size` (bilinear), the mask
+    resized nearest, then `model.visual_prompt` (crop + blur + 10% background)."""
+    rgb, object_mask = load_image(image), load_mask(mask)
+    if object_mask.shape != (rgb.height, rgb.width):
+        raise ValueError(
+            f"support mask is {object_mask.shape[1]}x{object_mask.shape[0]} but its image is {rgb.width}x"
+            f"{rgb.height}: give a mask of the support image's size"
+        )
+    resized = Image.fromarray(object_mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    return visual_prompt(to_pixel_values(rgb, (size, size)), torch.from_numpy(np.asarray(resized) > 0), size=size)
+
+
+# ------------------------------------------------------------------------------------------------ predictor
+
+
+class Predictor:
+    """Set an image once, then predict masks for many prompts; maps come back at the original image size.
+
+    model: a `CLIPSeg` (put in eval mode; moved to `device` when given). image_size: the short side the model
+    sees (default `model.config.image_size`), a multiple of 16. square: squash to image_size x image_size instead
+    of keeping the aspect. amp: bf16 autocast (float16 on GPUs without bf16) for the image encoder and decoder.
+    The model's text cache is switched on, so each phrase is encoded once.
+    """
+
+    def __init__(
+        self,
+        model: CLIPSeg,
+        image_size: int | None = None,
+        square: bool = False,
+        device: str | torch.device | None = None,
+        amp: bool = False,
+    ):
+        self.model = model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.device = next(self.model.parameters()).device
+        self.image_size = int(image_size or model.config.image_size)
+        if self.image_size <= 0 or self.image_size % PATCH_SIZE:
+            raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {self.image_size}")
+        self.square, self.amp = square, amp
+        if self.model.text_cache is None:
+            self.model.text_cache = {}
+        self.original_size: tuple[int, int] | None = None  # (W0, H0) of the image set last
+        self.input_size: tuple[int, int] | None = None  # (W, H) the model saw
+        self._features: ImageFeatures | None = None
+
+    def set_image(self, image: ImageInput) -> None:
+        """Encode one image (path, PIL image or array; see `load_image`) for the following `predict` calls."""
+        rgb = load_image(image)
+        self.original_size = rgb.size
+        self.input_size = inference_size(*rgb.size, self.image_size, self.square)
+        self._features = self._encode([rgb], self.input_size)
+
+    def predict(
+        self,
+        phrases: Sequence[str] | None = None,
+        prompt_images: Sequence[ImageInput] | Tensor | None = None,
+        support: Sequence[tuple[ImageInput, ImageInput]] | None = None,
+        conditional: Tensor | None = None,
+    ) -> np.ndarray:
+        """Probability maps (K, H0, W0) float32 for the image set last, one per prompt.
+
+        Prompts, in this order when several kinds are given: `phrases`; `prompt_images` used as they are
+        (images squashed to the model's size, or an already normalised (K, 3, h, w) tensor); `support` pairs
+        (image, mask) engineered into prompt images; or `conditional` vectors from `embed_prompts`."""
+        if self._features is None:
+            raise RuntimeError("call set_image(image) before predict(...)")
+        if conditional is None:
+            conditional = self.embed_prompts(phrases, prompt_images, support)
+        return self._decode(self._features, conditional, self.original_size)
+
+    def predict_batch(
+        self,
+        images: Sequence[ImageInput],
+        phrases: Sequence[str] | None = None,
+        prompt_images: Sequence[ImageInput] | Tensor | None = None,
+        support: Sequence[tuple[ImageInput, ImageInput]] | None = None,
+        conditional: Tensor | None = None,
+        batch_size: int = 4,
+    ) -> list[np.ndarray]:
+        """The same prompts on many images: a (K, H0, W0) map array per image, in order. Images that share an
+        inference size are encoded together, up to `batch_size` at once; the prompts are embedded once."""
+        if conditional is None:
+            conditional = self.embed_prompts(phrases, prompt_images, support)
+        rgbs = [load_image(image) for image in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, rgb in enumerate(rgbs):
+            groups.setdefault(inference_size(*rgb.size, self.image_size, self.square), []).append(index)
+        results: list[np.ndarray | None] = [None] * len(rgbs)
+        for size, indices in groups.items():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                features = self._encode([rgbs[i] for i in chunk], size)
+                for row, index in enumerate(chunk):
+                    one = ImageFeatures([a[row : row + 1] for a in features.activations], features.grid)
+                    results[index] = self._decode(one, conditional, rgbs[index].size)
+        return results
+
+    def embed_prompts(
+        self,
+        phrases: Sequence[str] | None = None,
+        prompt_images: Sequence[ImageInput] | Tensor | None = None,
+        support: Sequence[tuple[ImageInput, ImageInput]] | None = None,
+    ) -> Tensor:
+        """Prompts -> (K, 512) conditional vectors (phrases, then prompt images, then support pairs), computed
+        in full precision. Reuse them across images with `predict(conditional=...)`."""
+        if isinstance(phrases, str):
+            raise TypeError("phrases must be a list of strings, not a single string")
+        size = self.model.config.image_size
+        parts = []
+        if phrases:
+            parts.append(self.model.embed_text(list(phrases)))
+        if prompt_images is not None and len(prompt_images):
+            if isinstance(prompt_images, Tensor):
+                pixels = prompt_images
+            else:
+                pixels = torch.stack([to_pixel_values(load_image(image), (size, size)) for image in prompt_images])
+            parts.append(self.model.embed_images(pixels.to(self.device)))
+        if support:
+            pixels = torch.stack([engineer_support(image, mask, size) for image, mask in support])
+            parts.append(self.model.embed_images(pixels.to(self.device)))
+        if not parts:
+            raise ValueError("no prompt given: pass phrases, prompt_images or support")
+        return torch.cat(parts)
+
+    def _autocast(self):
+        if not self.amp:
+            return nullcontext()
+        bf16 = self.device.type == "cpu" or (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
+
+    @torch.no_grad()
+    def _encode(self, rgbs: list[Image.Image], size: tuple[int, int]) -> ImageFeatures:
+        pixels = torch.stack([to_pixel_values(rgb, size) for rgb in rgbs]).to(self.device)
+        with self._autocast():
+            return self.model.encode_image(pixels)
+
+    @torch.no_grad()
+    def _decode(self, features: ImageFeatures, conditional: Tensor, original_size: tuple[int, int]) -> np.ndarray:
+        """One image's features (batch 1) x (K, 512) -> (K, H0, W0) probabilities at `original_size` = (W0, H0)."""
+        with self._autocast():
+            logits = self.model.decode(features, conditional.to(self.device))
+        width, height = original_size
+        logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+        return torch.sigmoid(logits[:, 0]).cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def safe_name(text: str, hashed: bool = True, fallback: str = "prompt", identity: str | None = None) -> str:
+    """A file-name-safe slug of any text: ASCII lowercase letters, digits and '-', at most 48 characters, plus
+    '-' and 8 hex digits of the SHA-1 of `identity` (default: the text) when `hashed`, so distinct prompts get
+    distinct names. Never empty, never '.' or '..', no separators: it cannot leave the output folder."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:SLUG_LENGTH].strip("-") or fallback
+    if not hashed:
+        return slug
+    digest = hashlib.sha1((text if identity is None else identity).encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{slug}-{digest[:8]}"
+
+
+def image_output_names(paths: Sequence[Path]) -> list[str]:
+    """One output folder name per image: its slugged stem, plus a hash of its path where stems would collide."""
+    slugs = [safe_name(path.stem, hashed=False, fallback="image") for path in paths]
+    counts = Counter(slugs)
+    return [
+        safe_name(path.stem, fallback="image", identity=str(path)) if counts[slug] > 1 else slug
+        for path, slug in zip(paths, slugs)
+    ]
+
+
+def _font(image_height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    size = max(12, image_height // 30)
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _printable(label: str, limit: int = 60) -> str:
+    label = "".join(c if c.isprintable() else "?" for c in label)
+    return label if len(label) <= limit else label[: limit - 3] + "..."
+
+
+def mask_contour(mask: np.ndarray, width: int) -> np.ndarray:
+    """(H, W) bool: the pixels of `mask` within `width` pixels of its border (image edges are not borders)."""
+    padded = np.pad(mask, 1, mode="edge")
+    edge = mask & ~ndimage.binary_erosion(padded)[1:-1, 1:-1]
+    return mask & ndimage.maximum_filter(edge, size=2 * width - 1) if width > 1 else edge
+
+
+def draw_overlay(
+    image: Image.Image, masks: Sequence[np.ndarray], labels: Sequence[str], first_colour: int = 0
+) -> Image.Image:
+    """The image with each (H, W) bool mask blended in its own colour (PALETTE order from `first_colour`), its
+    contour drawn solid, and a legend of the labels."""
+    colours = [PALETTE[(first_colour + i) % len(PALETTE)] for i in range(len(masks))]
+    blended = np.asarray(image, dtype=np.float32).copy()
+    for mask, colour in zip(masks, colours):
+        blended[mask] = (1 - OVERLAY_ALPHA) * blended[mask] + OVERLAY_ALPHA * np.array(colour, dtype=np.float32)
+    contour_width = max(2, min(image.size) // 150)
+    for mask, colour in zip(masks, colours):
+        blended[mask_contour(mask, contour_width)] = colour
+    overlay = Image.fromarray(np.round(blended).astype(np.uint8))
+    draw = ImageDraw.Draw(overlay)
+    font = _font(overlay.height)
+    line = max(12, overlay.height // 30) + 6
+    for i, (label, colour) in enumerate(zip(labels, colours)):
+        top = 4 + i * line
+        text = _printable(label)
+        try:
+            right = draw.textbbox((line + 4, top), text, font=font)[2]
+        except UnicodeEncodeError:  # the bitmap fallback font only knows Latin-1
+            text = text.encode("ascii", "replace").decode()
+            right = draw.textbbox((line + 4, top), text, font=font)[2]
+        draw.rectangle((0, top - 2, right + 6, top + line - 2), fill=(0, 0, 0))
+        draw.rectangle((4, top + 2, line - 2, top + line - 6), fill=colour)
+        draw.text((line + 4, top), text, fill=(255, 255, 255), font=font)
+    return overlay
+
+
+def probability_png(probs: np.ndarray, bits: int) -> Image.Image:
+    """(H, W) probabilities in [0, 1] -> 8-bit (0..255) or 16-bit (0..65535) grayscale image."""
+    if bits == 16:
+        return Image.fromarray(np.round(probs * 65535).astype(np.uint16))
+    return Image.fromarray(np.round(probs * 255).astype(np.uint8))
+
+
+@dataclass
+class Prompt:
+    label: str  # shown in overlays and the summary
+    kind: str  # "text" or "visual"
+    slug: str  # file-name part
+    text: str | None = None
+    support: tuple[Path, Path] | None = None
+
+
+def write_image_outputs(
+    image: Image.Image, probs: np.ndarray, prompts: Sequence[Prompt], folder: Path, threshold: float, bits: int
+) -> dict:
+    """Write the probability map, mask and overlay per prompt (+ the combined overlay); return the summary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    masks, entries = [], []
+    for i, (prompt, prob) in enumerate(zip(prompts, probs)):
+        mask = prob > threshold
+        masks.append(mask)
+        files = {
+            "probability": folder / f"{prompt.slug}.prob.png",
+            "mask": folder / f"{prompt.slug}.mask.png",
+            "overlay": folder / f"{prompt.slug}.overlay.png",
+        }
+        probability_png(prob, bits).save(files["probability"])
+        Image.fromarray(mask.astype(np.uint8) * 255).save(files["mask"])
+        draw_overlay(image, [mask], [prompt.label], first_colour=i).save(files["overlay"])
+        entries.append(
+            {
+                "prompt": prompt.label,
+                "kind": prompt.kind,
+                "area_fraction": round(float(mask.mean()), 6),
+                "max_probability": round(float(prob.max()), 6),
+                "files": {name: str(path) for name, path in files.items()},
+            }
+        )
+    combined = None
+    if len(prompts) > 1:
+        combined = folder / "overlay.png"
+        draw_overlay(image, masks, [p.label for p in prompts]).save(combined)
+    return {"prompts": entries, "overlay": str(combined) if combined else entries[0]["files"]["overlay"]}
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[dict]]:
+    """Files as given and the image files (by suffix, sorted, not recursive) of folders; missing paths and
+    folders without images become error entries. Duplicates are dropped."""
+    paths, errors, seen = [], [], set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                errors.append({"image": str(path), "error": f"folder has no images ({', '.join(IMAGE_SUFFIXES)})"})
+        elif path.exists():
+            found = [path]
+        else:
+            found = []
+            errors.append({"image": str(path), "error": "file not found"})
+        for file in found:
+            if file.resolve() not in seen:
+                seen.add(file.resolve())
+                paths.append(file)
+    return paths, errors
+
+
+def parse_support(spec: str) -> tuple[Path, Path]:
+    """'SUPPORT.jpg:MASK.png' -> (support, mask); the split is the first ':' after which both files exist."""
+    for match in re.finditer(":", spec):
+        support, mask = Path(spec[: match.start()]), Path(spec[match.end() :])
+        if support.is_file() and mask.is_file():
+            return support, mask
+    raise argparse.ArgumentTypeError(
+        f"--visual-prompt {spec!r}: expected SUPPORT_IMAGE:MASK_IMAGE, two existing files joined by ':'"
+    )
+
+
+def build_prompts(phrases: Sequence[str], supports: Sequence[tuple[Path, Path]]) -> list[Prompt]:
+    prompts = [Prompt(label=p, kind="text", slug=safe_name(p), text=p) for p in phrases]
+    for support, mask in supports:
+        label = f"visual: {support.name}"
+        slug = safe_name(f"visual {support.stem}", identity=f"{support}:{mask}")
+        prompts.append(Prompt(label, "visual", slug, support=(support, mask)))
+    return prompts
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Segment images with text and/or image prompts. Writes, per image and prompt, a probability "
+        "map, a binary mask and an overlay at the original resolution, plus summary.json. Exit code 0 when at "
+        "least one image was processed, 1 when none could be (unreadable files are reported and skipped).",
+        epilog="Files: OUT/<image>/<prompt>.prob.png, .mask.png (0/255), .overlay.png; OUT/<image>/overlay.png "
+        "with all prompts when there are several; OUT/summary.json (per image and prompt: area_fraction, "
+        "max_probability, files; skipped inputs under 'errors'). <prompt> is a slug of the prompt plus a hash.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    parser.add_argument("--prompt", action="append", default=[], help="a text prompt; repeat for several")
+    parser.add_argument(
+        "--visual-prompt",
+        action="append",
+        default=[],
+        type=parse_support,
+        metavar="SUPPORT:MASK",
+        help="an image prompt: a support image and its object mask of the same size (object = pixels at least "
+        "half the mask's maximum), engineered as in the paper (crop + blur + 10%% background); repeat for several",
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="HF hub id or checkpoint directory, or an original .pth decoder (on openai/clip-vit-base-patch16); "
+        f"default {DEFAULT_MODEL}",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.3,
+        help="a pixel is in the mask iff probability > this (default 0.3, the paper's)",
+    )
+    parser.add_argument(
+        "--out", default="predictions", help="output folder, one subfolder per image (default predictions)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="short side the model sees, a multiple of 16 (default: the model's training size, 352)",
+    )
+    parser.add_argument(
+        "--square",
+        action="store_true",
+        help="squash each image to IMAGE_SIZE x IMAGE_SIZE (reference behaviour) instead of keeping its aspect "
+        f"(native aspect caps the long side at {MAX_ASPECT}x the short side)",
+    )
+    parser.add_argument(
+        "--prob-bits", type=int, choices=(8, 16), default=8, help="bit depth of probability PNGs (default 8)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="images read and encoded together; those of one inference size share a forward pass (default 4)",
+    )
+    parser.add_argument(
+        "--summary", default=None, help="where to write the JSON summary ('-' = stdout; default OUT/summary.json)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu)",
+    )
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CPU, and GPUs with bf16; else fp16)")
+    args = parser.parse_args(argv)
+    if not args.prompt and not args.visual_prompt:
+        parser.error("give at least one --prompt or --visual-prompt")
+    if any(not p.strip() for p in args.prompt):
+        parser.error("--prompt must not be empty")
+    if args.image_size is not None and (args.image_size <= 0 or args.image_size % PATCH_SIZE):
+        parser.error(f"--image-size must be a positive multiple of {PATCH_SIZE}, got {args.image_size}")
+    if not 0 <= args.threshold < 1:
+        parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    return args
+
+
+@dataclass
+class Run:
+    """What a CLI run has done so far: the summary's image entries and the skipped inputs."""
+
+    images: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def process(
+    predictor: Predictor,
+    conditional: Tensor,
+    paths: Sequence[Path],
+    prompts: Sequence[Prompt],
+    args: argparse.Namespace,
+    run: Run,
+) -> None:
+    """Read, segment and write every image, `batch_size` at a time; unreadable ones are reported and skipped."""
+    names = image_output_names(paths)
+    progress = tqdm(total=len(paths), unit="image", disable=len(paths) <= 1, file=sys.stderr)
+    for start in range(0, len(paths), args.batch_size):
+        loaded = []
+        for path, name in zip(paths[start : start + args.batch_size], names[start : start + args.batch_size]):
+            try:
+                loaded.append((path, name, open_rgb(path)))
+            except UnreadableImage as err:
+                tqdm.write(f"skipped {err}", file=sys.stderr)
+                run.errors.append({"image": str(path), "error": err.reason})
+                progress.update(1)
+        images = [image for _, _, image in loaded]
+        all_probs = predictor.predict_batch(images, conditional=conditional, batch_size=args.batch_size)
+        for (path, name, image), probs in zip(loaded, all_probs):
+            entry = write_image_outputs(image, probs, prompts, Path(args.out) / name, args.threshold, args.prob_bits)
+            size = inference_size(*image.size, predictor.image_size, predictor.square)
+            run.images.append(
+                {"image": str(path), "width": image.width, "height": image.height, "inference_size": list(size)} | entry
+            )
+            progress.update(1)
+    progress.close()
+
+
+def write_summary(run: Run, args: argparse.Namespace, image_size: int | None) -> str:
+    """Write the JSON summary (atomically) to `--summary` or OUT/summary.json, or print it for '-'."""
+    summary = {
+        "model": args.model,
+        "threshold": args.threshold,
+        "square": args.square,
+        "image_size": image_size,
+        "processed": len(run.images),
+        "skipped": len(run.errors),
+        "interrupted": run.interrupted,
+        "images": run.images,
+        "errors": run.errors,
+    }
+    text = json.dumps(summary, indent=2, ensure_ascii=False)
+    destination = args.summary or str(Path(args.out) / "summary.json")
+    if destination == "-":
+        print(text)
+        return "stdout"
+    path = Path(destination)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return str(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI. Returns 0 when at least one image was processed, 1 when none could be, 2 for a model or
+    visual-prompt file that cannot be used."""
+    args = parse_args(argv)
+    prompts = build_prompts(args.prompt, args.visual_prompt)
+    paths, input_errors = collect_images(args.inputs)
+    run = Run(errors=input_errors)
+    for error in input_errors:
+        print(f"skipped {error['image']}: {error['error']}", file=sys.stderr)
+    if not paths:
+        write_summary(run, args, args.image_size)
+        print("error: no readable input images", file=sys.stderr)
+        return 1
+    try:
+        predictor = Predictor(CLIPSeg.from_pretrained(args.model), args.image_size, args.square, args.device, args.amp)
+    except (OSError, ValueError) as err:
+        print(f"error: cannot load --model {args.model}: {err}", file=sys.stderr)
+        return 2
+    try:
+        conditional = predictor.embed_prompts(
+            phrases=[p.text for p in prompts if p.kind == "text"],
+            support=[p.support for p in prompts if p.kind == "visual"],
+        )
+    except (UnreadableImage, ValueError) as err:
+        print(f"error: --visual-prompt: {err}", file=sys.stderr)
+        return 2
+    try:
+        process(predictor, conditional, paths, prompts, args, run)
+    except KeyboardInterrupt:
+        run.interrupted = True
+        raise
+    finally:
+        written = write_summary(run, args, predictor.image_size)
+    print(f"processed {len(run.images)} image(s), skipped {len(run.errors)}; summary: {written}", file=sys.stderr)
+    return 0 if run.images else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
