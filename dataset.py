@@ -251,6 +251,12 @@ class TaskInfo:
     annotation_size: tuple[int, int] | None  # (width, height) the annotations were made for, if known
 
 
+def _worker_key() -> int | None:
+    """The DataLoader worker's seed (None in the main process): a new worker or epoch gets a new stream."""
+    worker = get_worker_info()
+    return worker.seed if worker is not None else None
+
+
 class SegmentationData(Dataset):
     """Shared sample pipeline of `PhraseCut` and `UserFolder` (SPEC section 4).
 
@@ -328,13 +334,18 @@ class SegmentationData(Dataset):
             f"(last: {reason}); the data is broken or incomplete, check the image directory"
         )
 
+    def reseed(self, seed: int) -> None:
+        """Draw the following training samples from a fresh stream seeded by `seed`. train.py reseeds before every
+        sample, so a sample depends only on its position in the run, not on worker count or where a run resumed."""
+        self._stream = np.random.default_rng(seed)
+        self._stream_key = _worker_key()
+
     def _rng(self, index: int) -> np.random.Generator:
         """Test samples are a pure function of (seed, index); training draws from one stream per worker, seeded
         by the DataLoader's per-epoch worker seed so epochs differ and runs are reproducible."""
         if not self.train:
             return np.random.default_rng([self.seed, index])
-        worker = get_worker_info()
-        key = worker.seed if worker is not None else None
+        key = _worker_key()
         if self._stream is None or self._stream_key != key:
             self._stream = np.random.default_rng([self.seed] + ([] if key is None else [key % 2**63]))
             self._stream_key = key

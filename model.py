@@ -23,7 +23,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -363,9 +363,9 @@ class CLIPSeg(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
         text = json.dumps(self.config.to_hf_dict(), indent=2, sort_keys=True)
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+        atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
         return directory
 
     def decoder_parameters(self) -> list[nn.Parameter]:
@@ -767,11 +767,18 @@ def _mismatch_message(source, config, missing, unexpected, wrong_shape) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Write through a temporary file in the same directory and rename: a crash leaves the old file intact."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())

@@ -1,0 +1,363 @@
+"""Where does the model fail? A gallery of the test samples it gets wrong at every reasonable threshold.
+
+    python failure_test.py                          # CIDAS/clipseg-rd64-refined on the PhraseCut test split
+    python failure_test.py --name demo --data synthetic
+    python failure_test.py --model my_model/ --split val --limit 500 --out failure_cases/val
+
+A sample is a failure when its IoU stays below 0.5 at all five thresholds 0.1, 0.2, 0.3, 0.4, 0.5 (probability
+> t). IoUs are measured at the original image resolution, as PhraseCut's official metric does: logits resized
+bilinearly to the image size. For every failure, `--out` (default `failure_cases/`, created if missing) gets one
+PNG panel named after the task id (image, ground truth overlay, probability heat map, the five binary masks with
+their IoU, the phrase as title); `index.html` is a gallery of all panels sorted by best IoU (worst first) and
+`failures.csv` lists the same cases. Panels of an earlier run that are no longer failures are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+import dataset as datasets
+from metrics import ious_at_thresholds
+from model import IMAGENET_MEAN, IMAGENET_STD, CLIPSeg
+from score import (
+    PLAIN_TASK_ID,
+    ScoreError,
+    SkipLog,
+    add_data_arguments,
+    add_model_arguments,
+    build_eval_dataset,
+    check_common_arguments,
+    full_size_probabilities,
+    load_model,
+    predict_batches,
+    resolve_model,
+    safe_task_filename,
+)
+
+DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
+FAILURE_IOU = 0.5  # a sample fails when its IoU is below this at every threshold
+PANEL_MAX_SIDE = 320  # images are shown at most this many pixels wide/high in a panel
+CSV_NAME, INDEX_NAME = "failures.csv", "index.html"
+HASHED_TASK_ID = re.compile(r"[a-z0-9_-]{1,60}~[0-9a-f]{12}")  # safe_task_filename's form for other task ids
+
+
+@dataclass
+class FailureCase:
+    """One failing sample: what the gallery and the CSV show. ious: one per threshold of THRESHOLDS."""
+
+    task_id: str
+    phrase: str
+    phrase_type: str | None
+    n_instances: int | None
+    ious: tuple[float, ...]
+    panel: str  # file name of the panel inside the output folder
+
+    @property
+    def best_iou(self) -> float:
+        return max(self.ious)
+
+
+def is_failure(ious: Sequence[float]) -> bool:
+    """True when the IoU is below FAILURE_IOU at every threshold."""
+    return all(iou < FAILURE_IOU for iou in ious)
+
+
+# ------------------------------------------------------------------------------------------------- panels
+
+
+def printable(text: str, limit: int = 90) -> str:
+    """One line of at most `limit` printable characters (control characters become spaces)."""
+    flat = "".join(c if c.isprintable() else " " for c in text)
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def display_size(height: int, width: int) -> tuple[int, int]:
+    """(H, W) scaled down so the longer side is at most PANEL_MAX_SIDE."""
+    scale = min(1.0, PANEL_MAX_SIDE / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_for_display(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    height, width = size
+    if array.shape[:2] == (height, width):
+        return array
+    if array.dtype == bool:
+        return np.asarray(Image.fromarray(array.astype(np.uint8)).resize((width, height), resample)) > 0
+    return np.asarray(Image.fromarray(array).resize((width, height), resample))  # float32 -> mode F
+
+
+def display_image(image_path: str | None, pixel_values: torch.Tensor, original_size: tuple[int, int]) -> np.ndarray:
+    """The sample's image as (H, W, 3) uint8 at its original size: read from disk, or (if that fails) the model's
+    normalised input un-normalised and resized."""
+    if image_path:
+        try:
+            return np.asarray(datasets.open_rgb(image_path))
+        except datasets.UnreadableImage:
+            pass
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    rgb = ((pixel_values.float() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    height, width = original_size
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+
+
+def render_panel(image: np.ndarray, gt: np.ndarray, probs: np.ndarray, case: FailureCase, path: Path) -> None:
+    """Write a 2 x 4 panel: image, ground truth overlay, heat map, and the mask at each threshold with its IoU.
+
+    image: (H, W, 3) uint8; gt: (H, W) bool; probs: (H, W) float in [0, 1]; all at the original resolution."""
+    size = display_size(*gt.shape)
+    image = resize_for_display(image, size, Image.BILINEAR)
+    gt = resize_for_display(gt, size, Image.NEAREST)
+    probs = resize_for_display(probs.astype(np.float32), size, Image.BILINEAR)
+    figure = Figure(figsize=(13, 7), dpi=72)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, 4, gridspec_kw=dict(left=0.01, right=0.97, bottom=0.01, top=0.86, hspace=0.15)).ravel()
+    overlay = image.astype(np.float32) / 255
+    overlay[gt] = 0.5 * overlay[gt] + 0.5 * np.array([0.0, 1.0, 0.0])
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    axes[1].imshow(overlay)
+    axes[1].set_title(f"ground truth ({gt.mean():.1%} of the image)")
+    heat = axes[2].imshow(probs, cmap="magma", vmin=0, vmax=1)
+    axes[2].set_title(f"probability (max {probs.max():.2f})")
+    figure.colorbar(heat, ax=axes[2], fraction=0.046, pad=0.02)
+    for ax, threshold, iou in zip(axes[3:], THRESHOLDS, case.ious):
+        ax.imshow(probs > threshold, cmap="gray", vmin=0, vmax=1)
+        ax.contour(gt, levels=[0.5], colors="lime", linewidths=1)
+        ax.set_title(f"p > {threshold:.1f}: IoU {iou:.2f}")
+    for ax in axes:
+        ax.set_axis_off()
+    figure.suptitle(
+        f"“{printable(case.phrase)}”\ntask {printable(case.task_id, 60)}, best IoU {case.best_iou:.2f}",
+        fontsize=13,
+        parse_math=False,
+    )
+    figure.savefig(path)
+
+
+# -------------------------------------------------------------------------------------------- index and csv
+
+
+def write_csv(cases: Sequence[FailureCase], path: Path) -> None:
+    """failures.csv: task_id, phrase, phrase_type, n_instances, iou@t per threshold, best_iou, panel."""
+    header = ["task_id", "phrase", "phrase_type", "n_instances", *(f"iou@{t:.1f}" for t in THRESHOLDS)]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*header, "best_iou", "panel"])
+        for case in cases:
+            ious = [f"{iou:.4f}" for iou in case.ious]
+            row = [case.task_id, case.phrase, case.phrase_type or "", case.n_instances or ""]
+            writer.writerow([*row, *ious, f"{case.best_iou:.4f}", case.panel])
+    tmp.replace(path)
+
+
+def write_index(cases: Sequence[FailureCase], path: Path, title: str, summary: str) -> None:
+    """index.html: every panel, worst case first, with phrase, task id and the IoU at each threshold."""
+    threshold_cells = "".join(f"<th>IoU@{t:.1f}</th>" for t in THRESHOLDS)
+    rows = []
+    for rank, case in enumerate(cases, start=1):
+        src = html.escape(quote(case.panel))
+        iou_cells = "".join(f"<td>{iou:.3f}</td>" for iou in case.ious)
+        rows.append(
+            f'<tr><td>{rank}</td><td><a href="{src}"><img src="{src}" alt="{html.escape(case.task_id)}" '
+            f'loading="lazy" width="480"></a></td><td>{html.escape(case.phrase)}</td>'
+            f"<td><code>{html.escape(case.task_id)}</code></td>{iou_cells}<td>{case.best_iou:.3f}</td></tr>"
+        )
+    document = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+table {{ border-collapse: collapse; }}
+td, th {{ border: 1px solid #ccc; padding: 4px; vertical-align: top; }}
+</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p>{html.escape(summary)}</p>
+<table>
+<thead><tr><th>#</th><th>panel</th><th>phrase</th><th>task id</th>{threshold_cells}<th>best IoU</th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody>
+</table>
+</body>
+</html>
+"""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(document, encoding="utf-8")
+    tmp.replace(path)
+
+
+def previous_panels(out: Path) -> set[str]:
+    """Panel names listed in an earlier run's failures.csv in `out` (only plain file names inside `out`)."""
+    path = out / CSV_NAME
+    if not path.is_file():
+        return set()
+    with open(path, newline="", encoding="utf-8") as handle:
+        names = {row.get("panel") or "" for row in csv.DictReader(handle)}
+    return {name for name in names if name.endswith(".png") and safe_panel_name(name[: -len(".png")])}
+
+
+def safe_panel_name(stem: str) -> bool:
+    """True for the stems safe_task_filename produces (never a path)."""
+    return bool(PLAIN_TASK_ID.fullmatch(stem) or HASHED_TASK_ID.fullmatch(stem))
+
+
+# --------------------------------------------------------------------------------------------------- search
+
+
+@dataclass
+class FailureSearch:
+    """The outcome of a run over a split."""
+
+    cases: list[FailureCase]
+    n_samples: int
+    skips: SkipLog
+
+
+def find_failures(
+    model: CLIPSeg,
+    data: Dataset,
+    out: Path,
+    *,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    amp: bool = False,
+    search: FailureSearch | None = None,
+) -> FailureSearch:
+    """Predict every sample, keep those with IoU < 0.5 at all THRESHOLDS and write their panels into `out`.
+
+    Only per-case records are kept in memory; each panel is written as soon as its case is found."""
+    search = search or FailureSearch([], 0, SkipLog())
+    device = next(model.parameters()).device
+    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=datasets.collate)
+    for predictions in predict_batches(model, loader, device, amp, None, search.skips, "finding failures"):
+        batch = predictions.batch
+        for i, task_id in enumerate(batch["task_id"]):
+            original_size = tuple(int(v) for v in batch["original_size"][i])
+            probs = full_size_probabilities(predictions.logits[i], original_size)
+            gt = np.asarray(batch["full_mask"][i], dtype=bool)
+            ious = tuple(float(v) for v in ious_at_thresholds(probs, gt, THRESHOLDS))
+            search.n_samples += 1
+            if not is_failure(ious):
+                continue
+            case = FailureCase(
+                task_id=str(task_id),
+                phrase=predictions.phrases[i],
+                phrase_type=field_of(batch, "phrase_type", i),
+                n_instances=field_of(batch, "n_instances", i),
+                ious=ious,
+                panel=f"{safe_task_filename(str(task_id))}.png",
+            )
+            image = display_image(field_of(batch, "image_path", i), batch["pixel_values"][i], original_size)
+            render_panel(image, gt, probs, case, out / case.panel)
+            search.cases.append(case)
+    return search
+
+
+def field_of(batch: dict, key: str, index: int):
+    values = batch.get(key)
+    if values is None:
+        return None
+    value = values[index]
+    return value.item() if isinstance(value, torch.Tensor | np.generic) else value
+
+
+def write_reports(search: FailureSearch, out: Path, model_name: str, split: str, interrupted: bool) -> None:
+    """failures.csv and index.html for the cases found so far, worst (lowest best IoU) first."""
+    cases = sorted(search.cases, key=lambda case: (case.best_iou, case.task_id))
+    write_csv(cases, out / CSV_NAME)
+    thresholds = ", ".join(f"{t:.1f}" for t in THRESHOLDS)
+    summary = (
+        f"{len(cases)} of {search.n_samples} samples have IoU < {FAILURE_IOU} at every threshold ({thresholds}); "
+        f"IoU at the original resolution; {len(search.skips.reasons)} samples skipped by the data set"
+        + ("; INTERRUPTED: partial results" if interrupted else "")
+        + "."
+    )
+    write_index(cases, out / INDEX_NAME, f"Failure cases: {model_name} on {split}", summary)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Save every sample whose IoU stays below 0.5 at thresholds 0.1 .. 0.5 as a PNG panel, with an "
+        "index.html gallery (worst first) and failures.csv.",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help=f"a run: loads checkpoints/NAME (default without --name or --model: {DEFAULT_MODEL})",
+    )
+    add_model_arguments(parser)
+    parser.set_defaults(model=None)
+    add_data_arguments(parser)
+    parser.add_argument(
+        "--out", default="failure_cases", help="output folder, created if missing (default %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    check_common_arguments(parser, args)
+    if args.name is None and args.model is None:
+        args.model = DEFAULT_MODEL
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """The CLI. Returns {"out", "n_samples", "n_failures", "cases", "skipped"}; exits with a message for
+    unusable input."""
+    args = parse_args(argv)
+    try:
+        source, _ = resolve_model(args.name, args.model, Path(args.checkpoints_dir))
+        model = load_model(source, args.backbone, args.device)
+        image_size = args.image_size or model.config.image_size
+        data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit)
+    except ScoreError as err:
+        sys.exit(f"error: {err}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stale = previous_panels(out)
+    search, interrupted = FailureSearch([], 0, SkipLog()), False
+    try:
+        find_failures(
+            model, data, out, batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp, search=search
+        )
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        write_reports(search, out, args.name or source, args.split, interrupted)
+    for name in stale - {case.panel for case in search.cases}:
+        (out / name).unlink(missing_ok=True)
+    print(
+        f"{len(search.cases)} of {search.n_samples} samples fail (IoU < {FAILURE_IOU} at every threshold); "
+        f"{len(search.skips.reasons)} skipped. Gallery: {out / INDEX_NAME}",
+        file=sys.stderr,
+    )
+    return {
+        "out": str(out),
+        "n_samples": search.n_samples,
+        "n_failures": len(search.cases),
+        "cases": search.cases,
+        "skipped": search.skips.reasons,
+    }
+
+
+if __name__ == "__main__":
+    main()

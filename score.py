@@ -1,0 +1,550 @@
+"""Score a CLIPSeg model on a PhraseCut-format split: the paper's metrics and PhraseCut's official ones.
+
+    python score.py pc                                    # checkpoints/pc on the PhraseCut test split
+    python score.py --model CIDAS/clipseg-rd64-refined    # the released weights (hub id, directory or .pth)
+    python score.py demo --data synthetic --shuffle-prompts
+
+Paper metrics (Table 3: mIoU, IoU_FG, AP; plus IoU_BIN) are computed on the S x S prediction against the mask
+squashed to S x S (nearest), from per-sample counts at the 49 thresholds 0.02 .. 0.98, reported at t = 0.3 and at
+the best threshold. PhraseCut's official metrics (mean IoU, cumulative IoU, accuracy at IoU > 0.5 .. 0.9, per
+subset) are computed at the original resolution: logits resized bilinearly to the image size, then
+probability > `--threshold`. Results go to `checkpoints/NAME/scores_<split>.json` (or `--out`); skipped samples
+are counted and listed there and in the printed table, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import unicodedata
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import dataset as datasets
+from metrics import PAPER_THRESHOLDS, PaperMetrics, PhraseCutMetrics
+from model import PATCH_SIZE, CLIPSeg
+
+CHECKPOINTS_DIR = Path("checkpoints")
+DEFAULT_THRESHOLD = 0.3
+SHUFFLE_SEED = 0
+DATA_KINDS = ("phrasecut", "synthetic", "folder")
+# A task id is used verbatim as a file name only if it is this plain (PhraseCut's look like "2345__101_102").
+PLAIN_TASK_ID = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,119}")
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+
+
+class ScoreError(Exception):
+    """A model, data set or option that cannot be used; the message says what to do."""
+
+
+# ------------------------------------------------------------------------------------------ model and data
+
+
+def available_runs(checkpoints_dir: Path = CHECKPOINTS_DIR) -> list[str]:
+    """Names of the runs under `checkpoints_dir` that hold a saved model (`config.json`)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(p.parent.name for p in checkpoints_dir.glob("*/config.json"))
+
+
+def resolve_model(
+    name: str | None, model: str | None, checkpoints_dir: Path = CHECKPOINTS_DIR
+) -> tuple[str, Path | None]:
+    """Where to load the model from and which run directory it belongs to (None for hub ids and .pth files).
+
+    name: a run under `checkpoints_dir`; model: a hub id, a checkpoint directory or an original `.pth`."""
+    if name is not None and model is not None:
+        raise ScoreError(f"give either a run NAME ({name}) or --model ({model}), not both")
+    if name is not None:
+        run_dir = checkpoints_dir / name
+        if not (run_dir / "config.json").is_file():
+            runs = available_runs(checkpoints_dir)
+            listing = ", ".join(runs) if runs else "none yet (train one with train.py --name NAME)"
+            raise ScoreError(
+                f"no trained model in {run_dir} (config.json missing). Runs in {checkpoints_dir}/: {listing}. "
+                "For other weights use --model HUB_ID_OR_DIR_OR_PTH."
+            )
+        return str(run_dir), run_dir
+    if model is None:
+        raise ScoreError("give a run NAME (a folder of checkpoints/) or --model HUB_ID_OR_DIR_OR_PTH")
+    local = Path(model)
+    return model, local if (local / "config.json").is_file() else None
+
+
+def load_model(source: str, backbone: str | None, device: str) -> CLIPSeg:
+    """`CLIPSeg.from_pretrained(source)` in eval mode on `device`, with the text cache on; errors become
+    `ScoreError` naming the source."""
+    try:
+        model = CLIPSeg.from_pretrained(source, backbone=backbone)
+    except (OSError, ValueError) as err:
+        raise ScoreError(f"cannot load the model {source}: {err}") from err
+    model.eval().to(device)
+    model.text_cache = {}
+    return model
+
+
+def default_data_root(kind: str) -> str:
+    if kind == "phrasecut":
+        return datasets.DEFAULT_PHRASECUT_ROOT
+    if kind == "synthetic":
+        return datasets.DEFAULT_SYNTHETIC_ROOT
+    raise ScoreError("--data folder needs --data-root INDEX_FILE (a JSONL or CSV of image, phrase, mask)")
+
+
+def build_eval_dataset(kind: str, root: str | None, split: str, image_size: int, limit: int | None) -> Dataset:
+    """The test-mode data set (whole images squashed to `image_size`, no negatives, original-size masks)."""
+    root = root or default_data_root(kind)
+    try:
+        return datasets.build_dataset(kind, root, split, train=False, image_size=image_size, limit=limit)
+    except (OSError, ValueError, KeyError) as err:
+        raise ScoreError(f"cannot read the {kind} data at {root} (split {split}): {err}") from err
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="HF hub id, checkpoint directory or original .pth file")
+    parser.add_argument(
+        "--backbone", default=None, help="CLIP backbone for an original .pth (default openai/clip-vit-base-patch16)"
+    )
+    parser.add_argument(
+        "--checkpoints-dir", default=str(CHECKPOINTS_DIR), help="parent folder of the runs (default %(default)s)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="side S the model sees, a multiple of 16 (default: the model's)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (default %(default)s)")
+    parser.add_argument(
+        "--num-workers", type=int, default=2, help="DataLoader worker processes, 0 = main process (default %(default)s)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device, e.g. cpu, cuda:0 (default %(default)s)",
+    )
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CPU, and GPUs with bf16; else fp16)")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        choices=DATA_KINDS,
+        default="phrasecut",
+        help="phrasecut: the downloaded data set; synthetic: generated PhraseCut-format data (made if absent); "
+        "folder: your own JSONL/CSV index of image, phrase, mask (default %(default)s)",
+    )
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help=f"phrasecut/synthetic: folder containing data/VGPhraseCut_v0 (default {datasets.DEFAULT_PHRASECUT_ROOT} "
+        f"/ {datasets.DEFAULT_SYNTHETIC_ROOT}); folder: the index file",
+    )
+    parser.add_argument("--split", default="test", help="split to score: train, val, test, miniv (default %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N samples")
+
+
+def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.image_size is not None and (args.image_size <= 0 or args.image_size % PATCH_SIZE):
+        parser.error(f"--image-size must be a positive multiple of {PATCH_SIZE}, got {args.image_size}")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    if args.num_workers < 0:
+        parser.error("--num-workers must be 0 or more")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CPU and on GPUs that support it, fp16 on other GPUs; a no-op when not enabled."""
+    if not enabled:
+        return nullcontext()
+    bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
+
+
+# ------------------------------------------------------------------------------------------------ inference
+
+
+def task_phrases(data: Dataset) -> list[tuple[str, str]]:
+    """(task_id, phrase) of every task of the data set, in order (no image is read)."""
+    return [(info.task_id, info.phrase) for info in map(data.task_info, range(len(data)))]
+
+
+def shuffled_phrases(pairs: Sequence[tuple[str, str]], seed: int = SHUFFLE_SEED) -> dict[str, str]:
+    """task_id -> the phrase of another task: a random cyclic derangement (no task keeps its own task's phrase)."""
+    if len(pairs) < 2:
+        raise ScoreError("--shuffle-prompts needs at least 2 samples")
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    return {pairs[order[k]][0]: pairs[order[(k + 1) % len(order)]][1] for k in range(len(order))}
+
+
+@dataclass
+class Predictions:
+    """One batch: the samples and the model's (B, 1, S, S) float32 logits on the CPU."""
+
+    batch: dict
+    phrases: list[str]
+    logits: Tensor
+
+
+@dataclass
+class SkipLog:
+    """Tasks the data set had to skip, with reasons (unreadable image, size mismatch), and the number of tasks it
+    delivered a second time (it moves on to the next task after a bad one); those are scored once."""
+
+    reasons: list[dict] = field(default_factory=list)
+    duplicates: int = 0
+    seen: set[str] = field(default_factory=set)
+    skipped_ids: set[str] = field(default_factory=set)
+
+    def add(self, task_id: str, reason: str) -> None:
+        """Log a skipped task once (every sample that stepped over it reports it)."""
+        if str(task_id) not in self.skipped_ids:
+            self.skipped_ids.add(str(task_id))
+            self.reasons.append({"task_id": str(task_id), "reason": str(reason)})
+
+
+def predict_batches(
+    model: CLIPSeg,
+    loader: DataLoader,
+    device: torch.device,
+    amp: bool = False,
+    phrase_for_task: dict[str, str] | None = None,
+    skips: SkipLog | None = None,
+    description: str = "scoring",
+) -> Iterator[Predictions]:
+    """Run the model over a loader of test-mode samples, with a progress bar.
+
+    phrase_for_task: replaces each sample's phrase (for --shuffle-prompts). Skips the data set reports (a bad image
+    makes it move on to the next task) are logged in `skips`; a task delivered twice is scored once.
+    """
+    skips = skips if skips is not None else SkipLog()
+    for batch in tqdm(loader, desc=description, unit="batch", file=sys.stderr, dynamic_ncols=True):
+        for task_id, reason in batch.get("skipped") or []:
+            skips.add(task_id, reason)
+        keep = []
+        for i, task_id in enumerate(batch["task_id"]):
+            if task_id in skips.seen:
+                skips.duplicates += 1
+            else:
+                keep.append(i)
+                skips.seen.add(task_id)
+        if not keep:
+            continue
+        batch = select_samples(batch, keep)
+        phrases = list(batch["phrase"])
+        if phrase_for_task is not None:
+            phrases = [phrase_for_task[task_id] for task_id in batch["task_id"]]
+        with torch.no_grad(), autocast(device, amp):
+            logits = model(batch["pixel_values"].to(device), phrases)
+        yield Predictions(batch, phrases, logits.float().cpu())
+
+
+def select_samples(batch: dict, keep: list[int]) -> dict:
+    """The samples `keep` of a collated batch (tensors and lists alike); other entries are kept as they are."""
+    if len(keep) == len(batch["task_id"]):
+        return batch
+    out = {}
+    for key, value in batch.items():
+        if key == "skipped":
+            out[key] = value
+        elif isinstance(value, Tensor | np.ndarray | list | tuple) and len(value) == len(batch["task_id"]):
+            out[key] = value[keep] if isinstance(value, Tensor | np.ndarray) else [value[i] for i in keep]
+        else:
+            out[key] = value
+    return out
+
+
+def full_size_probabilities(logits: Tensor, original_size: Sequence[int]) -> np.ndarray:
+    """(1, S, S) or (1, 1, S, S) logits -> (H, W) float32 probabilities, resized bilinearly to (H, W)."""
+    height, width = (int(v) for v in original_size)
+    resized = F.interpolate(logits.reshape(1, 1, *logits.shape[-2:]), size=(height, width), mode="bilinear")
+    return torch.sigmoid(resized[0, 0]).numpy()
+
+
+def safe_task_filename(task_id: str) -> str:
+    """A file-name stem for a task id that cannot leave its folder: plain ids (lowercase letters, digits, '_',
+    '.', '-', at most 120 characters, not starting with '.' or '-') are kept verbatim; any other id becomes an
+    ASCII slug + '~' + 12 hex digits of its SHA-1, so distinct ids never share a name."""
+    if PLAIN_TASK_ID.fullmatch(task_id) and task_id.split(".")[0] not in WINDOWS_RESERVED:
+        return task_id
+    ascii_text = unicodedata.normalize("NFKD", task_id).encode("ascii", "ignore").decode().lower()
+    slug = re.sub(r"[^a-z0-9_]+", "-", ascii_text).strip("-")[:60].strip("-") or "task"
+    digest = hashlib.sha1(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{slug}~{digest}"
+
+
+def save_prediction_png(mask: np.ndarray, directory: Path, task_id: str) -> Path:
+    """Write a binary (H, W) mask as `<task_id>.png` (single channel, 0 / 255, original size)."""
+    path = directory / f"{safe_task_filename(task_id)}.png"
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)  # uint8 (H, W): mode L
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class ScoreRun:
+    """Metrics accumulated so far (bounded memory: counts, not pixels) and what could not be scored."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    paper: PaperMetrics | None = None  # reports at `threshold` unless given
+    official: PhraseCutMetrics = field(default_factory=PhraseCutMetrics)
+    skips: SkipLog = field(default_factory=SkipLog)
+    n_samples: int = 0
+
+    def __post_init__(self) -> None:
+        if self.paper is None:
+            self.paper = PaperMetrics(report_threshold=self.threshold)
+
+    def update(self, predictions: Predictions, save_dir: Path | None = None) -> None:
+        """Add a batch: paper metrics at S x S, official metrics at the original size (and the PNGs)."""
+        batch = predictions.batch
+        self.paper.update(torch.sigmoid(predictions.logits), batch["mask"])
+        for i, task_id in enumerate(batch["task_id"]):
+            pred = full_size_probabilities(predictions.logits[i], batch["original_size"][i]) > self.threshold
+            gt = np.asarray(batch["full_mask"][i], dtype=bool)
+            self.official.update(pred, gt, optional(batch, "phrase_type", i), optional(batch, "n_instances", i))
+            if save_dir is not None:
+                save_prediction_png(pred, save_dir, task_id)
+        self.n_samples += len(batch["task_id"])
+
+
+def optional(batch: dict, key: str, index: int):
+    values = batch.get(key)
+    return None if values is None else values[index]
+
+
+def score(
+    model: CLIPSeg,
+    data: Dataset,
+    *,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    threshold: float = DEFAULT_THRESHOLD,
+    amp: bool = False,
+    shuffle_prompts: bool = False,
+    save_predictions: Path | None = None,
+    run: ScoreRun | None = None,
+) -> ScoreRun:
+    """Score `model` on every sample of a test-mode data set. Pass `run` to keep partial results on interrupt."""
+    run = run or ScoreRun(threshold=threshold)
+    device = next(model.parameters()).device
+    phrase_for_task = shuffled_phrases(task_phrases(data)) if shuffle_prompts else None
+    loader = DataLoader(
+        data,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=datasets.collate,
+        pin_memory=device.type == "cuda",
+    )
+    if save_predictions is not None:
+        save_predictions.mkdir(parents=True, exist_ok=True)
+    for predictions in predict_batches(model, loader, device, amp, phrase_for_task, run.skips):
+        run.update(predictions, save_predictions)
+    return run
+
+
+def results_dict(run: ScoreRun, settings: dict, data: Dataset, seconds: float, interrupted: bool) -> dict:
+    excluded = getattr(data, "excluded", None) or []
+    return {
+        **settings,
+        "n_samples": run.n_samples,
+        "paper": to_builtin(run.paper.compute()) if run.n_samples else {},
+        "phrasecut": to_builtin(run.official.compute()) if run.n_samples else {},
+        "skipped": {"count": len(run.skips.reasons), "samples": run.skips.reasons},
+        "duplicates_ignored": run.skips.duplicates,
+        "excluded": {"count": len(excluded), "tasks": to_builtin(list(excluded))},
+        "seconds": round(seconds, 2),
+        "interrupted": interrupted,
+    }
+
+
+def to_builtin(value):
+    """numpy scalars/arrays and tuples -> JSON-ready Python values."""
+    if isinstance(value, dict):
+        return {str(k): to_builtin(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_builtin(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_json(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def format_table(results: dict) -> str:
+    """The paper's three columns first (mIoU, IoU_FG, AP), then IoU_BIN, the best-threshold values and
+    PhraseCut's official metrics, as Markdown tables (values in %)."""
+    paper, official = results.get("paper") or {}, results.get("phrasecut") or {}
+    lines = [
+        f"{results['model']} on {results['data']} {results['split']}: {results['n_samples']} samples, "
+        f"{results['skipped']['count']} skipped, {results['excluded']['count']} excluded"
+        + (" (shuffled prompts)" if results["shuffle_prompts"] else "")
+        + (" (INTERRUPTED: partial)" if results["interrupted"] else ""),
+        "",
+        "| threshold | mIoU | IoU_FG | AP | IoU_BIN |",
+        "|---|---|---|---|---|",
+        f"| t = {results['threshold']:.2f} | {percent(paper.get('miou'))} | {percent(paper.get('iou_fg'))} "
+        f"| {percent(paper.get('ap'))} | {percent(paper.get('iou_bin'))} |",
+        f"| best t | {best(paper, 'miou')} | {best(paper, 'iou_fg')} | {percent(paper.get('ap'))} "
+        f"| {best(paper, 'iou_bin')} |",
+        "",
+    ]
+    accuracies = [key for key in official if key.startswith("acc@")]
+    header = ["subset", "tasks", "mean IoU", "cum IoU", *accuracies]
+    lines += [
+        f"PhraseCut official (original resolution, probability > {results['threshold']:.2f}):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    rows = [("all", official)] + list((official.get("subsets") or {}).items())
+    for subset, stats in rows:
+        cells = [stats.get("mean_iou"), stats.get("cum_iou"), *(stats.get(key) for key in accuracies)]
+        lines.append(f"| {subset} | {stats.get('n_tasks', '-')} | " + " | ".join(percent(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def best(paper: dict, key: str) -> str:
+    value, at = paper.get(f"{key}_best"), paper.get(f"{key}_best_threshold")
+    return percent(value) + ("" if at is None else f" (t={at:.2f})")
+
+
+def default_output(run_dir: Path | None, model: str, split: str, shuffled: bool, limit: int | None = None) -> Path:
+    """checkpoints/NAME/scores_<split>.json (or a model directory); scores/<model>_<split>.json for hub ids
+    and .pth files. Partial (--limit) and shuffled-prompt runs get their own files so they never overwrite the
+    full scores."""
+    suffix = (f"_first{limit}" if limit else "") + ("_shuffled" if shuffled else "")
+    if run_dir is not None:
+        return run_dir / f"scores_{split}{suffix}.json"
+    return Path("scores") / f"{safe_task_filename(model.lower())}_{split}{suffix}.json"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Score a model on a PhraseCut-format split: the paper's mIoU, IoU_FG, AP and IoU_BIN (at "
+        "S x S, t = 0.3 and best t) and PhraseCut's official metrics (original resolution). Prints a table and "
+        "writes a JSON file.",
+    )
+    parser.add_argument("name", nargs="?", default=None, help="a run: loads checkpoints/NAME (see --checkpoints-dir)")
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="a pixel is positive iff probability > this: the paper metrics' reporting threshold (one of 0.02, "
+        "0.04, ..., 0.98), PhraseCut's metrics and the PNGs (default %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default: checkpoints/NAME/scores_<split>[_first<N>][_shuffled].json; for a hub id or "
+        ".pth: scores/<model>_<split>[...].json)",
+    )
+    parser.add_argument(
+        "--save-predictions",
+        default=None,
+        metavar="DIR",
+        help="also write PhraseCut's interchange format: DIR/<task_id>.png, single channel 0/255, original size",
+    )
+    parser.add_argument(
+        "--shuffle-prompts",
+        action="store_true",
+        help=f"give every sample the phrase of another sample (fixed seed {SHUFFLE_SEED}): scores should collapse "
+        "if the model uses the prompt",
+    )
+    args = parser.parse_args(argv)
+    check_common_arguments(parser, args)
+    if not np.isclose(PAPER_THRESHOLDS, args.threshold, rtol=0, atol=1e-9).any():
+        parser.error(f"--threshold must be one of the paper's 0.02, 0.04, ..., 0.98, got {args.threshold}")
+    if args.name is None and args.model is None:
+        parser.error("give a run NAME (loads checkpoints/NAME) or --model HUB_ID_OR_DIR_OR_PTH")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """The CLI. Returns the results dict (also written as JSON). Exits with a message for unusable input."""
+    args = parse_args(argv)
+    try:
+        source, run_dir = resolve_model(args.name, args.model, Path(args.checkpoints_dir))
+        model = load_model(source, args.backbone, args.device)
+        image_size = args.image_size or model.config.image_size
+        data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit)
+    except ScoreError as err:
+        sys.exit(f"error: {err}")
+    out = Path(args.out) if args.out else default_output(run_dir, source, args.split, args.shuffle_prompts, args.limit)
+    settings = {
+        "model": source,
+        "data": args.data,
+        "data_root": args.data_root or default_data_root(args.data),
+        "split": args.split,
+        "limit": args.limit,
+        "image_size": image_size,
+        "threshold": args.threshold,
+        "shuffle_prompts": args.shuffle_prompts,
+        "shuffle_seed": SHUFFLE_SEED if args.shuffle_prompts else None,
+        "amp": args.amp,
+    }
+    run, started = ScoreRun(threshold=args.threshold), time.perf_counter()
+    save_dir = Path(args.save_predictions) if args.save_predictions else None
+    try:
+        score(
+            model,
+            data,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            threshold=args.threshold,
+            amp=args.amp,
+            shuffle_prompts=args.shuffle_prompts,
+            save_predictions=save_dir,
+            run=run,
+        )
+    except ScoreError as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        partial = out.with_name(out.stem + ".interrupted.json")
+        write_json(results_dict(run, settings, data, time.perf_counter() - started, True), partial)
+        print(f"\ninterrupted after {run.n_samples} samples; partial scores in {partial}", file=sys.stderr)
+        raise
+    results = results_dict(run, settings, data, time.perf_counter() - started, False)
+    if run.n_samples == 0:
+        write_json(results, out)
+        sys.exit(f"error: no sample could be scored ({len(run.skips.reasons)} skipped); see {out}")
+    write_json(results, out)
+    print(format_table(results))
+    print(f"\nscores written to {out}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""failure_test.py: the saved cases are exactly the samples with IoU < 0.5 at all five thresholds; panels,
+index.html (parsed) and failures.csv agree; the output folder is created; hostile phrases and task ids are safe."""
+
+import csv
+import os
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import dataset as datasets
+import failure_test
+from failure_test import THRESHOLDS, FailureCase, main, render_panel, write_index
+from model import CLIPSeg
+from score import safe_task_filename
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SIZE = 64
+LIMIT = 4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """checkpoints/tiny: a tiny random CLIPSeg whose head is scaled so probabilities spread over (0, 1)."""
+    torch.manual_seed(1)
+    model = CLIPSeg.from_backbone("tiny", image_size=SIZE)
+    with torch.no_grad():
+        for param in model.decoder.transposed_convolution.parameters():
+            param.mul_(4.0)
+    root = tmp_path_factory.mktemp("checkpoints")
+    model.save_pretrained(root / "tiny")
+    return root
+
+
+def run_args(checkpoints, synthetic_root, out, *extra):
+    return [
+        "--name", "tiny", "--checkpoints-dir", str(checkpoints), "--data", "synthetic", "--data-root",
+        str(synthetic_root), "--limit", str(LIMIT), "--batch-size", "4", "--num-workers", "0", "--out", str(out),
+        *extra,
+    ]  # fmt: skip
+
+
+class GalleryParser(HTMLParser):
+    """Collects <img src> and the text of each table row of index.html."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.rows, self.open_tags = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        if tag == "tr":
+            self.rows.append([])
+        if tag not in ("img", "meta"):
+            self.open_tags.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.open_tags and self.open_tags[-1] == tag, f"</{tag}> does not close <{self.open_tags[-1:]}>"
+        self.open_tags.pop()
+
+    def handle_data(self, data):
+        if self.rows and data.strip():
+            self.rows[-1].append(data.strip())
+
+
+def parse_gallery(path: Path) -> GalleryParser:
+    parser = GalleryParser()
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    parser.feed(text)
+    parser.close()
+    assert parser.open_tags == []
+    return parser
+
+
+def expected_ious(checkpoints, synthetic_root, oracle: set[str] = frozenset()) -> dict[str, np.ndarray]:
+    """IoU at each threshold, at the original resolution, per task, computed independently of failure_test.py.
+    Tasks in `oracle` get a perfect prediction (their ground truth) instead of the model's."""
+    model = CLIPSeg.from_pretrained(checkpoints / "tiny").eval()
+    data = datasets.build_dataset("synthetic", synthetic_root, "test", train=False, image_size=SIZE, limit=LIMIT)
+    out = {}
+    for start in range(0, len(data), 4):
+        batch = datasets.collate([data[i] for i in range(start, min(start + 4, len(data)))])
+        with torch.no_grad():
+            logits = model(batch["pixel_values"], batch["phrase"])
+        for i, task_id in enumerate(batch["task_id"]):
+            height, width = (int(v) for v in batch["original_size"][i])
+            gt = np.asarray(batch["full_mask"][i], dtype=bool)
+            probs = torch.sigmoid(F.interpolate(logits[i : i + 1], size=(height, width), mode="bilinear"))[0, 0]
+            probs = gt.astype(np.float32) if task_id in oracle else probs.numpy()
+            ious = []
+            for t in THRESHOLDS:
+                pred = probs > t
+                union = (pred | gt).sum()
+                ious.append((pred & gt).sum() / union if union else 0.0)
+            out[task_id] = np.array(ious)
+    return out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def check_outputs(out: Path, expected: dict[str, np.ndarray]) -> list[dict]:
+    """Panels, csv and index agree with each other and with the expected failures; returns the csv rows."""
+    failing = {task for task, ious in expected.items() if (ious < 0.5).all()}
+    panels = {f"{safe_task_filename(task)}.png" for task in failing}
+    assert {p.name for p in out.glob("*.png")} == panels
+    rows = read_csv(out / "failures.csv")
+    assert {row["task_id"] for row in rows} == failing
+    for row in rows:
+        ious = [float(row[f"iou@{t:.1f}"]) for t in THRESHOLDS]
+        np.testing.assert_allclose(ious, expected[row["task_id"]], atol=1e-4)
+        assert row["panel"] == f"{safe_task_filename(row['task_id'])}.png"
+    best = [float(row["best_iou"]) for row in rows]
+    assert best == sorted(best)
+    gallery = parse_gallery(out / "index.html")
+    assert sorted(gallery.images) == sorted(panels)
+    assert [row["panel"] for row in rows] == gallery.images  # same order: worst first
+    for panel in panels:
+        with Image.open(out / panel) as image:
+            assert image.format == "PNG" and image.width > 400
+    return rows
+
+
+def test_saved_cases_are_exactly_the_samples_below_05_at_every_threshold(checkpoints, synthetic_root, tmp_path):
+    out = tmp_path / "nested" / "failure_cases"  # created if missing, parents too
+    result = main(run_args(checkpoints, synthetic_root, out))
+    expected = expected_ious(checkpoints, synthetic_root)
+    rows = check_outputs(out, expected)
+    assert result["n_samples"] == LIMIT and result["n_failures"] == len(rows)
+    phrases = {t["task_id"]: t["phrase"] for t in datasets.build_dataset(
+        "synthetic", synthetic_root, "test", train=False, image_size=SIZE, limit=LIMIT).tasks}  # fmt: skip
+    assert all(row["phrase"] == phrases[row["task_id"]] for row in rows)
+
+
+def test_good_predictions_are_not_saved_and_stale_panels_are_removed(
+    checkpoints, synthetic_root, tmp_path, monkeypatch
+):
+    out = tmp_path / "failure_cases"
+    main(run_args(checkpoints, synthetic_root, out))
+    before = {p.name for p in out.glob("*.png")}
+    (out / "notes.txt").write_text("mine")
+    oracle = {row["task_id"] for row in read_csv(out / "failures.csv")[::2]}
+    assert oracle and len(oracle) < len(before), "the random model should fail on at least two samples"
+
+    order = iter(t["task_id"] for t in datasets.build_dataset(
+        "synthetic", synthetic_root, "test", train=False, image_size=SIZE, limit=LIMIT).tasks)  # fmt: skip
+    real_ious = failure_test.ious_at_thresholds
+
+    def oracle_ious(probs, gt, thresholds):  # samples are scored in data set order
+        return real_ious(gt.astype(np.float32) if next(order) in oracle else probs, gt, thresholds)
+
+    monkeypatch.setattr(failure_test, "ious_at_thresholds", oracle_ious)
+    main(run_args(checkpoints, synthetic_root, out))
+    expected = expected_ious(checkpoints, synthetic_root, oracle)
+    check_outputs(out, expected)
+    assert not any((out / f"{safe_task_filename(task)}.png").exists() for task in oracle)
+    assert {p.name for p in out.glob("*.png")} == before - {f"{safe_task_filename(t)}.png" for t in oracle}
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_interrupt_still_writes_the_gallery_of_the_cases_found_so_far(
+    checkpoints, synthetic_root, tmp_path, monkeypatch
+):
+    real_render, rendered = failure_test.render_panel, []
+
+    def render_then_interrupt(*args):
+        real_render(*args)
+        rendered.append(args[-1].name)
+        if len(rendered) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(failure_test, "render_panel", render_then_interrupt)
+    out = tmp_path / "failure_cases"
+    with pytest.raises(KeyboardInterrupt):
+        main(run_args(checkpoints, synthetic_root, out))
+    assert sorted(row["panel"] for row in read_csv(out / "failures.csv")) == sorted(rendered[:1])
+    assert "INTERRUPTED" in (out / "index.html").read_text(encoding="utf-8")
+
+
+def test_a_tampered_failures_csv_cannot_make_it_delete_files_elsewhere(checkpoints, synthetic_root, tmp_path):
+    out = tmp_path / "failure_cases"
+    out.mkdir()
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"keep me")
+    (out / "failures.csv").write_text("task_id,panel\nx,../victim.png\ny,..\\victim.png\n", encoding="utf-8")
+    main(run_args(checkpoints, synthetic_root, out))
+    assert victim.read_bytes() == b"keep me"
+
+
+def test_hostile_phrases_and_task_ids_stay_inside_and_are_escaped(tmp_path):
+    case = FailureCase(
+        task_id="../../etc/<passwd>",
+        phrase='the $x^2$ "cat" <script>alert(1)</script> & co\x00\n',
+        phrase_type="attribute",
+        n_instances=1,
+        ious=(0.0, 0.1, 0.2, 0.3, 0.4),
+        panel=f"{safe_task_filename('../../etc/<passwd>')}.png",
+    )
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    gt = np.zeros((90, 120), dtype=bool)
+    gt[20:50, 30:80] = True
+    render_panel(image, gt, rng.random((90, 120)).astype(np.float32), case, tmp_path / case.panel)
+    assert [p.name for p in tmp_path.iterdir()] == [case.panel]
+    write_index([case], tmp_path / "index.html", "Failure cases: <model>", "1 of 1")
+    text = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "<script>" not in text and "&lt;script&gt;" in text
+    gallery = parse_gallery(tmp_path / "index.html")
+    assert gallery.images == [case.panel]
+
+
+def test_default_model_is_the_released_refined_weights_and_help_lists_every_flag(capsys):
+    assert failure_test.parse_args([]).model == "CIDAS/clipseg-rd64-refined"
+    assert failure_test.parse_args(["--name", "demo"]).model is None
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ["--name", "--model", "--data", "--data-root", "--split", "--limit", "--out", "--batch-size"]:
+        assert flag in text
+
+
+def test_missing_run_is_a_clear_error(checkpoints, tmp_path):
+    with pytest.raises(SystemExit, match="tiny"):
+        main(["--name", "nope", "--checkpoints-dir", str(checkpoints), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

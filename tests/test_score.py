@@ -1,0 +1,326 @@
+"""score.py: numbers equal a direct recomputation (brute-force numpy), JSON/table/PNG outputs, prompt shuffling,
+safe file names, model resolution and error messages."""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from scipy.integrate import simpson
+
+import dataset as datasets
+import score
+from model import CLIPSeg
+from score import (
+    ScoreError,
+    available_runs,
+    format_table,
+    main,
+    resolve_model,
+    safe_task_filename,
+    shuffled_phrases,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SIZE = 64  # the tiny CLIP takes any multiple of 16
+LIMIT = 6
+PAPER_THRESHOLDS = np.linspace(0.02, 0.98, 49)
+NASTY_TASK_IDS = ["../../etc/passwd", "/", "..", ".", "a\x00b", "x" * 500, "猫__1_2", "CON", "a/b\\c:d*e?", "", "-rf"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """checkpoints/demo: a tiny random CLIPSeg whose head is scaled so probabilities spread over (0, 1)."""
+    torch.manual_seed(0)
+    model = CLIPSeg.from_backbone("tiny", image_size=SIZE)
+    with torch.no_grad():
+        for param in model.decoder.transposed_convolution.parameters():
+            param.mul_(4.0)
+    root = tmp_path_factory.mktemp("checkpoints")
+    model.save_pretrained(root / "demo")
+    return root
+
+
+def score_args(checkpoints, synthetic_root, *extra):
+    return [
+        "demo", "--checkpoints-dir", str(checkpoints), "--data", "synthetic", "--data-root", str(synthetic_root),
+        "--limit", str(LIMIT), "--batch-size", "4", "--num-workers", "0", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scored(checkpoints, synthetic_root, tmp_path_factory):
+    """One CLI run with predictions saved; returns (results, printed table, predictions dir)."""
+    predictions = tmp_path_factory.mktemp("predictions")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = main(score_args(checkpoints, synthetic_root, "--save-predictions", str(predictions)))
+    return results, printed.getvalue(), predictions
+
+
+def brute_force_paper(probs: np.ndarray, targets: np.ndarray) -> dict:
+    """The paper's metrics from scratch: probs, targets (N, H, W). Returns values per threshold and AP."""
+    positive = probs[:, None] > PAPER_THRESHOLDS[None, :, None, None]  # (N, T, H, W)
+    truth = targets[:, None].astype(bool)
+    tp = (positive & truth).sum(axis=(2, 3)).astype(float)
+    fp = (positive & ~truth).sum(axis=(2, 3)).astype(float)
+    fn = (~positive & truth).sum(axis=(2, 3)).astype(float)
+    tn = (~positive & ~truth).sum(axis=(2, 3)).astype(float)
+    miou = (tp / (1 + tp + fp + fn)).mean(axis=0)
+    sums = [c.sum(axis=0) for c in (tp, fp, fn, tn)]
+    iou_fg = sums[0] / (1 + sums[0] + sums[1] + sums[2])
+    iou_bg = sums[3] / (1 + sums[3] + sums[1] + sums[2])
+    precision, recall = sums[0] / (1 + sums[0] + sums[1]), sums[0] / (1 + sums[0] + sums[2])
+    valid = (sums[0] + sums[1]) > 0
+    pairs = sorted(set(zip(recall[valid].tolist(), precision[valid].tolist())))
+    ap = float(simpson([p for _, p in pairs], x=[r for r, _ in pairs])) if len(pairs) > 1 else 0.0
+    return {"miou": miou, "iou_fg": iou_fg, "iou_bin": (iou_fg + iou_bg) / 2, "ap": ap}
+
+
+def recompute(checkpoints, synthetic_root, phrases_for=None):
+    """Load the model and run it on the same samples and batches as score.py; metrics by hand."""
+    model = CLIPSeg.from_pretrained(checkpoints / "demo").eval()
+    data = datasets.build_dataset("synthetic", synthetic_root, "test", train=False, image_size=SIZE, limit=LIMIT)
+    samples = [data[i] for i in range(len(data))]
+    probs, ious, inter, union, masks = [], [], 0, 0, {}
+    for start in range(0, len(samples), 4):
+        batch = datasets.collate(samples[start : start + 4])
+        phrases = [phrases_for[t] for t in batch["task_id"]] if phrases_for else batch["phrase"]
+        with torch.no_grad():
+            logits = model(batch["pixel_values"], phrases)
+        probs.append(torch.sigmoid(logits[:, 0]).numpy())
+        for i, task_id in enumerate(batch["task_id"]):
+            height, width = (int(v) for v in batch["original_size"][i])
+            full = F.interpolate(logits[i : i + 1], size=(height, width), mode="bilinear")
+            pred = torch.sigmoid(full[0, 0]).numpy() > 0.3
+            gt = np.asarray(batch["full_mask"][i], dtype=bool)
+            i_count, u_count = (pred & gt).sum(), (pred | gt).sum()
+            ious.append(i_count / u_count if u_count else 0.0)
+            inter, union = inter + i_count, union + u_count
+            masks[task_id] = pred
+    targets = np.concatenate([s["mask"][None, 0].numpy() for s in samples])
+    paper = brute_force_paper(np.concatenate(probs), targets)
+    return paper, np.array(ious), inter / union, masks, samples
+
+
+def test_scores_equal_a_direct_recomputation(scored, checkpoints, synthetic_root):
+    results, _, _ = scored
+    paper, ious, cum_iou, _, samples = recompute(checkpoints, synthetic_root)
+    at_03 = int(np.argmin(np.abs(PAPER_THRESHOLDS - 0.3)))
+    assert results["n_samples"] == len(samples) == LIMIT
+    assert results["paper"]["miou"] == pytest.approx(paper["miou"][at_03], abs=1e-9)
+    assert results["paper"]["iou_fg"] == pytest.approx(paper["iou_fg"][at_03], abs=1e-9)
+    assert results["paper"]["iou_bin"] == pytest.approx(paper["iou_bin"][at_03], abs=1e-9)
+    assert results["paper"]["ap"] == pytest.approx(paper["ap"], abs=1e-9)
+    assert results["paper"]["miou_best"] == pytest.approx(paper["miou"].max(), abs=1e-9)
+    assert results["paper"]["iou_fg_best"] == pytest.approx(paper["iou_fg"].max(), abs=1e-9)
+    official = results["phrasecut"]
+    assert official["n_tasks"] == LIMIT
+    assert official["mean_iou"] == pytest.approx(ious.mean(), abs=1e-9)
+    assert official["cum_iou"] == pytest.approx(cum_iou, abs=1e-9)
+    for level in (0.5, 0.6, 0.7, 0.8, 0.9):
+        assert official[f"acc@{level}"] == pytest.approx((ious > level).mean(), abs=1e-9)
+
+
+def test_json_is_written_next_to_the_run_and_matches_the_returned_results(scored, checkpoints):
+    results, _, _ = scored
+    written = json.loads((checkpoints / "demo" / f"scores_test_first{LIMIT}.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    assert written["skipped"] == {"count": 0, "samples": []}
+    assert written["split"] == "test" and written["image_size"] == SIZE and written["interrupted"] is False
+
+
+def test_table_puts_the_papers_three_columns_first_with_the_values_in_percent(scored):
+    results, printed, _ = scored
+    header = next(line for line in printed.splitlines() if "mIoU" in line)
+    assert header.split("|")[2:5] == [" mIoU ", " IoU_FG ", " AP "]
+    row = next(line for line in printed.splitlines() if line.startswith("| t = 0.30"))
+    cells = [cell.strip() for cell in row.split("|")[2:5]]
+    assert cells == [f"{100 * results['paper'][k]:.1f}" for k in ("miou", "iou_fg", "ap")]
+    assert f"| all | {LIMIT} | {100 * results['phrasecut']['mean_iou']:.1f} |" in printed
+    assert "0 skipped" in printed
+
+
+def test_saved_predictions_are_single_channel_binary_pngs_at_the_original_size(scored, checkpoints, synthetic_root):
+    _, _, predictions = scored
+    _, _, _, masks, samples = recompute(checkpoints, synthetic_root)
+    assert sorted(p.name for p in predictions.iterdir()) == sorted(f"{safe_task_filename(t)}.png" for t in masks)
+    for sample in samples:
+        with Image.open(predictions / f"{safe_task_filename(sample['task_id'])}.png") as png:
+            assert png.mode == "L"
+            assert png.size == (int(sample["original_size"][1]), int(sample["original_size"][0]))
+            pixels = np.asarray(png)
+        assert set(np.unique(pixels)) <= {0, 255}
+        np.testing.assert_array_equal(pixels > 0, masks[sample["task_id"]])
+
+
+def test_shuffled_prompts_use_another_samples_phrase_and_write_their_own_file(checkpoints, synthetic_root, scored):
+    results = main(score_args(checkpoints, synthetic_root, "--shuffle-prompts"))
+    data = datasets.build_dataset("synthetic", synthetic_root, "test", train=False, image_size=SIZE, limit=LIMIT)
+    mapping = shuffled_phrases([(t["task_id"], t["phrase"]) for t in data.tasks])
+    paper, ious, _, _, _ = recompute(checkpoints, synthetic_root, phrases_for=mapping)
+    assert results["shuffle_prompts"] is True
+    assert results["paper"]["ap"] == pytest.approx(paper["ap"], abs=1e-9)
+    assert results["phrasecut"]["mean_iou"] == pytest.approx(ious.mean(), abs=1e-9)
+    assert (checkpoints / "demo" / f"scores_test_first{LIMIT}_shuffled.json").is_file()
+    assert json.loads((checkpoints / "demo" / f"scores_test_first{LIMIT}.json").read_text())["shuffle_prompts"] is False
+
+
+def test_threshold_flag_moves_the_papers_reporting_threshold(checkpoints, synthetic_root, tmp_path, capsys):
+    results = main(score_args(checkpoints, synthetic_root, "--threshold", "0.4", "--out", str(tmp_path / "s.json")))
+    paper, _, _, _, _ = recompute(checkpoints, synthetic_root)
+    at_04 = int(np.argmin(np.abs(PAPER_THRESHOLDS - 0.4)))
+    assert results["paper"]["threshold"] == pytest.approx(0.4)
+    assert results["paper"]["miou"] == pytest.approx(paper["miou"][at_04], abs=1e-9)
+    assert "| t = 0.40 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(score_args(checkpoints, synthetic_root, "--threshold", "0.33"))
+    assert "0.02, 0.04, ..., 0.98" in capsys.readouterr().err
+
+
+def test_interrupt_keeps_the_partial_scores_in_their_own_file(checkpoints, synthetic_root, tmp_path, monkeypatch):
+    real_update, calls = score.ScoreRun.update, []
+
+    def update_then_interrupt(self, predictions, save_dir=None):
+        real_update(self, predictions, save_dir)
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(score.ScoreRun, "update", update_then_interrupt)
+    out = tmp_path / "scores.json"
+    out.write_text('{"earlier": true}')
+    with pytest.raises(KeyboardInterrupt):
+        main(score_args(checkpoints, synthetic_root, "--out", str(out)))
+    partial = json.loads((tmp_path / "scores.interrupted.json").read_text())
+    assert partial["interrupted"] is True and partial["n_samples"] == 4
+    assert partial["paper"]["n_samples"] == 4
+    assert json.loads(out.read_text()) == {"earlier": True}
+
+
+def test_scores_a_users_folder_and_writes_next_to_a_model_directory(checkpoints, tmp_path):
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, (width, height) in enumerate([(80, 60), (50, 90), (64, 64)]):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+        mask = np.zeros((height, width), dtype=np.uint8)
+        mask[10:40, 5:30] = 255
+        Image.fromarray(mask).save(tmp_path / f"m{i}.png")
+        lines.append(json.dumps({"image": f"im{i}.png", "phrase": f"thing {i}", "mask": f"m{i}.png"}))
+    index = tmp_path / "index.jsonl"
+    index.write_text("\n".join(lines) + "\n")
+    model_dir = tmp_path / "model"
+    shutil.copytree(checkpoints / "demo", model_dir, ignore=shutil.ignore_patterns("scores_*"))
+    results = main(["--model", str(model_dir), "--data", "folder", "--data-root", str(index), "--num-workers", "0"])
+    assert results["n_samples"] == 3 and results["phrasecut"]["n_tasks"] == 3
+    assert json.loads((model_dir / "scores_test.json").read_text())["n_samples"] == 3
+
+
+def test_shuffled_phrases_is_a_seeded_derangement():
+    pairs = [(f"t{i}", f"phrase {i}") for i in range(50)]
+    mapping = shuffled_phrases(pairs)
+    assert sorted(mapping) == sorted(t for t, _ in pairs)
+    assert sorted(mapping.values()) == sorted(p for _, p in pairs)
+    assert all(mapping[task] != phrase for task, phrase in pairs)
+    assert mapping == shuffled_phrases(pairs) and mapping != shuffled_phrases(pairs, seed=1)
+    with pytest.raises(ScoreError, match="at least 2"):
+        shuffled_phrases(pairs[:1])
+
+
+def test_unreadable_images_are_counted_and_listed_not_silently_dropped(checkpoints, synthetic_root, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    data = datasets.build_dataset("synthetic", root, "test", train=False, image_size=SIZE, limit=LIMIT)
+    bad_path = Path(data[1]["image_path"])
+    bad_tasks = [t["task_id"] for t in data.tasks if t["image_id"] == data.tasks[1]["image_id"]]
+    bad_path.write_bytes(b"not an image")
+    out = tmp_path / "scores.json"
+    with pytest.warns(UserWarning, match="skipped task"):
+        results = main(score_args(checkpoints, root, "--out", str(out)))
+    reported = {entry["task_id"] for entry in results["skipped"]["samples"]}
+    assert reported == set(bad_tasks)
+    assert results["skipped"]["count"] == len(bad_tasks)
+    assert results["n_samples"] + len(bad_tasks) == LIMIT
+    assert json.loads(out.read_text())["skipped"]["count"] == len(bad_tasks)
+    assert f"{len(bad_tasks)} skipped" in capsys.readouterr().out
+
+
+def test_missing_run_lists_the_available_runs(checkpoints, capsys):
+    with pytest.raises(SystemExit, match="demo"):
+        main(["nope", "--checkpoints-dir", str(checkpoints), "--data", "synthetic"])
+    assert available_runs(checkpoints) == ["demo"]
+    with pytest.raises(ScoreError, match="not both"):
+        resolve_model("demo", "CIDAS/clipseg-rd64-refined", checkpoints)
+    assert resolve_model(None, str(checkpoints / "demo"), checkpoints) == (
+        str(checkpoints / "demo"),
+        checkpoints / "demo",
+    )
+
+
+def test_missing_phrasecut_data_names_the_folder(checkpoints, tmp_path):
+    with pytest.raises(SystemExit, match=str(tmp_path / "nowhere")):
+        main(["demo", "--checkpoints-dir", str(checkpoints), "--data-root", str(tmp_path / "nowhere")])
+
+
+def test_bad_options_are_rejected_with_a_message(capsys):
+    for flags, message in [
+        (["demo", "--threshold", "1.5"], "--threshold"),
+        (["demo", "--image-size", "100"], "--image-size"),
+        (["demo", "--limit", "0"], "--limit"),
+        ([], "NAME"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(flags)
+        assert message in capsys.readouterr().err
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ["--model", "--backbone", "--data", "--data-root", "--split", "--limit", "--batch-size",
+                 "--num-workers", "--threshold", "--out", "--save-predictions", "--shuffle-prompts", "--amp",
+                 "--device", "--image-size"]:  # fmt: skip
+        assert flag in text
+
+
+def test_table_marks_interrupted_and_shuffled_runs():
+    results = {
+        "model": "m", "data": "synthetic", "split": "test", "n_samples": 3, "threshold": 0.3,
+        "skipped": {"count": 2}, "excluded": {"count": 1}, "shuffle_prompts": True, "interrupted": True,
+        "paper": {"miou": 0.5, "iou_fg": 0.25, "ap": 0.125, "iou_bin": 0.75}, "phrasecut": {},
+    }  # fmt: skip
+    table = format_table(results)
+    assert "| t = 0.30 | 50.0 | 25.0 | 12.5 | 75.0 |" in table
+    assert "2 skipped, 1 excluded" in table and "shuffled prompts" in table and "INTERRUPTED" in table
+
+
+@pytest.mark.parametrize("task_id", NASTY_TASK_IDS)
+def test_nasty_task_ids_never_escape_the_output_folder(task_id, tmp_path):
+    name = safe_task_filename(task_id)
+    assert name and name not in (".", "..") and name.isascii() and len(name) <= 80
+    assert not set(name) & set('/\\:*?"<>|\x00') and not name.startswith((".", "-"))
+    assert (tmp_path / f"{name}.png").resolve().parent == tmp_path.resolve()
+
+
+def test_plain_task_ids_are_kept_verbatim():
+    assert safe_task_filename("2345__101_102") == "2345__101_102"
+    assert safe_task_filename("img-7.v2") == "img-7.v2"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=0, max_size=200), st.text(min_size=0, max_size=200))
+def test_distinct_task_ids_get_distinct_safe_names(first, second):
+    name = safe_task_filename(first)
+    assert not set(name) & set("/\\\x00") and name not in (".", "..") and name.isascii()
+    if first != second:
+        assert name != safe_task_filename(second)

@@ -1,0 +1,410 @@
+"""train.py: the loop learns, resume is exact (also after SIGKILL), DDP keeps replicas identical, fine-tuning from
+a checkpoint, NaN stops, bad flags and unwritable output fail early, corrupt images are skipped and counted."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import Dataset
+
+import train
+from model import CLIPSeg
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--backbone=tiny", "--device=cpu", "--image-size=64", "--batch-size=4", "--num-workers=0", "--log-every=1"]
+
+
+def flags(tmp_path: Path, synthetic_root: Path, *extra: str) -> list[str]:
+    data = ["--data=synthetic", f"--data-root={synthetic_root}"]
+    return [*TINY, *data, f"--checkpoints-dir={tmp_path / 'ck'}", *extra]
+
+
+def run(argv: list[str], dataset: Dataset | None = None) -> train.Summary:
+    return train.train(train.parse_args(argv), dataset=dataset)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in train.read_log(run_dir / "log.jsonl") if "loss" in r]
+
+
+def decoder_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(run_dir / "model.safetensors").items() if k.startswith("decoder.")}
+
+
+def training_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "train_state.pt", weights_only=True)
+
+
+def subprocess_env(threads: int = 1) -> dict:
+    """CPU kernels may sum in another order with another thread count: a run continued in-process must use ours."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class SyntheticView(Dataset):
+    """The synthetic training set, with a hook called before each sample is read (the n-th call, from 1)."""
+
+    def __init__(self, root: Path, on_read=None, **kwargs):
+        import dataset
+
+        self.inner = dataset.build_dataset(
+            "synthetic", root, "train", train=True, image_size=64, negative_prob=0.2, **kwargs
+        )
+        self.on_read, self.reads = on_read, 0
+
+    def reseed(self, seed: int) -> None:
+        self.inner.reseed(seed)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> dict:
+        self.reads += 1
+        sample = self.inner[index]
+        return self.on_read(self.reads, sample) if self.on_read else sample
+
+
+# ------------------------------------------------------------------------------------------------ learning
+
+
+def test_loss_falls_and_run_directory_is_complete(tmp_path, synthetic_root):
+    summary = run(flags(tmp_path, synthetic_root, "--name=learn", "--max-iterations=40", "--ckpt=20", "--lr=3e-3"))
+    run_dir = tmp_path / "ck" / "learn"
+    curve = losses(run_dir)
+    assert len(curve) == 40 and summary.step == 40 and not summary.stopped_early
+    assert np.mean(curve[-5:]) < 0.6 * np.mean(curve[:5])
+    assert {"args.json", "config.json", "model.safetensors", "train_state.pt", "log.jsonl", "loss.png"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    assert Image.open(run_dir / "loss.png").format == "PNG"
+    assert json.loads((run_dir / "args.json").read_text())["max_iterations"] == 40
+    records = train.read_log(run_dir / "log.jsonl")
+    assert all({"step", "loss", "lr", "samples_per_s"} <= r.keys() for r in records if "loss" in r)
+    assert [r["lr"] for r in records if "loss" in r][-1] == pytest.approx(3e-4)  # cosine down to lr / 10
+    model = CLIPSeg.from_pretrained(run_dir)
+    assert model.config.image_size == 64
+    state = training_state(run_dir)
+    assert state["step"] == 40
+    for key, value in model.decoder.state_dict().items():
+        assert torch.equal(value, state["decoder"][key])
+
+
+def test_overfits_one_batch(tmp_path, synthetic_root):
+    import dataset
+
+    fixed = dataset.build_dataset("synthetic", synthetic_root, "train", train=False, image_size=64)
+    batch = [fixed[i] for i in range(4)]
+    for sample in batch:
+        sample["skipped"] = []
+        for key in ("original_size", "full_mask", "phrase_type", "n_instances", "image_path"):
+            del sample[key]
+
+    class OneBatch(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return batch[index]
+
+    argv = flags(tmp_path, synthetic_root, "--name=overfit", "--max-iterations=150", "--ckpt=150", "--lr=1e-2")
+    run([*argv, "--lrs=none", "--no-amp", "--refined"], dataset=OneBatch())
+    curve = losses(tmp_path / "ck" / "overfit")
+    assert curve[-1] < 0.25 * curve[0]
+    assert curve[-1] < 0.1
+
+
+def test_weight_decay_is_applied(tmp_path, synthetic_root):
+    norms = {}
+    for wd in ("0", "30"):
+        argv = flags(tmp_path, synthetic_root, f"--name=wd{wd}", "--max-iterations=3", f"--wd={wd}", "--lr=1e-2")
+        run(argv)
+        norms[wd] = sum(v.norm() ** 2 for v in decoder_weights(tmp_path / "ck" / f"wd{wd}").values())
+    # AdamW decoupled decay: each step multiplies the weights by (1 - lr * wd) = 0.7 on top of the Adam update.
+    assert norms["30"] < 0.6 * norms["0"]
+
+
+def test_mixed_text_and_visual_conditionals():
+    model = CLIPSeg.from_backbone("tiny")
+    model.text_cache = train.TextCache(100)
+    batch = {
+        "phrase": ["a photo of a red circle.", "blue square."],
+        "has_prompt_image": [False, True],
+        "prompt_image": torch.randn(2, 3, 64, 64),
+    }
+    torch.manual_seed(0)
+    mixed = train.conditionals(model, batch, mix=True, device=torch.device("cpu"))
+    text = model.embed_text(batch["phrase"])
+    visual = model.embed_images(batch["prompt_image"][1:])[0]
+    assert mixed.shape == (2, 64)
+    assert torch.allclose(mixed[0], text[0])  # no support image: w = 1
+    # The second is w * text + (1 - w) * visual with w in [0, 0.5]: solve for w along one coordinate.
+    w = (mixed[1] - visual) / (text[1] - visual)
+    assert 0 <= w[0] <= 0.5 and torch.allclose(w, w[0].expand_as(w), atol=1e-4)
+    assert set(model.text_cache) == set(batch["phrase"])  # each phrase, template included, is encoded once
+
+
+def test_mix_run_trains_with_visual_prompts(tmp_path, synthetic_root):
+    summary = run(flags(tmp_path, synthetic_root, "--name=mix", "--max-iterations=3", "--mix"))
+    assert summary.step == 3 and np.isfinite(summary.final_loss)
+
+
+def test_text_cache_is_bounded_and_keeps_the_batch():
+    cache = train.TextCache(4)
+    for phrase in "abcd":
+        cache[phrase] = torch.zeros(1)
+    cache.touch(["a", "b"])
+    cache["e"], cache["f"] = torch.zeros(1), torch.zeros(1)
+    assert list(cache) == ["a", "b", "e", "f"]
+
+
+# ------------------------------------------------------------------------------------------ sample stream
+
+
+def test_sampler_epochs_ranks_and_resume():
+    single = iter(train.InfiniteBatchSampler(10, 4, seed=3, start_step=0, world=train.Distributed()))
+    batches = [next(single) for _ in range(5)]
+    indices = [i for b in batches for i, _ in b]
+    assert sorted(indices[:10]) == list(range(10)) and sorted(indices[10:20]) == list(range(10))
+    assert indices[:10] != indices[10:20]  # a new permutation per epoch
+    ranks = [iter(train.InfiniteBatchSampler(10, 4, 3, 0, train.Distributed(r, 2, r))) for r in range(2)]
+    for batch in batches:
+        assert next(ranks[0]) + next(ranks[1]) == batch  # the global batch does not depend on the world size
+    resumed = iter(train.InfiniteBatchSampler(10, 4, seed=3, start_step=3, world=train.Distributed()))
+    assert [next(resumed) for _ in range(2)] == batches[3:]
+
+
+def test_learning_rate_schedule():
+    assert train.learning_rate_factor(0, 100, "cosine") == 1.0
+    assert train.learning_rate_factor(50, 100, "cosine") == pytest.approx(0.55)
+    assert train.learning_rate_factor(100, 100, "cosine") == pytest.approx(0.1)
+    assert train.learning_rate_factor(70, 100, "none") == 1.0
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, synthetic_root):
+    """An uninterrupted 12-iteration run."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    run(flags(tmp_path, synthetic_root, "--name=ref", "--max-iterations=12", "--ckpt=4"))
+    return tmp_path / "ck" / "ref"
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    ours, theirs = decoder_weights(run_dir), decoder_weights(reference)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    ours, theirs = training_state(run_dir), training_state(reference)
+    assert ours["step"] == theirs["step"]
+    for key, value in ours["optimizer"]["state"].items():
+        assert torch.equal(value["exp_avg_sq"], theirs["optimizer"]["state"][key]["exp_avg_sq"])
+    assert [r["step"] for r in train.read_log(run_dir / "log.jsonl") if "loss" in r] == list(range(1, 13))
+
+
+def test_ctrl_c_saves_and_resume_is_bitwise_exact(tmp_path, synthetic_root, reference):
+    def interrupt_in_iteration_7(reads, sample):
+        if reads == 6 * 4 + 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return sample
+
+    argv = flags(tmp_path, synthetic_root, "--name=ref", "--max-iterations=12", "--ckpt=4")
+    summary = run(argv, dataset=SyntheticView(synthetic_root, interrupt_in_iteration_7))
+    run_dir = tmp_path / "ck" / "ref"
+    assert summary.stopped_early and summary.step == 7
+    assert training_state(run_dir)["step"] == 7
+    assert train.main([*argv, "--resume"]) == 0
+    assert_same_run(run_dir, reference)
+
+
+def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path, synthetic_root, reference):
+    argv = flags(tmp_path, synthetic_root, "--name=ref", "--max-iterations=12", "--ckpt=1")
+    run_dir = tmp_path / "ck" / "ref"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *argv],
+        cwd=tmp_path,
+        env=subprocess_env(threads=torch.get_num_threads()),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        checkpoints = [r["step"] for r in train.read_log(run_dir / "log.jsonl") if r.get("checkpoint")]
+        if checkpoints and checkpoints[-1] >= 3:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    step = training_state(run_dir)["step"]
+    assert 3 <= step < 12
+    CLIPSeg.from_pretrained(run_dir)  # the checkpoint on disk is complete and loadable
+    assert train.main([*argv, "--resume"]) == 0
+    assert not list(run_dir.glob(".*.tmp"))
+    assert_same_run(run_dir, reference)
+
+
+def test_existing_run_and_conflicting_resume_flags_are_refused(tmp_path, synthetic_root, capsys):
+    argv = flags(tmp_path, synthetic_root, "--name=once", "--max-iterations=2")
+    run(argv)
+    with pytest.raises(train.TrainingError, match="already holds a run.*--resume"):
+        run(argv)
+    with pytest.raises(train.TrainingError, match=r"--lr=0.5 \(run has 0.001\)"):
+        run([*argv, "--resume", "--lr=0.5"])
+    assert train.main([*argv, "--resume"]) == 0  # already at --max-iterations: nothing to do
+    with pytest.raises(train.TrainingError, match="no checkpoint yet"):
+        run(flags(tmp_path, synthetic_root, "--name=never", "--resume"))
+
+
+# ----------------------------------------------------------------------------------------- multi-process
+
+
+def test_torchrun_two_processes_keep_identical_replicas(tmp_path, synthetic_root):
+    argv = flags(tmp_path, synthetic_root, "--name=ddp", "--max-iterations=3", "--ckpt=2")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*command, str(REPO / "train.py"), *argv],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "ck" / "ddp"
+    checkpoints = [r for r in train.read_log(run_dir / "log.jsonl") if r.get("checkpoint")]
+    assert [r["step"] for r in checkpoints] == [2, 3]
+    for record in checkpoints:
+        first, second = record["replica_checksums"]
+        assert first == second  # gradients were averaged: both ranks took the same steps
+    assert json.loads((run_dir / "args.json").read_text())["world_size"] == 2
+    assert result.stdout.count("finished at iteration 3/3") == 1  # only rank 0 reports (and writes)
+
+
+# ---------------------------------------------------------------------------------------------- fine-tune
+
+
+def write_user_folder(directory: Path, n: int = 6) -> Path:
+    """n 80x80 images with one coloured square each, and a JSONL index with polygon masks."""
+    directory.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        pixels = rng.integers(0, 60, size=(80, 80, 3), dtype=np.uint8)
+        x, y = (int(v) for v in rng.integers(5, 40, size=2))
+        colour, phrase = [((220, 30, 30), "red square"), ((30, 30, 220), "blue square")][i % 2]
+        pixels[y : y + 30, x : x + 30] = colour
+        Image.fromarray(pixels).save(directory / f"img{i}.png")
+        square = [[x, y], [x + 30, y], [x + 30, y + 30], [x, y + 30]]
+        lines.append(json.dumps({"image": f"img{i}.png", "phrase": phrase, "mask": [square]}))
+    index = directory / "index.jsonl"
+    index.write_text("\n".join(lines) + "\n")
+    return index
+
+
+def test_finetune_from_saved_checkpoint_on_user_folder(tmp_path):
+    torch.manual_seed(0)
+    start = CLIPSeg.from_backbone("tiny", image_size=64).save_pretrained(tmp_path / "start")
+    index = write_user_folder(tmp_path / "mine")
+    argv = [*TINY, f"--checkpoints-dir={tmp_path / 'ck'}", "--name=ft", "--data=folder", f"--data-root={index}"]
+    argv = [a for a in argv if a != "--backbone=tiny"] + [f"--init={start}", "--max-iterations=4"]
+    assert train.main(argv) == 0
+    tuned, initial = CLIPSeg.from_pretrained(tmp_path / "ck" / "ft"), CLIPSeg.from_pretrained(start)
+    for (name, after), before in zip(tuned.state_dict().items(), initial.state_dict().values()):
+        assert torch.equal(after, before) == (not name.startswith("decoder.")), name  # only the decoder trained
+
+
+# ----------------------------------------------------------------------------------------------- failures
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_root):
+    def poison_iteration_4(reads, sample):
+        if reads > 3 * 4:
+            sample["pixel_values"] = torch.full_like(sample["pixel_values"], float("nan"))
+        return sample
+
+    argv = flags(tmp_path, synthetic_root, "--name=nan", "--max-iterations=10", "--ckpt=2")
+    with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss at iteration 4 .*checkpoint \(iteration 2\)"):
+        run(argv, dataset=SyntheticView(synthetic_root, poison_iteration_4))
+    run_dir = tmp_path / "ck" / "nan"
+    state = training_state(run_dir)
+    assert state["step"] == 2
+    for key, value in decoder_weights(run_dir).items():
+        assert torch.equal(value, state["decoder"][key.removeprefix("decoder.")])
+        assert torch.isfinite(value).all()
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--batch-size=0", "--batch-size: must be a positive integer"),
+        ("--lr=-1", "--lr/--learning-rate: must be a positive number"),
+        ("--negative-prob=1.5", "--negative-prob: must be a probability"),
+        ("--image-size=100", "--image-size: must be a multiple of 16"),
+        ("--lrs=linear", "--lrs: invalid choice"),
+        ("--data=coco", "--data: invalid choice"),
+        ("--name=../escape", "--name: must be a plain directory name"),
+        ("--extract-layers=6,3", "--extract-layers: must be strictly increasing"),
+        ("--wd=nan", "--wd: must be a number >= 0"),
+        ("--data=folder", "--data=folder needs --data-root"),
+    ],
+)
+def test_invalid_flags_are_argparse_errors(flag, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args([flag])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for action in train.build_parser()._actions:
+        assert action.help, action.dest
+    for flag in ("--batch-size", "--resume", "--init", "--mix", "--amp", "--no-amp", "--learning-rate", "--wd"):
+        assert flag in text
+
+
+def test_unwritable_or_full_output_fails_before_training(tmp_path, synthetic_root, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    argv = [*flags(tmp_path, synthetic_root, "--name=x"), f"--checkpoints-dir={blocker}"]
+    with pytest.raises(train.TrainingError, match=f"cannot write to {blocker}/x"):
+        run(argv)
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 10**5))
+    with pytest.raises(train.TrainingError, match="not enough disk space"):
+        run(flags(tmp_path, synthetic_root, "--name=full"))
+    assert not (tmp_path / "ck" / "full" / "log.jsonl").exists()
+
+
+def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, synthetic_root, capsys):
+    root = tmp_path / "damaged"
+    shutil.copytree(synthetic_root, root)
+    tasks = json.loads((root / "data/VGPhraseCut_v0/refer_train.json").read_text())
+    image_ids = sorted({t["image_id"] for t in tasks})
+    broken = set(image_ids[::10])
+    for image_id in broken:
+        (root / f"data/VGPhraseCut_v0/images/{image_id}.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    bad_tasks = sum(t["image_id"] in broken for t in tasks)
+    assert 0.05 <= bad_tasks / len(tasks) <= 0.2
+    with pytest.warns(UserWarning, match="skipped task"):
+        summary = run(flags(tmp_path, root, "--name=soak", "--max-iterations=20"))
+    assert summary.step == 20 and np.isfinite(summary.final_loss)
+    assert summary.skipped > 0 and sum(summary.skip_reasons.values()) == summary.skipped
+    assert all("cannot decode" in reason for reason in summary.skip_reasons)
+    assert f"{summary.skipped} sample(s) skipped" in capsys.readouterr().out
+    records = [r for r in train.read_log(tmp_path / "ck" / "soak" / "log.jsonl") if "loss" in r]
+    assert records[-1]["skipped"] == summary.skipped
