@@ -349,8 +349,20 @@ def build_loader(dataset: Dataset, sampler: InfiniteBatchSampler, num_workers: i
         collate_fn=datasets.collate,
         pin_memory=pin,
         worker_init_fn=worker_init if num_workers else None,
-        persistent_workers=num_workers > 0,
     )
+
+
+@contextlib.contextmanager
+def batches_from(loader: DataLoader) -> Iterator[Iterator[dict]]:
+    """Iterate the loader and stop its workers on the way out. Left to interpreter exit, the workers (which
+    ignore SIGTERM, see worker_init) would make multiprocessing's exit handler wait for them forever."""
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # only the multi-process iterator has workers
+        if shutdown is not None:
+            shutdown()
 
 
 def build_training_set(args: argparse.Namespace) -> Dataset:
@@ -738,7 +750,8 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
     if start_step >= args.max_iterations:
         print(f"{files.dir} is already at iteration {start_step}: raise --max-iterations to train longer")
     try:
-        return loop.run(iter(loader), start_step)
+        with batches_from(loader) as batches:
+            return loop.run(batches, start_step)
     finally:
         if world.enabled:
             dist.destroy_process_group()

@@ -256,6 +256,20 @@ def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path, synthetic
     assert_same_run(run_dir, reference)
 
 
+def test_run_with_loader_workers_exits_when_done(tmp_path, synthetic_root):
+    argv = [*flags(tmp_path, synthetic_root, "--name=workers", "--max-iterations=3"), "--num-workers=2"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *argv],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,  # workers left running used to block the interpreter's exit forever
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "finished at iteration 3/3" in result.stdout
+
+
 def test_existing_run_and_conflicting_resume_flags_are_refused(tmp_path, synthetic_root, capsys):
     argv = flags(tmp_path, synthetic_root, "--name=once", "--max-iterations=2")
     run(argv)
