@@ -420,13 +420,15 @@ class CLIPSeg(nn.Module):
 
     @torch.no_grad()
     def embed_text(self, phrases: Sequence[str]) -> Tensor:
-        """Phrases -> (K, 512) text embeddings. With `text_cache` enabled ({}), each phrase is encoded once."""
+        """Phrases -> (K, 512) text embeddings. With `text_cache` enabled ({}), each phrase is encoded once.
+
+        A phrase new to the cache is encoded on its own, not batched with the others: a batch's shape changes the
+        summation order of the CPU kernels, so a batched embedding would depend on which phrases happened to
+        share its batch, and a resumed run (empty cache) would drift from an uninterrupted one."""
         if self.text_cache is None:
             return self.embed_token_ids(*self.tokenize(phrases))
-        new = list(dict.fromkeys(p for p in phrases if p not in self.text_cache))
-        if new:
-            for phrase, embedding in zip(new, self.embed_token_ids(*self.tokenize(new))):
-                self.text_cache[phrase] = embedding
+        for phrase in dict.fromkeys(p for p in phrases if p not in self.text_cache):
+            self.text_cache[phrase] = self.embed_token_ids(*self.tokenize([phrase]))[0]
         return torch.stack([self.text_cache[p] for p in phrases])
 
     @torch.no_grad()

@@ -316,6 +316,18 @@ def test_text_cache_returns_the_same_embeddings(tiny):
         tiny.text_cache = None
 
 
+def test_cached_embedding_does_not_depend_on_the_phrases_it_was_batched_with(tiny):
+    """Resume starts with an empty cache and sees phrases in other company: the embedding must be bitwise equal."""
+    embeddings = []
+    for batch in (PHRASES, ["a much longer phrase about a cat sitting on a red sofa", PHRASES[0]]):
+        tiny.text_cache = {}
+        try:
+            embeddings.append(tiny.embed_text(batch)[batch.index(PHRASES[0])])
+        finally:
+            tiny.text_cache = None
+    assert torch.equal(*embeddings)
+
+
 def test_real_clip_tokenizer_offline():
     tokenizer = load_tokenizer()
     assert len(tokenizer) == 49408
