@@ -24,6 +24,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -792,3 +793,31 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16, AMX, or oneDNN's AVX512 path)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def amp_dtype(device: str | torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype for `device`: bf16 where it is native (GPUs with bf16, CPUs with native bf16),
+    fp16 on older GPUs (training then needs a gradient scaler), None (stay in fp32) elsewhere. On a CPU without
+    native bf16 PyTorch emulates it: on an AVX2 EPYC a bf16 linear layer ran 8x slower than fp32 and a training
+    step of the demo 5.6x slower, so mixed precision would only cost time there."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: str | torch.device, enabled: bool = True) -> AbstractContextManager:
+    """`torch.autocast` in `amp_dtype(device)`; a no-op when not enabled or when fp32 is the better choice."""
+    device = torch.device(device)
+    dtype = amp_dtype(device) if enabled else None
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()

@@ -33,7 +33,6 @@ import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dataset import UnreadableImage, open_rgb
-from model import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, CLIPSeg, ImageFeatures, visual_prompt
+from model import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, CLIPSeg, ImageFeatures, autocast, visual_prompt
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 MAX_ASPECT = 3  # native-aspect inference caps the long side at this multiple of the short side
@@ -160,7 +159,8 @@ class Predictor:
 
     model: a `CLIPSeg` (put in eval mode; moved to `device` when given). image_size: the short side the model
     sees (default `model.config.image_size`), a multiple of 16. square: squash to image_size x image_size instead
-    of keeping the aspect. amp: bf16 autocast (float16 on GPUs without bf16) for the image encoder and decoder.
+    of keeping the aspect. amp: mixed precision for the image encoder and decoder (`model.amp_dtype`: bf16; fp16
+    on GPUs without bf16; fp32 on CPUs without native bf16).
     The model's text cache is switched on, so each phrase is encoded once.
     """
 
@@ -265,22 +265,16 @@ class Predictor:
             raise ValueError("no prompt given: pass phrases, prompt_images or support")
         return torch.cat(parts)
 
-    def _autocast(self):
-        if not self.amp:
-            return nullcontext()
-        bf16 = self.device.type == "cpu" or (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
-
     @torch.no_grad()
     def _encode(self, rgbs: list[Image.Image], size: tuple[int, int]) -> ImageFeatures:
         pixels = torch.stack([to_pixel_values(rgb, size) for rgb in rgbs]).to(self.device)
-        with self._autocast():
+        with autocast(self.device, self.amp):
             return self.model.encode_image(pixels)
 
     @torch.no_grad()
     def _decode(self, features: ImageFeatures, conditional: Tensor, original_size: tuple[int, int]) -> np.ndarray:
         """One image's features (batch 1) x (K, 512) -> (K, H0, W0) probabilities at `original_size` = (W0, H0)."""
-        with self._autocast():
+        with autocast(self.device, self.amp):
             logits = self.model.decode(features, conditional.to(self.device))
         width, height = original_size
         logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
@@ -520,7 +514,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu)",
     )
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CPU, and GPUs with bf16; else fp16)")
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs; "
+        "fp32 on CPUs without native bf16, where bf16 is emulated and slower",
+    )
     args = parser.parse_args(argv)
     if not args.prompt and not args.visual_prompt:
         parser.error("give at least one --prompt or --visual-prompt")

@@ -23,7 +23,6 @@ import sys
 import time
 import unicodedata
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from tqdm import tqdm
 
 import dataset as datasets
 from metrics import PAPER_THRESHOLDS, PaperMetrics, PhraseCutMetrics
-from model import PATCH_SIZE, CLIPSeg
+from model import PATCH_SIZE, CLIPSeg, autocast
 
 CHECKPOINTS_DIR = Path("checkpoints")
 DEFAULT_THRESHOLD = 0.3
@@ -135,7 +134,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device, e.g. cpu, cuda:0 (default %(default)s)",
     )
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CPU, and GPUs with bf16; else fp16)")
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs; "
+        "fp32 on CPUs without native bf16, where bf16 is emulated and slower",
+    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -165,14 +169,6 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--num-workers must be 0 or more")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU and on GPUs that support it, fp16 on other GPUs; a no-op when not enabled."""
-    if not enabled:
-        return nullcontext()
-    bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
 
 
 # ------------------------------------------------------------------------------------------------ inference

@@ -362,3 +362,16 @@ def test_visual_prompt_of_empty_mask_is_the_whole_image():
     assert torch.equal(prompt[:, 16:48], image) and torch.equal(prompt[:, :16], torch.zeros(3, 16, 64))
     with pytest.raises(ValueError, match="must match"):
         visual_prompt(image, torch.zeros(10, 10))
+
+
+def test_amp_dtype_is_bf16_only_where_native(monkeypatch):
+    import model
+
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: True)
+    assert model.amp_dtype("cpu") == torch.bfloat16
+    with model.autocast("cpu"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: False)
+    assert model.amp_dtype("cpu") is None
+    with model.autocast("cpu"):
+        assert not torch.is_autocast_enabled("cpu")

@@ -256,6 +256,44 @@ def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path, synthetic
     assert_same_run(run_dir, reference)
 
 
+KILL_AT_RENAME = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+target, kill_at = sys.argv[2], int(sys.argv[3])
+import train
+real_replace, renames = os.replace, []
+def replace(src, dst):
+    if os.path.basename(dst) == target:
+        renames.append(dst)
+        if len(renames) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # the temp file is written, the rename not yet done
+    return real_replace(src, dst)
+os.replace = replace
+sys.exit(train.main(sys.argv[4:]))
+"""
+
+
+@pytest.mark.parametrize("target", ["model.safetensors", "train_state.pt"])
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, synthetic_root, reference, target):
+    argv = flags(tmp_path, synthetic_root, "--name=ref", "--max-iterations=12", "--ckpt=4")
+    result = subprocess.run(
+        [sys.executable, "-c", KILL_AT_RENAME, str(REPO), target, "2", *argv],
+        cwd=tmp_path,
+        env=subprocess_env(threads=torch.get_num_threads()),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    run_dir = tmp_path / "ck" / "ref"
+    assert list(run_dir.glob(f".{target}.*.tmp"))  # killed mid-write: the new file never replaced the old one
+    assert training_state(run_dir)["step"] == 4  # the checkpoint before the interrupted one
+    CLIPSeg.from_pretrained(run_dir)
+    assert train.main([*argv, "--resume"]) == 0
+    assert not list(run_dir.glob(".*.tmp"))
+    assert_same_run(run_dir, reference)
+
+
 def test_run_with_loader_workers_exits_when_done(tmp_path, synthetic_root):
     argv = [*flags(tmp_path, synthetic_root, "--name=workers", "--max-iterations=3"), "--num-workers=2"]
     result = subprocess.run(
@@ -358,6 +396,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_r
     for key, value in decoder_weights(run_dir).items():
         assert torch.equal(value, state["decoder"][key.removeprefix("decoder.")])
         assert torch.isfinite(value).all()
+
+
+def test_fp16_overflow_is_skipped_by_the_gradient_scaler(tmp_path, synthetic_root, monkeypatch):
+    """GPUs without bf16 train in fp16 with a GradScaler: a step whose fp16 gradients overflow is skipped (weights
+    untouched) and the scale is lowered until the steps fit. Forced on the CPU with an absurd initial scale."""
+    monkeypatch.setattr(train, "amp_dtype", lambda device, amp: torch.float16 if amp else None)
+    real_scaler = torch.amp.GradScaler
+    monkeypatch.setattr(train.torch.amp, "GradScaler", lambda *a, **k: real_scaler(*a, **k, init_scale=2.0**40))
+    argv = flags(tmp_path, synthetic_root, "--name=fp16", "--max-iterations=3")
+    initial = train.build_model(train.parse_args(argv)).decoder.state_dict()
+    summary = run(argv)
+    run_dir = tmp_path / "ck" / "fp16"
+    assert summary.step == 3 and np.isfinite(summary.final_loss)
+    assert training_state(run_dir)["scaler"]["scale"] == 2.0**37  # three overflows, three halvings
+    for key, value in decoder_weights(run_dir).items():
+        assert torch.equal(value, initial[key.removeprefix("decoder.")]), key  # overflowed steps never applied
+
+    argv = flags(tmp_path, synthetic_root, "--name=fp16-long", "--max-iterations=40", "--lr=3e-3")
+    summary = run(argv)
+    assert training_state(tmp_path / "ck" / "fp16-long")["scaler"]["scale"] <= 2.0**20  # lowered until steps fit
+    trained = decoder_weights(tmp_path / "ck" / "fp16-long")
+    assert all(torch.isfinite(value).all() for value in trained.values()) and np.isfinite(summary.final_loss)
+    assert not torch.equal(trained["decoder.film_mul.weight"], initial["film_mul.weight"])  # later steps applied
 
 
 @pytest.mark.parametrize(
