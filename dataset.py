@@ -66,6 +66,7 @@ CROP_MIN_KEPT = 0.05
 MAX_CONSECUTIVE_SKIPS = 50
 INDEX_VERSION = 1
 MAX_IMAGE_PIXELS = 8192 * 8192
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how the camera was turned
 DOWNLOAD_HINT = (
     "Get PhraseCut with its official download script (about 75k Visual Genome images, ~20 GB): "
     "`git clone https://github.com/ChenyunWu/PhraseCutDataset && cd PhraseCutDataset && python download_dataset.py`, "
@@ -98,7 +99,8 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise UnreadableImage(path, f"too large ({image.width}x{image.height} > {MAX_IMAGE_PIXELS} pixels)")
             image.load()
-            image = ImageOps.exif_transpose(image)
+            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even upright images
+                image = ImageOps.exif_transpose(image)
             if image.mode.startswith("I"):
                 image = _sixteen_bit_to_l(image)
             if image.mode == "P":
@@ -132,7 +134,7 @@ def upright_size(path: str | os.PathLike) -> tuple[int, int] | None:
     try:
         with Image.open(path) as image:
             width, height = image.size
-            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
                 width, height = height, width
             return width, height
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):

@@ -254,6 +254,33 @@ def test_unreadable_images_are_counted_and_listed_not_silently_dropped(checkpoin
     assert f"{len(bad_tasks)} skipped" in capsys.readouterr().out
 
 
+def test_a_tenth_of_the_images_corrupt_scores_the_same_as_the_clean_rest(checkpoints, synthetic_root, tmp_path):
+    """Soak: skipped samples are reported and leave the scores of the others exactly as without them."""
+    damaged, clean = tmp_path / "damaged", tmp_path / "clean"
+    for root in (damaged, clean):
+        shutil.copytree(synthetic_root, root, ignore=shutil.ignore_patterns(".clipseg_index"))
+    refer = "data/VGPhraseCut_v0/refer_train.json"
+    tasks = json.loads((damaged / refer).read_text())
+    broken = sorted({t["image_id"] for t in tasks})[::10]
+    for image_id in broken:
+        (damaged / f"data/VGPhraseCut_v0/images/{image_id}.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut off")
+    survivors = [t for t in tasks if t["image_id"] not in broken]
+    (clean / refer).write_text(json.dumps(survivors))
+    assert 0.05 <= 1 - len(survivors) / len(tasks) <= 0.2
+
+    def scores(root: Path) -> dict:
+        args = ["demo", "--checkpoints-dir", str(checkpoints), "--data", "synthetic", "--data-root", str(root)]
+        return main([*args, "--split", "train", "--batch-size", "1", "--num-workers", "0", "--out", str(root / "s")])
+
+    with pytest.warns(UserWarning, match="skipped task"):
+        with_broken = scores(damaged)
+    without = scores(clean)
+    assert with_broken["skipped"]["count"] == len(tasks) - len(survivors) and without["skipped"]["count"] == 0
+    assert with_broken["n_samples"] == without["n_samples"] == len(survivors)
+    assert with_broken["paper"] == without["paper"]
+    assert with_broken["phrasecut"] == without["phrasecut"]
+
+
 def test_missing_run_lists_the_available_runs(checkpoints, capsys):
     with pytest.raises(SystemExit, match="demo"):
         main(["nope", "--checkpoints-dir", str(checkpoints), "--data", "synthetic"])

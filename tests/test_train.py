@@ -183,6 +183,14 @@ def test_sampler_epochs_ranks_and_resume():
     assert [next(resumed) for _ in range(2)] == batches[3:]
 
 
+def test_dropout_flag_reaches_every_decoder_dropout(tmp_path, synthetic_root):
+    for rate in (0.0, 0.3):
+        model = train.build_model(train.parse_args(flags(tmp_path, synthetic_root, f"--dropout={rate}")))
+        assert model.config.dropout == rate
+        assert {m.p for m in model.decoder.modules() if isinstance(m, torch.nn.Dropout)} == {rate}
+        assert {layer.self_attn.dropout for layer in model.decoder.layers} == {rate}
+
+
 def test_learning_rate_schedule():
     assert train.learning_rate_factor(0, 100, "cosine") == 1.0
     assert train.learning_rate_factor(50, 100, "cosine") == pytest.approx(0.55)
@@ -434,6 +442,7 @@ def test_fp16_overflow_is_skipped_by_the_gradient_scaler(tmp_path, synthetic_roo
         ("--extract-layers=6,3", "--extract-layers: must be strictly increasing"),
         ("--wd=nan", "--wd: must be a number >= 0"),
         ("--data=folder", "--data=folder needs --data-root"),
+        ("--dropout=1", "--dropout: must be in [0, 1)"),
     ],
 )
 def test_invalid_flags_are_argparse_errors(flag, message, capsys):
