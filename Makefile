@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 # The demo: a tiny random-CLIP model trained on generated PhraseCut-format data, on the CPU (README, "The demo").
 DEMO_DATA ?= synthetic_phrasecut
 DEMO_IMAGES ?= 1500
-DEMO_TRAIN ?= --backbone=tiny --device=cpu --image-size=128 --batch-size=32 --max-iterations=2500 --ckpt=500 \
+DEMO_TRAIN ?= --backbone=tiny --device=cpu --image-size=128 --batch-size=32 --max-iterations=3600 --ckpt=500 \
 	--num-workers=1 --refined --reduce-dim=64 --lr=3e-3 --dropout=0
 DEMO_EVAL ?= --data=synthetic --data-root=$(DEMO_DATA) --device=cpu --num-workers=1
 
