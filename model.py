@@ -816,6 +816,12 @@ def amp_dtype(device: str | torch.device) -> torch.dtype | None:
     return None
 
 
+AMP_HELP = (
+    "mixed precision: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs; fp32 on CPUs without native "
+    "bf16, where bf16 is emulated and slower"
+)
+
+
 def autocast(device: str | torch.device, enabled: bool = True) -> AbstractContextManager:
     """`torch.autocast` in `amp_dtype(device)`; a no-op when not enabled or when fp32 is the better choice."""
     device = torch.device(device)

@@ -45,7 +45,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dataset import UnreadableImage, open_rgb
-from model import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, CLIPSeg, ImageFeatures, autocast, visual_prompt
+from model import AMP_HELP, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, CLIPSeg, ImageFeatures, autocast, visual_prompt
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 MAX_ASPECT = 3  # native-aspect inference caps the long side at this multiple of the short side
@@ -517,8 +517,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--amp",
         action="store_true",
-        help="mixed precision: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs; "
-        "fp32 on CPUs without native bf16, where bf16 is emulated and slower",
+        help=AMP_HELP,
     )
     args = parser.parse_args(argv)
     if not args.prompt and not args.visual_prompt:

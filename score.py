@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import dataset as datasets
 from metrics import PAPER_THRESHOLDS, PaperMetrics, PhraseCutMetrics
-from model import PATCH_SIZE, CLIPSeg, autocast
+from model import AMP_HELP, PATCH_SIZE, CLIPSeg, autocast
 
 CHECKPOINTS_DIR = Path("checkpoints")
 DEFAULT_THRESHOLD = 0.3
@@ -137,8 +137,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--amp",
         action="store_true",
-        help="mixed precision: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs; "
-        "fp32 on CPUs without native bf16, where bf16 is emulated and slower",
+        help=AMP_HELP,
     )
 
 
