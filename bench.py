@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch import nn
 
-from model import CLIPSeg, CLIPSegConfig, amp_dtype
+from model import CLIPSeg, CLIPSegConfig, RefinedHead, amp_dtype
 
 PHRASES = [
     "a red car on the left",
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="also torch.compile our model (GPU runs)")
     parser.add_argument("--skip-train", action="store_true", help="skip the training-step comparison")
     parser.add_argument("--skip-data", action="store_true", help="skip the data pipeline measurement")
+    parser.add_argument("--only-head", action="store_true", help="only the refined-head comparison")
     parser.add_argument("--out", default="bench_results.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
     if args.threads:
@@ -127,6 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
         "image_size": size,
         "repeats": repeats,
     }
+    results["refined_head"] = refined_head_comparison(device, size, repeats)
+    if args.only_head:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        return results
     native = native_bf16(device)
     bf16_side = 2048 if native else 512  # emulated bf16: a 2048^3 matmul takes about a minute
     results["native_bf16"] = native
@@ -211,6 +217,38 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
     return results
+
+
+def refined_head_comparison(device: str, size: int, repeats: int, batch: int = 32) -> dict:
+    """Our refined head (transposed convolutions as matrix products) against the same weights run layer by layer
+    through nn.Conv2d / nn.ConvTranspose2d, on a (batch, 64, size/16, size/16) input: inference and training."""
+    head = RefinedHead(64).to(device)
+    grid = torch.randn(batch, 64, size // 16, size // 16, device=device, requires_grad=True)
+    upstream = torch.randn(batch, 1, size, size, device=device)
+
+    def infer(forward):
+        with torch.inference_mode():
+            return _sync(device, forward(head, grid))
+
+    def train(forward):
+        forward(head, grid).backward(upstream)
+        return _sync(device, grid.grad)
+
+    result = {"batch": batch, "size": size}
+    for mode, run in (("inference", infer), ("training", train)):
+        timing = interleaved(
+            {"ours": lambda r=run: r(RefinedHead.forward), "layers": lambda r=run: r(nn.Sequential.forward)}, repeats
+        )
+        result[mode] = {
+            "ours_s": timing["ours"],
+            "layers_s": timing["layers"],
+            "speedup": timing["layers"] / timing["ours"],
+        }
+        print(
+            f"refined head, batch {batch} at {size} px, {mode:9s}: ours {timing['ours'] * 1e3:6.1f} ms, "
+            f"layer by layer {timing['layers'] * 1e3:6.1f} ms, speedup {result[mode]['speedup']:.2f}x"
+        )
+    return result
 
 
 def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int) -> dict:

@@ -14,6 +14,7 @@ from model import (
     CLIPSeg,
     CLIPSegConfig,
     CLIPSegDecoder,
+    RefinedHead,
     count_parameters,
     load_tokenizer,
     tiny_config,
@@ -277,6 +278,21 @@ def test_rectangular_input_and_batch_of_one(tiny):
     assert logits.shape == (1, 1, 352, 512)
     with pytest.raises(ValueError, match="multiple of 16"):
         tiny(torch.randn(1, 3, 100, 64), ["a cat"])
+
+
+def test_refined_head_matmuls_equal_the_convolutions_forward_and_backward():
+    torch.manual_seed(0)
+    head = RefinedHead(16)
+    x = torch.randn(3, 16, 2, 5, requires_grad=True)
+    ours = head(x)
+    assert ours.shape == (3, 1, 32, 80)
+    convolutions = torch.nn.Sequential.forward(head, x)  # the plain layer-by-layer path
+    torch.testing.assert_close(ours, convolutions, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, [x, *head.parameters()], upstream)
+    reference_grads = torch.autograd.grad(convolutions, [x, *head.parameters()], upstream)
+    for got, expected in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_prompt_arguments_are_validated(tiny):
