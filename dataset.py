@@ -89,28 +89,31 @@ class UnreadableImage(Exception):
         self.path, self.reason = str(path), reason
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
+def open_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
     """Open an image as upright RGB: EXIF rotation applied; grayscale (8 and 16 bit), palette, CMYK and alpha
-    converted (transparent pixels composited on black). Raises `UnreadableImage` with the reason."""
+    converted (transparent pixels composited on black). Raises `UnreadableImage` with the reason.
+
+    With `min_side`, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (the decoder's DCT scaling, several times
+    faster) as long as its shorter side stays >= min_side. `image.info["full_size"]` is always the upright
+    (width, height) at full scale, the size annotations refer to."""
     try:
         if os.path.getsize(path) == 0:
             raise UnreadableImage(path, "empty file")
         with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise UnreadableImage(path, f"too large ({image.width}x{image.height} > {MAX_IMAGE_PIXELS} pixels)")
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise UnreadableImage(path, f"too large ({width}x{height} > {MAX_IMAGE_PIXELS} pixels)")
+            if min_side is not None and image.format == "JPEG" and min(width, height) >= 2 * min_side:
+                scale = min_side / min(width, height)
+                image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
             image.load()
             if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even upright images
+                if image.getexif()[EXIF_ORIENTATION] in (5, 6, 7, 8):
+                    width, height = height, width
                 image = ImageOps.exif_transpose(image)
-            if image.mode.startswith("I"):
-                image = _sixteen_bit_to_l(image)
-            if image.mode == "P":
-                image = image.convert("RGBA")
-            if image.mode in ("RGBA", "LA", "PA"):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGB", image.size)
-                background.paste(rgba, mask=rgba.getchannel("A"))
-                return background
-            return image.convert("RGB")
+            rgb = _to_rgb(image)
+            rgb.info["full_size"] = (width, height)
+            return rgb
     except UnreadableImage:
         raise
     except FileNotFoundError as err:
@@ -119,6 +122,19 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         raise UnreadableImage(path, f"too large ({err})") from err
     except (OSError, ValueError, SyntaxError) as err:
         raise UnreadableImage(path, f"cannot decode ({err})") from err
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I"):
+        image = _sixteen_bit_to_l(image)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", image.size)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
 
 
 def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
@@ -275,13 +291,16 @@ class SegmentationData(Dataset):
         visual_support: bool,
         templates: bool,
         seed: int,
+        whole_image_prob: float = 0.0,
     ):
-        if not 0.0 <= negative_prob <= 1.0:
-            raise ValueError(f"negative_prob must be in [0, 1], got {negative_prob}")
+        for name, value in (("negative_prob", negative_prob), ("whole_image_prob", whole_image_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.train, self.image_size, self.negative_prob = train, image_size, negative_prob
         self.visual_support, self.templates, self.seed = visual_support, templates, seed
+        self.whole_image_prob = whole_image_prob
         self.excluded: list[tuple[str, str]] = []
         self._stream: np.random.Generator | None = None
         self._stream_key: object = None
@@ -356,22 +375,32 @@ class SegmentationData(Dataset):
     def _read(self, index: int, rng: np.random.Generator) -> tuple[TaskInfo, Image.Image, np.ndarray, tuple]:
         """Open a task's image and mask; returns (info, image, full mask, crop box). Raises SkipTask."""
         info = self.task_info(index)
-        try:
-            image = open_rgb(info.image_path)
+        try:  # training crops are resized to image_size anyway: decoding at a reduced scale is enough
+            image = open_rgb(info.image_path, min_side=self.image_size if self.train else None)
         except UnreadableImage as err:
             raise SkipTask(str(err)) from err
-        if info.annotation_size is not None and image.size != tuple(info.annotation_size):
+        width, height = image.info["full_size"]
+        if info.annotation_size is not None and (width, height) != tuple(info.annotation_size):
             raise SkipTask(
-                f"{info.image_path} is {image.width}x{image.height} but its annotations are for "
+                f"{info.image_path} is {width}x{height} but its annotations are for "
                 f"{info.annotation_size[0]}x{info.annotation_size[1]}"
             )
-        mask = self._load_mask(index, image.height, image.width)
-        if self.train:
+        mask = self._load_mask(index, height, width)
+        if self.train and not (self.whole_image_prob > 0 and rng.random() < self.whole_image_prob):
             left, top, side = object_aware_crop(mask, rng)
             box = (left, top, left + side, top + side)
         else:
-            box = (0, 0, image.width, image.height)
+            box = (0, 0, width, height)
         return info, image, mask, box
+
+    def _pixels(self, image: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
+        """(3, S, S) normalised pixels of `box` (full-scale coordinates) of a possibly reduced-scale image."""
+        width, height = image.info["full_size"]
+        x_scale, y_scale = image.width / width, image.height / height
+        left, top, right, bottom = box
+        scaled = (left * x_scale, top * y_scale, min(right * x_scale, image.width), min(bottom * y_scale, image.height))
+        size = self.image_size
+        return to_pixel_values(image.resize((size, size), Image.BILINEAR, box=scaled))
 
     def _sample(self, index: int) -> dict:
         rng = self._rng(index)
@@ -379,7 +408,7 @@ class SegmentationData(Dataset):
         if self.train and not mask.any():
             raise SkipTask("no ground-truth pixel lies inside the image")
         size = self.image_size
-        pixel_values = to_pixel_values(image.resize((size, size), Image.BILINEAR, box=box))
+        pixel_values = self._pixels(image, box)
         target = resize_mask(mask, (size, size), box)
         phrase_id = int(self._phrase_ids[index])
         negative = bool(self.negative_prob > 0 and rng.random() < self.negative_prob)
@@ -400,7 +429,7 @@ class SegmentationData(Dataset):
             sample["prompt_image"] = prompt if prompt is not None else torch.zeros(3, size, size)
         if not self.train:
             sample.update(
-                original_size=(image.height, image.width),
+                original_size=tuple(mask.shape),
                 full_mask=np.zeros_like(mask) if negative else mask,
                 phrase_type=info.phrase_type,
                 n_instances=info.n_instances,
@@ -428,7 +457,7 @@ class SegmentationData(Dataset):
             except SkipTask:
                 continue
             size = self.image_size
-            pixels = to_pixel_values(image.resize((size, size), Image.BILINEAR, box=box))
+            pixels = self._pixels(image, box)
             support_mask = torch.from_numpy(resize_mask(mask, (size, size), box))
             return visual_prompt(pixels, support_mask, size=size)
         return None
@@ -778,6 +807,7 @@ class PhraseCut(SegmentationData):
         visual_support: bool = False,
         templates: bool = False,
         seed: int = 0,
+        whole_image_prob: float = 0.0,
         limit: int | None = None,
         cache_dir: str | os.PathLike | None = None,
     ):
@@ -788,6 +818,7 @@ class PhraseCut(SegmentationData):
             visual_support=visual_support,
             templates=templates,
             seed=seed,
+            whole_image_prob=whole_image_prob,
         )
         parts = COMBINED_SPLITS.get(split, (split,))
         if any(part not in SPLITS for part in parts):
@@ -914,6 +945,7 @@ class UserFolder(SegmentationData):
         visual_support: bool = False,
         templates: bool = False,
         seed: int = 0,
+        whole_image_prob: float = 0.0,
         limit: int | None = None,
         split: str | None = None,
     ):
@@ -924,6 +956,7 @@ class UserFolder(SegmentationData):
             visual_support=visual_support,
             templates=templates,
             seed=seed,
+            whole_image_prob=whole_image_prob,
         )
         self.index_file = Path(index_file)
         records = [

@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=image_size, default=352, help="training resolution (multiple of 16)")
     data.add_argument("--negative-prob", type=probability, default=0.2, help="share of negatives (other phrase)")
     data.add_argument(
+        "--whole-image-prob",
+        type=probability,
+        default=0.0,
+        help="share of samples that show the whole image squashed to --image-size, as scoring does, instead of the "
+        "recipe's object-aware square crop (default 0: the released recipe)",
+    )
+    data.add_argument(
         "--mix", action="store_true", help="PC+: mix text with visual-prompt embeddings, use the 9 prompt templates"
     )
     data.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader worker processes")
@@ -417,6 +424,7 @@ def build_training_set(args: argparse.Namespace) -> Dataset:
         train=True,
         image_size=args.image_size,
         negative_prob=args.negative_prob,
+        whole_image_prob=args.whole_image_prob,
         visual_support=args.mix,
         templates=args.mix,
         seed=args.seed,
@@ -594,7 +602,7 @@ def stored_args(files: RunFiles, args: argparse.Namespace) -> argparse.Namespace
             f"--resume continues {files.dir} with its stored arguments; these differ: {', '.join(conflicts)}. "
             f"Drop them, or start a new run with another --name (only {', '.join(RESUME_OVERRIDABLE)} may change)"
         )
-    merged = dict(stored)
+    merged = {**vars(args), **stored}  # a flag newer than the run keeps its default, which is the older behaviour
     for key in RESUME_OVERRIDABLE:
         merged[key] = getattr(args, key)
     merged["resume"], merged["explicit"] = True, args.explicit

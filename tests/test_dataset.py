@@ -248,6 +248,29 @@ def test_training_samples_shapes_and_crops_keep_the_object(synthetic_root):
     assert values.min() > -1 and values.max() < 256
 
 
+def test_whole_image_samples_are_the_test_squash_at_the_requested_rate(synthetic_root):
+    squashed = dataset.PhraseCut(synthetic_root, "train", train=False, image_size=SMALL)
+    rectangular = [i for i in range(len(squashed)) if len(set(squashed[i]["original_size"])) == 2][:100]
+
+    def is_whole_image(sample: dict, index: int) -> bool:
+        reference = squashed[index]
+        same = torch.equal(sample["mask"], reference["mask"])
+        if same:  # training decodes the JPEG at a reduced scale: the same picture up to rounding
+            difference = np.abs(denormalise(sample["pixel_values"]) - denormalise(reference["pixel_values"]))
+            assert difference.mean() < 2, difference.mean()
+        return same
+
+    always = dataset.PhraseCut(synthetic_root, "train", train=True, image_size=SMALL, whole_image_prob=1.0)
+    never = dataset.PhraseCut(synthetic_root, "train", train=True, image_size=SMALL)
+    assert all(is_whole_image(always[i], i) for i in rectangular)
+    assert not any(is_whole_image(never[i], i) for i in rectangular)
+    half = dataset.PhraseCut(synthetic_root, "train", train=True, image_size=SMALL, whole_image_prob=0.5, seed=3)
+    draws = [is_whole_image(half[i], i) for i in rectangular * 4]
+    assert len(draws) >= 100 and abs(np.mean(draws) - 0.5) < 3 * 0.5 / np.sqrt(len(draws))  # 3 sigma
+    with pytest.raises(ValueError, match="whole_image_prob must be in"):
+        dataset.PhraseCut(synthetic_root, "train", train=True, image_size=SMALL, whole_image_prob=1.5)
+
+
 def test_negatives_at_requested_rate_with_empty_targets(synthetic_root):
     data = dataset.PhraseCut(synthetic_root, "train", train=True, image_size=SMALL, negative_prob=0.3, seed=1)
     phrases = {t["task_id"]: t["phrase"] for t in refer(synthetic_root, "train")}
@@ -496,6 +519,28 @@ def test_open_rgb_palette_and_exif_rotation(tmp_path):
     assert upright.shape == (8, 4, 3)
     assert (upright[:4, :, 0] == 255).all() and (upright[4:, :, 0] == 0).all()  # left half became the top
     assert dataset.upright_size(tmp_path / "rotated.png") == (4, 8)
+
+
+def test_open_rgb_min_side_decodes_jpegs_smaller_but_reports_the_full_size(tmp_path):
+    rows, cols = np.mgrid[0:300, 0:440]
+    gradient = np.stack([rows * 255 // 300, cols * 255 // 440, (rows + cols) % 256], axis=-1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways
+    Image.fromarray(gradient).save(tmp_path / "photo.jpg", quality=95)
+    Image.fromarray(gradient).save(tmp_path / "sideways.jpg", quality=95, exif=exif)
+    Image.fromarray(gradient).save(tmp_path / "photo.png")
+    full = dataset.open_rgb(tmp_path / "photo.jpg")
+    assert full.size == full.info["full_size"] == (440, 300)
+    for min_side, expected in ((64, (110, 75)), (100, (220, 150)), (150, (220, 150)), (151, (440, 300))):
+        reduced = dataset.open_rgb(tmp_path / "photo.jpg", min_side=min_side)
+        assert reduced.size == expected and reduced.info["full_size"] == (440, 300)
+        assert min(reduced.size) >= min_side
+        squash = np.asarray(reduced.resize((64, 64), Image.BILINEAR), dtype=float)
+        assert np.abs(squash - np.asarray(full.resize((64, 64), Image.BILINEAR), dtype=float)).mean() < 2
+    sideways = dataset.open_rgb(tmp_path / "sideways.jpg", min_side=64)
+    assert sideways.size == (75, 110) and sideways.info["full_size"] == (300, 440)
+    png = dataset.open_rgb(tmp_path / "photo.png", min_side=64)
+    assert png.size == png.info["full_size"] == (440, 300)
 
 
 def test_open_rgb_refuses_decompression_bombs(tmp_path, monkeypatch):

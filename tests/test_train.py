@@ -191,6 +191,14 @@ def test_dropout_flag_reaches_every_decoder_dropout(tmp_path, synthetic_root):
         assert {layer.self_attn.dropout for layer in model.decoder.layers} == {rate}
 
 
+def test_whole_image_prob_reaches_the_training_set(tmp_path, synthetic_root):
+    for share in (0.0, 0.4):
+        data = train.build_training_set(
+            train.parse_args(flags(tmp_path, synthetic_root, f"--whole-image-prob={share}"))
+        )
+        assert data.train and data.whole_image_prob == share
+
+
 def test_learning_rate_schedule():
     assert train.learning_rate_factor(0, 100, "cosine") == 1.0
     assert train.learning_rate_factor(50, 100, "cosine") == pytest.approx(0.55)
@@ -328,6 +336,17 @@ def test_existing_run_and_conflicting_resume_flags_are_refused(tmp_path, synthet
         run(flags(tmp_path, synthetic_root, "--name=never", "--resume"))
 
 
+def test_resume_of_a_run_older_than_a_flag_keeps_the_flags_default(tmp_path, synthetic_root):
+    argv = flags(tmp_path, synthetic_root, "--name=old", "--max-iterations=2")
+    run(argv)
+    args_file = tmp_path / "ck" / "old" / "args.json"
+    stored = json.loads(args_file.read_text())
+    for newer_flag in ("whole_image_prob", "dropout"):
+        del stored[newer_flag]
+    args_file.write_text(json.dumps(stored))
+    assert run([*argv, "--resume", "--max-iterations=3"]).step == 3
+
+
 # ----------------------------------------------------------------------------------------- multi-process
 
 
@@ -443,6 +462,7 @@ def test_fp16_overflow_is_skipped_by_the_gradient_scaler(tmp_path, synthetic_roo
         ("--wd=nan", "--wd: must be a number >= 0"),
         ("--data=folder", "--data=folder needs --data-root"),
         ("--dropout=1", "--dropout: must be in [0, 1)"),
+        ("--whole-image-prob=2", "--whole-image-prob: must be a probability"),
     ],
 )
 def test_invalid_flags_are_argparse_errors(flag, message, capsys):
