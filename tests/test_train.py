@@ -3,6 +3,7 @@ a checkpoint, NaN stops, bad flags and unwritable output fail early, corrupt ima
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -470,6 +471,16 @@ def test_invalid_flags_are_argparse_errors(flag, message, capsys):
         train.parse_args([flag])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_makefiles_demo_flags_parse_and_match_the_docstring():
+    makefile = (REPO / "Makefile").read_text()
+    demo = re.search(r"^DEMO_TRAIN \?= ((?:.*\\\n)*.*)$", makefile, re.M).group(1).replace("\\\n", " ").split()
+    args = train.parse_args(["--name=demo", "--data=synthetic", *demo])
+    assert (args.backbone, args.image_size, args.amp, args.extract_layers) == ("tiny", 128, False, (0, 1, 2))
+    assert args.whole_image_prob == 0.5 and args.max_iterations == 4400
+    documented = train.__doc__[train.__doc__.index("--name=demo") :].split("Everything a run writes")[0]
+    assert set(demo) <= set(documented.replace("\\", " ").split())
 
 
 def test_help_explains_every_flag(capsys):
