@@ -805,16 +805,20 @@ def announce(args, model: CLIPSeg, dataset: Dataset, world: Distributed, device,
     print(
         f"{'resuming' if start_step else 'training'} {args.name} at iteration {start_step}/{args.max_iterations}: "
         f"{len(dataset)} training samples ({args.data}), {trainable:,} trainable parameters, batch {args.batch_size}"
-        f" on {world.world_size} x {device}, amp {amp_description(args.amp, dtype)}"
+        f" on {world.world_size} x {device}, amp {amp_description(args.amp, dtype, device)}"
         + (f"; {len(excluded)} task(s) excluded while indexing (e.g. {excluded[0]})" if excluded else ""),
         flush=True,
     )
 
 
-def amp_description(requested: bool, dtype: torch.dtype | None) -> str:
+def amp_description(requested: bool, dtype: torch.dtype | None, device: torch.device) -> str:
     if dtype is not None:
         return str(dtype).removeprefix("torch.")
-    return "off (no native bf16 on this CPU: fp32 is faster)" if requested else "off"
+    if not requested:
+        return "off"
+    if device.type == "cpu":
+        return "off (no native bf16 on this CPU: fp32 is faster)"
+    return f"off (no mixed precision on {device.type})"
 
 
 class TrainingLoop:

@@ -200,6 +200,14 @@ def test_whole_image_prob_reaches_the_training_set(tmp_path, synthetic_root):
         assert data.train and data.whole_image_prob == share
 
 
+def test_amp_description_names_why_mixed_precision_is_off():
+    cpu, mps = torch.device("cpu"), torch.device("mps")
+    assert train.amp_description(True, torch.bfloat16, cpu) == "bfloat16"
+    assert train.amp_description(False, None, cpu) == "off"
+    assert "no native bf16 on this CPU" in train.amp_description(True, None, cpu)
+    assert train.amp_description(True, None, mps) == "off (no mixed precision on mps)"
+
+
 def test_learning_rate_schedule():
     assert train.learning_rate_factor(0, 100, "cosine") == 1.0
     assert train.learning_rate_factor(50, 100, "cosine") == pytest.approx(0.55)
