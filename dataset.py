@@ -111,7 +111,7 @@ def open_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Imag
                 if image.getexif()[EXIF_ORIENTATION] in (5, 6, 7, 8):
                     width, height = height, width
                 image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(image)
+            rgb = to_rgb(image)
             rgb.info["full_size"] = (width, height)
             return rgb
     except UnreadableImage:
@@ -124,7 +124,8 @@ def open_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Imag
         raise UnreadableImage(path, f"cannot decode ({err})") from err
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An in-memory image as RGB: 16-bit grayscale scaled, palette expanded, alpha composited on black."""
     if image.mode.startswith("I"):
         image = _sixteen_bit_to_l(image)
     if image.mode == "P":

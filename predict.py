@@ -44,7 +44,7 @@ from scipy import ndimage
 from torch import Tensor
 from tqdm import tqdm
 
-from dataset import UnreadableImage, open_rgb
+from dataset import UnreadableImage, open_rgb, to_rgb
 from model import AMP_HELP, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, CLIPSeg, ImageFeatures, autocast, visual_prompt
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
@@ -75,14 +75,7 @@ def load_image(image: ImageInput) -> Image.Image:
         image = _array_to_pil(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected an image path, a PIL image or a numpy array, got {type(image).__name__}")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", image.size)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:
