@@ -21,6 +21,7 @@ from predict import (
     draw_overlay,
     image_output_names,
     inference_size,
+    load_image,
     main,
     safe_name,
 )
@@ -365,3 +366,11 @@ def test_overlay_blends_each_mask_in_its_colour_with_a_legend():
     legend = overlay[:30, :60]
     assert (legend == 255).all(axis=-1).any()  # white label text
     assert (legend == np.array(PALETTE[0])).all(axis=-1).any() and (legend == np.array(PALETTE[1])).all(axis=-1).any()
+
+
+def test_in_memory_sixteen_bit_and_transparent_images_become_rgb():
+    sixteen = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16))
+    assert sixteen.mode.startswith("I")
+    np.testing.assert_array_equal(np.asarray(load_image(sixteen))[0, :, 0], [0, 128, 255])  # scaled, not clipped
+    half_transparent = Image.fromarray(np.array([[[200, 100, 50, 0], [200, 100, 50, 255]]], dtype=np.uint8))
+    np.testing.assert_array_equal(np.asarray(load_image(half_transparent))[0], [[0, 0, 0], [200, 100, 50]])
