@@ -103,16 +103,15 @@ def open_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Imag
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise UnreadableImage(path, f"too large ({width}x{height} > {MAX_IMAGE_PIXELS} pixels)")
+            full_size = _upright_size(image)
             if min_side is not None and image.format == "JPEG" and min(width, height) >= 2 * min_side:
                 scale = min_side / min(width, height)
                 image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
             image.load()
             if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even upright images
-                if image.getexif()[EXIF_ORIENTATION] in (5, 6, 7, 8):
-                    width, height = height, width
                 image = ImageOps.exif_transpose(image)
             rgb = to_rgb(image)
-            rgb.info["full_size"] = (width, height)
+            rgb.info["full_size"] = full_size
             return rgb
     except UnreadableImage:
         raise
@@ -150,12 +149,16 @@ def upright_size(path: str | os.PathLike) -> tuple[int, int] | None:
     """(width, height) of an image after EXIF rotation, from its header only; None if it cannot be read."""
     try:
         with Image.open(path) as image:
-            width, height = image.size
-            if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
-                width, height = height, width
-            return width, height
+            return _upright_size(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened, not yet decoded image once its EXIF rotation is applied."""
+    width, height = image.size
+    sideways = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    return (height, width) if sideways else (width, height)
 
 
 # ---------------------------------------------------------------------------------------- masks
