@@ -1,9 +1,9 @@
 """CLIPSeg: a frozen CLIP ViT-B/16 and a small FiLM-conditioned transformer decoder that turns a text or image
 prompt into a segmentation mask (Lüddecke & Ecker, CVPR 2022).
 
-The CLIP towers and the tokenizer come from `transformers`; the decoder, the early-exit vision pass (it stops
-after the deepest extracted block), position-embedding interpolation for any image shape, the visual-prompt
-engineering and the weight loaders are ours. Weights load from:
+The CLIP towers come from `transformers`; the decoder, the early-exit vision pass (it stops after the deepest
+extracted block), position-embedding interpolation for any image shape and the weight loaders are ours; the
+tokenizer is OpenAI's (`tokenizer.py`) and the input rules are in `preprocess.py`. Weights load from:
 
 - an HF CLIPSeg checkpoint (hub id such as `CIDAS/clipseg-rd64-refined`, or a directory with `config.json` and
   `model.safetensors`/`pytorch_model.bin`); our own `save_pretrained` writes that same layout;
@@ -21,9 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -34,20 +33,17 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from outputs import atomic_write
+from preprocess import IMAGE_SIZE
+from tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, CLIPTokenizer
+
 try:
     from transformers.initialization import no_init_weights
 except ImportError:  # transformers 4.x
     from transformers.modeling_utils import no_init_weights
 
-# Normalisation of CLIPSeg's inputs: ImageNet statistics (not CLIP's), as in the released code and hub processor.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SIZE = 352  # training and test resolution of the released models
 PATCH_SIZE = 16
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
-TOKENIZER_DIR = Path(__file__).resolve().parent / "clip_tokenizer"
-CLIP_VOCAB_SIZE = 49408
-CLIP_CONTEXT_LENGTH = 77
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
@@ -142,12 +138,12 @@ def tiny_clip_config(vision_layers: int = 6, width: int = 64) -> transformers.CL
     """A small random CLIP with the real tokenizer's vocabulary, for tests and the offline demo."""
     return transformers.CLIPConfig(
         text_config=dict(
-            vocab_size=CLIP_VOCAB_SIZE,
+            vocab_size=VOCAB_SIZE,
             hidden_size=width,
             intermediate_size=2 * width,
             num_hidden_layers=2,
             num_attention_heads=2,
-            max_position_embeddings=CLIP_CONTEXT_LENGTH,
+            max_position_embeddings=CONTEXT_LENGTH,
         ),
         vision_config=dict(
             hidden_size=width,
@@ -402,31 +398,32 @@ class CLIPSeg(nn.Module):
     # -- tokenizer and conditional vectors -----------------------------------------------------------
 
     @property
-    def tokenizer(self) -> transformers.CLIPTokenizer:
+    def tokenizer(self) -> CLIPTokenizer:
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer()
+            self._tokenizer = CLIPTokenizer.from_directory()
         return self._tokenizer
 
     def tokenize(self, phrases: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Phrases -> (input_ids, attention_mask), each (K, L) with L the longest prompt (at most 77 tokens).
 
-        Longer phrases are truncated (keeping the end-of-text token) with a warning."""
+        Tokens as OpenAI's CLIP makes them (`tokenizer.py`: its text cleaning, then BPE). Longer phrases are
+        truncated (keeping the end-of-text token) with a warning; the original raises instead."""
         if isinstance(phrases, str):
             raise TypeError("phrases must be a list of strings, not a single string")
         for i, phrase in enumerate(phrases):
             if not isinstance(phrase, str) or not phrase.strip():
                 raise ValueError(f"phrase {i} is empty or not a string: {phrase!r}")
-        ids = self.tokenizer(list(phrases))["input_ids"]
-        too_long = [p for p, t in zip(phrases, ids) if len(t) > CLIP_CONTEXT_LENGTH]
+        ids = [self.tokenizer.encode(phrase) for phrase in phrases]
+        too_long = [p for p, t in zip(phrases, ids) if len(t) > CONTEXT_LENGTH]
         if too_long:
             warnings.warn(
-                f"{len(too_long)} phrase(s) longer than CLIP's {CLIP_CONTEXT_LENGTH} tokens were truncated, "
+                f"{len(too_long)} phrase(s) longer than CLIP's {CONTEXT_LENGTH} tokens were truncated, "
                 f"e.g. {too_long[0][:60]!r}...",
                 stacklevel=2,
             )
-        ids = [t[: CLIP_CONTEXT_LENGTH - 1] + t[-1:] if len(t) > CLIP_CONTEXT_LENGTH else t for t in ids]
+        ids = [t[: CONTEXT_LENGTH - 1] + t[-1:] if len(t) > CONTEXT_LENGTH else t for t in ids]
         length = max(len(t) for t in ids)
-        pad = self.tokenizer.eos_token_id
+        pad = self.tokenizer.end_id  # the features are read at the first end token, so padding never shows
         input_ids = torch.tensor([t + [pad] * (length - len(t)) for t in ids])
         attention_mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in ids])
         return input_ids, attention_mask
@@ -520,7 +517,7 @@ class CLIPSeg(nn.Module):
         """(B, 3, H, W) normalised pixels + one prompt per image -> (B, 1, H, W) logits.
 
         The prompt is exactly one of: `phrases` (B strings), `input_ids` (B, L) [+ `attention_mask`],
-        `prompt_images` (B, 3, h, w) already engineered (see `visual_prompt`), `conditional` (B, 512)."""
+        `prompt_images` (B, 3, h, w) already engineered (see `preprocess.visual_prompt`), `conditional` (B, 512)."""
         cond = self.conditional(phrases, input_ids, attention_mask, prompt_images, conditional)
         if len(cond) != len(pixel_values):
             raise ValueError(f"{len(cond)} prompts for {len(pixel_values)} images: give one prompt per image")
@@ -583,77 +580,11 @@ def _run_clip_block(layer: nn.Module, x: Tensor) -> Tensor:
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
-# ------------------------------------------------------------------------------- visual prompt engineering
-
-
-def gaussian_blur(image: Tensor, kernel_size: int = 15, sigma: float = 3.0) -> Tensor:
-    """Separable Gaussian blur of (C, H, W) or (B, C, H, W) with reflect padding."""
-    squeeze = image.ndim == 3
-    x = image[None] if squeeze else image
-    coords = torch.arange(kernel_size, dtype=x.dtype, device=x.device) - (kernel_size - 1) / 2
-    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    channels = x.shape[1]
-    pad = kernel_size // 2
-    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
-    x = F.pad(x, (pad, pad, pad, pad), mode=mode)
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, kernel_size), groups=channels)
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, kernel_size, 1), groups=channels)
-    return x[0] if squeeze else x
-
-
-def visual_prompt(
-    image: Tensor,
-    mask: Tensor,
-    size: int = IMAGE_SIZE,
-    background: float = 0.1,
-    context: float = 0.1,
-) -> Tensor:
-    """Support image + mask -> prompt image ("crop + blur + 10% background", the paper's best, Table 2).
-
-    image: (3, H, W) ImageNet-normalised support (352 px in the paper); mask: (H, W), non-zero = object.
-    The image is blurred (Gaussian 15x15, sigma 3) outside the object and kept at `background` strength there,
-    cropped to the mask's box grown by `context` of its width/height on each side (clamped to the image),
-    zero-padded to a square (0 is the mean colour after normalisation) and resized to `size` (nearest).
-    An empty mask gives the whole image, padded and resized. Returns (3, size, size).
-    """
-    if image.ndim != 3 or mask.shape != image.shape[1:]:
-        raise ValueError(f"image (3, H, W) and mask (H, W) must match, got {tuple(image.shape)} / {tuple(mask.shape)}")
-    mask = (mask > 0).to(image.dtype)
-    if mask.any():
-        blurred = gaussian_blur(image)
-        composite = image * mask + background * blurred * (1 - mask)
-        rows, cols = mask.any(dim=1).nonzero()[:, 0], mask.any(dim=0).nonzero()[:, 0]
-        top, bottom, left, right = rows[0].item(), rows[-1].item() + 1, cols[0].item(), cols[-1].item() + 1
-        grow_y, grow_x = context * (bottom - top), context * (right - left)
-        top, bottom = max(0, int(top - grow_y)), min(mask.shape[0], int(bottom + grow_y))
-        left, right = max(0, int(left - grow_x)), min(mask.shape[1], int(right + grow_x))
-        crop = composite[:, top:bottom, left:right]
-    else:
-        crop = image
-    height, width = crop.shape[1:]
-    side = max(height, width)
-    pad_y, pad_x = side - height, side - width
-    square = F.pad(crop, (pad_x // 2, pad_x - pad_x // 2, pad_y // 2, pad_y - pad_y // 2))
-    return F.interpolate(square[None], size=(size, size), mode="nearest")[0]
-
-
 # ---------------------------------------------------------------------------------------- loading helpers
 
 
 class CheckpointError(ValueError):
     """A checkpoint does not fit the model it is loaded into."""
-
-
-def load_tokenizer() -> transformers.CLIPTokenizer:
-    """The real CLIP BPE tokenizer from the vocabulary shipped in `clip_tokenizer/` (works offline)."""
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    if len(tokenizer) != CLIP_VOCAB_SIZE:
-        raise RuntimeError(
-            f"CLIP tokenizer from {TOKENIZER_DIR} has {len(tokenizer)} tokens, expected {CLIP_VOCAB_SIZE}: "
-            "the vocabulary files are missing or damaged (restore clip_tokenizer/ from the repository)"
-        )
-    return tokenizer
 
 
 def _load_clip(backbone: str) -> transformers.CLIPModel:
@@ -790,27 +721,6 @@ def _mismatch_message(source, config, missing, unexpected, wrong_shape) -> str:
     if any("film_mul" in k or "reduces" in k for k in wrong_shape):
         lines.append("  the checkpoint and the model disagree on reduce_dim")
     return "\n".join(lines)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write through a temporary file in the same directory and rename: a crash leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -4,31 +4,27 @@
     python score.py --model CIDAS/clipseg-rd64-refined    # the released weights (hub id, directory or .pth)
     python score.py demo --data synthetic --shuffle-prompts
 
-Paper metrics (Table 3: mIoU, IoU_FG, AP; plus IoU_BIN) are computed on the S x S prediction against the mask
-squashed to S x S (nearest), from per-sample counts at the 49 thresholds 0.02 .. 0.98, reported at t = 0.3 and at
-the best threshold. PhraseCut's official metrics (mean IoU, cumulative IoU, accuracy at IoU > 0.5 .. 0.9, per
-subset) are computed at the original resolution: logits resized bilinearly to the image size, then
-probability > `--threshold`. Results go to `checkpoints/NAME/scores_<split>.json` (or `--out`); skipped samples
-are counted and listed there and in the printed table, never dropped silently.
+Paper metrics (Table 3: mIoU, IoU_FG, AP; plus IoU_BIN) are computed as the original does: on the S x S
+prediction against the ground truth drawn with `polygon2mask` and squashed to S x S (nearest), from per-sample
+counts at the 49 thresholds 0.02 .. 0.98, reported at t = 0.3 and at the best threshold; the image is resized by
+the original's rule (`--resize original`). PhraseCut's official metrics (mean IoU, cumulative IoU, accuracy at
+IoU > 0.5 .. 0.9, per subset) are computed at the original resolution against its own ground truth (PIL fill +
+outline): logits resized bilinearly to the image size, then probability > `--threshold`. Results go to
+`checkpoints/NAME/scores_<split>.json` (or `--out`); skipped samples are counted and listed there and in the
+printed table, never dropped silently.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
-import re
 import sys
 import time
-import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -37,14 +33,13 @@ from tqdm import tqdm
 import dataset as datasets
 from metrics import PAPER_THRESHOLDS, PaperMetrics, PhraseCutMetrics
 from model import AMP_HELP, PATCH_SIZE, CLIPSeg, autocast
+from outputs import safe_name, write_json
+from preprocess import RESIZE_RULES, full_size_probabilities
 
 CHECKPOINTS_DIR = Path("checkpoints")
 DEFAULT_THRESHOLD = 0.3
 SHUFFLE_SEED = 0
 DATA_KINDS = ("phrasecut", "synthetic", "folder")
-# A task id is used verbatim as a file name only if it is this plain (PhraseCut's look like "2345__101_102").
-PLAIN_TASK_ID = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,119}")
-WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 
 
 class ScoreError(Exception):
@@ -105,11 +100,14 @@ def default_data_root(kind: str) -> str:
     raise ScoreError("--data folder needs --data-root INDEX_FILE (a JSONL or CSV of image, phrase, mask)")
 
 
-def build_eval_dataset(kind: str, root: str | None, split: str, image_size: int, limit: int | None) -> Dataset:
-    """The test-mode data set (whole images squashed to `image_size`, no negatives, original-size masks)."""
+def build_eval_dataset(
+    kind: str, root: str | None, split: str, image_size: int, limit: int | None, resize: str = "original"
+) -> Dataset:
+    """The test-mode data set (whole images squashed to `image_size` by the `resize` rule, no negatives,
+    original-size masks)."""
     root = root or default_data_root(kind)
     try:
-        return datasets.build_dataset(kind, root, split, train=False, image_size=image_size, limit=limit)
+        return datasets.build_dataset(kind, root, split, train=False, image_size=image_size, limit=limit, resize=resize)
     except (OSError, ValueError, KeyError) as err:
         raise ScoreError(f"cannot read the {kind} data at {root} (split {split}): {err}") from err
 
@@ -138,6 +136,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--amp",
         action="store_true",
         help=AMP_HELP,
+    )
+    parser.add_argument(
+        "--resize",
+        choices=RESIZE_RULES,
+        default="original",
+        help="how images are resized to the model's input: original = the authors' data pipeline (bilinear, "
+        "align_corners=True, no antialiasing), as the paper's numbers were measured; pil = PIL's antialiased "
+        "bilinear, as the HF processor does (default %(default)s)",
     )
 
 
@@ -263,28 +269,9 @@ def select_samples(batch: dict, keep: list[int]) -> dict:
     return out
 
 
-def full_size_probabilities(logits: Tensor, original_size: Sequence[int]) -> np.ndarray:
-    """(1, S, S) or (1, 1, S, S) logits -> (H, W) float32 probabilities, resized bilinearly to (H, W)."""
-    height, width = (int(v) for v in original_size)
-    resized = F.interpolate(logits.reshape(1, 1, *logits.shape[-2:]), size=(height, width), mode="bilinear")
-    return torch.sigmoid(resized[0, 0]).numpy()
-
-
-def safe_task_filename(task_id: str) -> str:
-    """A file-name stem for a task id that cannot leave its folder: plain ids (lowercase letters, digits, '_',
-    '.', '-', at most 120 characters, not starting with '.' or '-') are kept verbatim; any other id becomes an
-    ASCII slug + '~' + 12 hex digits of its SHA-1, so distinct ids never share a name."""
-    if PLAIN_TASK_ID.fullmatch(task_id) and task_id.split(".")[0] not in WINDOWS_RESERVED:
-        return task_id
-    ascii_text = unicodedata.normalize("NFKD", task_id).encode("ascii", "ignore").decode().lower()
-    slug = re.sub(r"[^a-z0-9_]+", "-", ascii_text).strip("-")[:60].strip("-") or "task"
-    digest = hashlib.sha1(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{slug}~{digest}"
-
-
 def save_prediction_png(mask: np.ndarray, directory: Path, task_id: str) -> Path:
     """Write a binary (H, W) mask as `<task_id>.png` (single channel, 0 / 255, original size)."""
-    path = directory / f"{safe_task_filename(task_id)}.png"
+    path = directory / f"{safe_name(task_id)}.png"
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)  # uint8 (H, W): mode L
     return path
 
@@ -382,13 +369,6 @@ def to_builtin(value):
     return value
 
 
-def write_json(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------------- output
 
 
@@ -441,7 +421,7 @@ def default_output(run_dir: Path | None, model: str, split: str, shuffled: bool,
     suffix = (f"_first{limit}" if limit else "") + ("_shuffled" if shuffled else "")
     if run_dir is not None:
         return run_dir / f"scores_{split}{suffix}.json"
-    return Path("scores") / f"{safe_task_filename(model.lower())}_{split}{suffix}.json"
+    return Path("scores") / f"{safe_name(model.lower())}_{split}{suffix}.json"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -494,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         source, run_dir = resolve_model(args.name, args.model, Path(args.checkpoints_dir))
         model = load_model(source, args.backbone, args.device)
         image_size = args.image_size or model.config.image_size
-        data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit)
+        data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except ScoreError as err:
         sys.exit(f"error: {err}")
     out = Path(args.out) if args.out else default_output(run_dir, source, args.split, args.shuffle_prompts, args.limit)
@@ -509,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "shuffle_prompts": args.shuffle_prompts,
         "shuffle_seed": SHUFFLE_SEED if args.shuffle_prompts else None,
         "amp": args.amp,
+        "resize": args.resize,
     }
     run, started = ScoreRun(threshold=args.threshold), time.perf_counter()
     save_dir = Path(args.save_predictions) if args.save_predictions else None
@@ -528,14 +509,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
         partial = out.with_name(out.stem + ".interrupted.json")
-        write_json(results_dict(run, settings, data, time.perf_counter() - started, True), partial)
+        write_json(partial, results_dict(run, settings, data, time.perf_counter() - started, True))
         print(f"\ninterrupted after {run.n_samples} samples; partial scores in {partial}", file=sys.stderr)
         raise
     results = results_dict(run, settings, data, time.perf_counter() - started, False)
     if run.n_samples == 0:
-        write_json(results, out)
+        write_json(out, results)
         sys.exit(f"error: no sample could be scored ({len(run.skips.reasons)} skipped); see {out}")
-    write_json(results, out)
+    write_json(out, results)
     print(format_table(results))
     print(f"\nscores written to {out}", file=sys.stderr)
     return results
