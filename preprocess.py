@@ -96,7 +96,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGB", image.size)
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
@@ -314,38 +314,30 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int], rule: str) -> np.ndarra
     return mask[rows][:, cols]
 
 
-def choose_crop(mask: np.ndarray, offsets, min_fraction: float = CROP_MIN_FRACTION) -> tuple[int, int, int]:
+def choose_crop(mask: np.ndarray, offsets: Sequence[tuple[int, int]], min_fraction: float = CROP_MIN_FRACTION):
     """The original's training crop (`find_crop`): a square of side min(H, W) at the first (top, left) offset
     whose crop holds more than `min_fraction` of the *whole image's* area in foreground pixels; when none of the
-    offsets does, the one with the most foreground (the first such). mask: bool (H, W); offsets: an iterable of
-    (top, left), consumed only as far as needed. Returns (top, left, side)."""
+    offsets does, the one with the most foreground (the first such). mask: bool (H, W); offsets: the tries in
+    order. Returns (top, left, side)."""
+    if not len(offsets):
+        raise ValueError("choose_crop needs at least one offset")
     height, width = mask.shape
     side = min(height, width)
-    threshold = min_fraction * height * width
     # the square spans the whole short axis: its foreground is a window sum of the long axis's profile
     profile = mask.sum(axis=0 if width > height else 1, dtype=np.int64)
     window = np.concatenate([[0], np.cumsum(profile)])
-    best_count, best = -1, None
-    for top, left in offsets:
-        start = left if width > height else top
-        count = int(window[start + side] - window[start])
-        if count > threshold:
-            return top, left, side
-        if count > best_count:
-            best_count, best = count, (top, left)
-    if best is None:
-        raise ValueError("choose_crop needs at least one offset")
-    return best[0], best[1], side
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts = offsets[:, 1] if width > height else offsets[:, 0]
+    counts = window[starts + side] - window[starts]
+    passing = np.flatnonzero(counts > min_fraction * height * width)
+    chosen = passing[0] if len(passing) else np.argmax(counts)  # argmax: the first maximum
+    return int(offsets[chosen, 0]), int(offsets[chosen, 1]), side
 
 
-def random_crop_offsets(rng: np.random.Generator, height: int, width: int, tries: int = CROP_TRIES):
-    """Up to `tries` random (top, left) offsets of a min(H, W) square, each uniform over its axis's range, top
-    drawn first (as the original draws them, one pair per try)."""
+def random_crop_offsets(rng: np.random.Generator, height: int, width: int, tries: int = CROP_TRIES) -> np.ndarray:
+    """`tries` random (top, left) offsets of a min(H, W) square, each uniform over its axis's range: (tries, 2)."""
     side = min(height, width)
-    for _ in range(tries):
-        top = int(rng.integers(0, height - side + 1))
-        left = int(rng.integers(0, width - side + 1))
-        yield top, left
+    return np.stack([rng.integers(0, height - side + 1, tries), rng.integers(0, width - side + 1, tries)], axis=1)
 
 
 def native_size(width: int, height: int, short_side: int) -> tuple[int, int]:
