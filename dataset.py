@@ -44,6 +44,7 @@ from preprocess import (
     ImageTransform,
     UnreadableImage,
     choose_crop,
+    colour_jitter_of,
     instances_to_mask,
     open_rgb,
     random_crop_offsets,
@@ -58,18 +59,24 @@ DATA_SUBDIR = Path("data") / "VGPhraseCut_v0"
 SPLITS = ("train", "val", "test", "miniv")
 COMBINED_SPLITS = {"val_miniv": ("val", "miniv")}
 PHRASE_TYPES = ("name", "attribute", "relation", "verbose")
-# The 9 "shuffle+" prompt templates of the released PC+ training (SPEC section 1).
-TEMPLATES = (
-    "a photo of a {}.",
-    "a photograph of a {}.",
-    "an image of a {}.",
-    "{}.",
-    "a cropped photo of a {}.",
-    "a good photo of a {}.",
-    "a photo of one {}.",
-    "a bad photo of a {}.",
-    "a photo of the {}.",
-)
+# The original's prompt template lists (`get_prompt_list`); training samples one template per prompt. The released
+# PC+ models used "shuffle+" with --mix, the raw phrase ("plain") otherwise (SPEC section 4b).
+PROMPT_TEMPLATES = {
+    "plain": ("{}",),
+    "fixed": ("a photo of a {}.",),
+    "shuffle": ("a photo of a {}.", "a photograph of a {}.", "an image of a {}.", "{}."),
+    "shuffle+": (
+        "a photo of a {}.",
+        "a photograph of a {}.",
+        "an image of a {}.",
+        "{}.",
+        "a cropped photo of a {}.",
+        "a good photo of a {}.",
+        "a photo of one {}.",
+        "a bad photo of a {}.",
+        "a photo of the {}.",
+    ),
+}
 MAX_CONSECUTIVE_SKIPS = 50
 SUPPORT_TRIES = 3  # supports tried (other tasks with the phrase) before a sample goes without one
 INDEX_VERSION = 1
@@ -109,13 +116,15 @@ class SegmentationData(Dataset):
     """Shared sample pipeline of `PhraseCut` and `UserFolder` (SPEC sections 1b and 4).
 
     Subclasses set `self._phrase_ids` (int array, one per task) and implement `__len__`, `task_info(i)`,
-    `phrase_text(phrase_id)` and `_load_mask(i, height, width, rule)`; then call `_init_phrases()`.
+    `phrase_text(phrase_id)`, `_image_keys()` and `_load_mask(i, height, width, rule)`; then call `_init_tasks()`.
 
     A sample is a dict: `pixel_values` (3, S, S) normalised, `mask` (1, S, S) float target (`polygon2mask` ground
-    truth, cropped and resized like the image), `phrase` (templated with `templates`), `negative`, `task_id`,
-    `skipped`; with `visual_support` also `prompt_image` (3, S, S) and `has_prompt_image`; in test mode also
-    `full_mask` (PhraseCut's official ground truth at the original size), `original_size` (H, W), `phrase_type`,
-    `n_instances`, `image_path`.
+    truth, cropped and resized like the image), `phrase` (through a template of `templates`), `negative`,
+    `task_id`, `skipped`; with `visual_support` also `prompt_image` (3, S, S) and `has_prompt_image`; in test mode
+    also `full_mask` (PhraseCut's official ground truth at the original size), `original_size` (H, W),
+    `phrase_type`, `n_instances`, `image_path`. With `prompts_per_image` K > 1 (training), one crop serves K tasks
+    of its image: `mask` is (K, 1, S, S), `prompt_image` (K, 3, S, S), and `phrase`, `negative`,
+    `has_prompt_image`, `task_ids` are lists of K.
     """
 
     def __init__(
@@ -125,31 +134,47 @@ class SegmentationData(Dataset):
         image_size: int = IMAGE_SIZE,
         negative_prob: float = 0.0,
         visual_support: bool = False,
-        templates: bool = False,
+        templates: Sequence[str] = PROMPT_TEMPLATES["plain"],
         seed: int = 0,
         whole_image_prob: float = 0.0,
         resize: str = "original",
+        colour_jitter: bool = False,
+        prompts_per_image: int = 1,
     ):
         for name, value in (("negative_prob", negative_prob), ("whole_image_prob", whole_image_prob)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if prompts_per_image < 1 or (prompts_per_image > 1 and not train):
+            raise ValueError(f"prompts_per_image must be 1, or more in training, got {prompts_per_image}")
+        if not templates or any("{}" not in template for template in templates):
+            raise ValueError(f"templates must be a non-empty list of strings with '{{}}', got {templates!r}")
         self.transform = ImageTransform(resize, image_size, square=True)
         self.train, self.image_size, self.negative_prob = train, image_size, negative_prob
-        self.visual_support, self.templates, self.seed = visual_support, templates, seed
-        self.whole_image_prob = whole_image_prob
+        self.visual_support, self.templates, self.seed = visual_support, tuple(templates), seed
+        self.whole_image_prob, self.colour_jitter = whole_image_prob, colour_jitter
+        self.prompts_per_image = prompts_per_image
         self.excluded: list[tuple[str, str]] = []
         self._stream: np.random.Generator | None = None
         self._stream_key: object = None
 
-    def _init_phrases(self) -> None:
-        """Group tasks by phrase id (for visual support) and check that negatives are possible."""
+    def _init_tasks(self) -> None:
+        """Group tasks by phrase (visual support, negatives) and by image (several prompts per image, grouped
+        scoring), and check that negatives are possible."""
+        if len(self) == 0:
+            raise ValueError(f"{type(self).__name__}: no usable tasks (excluded: {len(self.excluded)})")
         self._by_phrase = np.argsort(self._phrase_ids, kind="stable")
         self._sorted_phrase_ids = self._phrase_ids[self._by_phrase]
         self._unique_phrase_ids = np.unique(self._phrase_ids)
-        if len(self) == 0:
-            raise ValueError(f"{type(self).__name__}: no usable tasks (excluded: {len(self.excluded)})")
         if self.negative_prob > 0 and len(self._unique_phrase_ids) < 2:
             raise ValueError("negative_prob > 0 needs at least two different phrases in the data")
+        _, first, image_of_task = np.unique(self._image_keys(), return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")  # images numbered by their first task
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        self._image_of_task = rank[image_of_task.reshape(-1)]
+        by_image = np.argsort(self._image_of_task, kind="stable")
+        bounds = np.searchsorted(self._image_of_task[by_image], np.arange(len(order) + 1))
+        self._tasks_of_image = [by_image[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -160,8 +185,16 @@ class SegmentationData(Dataset):
     def phrase_text(self, phrase_id: int) -> str:
         raise NotImplementedError
 
+    def _image_keys(self) -> np.ndarray:
+        """One key per task naming its image (tasks with the same key share the image file)."""
+        raise NotImplementedError
+
     def _load_mask(self, index: int, height: int, width: int, rule: str) -> np.ndarray:
         raise NotImplementedError
+
+    def image_groups(self) -> list[np.ndarray]:
+        """The tasks of each image (task indices in order), images in the order of their first task."""
+        return list(self._tasks_of_image)
 
     def __getitem__(self, index: int) -> dict:
         """One sample (see the class docstring). When task `index` cannot be used (unreadable image, size
@@ -190,6 +223,23 @@ class SegmentationData(Dataset):
             f"{min(len(self), MAX_CONSECUTIVE_SKIPS)} consecutive tasks from index {index} could not be read "
             f"(last: {reason}); the data is broken or incomplete, check the image directory"
         )
+
+    def group_sample(self, tasks: Sequence[int]) -> dict:
+        """Test mode: tasks of one image, read once. Returns `pixel_values` (3, S, S), `prompts_per_image` =
+        len(tasks) and, per task, lists of the test sample fields (`mask` (N, 1, S, S) stacked); `skipped` lists
+        every task when the image cannot be used (then no other field is set)."""
+        try:
+            _, image = self._read(int(tasks[0]))
+        except SkipTask as err:
+            skipped = [(self.task_info(int(task)).task_id, str(err)) for task in tasks]
+            for task_id, reason in skipped:
+                warnings.warn(f"skipped task {task_id}: {reason}", stacklevel=2)
+            return {"skipped": skipped}
+        box = (0, 0, image.width, image.height)
+        parts = [self._task_part(int(task), image, box, self._rng(int(task))) for task in tasks]
+        sample = _stack_parts(parts)
+        sample.update(pixel_values=self.transform.pixels(image, box), prompts_per_image=len(tasks), skipped=[])
+        return sample
 
     def reseed(self, seed: int) -> None:
         """Draw the following training samples from a fresh stream seeded by `seed`. train.py reseeds before every
@@ -233,9 +283,38 @@ class SegmentationData(Dataset):
 
     def _sample(self, index: int) -> dict:
         rng = self._rng(index)
-        info, image = self._read(index)
+        _, image = self._read(index)
         mask = self._load_mask(index, image.height, image.width, "polygon2mask")
         box = self._box(mask, rng)
+        jitter = colour_jitter_of(rng) if self.colour_jitter else None
+        sample = {"pixel_values": self.transform.pixels(image, box, adjust=jitter)}
+        tasks = [index] + self._companions(index, rng) if self.prompts_per_image > 1 else [index]
+        parts = [self._task_part(task, image, box, rng, mask if task == index else None) for task in tasks]
+        if self.prompts_per_image > 1:
+            sample |= _stack_parts(parts)
+            sample["task_ids"], sample["task_id"] = sample["task_id"], parts[0]["task_id"]
+        else:
+            sample |= parts[0]
+        return sample
+
+    def _companions(self, index: int, rng: np.random.Generator) -> list[int]:
+        """K - 1 other tasks of the sample's image, drawn without replacement; an image with fewer tasks repeats
+        them (each draw still has its own negative and template)."""
+        others = self._tasks_of_image[self._image_of_task[index]]
+        others = others[others != index]
+        wanted = self.prompts_per_image - 1
+        if not len(others):
+            return [index] * wanted
+        order = np.concatenate([rng.permutation(others) for _ in range(-(-wanted // len(others)))])
+        return [int(task) for task in order[:wanted]]
+
+    def _task_part(
+        self, index: int, image: Image.Image, box: tuple, rng: np.random.Generator, mask: np.ndarray | None = None
+    ) -> dict:
+        """The fields of one task on an image already read and cropped to `box`."""
+        info = self.task_info(index)
+        if mask is None:
+            mask = self._load_mask(index, image.height, image.width, "polygon2mask")
         target = self.transform.mask(mask, box)
         phrase_id = int(self._phrase_ids[index])
         negative = bool(self.negative_prob > 0 and rng.random() < self.negative_prob)
@@ -243,27 +322,27 @@ class SegmentationData(Dataset):
             phrase_id = self._other_phrase(phrase_id, rng)
             target = np.zeros_like(target)
         phrase = self.phrase_text(phrase_id)
-        sample = {
-            "pixel_values": self.transform.pixels(image, box),
+        template = self.templates[rng.integers(len(self.templates))] if len(self.templates) > 1 else self.templates[0]
+        part = {
             "mask": torch.from_numpy(target.astype(np.float32))[None],
-            "phrase": TEMPLATES[rng.integers(len(TEMPLATES))].format(phrase) if self.templates else phrase,
+            "phrase": template.format(phrase),
             "negative": negative,
             "task_id": info.task_id,
         }
         if self.visual_support:
             prompt = self._support_prompt(phrase_id, rng)
-            sample["has_prompt_image"] = prompt is not None
-            sample["prompt_image"] = prompt if prompt is not None else torch.zeros(3, self.image_size, self.image_size)
+            part["has_prompt_image"] = prompt is not None
+            part["prompt_image"] = prompt if prompt is not None else torch.zeros(3, self.image_size, self.image_size)
         if not self.train:
             full_mask = self._load_mask(index, image.height, image.width, "phrasecut")
-            sample.update(
+            part.update(
                 original_size=(image.height, image.width),
                 full_mask=np.zeros_like(full_mask) if negative else full_mask,
                 phrase_type=info.phrase_type,
                 n_instances=info.n_instances,
                 image_path=str(info.image_path),
             )
-        return sample
+        return part
 
     def _other_phrase(self, phrase_id: int, rng: np.random.Generator) -> int:
         """A negative's phrase: uniform over the split's unique phrases, redrawn while it is the sample's own."""
@@ -290,6 +369,16 @@ class SegmentationData(Dataset):
             pixels, support_mask = self.transform.pixels(image, box), self.transform.mask(mask, box)
             return visual_prompt(pixels, torch.from_numpy(support_mask), size=self.image_size)
         return None
+
+
+def _stack_parts(parts: list[dict]) -> dict:
+    """Per-task fields of several tasks: tensors stacked, everything else in lists."""
+    return {
+        key: torch.stack([p[key] for p in parts])
+        if isinstance(parts[0][key], torch.Tensor)
+        else [p[key] for p in parts]
+        for key in parts[0]
+    }
 
 
 def collate(samples: list[dict]) -> dict:
@@ -672,7 +761,7 @@ class PhraseCut(SegmentationData):
                 f"{self.excluded[0][1]}); see dataset.excluded",
                 stacklevel=2,
             )
-        self._init_phrases()
+        self._init_tasks()
 
     @property
     def tasks(self) -> TaskList:
@@ -681,6 +770,13 @@ class PhraseCut(SegmentationData):
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def _image_keys(self) -> np.ndarray:
+        keys = np.empty(len(self), dtype=np.int64)
+        for number, table in enumerate(self.tables):
+            chosen = self._rows[:, 0] == number
+            keys[chosen] = np.asarray(table.image_id)[self._rows[chosen, 1]]
+        return keys
 
     def _locate(self, index: int) -> tuple[TaskTable, int]:
         number, row = self._rows[index]
@@ -774,13 +870,16 @@ class UserFolder(SegmentationData):
         lookup = {phrase: number for number, phrase in enumerate(phrases)}
         self._phrase_ids = np.array([lookup[record["phrase"]] for record in self.records], dtype=np.int64)
         self._warned_non_binary = False
-        self._init_phrases()
+        self._init_tasks()
 
     def __len__(self) -> int:
         return len(self.records)
 
     def phrase_text(self, phrase_id: int) -> str:
         return self._phrases[phrase_id]
+
+    def _image_keys(self) -> np.ndarray:
+        return np.array([str(record["image"]) for record in self.records])
 
     def task_info(self, index: int) -> TaskInfo:
         record = self.records[index]

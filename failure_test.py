@@ -29,22 +29,20 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-import dataset as datasets
+from inference import SkipLog, predict_tasks
 from metrics import ious_at_thresholds
 from model import CLIPSeg
 from outputs import is_safe_name, printable, safe_name, write_text
 from preprocess import UnreadableImage, denormalise, full_size_probabilities, open_rgb
 from score import (
     ScoreError,
-    SkipLog,
     add_data_arguments,
     add_model_arguments,
     build_eval_dataset,
     check_common_arguments,
     load_model,
-    predict_batches,
     resolve_model,
 )
 
@@ -231,38 +229,36 @@ def find_failures(
 
     Only per-case records are kept in memory; each panel is written as soon as its case is found."""
     search = search or FailureSearch([], 0, SkipLog())
-    device = next(model.parameters()).device
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=datasets.collate)
-    for predictions in predict_batches(model, loader, device, amp, None, search.skips, "finding failures"):
-        batch = predictions.batch
-        for i, task_id in enumerate(batch["task_id"]):
-            original_size = tuple(int(v) for v in batch["original_size"][i])
-            probs = full_size_probabilities(predictions.logits[i], original_size)
-            gt = np.asarray(batch["full_mask"][i], dtype=bool)
+    batches = predict_tasks(
+        model,
+        data,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        amp=amp,
+        skips=search.skips,
+        description="finding failures",
+    )
+    for batch in batches:
+        for i, task_id in enumerate(batch.fields["task_id"]):
+            original_size = tuple(int(v) for v in batch.get("original_size", i))
+            probs = full_size_probabilities(batch.logits[i], original_size)
+            gt = np.asarray(batch.get("full_mask", i), dtype=bool)
             ious = tuple(float(v) for v in ious_at_thresholds(probs, gt, THRESHOLDS))
             search.n_samples += 1
             if not is_failure(ious):
                 continue
             case = FailureCase(
                 task_id=str(task_id),
-                phrase=predictions.phrases[i],
-                phrase_type=field_of(batch, "phrase_type", i),
-                n_instances=field_of(batch, "n_instances", i),
+                phrase=batch.phrases[i],
+                phrase_type=batch.get("phrase_type", i),
+                n_instances=batch.get("n_instances", i),
                 ious=ious,
                 panel=f"{safe_name(str(task_id))}.png",
             )
-            image = display_image(field_of(batch, "image_path", i), batch["pixel_values"][i], original_size)
+            image = display_image(batch.get("image_path", i), batch.fields["pixel_values"][i], original_size)
             render_panel(image, gt, probs, case, out / case.panel)
             search.cases.append(case)
     return search
-
-
-def field_of(batch: dict, key: str, index: int):
-    values = batch.get(key)
-    if values is None:
-        return None
-    value = values[index]
-    return value.item() if isinstance(value, torch.Tensor | np.generic) else value
 
 
 def write_reports(search: FailureSearch, out: Path, model_name: str, split: str, interrupted: bool) -> None:

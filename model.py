@@ -33,7 +33,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from outputs import atomic_write
+from outputs import atomic_write, write_text
 from preprocess import IMAGE_SIZE
 from tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, CLIPTokenizer
 
@@ -45,6 +45,7 @@ except ImportError:  # transformers 4.x
 PATCH_SIZE = 16
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
 WEIGHTS_NAME = "model.safetensors"
+DECODER_WEIGHTS_NAME = "decoder.safetensors"  # a decoder-only checkpoint's weights (`clipseg_weights` in its config)
 CONFIG_NAME = "config.json"
 
 
@@ -64,6 +65,9 @@ class CLIPSegConfig:
     conditional_layer: int = 0  # FiLM is applied before this decoder block
     dropout: float = 0.1  # decoder dropout during training (attention weights, residual branches, FFN)
     backbone: str = DEFAULT_BACKBONE  # where the CLIP weights came from (informational)
+    # where the frozen CLIP weights can be loaded from again (a CLIP or CLIPSeg hub id or directory; None for a
+    # random backbone): what lets a checkpoint hold only the decoder (`save_pretrained(decoder_only=True)`)
+    clip_source: str | None = None
     image_size: int = IMAGE_SIZE  # default input side for training, scoring and prediction
     clip: transformers.CLIPConfig | None = field(default=None, repr=False)
 
@@ -102,6 +106,7 @@ class CLIPSegConfig:
         out["architectures"] = ["CLIPSegForImageSegmentation"]
         out["clipseg_decoder_dropout"] = self.dropout
         out["clipseg_backbone"] = self.backbone
+        out["clipseg_clip_source"] = self.clip_source
         out["clipseg_image_size"] = self.image_size
         return out
 
@@ -125,6 +130,7 @@ class CLIPSegConfig:
             conditional_layer=hf.conditional_layer,
             dropout=data.get("clipseg_decoder_dropout", 0.1),
             backbone=data.get("clipseg_backbone", data.get("_name_or_path") or DEFAULT_BACKBONE),
+            clip_source=data.get("clipseg_clip_source"),
             image_size=data.get("clipseg_image_size", IMAGE_SIZE),
             clip=clip,
         )
@@ -286,6 +292,15 @@ class CLIPSegDecoder(nn.Module):
 
 
 @dataclass
+class SegmentationOutput:
+    """What `CLIPSeg.forward` returns. logits: (N, 1, H, W); loss: BCE-with-logits against the labels given,
+    a scalar (None without labels)."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+
+
+@dataclass
 class ImageFeatures:
     """What the decoder needs from one pass of the vision tower.
 
@@ -319,7 +334,7 @@ class CLIPSeg(nn.Module):
         if backbone == "tiny":
             return cls(tiny_config(**knobs))
         clip = _load_clip(backbone)
-        model = cls(CLIPSegConfig(**knobs, backbone=backbone, clip=clip.config))
+        model = cls(CLIPSegConfig(**knobs, backbone=backbone, clip_source=_location(backbone), clip=clip.config))
         model.clip = clip.requires_grad_(False).eval()
         return model
 
@@ -341,9 +356,15 @@ class CLIPSeg(nn.Module):
             return cls._from_original(Path(name), backbone or DEFAULT_BACKBONE, knobs)
         if backbone is not None:
             raise ValueError("backbone= is only for original .pth decoder files; HF checkpoints carry their CLIP")
-        config = CLIPSegConfig.from_hf_dict(json.loads(Path(_resolve_file(name, CONFIG_NAME)).read_text()))
+        stored = json.loads(Path(_resolve_file(name, CONFIG_NAME)).read_text())
+        config = CLIPSegConfig.from_hf_dict(stored)
         _check_knobs(config, knobs, STRUCTURAL_KNOBS, name)
-        state = _load_hf_state_dict(name)
+        if stored.get("clipseg_weights") == DECODER_WEIGHTS_NAME:
+            decoder = load_file(_resolve_file(name, DECODER_WEIGHTS_NAME))
+            state = {**_clip_weights(config.clip_source, name), **decoder}
+        else:
+            state = _load_hf_state_dict(name)
+            config = replace(config, clip_source=_location(name))  # this checkpoint holds the CLIP weights
         with no_init_weights():  # every weight is overwritten below: skip CLIP's random init (seconds at B/16)
             model = cls(replace(config, **{k: v for k, v in knobs.items() if k in FREE_KNOBS}))
         model.load_weights(state, source=name)
@@ -377,14 +398,26 @@ class CLIPSeg(nn.Module):
                 tensor.copy_(state[key])
         self.text_cache = {} if self.text_cache is not None else None
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write `config.json` + `model.safetensors` (the HF CLIPSeg layout), each atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, decoder_only: bool = False) -> Path:
+        """Write the HF CLIPSeg layout, `config.json` + `model.safetensors`, each atomically: loadable here and by
+        `transformers.CLIPSegForImageSegmentation`. With `decoder_only`, `decoder.safetensors` (the trainable
+        weights, 4 MB at D = 64) replaces `model.safetensors` (600 MB at ViT-B/16) and the config names where the
+        frozen CLIP comes from (`config.clip_source`): loadable here only. The config is written after the weights
+        and names the weights file, so a kill at any moment leaves a loadable directory; the other layout's
+        weights file is removed last."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-        text = json.dumps(self.config.to_hf_dict(), indent=2, sort_keys=True)
-        atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+        if decoder_only and self.config.clip_source is None:
+            raise ValueError(
+                "a decoder-only checkpoint needs config.clip_source, and this model's CLIP is random (it cannot be "
+                "loaded again from a reference): save the whole model"
+            )
+        weights, stale = (DECODER_WEIGHTS_NAME, WEIGHTS_NAME) if decoder_only else (WEIGHTS_NAME, DECODER_WEIGHTS_NAME)
+        module, prefix = (self.decoder, "decoder.") if decoder_only else (self, "")
+        state = {prefix + k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        atomic_write(directory / weights, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        config = self.config.to_hf_dict() | ({"clipseg_weights": DECODER_WEIGHTS_NAME} if decoder_only else {})
+        write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+        (directory / stale).unlink(missing_ok=True)
         return directory
 
     def decoder_parameters(self) -> list[nn.Parameter]:
@@ -468,20 +501,32 @@ class CLIPSeg(nn.Module):
         _, activations, grid = self._vision_tower(pixel_values, stop_after=max(self.config.extract_layers))
         return ImageFeatures(activations, grid)
 
-    def decode(self, features: ImageFeatures, conditional: Tensor) -> Tensor:
-        """Image features (batch B or 1) + (K, 512) conditionals (K = B, or any K when B = 1) -> (K, 1, H, W)."""
-        batch = features.activations[0].shape[0]
+    def decode(
+        self, features: ImageFeatures, conditional: Tensor, prompts_per_image: Sequence[int] | None = None
+    ) -> Tensor:
+        """Image features (batch B) + (N, 512) conditionals -> (N, 1, H, W) logits. Image b is decoded against the
+        b-th run of `prompts_per_image[b]` consecutive prompts (default: N / B each; one image takes any N)."""
+        batch, prompts = features.activations[0].shape[0], conditional.shape[0]
         if conditional.ndim != 2 or conditional.shape[1] != self.config.clip.projection_dim:
             raise ValueError(
-                f"conditional must be (K, {self.config.clip.projection_dim}), got {tuple(conditional.shape)}"
+                f"conditional must be (N, {self.config.clip.projection_dim}), got {tuple(conditional.shape)}"
             )
-        if batch != 1 and conditional.shape[0] != batch:
-            raise ValueError(f"{conditional.shape[0]} prompts for {batch} images: give one prompt per image")
-        dtype = self.decoder.film_mul.weight.dtype
+        if prompts_per_image is None:
+            if prompts % batch:
+                raise ValueError(f"{prompts} prompts for {batch} images: give each image the same number of prompts")
+            prompts_per_image = [prompts // batch] * batch
+        elif len(prompts_per_image) != batch or sum(prompts_per_image) != prompts:
+            raise ValueError(
+                f"prompts_per_image {list(prompts_per_image)} does not split {prompts} prompts over {batch} images"
+            )
+        activations = features.activations
+        if batch > 1 and any(n != 1 for n in prompts_per_image):  # one image broadcasts; several are repeated
+            repeats = torch.as_tensor(prompts_per_image, device=activations[0].device)
+            activations = [a.repeat_interleave(repeats, dim=0) for a in activations]
         if not torch.is_autocast_enabled(conditional.device.type):
-            conditional = conditional.to(dtype)
-            features = ImageFeatures([a.to(dtype) for a in features.activations], features.grid)
-        return self.decoder(features.activations, conditional, features.grid)
+            dtype = self.decoder.film_mul.weight.dtype
+            conditional, activations = conditional.to(dtype), [a.to(dtype) for a in activations]
+        return self.decoder(activations, conditional, features.grid)
 
     def conditional(
         self,
@@ -513,15 +558,23 @@ class CLIPSeg(nn.Module):
         attention_mask: Tensor | None = None,
         prompt_images: Tensor | None = None,
         conditional: Tensor | None = None,
-    ) -> Tensor:
-        """(B, 3, H, W) normalised pixels + one prompt per image -> (B, 1, H, W) logits.
+        labels: Tensor | None = None,
+    ) -> SegmentationOutput:
+        """(B, 3, H, W) normalised pixels + N prompts, N a multiple of B (image b takes the b-th group of N/B
+        consecutive prompts) -> `SegmentationOutput` with (N, 1, H, W) logits; with `labels` (N, 1, H, W) targets
+        in [0, 1] also the training loss, BCE-with-logits averaged over all pixels (computed in fp32).
 
-        The prompt is exactly one of: `phrases` (B strings), `input_ids` (B, L) [+ `attention_mask`],
-        `prompt_images` (B, 3, h, w) already engineered (see `preprocess.visual_prompt`), `conditional` (B, 512)."""
+        The prompt is exactly one of: `phrases` (N strings), `input_ids` (N, L) [+ `attention_mask`],
+        `prompt_images` (N, 3, h, w) already engineered (see `preprocess.visual_prompt`), `conditional` (N, 512).
+        The vision tower runs once per image, whatever N."""
         cond = self.conditional(phrases, input_ids, attention_mask, prompt_images, conditional)
-        if len(cond) != len(pixel_values):
-            raise ValueError(f"{len(cond)} prompts for {len(pixel_values)} images: give one prompt per image")
-        return self.decode(self.encode_image(pixel_values), cond)
+        logits = self.decode(self.encode_image(pixel_values), cond)
+        if labels is None:
+            return SegmentationOutput(logits)
+        if labels.shape != logits.shape:
+            raise ValueError(f"labels must have the logits' shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels.to(logits.device, torch.float32))
+        return SegmentationOutput(logits, loss)
 
     @torch.no_grad()
     def predict_prompts(self, pixel_values: Tensor, **prompt) -> Tensor:
@@ -594,6 +647,29 @@ def _load_clip(backbone: str) -> transformers.CLIPModel:
         raise OSError(
             f"could not load the CLIP backbone {backbone!r}: give a hub id (needs network or a filled HF cache) "
             f"or a local directory saved with CLIPModel.save_pretrained ({err})"
+        ) from err
+
+
+def _location(name_or_path: str) -> str:
+    """A checkpoint or backbone reference that stays valid from another working directory."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def _clip_weights(source: str | None, checkpoint: str) -> dict[str, Tensor]:
+    """The `clip.*` weights a decoder-only checkpoint refers to: from a full CLIPSeg checkpoint or a CLIP model."""
+    hint = "keep the checkpoint or CLIP it names, or load a complete model (best/, iter_*/ or a finished run)"
+    if source is None:
+        raise CheckpointError(f"{checkpoint} holds only the decoder and names no CLIP weights; {hint}")
+    try:
+        stored = json.loads(Path(_resolve_file(source, CONFIG_NAME)).read_text())
+        if stored.get("model_type") == "clipseg":
+            return {k: v for k, v in _load_hf_state_dict(source).items() if k.startswith("clip.")}
+        return {f"clip.{k}": v for k, v in _load_clip(source).state_dict().items()}
+    except OSError as err:
+        raise CheckpointError(
+            f"{checkpoint} holds only the decoder; its CLIP weights come from {source!r}, which cannot be read: "
+            f"{err}; {hint}"
         ) from err
 
 

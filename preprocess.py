@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -268,10 +268,12 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-def normalise(pixels: Tensor) -> Tensor:
+def normalise(pixels: Tensor, adjust: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """(3, H, W) float pixels on the 0-255 scale -> ImageNet-normalised: x / 255, then (x - mean) / std, in the
-    order and precision the original applies them (`img / 255.0`, then torchvision's `Normalize`)."""
-    return (pixels / 255.0 - _MEAN) / _STD
+    order and precision the original applies them (`img / 255.0`, then torchvision's `Normalize`). `adjust` (such
+    as `colour_jitter_of(rng)`) acts on the [0, 1] image in between, where the original applies its jitter."""
+    unit = pixels / 255.0
+    return ((adjust(unit) if adjust is not None else unit) - _MEAN) / _STD
 
 
 def denormalise(pixel_values: Tensor) -> Tensor:
@@ -286,20 +288,23 @@ def check_rule(rule: str) -> str:
     return rule
 
 
-def resize_pixels(image: Image.Image | np.ndarray, size: tuple[int, int], rule: str) -> Tensor:
+def resize_pixels(
+    image: Image.Image | np.ndarray, size: tuple[int, int], rule: str, adjust: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """RGB image (PIL, or (H, W, 3) uint8 array) -> (3, h, w) float32 ImageNet-normalised, size = (w, h).
 
     rule "original": the uint8 image as float, `interpolate(bilinear, align_corners=True)`, no antialiasing;
-    rule "pil": PIL's bilinear resize (antialiased when shrinking), as the HF processor does."""
+    rule "pil": PIL's bilinear resize (antialiased when shrinking), as the HF processor does. `adjust`: see
+    `normalise`."""
     width, height = size
     if check_rule(rule) == "pil":
         pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
         if pil.size != (width, height):
             pil = pil.resize((width, height), Image.BILINEAR)
-        return normalise(torch.from_numpy(np.array(pil, dtype=np.float32)).permute(2, 0, 1))
+        return normalise(torch.from_numpy(np.array(pil, dtype=np.float32)).permute(2, 0, 1), adjust)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float()
     pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=True)
-    return normalise(pixels[0])
+    return normalise(pixels[0], adjust)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int], rule: str) -> np.ndarray:
@@ -340,6 +345,66 @@ def random_crop_offsets(rng: np.random.Generator, height: int, width: int, tries
     return np.stack([rng.integers(0, height - side + 1, tries), rng.integers(0, width - side + 1, tries)], axis=1)
 
 
+def colour_jitter_of(
+    rng: np.random.Generator, brightness: float = 0.5, contrast: float = 0.5, saturation: float = 0.2, hue: float = 0.05
+) -> Callable[[Tensor], Tensor]:
+    """The original's optional colour augmentation, torchvision's `ColorJitter(0.5, 0.5, 0.2, 0.05)` on a [0, 1]
+    image (SPEC 1b; off in the released runs): brightness, contrast and saturation factors drawn from
+    U(1 - x, 1 + x) and a hue shift from U(-h, h), applied in a random order, each result clipped to [0, 1]."""
+    factors = {
+        "brightness": rng.uniform(max(0.0, 1 - brightness), 1 + brightness),
+        "contrast": rng.uniform(max(0.0, 1 - contrast), 1 + contrast),
+        "saturation": rng.uniform(max(0.0, 1 - saturation), 1 + saturation),
+        "hue": rng.uniform(-hue, hue),
+    }
+    order = [list(factors)[i] for i in rng.permutation(4)]
+
+    def jitter(image: Tensor) -> Tensor:
+        for name in order:
+            factor = float(factors[name])
+            if name == "brightness":
+                image = (image * factor).clamp(0, 1)
+            elif name == "contrast":
+                mean = _grey(image).mean()
+                image = (factor * image + (1 - factor) * mean).clamp(0, 1)
+            elif name == "saturation":
+                image = (factor * image + (1 - factor) * _grey(image)).clamp(0, 1)
+            else:
+                image = _shift_hue(image, factor)
+        return image
+
+    return jitter
+
+
+def _grey(image: Tensor) -> Tensor:
+    """ITU-R 601-2 luma of a (3, H, W) [0, 1] image, (1, H, W), as torchvision's rgb_to_grayscale."""
+    return (0.2989 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
+
+
+def _shift_hue(image: Tensor, shift: float) -> Tensor:
+    """Rotate the hue of a (3, H, W) [0, 1] image by `shift` turns (through HSV)."""
+    red, green, blue = image
+    value, _ = image.max(dim=0)
+    chroma = value - image.min(dim=0).values
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    hue = torch.where(
+        value == red,
+        ((green - blue) / safe) % 6,
+        torch.where(value == green, (blue - red) / safe + 2, (red - green) / safe + 4),
+    )
+    hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))
+    hue = (hue + shift) % 1.0
+    saturation = torch.where(
+        value > 0, chroma / torch.where(value > 0, value, torch.ones_like(value)), torch.zeros_like(value)
+    )
+    sector = hue * 6
+    channels = []
+    for offset in (5, 3, 1):  # the standard HSV -> RGB formula, one channel per offset
+        k = (offset + sector) % 6
+        channels.append(value - value * saturation * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
+    return torch.stack(channels)
+
+
 def native_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     """(W, H) of the model input that keeps an image's aspect: the short side becomes `short_side`, the long side
     is scaled alike and rounded to a multiple of 16, capped at MAX_ASPECT x the short side."""
@@ -370,12 +435,18 @@ class ImageTransform:
         """(W, H) the model sees for a `width` x `height` image (or crop)."""
         return (self.size, self.size) if self.square else native_size(width, height, self.size)
 
-    def pixels(self, image: Image.Image, box: tuple[int, int, int, int] | None = None) -> Tensor:
-        """RGB image, cropped to `box` = (left, top, right, bottom) first -> (3, H, W) normalised pixels."""
+    def pixels(
+        self,
+        image: Image.Image,
+        box: tuple[int, int, int, int] | None = None,
+        adjust: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """RGB image, cropped to `box` = (left, top, right, bottom) first -> (3, H, W) normalised pixels.
+        `adjust` acts on the resized [0, 1] image before normalisation (see `normalise`)."""
         if box is not None:
             image = image.crop(box) if self.rule == "pil" else np.asarray(image)[box[1] : box[3], box[0] : box[2]]
         width, height = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
-        return resize_pixels(image, self.input_size(width, height), self.rule)
+        return resize_pixels(image, self.input_size(width, height), self.rule, adjust)
 
     def mask(self, mask: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """bool (H0, W0) mask, cropped to `box` first -> bool (H, W) at the model's input size."""

@@ -19,20 +19,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 import dataset as datasets
+from inference import SkipLog, TaskBatch, predict_tasks
 from metrics import PAPER_THRESHOLDS, PaperMetrics, PhraseCutMetrics
-from model import AMP_HELP, PATCH_SIZE, CLIPSeg, autocast
+from model import AMP_HELP, PATCH_SIZE, CLIPSeg
 from outputs import safe_name, write_json
 from preprocess import RESIZE_RULES, full_size_probabilities
 
@@ -192,83 +191,6 @@ def shuffled_phrases(pairs: Sequence[tuple[str, str]], seed: int = SHUFFLE_SEED)
     return {pairs[order[k]][0]: pairs[order[(k + 1) % len(order)]][1] for k in range(len(order))}
 
 
-@dataclass
-class Predictions:
-    """One batch: the samples and the model's (B, 1, S, S) float32 logits on the CPU."""
-
-    batch: dict
-    phrases: list[str]
-    logits: Tensor
-
-
-@dataclass
-class SkipLog:
-    """Tasks the data set had to skip, with reasons (unreadable image, size mismatch), and the number of tasks it
-    delivered a second time (it moves on to the next task after a bad one); those are scored once."""
-
-    reasons: list[dict] = field(default_factory=list)
-    duplicates: int = 0
-    seen: set[str] = field(default_factory=set)
-    skipped_ids: set[str] = field(default_factory=set)
-
-    def add(self, task_id: str, reason: str) -> None:
-        """Log a skipped task once (every sample that stepped over it reports it)."""
-        if str(task_id) not in self.skipped_ids:
-            self.skipped_ids.add(str(task_id))
-            self.reasons.append({"task_id": str(task_id), "reason": str(reason)})
-
-
-def predict_batches(
-    model: CLIPSeg,
-    loader: DataLoader,
-    device: torch.device,
-    amp: bool = False,
-    phrase_for_task: dict[str, str] | None = None,
-    skips: SkipLog | None = None,
-    description: str = "scoring",
-) -> Iterator[Predictions]:
-    """Run the model over a loader of test-mode samples, with a progress bar.
-
-    phrase_for_task: replaces each sample's phrase (for --shuffle-prompts). Skips the data set reports (a bad image
-    makes it move on to the next task) are logged in `skips`; a task delivered twice is scored once.
-    """
-    skips = skips if skips is not None else SkipLog()
-    for batch in tqdm(loader, desc=description, unit="batch", file=sys.stderr, dynamic_ncols=True):
-        for task_id, reason in batch.get("skipped") or []:
-            skips.add(task_id, reason)
-        keep = []
-        for i, task_id in enumerate(batch["task_id"]):
-            if task_id in skips.seen:
-                skips.duplicates += 1
-            else:
-                keep.append(i)
-                skips.seen.add(task_id)
-        if not keep:
-            continue
-        batch = select_samples(batch, keep)
-        phrases = list(batch["phrase"])
-        if phrase_for_task is not None:
-            phrases = [phrase_for_task[task_id] for task_id in batch["task_id"]]
-        with torch.no_grad(), autocast(device, amp):
-            logits = model(batch["pixel_values"].to(device), phrases)
-        yield Predictions(batch, phrases, logits.float().cpu())
-
-
-def select_samples(batch: dict, keep: list[int]) -> dict:
-    """The samples `keep` of a collated batch (tensors and lists alike); other entries are kept as they are."""
-    if len(keep) == len(batch["task_id"]):
-        return batch
-    out = {}
-    for key, value in batch.items():
-        if key == "skipped":
-            out[key] = value
-        elif isinstance(value, Tensor | np.ndarray | list | tuple) and len(value) == len(batch["task_id"]):
-            out[key] = value[keep] if isinstance(value, Tensor | np.ndarray) else [value[i] for i in keep]
-        else:
-            out[key] = value
-    return out
-
-
 def save_prediction_png(mask: np.ndarray, directory: Path, task_id: str) -> Path:
     """Write a binary (H, W) mask as `<task_id>.png` (single channel, 0 / 255, original size)."""
     path = directory / f"{safe_name(task_id)}.png"
@@ -293,22 +215,16 @@ class ScoreRun:
         if self.paper is None:
             self.paper = PaperMetrics(report_threshold=self.threshold)
 
-    def update(self, predictions: Predictions, save_dir: Path | None = None) -> None:
+    def update(self, batch: TaskBatch, save_dir: Path | None = None) -> None:
         """Add a batch: paper metrics at S x S, official metrics at the original size (and the PNGs)."""
-        batch = predictions.batch
-        self.paper.update(torch.sigmoid(predictions.logits), batch["mask"])
-        for i, task_id in enumerate(batch["task_id"]):
-            pred = full_size_probabilities(predictions.logits[i], batch["original_size"][i]) > self.threshold
-            gt = np.asarray(batch["full_mask"][i], dtype=bool)
-            self.official.update(pred, gt, optional(batch, "phrase_type", i), optional(batch, "n_instances", i))
+        self.paper.update(torch.sigmoid(batch.logits), batch.fields["mask"])
+        for i, task_id in enumerate(batch.fields["task_id"]):
+            pred = full_size_probabilities(batch.logits[i], batch.get("original_size", i)) > self.threshold
+            gt = np.asarray(batch.get("full_mask", i), dtype=bool)
+            self.official.update(pred, gt, batch.get("phrase_type", i), batch.get("n_instances", i))
             if save_dir is not None:
                 save_prediction_png(pred, save_dir, task_id)
-        self.n_samples += len(batch["task_id"])
-
-
-def optional(batch: dict, key: str, index: int):
-    values = batch.get(key)
-    return None if values is None else values[index]
+        self.n_samples += len(batch)
 
 
 def score(
@@ -322,22 +238,28 @@ def score(
     shuffle_prompts: bool = False,
     save_predictions: Path | None = None,
     run: ScoreRun | None = None,
+    tasks: Sequence[int] | None = None,
+    group_by_image: bool = True,
 ) -> ScoreRun:
-    """Score `model` on every sample of a test-mode data set. Pass `run` to keep partial results on interrupt."""
+    """Score `model` on every task of a test-mode data set (or the task indices `tasks`). Each image is encoded
+    once for all its tasks (`inference.predict_tasks`); `group_by_image=False` encodes it once per task, as the
+    reference implementations do. Pass `run` to keep partial results on interrupt."""
     run = run or ScoreRun(threshold=threshold)
-    device = next(model.parameters()).device
     phrase_for_task = shuffled_phrases(task_phrases(data)) if shuffle_prompts else None
-    loader = DataLoader(
+    if save_predictions is not None:
+        save_predictions.mkdir(parents=True, exist_ok=True)
+    for batch in predict_tasks(
+        model,
         data,
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=datasets.collate,
-        pin_memory=device.type == "cuda",
-    )
-    if save_predictions is not None:
-        save_predictions.mkdir(parents=True, exist_ok=True)
-    for predictions in predict_batches(model, loader, device, amp, phrase_for_task, run.skips):
-        run.update(predictions, save_predictions)
+        amp=amp,
+        tasks=tasks,
+        phrase_for_task=phrase_for_task,
+        skips=run.skips,
+        group_by_image=group_by_image,
+    ):
+        run.update(batch, save_predictions)
     return run
 
 
@@ -349,7 +271,6 @@ def results_dict(run: ScoreRun, settings: dict, data: Dataset, seconds: float, i
         "paper": to_builtin(run.paper.compute()) if run.n_samples else {},
         "phrasecut": to_builtin(run.official.compute()) if run.n_samples else {},
         "skipped": {"count": len(run.skips.reasons), "samples": run.skips.reasons},
-        "duplicates_ignored": run.skips.duplicates,
         "excluded": {"count": len(excluded), "tasks": to_builtin(list(excluded))},
         "seconds": round(seconds, 2),
         "interrupted": interrupted,

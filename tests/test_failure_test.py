@@ -87,7 +87,7 @@ def expected_ious(checkpoints, synthetic_root, oracle: set[str] = frozenset()) -
     for start in range(0, len(data), 4):
         batch = datasets.collate([data[i] for i in range(start, min(start + 4, len(data)))])
         with torch.no_grad():
-            logits = model(batch["pixel_values"], batch["phrase"])
+            logits = model(batch["pixel_values"], batch["phrase"]).logits
         for i, task_id in enumerate(batch["task_id"]):
             height, width = (int(v) for v in batch["original_size"][i])
             gt = np.asarray(batch["full_mask"][i], dtype=bool)

@@ -93,7 +93,7 @@ def recompute(checkpoints, synthetic_root, phrases_for=None):
         batch = datasets.collate(samples[start : start + 4])
         phrases = [phrases_for[t] for t in batch["task_id"]] if phrases_for else batch["phrase"]
         with torch.no_grad():
-            logits = model(batch["pixel_values"], phrases)
+            logits = model(batch["pixel_values"], phrases).logits
         probs.append(torch.sigmoid(logits[:, 0]).numpy())
         for i, task_id in enumerate(batch["task_id"]):
             height, width = (int(v) for v in batch["original_size"][i])
