@@ -48,6 +48,7 @@ from model import CLIPSeg, tiny_clip_config
 from model import amp_dtype as model_amp_dtype
 from outputs import atomic_write
 from preprocess import RESIZE_RULES
+from wordnet_classes import WordNetMissing, parse_removal
 
 STATE_NAME = "train_state.pt"
 ARGS_NAME = "args.json"
@@ -131,6 +132,14 @@ def layer_list(text: str) -> tuple[int, ...]:
     return layers
 
 
+def removal_spec(text: str) -> str:
+    try:
+        parse_removal(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text
+
+
 def run_name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text):
         raise argparse.ArgumentTypeError(
@@ -200,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--mix", action="store_true", help="PC+: mix text with visual-prompt embeddings, use the 9 prompt templates"
     )
+    data.add_argument(
+        "--remove-classes",
+        type=removal_spec,
+        default=None,
+        metavar="pas5i:K|zs:K|aff",
+        help="fold-aware training: drop the PhraseCut tasks whose phrase names a test class of Pascal-5i fold K, "
+        "of the first K zero-shot pairs (WordNet hyponyms included; needs nltk and WordNet, README) or an "
+        "affordance word",
+    )
     data.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader worker processes")
     data.add_argument(
         "--text-cache-size", type=positive_int, default=100_000, help="phrases whose text embedding is kept"
@@ -243,6 +261,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.data == "folder" and args.data_root is None:
         parser.error("--data=folder needs --data-root=<your JSONL or CSV index file>")
+    if args.data == "folder" and args.remove_classes:
+        parser.error("--remove-classes filters PhraseCut-format data (--data phrasecut or synthetic)")
     if args.init is not None and args.backbone is not None and Path(args.init).suffix not in (".pth", ".pt"):
         parser.error("--backbone goes with --init only for an original .pth decoder; HF checkpoints carry their CLIP")
     if args.extract_layers is not None and args.init is not None:
@@ -427,19 +447,24 @@ def build_training_set(args: argparse.Namespace) -> Dataset:
         )
     if args.data == "folder" and not Path(root).is_file():
         raise TrainingError(f"--data-root={root}: no such index file (a JSONL or CSV of image, phrase, mask)")
-    return datasets.build_dataset(
-        args.data,
-        root,
-        args.split,
-        train=True,
-        image_size=args.image_size,
-        negative_prob=args.negative_prob,
-        whole_image_prob=args.whole_image_prob,
-        resize=args.resize,
-        visual_support=args.mix,
-        templates=args.mix,
-        seed=args.seed,
-    )
+    removal = {"remove_classes": args.remove_classes} if args.remove_classes else {}
+    try:
+        return datasets.build_dataset(
+            args.data,
+            root,
+            args.split,
+            train=True,
+            image_size=args.image_size,
+            negative_prob=args.negative_prob,
+            whole_image_prob=args.whole_image_prob,
+            resize=args.resize,
+            visual_support=args.mix,
+            templates=args.mix,
+            seed=args.seed,
+            **removal,
+        )
+    except WordNetMissing as err:
+        raise TrainingError(f"--remove-classes {args.remove_classes}: {err}") from err
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -795,6 +820,10 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
     if world.is_main:
         announce(args, model, dataset, world, device, dtype, start_step)
         rewrite_log(files.log, read_log(files.log, up_to_step=start_step))
+        if getattr(args, "remove_classes", None):
+            record = {"step": start_step, "remove_classes": args.remove_classes, "removed": removed_count(dataset)}
+            with open(files.log, "a") as log:
+                log.write(json.dumps(record) + "\n")
         for leftover in files.dir.glob(".*.tmp"):  # from a write cut short by a kill
             leftover.unlink()
     loop = TrainingLoop(args, model, decoder, optimizer, scheduler, scaler, dtype, device, world, files)
@@ -812,13 +841,20 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
 def announce(args, model: CLIPSeg, dataset: Dataset, world: Distributed, device, dtype, start_step: int) -> None:
     trainable = sum(p.numel() for p in model.decoder.parameters())
     excluded = getattr(dataset, "excluded", None)
+    removal = getattr(args, "remove_classes", None)
     print(
         f"{'resuming' if start_step else 'training'} {args.name} at iteration {start_step}/{args.max_iterations}: "
         f"{len(dataset)} training samples ({args.data}), {trainable:,} trainable parameters, batch {args.batch_size}"
         f" on {world.world_size} x {device}, amp {amp_description(args.amp, dtype, device)}"
-        + (f"; {len(excluded)} task(s) excluded while indexing (e.g. {excluded[0]})" if excluded else ""),
+        + (f"; {len(excluded)} task(s) excluded while indexing (e.g. {excluded[0]})" if excluded else "")
+        + (f"; --remove-classes {args.remove_classes} removed {removed_count(dataset)} task(s)" if removal else ""),
         flush=True,
     )
+
+
+def removed_count(dataset: Dataset) -> int | None:
+    """Tasks --remove-classes dropped (None for a data set that was not filtered)."""
+    return getattr(dataset, "removed", None)
 
 
 def amp_description(requested: bool, dtype: torch.dtype | None, device: torch.device) -> str:
