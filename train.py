@@ -73,6 +73,7 @@ from sampling import (
     setup_distributed,
     threads_beside_workers,
 )
+from wordnet_classes import WordNetMissing, parse_removal
 
 # Flags that may differ from the stored run arguments when resuming; all others must match.
 RESUME_OVERRIDABLE = (
@@ -83,6 +84,14 @@ VAL_METRICS = ("miou", "iou_fg", "ap", "loss")  # the paper's metrics at t = 0.3
 
 class TrainingError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
+
+
+def removal_spec(text: str) -> str:
+    try:
+        parse_removal(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -191,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the vision tower runs once per crop; a batch then holds batch-size / K crops (a departure from the "
         "recipe: fewer distinct images per batch). Default 1 = the recipe",
     )
+    data.add_argument(
+        "--remove-classes",
+        type=removal_spec,
+        default=None,
+        metavar="pas5i:K|zs:K|aff",
+        help="fold-aware training: drop the PhraseCut tasks whose phrase names a test class of Pascal-5i fold K, "
+        "of the first K zero-shot pairs (WordNet hyponyms included; needs nltk and WordNet, README) or an "
+        "affordance word",
+    )
     data.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader worker processes")
     data.add_argument(
         "--text-cache-size", type=positive_int, default=100_000, help="phrases whose text embedding is kept"
@@ -255,6 +273,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.data == "folder" and args.data_root is None:
         parser.error("--data=folder needs --data-root=<your JSONL or CSV index file>")
+    if args.data == "folder" and args.remove_classes:
+        parser.error("--remove-classes filters PhraseCut-format data (--data phrasecut or synthetic)")
     if args.init is not None and args.backbone is not None and Path(args.init).suffix not in (".pth", ".pt"):
         parser.error("--backbone goes with --init only for an original .pth decoder; HF checkpoints carry their CLIP")
     if args.extract_layers is not None and args.init is not None:
@@ -280,21 +300,26 @@ def build_training_set(args: argparse.Namespace) -> Dataset:
         )
     if args.data == "folder" and not Path(root).is_file():
         raise TrainingError(f"--data-root={root}: no such index file (a JSONL or CSV of image, phrase, mask)")
-    return datasets.build_dataset(
-        args.data,
-        root,
-        args.split,
-        train=True,
-        image_size=args.image_size,
-        negative_prob=args.negative_prob,
-        whole_image_prob=args.whole_image_prob,
-        resize=args.resize,
-        visual_support=args.mix,
-        templates=datasets.PROMPT_TEMPLATES[prompt_templates(args)],
-        colour_jitter=args.aug_color,
-        prompts_per_image=args.prompts_per_image,
-        seed=args.seed,
-    )
+    removal = {"remove_classes": args.remove_classes} if getattr(args, "remove_classes", None) else {}
+    try:
+        return datasets.build_dataset(
+            args.data,
+            root,
+            args.split,
+            train=True,
+            image_size=args.image_size,
+            negative_prob=args.negative_prob,
+            whole_image_prob=args.whole_image_prob,
+            resize=args.resize,
+            visual_support=args.mix,
+            templates=datasets.PROMPT_TEMPLATES[prompt_templates(args)],
+            colour_jitter=args.aug_color,
+            prompts_per_image=args.prompts_per_image,
+            seed=args.seed,
+            **removal,
+        )
+    except WordNetMissing as err:
+        raise TrainingError(f"--remove-classes {args.remove_classes}: {err}") from err
 
 
 def data_root(args: argparse.Namespace) -> str | None:
@@ -870,6 +895,10 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
     if world.is_main:
         announce(args, model, dataset, world, device, loop.dtype, loop.step, validation)
         checkpoints.rewrite_log(files.log, checkpoints.read_log(files.log, up_to_step=loop.step))
+        if getattr(args, "remove_classes", None):
+            record = {"step": loop.step, "remove_classes": args.remove_classes, "removed": removed_count(dataset)}
+            with open(files.log, "a") as log:
+                log.write(json.dumps(record) + "\n")
         for leftover in files.dir.glob(".*.tmp"):  # from a write cut short by a kill
             leftover.unlink()
     if loop.step >= args.max_iterations:
@@ -895,9 +924,19 @@ def announce(args, model, dataset, world, device, dtype, start_step: int, valida
             if validation
             else ""
         )
-        + (f"; {len(excluded)} task(s) excluded while indexing (e.g. {excluded[0]})" if excluded else ""),
+        + (f"; {len(excluded)} task(s) excluded while indexing (e.g. {excluded[0]})" if excluded else "")
+        + (
+            f"; --remove-classes {args.remove_classes} removed {removed_count(dataset)} task(s)"
+            if getattr(args, "remove_classes", None)
+            else ""
+        ),
         flush=True,
     )
+
+
+def removed_count(dataset: Dataset) -> int | None:
+    """Tasks --remove-classes dropped (None for a data set that was not filtered)."""
+    return getattr(dataset, "removed", None)
 
 
 def amp_description(requested: bool, dtype: torch.dtype | None, device: torch.device) -> str:

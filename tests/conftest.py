@@ -1,4 +1,4 @@
-"""Shared fixtures: a small synthetic PhraseCut generated once per test session.
+"""Shared fixtures: small synthetic PhraseCut, VOC and COCO-20i data and a tiny model, made once per session.
 
 32 images, seed 0: 61 train, 16 val, 10 test and 5 miniv tasks (score tests need at least 6 test tasks).
 """
@@ -22,4 +22,42 @@ def synthetic_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("synthetic_phrasecut")
     synthetic.make_synthetic_phrasecut(root, n_images=SYNTHETIC_IMAGES, seed=SYNTHETIC_SEED)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_voc(tmp_path_factory) -> Path:
+    """Root of a 40-image synthetic Pascal VOC 2012 (VOC2012/, lists/, splits/; 30 val images). Shared: copy it
+    before damaging it."""
+    import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic_voc")
+    synthetic.make_synthetic_voc(root, n_images=40, seed=SYNTHETIC_SEED)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_coco(tmp_path_factory) -> Path:
+    """Root of a 54-image synthetic COCO-20i val set (HSNet's layout and COCO's instances JSON). Shared."""
+    import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic_coco")
+    synthetic.make_synthetic_coco(root, n_images=54, seed=SYNTHETIC_SEED)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> Path:
+    """checkpoints/demo: a tiny random CLIPSeg at 64 px whose head is scaled so probabilities spread over (0, 1)."""
+    import torch
+
+    from model import CLIPSeg
+
+    torch.manual_seed(0)
+    model = CLIPSeg.from_backbone("tiny", image_size=64)
+    with torch.no_grad():
+        for param in model.decoder.transposed_convolution.parameters():
+            param.mul_(4.0)
+    root = tmp_path_factory.mktemp("checkpoints")
+    model.save_pretrained(root / "demo")
     return root
