@@ -16,7 +16,7 @@ DEMO_TRAIN ?= --backbone=tiny --device=cpu --image-size=128 --batch-size=32 --ma
 	--no-amp
 DEMO_EVAL ?= --data=synthetic --data-root=$(DEMO_DATA) --device=cpu --num-workers=1
 
-.PHONY: setup test lint demo
+.PHONY: setup setup-export test lint demo export
 
 setup: $(VENV)/.installed
 
@@ -26,11 +26,24 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	touch $@
 
+# Optional ONNX export and backend (export.py, predict.py --backend onnx); the tests install it too.
+setup-export: $(VENV)/.installed-export
+
+$(VENV)/.installed-export: requirements-export.txt $(VENV)/.installed
+	$(BIN)/python -m pip install -q -r requirements-export.txt
+	touch $@
+
+# make export EXPORT_MODEL=CIDAS/clipseg-rd64-refined EXPORT_DIR=exported (README, "Precision and ONNX")
+EXPORT_MODEL ?= CIDAS/clipseg-rd64-refined
+EXPORT_DIR ?= exported
+export: setup-export
+	$(BIN)/python export.py $(EXPORT_MODEL) $(EXPORT_DIR)
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup lint
+test: setup setup-export lint
 	$(BIN)/python -m pytest
 
 demo: setup

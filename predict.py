@@ -2,6 +2,8 @@
 
     python predict.py photos/ --prompt "a cat" --prompt "the sofa" --out predictions
     python predict.py room.jpg --visual-prompt support.jpg:support_mask.png --threshold 0.4
+    python predict.py photos/ --prompt "a cat" --precision int8          # fp32, bf16 or int8 (precision.py)
+    python predict.py photos/ --prompt "a cat" --backend onnx --model exported/   # graphs from export.py
 
 For each image and prompt this writes, under `--out/<image>/`, the probability map (`<prompt>.prob.png`, 8- or
 16-bit grayscale), the binary mask (`<prompt>.mask.png`, 0/255, probability > threshold) and an overlay
@@ -45,7 +47,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dataset import UnreadableImage, open_rgb, to_rgb
-from model import AMP_HELP, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, CLIPSeg, ImageFeatures, autocast, visual_prompt
+from model import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, CLIPSeg, ImageFeatures, visual_prompt
+from onnx_backend import OnnxBackendError, OnnxCLIPSeg
+from precision import PRECISIONS, add_precision_arguments, precision_context, prepare_model, resolve_precision
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 MAX_ASPECT = 3  # native-aspect inference caps the long side at this multiple of the short side
@@ -150,10 +154,11 @@ def engineer_support(image: ImageInput, mask: ImageInput, size: int) -> Tensor:
 class Predictor:
     """Set an image once, then predict masks for many prompts; maps come back at the original image size.
 
-    model: a `CLIPSeg` (put in eval mode; moved to `device` when given). image_size: the short side the model
-    sees (default `model.config.image_size`), a multiple of 16. square: squash to image_size x image_size instead
-    of keeping the aspect. amp: mixed precision for the image encoder and decoder (`model.amp_dtype`: bf16; fp16
-    on GPUs without bf16; fp32 on CPUs without native bf16).
+    model: a `CLIPSeg` (put in eval mode; moved to `device` when given) or an `onnx_backend.OnnxCLIPSeg`.
+    image_size: the short side the model sees (default `model.config.image_size`), a multiple of 16. square:
+    squash to image_size x image_size instead of keeping the aspect. precision: 'fp32', 'bf16' or 'int8' for the
+    image encoder and decoder (see precision.py; None: `precision.default_precision(device)`, bf16 on CPUs with
+    native bf16; int8 quantises the model in place). amp: the old spelling of precision='bf16'.
     The model's text cache is switched on, so each phrase is encoded once.
     """
 
@@ -164,15 +169,19 @@ class Predictor:
         square: bool = False,
         device: str | torch.device | None = None,
         amp: bool = False,
+        precision: str | None = None,
     ):
         self.model = model.eval()
         if device is not None:
             self.model.to(device)
         self.device = next(self.model.parameters()).device
+        supported = getattr(model, "precisions", PRECISIONS)  # the ONNX backend runs fp32 only
+        self.precision = resolve_precision(precision, self.device, amp, supported)
+        prepare_model(self.model, self.precision, self.device)
         self.image_size = int(image_size or model.config.image_size)
         if self.image_size <= 0 or self.image_size % PATCH_SIZE:
             raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {self.image_size}")
-        self.square, self.amp = square, amp
+        self.square = square
         if self.model.text_cache is None:
             self.model.text_cache = {}
         self.original_size: tuple[int, int] | None = None  # (W0, H0) of the image set last
@@ -261,13 +270,13 @@ class Predictor:
     @torch.no_grad()
     def _encode(self, rgbs: list[Image.Image], size: tuple[int, int]) -> ImageFeatures:
         pixels = torch.stack([to_pixel_values(rgb, size) for rgb in rgbs]).to(self.device)
-        with autocast(self.device, self.amp):
+        with precision_context(self.precision, self.device):
             return self.model.encode_image(pixels)
 
     @torch.no_grad()
     def _decode(self, features: ImageFeatures, conditional: Tensor, original_size: tuple[int, int]) -> np.ndarray:
         """One image's features (batch 1) x (K, 512) -> (K, H0, W0) probabilities at `original_size` = (W0, H0)."""
-        with autocast(self.device, self.amp):
+        with precision_context(self.precision, self.device):
             logits = self.model.decode(features, conditional.to(self.device))
         width, height = original_size
         logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
@@ -465,9 +474,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
+        default=None,
         help="HF hub id or checkpoint directory, or an original .pth decoder (on openai/clip-vit-base-patch16); "
-        f"default {DEFAULT_MODEL}",
+        f"default {DEFAULT_MODEL}. With --backend onnx: the folder export.py wrote",
     )
     parser.add_argument(
         "--threshold",
@@ -504,13 +513,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu)",
+        default=None,
+        help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu; the ONNX backend: cpu)",
     )
+    add_precision_arguments(parser)
     parser.add_argument(
-        "--amp",
-        action="store_true",
-        help=AMP_HELP,
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch: run the model in PyTorch (default); onnx: run the graphs export.py wrote to the folder given "
+        "as --model in onnxruntime (CPU, fp32; pip install -r requirements-export.txt)",
     )
     args = parser.parse_args(argv)
     if not args.prompt and not args.visual_prompt:
@@ -523,7 +535,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    check_backend_and_precision(parser, args)
     return args
+
+
+def check_backend_and_precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill in --model and --device for the backend and resolve --precision/--amp to the precision that will run
+    (`args.precision`); combinations that cannot run are usage errors that say what to change."""
+    onnx = args.backend == "onnx"
+    if onnx and args.model is None:
+        parser.error("--backend onnx needs --model EXPORT_DIR: the folder `python export.py MODEL EXPORT_DIR` wrote")
+    args.model = args.model or DEFAULT_MODEL
+    args.device = args.device or ("cuda" if torch.cuda.is_available() and not onnx else "cpu")
+    if onnx and torch.device(args.device).type != "cpu":
+        parser.error(f"--backend onnx runs on the CPU (onnxruntime), not on --device {args.device}")
+    if onnx and (args.amp or args.precision not in (None, "fp32")):
+        asked = "--amp" if args.amp else f"--precision {args.precision}"
+        parser.error(f"--backend onnx runs the fp32 graphs export.py wrote; {asked} is for --backend torch")
+    try:
+        args.precision = resolve_precision(args.precision, args.device, args.amp, ("fp32",) if onnx else PRECISIONS)
+    except ValueError as err:
+        parser.error(str(err))
+    args.amp = False  # folded into args.precision
 
 
 @dataclass
@@ -571,6 +604,8 @@ def write_summary(run: Run, args: argparse.Namespace, image_size: int | None) ->
     """Write the JSON summary (atomically) to `--summary` or OUT/summary.json, or print it for '-'."""
     summary = {
         "model": args.model,
+        "backend": args.backend,
+        "precision": args.precision,
         "threshold": args.threshold,
         "square": args.square,
         "image_size": image_size,
@@ -607,8 +642,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: no readable input images", file=sys.stderr)
         return 1
     try:
-        predictor = Predictor(CLIPSeg.from_pretrained(args.model), args.image_size, args.square, args.device, args.amp)
-    except (OSError, ValueError) as err:
+        model = OnnxCLIPSeg(args.model) if args.backend == "onnx" else CLIPSeg.from_pretrained(args.model)
+        predictor = Predictor(model, args.image_size, args.square, args.device, precision=args.precision)
+    except (OSError, ValueError, OnnxBackendError) as err:
         print(f"error: cannot load --model {args.model}: {err}", file=sys.stderr)
         return 2
     try:
