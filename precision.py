@@ -105,9 +105,15 @@ def prepare_model(model: CLIPSeg, precision: str, device: str | torch.device | N
 
 
 def quantize_vision_linears(model: CLIPSeg) -> int:
-    """Replace the `nn.Linear` layers of vision blocks 0 .. max(extract_layers) by dynamic int8 ones (qint8
-    weights with a scale per output channel, activations quantised per call); returns how many layers were
-    replaced (0 when already done)."""
+    """Replace the `nn.Linear` layers of vision blocks 0 .. max(extract_layers) by dynamic int8 ones; returns how
+    many layers were replaced (0 when already done)."""
+    blocks = model.clip.vision_model.encoder.layers[: max(model.config.extract_layers) + 1]
+    return sum(quantize_linears(block) for block in blocks)
+
+
+def quantize_linears(module: nn.Module) -> int:
+    """Replace the `nn.Linear` layers inside `module` (not `module` itself) by dynamic int8 ones, in place: qint8
+    weights with a scale per output channel, activations quantised per call. Returns how many were replaced."""
     try:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError as err:  # announced for removal; torch 2.13 still ships it (with a DeprecationWarning)
@@ -115,14 +121,12 @@ def quantize_vision_linears(model: CLIPSeg) -> int:
             f"--precision int8 needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} no "
             "longer has: use --precision bf16 or fp32, or torch<=2.13"
         ) from err
-    blocks = model.clip.vision_model.encoder.layers[: max(model.config.extract_layers) + 1]
-    count = sum(isinstance(m, nn.Linear) for m in blocks.modules())
+    count = sum(isinstance(m, nn.Linear) for m in module.modules() if m is not module)
     with warnings.catch_warnings():
         # torch 2.13 deprecates torch.ao.quantization (moving to torchao) and quantized tensors; both still work.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)
-        for block in blocks:
-            quantize_dynamic(block, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+        quantize_dynamic(module, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
     return count
 
 
