@@ -9,16 +9,17 @@
 - `bf16`: `torch.autocast` in `model.amp_dtype(device)` (what `--amp` always meant): bf16 on CPUs with native bf16
   (AVX512-BF16 or AMX) and on GPUs that have it, fp16 on older GPUs. On a CPU without native bf16 PyTorch would
   emulate it several times slower than fp32, so `bf16` runs fp32 there, with a warning.
-- `int8`: dynamic int8 quantisation (int8 weights with a scale per output channel, activations quantised per call)
-  of the `nn.Linear` layers of the vision blocks that the segmentation pass runs (blocks 0 .. max(extract_layers)),
-  with PyTorch's own `torch.ao.quantization.quantize_dynamic` on the CPU (fbgemm/oneDNN kernels, VNNI where the CPU
-  has it). The text tower and the decoder stay fp32. Image prompts (`embed_images`) run through the quantised blocks
-  too. CPU only.
+- `int8`: dynamic int8 quantisation of the `nn.Linear` layers of the vision blocks that the segmentation pass runs
+  (blocks 0 .. max(extract_layers)) with PyTorch's own `torch.ao.quantization.quantize_dynamic` on the CPU
+  (fbgemm/oneDNN kernels): int8 weights with a scale per output channel, activations quantised per call, to 8 bits
+  on CPUs with VNNI (else to PyTorch's default 7). The text tower and the decoder stay fp32. Image prompts
+  (`embed_images`) run through the quantised blocks too. CPU only.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import warnings
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -111,9 +112,15 @@ def quantize_vision_linears(model: CLIPSeg) -> int:
     return sum(quantize_linears(block) for block in blocks)
 
 
-def quantize_linears(module: nn.Module) -> int:
+def quantize_linears(module: nn.Module, full_range: bool | None = None) -> int:
     """Replace the `nn.Linear` layers inside `module` (not `module` itself) by dynamic int8 ones, in place: qint8
-    weights with a scale per output channel, activations quantised per call. Returns how many were replaced."""
+    weights with a scale per output channel, activations quantised per call (one scale per tensor). Returns how
+    many were replaced.
+
+    full_range: quantise activations to 8 bits instead of PyTorch's default 7 (`reduce_range`, which keeps the
+    pairwise int16 sums of CPUs without VNNI from saturating). Default: where the CPU has VNNI (AVX512-VNNI,
+    AVX-VNNI or AMX), whose int8 dot products accumulate in int32. At the full ViT-B/16 geometry the masks agreed
+    with fp32 on 99.66% of pixels with 8-bit activations against 99.43% with 7 (README, 'Precision and ONNX')."""
     try:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError as err:  # announced for removal; torch 2.13 still ships it (with a DeprecationWarning)
@@ -121,13 +128,38 @@ def quantize_linears(module: nn.Module) -> int:
             f"--precision int8 needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} no "
             "longer has: use --precision bf16 or fp32, or torch<=2.13"
         ) from err
+    if full_range is None:
+        full_range = cpu_has_vnni()
+    mapping = {"mapping": {nn.Linear: _full_range_dynamic_linear()}} if full_range else {}
     count = sum(isinstance(m, nn.Linear) for m in module.modules() if m is not module)
     with warnings.catch_warnings():
         # torch 2.13 deprecates torch.ao.quantization (moving to torchao) and quantized tensors; both still work.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)
-        quantize_dynamic(module, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+        quantize_dynamic(module, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True, **mapping)
     return count
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has int8 dot products that accumulate in int32 (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return any(capabilities.get(name) for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+@functools.cache
+def _full_range_dynamic_linear() -> type:
+    """A dynamic int8 linear layer that quantises its input to the full 8 bits (reduce_range=False)."""
+    from torch.ao.nn.quantized.dynamic import Linear
+
+    class FullRangeDynamicQuantizedLinear(Linear):
+        def _get_name(self) -> str:
+            return "FullRangeDynamicQuantizedLinear"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            packed = self._packed_params._packed_params
+            return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False).to(x.dtype)
+
+    return FullRangeDynamicQuantizedLinear
 
 
 def precision_context(precision: str, device: str | torch.device) -> AbstractContextManager:
