@@ -406,10 +406,12 @@ def onnx_runner(model, folder: Path):
         return None
     print("precision paths: exporting the model to ONNX (export.py; minutes at ViT-B/16) ...")
     try:
-        export.export(model, folder, source="bench.py")
+        manifest = export.export(model, folder, source="bench.py")
     except OnnxBackendError as err:
         print(f"precision paths: no ONNX row ({err})")
         return None
+    worst = max(manifest["max_abs_difference_to_torch"].values())
+    print(f"precision paths: exported; the graphs differ from PyTorch by at most {worst:.1e} (logits, embeddings)")
     return OnnxCLIPSeg(folder, threads=torch.get_num_threads())  # as many threads as the torch paths
 
 

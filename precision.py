@@ -33,23 +33,26 @@ PRECISIONS = ("fp32", "bf16", "int8")
 PRECISION_HELP = (
     "fp32; bf16 (autocast, where the CPU or GPU computes bf16 natively; fp32 with a warning on CPUs without it); "
     "int8 (dynamic int8 quantisation of the vision tower's linear layers, CPU only; decoder and text in fp32). "
-    "Default: bf16 on CPUs with native bf16, fp32 elsewhere (README, 'Precision and ONNX')"
+    "Default: the fastest whose masks agree with fp32's on >= 99.5%% of pixels in bench.py: int8 on CPUs with VNNI, "
+    "else bf16 where native, else fp32; fp32 on GPUs (README, 'Precision and ONNX')"
 )
 AMP_HELP = "the same as --precision bf16 (kept for existing command lines)"
 
 
 def default_precision(device: str | torch.device) -> str:
-    """The precision a run gets when it asks for none.
+    """The precision the scripts use when asked for none.
 
     On a CPU: the fastest precision whose masks agree with fp32 on >= 99.5% of pixels at the full ViT-B/16
-    geometry, measured with `python bench.py --repeats 3 --skip-train --skip-data` (README, 'Precision and ONNX'):
-    bf16 where it is native. int8 was faster still at batch 1 but is not the default (README says why). Without
-    native bf16 that leaves fp32. On GPUs: fp32 (not measured here; ask for bf16 with --precision bf16).
+    geometry, as measured by `python bench.py --repeats 3 --only-precision` (README, 'Precision and ONNX'): int8
+    where the CPU has VNNI (8-bit activations; with PyTorch's 7-bit ones int8 fell below 99.5%), else bf16 where
+    it is native, else fp32. On GPUs: fp32 (not measured here; ask for bf16 with --precision bf16).
     """
     device = torch.device(device)
-    if device.type == "cpu" and amp_dtype(device) == torch.bfloat16:  # native bf16 (model.cpu_has_native_bf16)
-        return "bf16"
-    return "fp32"
+    if device.type != "cpu":
+        return "fp32"
+    if cpu_has_vnni():
+        return "int8"
+    return "bf16" if amp_dtype(device) == torch.bfloat16 else "fp32"  # native bf16 (model.cpu_has_native_bf16)
 
 
 def resolve_precision(

@@ -156,9 +156,9 @@ class Predictor:
 
     model: a `CLIPSeg` (put in eval mode; moved to `device` when given) or an `onnx_backend.OnnxCLIPSeg`.
     image_size: the short side the model sees (default `model.config.image_size`), a multiple of 16. square:
-    squash to image_size x image_size instead of keeping the aspect. precision: 'fp32', 'bf16' or 'int8' for the
-    image encoder and decoder (see precision.py; None: `precision.default_precision(device)`, bf16 on CPUs with
-    native bf16; int8 quantises the model in place). amp: the old spelling of precision='bf16'.
+    squash to image_size x image_size instead of keeping the aspect. precision: 'fp32' (default), 'bf16' or 'int8'
+    for the image encoder and decoder (see precision.py; int8 quantises `model` in place). The scripts' default is
+    `precision.default_precision(device)`. amp: the old spelling of precision='bf16'.
     The model's text cache is switched on, so each phrase is encoded once.
     """
 
@@ -176,6 +176,8 @@ class Predictor:
             self.model.to(device)
         self.device = next(self.model.parameters()).device
         supported = getattr(model, "precisions", PRECISIONS)  # the ONNX backend runs fp32 only
+        if precision is None and not amp:
+            precision = "fp32"  # the API's default; the scripts default to precision.default_precision(device)
         self.precision = resolve_precision(precision, self.device, amp, supported)
         prepare_model(self.model, self.precision, self.device)
         self.image_size = int(image_size or model.config.image_size)

@@ -103,10 +103,12 @@ def test_int8_activations_use_all_8_bits_where_the_cpu_has_vnni(monkeypatch):
     assert errors[True] < 0.75 * errors[False]  # half the activation step: a clearly smaller error
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_default_precision_is_bf16_only_where_native(monkeypatch, native):
+@pytest.mark.parametrize(("vnni", "native"), [(True, True), (True, False), (False, True), (False, False)])
+def test_default_precision_follows_the_cpu(monkeypatch, vnni, native):
+    monkeypatch.setattr(precision_module, "cpu_has_vnni", lambda: vnni)
     monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: native)
-    assert default_precision("cpu") == ("bf16" if native else "fp32")
+    assert default_precision("cpu") == ("int8" if vnni else "bf16" if native else "fp32")
+    assert default_precision("cuda") == "fp32"
     assert resolve_precision(None, "cpu") == default_precision("cpu")
     assert resolve_precision(None, "cpu", supported=("fp32",)) == "fp32"  # a backend without the default
     if native:

@@ -50,7 +50,7 @@ def model(tiny_dir):
 
 @pytest.fixture
 def predictor(model):
-    return Predictor(model, image_size=SIZE, precision="fp32")  # compared with fp32 forward passes
+    return Predictor(model, image_size=SIZE)
 
 
 def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -126,7 +126,7 @@ def test_maps_are_at_the_original_size_of_rectangular_images(predictor):
 
 def test_square_mode_squashes_and_still_returns_the_original_size(model):
     image = random_image(90, 60)
-    square = Predictor(model, image_size=SIZE, square=True, precision="fp32")
+    square = Predictor(model, image_size=SIZE, square=True)
     square.set_image(image)
     probs = square.predict(phrases=PHRASES[:1])
     assert square.input_size == (SIZE, SIZE) and probs.shape == (1, 60, 90)
@@ -206,7 +206,7 @@ def test_batched_images_equal_one_at_a_time(predictor):
 def test_amp_is_bf16_only_where_the_cpu_has_it(model, monkeypatch, native_bf16):
     monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: native_bf16)
     image = random_image(80, 50)
-    full, mixed = Predictor(model, image_size=SIZE, precision="fp32"), Predictor(model, image_size=SIZE, amp=True)
+    full, mixed = Predictor(model, image_size=SIZE), Predictor(model, image_size=SIZE, amp=True)
     full.set_image(image)
     mixed.set_image(image)
     reference, approximate = full.predict(phrases=PHRASES), mixed.predict(phrases=PHRASES)
@@ -242,7 +242,7 @@ def test_safe_names_are_readable_and_distinct():
 
 def run_cli(tiny_dir, inputs, out, *extra) -> int:
     args = [*map(str, inputs), "--model", str(tiny_dir), "--image-size", str(SIZE), "--out", str(out)]
-    return main([*args, "--precision", "fp32", *extra])  # compared with fp32 Predictor results
+    return main([*args, "--precision", "fp32", *extra])  # compared with Predictor results, fp32 by default
 
 
 def test_cli_writes_maps_masks_overlays_and_summary(tiny_dir, model, tmp_path):
@@ -258,7 +258,7 @@ def test_cli_writes_maps_masks_overlays_and_summary(tiny_dir, model, tmp_path):
     (entry,) = summary["images"]
     assert (entry["width"], entry["height"], entry["inference_size"]) == (90, 60, [96, 64])
     assert [p["prompt"] for p in entry["prompts"]] == [*PHRASES[:2], "visual: support.png"]
-    predictor = Predictor(model, image_size=SIZE, precision="fp32")
+    predictor = Predictor(model, image_size=SIZE)
     predictor.set_image(image_path)
     expected = predictor.predict(phrases=PHRASES[:2], support=[(support, mask)])
     for prompt, probs in zip(entry["prompts"], expected):
@@ -306,7 +306,7 @@ def test_cli_folder_of_mixed_sizes_with_unreadable_files(tiny_dir, model, tmp_pa
     assert summary["processed"] == 4 and summary["skipped"] == 3
     stderr = capsys.readouterr().err
     assert "broken.jpg" in stderr and "empty.png" in stderr and "missing.jpg" in stderr
-    predictor = Predictor(model, image_size=SIZE, precision="fp32")
+    predictor = Predictor(model, image_size=SIZE)
     for entry in summary["images"]:
         probs = np.asarray(Image.open(entry["prompts"][0]["files"]["probability"])) / 255
         assert probs.shape == (entry["height"], entry["width"]) == sizes[Path(entry["image"]).name][::-1]
