@@ -410,8 +410,9 @@ def onnx_runner(model, folder: Path):
     except OnnxBackendError as err:
         print(f"precision paths: no ONNX row ({err})")
         return None
-    worst = max(manifest["max_abs_difference_to_torch"].values())
-    print(f"precision paths: exported; the graphs differ from PyTorch by at most {worst:.1e} (logits, embeddings)")
+    checks = manifest["difference_to_torch"].values()
+    worst, relative = max(c["absolute"] for c in checks), max(c["relative"] for c in checks)
+    print(f"precision paths: exported; graphs within {worst:.1e} of PyTorch ({relative:.1e} of the values' scale)")
     return OnnxCLIPSeg(folder, threads=torch.get_num_threads())  # as many threads as the torch paths
 
 

@@ -106,7 +106,8 @@ def test_manifest_describes_the_graphs(exported, model):
     assert manifest["normalisation"]["mean"] == list(IMAGENET_MEAN)
     assert manifest["normalisation"]["std"] == list(IMAGENET_STD)
     assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime"}
-    assert 0 < max(manifest["max_abs_difference_to_torch"].values()) <= TOLERANCE
+    checks = manifest["difference_to_torch"]
+    assert len(checks) == 6 and 0 < max(check["absolute"] for check in checks.values()) <= TOLERANCE
 
 
 def test_plain_head_decoder_exports_too(tmp_path):
