@@ -4,6 +4,7 @@
     python bench.py --repeats 7 --threads 2
     python bench.py --device cuda --compile
     python bench.py --only-data --index-tasks 300000   # data pipeline per worker; PhraseCut-sized index
+    python bench.py --repeats 3 --only-precision   # fp32 / bf16 / int8 / ONNX paths against HF fp32 only
 
 Both models hold the same random weights (speed does not depend on their values). Variants are interleaved
 (A B A B ...) after a warm-up and the median of `--repeats` runs is reported, so drift of the machine hits both
@@ -13,7 +14,9 @@ sides alike; compare ratios, not absolute times. FLOP counts are analytic (SPEC 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -29,6 +32,7 @@ import transformers
 from torch import nn
 
 from model import CLIPSeg, CLIPSegConfig, RefinedHead, amp_dtype
+from precision import precision_context, prepare_model, quantize_linears
 
 PHRASES = [
     "a red car on the left",
@@ -59,17 +63,21 @@ def text_flops(tokens: int, blocks: int = 12, width: int = 512) -> float:
     return vit_flops(tokens, blocks, width, 4 * width)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]  # `--clock cpu` switches every measurement to the process's CPU time
+
+
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each variant, measured A B A B ... after `warmup` rounds."""
+    """Median seconds per call of each variant (by `clock`), measured A B A B ... after `warmup` rounds."""
     for _ in range(warmup):
         for run in variants.values():
             run()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, run in variants.items():
-            start = time.perf_counter()
+            start = clock()
             run()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -124,8 +132,24 @@ def main(argv: list[str] | None = None) -> dict:
         default=0,
         help="also build and load the PhraseCut index of a generated split of N tasks (300000 is PhraseCut's size)",
     )
+    parser.add_argument(
+        "--only-precision",
+        action="store_true",
+        help="only the CPU precision paths (fp32, bf16, int8, ONNX) against HF fp32; the ONNX row exports the model "
+        "to a temporary folder (minutes at B/16) and is skipped with a message without requirements-export.txt",
+    )
+    parser.add_argument("--skip-precision", action="store_true", help="skip the precision paths")
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="wall: elapsed time (default); cpu: this process's CPU time, for a machine busy with other work (with "
+        "--threads 1 it counts the work done, not the time spent waiting for a core)",
+    )
     parser.add_argument("--out", default="bench_results.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
+    global clock
+    clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     device, size, repeats = args.device, args.image_size, args.repeats
@@ -139,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "image_size": size,
         "repeats": repeats,
+        "clock": args.clock,
     }
     if args.only_data:
         results["data_pipeline"] = data_pipeline_rate(image_size=size)
@@ -146,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
             results["index"] = index_rate(args.index_tasks)
         Path(args.out).write_text(json.dumps(results, indent=2))
         return results
-    results["refined_head"] = refined_head_comparison(device, size, repeats)
+    if not args.only_precision:
+        results["refined_head"] = refined_head_comparison(device, size, repeats)
     if args.only_head:
         Path(args.out).write_text(json.dumps(results, indent=2))
         return results
@@ -158,9 +184,12 @@ def main(argv: list[str] | None = None) -> dict:
         "bf16": matmul_rate(torch.bfloat16, device, repeats, n=bf16_side),
         "bf16_side": bf16_side,
     }
+    if device == "cpu" and not args.skip_precision:
+        results["matmul_gflops"]["int8"] = int8_linear_rate(repeats)
     rates = results["matmul_gflops"]
     print(
         f"matmul: fp32 {rates['fp32']:.1f} GFLOP/s (2048^3), bf16 {rates['bf16']:.1f} GFLOP/s ({bf16_side}^3)"
+        + (f", int8 dynamic-quantised linear {rates['int8']:.1f} GOP/s (2048^3)" if "int8" in rates else "")
         + ("" if native else "; no native bf16 on this device: bf16 is emulated")
     )
 
@@ -171,6 +200,12 @@ def main(argv: list[str] | None = None) -> dict:
     deepest = max(ours.config.extract_layers) + 1
     text_tokens = max(len(ours.tokenize([p])[0][0]) for p in PHRASES)
     flops_ours = vit_flops(tokens, deepest) + text_flops(text_tokens) + decoder_flops(tokens)
+    if not args.skip_precision:
+        results["precision_paths"] = precision_paths(ours, hf, device, size, repeats, flops_ours, rates)
+    if args.only_precision:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+        return results
     rows = []
 
     def compare(name: str, batch: int, prompts: int, run_ours, run_hf, flops: float) -> None:
@@ -305,6 +340,113 @@ def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int) ->
     )
     print(f"bf16 ours vs fp32 HF, batch {batch}: {speedup:.2f}x faster, mask agreement {100 * agreement:.2f}%")
     return {"batch": batch, "speedup_vs_hf_fp32": speedup, "mask_agreement": agreement}
+
+
+LOGIT_AT_THRESHOLD = math.log(0.3 / 0.7)  # probability > 0.3, the paper's threshold
+
+
+def precision_paths(ours, hf, device, size, repeats, flops, rates) -> dict:
+    """Our fp32, bf16, int8 and ONNX paths against the HF class in fp32, interleaved in one run, at batch 1 and 8
+    with one prompt per image (text encoded in each call, as HF does): median latency, speed-up over HF fp32, mask
+    agreement (probability > 0.3) with our fp32, GFLOP/s, and that rate as a fraction of the machine's fp32
+    matmul rate and of the path's own dtype's rate."""
+    if device != "cpu":
+        print("precision paths: skipped, they are CPU paths (int8, onnxruntime)")
+        return {"skipped": "not a CPU run"}
+    models = {"ours_fp32": (ours, "fp32")}
+    if native_bf16(device):
+        models["ours_bf16"] = (ours, "bf16")
+    else:
+        print("precision paths: no native bf16 on this CPU, so --precision bf16 runs fp32: no bf16 row")
+    models["ours_int8"] = (prepare_model(copy.deepcopy(ours), "int8", device), "int8")
+    own_rate = {"fp32": rates["fp32"], "bf16": rates["bf16"] if rates["bf16_side"] == 2048 else None}
+    own_rate["int8"] = rates.get("int8")
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = onnx_runner(ours, Path(tmp))
+        out = {}
+        for batch in (1, 8):
+            out[f"batch_{batch}"] = time_precision_paths(ours, hf, models, runner, batch, size, repeats)
+            print(f"precision paths, batch {batch}, 1 prompt per image, {size} px:")
+            for name, row in out[f"batch_{batch}"].items():
+                precision = "fp32" if name in ("hf_fp32", "onnx_fp32") else models[name][1]
+                row["gflops"] = batch * flops / row["seconds"] / 1e9
+                row["of_fp32_matmul"] = row["gflops"] / rates["fp32"]
+                row["of_own_matmul"] = row["gflops"] / own_rate[precision] if own_rate[precision] else None
+                own = f"{100 * row['of_own_matmul']:4.0f}%" if row["of_own_matmul"] else "   -"
+                print(
+                    f"  {name:10s} {row['seconds'] * 1e3:7.0f} ms  {row['speedup_vs_hf_fp32']:5.2f}x HF fp32  "
+                    f"mask agreement {100 * row['mask_agreement']:6.2f}%  {row['gflops']:4.0f} GFLOP/s = "
+                    f"{100 * row['of_fp32_matmul']:3.0f}% of fp32 matmul, {own} of its own dtype's"
+                )
+    return out
+
+
+def time_precision_paths(ours, hf, models, runner, batch: int, size: int, repeats: int) -> dict:
+    pixels = torch.randn(batch, 3, size, size)
+    phrases = (PHRASES * batch)[:batch]
+    ids, mask = ours.tokenize(phrases)
+
+    def torch_path(model, precision):
+        def run():
+            with torch.inference_mode(), precision_context(precision, "cpu"):
+                return model(pixels, phrases).logits
+
+        return run
+
+    def hf_fp32():
+        with torch.inference_mode():
+            return hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+
+    variants = {"hf_fp32": hf_fp32, **{name: torch_path(*pair) for name, pair in models.items()}}
+    if runner is not None:
+        variants["onnx_fp32"] = lambda: runner.decode(runner.encode_image(pixels), runner.embed_text(phrases))
+    timing = interleaved(variants, repeats)
+    reference = variants["ours_fp32"]() > LOGIT_AT_THRESHOLD
+    rows = {}
+    for name, run in variants.items():
+        masks = run().float().reshape(reference.shape) > LOGIT_AT_THRESHOLD
+        rows[name] = {
+            "seconds": timing[name],
+            "speedup_vs_hf_fp32": timing["hf_fp32"] / timing[name],
+            "mask_agreement": (masks == reference).float().mean().item(),
+        }
+    rows["ours_fp32"]["mask_positive_fraction"] = reference.float().mean().item()
+    return rows
+
+
+def onnx_runner(model, folder: Path):
+    """The benchmark model exported by export.py into `folder` and loaded in onnxruntime, or None (with a
+    message) when requirements-export.txt is not installed."""
+    try:
+        import export
+        from onnx_backend import OnnxBackendError, OnnxCLIPSeg
+    except ImportError as err:
+        print(f"precision paths: no ONNX row ({err})")
+        return None
+    print("precision paths: exporting the model to ONNX (export.py; minutes at ViT-B/16) ...")
+    try:
+        manifest = export.export(model, folder, source="bench.py")
+    except OnnxBackendError as err:
+        print(f"precision paths: no ONNX row ({err})")
+        return None
+    checks = manifest["difference_to_torch"].values()
+    worst, relative = max(c["absolute"] for c in checks), max(c["relative"] for c in checks)
+    print(f"precision paths: exported; graphs within {worst:.1e} of PyTorch ({relative:.1e} of the values' scale)")
+    return OnnxCLIPSeg(folder, threads=torch.get_num_threads())  # as many threads as the torch paths
+
+
+def int8_linear_rate(repeats: int, n: int = 2048) -> float:
+    """GOP/s of a dynamic-quantised int8 n x n linear layer on n rows (activations quantised per call, as the
+    int8 path runs them): the ceiling of `--precision int8` on this CPU."""
+    layer = nn.Sequential(nn.Linear(n, n))
+    quantize_linears(layer)  # the kernels and scheme of the int8 path
+    rows = torch.randn(n, n)
+
+    def run():
+        with torch.inference_mode():
+            return layer(rows)
+
+    return 2 * n**3 / interleaved({"int8": run}, repeats, warmup=2)["int8"] / 1e9
 
 
 def training_comparison(ours, hf, device, size, repeats, bf16: bool, batch: int = 8) -> dict:

@@ -222,7 +222,7 @@ def find_failures(
     *,
     batch_size: int = 16,
     num_workers: int = 0,
-    amp: bool = False,
+    precision: str = "fp32",
     search: FailureSearch | None = None,
 ) -> FailureSearch:
     """Predict every sample, keep those with IoU < 0.5 at all THRESHOLDS and write their panels into `out`.
@@ -234,7 +234,7 @@ def find_failures(
         data,
         batch_size=batch_size,
         num_workers=num_workers,
-        amp=amp,
+        precision=precision,
         skips=search.skips,
         description="finding failures",
     )
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         source, _ = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
-        model = load_model(source, args.backbone, args.device)
+        model = load_model(source, args.backbone, args.device, args.precision)
         image_size = args.image_size or model.config.image_size
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except ScoreError as err:
@@ -315,7 +315,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     search, interrupted = FailureSearch([], 0, SkipLog()), False
     try:
         find_failures(
-            model, data, out, batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp, search=search
+            model,
+            data,
+            out,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            precision=args.precision,
+            search=search,
         )
     except KeyboardInterrupt:
         interrupted = True

@@ -35,8 +35,9 @@ from tqdm import tqdm
 
 from benchmarks import Coco20i, LabelledImage, VocData, coco_query_id, label_counts, read_pair
 from metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
-from model import CLIPSeg, autocast
+from model import CLIPSeg
 from outputs import safe_name
+from precision import precision_context
 from preprocess import (
     VOID_LABEL,
     ImageTransform,
@@ -236,10 +237,10 @@ class FoldRun:
     n_episodes: int = 0
 
 
-def predict(model: CLIPSeg, batch: dict, device: torch.device, amp: bool) -> torch.Tensor:
+def predict(model: CLIPSeg, batch: dict, device: torch.device, precision: str) -> torch.Tensor:
     """(B, S, S) float32 probabilities on the CPU for a batch with `phrase` or `prompt_image`."""
     pixel_values = batch["pixel_values"].to(device)
-    with torch.no_grad(), autocast(device, amp):
+    with torch.no_grad(), precision_context(precision, device):
         if "phrase" in batch:
             logits = model(pixel_values, batch["phrase"]).logits
         else:
@@ -254,7 +255,7 @@ def score_episodes(
     *,
     batch_size: int = 8,
     num_workers: int = 0,
-    amp: bool = False,
+    precision: str = "fp32",
     save_dir: Path | None = None,
     description: str = "episodes",
 ) -> FoldRun:
@@ -273,7 +274,7 @@ def score_episodes(
             run.skipped += [{**episode, "reason": reason} for episode, reason in batch["skipped"]]
             if "pixel_values" not in batch:
                 continue
-            probabilities = predict(model, batch, device, amp)
+            probabilities = predict(model, batch, device, precision)
             for i, episode in enumerate(batch["episode"]):
                 gt = batch["gt"][i]
                 probs = unletterbox(probabilities[i], *gt.shape) if batch["letterboxed"][i] else probabilities[i]
@@ -380,11 +381,11 @@ class ZeroShotData(Dataset):
         }
 
 
-def zero_shot_prediction(model: CLIPSeg, pixel_values: torch.Tensor, amp: bool = False) -> torch.Tensor:
+def zero_shot_prediction(model: CLIPSeg, pixel_values: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """(B, 3, S, S) -> (B, S, S) int64 class map: argmax over the 21 prompts of -10 + sigmoid(logit) x weight
     (weight 3 for background, 1 otherwise), one vision pass per image (the original's CLIPSegMultiLabel)."""
     device = next(model.parameters()).device
-    with torch.no_grad(), autocast(device, amp):
+    with torch.no_grad(), precision_context(precision, device):
         features = model.encode_image(pixel_values.to(device))
         texts = model.embed_text(list(VOC_ZERO_SHOT_NAMES))
         scores = []
@@ -403,7 +404,7 @@ def score_zero_shot(
     *,
     batch_size: int = 8,
     num_workers: int = 0,
-    amp: bool = False,
+    precision: str = "fp32",
     save_dir: Path | None = None,
     skipped: list | None = None,
 ) -> int:
@@ -418,7 +419,7 @@ def score_zero_shot(
             skipped += [{**episode, "reason": reason} for episode, reason in batch["skipped"]]
         if "pixel_values" not in batch:
             continue
-        prediction = zero_shot_prediction(model, batch["pixel_values"], amp).numpy()
+        prediction = zero_shot_prediction(model, batch["pixel_values"], precision).numpy()
         for i, episode in enumerate(batch["episode"]):
             metrics.update(batch["gt"][i], prediction[i])
             if save_dir is not None:
@@ -505,7 +506,7 @@ def score_phrasecut_visual(
     *,
     batch_size: int = 8,
     num_workers: int = 0,
-    amp: bool = False,
+    precision: str = "fp32",
     save_dir: Path | None = None,
     skipped: list | None = None,
 ) -> int:
@@ -521,7 +522,7 @@ def score_phrasecut_visual(
             skipped += [{**episode, "reason": reason} for episode, reason in batch["skipped"]]
         if "pixel_values" not in batch:
             continue
-        with torch.no_grad(), autocast(device, amp):
+        with torch.no_grad(), precision_context(precision, device):
             logits = model(batch["pixel_values"].to(device), prompt_images=batch["prompt_image"].to(device)).logits
         logits = logits.float().cpu()
         paper.update(torch.sigmoid(logits), batch["mask"])

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace, load: ModelLoader) -> dict:
         "seed": args.seed,
         "limit": args.limit,
         "threshold": args.threshold,
-        "amp": args.amp,
+        "precision": args.precision,
     }
     save = Path(args.save_predictions) if args.save_predictions else None
     try:
@@ -185,7 +185,7 @@ def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, setti
             fold_run,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
-            amp=args.amp,
+            precision=args.precision,
             save_dir=save / f"fold{fold}" if save else None,
             description=f"fold {fold}",
         )
@@ -222,7 +222,7 @@ def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Pat
         metrics,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        amp=args.amp,
+        precision=args.precision,
         save_dir=save,
         skipped=skipped,
     )
@@ -258,7 +258,7 @@ def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, sa
         args.threshold,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        amp=args.amp,
+        precision=args.precision,
         save_dir=save,
         skipped=skipped,
     )

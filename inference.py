@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model import CLIPSeg, autocast
+from model import CLIPSeg
+from precision import precision_context
 
 
 @dataclass
@@ -113,7 +114,7 @@ def predict_tasks(
     *,
     batch_size: int = 16,
     num_workers: int = 0,
-    amp: bool = False,
+    precision: str = "fp32",
     tasks: Sequence[int] | None = None,
     phrase_for_task: dict[str, str] | None = None,
     skips: SkipLog | None = None,
@@ -121,10 +122,11 @@ def predict_tasks(
     group_by_image: bool = True,
 ) -> Iterator[TaskBatch]:
     """Predict every task of a test-mode data set (or the subset `tasks`), images encoded once, with a progress
-    bar. batch_size: tasks per decoder batch (an image with more tasks gets a batch of its own); amp: see
-    `model.autocast`; phrase_for_task: replaces phrases by task id (score.py --shuffle-prompts). Tasks whose image
-    cannot be read are recorded in `skips` and not yielded. group_by_image=False reads and encodes the image once
-    per task instead (the reference implementations' way; for comparisons)."""
+    bar. batch_size: tasks per decoder batch (an image with more tasks gets a batch of its own); precision: fp32,
+    bf16 or int8, the model prepared for it (precision.py); phrase_for_task: replaces phrases by task id (score.py
+    --shuffle-prompts). Tasks whose image cannot be read are recorded in `skips` and not yielded.
+    group_by_image=False reads and encodes the image once per task instead (the reference implementations' way;
+    for comparisons)."""
     device = next(model.parameters()).device
     groups = ImageGroups(data, tasks, max_tasks=batch_size if group_by_image else 1)
     loader = DataLoader(
@@ -146,7 +148,7 @@ def predict_tasks(
             if phrase_for_task is not None:
                 phrases = [phrase_for_task[task_id] for task_id in batch["task_id"]]
             counts = batch["prompts_per_image"]
-            with torch.no_grad(), autocast(device, amp):
+            with torch.no_grad(), precision_context(precision, device):
                 features = model.encode_image(batch["pixel_values"].to(device))
                 logits = model.decode(features, model.embed_text(phrases), counts)
             batch["pixel_values"] = batch["pixel_values"].repeat_interleave(torch.tensor(counts), dim=0)

@@ -468,7 +468,7 @@ class CLIPSeg(nn.Module):
         input_ids = input_ids.to(device)
         mask = attention_mask.to(device) if attention_mask is not None else None
         hidden = self.clip.text_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        pooled = hidden[torch.arange(len(hidden), device=device), input_ids.argmax(dim=-1)]
+        pooled = hidden[torch.arange(hidden.shape[0], device=device), input_ids.argmax(dim=-1)]
         return self.clip.text_projection(pooled)
 
     @torch.no_grad()
@@ -599,7 +599,7 @@ class CLIPSeg(nn.Module):
         weight = vision.embeddings.patch_embedding.weight
         patches = vision.embeddings.patch_embedding(pixel_values.to(weight.device, weight.dtype))
         grid = (patches.shape[-2], patches.shape[-1])
-        cls_token = vision.embeddings.class_embedding.expand(len(patches), 1, -1).to(patches.dtype)
+        cls_token = vision.embeddings.class_embedding.expand(patches.shape[0], 1, -1).to(patches.dtype)
         x = torch.cat([cls_token, patches.flatten(2).transpose(1, 2)], dim=1)
         x = vision.pre_layrnorm(x + self._position_embedding(grid).to(x.dtype))
         layers = vision.encoder.layers

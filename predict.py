@@ -2,6 +2,8 @@
 
     python predict.py photos/ --prompt "a cat" --prompt "the sofa" --out predictions
     python predict.py room.jpg --visual-prompt support.jpg:support_mask.png --threshold 0.4
+    python predict.py photos/ --prompt "a cat" --precision int8          # fp32, bf16 or int8 (precision.py)
+    python predict.py photos/ --prompt "a cat" --backend onnx --model exported/   # graphs from export.py
 
 For each image and prompt this writes, under `--out/<image>/`, the probability map (`<prompt>.prob.png`, 8- or
 16-bit grayscale), the binary mask (`<prompt>.mask.png`, 0/255, probability > threshold) and an overlay
@@ -40,8 +42,10 @@ from scipy import ndimage
 from torch import Tensor
 from tqdm import tqdm
 
-from model import AMP_HELP, PATCH_SIZE, CLIPSeg, ImageFeatures, autocast
+from model import PATCH_SIZE, CLIPSeg, ImageFeatures
+from onnx_backend import OnnxBackendError, OnnxCLIPSeg
 from outputs import printable, safe_name, write_json
+from precision import PRECISIONS, add_precision_arguments, precision_context, prepare_model, resolve_precision
 from preprocess import (
     MAX_ASPECT,
     RESIZE_RULES,
@@ -69,12 +73,14 @@ OVERLAY_ALPHA = 0.5
 class Predictor:
     """Set an image once, then predict masks for many prompts; maps come back at the original image size.
 
-    model: a `CLIPSeg` (put in eval mode; moved to `device` when given). image_size: the short side the model
-    sees (default `model.config.image_size`), a multiple of 16. square: squash to image_size x image_size instead
-    of keeping the aspect. resize: "pil" (the HF processor's and the original Quickstart's resize, the default
-    here) or "original" (the authors' data pipeline, as in training and scoring; see preprocess.py). amp: mixed
-    precision for the image encoder and decoder (`model.amp_dtype`: bf16; fp16 on GPUs without bf16; fp32 on CPUs
-    without native bf16). The model's text cache is switched on, so each phrase is encoded once.
+    model: a `CLIPSeg` (put in eval mode; moved to `device` when given) or an `onnx_backend.OnnxCLIPSeg`.
+    image_size: the short side the model sees (default `model.config.image_size`), a multiple of 16. square:
+    squash to image_size x image_size instead of keeping the aspect. resize: "pil" (the HF processor's and the
+    original Quickstart's resize, the default here) or "original" (the authors' data pipeline, as in training and
+    scoring; see preprocess.py). precision: 'fp32' (default), 'bf16' or 'int8' for the image encoder and decoder
+    (see precision.py; int8 quantises `model` in place); the scripts' default is
+    `precision.default_precision(device)`. amp: the old spelling of precision='bf16'.
+    The model's text cache is switched on, so each phrase is encoded once.
     """
 
     def __init__(
@@ -85,17 +91,22 @@ class Predictor:
         device: str | torch.device | None = None,
         amp: bool = False,
         resize: str = "pil",
+        precision: str | None = None,
     ):
         self.model = model.eval()
         if device is not None:
             self.model.to(device)
         self.device = next(self.model.parameters()).device
+        supported = getattr(model, "precisions", PRECISIONS)  # the ONNX backend runs fp32 only
+        if precision is None and not amp:
+            precision = "fp32"  # the API's default; the scripts default to precision.default_precision(device)
+        self.precision = resolve_precision(precision, self.device, amp, supported)
+        prepare_model(self.model, self.precision, self.device)
         image_size = int(image_size or model.config.image_size)
         if image_size <= 0 or image_size % PATCH_SIZE:
             raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {image_size}")
         self.transform = ImageTransform(resize, image_size, square)
         self.prompt_transform = ImageTransform(resize, model.config.image_size, square=True)
-        self.amp = amp
         if self.model.text_cache is None:
             self.model.text_cache = {}
         self.original_size: tuple[int, int] | None = None  # (W0, H0) of the image set last
@@ -185,13 +196,13 @@ class Predictor:
     def _encode(self, rgbs: list[Image.Image]) -> ImageFeatures:
         """Images of one input size -> their features (batch len(rgbs))."""
         pixels = torch.stack([self.transform.pixels(rgb) for rgb in rgbs]).to(self.device)
-        with autocast(self.device, self.amp):
+        with precision_context(self.precision, self.device):
             return self.model.encode_image(pixels)
 
     @torch.no_grad()
     def _decode(self, features: ImageFeatures, conditional: Tensor, original_size: tuple[int, int]) -> np.ndarray:
         """One image's features (batch 1) x (K, 512) -> (K, H0, W0) probabilities at `original_size` = (W0, H0)."""
-        with autocast(self.device, self.amp):
+        with precision_context(self.precision, self.device):
             logits = self.model.decode(features, conditional.to(self.device))
         width, height = original_size
         return full_size_probabilities(logits, (height, width))
@@ -368,9 +379,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
+        default=None,
         help="HF hub id or checkpoint directory, or an original .pth decoder (on openai/clip-vit-base-patch16); "
-        f"default {DEFAULT_MODEL}",
+        f"default {DEFAULT_MODEL}. With --backend onnx: the folder export.py wrote",
     )
     parser.add_argument(
         "--checkpoint",
@@ -426,13 +437,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu)",
+        default=None,
+        help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu; the ONNX backend: cpu)",
     )
+    add_precision_arguments(parser)
     parser.add_argument(
-        "--amp",
-        action="store_true",
-        help=AMP_HELP,
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch: run the model in PyTorch (default); onnx: run the graphs export.py wrote to the folder given "
+        "as --model in onnxruntime (CPU, fp32; pip install -r requirements-export.txt)",
     )
     args = parser.parse_args(argv)
     if not args.prompt and not args.visual_prompt:
@@ -445,7 +459,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    check_backend_and_precision(parser, args)
     return args
+
+
+def check_backend_and_precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill in --model and --device for the backend and resolve --precision/--amp to the precision that will run
+    (`args.precision`); combinations that cannot run are usage errors that say what to change."""
+    onnx = args.backend == "onnx"
+    if onnx and args.model is None:
+        parser.error("--backend onnx needs --model EXPORT_DIR: the folder `python export.py MODEL EXPORT_DIR` wrote")
+    if onnx and args.checkpoint:
+        parser.error("--checkpoint picks a PyTorch checkpoint; with --backend onnx give the export folder as --model")
+    args.model = args.model or DEFAULT_MODEL
+    args.device = args.device or ("cuda" if torch.cuda.is_available() and not onnx else "cpu")
+    if onnx and torch.device(args.device).type != "cpu":
+        parser.error(f"--backend onnx runs on the CPU (onnxruntime), not on --device {args.device}")
+    if onnx and (args.amp or args.precision not in (None, "fp32")):
+        asked = "--amp" if args.amp else f"--precision {args.precision}"
+        parser.error(f"--backend onnx runs the fp32 graphs export.py wrote; {asked} is for --backend torch")
+    try:
+        args.precision = resolve_precision(args.precision, args.device, args.amp, ("fp32",) if onnx else PRECISIONS)
+    except ValueError as err:
+        parser.error(str(err))
+    args.amp = False  # folded into args.precision
 
 
 @dataclass
@@ -493,6 +530,8 @@ def write_summary(run: Run, args: argparse.Namespace, image_size: int | None) ->
     """Write the JSON summary (atomically) to `--summary` or OUT/summary.json, or print it for '-'."""
     summary = {
         "model": args.model,
+        "backend": args.backend,
+        "precision": args.precision,
         "threshold": args.threshold,
         "square": args.square,
         "image_size": image_size,
@@ -525,9 +564,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         source = str(Path(args.model) / args.checkpoint) if args.checkpoint else args.model
-        model = CLIPSeg.from_pretrained(source, backbone=args.backbone)
-        predictor = Predictor(model, args.image_size, args.square, args.device, args.amp, args.resize)
-    except (OSError, ValueError) as err:
+        if args.backend == "onnx":
+            model = OnnxCLIPSeg(args.model)
+        else:
+            model = CLIPSeg.from_pretrained(source, backbone=args.backbone)
+        predictor = Predictor(
+            model, args.image_size, args.square, args.device, resize=args.resize, precision=args.precision
+        )
+    except (OSError, ValueError, OnnxBackendError) as err:
         print(f"error: cannot load --model {args.model}: {err}", file=sys.stderr)
         return 2
     try:

@@ -34,8 +34,9 @@ import fewshot_runs
 from fewshot import BENCHMARKS
 from inference import SkipLog, TaskBatch, predict_tasks
 from metrics import PAPER_THRESHOLDS, PaperMetrics, PhraseCutMetrics
-from model import AMP_HELP, PATCH_SIZE, CLIPSeg
+from model import PATCH_SIZE, CLIPSeg
 from outputs import safe_name, write_json
+from precision import add_precision_arguments, prepare_model, resolve_precision
 from preprocess import RESIZE_RULES, full_size_probabilities
 
 CHECKPOINTS_DIR = Path("checkpoints")
@@ -91,16 +92,16 @@ def resolve_model(
     return str(directory), directory
 
 
-def load_model(source: str, backbone: str | None, device: str) -> CLIPSeg:
-    """`CLIPSeg.from_pretrained(source)` in eval mode on `device`, with the text cache on; errors become
-    `ScoreError` naming the source."""
+def load_model(source: str, backbone: str | None, device: str, precision: str = "fp32") -> CLIPSeg:
+    """`CLIPSeg.from_pretrained(source)` in eval mode on `device`, prepared for `precision` (precision.py), with
+    the text cache on; errors become `ScoreError` naming the source."""
     try:
         model = CLIPSeg.from_pretrained(source, backbone=backbone)
     except (OSError, ValueError) as err:
         raise ScoreError(f"cannot load the model {source}: {err}") from err
     model.eval().to(device)
     model.text_cache = {}
-    return model
+    return prepare_model(model, precision, device)
 
 
 def default_data_root(kind: str) -> str:
@@ -149,11 +150,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device, e.g. cpu, cuda:0 (default %(default)s)",
     )
-    parser.add_argument(
-        "--amp",
-        action="store_true",
-        help=AMP_HELP,
-    )
+    add_precision_arguments(parser)
     parser.add_argument(
         "--resize",
         choices=RESIZE_RULES,
@@ -192,6 +189,10 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--num-workers must be 0 or more")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
+    try:  # the precision that will run: --precision, else the fastest that keeps fp32's masks (precision.py)
+        args.precision = resolve_precision(args.precision, args.device, args.amp)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -253,7 +254,7 @@ def score(
     batch_size: int = 16,
     num_workers: int = 0,
     threshold: float = DEFAULT_THRESHOLD,
-    amp: bool = False,
+    precision: str = "fp32",
     shuffle_prompts: bool = False,
     save_predictions: Path | None = None,
     run: ScoreRun | None = None,
@@ -272,7 +273,7 @@ def score(
         data,
         batch_size=batch_size,
         num_workers=num_workers,
-        amp=amp,
+        precision=precision,
         tasks=tasks,
         phrase_for_task=phrase_for_task,
         skips=run.skips,
@@ -369,7 +370,7 @@ def benchmark_model(args: argparse.Namespace, fold: int | None) -> tuple[CLIPSeg
     name = args.name.replace("{fold}", str(fold)) if args.name and fold is not None else args.name
     try:
         source, _ = resolve_model(name, args.model, Path(args.checkpoints_dir), args.checkpoint)
-        return load_model(source, args.backbone, args.device), source
+        return load_model(source, args.backbone, args.device, args.precision), source
     except ScoreError as err:
         sys.exit(f"error: {err}")
 
@@ -430,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return results
     try:
         source, run_dir = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
-        model = load_model(source, args.backbone, args.device)
+        model = load_model(source, args.backbone, args.device, args.precision)
         image_size = args.image_size or model.config.image_size
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except ScoreError as err:
@@ -446,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "threshold": args.threshold,
         "shuffle_prompts": args.shuffle_prompts,
         "shuffle_seed": SHUFFLE_SEED if args.shuffle_prompts else None,
-        "amp": args.amp,
+        "precision": args.precision,
         "resize": args.resize,
     }
     run, started = ScoreRun(threshold=args.threshold), time.perf_counter()
@@ -458,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             threshold=args.threshold,
-            amp=args.amp,
+            precision=args.precision,
             shuffle_prompts=args.shuffle_prompts,
             save_predictions=save_dir,
             run=run,

@@ -477,13 +477,18 @@ class Validation:
         order = np.random.default_rng(derived_seed(args.seed, 4)).permutation(len(data))
         return cls(data, sorted(int(i) for i in order[: args.val_samples]), max(1, args.batch_size // 4))
 
-    def run(self, model: CLIPSeg, amp: bool) -> dict[str, float]:
+    def run(self, model: CLIPSeg, precision: str) -> dict[str, float]:
         """val_loss (mean per-task BCE at S x S) and the paper's val_miou, val_iou_fg, val_ap at t = 0.3."""
         was_training = model.training
         model.eval()
         paper, loss_sum, count = PaperMetrics(), 0.0, 0
         for batch in predict_tasks(
-            model, self.data, batch_size=self.batch_size, amp=amp, tasks=self.tasks, description="validation"
+            model,
+            self.data,
+            batch_size=self.batch_size,
+            precision=precision,
+            tasks=self.tasks,
+            description="validation",
         ):
             targets = batch.fields["mask"]
             paper.update(torch.sigmoid(batch.logits), targets)
@@ -731,7 +736,7 @@ class TrainingLoop:
     def validate(self, log, progress: tqdm) -> None:
         """Score the validation subset; a better --val-metric replaces best/ (a complete model)."""
         if self.world.is_main:
-            scores = self.validation.run(self.model, self.dtype is not None)
+            scores = self.validation.run(self.model, "fp32" if self.dtype is None else "bf16")
             value = scores[f"val_{self.best.metric}"]
             improved = self.best.improved_by(value)
             if improved:

@@ -40,7 +40,7 @@ def run_args(checkpoints, synthetic_root, out, *extra):
     return [
         "--name", "tiny", "--checkpoints-dir", str(checkpoints), "--data", "synthetic", "--data-root",
         str(synthetic_root), "--limit", str(LIMIT), "--batch-size", "4", "--num-workers", "0", "--out", str(out),
-        *extra,
+        "--precision", "fp32", *extra,
     ]  # fmt: skip
 
 

@@ -219,7 +219,8 @@ def test_output_names_are_safe_and_distinct():
 
 
 def run_cli(tiny_dir, inputs, out, *extra) -> int:
-    return main([*map(str, inputs), "--model", str(tiny_dir), "--image-size", str(SIZE), "--out", str(out), *extra])
+    args = [*map(str, inputs), "--model", str(tiny_dir), "--image-size", str(SIZE), "--out", str(out)]
+    return main([*args, "--precision", "fp32", *extra])  # compared with Predictor results, fp32 by default
 
 
 def test_cli_writes_maps_masks_overlays_and_summary(tiny_dir, model, tmp_path):

@@ -50,7 +50,7 @@ def checkpoints(tmp_path_factory):
 def score_args(checkpoints, synthetic_root, *extra):
     return [
         "demo", "--checkpoints-dir", str(checkpoints), "--data", "synthetic", "--data-root", str(synthetic_root),
-        "--limit", str(LIMIT), "--batch-size", "4", "--num-workers", "0", *extra,
+        "--limit", str(LIMIT), "--batch-size", "4", "--num-workers", "0", "--precision", "fp32", *extra,
     ]  # fmt: skip
 
 
@@ -217,7 +217,10 @@ def test_scores_a_users_folder_and_writes_next_to_a_model_directory(checkpoints,
     index.write_text("\n".join(lines) + "\n")
     model_dir = tmp_path / "model"
     shutil.copytree(checkpoints / "demo", model_dir, ignore=shutil.ignore_patterns("scores_*"))
-    results = main(["--model", str(model_dir), "--data", "folder", "--data-root", str(index), "--num-workers", "0"])
+    results = main(
+        ["--model", str(model_dir), "--data", "folder", "--data-root", str(index), "--num-workers", "0"]
+        + ["--precision", "fp32"]
+    )
     assert results["n_samples"] == 3 and results["phrasecut"]["n_tasks"] == 3
     assert json.loads((model_dir / "scores_test.json").read_text())["n_samples"] == 3
 
@@ -326,3 +329,14 @@ def test_table_marks_interrupted_and_shuffled_runs():
     table = format_table(results)
     assert "| t = 0.30 | 50.0 | 25.0 | 12.5 | 75.0 |" in table
     assert "2 skipped, 1 excluded" in table and "shuffled prompts" in table and "INTERRUPTED" in table
+
+
+def test_the_default_precision_is_precision_pys_and_is_recorded(checkpoints, synthetic_root, tmp_path):
+    from precision import default_precision
+
+    args = score_args(checkpoints, synthetic_root, "--out", str(tmp_path / "s.json"))
+    args.remove("--precision")
+    args.remove("fp32")
+    results = main(args)
+    assert results["precision"] == default_precision(torch.device("cpu"))
+    assert json.loads((tmp_path / "s.json").read_text())["precision"] == results["precision"]

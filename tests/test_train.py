@@ -562,7 +562,7 @@ def test_validation_equals_score_py_on_the_same_subset_and_weights(tmp_path, syn
     assert len(validation.tasks) == 7 and validation.tasks == train.Validation.of(args).tasks  # fixed, seeded
     model = train.build_model(args).eval()
     model.text_cache = {}
-    scores = validation.run(model, amp=False)
+    scores = validation.run(model, "fp32")
     reference = score.score(model, validation.data, batch_size=validation.batch_size, tasks=validation.tasks)
     paper = reference.paper.compute()
     assert reference.n_samples == 7

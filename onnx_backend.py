@@ -1,0 +1,180 @@
+"""Run a CLIPSeg exported by `export.py` in onnxruntime, through the same `Predictor` as the PyTorch model.
+
+    model = OnnxCLIPSeg("exported/")                         # the folder export.py wrote (manifest.json + graphs)
+    predictor = Predictor(model)                              # predict.py --backend onnx --model exported/
+    features = model.encode_image(pixel_values)              # (B, 3, H, W), H and W multiples of 16
+    logits = model.decode(features, model.embed_text(["a cat", "the sofa"]))  # (2, 1, H, W)
+
+`OnnxCLIPSeg` has the part of `model.CLIPSeg`'s interface that `predict.Predictor` uses: `config`, `text_cache`,
+`tokenize`, `embed_text`, `embed_token_ids`, `embed_images`, `encode_image`, `decode`, `eval`, `to`, `parameters`.
+It takes and returns torch tensors on the CPU and computes in fp32. onnxruntime is optional: install it with
+`pip install -r requirements-export.txt`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model import PATCH_SIZE, CLIPSeg, CLIPSegConfig, ImageFeatures
+from tokenizer import CLIPTokenizer
+
+REQUIREMENTS_FILE = "requirements-export.txt"
+MANIFEST_NAME = "manifest.json"
+FORMAT = "clipseg-onnx"
+FORMAT_VERSION = 1
+# Graph name -> file. The image prompt head continues the vision tower from the deepest extracted activation, so
+# image prompts need no second copy of the early blocks' weights.
+GRAPH_FILES = {
+    "image_encoder": "image_encoder.onnx",
+    "text_encoder": "text_encoder.onnx",
+    "decoder": "decoder.onnx",
+    "image_prompt_head": "image_prompt_head.onnx",
+}
+
+
+class OnnxBackendError(RuntimeError):
+    """The ONNX backend cannot run: onnxruntime is missing or the export folder is incomplete."""
+
+
+def import_onnxruntime():
+    """The onnxruntime module, or an OnnxBackendError naming the requirements file to install."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise OnnxBackendError(
+            f"the ONNX backend needs onnxruntime, which is not installed: pip install -r {REQUIREMENTS_FILE}"
+        ) from err
+    return onnxruntime
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of an export folder; OnnxBackendError when it is not one export.py wrote, or files are missing."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise OnnxBackendError(f"{directory}: no {MANIFEST_NAME}; write the folder with `python export.py MODEL DIR`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise OnnxBackendError(f"{path}: unreadable ({err}); export the model again") from err
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise OnnxBackendError(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, this code reads "
+            f"{FORMAT!r} version {FORMAT_VERSION}; export the model again with this export.py"
+        )
+    missing = [name for name, file in GRAPH_FILES.items() if not (directory / file).is_file()]
+    if missing:
+        raise OnnxBackendError(f"{directory}: missing graph files {[GRAPH_FILES[m] for m in missing]}; export again")
+    return manifest
+
+
+class OnnxCLIPSeg:
+    """CLIPSeg's exported graphs in onnxruntime sessions (CPU), with `CLIPSeg`'s inference interface.
+
+    directory: the folder `export.py` wrote. threads: onnxruntime intra-op threads (default: its own choice).
+    manifest: the folder's manifest when the caller has it already (export.py, before it writes it)."""
+
+    precisions = ("fp32",)  # the graphs are exported in fp32; `precision.resolve_precision` reads this
+
+    def __init__(self, directory: str | os.PathLike, threads: int | None = None, manifest: dict | None = None):
+        ort = import_onnxruntime()
+        self.directory = Path(directory)
+        self.manifest = manifest if manifest is not None else read_manifest(self.directory)
+        self.config = CLIPSegConfig.from_hf_dict(self.manifest["config"])
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions = {
+            name: ort.InferenceSession(str(self.directory / file), options, providers=["CPUExecutionProvider"])
+            for name, file in GRAPH_FILES.items()
+        }
+        self.activation_names = [output.name for output in self.sessions["image_encoder"].get_outputs()]
+        self.text_cache: dict[str, Tensor] | None = None
+        self._tokenizer = None
+
+    # -- the torch.nn.Module calls a caller makes ---------------------------------------------------------------
+
+    def eval(self) -> OnnxCLIPSeg:
+        return self
+
+    def to(self, device: str | torch.device) -> OnnxCLIPSeg:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"the ONNX backend runs on the CPU (onnxruntime), not on {device}: use --device cpu")
+        return self
+
+    def parameters(self) -> Iterator[Tensor]:
+        """No torch parameters: one empty CPU tensor, so that callers reading the device from them find the CPU."""
+        yield torch.empty(0)
+
+    # -- prompts: the same tokenisation and text cache as the PyTorch model ----------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = CLIPTokenizer.from_directory()
+        return self._tokenizer
+
+    tokenize = CLIPSeg.tokenize
+    embed_text = CLIPSeg.embed_text
+
+    def embed_token_ids(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(K, L) token ids [+ (K, L) mask] -> (K, 512) CLIP text embeddings."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        (embedding,) = self._run("text_encoder", input_ids=input_ids.long(), attention_mask=attention_mask.long())
+        return embedding
+
+    def embed_images(self, prompt_images: Tensor) -> Tensor:
+        """(K, 3, h, w) engineered prompt images -> (K, 512) projected CLS embeddings (the full vision tower)."""
+        deepest = self.encode_image(prompt_images).activations[-1]
+        (embedding,) = self._run("image_prompt_head", hidden_states=deepest)
+        return embedding
+
+    # -- image encoding and decoding -------------------------------------------------------------------------
+
+    def encode_image(self, pixel_values: Tensor) -> ImageFeatures:
+        """(B, 3, H, W) normalised pixels, H and W multiples of 16 -> the extracted blocks' activations, each
+        (B, 1 + h*w, width)."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        height, width = pixel_values.shape[-2:]
+        if height % PATCH_SIZE or width % PATCH_SIZE:
+            raise ValueError(f"image size {height}x{width} must be a multiple of {PATCH_SIZE} in both sides")
+        activations = self._run("image_encoder", pixel_values=pixel_values.float())
+        return ImageFeatures(activations, (height // PATCH_SIZE, width // PATCH_SIZE))
+
+    def decode(self, features: ImageFeatures, conditional: Tensor) -> Tensor:
+        """Image features (batch B or 1) + (K, 512) conditionals (K = B, or any K when B = 1) -> (K, 1, H, W)
+        logits. The decoder graph takes one image against K prompts; a batch of B images runs image by image."""
+        batch = features.activations[0].shape[0]
+        projection_dim = self.config.clip.projection_dim
+        if conditional.ndim != 2 or conditional.shape[1] != projection_dim:
+            raise ValueError(f"conditional must be (K, {projection_dim}), got {tuple(conditional.shape)}")
+        if batch != 1 and conditional.shape[0] != batch:
+            raise ValueError(f"{conditional.shape[0]} prompts for {batch} images: give one prompt per image")
+        if batch == 1:
+            return self._decode_one(features.activations, conditional, features.grid)
+        return torch.cat(
+            [
+                self._decode_one(
+                    [a[row : row + 1] for a in features.activations], conditional[row : row + 1], features.grid
+                )
+                for row in range(batch)
+            ]
+        )
+
+    def _decode_one(self, activations: list[Tensor], conditional: Tensor, grid: tuple[int, int]) -> Tensor:
+        inputs = dict(zip(self.activation_names, activations))
+        (logits,) = self._run("decoder", grid=torch.tensor(grid), conditional=conditional.float(), **inputs)
+        return logits
+
+    def _run(self, graph: str, **inputs: Tensor) -> list[Tensor]:
+        feed = {name: np.ascontiguousarray(value.detach().cpu().numpy()) for name, value in inputs.items()}
+        return [torch.from_numpy(output) for output in self.sessions[graph].run(None, feed)]

@@ -1,0 +1,188 @@
+"""precision.py: bf16 and int8 masks against fp32, the default per CPU, int8 quantisation, and the CLI flags."""
+
+import copy
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model as model_module
+import precision as precision_module
+from model import CLIPSeg
+from precision import (
+    PRECISIONS,
+    cpu_has_vnni,
+    default_precision,
+    precision_context,
+    prepare_model,
+    quantize_linears,
+    quantize_vision_linears,
+    resolve_precision,
+)
+from predict import main
+
+PHRASES = ["a red circle", "the blue square", "sky"]
+LOGIT_THRESHOLD = float(np.log(0.3 / 0.7))  # probability > 0.3, the paper's threshold
+NATIVE_BF16 = model_module.cpu_has_native_bf16()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random CLIPSeg whose head is scaled up so that its probabilities spread around 0.3."""
+    torch.manual_seed(0)
+    model = CLIPSeg.from_backbone("tiny")
+    with torch.no_grad():
+        for param in model.decoder.transposed_convolution.parameters():
+            param.mul_(4.0)
+    return model.save_pretrained(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return CLIPSeg.from_pretrained(tiny_dir).eval()
+
+
+def logits_in(model: CLIPSeg, precision: str) -> torch.Tensor:
+    """(8, 1, 64, 96) logits of four images x two phrases, run as `precision` prescribes."""
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(4, 3, 64, 96, generator=generator)
+    with torch.no_grad(), precision_context(precision, "cpu"):
+        return torch.cat([model(pixels, [phrase] * 4).logits for phrase in PHRASES[:2]]).float()
+
+
+def mask_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a > LOGIT_THRESHOLD) == (b > LOGIT_THRESHOLD)).float().mean().item()
+
+
+def test_int8_masks_agree_with_fp32(model):
+    reference = logits_in(model, "fp32")
+    positive = (reference > LOGIT_THRESHOLD).float().mean().item()
+    assert 0.1 < positive < 0.9  # masks that are neither empty nor full: agreement means something
+    quantised = prepare_model(copy.deepcopy(model), "int8", "cpu")
+    int8 = logits_in(quantised, "int8")
+    assert 0 < (int8 - reference).abs().max() < 0.5  # int8 really ran, and stayed close
+    assert mask_agreement(int8, reference) >= 0.99
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="no native bf16 on this CPU (AVX512-BF16/AMX): --precision bf16 runs fp32")
+def test_bf16_masks_agree_with_fp32(model):
+    reference = logits_in(model, "fp32")
+    bf16 = logits_in(model, resolve_precision("bf16", "cpu"))
+    assert 0 < (bf16 - reference).abs().max() < 0.5  # autocast really ran in bf16
+    assert mask_agreement(bf16, reference) >= 0.99
+
+
+def test_int8_quantises_only_the_vision_blocks_the_segmentation_pass_runs(model):
+    quantised = copy.deepcopy(model)
+    blocks = quantised.clip.vision_model.encoder.layers
+    deepest = max(quantised.config.extract_layers)
+    assert quantize_vision_linears(quantised) == 6 * (deepest + 1)  # q, k, v, out, fc1, fc2 per block
+    assert quantize_vision_linears(quantised) == 0  # idempotent
+    assert not any(isinstance(m, torch.nn.Linear) for m in blocks[: deepest + 1].modules())
+    for untouched in (blocks[deepest + 1 :], quantised.clip.text_model, quantised.decoder):
+        kinds = {type(m) for m in untouched.modules()}
+        assert torch.nn.Linear in kinds and not any("Quantized" in kind.__name__ for kind in kinds)
+
+
+@pytest.mark.skipif(not cpu_has_vnni(), reason="no VNNI on this CPU: int8 keeps PyTorch's 7-bit activations")
+def test_int8_activations_use_all_8_bits_where_the_cpu_has_vnni(monkeypatch):
+    torch.manual_seed(0)
+    layer, rows = torch.nn.Linear(256, 256), torch.randn(64, 256)
+    errors = {}
+    for full_range in (True, False):
+        monkeypatch.setattr(precision_module, "cpu_has_vnni", lambda full_range=full_range: full_range)
+        quantised = torch.nn.Sequential(copy.deepcopy(layer))
+        assert quantize_linears(quantised) == 1  # the default follows cpu_has_vnni
+        expected = "FullRangeDynamicQuantizedLinear" if full_range else "DynamicQuantizedLinear"
+        assert quantised[0]._get_name() == expected
+        with torch.no_grad():
+            errors[full_range] = (quantised(rows) - layer(rows)).abs().mean().item()
+    assert errors[True] < 0.75 * errors[False]  # half the activation step: a clearly smaller error
+
+
+@pytest.mark.parametrize(("vnni", "native"), [(True, True), (True, False), (False, True), (False, False)])
+def test_default_precision_follows_the_cpu(monkeypatch, vnni, native):
+    monkeypatch.setattr(precision_module, "cpu_has_vnni", lambda: vnni)
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: native)
+    assert default_precision("cpu") == ("int8" if vnni else "bf16" if native else "fp32")
+    assert default_precision("cuda") == "fp32"
+    assert resolve_precision(None, "cpu") == default_precision("cpu")
+    assert resolve_precision(None, "cpu", supported=("fp32",)) == "fp32"  # a backend without the default
+    if native:
+        assert resolve_precision(None, "cpu", amp=True) == resolve_precision("bf16", "cpu") == "bf16"  # --amp
+    else:
+        for asked in ({"precision": "bf16"}, {"precision": None, "amp": True}):
+            with pytest.warns(UserWarning, match="no native bf16"):
+                assert resolve_precision(device="cpu", **asked) == "fp32"
+
+
+def test_precision_errors_say_what_to_change():
+    with pytest.raises(ValueError, match="CPU; on cuda use --precision bf16"):
+        resolve_precision("int8", "cuda")
+    with pytest.raises(ValueError, match="contradicts --precision int8"):
+        resolve_precision("int8", "cpu", amp=True)
+    with pytest.raises(ValueError, match="choose one of fp32, bf16, int8"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="not available for this backend"):
+        resolve_precision("int8", "cpu", supported=("fp32",))
+    with pytest.raises(ValueError, match="CPU only"):
+        prepare_model(CLIPSeg.from_backbone("tiny"), "int8", "cuda")
+    assert PRECISIONS == ("fp32", "bf16", "int8")
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def run_cli(tiny_dir, tmp_path, out, *extra) -> int:
+    image = tmp_path / "photo.png"
+    if not image.exists():
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(image)
+    args = [str(image), "--model", str(tiny_dir), "--image-size", "64", "--out", str(tmp_path / out)]
+    return main([*args, "--prompt", PHRASES[0], "--prompt", PHRASES[1], "--prob-bits", "16", *extra])
+
+
+def read_maps(tmp_path, out) -> tuple[dict, list[np.ndarray]]:
+    summary = json.loads((tmp_path / out / "summary.json").read_text())
+    prompts = summary["images"][0]["prompts"]
+    return summary, [np.asarray(Image.open(p["files"]["probability"])) / 65535 for p in prompts]
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_cli_precision_writes_maps_that_agree_with_fp32(tiny_dir, tmp_path, precision):
+    if precision == "bf16" and not NATIVE_BF16:
+        pytest.skip("no native bf16 on this CPU (AVX512-BF16/AMX): --precision bf16 runs fp32")
+    assert run_cli(tiny_dir, tmp_path, "fp32", "--precision", "fp32") == 0
+    assert run_cli(tiny_dir, tmp_path, precision, "--precision", precision) == 0
+    (reference_summary, reference), (summary, maps) = read_maps(tmp_path, "fp32"), read_maps(tmp_path, precision)
+    assert (reference_summary["precision"], summary["precision"]) == ("fp32", precision)
+    for got, want in zip(maps, reference):
+        assert 0 < np.abs(got - want).max() < 0.1
+        assert ((got > 0.3) == (want > 0.3)).mean() >= 0.99
+
+
+def test_cli_default_precision_and_amp(tiny_dir, tmp_path):
+    assert run_cli(tiny_dir, tmp_path, "default") == 0
+    assert read_maps(tmp_path, "default")[0]["precision"] == default_precision("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CPU without native bf16 warns that --amp runs fp32
+        assert run_cli(tiny_dir, tmp_path, "amp", "--amp") == 0
+    assert read_maps(tmp_path, "amp")[0]["precision"] == resolve_precision("bf16", "cpu")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--precision", "int8", "--device", "cuda"], "on cuda use --precision bf16"),
+        (["--precision", "int8", "--amp"], "--amp means --precision bf16"),
+        (["--precision", "fp16"], "invalid choice: 'fp16'"),
+    ],
+)
+def test_cli_bad_precision_combinations_are_usage_errors(tiny_dir, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(tiny_dir, tmp_path, "out", *flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
