@@ -16,7 +16,7 @@ DEMO_TRAIN ?= --backbone=tiny --device=cpu --image-size=128 --batch-size=32 --ma
 	--no-amp
 DEMO_EVAL ?= --data=synthetic --data-root=$(DEMO_DATA) --device=cpu --num-workers=1
 
-.PHONY: setup test lint demo
+.PHONY: setup app-setup test lint demo app
 
 setup: $(VENV)/.installed
 
@@ -26,11 +26,18 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	touch $@
 
+# The web app's optional dependencies (requirements-app.txt), on top of set-up; `make test` installs them too.
+app-setup: $(VENV)/.installed-app
+
+$(VENV)/.installed-app: $(VENV)/.installed requirements-app.txt
+	$(BIN)/python -m pip install -q -r requirements-app.txt
+	touch $@
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup lint
+test: setup app-setup lint
 	$(BIN)/python -m pytest
 
 demo: setup
@@ -44,3 +51,9 @@ demo: setup
 	$(BIN)/python -c "import json; j = lambda f: json.load(open('checkpoints/demo/' + f))['paper']['miou']; \
 		a, b = j('scores_test.json'), j('scores_test_shuffled.json'); \
 		print(f'demo: mIoU at t=0.3 {a:.3f}; with phrases shuffled across samples {b:.3f} (drop {a - b:.3f})')"
+
+# The web app on http://127.0.0.1:7860, e.g. make app APP_ARGS="--model checkpoints/myrun --port 8000". A hub id
+# needs the network: make app HF_HUB_OFFLINE=0 APP_ARGS="--model CIDAS/clipseg-rd64-refined".
+APP_ARGS ?=
+app: app-setup
+	$(BIN)/python app.py $(APP_ARGS)

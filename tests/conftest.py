@@ -4,6 +4,7 @@
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,37 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic_phrasecut")
     dataset.make_synthetic_phrasecut(root, n_images=SYNTHETIC_IMAGES, seed=SYNTHETIC_SEED)
     return root
+
+
+def require(package: str, install: str) -> None:
+    """Skip a test that needs a missing `package`, naming it and how to install it; under CI (CI=true) fail
+    instead, so that CI never passes by skipping."""
+    message = f"{package} is not installed ({install})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI must run this test", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def tiny_clipseg_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIPSeg (image size 64) saved with `save_pretrained`, to load as a hub id would be. Its output
+    head is scaled up so that probabilities spread over about 0.1 to 0.9."""
+    import torch
+
+    from model import CLIPSeg
+
+    torch.manual_seed(0)
+    model = CLIPSeg.from_backbone("tiny", image_size=64)
+    with torch.no_grad():
+        for param in model.decoder.transposed_convolution.parameters():
+            param.mul_(4.0)
+    return model.save_pretrained(tmp_path_factory.mktemp("tiny_clipseg"))
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The path of Debian's `chromium` browser (for browser tests); skips locally, fails in CI, when missing."""
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None)
+    if path is None:
+        require("chromium", "apt-get install chromium")
+    return path
