@@ -538,14 +538,21 @@ def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD, notic
                 status = gr.Markdown(elem_id="status")
                 overlay = gr.Image(label="Overlay", format="png", interactive=False, elem_id="overlay")
                 heatmaps = gr.Gallery(
-                    label="Probability per prompt", columns=3, format="png", interactive=False, elem_id="heatmaps"
+                    label="Probability per prompt (black 0, yellow 1)",
+                    columns=3,
+                    height="auto",
+                    object_fit="contain",
+                    format="png",
+                    interactive=False,
+                    elem_id="heatmaps",
                 )
                 download = gr.File(
                     label="Masks: a PNG per prompt at the original size + summary.json",
                     interactive=False,
                     elem_id="download",
                 )
-                summary = gr.JSON(label="Summary", elem_id="summary")
+                with gr.Accordion("Summary (predict.py's summary.json)", open=False):
+                    summary = gr.JSON(show_label=False, elem_id="summary")
         examples = [[str(EXAMPLES_DIR / name), text] for name, text in EXAMPLES if (EXAMPLES_DIR / name).is_file()]
         if examples:
             gr.Examples(examples, inputs=[image, prompts], label="Examples")
@@ -560,19 +567,20 @@ def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD, notic
     return page
 
 
-def launch(page, port: int, share: bool = False, block: bool = True) -> str:
-    """Serve `page` on 127.0.0.1:`port` (and a public link with `share`); returns the local URL."""
-    _, url, _ = page.queue(default_concurrency_limit=1).launch(
+def launch(page, port: int, share: bool = False) -> tuple[str, str | None]:
+    """Serve `page` on 127.0.0.1:`port` (plus a public link with `share`) in a background thread; returns the
+    local URL and the public one. `page.block_thread()` waits; `page.close()` stops the server."""
+    _, local_url, share_url = page.queue(default_concurrency_limit=1).launch(
         server_name="127.0.0.1",
         server_port=port,
         share=share,
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         max_file_size=MAX_UPLOAD,
         ssr_mode=False,
         footer_links=[],
-        quiet=not block,
+        quiet=True,
     )
-    return url
+    return local_url, share_url
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -654,8 +662,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: cannot load --model {source}: {err}", file=sys.stderr)
             return 2
     segmenter = Segmenter(model, source or "none", args.device, args.amp)
+    page = build_page(segmenter, args.threshold, notice)
     try:
-        launch(build_page(segmenter, args.threshold, notice), args.port, args.share)
+        local_url, share_url = launch(page, args.port, args.share)
+        print(f"serving {source or 'no model'} on {local_url}" + (f" and {share_url}" if share_url else ""))
+        print("open it in a browser; Ctrl+C stops the server", flush=True)
+        page.block_thread()
     except OSError as err:
         print(f"error: cannot serve on port {args.port} ({err}); pick another with --port", file=sys.stderr)
         return 2

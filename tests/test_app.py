@@ -297,7 +297,7 @@ def free_port() -> int:
 def serving(segmenter: app.Segmenter, notice: str | None = None):
     """The app on a free local port: yields its URL."""
     page = app.build_page(segmenter, app.DEFAULT_THRESHOLD, notice)
-    url = app.launch(page, free_port(), block=False)
+    url, _ = app.launch(page, free_port())
     try:
         yield url
     finally:
@@ -493,7 +493,7 @@ def test_browser_bad_inputs_show_their_message(served, browser, tmp_path):
 
 
 def make_screenshot(model_source: str, destination: str, executable: str = "/usr/bin/chromium") -> None:
-    """Drive the page with an example image and its prompts, and save a screenshot of it."""
+    """Segment the first example image with its prompts in the page and save a screenshot of the page."""
     segmenter = app.Segmenter(app.load_model(model_source, None), model_source)
     with serving(segmenter) as url, chromium_context(executable, tempfile.mkdtemp()) as context:
         tab = open_page(context, url)
@@ -503,8 +503,10 @@ def make_screenshot(model_source: str, destination: str, executable: str = "/usr
         tab.wait_for_selector("#image img")
         segment(tab, "Segmented")
         tab.wait_for_selector("#overlay img")
+        tab.set_viewport_size({"width": 1400, "height": 1100})  # down to the download, above the examples
         tab.wait_for_timeout(500)
-        tab.screenshot(path=destination, full_page=True)
+        shot = Image.open(io.BytesIO(tab.screenshot())).convert("RGB")
+        shot.quantize(256).save(destination, optimize=True)  # a palette PNG: a third of the size
 
 
 if __name__ == "__main__":
