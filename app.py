@@ -114,9 +114,8 @@ def read_rgb(data: bytes, name: str, what: str) -> Image.Image:
         try:
             return open_rgb(file.name)
         except UnreadableImage as err:
-            raise InputError(
-                f"{what} {name!r} cannot be used: {err.reason}. Upload a JPEG, PNG or WebP image."
-            ) from err
+            fix = "Downscale it" if err.reason.startswith("too large") else "Upload a JPEG, PNG or WebP image"
+            raise InputError(f"{what} {name!r} cannot be used: {err.reason}. {fix}.") from err
 
 
 def painted_mask(layers: Sequence[Any], size: tuple[int, int]) -> np.ndarray | None:
@@ -305,6 +304,12 @@ class Segmenter:
             output.message = self._status(session.result, timings, f"Re-thresholded at {threshold:.2f}:")
         return session, output
 
+    @staticmethod
+    def forget(session: Session | None) -> None:
+        """Delete what a session left on disk (its last zip)."""
+        if session is not None and session.zip_dir is not None:
+            shutil.rmtree(session.zip_dir, ignore_errors=True)
+
     # -- steps --------------------------------------------------------------------------------------
 
     def _segment(self, session, image, prompts_text, support, support_mask, threshold, geometry) -> Output:
@@ -492,7 +497,7 @@ def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD, notic
         )
         if notice:
             gr.Markdown(f"**{notice}**", elem_id="notice")
-        session = gr.State()
+        session = gr.State(delete_callback=segmenter.forget)  # called when a closed tab's state expires
         with gr.Row():
             with gr.Column():
                 image = gr.Image(

@@ -1,4 +1,6 @@
-"""Shared fixtures: a small synthetic PhraseCut generated once per test session.
+"""Shared fixtures: a small synthetic PhraseCut generated once per test session, a tiny saved CLIPSeg, and the
+path of Debian's chromium for browser tests (`require` skips a test whose system package is missing, failing
+instead under CI=true).
 
 32 images, seed 0: 61 train, 16 val, 10 test and 5 miniv tasks (score tests need at least 6 test tasks).
 """

@@ -161,9 +161,10 @@ def test_prompt_changes_reuse_the_encoded_image_and_threshold_changes_run_no_mod
         assert calls == {"vision": 1, "decoder": 1}
         session, out = segmenter.segment(session, str(image), "blue square, sky")
         assert calls == {"vision": 1, "decoder": 2} and "read + encode image cached" in out.message
-        before = out.summary["images"][0]["prompts"][0]["area_fraction"]
+        before, old_zip = out.summary["images"][0]["prompts"][0]["area_fraction"], Path(out.zip_path)
         session, out = segmenter.rethreshold(session, 0.9)
         assert calls == {"vision": 1, "decoder": 2} and out.ok
+        assert Path(out.zip_path).is_file() and not old_zip.exists()  # a session keeps one zip on disk
         assert out.summary["images"][0]["prompts"][0]["area_fraction"] < before
         assert out.summary["threshold"] == 0.9 and "Re-thresholded at 0.90" in out.message
         session, out = segmenter.segment(session, str(image), "sky", geometry=segmenter.square_label)
@@ -172,6 +173,8 @@ def test_prompt_changes_reuse_the_encoded_image_and_threshold_changes_run_no_mod
         assert calls["vision"] == 3
         other, out = segmenter.segment(None, str(image), "sky")  # another session encodes its own image
         assert calls["vision"] == 4
+    segmenter.forget(other)  # when a closed tab's state expires
+    assert not Path(out.zip_path).exists()
 
 
 def test_image_prompt_with_an_uploaded_mask_equals_the_predictors_support_prompt(model, segmenter, tmp_path):
