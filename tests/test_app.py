@@ -280,6 +280,15 @@ def test_page_keeps_gradio_analytics_off(segmenter):
     assert page.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
 
 
+def test_a_missing_package_skips_locally_and_fails_in_ci(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="chromium is not installed .*CI must run this test"):
+        require("chromium", "apt-get install chromium")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match=r"chromium is not installed \(apt-get install chromium\)"):
+        require("chromium", "apt-get install chromium")
+
+
 # ---------------------------------------------------------------------------------------- in the browser
 
 
@@ -398,6 +407,8 @@ def served(model, browser, tmp_path_factory):
 
 
 def test_browser_two_text_prompts_give_overlay_heatmaps_and_masks(model, served, browser, tmp_path):
+    from playwright.sync_api import expect
+
     url, _ = served
     tab = open_page(browser, url)
     upload(tab, "#image", save(scene(203, 151), tmp_path / "room.png"))
@@ -424,6 +435,10 @@ def test_browser_two_text_prompts_give_overlay_heatmaps_and_masks(model, served,
         tab.click("#geometry label:has-text('square')")  # a new geometry re-encodes at once
         expect_text(tab, "#status", "the model sees 64x64")
         assert calls["vision"] == 2
+    name, prompts = app.EXAMPLES[0]  # an example fills in the image and its prompts
+    tab.click(f"text={prompts}")
+    expect(tab.locator("#prompts textarea")).to_have_value(prompts, timeout=WAIT_MS)
+    assert "3 prompt(s)" in segment(tab, name)
     assert Image.open(tmp_path / "app.png").size[0] >= 1000
     assert tab.external_requests == []  # nothing but the local server was asked for anything
     assert "Traceback" not in tab.content()
