@@ -42,7 +42,7 @@ test: setup app-setup lint
 
 demo: setup
 	test -f $(DEMO_DATA)/data/VGPhraseCut_v0/image_data_split.json || \
-		$(BIN)/python dataset.py synthetic --root $(DEMO_DATA) --n-images $(DEMO_IMAGES)
+		$(BIN)/python synthetic.py phrasecut --root $(DEMO_DATA) --n-images $(DEMO_IMAGES)
 	if [ -f checkpoints/demo/train_state.pt ]; then $(BIN)/python train.py --name=demo --resume; \
 	else $(BIN)/python train.py --name=demo --data=synthetic --data-root=$(DEMO_DATA) $(DEMO_TRAIN); fi
 	$(BIN)/python score.py demo $(DEMO_EVAL)

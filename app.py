@@ -46,9 +46,10 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from dataset import UnreadableImage, open_rgb
 from model import AMP_HELP, CLIPSeg
-from predict import Predictor, Prompt, build_prompts, draw_overlay, load_mask, prompt_summary, safe_name
+from outputs import safe_name
+from predict import Predictor, Prompt, build_prompts, draw_overlay, prompt_summary
+from preprocess import UnreadableImage, open_rgb, read_mask
 
 DEMO_MODEL = Path("checkpoints") / "demo"
 DEFAULT_THRESHOLD = 0.3
@@ -56,7 +57,7 @@ MAX_PROMPTS = 20
 DISPLAY_MAX_SIDE = 1024  # previews (overlay, heatmaps) are at most this large; downloads keep the original size
 MAX_UPLOAD = "100mb"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
-EXAMPLES = (  # (image in examples/, prompts): scenes drawn like `dataset.make_synthetic_phrasecut`'s
+EXAMPLES = (  # (image in examples/, prompts): scenes of `synthetic.make_synthetic_phrasecut`
     ("shapes_1.jpg", "purple square, green circle, red triangle"),
     ("shapes_2.jpg", "yellow circle, red square, blue triangle"),
     ("shapes_3.jpg", "blue square, green triangle, purple triangle"),
@@ -107,7 +108,7 @@ def payload_file(payload: Any, what: str) -> tuple[bytes, str] | None:
 
 
 def read_rgb(data: bytes, name: str, what: str) -> Image.Image:
-    """Image file bytes -> upright RGB (`dataset.open_rgb`: EXIF rotation, alpha on black, size limit)."""
+    """Image file bytes -> upright RGB (`preprocess.open_rgb`: EXIF rotation, alpha on black, size limit)."""
     with tempfile.NamedTemporaryFile(suffix=Path(name).suffix) as file:
         file.write(data)
         file.flush()
@@ -378,7 +379,7 @@ class Segmenter:
             return None
         rgb = read_rgb(*image, "The support image")
         if mask is not None:
-            object_mask, mask_name = load_mask(read_rgb(*mask, "The support mask")), mask[1]
+            (object_mask, _), mask_name = read_mask(read_rgb(*mask, "The support mask")), mask[1]
             if object_mask.shape != (rgb.height, rgb.width):
                 raise InputError(
                     f"The support mask {mask_name!r} is {object_mask.shape[1]}x{object_mask.shape[0]} but the support "
@@ -432,7 +433,7 @@ class Segmenter:
         return {
             "model": self.model_name,
             "threshold": threshold,
-            "square": encoded.predictor.square,
+            "square": encoded.predictor.transform.square,
             "image_size": self.image_size,
             "processed": 1,
             "skipped": 0,
@@ -447,7 +448,7 @@ class Segmenter:
         if session.zip_dir is not None:
             shutil.rmtree(session.zip_dir, ignore_errors=True)
         session.zip_dir = Path(tempfile.mkdtemp(dir=self.workdir))
-        stem = safe_name(Path(result.encoded.name).stem, hashed=False, fallback="image")
+        stem = safe_name(Path(result.encoded.name).stem or "image")
         path = session.zip_dir / f"{stem}-masks.zip"
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for prompt, prob in zip(result.prompts, result.probs):

@@ -3,6 +3,7 @@
     python bench.py                      # CPU, full ViT-B/16 geometry at 352 px, writes bench_results.json
     python bench.py --repeats 7 --threads 2
     python bench.py --device cuda --compile
+    python bench.py --only-data --index-tasks 300000   # data pipeline per worker; PhraseCut-sized index
 
 Both models hold the same random weights (speed does not depend on their values). Variants are interleaved
 (A B A B ...) after a warm-up and the median of `--repeats` runs is reported, so drift of the machine hits both
@@ -13,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -113,6 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-train", action="store_true", help="skip the training-step comparison")
     parser.add_argument("--skip-data", action="store_true", help="skip the data pipeline measurement")
     parser.add_argument("--only-head", action="store_true", help="only the refined-head comparison")
+    parser.add_argument("--only-data", action="store_true", help="only the data pipeline (and --index-tasks) rows")
+    parser.add_argument(
+        "--index-tasks",
+        type=int,
+        default=0,
+        help="also build and load the PhraseCut index of a generated split of N tasks (300000 is PhraseCut's size)",
+    )
     parser.add_argument("--out", default="bench_results.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
     if args.threads:
@@ -129,6 +140,12 @@ def main(argv: list[str] | None = None) -> dict:
         "image_size": size,
         "repeats": repeats,
     }
+    if args.only_data:
+        results["data_pipeline"] = data_pipeline_rate(image_size=size)
+        if args.index_tasks:
+            results["index"] = index_rate(args.index_tasks)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        return results
     results["refined_head"] = refined_head_comparison(device, size, repeats)
     if args.only_head:
         Path(args.out).write_text(json.dumps(results, indent=2))
@@ -213,7 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_train:
         results["training"] = training_comparison(ours, hf, device, size, repeats, bf16=native)
     if not args.skip_data:
-        results["data_pipeline"] = data_pipeline_rate()
+        results["data_pipeline"] = data_pipeline_rate(image_size=size)
+    if args.index_tasks:
+        results["index"] = index_rate(args.index_tasks)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
     return results
@@ -340,14 +359,113 @@ def training_comparison(ours, hf, device, size, repeats, bf16: bool, batch: int 
     return out
 
 
-def data_pipeline_rate() -> dict:
-    """Training-pipeline samples/s in one process with one thread (= one DataLoader worker), dataset.py's own
-    measurement on generated 500x375 JPEGs at 352 px: per wall-clock second and per CPU-second."""
+def data_pipeline_rate(n_samples: int = 300, image_size: int = 352) -> dict:
+    """Training-pipeline samples/s in one process with one torch thread (= one DataLoader worker) on generated
+    500x375 JPEGs: JPEG decode, polygon rasterisation, the original's crop, resize, normalisation, 20% negatives;
+    for each resize rule, interleaved. Per wall-clock second and per CPU-second (per core, which other load on the
+    machine does not distort)."""
+    import dataset
+    import synthetic
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="clipseg-bench-") as root:
+            synthetic.make_synthetic_phrasecut(root, n_images=60, seed=0, fixed_size=(500, 375))
+            data = {
+                rule: dataset.PhraseCut(
+                    root,
+                    "train",
+                    train=True,
+                    image_size=image_size,
+                    negative_prob=0.2,
+                    resize=rule,
+                    cache_dir=Path(root) / "index",
+                )  # fmt: skip
+                for rule in ("original", "pil")
+            }
+            for sampler in data.values():
+                for index in range(10):
+                    sampler[index % len(sampler)]
+            wall = {rule: 0.0 for rule in data}
+            cpu = dict(wall)
+            for index in range(n_samples):
+                for rule, sampler in data.items():
+                    started, started_cpu = time.perf_counter(), time.process_time()
+                    sampler[index % len(sampler)]
+                    wall[rule] += time.perf_counter() - started
+                    cpu[rule] += time.process_time() - started_cpu
+    finally:
+        torch.set_num_threads(threads)
+    result = {
+        rule: {"samples_per_s": n_samples / wall[rule], "samples_per_cpu_s": n_samples / cpu[rule]} for rule in wall
+    }
+    for rule, rates in result.items():
+        print(
+            f"data pipeline, --resize {rule}: {rates['samples_per_s']:.0f} samples/s per worker "
+            f"({rates['samples_per_cpu_s']:.0f} per CPU-second), 500x375 JPEGs -> {image_size} px"
+        )
+    return result
+
+
+_INDEX_PROBE = """
+import json, sys, time, resource
+import dataset
+def rss_mb():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS'):
+            return int(line.split()[1]) / 1024
+before = rss_mb()
+start = time.perf_counter()
+data = dataset.PhraseCut(sys.argv[1], 'train', train=True, cache_dir=sys.argv[2])
+seconds = time.perf_counter() - start
+data[len(data) // 2]
+print(json.dumps({'seconds': seconds, 'tasks': len(data), 'rss_mb': rss_mb(), 'rss_growth_mb': rss_mb() - before,
+                  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def write_large_split(data_dir: Path, n_tasks: int) -> int:
+    """Overwrite refer_train.json with `n_tasks` tasks cycling through the existing tasks of all splits (unique
+    task ids, the same few images); streamed, so memory stays small. Returns the file size in bytes."""
     import dataset
 
-    rates = dataset.time_pipeline()
-    print(f"data pipeline: {rates['wall']:.0f} samples/s per worker ({rates['cpu']:.0f} per CPU-second)")
-    return {"samples_per_s_per_worker": rates["wall"], "samples_per_cpu_s": rates["cpu"]}
+    base = [task for split in dataset.SPLITS for task in json.loads((data_dir / f"refer_{split}.json").read_text())]
+    path = data_dir / "refer_train.json"
+    with open(path, "w", encoding="utf-8") as file:
+        file.write("[")
+        for number in range(n_tasks):
+            task = dict(base[number % len(base)], task_id=f"{base[number % len(base)]['task_id']}_{number}")
+            file.write(("," if number else "") + json.dumps(task))
+        file.write("]")
+    return path.stat().st_size
+
+
+def index_rate(n_tasks: int) -> dict:
+    """Build and load the PhraseCut index of an `n_tasks`-task refer_train.json, each in a fresh process:
+    seconds and resident memory."""
+    import synthetic
+
+    with tempfile.TemporaryDirectory(prefix="clipseg-index-") as root:
+        data_dir = synthetic.make_synthetic_phrasecut(root, n_images=40, seed=0)
+        json_bytes = write_large_split(data_dir, n_tasks)
+        cache = Path(root) / "index"
+        command = [sys.executable, "-c", _INDEX_PROBE, root, str(cache)]
+        here = str(Path(__file__).resolve().parent)
+        env = dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        runs = {}
+        for name in ("build", "cached_load"):
+            output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+            runs[name] = json.loads(output.strip().splitlines()[-1])
+        index_bytes = sum(path.stat().st_size for path in cache.rglob("*") if path.is_file())
+    result = {"tasks": n_tasks, "json_mb": json_bytes / 1e6, "index_mb": index_bytes / 1e6, **runs}
+    build, load = result["build"], result["cached_load"]
+    print(
+        f"index of {n_tasks} tasks ({result['json_mb']:.0f} MB JSON, {result['index_mb']:.0f} MB index): build "
+        f"{build['seconds']:.1f} s (peak RSS {build['peak_rss_mb']:.0f} MB), cached load {load['seconds']:.2f} s "
+        f"(RSS {load['rss_mb']:.0f} MB, +{load['rss_growth_mb']:.0f} MB over imports)"
+    )
+    return result
 
 
 if __name__ == "__main__":

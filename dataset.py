@@ -1,6 +1,6 @@
-"""Datasets: PhraseCut as downloaded, a synthetic PhraseCut-format generator, and users' own folders.
+"""Data sets: PhraseCut as downloaded and users' own folders, with the original's sample pipeline.
 
-PhraseCut layout (what the official download script writes, and what `make_synthetic_phrasecut` writes):
+PhraseCut layout (what the official download script writes, and what `synthetic.make_synthetic_phrasecut` writes):
 
     <root>/data/VGPhraseCut_v0/refer_{train,val,test,miniv}.json   tasks (SPEC section 5)
     <root>/data/VGPhraseCut_v0/image_data_split.json               image sizes and splits
@@ -11,8 +11,9 @@ The first use of a split parses its JSON once (streaming, bounded memory) into a
 arrays (`<VGPhraseCut_v0>/.clipseg_index/<split>/`, or a user cache dir when the data dir is read-only) that
 later runs memory-map: DataLoader workers share its pages instead of copying millions of Python objects.
 
-Command line: `python dataset.py synthetic --root DIR`, `python dataset.py bench-pipeline`,
-`python dataset.py bench-index --tasks 300000` (see `--help`).
+Samples follow the authors' PhraseCut pipeline (SPEC section 1b; the rules themselves are in preprocess.py):
+ground truth drawn with `polygon2mask`, the training crop of `find_crop`, the `original` resize, negatives drawn
+uniformly from the split's unique phrases, and (PC+) a visual support from any task with the same phrase.
 """
 
 from __future__ import annotations
@@ -25,24 +26,32 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 import warnings
 from array import array
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFile, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 from tqdm import tqdm
 
-from model import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, visual_prompt
+from preprocess import (
+    IMAGE_SIZE,
+    ImageTransform,
+    UnreadableImage,
+    choose_crop,
+    colour_jitter_of,
+    instances_to_mask,
+    open_rgb,
+    random_crop_offsets,
+    read_mask,
+    upright_size,
+    visual_prompt,
+)
 
 DEFAULT_PHRASECUT_ROOT = "PhraseCutDataset"
 DEFAULT_SYNTHETIC_ROOT = "synthetic_phrasecut"
@@ -50,211 +59,35 @@ DATA_SUBDIR = Path("data") / "VGPhraseCut_v0"
 SPLITS = ("train", "val", "test", "miniv")
 COMBINED_SPLITS = {"val_miniv": ("val", "miniv")}
 PHRASE_TYPES = ("name", "attribute", "relation", "verbose")
-# The 9 "shuffle+" prompt templates of the released PC+ training (SPEC section 1).
-TEMPLATES = (
-    "a photo of a {}.",
-    "a photograph of a {}.",
-    "an image of a {}.",
-    "{}.",
-    "a cropped photo of a {}.",
-    "a good photo of a {}.",
-    "a photo of one {}.",
-    "a bad photo of a {}.",
-    "a photo of the {}.",
-)
-CROP_MIN_KEPT = 0.05
+# The original's prompt template lists (`get_prompt_list`); training samples one template per prompt. The released
+# PC+ models used "shuffle+" with --mix, the raw phrase ("plain") otherwise (SPEC section 4b).
+PROMPT_TEMPLATES = {
+    "plain": ("{}",),
+    "fixed": ("a photo of a {}.",),
+    "shuffle": ("a photo of a {}.", "a photograph of a {}.", "an image of a {}.", "{}."),
+    "shuffle+": (
+        "a photo of a {}.",
+        "a photograph of a {}.",
+        "an image of a {}.",
+        "{}.",
+        "a cropped photo of a {}.",
+        "a good photo of a {}.",
+        "a photo of one {}.",
+        "a bad photo of a {}.",
+        "a photo of the {}.",
+    ),
+}
 MAX_CONSECUTIVE_SKIPS = 50
+SUPPORT_TRIES = 3  # supports tried (other tasks with the phrase) before a sample goes without one
 INDEX_VERSION = 1
-MAX_IMAGE_PIXELS = 8192 * 8192
-EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how the camera was turned
 DOWNLOAD_HINT = (
     "Get PhraseCut with its official download script (about 75k Visual Genome images, ~20 GB): "
     "`git clone https://github.com/ChenyunWu/PhraseCutDataset && cd PhraseCutDataset && python download_dataset.py`, "
     "then pass the clone's directory as the data root. For generated data in the same format run "
-    "`python dataset.py synthetic --root synthetic_phrasecut`."
+    "`python synthetic.py phrasecut --root synthetic_phrasecut`."
 )
 
-# Refuse decompression bombs instead of allocating gigabytes for one image (PIL's own guard only warns below 2x).
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-# ---------------------------------------------------------------------------------------- reading images
-
-
-class UnreadableImage(Exception):
-    """An image file that is missing, empty, truncated, corrupt or too large."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
-
-
-def open_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
-    """Open an image as upright RGB: EXIF rotation applied; grayscale (8 and 16 bit), palette, CMYK and alpha
-    converted (transparent pixels composited on black). Raises `UnreadableImage` with the reason.
-
-    With `min_side`, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (the decoder's DCT scaling, several times
-    faster) as long as its shorter side stays >= min_side. `image.info["full_size"]` is always the upright
-    (width, height) at full scale, the size annotations refer to."""
-    try:
-        if os.path.getsize(path) == 0:
-            raise UnreadableImage(path, "empty file")
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise UnreadableImage(path, f"too large ({width}x{height} > {MAX_IMAGE_PIXELS} pixels)")
-            full_size = _upright_size(image)
-            if min_side is not None and image.format == "JPEG" and min(width, height) >= 2 * min_side:
-                scale = min_side / min(width, height)
-                image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
-            image.load()
-            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even upright images
-                image = ImageOps.exif_transpose(image)
-            rgb = to_rgb(image)
-            rgb.info["full_size"] = full_size
-            return rgb
-    except UnreadableImage:
-        raise
-    except FileNotFoundError as err:
-        raise UnreadableImage(path, "file not found") from err
-    except Image.DecompressionBombError as err:
-        raise UnreadableImage(path, f"too large ({err})") from err
-    except (OSError, ValueError, SyntaxError) as err:
-        raise UnreadableImage(path, f"cannot decode ({err})") from err
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """An in-memory image as RGB: 16-bit grayscale scaled, palette expanded, alpha composited on black."""
-    if image.mode.startswith("I"):
-        image = _sixteen_bit_to_l(image)
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", image.size)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
-def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
-    """16/32-bit integer grayscale -> 8 bit (PIL's own conversion clips everything above 255 to white)."""
-    values = np.asarray(image, dtype=np.float64)
-    if values.max(initial=0) > 255:
-        values = values / 257.0
-    return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
-
-
-def upright_size(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(width, height) of an image after EXIF rotation, from its header only; None if it cannot be read."""
-    try:
-        with Image.open(path) as image:
-            return _upright_size(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-
-
-def _upright_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) of an opened, not yet decoded image once its EXIF rotation is applied."""
-    width, height = image.size
-    sideways = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-    return (height, width) if sideways else (width, height)
-
-
-# ---------------------------------------------------------------------------------------- masks
-
-
-def rasterise(polygons: Sequence[np.ndarray | Sequence], height: int, width: int) -> np.ndarray:
-    """Union of polygons -> bool (H, W) mask, by the official PhraseCut rule: PIL polygon drawn with fill and
-    outline, vertices truncated to int (the original CLIPSeg used skimage polygon2mask, ~4% fewer pixels).
-
-    polygons: sequence of (N, 2) [x, y] point lists in original pixels. Polygons with fewer than 2 vertices or
-    non-finite coordinates are ignored (PIL cannot draw them); parts outside the image are clipped.
-    """
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
-    for polygon in polygons:
-        points = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
-        if len(points) < 2 or not np.isfinite(points).all():
-            continue
-        draw.polygon(points.astype(np.int64).ravel().tolist(), fill=1, outline=1)
-    return np.asarray(canvas, dtype=bool)
-
-
-def instances_to_mask(instances: Sequence[Sequence], height: int, width: int) -> np.ndarray:
-    """PhraseCut `Polygons` (instances -> polygons -> [x, y] points) -> bool (H, W) union of all of them."""
-    return rasterise([polygon for instance in instances for polygon in instance], height, width)
-
-
-def load_mask_png(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
-    """A mask image -> (bool (H, W) mask, was_binary). 0/1 and 0/255 masks are read exactly; anything else is
-    thresholded at > 127 (was_binary False, so the caller can warn). Raises `UnreadableImage`."""
-    try:
-        if os.path.getsize(path) == 0:
-            raise UnreadableImage(path, "empty file")
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode.startswith("I"):
-                image = _sixteen_bit_to_l(image)
-            values = np.asarray(image.convert("L"))
-    except UnreadableImage:
-        raise
-    except FileNotFoundError as err:
-        raise UnreadableImage(path, "file not found") from err
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UnreadableImage(path, f"cannot decode ({err})") from err
-    present = np.unique(values)
-    if set(present.tolist()) <= {0, 1}:
-        return values == 1, True
-    if set(present.tolist()) <= {0, 255}:
-        return values == 255, True
-    return values > 127, False
-
-
 # ---------------------------------------------------------------------------------------- sample pipeline
-
-_PIXEL_SCALE = torch.tensor([1 / (255 * s) for s in IMAGENET_STD]).view(3, 1, 1)
-_PIXEL_OFFSET = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
-
-
-def to_pixel_values(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float32, ImageNet-normalised (model.IMAGENET_MEAN/STD)."""
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-    return torch.addcmul(_PIXEL_OFFSET, pixels.float(), _PIXEL_SCALE)
-
-
-def object_aware_crop(mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int]:
-    """Random square crop of side min(H, W) that keeps > 5% of the mask's pixels (SPEC section 4).
-
-    mask: bool (H, W). The recipe tries up to 50 random offsets along the long side and takes the first that
-    keeps more than 5% of the object; here the offset is drawn uniformly from all offsets that do (the same
-    distribution, without the recipe's chance of missing a small object near an edge), or is the one that keeps
-    most when none does. An empty mask gives a uniformly random crop. Returns (left, top, side).
-    """
-    height, width = mask.shape
-    side = min(height, width)
-    span = max(height, width) - side
-    if span == 0:
-        return 0, 0, side
-    profile = mask.sum(axis=0 if width > height else 1, dtype=np.int64)
-    total = int(profile.sum())
-    if total == 0:
-        offset = int(rng.integers(0, span + 1))
-    else:
-        cumulative = np.concatenate([[0], np.cumsum(profile)])
-        kept = (cumulative[side:] - cumulative[: span + 1]) / total  # kept fraction for every offset 0..span
-        good = np.flatnonzero(kept > CROP_MIN_KEPT)
-        offset = int(good[rng.integers(len(good))] if len(good) else np.argmax(kept))
-    return (offset, 0, side) if width > height else (0, offset, side)
-
-
-def resize_mask(mask: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Nearest-neighbour resize of a bool (H, W) mask (or its `box` = (left, top, right, bottom)) to size (h, w),
-    sampling pixel centres as PIL's NEAREST does."""
-    left, top, right, bottom = box if box is not None else (0, 0, mask.shape[1], mask.shape[0])
-    rows = top + ((np.arange(size[0]) + 0.5) * (bottom - top) / size[0]).astype(np.int64)
-    cols = left + ((np.arange(size[1]) + 0.5) * (right - left) / size[1]).astype(np.int64)
-    return mask[rows][:, cols]
 
 
 class SkipTask(Exception):
@@ -280,44 +113,68 @@ def _worker_key() -> int | None:
 
 
 class SegmentationData(Dataset):
-    """Shared sample pipeline of `PhraseCut` and `UserFolder` (SPEC section 4).
+    """Shared sample pipeline of `PhraseCut` and `UserFolder` (SPEC sections 1b and 4).
 
     Subclasses set `self._phrase_ids` (int array, one per task) and implement `__len__`, `task_info(i)`,
-    `phrase_text(phrase_id)` and `_load_mask(i, height, width)`; then call `_init_phrases()`.
+    `phrase_text(phrase_id)`, `_image_keys()` and `_load_mask(i, height, width, rule)`; then call `_init_tasks()`.
+
+    A sample is a dict: `pixel_values` (3, S, S) normalised, `mask` (1, S, S) float target (`polygon2mask` ground
+    truth, cropped and resized like the image), `phrase` (through a template of `templates`), `negative`,
+    `task_id`, `skipped`; with `visual_support` also `prompt_image` (3, S, S) and `has_prompt_image`; in test mode
+    also `full_mask` (PhraseCut's official ground truth at the original size), `original_size` (H, W),
+    `phrase_type`, `n_instances`, `image_path`. With `prompts_per_image` K > 1 (training), one crop serves K tasks
+    of its image: `mask` is (K, 1, S, S), `prompt_image` (K, 3, S, S), and `phrase`, `negative`,
+    `has_prompt_image`, `task_ids` are lists of K.
     """
 
     def __init__(
         self,
         *,
         train: bool,
-        image_size: int,
-        negative_prob: float,
-        visual_support: bool,
-        templates: bool,
-        seed: int,
+        image_size: int = IMAGE_SIZE,
+        negative_prob: float = 0.0,
+        visual_support: bool = False,
+        templates: Sequence[str] = PROMPT_TEMPLATES["plain"],
+        seed: int = 0,
         whole_image_prob: float = 0.0,
+        resize: str = "original",
+        colour_jitter: bool = False,
+        prompts_per_image: int = 1,
     ):
         for name, value in (("negative_prob", negative_prob), ("whole_image_prob", whole_image_prob)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
+        if prompts_per_image < 1 or (prompts_per_image > 1 and not train):
+            raise ValueError(f"prompts_per_image must be 1, or more in training, got {prompts_per_image}")
+        if not templates or any("{}" not in template for template in templates):
+            raise ValueError(f"templates must be a non-empty list of strings with '{{}}', got {templates!r}")
+        self.transform = ImageTransform(resize, image_size, square=True)
         self.train, self.image_size, self.negative_prob = train, image_size, negative_prob
-        self.visual_support, self.templates, self.seed = visual_support, templates, seed
-        self.whole_image_prob = whole_image_prob
+        self.visual_support, self.templates, self.seed = visual_support, tuple(templates), seed
+        self.whole_image_prob, self.colour_jitter = whole_image_prob, colour_jitter
+        self.prompts_per_image = prompts_per_image
         self.excluded: list[tuple[str, str]] = []
         self._stream: np.random.Generator | None = None
         self._stream_key: object = None
 
-    def _init_phrases(self) -> None:
-        """Group tasks by phrase id (for visual support) and check that negatives are possible."""
+    def _init_tasks(self) -> None:
+        """Group tasks by phrase (visual support, negatives) and by image (several prompts per image, grouped
+        scoring), and check that negatives are possible."""
+        if len(self) == 0:
+            raise ValueError(f"{type(self).__name__}: no usable tasks (excluded: {len(self.excluded)})")
         self._by_phrase = np.argsort(self._phrase_ids, kind="stable")
         self._sorted_phrase_ids = self._phrase_ids[self._by_phrase]
         self._unique_phrase_ids = np.unique(self._phrase_ids)
-        if len(self) == 0:
-            raise ValueError(f"{type(self).__name__}: no usable tasks (excluded: {len(self.excluded)})")
         if self.negative_prob > 0 and len(self._unique_phrase_ids) < 2:
             raise ValueError("negative_prob > 0 needs at least two different phrases in the data")
+        _, first, image_of_task = np.unique(self._image_keys(), return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")  # images numbered by their first task
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        self._image_of_task = rank[image_of_task.reshape(-1)]
+        by_image = np.argsort(self._image_of_task, kind="stable")
+        bounds = np.searchsorted(self._image_of_task[by_image], np.arange(len(order) + 1))
+        self._tasks_of_image = [by_image[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -328,15 +185,23 @@ class SegmentationData(Dataset):
     def phrase_text(self, phrase_id: int) -> str:
         raise NotImplementedError
 
-    def _load_mask(self, index: int, height: int, width: int) -> np.ndarray:
+    def _image_keys(self) -> np.ndarray:
+        """One key per task naming its image (tasks with the same key share the image file)."""
         raise NotImplementedError
 
+    def _load_mask(self, index: int, height: int, width: int, rule: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def image_groups(self) -> list[np.ndarray]:
+        """The tasks of each image (task indices in order), images in the order of their first task."""
+        return list(self._tasks_of_image)
+
     def __getitem__(self, index: int) -> dict:
-        """One sample (keys in the module's sample-dict contract). When task `index` cannot be used (unreadable
-        image, size mismatch, ...) it is warned about and reported as `sample["skipped"] == [(task_id, reason)]`,
-        and the sample of the next usable task is returned instead. Only the requested task is reported, so one
-        pass over all indices reports every bad task exactly once; in test mode the substitute is a task that is
-        also returned for its own index, so a scorer de-duplicates by `task_id` and reports the skip count."""
+        """One sample (see the class docstring). When task `index` cannot be used (unreadable image, size
+        mismatch, ...) it is warned about and reported as `sample["skipped"] == [(task_id, reason)]`, and the
+        sample of the next usable task is returned instead. Only the requested task is reported, so one pass over
+        all indices reports every bad task exactly once; in test mode the substitute is a task that is also
+        returned for its own index, so a scorer de-duplicates by `task_id` and reports the skip count."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} tasks")
         skipped: list[tuple[str, str]] = []
@@ -359,6 +224,23 @@ class SegmentationData(Dataset):
             f"(last: {reason}); the data is broken or incomplete, check the image directory"
         )
 
+    def group_sample(self, tasks: Sequence[int]) -> dict:
+        """Test mode: tasks of one image, read once. Returns `pixel_values` (3, S, S), `prompts_per_image` =
+        len(tasks) and, per task, lists of the test sample fields (`mask` (N, 1, S, S) stacked); `skipped` lists
+        every task when the image cannot be used (then no other field is set)."""
+        try:
+            _, image = self._read(int(tasks[0]))
+        except SkipTask as err:
+            skipped = [(self.task_info(int(task)).task_id, str(err)) for task in tasks]
+            for task_id, reason in skipped:
+                warnings.warn(f"skipped task {task_id}: {reason}", stacklevel=2)
+            return {"skipped": skipped}
+        box = (0, 0, image.width, image.height)
+        parts = [self._task_part(int(task), image, box, self._rng(int(task))) for task in tasks]
+        sample = _stack_parts(parts)
+        sample.update(pixel_values=self.transform.pixels(image, box), prompts_per_image=len(tasks), skipped=[])
+        return sample
+
     def reseed(self, seed: int) -> None:
         """Draw the following training samples from a fresh stream seeded by `seed`. train.py reseeds before every
         sample, so a sample depends only on its position in the run, not on worker count or where a run resumed."""
@@ -376,95 +258,127 @@ class SegmentationData(Dataset):
             self._stream_key = key
         return self._stream
 
-    def _read(self, index: int, rng: np.random.Generator) -> tuple[TaskInfo, Image.Image, np.ndarray, tuple]:
-        """Open a task's image and mask; returns (info, image, full mask, crop box). Raises SkipTask."""
+    def _read(self, index: int) -> tuple[TaskInfo, Image.Image]:
+        """A task's info and upright RGB image, checked against the annotation size. Raises SkipTask."""
         info = self.task_info(index)
-        try:  # training crops are resized to image_size anyway: decoding at a reduced scale is enough
-            image = open_rgb(info.image_path, min_side=self.image_size if self.train else None)
+        try:
+            image = open_rgb(info.image_path)
         except UnreadableImage as err:
             raise SkipTask(str(err)) from err
-        width, height = image.info["full_size"]
-        if info.annotation_size is not None and (width, height) != tuple(info.annotation_size):
+        if info.annotation_size is not None and image.size != tuple(info.annotation_size):
             raise SkipTask(
-                f"{info.image_path} is {width}x{height} but its annotations are for "
+                f"{info.image_path} is {image.width}x{image.height} but its annotations are for "
                 f"{info.annotation_size[0]}x{info.annotation_size[1]}"
             )
-        mask = self._load_mask(index, height, width)
-        if self.train and not (self.whole_image_prob > 0 and rng.random() < self.whole_image_prob):
-            left, top, side = object_aware_crop(mask, rng)
-            box = (left, top, left + side, top + side)
-        else:
-            box = (0, 0, width, height)
-        return info, image, mask, box
+        return info, image
 
-    def _pixels(self, image: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
-        """(3, S, S) normalised pixels of `box` (full-scale coordinates) of a possibly reduced-scale image."""
-        width, height = image.info["full_size"]
-        x_scale, y_scale = image.width / width, image.height / height
-        left, top, right, bottom = box
-        scaled = (left * x_scale, top * y_scale, min(right * x_scale, image.width), min(bottom * y_scale, image.height))
-        size = self.image_size
-        return to_pixel_values(image.resize((size, size), Image.BILINEAR, box=scaled))
+    def _box(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the region a sample shows: in training the original's square crop
+        (`preprocess.choose_crop`), or with `whole_image_prob` the whole image; in test mode the whole image."""
+        height, width = mask.shape
+        if self.train and not (self.whole_image_prob > 0 and rng.random() < self.whole_image_prob):
+            top, left, side = choose_crop(mask, random_crop_offsets(rng, height, width))
+            return left, top, left + side, top + side
+        return 0, 0, width, height
 
     def _sample(self, index: int) -> dict:
         rng = self._rng(index)
-        info, image, mask, box = self._read(index, rng)
-        if self.train and not mask.any():
-            raise SkipTask("no ground-truth pixel lies inside the image")
-        size = self.image_size
-        pixel_values = self._pixels(image, box)
-        target = resize_mask(mask, (size, size), box)
+        _, image = self._read(index)
+        mask = self._load_mask(index, image.height, image.width, "polygon2mask")
+        box = self._box(mask, rng)
+        jitter = colour_jitter_of(rng) if self.colour_jitter else None
+        sample = {"pixel_values": self.transform.pixels(image, box, adjust=jitter)}
+        tasks = [index] + self._companions(index, rng) if self.prompts_per_image > 1 else [index]
+        parts = [self._task_part(task, image, box, rng, mask if task == index else None) for task in tasks]
+        if self.prompts_per_image > 1:
+            sample |= _stack_parts(parts)
+            sample["task_ids"], sample["task_id"] = sample["task_id"], parts[0]["task_id"]
+        else:
+            sample |= parts[0]
+        return sample
+
+    def _companions(self, index: int, rng: np.random.Generator) -> list[int]:
+        """K - 1 other tasks of the sample's image, drawn without replacement; an image with fewer tasks repeats
+        them (each draw still has its own negative and template)."""
+        others = self._tasks_of_image[self._image_of_task[index]]
+        others = others[others != index]
+        wanted = self.prompts_per_image - 1
+        if not len(others):
+            return [index] * wanted
+        order = np.concatenate([rng.permutation(others) for _ in range(-(-wanted // len(others)))])
+        return [int(task) for task in order[:wanted]]
+
+    def _task_part(
+        self, index: int, image: Image.Image, box: tuple, rng: np.random.Generator, mask: np.ndarray | None = None
+    ) -> dict:
+        """The fields of one task on an image already read and cropped to `box`."""
+        info = self.task_info(index)
+        if mask is None:
+            mask = self._load_mask(index, image.height, image.width, "polygon2mask")
+        target = self.transform.mask(mask, box)
         phrase_id = int(self._phrase_ids[index])
         negative = bool(self.negative_prob > 0 and rng.random() < self.negative_prob)
         if negative:
             phrase_id = self._other_phrase(phrase_id, rng)
             target = np.zeros_like(target)
         phrase = self.phrase_text(phrase_id)
-        sample = {
-            "pixel_values": pixel_values,
+        template = self.templates[rng.integers(len(self.templates))] if len(self.templates) > 1 else self.templates[0]
+        part = {
             "mask": torch.from_numpy(target.astype(np.float32))[None],
-            "phrase": TEMPLATES[rng.integers(len(TEMPLATES))].format(phrase) if self.templates else phrase,
+            "phrase": template.format(phrase),
             "negative": negative,
             "task_id": info.task_id,
         }
         if self.visual_support:
-            prompt = self._support_prompt(index, phrase_id, rng)
-            sample["has_prompt_image"] = prompt is not None
-            sample["prompt_image"] = prompt if prompt is not None else torch.zeros(3, size, size)
+            prompt = self._support_prompt(phrase_id, rng)
+            part["has_prompt_image"] = prompt is not None
+            part["prompt_image"] = prompt if prompt is not None else torch.zeros(3, self.image_size, self.image_size)
         if not self.train:
-            sample.update(
-                original_size=tuple(mask.shape),
-                full_mask=np.zeros_like(mask) if negative else mask,
+            full_mask = self._load_mask(index, image.height, image.width, "phrasecut")
+            part.update(
+                original_size=(image.height, image.width),
+                full_mask=np.zeros_like(full_mask) if negative else full_mask,
                 phrase_type=info.phrase_type,
                 n_instances=info.n_instances,
                 image_path=str(info.image_path),
             )
-        return sample
+        return part
 
     def _other_phrase(self, phrase_id: int, rng: np.random.Generator) -> int:
-        """A different phrase of the split, drawn by task frequency (uniform over phrases as a fallback)."""
-        for _ in range(10):
-            candidate = int(self._phrase_ids[rng.integers(len(self))])
+        """A negative's phrase: uniform over the split's unique phrases, redrawn while it is the sample's own."""
+        while True:
+            candidate = int(self._unique_phrase_ids[rng.integers(len(self._unique_phrase_ids))])
             if candidate != phrase_id:
                 return candidate
-        others = self._unique_phrase_ids[self._unique_phrase_ids != phrase_id]
-        return int(others[rng.integers(len(others))])
 
-    def _support_prompt(self, index: int, phrase_id: int, rng: np.random.Generator) -> torch.Tensor | None:
-        """(3, S, S) prompt image from another task with this phrase (model.visual_prompt), or None."""
+    def _support_prompt(self, phrase_id: int, rng: np.random.Generator) -> torch.Tensor | None:
+        """(3, S, S) prompt image from a task with this phrase, or None when the phrase is unique (the original's
+        rule: any task with the phrase, the sample's own included, with its own crop; `preprocess.visual_prompt`).
+        An unreadable support is replaced by another draw, SUPPORT_TRIES times at most."""
         start, stop = np.searchsorted(self._sorted_phrase_ids, [phrase_id, phrase_id + 1])
-        candidates = self._by_phrase[start:stop]
-        candidates = candidates[candidates != index]
-        for support in rng.permutation(candidates)[:3]:
+        if stop - start < 2:
+            return None
+        for _ in range(SUPPORT_TRIES):
+            support = int(self._by_phrase[start + rng.integers(stop - start)])
             try:
-                _, image, mask, box = self._read(int(support), rng)
+                _, image = self._read(support)
             except SkipTask:
                 continue
-            size = self.image_size
-            pixels = self._pixels(image, box)
-            support_mask = torch.from_numpy(resize_mask(mask, (size, size), box))
-            return visual_prompt(pixels, support_mask, size=size)
+            mask = self._load_mask(support, image.height, image.width, "polygon2mask")
+            box = self._box(mask, rng)
+            pixels, support_mask = self.transform.pixels(image, box), self.transform.mask(mask, box)
+            return visual_prompt(pixels, torch.from_numpy(support_mask), size=self.image_size)
         return None
+
+
+def _stack_parts(parts: list[dict]) -> dict:
+    """Per-task fields of several tasks: tensors stacked, everything else in lists."""
+    return {
+        key: torch.stack([p[key] for p in parts])
+        if isinstance(parts[0][key], torch.Tensor)
+        else [p[key] for p in parts]
+        for key in parts[0]
+    }
 
 
 def collate(samples: list[dict]) -> dict:
@@ -792,12 +706,14 @@ def _annotation_sizes(path: Path) -> dict[int, tuple[int, int]]:
 
 
 class PhraseCut(SegmentationData):
-    """PhraseCut (VGPhraseCut_v0) as it is on disk, for training (`train=True`: object-aware crops, optional
+    """PhraseCut (VGPhraseCut_v0) as it is on disk, for training (`train=True`: the original's crops, optional
     negatives, visual support and templates) or testing (whole image squashed to `image_size`, plus the full-size
     ground truth). `root`: a dir containing data/VGPhraseCut_v0/ or that dir itself. `split`: train, val, test,
-    miniv or val_miniv. Ground truth is the union of all polygons of all instances (official PIL rule, see
-    `rasterise`). Tasks whose image size differs from its annotation size, or with nothing to draw, are excluded up
-    front and listed in `self.excluded` as (task_id, reason). `limit` keeps the first N usable tasks.
+    miniv or val_miniv. Ground truth is the union of all polygons of all instances (`preprocess.rasterise`: the
+    `polygon2mask` rule for targets, PhraseCut's own for `full_mask`). Tasks whose image size differs from its
+    annotation size, or with nothing to draw, are excluded up front and listed in `self.excluded` as
+    (task_id, reason). `limit` keeps the first N usable tasks. Other keyword arguments (train, image_size,
+    negative_prob, visual_support, templates, seed, whole_image_prob, resize) go to `SegmentationData`.
     """
 
     def __init__(
@@ -805,25 +721,11 @@ class PhraseCut(SegmentationData):
         root: str | os.PathLike,
         split: str,
         *,
-        train: bool,
-        image_size: int = IMAGE_SIZE,
-        negative_prob: float = 0.0,
-        visual_support: bool = False,
-        templates: bool = False,
-        seed: int = 0,
-        whole_image_prob: float = 0.0,
         limit: int | None = None,
         cache_dir: str | os.PathLike | None = None,
+        **pipeline,
     ):
-        super().__init__(
-            train=train,
-            image_size=image_size,
-            negative_prob=negative_prob,
-            visual_support=visual_support,
-            templates=templates,
-            seed=seed,
-            whole_image_prob=whole_image_prob,
-        )
+        super().__init__(**pipeline)
         parts = COMBINED_SPLITS.get(split, (split,))
         if any(part not in SPLITS for part in parts):
             valid = ", ".join(SPLITS + tuple(COMBINED_SPLITS))
@@ -859,7 +761,7 @@ class PhraseCut(SegmentationData):
                 f"{self.excluded[0][1]}); see dataset.excluded",
                 stacklevel=2,
             )
-        self._init_phrases()
+        self._init_tasks()
 
     @property
     def tasks(self) -> TaskList:
@@ -868,6 +770,13 @@ class PhraseCut(SegmentationData):
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def _image_keys(self) -> np.ndarray:
+        keys = np.empty(len(self), dtype=np.int64)
+        for number, table in enumerate(self.tables):
+            chosen = self._rows[:, 0] == number
+            keys[chosen] = np.asarray(table.image_id)[self._rows[chosen, 1]]
+        return keys
 
     def _locate(self, index: int) -> tuple[TaskTable, int]:
         number, row = self._rows[index]
@@ -906,9 +815,9 @@ class PhraseCut(SegmentationData):
             "height": info.annotation_size[1] if info.annotation_size else None,
         }
 
-    def _load_mask(self, index: int, height: int, width: int) -> np.ndarray:
+    def _load_mask(self, index: int, height: int, width: int, rule: str) -> np.ndarray:
         table, row = self._locate(index)
-        return instances_to_mask(table.polygons(row), height, width)
+        return instances_to_mask(table.polygons(row), height, width, rule)
 
 
 class TaskList(Sequence):
@@ -932,36 +841,23 @@ class TaskList(Sequence):
 class UserFolder(SegmentationData):
     """Fine-tuning data from a JSONL or CSV index of records `{image, phrase, mask}`.
 
-    `image`: path (relative to the index file's directory or absolute). `mask`: a mask image path (0/1 or 0/255;
-    other values are thresholded at > 127 with a warning) or PhraseCut-style polygons, either a list of polygons
+    `image`: path (relative to the index file's directory or absolute). `mask`: a mask image path (object = pixels
+    at least half the mask's maximum, `preprocess.read_mask`; a mask of more than two levels is warned about once) or
+    PhraseCut-style polygons, either a list of polygons
     `[[[x, y], ...], ...]` or a list of instances of polygons (in CSV as a JSON string). Optional fields: `id`
     (task id; default `<file name>:<line>`), `split` (records are kept when it equals the `split` argument),
-    `phrase_type`. Same sample pipeline and sample dict as `PhraseCut`.
+    `phrase_type`. Same sample pipeline, keyword arguments and sample dict as `PhraseCut`.
     """
 
     def __init__(
         self,
         index_file: str | os.PathLike,
         *,
-        train: bool,
-        image_size: int = IMAGE_SIZE,
-        negative_prob: float = 0.0,
-        visual_support: bool = False,
-        templates: bool = False,
-        seed: int = 0,
-        whole_image_prob: float = 0.0,
         limit: int | None = None,
         split: str | None = None,
+        **pipeline,
     ):
-        super().__init__(
-            train=train,
-            image_size=image_size,
-            negative_prob=negative_prob,
-            visual_support=visual_support,
-            templates=templates,
-            seed=seed,
-            whole_image_prob=whole_image_prob,
-        )
+        super().__init__(**pipeline)
         self.index_file = Path(index_file)
         records = [
             record for record in read_records(self.index_file) if split is None or record.get("split") in (None, split)
@@ -974,13 +870,16 @@ class UserFolder(SegmentationData):
         lookup = {phrase: number for number, phrase in enumerate(phrases)}
         self._phrase_ids = np.array([lookup[record["phrase"]] for record in self.records], dtype=np.int64)
         self._warned_non_binary = False
-        self._init_phrases()
+        self._init_tasks()
 
     def __len__(self) -> int:
         return len(self.records)
 
     def phrase_text(self, phrase_id: int) -> str:
         return self._phrases[phrase_id]
+
+    def _image_keys(self) -> np.ndarray:
+        return np.array([str(record["image"]) for record in self.records])
 
     def task_info(self, index: int) -> TaskInfo:
         record = self.records[index]
@@ -994,12 +893,13 @@ class UserFolder(SegmentationData):
             annotation_size=None,
         )
 
-    def _load_mask(self, index: int, height: int, width: int) -> np.ndarray:
+    def _load_mask(self, index: int, height: int, width: int, rule: str) -> np.ndarray:
+        """Polygons are drawn by `rule`; a mask image is read by `preprocess.read_mask`'s rule."""
         mask = self.records[index]["mask"]
         if isinstance(mask, list):
-            return instances_to_mask(mask, height, width)
+            return instances_to_mask(mask, height, width, rule)
         try:
-            values, binary = load_mask_png(mask)
+            values, binary = read_mask(mask)
         except UnreadableImage as err:
             raise SkipTask(f"mask {err}") from err
         if values.shape != (height, width):
@@ -1007,7 +907,8 @@ class UserFolder(SegmentationData):
         if not binary and not self._warned_non_binary:
             self._warned_non_binary = True
             warnings.warn(
-                f"mask {mask} is not binary (values other than 0/1 or 0/255): thresholded at > 127", stacklevel=2
+                f"mask {mask} has more than two levels: the object is every pixel at least half its maximum",
+                stacklevel=2,
             )
         return values
 
@@ -1088,6 +989,8 @@ def build_dataset(kind: str, root: str | os.PathLike | None, split: str, **kwarg
             not (root / DATA_SUBDIR / "image_data_split.json").is_file()
             and not (root / "image_data_split.json").is_file()
         ):
+            from synthetic import make_synthetic_phrasecut  # synthetic.py writes this module's layout
+
             make_synthetic_phrasecut(root)
         return PhraseCut(root, split, **kwargs)
     if kind == "folder":
@@ -1097,394 +1000,14 @@ def build_dataset(kind: str, root: str | os.PathLike | None, split: str, **kwarg
     raise ValueError(f"unknown dataset kind {kind!r}; choose phrasecut, synthetic or folder")
 
 
-# ---------------------------------------------------------------------------------------- synthetic PhraseCut
-
-COLOURS = {
-    "red": (215, 35, 35),
-    "green": (35, 165, 55),
-    "blue": (35, 75, 215),
-    "yellow": (235, 205, 25),
-    "purple": (145, 55, 190),
-}
-SHAPES = ("circle", "square", "triangle")
-SIZE_WORDS = {"small": (0.09, 0.12), "large": (0.17, 0.22)}  # radius as a fraction of the image's short side
-RELATIONS = ("left of", "right of", "above", "below")
-PHRASE_TYPE_SHARES = {"name": 0.3, "attribute": 0.5, "relation": 0.2}
-SPLIT_SHARES = (("val", 0.15), ("test", 0.10), ("miniv", 0.05))
-
-
-@dataclass
-class Shape:
-    kind: str
-    colour: str
-    size: str
-    polygon: np.ndarray  # (N, 2) float [x, y]
-    ann_id: int
-
-    @property
-    def box(self) -> tuple[float, float, float, float]:
-        (left, top), (right, bottom) = self.polygon.min(axis=0), self.polygon.max(axis=0)
-        return float(left), float(top), float(right), float(bottom)
-
-
-def _shape_polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
-    corners = {"circle": 24, "square": 4, "triangle": 3}[kind]
-    start = {"circle": 0.0, "square": math.pi / 4, "triangle": -math.pi / 2}[kind] + angle
-    theta = start + np.arange(corners) * 2 * math.pi / corners
-    return np.round(np.stack([cx + radius * np.cos(theta), cy + radius * np.sin(theta)], axis=1), 2)
-
-
-def _place_shapes(rng: np.random.Generator, width: int, height: int, first_ann_id: int) -> list[Shape]:
-    """2-4 shapes of distinct colours, well apart (bounding circles at least 6% of the short side apart)."""
-    short = min(width, height)
-    count = int(rng.integers(2, 5))
-    colours = rng.choice(list(COLOURS), size=count, replace=False)
-    placed: list[tuple[float, float, float]] = []
-    shapes = []
-    for colour in colours:
-        kind = SHAPES[rng.integers(len(SHAPES))]
-        size = "large" if rng.random() < 0.5 else "small"
-        radius = float(rng.uniform(*SIZE_WORDS[size])) * short
-        for _ in range(60):
-            cx, cy = rng.uniform(radius + 2, width - radius - 2), rng.uniform(radius + 2, height - radius - 2)
-            if all(math.hypot(cx - x, cy - y) > radius + r + 0.06 * short for x, y, r in placed):
-                placed.append((cx, cy, radius))
-                angle = float(rng.uniform(-0.3, 0.3))
-                polygon = _shape_polygon(kind, cx, cy, radius, angle)
-                shapes.append(Shape(kind, str(colour), size, polygon, first_ann_id + len(shapes)))
-                break
-    return shapes
-
-
-def _related(subject: Shape, relation: str, anchor: Shape) -> bool:
-    s_left, s_top, s_right, s_bottom = subject.box
-    a_left, a_top, a_right, a_bottom = anchor.box
-    return {
-        "left of": s_right < a_left,
-        "right of": s_left > a_right,
-        "above": s_bottom < a_top,
-        "below": s_top > a_bottom,
-    }[relation]
-
-
-def _candidate_phrases(shapes: list[Shape]) -> dict[str, list[tuple[str, dict, tuple[Shape, ...]]]]:
-    """Every phrase of the grammar that refers to a non-empty set of shapes in this scene, by phrase type:
-    {type: [(phrase, phrase_structure, referred shapes)]}. The referred shapes are exactly those matching."""
-    found: dict[str, list] = {kind: [] for kind in PHRASE_TYPE_SHARES}
-
-    def add(kind: str, phrase: str, name: str, attributes: list, relations: list, targets: list) -> None:
-        if targets:
-            structure = {
-                "name": name,
-                "attributes": attributes,
-                "relation_ids": [],
-                "relation_descriptions": relations,
-                "type": kind,
-            }
-            found[kind].append((phrase, structure, tuple(targets)))
-
-    for kind in sorted({shape.kind for shape in shapes}):
-        add("name", kind, kind, [], [], [s for s in shapes if s.kind == kind])
-        for colour in COLOURS:
-            targets = [s for s in shapes if s.kind == kind and s.colour == colour]
-            add("attribute", f"{colour} {kind}", kind, [colour], [], targets)
-            for size in SIZE_WORDS:
-                targets = [s for s in shapes if s.kind == kind and s.colour == colour and s.size == size]
-                add("attribute", f"{size} {colour} {kind}", kind, [size, colour], [], targets)
-        for size in SIZE_WORDS:
-            add(
-                "attribute",
-                f"{size} {kind}",
-                kind,
-                [size],
-                [],
-                [s for s in shapes if s.kind == kind and s.size == size],
-            )
-        for relation in RELATIONS:
-            for anchor in shapes:
-                targets = [s for s in shapes if s.kind == kind and s is not anchor and _related(s, relation, anchor)]
-                anchor_words = f"{anchor.colour} {anchor.kind}"
-                phrase = f"{kind} {relation} the {anchor_words}"
-                add("relation", phrase, kind, [], [[relation, anchor_words]], targets)
-    return found
-
-
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """Muted base colour + smooth low-frequency texture + fine noise, (H, W, 3) float."""
-    grey = rng.uniform(90, 190)
-    base = grey + rng.uniform(-20, 20, size=3)
-    coarse = rng.uniform(-22, 22, size=(6, 8, 3)).astype(np.float32)
-    smooth = np.stack(
-        [
-            np.asarray(Image.fromarray(coarse[..., c], mode="F").resize((width, height), Image.BICUBIC))
-            for c in range(3)
-        ],
-        axis=-1,
-    )
-    return base + smooth + rng.normal(0, 5, size=(height, width, 3))
-
-
-def _synthetic_image(rng: np.random.Generator, image_id: int, size: tuple[int, int] | None) -> tuple[Image.Image, list]:
-    width, height = size if size is not None else (int(rng.integers(240, 501)), int(rng.integers(240, 501)))
-    shapes = _place_shapes(rng, width, height, first_ann_id=image_id * 100)
-    canvas = Image.fromarray(np.clip(_background(rng, width, height), 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    for shape in shapes:
-        colour = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[shape.colour])
-        draw.polygon(shape.polygon.astype(np.int64).ravel().tolist(), fill=colour, outline=colour)
-    return canvas, shapes
-
-
-def _synthetic_tasks(rng: np.random.Generator, image_id: int, shapes: list[Shape], relation_ids: Iterator) -> list:
-    """3-6 tasks for one scene, phrase types drawn by PHRASE_TYPE_SHARES, one phrase per referred set."""
-    candidates = _candidate_phrases(shapes)
-    kinds, shares = list(PHRASE_TYPE_SHARES), np.array(list(PHRASE_TYPE_SHARES.values()))
-    used: set[tuple[int, ...]] = set()
-    tasks = []
-    for kind in rng.choice(kinds, size=int(rng.integers(3, 7)), p=shares):
-        fresh = [c for c in candidates[kind] if tuple(s.ann_id for s in c[2]) not in used]
-        if not fresh:
-            continue
-        phrase, structure, targets = fresh[rng.integers(len(fresh))]
-        ann_ids = [shape.ann_id for shape in targets]
-        used.add(tuple(ann_ids))
-        structure = dict(structure, relation_ids=[next(relation_ids) for _ in structure["relation_descriptions"]])
-        boxes = [
-            [round(b[0], 2), round(b[1], 2), round(b[2] - b[0], 2), round(b[3] - b[1], 2)]
-            for b in (s.box for s in targets)
-        ]
-        tasks.append(
-            {
-                "task_id": f"{image_id}__{'_'.join(map(str, ann_ids))}",
-                "image_id": image_id,
-                "ann_ids": ann_ids,
-                "instance_boxes": boxes,
-                "Polygons": [[shape.polygon.tolist()] for shape in targets],
-                "phrase": phrase,
-                "phrase_structure": structure,
-            }
-        )
-    return tasks
-
-
-def _assign_splits(n_images: int, seed: int) -> list[str]:
-    order = np.random.default_rng([seed, 1 << 30]).permutation(n_images)
-    splits = ["train"] * n_images
-    start = 0
-    for name, share in SPLIT_SHARES:
-        count = max(1, round(share * n_images)) if n_images >= 4 else 0
-        for position in order[start : start + count]:
-            splits[position] = name
-        start += count
-    return splits
-
-
-def make_synthetic_phrasecut(
-    root: str | os.PathLike = DEFAULT_SYNTHETIC_ROOT,
-    n_images: int = 400,
-    seed: int = 0,
-    *,
-    fixed_size: tuple[int, int] | None = None,
-    progress: bool = False,
-) -> Path:
-    """Write a synthetic PhraseCut at `<root>/data/VGPhraseCut_v0/` in the exact official layout and schema
-    (refer_{train,val,test,miniv}.json, image_data_split.json, name_att_rel_count.json, images/<id>.jpg).
-
-    Scenes: 2-4 well-separated shapes (circle, square, triangle) of distinct saturated colours (red, green, blue,
-    yellow, purple) and two sizes (small, large) over mildly textured backgrounds, 240-500 px per side (or
-    `fixed_size` = (width, height)). Phrases from a small grammar, ~30% name ("circle"), ~50% attribute
-    ("large blue square"), ~20% relation ("triangle left of the green circle"); each phrase refers to exactly the
-    shapes that match it (possibly several). Splits are disjoint by image (~70/15/10/5% train/val/test/miniv).
-    Deterministic for a seed. Returns the VGPhraseCut_v0 dir.
-    """
-    if n_images < 1:
-        raise ValueError(f"n_images must be at least 1, got {n_images}")
-    data_dir = Path(root) / DATA_SUBDIR
-    images_dir = data_dir / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    splits = _assign_splits(n_images, seed)
-    tasks_by_split: dict[str, list] = {split: [] for split in SPLITS}
-    image_data = []
-    relation_ids = itertools.count(1)
-    for number in tqdm(range(n_images), desc="synthetic PhraseCut", unit="image", disable=not progress):
-        image_id = number + 1
-        rng = np.random.default_rng([seed, number])
-        image, shapes = _synthetic_image(rng, image_id, fixed_size)
-        image.save(images_dir / f"{image_id}.jpg", quality=92)
-        tasks_by_split[splits[number]] += _synthetic_tasks(rng, image_id, shapes, relation_ids)
-        image_data.append(
-            {
-                "image_id": image_id,
-                "coco_id": None,
-                "flickr_id": None,
-                "width": image.width,
-                "height": image.height,
-                "url": f"synthetic://{seed}/{image_id}.jpg",
-                "split": splits[number],
-            }
-        )
-    for split, tasks in tasks_by_split.items():
-        _write_json(data_dir / f"refer_{split}.json", tasks)
-    _write_json(data_dir / "image_data_split.json", image_data)
-    _write_json(data_dir / "name_att_rel_count.json", _vocabulary_counts(tasks_by_split))
-    return data_dir
-
-
-def _vocabulary_counts(tasks_by_split: dict[str, list]) -> dict:
-    names, attributes, relations = Counter(), Counter(), Counter()
-    for task in itertools.chain.from_iterable(tasks_by_split.values()):
-        structure = task["phrase_structure"]
-        names[structure["name"]] += 1
-        attributes.update(structure["attributes"])
-        relations.update(predicate for predicate, _ in structure["relation_descriptions"])
-    return {
-        key: [list(item) for item in counter.most_common()]
-        for key, counter in (("cat", names), ("att", attributes), ("rel", relations))
-    }
-
-
-def _write_json(path: Path, value: object) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value))
-    os.replace(temporary, path)
-
-
-# ---------------------------------------------------------------------------------------- benchmarks
-
-
-def pipeline_samples_per_second(
-    n_samples: int = 300, image_size: int = IMAGE_SIZE, visual_support: bool = False, negative_prob: float = 0.2
-) -> float:
-    """Training-pipeline samples/s (wall clock) in this process = one DataLoader worker, one torch thread."""
-    return time_pipeline(n_samples, image_size, visual_support, negative_prob)["wall"]
-
-
-def time_pipeline(
-    n_samples: int = 300, image_size: int = IMAGE_SIZE, visual_support: bool = False, negative_prob: float = 0.2
-) -> dict[str, float]:
-    """Training samples/s on generated 500x375 JPEGs: JPEG decode, polygon rasterisation, object-aware crop,
-    resize, normalisation (and the visual prompt if asked). {"wall": per wall-clock second, "cpu": per second of
-    this process's CPU time, i.e. per core, which other load on the machine does not distort}."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with tempfile.TemporaryDirectory(prefix="clipseg-bench-") as root:
-            make_synthetic_phrasecut(root, n_images=60, seed=0, fixed_size=(500, 375))
-            data = PhraseCut(
-                root,
-                "train",
-                train=True,
-                image_size=image_size,
-                negative_prob=negative_prob,
-                visual_support=visual_support,
-                cache_dir=Path(root) / "index",
-            )
-            for index in range(10):
-                data[index % len(data)]
-            wall, cpu = time.perf_counter(), time.process_time()
-            for index in tqdm(range(n_samples), desc="pipeline", unit="sample", leave=False):
-                data[index % len(data)]
-            return {"wall": n_samples / (time.perf_counter() - wall), "cpu": n_samples / (time.process_time() - cpu)}
-    finally:
-        torch.set_num_threads(threads)
-
-
-_INDEX_PROBE = """
-import json, sys, time, resource
-import dataset
-def rss_mb():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmRSS'):
-            return int(line.split()[1]) / 1024
-before = rss_mb()
-start = time.perf_counter()
-data = dataset.PhraseCut(sys.argv[1], 'train', train=True, cache_dir=sys.argv[2])
-seconds = time.perf_counter() - start
-data[len(data) // 2]
-print(json.dumps({'seconds': seconds, 'tasks': len(data), 'rss_mb': rss_mb(), 'rss_growth_mb': rss_mb() - before,
-                  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
-
-
-def write_large_split(data_dir: Path, n_tasks: int) -> int:
-    """Overwrite refer_train.json with `n_tasks` tasks cycling through the existing tasks of all splits (unique
-    task ids, the same few images); streamed, so memory stays small. Returns the file size in bytes."""
-    base = [task for split in SPLITS for task in json.loads((data_dir / f"refer_{split}.json").read_text())]
-    path = data_dir / "refer_train.json"
-    with open(path, "w", encoding="utf-8") as file:
-        file.write("[")
-        for number in tqdm(range(n_tasks), desc="writing refer_train.json", unit="task", mininterval=1.0):
-            task = dict(base[number % len(base)], task_id=f"{base[number % len(base)]['task_id']}_{number}")
-            file.write(("," if number else "") + json.dumps(task))
-        file.write("]")
-    return path.stat().st_size
-
-
-def bench_index(n_tasks: int) -> dict:
-    """Build and load the index of an `n_tasks`-task refer_train.json, each in a fresh process: seconds, RSS."""
-    with tempfile.TemporaryDirectory(prefix="clipseg-index-") as root:
-        data_dir = make_synthetic_phrasecut(root, n_images=40, seed=0)
-        json_bytes = write_large_split(data_dir, n_tasks)
-        cache = Path(root) / "index"
-        command = [sys.executable, "-c", _INDEX_PROBE, root, str(cache)]
-        here = str(Path(__file__).resolve().parent)
-        env = dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        runs = {}
-        for name in ("build", "cached_load"):
-            output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-            runs[name] = json.loads(output.strip().splitlines()[-1])
-        index_bytes = sum(path.stat().st_size for path in cache.rglob("*") if path.is_file())
-        return {"tasks": n_tasks, "json_mb": json_bytes / 1e6, "index_mb": index_bytes / 1e6, **runs}
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    synthetic = commands.add_parser("synthetic", help="write a synthetic PhraseCut in the official layout")
-    synthetic.add_argument(
-        "--root",
-        default=DEFAULT_SYNTHETIC_ROOT,
-        help="output dir; data goes to ROOT/data/VGPhraseCut_v0 (default: %(default)s)",
-    )
-    synthetic.add_argument(
-        "--n-images",
-        type=int,
-        default=400,
-        help="number of images, split ~70/15/10/5%% train/val/test/miniv (default: %(default)s)",
-    )
-    synthetic.add_argument(
-        "--seed", type=int, default=0, help="random seed; the same seed writes the same data (default: %(default)s)"
-    )
-    pipeline = commands.add_parser("bench-pipeline", help="training-pipeline samples/s per worker on 500x375 JPEGs")
-    pipeline.add_argument("--samples", type=int, default=300, help="samples to time (default: %(default)s)")
-    pipeline.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="output side in px (default: %(default)s)")
-    pipeline.add_argument("--visual-support", action="store_true", help="also build a visual prompt image per sample")
-    index = commands.add_parser("bench-index", help="index build time, cached load time and RSS for a large split")
-    index.add_argument(
-        "--tasks", type=int, default=300_000, help="tasks in the generated refer_train.json (default: %(default)s)"
-    )
-    args = parser.parse_args(argv)
-    if args.command == "synthetic":
-        data_dir = make_synthetic_phrasecut(args.root, args.n_images, args.seed, progress=True)
-        counts = {split: len(json.loads((data_dir / f"refer_{split}.json").read_text())) for split in SPLITS}
-        print(f"wrote {args.n_images} images to {data_dir}; tasks per split: {counts}")
-    elif args.command == "bench-pipeline":
-        rates = time_pipeline(args.samples, args.image_size, args.visual_support)
-        print(
-            f"training pipeline, 500x375 JPEGs -> {args.image_size} px, one worker with one thread: "
-            f"{rates['cpu']:.1f} samples per CPU-second (per core), {rates['wall']:.1f} samples/s wall clock"
-        )
-    else:
-        result = bench_index(args.tasks)
-        print(json.dumps(result, indent=2))
-        build, load = result["build"], result["cached_load"]
-        print(
-            f"{args.tasks} tasks ({result['json_mb']:.0f} MB JSON, {result['index_mb']:.0f} MB index): build "
-            f"{build['seconds']:.1f} s (peak RSS {build['peak_rss_mb']:.0f} MB), cached load {load['seconds']:.2f} s "
-            f"(RSS {load['rss_mb']:.0f} MB, +{load['rss_growth_mb']:.0f} MB over imports)"
-        )
+    """`python dataset.py synthetic ...` is kept for old commands: it runs `python synthetic.py phrasecut ...`."""
+    parser = argparse.ArgumentParser(description="Data sets; generated data: python synthetic.py phrasecut --help")
+    parser.add_argument("command", choices=("synthetic",), help="write a synthetic PhraseCut (see synthetic.py)")
+    args, rest = parser.parse_known_args(argv)
+    import synthetic
+
+    synthetic.main(["phrasecut", *rest])
 
 
 if __name__ == "__main__":

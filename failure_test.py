@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import html
-import re
+import io
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,24 +29,21 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-import dataset as datasets
+from inference import SkipLog, predict_tasks
 from metrics import ious_at_thresholds
-from model import IMAGENET_MEAN, IMAGENET_STD, CLIPSeg
+from model import CLIPSeg
+from outputs import is_safe_name, printable, safe_name, write_text
+from preprocess import UnreadableImage, denormalise, full_size_probabilities, open_rgb
 from score import (
-    PLAIN_TASK_ID,
     ScoreError,
-    SkipLog,
     add_data_arguments,
     add_model_arguments,
     build_eval_dataset,
     check_common_arguments,
-    full_size_probabilities,
     load_model,
-    predict_batches,
     resolve_model,
-    safe_task_filename,
 )
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
@@ -54,7 +51,6 @@ THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
 FAILURE_IOU = 0.5  # a sample fails when its IoU is below this at every threshold
 PANEL_MAX_SIDE = 320  # images are shown at most this many pixels wide/high in a panel
 CSV_NAME, INDEX_NAME = "failures.csv", "index.html"
-HASHED_TASK_ID = re.compile(r"[a-z0-9_-]{1,60}~[0-9a-f]{12}")  # safe_task_filename's form for other task ids
 
 
 @dataclass
@@ -81,12 +77,6 @@ def is_failure(ious: Sequence[float]) -> bool:
 # ------------------------------------------------------------------------------------------------- panels
 
 
-def printable(text: str, limit: int = 90) -> str:
-    """One line of at most `limit` printable characters (control characters become spaces)."""
-    flat = "".join(c if c.isprintable() else " " for c in text)
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
 def display_size(height: int, width: int) -> tuple[int, int]:
     """(H, W) scaled down so the longer side is at most PANEL_MAX_SIDE."""
     scale = min(1.0, PANEL_MAX_SIDE / max(height, width))
@@ -107,11 +97,10 @@ def display_image(image_path: str | None, pixel_values: torch.Tensor, original_s
     normalised input un-normalised and resized."""
     if image_path:
         try:
-            return np.asarray(datasets.open_rgb(image_path))
-        except datasets.UnreadableImage:
+            return np.asarray(open_rgb(image_path))
+        except UnreadableImage:
             pass
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    rgb = ((pixel_values.float() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    rgb = denormalise(pixel_values).numpy()
     height, width = original_size
     return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
 
@@ -156,15 +145,14 @@ def render_panel(image: np.ndarray, gt: np.ndarray, probs: np.ndarray, case: Fai
 def write_csv(cases: Sequence[FailureCase], path: Path) -> None:
     """failures.csv: task_id, phrase, phrase_type, n_instances, iou@t per threshold, best_iou, panel."""
     header = ["task_id", "phrase", "phrase_type", "n_instances", *(f"iou@{t:.1f}" for t in THRESHOLDS)]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([*header, "best_iou", "panel"])
-        for case in cases:
-            ious = [f"{iou:.4f}" for iou in case.ious]
-            row = [case.task_id, case.phrase, case.phrase_type or "", case.n_instances or ""]
-            writer.writerow([*row, *ious, f"{case.best_iou:.4f}", case.panel])
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow([*header, "best_iou", "panel"])
+    for case in cases:
+        ious = [f"{iou:.4f}" for iou in case.ious]
+        row = [case.task_id, case.phrase, case.phrase_type or "", case.n_instances or ""]
+        writer.writerow([*row, *ious, f"{case.best_iou:.4f}", case.panel])
+    write_text(path, text.getvalue())
 
 
 def write_index(cases: Sequence[FailureCase], path: Path, title: str, summary: str) -> None:
@@ -202,9 +190,7 @@ td, th {{ border: 1px solid #ccc; padding: 4px; vertical-align: top; }}
 </body>
 </html>
 """
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(document, encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, document)
 
 
 def previous_panels(out: Path) -> set[str]:
@@ -214,12 +200,7 @@ def previous_panels(out: Path) -> set[str]:
         return set()
     with open(path, newline="", encoding="utf-8") as handle:
         names = {row.get("panel") or "" for row in csv.DictReader(handle)}
-    return {name for name in names if name.endswith(".png") and safe_panel_name(name[: -len(".png")])}
-
-
-def safe_panel_name(stem: str) -> bool:
-    """True for the stems safe_task_filename produces (never a path)."""
-    return bool(PLAIN_TASK_ID.fullmatch(stem) or HASHED_TASK_ID.fullmatch(stem))
+    return {name for name in names if name.endswith(".png") and is_safe_name(name[: -len(".png")])}
 
 
 # --------------------------------------------------------------------------------------------------- search
@@ -248,38 +229,36 @@ def find_failures(
 
     Only per-case records are kept in memory; each panel is written as soon as its case is found."""
     search = search or FailureSearch([], 0, SkipLog())
-    device = next(model.parameters()).device
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=datasets.collate)
-    for predictions in predict_batches(model, loader, device, amp, None, search.skips, "finding failures"):
-        batch = predictions.batch
-        for i, task_id in enumerate(batch["task_id"]):
-            original_size = tuple(int(v) for v in batch["original_size"][i])
-            probs = full_size_probabilities(predictions.logits[i], original_size)
-            gt = np.asarray(batch["full_mask"][i], dtype=bool)
+    batches = predict_tasks(
+        model,
+        data,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        amp=amp,
+        skips=search.skips,
+        description="finding failures",
+    )
+    for batch in batches:
+        for i, task_id in enumerate(batch.fields["task_id"]):
+            original_size = tuple(int(v) for v in batch.get("original_size", i))
+            probs = full_size_probabilities(batch.logits[i], original_size)
+            gt = np.asarray(batch.get("full_mask", i), dtype=bool)
             ious = tuple(float(v) for v in ious_at_thresholds(probs, gt, THRESHOLDS))
             search.n_samples += 1
             if not is_failure(ious):
                 continue
             case = FailureCase(
                 task_id=str(task_id),
-                phrase=predictions.phrases[i],
-                phrase_type=field_of(batch, "phrase_type", i),
-                n_instances=field_of(batch, "n_instances", i),
+                phrase=batch.phrases[i],
+                phrase_type=batch.get("phrase_type", i),
+                n_instances=batch.get("n_instances", i),
                 ious=ious,
-                panel=f"{safe_task_filename(str(task_id))}.png",
+                panel=f"{safe_name(str(task_id))}.png",
             )
-            image = display_image(field_of(batch, "image_path", i), batch["pixel_values"][i], original_size)
+            image = display_image(batch.get("image_path", i), batch.fields["pixel_values"][i], original_size)
             render_panel(image, gt, probs, case, out / case.panel)
             search.cases.append(case)
     return search
-
-
-def field_of(batch: dict, key: str, index: int):
-    values = batch.get(key)
-    if values is None:
-        return None
-    value = values[index]
-    return value.item() if isinstance(value, torch.Tensor | np.generic) else value
 
 
 def write_reports(search: FailureSearch, out: Path, model_name: str, split: str, interrupted: bool) -> None:
@@ -327,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         source, _ = resolve_model(args.name, args.model, Path(args.checkpoints_dir))
         model = load_model(source, args.backbone, args.device)
         image_size = args.image_size or model.config.image_size
-        data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit)
+        data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except ScoreError as err:
         sys.exit(f"error: {err}")
     out = Path(args.out)

@@ -294,8 +294,9 @@ class IoUTotals:
 def phrasecut_subsets(gt_fraction: float, phrase_type: str | None = None, n_instances: int | None = None) -> list[str]:
     """The PhraseCut subsets a task belongs to (the official evaluation's, renamed).
 
-    "type=<phrase_type>" (name, attribute, relation, verbose); "instances=1", "instances>1", "instances>=5"
-    (official i_single, i_multi, i_many: they overlap); "size=small" (gt area < 2 % of the image),
+    "type=<phrase_type>" (name, attribute, relation, verbose); by instance count, exclusive as in the official
+    code (utils/subset.py): "instances=1" (i_single), "instances>1" (i_multi: 2 to 4 instances, despite the
+    official docstring's "more than 1") and "instances>=5" (i_many); "size=small" (gt area < 2 % of the image),
     "size=large" (> 20 %), else "size=mid". Type and instance subsets only when that field is given."""
     subsets = []
     if phrase_type:
@@ -305,8 +306,11 @@ def phrasecut_subsets(gt_fraction: float, phrase_type: str | None = None, n_inst
             raise ValueError(
                 f"n_instances must be >= 1 (a PhraseCut task has at least one instance), got {n_instances}"
             )
-        subsets.append("instances=1" if n_instances == 1 else "instances>1")
-        if n_instances >= MANY_INSTANCES:
+        if n_instances == 1:
+            subsets.append("instances=1")
+        elif n_instances < MANY_INSTANCES:
+            subsets.append("instances>1")
+        else:
             subsets.append(f"instances>={MANY_INSTANCES}")
     if gt_fraction < SMALL_FRACTION:
         subsets.append("size=small")

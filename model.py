@@ -1,9 +1,9 @@
 """CLIPSeg: a frozen CLIP ViT-B/16 and a small FiLM-conditioned transformer decoder that turns a text or image
 prompt into a segmentation mask (Lüddecke & Ecker, CVPR 2022).
 
-The CLIP towers and the tokenizer come from `transformers`; the decoder, the early-exit vision pass (it stops
-after the deepest extracted block), position-embedding interpolation for any image shape, the visual-prompt
-engineering and the weight loaders are ours. Weights load from:
+The CLIP towers come from `transformers`; the decoder, the early-exit vision pass (it stops after the deepest
+extracted block), position-embedding interpolation for any image shape and the weight loaders are ours; the
+tokenizer is OpenAI's (`tokenizer.py`) and the input rules are in `preprocess.py`. Weights load from:
 
 - an HF CLIPSeg checkpoint (hub id such as `CIDAS/clipseg-rd64-refined`, or a directory with `config.json` and
   `model.safetensors`/`pytorch_model.bin`); our own `save_pretrained` writes that same layout;
@@ -21,9 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -34,21 +33,19 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from outputs import atomic_write, write_text
+from preprocess import IMAGE_SIZE
+from tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, CLIPTokenizer
+
 try:
     from transformers.initialization import no_init_weights
 except ImportError:  # transformers 4.x
     from transformers.modeling_utils import no_init_weights
 
-# Normalisation of CLIPSeg's inputs: ImageNet statistics (not CLIP's), as in the released code and hub processor.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SIZE = 352  # training and test resolution of the released models
 PATCH_SIZE = 16
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
-TOKENIZER_DIR = Path(__file__).resolve().parent / "clip_tokenizer"
-CLIP_VOCAB_SIZE = 49408
-CLIP_CONTEXT_LENGTH = 77
 WEIGHTS_NAME = "model.safetensors"
+DECODER_WEIGHTS_NAME = "decoder.safetensors"  # a decoder-only checkpoint's weights (`clipseg_weights` in its config)
 CONFIG_NAME = "config.json"
 
 
@@ -68,6 +65,9 @@ class CLIPSegConfig:
     conditional_layer: int = 0  # FiLM is applied before this decoder block
     dropout: float = 0.1  # decoder dropout during training (attention weights, residual branches, FFN)
     backbone: str = DEFAULT_BACKBONE  # where the CLIP weights came from (informational)
+    # where the frozen CLIP weights can be loaded from again (a CLIP or CLIPSeg hub id or directory; None for a
+    # random backbone): what lets a checkpoint hold only the decoder (`save_pretrained(decoder_only=True)`)
+    clip_source: str | None = None
     image_size: int = IMAGE_SIZE  # default input side for training, scoring and prediction
     clip: transformers.CLIPConfig | None = field(default=None, repr=False)
 
@@ -106,6 +106,7 @@ class CLIPSegConfig:
         out["architectures"] = ["CLIPSegForImageSegmentation"]
         out["clipseg_decoder_dropout"] = self.dropout
         out["clipseg_backbone"] = self.backbone
+        out["clipseg_clip_source"] = self.clip_source
         out["clipseg_image_size"] = self.image_size
         return out
 
@@ -129,6 +130,7 @@ class CLIPSegConfig:
             conditional_layer=hf.conditional_layer,
             dropout=data.get("clipseg_decoder_dropout", 0.1),
             backbone=data.get("clipseg_backbone", data.get("_name_or_path") or DEFAULT_BACKBONE),
+            clip_source=data.get("clipseg_clip_source"),
             image_size=data.get("clipseg_image_size", IMAGE_SIZE),
             clip=clip,
         )
@@ -142,12 +144,12 @@ def tiny_clip_config(vision_layers: int = 6, width: int = 64) -> transformers.CL
     """A small random CLIP with the real tokenizer's vocabulary, for tests and the offline demo."""
     return transformers.CLIPConfig(
         text_config=dict(
-            vocab_size=CLIP_VOCAB_SIZE,
+            vocab_size=VOCAB_SIZE,
             hidden_size=width,
             intermediate_size=2 * width,
             num_hidden_layers=2,
             num_attention_heads=2,
-            max_position_embeddings=CLIP_CONTEXT_LENGTH,
+            max_position_embeddings=CONTEXT_LENGTH,
         ),
         vision_config=dict(
             hidden_size=width,
@@ -290,6 +292,15 @@ class CLIPSegDecoder(nn.Module):
 
 
 @dataclass
+class SegmentationOutput:
+    """What `CLIPSeg.forward` returns. logits: (N, 1, H, W); loss: BCE-with-logits against the labels given,
+    a scalar (None without labels)."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+
+
+@dataclass
 class ImageFeatures:
     """What the decoder needs from one pass of the vision tower.
 
@@ -323,7 +334,7 @@ class CLIPSeg(nn.Module):
         if backbone == "tiny":
             return cls(tiny_config(**knobs))
         clip = _load_clip(backbone)
-        model = cls(CLIPSegConfig(**knobs, backbone=backbone, clip=clip.config))
+        model = cls(CLIPSegConfig(**knobs, backbone=backbone, clip_source=_location(backbone), clip=clip.config))
         model.clip = clip.requires_grad_(False).eval()
         return model
 
@@ -345,9 +356,15 @@ class CLIPSeg(nn.Module):
             return cls._from_original(Path(name), backbone or DEFAULT_BACKBONE, knobs)
         if backbone is not None:
             raise ValueError("backbone= is only for original .pth decoder files; HF checkpoints carry their CLIP")
-        config = CLIPSegConfig.from_hf_dict(json.loads(Path(_resolve_file(name, CONFIG_NAME)).read_text()))
+        stored = json.loads(Path(_resolve_file(name, CONFIG_NAME)).read_text())
+        config = CLIPSegConfig.from_hf_dict(stored)
         _check_knobs(config, knobs, STRUCTURAL_KNOBS, name)
-        state = _load_hf_state_dict(name)
+        if stored.get("clipseg_weights") == DECODER_WEIGHTS_NAME:
+            decoder = load_file(_resolve_file(name, DECODER_WEIGHTS_NAME))
+            state = {**_clip_weights(config.clip_source, name), **decoder}
+        else:
+            state = _load_hf_state_dict(name)
+            config = replace(config, clip_source=_location(name))  # this checkpoint holds the CLIP weights
         with no_init_weights():  # every weight is overwritten below: skip CLIP's random init (seconds at B/16)
             model = cls(replace(config, **{k: v for k, v in knobs.items() if k in FREE_KNOBS}))
         model.load_weights(state, source=name)
@@ -381,14 +398,26 @@ class CLIPSeg(nn.Module):
                 tensor.copy_(state[key])
         self.text_cache = {} if self.text_cache is not None else None
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write `config.json` + `model.safetensors` (the HF CLIPSeg layout), each atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, decoder_only: bool = False) -> Path:
+        """Write the HF CLIPSeg layout, `config.json` + `model.safetensors`, each atomically: loadable here and by
+        `transformers.CLIPSegForImageSegmentation`. With `decoder_only`, `decoder.safetensors` (the trainable
+        weights, 4 MB at D = 64) replaces `model.safetensors` (600 MB at ViT-B/16) and the config names where the
+        frozen CLIP comes from (`config.clip_source`): loadable here only. The config is written after the weights
+        and names the weights file, so a kill at any moment leaves a loadable directory; the other layout's
+        weights file is removed last."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-        text = json.dumps(self.config.to_hf_dict(), indent=2, sort_keys=True)
-        atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+        if decoder_only and self.config.clip_source is None:
+            raise ValueError(
+                "a decoder-only checkpoint needs config.clip_source, and this model's CLIP is random (it cannot be "
+                "loaded again from a reference): save the whole model"
+            )
+        weights, stale = (DECODER_WEIGHTS_NAME, WEIGHTS_NAME) if decoder_only else (WEIGHTS_NAME, DECODER_WEIGHTS_NAME)
+        module, prefix = (self.decoder, "decoder.") if decoder_only else (self, "")
+        state = {prefix + k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        atomic_write(directory / weights, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        config = self.config.to_hf_dict() | ({"clipseg_weights": DECODER_WEIGHTS_NAME} if decoder_only else {})
+        write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+        (directory / stale).unlink(missing_ok=True)
         return directory
 
     def decoder_parameters(self) -> list[nn.Parameter]:
@@ -402,31 +431,32 @@ class CLIPSeg(nn.Module):
     # -- tokenizer and conditional vectors -----------------------------------------------------------
 
     @property
-    def tokenizer(self) -> transformers.CLIPTokenizer:
+    def tokenizer(self) -> CLIPTokenizer:
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer()
+            self._tokenizer = CLIPTokenizer.from_directory()
         return self._tokenizer
 
     def tokenize(self, phrases: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Phrases -> (input_ids, attention_mask), each (K, L) with L the longest prompt (at most 77 tokens).
 
-        Longer phrases are truncated (keeping the end-of-text token) with a warning."""
+        Tokens as OpenAI's CLIP makes them (`tokenizer.py`: its text cleaning, then BPE). Longer phrases are
+        truncated (keeping the end-of-text token) with a warning; the original raises instead."""
         if isinstance(phrases, str):
             raise TypeError("phrases must be a list of strings, not a single string")
         for i, phrase in enumerate(phrases):
             if not isinstance(phrase, str) or not phrase.strip():
                 raise ValueError(f"phrase {i} is empty or not a string: {phrase!r}")
-        ids = self.tokenizer(list(phrases))["input_ids"]
-        too_long = [p for p, t in zip(phrases, ids) if len(t) > CLIP_CONTEXT_LENGTH]
+        ids = [self.tokenizer.encode(phrase) for phrase in phrases]
+        too_long = [p for p, t in zip(phrases, ids) if len(t) > CONTEXT_LENGTH]
         if too_long:
             warnings.warn(
-                f"{len(too_long)} phrase(s) longer than CLIP's {CLIP_CONTEXT_LENGTH} tokens were truncated, "
+                f"{len(too_long)} phrase(s) longer than CLIP's {CONTEXT_LENGTH} tokens were truncated, "
                 f"e.g. {too_long[0][:60]!r}...",
                 stacklevel=2,
             )
-        ids = [t[: CLIP_CONTEXT_LENGTH - 1] + t[-1:] if len(t) > CLIP_CONTEXT_LENGTH else t for t in ids]
+        ids = [t[: CONTEXT_LENGTH - 1] + t[-1:] if len(t) > CONTEXT_LENGTH else t for t in ids]
         length = max(len(t) for t in ids)
-        pad = self.tokenizer.eos_token_id
+        pad = self.tokenizer.end_id  # the features are read at the first end token, so padding never shows
         input_ids = torch.tensor([t + [pad] * (length - len(t)) for t in ids])
         attention_mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in ids])
         return input_ids, attention_mask
@@ -471,20 +501,32 @@ class CLIPSeg(nn.Module):
         _, activations, grid = self._vision_tower(pixel_values, stop_after=max(self.config.extract_layers))
         return ImageFeatures(activations, grid)
 
-    def decode(self, features: ImageFeatures, conditional: Tensor) -> Tensor:
-        """Image features (batch B or 1) + (K, 512) conditionals (K = B, or any K when B = 1) -> (K, 1, H, W)."""
-        batch = features.activations[0].shape[0]
+    def decode(
+        self, features: ImageFeatures, conditional: Tensor, prompts_per_image: Sequence[int] | None = None
+    ) -> Tensor:
+        """Image features (batch B) + (N, 512) conditionals -> (N, 1, H, W) logits. Image b is decoded against the
+        b-th run of `prompts_per_image[b]` consecutive prompts (default: N / B each; one image takes any N)."""
+        batch, prompts = features.activations[0].shape[0], conditional.shape[0]
         if conditional.ndim != 2 or conditional.shape[1] != self.config.clip.projection_dim:
             raise ValueError(
-                f"conditional must be (K, {self.config.clip.projection_dim}), got {tuple(conditional.shape)}"
+                f"conditional must be (N, {self.config.clip.projection_dim}), got {tuple(conditional.shape)}"
             )
-        if batch != 1 and conditional.shape[0] != batch:
-            raise ValueError(f"{conditional.shape[0]} prompts for {batch} images: give one prompt per image")
-        dtype = self.decoder.film_mul.weight.dtype
+        if prompts_per_image is None:
+            if prompts % batch:
+                raise ValueError(f"{prompts} prompts for {batch} images: give each image the same number of prompts")
+            prompts_per_image = [prompts // batch] * batch
+        elif len(prompts_per_image) != batch or sum(prompts_per_image) != prompts:
+            raise ValueError(
+                f"prompts_per_image {list(prompts_per_image)} does not split {prompts} prompts over {batch} images"
+            )
+        activations = features.activations
+        if batch > 1 and any(n != 1 for n in prompts_per_image):  # one image broadcasts; several are repeated
+            repeats = torch.as_tensor(prompts_per_image, device=activations[0].device)
+            activations = [a.repeat_interleave(repeats, dim=0) for a in activations]
         if not torch.is_autocast_enabled(conditional.device.type):
-            conditional = conditional.to(dtype)
-            features = ImageFeatures([a.to(dtype) for a in features.activations], features.grid)
-        return self.decoder(features.activations, conditional, features.grid)
+            dtype = self.decoder.film_mul.weight.dtype
+            conditional, activations = conditional.to(dtype), [a.to(dtype) for a in activations]
+        return self.decoder(activations, conditional, features.grid)
 
     def conditional(
         self,
@@ -516,15 +558,23 @@ class CLIPSeg(nn.Module):
         attention_mask: Tensor | None = None,
         prompt_images: Tensor | None = None,
         conditional: Tensor | None = None,
-    ) -> Tensor:
-        """(B, 3, H, W) normalised pixels + one prompt per image -> (B, 1, H, W) logits.
+        labels: Tensor | None = None,
+    ) -> SegmentationOutput:
+        """(B, 3, H, W) normalised pixels + N prompts, N a multiple of B (image b takes the b-th group of N/B
+        consecutive prompts) -> `SegmentationOutput` with (N, 1, H, W) logits; with `labels` (N, 1, H, W) targets
+        in [0, 1] also the training loss, BCE-with-logits averaged over all pixels (computed in fp32).
 
-        The prompt is exactly one of: `phrases` (B strings), `input_ids` (B, L) [+ `attention_mask`],
-        `prompt_images` (B, 3, h, w) already engineered (see `visual_prompt`), `conditional` (B, 512)."""
+        The prompt is exactly one of: `phrases` (N strings), `input_ids` (N, L) [+ `attention_mask`],
+        `prompt_images` (N, 3, h, w) already engineered (see `preprocess.visual_prompt`), `conditional` (N, 512).
+        The vision tower runs once per image, whatever N."""
         cond = self.conditional(phrases, input_ids, attention_mask, prompt_images, conditional)
-        if len(cond) != len(pixel_values):
-            raise ValueError(f"{len(cond)} prompts for {len(pixel_values)} images: give one prompt per image")
-        return self.decode(self.encode_image(pixel_values), cond)
+        logits = self.decode(self.encode_image(pixel_values), cond)
+        if labels is None:
+            return SegmentationOutput(logits)
+        if labels.shape != logits.shape:
+            raise ValueError(f"labels must have the logits' shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels.to(logits.device, torch.float32))
+        return SegmentationOutput(logits, loss)
 
     @torch.no_grad()
     def predict_prompts(self, pixel_values: Tensor, **prompt) -> Tensor:
@@ -583,77 +633,11 @@ def _run_clip_block(layer: nn.Module, x: Tensor) -> Tensor:
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
-# ------------------------------------------------------------------------------- visual prompt engineering
-
-
-def gaussian_blur(image: Tensor, kernel_size: int = 15, sigma: float = 3.0) -> Tensor:
-    """Separable Gaussian blur of (C, H, W) or (B, C, H, W) with reflect padding."""
-    squeeze = image.ndim == 3
-    x = image[None] if squeeze else image
-    coords = torch.arange(kernel_size, dtype=x.dtype, device=x.device) - (kernel_size - 1) / 2
-    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    channels = x.shape[1]
-    pad = kernel_size // 2
-    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
-    x = F.pad(x, (pad, pad, pad, pad), mode=mode)
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, kernel_size), groups=channels)
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, kernel_size, 1), groups=channels)
-    return x[0] if squeeze else x
-
-
-def visual_prompt(
-    image: Tensor,
-    mask: Tensor,
-    size: int = IMAGE_SIZE,
-    background: float = 0.1,
-    context: float = 0.1,
-) -> Tensor:
-    """Support image + mask -> prompt image ("crop + blur + 10% background", the paper's best, Table 2).
-
-    image: (3, H, W) ImageNet-normalised support (352 px in the paper); mask: (H, W), non-zero = object.
-    The image is blurred (Gaussian 15x15, sigma 3) outside the object and kept at `background` strength there,
-    cropped to the mask's box grown by `context` of its width/height on each side (clamped to the image),
-    zero-padded to a square (0 is the mean colour after normalisation) and resized to `size` (nearest).
-    An empty mask gives the whole image, padded and resized. Returns (3, size, size).
-    """
-    if image.ndim != 3 or mask.shape != image.shape[1:]:
-        raise ValueError(f"image (3, H, W) and mask (H, W) must match, got {tuple(image.shape)} / {tuple(mask.shape)}")
-    mask = (mask > 0).to(image.dtype)
-    if mask.any():
-        blurred = gaussian_blur(image)
-        composite = image * mask + background * blurred * (1 - mask)
-        rows, cols = mask.any(dim=1).nonzero()[:, 0], mask.any(dim=0).nonzero()[:, 0]
-        top, bottom, left, right = rows[0].item(), rows[-1].item() + 1, cols[0].item(), cols[-1].item() + 1
-        grow_y, grow_x = context * (bottom - top), context * (right - left)
-        top, bottom = max(0, int(top - grow_y)), min(mask.shape[0], int(bottom + grow_y))
-        left, right = max(0, int(left - grow_x)), min(mask.shape[1], int(right + grow_x))
-        crop = composite[:, top:bottom, left:right]
-    else:
-        crop = image
-    height, width = crop.shape[1:]
-    side = max(height, width)
-    pad_y, pad_x = side - height, side - width
-    square = F.pad(crop, (pad_x // 2, pad_x - pad_x // 2, pad_y // 2, pad_y - pad_y // 2))
-    return F.interpolate(square[None], size=(size, size), mode="nearest")[0]
-
-
 # ---------------------------------------------------------------------------------------- loading helpers
 
 
 class CheckpointError(ValueError):
     """A checkpoint does not fit the model it is loaded into."""
-
-
-def load_tokenizer() -> transformers.CLIPTokenizer:
-    """The real CLIP BPE tokenizer from the vocabulary shipped in `clip_tokenizer/` (works offline)."""
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    if len(tokenizer) != CLIP_VOCAB_SIZE:
-        raise RuntimeError(
-            f"CLIP tokenizer from {TOKENIZER_DIR} has {len(tokenizer)} tokens, expected {CLIP_VOCAB_SIZE}: "
-            "the vocabulary files are missing or damaged (restore clip_tokenizer/ from the repository)"
-        )
-    return tokenizer
 
 
 def _load_clip(backbone: str) -> transformers.CLIPModel:
@@ -663,6 +647,29 @@ def _load_clip(backbone: str) -> transformers.CLIPModel:
         raise OSError(
             f"could not load the CLIP backbone {backbone!r}: give a hub id (needs network or a filled HF cache) "
             f"or a local directory saved with CLIPModel.save_pretrained ({err})"
+        ) from err
+
+
+def _location(name_or_path: str) -> str:
+    """A checkpoint or backbone reference that stays valid from another working directory."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def _clip_weights(source: str | None, checkpoint: str) -> dict[str, Tensor]:
+    """The `clip.*` weights a decoder-only checkpoint refers to: from a full CLIPSeg checkpoint or a CLIP model."""
+    hint = "keep the checkpoint or CLIP it names, or load a complete model (best/, iter_*/ or a finished run)"
+    if source is None:
+        raise CheckpointError(f"{checkpoint} holds only the decoder and names no CLIP weights; {hint}")
+    try:
+        stored = json.loads(Path(_resolve_file(source, CONFIG_NAME)).read_text())
+        if stored.get("model_type") == "clipseg":
+            return {k: v for k, v in _load_hf_state_dict(source).items() if k.startswith("clip.")}
+        return {f"clip.{k}": v for k, v in _load_clip(source).state_dict().items()}
+    except OSError as err:
+        raise CheckpointError(
+            f"{checkpoint} holds only the decoder; its CLIP weights come from {source!r}, which cannot be read: "
+            f"{err}; {hint}"
         ) from err
 
 
@@ -790,27 +797,6 @@ def _mismatch_message(source, config, missing, unexpected, wrong_shape) -> str:
     if any("film_mul" in k or "reduces" in k for k in wrong_shape):
         lines.append("  the checkpoint and the model disagree on reduce_dim")
     return "\n".join(lines)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write through a temporary file in the same directory and rename: a crash leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -25,12 +25,9 @@ Python API, in the style of a predictor (encode once, prompt many times):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import re
 import sys
-import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,110 +35,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from torch import Tensor
 from tqdm import tqdm
 
-from dataset import UnreadableImage, open_rgb, to_rgb
-from model import AMP_HELP, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, CLIPSeg, ImageFeatures, autocast, visual_prompt
+from model import AMP_HELP, PATCH_SIZE, CLIPSeg, ImageFeatures, autocast
+from outputs import printable, safe_name, write_json
+from preprocess import (
+    MAX_ASPECT,
+    RESIZE_RULES,
+    ImageInput,
+    ImageTransform,
+    UnreadableImage,
+    full_size_probabilities,
+    load_image,
+    open_rgb,
+    support_prompt,
+)
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
-MAX_ASPECT = 3  # native-aspect inference caps the long side at this multiple of the short side
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 PALETTE = (
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
     (245, 130, 48), (70, 240, 240), (240, 50, 230), (210, 245, 60), (170, 110, 40),
 )  # fmt: skip
 OVERLAY_ALPHA = 0.5
-SLUG_LENGTH = 48
-
-ImageInput = Image.Image | str | os.PathLike | np.ndarray
-
-
-# ----------------------------------------------------------------------------------------- image handling
-
-
-def load_image(image: ImageInput) -> Image.Image:
-    """A path (opened upright: EXIF rotation applied), a PIL image or an array -> RGB PIL image.
-
-    PIL images and arrays are taken as they are (no EXIF rotation): the maps match the pixels you passed.
-    Arrays: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); uint8, bool, or float in [0, 1]. Alpha is composited on
-    black, as `dataset.open_rgb` does for files. Raises `dataset.UnreadableImage` for unreadable files."""
-    if isinstance(image, str | os.PathLike):
-        return open_rgb(image)
-    if isinstance(image, np.ndarray):
-        image = _array_to_pil(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected an image path, a PIL image or a numpy array, got {type(image).__name__}")
-    return to_rgb(image)
-
-
-def _array_to_pil(array: np.ndarray) -> Image.Image:
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
-        raise ValueError(f"image array must be (H, W), (H, W, 3) or (H, W, 4) (channels last), got {array.shape}")
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    elif np.issubdtype(array.dtype, np.floating):
-        if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1 or np.isnan(array).any()):
-            raise ValueError("float image arrays must hold values in [0, 1]; divide uint8-range data by 255")
-        array = np.round(array * 255).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        raise ValueError(f"image arrays must be uint8, bool or float in [0, 1], got {array.dtype}")
-    return Image.fromarray(np.ascontiguousarray(array))
-
-
-def load_mask(mask: ImageInput) -> np.ndarray:
-    """A support mask (path, PIL image or array) -> (H, W) bool. Object = at least half the mask's maximum,
-    so 0/1, 0/255 and slightly noisy (JPEG) masks all work; colour masks count any channel."""
-    if isinstance(mask, np.ndarray) and mask.dtype != np.uint8 and mask.ndim in (2, 3):
-        values = np.asarray(mask, dtype=np.float32)
-    else:
-        values = np.asarray(load_image(mask), dtype=np.float32)
-    if values.ndim == 3:
-        values = values.max(axis=-1)
-    peak = float(values.max()) if values.size else 0.0
-    return values >= peak / 2 if peak > 0 else np.zeros(values.shape, dtype=bool)
-
-
-def inference_size(width: int, height: int, short_side: int, square: bool = False) -> tuple[int, int]:
-    """The (W, H) the model sees for a `width` x `height` image.
-
-    Native aspect: the short side becomes `short_side` (a multiple of 16), the long side is scaled alike and
-    rounded to a multiple of 16, at most MAX_ASPECT x the short side. `square`: `short_side` x `short_side`."""
-    if square:
-        return short_side, short_side
-    scale = short_side / min(width, height)
-
-    def on_grid(length: float) -> int:
-        return min(MAX_ASPECT * short_side, max(PATCH_SIZE, int(length * scale / PATCH_SIZE + 0.5) * PATCH_SIZE))
-
-    return on_grid(width), on_grid(height)
-
-
-def to_pixel_values(image: Image.Image, size: tuple[int, int]) -> Tensor:
-    """RGB PIL image -> (3, H, W) ImageNet-normalised pixels, resized (bilinear) to `size` = (W, H)."""
-    if image.size != size:
-        image = image.resize(size, Image.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return (pixels - mean) / std
-
-
-def engineer_support(image: ImageInput, mask: ImageInput, size: int) -> Tensor:
-    """Support image + mask -> (3, size, size) prompt image: the support squashed to `size` (bilinear), the mask
-    resized nearest, then `model.visual_prompt` (crop + blur + 10% background)."""
-    rgb, object_mask = load_image(image), load_mask(mask)
-    if object_mask.shape != (rgb.height, rgb.width):
-        raise ValueError(
-            f"support mask is {object_mask.shape[1]}x{object_mask.shape[0]} but its image is {rgb.width}x"
-            f"{rgb.height}: give a mask of the support image's size"
-        )
-    resized = Image.fromarray(object_mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
-    return visual_prompt(to_pixel_values(rgb, (size, size)), torch.from_numpy(np.asarray(resized) > 0), size=size)
 
 
 # ------------------------------------------------------------------------------------------------ predictor
@@ -152,9 +71,10 @@ class Predictor:
 
     model: a `CLIPSeg` (put in eval mode; moved to `device` when given). image_size: the short side the model
     sees (default `model.config.image_size`), a multiple of 16. square: squash to image_size x image_size instead
-    of keeping the aspect. amp: mixed precision for the image encoder and decoder (`model.amp_dtype`: bf16; fp16
-    on GPUs without bf16; fp32 on CPUs without native bf16).
-    The model's text cache is switched on, so each phrase is encoded once.
+    of keeping the aspect. resize: "pil" (the HF processor's and the original Quickstart's resize, the default
+    here) or "original" (the authors' data pipeline, as in training and scoring; see preprocess.py). amp: mixed
+    precision for the image encoder and decoder (`model.amp_dtype`: bf16; fp16 on GPUs without bf16; fp32 on CPUs
+    without native bf16). The model's text cache is switched on, so each phrase is encoded once.
     """
 
     def __init__(
@@ -164,15 +84,18 @@ class Predictor:
         square: bool = False,
         device: str | torch.device | None = None,
         amp: bool = False,
+        resize: str = "pil",
     ):
         self.model = model.eval()
         if device is not None:
             self.model.to(device)
         self.device = next(self.model.parameters()).device
-        self.image_size = int(image_size or model.config.image_size)
-        if self.image_size <= 0 or self.image_size % PATCH_SIZE:
-            raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {self.image_size}")
-        self.square, self.amp = square, amp
+        image_size = int(image_size or model.config.image_size)
+        if image_size <= 0 or image_size % PATCH_SIZE:
+            raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {image_size}")
+        self.transform = ImageTransform(resize, image_size, square)
+        self.prompt_transform = ImageTransform(resize, model.config.image_size, square=True)
+        self.amp = amp
         if self.model.text_cache is None:
             self.model.text_cache = {}
         self.original_size: tuple[int, int] | None = None  # (W0, H0) of the image set last
@@ -180,11 +103,12 @@ class Predictor:
         self._features: ImageFeatures | None = None
 
     def set_image(self, image: ImageInput) -> None:
-        """Encode one image (path, PIL image or array; see `load_image`) for the following `predict` calls."""
+        """Encode one image (path, PIL image or array; see `preprocess.load_image`) for the following `predict`
+        calls."""
         rgb = load_image(image)
         self.original_size = rgb.size
-        self.input_size = inference_size(*rgb.size, self.image_size, self.square)
-        self._features = self._encode([rgb], self.input_size)
+        self.input_size = self.transform.input_size(*rgb.size)
+        self._features = self._encode([rgb])
 
     def predict(
         self,
@@ -220,12 +144,12 @@ class Predictor:
         rgbs = [load_image(image) for image in images]
         groups: dict[tuple[int, int], list[int]] = {}
         for index, rgb in enumerate(rgbs):
-            groups.setdefault(inference_size(*rgb.size, self.image_size, self.square), []).append(index)
+            groups.setdefault(self.transform.input_size(*rgb.size), []).append(index)
         results: list[np.ndarray | None] = [None] * len(rgbs)
-        for size, indices in groups.items():
+        for indices in groups.values():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start : start + batch_size]
-                features = self._encode([rgbs[i] for i in chunk], size)
+                features = self._encode([rgbs[i] for i in chunk])
                 for row, index in enumerate(chunk):
                     one = ImageFeatures([a[row : row + 1] for a in features.activations], features.grid)
                     results[index] = self._decode(one, conditional, rgbs[index].size)
@@ -241,7 +165,6 @@ class Predictor:
         in full precision. Reuse them across images with `predict(conditional=...)`."""
         if isinstance(phrases, str):
             raise TypeError("phrases must be a list of strings, not a single string")
-        size = self.model.config.image_size
         parts = []
         if phrases:
             parts.append(self.model.embed_text(list(phrases)))
@@ -249,18 +172,19 @@ class Predictor:
             if isinstance(prompt_images, Tensor):
                 pixels = prompt_images
             else:
-                pixels = torch.stack([to_pixel_values(load_image(image), (size, size)) for image in prompt_images])
+                pixels = torch.stack([self.prompt_transform.pixels(load_image(image)) for image in prompt_images])
             parts.append(self.model.embed_images(pixels.to(self.device)))
         if support:
-            pixels = torch.stack([engineer_support(image, mask, size) for image, mask in support])
+            pixels = torch.stack([support_prompt(image, mask, self.prompt_transform) for image, mask in support])
             parts.append(self.model.embed_images(pixels.to(self.device)))
         if not parts:
             raise ValueError("no prompt given: pass phrases, prompt_images or support")
         return torch.cat(parts)
 
     @torch.no_grad()
-    def _encode(self, rgbs: list[Image.Image], size: tuple[int, int]) -> ImageFeatures:
-        pixels = torch.stack([to_pixel_values(rgb, size) for rgb in rgbs]).to(self.device)
+    def _encode(self, rgbs: list[Image.Image]) -> ImageFeatures:
+        """Images of one input size -> their features (batch len(rgbs))."""
+        pixels = torch.stack([self.transform.pixels(rgb) for rgb in rgbs]).to(self.device)
         with autocast(self.device, self.amp):
             return self.model.encode_image(pixels)
 
@@ -270,33 +194,17 @@ class Predictor:
         with autocast(self.device, self.amp):
             logits = self.model.decode(features, conditional.to(self.device))
         width, height = original_size
-        logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
-        return torch.sigmoid(logits[:, 0]).cpu().numpy()
+        return full_size_probabilities(logits, (height, width))
 
 
 # ------------------------------------------------------------------------------------------------ outputs
 
 
-def safe_name(text: str, hashed: bool = True, fallback: str = "prompt", identity: str | None = None) -> str:
-    """A file-name-safe slug of any text: ASCII lowercase letters, digits and '-', at most 48 characters, plus
-    '-' and 8 hex digits of the SHA-1 of `identity` (default: the text) when `hashed`, so distinct prompts get
-    distinct names. Never empty, never '.' or '..', no separators: it cannot leave the output folder."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:SLUG_LENGTH].strip("-") or fallback
-    if not hashed:
-        return slug
-    digest = hashlib.sha1((text if identity is None else identity).encode("utf-8", "surrogatepass")).hexdigest()
-    return f"{slug}-{digest[:8]}"
-
-
 def image_output_names(paths: Sequence[Path]) -> list[str]:
-    """One output folder name per image: its slugged stem, plus a hash of its path where stems would collide."""
-    slugs = [safe_name(path.stem, hashed=False, fallback="image") for path in paths]
-    counts = Counter(slugs)
-    return [
-        safe_name(path.stem, fallback="image", identity=str(path)) if counts[slug] > 1 else slug
-        for path, slug in zip(paths, slugs)
-    ]
+    """One output folder name per image (`outputs.safe_name` of its stem; of its whole path where stems collide)."""
+    stems = [safe_name(path.stem) for path in paths]
+    counts = Counter(stems)
+    return [safe_name(str(path)) if counts[stem] > 1 else stem for path, stem in zip(paths, stems)]
 
 
 def _font(image_height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -305,11 +213,6 @@ def _font(image_height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
         return ImageFont.load_default()
-
-
-def _printable(label: str, limit: int = 60) -> str:
-    label = "".join(c if c.isprintable() else "?" for c in label)
-    return label if len(label) <= limit else label[: limit - 3] + "..."
 
 
 def mask_contour(mask: np.ndarray, width: int) -> np.ndarray:
@@ -337,7 +240,7 @@ def draw_overlay(
     line = max(12, overlay.height // 30) + 6
     for i, (label, colour) in enumerate(zip(labels, colours)):
         top = 4 + i * line
-        text = _printable(label)
+        text = printable(label, 60)
         try:
             right = draw.textbbox((line + 4, top), text, font=font)[2]
         except UnicodeEncodeError:  # the bitmap fallback font only knows Latin-1
@@ -442,7 +345,7 @@ def build_prompts(phrases: Sequence[str], supports: Sequence[tuple[Path, Path]])
     prompts = [Prompt(label=p, kind="text", slug=safe_name(p), text=p) for p in phrases]
     for support, mask in supports:
         label = f"visual: {support.name}"
-        slug = safe_name(f"visual {support.stem}", identity=f"{support}:{mask}")
+        slug = safe_name(f"visual {support.stem} {support}:{mask}")
         prompts.append(Prompt(label, "visual", slug, support=(support, mask)))
     return prompts
 
@@ -474,6 +377,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"default {DEFAULT_MODEL}",
     )
     parser.add_argument(
+        "--backbone",
+        default=None,
+        help="CLIP backbone (hub id or directory) for an original .pth decoder (default openai/clip-vit-base-patch16)",
+    )
+    parser.add_argument(
         "--threshold",
         type=float,
         default=0.3,
@@ -493,6 +401,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="squash each image to IMAGE_SIZE x IMAGE_SIZE (reference behaviour) instead of keeping its aspect "
         f"(native aspect caps the long side at {MAX_ASPECT}x the short side)",
+    )
+    parser.add_argument(
+        "--resize",
+        choices=RESIZE_RULES,
+        default="pil",
+        help="how images are resized to the model's input: pil = PIL's antialiased bilinear, as the HF processor and "
+        "the original Quickstart do; original = the authors' training/scoring pipeline (bilinear, align_corners=True, "
+        "no antialiasing) (default %(default)s)",
     )
     parser.add_argument(
         "--prob-bits", type=int, choices=(8, 16), default=8, help="bit depth of probability PNGs (default 8)"
@@ -563,7 +479,7 @@ def process(
         all_probs = predictor.predict_batch(images, conditional=conditional, batch_size=args.batch_size)
         for (path, name, image), probs in zip(loaded, all_probs):
             entry = write_image_outputs(image, probs, prompts, Path(args.out) / name, args.threshold, args.prob_bits)
-            size = inference_size(*image.size, predictor.image_size, predictor.square)
+            size = predictor.transform.input_size(*image.size)
             run.images.append(
                 {"image": str(path), "width": image.width, "height": image.height, "inference_size": list(size)} | entry
             )
@@ -584,17 +500,12 @@ def write_summary(run: Run, args: argparse.Namespace, image_size: int | None) ->
         "images": run.images,
         "errors": run.errors,
     }
-    text = json.dumps(summary, indent=2, ensure_ascii=False)
     destination = args.summary or str(Path(args.out) / "summary.json")
     if destination == "-":
-        print(text)
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
         return "stdout"
-    path = Path(destination)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return str(path)
+    write_json(destination, summary)
+    return destination
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -611,7 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: no readable input images", file=sys.stderr)
         return 1
     try:
-        predictor = Predictor(CLIPSeg.from_pretrained(args.model), args.image_size, args.square, args.device, args.amp)
+        model = CLIPSeg.from_pretrained(args.model, backbone=args.backbone)
+        predictor = Predictor(model, args.image_size, args.square, args.device, args.amp, args.resize)
     except (OSError, ValueError) as err:
         print(f"error: cannot load --model {args.model}: {err}", file=sys.stderr)
         return 2
@@ -629,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.interrupted = True
         raise
     finally:
-        written = write_summary(run, args, predictor.image_size)
+        written = write_summary(run, args, predictor.transform.size)
     print(f"processed {len(run.images)} image(s), skipped {len(run.errors)}; summary: {written}", file=sys.stderr)
     return 0 if run.images else 1
 

@@ -4,47 +4,41 @@
     python score.py --model CIDAS/clipseg-rd64-refined    # the released weights (hub id, directory or .pth)
     python score.py demo --data synthetic --shuffle-prompts
 
-Paper metrics (Table 3: mIoU, IoU_FG, AP; plus IoU_BIN) are computed on the S x S prediction against the mask
-squashed to S x S (nearest), from per-sample counts at the 49 thresholds 0.02 .. 0.98, reported at t = 0.3 and at
-the best threshold. PhraseCut's official metrics (mean IoU, cumulative IoU, accuracy at IoU > 0.5 .. 0.9, per
-subset) are computed at the original resolution: logits resized bilinearly to the image size, then
-probability > `--threshold`. Results go to `checkpoints/NAME/scores_<split>.json` (or `--out`); skipped samples
-are counted and listed there and in the printed table, never dropped silently.
+Paper metrics (Table 3: mIoU, IoU_FG, AP; plus IoU_BIN) are computed as the original does: on the S x S
+prediction against the ground truth drawn with `polygon2mask` and squashed to S x S (nearest), from per-sample
+counts at the 49 thresholds 0.02 .. 0.98, reported at t = 0.3 and at the best threshold; the image is resized by
+the original's rule (`--resize original`). PhraseCut's official metrics (mean IoU, cumulative IoU, accuracy at
+IoU > 0.5 .. 0.9, per subset) are computed at the original resolution against its own ground truth (PIL fill +
+outline): logits resized bilinearly to the image size, then probability > `--threshold`. Results go to
+`checkpoints/NAME/scores_<split>.json` (or `--out`); skipped samples are counted and listed there and in the
+printed table, never dropped silently.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
-import re
 import sys
 import time
-import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 import dataset as datasets
+from inference import SkipLog, TaskBatch, predict_tasks
 from metrics import PAPER_THRESHOLDS, PaperMetrics, PhraseCutMetrics
-from model import AMP_HELP, PATCH_SIZE, CLIPSeg, autocast
+from model import AMP_HELP, PATCH_SIZE, CLIPSeg
+from outputs import safe_name, write_json
+from preprocess import RESIZE_RULES, full_size_probabilities
 
 CHECKPOINTS_DIR = Path("checkpoints")
 DEFAULT_THRESHOLD = 0.3
 SHUFFLE_SEED = 0
 DATA_KINDS = ("phrasecut", "synthetic", "folder")
-# A task id is used verbatim as a file name only if it is this plain (PhraseCut's look like "2345__101_102").
-PLAIN_TASK_ID = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,119}")
-WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 
 
 class ScoreError(Exception):
@@ -105,11 +99,14 @@ def default_data_root(kind: str) -> str:
     raise ScoreError("--data folder needs --data-root INDEX_FILE (a JSONL or CSV of image, phrase, mask)")
 
 
-def build_eval_dataset(kind: str, root: str | None, split: str, image_size: int, limit: int | None) -> Dataset:
-    """The test-mode data set (whole images squashed to `image_size`, no negatives, original-size masks)."""
+def build_eval_dataset(
+    kind: str, root: str | None, split: str, image_size: int, limit: int | None, resize: str = "original"
+) -> Dataset:
+    """The test-mode data set (whole images squashed to `image_size` by the `resize` rule, no negatives,
+    original-size masks)."""
     root = root or default_data_root(kind)
     try:
-        return datasets.build_dataset(kind, root, split, train=False, image_size=image_size, limit=limit)
+        return datasets.build_dataset(kind, root, split, train=False, image_size=image_size, limit=limit, resize=resize)
     except (OSError, ValueError, KeyError) as err:
         raise ScoreError(f"cannot read the {kind} data at {root} (split {split}): {err}") from err
 
@@ -138,6 +135,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--amp",
         action="store_true",
         help=AMP_HELP,
+    )
+    parser.add_argument(
+        "--resize",
+        choices=RESIZE_RULES,
+        default="original",
+        help="how images are resized to the model's input: original = the authors' data pipeline (bilinear, "
+        "align_corners=True, no antialiasing), as the paper's numbers were measured; pil = PIL's antialiased "
+        "bilinear, as the HF processor does (default %(default)s)",
     )
 
 
@@ -186,105 +191,9 @@ def shuffled_phrases(pairs: Sequence[tuple[str, str]], seed: int = SHUFFLE_SEED)
     return {pairs[order[k]][0]: pairs[order[(k + 1) % len(order)]][1] for k in range(len(order))}
 
 
-@dataclass
-class Predictions:
-    """One batch: the samples and the model's (B, 1, S, S) float32 logits on the CPU."""
-
-    batch: dict
-    phrases: list[str]
-    logits: Tensor
-
-
-@dataclass
-class SkipLog:
-    """Tasks the data set had to skip, with reasons (unreadable image, size mismatch), and the number of tasks it
-    delivered a second time (it moves on to the next task after a bad one); those are scored once."""
-
-    reasons: list[dict] = field(default_factory=list)
-    duplicates: int = 0
-    seen: set[str] = field(default_factory=set)
-    skipped_ids: set[str] = field(default_factory=set)
-
-    def add(self, task_id: str, reason: str) -> None:
-        """Log a skipped task once (every sample that stepped over it reports it)."""
-        if str(task_id) not in self.skipped_ids:
-            self.skipped_ids.add(str(task_id))
-            self.reasons.append({"task_id": str(task_id), "reason": str(reason)})
-
-
-def predict_batches(
-    model: CLIPSeg,
-    loader: DataLoader,
-    device: torch.device,
-    amp: bool = False,
-    phrase_for_task: dict[str, str] | None = None,
-    skips: SkipLog | None = None,
-    description: str = "scoring",
-) -> Iterator[Predictions]:
-    """Run the model over a loader of test-mode samples, with a progress bar.
-
-    phrase_for_task: replaces each sample's phrase (for --shuffle-prompts). Skips the data set reports (a bad image
-    makes it move on to the next task) are logged in `skips`; a task delivered twice is scored once.
-    """
-    skips = skips if skips is not None else SkipLog()
-    for batch in tqdm(loader, desc=description, unit="batch", file=sys.stderr, dynamic_ncols=True):
-        for task_id, reason in batch.get("skipped") or []:
-            skips.add(task_id, reason)
-        keep = []
-        for i, task_id in enumerate(batch["task_id"]):
-            if task_id in skips.seen:
-                skips.duplicates += 1
-            else:
-                keep.append(i)
-                skips.seen.add(task_id)
-        if not keep:
-            continue
-        batch = select_samples(batch, keep)
-        phrases = list(batch["phrase"])
-        if phrase_for_task is not None:
-            phrases = [phrase_for_task[task_id] for task_id in batch["task_id"]]
-        with torch.no_grad(), autocast(device, amp):
-            logits = model(batch["pixel_values"].to(device), phrases)
-        yield Predictions(batch, phrases, logits.float().cpu())
-
-
-def select_samples(batch: dict, keep: list[int]) -> dict:
-    """The samples `keep` of a collated batch (tensors and lists alike); other entries are kept as they are."""
-    if len(keep) == len(batch["task_id"]):
-        return batch
-    out = {}
-    for key, value in batch.items():
-        if key == "skipped":
-            out[key] = value
-        elif isinstance(value, Tensor | np.ndarray | list | tuple) and len(value) == len(batch["task_id"]):
-            out[key] = value[keep] if isinstance(value, Tensor | np.ndarray) else [value[i] for i in keep]
-        else:
-            out[key] = value
-    return out
-
-
-def full_size_probabilities(logits: Tensor, original_size: Sequence[int]) -> np.ndarray:
-    """(1, S, S) or (1, 1, S, S) logits -> (H, W) float32 probabilities, resized bilinearly to (H, W)."""
-    height, width = (int(v) for v in original_size)
-    resized = F.interpolate(logits.reshape(1, 1, *logits.shape[-2:]), size=(height, width), mode="bilinear")
-    return torch.sigmoid(resized[0, 0]).numpy()
-
-
-def safe_task_filename(task_id: str) -> str:
-    """A file-name stem for a task id that cannot leave its folder: plain ids (lowercase letters, digits, '_',
-    '.', '-', at most 120 characters, not starting with '.' or '-') are kept verbatim; any other id becomes an
-    ASCII slug + '~' + 12 hex digits of its SHA-1, so distinct ids never share a name."""
-    if PLAIN_TASK_ID.fullmatch(task_id) and task_id.split(".")[0] not in WINDOWS_RESERVED:
-        return task_id
-    ascii_text = unicodedata.normalize("NFKD", task_id).encode("ascii", "ignore").decode().lower()
-    slug = re.sub(r"[^a-z0-9_]+", "-", ascii_text).strip("-")[:60].strip("-") or "task"
-    digest = hashlib.sha1(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{slug}~{digest}"
-
-
 def save_prediction_png(mask: np.ndarray, directory: Path, task_id: str) -> Path:
     """Write a binary (H, W) mask as `<task_id>.png` (single channel, 0 / 255, original size)."""
-    path = directory / f"{safe_task_filename(task_id)}.png"
+    path = directory / f"{safe_name(task_id)}.png"
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)  # uint8 (H, W): mode L
     return path
 
@@ -306,22 +215,16 @@ class ScoreRun:
         if self.paper is None:
             self.paper = PaperMetrics(report_threshold=self.threshold)
 
-    def update(self, predictions: Predictions, save_dir: Path | None = None) -> None:
+    def update(self, batch: TaskBatch, save_dir: Path | None = None) -> None:
         """Add a batch: paper metrics at S x S, official metrics at the original size (and the PNGs)."""
-        batch = predictions.batch
-        self.paper.update(torch.sigmoid(predictions.logits), batch["mask"])
-        for i, task_id in enumerate(batch["task_id"]):
-            pred = full_size_probabilities(predictions.logits[i], batch["original_size"][i]) > self.threshold
-            gt = np.asarray(batch["full_mask"][i], dtype=bool)
-            self.official.update(pred, gt, optional(batch, "phrase_type", i), optional(batch, "n_instances", i))
+        self.paper.update(torch.sigmoid(batch.logits), batch.fields["mask"])
+        for i, task_id in enumerate(batch.fields["task_id"]):
+            pred = full_size_probabilities(batch.logits[i], batch.get("original_size", i)) > self.threshold
+            gt = np.asarray(batch.get("full_mask", i), dtype=bool)
+            self.official.update(pred, gt, batch.get("phrase_type", i), batch.get("n_instances", i))
             if save_dir is not None:
                 save_prediction_png(pred, save_dir, task_id)
-        self.n_samples += len(batch["task_id"])
-
-
-def optional(batch: dict, key: str, index: int):
-    values = batch.get(key)
-    return None if values is None else values[index]
+        self.n_samples += len(batch)
 
 
 def score(
@@ -335,22 +238,28 @@ def score(
     shuffle_prompts: bool = False,
     save_predictions: Path | None = None,
     run: ScoreRun | None = None,
+    tasks: Sequence[int] | None = None,
+    group_by_image: bool = True,
 ) -> ScoreRun:
-    """Score `model` on every sample of a test-mode data set. Pass `run` to keep partial results on interrupt."""
+    """Score `model` on every task of a test-mode data set (or the task indices `tasks`). Each image is encoded
+    once for all its tasks (`inference.predict_tasks`); `group_by_image=False` encodes it once per task, as the
+    reference implementations do. Pass `run` to keep partial results on interrupt."""
     run = run or ScoreRun(threshold=threshold)
-    device = next(model.parameters()).device
     phrase_for_task = shuffled_phrases(task_phrases(data)) if shuffle_prompts else None
-    loader = DataLoader(
+    if save_predictions is not None:
+        save_predictions.mkdir(parents=True, exist_ok=True)
+    for batch in predict_tasks(
+        model,
         data,
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=datasets.collate,
-        pin_memory=device.type == "cuda",
-    )
-    if save_predictions is not None:
-        save_predictions.mkdir(parents=True, exist_ok=True)
-    for predictions in predict_batches(model, loader, device, amp, phrase_for_task, run.skips):
-        run.update(predictions, save_predictions)
+        amp=amp,
+        tasks=tasks,
+        phrase_for_task=phrase_for_task,
+        skips=run.skips,
+        group_by_image=group_by_image,
+    ):
+        run.update(batch, save_predictions)
     return run
 
 
@@ -362,7 +271,6 @@ def results_dict(run: ScoreRun, settings: dict, data: Dataset, seconds: float, i
         "paper": to_builtin(run.paper.compute()) if run.n_samples else {},
         "phrasecut": to_builtin(run.official.compute()) if run.n_samples else {},
         "skipped": {"count": len(run.skips.reasons), "samples": run.skips.reasons},
-        "duplicates_ignored": run.skips.duplicates,
         "excluded": {"count": len(excluded), "tasks": to_builtin(list(excluded))},
         "seconds": round(seconds, 2),
         "interrupted": interrupted,
@@ -380,13 +288,6 @@ def to_builtin(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def write_json(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -441,7 +342,7 @@ def default_output(run_dir: Path | None, model: str, split: str, shuffled: bool,
     suffix = (f"_first{limit}" if limit else "") + ("_shuffled" if shuffled else "")
     if run_dir is not None:
         return run_dir / f"scores_{split}{suffix}.json"
-    return Path("scores") / f"{safe_task_filename(model.lower())}_{split}{suffix}.json"
+    return Path("scores") / f"{safe_name(model.lower())}_{split}{suffix}.json"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -494,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         source, run_dir = resolve_model(args.name, args.model, Path(args.checkpoints_dir))
         model = load_model(source, args.backbone, args.device)
         image_size = args.image_size or model.config.image_size
-        data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit)
+        data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except ScoreError as err:
         sys.exit(f"error: {err}")
     out = Path(args.out) if args.out else default_output(run_dir, source, args.split, args.shuffle_prompts, args.limit)
@@ -509,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "shuffle_prompts": args.shuffle_prompts,
         "shuffle_seed": SHUFFLE_SEED if args.shuffle_prompts else None,
         "amp": args.amp,
+        "resize": args.resize,
     }
     run, started = ScoreRun(threshold=args.threshold), time.perf_counter()
     save_dir = Path(args.save_predictions) if args.save_predictions else None
@@ -528,14 +430,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
         partial = out.with_name(out.stem + ".interrupted.json")
-        write_json(results_dict(run, settings, data, time.perf_counter() - started, True), partial)
+        write_json(partial, results_dict(run, settings, data, time.perf_counter() - started, True))
         print(f"\ninterrupted after {run.n_samples} samples; partial scores in {partial}", file=sys.stderr)
         raise
     results = results_dict(run, settings, data, time.perf_counter() - started, False)
     if run.n_samples == 0:
-        write_json(results, out)
+        write_json(out, results)
         sys.exit(f"error: no sample could be scored ({len(run.skips.reasons)} skipped); see {out}")
-    write_json(results, out)
+    write_json(out, results)
     print(format_table(results))
     print(f"\nscores written to {out}", file=sys.stderr)
     return results

@@ -44,8 +44,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import dataset as datasets
-from model import CLIPSeg, atomic_write, tiny_clip_config
+from model import CLIPSeg, tiny_clip_config
 from model import amp_dtype as model_amp_dtype
+from outputs import atomic_write
+from preprocess import RESIZE_RULES
 
 STATE_NAME = "train_state.pt"
 ARGS_NAME = "args.json"
@@ -187,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share of samples that show the whole image squashed to --image-size, as scoring does, instead of the "
         "recipe's object-aware square crop (default 0: the released recipe)",
+    )
+    data.add_argument(
+        "--resize",
+        choices=RESIZE_RULES,
+        default="original",
+        help="image resize rule: original = the authors' data pipeline (bilinear, align_corners=True, no "
+        "antialiasing; the recipe); pil = PIL's antialiased bilinear, as the HF processor does",
     )
     data.add_argument(
         "--mix", action="store_true", help="PC+: mix text with visual-prompt embeddings, use the 9 prompt templates"
@@ -426,6 +435,7 @@ def build_training_set(args: argparse.Namespace) -> Dataset:
         image_size=args.image_size,
         negative_prob=args.negative_prob,
         whole_image_prob=args.whole_image_prob,
+        resize=args.resize,
         visual_support=args.mix,
         templates=args.mix,
         seed=args.seed,

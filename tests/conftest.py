@@ -21,10 +21,10 @@ SYNTHETIC_SEED = 0
 def synthetic_root(tmp_path_factory) -> Path:
     """Root of a 32-image synthetic PhraseCut (pass it to `dataset.PhraseCut`; the data is at
     <root>/data/VGPhraseCut_v0). Shared by the whole session: tests that damage data must copy it first."""
-    import dataset
+    import synthetic
 
     root = tmp_path_factory.mktemp("synthetic_phrasecut")
-    dataset.make_synthetic_phrasecut(root, n_images=SYNTHETIC_IMAGES, seed=SYNTHETIC_SEED)
+    synthetic.make_synthetic_phrasecut(root, n_images=SYNTHETIC_IMAGES, seed=SYNTHETIC_SEED)
     return root
 
 

@@ -16,7 +16,7 @@ import dataset as datasets
 import failure_test
 from failure_test import THRESHOLDS, FailureCase, main, render_panel, write_index
 from model import CLIPSeg
-from score import safe_task_filename
+from outputs import safe_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZE = 64
@@ -87,7 +87,7 @@ def expected_ious(checkpoints, synthetic_root, oracle: set[str] = frozenset()) -
     for start in range(0, len(data), 4):
         batch = datasets.collate([data[i] for i in range(start, min(start + 4, len(data)))])
         with torch.no_grad():
-            logits = model(batch["pixel_values"], batch["phrase"])
+            logits = model(batch["pixel_values"], batch["phrase"]).logits
         for i, task_id in enumerate(batch["task_id"]):
             height, width = (int(v) for v in batch["original_size"][i])
             gt = np.asarray(batch["full_mask"][i], dtype=bool)
@@ -110,14 +110,14 @@ def read_csv(path: Path) -> list[dict]:
 def check_outputs(out: Path, expected: dict[str, np.ndarray]) -> list[dict]:
     """Panels, csv and index agree with each other and with the expected failures; returns the csv rows."""
     failing = {task for task, ious in expected.items() if (ious < 0.5).all()}
-    panels = {f"{safe_task_filename(task)}.png" for task in failing}
+    panels = {f"{safe_name(task)}.png" for task in failing}
     assert {p.name for p in out.glob("*.png")} == panels
     rows = read_csv(out / "failures.csv")
     assert {row["task_id"] for row in rows} == failing
     for row in rows:
         ious = [float(row[f"iou@{t:.1f}"]) for t in THRESHOLDS]
         np.testing.assert_allclose(ious, expected[row["task_id"]], atol=1e-4)
-        assert row["panel"] == f"{safe_task_filename(row['task_id'])}.png"
+        assert row["panel"] == f"{safe_name(row['task_id'])}.png"
     best = [float(row["best_iou"]) for row in rows]
     assert best == sorted(best)
     gallery = parse_gallery(out / "index.html")
@@ -161,8 +161,8 @@ def test_good_predictions_are_not_saved_and_stale_panels_are_removed(
     main(run_args(checkpoints, synthetic_root, out))
     expected = expected_ious(checkpoints, synthetic_root, oracle)
     check_outputs(out, expected)
-    assert not any((out / f"{safe_task_filename(task)}.png").exists() for task in oracle)
-    assert {p.name for p in out.glob("*.png")} == before - {f"{safe_task_filename(t)}.png" for t in oracle}
+    assert not any((out / f"{safe_name(task)}.png").exists() for task in oracle)
+    assert {p.name for p in out.glob("*.png")} == before - {f"{safe_name(t)}.png" for t in oracle}
     assert (out / "notes.txt").read_text() == "mine"
 
 
@@ -202,7 +202,7 @@ def test_hostile_phrases_and_task_ids_stay_inside_and_are_escaped(tmp_path):
         phrase_type="attribute",
         n_instances=1,
         ious=(0.0, 0.1, 0.2, 0.3, 0.4),
-        panel=f"{safe_task_filename('../../etc/<passwd>')}.png",
+        panel=f"{safe_name('../../etc/<passwd>')}.png",
     )
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)

@@ -352,8 +352,8 @@ def test_phrasecut_metrics_equal_brute_force_with_subsets():
         assert iou == (intersection / union if intersection else 0.0)
         fraction = gt.mean()
         size = "small" if fraction < 0.02 else "large" if fraction > 0.2 else "mid"
-        subsets = {f"type={phrase_type}", f"size={size}", "instances=1" if n_instances == 1 else "instances>1"}
-        subsets |= {"instances>=5"} if n_instances >= 5 else set()
+        count_subset = "instances=1" if n_instances == 1 else "instances>1" if n_instances < 5 else "instances>=5"
+        subsets = {f"type={phrase_type}", f"size={size}", count_subset}
         records.append((iou, intersection, union, subsets))
     results = metrics.compute()
 
@@ -392,7 +392,9 @@ def test_phrasecut_size_subset_boundaries():
     assert phrasecut_subsets(0.2) == ["size=mid"]
     assert phrasecut_subsets(0.2001) == ["size=large"]
     assert phrasecut_subsets(0.5, "relation", 1) == ["type=relation", "instances=1", "size=large"]
-    assert phrasecut_subsets(0.5, None, 5) == ["instances>1", "instances>=5", "size=large"]
+    # exclusive, as the official code's i_single / i_multi (2 to 4) / i_many (5 or more)
+    assert phrasecut_subsets(0.5, None, 4) == ["instances>1", "size=large"]
+    assert phrasecut_subsets(0.5, None, 5) == ["instances>=5", "size=large"]
     with pytest.raises(ValueError, match="n_instances must be >= 1"):
         phrasecut_subsets(0.5, None, 0)
 

@@ -1,0 +1,298 @@
+"""Synthetic data in the exact on-disk formats of the benchmarks, for the demo and the tests.
+
+`make_synthetic_phrasecut` writes a PhraseCut (VGPhraseCut_v0) in the official layout and JSON schema: scenes of a
+few coloured shapes on textured backgrounds, phrases from a small grammar that refer to exactly the shapes they
+describe. Deterministic for a seed.
+
+    python synthetic.py phrasecut --root synthetic_phrasecut --n-images 400 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from dataset import DATA_SUBDIR, DEFAULT_SYNTHETIC_ROOT, SPLITS
+from outputs import write_json
+
+COLOURS = {
+    "red": (215, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (35, 75, 215),
+    "yellow": (235, 205, 25),
+    "purple": (145, 55, 190),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZE_WORDS = {"small": (0.09, 0.12), "large": (0.17, 0.22)}  # radius as a fraction of the image's short side
+RELATIONS = ("left of", "right of", "above", "below")
+PHRASE_TYPE_SHARES = {"name": 0.3, "attribute": 0.5, "relation": 0.2}
+SPLIT_SHARES = (("val", 0.15), ("test", 0.10), ("miniv", 0.05))
+
+
+@dataclass
+class Shape:
+    kind: str
+    colour: str
+    size: str
+    polygon: np.ndarray  # (N, 2) float [x, y]
+    ann_id: int
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        (left, top), (right, bottom) = self.polygon.min(axis=0), self.polygon.max(axis=0)
+        return float(left), float(top), float(right), float(bottom)
+
+
+def _shape_polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
+    corners = {"circle": 24, "square": 4, "triangle": 3}[kind]
+    start = {"circle": 0.0, "square": math.pi / 4, "triangle": -math.pi / 2}[kind] + angle
+    theta = start + np.arange(corners) * 2 * math.pi / corners
+    return np.round(np.stack([cx + radius * np.cos(theta), cy + radius * np.sin(theta)], axis=1), 2)
+
+
+def _place_shapes(rng: np.random.Generator, width: int, height: int, first_ann_id: int) -> list[Shape]:
+    """2-4 shapes of distinct colours, well apart (bounding circles at least 6% of the short side apart)."""
+    short = min(width, height)
+    count = int(rng.integers(2, 5))
+    colours = rng.choice(list(COLOURS), size=count, replace=False)
+    placed: list[tuple[float, float, float]] = []
+    shapes = []
+    for colour in colours:
+        kind = SHAPES[rng.integers(len(SHAPES))]
+        size = "large" if rng.random() < 0.5 else "small"
+        radius = float(rng.uniform(*SIZE_WORDS[size])) * short
+        for _ in range(60):
+            cx, cy = rng.uniform(radius + 2, width - radius - 2), rng.uniform(radius + 2, height - radius - 2)
+            if all(math.hypot(cx - x, cy - y) > radius + r + 0.06 * short for x, y, r in placed):
+                placed.append((cx, cy, radius))
+                angle = float(rng.uniform(-0.3, 0.3))
+                polygon = _shape_polygon(kind, cx, cy, radius, angle)
+                shapes.append(Shape(kind, str(colour), size, polygon, first_ann_id + len(shapes)))
+                break
+    return shapes
+
+
+def _related(subject: Shape, relation: str, anchor: Shape) -> bool:
+    s_left, s_top, s_right, s_bottom = subject.box
+    a_left, a_top, a_right, a_bottom = anchor.box
+    return {
+        "left of": s_right < a_left,
+        "right of": s_left > a_right,
+        "above": s_bottom < a_top,
+        "below": s_top > a_bottom,
+    }[relation]
+
+
+def _candidate_phrases(shapes: list[Shape]) -> dict[str, list[tuple[str, dict, tuple[Shape, ...]]]]:
+    """Every phrase of the grammar that refers to a non-empty set of shapes in this scene, by phrase type:
+    {type: [(phrase, phrase_structure, referred shapes)]}. The referred shapes are exactly those matching."""
+    found: dict[str, list] = {kind: [] for kind in PHRASE_TYPE_SHARES}
+
+    def add(kind: str, phrase: str, name: str, attributes: list, relations: list, targets: list) -> None:
+        if targets:
+            structure = {
+                "name": name,
+                "attributes": attributes,
+                "relation_ids": [],
+                "relation_descriptions": relations,
+                "type": kind,
+            }
+            found[kind].append((phrase, structure, tuple(targets)))
+
+    for kind in sorted({shape.kind for shape in shapes}):
+        add("name", kind, kind, [], [], [s for s in shapes if s.kind == kind])
+        for colour in COLOURS:
+            targets = [s for s in shapes if s.kind == kind and s.colour == colour]
+            add("attribute", f"{colour} {kind}", kind, [colour], [], targets)
+            for size in SIZE_WORDS:
+                targets = [s for s in shapes if s.kind == kind and s.colour == colour and s.size == size]
+                add("attribute", f"{size} {colour} {kind}", kind, [size, colour], [], targets)
+        for size in SIZE_WORDS:
+            add(
+                "attribute",
+                f"{size} {kind}",
+                kind,
+                [size],
+                [],
+                [s for s in shapes if s.kind == kind and s.size == size],
+            )
+        for relation in RELATIONS:
+            for anchor in shapes:
+                targets = [s for s in shapes if s.kind == kind and s is not anchor and _related(s, relation, anchor)]
+                anchor_words = f"{anchor.colour} {anchor.kind}"
+                phrase = f"{kind} {relation} the {anchor_words}"
+                add("relation", phrase, kind, [], [[relation, anchor_words]], targets)
+    return found
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Muted base colour + smooth low-frequency texture + fine noise, (H, W, 3) float."""
+    grey = rng.uniform(90, 190)
+    base = grey + rng.uniform(-20, 20, size=3)
+    coarse = rng.uniform(-22, 22, size=(6, 8, 3)).astype(np.float32)
+    smooth = np.stack(
+        [
+            np.asarray(Image.fromarray(coarse[..., c], mode="F").resize((width, height), Image.BICUBIC))
+            for c in range(3)
+        ],
+        axis=-1,
+    )
+    return base + smooth + rng.normal(0, 5, size=(height, width, 3))
+
+
+def _synthetic_image(rng: np.random.Generator, image_id: int, size: tuple[int, int] | None) -> tuple[Image.Image, list]:
+    width, height = size if size is not None else (int(rng.integers(240, 501)), int(rng.integers(240, 501)))
+    shapes = _place_shapes(rng, width, height, first_ann_id=image_id * 100)
+    canvas = Image.fromarray(np.clip(_background(rng, width, height), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for shape in shapes:
+        colour = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[shape.colour])
+        draw.polygon(shape.polygon.astype(np.int64).ravel().tolist(), fill=colour, outline=colour)
+    return canvas, shapes
+
+
+def _synthetic_tasks(rng: np.random.Generator, image_id: int, shapes: list[Shape], relation_ids: Iterator) -> list:
+    """3-6 tasks for one scene, phrase types drawn by PHRASE_TYPE_SHARES, one phrase per referred set."""
+    candidates = _candidate_phrases(shapes)
+    kinds, shares = list(PHRASE_TYPE_SHARES), np.array(list(PHRASE_TYPE_SHARES.values()))
+    used: set[tuple[int, ...]] = set()
+    tasks = []
+    for kind in rng.choice(kinds, size=int(rng.integers(3, 7)), p=shares):
+        fresh = [c for c in candidates[kind] if tuple(s.ann_id for s in c[2]) not in used]
+        if not fresh:
+            continue
+        phrase, structure, targets = fresh[rng.integers(len(fresh))]
+        ann_ids = [shape.ann_id for shape in targets]
+        used.add(tuple(ann_ids))
+        structure = dict(structure, relation_ids=[next(relation_ids) for _ in structure["relation_descriptions"]])
+        boxes = [
+            [round(b[0], 2), round(b[1], 2), round(b[2] - b[0], 2), round(b[3] - b[1], 2)]
+            for b in (s.box for s in targets)
+        ]
+        tasks.append(
+            {
+                "task_id": f"{image_id}__{'_'.join(map(str, ann_ids))}",
+                "image_id": image_id,
+                "ann_ids": ann_ids,
+                "instance_boxes": boxes,
+                "Polygons": [[shape.polygon.tolist()] for shape in targets],
+                "phrase": phrase,
+                "phrase_structure": structure,
+            }
+        )
+    return tasks
+
+
+def _assign_splits(n_images: int, seed: int) -> list[str]:
+    order = np.random.default_rng([seed, 1 << 30]).permutation(n_images)
+    splits = ["train"] * n_images
+    start = 0
+    for name, share in SPLIT_SHARES:
+        count = max(1, round(share * n_images)) if n_images >= 4 else 0
+        for position in order[start : start + count]:
+            splits[position] = name
+        start += count
+    return splits
+
+
+def make_synthetic_phrasecut(
+    root: str | os.PathLike = DEFAULT_SYNTHETIC_ROOT,
+    n_images: int = 400,
+    seed: int = 0,
+    *,
+    fixed_size: tuple[int, int] | None = None,
+    progress: bool = False,
+) -> Path:
+    """Write a synthetic PhraseCut at `<root>/data/VGPhraseCut_v0/` in the exact official layout and schema
+    (refer_{train,val,test,miniv}.json, image_data_split.json, name_att_rel_count.json, images/<id>.jpg).
+
+    Scenes: 2-4 well-separated shapes (circle, square, triangle) of distinct saturated colours (red, green, blue,
+    yellow, purple) and two sizes (small, large) over mildly textured backgrounds, 240-500 px per side (or
+    `fixed_size` = (width, height)). Phrases from a small grammar, ~30% name ("circle"), ~50% attribute
+    ("large blue square"), ~20% relation ("triangle left of the green circle"); each phrase refers to exactly the
+    shapes that match it (possibly several). Splits are disjoint by image (~70/15/10/5% train/val/test/miniv).
+    Deterministic for a seed. Returns the VGPhraseCut_v0 dir.
+    """
+    if n_images < 1:
+        raise ValueError(f"n_images must be at least 1, got {n_images}")
+    data_dir = Path(root) / DATA_SUBDIR
+    images_dir = data_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    splits = _assign_splits(n_images, seed)
+    tasks_by_split: dict[str, list] = {split: [] for split in SPLITS}
+    image_data = []
+    relation_ids = itertools.count(1)
+    for number in tqdm(range(n_images), desc="synthetic PhraseCut", unit="image", disable=not progress):
+        image_id = number + 1
+        rng = np.random.default_rng([seed, number])
+        image, shapes = _synthetic_image(rng, image_id, fixed_size)
+        image.save(images_dir / f"{image_id}.jpg", quality=92)
+        tasks_by_split[splits[number]] += _synthetic_tasks(rng, image_id, shapes, relation_ids)
+        image_data.append(
+            {
+                "image_id": image_id,
+                "coco_id": None,
+                "flickr_id": None,
+                "width": image.width,
+                "height": image.height,
+                "url": f"synthetic://{seed}/{image_id}.jpg",
+                "split": splits[number],
+            }
+        )
+    for split, tasks in tasks_by_split.items():
+        write_json(data_dir / f"refer_{split}.json", tasks, indent=None)
+    write_json(data_dir / "image_data_split.json", image_data, indent=None)
+    write_json(data_dir / "name_att_rel_count.json", _vocabulary_counts(tasks_by_split), indent=None)
+    return data_dir
+
+
+def _vocabulary_counts(tasks_by_split: dict[str, list]) -> dict:
+    names, attributes, relations = Counter(), Counter(), Counter()
+    for task in itertools.chain.from_iterable(tasks_by_split.values()):
+        structure = task["phrase_structure"]
+        names[structure["name"]] += 1
+        attributes.update(structure["attributes"])
+        relations.update(predicate for predicate, _ in structure["relation_descriptions"])
+    return {
+        key: [list(item) for item in counter.most_common()]
+        for key, counter in (("cat", names), ("att", attributes), ("rel", relations))
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    formats = parser.add_subparsers(dest="format", required=True)
+    phrasecut = formats.add_parser("phrasecut", help="a synthetic PhraseCut in the official layout")
+    phrasecut.add_argument(
+        "--root",
+        default=DEFAULT_SYNTHETIC_ROOT,
+        help="output dir; data goes to ROOT/data/VGPhraseCut_v0 (default: %(default)s)",
+    )
+    phrasecut.add_argument(
+        "--n-images",
+        type=int,
+        default=400,
+        help="number of images, split ~70/15/10/5%% train/val/test/miniv (default: %(default)s)",
+    )
+    phrasecut.add_argument(
+        "--seed", type=int, default=0, help="random seed; the same seed writes the same data (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    data_dir = make_synthetic_phrasecut(args.root, args.n_images, args.seed, progress=True)
+    counts = {split: len(json.loads((data_dir / f"refer_{split}.json").read_text())) for split in SPLITS}
+    print(f"wrote {args.n_images} images to {data_dir}; tasks per split: {counts}")
+
+
+if __name__ == "__main__":
+    main()

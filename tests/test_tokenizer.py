@@ -1,0 +1,55 @@
+"""tokenizer.py: OpenAI CLIP's cleaning and BPE, offline, with the ids the original model was trained with."""
+
+import random
+
+import pytest
+import transformers
+
+from tokenizer import TOKENIZER_DIR, CLIPTokenizer, clean_text
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer.from_directory()
+
+
+@pytest.mark.parametrize(
+    "phrase, ids",
+    [
+        ("the man’s hat", [49406, 518, 786, 568, 3801, 49407]),  # curly apostrophe -> 's
+        ("rock &amp; roll", [49406, 2172, 261, 3341, 49407]),  # HTML entity -> &
+        ("ＡＢ wide letters", [49406, 3937, 3184, 9181, 49407]),  # full-width letters -> ab
+        ("a photo of a cat", [49406, 320, 1125, 539, 320, 2368, 49407]),
+        ("  A   Photo\tof a CAT \n", [49406, 320, 1125, 539, 320, 2368, 49407]),
+    ],
+)
+def test_token_ids_of_the_original(tokenizer, phrase, ids):
+    assert tokenizer.encode(phrase) == ids
+
+
+def test_cleaning_steps():
+    assert clean_text("  Rock &amp;amp; Roll\t\n") == "rock & roll"  # unescaped twice, white space collapsed
+    assert clean_text("the man’s hat") == "the man's hat"
+    assert clean_text("ＡＢ") == "ab"
+
+
+def test_plain_phrases_match_the_hf_tokenizer(tokenizer):
+    hf = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    words = ["the", "red", "car", "left", "who's", "2 cats", "x-ray", "U.S.A.", "e-mail", "don't", "naïve", "日本"]
+    rng = random.Random(0)
+    for _ in range(300):
+        phrase = " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
+        assert tokenizer.encode(phrase) == hf(phrase)["input_ids"], phrase
+
+
+def test_digits_are_single_tokens_and_special_tokens_survive(tokenizer):
+    two_digits = tokenizer.encode("42")
+    assert two_digits[1:-1] == tokenizer.encode("4")[1:-1] + tokenizer.encode("2")[1:-1]
+    assert tokenizer.encode("a <|endoftext|>")[-2:] == [49407, 49407]
+
+
+def test_a_damaged_vocabulary_is_a_clear_error(tmp_path):
+    (tmp_path / "vocab.json").write_text('{"a": 0}')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(RuntimeError, match="missing or damaged.*restore clip_tokenizer"):
+        CLIPTokenizer.from_directory(tmp_path)

@@ -1,0 +1,120 @@
+"""CLIP's text tokenizer as OpenAI's CLIP applies it: text cleaning, then byte-level BPE.
+
+The cleaning is what the original CLIPSeg was trained with (`clip.tokenize`, SPEC section 1b): `ftfy.fix_text`,
+HTML entities unescaped twice, surrounding white space stripped, runs of white space collapsed to one space,
+lower case. Without it a curly apostrophe, `&amp;` or full-width letters get other token ids than the model saw.
+The vocabulary (49,408 tokens) ships in `clip_tokenizer/` (vocab.json + merges.txt, MIT, OpenAI), so this works
+offline.
+
+    tokenizer = CLIPTokenizer.from_directory()
+    tokenizer.encode("the man’s hat")   # [49406, 518, 786, 568, 3801, 49407]
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import ftfy
+import regex
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "clip_tokenizer"
+VOCAB_SIZE = 49408
+CONTEXT_LENGTH = 77  # CLIP's text positions, start and end tokens included
+START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
+END_OF_WORD = "</w>"
+
+# CLIP's pre-tokenisation: the special tokens, English contractions, runs of letters, single digits, and runs of
+# anything else that is not white space.
+WORD_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+WHITE_SPACE = regex.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """OpenAI CLIP's cleaning: ftfy, HTML unescaped twice, white space collapsed and stripped, lower case."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return WHITE_SPACE.sub(" ", text).strip().lower()
+
+
+@functools.lru_cache(maxsize=1)
+def byte_alphabet() -> dict[int, str]:
+    """Each of the 256 byte values -> a printable unicode character (byte-level BPE's reversible alphabet):
+    printable Latin-1 bytes map to themselves, the others to code points from 256 upwards, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[byte] = chr(byte)
+        else:
+            alphabet[byte] = chr(256 + extra)
+            extra += 1
+    return alphabet
+
+
+class CLIPTokenizer:
+    """Phrases -> CLIP token ids (start token, BPE tokens of the cleaned text, end token)."""
+
+    def __init__(self, vocabulary: dict[str, int], merges: Sequence[tuple[str, str]]):
+        if len(vocabulary) != VOCAB_SIZE:
+            raise ValueError(f"a CLIP vocabulary has {VOCAB_SIZE} tokens, got {len(vocabulary)}")
+        self.vocabulary = vocabulary
+        self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}
+        self.start_id, self.end_id = vocabulary[START_TOKEN], vocabulary[END_TOKEN]
+        self._words: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_directory(cls, directory: str | Path = TOKENIZER_DIR) -> CLIPTokenizer:
+        """Read `vocab.json` and `merges.txt` (the first line of merges.txt is a version header)."""
+        directory = Path(directory)
+        try:
+            vocabulary = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+            lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+            tokenizer = cls(vocabulary, [tuple(line.split()) for line in lines if line.strip()])
+        except (OSError, ValueError, KeyError) as err:
+            raise RuntimeError(
+                f"the CLIP vocabulary in {directory} is missing or damaged ({err}); restore clip_tokenizer/ from the "
+                "repository"
+            ) from err
+        return tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """One phrase -> [start, tokens..., end], not padded and not truncated."""
+        ids = [self.start_id]
+        for word in WORD_PATTERN.findall(clean_text(text)):
+            ids += self._word_ids(word)
+        return ids + [self.end_id]
+
+    def _word_ids(self, word: str) -> list[int]:
+        if word not in self._words:
+            if word in (START_TOKEN, END_TOKEN):
+                self._words[word] = [self.vocabulary[word]]
+            else:
+                symbols = "".join(byte_alphabet()[byte] for byte in word.encode("utf-8"))
+                self._words[word] = [self.vocabulary[piece] for piece in self._merge(symbols)]
+        return self._words[word]
+
+    def _merge(self, symbols: str) -> list[str]:
+        """Byte-pair merging of one word: the last symbol carries the end-of-word mark; the pair of lowest merge
+        rank is joined everywhere it occurs, until no known pair is left."""
+        parts = [*symbols[:-1], symbols[-1] + END_OF_WORD]
+        while len(parts) > 1:
+            pairs = set(zip(parts, parts[1:]))
+            best = min(pairs, key=lambda pair: self.merge_rank.get(pair, float("inf")))
+            if best not in self.merge_rank:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return parts
