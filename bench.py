@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         def run_ours(pixels=pixels, phrases=phrases):
             with torch.inference_mode():
-                return _sync(device, ours(pixels, phrases))
+                return _sync(device, ours(pixels, phrases).logits)
 
         def run_hf(pixels=pixels, ids=ids, mask=mask):
             with torch.inference_mode():
@@ -278,7 +278,7 @@ def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int) ->
 
     def ours_bf16():
         with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16):
-            return _sync(device, ours(pixels, phrases))
+            return _sync(device, ours(pixels, phrases).logits)
 
     def hf_fp32():
         with torch.inference_mode():
@@ -288,7 +288,7 @@ def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int) ->
 
     timing = interleaved({"ours_bf16": ours_bf16, "hf_fp32": hf_fp32}, repeats)
     with torch.inference_mode():
-        fp32_masks = ours(pixels, phrases) > 0
+        fp32_masks = ours(pixels, phrases).logits > 0
     agreement = ((ours_bf16().float() > 0) == fp32_masks).float().mean().item()
     speedup = timing["hf_fp32"] / timing["ours_bf16"]
     rows.append(
@@ -324,7 +324,7 @@ def training_comparison(ours, hf, device, size, repeats, bf16: bool, batch: int 
 
     def step_ours(dtype=None):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype is not None):
-            loss = loss_fn(ours(pixels, phrases).float(), target)
+            loss = ours(pixels, phrases, labels=target).loss
         opt_ours.zero_grad(set_to_none=True)
         loss.backward()
         opt_ours.step()

@@ -845,7 +845,8 @@ class UserFolder(SegmentationData):
     at least half the mask's maximum, `preprocess.read_mask`; a mask of more than two levels is warned about once) or
     PhraseCut-style polygons, either a list of polygons
     `[[[x, y], ...], ...]` or a list of instances of polygons (in CSV as a JSON string). Optional fields: `id`
-    (task id; default `<file name>:<line>`), `split` (records are kept when it equals the `split` argument),
+    (task id; default `<file name>:<line>`), `split` (records are kept when it equals the `split` argument, or
+    has no value and `unmarked` is True),
     `phrase_type`. Same sample pipeline, keyword arguments and sample dict as `PhraseCut`.
     """
 
@@ -855,12 +856,14 @@ class UserFolder(SegmentationData):
         *,
         limit: int | None = None,
         split: str | None = None,
+        unmarked: bool = True,
         **pipeline,
     ):
         super().__init__(**pipeline)
         self.index_file = Path(index_file)
+        accepted = (split, None) if unmarked else (split,)
         records = [
-            record for record in read_records(self.index_file) if split is None or record.get("split") in (None, split)
+            record for record in read_records(self.index_file) if split is None or record.get("split") in accepted
         ]
         if not records:
             raise ValueError(f"{self.index_file}: no records" + (f" with split {split!r}" if split else ""))

@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     unusable input."""
     args = parse_args(argv)
     try:
-        source, _ = resolve_model(args.name, args.model, Path(args.checkpoints_dir))
+        source, _ = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
         model = load_model(source, args.backbone, args.device)
         image_size = args.image_size or model.config.image_size
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)

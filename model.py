@@ -137,7 +137,7 @@ class CLIPSegConfig:
 
     def knobs(self) -> dict:
         """The decoder knobs without the backbone geometry (for logs and argument files)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "clip"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("clip", "clip_source")}
 
 
 def tiny_clip_config(vision_layers: int = 6, width: int = 64) -> transformers.CLIPConfig:

@@ -377,6 +377,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"default {DEFAULT_MODEL}",
     )
     parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a model inside the --model directory, e.g. best or iter_005000 of a train.py run "
+        "(--model checkpoints/NAME --checkpoint best)",
+    )
+    parser.add_argument(
         "--backbone",
         default=None,
         help="CLIP backbone (hub id or directory) for an original .pth decoder (default openai/clip-vit-base-patch16)",
@@ -522,7 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: no readable input images", file=sys.stderr)
         return 1
     try:
-        model = CLIPSeg.from_pretrained(args.model, backbone=args.backbone)
+        source = str(Path(args.model) / args.checkpoint) if args.checkpoint else args.model
+        model = CLIPSeg.from_pretrained(source, backbone=args.backbone)
         predictor = Predictor(model, args.image_size, args.square, args.device, args.amp, args.resize)
     except (OSError, ValueError) as err:
         print(f"error: cannot load --model {args.model}: {err}", file=sys.stderr)

@@ -56,27 +56,36 @@ def available_runs(checkpoints_dir: Path = CHECKPOINTS_DIR) -> list[str]:
 
 
 def resolve_model(
-    name: str | None, model: str | None, checkpoints_dir: Path = CHECKPOINTS_DIR
+    name: str | None, model: str | None, checkpoints_dir: Path = CHECKPOINTS_DIR, checkpoint: str | None = None
 ) -> tuple[str, Path | None]:
-    """Where to load the model from and which run directory it belongs to (None for hub ids and .pth files).
+    """Where to load the model from and which directory its scores go to (None for hub ids and .pth files).
 
-    name: a run under `checkpoints_dir`; model: a hub id, a checkpoint directory or an original `.pth`."""
+    name: a run under `checkpoints_dir`; model: a hub id, a checkpoint directory or an original `.pth`;
+    checkpoint: a model inside the run or directory (`best`, `iter_005000`), default the run's latest."""
     if name is not None and model is not None:
         raise ScoreError(f"give either a run NAME ({name}) or --model ({model}), not both")
-    if name is not None:
-        run_dir = checkpoints_dir / name
-        if not (run_dir / "config.json").is_file():
+    if name is None and model is None:
+        raise ScoreError("give a run NAME (a folder of checkpoints/) or --model HUB_ID_OR_DIR_OR_PTH")
+    if name is None and checkpoint is None:
+        local = Path(model)
+        return model, local if (local / "config.json").is_file() else None
+    run_dir = checkpoints_dir / name if name is not None else Path(model)
+    directory = run_dir / checkpoint if checkpoint else run_dir
+    if not (directory / "config.json").is_file():
+        kept = sorted(p.parent.name for p in run_dir.glob("*/config.json"))
+        if name is not None and not run_dir.is_dir():
             runs = available_runs(checkpoints_dir)
             listing = ", ".join(runs) if runs else "none yet (train one with train.py --name NAME)"
             raise ScoreError(
                 f"no trained model in {run_dir} (config.json missing). Runs in {checkpoints_dir}/: {listing}. "
                 "For other weights use --model HUB_ID_OR_DIR_OR_PTH."
             )
-        return str(run_dir), run_dir
-    if model is None:
-        raise ScoreError("give a run NAME (a folder of checkpoints/) or --model HUB_ID_OR_DIR_OR_PTH")
-    local = Path(model)
-    return model, local if (local / "config.json").is_file() else None
+        raise ScoreError(
+            f"no trained model in {directory} (config.json missing); models in {run_dir}: the latest"
+            + (f", {', '.join(kept)}" if kept else "")
+            + " (--checkpoint best exists once a run validates, see train.py --val-interval)"
+        )
+    return str(directory), directory
 
 
 def load_model(source: str, backbone: str | None, device: str) -> CLIPSeg:
@@ -113,6 +122,12 @@ def build_eval_dataset(
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF hub id, checkpoint directory or original .pth file")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a model inside the run or directory: best (the best validation of train.py --val-interval) or "
+        "iter_NNNNNN (--keep-checkpoints); default: the run's latest",
+    )
     parser.add_argument(
         "--backbone", default=None, help="CLIP backbone for an original .pth (default openai/clip-vit-base-patch16)"
     )
@@ -392,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """The CLI. Returns the results dict (also written as JSON). Exits with a message for unusable input."""
     args = parse_args(argv)
     try:
-        source, run_dir = resolve_model(args.name, args.model, Path(args.checkpoints_dir))
+        source, run_dir = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
         model = load_model(source, args.backbone, args.device)
         image_size = args.image_size or model.config.image_size
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)

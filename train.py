@@ -1,19 +1,20 @@
 """Train CLIPSeg's decoder (the CLIP backbone stays frozen): the released PhraseCut recipe, fine-tuning on your
-own data, exact resume, several GPUs.
+own data, validation with a best model, exact resume, several GPUs.
 
     python train.py --name=pc --batch-size=64                           # PhraseCut, the released recipe (SPEC 4)
     python train.py --name=pc --resume                                  # continue after a crash, kill or Ctrl-C
+    python train.py --name=pc --val-interval=1000 --keep-checkpoints=10000,20000    # best/ by validation mIoU
     torchrun --nproc_per_node=4 train.py --name=pc --batch-size=64      # 4 GPUs (DDP); 64 is the global batch
     python train.py --name=mine --data=folder --data-root=my_masks.jsonl --init=CIDAS/clipseg-rd64-refined
-    python dataset.py synthetic --n-images=1500 && python train.py --name=demo --data=synthetic --backbone=tiny \
+    python synthetic.py phrasecut --n-images=1500 && python train.py --name=demo --data=synthetic --backbone=tiny \
         --device=cpu --image-size=128 --batch-size=32 --max-iterations=4400 --ckpt=500 --num-workers=1 --refined \
-        --reduce-dim=64 --extract-layers=0,1,2 --lr=1.5e-3 --dropout=0 --whole-image-prob=0.5 --no-amp
-                                                                        # the CPU demo (`make demo`): 7.8 min on 2 cores
+        --reduce-dim=64 --extract-layers=0,1,2 --lr=1.5e-3 --dropout=0 --whole-image-prob=0.5 --no-amp \
+        --val-interval=1100 --val-samples=200                            # the CPU demo (`make demo`)
 
-Everything a run writes goes to `checkpoints/<name>/`: `args.json`, the model (`config.json` +
-`model.safetensors`, loadable with `CLIPSeg.from_pretrained("checkpoints/<name>")`), `train_state.pt`
-(optimizer, scheduler, scaler, step, sample-stream position), `log.jsonl` and `loss.png`. Every file is written
-atomically, so a kill at any moment leaves the last checkpoint intact.
+Everything a run writes goes to `checkpoints/<name>/` (see checkpoints.py): `args.json`, the model
+(`CLIPSeg.from_pretrained("checkpoints/<name>")`; decoder-only while training, complete at the end), `best/` and
+`iter_NNNNNN/` (complete models), `train_state.pt`, `log.jsonl` and `loss.png`. Every file is written atomically, so
+a kill at any moment leaves the last checkpoint intact.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter, OrderedDict
@@ -43,19 +42,20 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import checkpoints
 import dataset as datasets
-from model import CLIPSeg, tiny_clip_config
+from checkpoints import RunFiles
+from inference import predict_tasks
+from metrics import PaperMetrics
+from model import DEFAULT_BACKBONE, CLIPSeg, tiny_clip_config
 from model import amp_dtype as model_amp_dtype
-from outputs import atomic_write
 from preprocess import RESIZE_RULES
 
-STATE_NAME = "train_state.pt"
-ARGS_NAME = "args.json"
-LOG_NAME = "log.jsonl"
-PLOT_NAME = "loss.png"
-STATE_FORMAT = 1
 # Flags that may differ from the stored run arguments when resuming; all others must match.
-RESUME_OVERRIDABLE = ("max_iterations", "ckpt", "num_workers", "device", "compile", "log_every", "checkpoints_dir")
+RESUME_OVERRIDABLE = (
+    "max_iterations", "ckpt", "num_workers", "device", "compile", "log_every", "checkpoints_dir", "keep_checkpoints",
+)  # fmt: skip
+VAL_METRICS = ("miou", "iou_fg", "ap", "loss")  # the paper's metrics at t = 0.3, or the validation loss
 
 
 class TrainingError(RuntimeError):
@@ -139,6 +139,28 @@ def run_name(text: str) -> str:
     return text
 
 
+def step_list(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated iterations such as 5000,10000, got {text!r}"
+        ) from None
+    if not steps or steps[0] <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive iterations, got {text!r}")
+    return steps
+
+
+def weight_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be two numbers A,B such as 0,0.5, got {text!r}") from None
+    if not 0 <= low <= high <= 1:
+        raise argparse.ArgumentTypeError(f"must satisfy 0 <= A <= B <= 1, got {text!r}")
+    return low, high
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train the CLIPSeg decoder on PhraseCut, synthetic data or your own folder of masks.",
@@ -154,15 +176,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     run.add_argument("--compile", action="store_true", help="torch.compile the decoder (faster on GPUs)")
     run.add_argument("--log-every", type=positive_int, default=10, help="iterations per log.jsonl line")
+    run.add_argument(
+        "--ckpt", type=positive_int, default=1000, help="save a checkpoint (decoder and training state) every N"
+    )
+    run.add_argument(
+        "--keep-checkpoints",
+        type=step_list,
+        default=None,
+        help="iterations whose complete model is kept in iter_NNNNNN/, e.g. 5000,10000",
+    )
 
     optim = parser.add_argument_group("optimisation (defaults: the released recipe)")
-    optim.add_argument("--batch-size", type=positive_int, default=64, help="global batch (split across GPUs)")
+    optim.add_argument(
+        "--batch-size", type=positive_int, default=64, help="global batch of samples (prompt + target), over GPUs"
+    )
     optim.add_argument("--max-iterations", type=positive_int, default=20000, help="training iterations")
-    optim.add_argument("--ckpt", type=positive_int, default=1000, help="save a checkpoint every N iterations")
     optim.add_argument("--lr", "--learning-rate", type=positive_float, default=1e-3, help="AdamW learning rate")
     optim.add_argument(
-        "--lrs", choices=("cosine", "none"), default="cosine", help="cosine: decay to lr/10 per iteration"
+        "--lrs",
+        choices=("cosine", "warmup_cosine", "none"),
+        default="cosine",
+        help="cosine: per-iteration decay to lr/10 (the recipe); warmup_cosine: the original trainer's linear "
+        "warm-up over --warmup iterations, then cosine to 0; none: constant",
     )
+    optim.add_argument("--warmup", type=non_negative_int, default=0, help="warm-up iterations of --lrs warmup_cosine")
     optim.add_argument("--wd", type=non_negative_float, default=1e-4, help="AdamW weight decay")
     optim.add_argument(
         "--amp",
@@ -188,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=probability,
         default=0.0,
         help="share of samples that show the whole image squashed to --image-size, as scoring does, instead of the "
-        "recipe's object-aware square crop (default 0: the released recipe)",
+        "recipe's square crop (default 0: the released recipe)",
     )
     data.add_argument(
         "--resize",
@@ -197,12 +234,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="image resize rule: original = the authors' data pipeline (bilinear, align_corners=True, no "
         "antialiasing; the recipe); pil = PIL's antialiased bilinear, as the HF processor does",
     )
+    data.add_argument("--mix", action="store_true", help="PC+: mix text with visual-prompt embeddings")
     data.add_argument(
-        "--mix", action="store_true", help="PC+: mix text with visual-prompt embeddings, use the 9 prompt templates"
+        "--mix-range",
+        type=weight_range,
+        default=(0.0, 0.5),
+        help="with --mix, the text weight w ~ U(A, B) per sample (w = 1 without a support); the released PC+ "
+        "models used 0,0.5 (the paper writes 0,1)",
+    )
+    data.add_argument(
+        "--prompt-templates",
+        choices=tuple(datasets.PROMPT_TEMPLATES),
+        default=None,
+        help="templates a phrase is put into, one drawn per sample (the original's lists): plain = the phrase; "
+        "fixed = 'a photo of a {}.'; shuffle = 4; shuffle+ = 9 (default: shuffle+ with --mix, plain without, as "
+        "the released runs)",
+    )
+    data.add_argument(
+        "--aug-color",
+        action="store_true",
+        help="the original's colour jitter (brightness 0.5, contrast 0.5, saturation 0.2, hue 0.05; off in the "
+        "released runs)",
+    )
+    data.add_argument(
+        "--prompts-per-image",
+        type=positive_int,
+        default=1,
+        help="K: each image crop serves K of that image's tasks (targets in the same crop, negatives as usual) and "
+        "the vision tower runs once per crop; a batch then holds batch-size / K crops (a departure from the "
+        "recipe: fewer distinct images per batch). Default 1 = the recipe",
     )
     data.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader worker processes")
     data.add_argument(
         "--text-cache-size", type=positive_int, default=100_000, help="phrases whose text embedding is kept"
+    )
+
+    val = parser.add_argument_group("validation")
+    val.add_argument("--val-interval", type=non_negative_int, default=0, help="validate every N iterations (0: never)")
+    val.add_argument(
+        "--val-split",
+        default="val",
+        help="split to validate on (phrasecut/synthetic; for a folder: the rows marked split 'val')",
+    )
+    val.add_argument(
+        "--val-samples",
+        type=positive_int,
+        default=500,
+        help="a fixed, seeded subset of this many validation tasks, scored as score.py does (whole images, raw "
+        "phrases, no negatives)",
+    )
+    val.add_argument(
+        "--val-metric",
+        choices=VAL_METRICS,
+        default="miou",
+        help="the paper's metric at t = 0.3 (or the loss) that picks best/",
     )
 
     arch = parser.add_argument_group("model")
@@ -247,6 +332,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--backbone goes with --init only for an original .pth decoder; HF checkpoints carry their CLIP")
     if args.extract_layers is not None and args.init is not None:
         parser.error("--extract-layers cannot change with --init: the checkpoint's decoder was trained on its layers")
+    if args.batch_size % args.prompts_per_image:
+        parser.error(
+            f"--batch-size={args.batch_size} must be a multiple of --prompts-per-image={args.prompts_per_image}"
+        )
+    if args.warmup and args.lrs != "warmup_cosine":
+        parser.error("--warmup goes with --lrs warmup_cosine")
+    if args.warmup >= args.max_iterations:
+        parser.error(f"--warmup={args.warmup} must be below --max-iterations={args.max_iterations}")
     args.explicit = sorted(explicit_flags(parser, argv))
     return args
 
@@ -419,7 +512,7 @@ def threads_beside_workers(device: torch.device, num_workers: int) -> Iterator[N
 
 
 def build_training_set(args: argparse.Namespace) -> Dataset:
-    root = args.data_root or (datasets_default(args.data) if args.data != "folder" else None)
+    root = data_root(args)
     if args.data == "phrasecut" and not Path(root).exists():
         raise TrainingError(
             f"PhraseCut not found at {root}: download it (README, 'Getting PhraseCut') or pass --data-root; "
@@ -437,9 +530,20 @@ def build_training_set(args: argparse.Namespace) -> Dataset:
         whole_image_prob=args.whole_image_prob,
         resize=args.resize,
         visual_support=args.mix,
-        templates=args.mix,
+        templates=datasets.PROMPT_TEMPLATES[prompt_templates(args)],
+        colour_jitter=args.aug_color,
+        prompts_per_image=args.prompts_per_image,
         seed=args.seed,
     )
+
+
+def data_root(args: argparse.Namespace) -> str | None:
+    return args.data_root or (datasets_default(args.data) if args.data != "folder" else None)
+
+
+def prompt_templates(args: argparse.Namespace) -> str:
+    """The template list: --prompt-templates, else the released runs' choice (shuffle+ with --mix, plain without)."""
+    return args.prompt_templates or ("shuffle+" if args.mix else "plain")
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -457,7 +561,27 @@ def build_model(args: argparse.Namespace) -> CLIPSeg:
         return CLIPSeg.from_pretrained(args.init, backbone=args.backbone, **knobs)
     if args.backbone == "tiny":
         knobs["clip"] = tiny_clip_config(vision_layers=args.tiny_layers, width=args.tiny_width)
-    return CLIPSeg.from_backbone(args.backbone or "openai/clip-vit-base-patch16", **knobs)
+    return CLIPSeg.from_backbone(args.backbone or DEFAULT_BACKBONE, **knobs)
+
+
+def resume_model(files: RunFiles, args: argparse.Namespace) -> CLIPSeg:
+    """The run's model as its last checkpoint wrote it (decoder-only or complete). Its CLIP keeps coming from the
+    run's own source (--init or --backbone), never from the run directory, whose complete weights the next
+    decoder-only checkpoint replaces."""
+    model = CLIPSeg.from_pretrained(files.dir)
+    if model.config.clip_source == str(files.dir.resolve()):
+        model.config.clip_source = build_model_source(args)
+    return model
+
+
+def build_model_source(args: argparse.Namespace) -> str | None:
+    """Where build_model(args) takes its CLIP from, as `config.clip_source` records it (None: random)."""
+    if args.init is not None and Path(args.init).suffix not in (".pth", ".pt"):
+        return str(Path(args.init).resolve()) if Path(args.init).exists() else args.init
+    backbone = args.backbone or DEFAULT_BACKBONE
+    if backbone == "tiny":
+        return None
+    return str(Path(backbone).resolve()) if Path(backbone).exists() else backbone
 
 
 class TextCache(OrderedDict):
@@ -480,27 +604,47 @@ class TextCache(OrderedDict):
                 self.move_to_end(phrase)
 
 
-def text_embeddings(model: CLIPSeg, phrases: Sequence[str]) -> Tensor:
-    """(B, 512) fp32 text embeddings through the cache; the batch's cached phrases are marked as recently used so
-    that adding the new ones cannot evict them (the capacity is at least twice the batch)."""
-    model.text_cache.touch(phrases)
-    return model.embed_text(phrases).float()
+@dataclass
+class Prompts:
+    """A training batch's N = B x K prompts, flattened: phrases, (N, 1, S, S) targets, and (PC+) which prompts
+    have a support image and the (N, 3, S, S) prompt images."""
+
+    phrases: list[str]
+    targets: Tensor
+    has_support: Tensor | None = None
+    prompt_images: Tensor | None = None
+
+    @classmethod
+    def of(cls, batch: dict) -> Prompts:
+        """The prompts of a collated batch, one per sample or (--prompts-per-image K) K per sample."""
+        several = batch["mask"].ndim == 5
+
+        def flat(values):
+            return [v for vs in values for v in vs] if several else list(values)
+
+        prompts = cls(flat(batch["phrase"]), batch["mask"].flatten(0, 1) if several else batch["mask"])
+        if "prompt_image" in batch:
+            prompts.has_support = torch.as_tensor(flat(batch["has_prompt_image"]), dtype=torch.bool)
+            images = batch["prompt_image"]
+            prompts.prompt_images = images.flatten(0, 1) if several else images
+        return prompts
 
 
-def conditionals(model: CLIPSeg, batch: dict, mix: bool, device: torch.device) -> Tensor:
-    """(B, 512) conditional vectors: the text embedding, or with --mix (PC+) w*text + (1-w)*visual with
-    w ~ U(0, 0.5) per sample, and w = 1 for samples without a support image."""
-    text = text_embeddings(model, batch["phrase"])
-    if not mix:
+def conditionals(model: CLIPSeg, prompts: Prompts, mix_range: tuple[float, float], device: torch.device) -> Tensor:
+    """(N, 512) conditional vectors: the text embeddings (through the bounded cache; the batch's cached phrases
+    are marked as recently used so that adding the new ones cannot evict them), or with supports (PC+)
+    w * text + (1 - w) * visual with w ~ U(A, B) per prompt, and w = 1 for prompts without a support image."""
+    model.text_cache.touch(prompts.phrases)
+    text = model.embed_text(prompts.phrases).float()
+    if prompts.has_support is None or not prompts.has_support.any():
         return text
-    has_prompt = torch.as_tensor(batch["has_prompt_image"], dtype=torch.bool)
+    low, high = mix_range
+    has = prompts.has_support
     weights = torch.ones(len(text))
-    weights[has_prompt] = 0.5 * torch.rand(int(has_prompt.sum()))
-    weights = weights.to(device)[:, None]
-    if not has_prompt.any():
-        return text
+    weights[has] = low + (high - low) * torch.rand(int(has.sum()))
     visual = torch.zeros_like(text)
-    visual[has_prompt.to(device)] = model.embed_images(batch["prompt_image"][has_prompt].to(device)).float()
+    visual[has.to(device)] = model.embed_images(prompts.prompt_images[has].to(device)).float()
+    weights = weights.to(device)[:, None]
     return weights * text + (1 - weights) * visual
 
 
@@ -510,183 +654,81 @@ def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     return model_amp_dtype(device) if amp else None
 
 
-def learning_rate_factor(step: int, max_iterations: int, schedule: str) -> float:
-    """Cosine from 1 to 0.1 over the run (no warm-up), or constant."""
+def learning_rate_factor(step: int, max_iterations: int, schedule: str, warmup: int = 0) -> float:
+    """The learning rate at iteration `step` over --lr. cosine: from 1 to 0.1 over the run (the recipe's
+    CosineAnnealingLR to 1e-4 from 1e-3, no warm-up); warmup_cosine: the original trainer's (step + 1) / (warmup +
+    1) for `warmup` iterations, then a cosine from 1 to 0; none: constant."""
     if schedule == "none":
         return 1.0
+    if schedule == "warmup_cosine":
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 + 0.5 * math.cos(math.pi * min(step - warmup, max_iterations - warmup) / (max_iterations - warmup))
     progress = min(step, max_iterations) / max_iterations
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------------------------- validation
 
 
-class RunFiles:
-    """The files of `checkpoints/<name>/`."""
+@dataclass
+class Validation:
+    """The validation pass: a fixed, seeded subset of a test-mode split, predicted as score.py does
+    (`inference.predict_tasks`: whole images, raw phrases, no negatives)."""
 
-    def __init__(self, directory: Path):
-        self.dir = directory
-        self.args, self.state = directory / ARGS_NAME, directory / STATE_NAME
-        self.log, self.plot = directory / LOG_NAME, directory / PLOT_NAME
+    data: Dataset
+    tasks: list[int]
+    batch_size: int
 
-
-def check_writable(directory: Path, needed_bytes: int) -> None:
-    """Fail before training if the run directory cannot be created or written, or the disk is too full."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-") as probe:
-            probe.write(b"\0" * 4096)
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as err:
-        raise TrainingError(
-            f"cannot write to {directory}: {err.strerror or err}; choose a writable --checkpoints-dir"
-        ) from err
-    free = shutil.disk_usage(directory).free
-    if free < needed_bytes:
-        raise TrainingError(
-            f"not enough disk space in {directory}: a checkpoint needs about {needed_bytes / 2**20:.0f} MiB "
-            f"(old and new copy during the atomic write), {free / 2**20:.0f} MiB free"
-        )
-
-
-def checkpoint_bytes(model: CLIPSeg) -> int:
-    """Room for writing one checkpoint while the previous one still exists: 2 x (model + decoder with the two
-    AdamW moments)."""
-    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    decoder_bytes = sum(p.numel() * p.element_size() for p in model.decoder.parameters())
-    return 2 * (model_bytes + 3 * decoder_bytes) + 2**20
-
-
-def save_checkpoint(files: RunFiles, model: CLIPSeg, state: dict) -> None:
-    """The model (HF layout) then the training state, each atomic. The state carries its own copy of the decoder,
-    so a kill between the two writes cannot pair a model with the wrong optimizer state: resume trusts the state."""
-    model.save_pretrained(files.dir)
-    atomic_write(files.state, lambda path: torch.save(state, path))
-
-
-def training_state(step: int, model: CLIPSeg, optimizer, scheduler, scaler, args: argparse.Namespace) -> dict:
-    """Plain containers and tensors only, so that resume can load it with `torch.load(weights_only=True)`.
-
-    The RNG streams are functions of (seed, step, rank) (reseeded every iteration), so seed and step restore
-    them exactly."""
-    return {
-        "format": STATE_FORMAT,
-        "step": step,
-        "seed": args.seed,
-        "global_batch": args.batch_size,
-        "samples_seen": step * args.batch_size,
-        "decoder": {k: v.detach().cpu().clone() for k, v in model.decoder.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-    }
-
-
-def load_training_state(files: RunFiles) -> dict:
-    try:
-        state = torch.load(files.state, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise TrainingError(f"{files.state} is damaged or not a training state ({err})") from err
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise TrainingError(f"{files.state}: unknown training-state format; was it written by this train.py?")
-    return state
-
-
-def stored_args(files: RunFiles, args: argparse.Namespace) -> argparse.Namespace:
-    """For --resume: the run's stored arguments, with the flags that may change taken from the command line.
-    Any other flag given with a different value is an error (it would silently not apply)."""
-    if not files.state.exists():
-        raise TrainingError(
-            f"--resume: {files.state} does not exist: {files.dir} has no checkpoint yet; start the run without --resume"
-        )
-    if not files.args.exists():
-        raise TrainingError(f"--resume: {files.args} not found; is {files.dir} a run directory of train.py?")
-    stored = json.loads(files.args.read_text())
-    conflicts = [
-        f"--{key.replace('_', '-')}={getattr(args, key)} (run has {stored.get(key)})"
-        for key in args.explicit
-        if key not in RESUME_OVERRIDABLE + ("resume", "name") and _jsonable(getattr(args, key)) != stored.get(key)
-    ]
-    if conflicts:
-        raise TrainingError(
-            f"--resume continues {files.dir} with its stored arguments; these differ: {', '.join(conflicts)}. "
-            f"Drop them, or start a new run with another --name (only {', '.join(RESUME_OVERRIDABLE)} may change)"
-        )
-    merged = {**vars(args), **stored}  # a flag newer than the run keeps its default, which is the older behaviour
-    for key in RESUME_OVERRIDABLE:
-        merged[key] = getattr(args, key)
-    merged["resume"], merged["explicit"] = True, args.explicit
-    if merged.get("extract_layers") is not None:
-        merged["extract_layers"] = tuple(merged["extract_layers"])
-    return argparse.Namespace(**merged)
-
-
-def _jsonable(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-def write_args(files: RunFiles, args: argparse.Namespace, world: Distributed) -> None:
-    record = {k: _jsonable(v) for k, v in vars(args).items() if k not in ("explicit", "resume")}
-    record["world_size"] = world.world_size
-    text = json.dumps(record, indent=2, sort_keys=True)
-    atomic_write(files.args, lambda path: Path(path).write_text(text))
-
-
-# ------------------------------------------------------------------------------------------ log and plot
-
-
-def read_log(path: Path, up_to_step: int | None = None) -> list[dict]:
-    """Log records, skipping a line cut short by a kill and (when resuming) records after the checkpoint."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Validation:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if up_to_step is None or record.get("step", 0) <= up_to_step:
-            records.append(record)
-    return records
+            data = datasets.build_dataset(
+                args.data, data_root(args), args.val_split, train=False, image_size=args.image_size,
+                resize=args.resize, **({"unmarked": False} if args.data == "folder" else {}),
+            )  # fmt: skip
+        except (OSError, ValueError) as err:
+            raise TrainingError(f"cannot read the validation split {args.val_split!r} of {args.data}: {err}") from err
+        order = np.random.default_rng(derived_seed(args.seed, 4)).permutation(len(data))
+        return cls(data, sorted(int(i) for i in order[: args.val_samples]), max(1, args.batch_size // 4))
+
+    def run(self, model: CLIPSeg, amp: bool) -> dict[str, float]:
+        """val_loss (mean per-task BCE at S x S) and the paper's val_miou, val_iou_fg, val_ap at t = 0.3."""
+        was_training = model.training
+        model.eval()
+        paper, loss_sum, count = PaperMetrics(), 0.0, 0
+        for batch in predict_tasks(
+            model, self.data, batch_size=self.batch_size, amp=amp, tasks=self.tasks, description="validation"
+        ):
+            targets = batch.fields["mask"]
+            paper.update(torch.sigmoid(batch.logits), targets)
+            losses = F.binary_cross_entropy_with_logits(batch.logits, targets, reduction="none").mean(dim=(1, 2, 3))
+            loss_sum, count = loss_sum + float(losses.sum()), count + len(batch)
+        model.train(was_training)
+        if not count:
+            raise TrainingError("no validation task could be read (see the warnings above)")
+        scores = paper.compute()
+        return {"val_loss": loss_sum / count, **{f"val_{key}": scores[key] for key in ("miou", "iou_fg", "ap")}}
 
 
-def rewrite_log(path: Path, records: list[dict]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    atomic_write(path, lambda p: Path(p).write_text(text))
+@dataclass
+class Best:
+    """The best validation so far (lower is better for the loss, higher for the paper's metrics)."""
 
+    metric: str
+    value: float | None = None
+    step: int | None = None
 
-def plot_loss(files: RunFiles, name: str) -> None:
-    """loss.png: the logged loss per iteration and its running mean, with the learning rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [r for r in read_log(files.log) if "loss" in r]
-    if not records:
-        return
-    steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
-    window = max(1, len(losses) // 20)
-    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
-    axis.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="loss (per log interval)")
-    axis.plot(steps[window - 1 :], smooth, color="tab:blue", lw=2, label=f"running mean ({window} points)")
-    axis.set_xlabel("iteration")
-    axis.set_ylabel("BCE loss")
-    axis.set_yscale("log")
-    axis.set_title(f"{name}: training loss")
-    lr_axis = axis.twinx()
-    lr_axis.plot(steps, [r["lr"] for r in records], color="tab:orange", lw=1, label="learning rate")
-    lr_axis.set_ylabel("learning rate")
-    handles = axis.get_legend_handles_labels()[0] + lr_axis.get_legend_handles_labels()[0]
-    axis.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=8)
-    figure.tight_layout()
-    atomic_write(files.plot, lambda p: figure.savefig(p, format="png"))
-    plt.close(figure)
+    def improved_by(self, value: float) -> bool:
+        if self.value is None:
+            return True
+        return value < self.value if self.metric == "loss" else value > self.value
 
 
 # --------------------------------------------------------------------------------------------- training
+
+
+# ------------------------------------------------------------------------------------------ stopping
 
 
 class StopRequest:
@@ -726,6 +768,7 @@ class Summary:
     skip_reasons: Counter = field(default_factory=Counter)
     stopped_early: bool = False
     run_dir: str = ""
+    best: Best | None = None
 
     def line(self) -> str:
         reasons = "; ".join(f"{n}x {r}" for r, n in self.skip_reasons.most_common(3))
@@ -736,6 +779,12 @@ class Summary:
             f"{self.seconds / 60:.1f} min; {self.skipped} sample(s) skipped"
             + (f" ({reasons})" if reasons else "")
             + f"; model in {self.run_dir}"
+            + (
+                f"; best validation {self.best.metric} {self.best.value:.4f} at iteration {self.best.step} in "
+                f"{self.run_dir}/{checkpoints.BEST_NAME}"
+                if self.best is not None
+                else ""
+            )
         )
 
 
@@ -743,104 +792,83 @@ class NonFiniteLoss(TrainingError):
     pass
 
 
-def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
-    """Run (or resume) the training described by `args`; `dataset` replaces the one --data names (tests)."""
-    world, device = setup_distributed(args.device)
-    files = RunFiles(Path(args.checkpoints_dir) / args.name)
-    if args.resume:
-        args = stored_args(files, args)
-    elif files.state.exists():
-        raise TrainingError(
-            f"{files.dir} already holds a run (checkpoint {files.state.name}); pass --resume to continue it or "
-            "choose another --name"
-        )
-    if args.batch_size % world.world_size:
-        raise TrainingError(f"--batch-size={args.batch_size} is not divisible by the {world.world_size} processes")
+@dataclass
+class LogInterval:
+    """Sums over the iterations since the last log line."""
 
-    state = load_training_state(files) if args.resume else None
-    model = CLIPSeg.from_pretrained(files.dir) if args.resume else build_model(args)
-    if state is not None:
-        model.decoder.load_state_dict(state["decoder"])
-    model.text_cache = TextCache(max(args.text_cache_size, 2 * args.batch_size))
-    model.to(device).train()
-    if world.is_main:
-        check_writable(files.dir, checkpoint_bytes(model))
-        if not args.resume:
-            write_args(files, args, world)
-    if world.enabled:
-        dist.barrier()
-
-    dataset = dataset if dataset is not None else build_training_set(args)
-    start_step = state["step"] if state else 0
-    optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=args.lr, weight_decay=args.wd)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, args.max_iterations, args.lrs)
-    )
-    dtype = amp_dtype(device, args.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-    decoder = model.decoder
-    if world.enabled:
-        decoder = nn.parallel.DistributedDataParallel(
-            decoder, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if args.compile:
-        decoder = torch.compile(decoder)
-
-    sampler = InfiniteBatchSampler(len(dataset), args.batch_size, args.seed, start_step, world)
-    loader = build_loader(dataset, sampler, args.num_workers, pin=device.type == "cuda")
-    if world.is_main:
-        announce(args, model, dataset, world, device, dtype, start_step)
-        rewrite_log(files.log, read_log(files.log, up_to_step=start_step))
-        for leftover in files.dir.glob(".*.tmp"):  # from a write cut short by a kill
-            leftover.unlink()
-    loop = TrainingLoop(args, model, decoder, optimizer, scheduler, scaler, dtype, device, world, files)
-    loop.last_saved_step = state["step"] if state else None
-    if start_step >= args.max_iterations:
-        print(f"{files.dir} is already at iteration {start_step}: raise --max-iterations to train longer")
-    try:
-        with batches_from(loader) as batches, threads_beside_workers(device, args.num_workers):
-            return loop.run(batches, start_step)
-    finally:
-        if world.enabled:
-            dist.destroy_process_group()
-
-
-def announce(args, model: CLIPSeg, dataset: Dataset, world: Distributed, device, dtype, start_step: int) -> None:
-    trainable = sum(p.numel() for p in model.decoder.parameters())
-    excluded = getattr(dataset, "excluded", None)
-    print(
-        f"{'resuming' if start_step else 'training'} {args.name} at iteration {start_step}/{args.max_iterations}: "
-        f"{len(dataset)} training samples ({args.data}), {trainable:,} trainable parameters, batch {args.batch_size}"
-        f" on {world.world_size} x {device}, amp {amp_description(args.amp, dtype, device)}"
-        + (f"; {len(excluded)} task(s) excluded while indexing (e.g. {excluded[0]})" if excluded else ""),
-        flush=True,
-    )
-
-
-def amp_description(requested: bool, dtype: torch.dtype | None, device: torch.device) -> str:
-    if dtype is not None:
-        return str(dtype).removeprefix("torch.")
-    if not requested:
-        return "off"
-    if device.type == "cpu":
-        return "off (no native bf16 on this CPU: fp32 is faster)"
-    return f"off (no mixed precision on {device.type})"
+    loss_sum: float = 0.0
+    iterations: int = 0
+    started: float = field(default_factory=time.perf_counter)
 
 
 class TrainingLoop:
-    def __init__(self, args, model, decoder, optimizer, scheduler, scaler, dtype, device, world, files):
-        self.args, self.model, self.decoder = args, model, decoder
-        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
-        self.dtype, self.device, self.world, self.files = dtype, device, world, files
-        self.skip_reasons: Counter = Counter()
-        self.skipped = 0
+    """One run: the optimiser, schedule and precision for the decoder, the training step through
+    `CLIPSeg.forward(labels=...)`, validation, checkpoints and logs."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        model: CLIPSeg,
+        files: RunFiles,
+        world: Distributed,
+        device: torch.device,
+        validation: Validation | None = None,
+    ):
+        self.args, self.model, self.files, self.world, self.device = args, model, files, world, device
+        self.validation = validation
+        self.dtype = amp_dtype(device, args.amp)
+        self.optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=args.lr, weight_decay=args.wd)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: learning_rate_factor(step, args.max_iterations, args.lrs, getattr(args, "warmup", 0)),
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        if args.compile:
+            model.decoder.compile()
+        self.network = model
+        if world.enabled:  # gradients of the trainable decoder are averaged; the frozen CLIP needs none
+            self.network = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.best = Best(getattr(args, "val_metric", "miou"))
+        self.keep = set(getattr(args, "keep_checkpoints", None) or ())
+        self.step = 0
         self.last_saved_step: int | None = None
         self.optimising = False
-        self.step = 0
+        self.skipped = 0
+        self.skip_reasons: Counter = Counter()
+        self.interval = LogInterval()
+        self.last_loss = float("nan")
+        self.last_validation: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def restore(self, state: dict) -> None:
+        """Continue from a training state (train_state.pt)."""
+        self.model.decoder.load_state_dict(state["decoder"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = self.last_saved_step = state["step"]
+        best = state.get("best") or {}
+        self.best = Best(self.best.metric, best.get("value"), best.get("step"))
+
+    def state(self) -> dict:
+        """Plain containers and tensors only, so that resume can load it with `torch.load(weights_only=True)`.
+
+        The RNG streams are functions of (seed, step, rank) (reseeded every iteration), so seed and step restore
+        them exactly."""
+        return {
+            "format": checkpoints.STATE_FORMAT,
+            "step": self.step,
+            "seed": self.args.seed,
+            "global_batch": self.args.batch_size,
+            "samples_seen": self.step * self.args.batch_size,
+            "decoder": {k: v.detach().cpu().clone() for k, v in self.model.decoder.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best": {"metric": self.best.metric, "value": self.best.value, "step": self.best.step},
+        }
 
     def autocast(self):
         if self.dtype is None:
@@ -848,14 +876,14 @@ class TrainingLoop:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def step_loss(self, batch: dict) -> Tensor:
-        """One forward pass: (B, 1, S, S) logits against the (B, 1, S, S) masks, BCE-with-logits in fp32."""
+        """One forward pass of a batch: B image crops, N = B x K prompts with their (N, 1, S, S) targets; the
+        model's BCE-with-logits loss (fp32)."""
+        prompts = Prompts.of(batch)
         pixels = batch["pixel_values"].to(self.device, non_blocking=True)
-        masks = batch["mask"].to(self.device, non_blocking=True)
         with self.autocast():
-            features = self.model.encode_image(pixels)
-            conditional = conditionals(self.model, batch, self.args.mix, self.device)
-            logits = self.decoder(features.activations, conditional, features.grid)
-        return F.binary_cross_entropy_with_logits(logits.float(), masks)
+            conditional = conditionals(self.model, prompts, self.args.mix_range, self.device)
+            labels = prompts.targets.to(self.device, non_blocking=True)
+            return self.network(pixels, conditional=conditional, labels=labels).loss
 
     def optimise(self, loss: Tensor) -> None:
         self.optimising = True
@@ -877,7 +905,7 @@ class TrainingLoop:
             return
         tqdm.write(f"{type(err).__name__}: saving iteration {self.step} before stopping")
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the DataLoader's handler would re-raise a worker's death
-        self.save(self.step, log)
+        self.save(log)
 
     def replica_checksums(self) -> list[float]:
         """One float64 checksum of the decoder weights per rank; DDP keeps replicas identical, so any
@@ -891,31 +919,58 @@ class TrainingLoop:
         dist.all_gather(gathered, local)
         return torch.cat(gathered).tolist()
 
-    def save(self, step: int, log) -> None:
+    def save(self, log, complete: bool = False) -> None:
+        """A checkpoint: the model (decoder-only unless `complete` or the backbone is random), then the training
+        state, each atomic; and the kept copy when this iteration is one of --keep-checkpoints."""
         checksums = self.replica_checksums()
         if len(set(checksums)) > 1:
-            raise TrainingError(f"the {len(checksums)} DDP replicas hold different weights at iteration {step}")
+            raise TrainingError(f"the {len(checksums)} DDP replicas hold different weights at iteration {self.step}")
         if self.world.is_main:
-            state = training_state(step, self.model, self.optimizer, self.scheduler, self.scaler, self.args)
             try:
-                save_checkpoint(self.files, self.model, state)
-                plot_loss(self.files, self.args.name)
+                checkpoints.save_model(self.model, self.files.dir, complete)
+                checkpoints.save_state(self.files, self.state())
+                if self.step in self.keep:
+                    checkpoints.save_complete(self.model, self.files.kept(self.step))
+                checkpoints.plot_log(self.files, self.args.name)
             except OSError as err:
                 kept = f"iteration {self.last_saved_step}" if self.last_saved_step is not None else "none yet"
                 raise TrainingError(
-                    f"could not write the checkpoint of iteration {step} to {self.files.dir}: {err}; the previous "
-                    f"checkpoint ({kept}) is intact; free space and continue with --resume"
+                    f"could not write the checkpoint of iteration {self.step} to {self.files.dir}: {err}; the "
+                    f"previous checkpoint ({kept}) is intact; free space and continue with --resume"
                 ) from err
             if log is not None:
-                log.write(json.dumps({"step": step, "checkpoint": True, "replica_checksums": checksums}) + "\n")
+                log.write(json.dumps({"step": self.step, "checkpoint": True, "replica_checksums": checksums}) + "\n")
                 log.flush()
-        self.last_saved_step = step
+        self.last_saved_step = self.step
 
-    def run(self, batches: Iterator[dict], start_step: int) -> Summary:
+    def validate(self, log, progress: tqdm) -> None:
+        """Score the validation subset; a better --val-metric replaces best/ (a complete model)."""
+        if self.world.is_main:
+            scores = self.validation.run(self.model, self.dtype is not None)
+            value = scores[f"val_{self.best.metric}"]
+            improved = self.best.improved_by(value)
+            if improved:
+                self.best = Best(self.best.metric, value, self.step)
+                info = {"step": self.step, "metric": self.best.metric, "value": value, **scores}
+                checkpoints.save_complete(self.model, self.files.best, info)
+            self.last_validation = scores
+            progress.set_postfix(self.postfix())
+            if log is not None:
+                log.write(json.dumps({"step": self.step, **scores, "best": improved}) + "\n")
+                log.flush()
+        if self.world.enabled:
+            dist.barrier()
+
+    def postfix(self) -> dict[str, str]:
+        shown = {"loss": f"{self.last_loss:.4f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
+        if self.last_validation:
+            shown["val_" + self.best.metric] = f"{self.last_validation['val_' + self.best.metric]:.3f}"
+        return shown
+
+    def run(self, batches: Iterator[dict]) -> Summary:
         args, world = self.args, self.world
-        self.step, self.started = start_step, time.perf_counter()
-        self.interval = [0.0, 0, time.perf_counter()]  # loss sum, iterations, start time
-        self.last_loss = float("nan")
+        start_step, self.started = self.step, time.perf_counter()
+        self.interval = LogInterval()
         progress = tqdm(
             total=args.max_iterations, initial=start_step, disable=not world.is_main, desc=args.name, dynamic_ncols=True
         )
@@ -944,13 +999,15 @@ class TrainingLoop:
             skip_reasons=self.skip_reasons,
             stopped_early=self.step < args.max_iterations,
             run_dir=str(self.files.dir),
+            best=self.best if self.best.step is not None else None,
         )
         if world.is_main:
             print(summary.line(), flush=True)
         return summary
 
     def iteration(self, batches: Iterator[dict], stop: StopRequest, log, progress: tqdm) -> bool:
-        """One optimizer step, then logging and checkpointing as due; returns whether a stop was requested."""
+        """One optimizer step, then logging, validation and checkpointing as due; returns whether a stop was
+        requested."""
         args, world = self.args, self.world
         torch.manual_seed(derived_seed(args.seed, self.step, world.rank, 3))  # dropout, mixing weights
         batch = next(batches)
@@ -965,30 +1022,31 @@ class TrainingLoop:
         if non_finite:
             self.fail_non_finite(self.step + 1, batch)
         self.optimise(loss)
-        self.interval[0] += loss_sum / world.world_size
-        self.interval[1] += 1
+        self.interval.loss_sum += loss_sum / world.world_size
+        self.interval.iterations += 1
         progress.update(1)
-        step = self.step
-        if step % args.log_every == 0 or step == args.max_iterations or stop_flag:
+        step, last = self.step, self.step == args.max_iterations
+        if step % args.log_every == 0 or last or stop_flag:
             self.log_interval(log, progress)
-        if step % args.ckpt == 0 or step == args.max_iterations or stop_flag:
-            self.save(step, log)
-            self.interval[2] = time.perf_counter()  # the throughput shown excludes checkpoint writes
+        if self.validation is not None and (step % args.val_interval == 0 or last):
+            self.validate(log, progress)
+        if step % args.ckpt == 0 or last or stop_flag or step in self.keep:
+            self.save(log, complete=last)
+        self.interval.started = time.perf_counter()  # throughput excludes validation and checkpoint writes
         return bool(stop_flag)
 
     def log_interval(self, log, progress: tqdm) -> None:
-        loss_sum, iterations, start = self.interval
         now = time.perf_counter()
-        samples_per_second = iterations * self.args.batch_size / (now - start)
-        self.last_loss = loss_sum / iterations
-        lr = self.scheduler.get_last_lr()[0]
-        progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_second:.1f}")
+        samples_per_second = self.interval.iterations * self.args.batch_size / (now - self.interval.started)
+        self.last_loss = self.interval.loss_sum / self.interval.iterations
+        progress.set_postfix(self.postfix() | {"samples_s": f"{samples_per_second:.1f}"})
         if log is not None:
-            record = dict(step=self.step, loss=self.last_loss, lr=lr, samples_per_s=samples_per_second,
-                          skipped=self.skipped, time=round(now - self.started, 3))  # fmt: skip
+            record = dict(step=self.step, loss=self.last_loss, lr=self.scheduler.get_last_lr()[0],
+                          samples_per_s=samples_per_second, skipped=self.skipped,
+                          time=round(now - self.started, 3))  # fmt: skip
             log.write(json.dumps(record) + "\n")
             log.flush()
-        self.interval = [0.0, 0, now]
+        self.interval = LogInterval(started=now)
 
     def fail_non_finite(self, step: int, batch: dict) -> None:
         kept = (
@@ -1001,6 +1059,130 @@ class TrainingLoop:
             f"non-finite loss at iteration {step} (batch tasks {tasks} ...): stopping without saving; {kept}. "
             "Lower --lr, try --no-amp, or check the data; continue from the checkpoint with --resume"
         )
+
+
+def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
+    """Run (or resume) the training described by `args`; `dataset` replaces the one --data names (tests)."""
+    world, device = setup_distributed(args.device)
+    files = RunFiles(Path(args.checkpoints_dir) / args.name)
+    if args.resume:
+        args = stored_args(files, args)
+    elif files.state.exists():
+        raise TrainingError(
+            f"{files.dir} already holds a run (checkpoint {files.state.name}); pass --resume to continue it or "
+            "choose another --name"
+        )
+    crops = args.batch_size // args.prompts_per_image
+    if crops % world.world_size:
+        raise TrainingError(
+            f"--batch-size={args.batch_size} gives {crops} image crops per batch, not divisible by the "
+            f"{world.world_size} processes"
+        )
+    try:
+        state = checkpoints.load_state(files) if args.resume else None
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
+    model = resume_model(files, args) if args.resume else build_model(args)
+    model.text_cache = TextCache(max(args.text_cache_size, 2 * args.batch_size))
+    model.to(device).train()
+    if world.is_main:
+        try:
+            checkpoints.check_writable(files.dir, checkpoints.checkpoint_bytes(model))
+        except checkpoints.CheckpointWriteError as err:
+            raise TrainingError(str(err)) from err
+        if not args.resume:
+            write_args(files, args, world)
+    if world.enabled:
+        dist.barrier()
+
+    dataset = dataset if dataset is not None else build_training_set(args)
+    validation = Validation.of(args) if args.val_interval else None
+    loop = TrainingLoop(args, model, files, world, device, validation)
+    if state is not None:
+        loop.restore(state)
+    sampler = InfiniteBatchSampler(len(dataset), crops, args.seed, loop.step, world)
+    loader = build_loader(dataset, sampler, args.num_workers, pin=device.type == "cuda")
+    if world.is_main:
+        announce(args, model, dataset, world, device, loop.dtype, loop.step, validation)
+        checkpoints.rewrite_log(files.log, checkpoints.read_log(files.log, up_to_step=loop.step))
+        for leftover in files.dir.glob(".*.tmp"):  # from a write cut short by a kill
+            leftover.unlink()
+    if loop.step >= args.max_iterations:
+        print(f"{files.dir} is already at iteration {loop.step}: raise --max-iterations to train longer")
+    try:
+        with batches_from(loader) as batches, threads_beside_workers(device, args.num_workers):
+            return loop.run(batches)
+    finally:
+        if world.enabled:
+            dist.destroy_process_group()
+
+
+def announce(args, model, dataset, world, device, dtype, start_step: int, validation: Validation | None) -> None:
+    trainable = sum(p.numel() for p in model.decoder.parameters())
+    excluded = getattr(dataset, "excluded", None)
+    per_image = f", {args.prompts_per_image} prompts per image crop" if args.prompts_per_image > 1 else ""
+    print(
+        f"{'resuming' if start_step else 'training'} {args.name} at iteration {start_step}/{args.max_iterations}: "
+        f"{len(dataset)} training samples ({args.data}), {trainable:,} trainable parameters, batch {args.batch_size}"
+        f"{per_image} on {world.world_size} x {device}, amp {amp_description(args.amp, dtype, device)}"
+        + (
+            f"; validating {len(validation.tasks)} {args.val_split} tasks every {args.val_interval}"
+            if validation
+            else ""
+        )
+        + (f"; {len(excluded)} task(s) excluded while indexing (e.g. {excluded[0]})" if excluded else ""),
+        flush=True,
+    )
+
+
+def amp_description(requested: bool, dtype: torch.dtype | None, device: torch.device) -> str:
+    if dtype is not None:
+        return str(dtype).removeprefix("torch.")
+    if not requested:
+        return "off"
+    if device.type == "cpu":
+        return "off (no native bf16 on this CPU: fp32 is faster)"
+    return f"off (no mixed precision on {device.type})"
+
+
+def stored_args(files: RunFiles, args: argparse.Namespace) -> argparse.Namespace:
+    """For --resume: the run's stored arguments, with the flags that may change taken from the command line.
+    Any other flag given with a different value is an error (it would silently not apply)."""
+    if not files.state.exists():
+        raise TrainingError(
+            f"--resume: {files.state} does not exist: {files.dir} has no checkpoint yet; start the run without --resume"
+        )
+    if not files.args.exists():
+        raise TrainingError(f"--resume: {files.args} not found; is {files.dir} a run directory of train.py?")
+    stored = json.loads(files.args.read_text())
+    conflicts = [
+        f"--{key.replace('_', '-')}={getattr(args, key)} (run has {stored.get(key)})"
+        for key in args.explicit
+        if key not in RESUME_OVERRIDABLE + ("resume", "name") and _jsonable(getattr(args, key)) != stored.get(key)
+    ]
+    if conflicts:
+        raise TrainingError(
+            f"--resume continues {files.dir} with its stored arguments; these differ: {', '.join(conflicts)}. "
+            f"Drop them, or start a new run with another --name (only {', '.join(RESUME_OVERRIDABLE)} may change)"
+        )
+    merged = {**vars(args), **stored}  # a flag newer than the run keeps its default (the run did without it)
+    for key in RESUME_OVERRIDABLE:
+        merged[key] = getattr(args, key)
+    merged["resume"], merged["explicit"] = True, args.explicit
+    for key in ("extract_layers", "mix_range", "keep_checkpoints"):
+        if merged.get(key) is not None:
+            merged[key] = tuple(merged[key])
+    return argparse.Namespace(**merged)
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def write_args(files: RunFiles, args: argparse.Namespace, world: Distributed) -> None:
+    record = {k: _jsonable(v) for k, v in vars(args).items() if k not in ("explicit", "resume")}
+    record["world_size"] = world.world_size
+    checkpoints.write_args(files, record)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

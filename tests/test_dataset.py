@@ -104,6 +104,40 @@ def test_training_samples_are_the_originals_crop_then_resize(synthetic_root, mon
         assert "full_mask" not in sample and sample["skipped"] == []
 
 
+def test_several_prompts_per_image_share_the_crop_and_keep_each_tasks_target(synthetic_root, monkeypatch):
+    offsets_seen = []
+    real_offsets = dataset.random_crop_offsets
+
+    def recording(rng, height, width, tries=50):
+        offsets = real_offsets(rng, height, width, tries)
+        offsets_seen.extend(offsets.tolist())
+        return offsets
+
+    monkeypatch.setattr(dataset, "random_crop_offsets", recording)
+    data = dataset.PhraseCut(synthetic_root, "train", train=True, image_size=SMALL, prompts_per_image=4)
+    for index in range(6):
+        offsets_seen.clear()
+        sample = data[index]
+        assert sample["mask"].shape == (4, 1, SMALL, SMALL) and len(sample["phrase"]) == 4
+        tasks = [data.tasks[i] for i in range(len(data))]
+        by_id = {task["task_id"]: task for task in tasks}
+        primary = by_id[sample["task_id"]]
+        assert sample["task_ids"][0] == primary["task_id"]
+        assert {by_id[t]["image_id"] for t in sample["task_ids"]} == {primary["image_id"]}
+        image = np.asarray(open_rgb(primary["image_path"]))
+        truth = [
+            skimage_union([p for i in by_id[t]["Polygons"] for p in i], *image.shape[:2]) for t in sample["task_ids"]
+        ]
+        top, left, side = find_crop_reference(truth[0], offsets_seen)  # the crop follows the primary task
+        crop = (slice(top, top + side), slice(left, left + side))
+        assert torch.equal(sample["pixel_values"], original_pipeline(image[crop], SMALL))
+        for k, mask in enumerate(truth):
+            np.testing.assert_array_equal(sample["mask"][k, 0].numpy().astype(bool), floor_nearest(mask[crop], SMALL))
+            assert sample["phrase"][k] == by_id[sample["task_ids"][k]]["phrase"]
+    with pytest.raises(ValueError, match="prompts_per_image must be 1, or more in training"):
+        dataset.PhraseCut(synthetic_root, "test", train=False, prompts_per_image=2)
+
+
 def test_whole_image_samples_are_the_test_squash_at_the_requested_rate(synthetic_root):
     squashed = dataset.PhraseCut(synthetic_root, "train", train=False, image_size=SMALL)
     rectangular = [i for i in range(len(squashed)) if len(set(squashed[i]["original_size"])) == 2][:100]
@@ -140,7 +174,12 @@ def test_negatives_are_uniform_over_unique_phrases_with_empty_targets(synthetic_
 
 def test_visual_support_and_templates(synthetic_root):
     data = dataset.PhraseCut(
-        synthetic_root, "train", train=False, image_size=SMALL, visual_support=True, templates=True
+        synthetic_root,
+        "train",
+        train=False,
+        image_size=SMALL,
+        visual_support=True,
+        templates=dataset.PROMPT_TEMPLATES["shuffle+"],
     )
     tasks = refer(synthetic_root, "train")
     counts = {}
@@ -155,13 +194,15 @@ def test_visual_support_and_templates(synthetic_root):
             assert sample["prompt_image"].abs().sum() > 0
         else:
             assert not sample["prompt_image"].any()
-        assert any(sample["phrase"] == t.format(task["phrase"]) for t in dataset.TEMPLATES)
+        assert any(sample["phrase"] == t.format(task["phrase"]) for t in dataset.PROMPT_TEMPLATES["shuffle+"])
         seen.add(sample["has_prompt_image"])
     assert seen == {True, False}
 
 
 def test_training_draws_differ_but_test_samples_are_reproducible(synthetic_root):
-    train = dataset.PhraseCut(synthetic_root, "train", train=True, image_size=SMALL, templates=True)
+    train = dataset.PhraseCut(
+        synthetic_root, "train", train=True, image_size=SMALL, templates=dataset.PROMPT_TEMPLATES["shuffle+"]
+    )
     assert len({train[0]["phrase"] for _ in range(12)}) > 1
     test = dataset.PhraseCut(synthetic_root, "test", train=False, image_size=SMALL, negative_prob=0.5)
     again = dataset.PhraseCut(synthetic_root, "test", train=False, image_size=SMALL, negative_prob=0.5)

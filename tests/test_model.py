@@ -49,12 +49,12 @@ def assert_parity(hf, ours, size: int, tol: float) -> None:
     pixels = torch.randn(2, 3, size, size)
     ids, mask = ours.tokenize(PHRASES)
     with torch.no_grad():
-        text = ours(pixels, PHRASES)
+        text = ours(pixels, PHRASES).logits
     assert text.shape == (2, 1, size, size)
     assert (text - hf_logits(hf, pixels, ids, mask)).abs().max() <= tol
     prompts = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        image = ours(pixels, prompt_images=prompts)
+        image = ours(pixels, prompt_images=prompts).logits
     assert (image - hf_logits(hf, pixels, prompt_images=prompts)).abs().max() <= tol
 
 
@@ -100,8 +100,8 @@ def test_full_geometry_parity_at_352(tmp_path, full_clip_config, refined, reduce
     pixels = torch.randn(1, 3, 352, 352)
     ids, mask = ours.tokenize(PHRASES[:1])
     with torch.no_grad():
-        text = ours(pixels, PHRASES[:1])
-        image = ours(pixels, prompt_images=pixels.flip(-1))
+        text = ours(pixels, PHRASES[:1]).logits
+        image = ours(pixels, prompt_images=pixels.flip(-1)).logits
     assert text.shape == (1, 1, 352, 352)
     assert (text - hf_logits(hf, pixels, ids, mask)).abs().max() <= 1e-4
     assert (image - hf_logits(hf, pixels, prompt_images=pixels.flip(-1))).abs().max() <= 1e-4
@@ -175,7 +175,7 @@ def test_original_release_file_loads_with_same_logits(tmp_path, refined):
     assert loaded.config.refined is refined
     pixels = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
-        assert (loaded(pixels, PHRASES) - ours_hf(pixels, PHRASES)).abs().max() <= 1e-6
+        assert (loaded(pixels, PHRASES).logits - ours_hf(pixels, PHRASES).logits).abs().max() <= 1e-6
 
 
 def test_refined_checkpoint_into_plain_head_is_an_error(tiny_dir, tmp_path):
@@ -244,10 +244,10 @@ def test_encode_once_decode_many_equals_separate_passes(tiny):
     phrases = ["red circle", "blue square", "triangle left of the green circle", "the sky"]
     with torch.no_grad():
         many = tiny.predict_prompts(pixels, phrases=phrases)
-        single = torch.cat([tiny(pixels, [p]) for p in phrases])
+        single = torch.cat([tiny(pixels, [p]).logits for p in phrases])
         prompt_images = torch.randn(3, 3, 64, 64)
         many_images = tiny.predict_prompts(pixels[0], prompt_images=prompt_images)
-        single_images = torch.cat([tiny(pixels, prompt_images=p[None]) for p in prompt_images])
+        single_images = torch.cat([tiny(pixels, prompt_images=p[None]).logits for p in prompt_images])
     assert many.shape == (4, 1, 64, 96)
     assert (many - single).abs().max() <= 1e-5
     assert (many_images - single_images).abs().max() <= 1e-5
@@ -272,7 +272,7 @@ def test_vision_tower_stops_at_the_deepest_extracted_block(tiny):
 
 def test_rectangular_input_and_batch_of_one(tiny):
     with torch.no_grad():
-        logits = tiny(torch.randn(1, 3, 352, 512), ["a cat"])
+        logits = tiny(torch.randn(1, 3, 352, 512), ["a cat"]).logits
     assert logits.shape == (1, 1, 352, 512)
     with pytest.raises(ValueError, match="multiple of 16"):
         tiny(torch.randn(1, 3, 100, 64), ["a cat"])
@@ -313,9 +313,9 @@ def test_token_ids_and_conditionals_give_the_same_logits_as_phrases(tiny):
     pixels = torch.randn(2, 3, 64, 64)
     ids, mask = tiny.tokenize(PHRASES)
     with torch.no_grad():
-        by_phrase = tiny(pixels, PHRASES)
-        by_ids = tiny(pixels, input_ids=ids, attention_mask=mask)
-        by_vector = tiny(pixels, conditional=tiny.embed_text(PHRASES))
+        by_phrase = tiny(pixels, PHRASES).logits
+        by_ids = tiny(pixels, input_ids=ids, attention_mask=mask).logits
+        by_vector = tiny(pixels, conditional=tiny.embed_text(PHRASES)).logits
     assert torch.equal(by_phrase, by_ids) and torch.equal(by_phrase, by_vector)
 
 
@@ -369,3 +369,14 @@ def test_amp_dtype_is_bf16_only_where_native(monkeypatch):
     assert model.amp_dtype("cpu") is None
     with model.autocast("cpu"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_forward_with_labels_returns_the_bce_loss_of_its_logits(tiny):
+    pixels, labels = torch.randn(2, 3, 64, 64), (torch.rand(4, 1, 64, 64) > 0.5).float()
+    output = tiny(pixels, ["a", "b", "c", "d"], labels=labels)  # two prompts per image
+    assert output.logits.shape == (4, 1, 64, 64)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(output.logits, labels)
+    assert torch.equal(output.loss, expected)
+    assert tiny(pixels, ["a", "b"]).loss is None
+    with pytest.raises(ValueError, match="labels must have the logits' shape"):
+        tiny(pixels, ["a", "b"], labels=labels)

@@ -59,7 +59,7 @@ def normalised(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 def reference_probs(model, pixels, original_size, **prompt) -> np.ndarray:
     """One plain forward pass of one prompt, logits resized bilinearly to (W0, H0), then sigmoid: (H0, W0)."""
     with torch.no_grad():
-        logits = model(pixels[None], **prompt)
+        logits = model(pixels[None], **prompt).logits
     width, height = original_size
     logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
     return torch.sigmoid(logits)[0, 0].numpy()
