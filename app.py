@@ -592,11 +592,13 @@ def launch(page, port: int, share: bool = False) -> tuple[str, str | None]:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def resolve_model(model: str | None, demo: Path = DEMO_MODEL) -> str | None:
-    """--model as given; without it `checkpoints/demo` when it holds a model, else None."""
-    if model:
-        return model
-    return str(demo) if (demo / "config.json").is_file() else None
+def resolve_model(model: str | None, checkpoint: str | None = None, demo: Path = DEMO_MODEL) -> str | None:
+    """--model as given (plus --checkpoint, a model inside it); without --model `checkpoints/demo` when it holds a
+    model, else None."""
+    if not model and not (demo / "config.json").is_file():
+        return None
+    source = model or str(demo)
+    return str(Path(source) / checkpoint) if checkpoint else source
 
 
 def load_model(source: str, backbone: str | None) -> CLIPSeg:
@@ -617,6 +619,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="HF hub id (e.g. CIDAS/clipseg-rd64-refined; needs network once), checkpoint directory (e.g. "
         f"checkpoints/<name>) or original .pth decoder; default {DEMO_MODEL} when present",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a model inside the --model directory, e.g. best or iter_005000 of a train.py run",
     )
     parser.add_argument(
         "--backbone", default=None, help="CLIP backbone for an original .pth (default openai/clip-vit-base-patch16)"
@@ -656,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         print("error: app.py needs Gradio: pip install -r requirements-app.txt (or run make app)", file=sys.stderr)
         return 2
-    source = resolve_model(args.model)
+    source = resolve_model(args.model, args.checkpoint)
     model, notice = None, None
     if source is None:
         notice = NO_MODEL_HELP

@@ -249,11 +249,14 @@ def test_bad_inputs_get_a_message_not_an_exception(segmenter, tmp_path):
 
 
 def test_without_a_model_the_page_says_how_to_get_one(tmp_path):
-    assert app.resolve_model(None, tmp_path / "demo") is None
-    assert app.resolve_model("CIDAS/clipseg-rd64-refined", tmp_path / "demo") == "CIDAS/clipseg-rd64-refined"
-    (tmp_path / "demo").mkdir()
-    (tmp_path / "demo" / "config.json").write_text("{}")
-    assert app.resolve_model(None, tmp_path / "demo") == str(tmp_path / "demo")
+    demo = tmp_path / "demo"
+    assert app.resolve_model(None, demo=demo) is None and app.resolve_model(None, "best", demo=demo) is None
+    assert app.resolve_model("CIDAS/clipseg-rd64-refined", demo=demo) == "CIDAS/clipseg-rd64-refined"
+    assert app.resolve_model("checkpoints/run", "best", demo=demo) == str(Path("checkpoints/run/best"))
+    demo.mkdir()
+    (demo / "config.json").write_text("{}")
+    assert app.resolve_model(None, demo=demo) == str(demo)
+    assert app.resolve_model(None, "iter_000500", demo=demo) == str(demo / "iter_000500")
     _, out = app.Segmenter(None, "none", workdir=tmp_path).segment(None, None, "cat")
     assert not out.ok and "make demo" in out.message and "--model CIDAS/clipseg-rd64-refined" in out.message
 
