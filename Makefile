@@ -16,11 +16,16 @@ DEMO_TRAIN ?= --backbone=tiny --device=cpu --image-size=128 --batch-size=32 --ma
 	--no-amp
 DEMO_EVAL ?= --data=synthetic --data-root=$(DEMO_DATA) --device=cpu --num-workers=1
 
-.PHONY: setup app-setup test lint demo app
+# The benchmark demo: one-shot and zero-shot scoring of checkpoints/demo on generated VOC and COCO-20i data.
+FEWSHOT_VOC ?= synthetic_voc
+FEWSHOT_COCO ?= synthetic_coco
+FEWSHOT_EVAL ?= --device=cpu --num-workers=1 --batch-size=8
+
+.PHONY: setup app-setup test lint demo demo-fewshot app
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-benchmarks.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_INSTALL)
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
@@ -51,6 +56,20 @@ demo: setup
 	$(BIN)/python -c "import json; j = lambda f: json.load(open('checkpoints/demo/' + f))['paper']['miou']; \
 		a, b = j('scores_test.json'), j('scores_test_shuffled.json'); \
 		print(f'demo: mIoU at t=0.3 {a:.3f}; with phrases shuffled across samples {b:.3f} (drop {a - b:.3f})')"
+
+demo-fewshot: setup
+	test -f $(FEWSHOT_VOC)/lists/pascal/val.txt || $(BIN)/python synthetic.py voc --root $(FEWSHOT_VOC) --n-images 60
+	test -f $(FEWSHOT_COCO)/annotations/instances_val2014.json || \
+		$(BIN)/python synthetic.py coco --root $(FEWSHOT_COCO) --n-images 80
+	test -f checkpoints/demo/config.json || $(MAKE) demo
+	test -f $(DEMO_DATA)/data/VGPhraseCut_v0/image_data_split.json || \
+		$(BIN)/python synthetic.py phrasecut --root $(DEMO_DATA) --n-images $(DEMO_IMAGES)
+	$(BIN)/python score.py demo --data pascal5i --data-root $(FEWSHOT_VOC) --prompt visual $(FEWSHOT_EVAL)
+	$(BIN)/python score.py demo --data pascal5i --data-root $(FEWSHOT_VOC) --prompt text $(FEWSHOT_EVAL)
+	$(BIN)/python score.py demo --data pascal5i --data-root $(FEWSHOT_VOC) --protocol hsnet --episodes 100 $(FEWSHOT_EVAL)
+	$(BIN)/python score.py demo --data coco20i --data-root $(FEWSHOT_COCO) --episodes 100 $(FEWSHOT_EVAL)
+	$(BIN)/python score.py demo --data voc-zeroshot --data-root $(FEWSHOT_VOC) --unseen 10 $(FEWSHOT_EVAL)
+	$(BIN)/python score.py demo --data synthetic --data-root $(DEMO_DATA) --prompt visual $(FEWSHOT_EVAL)
 
 # The web app on http://127.0.0.1:7860, e.g. make app APP_ARGS="--model checkpoints/myrun --port 8000". A hub id
 # needs the network: make app HF_HUB_OFFLINE=0 APP_ARGS="--model CIDAS/clipseg-rd64-refined".

@@ -52,6 +52,7 @@ from preprocess import (
     upright_size,
     visual_prompt,
 )
+from wordnet_classes import removal_rule
 
 DEFAULT_PHRASECUT_ROOT = "PhraseCutDataset"
 DEFAULT_SYNTHETIC_ROOT = "synthetic_phrasecut"
@@ -712,8 +713,11 @@ class PhraseCut(SegmentationData):
     miniv or val_miniv. Ground truth is the union of all polygons of all instances (`preprocess.rasterise`: the
     `polygon2mask` rule for targets, PhraseCut's own for `full_mask`). Tasks whose image size differs from its
     annotation size, or with nothing to draw, are excluded up front and listed in `self.excluded` as
-    (task_id, reason). `limit` keeps the first N usable tasks. Other keyword arguments (train, image_size,
-    negative_prob, visual_support, templates, seed, whole_image_prob, resize) go to `SegmentationData`.
+    (task_id, reason). `remove_classes` ("pas5i:K", "zs:K" or "aff", `wordnet_classes.removal_rule`) drops the
+    tasks whose phrase names a benchmark's test class before anything else sees them (negatives and supports
+    included); their number is `self.removed`. `limit` keeps the first N usable tasks. Other keyword arguments
+    (train, image_size, negative_prob, visual_support, templates, seed, whole_image_prob, resize) go to
+    `SegmentationData`.
     """
 
     def __init__(
@@ -723,6 +727,7 @@ class PhraseCut(SegmentationData):
         *,
         limit: int | None = None,
         cache_dir: str | os.PathLike | None = None,
+        remove_classes: str | None = None,
         **pipeline,
     ):
         super().__init__(**pipeline)
@@ -730,6 +735,8 @@ class PhraseCut(SegmentationData):
         if any(part not in SPLITS for part in parts):
             valid = ", ".join(SPLITS + tuple(COMBINED_SPLITS))
             raise ValueError(f"unknown PhraseCut split {split!r}; valid splits: {valid}")
+        removal = removal_rule(remove_classes) if remove_classes else None
+        self.removed = 0
         self.split = split
         self.data_dir = find_data_dir(root)
         if not (self.data_dir / "images").is_dir():
@@ -743,6 +750,10 @@ class PhraseCut(SegmentationData):
             for row, reason in reasons:
                 usable[row] = False
                 self.excluded.append((table.task_id(row), reason))
+            if removal is not None:
+                removed = usable & _removed_phrases(table, removal)[np.asarray(table.phrase_index)]
+                self.removed += int(removed.sum())
+                usable &= ~removed
             table_rows = np.flatnonzero(usable)
             rows.append(np.stack([np.full(len(table_rows), number), table_rows], axis=1))
             if len(self.tables) == 1:
@@ -818,6 +829,11 @@ class PhraseCut(SegmentationData):
     def _load_mask(self, index: int, height: int, width: int, rule: str) -> np.ndarray:
         table, row = self._locate(index)
         return instances_to_mask(table.polygons(row), height, width, rule)
+
+
+def _removed_phrases(table: TaskTable, removal) -> np.ndarray:
+    """bool per phrase of a split's table: True where `removal(phrase)` says the phrase must go."""
+    return np.array([removal(table.phrase(p)) for p in range(len(table.phrase_offsets) - 1)], dtype=bool)
 
 
 class TaskList(Sequence):

@@ -9,9 +9,13 @@
 | mean IoU (PhraseCut) | mean over tasks of I / U at the original resolution; I = 0 gives 0 |
 | cum IoU (PhraseCut) | sum I / sum U over tasks |
 | acc@x (PhraseCut) | fraction of tasks with IoU > x, x in 0.5, 0.6, 0.7, 0.8, 0.9 |
+| mIoU (one-shot) | mean over classes of tp_c / (1 + tp_c + fp_c + fn_c), counts summed over the class's episodes |
+| mIoU, FB-IoU (HSNet) | class mean of sum I / max(sum U, 1); mean of pooled foreground and background sum I / sum U |
+| mIoU seen/unseen (zero-shot) | IoU_c = diag / (row + column - diag) of the pixel confusion matrix, mean per group |
 
 A pixel is positive iff its probability p > t. `PaperMetrics` keeps 49-long sums (never pixels or per-sample
-arrays), `PhraseCutMetrics` keeps a few sums per subset; both use the same memory after 10 or 10 million samples.
+arrays), `PhraseCutMetrics` keeps a few sums per subset, `EpisodeMetrics` 49-long sums per class and
+`ZeroShotMetrics` one confusion matrix: all use the same memory after 10 or 10 million samples.
 All values are fractions in [0, 1] (the paper prints percent).
 
     paper, official = PaperMetrics(), PhraseCutMetrics()
@@ -374,3 +378,125 @@ class PhraseCutMetrics:
             name: self.subset_totals[name].summary() for name in sorted(self.subset_totals, key=_subset_order)
         }
         return results
+
+
+# ---------------------------------------------------------------------------------------------------- one-shot
+
+
+class EpisodeMetrics:
+    """One-shot metrics per class (Pascal-5i, COCO-20i; SPEC sections 9-10), streaming.
+
+    Each episode adds its confusion counts at the 49 thresholds, over the pixels that are not ignored, to its
+    class's sums; memory is (classes x 49) counts whatever the number of episodes.
+
+    - mIoU (paper): mean over the classes seen of tp_c / (1 + tp_c + fp_c + fn_c), counts summed over the class's
+      episodes; IoU_FG, IoU_BIN and AP from the counts pooled over all episodes, as `PaperMetrics`.
+    - HSNet's mIoU: mean over the classes seen of sum I / max(sum U, 1) (no +1); FB-IoU: the mean of the pooled
+      foreground and background sum I / sum U. Both at the report threshold (HSNet's argmax is p > 0.5).
+    """
+
+    def __init__(self, report_threshold: float = PAPER_REPORT_THRESHOLD):
+        self.report_index = PaperMetrics(report_threshold).report_index
+        self.thresholds = PAPER_THRESHOLDS
+        self.counts: dict[int, np.ndarray] = {}  # class -> (4, 49) int64: tp, fp, fn, tn
+        self.episodes: dict[int, int] = {}
+
+    def update(self, probs, target, class_id: int, valid=None) -> np.ndarray:
+        """Add one episode. probs: (H, W) probabilities; target: (H, W) bool / {0, 1}; valid: (H, W) bool, the
+        pixels that count (None: all). Returns the episode's (4, 49) tp, fp, fn, tn."""
+        probs, target = _as_tensor(probs, "probs"), _as_binary(target, "target")
+        _check_same_shape(probs, target, "probs and target")
+        if valid is not None:
+            valid = _as_binary(valid, "valid")
+            _check_same_shape(probs, valid, "probs and valid")
+            probs, target = probs[valid.to(probs.device)], target[valid.to(target.device)]
+        counts = np.stack(confusion_counts(probs.reshape(1, 1, -1), target.reshape(1, 1, -1), self.thresholds))[:, 0]
+        class_id = int(class_id)
+        self.counts[class_id] = self.counts.get(class_id, 0) + counts
+        self.episodes[class_id] = self.episodes.get(class_id, 0) + 1
+        return counts
+
+    def compute(self) -> dict:
+        """miou, iou_fg, iou_bin (report threshold), ap, each of the three at its best threshold (+ "_threshold"),
+        hsnet_miou, fb_iou, n_episodes, and "per_class": {class id: {iou, iou_hsnet, n_episodes}} at the report
+        threshold. Fractions in [0, 1]."""
+        if not self.counts:
+            raise ValueError("EpisodeMetrics has no episodes: call update() before compute()")
+        classes = sorted(self.counts)
+        by_class = np.stack([self.counts[c] for c in classes]).astype(np.float64)  # (C, 4, 49)
+        tp, fp, fn = by_class[:, 0], by_class[:, 1], by_class[:, 2]
+        class_iou = tp / (1 + tp + fp + fn)
+        hsnet_iou = tp / np.maximum(tp + fp + fn, 1)
+        pooled = by_class.sum(axis=0)
+        iou_fg = pooled[0] / (1 + pooled[0] + pooled[1] + pooled[2])
+        iou_bg = pooled[3] / (1 + pooled[3] + pooled[1] + pooled[2])
+        curves = {"miou": class_iou.mean(axis=0), "iou_fg": iou_fg, "iou_bin": (iou_fg + iou_bg) / 2}
+        at = self.report_index
+        results: dict = {"threshold": float(self.thresholds[at])}
+        results.update({name: float(curve[at]) for name, curve in curves.items()})
+        results["ap"] = average_precision(pooled[0], pooled[1], pooled[2])
+        for name, curve in curves.items():
+            best = int(np.argmax(curve))
+            results[f"{name}_best"], results[f"{name}_best_threshold"] = (
+                float(curve[best]),
+                float(self.thresholds[best]),
+            )
+        union_fg, union_bg = pooled[0] + pooled[1] + pooled[2], pooled[3] + pooled[1] + pooled[2]
+        fg = pooled[0][at] / union_fg[at] if union_fg[at] else 0.0
+        bg = pooled[3][at] / union_bg[at] if union_bg[at] else 0.0
+        results["hsnet_miou"], results["fb_iou"] = float(hsnet_iou[:, at].mean()), float((fg + bg) / 2)
+        results["n_episodes"] = int(sum(self.episodes.values()))
+        results["per_class"] = {
+            c: {"iou": float(class_iou[i, at]), "iou_hsnet": float(hsnet_iou[i, at]), "n_episodes": self.episodes[c]}
+            for i, c in enumerate(classes)
+        }
+        return results
+
+
+# ---------------------------------------------------------------------------------------------------- zero-shot
+
+
+class ZeroShotMetrics:
+    """Generalised zero-shot segmentation metrics (JoEm's evaluator, SPEC section 11), streaming.
+
+    A (classes x classes) pixel confusion matrix, rows ground truth, columns prediction, over the pixels whose
+    ground truth is a class (255 and other values >= n_classes are ignored). IoU_c = diag / (row + column - diag),
+    0 for a class absent from both; mIoU over the `seen` classes (background included) and the `unseen` ones;
+    harmonic = 2 S U / (S + U)."""
+
+    def __init__(self, seen: Sequence[int], unseen: Sequence[int], n_classes: int = 21):
+        self.seen, self.unseen, self.n_classes = list(seen), list(unseen), n_classes
+        if set(self.seen) & set(self.unseen) or not self.seen or not self.unseen:
+            raise ValueError(f"seen {self.seen} and unseen {self.unseen} must be non-empty and disjoint")
+        self.matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+
+    def update(self, gt, pred) -> None:
+        """Add images: gt, pred: same-shape integer class maps (any shape; pred values < n_classes)."""
+        gt, pred = np.asarray(gt).reshape(-1), np.asarray(pred).reshape(-1)
+        if gt.shape != pred.shape:
+            raise ValueError(f"gt and pred must have the same shape, got {gt.shape} and {pred.shape}")
+        keep = (gt >= 0) & (gt < self.n_classes)
+        if keep.any() and (pred[keep].min() < 0 or pred[keep].max() >= self.n_classes):
+            raise ValueError(f"pred must hold class ids 0 .. {self.n_classes - 1}")
+        cells = gt[keep].astype(np.int64) * self.n_classes + pred[keep].astype(np.int64)
+        self.matrix += np.bincount(cells, minlength=self.n_classes**2).reshape(self.n_classes, self.n_classes)
+
+    def iou_per_class(self) -> np.ndarray:
+        """(n_classes,) float64: diag / (row + column - diag), NaN (class absent everywhere) -> 0."""
+        diagonal = np.diag(self.matrix).astype(np.float64)
+        union = self.matrix.sum(axis=1) + self.matrix.sum(axis=0) - diagonal
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.nan_to_num(diagonal / union)
+
+    def compute(self) -> dict:
+        """miou_seen, miou_unseen, harmonic, miou (all classes), pixels, per_class {class id: IoU}."""
+        iou = self.iou_per_class()
+        seen, unseen = float(iou[self.seen].mean()), float(iou[self.unseen].mean())
+        return {
+            "miou_seen": seen,
+            "miou_unseen": unseen,
+            "harmonic": 2 * seen * unseen / (seen + unseen) if seen + unseen else 0.0,
+            "miou": float(iou.mean()),
+            "pixels": int(self.matrix.sum()),
+            "per_class": {c: float(iou[c]) for c in range(self.n_classes)},
+        }

@@ -6,7 +6,10 @@ Each rule names its source (README, "Fidelity"); train, score, failure_test, pre
   image as float, `interpolate(bilinear, align_corners=True)`, no antialiasing; masks `interpolate(nearest)`
   (floor). Rule `pil` (the HF processor and the original Quickstart; default of predict.py and the app): PIL's
   antialiased bilinear resize; masks PIL nearest (pixel centres).
-- Normalisation: x / 255, then (x - ImageNet mean) / ImageNet std, in float32 (both rules).
+- Rule `linear` (the Pascal-5i and VOC zero-shot benchmarks, SPEC 9 and 11): bilinear with half-pixel centres and
+  no antialiasing, as OpenCV's INTER_LINEAR and torchvision's tensor Resize (before 0.17) do; masks and label maps
+  OpenCV's INTER_NEAREST (source floor(i / (h / H)) in double precision). `letterbox` is PFENet's test_Resize.
+- Normalisation: x / 255, then (x - ImageNet mean) / ImageNet std, in float32 (every rule).
 - Ground truth from polygons: `polygon2mask` (skimage, as the original CLIPSeg drew PhraseCut: pixel (row r,
   col c) is set iff the point x = c, y = r lies in or on a polygon) for the training target and the paper's
   metrics; `phrasecut` (PIL fill + outline, vertices truncated: PhraseCut's official evaluation) for its metrics.
@@ -15,8 +18,8 @@ Each rule names its source (README, "Fidelity"); train, score, failure_test, pre
 - Visual prompt (`crop_blur_highlight352`): object + 10% of the blurred image around it, box + 10%, square, 352.
 - Logits to pictures: bilinear (`align_corners=False`) to the original size, then sigmoid.
 
-Reading images (`open_rgb`, `load_image`) and masks (`read_mask`) lives here too, with one rule for every mask a
-user gives.
+Reading images (`open_rgb`, `load_image`), masks (`read_mask`) and benchmark label maps (`read_label`) lives here
+too, with one rule for every mask a user gives.
 """
 
 from __future__ import annotations
@@ -35,12 +38,15 @@ from torch import Tensor
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # CLIPSeg normalises with ImageNet statistics, not CLIP's
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SIZE = 352  # training and test resolution of the released models
-RESIZE_RULES = ("original", "pil")
+RESIZE_RULES = ("original", "pil")  # the rules a user chooses between (--resize)
+BENCHMARK_RULES = ("linear",)  # rules only benchmark pipelines use
 RASTER_RULES = ("polygon2mask", "phrasecut")
 MAX_ASPECT = 3  # native-aspect inputs cap the long side at this multiple of the short side
 CROP_TRIES = 50  # the original's find_crop(iterations=50, min_frac=0.05)
 CROP_MIN_FRACTION = 0.05
 MAX_IMAGE_PIXELS = 8192 * 8192
+VOID_LABEL = 255  # label maps: "void" (object borders, unlabelled) and padding, ignored by the benchmarks
+LABEL_MODES = ("P", "L", "I", "I;16")  # index PNGs: palette (VOC SegmentationClass) or grayscale values
 EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how the camera was turned
 _VERTEX_TOLERANCE = 1e-12  # skimage's point_in_polygon counts a point this close to a vertex as on it
 
@@ -61,9 +67,10 @@ class UnreadableImage(Exception):
         self.path, self.reason = str(path), reason
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as upright RGB: EXIF rotation applied; grayscale (8 and 16 bit), palette, CMYK and alpha
-    converted (transparent pixels composited on black). Raises `UnreadableImage` with the reason."""
+def open_rgb(path: str | os.PathLike, upright: bool = True) -> Image.Image:
+    """Open an image file as upright RGB: EXIF rotation applied (unless `upright=False`: the stored pixel grid,
+    which benchmark label maps are drawn on); grayscale (8 and 16 bit), palette, CMYK and alpha converted
+    (transparent pixels composited on black). Raises `UnreadableImage` with the reason."""
     try:
         if os.path.getsize(path) == 0:
             raise UnreadableImage(path, "empty file")
@@ -72,7 +79,7 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
             if width * height > MAX_IMAGE_PIXELS:
                 raise UnreadableImage(path, f"too large ({width}x{height} > {MAX_IMAGE_PIXELS} pixels)")
             image.load()
-            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even upright images
+            if upright and image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even upright ones
                 image = ImageOps.exif_transpose(image)
             return to_rgb(image)
     except UnreadableImage:
@@ -168,6 +175,30 @@ def read_mask(mask: ImageInput) -> tuple[np.ndarray, bool]:
     if peak <= 0:
         return np.zeros(values.shape, dtype=bool), True
     return values >= peak / 2, len(np.unique(values)) <= 2
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """An index PNG (VOC's SegmentationClass palette PNGs, SegmentationClassAug and HSNet's COCO-20i grayscale
+    PNGs) -> (H, W) uint8 of the stored values: class ids, 255 = void. The palette is not looked up and no EXIF
+    rotation is applied (as PIL's `np.array(Image.open(path))`). Raises `UnreadableImage` for a missing or broken
+    file and ValueError for colour PNGs or values above 255."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            values = np.asarray(image)
+    except FileNotFoundError as err:
+        raise UnreadableImage(path, "file not found") from err
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UnreadableImage(path, f"cannot decode ({err})") from err
+    if mode not in LABEL_MODES:
+        raise ValueError(
+            f"{path}: a {mode} image is not a label map; expected an index PNG (mode P or L) whose values are class "
+            "ids, as VOC's SegmentationClass / SegmentationClassAug and HSNet's COCO-20i annotations are"
+        )
+    if values.size and values.max() > 255:
+        raise ValueError(f"{path}: label values go up to {values.max()}; class ids must be 0-255")
+    return values.astype(np.uint8)
 
 
 def rasterise(polygons: Sequence, height: int, width: int, rule: str = "polygon2mask") -> np.ndarray:
@@ -283,8 +314,8 @@ def denormalise(pixel_values: Tensor) -> Tensor:
 
 
 def check_rule(rule: str) -> str:
-    if rule not in RESIZE_RULES:
-        raise ValueError(f"unknown resize rule {rule!r}; choose one of {', '.join(RESIZE_RULES)}")
+    if rule not in RESIZE_RULES + BENCHMARK_RULES:
+        raise ValueError(f"unknown resize rule {rule!r}; choose one of {', '.join(RESIZE_RULES + BENCHMARK_RULES)}")
     return rule
 
 
@@ -294,8 +325,9 @@ def resize_pixels(
     """RGB image (PIL, or (H, W, 3) uint8 array) -> (3, h, w) float32 ImageNet-normalised, size = (w, h).
 
     rule "original": the uint8 image as float, `interpolate(bilinear, align_corners=True)`, no antialiasing;
-    rule "pil": PIL's bilinear resize (antialiased when shrinking), as the HF processor does. `adjust`: see
-    `normalise`."""
+    rule "pil": PIL's bilinear resize (antialiased when shrinking), as the HF processor does; rule "linear":
+    `interpolate(bilinear, align_corners=False)`, no antialiasing (OpenCV's INTER_LINEAR on float images).
+    `adjust`: see `normalise`."""
     width, height = size
     if check_rule(rule) == "pil":
         pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
@@ -303,20 +335,73 @@ def resize_pixels(
             pil = pil.resize((width, height), Image.BILINEAR)
         return normalise(torch.from_numpy(np.array(pil, dtype=np.float32)).permute(2, 0, 1), adjust)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float()
-    pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=True)
+    if (height, width) != tuple(pixels.shape[-2:]):
+        corners = rule == "original"
+        pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=corners)
     return normalise(pixels[0], adjust)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int], rule: str) -> np.ndarray:
-    """bool (H, W) mask -> bool (h, w), size = (w, h). rule "original": `interpolate(mode="nearest")`, which takes
-    source pixel floor(i * H / h); rule "pil": PIL's nearest, which samples pixel centres."""
+    """bool (H, W) mask -> bool (h, w), size = (w, h), by `resize_labels`'s nearest-neighbour rule."""
+    return resize_labels(np.asarray(mask, dtype=np.uint8), size, rule).astype(bool)
+
+
+def resize_labels(labels: np.ndarray, size: tuple[int, int], rule: str) -> np.ndarray:
+    """(H, W) uint8 label map -> (h, w) uint8 by nearest neighbour, size = (w, h). Rule "original":
+    `interpolate(mode="nearest")`, source pixel floor(i * H / h); "pil": PIL's nearest, which samples pixel
+    centres; "linear": OpenCV's INTER_NEAREST, source floor(i * (1 / (h / H))) in double precision."""
     width, height = size
     if check_rule(rule) == "original":
-        values = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None]
-        return F.interpolate(values, size=(height, width), mode="nearest")[0, 0].numpy().astype(bool)
-    rows = ((np.arange(height) + 0.5) * mask.shape[0] / height).astype(np.int64)
-    cols = ((np.arange(width) + 0.5) * mask.shape[1] / width).astype(np.int64)
-    return mask[rows][:, cols]
+        values = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8))[None, None]
+        return F.interpolate(values, size=(height, width), mode="nearest")[0, 0].numpy()
+    if rule == "pil":
+        rows = ((np.arange(height) + 0.5) * labels.shape[0] / height).astype(np.int64)
+        cols = ((np.arange(width) + 0.5) * labels.shape[1] / width).astype(np.int64)
+    else:
+        rows = np.minimum(np.floor(np.arange(height) * (1.0 / (height / labels.shape[0]))), labels.shape[0] - 1)
+        cols = np.minimum(np.floor(np.arange(width) * (1.0 / (width / labels.shape[1]))), labels.shape[1] - 1)
+    return np.ascontiguousarray(labels[rows.astype(np.int64)][:, cols.astype(np.int64)])
+
+
+def letterbox_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) PFENet's test_Resize(size) gives an image: unchanged when max(H, W) <= size; else the long side
+    becomes `size` and the short side int(short * size / long), both floored to multiples of 8."""
+    if max(height, width) <= size:
+        return height, width
+    if height >= width:
+        new_height, new_width = size, int(width * (size * 1.0 / height))
+    else:
+        new_height, new_width = int(height * (size * 1.0 / width)), size
+    return new_height // 8 * 8, new_width // 8 * 8
+
+
+def letterbox(image: Image.Image | np.ndarray, labels: np.ndarray, size: int) -> tuple[Tensor, np.ndarray]:
+    """PFENet's test_Resize (the original's Pascal-5i pipeline, SPEC 9): the image resized to `letterbox_size`
+    by rule "linear" and placed top-left on a size x size canvas of zeros (black after normalisation, not the
+    mean colour); the label map likewise by OpenCV's nearest on a canvas of 255 (void).
+    image: RGB (H, W); labels: (H, W) uint8. Returns (3, size, size) normalised pixels and (size, size) uint8."""
+    height, width = labels.shape
+    new_height, new_width = letterbox_size(height, width, size)
+    pixels = normalise(torch.zeros(3, size, size))
+    pixels[:, :new_height, :new_width] = resize_pixels(image, (new_width, new_height), "linear")
+    canvas = np.full((size, size), VOID_LABEL, dtype=np.uint8)
+    canvas[:new_height, :new_width] = resize_labels(labels, (new_width, new_height), "linear")
+    return pixels, canvas
+
+
+def unletterbox(probabilities: Tensor, height: int, width: int) -> Tensor:
+    """(S, S) probabilities on a `letterbox` canvas -> (H, W) on the original image. As the original scores
+    Pascal-5i: bilinear (`align_corners=True`) up to max(H, W) squared, of which the image is the top-left part.
+    An image that was not resized (max(H, W) <= S) is the canvas's top-left H x W as it is (the original resizes
+    the whole canvas to max(H, W) there too, which shifts the prediction off the image)."""
+    size = probabilities.shape[-1]
+    longest = max(height, width)
+    if longest <= size:
+        return probabilities[:height, :width]
+    resized = F.interpolate(
+        probabilities[None, None].float(), size=(longest, longest), mode="bilinear", align_corners=True
+    )
+    return resized[0, 0, :height, :width]
 
 
 def choose_crop(mask: np.ndarray, offsets: Sequence[tuple[int, int]], min_fraction: float = CROP_MIN_FRACTION):

@@ -3,6 +3,7 @@
     python score.py pc                                    # checkpoints/pc on the PhraseCut test split
     python score.py --model CIDAS/clipseg-rd64-refined    # the released weights (hub id, directory or .pth)
     python score.py demo --data synthetic --shuffle-prompts
+    python score.py demo --data pascal5i --data-root synthetic_voc    # one-/zero-shot: README, "Benchmarks"
 
 Paper metrics (Table 3: mIoU, IoU_FG, AP; plus IoU_BIN) are computed as the original does: on the S x S
 prediction against the ground truth drawn with `polygon2mask` and squashed to S x S (nearest), from per-sample
@@ -29,6 +30,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import dataset as datasets
+import fewshot_runs
+from fewshot import BENCHMARKS
 from inference import SkipLog, TaskBatch, predict_tasks
 from metrics import PAPER_THRESHOLDS, PaperMetrics, PhraseCutMetrics
 from model import AMP_HELP, PATCH_SIZE, CLIPSeg
@@ -164,10 +167,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
-        choices=DATA_KINDS,
+        choices=DATA_KINDS + BENCHMARKS,
         default="phrasecut",
         help="phrasecut: the downloaded data set; synthetic: generated PhraseCut-format data (made if absent); "
-        "folder: your own JSONL/CSV index of image, phrase, mask (default %(default)s)",
+        "folder: your own JSONL/CSV index of image, phrase, mask; pascal5i, coco20i (one-shot), voc-zeroshot: the "
+        "paper's other benchmarks, see the benchmark options (default %(default)s)",
     )
     parser.add_argument(
         "--data-root",
@@ -360,6 +364,16 @@ def default_output(run_dir: Path | None, model: str, split: str, shuffled: bool,
     return Path("scores") / f"{safe_name(model.lower())}_{split}{suffix}.json"
 
 
+def benchmark_model(args: argparse.Namespace, fold: int | None) -> tuple[CLIPSeg, str]:
+    """The model of a benchmark run (of `fold`, for a run name with "{fold}") and where it came from."""
+    name = args.name.replace("{fold}", str(fold)) if args.name and fold is not None else args.name
+    try:
+        source, _ = resolve_model(name, args.model, Path(args.checkpoints_dir), args.checkpoint)
+        return load_model(source, args.backbone, args.device), source
+    except ScoreError as err:
+        sys.exit(f"error: {err}")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Score a model on a PhraseCut-format split: the paper's mIoU, IoU_FG, AP and IoU_BIN (at "
@@ -372,9 +386,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threshold",
         type=float,
-        default=DEFAULT_THRESHOLD,
+        default=None,
         help="a pixel is positive iff probability > this: the paper metrics' reporting threshold (one of 0.02, "
-        "0.04, ..., 0.98), PhraseCut's metrics and the PNGs (default %(default)s)",
+        f"0.04, ..., 0.98), PhraseCut's metrics and the PNGs (default {DEFAULT_THRESHOLD}; coco20i 0.1)",
     )
     parser.add_argument(
         "--out",
@@ -394,8 +408,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"give every sample the phrase of another sample (fixed seed {SHUFFLE_SEED}): scores should collapse "
         "if the model uses the prompt",
     )
+    fewshot_runs.add_arguments(parser)
     args = parser.parse_args(argv)
     check_common_arguments(parser, args)
+    fewshot_runs.check_arguments(parser, args)
+    if args.shuffle_prompts and fewshot_runs.handles(args):
+        parser.error("--shuffle-prompts is for text prompts on PhraseCut-format data")
     if not np.isclose(PAPER_THRESHOLDS, args.threshold, rtol=0, atol=1e-9).any():
         parser.error(f"--threshold must be one of the paper's 0.02, 0.04, ..., 0.98, got {args.threshold}")
     if args.name is None and args.model is None:
@@ -406,6 +424,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """The CLI. Returns the results dict (also written as JSON). Exits with a message for unusable input."""
     args = parse_args(argv)
+    if fewshot_runs.handles(args):  # one-shot, zero-shot and visual-prompt benchmarks (fewshot_runs.py)
+        results = fewshot_runs.run(args, lambda fold: benchmark_model(args, fold))
+        print(format_table(results) if args.data in DATA_KINDS else fewshot_runs.format_results(results))
+        return results
     try:
         source, run_dir = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
         model = load_model(source, args.backbone, args.device)

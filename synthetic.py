@@ -2,9 +2,14 @@
 
 `make_synthetic_phrasecut` writes a PhraseCut (VGPhraseCut_v0) in the official layout and JSON schema: scenes of a
 few coloured shapes on textured backgrounds, phrases from a small grammar that refer to exactly the shapes they
-describe. Deterministic for a seed.
+describe. `make_synthetic_voc` writes Pascal VOC 2012 (SegmentationClassAug and SegmentationClass PNGs with 255
+borders, ImageSets) with PFENet's list and HSNet's fold files; `make_synthetic_coco` writes COCO-20i in HSNet's
+layout (class PNGs, fold pickles) and COCO 2014's instances JSON. In the VOC and COCO scenes every class is one
+shape in one colour. Deterministic for a seed.
 
     python synthetic.py phrasecut --root synthetic_phrasecut --n-images 400 --seed 0
+    python synthetic.py voc --root synthetic_voc --n-images 40
+    python synthetic.py coco --root synthetic_coco --n-images 60
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +31,7 @@ from tqdm import tqdm
 
 from dataset import DATA_SUBDIR, DEFAULT_SYNTHETIC_ROOT, SPLITS
 from outputs import write_json
+from wordnet_classes import COCO_CLASSES, COCO_FOLDS, PASCAL_CLASSES, PASCAL_FOLDS, pascal_fold_classes
 
 COLOURS = {
     "red": (215, 35, 35),
@@ -38,6 +45,14 @@ SIZE_WORDS = {"small": (0.09, 0.12), "large": (0.17, 0.22)}  # radius as a fract
 RELATIONS = ("left of", "right of", "above", "below")
 PHRASE_TYPE_SHARES = {"name": 0.3, "attribute": 0.5, "relation": 0.2}
 SPLIT_SHARES = (("val", 0.15), ("test", 0.10), ("miniv", 0.05))
+DEFAULT_VOC_ROOT, DEFAULT_COCO_ROOT = "synthetic_voc", "synthetic_coco"
+OBJECT_AREA = 3600  # pixels of a "large" VOC/COCO object, well above PFENet's 2 * 32 * 32 filter
+SMALL_OBJECT_AREA = 500  # below it
+BORDER = 2  # VOC's void band: pixels each side of an object's outline labelled 255
+# COCO's category ids of its 80 classes (the JSON's ids are not contiguous)
+COCO_CATEGORY_IDS = (
+    *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83), *range(84, 91)
+)  # fmt: skip
 
 
 @dataclass
@@ -270,6 +285,193 @@ def _vocabulary_counts(tasks_by_split: dict[str, list]) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------- VOC and COCO
+
+
+def voc_palette() -> list[int]:
+    """VOC's 256-colour palette (the bits of the index spread over R, G, B): 0 black, 255 = (224, 224, 192)."""
+    palette = []
+    for index in range(256):
+        red = green = blue = 0
+        value = index
+        for bit in range(8):
+            red |= ((value >> 0) & 1) << (7 - bit)
+            green |= ((value >> 1) & 1) << (7 - bit)
+            blue |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette += [red, green, blue]
+    return palette
+
+
+def _class_style(class_id: int) -> tuple[str, tuple[int, int, int]]:
+    """Class -> (shape kind, RGB colour): one shape and one saturated colour per class."""
+    hue = (class_id * 0.61803398875) % 1.0
+    rgb = Image.new("HSV", (1, 1), (int(hue * 255), 200 + class_id % 3 * 25, 150 + class_id % 4 * 30)).convert("RGB")
+    return SHAPES[class_id % len(SHAPES)], rgb.getpixel((0, 0))
+
+
+def _object_polygon(kind: str, cx: float, cy: float, area: float, rng: np.random.Generator) -> np.ndarray:
+    factor = {"circle": 24 / 2 * math.sin(2 * math.pi / 24), "square": 2.0, "triangle": 3 * math.sqrt(3) / 4}[kind]
+    return _shape_polygon(kind, cx, cy, math.sqrt(area / factor), float(rng.uniform(-0.3, 0.3)))
+
+
+def _draw_scene(
+    rng: np.random.Generator, size: tuple[int, int], objects: list[tuple[int, float, float, float]]
+) -> tuple[Image.Image, np.ndarray, list[tuple[int, np.ndarray]]]:
+    """objects: (class id, centre x, centre y, area) -> (RGB image, uint8 class map without borders, polygons)."""
+    width, height = size
+    canvas = Image.fromarray(np.clip(_background(rng, width, height), 0, 255).astype(np.uint8))
+    labels = Image.new("L", size, 0)
+    draw, draw_labels = ImageDraw.Draw(canvas), ImageDraw.Draw(labels)
+    polygons = []
+    for class_id, cx, cy, area in objects:
+        kind, colour = _class_style(class_id)
+        polygon = _object_polygon(kind, cx, cy, area, rng)
+        points = polygon.astype(np.int64).ravel().tolist()
+        draw.polygon(points, fill=tuple(int(np.clip(c + rng.integers(-10, 11), 0, 255)) for c in colour))
+        draw_labels.polygon(points, fill=class_id)
+        polygons.append((class_id, polygon))
+    return canvas, np.asarray(labels).copy(), polygons
+
+
+def _void_borders(labels: np.ndarray, width: int = BORDER) -> np.ndarray:
+    """Label map with a band of 255 `width` pixels each side of every boundary between different labels."""
+    padded = np.pad(labels, width, mode="edge")
+    height, breadth = labels.shape
+    edge = np.zeros(labels.shape, dtype=bool)
+    for dy in range(-width, width + 1):
+        for dx in range(-width, width + 1):
+            edge |= padded[width + dy : width + dy + height, width + dx : width + dx + breadth] != labels
+    return np.where(edge, 255, labels).astype(np.uint8)
+
+
+def _save_png(path: Path, labels: np.ndarray, palette: list[int] | None = None) -> None:
+    image = Image.fromarray(labels, mode="L")
+    if palette is not None:
+        image = image.convert("P")
+        image.putpalette(palette)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+
+
+def _write_lines(path: Path, lines: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{line}\n" for line in lines))
+
+
+def make_synthetic_voc(root: str | os.PathLike = DEFAULT_VOC_ROOT, n_images: int = 40, seed: int = 0) -> Path:
+    """Write a synthetic Pascal VOC 2012 at `<root>/VOC2012/` plus PFENet's and HSNet's lists; returns the VOC dir.
+
+    VOC2012/JPEGImages/<id>.jpg; SegmentationClassAug/<id>.png (mode L) and SegmentationClass/<id>.png (mode P,
+    VOC palette): class ids 1-20, 0 background, 255 on a band around every object; ImageSets/Segmentation/
+    {train,val,trainval}.txt (a quarter of the images train, at least 20 val). <root>/lists/pascal/val.txt (PFENet:
+    "JPEGImages/<id>.jpg SegmentationClassAug/<id>.png" per val image) and <root>/splits/pascal/val/fold<k>.txt
+    (HSNet: "<id>__<cc>" for each val image and fold class with at least 2,048 pixels). Val image j holds two
+    large objects of classes 2j mod 20 + 1 and 2j + 1 mod 20 + 1 (every class twice in 20 images) and sometimes a
+    small one (under PFENet's 2,048-pixel filter)."""
+    if n_images < 20:
+        raise ValueError(f"n_images must be at least 20 (every class in two val images), got {n_images}")
+    root = Path(root)
+    voc = root / "VOC2012"
+    (voc / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    palette, n_val = voc_palette(), max(20, n_images - n_images // 4)
+    splits: dict[str, list[str]] = {"train": [], "val": []}
+    hsnet: dict[int, list[str]] = {fold: [] for fold in range(PASCAL_FOLDS)}
+    n_classes = len(PASCAL_CLASSES)
+    for number in range(n_images):
+        rng = np.random.default_rng([seed, number, 7])
+        image_id = f"{2007 + number // 1000}_{number % 1000:06d}"
+        split = "val" if number < n_val else "train"
+        width, height = int(rng.integers(260, 321)), int(rng.integers(180, 241))
+        first, second = 2 * number % n_classes + 1, (2 * number + 1) % n_classes + 1
+        objects = [
+            (first, width * 0.25 + rng.uniform(-8, 8), height / 2 + rng.uniform(-10, 10), OBJECT_AREA),
+            (second, width * 0.75 + rng.uniform(-8, 8), height / 2 + rng.uniform(-10, 10), OBJECT_AREA),
+        ]
+        if rng.random() < 0.5:
+            corner_x, corner_y = rng.choice([0.12, 0.88]) * width, rng.choice([0.15, 0.85]) * height
+            objects.append((int(rng.integers(1, n_classes + 1)), corner_x, corner_y, SMALL_OBJECT_AREA))
+        image, labels, _ = _draw_scene(rng, (width, height), objects)
+        labels = _void_borders(labels)
+        image.save(voc / "JPEGImages" / f"{image_id}.jpg", quality=92)
+        _save_png(voc / "SegmentationClassAug" / f"{image_id}.png", labels)
+        _save_png(voc / "SegmentationClass" / f"{image_id}.png", labels, palette)
+        splits[split].append(image_id)
+        if split == "val":
+            for fold in range(PASCAL_FOLDS):
+                classes = [c for c in pascal_fold_classes(fold) if (labels == c).sum() >= 2 * 32 * 32]
+                hsnet[fold] += [f"{image_id}__{c:02d}" for c in classes]
+    sets = voc / "ImageSets" / "Segmentation"
+    for name, ids in (
+        ("train", splits["train"]),
+        ("val", splits["val"]),
+        ("trainval", splits["train"] + splits["val"]),
+    ):
+        _write_lines(sets / f"{name}.txt", ids)
+    _write_lines(
+        root / "lists" / "pascal" / "val.txt",
+        [f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png" for i in splits["val"]],
+    )
+    for fold, lines in hsnet.items():
+        _write_lines(root / "splits" / "pascal" / "val" / f"fold{fold}.txt", lines)
+    return voc
+
+
+def make_synthetic_coco(root: str | os.PathLike = DEFAULT_COCO_ROOT, n_images: int = 60, seed: int = 0) -> Path:
+    """Write a synthetic COCO-20i validation set at `root` in HSNet's layout and COCO 2014's; returns `root`.
+
+    val2014/COCO_val2014_<id:012d>.jpg; annotations/val2014/<same stem>.png (mode L: COCO class index + 1, 0 other);
+    annotations/instances_val2014.json (COCO's schema: polygon segmentations, COCO's 80 categories and ids);
+    splits/coco/val/fold<k>.pkl ({class index: ["val2014/<file>.jpg", ...]} for all 80 classes, non-empty only
+    for the fold's). Image j holds 3 objects of classes 3j, 3j + 1, 3j + 2 (mod 80) in separate thirds of the
+    image, so every class is in at least 2 images once n_images >= 54."""
+    if n_images < 54:
+        raise ValueError(f"n_images must be at least 54 (every class in two images), got {n_images}")
+    root = Path(root)
+    (root / "val2014").mkdir(parents=True, exist_ok=True)
+    n_classes = len(COCO_CLASSES)
+    images, annotations = [], []
+    classwise: dict[int, list[str]] = {c: [] for c in range(n_classes)}
+    for number in range(n_images):
+        rng = np.random.default_rng([seed, number, 11])
+        image_id = 100 + number * 7
+        stem = f"COCO_val2014_{image_id:012d}"
+        width, height = int(rng.integers(300, 361)), int(rng.integers(150, 201))
+        classes = [(3 * number + k) % n_classes for k in range(3)]
+        objects = [
+            (c + 1, width * (2 * k + 1) / 6 + rng.uniform(-5, 5), height / 2 + rng.uniform(-8, 8), OBJECT_AREA / 2)
+            for k, c in enumerate(classes)
+        ]
+        image, labels, polygons = _draw_scene(rng, (width, height), objects)
+        image.save(root / "val2014" / f"{stem}.jpg", quality=92)
+        _save_png(root / "annotations" / "val2014" / f"{stem}.png", labels)
+        images.append({"id": image_id, "file_name": f"{stem}.jpg", "width": width, "height": height})
+        for value, polygon in polygons:
+            (left, top), (right, bottom) = polygon.min(axis=0), polygon.max(axis=0)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": COCO_CATEGORY_IDS[value - 1],
+                    "segmentation": [np.round(polygon, 2).ravel().tolist()],
+                    "area": float(np.count_nonzero(labels == value)),
+                    "bbox": [round(float(v), 2) for v in (left, top, right - left, bottom - top)],
+                    "iscrowd": 0,
+                }
+            )
+            classwise[value - 1].append(f"val2014/{stem}.jpg")
+    categories = [{"id": i, "name": n, "supercategory": "thing"} for i, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES)]
+    (root / "annotations" / "instances_val2014.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    for fold in range(COCO_FOLDS):
+        table = {c: (sorted(classwise[c]) if c % COCO_FOLDS == fold else []) for c in range(n_classes)}
+        path = root / "splits" / "coco" / "val" / f"fold{fold}.pkl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(table))
+    return root
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     formats = parser.add_subparsers(dest="format", required=True)
@@ -288,7 +490,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     phrasecut.add_argument(
         "--seed", type=int, default=0, help="random seed; the same seed writes the same data (default: %(default)s)"
     )
+    for name, maker, default_root, default_images in (
+        ("voc", "Pascal VOC 2012 with PFENet's list and HSNet's folds", DEFAULT_VOC_ROOT, 40),
+        ("coco", "COCO-20i val in HSNet's layout and COCO's instances JSON", DEFAULT_COCO_ROOT, 60),
+    ):
+        sub = formats.add_parser(name, help=f"a synthetic {maker}")
+        sub.add_argument("--root", default=default_root, help="output dir (default: %(default)s)")
+        sub.add_argument("--n-images", type=int, default=default_images, help="number of images (default: %(default)s)")
+        sub.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.format == "voc":
+        print(f"wrote {args.n_images} images to {make_synthetic_voc(args.root, args.n_images, args.seed)}")
+        return
+    if args.format == "coco":
+        print(f"wrote {args.n_images} images to {make_synthetic_coco(args.root, args.n_images, args.seed)}")
+        return
     data_dir = make_synthetic_phrasecut(args.root, args.n_images, args.seed, progress=True)
     counts = {split: len(json.loads((data_dir / f"refer_{split}.json").read_text())) for split in SPLITS}
     print(f"wrote {args.n_images} images to {data_dir}; tasks per split: {counts}")

@@ -23,8 +23,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import re
 import signal
 import sys
 import time
@@ -39,17 +37,43 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import checkpoints
 import dataset as datasets
 from checkpoints import RunFiles
+from cli import (
+    DefaultsHelpFormatter,
+    dropout_rate,
+    explicit_flags,
+    image_size,
+    layer_list,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    run_name,
+    step_list,
+    weight_range,
+)
 from inference import predict_tasks
 from metrics import PaperMetrics
 from model import DEFAULT_BACKBONE, CLIPSeg, tiny_clip_config
 from model import amp_dtype as model_amp_dtype
 from preprocess import RESIZE_RULES
+from sampling import (
+    Distributed,
+    InfiniteBatchSampler,
+    all_reduce_sum,
+    batches_from,
+    build_loader,
+    derived_seed,
+    setup_distributed,
+    threads_beside_workers,
+)
+from wordnet_classes import WordNetMissing, parse_removal
 
 # Flags that may differ from the stored run arguments when resuming; all others must match.
 RESUME_OVERRIDABLE = (
@@ -62,103 +86,15 @@ class TrainingError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
-# ------------------------------------------------------------------------------------------ command line
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None ones (their help text says what None means)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
-    return value
-
-
-def dropout_rate(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def image_size(text: str) -> int:
-    value = positive_int(text)
-    if value % 16:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (the patch size), got {text}")
-    return value
-
-
-def layer_list(text: str) -> tuple[int, ...]:
+def removal_spec(text: str) -> str:
     try:
-        layers = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated block indices such as 3,6,9, got {text!r}") from None
-    if any(i < 0 for i in layers) or list(layers) != sorted(set(layers)):
-        raise argparse.ArgumentTypeError(f"must be strictly increasing non-negative indices, got {text!r}")
-    return layers
-
-
-def run_name(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text):
-        raise argparse.ArgumentTypeError(
-            f"must be a plain directory name (letters, digits, '.', '_', '-'; no '/' or '..'), got {text!r}"
-        )
+        parse_removal(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
     return text
 
 
-def step_list(text: str) -> tuple[int, ...]:
-    try:
-        steps = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be comma-separated iterations such as 5000,10000, got {text!r}"
-        ) from None
-    if not steps or steps[0] <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive iterations, got {text!r}")
-    return steps
-
-
-def weight_range(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be two numbers A,B such as 0,0.5, got {text!r}") from None
-    if not 0 <= low <= high <= 1:
-        raise argparse.ArgumentTypeError(f"must satisfy 0 <= A <= B <= 1, got {text!r}")
-    return low, high
+# ------------------------------------------------------------------------------------------ command line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the vision tower runs once per crop; a batch then holds batch-size / K crops (a departure from the "
         "recipe: fewer distinct images per batch). Default 1 = the recipe",
     )
+    data.add_argument(
+        "--remove-classes",
+        type=removal_spec,
+        default=None,
+        metavar="pas5i:K|zs:K|aff",
+        help="fold-aware training: drop the PhraseCut tasks whose phrase names a test class of Pascal-5i fold K, "
+        "of the first K zero-shot pairs (WordNet hyponyms included; needs nltk and WordNet, README) or an "
+        "affordance word",
+    )
     data.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader worker processes")
     data.add_argument(
         "--text-cache-size", type=positive_int, default=100_000, help="phrases whose text embedding is kept"
@@ -328,6 +273,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.data == "folder" and args.data_root is None:
         parser.error("--data=folder needs --data-root=<your JSONL or CSV index file>")
+    if args.data == "folder" and args.remove_classes:
+        parser.error("--remove-classes filters PhraseCut-format data (--data phrasecut or synthetic)")
     if args.init is not None and args.backbone is not None and Path(args.init).suffix not in (".pth", ".pt"):
         parser.error("--backbone goes with --init only for an original .pth decoder; HF checkpoints carry their CLIP")
     if args.extract_layers is not None and args.init is not None:
@@ -344,173 +291,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
-    """Destinations of the flags given on the command line (not defaults)."""
-    probe = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
-            if isinstance(action, argparse.BooleanOptionalAction):
-                probe.add_argument(*action.option_strings, action=argparse.BooleanOptionalAction, **kwargs)
-            elif action.nargs == 0:
-                probe.add_argument(*action.option_strings, action="store_const", const=True, **kwargs)
-            else:
-                probe.add_argument(*action.option_strings, **kwargs)
-    known, _ = probe.parse_known_args(argv)
-    return set(vars(known))
-
-
-# ----------------------------------------------------------------------------------------- distribution
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_flag: str | None) -> tuple[Distributed, torch.device]:
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK, pick the device and join the process group (NCCL on GPUs,
-    gloo on CPU)."""
-    world = Distributed(
-        int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    )
-    name = device_flag or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError(f"--device={name} but CUDA is not available; use --device=cpu")
-        if device.index is None:
-            device = torch.device("cuda", world.local_rank if world.enabled else torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    if world.enabled and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return world, device
-
-
-def all_reduce_sum(values: Sequence[float], world: Distributed, device: torch.device) -> list[float]:
-    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
-    if world.enabled:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-# ---------------------------------------------------------------------------------------- sample stream
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed that is a fixed function of `parts` (run seed, step, rank, sample position ...)."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-class InfiniteBatchSampler:
-    """Batches of (dataset index, sample seed) for one rank, from a seeded endless stream of epochs.
-
-    The global stream is a fresh permutation per epoch (seeded by run seed and epoch); global batch `step` holds
-    stream positions step*B .. step*B + B - 1, of which rank r takes its contiguous slice of B/world. The stream
-    is a pure function of (seed, step), so resuming at step k with any number of workers continues exactly.
-    """
-
-    def __init__(self, n_samples: int, global_batch: int, seed: int, start_step: int, world: Distributed):
-        if n_samples == 0:
-            raise TrainingError("the training set is empty")
-        self.n_samples, self.global_batch, self.seed = n_samples, global_batch, seed
-        self.start_step, self.world = start_step, world
-        self.local_batch = global_batch // world.world_size
-        self._epoch, self._order = -1, None
-
-    def _index(self, position: int) -> int:
-        epoch, offset = divmod(position, self.n_samples)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
-            self._epoch, self._order = epoch, torch.randperm(self.n_samples, generator=generator).tolist()
-        return self._order[offset]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        step = self.start_step
-        while True:
-            first = step * self.global_batch + self.world.rank * self.local_batch
-            yield [(self._index(p), derived_seed(self.seed, p, 1)) for p in range(first, first + self.local_batch)]
-            step += 1
-
-
-class SeededSamples(Dataset):
-    """Wraps a training set so that item (index, seed) is drawn with its own random stream: the crop, negative
-    and template choices then depend only on the sample's stream position, not on the worker count or on where
-    a run was resumed (tests/test_train.py checks resume bitwise)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, seed = key
-        if hasattr(self.dataset, "reseed"):
-            self.dataset.reseed(seed)
-        return self.dataset[index]
-
-
-def worker_init(_: int) -> None:
-    # Ctrl-C or a SIGTERM to the process group reaches the workers too; the main process saves a checkpoint and then
-    # shuts them down itself (a worker killed first would make the DataLoader raise before the save).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def build_loader(dataset: Dataset, sampler: InfiniteBatchSampler, num_workers: int, pin: bool) -> DataLoader:
-    return DataLoader(
-        SeededSamples(dataset),
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=datasets.collate,
-        pin_memory=pin,
-        worker_init_fn=worker_init if num_workers else None,
-    )
-
-
-@contextlib.contextmanager
-def batches_from(loader: DataLoader) -> Iterator[Iterator[dict]]:
-    """Iterate the loader and stop its workers on the way out. Left to interpreter exit, the workers (which
-    ignore SIGTERM, see worker_init) would make multiprocessing's exit handler wait for them forever."""
-    iterator = iter(loader)
-    try:
-        yield iterator
-    finally:
-        shutdown = getattr(iterator, "_shutdown_workers", None)  # only the multi-process iterator has workers
-        if shutdown is not None:
-            shutdown()
-
-
-@contextlib.contextmanager
-def threads_beside_workers(device: torch.device, num_workers: int) -> Iterator[None]:
-    """On the CPU, leave one core to each DataLoader worker: the training step's threads otherwise compete with
-    the workers (the demo ran 1.46x faster on 2 cores with 1 worker and 1 thread than with 1 worker and 2
-    threads). OMP_NUM_THREADS, when set (torchrun sets it), is respected."""
-    if device.type != "cpu" or num_workers == 0 or "OMP_NUM_THREADS" in os.environ:
-        yield
-        return
-    previous = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores - num_workers))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def build_training_set(args: argparse.Namespace) -> Dataset:
     root = data_root(args)
     if args.data == "phrasecut" and not Path(root).exists():
@@ -520,21 +300,26 @@ def build_training_set(args: argparse.Namespace) -> Dataset:
         )
     if args.data == "folder" and not Path(root).is_file():
         raise TrainingError(f"--data-root={root}: no such index file (a JSONL or CSV of image, phrase, mask)")
-    return datasets.build_dataset(
-        args.data,
-        root,
-        args.split,
-        train=True,
-        image_size=args.image_size,
-        negative_prob=args.negative_prob,
-        whole_image_prob=args.whole_image_prob,
-        resize=args.resize,
-        visual_support=args.mix,
-        templates=datasets.PROMPT_TEMPLATES[prompt_templates(args)],
-        colour_jitter=args.aug_color,
-        prompts_per_image=args.prompts_per_image,
-        seed=args.seed,
-    )
+    removal = {"remove_classes": args.remove_classes} if getattr(args, "remove_classes", None) else {}
+    try:
+        return datasets.build_dataset(
+            args.data,
+            root,
+            args.split,
+            train=True,
+            image_size=args.image_size,
+            negative_prob=args.negative_prob,
+            whole_image_prob=args.whole_image_prob,
+            resize=args.resize,
+            visual_support=args.mix,
+            templates=datasets.PROMPT_TEMPLATES[prompt_templates(args)],
+            colour_jitter=args.aug_color,
+            prompts_per_image=args.prompts_per_image,
+            seed=args.seed,
+            **removal,
+        )
+    except WordNetMissing as err:
+        raise TrainingError(f"--remove-classes {args.remove_classes}: {err}") from err
 
 
 def data_root(args: argparse.Namespace) -> str | None:
@@ -1063,7 +848,10 @@ class TrainingLoop:
 
 def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
     """Run (or resume) the training described by `args`; `dataset` replaces the one --data names (tests)."""
-    world, device = setup_distributed(args.device)
+    try:
+        world, device = setup_distributed(args.device)
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
     files = RunFiles(Path(args.checkpoints_dir) / args.name)
     if args.resume:
         args = stored_args(files, args)
@@ -1100,11 +888,17 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
     loop = TrainingLoop(args, model, files, world, device, validation)
     if state is not None:
         loop.restore(state)
+    if not len(dataset):
+        raise TrainingError("the training set is empty")
     sampler = InfiniteBatchSampler(len(dataset), crops, args.seed, loop.step, world)
     loader = build_loader(dataset, sampler, args.num_workers, pin=device.type == "cuda")
     if world.is_main:
         announce(args, model, dataset, world, device, loop.dtype, loop.step, validation)
         checkpoints.rewrite_log(files.log, checkpoints.read_log(files.log, up_to_step=loop.step))
+        if getattr(args, "remove_classes", None):
+            record = {"step": loop.step, "remove_classes": args.remove_classes, "removed": removed_count(dataset)}
+            with open(files.log, "a") as log:
+                log.write(json.dumps(record) + "\n")
         for leftover in files.dir.glob(".*.tmp"):  # from a write cut short by a kill
             leftover.unlink()
     if loop.step >= args.max_iterations:
@@ -1130,9 +924,19 @@ def announce(args, model, dataset, world, device, dtype, start_step: int, valida
             if validation
             else ""
         )
-        + (f"; {len(excluded)} task(s) excluded while indexing (e.g. {excluded[0]})" if excluded else ""),
+        + (f"; {len(excluded)} task(s) excluded while indexing (e.g. {excluded[0]})" if excluded else "")
+        + (
+            f"; --remove-classes {args.remove_classes} removed {removed_count(dataset)} task(s)"
+            if getattr(args, "remove_classes", None)
+            else ""
+        ),
         flush=True,
     )
+
+
+def removed_count(dataset: Dataset) -> int | None:
+    """Tasks --remove-classes dropped (None for a data set that was not filtered)."""
+    return getattr(dataset, "removed", None)
 
 
 def amp_description(requested: bool, dtype: torch.dtype | None, device: torch.device) -> str:

@@ -1,5 +1,5 @@
-"""Shared fixtures: a small synthetic PhraseCut generated once per test session, a tiny saved CLIPSeg, and the
-path of Debian's chromium for browser tests (`require` skips a test whose system package is missing, failing
+"""Shared fixtures: small synthetic PhraseCut, VOC and COCO-20i data and a tiny model, made once per session, and
+the path of Debian's chromium for browser tests (`require` skips a test whose system package is missing, failing
 instead under CI=true).
 
 32 images, seed 0: 61 train, 16 val, 10 test and 5 miniv tasks (score tests need at least 6 test tasks).
@@ -28,19 +28,30 @@ def synthetic_root(tmp_path_factory) -> Path:
     return root
 
 
-def require(package: str, install: str) -> None:
-    """Skip a test that needs a missing `package`, naming it and how to install it; under CI (CI=true) fail
-    instead, so that CI never passes by skipping."""
-    message = f"{package} is not installed ({install})"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message}; CI must run this test", pytrace=False)
-    pytest.skip(message)
+@pytest.fixture(scope="session")
+def synthetic_voc(tmp_path_factory) -> Path:
+    """Root of a 40-image synthetic Pascal VOC 2012 (VOC2012/, lists/, splits/; 30 val images). Shared: copy it
+    before damaging it."""
+    import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic_voc")
+    synthetic.make_synthetic_voc(root, n_images=40, seed=SYNTHETIC_SEED)
+    return root
 
 
 @pytest.fixture(scope="session")
-def tiny_clipseg_dir(tmp_path_factory) -> Path:
-    """A tiny random CLIPSeg (image size 64) saved with `save_pretrained`, to load as a hub id would be. Its output
-    head is scaled up so that probabilities spread over about 0.1 to 0.9."""
+def synthetic_coco(tmp_path_factory) -> Path:
+    """Root of a 54-image synthetic COCO-20i val set (HSNet's layout and COCO's instances JSON). Shared."""
+    import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic_coco")
+    synthetic.make_synthetic_coco(root, n_images=54, seed=SYNTHETIC_SEED)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> Path:
+    """checkpoints/demo: a tiny random CLIPSeg at 64 px whose head is scaled so probabilities spread over (0, 1)."""
     import torch
 
     from model import CLIPSeg
@@ -50,7 +61,18 @@ def tiny_clipseg_dir(tmp_path_factory) -> Path:
     with torch.no_grad():
         for param in model.decoder.transposed_convolution.parameters():
             param.mul_(4.0)
-    return model.save_pretrained(tmp_path_factory.mktemp("tiny_clipseg"))
+    root = tmp_path_factory.mktemp("checkpoints")
+    model.save_pretrained(root / "demo")
+    return root
+
+
+def require(package: str, install: str) -> None:
+    """Skip a test that needs a missing `package`, naming it and how to install it; under CI (CI=true) fail
+    instead, so that CI never passes by skipping."""
+    message = f"{package} is not installed ({install})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI must run this test", pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

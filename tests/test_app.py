@@ -107,8 +107,9 @@ def vision_tower_calls(model: CLIPSeg):
 
 
 @pytest.fixture(scope="module")
-def model(tiny_clipseg_dir):
-    return CLIPSeg.from_pretrained(tiny_clipseg_dir).eval()
+def model(tiny_checkpoints):
+    """The tiny saved CLIPSeg (image size 64), loaded as a hub id would be."""
+    return CLIPSeg.from_pretrained(tiny_checkpoints / "demo").eval()
 
 
 @pytest.fixture
