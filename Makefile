@@ -22,7 +22,7 @@ FEWSHOT_VOC ?= synthetic_voc
 FEWSHOT_COCO ?= synthetic_coco
 FEWSHOT_EVAL ?= --device=cpu --num-workers=1 --batch-size=8 --precision=fp32
 
-.PHONY: setup setup-export test lint demo demo-fewshot export
+.PHONY: setup setup-export setup-app test lint demo demo-fewshot export app
 
 setup: $(VENV)/.installed
 
@@ -45,11 +45,18 @@ EXPORT_DIR ?= exported
 export: setup-export
 	$(BIN)/python export.py $(EXPORT_MODEL) $(EXPORT_DIR)
 
+# The web app's optional dependencies (requirements-app.txt), on top of set-up; `make test` installs them too.
+setup-app: $(VENV)/.installed-app
+
+$(VENV)/.installed-app: $(VENV)/.installed requirements-app.txt
+	$(BIN)/python -m pip install -q -r requirements-app.txt
+	touch $@
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup setup-export lint
+test: setup setup-export setup-app lint
 	$(BIN)/python -m pytest
 
 demo: setup
@@ -77,3 +84,9 @@ demo-fewshot: setup
 	$(BIN)/python score.py demo --data coco20i --data-root $(FEWSHOT_COCO) --episodes 100 $(FEWSHOT_EVAL)
 	$(BIN)/python score.py demo --data voc-zeroshot --data-root $(FEWSHOT_VOC) --unseen 10 $(FEWSHOT_EVAL)
 	$(BIN)/python score.py demo --data synthetic --data-root $(DEMO_DATA) --prompt visual $(FEWSHOT_EVAL)
+
+# The web app on http://127.0.0.1:7860, e.g. make app APP_ARGS="--model checkpoints/myrun --port 8000". A hub id
+# needs the network: make app HF_HUB_OFFLINE=0 APP_ARGS="--model CIDAS/clipseg-rd64-refined".
+APP_ARGS ?=
+app: setup-app
+	$(BIN)/python app.py $(APP_ARGS)

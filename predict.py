@@ -279,6 +279,18 @@ class Prompt:
     support: tuple[Path, Path] | None = None
 
 
+def prompt_summary(prompt: Prompt, prob: np.ndarray, mask: np.ndarray, files: dict[str, str]) -> dict:
+    """One prompt's summary entry: label, kind, the (H, W) bool mask's area fraction, the maximum of the (H, W)
+    probabilities, and the files written for it."""
+    return {
+        "prompt": prompt.label,
+        "kind": prompt.kind,
+        "area_fraction": round(float(mask.mean()), 6),
+        "max_probability": round(float(prob.max()), 6),
+        "files": files,
+    }
+
+
 def write_image_outputs(
     image: Image.Image, probs: np.ndarray, prompts: Sequence[Prompt], folder: Path, threshold: float, bits: int
 ) -> dict:
@@ -296,15 +308,7 @@ def write_image_outputs(
         probability_png(prob, bits).save(files["probability"])
         Image.fromarray(mask.astype(np.uint8) * 255).save(files["mask"])
         draw_overlay(image, [mask], [prompt.label], first_colour=i).save(files["overlay"])
-        entries.append(
-            {
-                "prompt": prompt.label,
-                "kind": prompt.kind,
-                "area_fraction": round(float(mask.mean()), 6),
-                "max_probability": round(float(prob.max()), 6),
-                "files": {name: str(path) for name, path in files.items()},
-            }
-        )
+        entries.append(prompt_summary(prompt, prob, mask, {name: str(path) for name, path in files.items()}))
     combined = None
     if len(prompts) > 1:
         combined = folder / "overlay.png"

@@ -1,9 +1,12 @@
-"""Shared fixtures: small synthetic PhraseCut, VOC and COCO-20i data and a tiny model, made once per session.
+"""Shared fixtures: small synthetic PhraseCut, VOC and COCO-20i data and a tiny model, made once per session, and
+the path of Debian's chromium for browser tests (`require` skips a test whose system package is missing, failing
+instead under CI=true).
 
 32 images, seed 0: 61 train, 16 val, 10 test and 5 miniv tasks (score tests need at least 6 test tasks).
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,3 +64,21 @@ def tiny_checkpoints(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("checkpoints")
     model.save_pretrained(root / "demo")
     return root
+
+
+def require(package: str, install: str) -> None:
+    """Skip a test that needs a missing `package`, naming it and how to install it; under CI (CI=true) fail
+    instead, so that CI never passes by skipping."""
+    message = f"{package} is not installed ({install})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI must run this test", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The path of Debian's `chromium` browser (for browser tests); skips locally, fails in CI, when missing."""
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None)
+    if path is None:
+        require("chromium", "apt-get install chromium")
+    return path

@@ -1,0 +1,543 @@
+"""app.py: the page's logic (Segmenter) on a tiny saved model, and the page itself in a real headless Chromium.
+
+The browser tests need Gradio and Playwright (requirements-app.txt) and Debian's `chromium`; they skip locally when
+one is missing, naming it, and fail under CI=true.
+
+    python tests/test_app.py --model checkpoints/demo --screenshot docs/app.png   # the README's screenshot
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import struct
+import sys
+import tempfile
+import zipfile
+import zlib
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conftest import require  # noqa: E402
+
+import app  # noqa: E402
+from model import CLIPSeg  # noqa: E402
+from predict import Predictor  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BROWSER_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+WAIT_MS = 90_000  # the slowest step (first segmentation on a loaded 2-core machine) takes a few seconds
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def scene(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A noisy background with a red disc on the left and a blue square on the right."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(60, 200, (height, width, 3), dtype=np.uint8)
+    ys, xs = np.mgrid[:height, :width]
+    disc = (xs - width * 0.3) ** 2 + (ys - height * 0.5) ** 2 < (min(width, height) * 0.2) ** 2
+    pixels[disc] = (220, 30, 30)
+    pixels[int(height * 0.3) : int(height * 0.7), int(width * 0.6) : int(width * 0.85)] = (30, 60, 220)
+    return Image.fromarray(pixels)
+
+
+def save(image: Image.Image, path: Path) -> Path:
+    image.save(path)
+    return path
+
+
+def box_mask(width: int, height: int, box: tuple[int, int, int, int]) -> Image.Image:
+    """A 0/255 mask, white inside `box` = (left, top, right, bottom)."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    left, top, right, bottom = box
+    mask[top:bottom, left:right] = 255
+    return Image.fromarray(mask)
+
+
+def huge_png(path: Path, width: int = 9000, height: int = 9000) -> Path:
+    """A PNG whose header claims `width` x `height` (its pixel data is a stub): rejected from its header alone."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    return path
+
+
+def read_zip(path: str | Path) -> tuple[dict[str, Image.Image], dict]:
+    """A masks zip -> ({name: mask image}, summary)."""
+    with zipfile.ZipFile(path) as archive:
+        masks = {n: Image.open(io.BytesIO(archive.read(n))) for n in archive.namelist() if n.endswith(".png")}
+        return masks, json.loads(archive.read("summary.json"))
+
+
+@contextmanager
+def vision_tower_calls(model: CLIPSeg):
+    """Counts passes through CLIP's vision tower (each starts with the patch embedding): yields a Counter."""
+    counts = Counter()
+    handle = model.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
+        lambda *_: counts.update(["vision"])
+    )
+    decoder = model.decoder.register_forward_hook(lambda *_: counts.update(["decoder"]))
+    try:
+        yield counts
+    finally:
+        handle.remove()
+        decoder.remove()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoints):
+    """The tiny saved CLIPSeg (image size 64), loaded as a hub id would be."""
+    return CLIPSeg.from_pretrained(tiny_checkpoints / "demo").eval()
+
+
+@pytest.fixture
+def segmenter(model, tmp_path):
+    return app.Segmenter(model, "tiny", workdir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- the logic
+
+
+def test_prompts_split_on_lines_and_commas_keep_order_and_drop_repeats():
+    assert app.parse_prompts("a cat, the sofa\n\n  sky  \n a cat,") == ["a cat", "the sofa", "sky"]
+    assert app.parse_prompts("  ,\n ") == [] and app.parse_prompts(None) == []
+
+
+def test_two_prompts_give_overlay_heatmaps_and_a_zip_of_original_size_masks(model, segmenter, tmp_path):
+    image = save(scene(203, 151), tmp_path / "room.png")
+    session, out = segmenter.segment(None, str(image), "red disc\nblue square", threshold=0.4)
+
+    assert out.ok, out.message
+    assert out.overlay.size == (203, 151)  # small images are previewed at their size
+    assert [caption.split(" (")[0] for _, caption in out.heatmaps] == ["red disc", "blue square"]
+    masks, summary = read_zip(out.zip_path)
+    assert len(masks) == 2 and all(m.size == (203, 151) and m.mode == "L" for m in masks.values())
+    predictor = Predictor(model)
+    predictor.set_image(str(image))
+    probs = predictor.predict(phrases=["red disc", "blue square"])
+    for entry, prob in zip(summary["images"][0]["prompts"], probs):
+        mask = np.asarray(masks[entry["files"]["mask"]])
+        assert set(np.unique(mask)) <= {0, 255}
+        np.testing.assert_array_equal(mask > 0, prob > 0.4)  # the CLI's masks, to the pixel
+        assert entry["area_fraction"] == pytest.approx((prob > 0.4).mean(), abs=1e-6)
+        assert entry["max_probability"] == pytest.approx(prob.max(), abs=1e-6)
+    assert 0 < (probs > 0.4).mean() < 1  # a mask that is neither empty nor everything
+    assert summary["threshold"] == 0.4 and summary["square"] is False and summary["processed"] == 1
+    assert summary["images"][0] | {"prompts": None} == {
+        "image": "room.png",
+        "width": 203,
+        "height": 151,
+        "inference_size": [80, 64],
+        "prompts": None,
+    }
+    assert "read + encode image" in out.message and "decode" in out.message
+
+
+def test_prompt_changes_reuse_the_encoded_image_and_threshold_changes_run_no_model(model, segmenter, tmp_path):
+    image = save(scene(120, 90), tmp_path / "a.png")
+    with vision_tower_calls(model) as calls:
+        session, out = segmenter.segment(None, str(image), "red disc")
+        assert calls == {"vision": 1, "decoder": 1}
+        session, out = segmenter.segment(session, str(image), "blue square, sky")
+        assert calls == {"vision": 1, "decoder": 2} and "read + encode image cached" in out.message
+        before, old_zip = out.summary["images"][0]["prompts"][0]["area_fraction"], Path(out.zip_path)
+        session, out = segmenter.rethreshold(session, 0.9)
+        assert calls == {"vision": 1, "decoder": 2} and out.ok
+        assert Path(out.zip_path).is_file() and not old_zip.exists()  # a session keeps one zip on disk
+        assert out.summary["images"][0]["prompts"][0]["area_fraction"] < before
+        assert out.summary["threshold"] == 0.9 and "Re-thresholded at 0.90" in out.message
+        session, out = segmenter.segment(session, str(image), "sky", geometry=segmenter.square_label)
+        assert calls["vision"] == 2 and out.summary["images"][0]["inference_size"] == [64, 64]
+        session, out = segmenter.segment(session, str(save(scene(120, 90, seed=1), tmp_path / "b.png")), "sky")
+        assert calls["vision"] == 3
+        other, out = segmenter.segment(None, str(image), "sky")  # another session encodes its own image
+        assert calls["vision"] == 4
+    segmenter.forget(other)  # when a closed tab's state expires
+    assert not Path(out.zip_path).exists()
+
+
+def test_image_prompt_with_an_uploaded_mask_equals_the_predictors_support_prompt(model, segmenter, tmp_path):
+    image = save(scene(160, 120), tmp_path / "query.png")
+    support = save(scene(100, 80, seed=3), tmp_path / "support.png")
+    mask = save(box_mask(100, 80, (10, 20, 50, 70)), tmp_path / "mask.png")
+    with vision_tower_calls(model) as calls:
+        session, out = segmenter.segment(None, str(image), "red disc", support=str(support), support_mask=str(mask))
+        assert calls["vision"] == 2  # the image and the support
+        session, out = segmenter.segment(session, str(image), "sky", support=str(support), support_mask=str(mask))
+        assert calls["vision"] == 2  # neither is encoded again
+
+    assert out.ok, out.message
+    entries = out.summary["images"][0]["prompts"]
+    assert [(e["prompt"], e["kind"]) for e in entries] == [("sky", "text"), ("visual: support.png", "visual")]
+    predictor = Predictor(model)
+    predictor.set_image(str(image))
+    expected = predictor.predict(support=[(support, mask)])[0]
+    np.testing.assert_allclose(session.result.probs[1], expected, atol=1e-5)
+    masks, _ = read_zip(out.zip_path)
+    assert np.asarray(masks[entries[1]["files"]["mask"]]).shape == (120, 160)
+
+
+def test_strokes_painted_on_the_support_image_are_its_mask(segmenter, tmp_path):
+    image = save(scene(160, 120), tmp_path / "query.png")
+    support = save(scene(100, 80, seed=3), tmp_path / "support.png")
+    layer = np.zeros((80, 100, 4), dtype=np.uint8)
+    layer[20:70, 10:50] = (255, 48, 48, 255)  # the brush's colour, opaque
+    layer_path = save(Image.fromarray(layer, "RGBA"), tmp_path / "layer_0.png")
+    mask = save(box_mask(100, 80, (10, 20, 50, 70)), tmp_path / "mask.png")
+
+    editor = {
+        "background": {"path": str(support), "orig_name": "background.png"},
+        "layers": [{"path": str(layer_path)}],
+    }
+    painted_session, painted = segmenter.segment(None, str(image), "", support=editor)
+    uploaded_session, uploaded = segmenter.segment(None, str(image), "", support=str(support), support_mask=str(mask))
+
+    assert painted.ok, painted.message
+    np.testing.assert_array_equal(painted_session.result.probs, uploaded_session.result.probs)
+    assert app.painted_mask([{"path": str(layer_path)}], (200, 160)).shape == (160, 200)  # a scaled canvas
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_bad_inputs_get_a_message_not_an_exception(segmenter, tmp_path):
+    image = str(save(scene(64, 48), tmp_path / "ok.png"))
+    support = str(save(scene(100, 80, seed=3), tmp_path / "support.png"))
+    (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
+    cases = {
+        "Upload, paste or photograph an image first": dict(image=None, prompts_text="cat"),
+        "'broken.jpg' cannot be used: cannot decode": dict(image=str(tmp_path / "broken.jpg"), prompts_text="cat"),
+        "cannot be used: too large (9000x9000": dict(image=str(huge_png(tmp_path / "huge.png")), prompts_text="cat"),
+        "Enter at least one text prompt": dict(image=image, prompts_text=" , \n"),
+        "21 prompts given; at most 20": dict(image=image, prompts_text=",".join(f"thing {i}" for i in range(21))),
+        "is 30x30 but the support image is 100x80": dict(
+            image=image,
+            prompts_text="",
+            support=support,
+            support_mask=str(save(box_mask(30, 30, (0, 0, 10, 10)), tmp_path / "small.png")),
+        ),
+        "has a mask but no support image": dict(image=image, prompts_text="", support_mask=support),
+        "The image prompt has no object": dict(image=image, prompts_text="", support={"background": support}),
+        "The threshold must be in [0, 1)": dict(image=image, prompts_text="cat", threshold=1.5),
+    }
+    session = None
+    for expected, inputs in cases.items():
+        session, out = segmenter.segment(session, **inputs)
+        assert not out.ok and out.message.startswith("**Error:**") and expected in out.message, out.message
+        assert out.zip_path is None and not out.heatmaps
+    session, out = segmenter.rethreshold(session, 0.5)
+    assert not out.ok and "Segment an image first" in out.message
+
+
+def test_without_a_model_the_page_says_how_to_get_one(tmp_path):
+    demo = tmp_path / "demo"
+    assert app.resolve_model(None, demo=demo) is None and app.resolve_model(None, "best", demo=demo) is None
+    assert app.resolve_model("CIDAS/clipseg-rd64-refined", demo=demo) == "CIDAS/clipseg-rd64-refined"
+    assert app.resolve_model("checkpoints/run", "best", demo=demo) == str(Path("checkpoints/run/best"))
+    demo.mkdir()
+    (demo / "config.json").write_text("{}")
+    assert app.resolve_model(None, demo=demo) == str(demo)
+    assert app.resolve_model(None, "iter_000500", demo=demo) == str(demo / "iter_000500")
+    _, out = app.Segmenter(None, "none", workdir=tmp_path).segment(None, None, "cat")
+    assert not out.ok and "make demo" in out.message and "--model CIDAS/clipseg-rd64-refined" in out.message
+
+
+def test_cli_checks_its_arguments(capsys):
+    args = app.parse_args([])
+    assert (args.model, args.port, args.threshold, args.share) == (None, 7860, 0.3, False)
+    assert args.precision in ("fp32", "bf16", "int8")
+    for bad in (["--threshold", "1.2"], ["--port", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            app.parse_args(bad)
+        assert exit_info.value.code == 2
+    assert "--threshold must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_cli_reports_a_model_it_cannot_load(tmp_path, capsys):
+    gradio_or_skip()
+    assert app.main(["--model", str(tmp_path / "missing")]) == 2
+    assert f"cannot load --model {tmp_path / 'missing'}" in capsys.readouterr().err
+
+
+def test_page_keeps_gradio_analytics_off(segmenter):
+    gradio_or_skip()
+    page = app.build_page(segmenter, 0.3, "a notice")
+    assert page.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+def test_a_missing_package_skips_locally_and_fails_in_ci(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="chromium is not installed .*CI must run this test"):
+        require("chromium", "apt-get install chromium")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match=r"chromium is not installed \(apt-get install chromium\)"):
+        require("chromium", "apt-get install chromium")
+
+
+# ---------------------------------------------------------------------------------------- in the browser
+
+
+def gradio_or_skip():
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        require("gradio", "pip install -r requirements-app.txt")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serving(segmenter: app.Segmenter, notice: str | None = None):
+    """The app on a free local port: yields its URL."""
+    page = app.build_page(segmenter, app.DEFAULT_THRESHOLD, notice)
+    url, _ = app.launch(page, free_port())
+    try:
+        yield url
+    finally:
+        page.close()
+
+
+@contextmanager
+def chromium_context(executable: str, profile: str):
+    """A headless Chromium (Debian's, driven by Playwright) with a fresh profile and downloads allowed."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require("playwright", "pip install -r requirements-app.txt")
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            profile,
+            executable_path=executable,
+            args=BROWSER_FLAGS,
+            headless=True,
+            viewport={"width": 1400, "height": 1000},
+            accept_downloads=True,
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def open_page(context, url: str):
+    """A new tab on the app; requests leaving 127.0.0.1 are blocked and listed in `tab.external_requests`."""
+    tab = context.new_page()
+    tab.external_requests = []
+
+    def only_local(route):
+        if route.request.url.startswith(("http://127.0.0.1", "data:", "blob:")):
+            route.continue_()
+        else:
+            tab.external_requests.append(route.request.url)
+            route.abort()
+
+    tab.route("**/*", only_local)
+    tab.goto(url)
+    tab.wait_for_selector("#segment")
+    return tab
+
+
+def expect_text(tab, selector: str, text: str) -> str:
+    """Wait until the element shows `text`; return its text."""
+    from playwright.sync_api import expect
+
+    expect(tab.locator(selector)).to_contain_text(text, timeout=WAIT_MS)
+    return tab.inner_text(selector)
+
+
+def segment(tab, expected: str) -> str:
+    """Press Segment and wait for a status line containing `expected` (each step of a test expects new text)."""
+    tab.click("#segment")
+    return expect_text(tab, "#status", expected)
+
+
+def upload(tab, selector: str, path: Path) -> None:
+    tab.set_input_files(f"{selector} input[type=file]", str(path))
+
+
+def upload_support(tab, path: Path) -> None:
+    """Upload the support image into the editor and wait until it is drawn (the brush is then selected)."""
+    from playwright.sync_api import expect
+
+    tab.wait_for_selector("#support canvas")  # the editor is ready: an upload before this can be lost
+    upload(tab, "#support", path)
+    expect(tab.locator("#support")).not_to_contain_text("Upload an image", timeout=WAIT_MS)
+    tab.wait_for_timeout(500)
+
+
+def download_zip(tab, tmp_path: Path) -> tuple[dict[str, Image.Image], dict]:
+    with tab.expect_download() as info:
+        tab.click("#download a[download]")
+    path = tmp_path / info.value.suggested_filename
+    info.value.save_as(path)
+    return read_zip(path)
+
+
+@pytest.fixture(scope="module")
+def browser(chromium, tmp_path_factory):
+    gradio_or_skip()
+    with chromium_context(chromium, str(tmp_path_factory.mktemp("chromium-profile"))) as context:
+        yield context
+
+
+@pytest.fixture(scope="module")
+def served(model, browser, tmp_path_factory):
+    segmenter = app.Segmenter(model, "tiny", workdir=tmp_path_factory.mktemp("app"))
+    with serving(segmenter) as url:
+        yield url, segmenter
+
+
+def test_browser_two_text_prompts_give_overlay_heatmaps_and_masks(model, served, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    url, _ = served
+    tab = open_page(browser, url)
+    upload(tab, "#image", save(scene(203, 151), tmp_path / "room.png"))
+    tab.fill("#prompts textarea", "red disc\nblue square")
+    tab.wait_for_selector("#image img")
+    with vision_tower_calls(model) as calls:
+        line = segment(tab, "2 prompt(s)")
+        assert "read + encode image" in line and "decode" in line
+        tab.wait_for_selector("#overlay img")
+        assert tab.locator("#heatmaps img").count() == 2
+        masks, summary = download_zip(tab, tmp_path)
+        assert len(masks) == 2 and all(mask.size == (203, 151) for mask in masks.values())
+        assert [p["prompt"] for p in summary["images"][0]["prompts"]] == ["red disc", "blue square"]
+        tab.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+
+        tab.fill("#prompts textarea", "sky")  # a prompt-only change: the image is not encoded again
+        assert "read + encode image cached" in segment(tab, "1 prompt(s)")
+        assert tab.locator("#heatmaps img").count() == 1
+        assert calls == {"vision": 1, "decoder": 2}
+        tab.fill("#threshold input[type=number]", "0.8")  # a threshold change runs no model at all
+        tab.press("#threshold input[type=number]", "Enter")
+        assert "model not run" in expect_text(tab, "#status", "Re-thresholded at 0.80")
+        assert calls == {"vision": 1, "decoder": 2}
+        tab.click("#geometry label:has-text('square')")  # a new geometry re-encodes at once
+        expect_text(tab, "#status", "the model sees 64x64")
+        assert calls["vision"] == 2
+    name, prompts = app.EXAMPLES[0]  # an example fills in the image and its prompts
+    tab.click(f"text={prompts}")
+    expect(tab.locator("#prompts textarea")).to_have_value(prompts, timeout=WAIT_MS)
+    assert "3 prompt(s)" in segment(tab, name)
+    assert Image.open(tmp_path / "app.png").size[0] >= 1000
+    assert tab.external_requests == []  # nothing but the local server was asked for anything
+    assert "Traceback" not in tab.content()
+
+
+def test_browser_image_prompt_painted_or_uploaded_gives_a_mask(served, browser, tmp_path, monkeypatch):
+    url, segmenter = served
+    received = []  # the image prompts the server built from what the page sent
+    build = segmenter._image_prompt
+    monkeypatch.setattr(segmenter, "_image_prompt", lambda *a: received.append(build(*a)) or received[-1])
+    tab = open_page(browser, url)
+    upload(tab, "#image", save(scene(160, 120), tmp_path / "query.png"))
+    tab.click("text=Image prompt (optional)")
+    upload_support(tab, save(scene(200, 160, seed=3), tmp_path / "support.png"))
+    box = tab.locator("#support canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2  # the support image is centred in the canvas
+    tab.mouse.move(x - 15, y - 10)
+    tab.mouse.down()
+    tab.mouse.move(x + 15, y + 10, steps=8)
+    tab.mouse.up()
+
+    segment(tab, "1 prompt(s)")
+    masks, summary = download_zip(tab, tmp_path)
+    (entry,) = summary["images"][0]["prompts"]
+    assert entry["kind"] == "visual" and list(masks) == [entry["files"]["mask"]]
+    assert masks[entry["files"]["mask"]].size == (160, 120)
+    painted = received[-1].mask  # the stroke arrived as mask pixels around the support image's centre
+    assert painted.shape == (160, 200) and 0 < painted.mean() < 0.3
+    rows, cols = np.nonzero(painted)
+    assert abs(rows.mean() - 80) < 25 and abs(cols.mean() - 100) < 25
+
+    upload(tab, "#support-mask", save(box_mask(200, 160, (20, 20, 90, 90)), tmp_path / "mask.png"))
+    tab.wait_for_selector("#support-mask img")
+    tab.fill("#prompts textarea", "red disc")
+    segment(tab, "2 prompt(s)")
+    masks, summary = download_zip(tab, tmp_path)
+    assert [e["kind"] for e in summary["images"][0]["prompts"]] == ["text", "visual"] and len(masks) == 2
+    assert received[-1].mask.sum() == 70 * 70  # the uploaded mask replaced the painted strokes
+    assert tab.external_requests == []
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_browser_bad_inputs_show_their_message(served, browser, tmp_path):
+    url, _ = served
+    tab = open_page(browser, url)
+    tab.fill("#prompts textarea", "cat")
+    segment(tab, "Upload, paste or photograph an image first")
+    upload(tab, "#image", save(scene(64, 48), tmp_path / "ok.png"))
+    tab.wait_for_selector("#image img")
+    tab.fill("#prompts textarea", "")
+    segment(tab, "Enter at least one text prompt")
+    tab.fill("#prompts textarea", "\n".join(f"thing {i}" for i in range(21)))
+    segment(tab, "21 prompts given; at most 20")
+    tab.fill("#prompts textarea", "cat")
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    upload(tab, "#image", tmp_path / "broken.png")
+    segment(tab, "'broken.png' cannot be used: cannot decode")
+    upload(tab, "#image", huge_png(tmp_path / "huge.png"))
+    segment(tab, "too large (9000x9000")
+    upload(tab, "#image", tmp_path / "ok.png")
+    tab.click("text=Image prompt (optional)")
+    upload_support(tab, save(scene(100, 80, seed=3), tmp_path / "support.png"))
+    upload(tab, "#support-mask", save(box_mask(30, 30, (0, 0, 10, 10)), tmp_path / "small.png"))
+    tab.wait_for_selector("#support-mask img")
+    segment(tab, "is 30x30 but the support image is 100x80")
+    assert "Traceback" not in tab.content() and tab.external_requests == []
+
+
+# -------------------------------------------------------------------------------------- the screenshot
+
+
+def make_screenshot(model_source: str, destination: str, executable: str = "/usr/bin/chromium") -> None:
+    """Segment the first example image with its prompts in the page and save a screenshot of the page."""
+    segmenter = app.Segmenter(app.load_model(model_source, None), model_source)
+    with serving(segmenter) as url, chromium_context(executable, tempfile.mkdtemp()) as context:
+        tab = open_page(context, url)
+        name, prompts = app.EXAMPLES[0]
+        upload(tab, "#image", app.EXAMPLES_DIR / name)
+        tab.fill("#prompts textarea", prompts)
+        tab.wait_for_selector("#image img")
+        segment(tab, "Segmented")
+        tab.wait_for_selector("#overlay img")
+        tab.set_viewport_size({"width": 1400, "height": 1100})  # down to the download, above the examples
+        tab.wait_for_timeout(500)
+        shot = Image.open(io.BytesIO(tab.screenshot())).convert("RGB")
+        shot.quantize(256).save(destination, optimize=True)  # a palette PNG: a third of the size
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Save a screenshot of the app segmenting an example image.")
+    parser.add_argument("--model", default=str(app.DEMO_MODEL))
+    parser.add_argument("--screenshot", default="docs/app.png")
+    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    cli = parser.parse_args()
+    make_screenshot(cli.model, cli.screenshot, cli.chromium)
