@@ -90,10 +90,10 @@ class Predictor:
         if device is not None:
             self.model.to(device)
         self.device = next(self.model.parameters()).device
-        image_size = int(image_size or model.config.image_size)
-        if image_size <= 0 or image_size % PATCH_SIZE:
-            raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {image_size}")
-        self.transform = ImageTransform(resize, image_size, square)
+        image_size, patch = int(image_size or model.config.image_size), model.config.patch_size
+        if image_size <= 0 or image_size % patch:
+            raise ValueError(f"image_size must be a positive multiple of {patch} (the patch size), got {image_size}")
+        self.transform = ImageTransform(resize, image_size, square, multiple=patch)
         self.prompt_transform = ImageTransform(resize, model.config.image_size, square=True)
         self.amp = amp
         if self.model.text_cache is None:

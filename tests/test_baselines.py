@@ -26,6 +26,7 @@ from model import (
     tiny_clip_config,
     tiny_config,
 )
+from predict import Predictor
 from preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -181,6 +182,18 @@ def test_patch_32_and_14_give_full_resolution_logits_at_two_shapes(patch):
         with torch.no_grad():
             logits = model(torch.randn(2, 3, height, width), PHRASES)
         assert logits.shape == (2, 1, height, width)
+
+
+@pytest.mark.parametrize("patch, square", [(32, False), (14, False), (14, True)])
+def test_predictor_keeps_inputs_on_the_patch_grid(patch, square):
+    model = CLIPSeg(tiny_config(clip=tiny_clip_config(patch_size=patch), image_size=2 * patch))
+    predictor = Predictor(model, square=square)
+    predictor.set_image(np.zeros((50, 90, 3), dtype=np.uint8))
+    width, height = predictor.input_size
+    assert width % patch == 0 and height == 2 * patch and (width == height) == square
+    assert predictor.predict(phrases=["a cat", "a dog"]).shape == (2, 50, 90)
+    with pytest.raises(ValueError, match=f"image_size must be a positive multiple of {patch}"):
+        Predictor(model, image_size=3 * patch + 1)
 
 
 def test_patch_32_plain_head_matches_transformers_both_ways(tmp_path):
