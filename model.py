@@ -477,6 +477,9 @@ class CLIPSeg(nn.Module):
 
     @classmethod
     def _from_original(cls, path: Path, backbone: str, knobs: dict) -> CLIPSeg:
+        arch = knobs.get("arch", cls.arch)
+        if arch != "clipseg":
+            raise CheckpointError(f"{path}: an original release file holds a CLIPSeg decoder, not arch={arch!r}")
         state = original_to_hf_names(_torch_load_safely(path))
         inferred = _decoder_knobs_from_state(state)
         _check_knobs(CLIPSegConfig(**inferred), knobs, tuple(inferred), str(path))

@@ -247,6 +247,9 @@ def test_loading_a_checkpoint_as_another_architecture_is_an_error(tmp_path):
         CLIPSeg.from_pretrained(tmp_path / "deconv", arch="clipseg")
     with pytest.raises(CheckpointError, match="holds an arch='clipseg' model: load it with CLIPSeg.from_pretrained"):
         ViTSeg.from_pretrained(tmp_path / "clipseg")
+    torch.save({}, tmp_path / "rd64-uni.pth")
+    with pytest.raises(CheckpointError, match="an original release file holds a CLIPSeg decoder, not arch='vitseg'"):
+        CLIPSeg.from_pretrained(tmp_path / "rd64-uni.pth", arch="vitseg")
 
 
 # ------------------------------------------------------------------------------------- random full-size CLIP
