@@ -58,13 +58,6 @@ def dropout_rate(text: str) -> float:
     return value
 
 
-def image_size(text: str) -> int:
-    value = positive_int(text)
-    if value % 16:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (the patch size), got {text}")
-    return value
-
-
 def layer_list(text: str) -> tuple[int, ...]:
     try:
         layers = tuple(int(part) for part in text.split(","))

@@ -42,8 +42,23 @@ try:
 except ImportError:  # transformers 4.x
     from transformers.modeling_utils import no_init_weights
 
-PATCH_SIZE = 16
+PATCH_SIZE = 16  # of the released models; other CLIPs bring their own (`CLIPSegConfig.patch_size`)
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
+# CLIPSeg and the paper's two baselines (baselines.py) -> the class config.json names; only the first loads in HF.
+ARCHITECTURES = {"clipseg": "CLIPSegForImageSegmentation", "clip-deconv": "CLIPDeconv", "vitseg": "ViTSeg"}
+# The paper's blocks (0-based, of 12) per architecture; deeper or shallower backbones read the same relative depths.
+PAPER_LAYERS = {"clipseg": (3, 6, 9), "clip-deconv": (9,), "vitseg": (3, 7, 9)}
+# Random-initialised CLIPs of OpenAI's geometries (no download): the paper's "no CLIP pre-training" row.
+# name -> (vision config, text config, projection_dim); unset values are transformers' ViT-B defaults.
+RANDOM_BACKBONES = {
+    "random-vit-b16": (dict(patch_size=16), {}, 512),
+    "random-vit-b32": (dict(patch_size=32), {}, 512),
+    "random-vit-l14": (
+        dict(patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+        dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12),
+        768,
+    ),
+}
 WEIGHTS_NAME = "model.safetensors"
 DECODER_WEIGHTS_NAME = "decoder.safetensors"  # a decoder-only checkpoint's weights (`clipseg_weights` in its config)
 CONFIG_NAME = "config.json"
@@ -51,40 +66,86 @@ CONFIG_NAME = "config.json"
 
 @dataclass
 class CLIPSegConfig:
-    """Decoder knobs (paper section 3, SPEC section 1) plus the geometry of the CLIP backbone.
+    """Decoder knobs (paper section 3, SPEC section 1) plus the geometry of the backbone.
 
     Defaults are those of the released `rd64` models. `clip` is a `transformers.CLIPConfig`; when it is None the
-    backbone's geometry is unknown until `CLIPSeg.from_pretrained`/`from_backbone` fills it in.
+    backbone's geometry is unknown until `CLIPSeg.from_pretrained`/`from_backbone` fills it in. `arch` picks CLIPSeg
+    or one of the paper's baselines (`baselines.py`); `vit` is the ImageNet ViT's `transformers.ViTConfig` of ViTSeg
+    (whose `clip` then only provides the text tower).
     """
 
-    extract_layers: tuple[int, ...] = (3, 6, 9)  # 0-based visual blocks read by the decoder (paper: 3, 7, 9)
+    extract_layers: tuple[int, ...] | None = None  # 0-based blocks read (default: `default_extract_layers`)
     reduce_dim: int = 64  # D: decoder width (16 for rd16, 128 in one paper row)
     decoder_heads: int = 4
     decoder_ffn_dim: int = 2048
-    refined: bool = False  # the "complex transposed convolution" head of the -refined weights
+    refined: bool = False  # the "complex transposed convolution" head of the -refined weights (patch 16 only)
     conditional_layer: int = 0  # FiLM is applied before this decoder block
     dropout: float = 0.1  # decoder dropout during training (attention weights, residual branches, FFN)
-    backbone: str = DEFAULT_BACKBONE  # where the CLIP weights came from (informational)
+    backbone: str = DEFAULT_BACKBONE  # where the image tower's weights came from (informational)
     # where the frozen CLIP weights can be loaded from again (a CLIP or CLIPSeg hub id or directory; None for a
     # random backbone): what lets a checkpoint hold only the decoder (`save_pretrained(decoder_only=True)`)
     clip_source: str | None = None
-    image_size: int = IMAGE_SIZE  # default input side for training, scoring and prediction
+    image_size: int | None = None  # default input side (default: 352, or the nearest multiple of the patch below)
+    arch: str = "clipseg"  # one of ARCHITECTURES
+    text_backbone: str | None = None  # ViTSeg: where the CLIP text tower came from (informational)
     clip: transformers.CLIPConfig | None = field(default=None, repr=False)
+    vit: transformers.ViTConfig | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.arch == "vitseg" and self.clip is not None and self.vit is None:
+            raise ValueError("arch vitseg needs the ImageNet ViT's geometry (config.vit)")
+        if self.extract_layers is None:
+            self.extract_layers = default_extract_layers(self.arch, self.vision_depth or 12)
         self.extract_layers = tuple(int(i) for i in self.extract_layers)
         if not self.extract_layers or list(self.extract_layers) != sorted(set(self.extract_layers)):
             raise ValueError(f"extract_layers must be strictly increasing, got {self.extract_layers}")
+        if self.arch == "clip-deconv" and len(self.extract_layers) != 1:
+            raise ValueError(f"clip-deconv reads exactly one block (the paper: 9), got {self.extract_layers}")
+        if self.arch == "clip-deconv" and self.refined:
+            raise ValueError("clip-deconv has its own single transposed convolution: drop refined (--refined)")
         if self.reduce_dim % self.decoder_heads:
             raise ValueError(f"reduce_dim {self.reduce_dim} is not divisible by decoder_heads {self.decoder_heads}")
         if not 0 <= self.conditional_layer < len(self.extract_layers):
             raise ValueError(f"conditional_layer {self.conditional_layer} must index one of the decoder blocks")
-        if self.clip is not None:
-            depth = self.clip.vision_config.num_hidden_layers
-            if self.extract_layers[0] < 0 or self.extract_layers[-1] >= depth:
-                raise ValueError(f"extract_layers {self.extract_layers} out of range for a {depth}-block backbone")
-            if self.clip.vision_config.patch_size != PATCH_SIZE:
-                raise ValueError(f"CLIPSeg needs a patch-16 backbone, got {self.clip.vision_config.patch_size}")
+        depth = self.vision_depth
+        if depth is not None and (self.extract_layers[0] < 0 or self.extract_layers[-1] >= depth):
+            raise ValueError(f"extract_layers {self.extract_layers} out of range for a {depth}-block backbone")
+        patch = self.patch_size
+        if self.refined and patch not in (None, PATCH_SIZE):
+            raise ValueError(
+                f"the refined head upsamples 4 x 4 = 16-fold and fits patch-16 backbones only; {self.backbone} has "
+                f"patch {patch}: use the plain head (drop --refined / refined=False) or a patch-16 CLIP such as "
+                f"{DEFAULT_BACKBONE}"
+            )
+        if self.image_size is None:
+            self.image_size = IMAGE_SIZE // (patch or PATCH_SIZE) * (patch or PATCH_SIZE)
+        elif patch is not None and self.image_size % patch:
+            low, high = self.image_size // patch * patch, (self.image_size // patch + 1) * patch
+            raise ValueError(
+                f"image size {self.image_size} is not a multiple of the patch size {patch} of {self.backbone}: "
+                f"use {low or high} or {high} (--image-size)"
+            )
+
+    @property
+    def image_tower(self) -> transformers.PretrainedConfig | None:
+        """The config of the tower whose blocks the decoder reads: CLIP's vision tower, or ViTSeg's ViT."""
+        if self.arch == "vitseg":
+            return self.vit
+        return self.clip.vision_config if self.clip is not None else None
+
+    @property
+    def patch_size(self) -> int | None:
+        return self.image_tower.patch_size if self.image_tower is not None else None
+
+    @property
+    def vision_depth(self) -> int | None:
+        return self.image_tower.num_hidden_layers if self.image_tower is not None else None
+
+    @property
+    def vision_width(self) -> int | None:
+        return self.image_tower.hidden_size if self.image_tower is not None else None
 
     def to_hf_dict(self) -> dict:
         """The config as `transformers.CLIPSegConfig` JSON; our extra knobs ride along as extra keys."""
@@ -103,11 +164,15 @@ class CLIPSegConfig:
             use_complex_transposed_convolution=self.refined,
         )
         out = hf.to_dict()
-        out["architectures"] = ["CLIPSegForImageSegmentation"]
+        out["architectures"] = [ARCHITECTURES[self.arch]]
         out["clipseg_decoder_dropout"] = self.dropout
         out["clipseg_backbone"] = self.backbone
         out["clipseg_clip_source"] = self.clip_source
         out["clipseg_image_size"] = self.image_size
+        out["clipseg_arch"] = self.arch
+        if self.arch == "vitseg":
+            out["clipseg_vit_config"] = self.vit.to_dict()
+            out["clipseg_text_backbone"] = self.text_backbone
         return out
 
     @classmethod
@@ -121,6 +186,7 @@ class CLIPSegConfig:
             projection_dim=hf.projection_dim,
             logit_scale_init_value=hf.logit_scale_init_value,
         )
+        vit = data.get("clipseg_vit_config")
         return cls(
             extract_layers=tuple(hf.extract_layers),
             reduce_dim=hf.reduce_dim,
@@ -131,17 +197,38 @@ class CLIPSegConfig:
             dropout=data.get("clipseg_decoder_dropout", 0.1),
             backbone=data.get("clipseg_backbone", data.get("_name_or_path") or DEFAULT_BACKBONE),
             clip_source=data.get("clipseg_clip_source"),
-            image_size=data.get("clipseg_image_size", IMAGE_SIZE),
+            image_size=data.get("clipseg_image_size"),
+            arch=data.get("clipseg_arch", "clipseg"),
+            text_backbone=data.get("clipseg_text_backbone"),
             clip=clip,
+            vit=transformers.ViTConfig.from_dict(vit) if vit is not None else None,
         )
 
     def knobs(self) -> dict:
         """The decoder knobs without the backbone geometry (for logs and argument files)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("clip", "clip_source")}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("clip", "clip_source", "vit")}
 
 
-def tiny_clip_config(vision_layers: int = 6, width: int = 64) -> transformers.CLIPConfig:
-    """A small random CLIP with the real tokenizer's vocabulary, for tests and the offline demo."""
+def default_extract_layers(arch: str, depth: int) -> tuple[int, ...]:
+    """The paper's blocks for `arch` at the same relative depth of a `depth`-block tower: block i of 12 (0-based)
+    becomes round((i + 1) * depth / 12) - 1, so 12 blocks keep (3, 6, 9) and ViT-L/14's 24 read (7, 13, 19)."""
+    layers = tuple(round((i + 1) * depth / 12) - 1 for i in PAPER_LAYERS[arch])
+    if len(set(layers)) < len(layers):
+        raise ValueError(f"no default extract_layers for a {depth}-block backbone: give them (--extract-layers)")
+    return layers
+
+
+def random_clip_config(name: str) -> transformers.CLIPConfig:
+    """The geometry of one of OpenAI's CLIPs (`RANDOM_BACKBONES`), for a random-initialised backbone."""
+    vision, text, projection_dim = RANDOM_BACKBONES[name]
+    return transformers.CLIPConfig(
+        text_config=text, vision_config=dict(image_size=224, **vision), projection_dim=projection_dim
+    )
+
+
+def tiny_clip_config(vision_layers: int = 6, width: int = 64, patch_size: int = PATCH_SIZE) -> transformers.CLIPConfig:
+    """A small random CLIP with the real tokenizer's vocabulary, for tests and the offline demo; its position table
+    is 4 x 4 patches."""
     return transformers.CLIPConfig(
         text_config=dict(
             vocab_size=VOCAB_SIZE,
@@ -156,8 +243,8 @@ def tiny_clip_config(vision_layers: int = 6, width: int = 64) -> transformers.CL
             intermediate_size=2 * width,
             num_hidden_layers=vision_layers,
             num_attention_heads=2,
-            image_size=64,
-            patch_size=PATCH_SIZE,
+            image_size=4 * patch_size,
+            patch_size=patch_size,
         ),
         projection_dim=width,
     )
@@ -165,7 +252,7 @@ def tiny_clip_config(vision_layers: int = 6, width: int = 64) -> transformers.CL
 
 def tiny_config(**knobs) -> CLIPSegConfig:
     """A tiny CLIPSeg configuration: 6 vision blocks, width 64, decoder reading blocks 1, 3, 4, D = 16."""
-    defaults = dict(extract_layers=(1, 3, 4), reduce_dim=16, decoder_ffn_dim=64, backbone="tiny")
+    defaults = dict(reduce_dim=16, decoder_ffn_dim=64, backbone="tiny")
     return CLIPSegConfig(**{**defaults, **knobs, "clip": knobs.get("clip") or tiny_clip_config()})
 
 
@@ -260,7 +347,7 @@ class CLIPSegDecoder(nn.Module):
     def __init__(self, config: CLIPSegConfig):
         super().__init__()
         assert config.clip is not None, "CLIPSegDecoder needs the backbone geometry (config.clip)"
-        width, dim = config.clip.vision_config.hidden_size, config.reduce_dim
+        width, dim, patch = config.vision_width, config.reduce_dim, config.patch_size
         self.conditional_layer = config.conditional_layer
         self.film_mul = nn.Linear(config.clip.projection_dim, dim)
         self.film_add = nn.Linear(config.clip.projection_dim, dim)
@@ -272,20 +359,24 @@ class CLIPSegDecoder(nn.Module):
         if config.refined:
             self.transposed_convolution = RefinedHead(dim)
         else:
-            self.transposed_convolution = nn.ConvTranspose2d(dim, 1, kernel_size=PATCH_SIZE, stride=PATCH_SIZE)
+            self.transposed_convolution = nn.ConvTranspose2d(dim, 1, kernel_size=patch, stride=patch)
 
     def forward(self, activations: Sequence[Tensor], conditional: Tensor, grid: tuple[int, int]) -> Tensor:
         """activations: shallowest first, each (B or 1, 1 + h*w, width); conditional: (K, 512), where the
-        batch of the activations is K or 1; grid: (h, w). Returns (K, 1, 16h, 16w) logits."""
+        batch of the activations is K or 1; grid: (h, w). Returns (K, 1, p*h, p*w) logits for patch size p."""
         x = None
         for i, (activation, reduce, layer) in enumerate(zip(reversed(activations), self.reduces, self.layers)):
             x = reduce(activation) if x is None else reduce(activation) + x
             if i == self.conditional_layer:
                 x = self.film_mul(conditional)[:, None] * x + self.film_add(conditional)[:, None]
             x = layer(x)
-        batch, _, dim = x.shape
-        x = x[:, 1:].transpose(1, 2).reshape(batch, dim, *grid)
-        return self.transposed_convolution(x)
+        return self.transposed_convolution(tokens_to_map(x, grid))
+
+
+def tokens_to_map(x: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(B, 1 + h*w, D) tokens -> (B, D, h, w): the CLS token dropped, the patch tokens laid out on their grid."""
+    batch, _, dim = x.shape
+    return x[:, 1:].transpose(1, 2).reshape(batch, dim, *grid)
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -304,7 +395,9 @@ class SegmentationOutput:
 class ImageFeatures:
     """What the decoder needs from one pass of the vision tower.
 
-    activations: per extracted block (shallowest first), (B, 1 + h*w, width); grid: (h, w) patch grid.
+    activations: per extracted block (shallowest first), (B, 1 + tokens, width); grid: (h, w) such that the
+    logits are (B, 1, p*h, p*w) for patch size p: the token grid, except for ViTSeg (`baselines.py`), whose
+    tokens lie on its ViT's fixed grid.
     """
 
     activations: list[Tensor]
@@ -312,28 +405,57 @@ class ImageFeatures:
 
 
 class CLIPSeg(nn.Module):
-    """Frozen CLIP + trainable decoder. All inputs are ImageNet-normalised pixels; outputs are logits."""
+    """Frozen CLIP + trainable decoder. All inputs are ImageNet-normalised pixels; outputs are logits.
+
+    The paper's baselines (`baselines.py`) are subclasses with another decoder or image tower; `from_backbone` and
+    `from_pretrained` return the class that `config.arch` names."""
+
+    arch = "clipseg"
 
     def __init__(self, config: CLIPSegConfig):
         super().__init__()
         if config.clip is None:
             raise ValueError("CLIPSeg needs config.clip; use CLIPSeg.from_backbone or from_pretrained")
+        if config.arch != self.arch:
+            raise ValueError(
+                f"an arch={config.arch!r} config builds {model_class(config.arch).__name__}, not "
+                f"{type(self).__name__}; CLIPSeg.from_backbone / from_pretrained pick the class"
+            )
         self.config = config
-        self.clip = transformers.CLIPModel(config.clip)
-        self.clip.requires_grad_(False)
-        self.clip.eval()
-        self.decoder = CLIPSegDecoder(config)
+        self.clip = self.build_clip(config).requires_grad_(False).eval()
+        self.decoder = self.build_decoder(config)
         self._tokenizer = None
         self.text_cache: dict[str, Tensor] | None = None  # phrase -> (512,) text embedding, when enabled
 
     # -- construction and weights --------------------------------------------------------------------
 
+    def build_clip(self, config: CLIPSegConfig) -> nn.Module:
+        """The CLIP towers (frozen by the caller): text for prompts, vision for images and image prompts."""
+        return transformers.CLIPModel(config.clip)
+
+    def build_decoder(self, config: CLIPSegConfig) -> nn.Module:
+        """The trainable part: called as decoder(activations, conditional, grid) -> logits."""
+        return CLIPSegDecoder(config)
+
     @classmethod
-    def from_backbone(cls, backbone: str = DEFAULT_BACKBONE, **knobs) -> CLIPSeg:
-        """A CLIP backbone (hub id, local directory, or "tiny" for a small random CLIP) and a fresh decoder."""
+    def from_backbone(cls, backbone: str | None = None, **knobs) -> CLIPSeg:
+        """A CLIP backbone and a fresh decoder. backbone: a hub id or local directory (default
+        openai/clip-vit-base-patch16), "tiny" (a small random CLIP for tests and the demo) or one of RANDOM_BACKBONES
+        ("random-vit-b16": a random-initialised CLIP ViT-B/16). knobs: CLIPSegConfig values; `arch` picks CLIPSeg or
+        a baseline (`baselines.py`; ViTSeg's backbone is an ImageNet ViT)."""
+        arch = knobs.setdefault("arch", cls.arch)
+        if arch != cls.arch:
+            return model_class(arch).from_backbone(backbone, **knobs)
+        backbone = backbone or DEFAULT_BACKBONE
         if backbone == "tiny":
             return cls(tiny_config(**knobs))
-        clip = _load_clip(backbone)
+        if backbone in RANDOM_BACKBONES:
+            with no_init_weights():  # construction would initialise CLIP twice: 4x slower at B/16
+                model = cls(CLIPSegConfig(**knobs, backbone=backbone, clip=random_clip_config(backbone)))
+            model.clip.init_weights()  # transformers' CLIP initialisation
+            model.decoder.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+            return model
+        clip = load_backbone(transformers.CLIPModel, backbone)
         model = cls(CLIPSegConfig(**knobs, backbone=backbone, clip_source=_location(backbone), clip=clip.config))
         model.clip = clip.requires_grad_(False).eval()
         return model
@@ -346,7 +468,8 @@ class CLIPSeg(nn.Module):
         knobs: config values the caller relies on. Structural ones (`refined`, `reduce_dim`, ...) are checked
         against the checkpoint and a mismatch raises `CheckpointError` naming the knob; for a `.pth` the ones
         its weights cannot show (`extract_layers`, `decoder_heads`, `conditional_layer`) are taken as given.
-        `dropout` and `image_size` override the stored values. Keys and shapes are matched strictly.
+        `dropout` and `image_size` override the stored values. Keys and shapes are matched strictly. The class
+        built is the one the checkpoint's `arch` names (CLIPSeg or a baseline of `baselines.py`).
         """
         unknown = set(knobs) - set(STRUCTURAL_KNOBS) - set(FREE_KNOBS)
         if unknown:
@@ -359,6 +482,9 @@ class CLIPSeg(nn.Module):
         stored = json.loads(Path(_resolve_file(name, CONFIG_NAME)).read_text())
         config = CLIPSegConfig.from_hf_dict(stored)
         _check_knobs(config, knobs, STRUCTURAL_KNOBS, name)
+        target = model_class(config.arch)
+        if not issubclass(target, cls):
+            raise CheckpointError(f"{name} holds an arch={config.arch!r} model: load it with CLIPSeg.from_pretrained")
         if stored.get("clipseg_weights") == DECODER_WEIGHTS_NAME:
             decoder = load_file(_resolve_file(name, DECODER_WEIGHTS_NAME))
             state = {**_clip_weights(config.clip_source, name), **decoder}
@@ -366,12 +492,15 @@ class CLIPSeg(nn.Module):
             state = _load_hf_state_dict(name)
             config = replace(config, clip_source=_location(name))  # this checkpoint holds the CLIP weights
         with no_init_weights():  # every weight is overwritten below: skip CLIP's random init (seconds at B/16)
-            model = cls(replace(config, **{k: v for k, v in knobs.items() if k in FREE_KNOBS}))
+            model = target(replace(config, **{k: v for k, v in knobs.items() if k in FREE_KNOBS}))
         model.load_weights(state, source=name)
         return model
 
     @classmethod
     def _from_original(cls, path: Path, backbone: str, knobs: dict) -> CLIPSeg:
+        arch = knobs.get("arch", cls.arch)
+        if arch != "clipseg":
+            raise CheckpointError(f"{path}: an original release file holds a CLIPSeg decoder, not arch={arch!r}")
         state = original_to_hf_names(_torch_load_safely(path))
         inferred = _decoder_knobs_from_state(state)
         _check_knobs(CLIPSegConfig(**inferred), knobs, tuple(inferred), str(path))
@@ -495,7 +624,7 @@ class CLIPSeg(nn.Module):
 
     @torch.no_grad()
     def encode_image(self, pixel_values: Tensor) -> ImageFeatures:
-        """(B, 3, H, W) normalised pixels, H and W multiples of 16 -> activations of the extracted blocks.
+        """(B, 3, H, W) normalised pixels, H and W multiples of the patch size -> activations of the extracted blocks.
 
         The vision tower stops after block max(extract_layers); later blocks are never run."""
         _, activations, grid = self._vision_tower(pixel_values, stop_after=max(self.config.extract_layers))
@@ -546,7 +675,7 @@ class CLIPSeg(nn.Module):
         if input_ids is not None:
             return self.embed_token_ids(input_ids, attention_mask)
         if prompt_images is not None:
-            return self.embed_images(prompt_images.to(self.clip.visual_projection.weight.device))
+            return self.embed_images(prompt_images.to(self.clip.text_projection.weight.device))
         return conditional
 
     def forward(
@@ -586,16 +715,25 @@ class CLIPSeg(nn.Module):
             raise ValueError(f"predict_prompts takes one image, got a batch of {pixel_values.shape[0]}")
         return self.decode(self.encode_image(pixel_values), self.conditional(**prompt))
 
+    def check_pixels(self, pixel_values: Tensor) -> tuple[int, int]:
+        """A (B, 3, H, W) batch whose sides are multiples of the patch size -> the grid (H / p, W / p)."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        (height, width), patch = pixel_values.shape[-2:], self.config.patch_size
+        if height % patch or width % patch:
+            fix = "x".join(str(max(patch, round(side / patch) * patch)) for side in (height, width))
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {patch} of {self.config.backbone} "
+                f"in both sides: resize to a multiple of {patch}, e.g. {fix}"
+            )
+        return height // patch, width // patch
+
     def _vision_tower(self, pixel_values: Tensor, stop_after: int | None) -> tuple[Tensor, list[Tensor], tuple]:
-        """Run CLIP's vision blocks 0..stop_after (all when None) on any (H, W) multiple of 16.
+        """Run CLIP's vision blocks 0..stop_after (all when None) on any (H, W) multiple of the patch size.
 
         Returns the last hidden state, the activations after each extracted block, and the patch grid."""
         vision = self.clip.vision_model
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
-        height, width = pixel_values.shape[-2:]
-        if height % PATCH_SIZE or width % PATCH_SIZE:
-            raise ValueError(f"image size {height}x{width} must be a multiple of {PATCH_SIZE} in both sides")
+        self.check_pixels(pixel_values)
         weight = vision.embeddings.patch_embedding.weight
         patches = vision.embeddings.patch_embedding(pixel_values.to(weight.device, weight.dtype))
         grid = (patches.shape[-2], patches.shape[-1])
@@ -640,13 +778,24 @@ class CheckpointError(ValueError):
     """A checkpoint does not fit the model it is loaded into."""
 
 
-def _load_clip(backbone: str) -> transformers.CLIPModel:
+def model_class(arch: str) -> type[CLIPSeg]:
+    """The class that builds `arch`: CLIPSeg, or a baseline of `baselines.py` (imported here, on first use, since
+    baselines.py builds on this module)."""
+    if arch == "clipseg":
+        return CLIPSeg
+    import baselines
+
+    return baselines.ARCHITECTURE_CLASSES[arch]
+
+
+def load_backbone(model_cls: type, name: str, what: str = "CLIP backbone", **kwargs) -> nn.Module:
+    """`model_cls.from_pretrained(name)` (a transformers class) with an error that says what to give instead."""
     try:
-        return transformers.CLIPModel.from_pretrained(backbone)
+        return model_cls.from_pretrained(name, **kwargs)
     except OSError as err:
         raise OSError(
-            f"could not load the CLIP backbone {backbone!r}: give a hub id (needs network or a filled HF cache) "
-            f"or a local directory saved with CLIPModel.save_pretrained ({err})"
+            f"could not load the {what} {name!r}: give a hub id (needs network or a filled HF cache) "
+            f"or a local directory saved with {model_cls.__name__}.save_pretrained ({err})"
         ) from err
 
 
@@ -665,7 +814,7 @@ def _clip_weights(source: str | None, checkpoint: str) -> dict[str, Tensor]:
         stored = json.loads(Path(_resolve_file(source, CONFIG_NAME)).read_text())
         if stored.get("model_type") == "clipseg":
             return {k: v for k, v in _load_hf_state_dict(source).items() if k.startswith("clip.")}
-        return {f"clip.{k}": v for k, v in _load_clip(source).state_dict().items()}
+        return {f"clip.{k}": v for k, v in load_backbone(transformers.CLIPModel, source).state_dict().items()}
     except OSError as err:
         raise CheckpointError(
             f"{checkpoint} holds only the decoder; its CLIP weights come from {source!r}, which cannot be read: "
@@ -769,9 +918,9 @@ def _normalise(value):
 
 
 STRUCTURAL_KNOBS = (
-    "extract_layers", "reduce_dim", "decoder_heads", "decoder_ffn_dim", "refined", "conditional_layer",
+    "arch", "extract_layers", "reduce_dim", "decoder_heads", "decoder_ffn_dim", "refined", "conditional_layer",
 )  # fmt: skip
-FREE_KNOBS = ("dropout", "image_size", "backbone")
+FREE_KNOBS = ("dropout", "image_size", "backbone", "text_backbone")
 _REFINED_HINT = (
     " (keys decoder.transposed_convolution.{0,2,4}.* belong to the refined head, "
     "decoder.transposed_convolution.weight to the plain one)"
@@ -782,7 +931,10 @@ def _mismatch_message(source, config, missing, unexpected, wrong_shape) -> str:
     def listing(keys):
         return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
 
-    lines = [f"{source} does not fit this model (refined={config.refined}, reduce_dim={config.reduce_dim}):"]
+    lines = [
+        f"{source} does not fit this model (arch={config.arch}, refined={config.refined}, "
+        f"reduce_dim={config.reduce_dim}):"
+    ]
     if missing:
         lines.append(f"  missing keys ({len(missing)}): {listing(missing)}")
     if unexpected:

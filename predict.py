@@ -102,10 +102,10 @@ class Predictor:
             precision = "fp32"  # the API's default; the scripts default to precision.default_precision(device)
         self.precision = resolve_precision(precision, self.device, amp, supported)
         prepare_model(self.model, self.precision, self.device)
-        image_size = int(image_size or model.config.image_size)
-        if image_size <= 0 or image_size % PATCH_SIZE:
-            raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {image_size}")
-        self.transform = ImageTransform(resize, image_size, square)
+        image_size, patch = int(image_size or model.config.image_size), model.config.patch_size
+        if image_size <= 0 or image_size % patch:
+            raise ValueError(f"image_size must be a positive multiple of {patch} (the patch size), got {image_size}")
+        self.transform = ImageTransform(resize, image_size, square, multiple=patch)
         self.prompt_transform = ImageTransform(resize, model.config.image_size, square=True)
         if self.model.text_cache is None:
             self.model.text_cache = {}

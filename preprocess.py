@@ -490,13 +490,14 @@ def _shift_hue(image: Tensor, shift: float) -> Tensor:
     return torch.stack(channels)
 
 
-def native_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+def native_size(width: int, height: int, short_side: int, multiple: int = 16) -> tuple[int, int]:
     """(W, H) of the model input that keeps an image's aspect: the short side becomes `short_side`, the long side
-    is scaled alike and rounded to a multiple of 16, capped at MAX_ASPECT x the short side."""
+    is scaled alike and rounded to a multiple of `multiple` (the patch size), capped at MAX_ASPECT x the short
+    side."""
     scale = short_side / min(width, height)
 
     def on_grid(length: float) -> int:
-        return min(MAX_ASPECT * short_side, max(16, int(length * scale / 16 + 0.5) * 16))
+        return min(MAX_ASPECT * short_side, max(multiple, int(length * scale / multiple + 0.5) * multiple))
 
     return on_grid(width), on_grid(height)
 
@@ -505,11 +506,13 @@ def native_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 class ImageTransform:
     """How an image (and its mask) becomes model input; one object shared by the data sets, the predictor and the
     app. rule: "original" or "pil" (see the module table); size: the side S (the short side with `square=False`);
-    square: squash every image to S x S (the paper, the HF processor) or keep the aspect (`native_size`)."""
+    square: squash every image to S x S (the paper, the HF processor) or keep the aspect (`native_size`);
+    multiple: the model's patch size, to which `native_size` rounds the long side."""
 
     rule: str = "original"
     size: int = IMAGE_SIZE
     square: bool = True
+    multiple: int = 16
 
     def __post_init__(self) -> None:
         check_rule(self.rule)
@@ -518,7 +521,7 @@ class ImageTransform:
 
     def input_size(self, width: int, height: int) -> tuple[int, int]:
         """(W, H) the model sees for a `width` x `height` image (or crop)."""
-        return (self.size, self.size) if self.square else native_size(width, height, self.size)
+        return (self.size, self.size) if self.square else native_size(width, height, self.size, self.multiple)
 
     def pixels(
         self,

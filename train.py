@@ -3,6 +3,7 @@ own data, validation with a best model, exact resume, several GPUs.
 
     python train.py --name=pc --batch-size=64                           # PhraseCut, the released recipe (SPEC 4)
     python train.py --name=pc --resume                                  # continue after a crash, kill or Ctrl-C
+    python train.py --name=deconv --arch=clip-deconv                    # a baseline of the paper (README, "Baselines")
     python train.py --name=pc --val-interval=1000 --keep-checkpoints=10000,20000    # best/ by validation mIoU
     torchrun --nproc_per_node=4 train.py --name=pc --batch-size=64      # 4 GPUs (DDP); 64 is the global batch
     python train.py --name=mine --data=folder --data-root=my_masks.jsonl --init=CIDAS/clipseg-rd64-refined
@@ -42,12 +43,12 @@ from tqdm import tqdm
 
 import checkpoints
 import dataset as datasets
+from baselines import DEFAULT_VIT, tiny_vit_config
 from checkpoints import RunFiles
 from cli import (
     DefaultsHelpFormatter,
     dropout_rate,
     explicit_flags,
-    image_size,
     layer_list,
     non_negative_float,
     non_negative_int,
@@ -60,7 +61,7 @@ from cli import (
 )
 from inference import predict_tasks
 from metrics import PaperMetrics
-from model import DEFAULT_BACKBONE, CLIPSeg, tiny_clip_config
+from model import ARCHITECTURES, DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSeg, tiny_clip_config
 from model import amp_dtype as model_amp_dtype
 from preprocess import RESIZE_RULES
 from sampling import (
@@ -154,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"generated there if absent (default {datasets_default('synthetic')}); folder: the JSONL/CSV index file",
     )
     data.add_argument("--split", default="train", help="split to train on (phrasecut/synthetic)")
-    data.add_argument("--image-size", type=image_size, default=352, help="training resolution (multiple of 16)")
+    data.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=352,
+        help="training resolution, a multiple of the backbone's patch size (16; ViT-L/14: e.g. 350)",
+    )
     data.add_argument("--negative-prob", type=probability, default=0.2, help="share of negatives (other phrase)")
     data.add_argument(
         "--whole-image-prob",
@@ -238,10 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
     arch = parser.add_argument_group("model")
     arch.add_argument("--init", default=None, help="start from weights: hub id, checkpoint directory or original .pth")
     arch.add_argument(
+        "--arch",
+        choices=tuple(ARCHITECTURES),
+        default=None,
+        help="clipseg, or one of the paper's baselines: clip-deconv (one CLIP block, no transformer decoder), vitseg "
+        "(ImageNet ViT-B/16 at 384 px for the image, CLIP for the prompt) (default: clipseg, or that of --init)",
+    )
+    arch.add_argument(
         "--backbone",
         default=None,
-        help="CLIP hub id or local directory, or 'tiny' (small random CLIP for tests and the demo); "
-        "default openai/clip-vit-base-patch16; with --init only for a .pth",
+        help=f"CLIP hub id or local directory (any patch size; default {DEFAULT_BACKBONE}), 'tiny' (small random "
+        f"CLIP for tests and the demo) or {', '.join(RANDOM_BACKBONES)} (random-initialised CLIP: the paper's 'no "
+        f"CLIP pre-training'); --arch vitseg: the ImageNet ViT (default {DEFAULT_VIT}); with --init only for a .pth",
+    )
+    arch.add_argument(
+        "--text-backbone",
+        default=None,
+        help=f"--arch vitseg: the CLIP whose text tower encodes prompts (default {DEFAULT_BACKBONE}; tiny: tiny)",
     )
     arch.add_argument(
         "--refined",
@@ -279,6 +298,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--backbone goes with --init only for an original .pth decoder; HF checkpoints carry their CLIP")
     if args.extract_layers is not None and args.init is not None:
         parser.error("--extract-layers cannot change with --init: the checkpoint's decoder was trained on its layers")
+    if args.text_backbone is not None and (args.arch != "vitseg" or args.init is not None):
+        parser.error("--text-backbone goes with --arch vitseg, without --init (a checkpoint carries its text tower)")
+    patch = known_patch_size(args)
+    if patch is not None and args.image_size % patch:
+        parser.error(f"--image-size: must be a multiple of {patch} (the patch size), got {args.image_size}")
     if args.batch_size % args.prompts_per_image:
         parser.error(
             f"--batch-size={args.batch_size} must be a multiple of --prompts-per-image={args.prompts_per_image}"
@@ -289,6 +313,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--warmup={args.warmup} must be below --max-iterations={args.max_iterations}")
     args.explicit = sorted(explicit_flags(parser, argv))
     return args
+
+
+def known_patch_size(args: argparse.Namespace) -> int | None:
+    """The patch size the flags fix without loading weights; None when only the backbone's config tells."""
+    if args.init is not None:
+        return None
+    if args.arch == "vitseg" or args.backbone in (None, "tiny"):
+        return 16
+    if args.backbone in RANDOM_BACKBONES:
+        return RANDOM_BACKBONES[args.backbone][0]["patch_size"]
+    return None
 
 
 def build_training_set(args: argparse.Namespace) -> Dataset:
@@ -335,18 +370,24 @@ def prompt_templates(args: argparse.Namespace) -> str:
 
 
 def build_model(args: argparse.Namespace) -> CLIPSeg:
-    """A fresh decoder on a backbone, or weights from --init; structural flags left unset keep the defaults of
-    the backbone or the checkpoint."""
+    """A fresh decoder on a backbone (CLIPSeg or the baseline --arch names), or weights from --init; structural
+    flags left unset keep the defaults of the architecture, the backbone or the checkpoint. Flags that do not fit
+    the backbone (an image size off its patch grid, the refined head on another patch size) are a TrainingError."""
     knobs = {"image_size": args.image_size, "dropout": args.dropout}
-    for knob in ("refined", "reduce_dim", "extract_layers"):
-        if getattr(args, knob) is not None:
+    for knob in ("arch", "refined", "reduce_dim", "extract_layers", "text_backbone"):
+        if getattr(args, knob, None) is not None:
             knobs[knob] = getattr(args, knob)
     torch.manual_seed(derived_seed(args.seed, 0, 2))  # same random init on every rank
-    if args.init is not None:
-        return CLIPSeg.from_pretrained(args.init, backbone=args.backbone, **knobs)
-    if args.backbone == "tiny":
-        knobs["clip"] = tiny_clip_config(vision_layers=args.tiny_layers, width=args.tiny_width)
-    return CLIPSeg.from_backbone(args.backbone or DEFAULT_BACKBONE, **knobs)
+    try:
+        if args.init is not None:
+            return CLIPSeg.from_pretrained(args.init, backbone=args.backbone, **knobs)
+        if args.backbone == "tiny":
+            knobs["clip"] = tiny_clip_config(vision_layers=args.tiny_layers, width=args.tiny_width)
+            if args.arch == "vitseg":
+                knobs["vit"] = tiny_vit_config(layers=args.tiny_layers, width=args.tiny_width)
+        return CLIPSeg.from_backbone(args.backbone, **knobs)
+    except ValueError as err:
+        raise TrainingError(f"cannot build the model from these flags: {err}") from err
 
 
 def resume_model(files: RunFiles, args: argparse.Namespace) -> CLIPSeg:
@@ -364,7 +405,7 @@ def build_model_source(args: argparse.Namespace) -> str | None:
     if args.init is not None and Path(args.init).suffix not in (".pth", ".pt"):
         return str(Path(args.init).resolve()) if Path(args.init).exists() else args.init
     backbone = args.backbone or DEFAULT_BACKBONE
-    if backbone == "tiny":
+    if backbone == "tiny" or backbone in RANDOM_BACKBONES or getattr(args, "arch", None) == "vitseg":
         return None
     return str(Path(backbone).resolve()) if Path(backbone).exists() else backbone
 
