@@ -13,7 +13,7 @@ DEMO_IMAGES ?= 1500
 # fp32 (--no-amp): the tiny model's matrices are too small for bf16 to pay, also on CPUs that have it natively.
 DEMO_TRAIN ?= --backbone=tiny --device=cpu --image-size=128 --batch-size=32 --max-iterations=4400 --ckpt=500 \
 	--num-workers=1 --refined --reduce-dim=64 --extract-layers=0,1,2 --lr=1.5e-3 --dropout=0 --whole-image-prob=0.5 \
-	--no-amp
+	--no-amp --val-interval=1100 --val-samples=200
 # fp32: the tiny model's layers are too small for int8 or bf16 to pay (and its figures stay comparable).
 DEMO_EVAL ?= --data=synthetic --data-root=$(DEMO_DATA) --device=cpu --num-workers=1 --precision=fp32
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +32,8 @@ import torch
 import transformers
 from torch import nn
 
-from model import CLIPSeg, CLIPSegConfig, RefinedHead, amp_dtype
+import checkpoints
+from model import DEFAULT_BACKBONE, CLIPSeg, CLIPSegConfig, RefinedHead, amp_dtype
 from precision import precision_context, prepare_model, quantize_linears
 
 PHRASES = [
@@ -140,6 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--skip-precision", action="store_true", help="skip the precision paths")
     parser.add_argument(
+        "--only-runs",
+        action="store_true",
+        help="only the training-run and scoring rows: checkpoint save (complete vs decoder-only), training samples/s "
+        "with --prompts-per-image 4 vs 1, score.py encoding each image once vs once per task",
+    )
+    parser.add_argument("--skip-runs", action="store_true", help="skip the training-run and scoring rows")
+    parser.add_argument(
         "--clock",
         choices=tuple(CLOCKS),
         default="wall",
@@ -195,7 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     ours, hf = build_models(device, args.refined)
     if args.compile:
-        ours.decoder = torch.compile(ours.decoder)
+        ours.decoder.compile()
+    if args.only_runs or not args.skip_runs:
+        results["runs"] = run_comparisons(ours, device, size, repeats)
+    if args.only_runs:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+        return results
     tokens = (size // 16) ** 2 + 1
     deepest = max(ours.config.extract_layers) + 1
     text_tokens = max(len(ours.tokenize([p])[0][0]) for p in PHRASES)
@@ -271,6 +286,110 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
     return results
+
+
+def run_comparisons(ours: CLIPSeg, device: str, size: int, repeats: int) -> dict:
+    """The rows of a training run and of scoring, at the full geometry."""
+    return {
+        "checkpoint": checkpoint_comparison(ours, repeats),
+        "prompts_per_image": prompts_per_image_comparison(ours, device, size, repeats),
+        "grouped_scoring": scoring_comparison(ours, device, size, max(1, repeats // 2)),
+    }
+
+
+def checkpoint_comparison(ours: CLIPSeg, repeats: int) -> dict:
+    """A checkpoint at the full ViT-B/16 geometry, interleaved: the complete model (what every checkpoint wrote
+    before) against the decoder-only one train.py now writes while it trains, each with the training state
+    (decoder + AdamW moments). Seconds and bytes on this machine's disk."""
+    model = copy.deepcopy(ours).cpu()
+    model.config.clip_source = DEFAULT_BACKBONE  # a reference only: nothing is loaded from it here
+    optimizer = torch.optim.AdamW(model.decoder.parameters())
+    for parameter in model.decoder.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()  # AdamW's moments exist, as in a real training state
+    state = {"decoder": model.decoder.state_dict(), "optimizer": optimizer.state_dict()}
+    with tempfile.TemporaryDirectory(prefix="clipseg-ckpt-") as root:
+        files = {name: checkpoints.RunFiles(Path(root) / name) for name in ("complete", "decoder_only")}
+
+        def save(name: str) -> None:
+            files[name].dir.mkdir(exist_ok=True)
+            checkpoints.save_model(model, files[name].dir, complete=name == "complete")
+            checkpoints.save_state(files[name], state)
+
+        timing = interleaved({name: lambda name=name: save(name) for name in files}, repeats)
+        sizes = {name: sum(p.stat().st_size for p in f.dir.iterdir()) for name, f in files.items()}
+    out = {name: {"seconds": timing[name], "bytes": sizes[name]} for name in files}
+    out["speedup"] = timing["complete"] / timing["decoder_only"]
+    print(
+        f"checkpoint at ViT-B/16 (model + training state): complete {timing['complete']:.2f} s, "
+        f"{sizes['complete'] / 1e6:.0f} MB; decoder-only {timing['decoder_only'] * 1e3:.0f} ms, "
+        f"{sizes['decoder_only'] / 1e6:.1f} MB ({out['speedup']:.0f}x faster)"
+    )
+    return out
+
+
+def prompts_per_image_comparison(ours: CLIPSeg, device: str, size: int, repeats: int, batch: int = 8) -> dict:
+    """Training samples/s (forward with labels, backward, AdamW step; fp32; the data pipeline left out) with one
+    prompt per image crop, the recipe, against train.py --prompts-per-image 4: the same 8 samples on a quarter of
+    the crops, so the frozen vision tower runs a quarter as often."""
+    model = copy.deepcopy(ours).train()
+    optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=1e-4)
+    conditional = torch.randn(batch, model.config.clip.projection_dim, device=device)
+    labels = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
+    crops = {k: torch.randn(batch // k, 3, size, size, device=device) for k in (1, 4)}
+
+    def step(k: int) -> None:
+        loss = model(crops[k], conditional=conditional, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _sync(device)
+
+    timing = interleaved({f"k{k}": lambda k=k: step(k) for k in crops}, repeats)
+    rates = {name: batch / seconds for name, seconds in timing.items()}
+    out = {"batch": batch, "samples_per_s": rates, "speedup": rates["k4"] / rates["k1"]}
+    print(
+        f"training step, {batch} samples: 1 prompt per crop {rates['k1']:.2f} samples/s, 4 prompts per crop "
+        f"{rates['k4']:.2f} samples/s ({out['speedup']:.2f}x)"
+    )
+    return out
+
+
+def scoring_comparison(ours: CLIPSeg, device: str, size: int, repeats: int, images: int = 10) -> dict:
+    """score.py on a generated PhraseCut-format split whose images have 5 or more tasks each (PhraseCut's test
+    split has 5.6), fp32: each image read and encoded once for all its tasks, as score.py does, against once per
+    task, as the reference implementations do. Same metrics either way (tests/test_inference.py)."""
+    import dataset
+    import score
+    import synthetic
+
+    model = copy.deepcopy(ours).eval()
+    model.text_cache = {}
+    with tempfile.TemporaryDirectory(prefix="clipseg-score-") as root:
+        data_dir = synthetic.make_synthetic_phrasecut(root, n_images=12 * images, seed=1, fixed_size=(500, 375))
+        tasks = [t for split in dataset.SPLITS for t in json.loads((data_dir / f"refer_{split}.json").read_text())]
+        per_image = Counter(t["image_id"] for t in tasks)
+        chosen = sorted(i for i, n in per_image.items() if n >= 5)[:images]
+        kept = [t for t in tasks if t["image_id"] in chosen]
+        (data_dir / "refer_test.json").write_text(json.dumps(kept))
+        data = dataset.PhraseCut(root, "test", train=False, image_size=size, cache_dir=Path(root) / "index")
+        variants = {
+            "grouped": lambda: score.score(model, data, batch_size=16),
+            "per_task": lambda: score.score(model, data, batch_size=16, group_by_image=False),
+        }
+        timing = interleaved(variants, repeats, warmup=0)
+    out = {
+        "images": len(chosen),
+        "tasks": len(kept),
+        "tasks_per_image": len(kept) / len(chosen),
+        "seconds": timing,
+        "speedup": timing["per_task"] / timing["grouped"],
+    }
+    print(
+        f"scoring {len(kept)} tasks on {len(chosen)} images ({out['tasks_per_image']:.1f} per image): each image "
+        f"once {timing['grouped']:.1f} s, once per task {timing['per_task']:.1f} s ({out['speedup']:.2f}x)"
+    )
+    return out
 
 
 def refined_head_comparison(device: str, size: int, repeats: int, batch: int = 32) -> dict:

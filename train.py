@@ -630,6 +630,7 @@ class LogInterval:
     loss_sum: float = 0.0
     iterations: int = 0
     started: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0  # seconds spent validating and writing checkpoints
 
 
 class TrainingLoop:
@@ -859,16 +860,18 @@ class TrainingLoop:
         step, last = self.step, self.step == args.max_iterations
         if step % args.log_every == 0 or last or stop_flag:
             self.log_interval(log, progress)
+        paused = time.perf_counter()  # throughput excludes validation and checkpoint writes
         if self.validation is not None and (step % args.val_interval == 0 or last):
             self.validate(log, progress)
         if step % args.ckpt == 0 or last or stop_flag or step in self.keep:
             self.save(log, complete=last)
-        self.interval.started = time.perf_counter()  # throughput excludes validation and checkpoint writes
+        self.interval.paused += time.perf_counter() - paused
         return bool(stop_flag)
 
     def log_interval(self, log, progress: tqdm) -> None:
         now = time.perf_counter()
-        samples_per_second = self.interval.iterations * self.args.batch_size / (now - self.interval.started)
+        seconds = now - self.interval.started - self.interval.paused
+        samples_per_second = self.interval.iterations * self.args.batch_size / seconds
         self.last_loss = self.interval.loss_sum / self.interval.iterations
         progress.set_postfix(self.postfix() | {"samples_s": f"{samples_per_second:.1f}"})
         if log is not None:

@@ -50,20 +50,29 @@ def synthetic_coco(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory) -> Path:
-    """checkpoints/demo: a tiny random CLIPSeg at 64 px whose head is scaled so probabilities spread over (0, 1)."""
+def tiny_checkpoint(tmp_path_factory):
+    """A factory: `tiny_checkpoint(name="tiny", seed=0, **knobs)` saves a tiny random CLIPSeg (knobs go to
+    `CLIPSeg.from_backbone("tiny", ...)`) whose head is scaled x4 so that its probabilities spread over (0, 1),
+    as `<a fresh directory>/<name>`, and returns that path."""
     import torch
 
     from model import CLIPSeg
 
-    torch.manual_seed(0)
-    model = CLIPSeg.from_backbone("tiny", image_size=64)
-    with torch.no_grad():
-        for param in model.decoder.transposed_convolution.parameters():
-            param.mul_(4.0)
-    root = tmp_path_factory.mktemp("checkpoints")
-    model.save_pretrained(root / "demo")
-    return root
+    def make(name: str = "tiny", seed: int = 0, **knobs) -> Path:
+        torch.manual_seed(seed)
+        model = CLIPSeg.from_backbone("tiny", **knobs)
+        with torch.no_grad():
+            for param in model.decoder.transposed_convolution.parameters():
+                param.mul_(4.0)
+        return model.save_pretrained(tmp_path_factory.mktemp("checkpoints") / name)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_checkpoint) -> Path:
+    """A checkpoints directory holding `demo`: a tiny model at 64 px (see `tiny_checkpoint`)."""
+    return tiny_checkpoint("demo", image_size=64).parent
 
 
 def require(package: str, install: str) -> None:

@@ -78,16 +78,22 @@ def test_pil_rule_samples_are_what_the_hf_processor_gives(synthetic_root):
     np.testing.assert_allclose(denormalise(sample["pixel_values"]), squashed, atol=1e-3)
 
 
-def test_training_samples_are_the_originals_crop_then_resize(synthetic_root, monkeypatch):
-    offsets_seen = []
+@pytest.fixture
+def offsets_seen(monkeypatch) -> list:
+    """The crop offsets the data set draws, recorded as it draws them (cleared by the test between samples)."""
+    seen = []
     real_offsets = dataset.random_crop_offsets
 
     def recording(rng, height, width, tries=50):
         offsets = real_offsets(rng, height, width, tries)
-        offsets_seen.extend(offsets.tolist())
+        seen.extend(offsets.tolist())
         return offsets
 
     monkeypatch.setattr(dataset, "random_crop_offsets", recording)
+    return seen
+
+
+def test_training_samples_are_the_originals_crop_then_resize(synthetic_root, offsets_seen):
     data = dataset.PhraseCut(synthetic_root, "train", train=True, image_size=SMALL)
     for index in range(12):
         offsets_seen.clear()
@@ -104,16 +110,7 @@ def test_training_samples_are_the_originals_crop_then_resize(synthetic_root, mon
         assert "full_mask" not in sample and sample["skipped"] == []
 
 
-def test_several_prompts_per_image_share_the_crop_and_keep_each_tasks_target(synthetic_root, monkeypatch):
-    offsets_seen = []
-    real_offsets = dataset.random_crop_offsets
-
-    def recording(rng, height, width, tries=50):
-        offsets = real_offsets(rng, height, width, tries)
-        offsets_seen.extend(offsets.tolist())
-        return offsets
-
-    monkeypatch.setattr(dataset, "random_crop_offsets", recording)
+def test_several_prompts_per_image_share_the_crop_and_keep_each_tasks_target(synthetic_root, offsets_seen):
     data = dataset.PhraseCut(synthetic_root, "train", train=True, image_size=SMALL, prompts_per_image=4)
     for index in range(6):
         offsets_seen.clear()

@@ -34,14 +34,9 @@ THRESHOLD = 0.6  # the refined tiny model's probabilities centre above 0.5: a th
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random CLIPSeg with the refined head (the released models'), head scaled so probabilities spread."""
-    torch.manual_seed(0)
-    model = CLIPSeg.from_backbone("tiny", refined=True)
-    with torch.no_grad():
-        for param in model.decoder.transposed_convolution.parameters():
-            param.mul_(4.0)
-    return model.save_pretrained(tmp_path_factory.mktemp("tiny"))
+def tiny_dir(tiny_checkpoint):
+    """With the refined head, the released models'."""
+    return tiny_checkpoint(refined=True)
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,9 @@ LIMIT = 4
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """checkpoints/tiny: a tiny random CLIPSeg whose head is scaled so probabilities spread over (0, 1)."""
-    torch.manual_seed(1)
-    model = CLIPSeg.from_backbone("tiny", image_size=SIZE)
-    with torch.no_grad():
-        for param in model.decoder.transposed_convolution.parameters():
-            param.mul_(4.0)
-    root = tmp_path_factory.mktemp("checkpoints")
-    model.save_pretrained(root / "tiny")
-    return root
+def checkpoints(tiny_checkpoint):
+    """checkpoints/tiny: a tiny model at SIZE px."""
+    return tiny_checkpoint("tiny", seed=1, image_size=SIZE).parent
 
 
 def run_args(checkpoints, synthetic_root, out, *extra):

@@ -35,16 +35,9 @@ PAPER_THRESHOLDS = np.linspace(0.02, 0.98, 49)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """checkpoints/demo: a tiny random CLIPSeg whose head is scaled so probabilities spread over (0, 1)."""
-    torch.manual_seed(0)
-    model = CLIPSeg.from_backbone("tiny", image_size=SIZE)
-    with torch.no_grad():
-        for param in model.decoder.transposed_convolution.parameters():
-            param.mul_(4.0)
-    root = tmp_path_factory.mktemp("checkpoints")
-    model.save_pretrained(root / "demo")
-    return root
+def checkpoints(tiny_checkpoint):
+    """checkpoints/demo: a tiny model at SIZE px."""
+    return tiny_checkpoint("demo", image_size=SIZE).parent
 
 
 def score_args(checkpoints, synthetic_root, *extra):

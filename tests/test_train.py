@@ -92,6 +92,8 @@ def test_loss_falls_and_run_directory_is_complete(tmp_path, synthetic_root):
     assert json.loads((run_dir / "args.json").read_text())["max_iterations"] == 40
     records = checkpoints.read_log(run_dir / "log.jsonl")
     assert all({"step", "loss", "lr", "samples_per_s"} <= r.keys() for r in records if "loss" in r)
+    logged_rate = np.median([r["samples_per_s"] for r in records if "loss" in r][1:])  # the first includes start-up
+    assert summary.samples_per_second / 3 < logged_rate < 3 * summary.samples_per_second
     assert [r["lr"] for r in records if "loss" in r][-1] == pytest.approx(3e-4)  # cosine down to lr / 10
     model = CLIPSeg.from_pretrained(run_dir)
     assert model.config.image_size == 64
@@ -255,26 +257,29 @@ def test_ctrl_c_saves_and_resume_is_bitwise_exact(tmp_path, synthetic_root, refe
     assert_same_run(run_dir, reference)
 
 
-def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path, synthetic_root, reference):
-    argv = flags(tmp_path, synthetic_root, "--name=ref", "--max-iterations=12", "--ckpt=1")
-    run_dir = tmp_path / "ck" / "ref"
+def kill_training_when(argv: list[str], cwd: Path, condition) -> None:
+    """Start train.py in a subprocess and SIGKILL it as soon as `condition()` holds (it must still be running)."""
     process = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *argv],
-        cwd=tmp_path,
+        cwd=cwd,
         env=subprocess_env(threads=torch.get_num_threads()),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 300  # generous: other work may load the machine
-    while time.monotonic() < deadline and process.poll() is None:
-        saved = [r["step"] for r in checkpoints.read_log(run_dir / "log.jsonl") if r.get("checkpoint")]
-        if saved and saved[-1] >= 3:
-            break
+    while time.monotonic() < deadline and process.poll() is None and not condition():
         time.sleep(0.02)
     assert process.poll() is None, process.stderr.read().decode()[-2000:]
     process.send_signal(signal.SIGKILL)
     process.wait()
     process.stderr.close()
+
+
+def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path, synthetic_root, reference):
+    argv = flags(tmp_path, synthetic_root, "--name=ref", "--max-iterations=12", "--ckpt=1")
+    run_dir = tmp_path / "ck" / "ref"
+    kill_training_when(argv, tmp_path, lambda: [r for r in checkpoints.read_log(run_dir / "log.jsonl") if
+                                                r.get("checkpoint") and r["step"] >= 3])  # fmt: skip
     step = training_state(run_dir)["step"]
     assert 3 <= step < 12
     CLIPSeg.from_pretrained(run_dir)  # the checkpoint on disk is complete and loadable
@@ -615,22 +620,8 @@ def test_resume_after_sigkill_keeps_the_best(tmp_path, synthetic_root, validated
     reference_dir, _, argv = validated
     argv = [a.replace(str(reference_dir.parent.parent), str(tmp_path)) for a in argv]
     run_dir = tmp_path / "ck" / "val"
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *argv, "--keep-checkpoints=8"],
-        cwd=tmp_path,
-        env=subprocess_env(threads=torch.get_num_threads()),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if [r for r in validation_records(run_dir) if r["step"] >= 8]:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, process.stderr.read().decode()[-2000:]
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
+    kill_training_when([*argv, "--keep-checkpoints=8"], tmp_path, lambda: [r for r in validation_records(run_dir)
+                                                                        if r["step"] >= 8])  # fmt: skip
     assert 4 <= training_state(run_dir)["step"] < 12  # killed after the validation of iteration 8
     assert train.main([*argv, "--resume"]) == 0
     assert_same_weights(run_dir / "best", reference_dir / "best")
