@@ -7,9 +7,7 @@ PhraseCut layout (what the official download script writes, and what `synthetic.
     <root>/data/VGPhraseCut_v0/name_att_rel_count.json             vocabulary counts
     <root>/data/VGPhraseCut_v0/images/<image_id>.jpg
 
-The first use of a split parses its JSON once (streaming, bounded memory) into a compact index of flat numpy
-arrays (`<VGPhraseCut_v0>/.clipseg_index/<split>/`, or a user cache dir when the data dir is read-only) that
-later runs memory-map: DataLoader workers share its pages instead of copying millions of Python objects.
+A split's JSON is read through its memory-mapped index (phrasecut_index.py), built on first use.
 
 Samples follow the authors' PhraseCut pipeline (SPEC section 1b; the rules themselves are in preprocess.py):
 ground truth drawn with `polygon2mask`, the training crop of `find_crop`, the `original` resize, negatives drawn
@@ -20,16 +18,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
-import itertools
 import json
-import math
 import os
-import shutil
-import tempfile
 import warnings
-from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
-from tqdm import tqdm
 
+from metrics import PHRASE_TYPES
+from phrasecut_index import DATA_SUBDIR, DOWNLOAD_HINT, TaskTable, find_data_dir, load_task_table
 from preprocess import (
     IMAGE_SIZE,
     ImageTransform,
@@ -49,17 +42,14 @@ from preprocess import (
     open_rgb,
     random_crop_offsets,
     read_mask,
-    upright_size,
     visual_prompt,
 )
 from wordnet_classes import removal_rule
 
 DEFAULT_PHRASECUT_ROOT = "PhraseCutDataset"
 DEFAULT_SYNTHETIC_ROOT = "synthetic_phrasecut"
-DATA_SUBDIR = Path("data") / "VGPhraseCut_v0"
 SPLITS = ("train", "val", "test", "miniv")
 COMBINED_SPLITS = {"val_miniv": ("val", "miniv")}
-PHRASE_TYPES = ("name", "attribute", "relation", "verbose")
 # The original's prompt template lists (`get_prompt_list`); training samples one template per prompt. The released
 # PC+ models used "shuffle+" with --mix, the raw phrase ("plain") otherwise (SPEC section 4b).
 PROMPT_TEMPLATES = {
@@ -80,13 +70,6 @@ PROMPT_TEMPLATES = {
 }
 MAX_CONSECUTIVE_SKIPS = 50
 SUPPORT_TRIES = 3  # supports tried (other tasks with the phrase) before a sample goes without one
-INDEX_VERSION = 1
-DOWNLOAD_HINT = (
-    "Get PhraseCut with its official download script (about 75k Visual Genome images, ~20 GB): "
-    "`git clone https://github.com/ChenyunWu/PhraseCutDataset && cd PhraseCutDataset && python download_dataset.py`, "
-    "then pass the clone's directory as the data root. For generated data in the same format run "
-    "`python synthetic.py phrasecut --root synthetic_phrasecut`."
-)
 
 # ---------------------------------------------------------------------------------------- sample pipeline
 
@@ -395,312 +378,6 @@ def collate(samples: list[dict]) -> dict:
         else:
             batch[key] = values
     return batch
-
-
-# ---------------------------------------------------------------------------------------- PhraseCut index
-
-
-def find_data_dir(root: str | os.PathLike) -> Path:
-    """`root` (a dir containing data/VGPhraseCut_v0/, or that dir itself) -> the VGPhraseCut_v0 dir, or a
-    FileNotFoundError saying where the data must be and how to get it."""
-    root = Path(root)
-    for candidate in (root / DATA_SUBDIR, root):
-        if (candidate / "image_data_split.json").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"PhraseCut not found under {root}: expected {root / DATA_SUBDIR}/ with refer_<split>.json, "
-        f"image_data_split.json and images/. {DOWNLOAD_HINT}"
-    )
-
-
-def iter_json_array(path: Path, chunk_chars: int = 1 << 24) -> Iterator[dict]:
-    """Stream the elements of a top-level JSON list without holding the whole document (bounded memory)."""
-    decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as file:
-        buffer, position = file.read(chunk_chars), 0
-
-        def skip_separators() -> bool:
-            nonlocal buffer, position
-            while True:
-                while position < len(buffer) and buffer[position] in " \t\r\n,":
-                    position += 1
-                if position < len(buffer):
-                    return True
-                buffer, position = file.read(chunk_chars), 0
-                if not buffer:
-                    return False
-
-        if not skip_separators() or buffer[position] != "[":
-            raise ValueError(f"{path}: expected a JSON list of tasks")
-        position += 1
-        while skip_separators():
-            if buffer[position] == "]":
-                return
-            try:
-                element, position = decoder.raw_decode(buffer, position)
-            except json.JSONDecodeError as err:
-                more = file.read(chunk_chars)
-                if not more:
-                    raise ValueError(f"{path}: malformed JSON ({err}); re-download the file") from err
-                buffer, position = buffer[position:] + more, 0
-                continue
-            yield element
-        raise ValueError(f"{path}: truncated JSON (no closing ']'); re-download the file")
-
-
-# Arrays of one split's index: name -> dtype. Points are float64 so int truncation matches the JSON exactly.
-_INDEX_ARRAYS = {
-    "task_id_bytes": np.uint8,
-    "task_id_offsets": np.int64,
-    "phrase_bytes": np.uint8,
-    "phrase_offsets": np.int64,
-    "phrase_index": np.int32,
-    "phrase_type": np.int8,
-    "image_id": np.int64,
-    "annotation_width": np.int32,
-    "annotation_height": np.int32,
-    "image_width": np.int32,
-    "image_height": np.int32,
-    "task_instances": np.int64,
-    "instance_polygons": np.int64,
-    "polygon_points": np.int64,
-    "points": np.float64,
-    "drawable": np.bool_,
-}
-
-
-class IndexWriter:
-    """Accumulates tasks into the index arrays, spilling the big ones to disk as it goes."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self.columns = {name: array("q") for name in ("task_id_offsets", "phrase_offsets")}
-        self.columns["task_id_offsets"].append(0)
-        self.columns["phrase_offsets"].append(0)
-        for name in ("phrase_index", "phrase_type", "image_id", "task_instances", "instance_polygons"):
-            self.columns[name] = array("q", [0] if name in ("task_instances", "instance_polygons") else [])
-        self.columns["polygon_points"] = array("q", [0])
-        self.columns["drawable"] = array("b")
-        self.task_id_bytes, self.phrase_bytes = bytearray(), bytearray()
-        self.phrases: dict[str, int] = {}
-        self.points = array("d")
-        self.n_points = 0
-        self.points_file = open(directory / "points.bin", "wb")  # noqa: SIM115 (closed in finish)
-
-    def add(self, task: dict) -> None:
-        encoded = task["task_id"].encode()
-        self.task_id_bytes += encoded
-        self.columns["task_id_offsets"].append(len(self.task_id_bytes))
-        phrase = task["phrase"]
-        if phrase not in self.phrases:
-            self.phrases[phrase] = len(self.phrases)
-            self.phrase_bytes += phrase.encode()
-            self.columns["phrase_offsets"].append(len(self.phrase_bytes))
-        self.columns["phrase_index"].append(self.phrases[phrase])
-        structure = task.get("phrase_structure") or {}
-        kind = structure.get("type")
-        self.columns["phrase_type"].append(PHRASE_TYPES.index(kind) if kind in PHRASE_TYPES else -1)
-        self.columns["image_id"].append(int(task["image_id"]))
-        drawable = False
-        instance_polygons, polygon_points = self.columns["instance_polygons"], self.columns["polygon_points"]
-        for instance in task["Polygons"]:
-            for polygon in instance:
-                before = len(self.points)
-                self.points.extend(itertools.chain.from_iterable(polygon))
-                if len(self.points) - before != 2 * len(polygon):
-                    raise ValueError("a polygon point is not an [x, y] pair")
-                self.n_points += len(polygon)
-                polygon_points.append(self.n_points)
-                drawable = drawable or len(polygon) >= 2
-            instance_polygons.append(len(polygon_points) - 1)
-        self.columns["task_instances"].append(len(instance_polygons) - 1)
-        self.columns["drawable"].append(drawable)
-        if len(self.points) > 1 << 22:
-            self._spill_points()
-
-    def _spill_points(self) -> None:
-        self.points_file.write(self.points.tobytes())
-        self.points = array("d")
-
-    def finish(self, image_sizes: dict[int, tuple[int, int]], actual_sizes: dict[int, tuple[int, int]]) -> dict:
-        """Write all arrays; returns {name: [dtype, shape]} for the metadata."""
-        self._spill_points()
-        self.points_file.close()
-        arrays = {
-            name: np.frombuffer(values, dtype=np.int64) for name, values in self.columns.items() if name != "drawable"
-        }
-        arrays["drawable"] = np.frombuffer(self.columns["drawable"], dtype=np.int8).astype(bool)
-        arrays["task_id_bytes"] = np.frombuffer(bytes(self.task_id_bytes), dtype=np.uint8)
-        arrays["phrase_bytes"] = np.frombuffer(bytes(self.phrase_bytes), dtype=np.uint8)
-        for prefix, sizes in (("annotation", image_sizes), ("image", actual_sizes)):
-            width_height = np.array([sizes.get(int(i), (-1, -1)) for i in arrays["image_id"]], dtype=np.int32)
-            width_height = width_height.reshape(-1, 2)
-            arrays[f"{prefix}_width"], arrays[f"{prefix}_height"] = width_height[:, 0], width_height[:, 1]
-        layout = {"points": ["float64", [self.n_points, 2]]}
-        for name, dtype in _INDEX_ARRAYS.items():
-            if name == "points":
-                continue
-            values = np.ascontiguousarray(arrays[name], dtype=dtype)
-            values.tofile(self.directory / f"{name}.bin")
-            layout[name] = [np.dtype(dtype).name, list(values.shape)]
-        return layout
-
-
-def _fingerprint(paths: Sequence[Path]) -> list:
-    return [INDEX_VERSION] + [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in paths]
-
-
-def _cache_dirs(data_dir: Path, split: str) -> list[Path]:
-    """Where a split's index may live: next to the data, else a per-user cache dir keyed by the data path."""
-    digest = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:12]
-    user_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipseg" / f"phrasecut-{digest}"
-    return [data_dir / ".clipseg_index" / split, user_cache / split]
-
-
-def _writable(directory: Path) -> bool:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".probe")  # noqa: SIM115
-        probe.close()
-        return True
-    except OSError:
-        return False
-
-
-class TaskTable:
-    """One split's tasks as memory-mapped flat arrays (fork/copy-on-write friendly: no per-task objects)."""
-
-    def __init__(self, directory: Path, images_dir: Path):
-        meta = json.loads((directory / "meta.json").read_text())
-        self.directory, self.images_dir = directory, images_dir
-        for name, (dtype, shape) in meta["arrays"].items():
-            setattr(self, name, _map_array(directory / f"{name}.bin", np.dtype(dtype), tuple(shape)))
-
-    def __getstate__(self) -> dict:
-        # Pickled for spawn-started DataLoader workers: send the paths and re-map, never copy the arrays.
-        return {"directory": self.directory, "images_dir": self.images_dir}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["directory"], state["images_dir"])
-
-    def __len__(self) -> int:
-        return len(self.image_id)
-
-    def task_id(self, row: int) -> str:
-        return bytes(self.task_id_bytes[self.task_id_offsets[row] : self.task_id_offsets[row + 1]]).decode()
-
-    def phrase(self, phrase_index: int) -> str:
-        return bytes(
-            self.phrase_bytes[self.phrase_offsets[phrase_index] : self.phrase_offsets[phrase_index + 1]]
-        ).decode()
-
-    def polygons(self, row: int) -> list[list[np.ndarray]]:
-        """Instances -> polygons -> (N, 2) float64 points, as in the JSON's `Polygons`."""
-        instances = []
-        for instance in range(self.task_instances[row], self.task_instances[row + 1]):
-            first, last = self.instance_polygons[instance], self.instance_polygons[instance + 1]
-            instances.append(
-                [np.array(self.points[self.polygon_points[p] : self.polygon_points[p + 1]]) for p in range(first, last)]
-            )
-        return instances
-
-    def image_path(self, row: int) -> Path:
-        return self.images_dir / f"{int(self.image_id[row])}.jpg"
-
-    def exclusion_reasons(self) -> list[tuple[int, str]]:
-        """(row, reason) for tasks that cannot be used: annotation/image size mismatch, nothing to draw."""
-        mismatch = (
-            (self.image_width >= 0)
-            & (self.annotation_width >= 0)
-            & ((self.image_width != self.annotation_width) | (self.image_height != self.annotation_height))
-        )
-        reasons = []
-        for row in np.flatnonzero(mismatch | ~self.drawable):
-            if mismatch[row]:
-                reasons.append(
-                    (
-                        int(row),
-                        f"image {self.image_path(row).name} is {self.image_width[row]}x{self.image_height[row]} "
-                        f"but annotated as {self.annotation_width[row]}x{self.annotation_height[row]}",
-                    )
-                )
-            else:
-                reasons.append((int(row), "no polygon with at least 2 vertices"))
-        return reasons
-
-
-def _map_array(path: Path, dtype: np.dtype, shape: tuple) -> np.ndarray:
-    if math.prod(shape) == 0:
-        return np.zeros(shape, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
-
-
-def load_task_table(data_dir: Path, split: str, cache_dir: Path | None = None) -> TaskTable:
-    """The index of `refer_<split>.json`, built on first use (streaming parse + image header checks) and
-    memory-mapped afterwards. Rebuilt when the JSON files change."""
-    refer = data_dir / f"refer_{split}.json"
-    if not refer.is_file():
-        raise FileNotFoundError(f"{refer} is missing: the PhraseCut download is incomplete. {DOWNLOAD_HINT}")
-    sources = [refer, data_dir / "image_data_split.json"]
-    fingerprint = _fingerprint(sources)
-    candidates = [cache_dir / split] if cache_dir is not None else _cache_dirs(data_dir, split)
-    for directory in candidates:
-        meta = directory / "meta.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
-            return TaskTable(directory, data_dir / "images")
-    for directory in candidates:
-        if _writable(directory.parent):
-            _build_index(data_dir, split, directory, fingerprint)
-            return TaskTable(directory, data_dir / "images")
-    raise PermissionError(f"cannot write a PhraseCut index in any of {[str(d) for d in candidates]}")
-
-
-def _build_index(data_dir: Path, split: str, directory: Path, fingerprint: list) -> None:
-    refer = data_dir / f"refer_{split}.json"
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{split}-building-"))
-    try:
-        writer = IndexWriter(staging)
-        quiet = refer.stat().st_size < 20_000_000  # progress bars only where indexing takes a while
-        with tqdm(desc=f"indexing {refer.name} (once)", unit="task", mininterval=1.0, disable=quiet) as progress:
-            for number, task in enumerate(iter_json_array(refer)):
-                try:
-                    writer.add(task)
-                except (KeyError, TypeError, ValueError) as err:
-                    raise ValueError(
-                        f"{refer}: task #{number} ({task.get('task_id', '?') if isinstance(task, dict) else task!r})"
-                        f" is malformed ({type(err).__name__}: {err}); re-download the file"
-                    ) from err
-                progress.update()
-        image_sizes = _annotation_sizes(data_dir / "image_data_split.json")
-        image_ids = sorted(set(writer.columns["image_id"]))
-        actual_sizes = {}
-        for image_id in tqdm(
-            image_ids, desc="checking image sizes (once)", unit="image", mininterval=1.0, disable=quiet
-        ):
-            size = upright_size(data_dir / "images" / f"{image_id}.jpg")
-            if size is not None:
-                actual_sizes[image_id] = size
-        layout = writer.finish(image_sizes, actual_sizes)
-        meta = {"fingerprint": fingerprint, "split": split, "arrays": layout}
-        (staging / "meta.json").write_text(json.dumps(meta))
-        if directory.exists():
-            shutil.rmtree(directory)
-        try:
-            os.replace(staging, directory)
-        except OSError:  # another process finished the same index first
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _annotation_sizes(path: Path) -> dict[int, tuple[int, int]]:
-    """image_data_split.json -> {image_id: (width, height)}."""
-    try:
-        entries = json.loads(path.read_text())
-        return {int(entry["image_id"]): (int(entry["width"]), int(entry["height"])) for entry in entries}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: malformed ({type(err).__name__}: {err}); re-download the file") from err
 
 
 # ---------------------------------------------------------------------------------------- PhraseCut dataset

@@ -29,8 +29,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from dataset import DATA_SUBDIR, DEFAULT_SYNTHETIC_ROOT, SPLITS
+from dataset import DEFAULT_SYNTHETIC_ROOT, SPLITS
 from outputs import write_json
+from phrasecut_index import DATA_SUBDIR
 from wordnet_classes import COCO_CLASSES, COCO_FOLDS, PASCAL_CLASSES, PASCAL_FOLDS, pascal_fold_classes
 
 COLOURS = {

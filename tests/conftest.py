@@ -28,6 +28,14 @@ def synthetic_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def damaged_root(synthetic_root, tmp_path) -> Path:
+    """A private copy of the synthetic data (without its index) that a test may break."""
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_root, copy, ignore=shutil.ignore_patterns(".clipseg_index"))
+    return copy
+
+
 @pytest.fixture(scope="session")
 def synthetic_voc(tmp_path_factory) -> Path:
     """Root of a 40-image synthetic Pascal VOC 2012 (VOC2012/, lists/, splits/; 30 val images). Shared: copy it

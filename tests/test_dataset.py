@@ -1,4 +1,4 @@
-"""dataset.py: the original's sample pipeline, the PhraseCut index, user folders, bad input."""
+"""dataset.py: the original's sample pipeline, PhraseCut tasks, user folders, bad input."""
 
 import json
 import pickle
@@ -24,14 +24,6 @@ def data_dir(root: Path) -> Path:
 
 def refer(root: Path, split: str) -> list[dict]:
     return json.loads((data_dir(root) / f"refer_{split}.json").read_text())
-
-
-@pytest.fixture
-def damaged_root(synthetic_root, tmp_path) -> Path:
-    """A private copy of the synthetic data (without its index) that a test may break."""
-    copy = tmp_path / "copy"
-    shutil.copytree(synthetic_root, copy, ignore=shutil.ignore_patterns(".clipseg_index"))
-    return copy
 
 
 def denormalise(pixel_values: torch.Tensor) -> np.ndarray:
@@ -222,45 +214,6 @@ def test_collate_stacks_tensors_and_aggregates_skips(synthetic_root):
     assert batch["prompt_image"].shape == (2, 3, SMALL, SMALL)
     assert batch["task_id"] == [samples[0]["task_id"], samples[1]["task_id"]]
     assert isinstance(batch["full_mask"], list) and batch["skipped"] == [("x", "file not found")]
-
-
-# ------------------------------------------------------------------------------------------- index and cache
-
-
-def test_index_is_cached_and_rebuilt_when_the_json_changes(damaged_root, monkeypatch):
-    first = dataset.PhraseCut(damaged_root, "val", train=False)
-    assert (data_dir(damaged_root) / ".clipseg_index" / "val" / "meta.json").is_file()
-
-    def no_parsing(*args, **kwargs):
-        raise AssertionError("the JSON was parsed again")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(dataset, "iter_json_array", no_parsing)
-        cached = dataset.PhraseCut(damaged_root, "val", train=False)
-        assert [t["task_id"] for t in cached.tasks] == [t["task_id"] for t in first.tasks]
-    tasks = refer(damaged_root, "val")[:2]
-    (data_dir(damaged_root) / "refer_val.json").write_text(json.dumps(tasks))
-    assert len(dataset.PhraseCut(damaged_root, "val", train=False)) == 2
-
-
-def test_index_falls_back_to_user_cache_when_data_dir_is_read_only(damaged_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    real_writable = dataset._writable
-    monkeypatch.setattr(dataset, "_writable", lambda d: ".clipseg_index" not in str(d) and real_writable(d))
-    data = dataset.PhraseCut(damaged_root, "test", train=False)
-    assert len(data) == len(refer(damaged_root, "test"))
-    assert list((tmp_path / "cache" / "clipseg").glob("phrasecut-*/test/meta.json"))
-    assert not (data_dir(damaged_root) / ".clipseg_index").exists()
-
-
-def test_streaming_json_reader_matches_json_load(tmp_path):
-    tasks = [{"task_id": f"{i}", "phrase": "é " * i, "Polygons": [[[1.5, 2.0]]]} for i in range(50)]
-    path = tmp_path / "tasks.json"
-    path.write_text(json.dumps(tasks, indent=1))
-    assert list(dataset.iter_json_array(path, chunk_chars=7)) == tasks
-    path.write_text(json.dumps(tasks)[:-40])
-    with pytest.raises(ValueError, match="tasks.json.*re-download"):
-        list(dataset.iter_json_array(path, chunk_chars=64))
 
 
 # ------------------------------------------------------------------------------------------- bad input

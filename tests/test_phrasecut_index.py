@@ -1,0 +1,45 @@
+"""phrasecut_index.py: a split's JSON parsed once into memory-mapped arrays, cached, rebuilt when it changes."""
+
+import json
+
+import pytest
+from test_dataset import data_dir, refer
+
+import dataset
+import phrasecut_index
+
+
+def test_index_is_cached_and_rebuilt_when_the_json_changes(damaged_root, monkeypatch):
+    first = dataset.PhraseCut(damaged_root, "val", train=False)
+    assert (data_dir(damaged_root) / ".clipseg_index" / "val" / "meta.json").is_file()
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the JSON was parsed again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(phrasecut_index, "iter_json_array", no_parsing)
+        cached = dataset.PhraseCut(damaged_root, "val", train=False)
+        assert [t["task_id"] for t in cached.tasks] == [t["task_id"] for t in first.tasks]
+    tasks = refer(damaged_root, "val")[:2]
+    (data_dir(damaged_root) / "refer_val.json").write_text(json.dumps(tasks))
+    assert len(dataset.PhraseCut(damaged_root, "val", train=False)) == 2
+
+
+def test_index_falls_back_to_user_cache_when_data_dir_is_read_only(damaged_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real_writable = phrasecut_index._writable
+    monkeypatch.setattr(phrasecut_index, "_writable", lambda d: ".clipseg_index" not in str(d) and real_writable(d))
+    data = dataset.PhraseCut(damaged_root, "test", train=False)
+    assert len(data) == len(refer(damaged_root, "test"))
+    assert list((tmp_path / "cache" / "clipseg").glob("phrasecut-*/test/meta.json"))
+    assert not (data_dir(damaged_root) / ".clipseg_index").exists()
+
+
+def test_streaming_json_reader_matches_json_load(tmp_path):
+    tasks = [{"task_id": f"{i}", "phrase": "é " * i, "Polygons": [[[1.5, 2.0]]]} for i in range(50)]
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps(tasks, indent=1))
+    assert list(phrasecut_index.iter_json_array(path, chunk_chars=7)) == tasks
+    path.write_text(json.dumps(tasks)[:-40])
+    with pytest.raises(ValueError, match="tasks.json.*re-download"):
+        list(phrasecut_index.iter_json_array(path, chunk_chars=64))
