@@ -39,12 +39,12 @@ from model import (
     CLIPSegDecoder,
     ImageFeatures,
     count_parameters,
-    load_backbone,
     random_clip_config,
     tiny_config,
     tokens_to_map,
 )
 from preprocess import IMAGENET_MEAN, IMAGENET_STD
+from weights import load_backbone
 
 DEFAULT_VIT = "google/vit-base-patch16-384"
 VIT_MEAN = VIT_STD = (0.5, 0.5, 0.5)  # google/vit-base-patch16-384's (and timm's vit_base_patch16_384's) normalisation

@@ -18,7 +18,6 @@ import score
 import train
 from baselines import CLIPDeconv, DeconvDecoder, ViTSeg, tiny_vit_config
 from model import (
-    CheckpointError,
     CLIPSeg,
     CLIPSegConfig,
     count_parameters,
@@ -29,6 +28,7 @@ from model import (
 )
 from predict import Predictor
 from preprocess import IMAGENET_MEAN, IMAGENET_STD
+from weights import CheckpointError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY = ["--backbone=tiny", "--device=cpu", "--image-size=64", "--batch-size=4", "--num-workers=0", "--log-every=1"]

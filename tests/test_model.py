@@ -10,7 +10,6 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from model import (
-    CheckpointError,
     CLIPSeg,
     CLIPSegConfig,
     CLIPSegDecoder,
@@ -18,6 +17,7 @@ from model import (
     count_parameters,
     tiny_config,
 )
+from weights import CheckpointError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PHRASES = ["a red circle", "the large blue square on the left"]
