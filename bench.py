@@ -5,6 +5,7 @@
     python bench.py --device cuda --compile
     python bench.py --only-data --index-tasks 300000   # data pipeline per worker; PhraseCut-sized index
     python bench.py --repeats 3 --only-precision   # fp32 / bf16 / int8 / ONNX paths against HF fp32 only
+    python bench.py --repeats 3 --only-runs        # checkpoint writes, K prompts per crop, grouped scoring
 
 Both models hold the same random weights (speed does not depend on their values). Variants are interleaved
 (A B A B ...) after a warm-up and the median of `--repeats` runs is reported, so drift of the machine hits both

@@ -10,7 +10,7 @@ own data, validation with a best model, exact resume, several GPUs.
     python synthetic.py phrasecut --n-images=1500 && python train.py --name=demo --data=synthetic --backbone=tiny \
         --device=cpu --image-size=128 --batch-size=32 --max-iterations=4400 --ckpt=500 --num-workers=1 --refined \
         --reduce-dim=64 --extract-layers=0,1,2 --lr=1.5e-3 --dropout=0 --whole-image-prob=0.5 --no-amp \
-        --val-interval=1100 --val-samples=200                            # the CPU demo (`make demo`)
+        --val-interval=1100 --val-samples=200 --prompts-per-image=2 --negative-prob=0.1   # the CPU demo (`make demo`)
 
 Everything a run writes goes to `checkpoints/<name>/` (see checkpoints.py): `args.json`, the model
 (`CLIPSeg.from_pretrained("checkpoints/<name>")`; decoder-only while training, complete at the end), `best/` and
