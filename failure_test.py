@@ -42,6 +42,7 @@ from score import (
     add_model_arguments,
     build_eval_dataset,
     check_common_arguments,
+    input_side,
     load_model,
     resolve_model,
 )
@@ -305,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         source, _ = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
         model = load_model(source, args.backbone, args.device, args.precision)
-        image_size = args.image_size or model.config.image_size
+        image_size = input_side(model, args.image_size)
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except ScoreError as err:
         sys.exit(f"error: {err}")

@@ -176,7 +176,7 @@ def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, setti
             args.data, args.protocol, fold, root, splits, args.seed, args.episodes
         )
         episodes = episodes[: args.limit]
-        size = args.image_size or model.config.image_size
+        size = model.config.input_side(args.image_size)
         data = EpisodeData(args.data, args.protocol, args.prompt, episodes, reader, size)
         fold_run = FoldRun(EpisodeMetrics(args.threshold))
         score_episodes(
@@ -214,7 +214,7 @@ def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Pat
     model, source = load(None)
     seen, unseen = zero_shot_split(args.unseen)
     items = VocData(root).segmentation_val()[: args.limit]
-    size = args.image_size or model.config.image_size
+    size = model.config.input_side(args.image_size)
     metrics, skipped = ZeroShotMetrics(seen, unseen), []
     scored = score_zero_shot(
         model,
@@ -244,7 +244,7 @@ def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Pat
 def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, save: Path | None) -> dict:
     """PhraseCut (or synthetic) with visual prompts; results in score.py's PhraseCut shape."""
     model, source = load(None)
-    size = args.image_size or model.config.image_size
+    size = model.config.input_side(args.image_size)
     base = datasets.build_dataset(args.data, str(root), args.split, train=False, image_size=size, resize=args.resize)
     data = PhraseCutVisual(base, seed=args.seed)
     if args.limit:

@@ -137,12 +137,20 @@ class CLIPSegConfig:
             )
         if self.image_size is None:
             self.image_size = IMAGE_SIZE // (patch or PATCH_SIZE) * (patch or PATCH_SIZE)
-        elif patch is not None and self.image_size % patch:
-            low, high = self.image_size // patch * patch, (self.image_size // patch + 1) * patch
+        else:
+            self.input_side(self.image_size)
+
+    def input_side(self, requested: int | None = None) -> int:
+        """The side an image is resized to: `requested` (a script's --image-size) or the model's default; a
+        ValueError naming the patch size and the two nearest sides that fit when it is not a positive multiple."""
+        side, patch = self.image_size if requested is None else requested, self.patch_size or PATCH_SIZE
+        if side <= 0 or side % patch:
+            low, high = side // patch * patch, (side // patch + 1) * patch
             raise ValueError(
-                f"image size {self.image_size} is not a multiple of the patch size {patch} of {self.backbone}: "
+                f"image size {side} is not a multiple of the patch size {patch} of {self.backbone}: "
                 f"use {low or high} or {high} (--image-size)"
             )
+        return side
 
     @property
     def image_tower(self) -> transformers.PretrainedConfig | None:

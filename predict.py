@@ -42,7 +42,7 @@ from scipy import ndimage
 from torch import Tensor
 from tqdm import tqdm
 
-from model import PATCH_SIZE, CLIPSeg, ImageFeatures
+from model import CLIPSeg, ImageFeatures
 from onnx_backend import OnnxBackendError, OnnxCLIPSeg
 from outputs import printable, safe_name, write_json
 from precision import PRECISIONS, add_precision_arguments, precision_context, prepare_model, resolve_precision
@@ -74,7 +74,7 @@ class Predictor:
     """Set an image once, then predict masks for many prompts; maps come back at the original image size.
 
     model: a `CLIPSeg` (put in eval mode; moved to `device` when given) or an `onnx_backend.OnnxCLIPSeg`.
-    image_size: the short side the model sees (default `model.config.image_size`), a multiple of 16. square:
+    image_size: the short side the model sees (default `model.config.image_size`), a multiple of the patch. square:
     squash to image_size x image_size instead of keeping the aspect. resize: "pil" (the HF processor's and the
     original Quickstart's resize, the default here) or "original" (the authors' data pipeline, as in training and
     scoring; see preprocess.py). precision: 'fp32' (default), 'bf16' or 'int8' for the image encoder and decoder
@@ -102,9 +102,7 @@ class Predictor:
             precision = "fp32"  # the API's default; the scripts default to precision.default_precision(device)
         self.precision = resolve_precision(precision, self.device, amp, supported)
         prepare_model(self.model, self.precision, self.device)
-        image_size, patch = int(image_size or model.config.image_size), model.config.patch_size
-        if image_size <= 0 or image_size % patch:
-            raise ValueError(f"image_size must be a positive multiple of {patch} (the patch size), got {image_size}")
+        image_size, patch = model.config.input_side(image_size), model.config.patch_size
         self.transform = ImageTransform(resize, image_size, square, multiple=patch)
         self.prompt_transform = ImageTransform(resize, model.config.image_size, square=True)
         if self.model.text_cache is None:
@@ -411,7 +409,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--image-size",
         type=int,
         default=None,
-        help="short side the model sees, a multiple of 16 (default: the model's training size, 352)",
+        help="short side the model sees, a multiple of the model's patch size (16 for the released models; "
+        "default: the model's training size, 352)",
     )
     parser.add_argument(
         "--square",
@@ -457,8 +456,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("give at least one --prompt or --visual-prompt")
     if any(not p.strip() for p in args.prompt):
         parser.error("--prompt must not be empty")
-    if args.image_size is not None and (args.image_size <= 0 or args.image_size % PATCH_SIZE):
-        parser.error(f"--image-size must be a positive multiple of {PATCH_SIZE}, got {args.image_size}")
+    if args.image_size is not None and args.image_size <= 0:
+        parser.error(f"--image-size must be positive, got {args.image_size}")  # the patch is checked with the model
     if not 0 <= args.threshold < 1:
         parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
     if args.batch_size < 1:
@@ -572,11 +571,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = OnnxCLIPSeg(args.model)
         else:
             model = CLIPSeg.from_pretrained(source, backbone=args.backbone)
+    except (OSError, ValueError, OnnxBackendError) as err:
+        print(f"error: cannot load --model {args.model}: {err}", file=sys.stderr)
+        return 2
+    try:
         predictor = Predictor(
             model, args.image_size, args.square, args.device, resize=args.resize, precision=args.precision
         )
-    except (OSError, ValueError, OnnxBackendError) as err:
-        print(f"error: cannot load --model {args.model}: {err}", file=sys.stderr)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         conditional = predictor.embed_prompts(

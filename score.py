@@ -34,7 +34,7 @@ import fewshot_runs
 from fewshot import BENCHMARKS
 from inference import SkipLog, TaskBatch, predict_tasks
 from metrics import PAPER_THRESHOLDS, PaperMetrics, PhraseCutMetrics
-from model import PATCH_SIZE, CLIPSeg
+from model import CLIPSeg
 from outputs import safe_name, write_json
 from precision import add_precision_arguments, prepare_model, resolve_precision
 from preprocess import RESIZE_RULES, full_size_probabilities
@@ -104,6 +104,14 @@ def load_model(source: str, backbone: str | None, device: str, precision: str = 
     return prepare_model(model, precision, device)
 
 
+def input_side(model: CLIPSeg, requested: int | None) -> int:
+    """--image-size, or the model's own, checked against the model's patch size."""
+    try:
+        return model.config.input_side(requested)
+    except ValueError as err:
+        raise ScoreError(str(err)) from err
+
+
 def default_data_root(kind: str) -> str:
     if kind == "phrasecut":
         return datasets.DEFAULT_PHRASECUT_ROOT
@@ -139,7 +147,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoints-dir", default=str(CHECKPOINTS_DIR), help="parent folder of the runs (default %(default)s)"
     )
     parser.add_argument(
-        "--image-size", type=int, default=None, help="side S the model sees, a multiple of 16 (default: the model's)"
+        "--image-size",
+        type=int,
+        default=None,
+        help="side S the model sees, a multiple of the model's patch size (16 for the released models; default: "
+        "the model's)",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (default %(default)s)")
     parser.add_argument(
@@ -181,8 +193,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.image_size is not None and (args.image_size <= 0 or args.image_size % PATCH_SIZE):
-        parser.error(f"--image-size must be a positive multiple of {PATCH_SIZE}, got {args.image_size}")
+    if args.image_size is not None and args.image_size <= 0:
+        parser.error(f"--image-size must be positive, got {args.image_size}")  # the patch is checked with the model
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     if args.num_workers < 0:
@@ -432,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         source, run_dir = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
         model = load_model(source, args.backbone, args.device, args.precision)
-        image_size = args.image_size or model.config.image_size
+        image_size = input_side(model, args.image_size)
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except ScoreError as err:
         sys.exit(f"error: {err}")

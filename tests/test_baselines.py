@@ -193,7 +193,7 @@ def test_predictor_keeps_inputs_on_the_patch_grid(patch, square):
     width, height = predictor.input_size
     assert width % patch == 0 and height == 2 * patch and (width == height) == square
     assert predictor.predict(phrases=["a cat", "a dog"]).shape == (2, 50, 90)
-    with pytest.raises(ValueError, match=f"image_size must be a positive multiple of {patch}"):
+    with pytest.raises(ValueError, match=f"image size {3 * patch + 1} is not a multiple of the patch size {patch}"):
         Predictor(model, image_size=3 * patch + 1)
 
 
@@ -225,6 +225,10 @@ def test_unsupported_combinations_name_themselves_and_the_fix(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"image size 352 is not a multiple of the patch size 14 .*use 350 or 364"):
         tiny_config(image_size=352, clip=tiny_clip_config(patch_size=14))
     model = CLIPSeg(tiny_config(clip=tiny_clip_config(patch_size=14)))
+    assert model.config.input_side(210) == 210  # the scripts' --image-size: the model's patch, not 16
+    assert Predictor(model, image_size=210).transform.size == 210
+    with pytest.raises(ValueError, match=r"image size 352 is not a multiple of the patch size 14 .*use 350 or 364"):
+        model.config.input_side(352)
     with pytest.raises(ValueError, match=r"image size 100x64 is not a multiple of the patch size 14 .* e\.g\. 98x70"):
         model(torch.randn(1, 3, 100, 64), ["a cat"])
     with pytest.raises(ValueError, match="clip-deconv has its own single transposed convolution: drop refined"):

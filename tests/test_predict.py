@@ -163,7 +163,7 @@ def test_predict_needs_an_image_and_a_prompt(model):
         fresh.predict()
     with pytest.raises(TypeError, match="list of strings"):
         fresh.predict(phrases="a cat")
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match="multiple of the patch size 16 of .*use 48 or 64"):
         Predictor(model, image_size=50)
 
 
@@ -310,7 +310,6 @@ def test_cli_argument_errors(tiny_dir, tmp_path, capsys):
     random_image(32, 32).save(tmp_path / "img.png")
     for bad, message in [
         ([], "at least one --prompt"),
-        (["--prompt", "a", "--image-size", "50"], "multiple of 16"),
         (["--visual-prompt", f"{tmp_path / 'img.png'}:{tmp_path / 'nope.png'}"], "SUPPORT_IMAGE:MASK_IMAGE"),
         (["--prompt", "a", "--threshold", "1.5"], "threshold"),
     ]:
@@ -323,6 +322,8 @@ def test_cli_argument_errors(tiny_dir, tmp_path, capsys):
     assert "support image's size" in capsys.readouterr().err
     assert run_cli(tmp_path / "no_model", [tmp_path / "img.png"], tmp_path / "out", "--prompt", "a") == 2
     assert "cannot load --model" in capsys.readouterr().err
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--prompt", "a", "--image-size", "50") == 2
+    assert "image size 50 is not a multiple of the patch size 16 of tiny: use 48 or 64" in capsys.readouterr().err
 
 
 def test_overlay_blends_each_mask_in_its_colour_with_a_legend():

@@ -291,10 +291,16 @@ def test_missing_phrasecut_data_names_the_folder(checkpoints, tmp_path):
         main(["demo", "--checkpoints-dir", str(checkpoints), "--data-root", str(tmp_path / "nowhere")])
 
 
+def test_image_size_is_checked_against_the_models_patch(checkpoints, synthetic_root):
+    flags = ["--checkpoints-dir", str(checkpoints), "--data", "synthetic", "--data-root", str(synthetic_root)]
+    with pytest.raises(SystemExit, match=r"image size 100 is not a multiple of the patch size 16 .*use 96 or 112"):
+        main(["demo", *flags, "--image-size", "100"])
+
+
 def test_bad_options_are_rejected_with_a_message(capsys):
     for flags, message in [
         (["demo", "--threshold", "1.5"], "--threshold"),
-        (["demo", "--image-size", "100"], "--image-size"),
+        (["demo", "--image-size", "0"], "--image-size"),
         (["demo", "--limit", "0"], "--limit"),
         ([], "NAME"),
     ]:
