@@ -181,10 +181,16 @@ def main(argv: list[str] | None = None) -> dict:
             results["index"] = index_rate(args.index_tasks)
         Path(args.out).write_text(json.dumps(results, indent=2))
         return results
-    if not args.only_precision:
+    if not (args.only_precision or args.only_runs):
         results["refined_head"] = refined_head_comparison(device, size, repeats)
     if args.only_head:
         Path(args.out).write_text(json.dumps(results, indent=2))
+        return results
+    if args.only_runs:
+        ours, _ = build_models(device, args.refined)
+        results["runs"] = run_comparisons(ours, device, size, repeats)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
         return results
     native = native_bf16(device)
     bf16_side = 2048 if native else 512  # emulated bf16: a 2048^3 matmul takes about a minute
@@ -206,12 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     ours, hf = build_models(device, args.refined)
     if args.compile:
         ours.decoder.compile()
-    if args.only_runs or not args.skip_runs:
+    if not (args.skip_runs or args.only_precision):
         results["runs"] = run_comparisons(ours, device, size, repeats)
-    if args.only_runs:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
-        return results
     tokens = (size // 16) ** 2 + 1
     deepest = max(ours.config.extract_layers) + 1
     text_tokens = max(len(ours.tokenize([p])[0][0]) for p in PHRASES)
