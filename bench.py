@@ -37,6 +37,7 @@ import checkpoints
 from model import DEFAULT_BACKBONE, CLIPSeg, CLIPSegConfig, RefinedHead, amp_dtype
 from precision import precision_context, prepare_model, quantize_linears
 
+CPU_FEATURES = ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 PHRASES = [
     "a red car on the left",
     "the cat",
@@ -162,36 +163,54 @@ def main(argv: list[str] | None = None) -> dict:
     clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, size, repeats = args.device, args.image_size, args.repeats
     results: dict = {
         "machine": {
-            "processor": platform.processor() or platform.machine(),
+            "cpu": cpu_description(),
             "cpu_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         },
-        "image_size": size,
-        "repeats": repeats,
+        "image_size": args.image_size,
+        "repeats": args.repeats,
         "clock": args.clock,
     }
+    machine = results["machine"]
+    print(f"{machine['cpu']}, {machine['cpu_threads']} threads; torch {machine['torch']}; device {machine['device']}")
+    try:
+        measure(args, results)
+    except KeyboardInterrupt:
+        results["interrupted"] = True
+        print("interrupted: writing the rows measured so far", file=sys.stderr)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return results
+
+
+def cpu_description() -> str:
+    """The CPU's name and the vector and matrix extensions the timings depend on (torch's own detection)."""
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    name = capabilities.get("cpu_name") or platform.processor() or platform.machine()
+    features = [feature for feature in CPU_FEATURES if capabilities.get(feature)]
+    return f"{name} ({', '.join(features) or 'none of ' + ', '.join(CPU_FEATURES)})"
+
+
+def measure(args: argparse.Namespace, results: dict) -> None:
+    """Fills `results` row by row (main writes it, also after Ctrl-C)."""
+    device, size, repeats = args.device, args.image_size, args.repeats
     if args.only_data:
         results["data_pipeline"] = data_pipeline_rate(image_size=size)
         if args.index_tasks:
             results["index"] = index_rate(args.index_tasks)
-        Path(args.out).write_text(json.dumps(results, indent=2))
-        return results
+        return
     if not (args.only_precision or args.only_runs):
         results["refined_head"] = refined_head_comparison(device, size, repeats)
     if args.only_head:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-        return results
+        return
     if args.only_runs:
         ours, _ = build_models(device, args.refined)
         results["runs"] = run_comparisons(ours, device, size, repeats)
-        Path(args.out).write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
-        return results
+        return
     native = native_bf16(device)
     bf16_side = 2048 if native else 512  # emulated bf16: a 2048^3 matmul takes about a minute
     results["native_bf16"] = native
@@ -221,9 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_precision:
         results["precision_paths"] = precision_paths(ours, hf, device, size, repeats, flops_ours, rates)
     if args.only_precision:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
-        return results
+        return
     rows = []
 
     def compare(name: str, batch: int, prompts: int, run_ours, run_hf, flops: float) -> None:
@@ -286,9 +303,6 @@ def main(argv: list[str] | None = None) -> dict:
         results["data_pipeline"] = data_pipeline_rate(image_size=size)
     if args.index_tasks:
         results["index"] = index_rate(args.index_tasks)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
-    return results
 
 
 def run_comparisons(ours: CLIPSeg, device: str, size: int, repeats: int) -> dict:
@@ -733,4 +747,4 @@ def index_rate(n_tasks: int) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(130 if main().get("interrupted") else 0)
