@@ -1,13 +1,17 @@
-"""Writing results to disk: atomically, under file names that cannot leave their folder, with printable labels.
+"""Writing results to disk: atomically, as strict JSON, to paths checked up front, under file names that cannot
+leave their folder, with printable labels.
 
-Every script writes through these three helpers, so a kill never leaves a half-written file, no phrase or task id
-can name a path outside the output folder, and no control character reaches a picture or a log line.
+Every script writes through these helpers, so a kill never leaves a half-written file, no JSON holds NaN or
+Infinity (which JSON does not have), an output path that cannot be written is found before any work is done, no
+phrase or task id can name a path outside the output folder, and no control character reaches a picture or a log
+line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -50,9 +54,66 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def json_text(value: object, **options) -> str:
+    """`json.dumps(value, **options)`, strict: NaN and +-Infinity are not JSON, so a value holding one raises a
+    ValueError naming where it is (a value that may legitimately be undefined must be None, i.e. null)."""
+    try:
+        return json.dumps(value, allow_nan=False, **options)
+    except ValueError as err:
+        where = _non_finite_at(value, "value")
+        if where is None:
+            raise
+        raise ValueError(f"{where} is not a finite number: JSON has no NaN or Infinity") from err
+
+
+def _non_finite_at(value: object, where: str) -> str | None:
+    """The path (`value['key'][3]`) of the first NaN or infinite float in nested dicts, lists and tuples."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} = {value}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for key, item in items:
+        found = _non_finite_at(item, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
 def write_json(path: str | os.PathLike, value: object, indent: int | None = 2) -> None:
-    """`atomic_write` of a JSON file (UTF-8, non-ASCII kept, trailing newline)."""
-    write_text(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+    """`atomic_write` of a strict JSON file (`json_text`: no NaN or Infinity; UTF-8, non-ASCII kept, trailing
+    newline)."""
+    write_text(path, json_text(value, indent=indent, ensure_ascii=False) + "\n")
+
+
+class UnwritableOutput(OSError):
+    """An output path that cannot be written; the message names it and says why."""
+
+
+def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
+    """Raise `UnwritableOutput` unless the file `path` (or, with `folder=True`, the folder `path`) can be written:
+    scripts call this before any work, so that a bad output path costs nothing. Missing folders are created for the
+    probe and removed again."""
+    path = Path(path)
+    directory = path if folder else path.parent
+    if not folder and path.is_dir():
+        raise UnwritableOutput(f"cannot write {path}: it is a folder (give a file name)")
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]  # deepest first
+    blocking = next((d for d in (directory, *directory.parents) if d.exists() and not d.is_dir()), None)
+    if blocking is not None:
+        raise UnwritableOutput(f"cannot write {path}: {blocking} is a file, not a folder")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+        raise UnwritableOutput(f"cannot write {path}: {reason}{where}") from err
+    finally:
+        for created in missing:
+            try:
+                created.rmdir()
+            except OSError:
+                break
 
 
 def safe_name(text: str) -> str:

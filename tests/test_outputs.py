@@ -1,14 +1,26 @@
-"""outputs.py: atomic writes, file names that cannot leave their folder, printable labels."""
+"""outputs.py: atomic writes, strict JSON, output paths checked up front, file names that cannot leave their folder,
+printable labels."""
 
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outputs import atomic_write, is_safe_name, printable, safe_name, write_json, write_text
+from outputs import (
+    UnwritableOutput,
+    atomic_write,
+    check_writable,
+    is_safe_name,
+    json_text,
+    printable,
+    safe_name,
+    write_json,
+    write_text,
+)
 
 NASTY = ["../../etc/passwd", "/", "..", ".", "a\x00b", "x" * 500, "猫 on the mat", "CON", "con.txt", "a/b\\c:d*e?", ""]
 
@@ -65,3 +77,36 @@ def test_atomic_write_gives_the_mode_open_would(tmp_path):
 def test_printable_flattens_and_cuts():
     assert printable("a\nb\tc\x00d") == "a b c d"
     assert printable("x" * 100, limit=10) == "x" * 9 + "…"
+
+
+def test_json_is_strict_and_names_the_value_that_is_not_a_number(tmp_path):
+    path = tmp_path / "r.json"
+    write_json(path, {"ok": 1.5})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=r"value\['rows'\]\[1\]\['max'\] = -?(nan|inf) is not a finite number"):
+            write_json(path, {"rows": [{"max": 0.5}, {"max": bad}]})
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"ok": 1.5} and len(os.listdir(tmp_path)) == 1
+    assert json_text({"a": None, "b": [1, 2.5]}) == '{"a": null, "b": [1, 2.5]}'
+
+
+def refuse(constant):
+    raise AssertionError(f"{constant} is not JSON")
+
+
+def test_check_writable_finds_what_blocks_an_output_before_any_work(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "folder").mkdir()
+    for path, folder, message in [
+        (tmp_path / "file.txt" / "scores.json", False, "file.txt is a file, not a folder"),
+        (tmp_path / "file.txt" / "deeper" / "out", True, "file.txt is a file, not a folder"),
+        (tmp_path / "file.txt", True, "file.txt is a file, not a folder"),
+        (tmp_path / "folder", False, "it is a folder"),
+        (Path("/proc/no-such-dir/scores.json"), False, "cannot write /proc/no-such-dir/scores.json"),
+    ]:
+        with pytest.raises(UnwritableOutput, match=message):
+            check_writable(path, folder=folder)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    check_writable(tmp_path / "new" / "deeper" / "scores.json")
+    check_writable(tmp_path / "new2" / "out", folder=True)
+    check_writable(tmp_path / "file.txt")  # an existing file is replaced atomically: its folder is what counts
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # probing leaves nothing behind
