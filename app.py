@@ -454,7 +454,7 @@ class Segmenter:
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for prompt, prob in zip(result.prompts, result.probs):
                 archive.writestr(f"{prompt.slug}.mask.png", mask_png(prob > threshold))
-            archive.writestr("summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+            archive.writestr("summary.json", json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
         return str(path)
 
     @staticmethod

@@ -34,7 +34,9 @@ import transformers
 from torch import nn
 
 import checkpoints
+from cli import NOTHING_DONE, stop
 from model import DEFAULT_BACKBONE, CLIPSeg, CLIPSegConfig, RefinedHead, amp_dtype
+from outputs import UnwritableOutput, check_writable, json_text, write_json
 from precision import precision_context, prepare_model, quantize_linears
 
 CPU_FEATURES = ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -159,6 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--out", default="bench_results.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
+    try:
+        check_writable(args.out)
+    except UnwritableOutput as err:
+        parser.error(str(err))
     global clock
     clock = CLOCKS[args.clock]
     if args.threads:
@@ -182,7 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
     except KeyboardInterrupt:
         results["interrupted"] = True
         print("interrupted: writing the rows measured so far", file=sys.stderr)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    try:
+        write_json(args.out, results)
+    except (OSError, ValueError) as err:
+        stop(f"the results above were not saved: {err}", NOTHING_DONE)
     print(f"wrote {args.out}")
     return results
 
@@ -388,7 +397,7 @@ def scoring_comparison(ours: CLIPSeg, device: str, size: int, repeats: int, imag
         per_image = Counter(t["image_id"] for t in tasks)
         chosen = sorted(i for i, n in per_image.items() if n >= 5)[:images]
         kept = [t for t in tasks if t["image_id"] in chosen]
-        (data_dir / "refer_test.json").write_text(json.dumps(kept))
+        (data_dir / "refer_test.json").write_text(json_text(kept))
         data = dataset.PhraseCut(root, "test", train=False, image_size=size, cache_dir=Path(root) / "index")
         variants = {
             "grouped": lambda: score.score(model, data, batch_size=16),
@@ -699,7 +708,7 @@ data = dataset.PhraseCut(sys.argv[1], 'train', train=True, cache_dir=sys.argv[2]
 seconds = time.perf_counter() - start
 data[len(data) // 2]
 print(json.dumps({'seconds': seconds, 'tasks': len(data), 'rss_mb': rss_mb(), 'rss_growth_mb': rss_mb() - before,
-                  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, allow_nan=False))
 """
 
 
@@ -714,7 +723,7 @@ def write_large_split(data_dir: Path, n_tasks: int) -> int:
         file.write("[")
         for number in range(n_tasks):
             task = dict(base[number % len(base)], task_id=f"{base[number % len(base)]['task_id']}_{number}")
-            file.write(("," if number else "") + json.dumps(task))
+            file.write(("," if number else "") + json_text(task))
         file.write("]")
     return path.stat().st_size
 

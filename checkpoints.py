@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model import CLIPSeg
-from outputs import atomic_write, write_json, write_text
+from outputs import atomic_write, json_text, write_json, write_text
 
 STATE_FORMAT = 1
 BEST_NAME = "best"
@@ -113,7 +113,7 @@ def read_best(files: RunFiles) -> dict | None:
 
 
 def write_args(files: RunFiles, record: dict) -> None:
-    write_text(files.args, json.dumps(record, indent=2, sort_keys=True))
+    write_text(files.args, json_text(record, indent=2, sort_keys=True))
 
 
 def read_log(path: Path, up_to_step: int | None = None) -> list[dict]:
@@ -132,7 +132,7 @@ def read_log(path: Path, up_to_step: int | None = None) -> list[dict]:
 
 
 def rewrite_log(path: Path, records: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    write_text(path, "".join(json_text(r) + "\n" for r in records))
 
 
 def plot_log(files: RunFiles, name: str) -> None:

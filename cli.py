@@ -1,12 +1,17 @@
 """Argument types, help formatting and flag bookkeeping shared by the scripts' command lines: each type checks a
-value and says what is wrong with it in argparse's own error line."""
+value and says what is wrong with it in argparse's own error line. `stop` is how a script ends with a message."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import re
+import sys
 from collections.abc import Sequence
+from typing import NoReturn
+
+BAD_INPUT = 2  # a model, data set, option or output path that cannot be used (argparse's usage errors are 2 too)
+NOTHING_DONE = 1  # the run went ahead but nothing could be processed, or its results could not be saved
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -112,3 +117,9 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) 
                 probe.add_argument(*action.option_strings, **kwargs)
     known, _ = probe.parse_known_args(argv)
     return set(vars(known))
+
+
+def stop(message: str, code: int = BAD_INPUT) -> NoReturn:
+    """End the script: `error: <message>` on stderr, exit status `code` (BAD_INPUT or NOTHING_DONE)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)

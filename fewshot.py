@@ -20,7 +20,6 @@ reports (README, "Benchmarks").
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from tqdm import tqdm
 from benchmarks import Coco20i, LabelledImage, VocData, coco_query_id, label_counts, read_pair
 from metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
 from model import CLIPSeg
-from outputs import safe_name
+from outputs import json_text, safe_name
 from precision import precision_context
 from preprocess import (
     VOID_LABEL,
@@ -288,7 +287,7 @@ def score_episodes(
                     record.update(
                         height=gt.shape[0], width=gt.shape[1], threshold=threshold, tp=tp, fp=fp, fn=fn, tn=tn
                     )
-                    log.write(json.dumps(record) + "\n")
+                    log.write(json_text(record) + "\n")
     finally:
         if log is not None:
             log.close()

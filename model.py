@@ -570,7 +570,7 @@ class CLIPSeg(nn.Module):
         state = {prefix + k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
         atomic_write(directory / weights, lambda p: save_file(state, p, metadata={"format": "pt"}))
         config = self.config.to_hf_dict() | ({"clipseg_weights": DECODER_WEIGHTS_NAME} if decoder_only else {})
-        write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+        write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True, allow_nan=False))
         (directory / stale).unlink(missing_ok=True)
         return directory
 

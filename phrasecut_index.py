@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from metrics import PHRASE_TYPES
+from outputs import json_text
 from preprocess import upright_size
 
 DATA_SUBDIR = Path("data") / "VGPhraseCut_v0"
@@ -318,7 +319,7 @@ def _build_index(data_dir: Path, split: str, directory: Path, fingerprint: list)
                 actual_sizes[image_id] = size
         layout = writer.finish(image_sizes, actual_sizes)
         meta = {"fingerprint": fingerprint, "split": split, "arrays": layout}
-        (staging / "meta.json").write_text(json.dumps(meta))
+        (staging / "meta.json").write_text(json_text(meta))
         if directory.exists():
             shutil.rmtree(directory)
         try:

@@ -27,7 +27,6 @@ Python API, in the style of a predictor (encode once, prompt many times):
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import Counter
@@ -44,7 +43,7 @@ from tqdm import tqdm
 
 from model import CLIPSeg, ImageFeatures
 from onnx_backend import OnnxBackendError, OnnxCLIPSeg
-from outputs import printable, safe_name, write_json
+from outputs import json_text, printable, safe_name, write_json
 from precision import PRECISIONS, add_precision_arguments, precision_context, prepare_model, resolve_precision
 from preprocess import (
     MAX_ASPECT,
@@ -546,7 +545,7 @@ def write_summary(run: Run, args: argparse.Namespace, image_size: int | None) ->
     }
     destination = args.summary or str(Path(args.out) / "summary.json")
     if destination == "-":
-        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        print(json_text(summary, indent=2, ensure_ascii=False))
         return "stdout"
     write_json(destination, summary)
     return destination

@@ -49,6 +49,7 @@ from inference import predict_tasks
 from metrics import PaperMetrics
 from model import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSeg, tiny_clip_config
 from model import amp_dtype as model_amp_dtype
+from outputs import json_text
 from sampling import (
     Distributed,
     InfiniteBatchSampler,
@@ -534,7 +535,7 @@ class TrainingLoop:
             self.last_validation = scores
             progress.set_postfix(self.postfix())
             if log is not None:
-                log.write(json.dumps({"step": self.step, **scores, "best": improved}) + "\n")
+                log.write(json_text({"step": self.step, **scores, "best": improved}) + "\n")
                 log.flush()
         if self.world.enabled:
             dist.barrier()
@@ -624,7 +625,7 @@ class TrainingLoop:
             record = dict(step=self.step, loss=self.last_loss, lr=self.scheduler.get_last_lr()[0],
                           samples_per_s=samples_per_second, skipped=self.skipped,
                           time=round(now - self.started, 3))  # fmt: skip
-            log.write(json.dumps(record) + "\n")
+            log.write(json_text(record) + "\n")
             log.flush()
         self.interval = LogInterval(started=now)
 
