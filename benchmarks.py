@@ -18,7 +18,9 @@ COCO-20i, HSNet's layout (what the original scored) or COCO 2014's own files (re
     <root>/annotations/instances_val2014.json             instances; class lists built from the annotations
 
 `<splits>` is `--splits` (default: the data root); `data/splits/...` (HSNet's repository layout) is found as well.
-Images are read on their stored pixel grid (no EXIF rotation: the labels are drawn on it), as RGB.
+Images are read on their stored pixel grid (no EXIF rotation: the labels are drawn on it), as RGB. HSNet's fold
+pickles are read by `read_fold_pickle`, which builds built-in containers, strings and numbers only: a pickle naming
+anything else (a class, a function such as os.system) is refused before it can run.
 """
 
 from __future__ import annotations
@@ -54,6 +56,35 @@ COCO_HINT = (
 
 class BenchmarkDataError(FileNotFoundError):
     """Benchmark data missing or malformed; the message names the file and where it comes from."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds only what pickle's own opcodes make (dicts, lists, tuples, strings, bytes, numbers, None, bools):
+    every global a pickle names (a class, a function such as os.system) is refused, so no code from the file runs."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a fold list never holds")
+
+
+def read_fold_pickle(path: Path) -> dict[int, list[str]]:
+    """HSNet's `fold<k>.pkl`: {class index: [image name, ...]}, read without running code; anything else is a
+    BenchmarkDataError naming the file."""
+    try:
+        with open(path, "rb") as file:
+            table = _PlainUnpickler(file).load()
+    except OSError as err:
+        raise BenchmarkDataError(f"{path}: unreadable ({err}). {COCO_HINT}") from err
+    except Exception as err:  # untrusted bytes: whatever the unpickler raises means a bad file
+        raise BenchmarkDataError(
+            f"{path}: refused, not a plain fold list ({type(err).__name__}: {err}); HSNet's fold files hold a dict "
+            f"class index -> image names only. {COCO_HINT}"
+        ) from err
+    if not isinstance(table, dict) or not all(
+        isinstance(c, int) and isinstance(names, list | tuple) and all(isinstance(n, str) for n in names)
+        for c, names in table.items()
+    ):
+        raise BenchmarkDataError(f"{path}: expected a dict class index -> list of image names, got {table!r:.80}")
+    return {c: list(names) for c, names in table.items()}
 
 
 @dataclass(frozen=True)
@@ -213,14 +244,8 @@ class Coco20i:
             raise BenchmarkDataError(f"{self.source}: fold {fold} classes with fewer than 2 images: {empty}")
 
     def _read_pickle(self, path: Path) -> dict[int, list[str]]:
-        try:
-            with open(path, "rb") as file:
-                table = pickle.load(file)
-        except (OSError, pickle.UnpicklingError, EOFError) as err:
-            raise BenchmarkDataError(f"{path}: unreadable ({err}). {COCO_HINT}") from err
-        if not isinstance(table, dict):
-            raise BenchmarkDataError(f"{path}: expected a dict class -> image names, got {type(table).__name__}")
-        return {int(c): [str(name) for name in table.get(c, ())] for c in self.classes}
+        table = read_fold_pickle(path)
+        return {c: table.get(c, []) for c in self.classes}
 
     def _read_instances(self, path: Path) -> dict[int, list[str]]:
         try:

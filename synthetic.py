@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from dataset import DEFAULT_SYNTHETIC_ROOT, SPLITS
-from outputs import write_json
+from outputs import json_text, write_json
 from phrasecut_index import DATA_SUBDIR
 from wordnet_classes import COCO_CLASSES, COCO_FOLDS, PASCAL_CLASSES, PASCAL_FOLDS, pascal_fold_classes
 
@@ -463,7 +463,7 @@ def make_synthetic_coco(root: str | os.PathLike = DEFAULT_COCO_ROOT, n_images: i
             classwise[value - 1].append(f"val2014/{stem}.jpg")
     categories = [{"id": i, "name": n, "supercategory": "thing"} for i, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES)]
     (root / "annotations" / "instances_val2014.json").write_text(
-        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+        json_text({"images": images, "annotations": annotations, "categories": categories})
     )
     for fold in range(COCO_FOLDS):
         table = {c: (sorted(classwise[c]) if c % COCO_FOLDS == fold else []) for c in range(n_classes)}

@@ -2,7 +2,9 @@
 void), the new resize rules equal OpenCV (PFENet's test_Resize), and missing files get errors that say where the
 data comes from."""
 
+import collections
 import json
+import os
 import pickle
 import shutil
 
@@ -12,7 +14,7 @@ import torch
 from PIL import Image
 
 import benchmarks
-from benchmarks import BenchmarkDataError, Coco20i, VocData, read_pair
+from benchmarks import BenchmarkDataError, Coco20i, VocData, read_fold_pickle, read_pair
 from preprocess import (
     UnreadableImage,
     letterbox,
@@ -185,3 +187,54 @@ def test_unletterbox_maps_the_canvas_back_onto_the_image():
     )
     assert torch.equal(unletterbox(probabilities, 90, 120), resized[0, 0, :90, :120])
     assert torch.equal(unletterbox(probabilities, 40, 30), probabilities[:40, :30])  # small images were not resized
+
+
+class RunsAShellCommand:
+    """Pickles as a call of os.system: what a crafted fold file would hold."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def hsnet_layout_with_fold0(root, payload: bytes):
+    (root / "annotations" / "val2014").mkdir(parents=True)
+    (root / "splits" / "coco" / "val").mkdir(parents=True)
+    (root / "splits" / "coco" / "val" / "fold0.pkl").write_bytes(payload)
+    return root
+
+
+def test_a_crafted_fold_pickle_runs_no_code_and_is_refused_naming_the_file(tmp_path):
+    marker = tmp_path / "marker"
+    crafted = {0: ["val2014/x.jpg", RunsAShellCommand(f"touch {marker}")], 4: ["val2014/y.jpg"]}
+    for number, payload in enumerate(
+        [
+            pickle.dumps(crafted),
+            pickle.dumps(RunsAShellCommand(f"touch {marker}"), protocol=2),
+            pickle.dumps(collections.OrderedDict(crafted)),
+        ]
+    ):
+        root = hsnet_layout_with_fold0(tmp_path / f"root{number}", payload)
+        with pytest.raises(BenchmarkDataError, match=r"fold0.pkl: refused, not a plain fold list .*it names"):
+            Coco20i(root, fold=0)
+    assert not marker.exists()
+    for payload, message in [
+        (pickle.dumps({0: ["a.jpg"]})[:-5], "fold0.pkl: refused"),  # truncated
+        (pickle.dumps(["val2014/x.jpg"]), "fold0.pkl: expected a dict class index -> list of image names"),
+        (pickle.dumps({0: [3]}), "fold0.pkl: expected a dict class index"),
+    ]:
+        root = hsnet_layout_with_fold0(tmp_path / f"bad{len(message)}{len(payload)}", payload)
+        with pytest.raises(BenchmarkDataError, match=message):
+            Coco20i(root, fold=0)
+
+
+def test_fold_pickles_of_every_protocol_are_read(tmp_path):
+    table = {c: [f"val2014/{c}_{k}.jpg" for k in range(2)] for c in range(0, 80, 4)}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        path = tmp_path / f"p{protocol}.pkl"
+        path.write_bytes(pickle.dumps(table, protocol=protocol))
+        assert read_fold_pickle(path) == table
+    path.write_bytes(pickle.dumps({0: ("a.jpg", "b.jpg"), 4: []}, protocol=2))
+    assert read_fold_pickle(path) == {0: ["a.jpg", "b.jpg"], 4: []}
