@@ -41,6 +41,7 @@ from preprocess import (
     VOID_LABEL,
     ImageTransform,
     UnreadableImage,
+    check_finite,
     full_size_probabilities,
     instances_to_mask,
     letterbox,
@@ -244,7 +245,7 @@ def predict(model: CLIPSeg, batch: dict, device: torch.device, precision: str) -
             logits = model(pixel_values, batch["phrase"]).logits
         else:
             logits = model(pixel_values, prompt_images=batch["prompt_image"].to(device)).logits
-    return torch.sigmoid(logits.float().cpu()[:, 0])
+    return torch.sigmoid(check_finite(logits.float().cpu())[:, 0])
 
 
 def score_episodes(
@@ -390,7 +391,7 @@ def zero_shot_prediction(model: CLIPSeg, pixel_values: torch.Tensor, precision: 
         scores = []
         for index in range(len(VOC_ZERO_SHOT_NAMES)):
             conditional = texts[index : index + 1].expand(len(pixel_values), -1)
-            probabilities = torch.sigmoid(model.decode(features, conditional).float()[:, 0])
+            probabilities = torch.sigmoid(check_finite(model.decode(features, conditional).float())[:, 0])
             weight = BACKGROUND_WEIGHT if index == 0 else 1.0
             scores.append(ZERO_SHOT_OFFSET + probabilities * weight)
     return torch.stack(scores, dim=1).argmax(dim=1).cpu()
@@ -523,7 +524,7 @@ def score_phrasecut_visual(
             continue
         with torch.no_grad(), precision_context(precision, device):
             logits = model(batch["pixel_values"].to(device), prompt_images=batch["prompt_image"].to(device)).logits
-        logits = logits.float().cpu()
+        logits = check_finite(logits.float().cpu())
         paper.update(torch.sigmoid(logits), batch["mask"])
         for i, task_id in enumerate(batch["task_id"]):
             prediction = full_size_probabilities(logits[i], batch["original_size"][i]) > threshold

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from model import CLIPSeg
 from precision import precision_context
+from preprocess import check_finite
 
 
 @dataclass
@@ -124,7 +125,8 @@ def predict_tasks(
     """Predict every task of a test-mode data set (or the subset `tasks`), images encoded once, with a progress
     bar. batch_size: tasks per decoder batch (an image with more tasks gets a batch of its own); precision: fp32,
     bf16 or int8, the model prepared for it (precision.py); phrase_for_task: replaces phrases by task id (score.py
-    --shuffle-prompts). Tasks whose image cannot be read are recorded in `skips` and not yielded.
+    --shuffle-prompts). Tasks whose image cannot be read are recorded in `skips` and not yielded; NaN or infinite
+    logits raise `preprocess.NonFiniteOutput`.
     group_by_image=False reads and encodes the image once per task instead (the reference implementations' way;
     for comparisons)."""
     device = next(model.parameters()).device
@@ -150,7 +152,7 @@ def predict_tasks(
             counts = batch["prompts_per_image"]
             with torch.no_grad(), precision_context(precision, device):
                 features = model.encode_image(batch["pixel_values"].to(device))
-                logits = model.decode(features, model.embed_text(phrases), counts)
+                logits = check_finite(model.decode(features, model.embed_text(phrases), counts))
             batch["pixel_values"] = batch["pixel_values"].repeat_interleave(torch.tensor(counts), dim=0)
             progress.update(len(phrases))
             yield TaskBatch(batch, phrases, logits.float().cpu())

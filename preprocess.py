@@ -604,9 +604,29 @@ def support_prompt(image: ImageInput, mask: ImageInput, transform: ImageTransfor
     return visual_prompt(square.pixels(rgb), square.mask(object_mask), size=transform.size)
 
 
+class NonFiniteOutput(ValueError):
+    """The model's logits hold NaN or infinite values (damaged weights, or an overflow): no result can be made."""
+
+
+def check_finite(logits: Tensor) -> Tensor:
+    """`logits` unchanged, or `NonFiniteOutput` if any value is NaN or infinite. Every prediction path checks here
+    (`full_size_probabilities`, `inference.predict_tasks`, the benchmarks'), so a broken model stops a run with a
+    message instead of giving empty masks and NaN scores."""
+    finite = torch.isfinite(logits)
+    if not bool(finite.all()):
+        raise NonFiniteOutput(
+            f"the model's output holds {int((~finite).sum())} NaN or infinite values (of {finite.numel()}): its "
+            "weights are damaged (NaN, infinite or huge values, e.g. from a diverged training run) or a reduced "
+            "precision overflowed; check the model, or try --precision fp32"
+        )
+    return logits
+
+
 def full_size_probabilities(logits: Tensor, size: tuple[int, int]) -> np.ndarray:
     """Logits (K, 1, h, w), (1, h, w) or (h, w) -> float32 probabilities at size = (H, W): bilinear
-    (`align_corners=False`) resize of the logits, then sigmoid. Returns (K, H, W), or (H, W) for one map."""
+    (`align_corners=False`) resize of the logits, then sigmoid. Returns (K, H, W), or (H, W) for one map. Raises
+    `NonFiniteOutput` for NaN or infinite logits."""
+    check_finite(logits)
     single = logits.ndim < 4
     maps = logits.reshape(-1, 1, *logits.shape[-2:]).float()
     resized = F.interpolate(maps, size=tuple(int(v) for v in size), mode="bilinear", align_corners=False)

@@ -50,6 +50,7 @@ from metrics import PaperMetrics
 from model import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSeg, tiny_clip_config
 from model import amp_dtype as model_amp_dtype
 from outputs import json_text
+from preprocess import NonFiniteOutput
 from sampling import (
     Distributed,
     InfiniteBatchSampler,
@@ -525,7 +526,10 @@ class TrainingLoop:
     def validate(self, log, progress: tqdm) -> None:
         """Score the validation subset; a better --val-metric replaces best/ (a complete model)."""
         if self.world.is_main:
-            scores = self.validation.run(self.model, "fp32" if self.dtype is None else "bf16")
+            try:
+                scores = self.validation.run(self.model, "fp32" if self.dtype is None else "bf16")
+            except NonFiniteOutput as err:
+                raise TrainingError(f"validation at iteration {self.step} stopped: {err}") from err
             value = scores[f"val_{self.best.metric}"]
             improved = self.best.improved_by(value)
             if improved:

@@ -78,6 +78,22 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def overflowing_checkpoint(tmp_path_factory) -> Path:
+    """A tiny model at 64 px whose head weights are finite but huge (3e38): its logits overflow to NaN and
+    infinity, as a diverged run's would (the weights themselves pass every load check)."""
+    import torch
+
+    from model import CLIPSeg
+
+    torch.manual_seed(0)
+    model = CLIPSeg.from_backbone("tiny", image_size=64)
+    with torch.no_grad():
+        for param in model.decoder.transposed_convolution.parameters():
+            param.fill_(3e38)
+    return model.save_pretrained(tmp_path_factory.mktemp("checkpoints") / "overflowing")
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoints(tiny_checkpoint) -> Path:
     """A checkpoints directory holding `demo`: a tiny model at 64 px (see `tiny_checkpoint`)."""
     return tiny_checkpoint("demo", image_size=64).parent

@@ -16,6 +16,7 @@ from preprocess import (
     IMAGENET_STD,
     RASTER_RULES,
     ImageTransform,
+    NonFiniteOutput,
     UnreadableImage,
     choose_crop,
     full_size_probabilities,
@@ -358,6 +359,14 @@ def test_full_size_probabilities_is_bilinear_then_sigmoid():
     expected = torch.sigmoid(F.interpolate(logits, size=(30, 45), mode="bilinear", align_corners=False))[:, 0]
     np.testing.assert_allclose(full_size_probabilities(logits, (30, 45)), expected.numpy(), atol=1e-7)
     assert full_size_probabilities(logits[0], (30, 45)).shape == (30, 45)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_full_size_probabilities_refuses_logits_that_are_not_finite(bad):
+    logits = torch.zeros(2, 1, 8, 8)
+    logits[1, 0, 3, 4] = bad
+    with pytest.raises(NonFiniteOutput, match=r"holds 1 NaN or infinite values \(of 128\)"):
+        full_size_probabilities(logits, (16, 16))
 
 
 # -------------------------------------------------------------------------------------------- reading images
