@@ -10,6 +10,10 @@ bilinearly to the image size. For every failure, `--out` (default `failure_cases
 PNG panel named after the task id (image, ground truth overlay, probability heat map, the five binary masks with
 their IoU, the phrase as title); `index.html` is a gallery of all panels sorted by best IoU (worst first) and
 `failures.csv` lists the same cases. Panels of an earlier run that are no longer failures are removed.
+
+`--out` is checked before the model is loaded. Exit status: 0 done; 2 a model, data set, option or `--out` that
+cannot be used, or a model whose output is not finite; 1 nothing could be scored, or a file could not be written
+(the gallery of the cases found so far is still written when it can be).
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch.utils.data import Dataset
 
+from cli import BAD_INPUT, NOTHING_DONE, stop
 from inference import SkipLog, predict_tasks
 from metrics import ious_at_thresholds
 from model import CLIPSeg
-from outputs import is_safe_name, printable, safe_name, write_text
-from preprocess import UnreadableImage, denormalise, full_size_probabilities, open_rgb
+from outputs import UnwritableOutput, check_writable, is_safe_name, printable, safe_name, write_text
+from preprocess import NonFiniteOutput, UnreadableImage, denormalise, full_size_probabilities, open_rgb
 from score import (
     ScoreError,
     add_data_arguments,
@@ -262,8 +267,22 @@ def find_failures(
     return search
 
 
-def write_reports(search: FailureSearch, out: Path, model_name: str, split: str, interrupted: bool) -> None:
-    """failures.csv and index.html for the cases found so far, worst (lowest best IoU) first."""
+def write_reports(search: FailureSearch, out: Path, model_name: str, split: str, interrupted: bool) -> str | None:
+    """failures.csv and index.html for the cases found so far, worst (lowest best IoU) first, after a summary line
+    on stderr. Returns None, or what could not be written."""
+    print(
+        f"{len(search.cases)} of {search.n_samples} samples fail (IoU < {FAILURE_IOU} at every threshold); "
+        f"{len(search.skips.reasons)} skipped. Gallery: {out / INDEX_NAME}",
+        file=sys.stderr,
+    )
+    try:
+        _write_reports(search, out, model_name, split, interrupted)
+    except OSError as err:
+        return f"the gallery was not written ({err}); the panels written so far are in {out}"
+    return None
+
+
+def _write_reports(search: FailureSearch, out: Path, model_name: str, split: str, interrupted: bool) -> None:
     cases = sorted(search.cases, key=lambda case: (case.best_iou, case.task_id))
     write_csv(cases, out / CSV_NAME)
     thresholds = ", ".join(f"{t:.1f}" for t in THRESHOLDS)
@@ -300,20 +319,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """The CLI. Returns {"out", "n_samples", "n_failures", "cases", "skipped"}; exits with a message for
-    unusable input."""
+    """The CLI. Returns {"out", "n_samples", "n_failures", "cases", "skipped"}; stops with a message and the exit
+    status of the module docstring otherwise."""
     args = parse_args(argv)
+    out = Path(args.out)
+    try:
+        check_writable(out, folder=True)
+    except UnwritableOutput as err:
+        stop(f"--out: {err}")
     try:
         source, _ = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
         model = load_model(source, args.backbone, args.device, args.precision)
         image_size = input_side(model, args.image_size)
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except ScoreError as err:
-        sys.exit(f"error: {err}")
-    out = Path(args.out)
+        stop(str(err))
     out.mkdir(parents=True, exist_ok=True)
     stale = previous_panels(out)
-    search, interrupted = FailureSearch([], 0, SkipLog()), False
+    search, interrupted, failure = FailureSearch([], 0, SkipLog()), False, None
     try:
         find_failures(
             model,
@@ -327,15 +350,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except KeyboardInterrupt:
         interrupted = True
         raise
+    except NonFiniteOutput as err:
+        failure = (f"stopped after {search.n_samples} samples: {err}", BAD_INPUT)
+    except OSError as err:
+        failure = (f"stopped after {search.n_samples} samples: cannot write a panel: {err}", NOTHING_DONE)
     finally:
-        write_reports(search, out, args.name or source, args.split, interrupted)
+        unsaved = write_reports(search, out, args.name or source, args.split, interrupted)
+    if failure is not None:
+        message, code = failure
+        stop(message + (f"; {unsaved}" if unsaved else ""), code)
+    if unsaved:
+        stop(unsaved, NOTHING_DONE)
     for name in stale - {case.panel for case in search.cases}:
         (out / name).unlink(missing_ok=True)
-    print(
-        f"{len(search.cases)} of {search.n_samples} samples fail (IoU < {FAILURE_IOU} at every threshold); "
-        f"{len(search.skips.reasons)} skipped. Gallery: {out / INDEX_NAME}",
-        file=sys.stderr,
-    )
+    if not search.n_samples:
+        stop(f"no sample could be scored ({len(search.skips.reasons)} skipped); see {out / INDEX_NAME}", NOTHING_DONE)
     return {
         "out": str(out),
         "n_samples": search.n_samples,

@@ -11,13 +11,13 @@ name), the results JSON and the printed tables. The protocols and the scoring lo
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import dataset as datasets
 from benchmarks import BenchmarkDataError, VocData
+from cli import NOTHING_DONE, stop
 from fewshot import (
     BENCHMARKS,
     DEFAULT_EPISODES,
@@ -39,7 +39,7 @@ from fewshot import (
     zero_shot_split,
 )
 from metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
-from outputs import safe_name, write_json
+from outputs import safe_name
 from wordnet_classes import COCO_FOLDS, PASCAL_FOLDS, ZERO_SHOT_UNSEEN
 
 DEFAULT_THRESHOLDS = {"coco20i": 0.1}  # the paper's COCO-20i threshold (Table 6); 0.3 everywhere else
@@ -116,8 +116,13 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         args.seed = default_seed(args.data, args.protocol)
 
 
+class NothingScored(BenchmarkError):
+    """Every episode, image or task was skipped."""
+
+
 def run(args: argparse.Namespace, load: ModelLoader) -> dict:
-    """Score the benchmark `args` names; writes and returns the results (score.py prints them)."""
+    """Score the benchmark `args` names and return the results (score.py prints and writes them). Data or a model
+    that cannot be used stops with a message and exit status 2; nothing scored, exit status 1."""
     started = time.perf_counter()
     root = Path(args.data_root or DEFAULT_ROOTS.get(args.data) or datasets.DEFAULT_PHRASECUT_ROOT)
     splits = Path(args.splits) if args.splits else None
@@ -140,12 +145,11 @@ def run(args: argparse.Namespace, load: ModelLoader) -> dict:
             results = run_zero_shot(args, load, root, settings, save)
         else:
             results = run_phrasecut_visual(args, load, root, settings, save)
-    except (BenchmarkDataError, BenchmarkError, ValueError, OSError) as err:
-        sys.exit(f"error: {err}")
+    except NothingScored as err:
+        stop(str(err), NOTHING_DONE)
+    except (BenchmarkDataError, BenchmarkError, ValueError, OSError) as err:  # ValueError: NonFiniteOutput too
+        stop(str(err))
     results["seconds"] = round(time.perf_counter() - started, 2)
-    out = Path(args.out) if args.out else default_output(args, results["model"])
-    write_json(out, results)
-    print(f"\nscores written to {out}", file=sys.stderr)
     return results
 
 
@@ -193,7 +197,7 @@ def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, setti
         folds[str(fold)] = {"model": source, "list": notes[fold], **fold_results(fold_run, args.data)}
         skipped += [{"fold": fold, **entry} for entry in fold_run.skipped]
     if not any(fold["n_episodes"] for fold in folds.values()):
-        raise BenchmarkError(f"no episode could be scored ({len(skipped)} skipped, e.g. {skipped[:1]})")
+        raise NothingScored(f"no episode could be scored ({len(skipped)} skipped, e.g. {skipped[:1]})")
     models = sorted(set(sources.values()))
     return {
         "model": models[0] if len(models) == 1 else args.name,
@@ -227,7 +231,7 @@ def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Pat
         skipped=skipped,
     )
     if not scored:
-        raise BenchmarkError(f"no image could be scored ({len(skipped)} skipped, e.g. {skipped[:1]})")
+        raise NothingScored(f"no image could be scored ({len(skipped)} skipped, e.g. {skipped[:1]})")
     return {
         "model": source,
         **settings,
@@ -263,7 +267,7 @@ def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, sa
         skipped=skipped,
     )
     if not scored:
-        raise BenchmarkError(f"no task could be scored ({len(skipped)} skipped, {len(data.excluded)} unique phrases)")
+        raise NothingScored(f"no task could be scored ({len(skipped)} skipped, {len(data.excluded)} unique phrases)")
     excluded = list(getattr(base, "excluded", [])) + data.excluded
     return {
         "model": source,

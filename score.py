@@ -13,6 +13,10 @@ IoU > 0.5 .. 0.9, per subset) are computed at the original resolution against it
 outline): logits resized bilinearly to the image size, then probability > `--threshold`. Results go to
 `checkpoints/NAME/scores_<split>.json` (or `--out`); skipped samples are counted and listed there and in the
 printed table, never dropped silently.
+
+The output paths are checked before the model is loaded, and the table is printed before the JSON is written.
+Exit status: 0 scored; 2 a model, data set, option or output path that cannot be used (before any scoring), or a
+model whose output is not finite; 1 nothing could be scored, or the results could not be written.
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ from torch.utils.data import Dataset
 
 import dataset as datasets
 import fewshot_runs
+from cli import NOTHING_DONE, stop
 from fewshot import BENCHMARKS
 from inference import SkipLog, TaskBatch, predict_tasks
 from metrics import PAPER_THRESHOLDS, PaperMetrics, PhraseCutMetrics
 from model import CLIPSeg
-from outputs import safe_name, write_json
+from outputs import UnwritableOutput, check_writable, safe_name, write_json
 from precision import add_precision_arguments, prepare_model, resolve_precision
-from preprocess import RESIZE_RULES, full_size_probabilities
+from preprocess import RESIZE_RULES, NonFiniteOutput, full_size_probabilities
 
 CHECKPOINTS_DIR = Path("checkpoints")
 DEFAULT_THRESHOLD = 0.3
@@ -377,6 +382,25 @@ def default_output(run_dir: Path | None, model: str, split: str, shuffled: bool,
     return Path("scores") / f"{safe_name(model.lower())}_{split}{suffix}.json"
 
 
+def check_outputs(out: Path, save_dir: Path | None) -> None:
+    """Stop (exit 2) before any work when the results JSON or the --save-predictions folder cannot be written."""
+    try:
+        check_writable(out)
+        if save_dir is not None:
+            check_writable(save_dir, folder=True)
+    except UnwritableOutput as err:
+        stop(f"{err}; choose another --out or --save-predictions")
+
+
+def save_results(out: Path, results: dict) -> None:
+    """Write the results (already printed) as JSON; a write that fails is a message and exit 1."""
+    try:
+        write_json(out, results)
+    except (OSError, ValueError) as err:
+        stop(f"the scores printed above were NOT saved: {err}", NOTHING_DONE)
+    print(f"\nscores written to {out}", file=sys.stderr)
+
+
 def benchmark_model(args: argparse.Namespace, fold: int | None) -> tuple[CLIPSeg, str]:
     """The model of a benchmark run (of `fold`, for a run name with "{fold}") and where it came from."""
     name = args.name.replace("{fold}", str(fold)) if args.name and fold is not None else args.name
@@ -384,7 +408,25 @@ def benchmark_model(args: argparse.Namespace, fold: int | None) -> tuple[CLIPSeg
         source, _ = resolve_model(name, args.model, Path(args.checkpoints_dir), args.checkpoint)
         return load_model(source, args.backbone, args.device, args.precision), source
     except ScoreError as err:
-        sys.exit(f"error: {err}")
+        stop(str(err))
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """score.py's one-shot, zero-shot and visual-prompt runs (fewshot_runs.py): outputs checked, scores printed,
+    then written."""
+    if args.out:
+        out = Path(args.out)
+    else:  # named after the run, else after the model (resolved, not loaded)
+        try:
+            model = args.name or resolve_model(None, args.model, Path(args.checkpoints_dir), args.checkpoint)[0]
+        except ScoreError as err:
+            stop(str(err))
+        out = fewshot_runs.default_output(args, model)
+    check_outputs(out, Path(args.save_predictions) if args.save_predictions else None)
+    results = fewshot_runs.run(args, lambda fold: benchmark_model(args, fold))
+    print(format_table(results) if args.data in DATA_KINDS else fewshot_runs.format_results(results))
+    save_results(out, results)
+    return results
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -435,20 +477,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """The CLI. Returns the results dict (also written as JSON). Exits with a message for unusable input."""
+    """The CLI. Returns the results dict (printed, then written as JSON). Stops with a message and exit status 2
+    for unusable input (before any scoring) or a model whose output is not finite, 1 when nothing was scored or
+    the results could not be written (see the module docstring)."""
     args = parse_args(argv)
     if fewshot_runs.handles(args):  # one-shot, zero-shot and visual-prompt benchmarks (fewshot_runs.py)
-        results = fewshot_runs.run(args, lambda fold: benchmark_model(args, fold))
-        print(format_table(results) if args.data in DATA_KINDS else fewshot_runs.format_results(results))
-        return results
+        return run_benchmark(args)
     try:
         source, run_dir = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
+    except ScoreError as err:
+        stop(str(err))
+    out = Path(args.out) if args.out else default_output(run_dir, source, args.split, args.shuffle_prompts, args.limit)
+    save_dir = Path(args.save_predictions) if args.save_predictions else None
+    check_outputs(out, save_dir)
+    try:
         model = load_model(source, args.backbone, args.device, args.precision)
         image_size = input_side(model, args.image_size)
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except ScoreError as err:
-        sys.exit(f"error: {err}")
-    out = Path(args.out) if args.out else default_output(run_dir, source, args.split, args.shuffle_prompts, args.limit)
+        stop(str(err))
     settings = {
         "model": source,
         "data": args.data,
@@ -463,7 +510,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "resize": args.resize,
     }
     run, started = ScoreRun(threshold=args.threshold), time.perf_counter()
-    save_dir = Path(args.save_predictions) if args.save_predictions else None
     try:
         score(
             model,
@@ -476,22 +522,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
             save_predictions=save_dir,
             run=run,
         )
-    except ScoreError as err:
-        sys.exit(f"error: {err}")
+    except (ScoreError, NonFiniteOutput) as err:
+        stop(f"scoring stopped after {run.n_samples} samples: {err}")
     except KeyboardInterrupt:
-        partial = out.with_name(out.stem + ".interrupted.json")
-        write_json(partial, results_dict(run, settings, data, time.perf_counter() - started, True))
-        print(f"\ninterrupted after {run.n_samples} samples; partial scores in {partial}", file=sys.stderr)
+        partial = results_dict(run, settings, data, time.perf_counter() - started, True)
+        print(format_table(partial))
+        save_results(out.with_name(out.stem + ".interrupted.json"), partial)
+        print(f"interrupted after {run.n_samples} samples", file=sys.stderr)
         raise
     results = results_dict(run, settings, data, time.perf_counter() - started, False)
-    if run.n_samples == 0:
-        write_json(out, results)
-        sys.exit(f"error: no sample could be scored ({len(run.skips.reasons)} skipped); see {out}")
-    write_json(out, results)
     print(format_table(results))
-    print(f"\nscores written to {out}", file=sys.stderr)
+    save_results(out, results)
+    if run.n_samples == 0:
+        stop(f"no sample could be scored ({len(run.skips.reasons)} skipped); see {out}", NOTHING_DONE)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    main()  # returns the results; errors exit through cli.stop

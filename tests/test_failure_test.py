@@ -220,7 +220,30 @@ def test_default_model_is_the_released_refined_weights_and_help_lists_every_flag
         assert flag in text
 
 
-def test_missing_run_is_a_clear_error(checkpoints, tmp_path):
-    with pytest.raises(SystemExit, match="tiny"):
+def test_missing_run_is_a_clear_error(checkpoints, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--name", "nope", "--checkpoints-dir", str(checkpoints), "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "no trained model in" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_an_unwritable_out_stops_before_the_model_is_loaded(checkpoints, tmp_path, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded although --out cannot be written")
+
+    monkeypatch.setattr(failure_test, "load_model", no_loading)
+    (tmp_path / "a_file").write_text("in the way")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--name", "tiny", "--checkpoints-dir", str(checkpoints), "--out", str(tmp_path / "a_file" / "cases")])
+    assert exit_info.value.code == 2
+    assert "error: --out: cannot write" in capsys.readouterr().err and (tmp_path / "a_file").read_text() == "in the way"
+
+
+def test_a_model_whose_output_overflows_stops_with_a_message(overflowing_checkpoint, synthetic_root, tmp_path, capsys):
+    out = tmp_path / "cases"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(overflowing_checkpoint), "--data", "synthetic", "--data-root", str(synthetic_root),
+              "--limit", str(LIMIT), "--num-workers", "0", "--out", str(out), "--precision", "fp32"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "stopped after 0 samples: the model's output holds" in capsys.readouterr().err
+    assert (out / "index.html").is_file() and not list(out.glob("*.png"))  # the (empty) gallery, no NaN panels

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -249,3 +250,25 @@ def test_benchmark_options_are_checked(tiny_checkpoints, capsys):
             score.parse_args(["demo", *arguments])
         assert message in capsys.readouterr().err
     assert PASCAL_CLASSES[0] == "aeroplane"
+
+
+def test_benchmark_runs_stop_with_a_message_and_exit_status(
+    tiny_checkpoints, overflowing_checkpoint, synthetic_coco, tmp_path, capsys, monkeypatch
+):
+    crafted = tmp_path / "crafted" / "splits" / "coco" / "val" / "fold1.pkl"
+    crafted.parent.mkdir(parents=True)
+    crafted.write_bytes(b"cos\nsystem\n(S'touch " + str(tmp_path / "marker").encode() + b"'\ntR.")  # os.system(...)
+    demo = ["demo", "--checkpoints-dir", str(tiny_checkpoints), "--num-workers", "0", "--precision", "fp32"]
+    coco = ["--data", "coco20i", "--data-root", str(synthetic_coco), "--fold", "1", "--episodes", "2"]
+    for arguments, message in [
+        (["--model", str(overflowing_checkpoint), *demo[3:]], "the model's output holds .* NaN or infinite values"),
+        ([*demo, "--splits", str(tmp_path / "crafted")], r"crafted/splits/coco/val/fold1.pkl: refused"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            score.main([*arguments, *coco, "--out", str(tmp_path / "scores.json")])
+        assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "marker").exists() and not (tmp_path / "scores.json").exists()
+    monkeypatch.setattr(score, "load_model", lambda *args, **kwargs: pytest.fail("loaded before --out was checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        score.main([*demo, *coco, "--out", str(crafted / "scores.json")])
+    assert exit_info.value.code == 2 and "fold1.pkl is a file, not a folder" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -274,9 +275,16 @@ def test_a_tenth_of_the_images_corrupt_scores_the_same_as_the_clean_rest(checkpo
     assert with_broken["phrasecut"] == without["phrasecut"]
 
 
+def exits_with(code: int, capsys, pattern: str, argv: list[str]) -> None:
+    """main(argv) stops with exit status `code` and a stderr message matching `pattern`."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == code
+    assert re.search(pattern, capsys.readouterr().err)
+
+
 def test_missing_run_lists_the_available_runs(checkpoints, capsys):
-    with pytest.raises(SystemExit, match="demo"):
-        main(["nope", "--checkpoints-dir", str(checkpoints), "--data", "synthetic"])
+    exits_with(2, capsys, "error: no trained model in .*nope.*: demo", ["nope", "--checkpoints-dir", str(checkpoints)])
     assert available_runs(checkpoints) == ["demo"]
     with pytest.raises(ScoreError, match="not both"):
         resolve_model("demo", "CIDAS/clipseg-rd64-refined", checkpoints)
@@ -286,15 +294,15 @@ def test_missing_run_lists_the_available_runs(checkpoints, capsys):
     )
 
 
-def test_missing_phrasecut_data_names_the_folder(checkpoints, tmp_path):
-    with pytest.raises(SystemExit, match=str(tmp_path / "nowhere")):
-        main(["demo", "--checkpoints-dir", str(checkpoints), "--data-root", str(tmp_path / "nowhere")])
+def test_missing_phrasecut_data_names_the_folder(checkpoints, tmp_path, capsys):
+    argv = ["demo", "--checkpoints-dir", str(checkpoints), "--data-root", str(tmp_path / "nowhere")]
+    exits_with(2, capsys, re.escape(str(tmp_path / "nowhere")), argv)
 
 
-def test_image_size_is_checked_against_the_models_patch(checkpoints, synthetic_root):
+def test_image_size_is_checked_against_the_models_patch(checkpoints, synthetic_root, capsys):
     flags = ["--checkpoints-dir", str(checkpoints), "--data", "synthetic", "--data-root", str(synthetic_root)]
-    with pytest.raises(SystemExit, match=r"image size 100 is not a multiple of the patch size 16 .*use 96 or 112"):
-        main(["demo", *flags, "--image-size", "100"])
+    pattern = r"image size 100 is not a multiple of the patch size 16 .*use 96 or 112"
+    exits_with(2, capsys, pattern, ["demo", *flags, "--image-size", "100"])
 
 
 def test_bad_options_are_rejected_with_a_message(capsys):
@@ -339,3 +347,62 @@ def test_the_default_precision_is_precision_pys_and_is_recorded(checkpoints, syn
     results = main(args)
     assert results["precision"] == default_precision(torch.device("cpu"))
     assert json.loads((tmp_path / "s.json").read_text())["precision"] == results["precision"]
+
+
+def strict_json(path: Path) -> dict:
+    """The file parsed by a strict JSON parser (NaN and Infinity are not JSON)."""
+
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_an_unwritable_out_stops_before_the_model_is_loaded(checkpoints, synthetic_root, tmp_path, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded although the results could not be written")
+
+    monkeypatch.setattr(score, "load_model", no_loading)
+    (tmp_path / "a_file").write_text("in the way")
+    for flags in (
+        ["--out", str(tmp_path / "a_file" / "scores.json")],
+        ["--save-predictions", str(tmp_path / "a_file")],
+    ):
+        exits_with(
+            2,
+            capsys,
+            r"error: cannot write .*a_file.* is a file, not a folder",
+            score_args(checkpoints, synthetic_root, *flags),
+        )
+    exits_with(2, capsys, "it is a folder", score_args(checkpoints, synthetic_root, "--out", str(tmp_path)))
+
+
+def test_a_failed_write_after_scoring_keeps_the_printed_table_and_exits_1(
+    checkpoints, synthetic_root, tmp_path, capsys, monkeypatch
+):
+    def disk_full(path, value, indent=2):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(score, "write_json", disk_full)
+    exits_with(
+        1,
+        capsys,
+        r"scores printed above were NOT saved: .*No space left",
+        score_args(checkpoints, synthetic_root, "--out", str(tmp_path / "s.json")),
+    )
+    monkeypatch.undo()
+    capsys.readouterr()
+    results = main(score_args(checkpoints, synthetic_root, "--out", str(tmp_path / "s.json")))
+    printed = capsys.readouterr().out
+    assert f"| t = 0.30 | {results['paper']['miou'] * 100:.1f} |" in printed
+    assert strict_json(tmp_path / "s.json")["paper"] == results["paper"]
+
+
+def test_a_model_whose_output_overflows_stops_with_a_message_and_no_scores(
+    overflowing_checkpoint, synthetic_root, tmp_path, capsys
+):
+    out = tmp_path / "s.json"
+    argv = ["--model", str(overflowing_checkpoint), "--data", "synthetic", "--data-root", str(synthetic_root),
+            "--limit", "4", "--num-workers", "0", "--precision", "fp32", "--out", str(out)]  # fmt: skip
+    exits_with(2, capsys, r"scoring stopped after 0 samples: the model's output holds \d+ NaN or infinite values", argv)
+    assert not out.exists()
