@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import stat
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -43,13 +44,14 @@ from tqdm import tqdm
 
 from model import CLIPSeg, ImageFeatures
 from onnx_backend import OnnxBackendError, OnnxCLIPSeg
-from outputs import json_text, printable, safe_name, write_json
+from outputs import UnwritableOutput, check_writable, json_text, printable, safe_name, write_text
 from precision import PRECISIONS, add_precision_arguments, precision_context, prepare_model, resolve_precision
 from preprocess import (
     MAX_ASPECT,
     RESIZE_RULES,
     ImageInput,
     ImageTransform,
+    NonFiniteOutput,
     UnreadableImage,
     full_size_probabilities,
     load_image,
@@ -317,25 +319,49 @@ def write_image_outputs(
 
 
 def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[dict]]:
-    """Files as given and the image files (by suffix, sorted, not recursive) of folders; missing paths and
-    folders without images become error entries. Duplicates are dropped."""
+    """Files as given and the image files (by suffix, sorted, not recursive) of folders. Inputs and folder entries
+    that cannot be read (missing, a symlink loop, a broken link, no permission, not a regular file) and folders
+    without images become error entries. Duplicates are dropped."""
     paths, errors, seen = [], [], set()
     for item in inputs:
-        path = Path(item)
+        path, files = Path(item), [Path(item)]
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not found:
-                errors.append({"image": str(path), "error": f"folder has no images ({', '.join(IMAGE_SUFFIXES)})"})
-        elif path.exists():
-            found = [path]
-        else:
-            found = []
-            errors.append({"image": str(path), "error": "file not found"})
-        for file in found:
-            if file.resolve() not in seen:
+            try:
+                files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            except OSError as err:
+                files = []
+                errors.append({"image": str(path), "error": f"cannot list the folder ({err.strerror or err})"})
+            else:
+                if not files:
+                    errors.append({"image": str(path), "error": f"folder has no images ({', '.join(IMAGE_SUFFIXES)})"})
+        for file in files:
+            problem = unreadable_entry(file)
+            if problem:
+                errors.append({"image": str(file), "error": problem})
+            elif file.resolve() not in seen:
                 seen.add(file.resolve())
                 paths.append(file)
     return paths, errors
+
+
+def unreadable_entry(path: Path) -> str | None:
+    """Why `path` cannot be read as an image file, or None for a regular file."""
+    try:
+        if stat.S_ISREG(path.stat().st_mode):
+            return None
+        return "not a regular file"
+    except FileNotFoundError:
+        return "file not found" if not path.is_symlink() else "broken symbolic link"
+    except OSError as err:
+        return f"cannot read ({err.strerror or err})"
+
+
+def merge_duplicates(prompts: Sequence[Prompt]) -> tuple[list[Prompt], list[dict]]:
+    """Prompts given more than once are segmented once (their files would overwrite each other): the distinct
+    prompts in order, and {"prompt", "times"} for each one given more than once."""
+    times = Counter(prompt.slug for prompt in prompts)  # distinct prompts have distinct slugs (outputs.safe_name)
+    distinct = list({prompt.slug: prompt for prompt in prompts}.values())
+    return distinct, [{"prompt": p.label, "times": times[p.slug]} for p in distinct if times[p.slug] > 1]
 
 
 def parse_support(spec: str) -> tuple[Path, Path]:
@@ -493,7 +519,13 @@ class Run:
 
     images: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
+    merged_prompts: list[dict] = field(default_factory=list)
     interrupted: bool = False
+    stopped: str | None = None  # why the run ended before its last image
+
+    def skip(self, image: Path | str, reason: str) -> None:
+        tqdm.write(f"skipped {image}: {reason}", file=sys.stderr)
+        self.errors.append({"image": str(image), "error": reason})
 
 
 def process(
@@ -504,7 +536,8 @@ def process(
     args: argparse.Namespace,
     run: Run,
 ) -> None:
-    """Read, segment and write every image, `batch_size` at a time; unreadable ones are reported and skipped."""
+    """Read, segment and write every image, `batch_size` at a time; images that cannot be read, or whose outputs
+    cannot be written, are reported and skipped. NaN or infinite model outputs raise `NonFiniteOutput`."""
     names = image_output_names(paths)
     progress = tqdm(total=len(paths), unit="image", disable=len(paths) <= 1, file=sys.stderr)
     for start in range(0, len(paths), args.batch_size):
@@ -513,23 +546,40 @@ def process(
             try:
                 loaded.append((path, name, open_rgb(path)))
             except UnreadableImage as err:
-                tqdm.write(f"skipped {err}", file=sys.stderr)
-                run.errors.append({"image": str(path), "error": err.reason})
+                run.skip(path, err.reason)
                 progress.update(1)
         images = [image for _, _, image in loaded]
         all_probs = predictor.predict_batch(images, conditional=conditional, batch_size=args.batch_size)
         for (path, name, image), probs in zip(loaded, all_probs):
-            entry = write_image_outputs(image, probs, prompts, Path(args.out) / name, args.threshold, args.prob_bits)
-            size = predictor.transform.input_size(*image.size)
-            run.images.append(
-                {"image": str(path), "width": image.width, "height": image.height, "inference_size": list(size)} | entry
-            )
+            folder = Path(args.out) / name
+            try:
+                entry = write_image_outputs(image, probs, prompts, folder, args.threshold, args.prob_bits)
+            except OSError as err:
+                run.skip(path, f"cannot write its outputs ({err})")
+            else:
+                size = predictor.transform.input_size(*image.size)
+                run.images.append(
+                    {"image": str(path), "width": image.width, "height": image.height, "inference_size": list(size)}
+                    | entry
+                )
             progress.update(1)
     progress.close()
 
 
-def write_summary(run: Run, args: argparse.Namespace, image_size: int | None) -> str:
-    """Write the JSON summary (atomically) to `--summary` or OUT/summary.json, or print it for '-'."""
+def check_outputs(args: argparse.Namespace) -> str | None:
+    """What makes `--out` or `--summary` unwritable (checked before any work), or None."""
+    try:
+        check_writable(args.out, folder=True)
+        if args.summary not in (None, "-"):
+            check_writable(args.summary)
+    except UnwritableOutput as err:
+        return f"{err}; choose another --out or --summary"
+    return None
+
+
+def write_summary(run: Run, args: argparse.Namespace, image_size: int | None) -> str | None:
+    """Write the JSON summary (atomically) to `--summary` or OUT/summary.json, or print it for '-'. Returns where it
+    went; None when it could not be written (it is then printed to stdout, so nothing is lost)."""
     summary = {
         "model": args.model,
         "backend": args.backend,
@@ -540,24 +590,40 @@ def write_summary(run: Run, args: argparse.Namespace, image_size: int | None) ->
         "processed": len(run.images),
         "skipped": len(run.errors),
         "interrupted": run.interrupted,
+        "stopped": run.stopped,
+        "merged_prompts": run.merged_prompts,
         "images": run.images,
         "errors": run.errors,
     }
     destination = args.summary or str(Path(args.out) / "summary.json")
+    text = json_text(summary, indent=2, ensure_ascii=False)
     if destination == "-":
-        print(json_text(summary, indent=2, ensure_ascii=False))
+        print(text)
         return "stdout"
-    write_json(destination, summary)
+    try:
+        write_text(destination, text + "\n")
+    except OSError as err:
+        print(f"error: cannot write the summary ({err}); here it is instead:", file=sys.stderr)
+        print(text)
+        return None
     return destination
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI. Returns 0 when at least one image was processed, 1 when none could be, 2 for a model or
-    visual-prompt file that cannot be used."""
+    """The CLI. Returns 0 when at least one image was processed, 1 when none could be (or the summary could not be
+    written), 2 for an output path, model or visual-prompt file that cannot be used or a model whose output is not
+    finite."""
     args = parse_args(argv)
-    prompts = build_prompts(args.prompt, args.visual_prompt)
+    unwritable = check_outputs(args)
+    if unwritable:
+        print(f"error: {unwritable}", file=sys.stderr)
+        return 2
+    prompts, merged = merge_duplicates(build_prompts(args.prompt, args.visual_prompt))
     paths, input_errors = collect_images(args.inputs)
-    run = Run(errors=input_errors)
+    run = Run(errors=input_errors, merged_prompts=merged)
+    for entry in merged:
+        note = f"note: prompt {printable(entry['prompt'], 60)!r} given {entry['times']} times: segmented once"
+        print(note, file=sys.stderr)
     for error in input_errors:
         print(f"skipped {error['image']}: {error['error']}", file=sys.stderr)
     if not paths:
@@ -593,10 +659,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         run.interrupted = True
         raise
+    except NonFiniteOutput as err:
+        run.stopped = f"stopped after {len(run.images)} image(s): {err}"
     finally:
         written = write_summary(run, args, predictor.transform.size)
     print(f"processed {len(run.images)} image(s), skipped {len(run.errors)}; summary: {written}", file=sys.stderr)
-    return 0 if run.images else 1
+    if run.stopped:
+        print(f"error: {run.stopped}", file=sys.stderr)
+        return 2
+    return 0 if run.images and written else 1
 
 
 if __name__ == "__main__":

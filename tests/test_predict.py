@@ -11,8 +11,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 import model as model_module
+import predict
+import preprocess
 from model import CLIPSeg
-from predict import PALETTE, Predictor, draw_overlay, image_output_names, main
+from outputs import is_safe_name
+from predict import PALETTE, Predictor, build_prompts, draw_overlay, image_output_names, main, merge_duplicates
 from preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, visual_prompt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -348,3 +351,103 @@ def test_in_memory_sixteen_bit_and_transparent_images_become_rgb():
     np.testing.assert_array_equal(np.asarray(load_image(sixteen))[0, :, 0], [0, 128, 255])  # scaled, not clipped
     half_transparent = Image.fromarray(np.array([[[200, 100, 50, 0], [200, 100, 50, 255]]], dtype=np.uint8))
     np.testing.assert_array_equal(np.asarray(load_image(half_transparent))[0], [[0, 0, 0], [200, 100, 50]])
+
+
+def strict_json(text: str) -> dict:
+    """`text` parsed by a strict JSON parser (NaN and Infinity are not JSON)."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_cli_a_model_whose_output_overflows_stops_with_a_message_and_a_strict_summary(
+    overflowing_checkpoint, tmp_path, capsys
+):
+    random_image(40, 30).save(tmp_path / "img.png")
+    out = tmp_path / "out"
+    assert run_cli(overflowing_checkpoint, [tmp_path / "img.png"], out, "--prompt", "sky") == 2
+    assert "error: stopped after 0 image(s): the model's output holds" in capsys.readouterr().err
+    summary = strict_json((out / "summary.json").read_text())
+    assert summary["processed"] == 0 and summary["stopped"].startswith("stopped after 0 image(s)")
+    assert not list(out.rglob("*.png"))  # no empty masks passed off as results
+
+
+def test_cli_summary_files_are_strict_json(tiny_dir, tmp_path, capsys):
+    random_image(40, 30).save(tmp_path / "img.png")
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--prompt", "sky") == 0
+    summary = strict_json((tmp_path / "out" / "summary.json").read_text())
+    assert 0 < summary["images"][0]["prompts"][0]["max_probability"] < 1
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--prompt", "sky", "--summary", "-") == 0
+    assert strict_json(capsys.readouterr().out)["processed"] == 1
+
+
+def test_cli_duplicate_prompts_are_segmented_once_with_a_note(tiny_dir, tmp_path, capsys):
+    random_image(40, 30).save(tmp_path / "img.png")
+    out = tmp_path / "out"
+    prompts = ["--prompt", "sky", "--prompt", "a dog", "--prompt", "sky", "--prompt", "sky"]
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], out, *prompts) == 0
+    assert "note: prompt 'sky' given 3 times: segmented once" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["prompt"] for p in summary["images"][0]["prompts"]] == ["sky", "a dog"]
+    assert summary["merged_prompts"] == [{"prompt": "sky", "times": 3}]
+    assert len(list((out / "img").glob("*.prob.png"))) == 2
+
+
+def test_ten_thousand_distinct_prompts_keep_distinct_safe_files():
+    phrases = [f"thing {i}" for i in range(10_000)] + ["../../x", "thing 7"]
+    prompts, merged = merge_duplicates(build_prompts(phrases, []))
+    assert [p.text for p in prompts] == phrases[:-1] and merged == [{"prompt": "thing 7", "times": 2}]
+    assert len({p.slug for p in prompts}) == len(prompts) and all(is_safe_name(p.slug) for p in prompts)
+
+
+def test_cli_unreadable_folder_entries_and_decompression_bombs_are_counted_skips(
+    tiny_dir, tmp_path, capsys, monkeypatch
+):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    random_image(40, 30).save(folder / "good.png")
+    random_image(300, 300).save(folder / "bomb.png")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")  # a symlink loop
+    (folder / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # a broken link
+    (folder / "album.jpg").mkdir()  # a folder named like an image
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 50_000)
+    out = tmp_path / "out"
+    assert run_cli(tiny_dir, [folder, folder / "loop.jpg"], out, "--prompt", "sky") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    errors = {Path(e["image"]).name: e["error"] for e in summary["errors"]}
+    assert errors == {
+        "loop.jpg": "cannot read (Too many levels of symbolic links)",
+        "gone.jpg": "broken symbolic link",
+        "album.jpg": "not a regular file",
+        "bomb.png": "too large (300x300 > 50000 pixels)",
+    }
+    assert [e["image"] for e in summary["errors"]].count(str(folder / "loop.jpg")) == 2  # listed and given
+    assert summary["processed"] == 1 and summary["skipped"] == 5
+    assert "loop.jpg: cannot read" in capsys.readouterr().err
+
+
+def test_cli_unwritable_outputs_stop_before_the_model_is_loaded(tmp_path, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded although the outputs cannot be written")
+
+    monkeypatch.setattr(CLIPSeg, "from_pretrained", no_loading)
+    random_image(40, 30).save(tmp_path / "img.png")
+    (tmp_path / "a_file").write_text("in the way")
+    for flags in (["--out", str(tmp_path / "a_file")], ["--summary", str(tmp_path / "a_file" / "summary.json")]):
+        assert main([str(tmp_path / "img.png"), "--prompt", "sky", *flags]) == 2
+        assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_cli_a_summary_that_cannot_be_written_is_printed_instead(tiny_dir, tmp_path, capsys, monkeypatch):
+    random_image(40, 30).save(tmp_path / "img.png")
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(predict, "write_text", disk_full)
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--prompt", "sky") == 1
+    captured = capsys.readouterr()
+    assert "error: cannot write the summary" in captured.err and "No space left on device" in captured.err
+    assert strict_json(captured.out)["images"][0]["prompts"][0]["prompt"] == "sky"
