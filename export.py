@@ -45,7 +45,7 @@ from onnx_backend import (
     OnnxCLIPSeg,
     import_onnxruntime,
 )
-from outputs import write_json
+from outputs import UnwritableOutput, check_writable, write_json
 from preprocess import IMAGENET_MEAN, IMAGENET_STD
 from tokenizer import CONTEXT_LENGTH
 
@@ -316,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         "--backbone", default=None, help="CLIP backbone for an original .pth (default openai/clip-vit-base-patch16)"
     )
     args = parser.parse_args(argv)
+    try:
+        check_writable(args.out_dir, folder=True)  # before the model is loaded
+    except UnwritableOutput as err:
+        parser.error(str(err))
     try:
         model = CLIPSeg.from_pretrained(args.model, backbone=args.backbone)
     except (OSError, ValueError) as err:
