@@ -31,7 +31,15 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from metrics import PHRASE_TYPES
-from phrasecut_index import DATA_SUBDIR, DOWNLOAD_HINT, TaskTable, find_data_dir, load_task_table
+from phrasecut_index import (
+    DATA_SUBDIR,
+    DOWNLOAD_HINT,
+    TaskTable,
+    describe_defects,
+    find_data_dir,
+    load_task_table,
+    usable_polygons,
+)
 from preprocess import (
     IMAGE_SIZE,
     ImageTransform,
@@ -137,7 +145,8 @@ class SegmentationData(Dataset):
         self.visual_support, self.templates, self.seed = visual_support, tuple(templates), seed
         self.whole_image_prob, self.colour_jitter = whole_image_prob, colour_jitter
         self.prompts_per_image = prompts_per_image
-        self.excluded: list[tuple[str, str]] = []
+        self.excluded: list[tuple[str, str]] = []  # (task id, reason): tasks left out
+        self.excluded_polygons: list[tuple[str, int, str]] = []  # (task id, count, what): bad polygons left out
         self._stream: np.random.Generator | None = None
         self._stream_key: object = None
 
@@ -389,12 +398,13 @@ class PhraseCut(SegmentationData):
     ground truth). `root`: a dir containing data/VGPhraseCut_v0/ or that dir itself. `split`: train, val, test,
     miniv or val_miniv. Ground truth is the union of all polygons of all instances (`preprocess.rasterise`: the
     `polygon2mask` rule for targets, PhraseCut's own for `full_mask`). Tasks whose image size differs from its
-    annotation size, or with nothing to draw, are excluded up front and listed in `self.excluded` as
-    (task_id, reason). `remove_classes` ("pas5i:K", "zs:K" or "aff", `wordnet_classes.removal_rule`) drops the
-    tasks whose phrase names a benchmark's test class before anything else sees them (negatives and supports
-    included); their number is `self.removed`. `limit` keeps the first N usable tasks. Other keyword arguments
-    (train, image_size, negative_prob, visual_support, templates, seed, whole_image_prob, resize) go to
-    `SegmentationData`.
+    annotation size, or with no usable polygon, are excluded up front and listed in `self.excluded` as
+    (task_id, reason); polygons with non-finite coordinates or zero area are dropped while indexing and listed per
+    task in `self.excluded_polygons` as (task_id, count, description) (phrasecut_index.py). `remove_classes`
+    ("pas5i:K", "zs:K" or "aff", `wordnet_classes.removal_rule`) drops the tasks whose phrase names a benchmark's
+    test class before anything else sees them (negatives and supports included); their number is `self.removed`.
+    `limit` keeps the first N usable tasks. Other keyword arguments (train, image_size, negative_prob,
+    visual_support, templates, seed, whole_image_prob, resize) go to `SegmentationData`.
     """
 
     def __init__(
@@ -427,6 +437,7 @@ class PhraseCut(SegmentationData):
             for row, reason in reasons:
                 usable[row] = False
                 self.excluded.append((table.task_id(row), reason))
+            self.excluded_polygons += [(table.task_id(row), n, what) for row, n, what in table.dropped_polygons()]
             if removal is not None:
                 removed = usable & _removed_phrases(table, removal)[np.asarray(table.phrase_index)]
                 self.removed += int(removed.sum())
@@ -443,12 +454,8 @@ class PhraseCut(SegmentationData):
         self._rows = np.concatenate(rows)[:limit]
         self._phrase_ids = np.concatenate(phrase_ids).astype(np.int64)[:limit]
         self._phrase_lookup_inverse = {value: key for key, value in phrase_lookup.items()} if phrase_lookup else None
-        if self.excluded:
-            warnings.warn(
-                f"PhraseCut {split}: excluded {len(self.excluded)} tasks (first: {self.excluded[0][0]}: "
-                f"{self.excluded[0][1]}); see dataset.excluded",
-                stacklevel=2,
-            )
+        if self.excluded or self.excluded_polygons:
+            warnings.warn(f"PhraseCut {split}: {exclusion_note(self)}", stacklevel=2)
         self._init_tasks()
 
     @property
@@ -540,7 +547,9 @@ class UserFolder(SegmentationData):
     `[[[x, y], ...], ...]` or a list of instances of polygons (in CSV as a JSON string). Optional fields: `id`
     (task id; default `<file name>:<line>`), `split` (records are kept when it equals the `split` argument, or
     has no value and `unmarked` is True),
-    `phrase_type`. Same sample pipeline, keyword arguments and sample dict as `PhraseCut`.
+    `phrase_type`. Same sample pipeline, keyword arguments and sample dict as `PhraseCut`. Polygons with non-finite
+    coordinates or zero area are dropped and listed in `self.excluded_polygons`; a record left with none is excluded
+    (`self.excluded`). A record given no polygons at all is kept: its target is empty, as with an empty mask image.
     """
 
     def __init__(
@@ -558,8 +567,14 @@ class UserFolder(SegmentationData):
         records = [
             record for record in read_records(self.index_file) if split is None or record.get("split") in accepted
         ]
+        records = [record for record in records if self._drop_bad_polygons(record)]
         if not records:
-            raise ValueError(f"{self.index_file}: no records" + (f" with split {split!r}" if split else ""))
+            raise ValueError(
+                f"{self.index_file}: no usable records" + (f" with split {split!r}" if split else "")
+                + (f" ({exclusion_note(self)})" if self.excluded else "")
+            )  # fmt: skip
+        if self.excluded or self.excluded_polygons:
+            warnings.warn(f"{self.index_file}: {exclusion_note(self)}", stacklevel=2)
         self.records = records[:limit]
         phrases = sorted({record["phrase"] for record in self.records})
         self._phrases = phrases
@@ -567,6 +582,18 @@ class UserFolder(SegmentationData):
         self._phrase_ids = np.array([lookup[record["phrase"]] for record in self.records], dtype=np.int64)
         self._warned_non_binary = False
         self._init_tasks()
+
+    def _drop_bad_polygons(self, record: dict) -> bool:
+        """Leave the record's unusable polygons out (counted); False when it had polygons and none is usable."""
+        if not isinstance(record["mask"], list):
+            return True
+        record["mask"], defects = usable_polygons(record["mask"])
+        if sum(defects.values()):
+            self.excluded_polygons.append((record["id"], sum(defects.values()), describe_defects(defects)))
+            if not any(record["mask"]):
+                self.excluded.append((record["id"], f"no usable polygon ({describe_defects(defects)})"))
+                return False
+        return True
 
     def __len__(self) -> int:
         return len(self.records)
@@ -671,6 +698,41 @@ def _as_instances(polygons: list, where: str) -> list:
     if depth == 4:
         return polygons
     raise ValueError(f"{where}: polygons must be [[[x, y], ...], ...] or a list of such lists")
+
+
+def exclusion_report(data: Dataset) -> dict:
+    """What a data set left out while indexing, for results files: {"excluded": {"count": tasks, "tasks": [[id,
+    reason], ...]}, "excluded_polygons": {"count": polygons, "tasks": [[id, count, description], ...]}}."""
+    excluded, dropped = getattr(data, "excluded", []), getattr(data, "excluded_polygons", [])
+    return {
+        "excluded": {"count": len(excluded), "tasks": [list(entry) for entry in excluded]},
+        "excluded_polygons": {"count": sum(n for _, n, _ in dropped), "tasks": [list(entry) for entry in dropped]},
+    }
+
+
+def exclusion_summary(data: Dataset) -> dict:
+    """The counts of `exclusion_report` with the first example of each (None when there is none), for logs."""
+    report = exclusion_report(data)
+    tasks, polygons = report["excluded"], report["excluded_polygons"]
+    return {
+        "excluded": tasks["count"],
+        "excluded_example": tasks["tasks"][0] if tasks["tasks"] else None,
+        "excluded_polygons": polygons["count"],
+        "excluded_polygons_example": polygons["tasks"][0] if polygons["tasks"] else None,
+    }
+
+
+def exclusion_note(data: Dataset) -> str:
+    """`exclusion_summary` as one line for warnings and the training log ("" when nothing was left out)."""
+    summary = exclusion_summary(data)
+    parts = []
+    if summary["excluded"]:
+        task_id, reason = summary["excluded_example"]
+        parts.append(f"excluded {summary['excluded']} tasks (first: {task_id}: {reason})")
+    if summary["excluded_polygons"]:
+        task_id, _, what = summary["excluded_polygons_example"]
+        parts.append(f"{summary['excluded_polygons']} bad polygons left out (first: {task_id}: {what})")
+    return "; ".join(parts)
 
 
 def build_dataset(kind: str, root: str | os.PathLike | None, split: str, **kwargs) -> Dataset:

@@ -268,7 +268,9 @@ def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, sa
     )
     if not scored:
         raise NothingScored(f"no task could be scored ({len(skipped)} skipped, {len(data.excluded)} unique phrases)")
-    excluded = list(getattr(base, "excluded", [])) + data.excluded
+    report = datasets.exclusion_report(base)
+    report["excluded"]["tasks"] += [list(entry) for entry in data.excluded]  # tasks whose phrase is unique
+    report["excluded"]["count"] = len(report["excluded"]["tasks"])
     return {
         "model": source,
         **settings,
@@ -281,7 +283,7 @@ def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, sa
         "phrasecut": official.compute(),
         "skipped": {"count": len(skipped), "samples": skipped},
         "duplicates_ignored": 0,
-        "excluded": {"count": len(excluded), "tasks": [list(entry) for entry in excluded]},
+        **report,
         "interrupted": False,
     }
 

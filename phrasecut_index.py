@@ -5,6 +5,11 @@ it (bounded memory) into flat numpy arrays under `<VGPhraseCut_v0>/.clipseg_inde
 when the data dir is read-only), checking each image's size once. Later runs memory-map those arrays in well under a
 second, and DataLoader workers share their pages instead of copying millions of Python objects. The index is rebuilt
 when the JSON files change. dataset.PhraseCut reads tasks through `TaskTable`.
+
+Bad annotations are left out while indexing and counted (`polygon_defect`): a polygon with a NaN or infinite
+coordinate, or of zero area (fewer than 3 vertices, or all on one line), would draw nothing (or a stray line) and
+train on an empty target. Such a polygon is dropped and counted per task; the task keeps its other polygons, and a
+task with no usable polygon left is excluded (`TaskTable.exclusion_reasons`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from outputs import json_text
 from preprocess import upright_size
 
 DATA_SUBDIR = Path("data") / "VGPhraseCut_v0"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: bad polygons dropped and counted
+NON_FINITE, ZERO_AREA = "non-finite coordinates", "zero area"
 DOWNLOAD_HINT = (
     "Get PhraseCut with its official download script (about 75k Visual Genome images, ~20 GB): "
     "`git clone https://github.com/ChenyunWu/PhraseCutDataset && cd PhraseCutDataset && python download_dataset.py`, "
@@ -103,7 +109,50 @@ _INDEX_ARRAYS = {
     "polygon_points": np.int64,
     "points": np.float64,
     "drawable": np.bool_,
+    "nonfinite_polygons": np.int32,
+    "zero_area_polygons": np.int32,
 }
+
+
+def polygon_defect(points) -> str | None:
+    """Why a polygon ([x, y] points) cannot be used: NON_FINITE (a NaN or infinite coordinate), ZERO_AREA (fewer
+    than 3 vertices, or every vertex on one line; a self-intersecting polygon whose signed areas cancel still
+    counts as drawable), or None."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(points).all():
+        return NON_FINITE
+    if len(points) < 3:
+        return ZERO_AREA
+    centred = points - points.mean(axis=0)
+    (xx, xy), (_, yy) = centred.T @ centred
+    return None if xx * yy - xy * xy > 1e-12 * (xx + yy) ** 2 else ZERO_AREA  # rank 2: not all on one line
+
+
+def usable_polygons(instances: Sequence[Sequence]) -> tuple[list[list], dict[str, int]]:
+    """Instances -> polygons -> points with the polygons `polygon_defect` refuses left out (instances kept, maybe
+    empty), and how many were left out for each defect."""
+    defects = {NON_FINITE: 0, ZERO_AREA: 0}
+    kept = []
+    for instance in instances:
+        kept.append([])
+        for polygon in instance:
+            defect = polygon_defect(polygon)
+            if defect is None:
+                kept[-1].append(polygon)
+            else:
+                defects[defect] += 1
+    return kept, defects
+
+
+def describe_defects(defects: dict[str, int]) -> str:
+    """{"non-finite coordinates": 1, "zero area": 2} -> "1 polygon with non-finite coordinates, 2 of zero area"."""
+    parts = []
+    if defects.get(NON_FINITE):
+        parts.append(f"{defects[NON_FINITE]} with {NON_FINITE}")
+    if defects.get(ZERO_AREA):
+        parts.append(f"{defects[ZERO_AREA]} of {ZERO_AREA}")
+    total = sum(defects.values())
+    return f"{total} polygon{'s' if total != 1 else ''} dropped: " + ", ".join(parts)
 
 
 class IndexWriter:
@@ -118,6 +167,7 @@ class IndexWriter:
             self.columns[name] = array("q", [0] if name in ("task_instances", "instance_polygons") else [])
         self.columns["polygon_points"] = array("q", [0])
         self.columns["drawable"] = array("b")
+        self.columns["nonfinite_polygons"], self.columns["zero_area_polygons"] = array("q"), array("q")
         self.task_id_bytes, self.phrase_bytes = bytearray(), bytearray()
         self.phrases: dict[str, int] = {}
         self.points = array("d")
@@ -138,20 +188,26 @@ class IndexWriter:
         kind = structure.get("type")
         self.columns["phrase_type"].append(PHRASE_TYPES.index(kind) if kind in PHRASE_TYPES else -1)
         self.columns["image_id"].append(int(task["image_id"]))
-        drawable = False
+        defects, kept = {NON_FINITE: 0, ZERO_AREA: 0}, 0
         instance_polygons, polygon_points = self.columns["instance_polygons"], self.columns["polygon_points"]
         for instance in task["Polygons"]:
             for polygon in instance:
-                before = len(self.points)
-                self.points.extend(itertools.chain.from_iterable(polygon))
-                if len(self.points) - before != 2 * len(polygon):
+                values = array("d", itertools.chain.from_iterable(polygon))
+                if len(values) != 2 * len(polygon):
                     raise ValueError("a polygon point is not an [x, y] pair")
+                defect = polygon_defect(values)
+                if defect is not None:
+                    defects[defect] += 1
+                    continue
+                self.points.extend(values)
                 self.n_points += len(polygon)
                 polygon_points.append(self.n_points)
-                drawable = drawable or len(polygon) >= 2
+                kept += 1
             instance_polygons.append(len(polygon_points) - 1)
         self.columns["task_instances"].append(len(instance_polygons) - 1)
-        self.columns["drawable"].append(drawable)
+        self.columns["drawable"].append(kept > 0)
+        self.columns["nonfinite_polygons"].append(defects[NON_FINITE])
+        self.columns["zero_area_polygons"].append(defects[ZERO_AREA])
         if len(self.points) > 1 << 22:
             self._spill_points()
 
@@ -244,8 +300,18 @@ class TaskTable:
     def image_path(self, row: int) -> Path:
         return self.images_dir / f"{int(self.image_id[row])}.jpg"
 
+    def polygon_defects(self, row: int) -> dict[str, int]:
+        """How many polygons of task `row` were dropped while indexing, per defect (see `polygon_defect`)."""
+        return {NON_FINITE: int(self.nonfinite_polygons[row]), ZERO_AREA: int(self.zero_area_polygons[row])}
+
+    def dropped_polygons(self) -> list[tuple[int, int, str]]:
+        """(row, count, description) for every task that lost polygons while indexing (`polygon_defect`)."""
+        rows = np.flatnonzero((np.asarray(self.nonfinite_polygons) + np.asarray(self.zero_area_polygons)) > 0)
+        defects = [self.polygon_defects(row) for row in rows]
+        return [(int(row), sum(d.values()), describe_defects(d)) for row, d in zip(rows, defects)]
+
     def exclusion_reasons(self) -> list[tuple[int, str]]:
-        """(row, reason) for tasks that cannot be used: annotation/image size mismatch, nothing to draw."""
+        """(row, reason) for tasks that cannot be used: annotation/image size mismatch, no usable polygon."""
         mismatch = (
             (self.image_width >= 0)
             & (self.annotation_width >= 0)
@@ -261,8 +327,10 @@ class TaskTable:
                         f"but annotated as {self.annotation_width[row]}x{self.annotation_height[row]}",
                     )
                 )
+            elif sum(self.polygon_defects(row).values()):
+                reasons.append((int(row), f"no usable polygon ({describe_defects(self.polygon_defects(row))})"))
             else:
-                reasons.append((int(row), "no polygon with at least 2 vertices"))
+                reasons.append((int(row), "no polygon"))
         return reasons
 
 

@@ -301,14 +301,13 @@ def score(
 
 
 def results_dict(run: ScoreRun, settings: dict, data: Dataset, seconds: float, interrupted: bool) -> dict:
-    excluded = getattr(data, "excluded", None) or []
     return {
         **settings,
         "n_samples": run.n_samples,
         "paper": to_builtin(run.paper.compute()) if run.n_samples else {},
         "phrasecut": to_builtin(run.official.compute()) if run.n_samples else {},
         "skipped": {"count": len(run.skips.reasons), "samples": run.skips.reasons},
-        "excluded": {"count": len(excluded), "tasks": to_builtin(list(excluded))},
+        **datasets.exclusion_report(data),  # "excluded" tasks and "excluded_polygons"
         "seconds": round(seconds, 2),
         "interrupted": interrupted,
     }
@@ -338,9 +337,11 @@ def format_table(results: dict) -> str:
     """The paper's three columns first (mIoU, IoU_FG, AP), then IoU_BIN, the best-threshold values and
     PhraseCut's official metrics, as Markdown tables (values in %)."""
     paper, official = results.get("paper") or {}, results.get("phrasecut") or {}
+    bad_polygons = results.get("excluded_polygons", {}).get("count")
     lines = [
         f"{results['model']} on {results['data']} {results['split']}: {results['n_samples']} samples, "
         f"{results['skipped']['count']} skipped, {results['excluded']['count']} excluded"
+        + (f" ({bad_polygons} bad polygons left out)" if bad_polygons else "")
         + (" (shuffled prompts)" if results["shuffle_prompts"] else "")
         + (" (INTERRUPTED: partial)" if results["interrupted"] else ""),
         "",

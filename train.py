@@ -698,7 +698,10 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
         if getattr(args, "remove_classes", None):
             record = {"step": loop.step, "remove_classes": args.remove_classes, "removed": removed_count(dataset)}
             with open(files.log, "a") as log:
-                log.write(json.dumps(record) + "\n")
+                log.write(json_text(record) + "\n")
+        if datasets.exclusion_note(dataset):  # tasks and bad polygons left out while indexing: counts and examples
+            with open(files.log, "a") as log:
+                log.write(json_text({"step": loop.step, **datasets.exclusion_summary(dataset)}) + "\n")
         for leftover in files.dir.glob(".*.tmp"):  # from a write cut short by a kill
             leftover.unlink()
     if loop.step >= args.max_iterations:
@@ -713,7 +716,7 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
 
 def announce(args, model, dataset, world, device, dtype, start_step: int, validation: Validation | None) -> None:
     trainable = sum(p.numel() for p in model.decoder.parameters())
-    excluded = getattr(dataset, "excluded", None)
+    left_out = datasets.exclusion_note(dataset)
     per_image = f", {args.prompts_per_image} prompts per image crop" if args.prompts_per_image > 1 else ""
     print(
         f"{'resuming' if start_step else 'training'} {args.name} at iteration {start_step}/{args.max_iterations}: "
@@ -724,7 +727,7 @@ def announce(args, model, dataset, world, device, dtype, start_step: int, valida
             if validation
             else ""
         )
-        + (f"; {len(excluded)} task(s) excluded while indexing (e.g. {excluded[0]})" if excluded else "")
+        + (f"; while indexing: {left_out}" if left_out else "")
         + (
             f"; --remove-classes {args.remove_classes} removed {removed_count(dataset)} task(s)"
             if getattr(args, "remove_classes", None)

@@ -313,7 +313,67 @@ def test_degenerate_polygons_are_excluded(damaged_root):
     (data_dir(damaged_root) / "refer_test.json").write_text(json.dumps(tasks))
     with pytest.warns(UserWarning, match="excluded 2 tasks"):
         data = dataset.PhraseCut(damaged_root, "test", train=False)
-    assert [reason for _, reason in data.excluded] == ["no polygon with at least 2 vertices"] * 2
+    assert [reason for _, reason in data.excluded] == [
+        "no polygon",
+        "no usable polygon (1 polygon dropped: 1 of zero area)",
+    ]
+
+
+GOOD_TRIANGLE = [[1.0, 1.0], [20.0, 1.0], [20.0, 20.0]]
+NAN, INF = float("nan"), float("inf")
+
+
+def write_bad_polygons(root: Path, split: str) -> list[str]:
+    """Break the polygons of the first three tasks of `split` (written with NaN/Infinity, as Python's json allows):
+    task 0 keeps a good triangle beside a NaN polygon; task 1 has only an infinite and a collinear polygon; task 2
+    only a polygon whose vertices coincide. Returns the three task ids."""
+    tasks = refer(root, split)
+    tasks[0]["Polygons"] = [[GOOD_TRIANGLE, [[NAN, 2.0], [3.0, 4.0], [5.0, 9.0]]]]
+    tasks[1]["Polygons"] = [[[[2.0, 2.0], [4.0, 4.0], [6.0, 6.0]]], [[[INF, 1.0], [2.0, 2.0], [3.0, 1.0]]]]
+    tasks[2]["Polygons"] = [[[[5.0, 5.0], [5.0, 5.0], [5.0, 5.0]]]]
+    (data_dir(root) / f"refer_{split}.json").write_text(json.dumps(tasks))
+    return [task["task_id"] for task in tasks[:3]]
+
+
+def test_nan_infinite_and_zero_area_polygons_are_counted_exclusions(damaged_root):
+    first, second, third = write_bad_polygons(damaged_root, "test")
+    with pytest.warns(UserWarning, match="excluded 2 tasks .*; 4 bad polygons left out"):
+        data = dataset.PhraseCut(damaged_root, "test", train=False, image_size=SMALL)
+    assert data.excluded == [
+        (second, "no usable polygon (2 polygons dropped: 1 with non-finite coordinates, 1 of zero area)"),
+        (third, "no usable polygon (1 polygon dropped: 1 of zero area)"),
+    ]
+    assert data.excluded_polygons == [
+        (first, 1, "1 polygon dropped: 1 with non-finite coordinates"),
+        (second, 2, "2 polygons dropped: 1 with non-finite coordinates, 1 of zero area"),
+        (third, 1, "1 polygon dropped: 1 of zero area"),
+    ]
+    assert len(data) == len(refer(damaged_root, "test")) - 2
+    kept = data.tasks[0]
+    assert kept["task_id"] == first and [[p.tolist() for p in i] for i in kept["Polygons"]] == [[GOOD_TRIANGLE]]
+    sample = data[0]
+    expected = instances_to_mask([[np.array(GOOD_TRIANGLE)]], *sample["original_size"], "phrasecut")
+    np.testing.assert_array_equal(sample["full_mask"], expected)
+    assert expected.any()
+    report = dataset.exclusion_report(data)
+    assert report["excluded"]["count"] == 2 and report["excluded_polygons"]["count"] == 4
+
+
+def test_user_folder_bad_polygons_are_dropped_and_counted(tmp_path):
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
+    records = [
+        {"image": "a.jpg", "phrase": "kept", "mask": [GOOD_TRIANGLE, [[1, 1], [2, 2]]], "id": "one"},
+        {"image": "a.jpg", "phrase": "gone", "mask": [[[NAN, 1], [2, 2], [3, 1]]], "id": "two"},
+        {"image": "a.jpg", "phrase": "nothing there", "mask": [], "id": "three"},  # an intended empty target
+    ]
+    index = tmp_path / "train.jsonl"
+    index.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.warns(UserWarning, match="excluded 1 tasks .*; 2 bad polygons left out"):
+        data = dataset.UserFolder(index, train=False, image_size=SMALL)
+    assert [r["id"] for r in data.records] == ["one", "three"]
+    assert data.records[0]["mask"] == [[GOOD_TRIANGLE]] and not data[1]["full_mask"].any()
+    assert data.excluded == [("two", "no usable polygon (1 polygon dropped: 1 with non-finite coordinates)")]
+    assert [entry[:2] for entry in data.excluded_polygons] == [("one", 1), ("two", 1)]
 
 
 def test_malformed_task_names_the_file_and_task(damaged_root):

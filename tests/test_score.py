@@ -406,3 +406,16 @@ def test_a_model_whose_output_overflows_stops_with_a_message_and_no_scores(
             "--limit", "4", "--num-workers", "0", "--precision", "fp32", "--out", str(out)]  # fmt: skip
     exits_with(2, capsys, r"scoring stopped after 0 samples: the model's output holds \d+ NaN or infinite values", argv)
     assert not out.exists()
+
+
+def test_bad_polygons_are_reported_with_the_excluded_tasks(checkpoints, damaged_root, tmp_path, capsys):
+    from test_dataset import write_bad_polygons
+
+    first, second, third = write_bad_polygons(damaged_root, "test")
+    with pytest.warns(UserWarning, match="4 bad polygons left out"):
+        results = main(score_args(checkpoints, damaged_root, "--out", str(tmp_path / "s.json")))
+    assert "2 excluded (4 bad polygons left out)" in capsys.readouterr().out
+    saved = strict_json(tmp_path / "s.json")
+    assert saved["excluded"] == results["excluded"] and [t[0] for t in saved["excluded"]["tasks"]] == [second, third]
+    assert saved["excluded_polygons"]["count"] == 4
+    assert [t[:2] for t in saved["excluded_polygons"]["tasks"]] == [[first, 1], [second, 2], [third, 1]]

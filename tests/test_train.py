@@ -673,3 +673,16 @@ def test_prompt_templates_mix_range_and_colour_flags(tmp_path, synthetic_root):
     for bad in (["--mix-range=0.6,0.2"], ["--prompts-per-image=3"], ["--warmup=5"]):
         with pytest.raises(SystemExit):
             train.parse_args(flags(tmp_path, synthetic_root, *bad))
+
+
+def test_bad_polygons_left_out_while_indexing_are_counted_in_the_log(damaged_root, tmp_path, capsys):
+    from test_dataset import write_bad_polygons
+
+    first, second, _ = write_bad_polygons(damaged_root, "train")
+    with pytest.warns(UserWarning, match="4 bad polygons left out"):
+        run(flags(tmp_path, damaged_root, "--name=bad", "--max-iterations=1", "--ckpt=1", "--val-interval=0"))
+    assert "while indexing: excluded 2 tasks (first: " in capsys.readouterr().out
+    (record,) = [r for r in checkpoints.read_log(tmp_path / "ck" / "bad" / "log.jsonl") if "excluded" in r]
+    assert record["step"] == 0 and record["excluded"] == 2 and record["excluded_polygons"] == 4
+    assert record["excluded_example"][0] == second and "no usable polygon" in record["excluded_example"][1]
+    assert record["excluded_polygons_example"] == [first, 1, "1 polygon dropped: 1 with non-finite coordinates"]
