@@ -587,7 +587,12 @@ class UserFolder(SegmentationData):
         """Leave the record's unusable polygons out (counted); False when it had polygons and none is usable."""
         if not isinstance(record["mask"], list):
             return True
-        record["mask"], defects = usable_polygons(record["mask"])
+        try:
+            record["mask"], defects = usable_polygons(record["mask"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"{self.index_file}: record {record['id']}: polygon points must be [x, y] numbers"
+            ) from err
         if sum(defects.values()):
             self.excluded_polygons.append((record["id"], sum(defects.values()), describe_defects(defects)))
             if not any(record["mask"]):

@@ -452,6 +452,9 @@ def test_user_folder_bad_records_name_file_and_line(tmp_path):
     index.write_text('{"image": "a.png", "phrase": "p", "mask": "m.png"}\n{not json}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         dataset.UserFolder(index, train=True)
+    index.write_text('{"image": "a.png", "phrase": "p", "mask": [[[1, 2], [3, 4], [5]]]}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: record bad.jsonl:1: polygon points must be \[x, y\] numbers"):
+        dataset.UserFolder(index, train=True)
 
 
 def test_user_folder_missing_files_and_mask_size_mismatch_are_skipped(tmp_path):

@@ -43,3 +43,21 @@ def test_streaming_json_reader_matches_json_load(tmp_path):
     path.write_text(json.dumps(tasks)[:-40])
     with pytest.raises(ValueError, match="tasks.json.*re-download"):
         list(phrasecut_index.iter_json_array(path, chunk_chars=64))
+
+
+@pytest.mark.parametrize(
+    ("points", "defect"),
+    [
+        ([[0, 0], [10, 0], [0, 10]], None),
+        ([[0, 0], [10, 10], [10, 0], [0, 10]], None),  # a bow tie: its signed areas cancel, yet it draws two triangles
+        ([[0, 0], [1e-13, 1e-13], [5, 0], [5, 5]], None),  # nearly repeated vertices, then a real triangle
+        ([[0, 0], [1, 1], [2, 2], [5, 5]], phrasecut_index.ZERO_AREA),  # all on one line
+        ([[3, 3], [3, 3], [3, 3]], phrasecut_index.ZERO_AREA),
+        ([[0, 0], [5, 5]], phrasecut_index.ZERO_AREA),
+        ([], phrasecut_index.ZERO_AREA),
+        ([[0, 0], [float("nan"), 1], [3, 3]], phrasecut_index.NON_FINITE),
+        ([[0, 0], [float("inf"), 1], [3, 3]], phrasecut_index.NON_FINITE),
+    ],
+)
+def test_polygon_defect(points, defect):
+    assert phrasecut_index.polygon_defect([v for point in points for v in point]) == defect
