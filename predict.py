@@ -388,7 +388,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Segment images with text and/or image prompts. Writes, per image and prompt, a probability "
         "map, a binary mask and an overlay at the original resolution, plus summary.json. Exit code 0 when at "
-        "least one image was processed, 1 when none could be (unreadable files are reported and skipped).",
+        "least one image was processed, 1 when none could be (unreadable files are reported and skipped), 2 for an "
+        "output path, model or visual prompt that cannot be used or a model whose output is NaN or infinite.",
         epilog="Files: OUT/<image>/<prompt>.prob.png, .mask.png (0/255), .overlay.png; OUT/<image>/overlay.png "
         "with all prompts when there are several; OUT/summary.json (per image and prompt: area_fraction, "
         "max_probability, files; skipped inputs under 'errors'). <prompt> is a slug of the prompt plus a hash.",

@@ -686,3 +686,16 @@ def test_bad_polygons_left_out_while_indexing_are_counted_in_the_log(damaged_roo
     assert record["step"] == 0 and record["excluded"] == 2 and record["excluded_polygons"] == 4
     assert record["excluded_example"][0] == second and "no usable polygon" in record["excluded_example"][1]
     assert record["excluded_polygons_example"] == [first, 1, "1 polygon dropped: 1 with non-finite coordinates"]
+
+
+def test_validation_outputs_that_are_not_finite_stop_with_a_message(synthetic_root, tmp_path, capsys, monkeypatch):
+    from preprocess import NonFiniteOutput
+
+    def overflowing(self, model, precision):
+        raise NonFiniteOutput("the model's output holds 7 NaN or infinite values (of 64)")
+
+    monkeypatch.setattr(train.Validation, "run", overflowing)
+    argv = flags(tmp_path, synthetic_root, "--name=nan", "--max-iterations=2", "--ckpt=1", "--val-interval=1")
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "validation at iteration 1 stopped: the model's output holds 7 NaN" in err and "Traceback" not in err
