@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from outputs import atomic_write, write_text
@@ -44,15 +43,20 @@ from weights import (
     STRUCTURAL_KNOBS,
     WEIGHTS_NAME,
     CheckpointError,
+    check_config,
     check_knobs,
     clip_weights,
     decoder_knobs_from_state,
+    is_weight,
     load_backbone,
     load_hf_state_dict,
+    load_safetensors,
     mismatch_message,
     original_to_hf_names,
     portable_location,
+    read_config,
     resolve_file,
+    save_safetensors,
     torch_load_safely,
 )
 
@@ -200,9 +204,19 @@ class CLIPSegConfig:
         return out
 
     @classmethod
-    def from_hf_dict(cls, data: dict) -> CLIPSegConfig:
+    def from_hf_dict(cls, data: dict, source: str = "config") -> CLIPSegConfig:
+        """The config of a CLIPSeg config.json (`to_hf_dict`), its values checked (`weights.check_config`) before
+        anything is built from them; a CheckpointError naming `source` when they do not make a model."""
         if data.get("model_type") != "clipseg":
-            raise ValueError(f"not a CLIPSeg config (model_type={data.get('model_type')!r})")
+            raise CheckpointError(f"{source}: not a CLIPSeg config (model_type={data.get('model_type')!r})")
+        check_config(data, source)
+        try:
+            return cls._from_checked_dict(data)
+        except Exception as err:  # transformers' own validation raises huggingface_hub errors, not ValueError
+            raise CheckpointError(f"{source}: {err}") from err
+
+    @classmethod
+    def _from_checked_dict(cls, data: dict) -> CLIPSegConfig:
         hf = transformers.CLIPSegConfig.from_dict(data)
         clip = transformers.CLIPConfig(
             text_config=hf.text_config.to_dict(),
@@ -504,14 +518,14 @@ class CLIPSeg(nn.Module):
             return cls._from_original(Path(name), backbone or DEFAULT_BACKBONE, knobs)
         if backbone is not None:
             raise ValueError("backbone= is only for original .pth decoder files; HF checkpoints carry their CLIP")
-        stored = json.loads(Path(resolve_file(name, CONFIG_NAME)).read_text())
-        config = CLIPSegConfig.from_hf_dict(stored)
+        stored, config_path = read_config(name)
+        config = CLIPSegConfig.from_hf_dict(stored, config_path)
         check_knobs(config, knobs, STRUCTURAL_KNOBS, name)
         target = model_class(config.arch)
         if not issubclass(target, cls):
             raise CheckpointError(f"{name} holds an arch={config.arch!r} model: load it with CLIPSeg.from_pretrained")
         if stored.get("clipseg_weights") == DECODER_WEIGHTS_NAME:
-            decoder = load_file(resolve_file(name, DECODER_WEIGHTS_NAME))
+            decoder = load_safetensors(resolve_file(name, DECODER_WEIGHTS_NAME))
             state = {**clip_weights(config.clip_source, name), **decoder}
         else:
             state = load_hf_state_dict(name)
@@ -537,7 +551,7 @@ class CLIPSeg(nn.Module):
     def load_weights(self, state: dict[str, Tensor], source: str = "checkpoint") -> None:
         """Copy a full HF-named state dict into the model after checking every key and shape."""
         own = self.state_dict()
-        state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+        state = {k: v for k, v in state.items() if is_weight(k)}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         wrong_shape = [
@@ -568,7 +582,7 @@ class CLIPSeg(nn.Module):
         weights, stale = (DECODER_WEIGHTS_NAME, WEIGHTS_NAME) if decoder_only else (WEIGHTS_NAME, DECODER_WEIGHTS_NAME)
         module, prefix = (self.decoder, "decoder.") if decoder_only else (self, "")
         state = {prefix + k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        atomic_write(directory / weights, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(directory / weights, lambda p: save_safetensors(state, p))
         config = self.config.to_hf_dict() | ({"clipseg_weights": DECODER_WEIGHTS_NAME} if decoder_only else {})
         write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
         (directory / stale).unlink(missing_ok=True)
