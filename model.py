@@ -66,6 +66,11 @@ except ImportError:  # transformers 4.x
     from transformers.modeling_utils import no_init_weights
 
 PATCH_SIZE = 16  # of the released models; other CLIPs bring their own (`CLIPSegConfig.patch_size`)
+# The largest image side the model runs at (--image-size, a config's image_size), checked before any image is
+# resized. CLIP saw 224 px and CLIPSeg was trained at 352 px; position embeddings are interpolated to any grid, but
+# at 4096 px a ViT-B/16 already attends over 65,536 tokens per image, and memory and time grow with their square,
+# so a larger side adds cost, not detail. It is also the largest side the ONNX export takes (256 patches of 16).
+MAX_IMAGE_SIDE = 4096
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
 # CLIPSeg and the paper's two baselines (baselines.py) -> the class config.json names; only the first loads in HF.
 ARCHITECTURES = {"clipseg": "CLIPSegForImageSegmentation", "clip-deconv": "CLIPDeconv", "vitseg": "ViTSeg"}
@@ -146,15 +151,9 @@ class CLIPSegConfig:
 
     def input_side(self, requested: int | None = None) -> int:
         """The side an image is resized to: `requested` (a script's --image-size) or the model's default; a
-        ValueError naming the patch size and the two nearest sides that fit when it is not a positive multiple."""
-        side, patch = self.image_size if requested is None else requested, self.patch_size or PATCH_SIZE
-        if side <= 0 or side % patch:
-            low, high = side // patch * patch, (side // patch + 1) * patch
-            raise ValueError(
-                f"image size {side} is not a multiple of the patch size {patch} of {self.backbone}: "
-                f"use {low or high} or {high} (--image-size)"
-            )
-        return side
+        ValueError (`check_image_side`) when it is not a positive multiple of the patch size up to MAX_IMAGE_SIDE."""
+        side = self.image_size if requested is None else requested
+        return check_image_side(side, self.patch_size or PATCH_SIZE, self.backbone)
 
     @property
     def image_tower(self) -> transformers.PretrainedConfig | None:
@@ -245,6 +244,23 @@ class CLIPSegConfig:
     def knobs(self) -> dict:
         """The decoder knobs without the backbone geometry (for logs and argument files)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("clip", "clip_source", "vit")}
+
+
+def check_image_side(side: int, patch: int | None, backbone: str = "the backbone") -> int:
+    """`side` when it is an integer from 1 to MAX_IMAGE_SIDE and a multiple of `patch` (None: not known yet); else a
+    ValueError naming the bound or the patch size and the two nearest sides that fit."""
+    if type(side) is not int or not 0 < side <= MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"image size {side!r} is not a side from 1 to {MAX_IMAGE_SIDE} pixels, the largest the model runs at "
+            "(MAX_IMAGE_SIDE; the released models were trained at 352) (--image-size)"
+        )
+    if patch is not None and side % patch:
+        low, high = side // patch * patch, (side // patch + 1) * patch
+        raise ValueError(
+            f"image size {side} is not a multiple of the patch size {patch} of {backbone}: "
+            f"use {low or high} or {high} (--image-size)"
+        )
+    return side
 
 
 def default_extract_layers(arch: str, depth: int) -> tuple[int, ...]:

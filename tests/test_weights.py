@@ -101,6 +101,7 @@ BROKEN_CONFIGS = {
     "reduce_dim 1e9": (set_value("reduce_dim", 10**9), "reduce_dim = 1000000000"),
     "decoder heads 0": (set_value("decoder_num_attention_heads", 0), "decoder_num_attention_heads = 0"),
     "decoder ffn negative": (set_value("decoder_intermediate_size", -1), "decoder_intermediate_size = -1"),
+    "input side 1600000": (set_value("clipseg_image_size", 1_600_000), "image size 1600000 is not a side from 1"),
     "input side as text": (set_value("clipseg_image_size", "352"), "clipseg_image_size = '352'"),
     "extract layers as text": (set_value("extract_layers", "1,3,4"), "extract_layers = '1,3,4'"),
     "extract layer beyond the depth": (set_value("extract_layers", [1, 3, 40]), "out of range for a 6-block"),
