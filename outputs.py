@@ -1,7 +1,8 @@
-"""Writing results to disk: atomically, under file names that cannot leave their folder, with printable labels.
+"""Writing results to disk: atomically, under file names that cannot leave their folder, with printable labels,
+into folders checked to be writable before the work starts.
 
-Every script writes through these three helpers, so a kill never leaves a half-written file, no phrase or task id
-can name a path outside the output folder, and no control character reaches a picture or a log line.
+Every script writes through these helpers, so a kill never leaves a half-written file, no phrase or task id can
+name a path outside the output folder, and no control character reaches a picture or a log line.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import unicodedata
 from collections.abc import Callable
@@ -35,14 +37,34 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600, and so does safetensors, which replaces the file
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable_dir(directory: str | os.PathLike, needed_bytes: int = 0, what: str = "the output") -> None:
+    """Fail before work whose results would be lost: OSError saying why when `directory` cannot be created or
+    written (a 4 KiB file is written, flushed to disk and removed) or has less than `needed_bytes` free."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        raise OSError(f"cannot write to {directory}: {err.strerror or err}") from err
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise OSError(
+            f"not enough disk space in {directory}: {what} needs about {needed_bytes / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB free"
+        )
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

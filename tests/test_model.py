@@ -4,6 +4,7 @@ import os
 import pickle
 import re
 import resource
+import stat
 import subprocess
 import sys
 import warnings
@@ -418,3 +419,14 @@ def test_predict_refuses_a_huge_image_size_before_allocating_it(tmp_path, tiny_d
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: image size 1600000 is not a side from 1 to 4096 pixels" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_saved_weights_get_the_mode_open_would(tmp_path):
+    """safetensors replaces the file it writes with a private (0600) one; checkpoints are readable like any file."""
+    previous = os.umask(0o022)
+    try:
+        CLIPSeg(tiny_config()).save_pretrained(tmp_path / "saved")
+    finally:
+        os.umask(previous)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((tmp_path / "saved" / name).stat().st_mode) == 0o644, name
