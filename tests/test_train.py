@@ -355,6 +355,15 @@ def test_full_disk_during_a_safetensors_write_keeps_the_previous_checkpoint_and_
     assert_same_run(run_dir, reference)
 
 
+def test_resume_from_a_damaged_model_file_is_a_message(tmp_path, synthetic_root, capsys):
+    argv = flags(tmp_path, synthetic_root, "--name=cut", "--max-iterations=2")
+    run(argv)
+    weights = tmp_path / "ck" / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    assert train.main([*argv, "--resume", "--max-iterations=4"]) == 1
+    assert f"--resume: cannot load the run's model: {weights}: not a readable safetensors" in capsys.readouterr().err
+
+
 def test_run_with_loader_workers_exits_when_done(tmp_path, synthetic_root):
     argv = [*flags(tmp_path, synthetic_root, "--name=workers", "--max-iterations=3"), "--num-workers=2"]
     result = subprocess.run(
