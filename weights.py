@@ -36,11 +36,14 @@ class CheckpointError(ValueError):
 
 
 def load_backbone(model_cls: type, name: str, what: str = "CLIP backbone", **kwargs) -> nn.Module:
-    """`model_cls.from_pretrained(name)` (a transformers class) with an error that says what to give instead. A local
+    """`model_cls.from_pretrained(name)` (a transformers class) with an error that says what to give instead. Its
     config.json is checked (`check_config`) before transformers builds anything from it, and the weights after."""
-    config_path = Path(name).expanduser() / CONFIG_NAME
-    if config_path.is_file():
-        check_config(read_json(config_path), str(config_path))
+    try:
+        config_path = resolve_file(name, CONFIG_NAME)
+    except OSError:
+        config_path = None  # not found: transformers' error below says so
+    if config_path is not None:
+        check_config(read_json(Path(config_path)), config_path)
     try:
         module = model_cls.from_pretrained(name, **kwargs)
     except OSError as err:
