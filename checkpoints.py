@@ -14,18 +14,16 @@ checkpoint intact.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from model import CLIPSeg
-from outputs import atomic_write, json_text, write_json, write_text
+from outputs import atomic_write, check_writable, json_text, write_json, write_text
 
 STATE_FORMAT = 1
 BEST_NAME = "best"
@@ -49,25 +47,14 @@ class RunFiles:
         return self.dir / f"iter_{step:06d}"
 
 
-def check_writable(directory: Path, needed_bytes: int) -> None:
+def check_run_writable(directory: Path, needed_bytes: int) -> None:
     """Fail before training if the run directory cannot be created or written, or the disk is too full. Raises
     CheckpointWriteError with the reason."""
+    what = "checkpoints (the complete model twice during an atomic write, plus the training state)"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-") as probe:
-            probe.write(b"\0" * 4096)
-            probe.flush()
-            os.fsync(probe.fileno())
+        check_writable(directory, folder=True, needed_bytes=needed_bytes, what=what)
     except OSError as err:
-        raise CheckpointWriteError(
-            f"cannot write to {directory}: {err.strerror or err}; choose a writable --checkpoints-dir"
-        ) from err
-    free = shutil.disk_usage(directory).free
-    if free < needed_bytes:
-        raise CheckpointWriteError(
-            f"not enough disk space in {directory}: checkpoints need about {needed_bytes / 2**20:.0f} MiB "
-            f"(the complete model twice during an atomic write, plus the training state), {free / 2**20:.0f} MiB free"
-        )
+        raise CheckpointWriteError(f"{err}; choose another --checkpoints-dir or free space") from err
 
 
 def checkpoint_bytes(model: CLIPSeg) -> int:
@@ -84,7 +71,11 @@ def save_model(model: CLIPSeg, directory: Path, complete: bool) -> None:
 
 
 def save_state(files: RunFiles, state: dict) -> None:
-    atomic_write(files.state, lambda path: torch.save(state, path))
+    """train_state.pt, serialised in memory first (a few times the decoder's size): a full disk is then an OSError
+    from the file write, where torch.save into the file would raise a RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(files.state, lambda path: Path(path).write_bytes(buffer.getbuffer()))
 
 
 def load_state(files: RunFiles) -> dict:

@@ -14,11 +14,12 @@ Graphs (all fp32, opset 20, every size that can vary is dynamic):
 - image_prompt_head.onnx: hidden_states (K, T, width), the deepest extracted activation of a prompt image ->
   image_embedding (K, 512): the rest of the vision tower, its final layer norm and projection.
 
-manifest.json lists the files, the opset, each graph's input and output names and shapes, the model config, the
-extracted blocks, the image size, the normalisation, the torch/onnx/onnxruntime versions and the differences to
-PyTorch measured at export (absolute, and relative to the values' scale; above 1e-4 relative the export is
-refused). Needs `pip install -r requirements-export.txt` (onnx, onnxscript for torch's exporter, onnxruntime for
-the check and for running).
+manifest.json lists the files with their SHA-256 (the ONNX backend refuses a graph that does not match), the opset,
+each graph's input and output names and shapes, the model config, the extracted blocks, the image size, the
+normalisation, the torch/onnx/onnxruntime versions and the differences to PyTorch measured at export (absolute, and
+relative to the values' scale; above 1e-4 relative the export is refused). The output folder is checked to be
+writable, with room for the graphs, before the export starts. Needs `pip install -r requirements-export.txt`
+(onnx, onnxscript for torch's exporter, onnxruntime for the check and for running).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from model import PATCH_SIZE, CLIPSeg, ImageFeatures, _run_clip_block
+from model import MAX_IMAGE_SIDE, PATCH_SIZE, CLIPSeg, ImageFeatures, _run_clip_block
 from onnx_backend import (
     FORMAT,
     FORMAT_VERSION,
@@ -43,6 +44,7 @@ from onnx_backend import (
     REQUIREMENTS_FILE,
     OnnxBackendError,
     OnnxCLIPSeg,
+    graph_sha256,
     import_onnxruntime,
 )
 from outputs import UnwritableOutput, check_writable, write_json
@@ -50,7 +52,7 @@ from preprocess import IMAGENET_MEAN, IMAGENET_STD
 from tokenizer import CONTEXT_LENGTH
 
 OPSET = 20
-MAX_GRID = 256  # the largest patch grid side the graphs accept: 4096 px
+MAX_GRID = MAX_IMAGE_SIDE // PATCH_SIZE  # the largest patch grid side the graphs accept: 256 (4096 px)
 VERIFY_TOLERANCE = 1e-4  # largest difference to PyTorch an export may have, relative to the largest |value|
 
 
@@ -230,7 +232,8 @@ def verify(model: CLIPSeg, runner: OnnxCLIPSeg) -> dict[str, dict[str, float]]:
 
 
 def graph_signature(path: Path) -> dict:
-    """Input and output names, element types and shapes (ints, or names of dynamic sizes) of an ONNX file."""
+    """The SHA-256, input and output names, element types and shapes (ints, or names of dynamic sizes) of an ONNX
+    file."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -243,7 +246,12 @@ def graph_signature(path: Path) -> dict:
             out[value.name] = {"dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": shape}
         return out
 
-    return {"file": path.name, "inputs": describe(graph.input), "outputs": describe(graph.output)}
+    return {
+        "file": path.name,
+        "sha256": graph_sha256(path),
+        "inputs": describe(graph.input),
+        "outputs": describe(graph.output),
+    }
 
 
 def build_manifest(model: CLIPSeg, source: str, out_dir: Path) -> dict:
@@ -279,7 +287,8 @@ def build_manifest(model: CLIPSeg, source: str, out_dir: Path) -> dict:
 def export(model: CLIPSeg, out_dir: str | Path, source: str = "") -> dict:
     """Export `model` into `out_dir`, check the graphs against PyTorch and write manifest.json last (a folder
     without it is not an export). Returns the manifest. Raises OnnxBackendError when the ONNX packages are
-    missing, RuntimeError when the graphs disagree with PyTorch by more than VERIFY_TOLERANCE (relative)."""
+    missing, OSError when `out_dir` cannot be written or has too little space (checked before the export starts),
+    RuntimeError when the graphs disagree with PyTorch by more than VERIFY_TOLERANCE (relative)."""
     import_onnxruntime()
     for package in ("onnx", "onnxscript"):
         try:
@@ -289,7 +298,7 @@ def export(model: CLIPSeg, out_dir: str | Path, source: str = "") -> dict:
                 f"export needs {package}, which is not installed: pip install -r {REQUIREMENTS_FILE}"
             ) from err
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, folder=True, needed_bytes=export_bytes(model), what="the export")
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     model = model.float().cpu().eval()
     with torch.no_grad():
@@ -306,6 +315,13 @@ def export(model: CLIPSeg, out_dir: str | Path, source: str = "") -> dict:
         )
     write_json(out_dir / MANIFEST_NAME, manifest)
     return manifest
+
+
+def export_bytes(model: CLIPSeg) -> int:
+    """Room for the graphs: together they hold every weight once in fp32 (the vision blocks are split between the
+    image encoder and the image prompt head), plus a tenth for their structure (the tiny test model: 14.1 MB of
+    weights, 15.0 MB of graphs)."""
+    return 44 * sum(t.numel() for t in model.state_dict().values()) // 10 + 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exporting {args.model} to {args.out_dir} (a minute or two at ViT-B/16) ...", file=sys.stderr)
     try:
         manifest = export(model, args.out_dir, source=args.model)
-    except OnnxBackendError as err:
+    except (OnnxBackendError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:

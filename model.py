@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from outputs import atomic_write, write_text
@@ -44,15 +43,20 @@ from weights import (
     STRUCTURAL_KNOBS,
     WEIGHTS_NAME,
     CheckpointError,
+    check_config,
     check_knobs,
     clip_weights,
     decoder_knobs_from_state,
+    is_weight,
     load_backbone,
     load_hf_state_dict,
+    load_safetensors,
     mismatch_message,
     original_to_hf_names,
     portable_location,
+    read_config,
     resolve_file,
+    save_safetensors,
     torch_load_safely,
 )
 
@@ -62,6 +66,11 @@ except ImportError:  # transformers 4.x
     from transformers.modeling_utils import no_init_weights
 
 PATCH_SIZE = 16  # of the released models; other CLIPs bring their own (`CLIPSegConfig.patch_size`)
+# The largest image side the model runs at (--image-size, a config's image_size), checked before any image is
+# resized. CLIP saw 224 px and CLIPSeg was trained at 352 px; position embeddings are interpolated to any grid, but
+# at 4096 px a ViT-B/16 already attends over 65,536 tokens per image, and memory and time grow with their square,
+# so a larger side adds cost, not detail. It is also the largest side the ONNX export takes (256 patches of 16).
+MAX_IMAGE_SIDE = 4096
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
 # CLIPSeg and the paper's two baselines (baselines.py) -> the class config.json names; only the first loads in HF.
 ARCHITECTURES = {"clipseg": "CLIPSegForImageSegmentation", "clip-deconv": "CLIPDeconv", "vitseg": "ViTSeg"}
@@ -142,15 +151,9 @@ class CLIPSegConfig:
 
     def input_side(self, requested: int | None = None) -> int:
         """The side an image is resized to: `requested` (a script's --image-size) or the model's default; a
-        ValueError naming the patch size and the two nearest sides that fit when it is not a positive multiple."""
-        side, patch = self.image_size if requested is None else requested, self.patch_size or PATCH_SIZE
-        if side <= 0 or side % patch:
-            low, high = side // patch * patch, (side // patch + 1) * patch
-            raise ValueError(
-                f"image size {side} is not a multiple of the patch size {patch} of {self.backbone}: "
-                f"use {low or high} or {high} (--image-size)"
-            )
-        return side
+        ValueError (`check_image_side`) when it is not a positive multiple of the patch size up to MAX_IMAGE_SIDE."""
+        side = self.image_size if requested is None else requested
+        return check_image_side(side, self.patch_size or PATCH_SIZE, self.backbone)
 
     @property
     def image_tower(self) -> transformers.PretrainedConfig | None:
@@ -200,9 +203,19 @@ class CLIPSegConfig:
         return out
 
     @classmethod
-    def from_hf_dict(cls, data: dict) -> CLIPSegConfig:
+    def from_hf_dict(cls, data: dict, source: str = "config") -> CLIPSegConfig:
+        """The config of a CLIPSeg config.json (`to_hf_dict`), its values checked (`weights.check_config`) before
+        anything is built from them; a CheckpointError naming `source` when they do not make a model."""
         if data.get("model_type") != "clipseg":
-            raise ValueError(f"not a CLIPSeg config (model_type={data.get('model_type')!r})")
+            raise CheckpointError(f"{source}: not a CLIPSeg config (model_type={data.get('model_type')!r})")
+        check_config(data, source)
+        try:
+            return cls._from_checked_dict(data)
+        except Exception as err:  # transformers' own validation raises huggingface_hub errors, not ValueError
+            raise CheckpointError(f"{source}: {err}") from err
+
+    @classmethod
+    def _from_checked_dict(cls, data: dict) -> CLIPSegConfig:
         hf = transformers.CLIPSegConfig.from_dict(data)
         clip = transformers.CLIPConfig(
             text_config=hf.text_config.to_dict(),
@@ -231,6 +244,23 @@ class CLIPSegConfig:
     def knobs(self) -> dict:
         """The decoder knobs without the backbone geometry (for logs and argument files)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("clip", "clip_source", "vit")}
+
+
+def check_image_side(side: int, patch: int | None, backbone: str = "the backbone") -> int:
+    """`side` when it is an integer from 1 to MAX_IMAGE_SIDE and a multiple of `patch` (None: not known yet); else a
+    ValueError naming the bound or the patch size and the two nearest sides that fit."""
+    if type(side) is not int or not 0 < side <= MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"image size {side!r} is not a side from 1 to {MAX_IMAGE_SIDE} pixels, the largest the model runs at "
+            "(MAX_IMAGE_SIDE; the released models were trained at 352) (--image-size)"
+        )
+    if patch is not None and side % patch:
+        low, high = side // patch * patch, (side // patch + 1) * patch
+        raise ValueError(
+            f"image size {side} is not a multiple of the patch size {patch} of {backbone}: "
+            f"use {low or high} or {high} (--image-size)"
+        )
+    return side
 
 
 def default_extract_layers(arch: str, depth: int) -> tuple[int, ...]:
@@ -504,14 +534,14 @@ class CLIPSeg(nn.Module):
             return cls._from_original(Path(name), backbone or DEFAULT_BACKBONE, knobs)
         if backbone is not None:
             raise ValueError("backbone= is only for original .pth decoder files; HF checkpoints carry their CLIP")
-        stored = json.loads(Path(resolve_file(name, CONFIG_NAME)).read_text())
-        config = CLIPSegConfig.from_hf_dict(stored)
+        stored, config_path = read_config(name)
+        config = CLIPSegConfig.from_hf_dict(stored, config_path)
         check_knobs(config, knobs, STRUCTURAL_KNOBS, name)
         target = model_class(config.arch)
         if not issubclass(target, cls):
             raise CheckpointError(f"{name} holds an arch={config.arch!r} model: load it with CLIPSeg.from_pretrained")
         if stored.get("clipseg_weights") == DECODER_WEIGHTS_NAME:
-            decoder = load_file(resolve_file(name, DECODER_WEIGHTS_NAME))
+            decoder = load_safetensors(resolve_file(name, DECODER_WEIGHTS_NAME))
             state = {**clip_weights(config.clip_source, name), **decoder}
         else:
             state = load_hf_state_dict(name)
@@ -537,7 +567,7 @@ class CLIPSeg(nn.Module):
     def load_weights(self, state: dict[str, Tensor], source: str = "checkpoint") -> None:
         """Copy a full HF-named state dict into the model after checking every key and shape."""
         own = self.state_dict()
-        state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+        state = {k: v for k, v in state.items() if is_weight(k)}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         wrong_shape = [
@@ -568,7 +598,7 @@ class CLIPSeg(nn.Module):
         weights, stale = (DECODER_WEIGHTS_NAME, WEIGHTS_NAME) if decoder_only else (WEIGHTS_NAME, DECODER_WEIGHTS_NAME)
         module, prefix = (self.decoder, "decoder.") if decoder_only else (self, "")
         state = {prefix + k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        atomic_write(directory / weights, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(directory / weights, lambda p: save_safetensors(state, p))
         config = self.config.to_hf_dict() | ({"clipseg_weights": DECODER_WEIGHTS_NAME} if decoder_only else {})
         write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True, allow_nan=False))
         (directory / stale).unlink(missing_ok=True)

@@ -9,12 +9,18 @@
 `tokenize`, `embed_text`, `embed_token_ids`, `embed_images`, `encode_image`, `decode`, `eval`, `to`, `parameters`.
 It takes and returns torch tensors on the CPU and computes in fp32. onnxruntime is optional: install it with
 `pip install -r requirements-export.txt`.
+
+An export folder is untrusted until checked: manifest.json must be one export.py wrote (format, version, a SHA-256
+per graph), each graph must have the SHA-256 the manifest records before onnxruntime opens it, and whatever
+onnxruntime refuses is an `OnnxBackendError` naming the file. onnxruntime itself refuses graphs whose external-data
+paths lead outside their folder.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,11 +30,12 @@ from torch import Tensor
 
 from model import PATCH_SIZE, CLIPSeg, CLIPSegConfig, ImageFeatures
 from tokenizer import CLIPTokenizer
+from weights import CheckpointError, read_json
 
 REQUIREMENTS_FILE = "requirements-export.txt"
 MANIFEST_NAME = "manifest.json"
 FORMAT = "clipseg-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each graph's SHA-256 in the manifest
 # Graph name -> file. The image prompt head continues the vision tower from the deepest extracted activation, so
 # image prompts need no second copy of the early blocks' weights.
 GRAPH_FILES = {
@@ -40,7 +47,7 @@ GRAPH_FILES = {
 
 
 class OnnxBackendError(RuntimeError):
-    """The ONNX backend cannot run: onnxruntime is missing or the export folder is incomplete."""
+    """The ONNX backend cannot run: onnxruntime is missing, or the export folder is incomplete, changed or damaged."""
 
 
 def import_onnxruntime():
@@ -61,18 +68,53 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise OnnxBackendError(f"{directory}: no {MANIFEST_NAME}; write the folder with `python export.py MODEL DIR`")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise OnnxBackendError(f"{path}: unreadable ({err}); export the model again") from err
+        manifest = read_json(path)
+    except (OSError, CheckpointError) as err:
+        raise OnnxBackendError(f"{err}; export the model again") from err
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise OnnxBackendError(
             f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, this code reads "
             f"{FORMAT!r} version {FORMAT_VERSION}; export the model again with this export.py"
         )
+    graphs = manifest.get("graphs")
+    for name in GRAPH_FILES:
+        entry = graphs.get(name) if isinstance(graphs, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+            raise OnnxBackendError(f"{path}: no SHA-256 for the {name} graph; export the model again")
+    if not isinstance(manifest.get("config"), dict):
+        raise OnnxBackendError(f"{path}: no model config; export the model again")
     missing = [name for name, file in GRAPH_FILES.items() if not (directory / file).is_file()]
     if missing:
         raise OnnxBackendError(f"{directory}: missing graph files {[GRAPH_FILES[m] for m in missing]}; export again")
     return manifest
+
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def graph_sha256(path: Path) -> str:
+    """The SHA-256 of a graph file (hex), as the manifest records it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def open_graph(ort, path: Path, expected_sha256: str, options):
+    """An onnxruntime session of the graph at `path` once its SHA-256 matches the manifest's; OnnxBackendError
+    naming the file when it does not, or when onnxruntime cannot load it."""
+    actual = graph_sha256(path)
+    if actual != expected_sha256:
+        raise OnnxBackendError(
+            f"{path}: its SHA-256 {actual[:16]}... is not the {expected_sha256[:16]}... that {MANIFEST_NAME} "
+            "records: the graph was changed or replaced after the export; export the model again"
+        )
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's load errors (InvalidProtobuf, Fail, ...) derive from Exception only
+        raise OnnxBackendError(f"{path}: onnxruntime cannot load it ({err}); export the model again") from err
 
 
 class OnnxCLIPSeg:
@@ -87,12 +129,16 @@ class OnnxCLIPSeg:
         ort = import_onnxruntime()
         self.directory = Path(directory)
         self.manifest = manifest if manifest is not None else read_manifest(self.directory)
-        self.config = CLIPSegConfig.from_hf_dict(self.manifest["config"])
+        try:
+            self.config = CLIPSegConfig.from_hf_dict(self.manifest["config"], f"{self.directory / MANIFEST_NAME}")
+        except CheckpointError as err:
+            raise OnnxBackendError(f"{err}; export the model again") from err
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        graphs = self.manifest["graphs"]
         self.sessions = {
-            name: ort.InferenceSession(str(self.directory / file), options, providers=["CPUExecutionProvider"])
+            name: open_graph(ort, self.directory / file, graphs[name]["sha256"], options)
             for name, file in GRAPH_FILES.items()
         }
         self.activation_names = [output.name for output in self.sessions["image_encoder"].get_outputs()]

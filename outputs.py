@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import unicodedata
 from collections.abc import Callable
@@ -39,8 +40,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600, and so does safetensors, which replaces the file
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -88,10 +89,13 @@ class UnwritableOutput(OSError):
     """An output path that cannot be written; the message names it and says why."""
 
 
-def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
-    """Raise `UnwritableOutput` unless the file `path` (or, with `folder=True`, the folder `path`) can be written:
-    scripts call this before any work, so that a bad output path costs nothing. Missing folders are created for the
-    probe and removed again."""
+def check_writable(
+    path: str | os.PathLike, folder: bool = False, needed_bytes: int = 0, what: str = "the output"
+) -> None:
+    """Raise `UnwritableOutput` unless the file `path` (or, with `folder=True`, the folder `path`) can be written
+    and its disk has `needed_bytes` free (`what` names the output in that message): scripts call this before any
+    work, so that a bad output path costs nothing. A 4 KiB probe file is written, flushed to disk and removed;
+    missing folders are created for the probe and removed again."""
     path = Path(path)
     directory = path if folder else path.parent
     if not folder and path.is_dir():
@@ -102,8 +106,11 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
         raise UnwritableOutput(f"cannot write {path}: {blocking} is a file, not a folder")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        with tempfile.TemporaryFile(dir=directory) as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+        free = shutil.disk_usage(directory).free
     except OSError as err:
         reason = err.strerror or str(err)
         where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
@@ -114,6 +121,11 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
                 created.rmdir()
             except OSError:
                 break
+    if free < needed_bytes:
+        raise UnwritableOutput(
+            f"not enough disk space for {path}: {what} needs about {needed_bytes / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB free"
+        )
 
 
 def safe_name(text: str) -> str:

@@ -134,7 +134,7 @@ def build_model(args: argparse.Namespace) -> CLIPSeg:
             if args.arch == "vitseg":
                 knobs["vit"] = tiny_vit_config(layers=args.tiny_layers, width=args.tiny_width)
         return CLIPSeg.from_backbone(args.backbone, **knobs)
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         raise TrainingError(f"cannot build the model from these flags: {err}") from err
 
 
@@ -142,7 +142,10 @@ def resume_model(files: RunFiles, args: argparse.Namespace) -> CLIPSeg:
     """The run's model as its last checkpoint wrote it (decoder-only or complete). Its CLIP keeps coming from the
     run's own source (--init or --backbone), never from the run directory, whose complete weights the next
     decoder-only checkpoint replaces."""
-    model = CLIPSeg.from_pretrained(files.dir)
+    try:
+        model = CLIPSeg.from_pretrained(files.dir)
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"--resume: cannot load the run's model: {err}") from err
     if model.config.clip_source == str(files.dir.resolve()):
         model.config.clip_source = build_model_source(args)
     return model
@@ -501,27 +504,38 @@ class TrainingLoop:
 
     def save(self, log, complete: bool = False) -> None:
         """A checkpoint: the model (decoder-only unless `complete` or the backbone is random), then the training
-        state, each atomic; and the kept copy when this iteration is one of --keep-checkpoints."""
+        state, each atomic (the state is the commit point: --resume reads it); then the kept copy when this
+        iteration is one of --keep-checkpoints, and the loss plot."""
         checksums = self.replica_checksums()
         if len(set(checksums)) > 1:
             raise TrainingError(f"the {len(checksums)} DDP replicas hold different weights at iteration {self.step}")
         if self.world.is_main:
-            try:
+            with self.writing(f"the checkpoint of iteration {self.step}"):
                 checkpoints.save_model(self.model, self.files.dir, complete)
                 checkpoints.save_state(self.files, self.state())
-                if self.step in self.keep:
+            self.last_saved_step = self.step
+            if self.step in self.keep:
+                with self.writing(f"the kept copy {self.files.kept(self.step).name}"):
                     checkpoints.save_complete(self.model, self.files.kept(self.step))
+            with self.writing("the loss plot"):
                 checkpoints.plot_log(self.files, self.args.name)
-            except OSError as err:
-                kept = f"iteration {self.last_saved_step}" if self.last_saved_step is not None else "none yet"
-                raise TrainingError(
-                    f"could not write the checkpoint of iteration {self.step} to {self.files.dir}: {err}; the "
-                    f"previous checkpoint ({kept}) is intact; free space and continue with --resume"
-                ) from err
             if log is not None:
                 log.write(json.dumps({"step": self.step, "checkpoint": True, "replica_checksums": checksums}) + "\n")
                 log.flush()
         self.last_saved_step = self.step
+
+    @contextlib.contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """A failed write (a full disk, permissions) of the run's files is a TrainingError saying that the last
+        checkpoint written is intact (every file is replaced atomically) and how to go on."""
+        try:
+            yield
+        except OSError as err:
+            kept = f"iteration {self.last_saved_step}" if self.last_saved_step is not None else "none yet"
+            raise TrainingError(
+                f"could not write {what} to {self.files.dir}: {err}; the last checkpoint written ({kept}) is intact; "
+                "free space and continue with --resume"
+            ) from err
 
     def validate(self, log, progress: tqdm) -> None:
         """Score the validation subset; a better --val-metric replaces best/ (a complete model)."""
@@ -535,7 +549,8 @@ class TrainingLoop:
             if improved:
                 self.best = Best(self.best.metric, value, self.step)
                 info = {"step": self.step, "metric": self.best.metric, "value": value, **scores}
-                checkpoints.save_complete(self.model, self.files.best, info)
+                with self.writing(f"the best model ({self.files.best.name}/) of iteration {self.step}"):
+                    checkpoints.save_complete(self.model, self.files.best, info)
             self.last_validation = scores
             progress.set_postfix(self.postfix())
             if log is not None:
@@ -675,7 +690,7 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
     model.to(device).train()
     if world.is_main:
         try:
-            checkpoints.check_writable(files.dir, checkpoints.checkpoint_bytes(model))
+            checkpoints.check_run_writable(files.dir, checkpoints.checkpoint_bytes(model))
         except checkpoints.CheckpointWriteError as err:
             raise TrainingError(str(err)) from err
         if not args.resume:

@@ -24,7 +24,7 @@ from cli import (
     step_list,
     weight_range,
 )
-from model import ARCHITECTURES, DEFAULT_BACKBONE, RANDOM_BACKBONES
+from model import ARCHITECTURES, DEFAULT_BACKBONE, MAX_IMAGE_SIDE, RANDOM_BACKBONES, check_image_side
 from preprocess import RESIZE_RULES
 from wordnet_classes import parse_removal
 
@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=positive_int,
         default=352,
-        help="training resolution, a multiple of the backbone's patch size (16; ViT-L/14: e.g. 350)",
+        help="training resolution, a multiple of the backbone's patch size (16; ViT-L/14: e.g. 350), at most "
+        f"{MAX_IMAGE_SIDE}",
     )
     data.add_argument("--negative-prob", type=probability, default=0.2, help="share of negatives (other phrase)")
     data.add_argument(
@@ -244,9 +245,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--extract-layers cannot change with --init: the checkpoint's decoder was trained on its layers")
     if args.text_backbone is not None and (args.arch != "vitseg" or args.init is not None):
         parser.error("--text-backbone goes with --arch vitseg, without --init (a checkpoint carries its text tower)")
-    patch = known_patch_size(args)
-    if patch is not None and args.image_size % patch:
-        parser.error(f"--image-size: must be a multiple of {patch} (the patch size), got {args.image_size}")
+    try:
+        check_image_side(args.image_size, known_patch_size(args), args.backbone or "the backbone")
+    except ValueError as err:
+        parser.error(str(err))
     if args.batch_size % args.prompts_per_image:
         parser.error(
             f"--batch-size={args.batch_size} must be a multiple of --prompts-per-image={args.prompts_per_image}"

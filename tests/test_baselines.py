@@ -236,7 +236,10 @@ def test_unsupported_combinations_name_themselves_and_the_fix(tmp_path, capsys):
     # Through train.py: an argparse error where the flags fix the patch, a TrainingError where the backbone does.
     with pytest.raises(SystemExit):
         train.parse_args(["--backbone=random-vit-l14", "--image-size=352"])
-    assert "--image-size: must be a multiple of 14 (the patch size), got 352" in capsys.readouterr().err
+    assert (
+        "image size 352 is not a multiple of the patch size 14 of random-vit-l14: use 350 or 364"
+        in capsys.readouterr().err
+    )
     argv = ["--backbone=random-vit-l14", "--refined", "--image-size=350", f"--checkpoints-dir={tmp_path}"]
     assert train.main([*argv, "--data=synthetic", f"--data-root={tmp_path}"]) == 1
     assert "refined head upsamples 4 x 4 = 16-fold and fits patch-16 backbones only" in capsys.readouterr().err

@@ -4,9 +4,12 @@ The export (about 40 s on 2 cores: torch.export traces four graphs) runs once pe
 Needs requirements-export.txt (`make test` installs it); skipped with a message elsewhere, never in CI.
 """
 
+import hashlib
 import importlib
 import json
 import os
+import re
+import shutil
 import sys
 
 import numpy as np
@@ -23,6 +26,7 @@ for _package in ("onnx", "onnxscript", "onnxruntime"):
         pytest.skip(f"{_package} is not installed: pip install -r requirements-export.txt", allow_module_level=True)
 
 import export  # noqa: E402
+import outputs  # noqa: E402
 from model import CLIPSeg  # noqa: E402
 from onnx_backend import GRAPH_FILES, MANIFEST_NAME, OnnxBackendError, OnnxCLIPSeg  # noqa: E402
 from predict import main as predict_main  # noqa: E402
@@ -213,3 +217,119 @@ def test_an_unwritable_export_folder_stops_before_the_model_is_loaded(tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         export.main(["some/model", str(tmp_path / "a_file" / "export")])
     assert exit_info.value.code == 2 and "a_file is a file, not a folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- an export is untrusted
+
+
+def export_copy(exported, tmp_path):
+    copy = tmp_path / "export"
+    shutil.copytree(exported, copy)
+    return copy
+
+
+def rewrite_manifest(directory, edit):
+    manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    edit(manifest)
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def test_manifest_records_each_graphs_sha256(exported):
+    manifest = json.loads((exported / MANIFEST_NAME).read_text())
+    for name, file in GRAPH_FILES.items():
+        assert manifest["graphs"][name]["sha256"] == hashlib.sha256((exported / file).read_bytes()).hexdigest()
+
+
+def test_a_swapped_decoder_with_the_same_inputs_and_outputs_is_refused(exported, tmp_path, capsys):
+    copy = export_copy(exported, tmp_path)
+    torch.manual_seed(7)
+    export.export_decoder(CLIPSeg.from_backbone("tiny", refined=True).eval(), copy)  # valid, other weights
+    ours, theirs = (export.graph_signature(folder / "decoder.onnx") for folder in (copy, exported))
+    assert (ours["inputs"], ours["outputs"]) == (theirs["inputs"], theirs["outputs"])
+    with pytest.raises(OnnxBackendError, match=rf"{copy / 'decoder.onnx'}: its SHA-256 .* is not the .* manifest"):
+        OnnxCLIPSeg(copy)
+    Image.new("RGB", (32, 32)).save(tmp_path / "img.png")
+    cli = [str(tmp_path / "img.png"), "--prompt", "a", "--backend", "onnx", "--model", str(copy)]
+    assert predict_main([*cli, "--out", str(tmp_path / "out")]) == 2
+    assert "decoder.onnx: its SHA-256" in capsys.readouterr().err
+
+
+def test_a_graph_onnxruntime_cannot_load_is_a_message(exported, tmp_path):
+    copy = export_copy(exported, tmp_path)
+    (copy / "text_encoder.onnx").write_bytes(b"not a protobuf" * 100)
+    digest = hashlib.sha256((copy / "text_encoder.onnx").read_bytes()).hexdigest()
+    rewrite_manifest(copy, lambda manifest: manifest["graphs"]["text_encoder"].update(sha256=digest))
+    with pytest.raises(OnnxBackendError, match=rf"{copy / 'text_encoder.onnx'}: onnxruntime cannot load it"):
+        OnnxCLIPSeg(copy)
+
+
+def outside_reference_graph(location: str):
+    """A graph whose one initializer is read from `location` (ONNX external data)."""
+    import onnx
+
+    weight = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[4])
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in {"location": location, "offset": "0", "length": "16"}.items():
+        weight.external_data.add(key=key, value=value)
+    output = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["w"], ["y"])], "g", [], [output], [weight])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", export.OPSET)])
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "{outside}", "link.bin"])
+def test_external_data_outside_the_export_is_never_read(exported, tmp_path, location):
+    """A whole export folder from a stranger, its manifest hashes matching: a graph that reads weights from a file
+    outside the folder (relative, absolute or through a symbolic link) is refused by onnxruntime."""
+    copy = export_copy(exported, tmp_path)
+    outside = tmp_path / "outside.bin"
+    np.arange(4, dtype=np.float32).tofile(outside)
+    (copy / "link.bin").symlink_to(outside)
+    graph = outside_reference_graph(location.format(outside=outside))
+    (copy / "image_encoder.onnx").write_bytes(graph.SerializeToString())
+    digest = hashlib.sha256((copy / "image_encoder.onnx").read_bytes()).hexdigest()
+    rewrite_manifest(copy, lambda manifest: manifest["graphs"]["image_encoder"].update(sha256=digest))
+    with pytest.raises(OnnxBackendError, match="image_encoder.onnx: onnxruntime cannot load it .*External data path"):
+        OnnxCLIPSeg(copy)
+
+
+MANIFEST_DAMAGE = {
+    "an older export without hashes": (
+        lambda m: m.update(format_version=1) or [g.pop("sha256") for g in m["graphs"].values()],
+        "format 'clipseg-onnx' version 1, this code reads 'clipseg-onnx' version 2; export the model again",
+    ),
+    "a hash missing": (lambda m: m["graphs"]["decoder"].pop("sha256"), "no SHA-256 for the decoder graph"),
+    "a hash that is not one": (lambda m: m["graphs"]["decoder"].update(sha256="abc"), "no SHA-256 for the decoder"),
+    "graphs not an object": (lambda m: m.update(graphs=[1, 2]), "no SHA-256 for the image_encoder graph"),
+    "a graph entry not an object": (lambda m: m["graphs"].update(decoder="x"), "no SHA-256 for the decoder graph"),
+    "no config": (lambda m: m.pop("config"), "no model config"),
+    "config values out of range": (
+        lambda m: m["config"]["vision_config"].update(num_attention_heads=0),
+        "manifest.json: vision_config.num_attention_heads = 0 is out of range",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", MANIFEST_DAMAGE)
+def test_a_missing_or_malformed_manifest_is_refused(exported, tmp_path, damage):
+    copy = export_copy(exported, tmp_path)
+    edit, message = MANIFEST_DAMAGE[damage]
+    rewrite_manifest(copy, edit)
+    with pytest.raises(OnnxBackendError, match=re.escape(message)):
+        OnnxCLIPSeg(copy)
+
+
+@pytest.mark.parametrize(("text", "message"), [("[1, 2]", "expected a JSON object"), ("{", "not valid JSON")])
+def test_a_manifest_that_is_not_a_json_object_is_refused(exported, tmp_path, text, message):
+    copy = export_copy(exported, tmp_path)
+    (copy / MANIFEST_NAME).write_text(text)
+    with pytest.raises(OnnxBackendError, match=f"{copy / MANIFEST_NAME}: {message}"):
+        OnnxCLIPSeg(copy)
+
+
+def test_export_checks_the_disk_space_of_its_output_folder_before_the_work(tiny_dir, tmp_path, monkeypatch, capsys):
+    exported_graphs = []
+    monkeypatch.setattr(export, "export_graph", lambda *args: exported_graphs.append(args))
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 10**5))
+    assert export.main([str(tiny_dir), str(tmp_path / "full")]) == 2
+    assert f"not enough disk space for {tmp_path / 'full'}: the export needs about" in capsys.readouterr().err
+    assert exported_graphs == []

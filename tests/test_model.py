@@ -2,7 +2,13 @@
 
 import os
 import pickle
+import re
+import resource
+import stat
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +16,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from model import (
+    MAX_IMAGE_SIDE,
     CLIPSeg,
     CLIPSegConfig,
     CLIPSegDecoder,
@@ -20,6 +27,7 @@ from model import (
 from weights import CheckpointError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
 PHRASES = ["a red circle", "the large blue square on the left"]
 
 
@@ -380,3 +388,45 @@ def test_forward_with_labels_returns_the_bce_loss_of_its_logits(tiny):
     assert tiny(pixels, ["a", "b"]).loss is None
     with pytest.raises(ValueError, match="labels must have the logits' shape"):
         tiny(pixels, ["a", "b"], labels=labels)
+
+
+def test_image_side_has_an_upper_bound_with_a_message():
+    config = tiny_config()
+    assert config.input_side(MAX_IMAGE_SIDE) == MAX_IMAGE_SIDE == 4096
+    for side in (1_600_000, MAX_IMAGE_SIDE + 16, 0, -16, "352", 352.0):
+        message = re.escape(f"image size {side!r} is not a side from 1 to 4096 pixels") + ".*MAX_IMAGE_SIDE"
+        with pytest.raises(ValueError, match=message):
+            config.input_side(side)
+    with pytest.raises(ValueError, match="not a side from 1 to 4096"):
+        tiny_config(image_size=8192)
+
+
+def test_predict_refuses_a_huge_image_size_before_allocating_it(tmp_path, tiny_dir):
+    """`--image-size 1600000` used to be accepted and then killed by the kernel at 16.8 GB; the address space is
+    limited here so that a regression fails instead of exhausting the machine."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "photo.png")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "predict.py"), str(tmp_path / "photo.png"), "--prompt", "a cat"]
+        + ["--model", str(tiny_dir), "--image-size", "1600000", "--out", str(tmp_path / "out"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)),
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: image size 1600000 is not a side from 1 to 4096 pixels" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_saved_weights_get_the_mode_open_would(tmp_path):
+    """safetensors replaces the file it writes with a private (0600) one; checkpoints are readable like any file."""
+    previous = os.umask(0o022)
+    try:
+        CLIPSeg(tiny_config()).save_pretrained(tmp_path / "saved")
+    finally:
+        os.umask(previous)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((tmp_path / "saved" / name).stat().st_mode) == 0o644, name

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 import checkpoints
+import outputs
 import train
 from model import CLIPSeg
 
@@ -325,6 +328,42 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, synt
     assert_same_run(run_dir, reference)
 
 
+def test_full_disk_during_a_safetensors_write_keeps_the_previous_checkpoint_and_resumes(
+    tmp_path, synthetic_root, reference, monkeypatch, capsys
+):
+    """safetensors reports a failed write (a full disk) with its own SafetensorError, not OSError: the run stops with
+    a message, exit 1 and no traceback, the checkpoint of iteration 4 stays, and --resume continues from it."""
+    real_serialize, writes = safetensors.torch.serialize_file, []
+
+    def disk_full_at_the_second_write(tensors, path, metadata=None):
+        writes.append(path)
+        if len(writes) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_serialize(tensors, path, metadata)
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", disk_full_at_the_second_write)
+    argv = flags(tmp_path, synthetic_root, "--name=ref", "--max-iterations=12", "--ckpt=4")
+    assert train.main(argv) == 1
+    error = capsys.readouterr().err
+    assert "could not write the checkpoint of iteration 8" in error and "No space left on device" in error
+    assert "the last checkpoint written (iteration 4) is intact; free space and continue with --resume" in error
+    run_dir = tmp_path / "ck" / "ref"
+    assert training_state(run_dir)["step"] == 4 and not list(run_dir.glob(".*.tmp"))
+    CLIPSeg.from_pretrained(run_dir)
+    monkeypatch.undo()
+    assert train.main([*argv, "--resume"]) == 0
+    assert_same_run(run_dir, reference)
+
+
+def test_resume_from_a_damaged_model_file_is_a_message(tmp_path, synthetic_root, capsys):
+    argv = flags(tmp_path, synthetic_root, "--name=cut", "--max-iterations=2")
+    run(argv)
+    weights = tmp_path / "ck" / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    assert train.main([*argv, "--resume", "--max-iterations=4"]) == 1
+    assert f"--resume: cannot load the run's model: {weights}: not a readable safetensors" in capsys.readouterr().err
+
+
 def test_run_with_loader_workers_exits_when_done(tmp_path, synthetic_root):
     argv = [*flags(tmp_path, synthetic_root, "--name=workers", "--max-iterations=3"), "--num-workers=2"]
     result = subprocess.run(
@@ -467,9 +506,9 @@ def test_unwritable_or_full_output_fails_before_training(tmp_path, synthetic_roo
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     argv = [*flags(tmp_path, synthetic_root, "--name=x"), f"--checkpoints-dir={blocker}"]
-    with pytest.raises(train.TrainingError, match=f"cannot write to {blocker}/x"):
+    with pytest.raises(train.TrainingError, match=f"cannot write {blocker}/x: {blocker} is a file, not a folder"):
         run(argv)
-    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 10**5))
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 10**5))
     with pytest.raises(train.TrainingError, match="not enough disk space"):
         run(flags(tmp_path, synthetic_root, "--name=full"))
     assert not (tmp_path / "ck" / "full" / "log.jsonl").exists()
