@@ -35,7 +35,7 @@ END_OF_WORD = "</w>"
 MAX_PHRASE_CHARS = 1000  # 77 tokens hold about 300 characters of English
 MAX_WORD_CHARS = 500  # far beyond any dictionary word; 500 random letters take 0.03 s to merge
 MAX_CACHED_WORDS = 10_000  # the word cache holds at most this many words (least recently used dropped first) ...
-CACHED_WORD_CHARS = 40  # ... of at most this many characters: about 15 MB at most
+CACHED_WORD_CHARS = 40  # ... of at most this many characters: under 20 MB
 
 # CLIP's pre-tokenisation: the special tokens, English contractions, runs of letters, single digits, and runs of
 # anything else that is not white space.
