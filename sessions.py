@@ -114,10 +114,12 @@ class SessionStore:
 
     def update(self, session: Releasable) -> None:
         """Measure what `session` retains now and mark it used, then release the least recently used other sessions
-        while all together retain more than `max_bytes`."""
+        while all together retain more than `max_bytes`. A session that retains nothing is not tracked."""
         size = retained_bytes(session)
         with self._lock:
             self._sessions.pop(id(session), None)
+            if size == 0:
+                return
             self._sessions[id(session)] = (session, size, self.clock())
             total = sum(size for _, size, _ in self._sessions.values())
             for key in list(self._sessions)[:-1]:

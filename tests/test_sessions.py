@@ -64,6 +64,9 @@ def test_the_least_recently_used_sessions_go_first_when_all_hold_too_much():
     big = Held(3)
     alone.update(big)  # the session being updated is never dropped by its own update
     assert not big.released and alone.total_bytes == 3 * MB
+    big.release("done")
+    alone.update(big)  # holds nothing now: not tracked
+    assert len(alone) == 0 and alone.total_bytes == 0
 
 
 def test_sessions_idle_for_too_long_are_released_and_forgotten_ones_are_not_tracked():
