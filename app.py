@@ -515,6 +515,10 @@ def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD, notic
                         transforms=(),
                         elem_id="support",
                     )
+                    # Gradio's ImageEditor keeps every blob posted to its `accept_blobs` route in memory (up to 100 MB
+                    # each, any number) until an event preprocesses that editor, which never happens here; its page
+                    # posts blobs only to editors with a change listener, which this one has not: the route is off.
+                    support.accept_blobs = None
                     support_mask = gr.Image(
                         label="... or upload its mask (same size as the support image; white = object)",
                         sources=["upload", "clipboard"],

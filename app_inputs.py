@@ -65,9 +65,13 @@ def read_upload(path: str | os.PathLike, what: str, folders: Sequence[Path] | No
     """The bytes of a regular file of at most MAX_UPLOAD_BYTES, inside one of `folders` when given (after symlinks
     are resolved). The file is opened without following a symlink and without blocking (a FIFO cannot hang the
     server), and checked on the open descriptor before it is read."""
-    path = os.path.realpath(path)
+    not_uploaded = InputError(f"{what} was not uploaded to this page: upload the file.")
+    try:
+        path = os.path.realpath(path)
+    except (OSError, ValueError) as err:  # e.g. a NUL character
+        raise not_uploaded from err
     if folders is not None and not any(Path(path).is_relative_to(folder) for folder in folders):
-        raise InputError(f"{what} was not uploaded to this page: upload the file.")
+        raise not_uploaded
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     too_large = InputError(f"{what} is over {MAX_UPLOAD_BYTES // 2**20} MB, the upload limit: downscale it.")
     try:

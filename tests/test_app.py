@@ -684,6 +684,8 @@ def test_the_server_reads_no_file_a_client_names_outside_its_upload_folder(api_s
         ({"path": str(in_upload_folder)}, None, None, "The image is not a regular file"),
         ({"path": str(in_upload_folder / "huge.png")}, None, None, "The image is over 100 MB, the upload limit"),
         ({"url": "data:image/png;base64,iVBORw0KGgo="}, None, None, f"The image {not_uploaded}"),
+        ({"path": f"{in_upload_folder}/a\x00b.png"}, None, None, f"The image {not_uploaded}"),
+        ({"path": 7, "orig_name": ["x"]}, None, None, "event failed"),  # Gradio validates the types
         ({"path": str(planted), "meta": meta}, None, None, "event failed"),  # Gradio's own check
         (None, {"background": {"path": str(planted)}, "layers": []}, None, "event failed"),  # needs meta
         (None, None, {"path": str(planted)}, f"The support mask {not_uploaded}"),
@@ -714,6 +716,20 @@ def test_the_api_has_named_endpoints_and_outputs(api_server):
         "/rethreshold": ["threshold"],
     }
     assert all([r["label"] for r in e["returns"]] == outputs for e in api["named_endpoints"].values())
+
+
+def test_the_support_editor_keeps_no_blob_a_client_posts(api_server):
+    import httpx
+
+    config = httpx.get(api_server + "config").json()
+    (editor,) = [c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "support"]
+    form = {"session_hash": "s", "component_id": str(editor), "fn_name": "accept_blobs", "id": "x", "index": "null"}
+    reply = httpx.post(
+        api_server + "gradio_api/component_server",
+        data=form | {"type": "background"},
+        files={"file": ("background.png", b"\0" * MB)},
+    )
+    assert reply.status_code == 404  # Gradio would keep the megabyte until the editor's next preprocessing
 
 
 def outward_address() -> str | None:
