@@ -74,6 +74,7 @@ DISPLAY_MAX_SIDE = 1024  # previews (overlay, heatmaps) are at most this large; 
 MAX_CACHED_PHRASES = 1000  # the model's phrase cache (2 KB per phrase at ViT-B/16)
 SESSION_MEMORY_MB = 1024  # default cap on what all sessions retain together
 IDLE_MINUTES = 30  # default: a session unused this long is dropped
+MAX_QUEUE = 64  # requests waiting to run (one runs at a time); more are refused
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 EXAMPLES = (  # (image in examples/, prompts): scenes of `synthetic.make_synthetic_phrasecut`
     ("shapes_1.jpg", "purple square, green circle, red triangle"),
@@ -579,7 +580,7 @@ def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD, notic
 def launch(page, port: int, share: bool = False) -> tuple[str, str | None]:
     """Serve `page` on 127.0.0.1:`port` (plus a public link with `share`) in a background thread; returns the
     local URL and the public one. `page.block_thread()` waits; `page.close()` stops the server."""
-    _, local_url, share_url = page.queue(default_concurrency_limit=1).launch(
+    _, local_url, share_url = page.queue(default_concurrency_limit=1, max_size=MAX_QUEUE).launch(
         server_name="127.0.0.1",
         server_port=port,
         share=share,

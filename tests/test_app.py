@@ -732,6 +732,31 @@ def test_the_support_editor_keeps_no_blob_a_client_posts(api_server):
     assert reply.status_code == 404  # Gradio would keep the megabyte until the editor's next preprocessing
 
 
+def test_the_queue_holds_at_most_max_queue_requests(model, tmp_path, monkeypatch):
+    import threading
+
+    import httpx
+
+    gradio_or_skip()
+    segmenter, release = app.Segmenter(model, "tiny", workdir=tmp_path), threading.Event()
+    monkeypatch.setattr(segmenter, "segment", lambda session, *_: release.wait(30) and (session, app.Output("done")))
+    with serving(segmenter) as url:
+        config = httpx.get(url + "config").json()
+        (button,) = [c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "segment"]
+        (fn_index,) = [d["id"] for d in config["dependencies"] if [button, "click"] in d["targets"]]
+        data = [None, None, "cat", None, None, 0.3, app.NATIVE]
+        with httpx.Client(base_url=url) as client:
+            replies = [
+                client.post("gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": str(i)})
+                for i in range(app.MAX_QUEUE + 8)
+            ]
+        release.set()
+    accepted = [reply for reply in replies if reply.status_code == 200]
+    refused = [reply for reply in replies if reply.status_code == 503]
+    assert len(accepted) == app.MAX_QUEUE + 1 and len(refused) == 7  # one runs, MAX_QUEUE wait
+    assert "Queue is full" in refused[0].text
+
+
 def outward_address() -> str | None:
     """This machine's address on its default route (not loopback), or None."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
