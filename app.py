@@ -291,12 +291,11 @@ class Segmenter:
         return session, output
 
     def forget(self, session: Session | None) -> None:
-        """Free what a session holds, on disk too (its last zip): Gradio calls this when a closed tab's state
-        expires."""
+        """Free what a session holds, on disk too (its last zip). Gradio calls this from its event loop when a
+        closed tab's state expires, so it does not wait for a segmentation to finish."""
         if session is not None:
-            with self._lock:
-                self.sessions.forget(session)
-                session.release("the page was closed")
+            self.sessions.forget(session)
+            session.release("the page was closed")
 
     # -- steps --------------------------------------------------------------------------------------
 

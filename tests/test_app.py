@@ -346,6 +346,19 @@ def test_a_session_unused_for_the_idle_time_is_dropped(model, tmp_path):
     assert not out.ok and "dropped because it was not used for 10 minutes" in out.message
 
 
+def test_a_closed_page_is_freed_without_waiting_for_a_running_segmentation(segmenter, tmp_path):
+    import threading
+
+    session, _ = segmenter.segment(None, str(save(scene(80, 60), tmp_path / "a.png")), "sky")
+    zip_dir = session.zip_dir
+    with segmenter._lock:  # as while another page is segmented; Gradio calls forget from its event loop
+        closing = threading.Thread(target=segmenter.forget, args=(session,))
+        closing.start()
+        closing.join(timeout=5)
+        assert not closing.is_alive()
+    assert session.result is None and not zip_dir.exists() and len(segmenter.sessions) == 0
+
+
 def test_without_a_model_the_page_says_how_to_get_one(tmp_path):
     demo = tmp_path / "demo"
     assert app.resolve_model(None, demo=demo) is None and app.resolve_model(None, "best", demo=demo) is None
