@@ -7,10 +7,12 @@ apostrophe, `&amp;` or full-width letters get other token ids than the model saw
 The vocabulary (49,408 tokens) ships in `clip_tokenizer/` (vocab.json + merges.txt, MIT, OpenAI), so this works
 offline.
 
-Limits, as CLIP reads at most 77 tokens anyway: a phrase of more than MAX_PHRASE_CHARS characters or with a word
-(a run of letters, or of symbols) of more than MAX_WORD_CHARS characters is a `TextTooLong` error naming the limit,
-before any byte-pair merging (whose time grows with the square of a word's length: one 64,000-letter word took a
-minute). The BPE results of words up to CACHED_WORD_CHARS characters are cached, at most MAX_CACHED_WORDS of them.
+Limits, as CLIP reads at most 77 tokens anyway: a phrase has at most MAX_PHRASE_CHARS characters and a word (a run
+of letters, or of symbols) at most MAX_WORD_CHARS, so that byte-pair merging, whose time grows with the square of a
+word's length (one 64,000-letter word took a minute), stays fast. `check_phrase` refuses text over them with a
+`TextTooLong` error naming the limit (the app's prompts); `encode` cuts it to them with a warning (data sets, the
+command line), which can change only tokens far beyond the 77 CLIP reads. The BPE results of words up to
+CACHED_WORD_CHARS characters are cached, at most MAX_CACHED_WORDS of them.
 
     tokenizer = CLIPTokenizer.from_directory()
     tokenizer.encode("the man’s hat")   # [49406, 518, 786, 568, 3801, 49407]
@@ -21,6 +23,7 @@ from __future__ import annotations
 import functools
 import html
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,26 +55,27 @@ class TextTooLong(ValueError):
 
 def check_phrase(text: str) -> None:
     """Raise `TextTooLong` when `text` has more than MAX_PHRASE_CHARS characters or, once cleaned, a word of more
-    than MAX_WORD_CHARS characters: what `CLIPTokenizer.encode` refuses, found without byte-pair merging."""
-    _words(text)
+    than MAX_WORD_CHARS characters (found without byte-pair merging)."""
+    problem = _over_limits(text)
+    if problem is not None:
+        raise TextTooLong(problem)
 
 
-def _words(text: str) -> list[str]:
-    """The words of a phrase as CLIP splits its cleaned text, checked against the limits."""
+def _over_limits(text: str, words: Sequence[str] | None = None) -> str | None:
+    """What makes `text` (whose cleaned words are `words`, when known) exceed a limit, naming it; None if nothing."""
     quoted = repr(text[:30]) + ("..." if len(text) > 30 else "")
     if len(text) > MAX_PHRASE_CHARS:
-        raise TextTooLong(
+        return (
             f"the prompt {quoted} is {len(text):,} characters long; a prompt has at most {MAX_PHRASE_CHARS:,} "
             f"characters (CLIP reads at most {CONTEXT_LENGTH} tokens)"
         )
-    words = WORD_PATTERN.findall(clean_text(text))
-    longest = max(words, key=len, default="")
+    longest = max(WORD_PATTERN.findall(clean_text(text)) if words is None else words, key=len, default="")
     if len(longest) > MAX_WORD_CHARS:
-        raise TextTooLong(
+        return (
             f"the prompt {quoted} has a word of {len(longest):,} characters; a word has at most {MAX_WORD_CHARS} "
             f"characters (CLIP reads at most {CONTEXT_LENGTH} tokens)"
         )
-    return words
+    return None
 
 
 def clean_text(text: str) -> str:
@@ -122,10 +126,15 @@ class CLIPTokenizer:
         return tokenizer
 
     def encode(self, text: str) -> list[int]:
-        """One phrase -> [start, tokens..., end], not padded and not truncated. Raises `TextTooLong` (see
-        `check_phrase`)."""
+        """One phrase -> [start, tokens..., end], not padded and not truncated to 77 tokens. Text over the limits
+        (`check_phrase`) is cut to MAX_PHRASE_CHARS characters and its words to MAX_WORD_CHARS first, with a
+        warning."""
+        words = WORD_PATTERN.findall(clean_text(text[:MAX_PHRASE_CHARS]))
+        problem = _over_limits(text, words)
+        if problem is not None:
+            warnings.warn(f"{problem}: cut to the limits", stacklevel=2)
         ids = [self.start_id]
-        for word in _words(text):
+        for word in (word[:MAX_WORD_CHARS] for word in words):
             ids += self._cached_word_ids(word) if len(word) <= CACHED_WORD_CHARS else self._bpe_ids(word)
         return ids + [self.end_id]
 

@@ -2,6 +2,7 @@
 
 import random
 import time
+import warnings
 
 import pytest
 import transformers
@@ -61,19 +62,26 @@ def random_word(rng: random.Random, length: int) -> str:
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))
 
 
-def test_a_phrase_or_word_over_the_limits_is_refused_at_once_naming_the_limit(tokenizer):
+def test_text_over_the_limits_is_refused_or_cut_at_once_naming_the_limit(tokenizer):
     rng = random.Random(0)
     started = time.perf_counter()
-    for text, limit in [
-        (random_word(rng, 64_000), "a prompt has at most 1,000 characters"),  # took a minute in BPE
-        ("a " + random_word(rng, 600), "has a word of 600 characters; a word has at most 500 characters"),
-        ("猫" * 501, "has a word of 501 characters"),  # characters, not UTF-8 bytes
+    for text, limit, cut in [
+        (random_word(rng, 64_000), "a prompt has at most 1,000 characters", None),  # took a minute in BPE
+        ("a " + random_word(rng, 600), "has a word of 600 characters; a word has at most 500 characters", None),
+        ("猫" * 501, "has a word of 501 characters", "猫" * 500),  # characters, not UTF-8 bytes
     ]:
-        for check in (tokenizer.encode, check_phrase):
-            with pytest.raises(TextTooLong, match=limit):
-                check(text)
+        with pytest.raises(TextTooLong, match=limit):
+            check_phrase(text)
+        with pytest.warns(UserWarning, match=f"{limit}.*: cut to the limits"):
+            ids = tokenizer.encode(text)
+        cut = cut or " ".join(word[:500] for word in text[:1000].split())
+        assert ids == tokenizer.encode(cut)
     assert time.perf_counter() - started < 1
-    assert len(tokenizer.encode("x" * 500)) > 2 and len(tokenizer.encode("cat " * 249)) == 251  # at the limits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_phrase("x" * 500)
+        check_phrase("cat " * 250)  # at the limits
+        assert len(tokenizer.encode("cat " * 250)) == 252
 
 
 def test_the_word_cache_stays_bounded_and_right(monkeypatch):
