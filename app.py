@@ -15,10 +15,10 @@ only re-thresholds. Nothing is fetched from the network unless --model names a h
 public link); Gradio's analytics are off.
 
 What the server accepts and keeps: files only from Gradio's upload folder (regular files of at most 100 MB); at
-most 20 prompts of at most 1,000 characters; per session the image's features, a preview and the logits at the
-model's input size (full-size maps are made from them for each zip: about 50 MB at most at 352 px); sessions idle
-for --idle-minutes, and the least recently used ones when all hold more than --session-memory, are dropped, and
-their users are told so when they act again (`sessions.py`).
+most 20 prompts of at most 1,000 characters (`app_inputs.py`); at most 64 waiting requests; per session the
+image's features, a preview and the logits at the model's input size (full-size maps are made from them for each
+zip: about 50 MB at most at 352 px); sessions idle for --idle-minutes, and the least recently used ones when all
+hold more than --session-memory, are dropped, and their users are told so when they act again (`sessions.py`).
 
 The logic lives in `Segmenter` (inputs in, images, files and messages out; no Gradio); `build_page` lays the page
 out on top of it.
