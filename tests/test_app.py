@@ -1,7 +1,8 @@
-"""app.py: the page's logic (Segmenter) on a tiny saved model, and the page itself in a real headless Chromium.
+"""app.py: the page's logic (Segmenter) on a tiny saved model, the server as raw HTTP clients and `gradio_client`
+see it (hostile payloads included), and the page itself in a real headless Chromium.
 
-The browser tests need Gradio and Playwright (requirements-app.txt) and Debian's `chromium`; they skip locally when
-one is missing, naming it, and fail under CI=true.
+The server tests need Gradio (requirements-app.txt), the browser tests Playwright too and Debian's `chromium`; they
+skip locally when one is missing, naming it, and fail under CI=true.
 
     python tests/test_app.py --model checkpoints/demo --screenshot docs/app.png   # the README's screenshot
 """
