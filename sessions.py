@@ -100,9 +100,10 @@ class SessionStore:
         minutes = self.idle_seconds / 60
         with self._lock:
             now = self.clock()
-            for key, (_, _, used) in list(self._sessions.items()):
-                if now - used > self.idle_seconds:
-                    self._release(key, f"it was not used for {minutes:g} minutes")
+            for key, (_, _, used) in list(self._sessions.items()):  # least recently used first
+                if now - used <= self.idle_seconds:
+                    break
+                self._release(key, f"it was not used for {minutes:g} minutes")
 
     def touch(self, session: Releasable) -> None:
         """Mark a tracked session as used now."""
