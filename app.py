@@ -14,6 +14,12 @@ The image is encoded once per session: new prompts re-run only the text tower an
 only re-thresholds. Nothing is fetched from the network unless --model names a hub id (or --share asks for a
 public link); Gradio's analytics are off.
 
+What the server accepts and keeps: files only from Gradio's upload folder (regular files of at most 100 MB); at
+most 20 prompts of at most 1,000 characters (`app_inputs.py`); at most 64 waiting requests; per session the
+image's features, a preview and the logits at the model's input size (full-size maps are made from them for each
+zip: about 50 MB at most at 352 px); sessions idle for --idle-minutes, and the least recently used ones when all
+hold more than --session-memory, are dropped, and their users are told so when they act again (`sessions.py`).
+
 The logic lives in `Segmenter` (inputs in, images, files and messages out; no Gradio); `build_page` lays the page
 out on top of it.
 """
@@ -21,11 +27,10 @@ out on top of it.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -34,7 +39,7 @@ import threading
 import time
 import traceback
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,17 +51,30 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from model import CLIPSeg
+from app_inputs import (
+    MAX_PROMPTS,
+    MAX_UPLOAD_BYTES,
+    InputError,
+    check_threshold,
+    painted_mask,
+    parse_prompts,
+    payload_file,
+    read_rgb,
+)
+from model import CLIPSeg, TextCache
 from outputs import safe_name
 from precision import add_precision_arguments, resolve_precision
 from predict import Predictor, Prompt, build_prompts, draw_overlay, prompt_summary
-from preprocess import UnreadableImage, open_rgb, read_mask
+from preprocess import NonFiniteOutput, full_size_probabilities, read_mask
+from sessions import MB, SessionStore
 
 DEMO_MODEL = Path("checkpoints") / "demo"
 DEFAULT_THRESHOLD = 0.3
-MAX_PROMPTS = 20
 DISPLAY_MAX_SIDE = 1024  # previews (overlay, heatmaps) are at most this large; downloads keep the original size
-MAX_UPLOAD = "100mb"
+MAX_CACHED_PHRASES = 1000  # the model's phrase cache (2 KB per phrase at ViT-B/16)
+SESSION_MEMORY_MB = 1024  # default cap on what all sessions retain together
+IDLE_MINUTES = 30  # default: a session unused this long is dropped
+MAX_QUEUE = 64  # requests waiting to run (one runs at a time); more are refused
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 EXAMPLES = (  # (image in examples/, prompts): scenes of `synthetic.make_synthetic_phrasecut`
     ("shapes_1.jpg", "purple square, green circle, red triangle"),
@@ -73,74 +91,6 @@ NO_MODEL_HELP = (
 _MAGMA = np.round(colormaps["magma"](np.arange(256))[:, :3] * 255).astype(np.uint8)  # (256, 3) colour table
 
 
-class InputError(ValueError):
-    """Input the page cannot use; its message is shown in the page as it is."""
-
-
-# ------------------------------------------------------------------------------------------------ inputs
-
-
-def parse_prompts(text: str | None) -> list[str]:
-    """Prompts typed one per line and/or comma-separated -> stripped, non-empty, first occurrence kept."""
-    pieces = (piece.strip() for line in (text or "").splitlines() for piece in line.split(","))
-    return list(dict.fromkeys(piece for piece in pieces if piece))
-
-
-def payload_file(payload: Any, what: str) -> tuple[bytes, str] | None:
-    """A Gradio file payload (a dict with `path` or a data: `url`, as events with `preprocess=False` receive it,
-    a path, or None) -> (file bytes, original file name), or None when nothing was given."""
-    if payload is None:
-        return None
-    if isinstance(payload, str | os.PathLike):
-        path, name, url = str(payload), Path(payload).name, None
-    else:
-        path, name, url = payload.get("path"), payload.get("orig_name"), payload.get("url")
-    if path:
-        try:
-            return Path(path).read_bytes(), name or Path(path).name
-        except OSError as err:
-            raise InputError(f"{what}: the uploaded file cannot be read ({err.strerror}); upload it again") from err
-    if url and url.startswith("data:") and "," in url:
-        try:
-            return base64.b64decode(url.split(",", 1)[1], validate=True), name or "pasted image"
-        except (binascii.Error, ValueError) as err:
-            raise InputError(f"{what}: the pasted data is not valid base64 ({err})") from err
-    return None
-
-
-def read_rgb(data: bytes, name: str, what: str) -> Image.Image:
-    """Image file bytes -> upright RGB (`preprocess.open_rgb`: EXIF rotation, alpha on black, size limit)."""
-    with tempfile.NamedTemporaryFile(suffix=Path(name).suffix) as file:
-        file.write(data)
-        file.flush()
-        try:
-            return open_rgb(file.name)
-        except UnreadableImage as err:
-            fix = "Downscale it" if err.reason.startswith("too large") else "Upload a JPEG, PNG or WebP image"
-            raise InputError(f"{what} {name!r} cannot be used: {err.reason}. {fix}.") from err
-
-
-def painted_mask(layers: Sequence[Any], size: tuple[int, int]) -> np.ndarray | None:
-    """The object painted on a support image: (H, W) bool, True where any editor layer is not transparent.
-
-    layers: Gradio ImageEditor layer payloads (RGBA images); size: (W, H) of the support image (layers of
-    another size, e.g. a scaled canvas, are resized nearest). None when no layer was given."""
-    mask = None
-    for layer in layers or ():
-        found = payload_file(layer, "painted mask")
-        if found is None:
-            continue
-        try:
-            with Image.open(io.BytesIO(found[0])) as image:
-                alpha = np.asarray(image.getchannel("A") if "A" in image.getbands() else image.convert("L")) > 0
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise InputError(f"The painted mask cannot be read ({err}); paint it again") from err
-        if alpha.shape != (size[1], size[0]):
-            alpha = np.asarray(Image.fromarray(alpha).resize(size, Image.NEAREST))
-        mask = alpha if mask is None else mask | alpha
-    return mask
-
-
 # ----------------------------------------------------------------------------------------------- outputs
 
 
@@ -155,22 +105,23 @@ def display_size(width: int, height: int, limit: int = DISPLAY_MAX_SIDE) -> tupl
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def resize_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(K, H, W) float32 -> (K, h, w) bilinearly resized to `size` = (w, h)."""
-    if probs.shape[2:0:-1] == size:
-        return probs
-    return np.stack([np.asarray(Image.fromarray(p, mode="F").resize(size, Image.BILINEAR)) for p in probs])
-
-
 def mask_png(mask: np.ndarray) -> bytes:
-    """(H, W) bool -> 8-bit grayscale PNG bytes, 0/255 (predict.py's mask format)."""
+    """(H, W) bool -> 8-bit grayscale PNG bytes, 0/255 (predict.py's mask format); fast compression (twice as fast
+    as the default, on masks of a few blobs as small)."""
     buffer = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
 def format_seconds(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def dropped_message(reason: str | None) -> str | None:
+    """What a user whose session was released (`Session.dropped`) is told at their next threshold change."""
+    if reason is None:
+        return None
+    return f"**Note:** this page's last result was dropped because {reason}. Press Segment to compute it again."
 
 
 @dataclass
@@ -205,34 +156,50 @@ class ImagePrompt:
 
 @dataclass
 class Encoded:
-    """An image encoded for one geometry: `key` = SHA-1 of the file's bytes + the geometry."""
+    """An image encoded for one geometry: `key` = SHA-1 of the file's bytes + the geometry. The original's pixels
+    are not kept: its size, a preview and the model's features of it are."""
 
     key: str
     name: str
-    image: Image.Image  # the original, upright RGB
+    size: tuple[int, int]  # (W, H) of the upright original
+    preview: Image.Image  # the image at most DISPLAY_MAX_SIDE on its long side
     predictor: Predictor  # its image set
 
 
 @dataclass
 class Result:
-    """A session's last segmentation: all a threshold change needs. probs: (K, H0, W0); previews: (K, h, w)."""
+    """A session's last segmentation: all a threshold change needs. logits: (K, 1, h, w) float32 at the model's
+    input size; the maps at the preview's and at the original size are made from them when drawn, as predict.py
+    makes its maps (`preprocess.full_size_probabilities`)."""
 
     encoded: Encoded
     prompts: list[Prompt]
-    probs: np.ndarray
-    preview_image: Image.Image
-    preview_probs: np.ndarray
+    logits: torch.Tensor
     timings: dict[str, str]
+
+    def probabilities(self, size: tuple[int, int] | None = None, index: int | None = None) -> np.ndarray:
+        """(K, H, W) maps at `size` = (W, H) (default: the original's), or the (H, W) map of prompt `index`."""
+        width, height = size or self.encoded.size
+        return full_size_probabilities(self.logits if index is None else self.logits[index], (height, width))
 
 
 @dataclass
 class Session:
-    """Per browser session: the encoded image, the last image-prompt embedding and the last result."""
+    """Per browser session: the encoded image, the last image-prompt embedding and the last result, until they
+    are released (`sessions.SessionStore`); `dropped` then says why."""
 
     encoded: Encoded | None = None
     support: tuple[str, torch.Tensor] | None = None  # (key, (1, 512) embedding)
     result: Result | None = None
     zip_dir: Path | None = None
+    dropped: str | None = None
+
+    def release(self, reason: str) -> None:
+        """Free the image, the embedding, the result and the zip on disk."""
+        if self.zip_dir is not None:
+            shutil.rmtree(self.zip_dir, ignore_errors=True)
+        self.encoded = self.support = self.result = self.zip_dir = None
+        self.dropped = reason
 
 
 # ------------------------------------------------------------------------------------------------ logic
@@ -241,9 +208,12 @@ class Session:
 class Segmenter:
     """The page's logic without Gradio: `segment` (image + prompts -> Output) and `rethreshold`.
 
-    model: a loaded CLIPSeg, or None (every call then answers with `no_model_message`). Predictions follow
-    predict.py: native aspect (short side = the model's size) or square, maps at the original size, mask =
-    probability > threshold. Calls are serialised by a lock; several sessions share the model."""
+    model: a loaded CLIPSeg, or None (every call then answers with `no_model_message`); its phrase cache is bounded
+    to MAX_CACHED_PHRASES. Predictions follow predict.py: native aspect (short side = the model's size) or square,
+    maps at the original size, mask = probability > threshold. Calls are serialised by a lock; several sessions
+    share the model. Sessions together retain at most `memory_mb` MB and are dropped after `idle_minutes` unused
+    (`sessions.SessionStore`; `clock` for tests). upload_folders: the only folders files are read from (`build_page`
+    sets Gradio's upload folder); None: any regular file, for use from Python."""
 
     def __init__(
         self,
@@ -253,16 +223,22 @@ class Segmenter:
         precision: str = "fp32",
         workdir: str | os.PathLike | None = None,
         no_model_message: str = NO_MODEL_HELP,
+        memory_mb: float = SESSION_MEMORY_MB,
+        idle_minutes: float = IDLE_MINUTES,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.model, self.model_name, self.precision = model, model_name, precision
         if model is not None:
             model.eval()
+            model.text_cache = TextCache(MAX_CACHED_PHRASES)
             if device is not None:
                 model.to(device)
         self.image_size = model.config.image_size if model is not None else 352
         self.square_label = f"square {self.image_size}"
         self.no_model_message = no_model_message
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="clipseg-app-"))
+        self.sessions = SessionStore(int(memory_mb * MB), idle_minutes * 60, clock)
+        self.upload_folders: tuple[Path, ...] | None = None
         self._lock = threading.Lock()
 
     def segment(
@@ -281,42 +257,54 @@ class Segmenter:
         support_mask: an uploaded mask (payload or path), else the strokes painted on the support are the mask.
         Bad input returns an Output whose message says what is wrong and how to fix it; nothing is raised."""
         session = session or Session()
-        try:
-            with self._lock:
-                return session, self._segment(session, image, prompts_text, support, support_mask, threshold, geometry)
-        except InputError as err:
-            session.result = None
-            return session, Output(f"**Error:** {err}")
-        except Exception as err:  # a bug: the page says so briefly, the terminal gets the traceback
-            traceback.print_exc()
-            session.result = None
-            return session, Output(f"**Error:** segmentation failed ({type(err).__name__}: {err}); see the terminal")
+        with self._lock:
+            self.sessions.expire()
+            try:
+                output = self._segment(session, image, prompts_text, support, support_mask, threshold, geometry)
+            except (InputError, NonFiniteOutput) as err:
+                session.result = None
+                output = Output(f"**Error:** {err}")
+            except Exception as err:  # a bug: the page says so briefly, the terminal gets the traceback
+                traceback.print_exc()
+                session.result = None
+                output = Output(f"**Error:** segmentation failed ({type(err).__name__}: {err}); see the terminal")
+            self.sessions.update(session)
+        return session, output
 
     def rethreshold(self, session: Session | None, threshold: float) -> tuple[Session, Output]:
         """Re-threshold the session's last result (no model call)."""
         session = session or Session()
-        if session.result is None:
-            return session, Output("Segment an image first; a new threshold then applies at once.")
-        if not 0 <= threshold < 1:
-            return session, Output(f"**Error:** the threshold must be in [0, 1), got {threshold}.")
         with self._lock:
+            self.sessions.expire()
+            if session.result is None:
+                first = "Segment an image first; a new threshold then applies at once."
+                return session, Output(dropped_message(session.dropped) or first)
+            try:
+                check_threshold(threshold)
+            except InputError as err:
+                return session, Output(f"**Error:** {err}")
             started = time.perf_counter()
             output = self._render(session, session.result, threshold)
             timings = {"threshold + draw": format_seconds(time.perf_counter() - started), "model": "not run"}
             output.message = self._status(session.result, timings, f"Re-thresholded at {threshold:.2f}:")
+            self.sessions.touch(session)
         return session, output
 
-    @staticmethod
-    def forget(session: Session | None) -> None:
-        """Delete what a session left on disk (its last zip)."""
-        if session is not None and session.zip_dir is not None:
-            shutil.rmtree(session.zip_dir, ignore_errors=True)
+    def forget(self, session: Session | None) -> None:
+        """Free what a session holds, on disk too (its last zip). Gradio calls this from its event loop when a
+        closed tab's state expires, so it does not wait for a segmentation to finish."""
+        if session is not None:
+            self.sessions.forget(session)
+            session.release("the page was closed")
 
     # -- steps --------------------------------------------------------------------------------------
 
     def _segment(self, session, image, prompts_text, support, support_mask, threshold, geometry) -> Output:
         if self.model is None:
             raise InputError(self.no_model_message)
+        check_threshold(threshold)
+        if geometry not in (NATIVE, self.square_label):
+            raise InputError(f"What the model sees must be {NATIVE!r} or {self.square_label!r}, got {geometry!r}.")
         phrases = parse_prompts(prompts_text)
         image_prompt = self._image_prompt(support, support_mask)
         count = len(phrases) + (image_prompt is not None)
@@ -324,15 +312,14 @@ class Segmenter:
             raise InputError("Enter at least one text prompt (one per line or comma-separated) or an image prompt.")
         if count > MAX_PROMPTS:
             raise InputError(f"{count} prompts given; at most {MAX_PROMPTS} at once: split them over several runs.")
-        found = payload_file(image, "The image")
+        found = payload_file(image, "The image", self.upload_folders)
         if found is None:
             raise InputError("Upload, paste or photograph an image first (or pick an example below).")
-        if not 0 <= threshold < 1:
-            raise InputError(f"The threshold must be in [0, 1), got {threshold}.")
         timings: dict[str, str] = {}
         encoded = self._encode(session, *found, square=geometry != NATIVE, timings=timings)
         started = time.perf_counter()
         predictor = encoded.predictor
+        self.model.text_cache.touch(phrases)  # adding this call's new phrases cannot drop its cached ones
         parts = [predictor.embed_prompts(phrases=phrases)] if phrases else []
         prompts = build_prompts(phrases, [])
         if image_prompt is not None:
@@ -341,15 +328,16 @@ class Segmenter:
         conditional = torch.cat(parts)
         timings["embed prompts"] = format_seconds(time.perf_counter() - started)
         started = time.perf_counter()
-        probs = predictor.predict(conditional=conditional)
+        logits = predictor.logits(conditional).cpu()
         timings["decode"] = format_seconds(time.perf_counter() - started)
-        preview = display_size(*encoded.image.size)
-        preview_image = encoded.image if preview == encoded.image.size else encoded.image.resize(preview, Image.LANCZOS)
-        session.result = Result(encoded, prompts, probs, preview_image, resize_probs(probs, preview), timings)
+        session.result = Result(encoded, prompts, logits, timings)
         started = time.perf_counter()
         output = self._render(session, session.result, threshold)
         timings["threshold + draw"] = format_seconds(time.perf_counter() - started)
         output.message = self._status(session.result, timings)
+        if session.dropped:
+            output.message += f" (This page's earlier image and result had been dropped: {session.dropped}.)"
+            session.dropped = None
         return output
 
     def _encode(self, session: Session, data: bytes, name: str, square: bool, timings: dict) -> Encoded:
@@ -362,18 +350,20 @@ class Segmenter:
         rgb = read_rgb(data, name, "The image")
         predictor = Predictor(self.model, square=square, precision=self.precision)
         predictor.set_image(rgb)
-        session.encoded = Encoded(key, name, rgb, predictor)
+        preview = display_size(*rgb.size)
+        preview_image = rgb if preview == rgb.size else rgb.resize(preview, Image.LANCZOS)
+        session.encoded = Encoded(key, name, rgb.size, preview_image, predictor)
         timings["read + encode image"] = format_seconds(time.perf_counter() - started)
         return session.encoded
 
-    @staticmethod
-    def _image_prompt(support: Any, support_mask: Any) -> ImagePrompt | None:
+    def _image_prompt(self, support: Any, support_mask: Any) -> ImagePrompt | None:
         """The image prompt from the support editor and the mask upload, or None when no support is given."""
         layers: list = []
-        if isinstance(support, dict):  # an ImageEditor payload
+        if isinstance(support, dict) and "path" not in support:  # an ImageEditor payload
             layers = support.get("layers") or []
             support = support.get("background")
-        image, mask = payload_file(support, "The support image"), payload_file(support_mask, "The support mask")
+        image = payload_file(support, "The support image", self.upload_folders)
+        mask = payload_file(support_mask, "The support mask", self.upload_folders)
         if image is None:
             if mask is not None:
                 raise InputError("The image prompt has a mask but no support image: upload the support image too.")
@@ -387,7 +377,7 @@ class Segmenter:
                     f"image is {rgb.width}x{rgb.height}: upload a mask of the support image's size (or paint one)."
                 )
         else:
-            object_mask, mask_name = painted_mask(layers, rgb.size), "painted mask"
+            object_mask, mask_name = painted_mask(layers, rgb.size, self.upload_folders), "painted mask"
         if object_mask is None or not object_mask.any():
             raise InputError(
                 "The image prompt has no object: paint over the object on the support image with the brush, or "
@@ -407,61 +397,59 @@ class Segmenter:
     def _render(self, session: Session, result: Result, threshold: float) -> Output:
         """Masks, previews, the zip and the summary of `result` at `threshold`."""
         labels = [prompt.label for prompt in result.prompts]
-        previews = result.preview_probs > threshold
-        overlay = draw_overlay(result.preview_image, list(previews), labels)
+        preview_probs = result.probabilities(result.encoded.preview.size)
+        previews = preview_probs > threshold
+        overlay = draw_overlay(result.encoded.preview, list(previews), labels)
         heatmaps = [
             (heatmap(p), f"{label} (max {p.max():.2f}, {m.mean():.1%} above {threshold:.2f})")
-            for p, m, label in zip(result.preview_probs, previews, labels)
+            for p, m, label in zip(preview_probs, previews, labels)
         ]
-        summary = self._summary(result, threshold)
-        return Output("", overlay, heatmaps, self._write_zip(session, result, summary, threshold), summary)
+        zip_path, summary = self._write_zip(session, result, threshold)
+        return Output("", overlay, heatmaps, zip_path, summary)
 
-    def _summary(self, result: Result, threshold: float) -> dict:
-        """predict.py's summary.json for one image; files are names inside the zip."""
-        encoded = result.encoded
-        width, height = encoded.image.size
-        entries = [
-            prompt_summary(prompt, prob, prob > threshold, {"mask": f"{prompt.slug}.mask.png"})
-            for prompt, prob in zip(result.prompts, result.probs)
-        ]
-        image_entry = {
-            "image": encoded.name,
-            "width": width,
-            "height": height,
-            "inference_size": list(encoded.predictor.input_size),
-            "prompts": entries,
-        }
-        return {
-            "model": self.model_name,
-            "threshold": threshold,
-            "square": encoded.predictor.transform.square,
-            "image_size": self.image_size,
-            "processed": 1,
-            "skipped": 0,
-            "interrupted": False,
-            "images": [image_entry],
-            "errors": [],
-        }
-
-    def _write_zip(self, session: Session, result: Result, summary: dict, threshold: float) -> str:
-        """<image>-masks.zip: `<prompt>.mask.png` (0/255, original size) per prompt and summary.json. The
-        session's previous zip is deleted (Gradio serves its own copy)."""
+    def _write_zip(self, session: Session, result: Result, threshold: float) -> tuple[str, dict]:
+        """<image>-masks.zip: `<prompt>.mask.png` (0/255, original size) per prompt and predict.py's summary.json
+        (files are names inside the zip); returns its path and the summary. One full-size map is made at a time.
+        The session's previous zip is deleted (Gradio serves its own copy)."""
         if session.zip_dir is not None:
             shutil.rmtree(session.zip_dir, ignore_errors=True)
         session.zip_dir = Path(tempfile.mkdtemp(dir=self.workdir))
-        stem = safe_name(Path(result.encoded.name).stem or "image")
-        path = session.zip_dir / f"{stem}-masks.zip"
+        encoded = result.encoded
+        path = session.zip_dir / f"{safe_name(Path(encoded.name).stem or 'image')}-masks.zip"
+        entries = []
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for prompt, prob in zip(result.prompts, result.probs):
-                archive.writestr(f"{prompt.slug}.mask.png", mask_png(prob > threshold))
+            for index, prompt in enumerate(result.prompts):
+                prob = result.probabilities(index=index)
+                mask, mask_name = prob > threshold, f"{prompt.slug}.mask.png"
+                archive.writestr(mask_name, mask_png(mask), compress_type=zipfile.ZIP_STORED)
+                entries.append(prompt_summary(prompt, prob, mask, {"mask": mask_name}))
+            width, height = encoded.size
+            image_entry = {
+                "image": encoded.name,
+                "width": width,
+                "height": height,
+                "inference_size": list(encoded.predictor.input_size),
+                "prompts": entries,
+            }
+            summary = {
+                "model": self.model_name,
+                "threshold": threshold,
+                "square": encoded.predictor.transform.square,
+                "image_size": self.image_size,
+                "processed": 1,
+                "skipped": 0,
+                "interrupted": False,
+                "images": [image_entry],
+                "errors": [],
+            }
             archive.writestr("summary.json", json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-        return str(path)
+        return str(path), summary
 
     @staticmethod
     def _status(result: Result, timings: dict[str, str], what: str = "Segmented") -> str:
         """The status line: what was done to which image, and the time of each step."""
         encoded = result.encoded
-        width, height = encoded.image.size
+        width, height = encoded.size
         model_width, model_height = encoded.predictor.input_size
         steps = " · ".join(f"{step} {value}" for step, value in timings.items())
         name = encoded.name.replace("`", "'")
@@ -475,8 +463,12 @@ class Segmenter:
 
 
 def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD, notice: str | None = None):
-    """The Gradio page over `segmenter` (a `gr.Blocks`, not launched). notice: Markdown shown at the top."""
+    """The Gradio page over `segmenter` (a `gr.Blocks`, not launched), which from now on reads files only from
+    Gradio's upload folder. notice: Markdown shown at the top. API: `/segment` and `/rethreshold`."""
     import gradio as gr
+    from gradio.utils import get_upload_folder
+
+    segmenter.upload_folders = (Path(os.path.realpath(get_upload_folder())),)
 
     def outputs_of(session: Session, output: Output) -> tuple:
         return session, output.message, output.overlay, output.heatmaps or None, output.zip_path, output.summary
@@ -488,7 +480,7 @@ def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD, notic
         return outputs_of(*segmenter.rethreshold(session, threshold))
 
     def on_geometry(session, image, prompts, support, support_mask, threshold, geometry):
-        if session is None or session.result is None:  # nothing shown yet: nothing to redo
+        if session is None or (session.result is None and session.dropped is None):  # nothing shown: nothing to redo
             return (gr.skip(),) * 6
         return on_segment(session, image, prompts, support, support_mask, threshold, geometry)
 
@@ -523,6 +515,10 @@ def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD, notic
                         transforms=(),
                         elem_id="support",
                     )
+                    # Gradio's ImageEditor keeps every blob posted to its `accept_blobs` route in memory (up to 100 MB
+                    # each, any number) until an event preprocesses that editor, which never happens here; its page
+                    # posts blobs only to editors with a change listener, which this one has not: the route is off.
+                    support.accept_blobs = None
                     support_mask = gr.Image(
                         label="... or upload its mask (same size as the support image; white = object)",
                         sources=["upload", "clipboard"],
@@ -542,7 +538,7 @@ def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD, notic
                 )
                 run = gr.Button("Segment", variant="primary", elem_id="segment")
             with gr.Column():
-                status = gr.Markdown(elem_id="status")
+                status = gr.Markdown(label="Status", elem_id="status")
                 overlay = gr.Image(label="Overlay", format="png", interactive=False, elem_id="overlay")
                 heatmaps = gr.Gallery(
                     label="Probability per prompt (black 0, yellow 1)",
@@ -559,17 +555,23 @@ def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD, notic
                     elem_id="download",
                 )
                 with gr.Accordion("Summary (predict.py's summary.json)", open=False):
-                    summary = gr.JSON(show_label=False, elem_id="summary")
+                    summary = gr.JSON(label="Summary", show_label=False, elem_id="summary")
         examples = [[str(EXAMPLES_DIR / name), text] for name, text in EXAMPLES if (EXAMPLES_DIR / name).is_file()]
         if examples:
             gr.Examples(examples, inputs=[image, prompts], label="Examples")
         inputs = [session, image, prompts, support, support_mask, threshold_slider, geometry]
         outputs = [session, status, overlay, heatmaps, download, summary]
-        # preprocess=False: the handlers get the uploaded files as they are and report unreadable ones themselves
-        run.click(on_segment, inputs, outputs, preprocess=False)
-        geometry.change(on_geometry, inputs, outputs, preprocess=False)
+        # Events with files keep preprocess=False. Gradio 6.31 checks a file payload before any handler whatever this
+        # flag says (Blocks.preprocess_data): one carrying meta {"_type": "gradio.FileData"} must lie in its upload
+        # folder (processing_utils._check_allowed), and ImageEditor's payloads must carry that meta. gr.Image's
+        # payloads need no meta, and its own preprocess then opens any path a client names with PIL (a FIFO hangs
+        # it) and turns an unreadable upload into a bare "Error". So Segmenter reads each file itself: only from
+        # the upload folder, only regular files, at most MAX_UPLOAD_BYTES (`read_upload`), and checks the other
+        # inputs as they come.
+        run.click(on_segment, inputs, outputs, preprocess=False, api_name="segment")
+        geometry.change(on_geometry, inputs, outputs, preprocess=False, api_visibility="private")
         threshold_slider.input(
-            on_threshold, [session, threshold_slider], outputs, preprocess=False, trigger_mode="always_last"
+            on_threshold, [session, threshold_slider], outputs, api_name="rethreshold", trigger_mode="always_last"
         )
     return page
 
@@ -577,12 +579,12 @@ def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD, notic
 def launch(page, port: int, share: bool = False) -> tuple[str, str | None]:
     """Serve `page` on 127.0.0.1:`port` (plus a public link with `share`) in a background thread; returns the
     local URL and the public one. `page.block_thread()` waits; `page.close()` stops the server."""
-    _, local_url, share_url = page.queue(default_concurrency_limit=1).launch(
+    _, local_url, share_url = page.queue(default_concurrency_limit=1, max_size=MAX_QUEUE).launch(
         server_name="127.0.0.1",
         server_port=port,
         share=share,
         prevent_thread_lock=True,
-        max_file_size=MAX_UPLOAD,
+        max_file_size=MAX_UPLOAD_BYTES,
         ssr_mode=False,
         footer_links=[],
         quiet=True,
@@ -603,10 +605,8 @@ def resolve_model(model: str | None, checkpoint: str | None = None, demo: Path =
 
 
 def load_model(source: str, backbone: str | None) -> CLIPSeg:
-    """`CLIPSeg.from_pretrained` with the text cache on; OSError/ValueError name the source."""
-    model = CLIPSeg.from_pretrained(source, backbone=backbone)
-    model.text_cache = {}
-    return model
+    """`CLIPSeg.from_pretrained`; OSError/ValueError name the source."""
+    return CLIPSeg.from_pretrained(source, backbone=backbone)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -646,6 +646,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_THRESHOLD,
         help=f"initial threshold of the slider (default {DEFAULT_THRESHOLD}, the paper's)",
     )
+    parser.add_argument(
+        "--session-memory",
+        type=float,
+        default=SESSION_MEMORY_MB,
+        metavar="MB",
+        help=f"what all open pages' results may hold together; the least recently used are dropped first (default "
+        f"{SESSION_MEMORY_MB}, at least 64: one page holds up to about 50 MB at 352 px)",
+    )
+    parser.add_argument(
+        "--idle-minutes",
+        type=float,
+        default=IDLE_MINUTES,
+        help=f"a page's image and result are dropped after this long unused (default {IDLE_MINUTES})",
+    )
     add_precision_arguments(parser)
     args = parser.parse_args(argv)
     try:  # the precision that will run: --precision, else the fastest that keeps fp32's masks (precision.py)
@@ -656,6 +670,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be in 1..65535, got {args.port}")
+    if not 64 <= args.session_memory < math.inf:
+        parser.error(f"--session-memory must be at least 64 (MB), got {args.session_memory}")
+    if not 0 < args.idle_minutes < math.inf:
+        parser.error(f"--idle-minutes must be positive, got {args.idle_minutes}")
     return args
 
 
@@ -679,7 +697,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError) as err:
             print(f"error: cannot load --model {source}: {err}", file=sys.stderr)
             return 2
-    segmenter = Segmenter(model, source or "none", args.device, args.precision)
+    segmenter = Segmenter(
+        model,
+        source or "none",
+        args.device,
+        args.precision,
+        memory_mb=args.session_memory,
+        idle_minutes=args.idle_minutes,
+    )
     page = build_page(segmenter, args.threshold, notice)
     try:
         local_url, share_url = launch(page, args.port, args.share)

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields, replace
@@ -456,6 +457,27 @@ class ImageFeatures:
 
     activations: list[Tensor]
     grid: tuple[int, int]
+
+
+class TextCache(OrderedDict):
+    """A bounded `CLIPSeg.text_cache`: phrase -> (512,) embedding, the least recently used phrases dropped first
+    (PhraseCut x 9 templates, or an app's many users, would otherwise grow it without end). `touch` marks phrases
+    as used, so that adding new ones cannot drop them."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def __setitem__(self, key: str, value: Tensor) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+    def touch(self, phrases: Sequence[str]) -> None:
+        for phrase in phrases:
+            if phrase in self:
+                self.move_to_end(phrase)
 
 
 class CLIPSeg(nn.Module):

@@ -198,13 +198,22 @@ class Predictor:
         with precision_context(self.precision, self.device):
             return self.model.encode_image(pixels)
 
+    def logits(self, conditional: Tensor) -> Tensor:
+        """(K, 512) conditional vectors -> (K, 1, h, w) float32 logits at the model's input size for the image set
+        last: `preprocess.full_size_probabilities(logits, (H0, W0))` makes `predict`'s maps of them."""
+        if self._features is None:
+            raise RuntimeError("call set_image(image) before logits(...)")
+        return self._logits(self._features, conditional)
+
     @torch.no_grad()
+    def _logits(self, features: ImageFeatures, conditional: Tensor) -> Tensor:
+        with precision_context(self.precision, self.device):
+            return self.model.decode(features, conditional.to(self.device)).float()
+
     def _decode(self, features: ImageFeatures, conditional: Tensor, original_size: tuple[int, int]) -> np.ndarray:
         """One image's features (batch 1) x (K, 512) -> (K, H0, W0) probabilities at `original_size` = (W0, H0)."""
-        with precision_context(self.precision, self.device):
-            logits = self.model.decode(features, conditional.to(self.device))
         width, height = original_size
-        return full_size_probabilities(logits, (height, width))
+        return full_size_probabilities(self._logits(features, conditional), (height, width))
 
 
 # ------------------------------------------------------------------------------------------------ outputs

@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,7 @@ from baselines import tiny_vit_config
 from checkpoints import RunFiles
 from inference import predict_tasks
 from metrics import PaperMetrics
-from model import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSeg, tiny_clip_config
+from model import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSeg, TextCache, tiny_clip_config
 from model import amp_dtype as model_amp_dtype
 from outputs import json_text
 from preprocess import NonFiniteOutput
@@ -159,26 +159,6 @@ def build_model_source(args: argparse.Namespace) -> str | None:
     if backbone == "tiny" or backbone in RANDOM_BACKBONES or getattr(args, "arch", None) == "vitseg":
         return None
     return str(Path(backbone).resolve()) if Path(backbone).exists() else backbone
-
-
-class TextCache(OrderedDict):
-    """`model.text_cache` with a size bound (least recently used phrases are dropped): PhraseCut x 9 templates
-    would otherwise hold millions of embeddings on the GPU."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-
-    def __setitem__(self, key: str, value: Tensor) -> None:
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        while len(self) > self.capacity:
-            self.popitem(last=False)
-
-    def touch(self, phrases: Sequence[str]) -> None:
-        for phrase in phrases:
-            if phrase in self:
-                self.move_to_end(phrase)
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""app.py: the page's logic (Segmenter) on a tiny saved model, and the page itself in a real headless Chromium.
+"""app.py: the page's logic (Segmenter) on a tiny saved model, the server as raw HTTP clients and `gradio_client`
+see it (hostile payloads included), and the page itself in a real headless Chromium.
 
-The browser tests need Gradio and Playwright (requirements-app.txt) and Debian's `chromium`; they skip locally when
-one is missing, naming it, and fail under CI=true.
+The server tests need Gradio (requirements-app.txt), the browser tests Playwright too and Debian's `chromium`; they
+skip locally when one is missing, naming it, and fail under CI=true.
 
     python tests/test_app.py --model checkpoints/demo --screenshot docs/app.png   # the README's screenshot
 """
@@ -11,10 +12,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import struct
 import sys
 import tempfile
+import time
+import uuid
 import zipfile
 import zlib
 from collections import Counter
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,7 +36,9 @@ from conftest import require  # noqa: E402
 
 import app  # noqa: E402
 from model import CLIPSeg  # noqa: E402
+from outputs import is_safe_name  # noqa: E402
 from predict import Predictor  # noqa: E402
+from sessions import MB, retained_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSER_FLAGS = [
@@ -194,7 +201,7 @@ def test_image_prompt_with_an_uploaded_mask_equals_the_predictors_support_prompt
     predictor = Predictor(model)
     predictor.set_image(str(image))
     expected = predictor.predict(support=[(support, mask)])[0]
-    np.testing.assert_allclose(session.result.probs[1], expected, atol=1e-5)
+    np.testing.assert_allclose(session.result.probabilities(index=1), expected, atol=1e-5)
     masks, _ = read_zip(out.zip_path)
     assert np.asarray(masks[entries[1]["files"]["mask"]]).shape == (120, 160)
 
@@ -215,7 +222,7 @@ def test_strokes_painted_on_the_support_image_are_its_mask(segmenter, tmp_path):
     uploaded_session, uploaded = segmenter.segment(None, str(image), "", support=str(support), support_mask=str(mask))
 
     assert painted.ok, painted.message
-    np.testing.assert_array_equal(painted_session.result.probs, uploaded_session.result.probs)
+    torch.testing.assert_close(painted_session.result.logits, uploaded_session.result.logits, rtol=0, atol=0)
     assert app.painted_mask([{"path": str(layer_path)}], (200, 160)).shape == (160, 200)  # a scaled canvas
 
 
@@ -249,6 +256,117 @@ def test_bad_inputs_get_a_message_not_an_exception(segmenter, tmp_path):
     assert not out.ok and "Segment an image first" in out.message
 
 
+def test_a_model_whose_outputs_overflow_gets_a_message_not_a_traceback(overflowing_checkpoint, tmp_path, capsys):
+    segmenter = app.Segmenter(CLIPSeg.from_pretrained(overflowing_checkpoint), "overflowing", workdir=tmp_path)
+    session, out = segmenter.segment(None, str(save(scene(64, 48), tmp_path / "ok.png")), "cat")
+    assert not out.ok and out.zip_path is None and "NaN or infinite" in out.message, out.message
+    assert "Traceback" not in capsys.readouterr().err and session.result is None
+
+
+def test_prompts_over_the_limits_are_refused_at_once_naming_the_limit(model, segmenter, tmp_path):
+    image = str(save(scene(64, 48), tmp_path / "ok.png"))
+    cases = {
+        "The prompts are 2,000,000 characters long; at most 20,020 (20 prompts of at most 1,000 characters)": (
+            "cat " * 500_000
+        ),
+        "is 1,199 characters long; a prompt has at most 1,000 characters (CLIP reads at most 77 tokens)": "x " * 600,
+        "has a word of 600 characters; a word has at most 500 characters": "a " + "y" * 600,
+    }
+    started = time.perf_counter()
+    with vision_tower_calls(model) as calls:
+        for expected, text in cases.items():
+            _, out = segmenter.segment(None, image, text)
+            assert not out.ok and out.message.startswith("**Error:**") and expected in out.message, out.message
+    assert calls == {} and time.perf_counter() - started < 2  # refused before any model work
+
+
+def test_hostile_prompts_get_safe_names_in_the_zip(segmenter, tmp_path):
+    prompts = ["../../etc/passwd", "/", "..", "a\x00b", "CON", "a/b\\c:d*e?", "猫 on the mat", "x" * 500]
+    with pytest.warns(UserWarning, match="truncated"):  # the 500-character prompt exceeds CLIP's 77 tokens
+        _, out = segmenter.segment(None, str(save(scene(64, 48), tmp_path / "ok.png")), "\n".join(prompts))
+    assert out.ok, out.message
+    with zipfile.ZipFile(out.zip_path) as archive:
+        names = archive.namelist()
+    stems = [name.removesuffix(".mask.png") for name in names if name != "summary.json"]
+    assert len(set(stems)) == len(prompts) and all(is_safe_name(stem) for stem in stems), names
+
+
+def test_the_phrase_cache_stays_bounded(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "MAX_CACHED_PHRASES", 5, raising=False)
+    segmenter = app.Segmenter(model, "tiny", workdir=tmp_path)
+    image = str(save(scene(80, 60), tmp_path / "a.png"))
+    for phrases in (["red", "blue"], ["green", "sky", "sun"], ["red", "moon"]):  # "red" is cached, least recently used
+        session, out = segmenter.segment(None, image, ", ".join(phrases))
+        assert out.ok, out.message
+        assert len(model.text_cache) <= 5
+    assert set(model.text_cache) == {"green", "sky", "sun", "red", "moon"}
+    predictor = Predictor(model)
+    predictor.set_image(image)
+    expected = predictor.predict(phrases=["red", "moon"])
+    np.testing.assert_allclose(session.result.probabilities(), expected, atol=1e-6)
+
+
+def test_a_session_keeps_under_64_mb_with_a_4096_image_and_20_prompts(tiny_checkpoint, tmp_path):
+    model = CLIPSeg.from_pretrained(tiny_checkpoint("at352", image_size=352)).eval()  # the released models' size
+    pixels = np.zeros((4096, 4096, 3), dtype=np.uint8)
+    pixels[:, :2048] = (220, 30, 30)
+    pixels[1000:3000, 2500:3500] = (30, 60, 220)
+    path = save(Image.fromarray(pixels), tmp_path / "big.png")
+    segmenter = app.Segmenter(model, "tiny", workdir=tmp_path)
+    session, out = segmenter.segment(None, str(path), "\n".join(f"thing {i}" for i in range(20)))
+    assert out.ok, out.message
+    held = retained_bytes(session)  # the image's features, a preview and the logits; README: about 50 MB at most
+    assert held < 64 * MB, f"{held / MB:.0f} MB"
+    with zipfile.ZipFile(out.zip_path) as archive:
+        masks = [name for name in archive.namelist() if name.endswith(".png")]
+        assert len(masks) == 20 and Image.open(archive.open(masks[-1])).size == (4096, 4096)
+
+
+def test_the_least_recently_used_session_is_dropped_when_all_hold_too_much(model, tmp_path):
+    segmenter = app.Segmenter(model, "tiny", workdir=tmp_path, memory_mb=0.25)
+    image = str(save(scene(203, 151), tmp_path / "room.png"))
+    first, out = segmenter.segment(None, image, "red disc")
+    assert out.ok and 0.125 * MB < retained_bytes(first) <= 0.25 * MB  # one page fits, two do not
+    second, out = segmenter.segment(None, image, "sky")
+    assert out.ok and second.result is not None and first.result is None and first.encoded is None
+    assert segmenter.sessions.total_bytes <= 0.25 * MB and len(segmenter.sessions) == 1
+    first, out = segmenter.rethreshold(first, 0.5)
+    assert not out.ok and "dropped because the server keeps at most 0.25 MB of results for all pages" in out.message
+    assert "Press Segment to compute it again" in out.message
+    first, out = segmenter.segment(first, image, "red disc")
+    assert out.ok and "earlier image and result had been dropped" in out.message
+    assert second.result is None and second.dropped is not None  # now the second was the least recently used
+
+
+def test_a_session_unused_for_the_idle_time_is_dropped(model, tmp_path):
+    now = [0.0]
+    segmenter = app.Segmenter(model, "tiny", workdir=tmp_path, idle_minutes=10, clock=lambda: now[0])
+    image = str(save(scene(80, 60), tmp_path / "a.png"))
+    idle, _ = segmenter.segment(None, image, "red disc")
+    zip_dir = idle.zip_dir
+    now[0] += 9 * 60
+    busy, _ = segmenter.segment(None, image, "sky")
+    assert idle.result is not None
+    now[0] += 2 * 60
+    busy, out = segmenter.rethreshold(busy, 0.4)  # any request drops what was idle too long
+    assert out.ok and idle.result is None and idle.encoded is None and not zip_dir.exists()
+    _, out = segmenter.rethreshold(idle, 0.5)
+    assert not out.ok and "dropped because it was not used for 10 minutes" in out.message
+
+
+def test_a_closed_page_is_freed_without_waiting_for_a_running_segmentation(segmenter, tmp_path):
+    import threading
+
+    session, _ = segmenter.segment(None, str(save(scene(80, 60), tmp_path / "a.png")), "sky")
+    zip_dir = session.zip_dir
+    with segmenter._lock:  # as while another page is segmented; Gradio calls forget from its event loop
+        closing = threading.Thread(target=segmenter.forget, args=(session,))
+        closing.start()
+        closing.join(timeout=5)
+        assert not closing.is_alive()
+    assert session.result is None and not zip_dir.exists() and len(segmenter.sessions) == 0
+
+
 def test_without_a_model_the_page_says_how_to_get_one(tmp_path):
     demo = tmp_path / "demo"
     assert app.resolve_model(None, demo=demo) is None and app.resolve_model(None, "best", demo=demo) is None
@@ -266,11 +384,13 @@ def test_cli_checks_its_arguments(capsys):
     args = app.parse_args([])
     assert (args.model, args.port, args.threshold, args.share) == (None, 7860, 0.3, False)
     assert args.precision in ("fp32", "bf16", "int8")
-    for bad in (["--threshold", "1.2"], ["--port", "0"]):
+    assert (args.session_memory, args.idle_minutes) == (1024, 30)
+    for bad in (["--threshold", "1.2"], ["--port", "0"], ["--session-memory", "10"], ["--idle-minutes", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             app.parse_args(bad)
         assert exit_info.value.code == 2
-    assert "--threshold must be in [0, 1)" in capsys.readouterr().err
+    errors = capsys.readouterr().err
+    assert "--threshold must be in [0, 1)" in errors and "--session-memory must be at least 64 (MB)" in errors
 
 
 def test_cli_reports_a_model_it_cannot_load(tmp_path, capsys):
@@ -510,6 +630,179 @@ def test_browser_bad_inputs_show_their_message(served, browser, tmp_path):
     tab.wait_for_selector("#support-mask img")
     segment(tab, "is 30x30 but the support image is 100x80")
     assert "Traceback" not in tab.content() and tab.external_requests == []
+
+
+# ---------------------------------------------------------------------- the server, as any HTTP client sees it
+
+
+@pytest.fixture(scope="module")
+def api_server(model, tmp_path_factory):
+    """The app on a free local port (no browser): yields its URL."""
+    gradio_or_skip()
+    with serving(app.Segmenter(model, "tiny", workdir=tmp_path_factory.mktemp("api"))) as url:
+        yield url
+
+
+@pytest.fixture
+def in_upload_folder():
+    """A fresh folder inside Gradio's upload folder, where only the server itself writes (removed afterwards)."""
+    from gradio.utils import get_upload_folder
+
+    os.makedirs(get_upload_folder(), exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=get_upload_folder(), prefix="test-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def segment_request(url: str, data: list, timeout: float = 20) -> dict:
+    """Press Segment as a raw client can: POST the event to Gradio's queue with any payload, then read its event
+    stream until the event completes; returns the final message (or {"msg": "timeout"})."""
+    import httpx
+
+    config = httpx.get(url + "config").json()
+    (button,) = [c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "segment"]
+    (fn_index,) = [d["id"] for d in config["dependencies"] if [button, "click"] in d["targets"]]
+    session = uuid.uuid4().hex
+    join = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": button}
+    httpx.post(url + "gradio_api/queue/join", json=join).raise_for_status()
+    try:
+        with httpx.stream("GET", url + f"gradio_api/queue/data?session_hash={session}", timeout=timeout) as events:
+            for line in events.iter_lines():
+                message = json.loads(line[5:]) if line.startswith("data:") else {}
+                if message.get("msg") == "process_completed":
+                    return message
+    except httpx.ReadTimeout:
+        pass
+    return {"msg": "timeout"}
+
+
+def status_of(message: dict) -> str:
+    """The status line an event answered with, or why the event failed."""
+    if not message.get("success"):
+        return f"event failed: {message}"
+    return message["output"]["data"][1]
+
+
+def test_the_server_reads_no_file_a_client_names_outside_its_upload_folder(api_server, in_upload_folder, tmp_path):
+    url = api_server
+    planted = save(scene(64, 48), tmp_path / "planted.png")  # a readable image elsewhere on the server
+    (tmp_path / "secret.txt").write_text("not an image")
+    os.mkfifo(tmp_path / "fifo")
+    os.mkfifo(in_upload_folder / "fifo.png")
+    (in_upload_folder / "link.png").symlink_to(planted)
+    with open(in_upload_folder / "huge.png", "wb") as huge:  # 300 MB, sparse
+        huge.truncate(300 * MB)
+    meta = {"_type": "gradio.FileData"}
+    not_uploaded = "was not uploaded to this page: upload the file"
+    cases = [  # (image payload, support payload, support-mask payload, what the status says)
+        ({"path": str(planted)}, None, None, f"The image {not_uploaded}"),
+        ({"path": str(tmp_path / "secret.txt")}, None, None, f"The image {not_uploaded}"),  # the same words for any
+        ({"path": str(tmp_path / "missing.png")}, None, None, f"The image {not_uploaded}"),
+        ({"path": str(tmp_path)}, None, None, f"The image {not_uploaded}"),
+        ({"path": str(tmp_path / "fifo")}, None, None, f"The image {not_uploaded}"),
+        ({"path": str(in_upload_folder / "link.png")}, None, None, f"The image {not_uploaded}"),
+        ({"path": str(in_upload_folder / "fifo.png")}, None, None, "The image is not a regular file"),
+        ({"path": str(in_upload_folder)}, None, None, "The image is not a regular file"),
+        ({"path": str(in_upload_folder / "huge.png")}, None, None, "The image is over 100 MB, the upload limit"),
+        ({"url": "data:image/png;base64,iVBORw0KGgo="}, None, None, f"The image {not_uploaded}"),
+        ({"path": f"{in_upload_folder}/a\x00b.png"}, None, None, f"The image {not_uploaded}"),
+        ({"path": 7, "orig_name": ["x"]}, None, None, "event failed"),  # Gradio validates the types
+        ({"path": str(planted), "meta": meta}, None, None, "event failed"),  # Gradio's own check
+        (None, {"background": {"path": str(planted)}, "layers": []}, None, "event failed"),  # needs meta
+        (None, None, {"path": str(planted)}, f"The support mask {not_uploaded}"),
+    ]
+    for image, support, support_mask, expected in cases:
+        started = time.perf_counter()
+        reply = segment_request(url, [None, image, "red disc", support, support_mask, 0.3, app.NATIVE])
+        assert time.perf_counter() - started < 10, (image, reply)  # a FIFO never hangs the queue
+        assert expected in status_of(reply) and "Segmented" not in json.dumps(reply), (image, reply)
+        assert not reply.get("success") or reply["output"]["data"][2] is None  # no overlay
+    from gradio_client import Client, handle_file
+
+    status, overlay, *_ = Client(url, verbose=False).predict(
+        handle_file(planted), "red disc", None, None, 0.3, app.NATIVE, api_name="/segment"
+    )
+    assert status.startswith("Segmented `planted.png`") and Image.open(overlay).size == (64, 48)  # uploaded: fine
+
+
+def test_the_api_has_named_endpoints_and_outputs(api_server):
+    from gradio_client import Client
+
+    api = Client(api_server, verbose=False).view_api(print_info=False, return_format="dict")
+    outputs = ["Status", "Overlay", "Probability per prompt (black 0, yellow 1)"]
+    outputs += ["Masks: a PNG per prompt at the original size + summary.json", "Summary"]
+    assert api["unnamed_endpoints"] == {}
+    assert {name: [p["parameter_name"] for p in e["parameters"]] for name, e in api["named_endpoints"].items()} == {
+        "/segment": ["image", "prompts", "support", "support_mask", "threshold", "geometry"],
+        "/rethreshold": ["threshold"],
+    }
+    assert all([r["label"] for r in e["returns"]] == outputs for e in api["named_endpoints"].values())
+
+
+def test_the_support_editor_keeps_no_blob_a_client_posts(api_server):
+    import httpx
+
+    config = httpx.get(api_server + "config").json()
+    (editor,) = [c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "support"]
+    form = {"session_hash": "s", "component_id": str(editor), "fn_name": "accept_blobs", "id": "x", "index": "null"}
+    reply = httpx.post(
+        api_server + "gradio_api/component_server",
+        data=form | {"type": "background"},
+        files={"file": ("background.png", b"\0" * MB)},
+    )
+    assert reply.status_code == 404  # Gradio would keep the megabyte until the editor's next preprocessing
+
+
+def test_the_queue_holds_at_most_max_queue_requests(model, tmp_path, monkeypatch):
+    import threading
+
+    import httpx
+
+    gradio_or_skip()
+    segmenter, release = app.Segmenter(model, "tiny", workdir=tmp_path), threading.Event()
+    monkeypatch.setattr(segmenter, "segment", lambda session, *_: release.wait(30) and (session, app.Output("done")))
+    with serving(segmenter) as url:
+        config = httpx.get(url + "config").json()
+        (button,) = [c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "segment"]
+        (fn_index,) = [d["id"] for d in config["dependencies"] if [button, "click"] in d["targets"]]
+        data = [None, None, "cat", None, None, 0.3, app.NATIVE]
+        with httpx.Client(base_url=url) as client:
+            replies = [
+                client.post("gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": str(i)})
+                for i in range(app.MAX_QUEUE + 8)
+            ]
+        release.set()
+    accepted = [reply for reply in replies if reply.status_code == 200]
+    refused = [reply for reply in replies if reply.status_code == 503]
+    assert len(accepted) == app.MAX_QUEUE + 1 and len(refused) == 7  # one runs, MAX_QUEUE wait
+    assert "Queue is full" in refused[0].text
+
+
+def outward_address() -> str | None:
+    """This machine's address on its default route (not loopback), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_the_server_listens_on_loopback_only_and_serves_no_file_outside_its_cache(api_server, tmp_path):
+    import httpx
+
+    url = api_server
+    assert url.startswith("http://127.0.0.1:")
+    address = outward_address()
+    if address is not None:
+        with pytest.raises(OSError):
+            socket.create_connection((address, int(url.rstrip("/").rsplit(":", 1)[1])), timeout=3).close()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the server must not send this")
+    for route in (f"gradio_api/file={secret}", f"file={secret}", f"gradio_api/file={secret.parent}/../{secret.name}"):
+        reply = httpx.get(url + route)
+        assert reply.status_code in (403, 404) and "must not send" not in reply.text, (route, reply.status_code)
 
 
 # -------------------------------------------------------------------------------------- the screenshot

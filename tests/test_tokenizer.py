@@ -1,11 +1,14 @@
 """tokenizer.py: OpenAI CLIP's cleaning and BPE, offline, with the ids the original model was trained with."""
 
 import random
+import time
+import warnings
 
 import pytest
 import transformers
 
-from tokenizer import TOKENIZER_DIR, CLIPTokenizer, clean_text
+import tokenizer as tokenizer_module
+from tokenizer import TOKENIZER_DIR, CLIPTokenizer, TextTooLong, check_phrase, clean_text
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +56,39 @@ def test_a_damaged_vocabulary_is_a_clear_error(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(RuntimeError, match="missing or damaged.*restore clip_tokenizer"):
         CLIPTokenizer.from_directory(tmp_path)
+
+
+def random_word(rng: random.Random, length: int) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))
+
+
+def test_text_over_the_limits_is_refused_or_cut_at_once_naming_the_limit(tokenizer):
+    rng = random.Random(0)
+    started = time.perf_counter()
+    for text, limit, cut in [
+        (random_word(rng, 64_000), "a prompt has at most 1,000 characters", None),  # took a minute in BPE
+        ("a " + random_word(rng, 600), "has a word of 600 characters; a word has at most 500 characters", None),
+        ("猫" * 501, "has a word of 501 characters", "猫" * 500),  # characters, not UTF-8 bytes
+    ]:
+        with pytest.raises(TextTooLong, match=limit):
+            check_phrase(text)
+        with pytest.warns(UserWarning, match=f"{limit}.*: cut to the limits"):
+            ids = tokenizer.encode(text)
+        cut = cut or " ".join(word[:500] for word in text[:1000].split())
+        assert ids == tokenizer.encode(cut)
+    assert time.perf_counter() - started < 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_phrase("x" * 500)
+        check_phrase("cat " * 250)  # at the limits
+        assert len(tokenizer.encode("cat " * 250)) == 252
+
+
+def test_the_word_cache_stays_bounded_and_right(monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "MAX_CACHED_WORDS", 50)
+    bounded, reference = CLIPTokenizer.from_directory(), CLIPTokenizer.from_directory()
+    rng = random.Random(1)
+    words = [random_word(rng, rng.randint(3, 12)) for _ in range(300)] + [random_word(rng, 100)]
+    first = [bounded.encode(word) for word in words]
+    assert bounded._cached_word_ids.cache_info().currsize == 50
+    assert [bounded.encode(word) for word in words] == first == [reference.encode(word) for word in words]
