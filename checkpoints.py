@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -170,8 +169,3 @@ def plot_log(files: RunFiles, name: str) -> None:
     figure.tight_layout()
     atomic_write(files.plot, lambda p: figure.savefig(p, format="png"))
     plt.close(figure)
-
-
-def finite(value: float) -> float | None:
-    """JSON-safe float: None for NaN/inf."""
-    return value if math.isfinite(value) else None

@@ -602,7 +602,8 @@ class CLIPSeg(nn.Module):
         with torch.no_grad():
             for key, tensor in own.items():
                 tensor.copy_(state[key])
-        self.text_cache = {} if self.text_cache is not None else None
+        if self.text_cache is not None:  # embeddings of the old weights; the cache keeps its kind (and bound)
+            self.text_cache.clear()
 
     def save_pretrained(self, directory: str | os.PathLike, decoder_only: bool = False) -> Path:
         """Write the HF CLIPSeg layout, `config.json` + `model.safetensors`, each atomically: loadable here and by

@@ -500,7 +500,7 @@ class TrainingLoop:
             with self.writing("the loss plot"):
                 checkpoints.plot_log(self.files, self.args.name)
             if log is not None:
-                log.write(json.dumps({"step": self.step, "checkpoint": True, "replica_checksums": checksums}) + "\n")
+                log.write(json_text({"step": self.step, "checkpoint": True, "replica_checksums": checksums}) + "\n")
                 log.flush()
         self.last_saved_step = self.step
 

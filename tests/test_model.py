@@ -21,6 +21,7 @@ from model import (
     CLIPSegConfig,
     CLIPSegDecoder,
     RefinedHead,
+    TextCache,
     count_parameters,
     tiny_config,
 )
@@ -334,6 +335,16 @@ def test_text_cache_returns_the_same_embeddings(tiny):
         cached = tiny.embed_text(PHRASES + PHRASES[:1])
         assert set(tiny.text_cache) == set(PHRASES)
         assert torch.allclose(cached, expected, atol=1e-6)
+    finally:
+        tiny.text_cache = None
+
+
+def test_new_weights_empty_the_text_cache_and_keep_its_bound(tiny):
+    tiny.text_cache = TextCache(capacity=2)
+    try:
+        tiny.embed_text(PHRASES[:2])
+        tiny.load_weights(tiny.state_dict())
+        assert isinstance(tiny.text_cache, TextCache) and tiny.text_cache.capacity == 2 and not tiny.text_cache
     finally:
         tiny.text_cache = None
 
