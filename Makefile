@@ -65,7 +65,7 @@ test: setup setup-export setup-app lint
 
 demo: setup
 	test -f $(DEMO_DATA)/data/VGPhraseCut_v0/image_data_split.json || \
-		$(BIN)/python synthetic.py phrasecut --root $(DEMO_DATA) --n-images $(DEMO_IMAGES)
+		$(BIN)/python -m clipseg.synthetic phrasecut --root $(DEMO_DATA) --n-images $(DEMO_IMAGES)
 	if [ -f checkpoints/demo/train_state.pt ]; then $(BIN)/python train.py --name=demo --resume; \
 	else $(BIN)/python train.py --name=demo --data=synthetic --data-root=$(DEMO_DATA) $(DEMO_TRAIN); fi
 	$(BIN)/python score.py demo $(DEMO_EVAL)
@@ -76,12 +76,12 @@ demo: setup
 		print(f'demo: mIoU at t=0.3 {a:.3f}; with phrases shuffled across samples {b:.3f} (drop {a - b:.3f})')"
 
 demo-fewshot: setup
-	test -f $(FEWSHOT_VOC)/lists/pascal/val.txt || $(BIN)/python synthetic.py voc --root $(FEWSHOT_VOC) --n-images 60
+	test -f $(FEWSHOT_VOC)/lists/pascal/val.txt || $(BIN)/python -m clipseg.synthetic voc --root $(FEWSHOT_VOC) --n-images 60
 	test -f $(FEWSHOT_COCO)/annotations/instances_val2014.json || \
-		$(BIN)/python synthetic.py coco --root $(FEWSHOT_COCO) --n-images 80
+		$(BIN)/python -m clipseg.synthetic coco --root $(FEWSHOT_COCO) --n-images 80
 	test -f checkpoints/demo/config.json || $(MAKE) demo
 	test -f $(DEMO_DATA)/data/VGPhraseCut_v0/image_data_split.json || \
-		$(BIN)/python synthetic.py phrasecut --root $(DEMO_DATA) --n-images $(DEMO_IMAGES)
+		$(BIN)/python -m clipseg.synthetic phrasecut --root $(DEMO_DATA) --n-images $(DEMO_IMAGES)
 	$(BIN)/python score.py demo --data pascal5i --data-root $(FEWSHOT_VOC) --prompt visual $(FEWSHOT_EVAL)
 	$(BIN)/python score.py demo --data pascal5i --data-root $(FEWSHOT_VOC) --prompt text $(FEWSHOT_EVAL)
 	$(BIN)/python score.py demo --data pascal5i --data-root $(FEWSHOT_VOC) --protocol hsnet --episodes 100 $(FEWSHOT_EVAL)

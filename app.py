@@ -51,7 +51,11 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from app_inputs import (
+from clipseg.outputs import safe_name
+from clipseg.precision import add_precision_arguments, resolve_precision
+from clipseg.preprocess import NonFiniteOutput, full_size_probabilities, read_mask
+from clipseg.sessions import MB, SessionStore
+from clipseg.uploads import (
     MAX_PROMPTS,
     MAX_UPLOAD_BYTES,
     InputError,
@@ -62,11 +66,7 @@ from app_inputs import (
     read_rgb,
 )
 from model import CLIPSeg, TextCache
-from outputs import safe_name
-from precision import add_precision_arguments, resolve_precision
 from predict import Predictor, Prompt, build_prompts, draw_overlay, prompt_summary
-from preprocess import NonFiniteOutput, full_size_probabilities, read_mask
-from sessions import MB, SessionStore
 
 DEMO_MODEL = Path("checkpoints") / "demo"
 DEFAULT_THRESHOLD = 0.3

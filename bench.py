@@ -33,11 +33,11 @@ import torch
 import transformers
 from torch import nn
 
-import checkpoints
-from cli import NOTHING_DONE, stop
+from clipseg import runs
+from clipseg.cli import NOTHING_DONE, stop
+from clipseg.outputs import UnwritableOutput, check_writable, json_text, write_json
+from clipseg.precision import precision_context, prepare_model, quantize_linears
 from model import DEFAULT_BACKBONE, CLIPSeg, CLIPSegConfig, RefinedHead, amp_dtype
-from outputs import UnwritableOutput, check_writable, json_text, write_json
-from precision import precision_context, prepare_model, quantize_linears
 
 CPU_FEATURES = ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 PHRASES = [
@@ -335,12 +335,12 @@ def checkpoint_comparison(ours: CLIPSeg, repeats: int) -> dict:
     optimizer.step()  # AdamW's moments exist, as in a real training state
     state = {"decoder": model.decoder.state_dict(), "optimizer": optimizer.state_dict()}
     with tempfile.TemporaryDirectory(prefix="clipseg-ckpt-") as root:
-        files = {name: checkpoints.RunFiles(Path(root) / name) for name in ("complete", "decoder_only")}
+        files = {name: runs.RunFiles(Path(root) / name) for name in ("complete", "decoder_only")}
 
         def save(name: str) -> None:
             files[name].dir.mkdir(exist_ok=True)
-            checkpoints.save_model(model, files[name].dir, complete=name == "complete")
-            checkpoints.save_state(files[name], state)
+            runs.save_model(model, files[name].dir, complete=name == "complete")
+            runs.save_state(files[name], state)
 
         timing = interleaved({name: lambda name=name: save(name) for name in files}, repeats)
         sizes = {name: sum(p.stat().st_size for p in f.dir.iterdir()) for name, f in files.items()}
@@ -387,7 +387,7 @@ def scoring_comparison(ours: CLIPSeg, device: str, size: int, repeats: int, imag
     task, as the reference implementations do. Same metrics either way (tests/test_inference.py)."""
     import dataset
     import score
-    import synthetic
+    from clipseg import synthetic
 
     model = copy.deepcopy(ours).eval()
     model.text_cache = {}
@@ -564,7 +564,7 @@ def onnx_runner(model, folder: Path):
     message) when requirements-export.txt is not installed."""
     try:
         import export
-        from onnx_backend import OnnxBackendError, OnnxCLIPSeg
+        from clipseg.onnx.backend import OnnxBackendError, OnnxCLIPSeg
     except ImportError as err:
         print(f"precision paths: no ONNX row ({err})")
         return None
@@ -652,7 +652,7 @@ def data_pipeline_rate(n_samples: int = 300, image_size: int = 352) -> dict:
     for each resize rule, interleaved. Per wall-clock second and per CPU-second (per core, which other load on the
     machine does not distort)."""
     import dataset
-    import synthetic
+    from clipseg import synthetic
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -731,7 +731,7 @@ def write_large_split(data_dir: Path, n_tasks: int) -> int:
 def index_rate(n_tasks: int) -> dict:
     """Build and load the PhraseCut index of an `n_tasks`-task refer_train.json, each in a fresh process:
     seconds and resident memory."""
-    import synthetic
+    from clipseg import synthetic
 
     with tempfile.TemporaryDirectory(prefix="clipseg-index-") as root:
         data_dir = synthetic.make_synthetic_phrasecut(root, n_images=40, seed=0)

@@ -16,7 +16,6 @@ uniformly from the split's unique phrases, and (PC+) a visual support from any t
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -30,8 +29,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
-from metrics import PHRASE_TYPES
-from phrasecut_index import (
+from clipseg.benchmarks.classes import removal_rule
+from clipseg.metrics import PHRASE_TYPES
+from clipseg.phrasecut import (
     DATA_SUBDIR,
     DOWNLOAD_HINT,
     TaskTable,
@@ -40,7 +40,7 @@ from phrasecut_index import (
     load_task_table,
     usable_polygons,
 )
-from preprocess import (
+from clipseg.preprocess import (
     IMAGE_SIZE,
     ImageTransform,
     UnreadableImage,
@@ -52,7 +52,6 @@ from preprocess import (
     read_mask,
     visual_prompt,
 )
-from wordnet_classes import removal_rule
 
 DEFAULT_PHRASECUT_ROOT = "PhraseCutDataset"
 DEFAULT_SYNTHETIC_ROOT = "synthetic_phrasecut"
@@ -752,7 +751,7 @@ def build_dataset(kind: str, root: str | os.PathLike | None, split: str, **kwarg
             not (root / DATA_SUBDIR / "image_data_split.json").is_file()
             and not (root / "image_data_split.json").is_file()
         ):
-            from synthetic import make_synthetic_phrasecut  # synthetic.py writes this module's layout
+            from clipseg.synthetic import make_synthetic_phrasecut  # it writes this module's layout
 
             make_synthetic_phrasecut(root)
         return PhraseCut(root, split, **kwargs)
@@ -761,17 +760,3 @@ def build_dataset(kind: str, root: str | os.PathLike | None, split: str, **kwarg
             raise ValueError("a folder dataset needs the path of its JSONL/CSV index file")
         return UserFolder(root, split=split, **kwargs)
     raise ValueError(f"unknown dataset kind {kind!r}; choose phrasecut, synthetic or folder")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python dataset.py synthetic ...` is kept for old commands: it runs `python synthetic.py phrasecut ...`."""
-    parser = argparse.ArgumentParser(description="Data sets; generated data: python synthetic.py phrasecut --help")
-    parser.add_argument("command", choices=("synthetic",), help="write a synthetic PhraseCut (see synthetic.py)")
-    args, rest = parser.parse_known_args(argv)
-    import synthetic
-
-    synthetic.main(["phrasecut", *rest])
-
-
-if __name__ == "__main__":
-    main()

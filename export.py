@@ -35,8 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from model import MAX_IMAGE_SIDE, PATCH_SIZE, CLIPSeg, ImageFeatures, _run_clip_block
-from onnx_backend import (
+from clipseg.onnx.backend import (
     FORMAT,
     FORMAT_VERSION,
     GRAPH_FILES,
@@ -47,9 +46,10 @@ from onnx_backend import (
     graph_sha256,
     import_onnxruntime,
 )
-from outputs import UnwritableOutput, check_writable, write_json
-from preprocess import IMAGENET_MEAN, IMAGENET_STD
-from tokenizer import CONTEXT_LENGTH
+from clipseg.outputs import UnwritableOutput, check_writable, write_json
+from clipseg.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from clipseg.tokenizer import CONTEXT_LENGTH
+from model import MAX_IMAGE_SIDE, PATCH_SIZE, CLIPSeg, ImageFeatures, _run_clip_block
 
 OPSET = 20
 MAX_GRID = MAX_IMAGE_SIDE // PATCH_SIZE  # the largest patch grid side the graphs accept: 256 (4096 px)

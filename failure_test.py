@@ -35,12 +35,12 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cli import BAD_INPUT, NOTHING_DONE, stop
-from inference import SkipLog, predict_tasks
-from metrics import ious_at_thresholds
+from clipseg.cli import BAD_INPUT, NOTHING_DONE, stop
+from clipseg.inference import SkipLog, predict_tasks
+from clipseg.metrics import ious_at_thresholds
+from clipseg.outputs import UnwritableOutput, check_writable, is_safe_name, printable, safe_name, write_text
+from clipseg.preprocess import NonFiniteOutput, UnreadableImage, denormalise, full_size_probabilities, open_rgb
 from model import CLIPSeg
-from outputs import UnwritableOutput, check_writable, is_safe_name, printable, safe_name, write_text
-from preprocess import NonFiniteOutput, UnreadableImage, denormalise, full_size_probabilities, open_rgb
 from score import (
     ScoreError,
     add_data_arguments,

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
-from outputs import atomic_write, write_text
-from preprocess import IMAGE_SIZE
-from tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, CLIPTokenizer
-from weights import (
+from clipseg.outputs import atomic_write, write_text
+from clipseg.preprocess import IMAGE_SIZE
+from clipseg.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, CLIPTokenizer
+from clipseg.weights import (
     CONFIG_NAME,
     DECODER_WEIGHTS_NAME,
     FREE_KNOBS,
@@ -857,7 +857,7 @@ def model_class(arch: str) -> type[CLIPSeg]:
     baselines.py builds on this module)."""
     if arch == "clipseg":
         return CLIPSeg
-    import baselines
+    from clipseg import baselines
 
     return baselines.ARCHITECTURE_CLASSES[arch]
 

@@ -42,11 +42,10 @@ from scipy import ndimage
 from torch import Tensor
 from tqdm import tqdm
 
-from model import CLIPSeg, ImageFeatures
-from onnx_backend import OnnxBackendError, OnnxCLIPSeg
-from outputs import UnwritableOutput, check_writable, json_text, printable, safe_name, write_text
-from precision import PRECISIONS, add_precision_arguments, precision_context, prepare_model, resolve_precision
-from preprocess import (
+from clipseg.onnx.backend import OnnxBackendError, OnnxCLIPSeg
+from clipseg.outputs import UnwritableOutput, check_writable, json_text, printable, safe_name, write_text
+from clipseg.precision import PRECISIONS, add_precision_arguments, precision_context, prepare_model, resolve_precision
+from clipseg.preprocess import (
     MAX_ASPECT,
     RESIZE_RULES,
     ImageInput,
@@ -58,6 +57,7 @@ from preprocess import (
     open_rgb,
     support_prompt,
 )
+from model import CLIPSeg, ImageFeatures
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")

@@ -34,15 +34,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import dataset as datasets
-import fewshot_runs
-from cli import NOTHING_DONE, stop
-from fewshot import BENCHMARKS
-from inference import SkipLog, TaskBatch, predict_tasks
-from metrics import PAPER_THRESHOLDS, PaperMetrics, PhraseCutMetrics
+from clipseg.benchmarks import runs as fewshot_runs
+from clipseg.benchmarks.protocols import BENCHMARKS
+from clipseg.cli import NOTHING_DONE, stop
+from clipseg.inference import SkipLog, TaskBatch, predict_tasks
+from clipseg.metrics import PAPER_THRESHOLDS, PaperMetrics, PhraseCutMetrics
+from clipseg.outputs import UnwritableOutput, check_writable, safe_name, write_json
+from clipseg.precision import add_precision_arguments, prepare_model, resolve_precision
+from clipseg.preprocess import RESIZE_RULES, NonFiniteOutput, full_size_probabilities
 from model import CLIPSeg
-from outputs import UnwritableOutput, check_writable, safe_name, write_json
-from precision import add_precision_arguments, prepare_model, resolve_precision
-from preprocess import RESIZE_RULES, NonFiniteOutput, full_size_probabilities
 
 CHECKPOINTS_DIR = Path("checkpoints")
 DEFAULT_THRESHOLD = 0.3

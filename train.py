@@ -7,10 +7,11 @@ own data, validation with a best model, exact resume, several GPUs.
     python train.py --name=pc --val-interval=1000 --keep-checkpoints=10000,20000    # best/ by validation mIoU
     torchrun --nproc_per_node=4 train.py --name=pc --batch-size=64      # 4 GPUs (DDP); 64 is the global batch
     python train.py --name=mine --data=folder --data-root=my_masks.jsonl --init=CIDAS/clipseg-rd64-refined
-    python synthetic.py phrasecut --n-images=1500 && python train.py --name=demo --data=synthetic --backbone=tiny \
+    python -m clipseg.synthetic phrasecut --n-images=1500   # generated data for the CPU demo (`make demo`), then
+    python train.py --name=demo --data=synthetic --backbone=tiny \
         --device=cpu --image-size=128 --batch-size=32 --max-iterations=4400 --ckpt=500 --num-workers=1 --refined \
         --reduce-dim=64 --extract-layers=0,1,2 --lr=1.5e-3 --dropout=0 --whole-image-prob=0.5 --no-amp \
-        --val-interval=1100 --val-samples=200 --prompts-per-image=2 --negative-prob=0.1   # the CPU demo (`make demo`)
+        --val-interval=1100 --val-samples=200 --prompts-per-image=2 --negative-prob=0.1
 
 Everything a run writes goes to `checkpoints/<name>/` (see checkpoints.py): `args.json`, the model
 (`CLIPSeg.from_pretrained("checkpoints/<name>")`; decoder-only while training, complete at the end), `best/` and
@@ -41,17 +42,16 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-import checkpoints
 import dataset as datasets
-from baselines import tiny_vit_config
-from checkpoints import RunFiles
-from inference import predict_tasks
-from metrics import PaperMetrics
-from model import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSeg, TextCache, tiny_clip_config
-from model import amp_dtype as model_amp_dtype
-from outputs import json_text
-from preprocess import NonFiniteOutput
-from sampling import (
+from clipseg import runs
+from clipseg.baselines import tiny_vit_config
+from clipseg.benchmarks.classes import WordNetMissing
+from clipseg.inference import predict_tasks
+from clipseg.metrics import PaperMetrics
+from clipseg.outputs import json_text
+from clipseg.preprocess import NonFiniteOutput
+from clipseg.runs import RunFiles
+from clipseg.sampling import (
     Distributed,
     InfiniteBatchSampler,
     all_reduce_sum,
@@ -61,8 +61,9 @@ from sampling import (
     setup_distributed,
     threads_beside_workers,
 )
-from train_args import datasets_default, parse_args
-from wordnet_classes import WordNetMissing
+from clipseg.train_args import datasets_default, parse_args
+from model import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSeg, TextCache, tiny_clip_config
+from model import amp_dtype as model_amp_dtype
 
 # Flags that may differ from the stored run arguments when resuming; all others must match.
 RESUME_OVERRIDABLE = (
@@ -343,7 +344,7 @@ class Summary:
             + f"; model in {self.run_dir}"
             + (
                 f"; best validation {self.best.metric} {self.best.value:.4f} at iteration {self.best.step} in "
-                f"{self.run_dir}/{checkpoints.BEST_NAME}"
+                f"{self.run_dir}/{runs.BEST_NAME}"
                 if self.best is not None
                 else ""
             )
@@ -421,7 +422,7 @@ class TrainingLoop:
         The RNG streams are functions of (seed, step, rank) (reseeded every iteration), so seed and step restore
         them exactly."""
         return {
-            "format": checkpoints.STATE_FORMAT,
+            "format": runs.STATE_FORMAT,
             "step": self.step,
             "seed": self.args.seed,
             "global_batch": self.args.batch_size,
@@ -491,14 +492,14 @@ class TrainingLoop:
             raise TrainingError(f"the {len(checksums)} DDP replicas hold different weights at iteration {self.step}")
         if self.world.is_main:
             with self.writing(f"the checkpoint of iteration {self.step}"):
-                checkpoints.save_model(self.model, self.files.dir, complete)
-                checkpoints.save_state(self.files, self.state())
+                runs.save_model(self.model, self.files.dir, complete)
+                runs.save_state(self.files, self.state())
             self.last_saved_step = self.step
             if self.step in self.keep:
                 with self.writing(f"the kept copy {self.files.kept(self.step).name}"):
-                    checkpoints.save_complete(self.model, self.files.kept(self.step))
+                    runs.save_complete(self.model, self.files.kept(self.step))
             with self.writing("the loss plot"):
-                checkpoints.plot_log(self.files, self.args.name)
+                runs.plot_log(self.files, self.args.name)
             if log is not None:
                 log.write(json_text({"step": self.step, "checkpoint": True, "replica_checksums": checksums}) + "\n")
                 log.flush()
@@ -530,7 +531,7 @@ class TrainingLoop:
                 self.best = Best(self.best.metric, value, self.step)
                 info = {"step": self.step, "metric": self.best.metric, "value": value, **scores}
                 with self.writing(f"the best model ({self.files.best.name}/) of iteration {self.step}"):
-                    checkpoints.save_complete(self.model, self.files.best, info)
+                    runs.save_complete(self.model, self.files.best, info)
             self.last_validation = scores
             progress.set_postfix(self.postfix())
             if log is not None:
@@ -662,7 +663,7 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
             f"{world.world_size} processes"
         )
     try:
-        state = checkpoints.load_state(files) if args.resume else None
+        state = runs.load_state(files) if args.resume else None
     except ValueError as err:
         raise TrainingError(str(err)) from err
     model = resume_model(files, args) if args.resume else build_model(args)
@@ -670,8 +671,8 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
     model.to(device).train()
     if world.is_main:
         try:
-            checkpoints.check_run_writable(files.dir, checkpoints.checkpoint_bytes(model))
-        except checkpoints.CheckpointWriteError as err:
+            runs.check_run_writable(files.dir, runs.checkpoint_bytes(model))
+        except runs.CheckpointWriteError as err:
             raise TrainingError(str(err)) from err
         if not args.resume:
             write_args(files, args, world)
@@ -689,7 +690,7 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
     loader = build_loader(dataset, sampler, args.num_workers, pin=device.type == "cuda")
     if world.is_main:
         announce(args, model, dataset, world, device, loop.dtype, loop.step, validation)
-        checkpoints.rewrite_log(files.log, checkpoints.read_log(files.log, up_to_step=loop.step))
+        runs.rewrite_log(files.log, runs.read_log(files.log, up_to_step=loop.step))
         if getattr(args, "remove_classes", None):
             record = {"step": loop.step, "remove_classes": args.remove_classes, "removed": removed_count(dataset)}
             with open(files.log, "a") as log:
@@ -784,7 +785,7 @@ def _jsonable(value):
 def write_args(files: RunFiles, args: argparse.Namespace, world: Distributed) -> None:
     record = {k: _jsonable(v) for k, v in vars(args).items() if k not in ("explicit", "resume")}
     record["world_size"] = world.world_size
-    checkpoints.write_args(files, record)
+    runs.write_args(files, record)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ SYNTHETIC_SEED = 0
 def synthetic_root(tmp_path_factory) -> Path:
     """Root of a 32-image synthetic PhraseCut (pass it to `dataset.PhraseCut`; the data is at
     <root>/data/VGPhraseCut_v0). Shared by the whole session: tests that damage data must copy it first."""
-    import synthetic
+    from clipseg import synthetic
 
     root = tmp_path_factory.mktemp("synthetic_phrasecut")
     synthetic.make_synthetic_phrasecut(root, n_images=SYNTHETIC_IMAGES, seed=SYNTHETIC_SEED)
@@ -40,7 +40,7 @@ def damaged_root(synthetic_root, tmp_path) -> Path:
 def synthetic_voc(tmp_path_factory) -> Path:
     """Root of a 40-image synthetic Pascal VOC 2012 (VOC2012/, lists/, splits/; 30 val images). Shared: copy it
     before damaging it."""
-    import synthetic
+    from clipseg import synthetic
 
     root = tmp_path_factory.mktemp("synthetic_voc")
     synthetic.make_synthetic_voc(root, n_images=40, seed=SYNTHETIC_SEED)
@@ -50,7 +50,7 @@ def synthetic_voc(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_coco(tmp_path_factory) -> Path:
     """Root of a 54-image synthetic COCO-20i val set (HSNet's layout and COCO's instances JSON). Shared."""
-    import synthetic
+    from clipseg import synthetic
 
     root = tmp_path_factory.mktemp("synthetic_coco")
     synthetic.make_synthetic_coco(root, n_images=54, seed=SYNTHETIC_SEED)

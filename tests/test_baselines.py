@@ -13,10 +13,12 @@ import transformers
 from test_model import PHRASES, assert_parity, hf_reference
 from test_score import recompute
 
-import checkpoints
 import score
 import train
-from baselines import CLIPDeconv, DeconvDecoder, ViTSeg, tiny_vit_config
+from clipseg import runs
+from clipseg.baselines import CLIPDeconv, DeconvDecoder, ViTSeg, tiny_vit_config
+from clipseg.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from clipseg.weights import CheckpointError
 from model import (
     CLIPSeg,
     CLIPSegConfig,
@@ -27,8 +29,6 @@ from model import (
     tiny_config,
 )
 from predict import Predictor
-from preprocess import IMAGENET_MEAN, IMAGENET_STD
-from weights import CheckpointError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY = ["--backbone=tiny", "--device=cpu", "--image-size=64", "--batch-size=4", "--num-workers=0", "--log-every=1"]
@@ -50,7 +50,7 @@ def trained(request, tmp_path_factory, synthetic_root):
 
 def test_each_architecture_trains_with_a_falling_loss(trained):
     _, _, run_dir = trained
-    curve = [r["loss"] for r in checkpoints.read_log(run_dir / "log.jsonl") if "loss" in r]
+    curve = [r["loss"] for r in runs.read_log(run_dir / "log.jsonl") if "loss" in r]
     assert len(curve) == 30
     assert np.mean(curve[-5:]) < 0.7 * np.mean(curve[:5])
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-import benchmarks
-from benchmarks import BenchmarkDataError, Coco20i, VocData, read_fold_pickle, read_pair
-from preprocess import (
+from clipseg.benchmarks import readers as benchmarks
+from clipseg.benchmarks.classes import COCO_CLASSES, coco_fold_classes, pascal_fold_classes
+from clipseg.benchmarks.readers import BenchmarkDataError, Coco20i, VocData, read_fold_pickle, read_pair
+from clipseg.preprocess import (
     UnreadableImage,
     letterbox,
     letterbox_size,
@@ -25,7 +26,6 @@ from preprocess import (
     resize_pixels,
     unletterbox,
 )
-from wordnet_classes import COCO_CLASSES, coco_fold_classes, pascal_fold_classes
 
 cv2 = pytest.importorskip("cv2", reason="opencv-python-headless (requirements-dev.txt) is the reference")
 
@@ -128,7 +128,7 @@ def test_coco_errors_name_the_missing_files(tmp_path, monkeypatch, synthetic_coc
     monkeypatch.setitem(__import__("sys").modules, "pycocotools.coco", None)
     with pytest.raises(BenchmarkDataError, match="pycocotools"):
         Coco20i(tmp_path, fold=0)
-    assert "synthetic.py coco" in benchmarks.COCO_HINT
+    assert "python -m clipseg.synthetic coco" in benchmarks.COCO_HINT
 
 
 # ------------------------------------------------------------------------------------------------ resize rules

@@ -13,7 +13,7 @@ from PIL import Image
 from test_preprocess import find_crop_reference, original_pipeline, skimage_union
 
 import dataset
-from preprocess import IMAGENET_MEAN, IMAGENET_STD, instances_to_mask, open_rgb
+from clipseg.preprocess import IMAGENET_MEAN, IMAGENET_STD, instances_to_mask, open_rgb
 
 SMALL = 64  # sample side for fast pipeline tests
 
@@ -224,7 +224,7 @@ def test_missing_dataset_dir_says_where_and_how(tmp_path):
         dataset.PhraseCut(tmp_path / "nowhere", "train", train=True)
     message = str(err.value)
     assert str(tmp_path / "nowhere" / "data" / "VGPhraseCut_v0") in message and "download_dataset.py" in message
-    assert "synthetic.py phrasecut" in message
+    assert "python -m clipseg.synthetic phrasecut" in message
 
 
 def test_unknown_split_lists_valid_ones(synthetic_root):

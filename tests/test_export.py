@@ -26,11 +26,11 @@ for _package in ("onnx", "onnxscript", "onnxruntime"):
         pytest.skip(f"{_package} is not installed: pip install -r requirements-export.txt", allow_module_level=True)
 
 import export  # noqa: E402
-import outputs  # noqa: E402
+from clipseg import outputs  # noqa: E402
+from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, OnnxBackendError, OnnxCLIPSeg  # noqa: E402
+from clipseg.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from model import CLIPSeg  # noqa: E402
-from onnx_backend import GRAPH_FILES, MANIFEST_NAME, OnnxBackendError, OnnxCLIPSeg  # noqa: E402
 from predict import main as predict_main  # noqa: E402
-from preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 PHRASES = ["a red circle", "the big blue square on the left", "sky"]
 TOLERANCE = 1e-4  # the bound on |ONNX logits - PyTorch logits|

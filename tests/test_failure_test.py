@@ -14,9 +14,9 @@ from PIL import Image
 
 import dataset as datasets
 import failure_test
+from clipseg.outputs import safe_name
 from failure_test import THRESHOLDS, FailureCase, main, render_panel, write_index
 from model import CLIPSeg
-from outputs import safe_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZE = 64

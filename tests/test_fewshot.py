@@ -13,11 +13,11 @@ import pytest
 import torch.nn.functional as F
 from PIL import Image
 
-import fewshot
 import score
-from benchmarks import Coco20i, VocData, label_counts
-from fewshot import coco_episodes, hsnet_pascal_episodes, pascal_original_episodes
-from wordnet_classes import PASCAL_CLASSES, coco_fold_classes, pascal_fold_classes, zero_shot_unseen
+from clipseg.benchmarks import protocols as fewshot
+from clipseg.benchmarks.classes import PASCAL_CLASSES, coco_fold_classes, pascal_fold_classes, zero_shot_unseen
+from clipseg.benchmarks.protocols import coco_episodes, hsnet_pascal_episodes, pascal_original_episodes
+from clipseg.benchmarks.readers import Coco20i, VocData, label_counts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZE = 64  # the tiny model's input side

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.integrate import simpson
 
-from metrics import EpisodeMetrics, ZeroShotMetrics
+from clipseg.metrics import EpisodeMetrics, ZeroShotMetrics
 
 THRESHOLDS = np.round(np.arange(1, 50) * 0.02, 2)
 

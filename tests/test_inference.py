@@ -8,7 +8,7 @@ from PIL import Image
 
 import dataset
 import score
-from inference import ImageGroups, predict_tasks
+from clipseg.inference import ImageGroups, predict_tasks
 from model import CLIPSeg
 
 SIZE = 64

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.integrate import simpson
 
-from metrics import (
+from clipseg.metrics import (
     PAPER_THRESHOLDS,
     PaperMetrics,
     PhraseCutMetrics,

@@ -15,6 +15,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from clipseg.weights import CheckpointError
 from model import (
     MAX_IMAGE_SIDE,
     CLIPSeg,
@@ -25,7 +26,6 @@ from model import (
     count_parameters,
     tiny_config,
 )
-from weights import CheckpointError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outputs import (
+from clipseg.outputs import (
     UnwritableOutput,
     atomic_write,
     check_writable,

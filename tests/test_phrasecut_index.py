@@ -6,7 +6,7 @@ import pytest
 from test_dataset import data_dir, refer
 
 import dataset
-import phrasecut_index
+from clipseg import phrasecut as phrasecut_index
 
 
 def test_index_is_cached_and_rebuilt_when_the_json_changes(damaged_root, monkeypatch):

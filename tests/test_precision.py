@@ -10,9 +10,8 @@ import torch
 from PIL import Image
 
 import model as model_module
-import precision as precision_module
-from model import CLIPSeg
-from precision import (
+from clipseg import precision as precision_module
+from clipseg.precision import (
     PRECISIONS,
     cpu_has_vnni,
     default_precision,
@@ -22,6 +21,7 @@ from precision import (
     quantize_vision_linears,
     resolve_precision,
 )
+from model import CLIPSeg
 from predict import main
 
 PHRASES = ["a red circle", "the blue square", "sky"]

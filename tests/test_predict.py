@@ -12,11 +12,11 @@ from PIL import Image, ImageOps
 
 import model as model_module
 import predict
-import preprocess
+from clipseg import preprocess
+from clipseg.outputs import is_safe_name
+from clipseg.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, visual_prompt
 from model import CLIPSeg
-from outputs import is_safe_name
 from predict import PALETTE, Predictor, build_prompts, draw_overlay, image_output_names, main, merge_duplicates
-from preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, visual_prompt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZE = 64  # short side used in these tests (the tiny CLIP takes any multiple of 16)

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from skimage.draw import polygon2mask
 
-import preprocess
-from preprocess import (
+from clipseg import preprocess
+from clipseg.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     RASTER_RULES,

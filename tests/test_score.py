@@ -18,8 +18,8 @@ from scipy.integrate import simpson
 
 import dataset as datasets
 import score
+from clipseg.outputs import safe_name
 from model import CLIPSeg
-from outputs import safe_name
 from score import (
     ScoreError,
     available_runs,
@@ -339,7 +339,7 @@ def test_table_marks_interrupted_and_shuffled_runs():
 
 
 def test_the_default_precision_is_precision_pys_and_is_recorded(checkpoints, synthetic_root, tmp_path):
-    from precision import default_precision
+    from clipseg.precision import default_precision
 
     args = score_args(checkpoints, synthetic_root, "--out", str(tmp_path / "s.json"))
     args.remove("--precision")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sessions import MB, SessionStore, retained_bytes
+from clipseg.sessions import MB, SessionStore, retained_bytes
 
 
 @dataclass

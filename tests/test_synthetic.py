@@ -7,8 +7,8 @@ import numpy as np
 from PIL import Image
 
 import dataset
-import synthetic
-from preprocess import instances_to_mask, open_rgb
+from clipseg import synthetic
+from clipseg.preprocess import instances_to_mask, open_rgb
 
 
 def data_dir(root: Path) -> Path:
@@ -96,9 +96,9 @@ def test_generator_is_deterministic_for_a_seed(tmp_path):
     assert (first / "images/1.jpg").read_bytes() != (other / "images/1.jpg").read_bytes()
 
 
-def test_cli_writes_the_layout_and_dataset_py_still_forwards(tmp_path, capsys):
+def test_cli_writes_the_same_layout_as_the_function(tmp_path, capsys):
     synthetic.main(["phrasecut", "--root", str(tmp_path / "a"), "--n-images", "4", "--seed", "1"])
     assert "wrote 4 images" in capsys.readouterr().out
-    dataset.main(["synthetic", "--root", str(tmp_path / "b"), "--n-images", "4", "--seed", "1"])
+    synthetic.make_synthetic_phrasecut(tmp_path / "b", n_images=4, seed=1)
     for name in ("refer_train.json", "image_data_split.json", "images/4.jpg"):
         assert (data_dir(tmp_path / "a") / name).read_bytes() == (data_dir(tmp_path / "b") / name).read_bytes()

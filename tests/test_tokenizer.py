@@ -7,8 +7,8 @@ import warnings
 import pytest
 import transformers
 
-import tokenizer as tokenizer_module
-from tokenizer import TOKENIZER_DIR, CLIPTokenizer, TextTooLong, check_phrase, clean_text
+from clipseg import tokenizer as tokenizer_module
+from clipseg.tokenizer import TOKENIZER_DIR, CLIPTokenizer, TextTooLong, check_phrase, clean_text
 
 
 @pytest.fixture(scope="module")

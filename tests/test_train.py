@@ -19,9 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-import checkpoints
-import outputs
 import train
+from clipseg import outputs, runs
 from model import CLIPSeg
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,7 +38,7 @@ def run(argv: list[str], dataset: Dataset | None = None) -> train.Summary:
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in checkpoints.read_log(run_dir / "log.jsonl") if "loss" in r]
+    return [r["loss"] for r in runs.read_log(run_dir / "log.jsonl") if "loss" in r]
 
 
 def decoder_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -92,7 +91,7 @@ def test_loss_falls_and_run_directory_is_complete(tmp_path, synthetic_root):
     }
     assert Image.open(run_dir / "loss.png").format == "PNG"
     assert json.loads((run_dir / "args.json").read_text())["max_iterations"] == 40
-    records = checkpoints.read_log(run_dir / "log.jsonl")
+    records = runs.read_log(run_dir / "log.jsonl")
     assert all({"step", "loss", "lr", "samples_per_s"} <= r.keys() for r in records if "loss" in r)
     logged_rate = np.median([r["samples_per_s"] for r in records if "loss" in r][1:])  # the first includes start-up
     assert summary.samples_per_second / 3 < logged_rate < 3 * summary.samples_per_second
@@ -241,7 +240,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert ours["step"] == theirs["step"]
     for key, value in ours["optimizer"]["state"].items():
         assert torch.equal(value["exp_avg_sq"], theirs["optimizer"]["state"][key]["exp_avg_sq"])
-    assert [r["step"] for r in checkpoints.read_log(run_dir / "log.jsonl") if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in runs.read_log(run_dir / "log.jsonl") if "loss" in r] == list(range(1, 13))
 
 
 def test_ctrl_c_saves_and_resume_is_bitwise_exact(tmp_path, synthetic_root, reference):
@@ -280,7 +279,7 @@ def kill_training_when(argv: list[str], cwd: Path, condition) -> None:
 def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path, synthetic_root, reference):
     argv = flags(tmp_path, synthetic_root, "--name=ref", "--max-iterations=12", "--ckpt=1")
     run_dir = tmp_path / "ck" / "ref"
-    kill_training_when(argv, tmp_path, lambda: [r for r in checkpoints.read_log(run_dir / "log.jsonl") if
+    kill_training_when(argv, tmp_path, lambda: [r for r in runs.read_log(run_dir / "log.jsonl") if
                                                 r.get("checkpoint") and r["step"] >= 3])  # fmt: skip
     step = training_state(run_dir)["step"]
     assert 3 <= step < 12
@@ -417,7 +416,7 @@ def test_torchrun_two_processes_keep_identical_replicas(tmp_path, synthetic_root
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "ck" / "ddp"
-    saved = [r for r in checkpoints.read_log(run_dir / "log.jsonl") if r.get("checkpoint")]
+    saved = [r for r in runs.read_log(run_dir / "log.jsonl") if r.get("checkpoint")]
     assert [r["step"] for r in saved] == [2, 3]
     for record in saved:
         first, second = record["replica_checksums"]
@@ -530,7 +529,7 @@ def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, synthetic_roo
     assert summary.skipped > 0 and sum(summary.skip_reasons.values()) == summary.skipped
     assert all("cannot decode" in reason for reason in summary.skip_reasons)
     assert f"{summary.skipped} sample(s) skipped" in capsys.readouterr().out
-    records = [r for r in checkpoints.read_log(tmp_path / "ck" / "soak" / "log.jsonl") if "loss" in r]
+    records = [r for r in runs.read_log(tmp_path / "ck" / "soak" / "log.jsonl") if "loss" in r]
     assert records[-1]["skipped"] == summary.skipped
 
 
@@ -550,7 +549,7 @@ def validated(tmp_path_factory, synthetic_root):
 
 
 def validation_records(run_dir: Path) -> list[dict]:
-    return [r for r in checkpoints.read_log(run_dir / "log.jsonl") if "val_loss" in r]
+    return [r for r in runs.read_log(run_dir / "log.jsonl") if "val_loss" in r]
 
 
 def test_validation_equals_score_py_on_the_same_subset_and_weights(tmp_path, synthetic_root):
@@ -721,14 +720,14 @@ def test_bad_polygons_left_out_while_indexing_are_counted_in_the_log(damaged_roo
     with pytest.warns(UserWarning, match="4 bad polygons left out"):
         run(flags(tmp_path, damaged_root, "--name=bad", "--max-iterations=1", "--ckpt=1", "--val-interval=0"))
     assert "while indexing: excluded 2 tasks (first: " in capsys.readouterr().out
-    (record,) = [r for r in checkpoints.read_log(tmp_path / "ck" / "bad" / "log.jsonl") if "excluded" in r]
+    (record,) = [r for r in runs.read_log(tmp_path / "ck" / "bad" / "log.jsonl") if "excluded" in r]
     assert record["step"] == 0 and record["excluded"] == 2 and record["excluded_polygons"] == 4
     assert record["excluded_example"][0] == second and "no usable polygon" in record["excluded_example"][1]
     assert record["excluded_polygons_example"] == [first, 1, "1 polygon dropped: 1 with non-finite coordinates"]
 
 
 def test_validation_outputs_that_are_not_finite_stop_with_a_message(synthetic_root, tmp_path, capsys, monkeypatch):
-    from preprocess import NonFiniteOutput
+    from clipseg.preprocess import NonFiniteOutput
 
     def overflowing(self, model, precision):
         raise NonFiniteOutput("the model's output holds 7 NaN or infinite values (of 64)")

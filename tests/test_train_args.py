@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import train
-import train_args
+from clipseg import train_args
 
 REPO = Path(__file__).resolve().parents[1]
 

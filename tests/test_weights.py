@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from clipseg.weights import MAX_PARAMETERS, CheckpointError, estimated_parameters
 from model import CLIPSeg, count_parameters
-from weights import MAX_PARAMETERS, CheckpointError, estimated_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHT = "decoder.film_mul.weight"
@@ -124,7 +124,7 @@ def test_config_values_outside_sane_ranges_are_named_errors(good, tmp_path, kind
     def no_weights_read(*args):
         raise AssertionError("the weights were read before the config was checked")
 
-    monkeypatch.setattr("weights.load_file", no_weights_read)
+    monkeypatch.setattr("clipseg.weights.load_file", no_weights_read)
     with pytest.raises(CheckpointError, match=re.escape(message)) as err:
         CLIPSeg.from_pretrained(directory)
     assert str(err.value).startswith(f"{directory / 'config.json'}: ")

@@ -10,8 +10,8 @@ from PIL import Image
 
 import dataset
 import train
-import wordnet_classes
-from wordnet_classes import LEXNAMES, WordNetMissing, lexnames_text, removal_rule
+from clipseg.benchmarks import classes as wordnet_classes
+from clipseg.benchmarks.classes import LEXNAMES, WordNetMissing, lexnames_text, removal_rule
 
 DEBIAN_PACKAGES = "wordnet-base wordnet-sense-index"
 

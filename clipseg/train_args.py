@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import dataset as datasets
-from baselines import DEFAULT_VIT
-from cli import (
+from clipseg.baselines import DEFAULT_VIT
+from clipseg.benchmarks.classes import parse_removal
+from clipseg.cli import (
     DefaultsHelpFormatter,
     dropout_rate,
     explicit_flags,
@@ -24,9 +25,8 @@ from cli import (
     step_list,
     weight_range,
 )
+from clipseg.preprocess import RESIZE_RULES
 from model import ARCHITECTURES, DEFAULT_BACKBONE, MAX_IMAGE_SIDE, RANDOM_BACKBONES, check_image_side
-from preprocess import RESIZE_RULES
-from wordnet_classes import parse_removal
 
 VAL_METRICS = ("miou", "iou_fg", "ap", "loss")  # the paper's metrics at t = 0.3, or the validation loss
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from preprocess import MAX_IMAGE_PIXELS, UnreadableImage, open_rgb
-from tokenizer import MAX_PHRASE_CHARS, TextTooLong, check_phrase
+from clipseg.preprocess import MAX_IMAGE_PIXELS, UnreadableImage, open_rgb
+from clipseg.tokenizer import MAX_PHRASE_CHARS, TextTooLong, check_phrase
 
 MAX_PROMPTS = 20
 MAX_PROMPT_TEXT = MAX_PROMPTS * (MAX_PHRASE_CHARS + 1)  # the prompt box, in characters

@@ -35,14 +35,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from preprocess import UnreadableImage, open_rgb, read_label
-from wordnet_classes import COCO_CLASSES, coco_fold_classes, pascal_fold_classes
+from clipseg.benchmarks.classes import COCO_CLASSES, coco_fold_classes, pascal_fold_classes
+from clipseg.preprocess import UnreadableImage, open_rgb, read_label
 
 VOC_HINT = (
     "Pascal VOC 2012 comes from the VOC2012 trainval tar (VOCdevkit/VOC2012: JPEGImages, SegmentationClass, "
     "ImageSets); SegmentationClassAug is the SBD-augmented label set most few-shot code uses (e.g. the "
     "SegmentationClassAug.zip linked from PFENet's and HSNet's READMEs). Generated data in this layout: "
-    "`python synthetic.py voc --root synthetic_voc`."
+    "`python -m clipseg.synthetic voc --root synthetic_voc`."
 )
 PFENET_LIST = Path("lists") / "pascal" / "val.txt"
 HSNET_SPLITS = Path("splits")
@@ -50,7 +50,7 @@ COCO_HINT = (
     "COCO-20i as HSNet lays it out: COCO 2014 images (train2014/, val2014/), HSNet's per-image class PNGs "
     "(annotations/val2014/*.png) and its fold lists (data/splits/coco/val/fold<k>.pkl in HSNet's repository); or "
     "COCO 2014's own annotations/instances_val2014.json (needs pycocotools). Generated data in both layouts: "
-    "`python synthetic.py coco --root synthetic_coco`."
+    "`python -m clipseg.synthetic coco --root synthetic_coco`."
 )
 
 

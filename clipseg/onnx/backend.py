@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clipseg.tokenizer import CLIPTokenizer
+from clipseg.weights import CheckpointError, read_json
 from model import PATCH_SIZE, CLIPSeg, CLIPSegConfig, ImageFeatures
-from tokenizer import CLIPTokenizer
-from weights import CheckpointError, read_json
 
 REQUIREMENTS_FILE = "requirements-export.txt"
 MANIFEST_NAME = "manifest.json"

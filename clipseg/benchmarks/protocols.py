@@ -32,12 +32,20 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from benchmarks import Coco20i, LabelledImage, VocData, coco_query_id, label_counts, read_pair
-from metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
-from model import CLIPSeg
-from outputs import json_text, safe_name
-from precision import precision_context
-from preprocess import (
+from clipseg.benchmarks.classes import (
+    COCO_CLASSES,
+    PASCAL_CLASSES,
+    PASCAL_TEXT_TEMPLATE,
+    VOC_ZERO_SHOT_NAMES,
+    coco_fold_classes,
+    pascal_fold_classes,
+    zero_shot_unseen,
+)
+from clipseg.benchmarks.readers import Coco20i, LabelledImage, VocData, coco_query_id, label_counts, read_pair
+from clipseg.metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
+from clipseg.outputs import json_text, safe_name
+from clipseg.precision import precision_context
+from clipseg.preprocess import (
     VOID_LABEL,
     ImageTransform,
     UnreadableImage,
@@ -52,15 +60,7 @@ from preprocess import (
     unletterbox,
     visual_prompt,
 )
-from wordnet_classes import (
-    COCO_CLASSES,
-    PASCAL_CLASSES,
-    PASCAL_TEXT_TEMPLATE,
-    VOC_ZERO_SHOT_NAMES,
-    coco_fold_classes,
-    pascal_fold_classes,
-    zero_shot_unseen,
-)
+from model import CLIPSeg
 
 BENCHMARKS = ("pascal5i", "coco20i", "voc-zeroshot")
 PROTOCOLS = ("original", "hsnet")

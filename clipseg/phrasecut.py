@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from metrics import PHRASE_TYPES
-from outputs import json_text
-from preprocess import upright_size
+from clipseg.metrics import PHRASE_TYPES
+from clipseg.outputs import json_text
+from clipseg.preprocess import upright_size
 
 DATA_SUBDIR = Path("data") / "VGPhraseCut_v0"
 INDEX_VERSION = 2  # 2: bad polygons dropped and counted
@@ -39,7 +39,7 @@ DOWNLOAD_HINT = (
     "Get PhraseCut with its official download script (about 75k Visual Genome images, ~20 GB): "
     "`git clone https://github.com/ChenyunWu/PhraseCutDataset && cd PhraseCutDataset && python download_dataset.py`, "
     "then pass the clone's directory as the data root. For generated data in the same format run "
-    "`python synthetic.py phrasecut --root synthetic_phrasecut`."
+    "`python -m clipseg.synthetic phrasecut --root synthetic_phrasecut`."
 )
 
 

@@ -22,9 +22,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from clipseg.precision import precision_context
+from clipseg.preprocess import check_finite
 from model import CLIPSeg
-from precision import precision_context
-from preprocess import check_finite
 
 
 @dataclass

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
+from clipseg.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
 
 if TYPE_CHECKING:
     from model import CLIPSegConfig

@@ -7,9 +7,9 @@ borders, ImageSets) with PFENet's list and HSNet's fold files; `make_synthetic_c
 layout (class PNGs, fold pickles) and COCO 2014's instances JSON. In the VOC and COCO scenes every class is one
 shape in one colour. Deterministic for a seed.
 
-    python synthetic.py phrasecut --root synthetic_phrasecut --n-images 400 --seed 0
-    python synthetic.py voc --root synthetic_voc --n-images 40
-    python synthetic.py coco --root synthetic_coco --n-images 60
+    python -m clipseg.synthetic phrasecut --root synthetic_phrasecut --n-images 400 --seed 0
+    python -m clipseg.synthetic voc --root synthetic_voc --n-images 40
+    python -m clipseg.synthetic coco --root synthetic_coco --n-images 60
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from clipseg.benchmarks.classes import COCO_CLASSES, COCO_FOLDS, PASCAL_CLASSES, PASCAL_FOLDS, pascal_fold_classes
+from clipseg.outputs import json_text, write_json
+from clipseg.phrasecut import DATA_SUBDIR
 from dataset import DEFAULT_SYNTHETIC_ROOT, SPLITS
-from outputs import json_text, write_json
-from phrasecut_index import DATA_SUBDIR
-from wordnet_classes import COCO_CLASSES, COCO_FOLDS, PASCAL_CLASSES, PASCAL_FOLDS, pascal_fold_classes
 
 COLOURS = {
     "red": (215, 35, 35),

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clipseg.outputs import atomic_write, check_writable, json_text, write_json, write_text
 from model import CLIPSeg
-from outputs import atomic_write, check_writable, json_text, write_json, write_text
 
 STATE_FORMAT = 1
 BEST_NAME = "best"

@@ -16,9 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dataset as datasets
-from benchmarks import BenchmarkDataError, VocData
-from cli import NOTHING_DONE, stop
-from fewshot import (
+from clipseg.benchmarks.classes import COCO_FOLDS, PASCAL_FOLDS, ZERO_SHOT_UNSEEN
+from clipseg.benchmarks.protocols import (
     BENCHMARKS,
     DEFAULT_EPISODES,
     PROMPTS,
@@ -38,9 +37,10 @@ from fewshot import (
     zero_shot_results,
     zero_shot_split,
 )
-from metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
-from outputs import safe_name
-from wordnet_classes import COCO_FOLDS, PASCAL_FOLDS, ZERO_SHOT_UNSEEN
+from clipseg.benchmarks.readers import BenchmarkDataError, VocData
+from clipseg.cli import NOTHING_DONE, stop
+from clipseg.metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
+from clipseg.outputs import safe_name
 
 DEFAULT_THRESHOLDS = {"coco20i": 0.1}  # the paper's COCO-20i threshold (Table 6); 0.3 everywhere else
 DEFAULT_ROOTS = {"pascal5i": "VOCdevkit", "voc-zeroshot": "VOCdevkit", "coco20i": "COCO-20i"}

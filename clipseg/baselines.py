@@ -31,6 +31,8 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
+from clipseg.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from clipseg.weights import load_backbone
 from model import (
     DEFAULT_BACKBONE,
     RANDOM_BACKBONES,
@@ -43,8 +45,6 @@ from model import (
     tiny_config,
     tokens_to_map,
 )
-from preprocess import IMAGENET_MEAN, IMAGENET_STD
-from weights import load_backbone
 
 DEFAULT_VIT = "google/vit-base-patch16-384"
 VIT_MEAN = VIT_STD = (0.5, 0.5, 0.5)  # google/vit-base-patch16-384's (and timm's vit_base_patch16_384's) normalisation

@@ -1,0 +1,1 @@
+"""clipseg: the library under the commands (see README, "Layout")."""

@@ -1,0 +1,1 @@
+"""ONNX: the graphs export.py writes and the backend that runs them in onnxruntime."""
