@@ -51,10 +51,11 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
+from clipseg.images import read_mask
 from clipseg.outputs import safe_name
 from clipseg.precision import add_precision_arguments, resolve_precision
-from clipseg.preprocess import NonFiniteOutput, full_size_probabilities, read_mask
 from clipseg.sessions import MB, SessionStore
+from clipseg.transforms import NonFiniteOutput, full_size_probabilities
 from clipseg.uploads import (
     MAX_PROMPTS,
     MAX_UPLOAD_BYTES,

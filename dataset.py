@@ -29,7 +29,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
+from clipseg.augment import choose_crop, colour_jitter_of, random_crop_offsets
 from clipseg.benchmarks.classes import removal_rule
+from clipseg.images import UnreadableImage, open_rgb, read_mask
 from clipseg.metrics import PHRASE_TYPES
 from clipseg.phrasecut import (
     DATA_SUBDIR,
@@ -40,18 +42,9 @@ from clipseg.phrasecut import (
     load_task_table,
     usable_polygons,
 )
-from clipseg.preprocess import (
-    IMAGE_SIZE,
-    ImageTransform,
-    UnreadableImage,
-    choose_crop,
-    colour_jitter_of,
-    instances_to_mask,
-    open_rgb,
-    random_crop_offsets,
-    read_mask,
-    visual_prompt,
-)
+from clipseg.rasterise import instances_to_mask
+from clipseg.transforms import IMAGE_SIZE, ImageTransform
+from clipseg.visual_prompts import visual_prompt
 
 DEFAULT_PHRASECUT_ROOT = "PhraseCutDataset"
 DEFAULT_SYNTHETIC_ROOT = "synthetic_phrasecut"

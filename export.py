@@ -47,8 +47,8 @@ from clipseg.onnx.backend import (
     import_onnxruntime,
 )
 from clipseg.outputs import UnwritableOutput, check_writable, write_json
-from clipseg.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from clipseg.tokenizer import CONTEXT_LENGTH
+from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
 from model import MAX_IMAGE_SIDE, PATCH_SIZE, CLIPSeg, ImageFeatures, _run_clip_block
 
 OPSET = 20

@@ -36,10 +36,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from clipseg.cli import BAD_INPUT, NOTHING_DONE, stop
+from clipseg.images import UnreadableImage, open_rgb
 from clipseg.inference import SkipLog, predict_tasks
 from clipseg.metrics import ious_at_thresholds
 from clipseg.outputs import UnwritableOutput, check_writable, is_safe_name, printable, safe_name, write_text
-from clipseg.preprocess import NonFiniteOutput, UnreadableImage, denormalise, full_size_probabilities, open_rgb
+from clipseg.transforms import NonFiniteOutput, denormalise, full_size_probabilities
 from model import CLIPSeg
 from score import (
     ScoreError,

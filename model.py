@@ -35,8 +35,8 @@ import transformers
 from torch import Tensor, nn
 
 from clipseg.outputs import atomic_write, write_text
-from clipseg.preprocess import IMAGE_SIZE
 from clipseg.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, CLIPTokenizer
+from clipseg.transforms import IMAGE_SIZE
 from clipseg.weights import (
     CONFIG_NAME,
     DECODER_WEIGHTS_NAME,

@@ -42,21 +42,12 @@ from scipy import ndimage
 from torch import Tensor
 from tqdm import tqdm
 
+from clipseg.images import ImageInput, UnreadableImage, load_image, open_rgb
 from clipseg.onnx.backend import OnnxBackendError, OnnxCLIPSeg
 from clipseg.outputs import UnwritableOutput, check_writable, json_text, printable, safe_name, write_text
 from clipseg.precision import PRECISIONS, add_precision_arguments, precision_context, prepare_model, resolve_precision
-from clipseg.preprocess import (
-    MAX_ASPECT,
-    RESIZE_RULES,
-    ImageInput,
-    ImageTransform,
-    NonFiniteOutput,
-    UnreadableImage,
-    full_size_probabilities,
-    load_image,
-    open_rgb,
-    support_prompt,
-)
+from clipseg.transforms import MAX_ASPECT, RESIZE_RULES, ImageTransform, NonFiniteOutput, full_size_probabilities
+from clipseg.visual_prompts import support_prompt
 from model import CLIPSeg, ImageFeatures
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"

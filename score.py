@@ -41,7 +41,7 @@ from clipseg.inference import SkipLog, TaskBatch, predict_tasks
 from clipseg.metrics import PAPER_THRESHOLDS, PaperMetrics, PhraseCutMetrics
 from clipseg.outputs import UnwritableOutput, check_writable, safe_name, write_json
 from clipseg.precision import add_precision_arguments, prepare_model, resolve_precision
-from clipseg.preprocess import RESIZE_RULES, NonFiniteOutput, full_size_probabilities
+from clipseg.transforms import RESIZE_RULES, NonFiniteOutput, full_size_probabilities
 from model import CLIPSeg
 
 CHECKPOINTS_DIR = Path("checkpoints")

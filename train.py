@@ -49,7 +49,6 @@ from clipseg.benchmarks.classes import WordNetMissing
 from clipseg.inference import predict_tasks
 from clipseg.metrics import PaperMetrics
 from clipseg.outputs import json_text
-from clipseg.preprocess import NonFiniteOutput
 from clipseg.runs import RunFiles
 from clipseg.sampling import (
     Distributed,
@@ -62,6 +61,7 @@ from clipseg.sampling import (
     threads_beside_workers,
 )
 from clipseg.train_args import datasets_default, parse_args
+from clipseg.transforms import NonFiniteOutput
 from model import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSeg, TextCache, tiny_clip_config
 from model import amp_dtype as model_amp_dtype
 

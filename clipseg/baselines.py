@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
-from clipseg.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clipseg.weights import load_backbone
 from model import (
     DEFAULT_BACKBONE,

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clipseg.precision import precision_context
-from clipseg.preprocess import check_finite
+from clipseg.transforms import check_finite
 from model import CLIPSeg
 
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from clipseg.images import upright_size
 from clipseg.metrics import PHRASE_TYPES
 from clipseg.outputs import json_text
-from clipseg.preprocess import upright_size
 
 DATA_SUBDIR = Path("data") / "VGPhraseCut_v0"
 INDEX_VERSION = 2  # 2: bad polygons dropped and counted

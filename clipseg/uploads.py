@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from clipseg.preprocess import MAX_IMAGE_PIXELS, UnreadableImage, open_rgb
+from clipseg.images import MAX_IMAGE_PIXELS, UnreadableImage, open_rgb
 from clipseg.tokenizer import MAX_PHRASE_CHARS, TextTooLong, check_phrase
 
 MAX_PROMPTS = 20

@@ -17,7 +17,7 @@ import score
 import train
 from clipseg import runs
 from clipseg.baselines import CLIPDeconv, DeconvDecoder, ViTSeg, tiny_vit_config
-from clipseg.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clipseg.weights import CheckpointError
 from model import (
     CLIPSeg,

@@ -16,16 +16,8 @@ from PIL import Image
 from clipseg.benchmarks import readers as benchmarks
 from clipseg.benchmarks.classes import COCO_CLASSES, coco_fold_classes, pascal_fold_classes
 from clipseg.benchmarks.readers import BenchmarkDataError, Coco20i, VocData, read_fold_pickle, read_pair
-from clipseg.preprocess import (
-    UnreadableImage,
-    letterbox,
-    letterbox_size,
-    normalise,
-    read_label,
-    resize_labels,
-    resize_pixels,
-    unletterbox,
-)
+from clipseg.images import UnreadableImage, read_label
+from clipseg.transforms import letterbox, letterbox_size, normalise, resize_labels, resize_pixels, unletterbox
 
 cv2 = pytest.importorskip("cv2", reason="opencv-python-headless (requirements-dev.txt) is the reference")
 

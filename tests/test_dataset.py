@@ -13,7 +13,9 @@ from PIL import Image
 from test_preprocess import find_crop_reference, original_pipeline, skimage_union
 
 import dataset
-from clipseg.preprocess import IMAGENET_MEAN, IMAGENET_STD, instances_to_mask, open_rgb
+from clipseg.images import open_rgb
+from clipseg.rasterise import instances_to_mask
+from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 SMALL = 64  # sample side for fast pipeline tests
 

@@ -28,7 +28,7 @@ for _package in ("onnx", "onnxscript", "onnxruntime"):
 import export  # noqa: E402
 from clipseg import outputs  # noqa: E402
 from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, OnnxBackendError, OnnxCLIPSeg  # noqa: E402
-from clipseg.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from model import CLIPSeg  # noqa: E402
 from predict import main as predict_main  # noqa: E402
 

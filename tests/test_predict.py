@@ -12,9 +12,11 @@ from PIL import Image, ImageOps
 
 import model as model_module
 import predict
-from clipseg import preprocess
+from clipseg import images
+from clipseg.images import load_image
 from clipseg.outputs import is_safe_name
-from clipseg.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, visual_prompt
+from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
+from clipseg.visual_prompts import visual_prompt
 from model import CLIPSeg
 from predict import PALETTE, Predictor, build_prompts, draw_overlay, image_output_names, main, merge_duplicates
 
@@ -412,7 +414,7 @@ def test_cli_unreadable_folder_entries_and_decompression_bombs_are_counted_skips
     (folder / "loop.jpg").symlink_to(folder / "loop.jpg")  # a symlink loop
     (folder / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # a broken link
     (folder / "album.jpg").mkdir()  # a folder named like an image
-    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 50_000)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 50_000)
     out = tmp_path / "out"
     assert run_cli(tiny_dir, [folder, folder / "loop.jpg"], out, "--prompt", "sky") == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -10,28 +10,20 @@ from hypothesis import strategies as st
 from PIL import Image
 from skimage.draw import polygon2mask
 
-from clipseg import preprocess
-from clipseg.preprocess import (
+from clipseg import images
+from clipseg.augment import choose_crop, random_crop_offsets
+from clipseg.images import UnreadableImage, open_rgb, read_mask, upright_size
+from clipseg.rasterise import RASTER_RULES, instances_to_mask, rasterise
+from clipseg.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    RASTER_RULES,
     ImageTransform,
     NonFiniteOutput,
-    UnreadableImage,
-    choose_crop,
     full_size_probabilities,
-    gaussian_blur,
-    instances_to_mask,
-    open_rgb,
-    random_crop_offsets,
-    rasterise,
-    read_mask,
     resize_mask,
     resize_pixels,
-    support_prompt,
-    upright_size,
-    visual_prompt,
 )
+from clipseg.visual_prompts import gaussian_blur, support_prompt, visual_prompt
 
 PIL = "phrasecut"
 
@@ -414,6 +406,6 @@ def test_open_rgb_palette_and_exif_rotation(tmp_path):
 
 def test_open_rgb_refuses_decompression_bombs(tmp_path, monkeypatch):
     Image.new("RGB", (30, 30)).save(tmp_path / "big.png")
-    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 500)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 500)
     with pytest.raises(UnreadableImage, match="big.png: too large"):
         open_rgb(tmp_path / "big.png")

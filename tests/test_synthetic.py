@@ -8,7 +8,8 @@ from PIL import Image
 
 import dataset
 from clipseg import synthetic
-from clipseg.preprocess import instances_to_mask, open_rgb
+from clipseg.images import open_rgb
+from clipseg.rasterise import instances_to_mask
 
 
 def data_dir(root: Path) -> Path:

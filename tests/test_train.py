@@ -732,7 +732,7 @@ def test_bad_polygons_left_out_while_indexing_are_counted_in_the_log(damaged_roo
 
 
 def test_validation_outputs_that_are_not_finite_stop_with_a_message(synthetic_root, tmp_path, capsys, monkeypatch):
-    from clipseg.preprocess import NonFiniteOutput
+    from clipseg.transforms import NonFiniteOutput
 
     def overflowing(self, model, precision):
         raise NonFiniteOutput("the model's output holds 7 NaN or infinite values (of 64)")

@@ -42,24 +42,21 @@ from clipseg.benchmarks.classes import (
     zero_shot_unseen,
 )
 from clipseg.benchmarks.readers import Coco20i, LabelledImage, VocData, coco_query_id, label_counts, read_pair
+from clipseg.images import VOID_LABEL, UnreadableImage, open_rgb, read_label
 from clipseg.metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
 from clipseg.outputs import json_text, safe_name
 from clipseg.precision import precision_context
-from clipseg.preprocess import (
-    VOID_LABEL,
+from clipseg.rasterise import instances_to_mask
+from clipseg.transforms import (
     ImageTransform,
-    UnreadableImage,
     check_finite,
     full_size_probabilities,
-    instances_to_mask,
     letterbox,
-    open_rgb,
-    read_label,
     resize_labels,
     resize_pixels,
     unletterbox,
-    visual_prompt,
 )
+from clipseg.visual_prompts import visual_prompt
 from model import CLIPSeg
 
 BENCHMARKS = ("pascal5i", "coco20i", "voc-zeroshot")

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from clipseg.benchmarks.classes import COCO_CLASSES, coco_fold_classes, pascal_fold_classes
-from clipseg.preprocess import UnreadableImage, open_rgb, read_label
+from clipseg.images import UnreadableImage, open_rgb, read_label
 
 VOC_HINT = (
     "Pascal VOC 2012 comes from the VOC2012 trainval tar (VOCdevkit/VOC2012: JPEGImages, SegmentationClass, "
