@@ -6,6 +6,7 @@
     python bench.py --only-data --index-tasks 300000   # data pipeline per worker; PhraseCut-sized index
     python bench.py --repeats 3 --only-precision   # fp32 / bf16 / int8 / ONNX paths against HF fp32 only
     python bench.py --repeats 3 --only-runs        # checkpoint writes, K prompts per crop, grouped scoring
+    python bench.py --only-params                  # parameter counts of the full-size configurations
 
 Both models hold the same random weights (speed does not depend on their values). Variants are interleaved
 (A B A B ...) after a warm-up and the median of `--repeats` runs is reported, so drift of the machine hits both
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -35,9 +36,11 @@ from torch import nn
 
 from clipseg import runs
 from clipseg.cli import NOTHING_DONE, stop
+from clipseg.config import DEFAULT_BACKBONE, CLIPSegConfig, random_clip_config
+from clipseg.decoder import RefinedHead
 from clipseg.outputs import UnwritableOutput, check_writable, json_text, write_json
-from clipseg.precision import precision_context, prepare_model, quantize_linears
-from model import DEFAULT_BACKBONE, CLIPSeg, CLIPSegConfig, RefinedHead, amp_dtype
+from clipseg.precision import amp_dtype, precision_context, prepare_model, quantize_linears
+from model import CLIPDeconv, CLIPSeg, ViTSeg, count_parameters
 
 CPU_FEATURES = ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 PHRASES = [
@@ -133,6 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only-head", action="store_true", help="only the refined-head comparison")
     parser.add_argument("--only-data", action="store_true", help="only the data pipeline (and --index-tasks) rows")
     parser.add_argument(
+        "--only-params",
+        action="store_true",
+        help="only the parameter counts of the full-size configurations (random weights, no download)",
+    )
+    parser.add_argument(
         "--index-tasks",
         type=int,
         default=0,
@@ -207,6 +215,9 @@ def cpu_description() -> str:
 def measure(args: argparse.Namespace, results: dict) -> None:
     """Fills `results` row by row (main writes it, also after Ctrl-C)."""
     device, size, repeats = args.device, args.image_size, args.repeats
+    if args.only_params:
+        results["parameters"] = parameter_counts()
+        return
     if args.only_data:
         results["data_pipeline"] = data_pipeline_rate(image_size=size)
         if args.index_tasks:
@@ -312,6 +323,34 @@ def measure(args: argparse.Namespace, results: dict) -> None:
         results["data_pipeline"] = data_pipeline_rate(image_size=size)
     if args.index_tasks:
         results["index"] = index_rate(args.index_tasks)
+
+
+def full_size_models() -> Iterator[tuple[str, str, CLIPSeg]]:
+    """(name, the trainable parameters the paper's code gives or None, model) for each full-size configuration, with
+    random weights (docs/original.md, section 2 and 10)."""
+    b16 = random_clip_config("random-vit-b16")
+    yield "CLIPSeg ViT-B/16, D=64", "1,073,153", CLIPSeg(CLIPSegConfig(clip=b16))
+    yield "CLIPSeg ViT-B/16, D=64, refined", "1,127,009", CLIPSeg(CLIPSegConfig(clip=b16, refined=True))
+    yield "CLIPSeg ViT-B/32, D=64", "-", CLIPSeg(CLIPSegConfig(clip=random_clip_config("random-vit-b32")))
+    yield "CLIPSeg ViT-L/14, D=64", "-", CLIPSeg(CLIPSegConfig(clip=random_clip_config("random-vit-l14")))
+    yield "CLIP-Deconv ViT-B/16, D=64", "about 139.6k", CLIPDeconv(CLIPSegConfig(arch="clip-deconv", clip=b16))
+    vit = transformers.ViTConfig(image_size=384)  # google/vit-base-patch16-384's geometry
+    yield "ViTSeg ViT-B/16-384, D=64", "-", ViTSeg(CLIPSegConfig(arch="vitseg", clip=b16, vit=vit))
+
+
+def parameter_counts() -> list[dict]:
+    """Total and trainable parameters of `full_size_models()`, printed as a markdown table."""
+    torch.manual_seed(0)
+    rows = []
+    print(
+        "| configuration | total | trainable | trainable share | the original's |\n| --- | ---: | ---: | ---: | --- |"
+    )
+    for name, original, model in full_size_models():
+        total, trainable = count_parameters(model, trainable_only=False), count_parameters(model)
+        rows.append({"configuration": name, "total": total, "trainable": trainable, "original": original})
+        print(f"| {name} | {total:,} | {trainable:,} | {100 * trainable / total:.2f}% | {original} |")
+        del model
+    return rows
 
 
 def run_comparisons(ours: CLIPSeg, device: str, size: int, repeats: int) -> dict:

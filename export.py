@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from clipseg.config import MAX_IMAGE_SIDE, PATCH_SIZE
 from clipseg.onnx.backend import (
     FORMAT,
     FORMAT_VERSION,
@@ -49,7 +50,7 @@ from clipseg.onnx.backend import (
 from clipseg.outputs import UnwritableOutput, check_writable, write_json
 from clipseg.tokenizer import CONTEXT_LENGTH
 from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
-from model import MAX_IMAGE_SIDE, PATCH_SIZE, CLIPSeg, ImageFeatures, _run_clip_block
+from model import CLIPSeg, ImageFeatures, _run_clip_block
 
 OPSET = 20
 MAX_GRID = MAX_IMAGE_SIDE // PATCH_SIZE  # the largest patch grid side the graphs accept: 256 (4096 px)

@@ -25,8 +25,7 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,9 +33,11 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
+from clipseg.baselines import DEFAULT_VIT, DeconvDecoder, ViTSegDecoder, tiny_vit_config, vit_blocks, vit_name
+from clipseg.config import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSegConfig, random_clip_config, tiny_config
+from clipseg.decoder import CLIPSegDecoder
 from clipseg.outputs import atomic_write, write_text
-from clipseg.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, CLIPTokenizer
-from clipseg.transforms import IMAGE_SIZE
+from clipseg.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from clipseg.weights import (
     CONFIG_NAME,
     DECODER_WEIGHTS_NAME,
@@ -44,7 +45,6 @@ from clipseg.weights import (
     STRUCTURAL_KNOBS,
     WEIGHTS_NAME,
     CheckpointError,
-    check_config,
     check_knobs,
     clip_weights,
     decoder_knobs_from_state,
@@ -66,374 +66,6 @@ try:
 except ImportError:  # transformers 4.x
     from transformers.modeling_utils import no_init_weights
 
-PATCH_SIZE = 16  # of the released models; other CLIPs bring their own (`CLIPSegConfig.patch_size`)
-# The largest image side the model runs at (--image-size, a config's image_size), checked before any image is
-# resized. CLIP saw 224 px and CLIPSeg was trained at 352 px; position embeddings are interpolated to any grid, but
-# at 4096 px a ViT-B/16 already attends over 65,536 tokens per image, and memory and time grow with their square,
-# so a larger side adds cost, not detail. It is also the largest side the ONNX export takes (256 patches of 16).
-MAX_IMAGE_SIDE = 4096
-DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
-# CLIPSeg and the paper's two baselines (baselines.py) -> the class config.json names; only the first loads in HF.
-ARCHITECTURES = {"clipseg": "CLIPSegForImageSegmentation", "clip-deconv": "CLIPDeconv", "vitseg": "ViTSeg"}
-# The paper's blocks (0-based, of 12) per architecture; deeper or shallower backbones read the same relative depths.
-PAPER_LAYERS = {"clipseg": (3, 6, 9), "clip-deconv": (9,), "vitseg": (3, 7, 9)}
-# Random-initialised CLIPs of OpenAI's geometries (no download): the paper's "no CLIP pre-training" row.
-# name -> (vision config, text config, projection_dim); unset values are transformers' ViT-B defaults.
-RANDOM_BACKBONES = {
-    "random-vit-b16": (dict(patch_size=16), {}, 512),
-    "random-vit-b32": (dict(patch_size=32), {}, 512),
-    "random-vit-l14": (
-        dict(patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
-        dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12),
-        768,
-    ),
-}
-
-
-@dataclass
-class CLIPSegConfig:
-    """Decoder knobs (paper section 3, SPEC section 1) plus the geometry of the backbone.
-
-    Defaults are those of the released `rd64` models. `clip` is a `transformers.CLIPConfig`; when it is None the
-    backbone's geometry is unknown until `CLIPSeg.from_pretrained`/`from_backbone` fills it in. `arch` picks CLIPSeg
-    or one of the paper's baselines (`baselines.py`); `vit` is the ImageNet ViT's `transformers.ViTConfig` of ViTSeg
-    (whose `clip` then only provides the text tower).
-    """
-
-    extract_layers: tuple[int, ...] | None = None  # 0-based blocks read (default: `default_extract_layers`)
-    reduce_dim: int = 64  # D: decoder width (16 for rd16, 128 in one paper row)
-    decoder_heads: int = 4
-    decoder_ffn_dim: int = 2048
-    refined: bool = False  # the "complex transposed convolution" head of the -refined weights (patch 16 only)
-    conditional_layer: int = 0  # FiLM is applied before this decoder block
-    dropout: float = 0.1  # decoder dropout during training (attention weights, residual branches, FFN)
-    backbone: str = DEFAULT_BACKBONE  # where the image tower's weights came from (informational)
-    # where the frozen CLIP weights can be loaded from again (a CLIP or CLIPSeg hub id or directory; None for a
-    # random backbone): what lets a checkpoint hold only the decoder (`save_pretrained(decoder_only=True)`)
-    clip_source: str | None = None
-    image_size: int | None = None  # default input side (default: 352, or the nearest multiple of the patch below)
-    arch: str = "clipseg"  # one of ARCHITECTURES
-    text_backbone: str | None = None  # ViTSeg: where the CLIP text tower came from (informational)
-    clip: transformers.CLIPConfig | None = field(default=None, repr=False)
-    vit: transformers.ViTConfig | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-        if self.arch == "vitseg" and self.clip is not None and self.vit is None:
-            raise ValueError("arch vitseg needs the ImageNet ViT's geometry (config.vit)")
-        if self.extract_layers is None:
-            self.extract_layers = default_extract_layers(self.arch, self.vision_depth or 12)
-        self.extract_layers = tuple(int(i) for i in self.extract_layers)
-        if not self.extract_layers or list(self.extract_layers) != sorted(set(self.extract_layers)):
-            raise ValueError(f"extract_layers must be strictly increasing, got {self.extract_layers}")
-        if self.arch == "clip-deconv" and len(self.extract_layers) != 1:
-            raise ValueError(f"clip-deconv reads exactly one block (the paper: 9), got {self.extract_layers}")
-        if self.arch == "clip-deconv" and self.refined:
-            raise ValueError("clip-deconv has its own single transposed convolution: drop refined (--refined)")
-        if self.reduce_dim % self.decoder_heads:
-            raise ValueError(f"reduce_dim {self.reduce_dim} is not divisible by decoder_heads {self.decoder_heads}")
-        if not 0 <= self.conditional_layer < len(self.extract_layers):
-            raise ValueError(f"conditional_layer {self.conditional_layer} must index one of the decoder blocks")
-        depth = self.vision_depth
-        if depth is not None and (self.extract_layers[0] < 0 or self.extract_layers[-1] >= depth):
-            raise ValueError(f"extract_layers {self.extract_layers} out of range for a {depth}-block backbone")
-        patch = self.patch_size
-        if self.refined and patch not in (None, PATCH_SIZE):
-            raise ValueError(
-                f"the refined head upsamples 4 x 4 = 16-fold and fits patch-16 backbones only; {self.backbone} has "
-                f"patch {patch}: use the plain head (drop --refined / refined=False) or a patch-16 CLIP such as "
-                f"{DEFAULT_BACKBONE}"
-            )
-        if self.image_size is None:
-            self.image_size = IMAGE_SIZE // (patch or PATCH_SIZE) * (patch or PATCH_SIZE)
-        else:
-            self.input_side(self.image_size)
-
-    def input_side(self, requested: int | None = None) -> int:
-        """The side an image is resized to: `requested` (a script's --image-size) or the model's default; a
-        ValueError (`check_image_side`) when it is not a positive multiple of the patch size up to MAX_IMAGE_SIDE."""
-        side = self.image_size if requested is None else requested
-        return check_image_side(side, self.patch_size or PATCH_SIZE, self.backbone)
-
-    @property
-    def image_tower(self) -> transformers.PretrainedConfig | None:
-        """The config of the tower whose blocks the decoder reads: CLIP's vision tower, or ViTSeg's ViT."""
-        if self.arch == "vitseg":
-            return self.vit
-        return self.clip.vision_config if self.clip is not None else None
-
-    @property
-    def patch_size(self) -> int | None:
-        return self.image_tower.patch_size if self.image_tower is not None else None
-
-    @property
-    def vision_depth(self) -> int | None:
-        return self.image_tower.num_hidden_layers if self.image_tower is not None else None
-
-    @property
-    def vision_width(self) -> int | None:
-        return self.image_tower.hidden_size if self.image_tower is not None else None
-
-    def to_hf_dict(self) -> dict:
-        """The config as `transformers.CLIPSegConfig` JSON; our extra knobs ride along as extra keys."""
-        if self.clip is None:
-            raise ValueError("config has no CLIP geometry (clip=None)")
-        hf = transformers.CLIPSegConfig(
-            text_config=self.clip.text_config.to_dict(),
-            vision_config=self.clip.vision_config.to_dict(),
-            projection_dim=self.clip.projection_dim,
-            logit_scale_init_value=self.clip.logit_scale_init_value,
-            extract_layers=list(self.extract_layers),
-            reduce_dim=self.reduce_dim,
-            decoder_num_attention_heads=self.decoder_heads,
-            decoder_intermediate_size=self.decoder_ffn_dim,
-            conditional_layer=self.conditional_layer,
-            use_complex_transposed_convolution=self.refined,
-        )
-        out = hf.to_dict()
-        out["architectures"] = [ARCHITECTURES[self.arch]]
-        out["clipseg_decoder_dropout"] = self.dropout
-        out["clipseg_backbone"] = self.backbone
-        out["clipseg_clip_source"] = self.clip_source
-        out["clipseg_image_size"] = self.image_size
-        out["clipseg_arch"] = self.arch
-        if self.arch == "vitseg":
-            out["clipseg_vit_config"] = self.vit.to_dict()
-            out["clipseg_text_backbone"] = self.text_backbone
-        return out
-
-    @classmethod
-    def from_hf_dict(cls, data: dict, source: str = "config") -> CLIPSegConfig:
-        """The config of a CLIPSeg config.json (`to_hf_dict`), its values checked (`weights.check_config`) before
-        anything is built from them; a CheckpointError naming `source` when they do not make a model."""
-        if data.get("model_type") != "clipseg":
-            raise CheckpointError(f"{source}: not a CLIPSeg config (model_type={data.get('model_type')!r})")
-        check_config(data, source)
-        try:
-            return cls._from_checked_dict(data)
-        except Exception as err:  # transformers' own validation raises huggingface_hub errors, not ValueError
-            raise CheckpointError(f"{source}: {err}") from err
-
-    @classmethod
-    def _from_checked_dict(cls, data: dict) -> CLIPSegConfig:
-        hf = transformers.CLIPSegConfig.from_dict(data)
-        clip = transformers.CLIPConfig(
-            text_config=hf.text_config.to_dict(),
-            vision_config=hf.vision_config.to_dict(),
-            projection_dim=hf.projection_dim,
-            logit_scale_init_value=hf.logit_scale_init_value,
-        )
-        vit = data.get("clipseg_vit_config")
-        return cls(
-            extract_layers=tuple(hf.extract_layers),
-            reduce_dim=hf.reduce_dim,
-            decoder_heads=hf.decoder_num_attention_heads,
-            decoder_ffn_dim=hf.decoder_intermediate_size,
-            refined=bool(hf.use_complex_transposed_convolution),
-            conditional_layer=hf.conditional_layer,
-            dropout=data.get("clipseg_decoder_dropout", 0.1),
-            backbone=data.get("clipseg_backbone", data.get("_name_or_path") or DEFAULT_BACKBONE),
-            clip_source=data.get("clipseg_clip_source"),
-            image_size=data.get("clipseg_image_size"),
-            arch=data.get("clipseg_arch", "clipseg"),
-            text_backbone=data.get("clipseg_text_backbone"),
-            clip=clip,
-            vit=transformers.ViTConfig.from_dict(vit) if vit is not None else None,
-        )
-
-    def knobs(self) -> dict:
-        """The decoder knobs without the backbone geometry (for logs and argument files)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("clip", "clip_source", "vit")}
-
-
-def check_image_side(side: int, patch: int | None, backbone: str = "the backbone") -> int:
-    """`side` when it is an integer from 1 to MAX_IMAGE_SIDE and a multiple of `patch` (None: not known yet); else a
-    ValueError naming the bound or the patch size and the two nearest sides that fit."""
-    if type(side) is not int or not 0 < side <= MAX_IMAGE_SIDE:
-        raise ValueError(
-            f"image size {side!r} is not a side from 1 to {MAX_IMAGE_SIDE} pixels, the largest the model runs at "
-            "(MAX_IMAGE_SIDE; the released models were trained at 352) (--image-size)"
-        )
-    if patch is not None and side % patch:
-        low, high = side // patch * patch, (side // patch + 1) * patch
-        raise ValueError(
-            f"image size {side} is not a multiple of the patch size {patch} of {backbone}: "
-            f"use {low or high} or {high} (--image-size)"
-        )
-    return side
-
-
-def default_extract_layers(arch: str, depth: int) -> tuple[int, ...]:
-    """The paper's blocks for `arch` at the same relative depth of a `depth`-block tower: block i of 12 (0-based)
-    becomes round((i + 1) * depth / 12) - 1, so 12 blocks keep (3, 6, 9) and ViT-L/14's 24 read (7, 13, 19)."""
-    layers = tuple(round((i + 1) * depth / 12) - 1 for i in PAPER_LAYERS[arch])
-    if len(set(layers)) < len(layers):
-        raise ValueError(f"no default extract_layers for a {depth}-block backbone: give them (--extract-layers)")
-    return layers
-
-
-def random_clip_config(name: str) -> transformers.CLIPConfig:
-    """The geometry of one of OpenAI's CLIPs (`RANDOM_BACKBONES`), for a random-initialised backbone."""
-    vision, text, projection_dim = RANDOM_BACKBONES[name]
-    return transformers.CLIPConfig(
-        text_config=text, vision_config=dict(image_size=224, **vision), projection_dim=projection_dim
-    )
-
-
-def tiny_clip_config(vision_layers: int = 6, width: int = 64, patch_size: int = PATCH_SIZE) -> transformers.CLIPConfig:
-    """A small random CLIP with the real tokenizer's vocabulary, for tests and the offline demo; its position table
-    is 4 x 4 patches."""
-    return transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=CONTEXT_LENGTH,
-        ),
-        vision_config=dict(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=2,
-            image_size=4 * patch_size,
-            patch_size=patch_size,
-        ),
-        projection_dim=width,
-    )
-
-
-def tiny_config(**knobs) -> CLIPSegConfig:
-    """A tiny CLIPSeg configuration: 6 vision blocks, width 64, decoder reading blocks 1, 3, 4, D = 16."""
-    defaults = dict(reduce_dim=16, decoder_ffn_dim=64, backbone="tiny")
-    return CLIPSegConfig(**{**defaults, **knobs, "clip": knobs.get("clip") or tiny_clip_config()})
-
-
-# --------------------------------------------------------------------------------------------------- decoder
-
-
-class DecoderAttention(nn.Module):
-    """Multi-head self-attention with separate q/k/v projections (the HF CLIPSeg parameter names)."""
-
-    def __init__(self, dim: int, heads: int, dropout: float):
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, dim = x.shape
-
-        def split(t: Tensor) -> Tensor:
-            return t.view(batch, tokens, self.heads, dim // self.heads).transpose(1, 2)
-
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
-
-
-class DecoderMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(F.relu(self.fc1(x))))
-
-
-class DecoderBlock(nn.Module):
-    """Post-LN transformer encoder layer (ReLU FFN), as `nn.TransformerEncoderLayer` in the original code."""
-
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
-        super().__init__()
-        self.self_attn = DecoderAttention(dim, heads, dropout)
-        self.layer_norm1 = nn.LayerNorm(dim, eps=1e-5)
-        self.mlp = DecoderMLP(dim, ffn_dim, dropout)
-        self.layer_norm2 = nn.LayerNorm(dim, eps=1e-5)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.layer_norm1(x + self.dropout(self.self_attn(x)))
-        return self.layer_norm2(x + self.dropout(self.mlp(x)))
-
-
-class RefinedHead(nn.Sequential):
-    """Conv 3x3, ReLU, two 4x transposed convolutions with a ReLU between: the head of the `-refined` weights
-    (patch 16 only), its children numbered as in the original so that the weights load unchanged.
-
-    A transposed convolution whose stride equals its kernel maps each input pixel to its own k x k block of
-    output pixels, so both upsamplings are matrix products on channels-last rows and the blocks are laid out
-    once at the end: the sums of `nn.ConvTranspose2d`, 1.3x (training) to 3x (inference) faster on a CPU
-    (`python bench.py --only-head`)."""
-
-    def __init__(self, dim: int):
-        super().__init__(
-            nn.Conv2d(dim, dim, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.ConvTranspose2d(dim, dim // 2, kernel_size=4, stride=4),
-            nn.ReLU(),
-            nn.ConvTranspose2d(dim // 2, 1, kernel_size=4, stride=4),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, D, h, w) -> (B, 1, 16h, 16w) logits."""
-        conv, _, first, _, second = self
-        x = F.relu(conv(x))
-        batch, channels, height, width = x.shape
-        (k1, _), (k2, _), middle = first.kernel_size, second.kernel_size, first.out_channels
-        rows = x.permute(0, 2, 3, 1).reshape(-1, channels)
-        first_weight = first.weight.permute(0, 2, 3, 1).reshape(channels, k1 * k1 * middle)
-        upsampled = torch.addmm(first.bias.repeat(k1 * k1), rows, first_weight)  # (B*h*w, k1*k1*middle)
-        upsampled = F.relu(upsampled).view(-1, middle)  # a row per pixel of the first upsampling
-        out = torch.addmm(second.bias.repeat_interleave(k2 * k2), upsampled, second.weight.reshape(middle, -1))
-        out = out.view(batch, height, width, k1, k1, -1, k2, k2).permute(0, 5, 1, 3, 6, 2, 4, 7)
-        return out.reshape(batch, -1, height * k1 * k2, width * k1 * k2)
-
-
-class CLIPSegDecoder(nn.Module):
-    """Activations of the extracted blocks + conditional vector -> mask logits.
-
-    The FiLM modulation and the `reduces` projections broadcast over the batch, so one image's activations
-    (batch 1) can be decoded against K conditionals at once.
-    """
-
-    def __init__(self, config: CLIPSegConfig):
-        super().__init__()
-        assert config.clip is not None, "CLIPSegDecoder needs the backbone geometry (config.clip)"
-        width, dim, patch = config.vision_width, config.reduce_dim, config.patch_size
-        self.conditional_layer = config.conditional_layer
-        self.film_mul = nn.Linear(config.clip.projection_dim, dim)
-        self.film_add = nn.Linear(config.clip.projection_dim, dim)
-        self.reduces = nn.ModuleList(nn.Linear(width, dim) for _ in config.extract_layers)
-        self.layers = nn.ModuleList(
-            DecoderBlock(dim, config.decoder_heads, config.decoder_ffn_dim, config.dropout)
-            for _ in config.extract_layers
-        )
-        if config.refined:
-            self.transposed_convolution = RefinedHead(dim)
-        else:
-            self.transposed_convolution = nn.ConvTranspose2d(dim, 1, kernel_size=patch, stride=patch)
-
-    def forward(self, activations: Sequence[Tensor], conditional: Tensor, grid: tuple[int, int]) -> Tensor:
-        """activations: shallowest first, each (B or 1, 1 + h*w, width); conditional: (K, 512), where the
-        batch of the activations is K or 1; grid: (h, w). Returns (K, 1, p*h, p*w) logits for patch size p."""
-        x = None
-        for i, (activation, reduce, layer) in enumerate(zip(reversed(activations), self.reduces, self.layers)):
-            x = reduce(activation) if x is None else reduce(activation) + x
-            if i == self.conditional_layer:
-                x = self.film_mul(conditional)[:, None] * x + self.film_add(conditional)[:, None]
-            x = layer(x)
-        return self.transposed_convolution(tokens_to_map(x, grid))
-
-
-def tokens_to_map(x: Tensor, grid: tuple[int, int]) -> Tensor:
-    """(B, 1 + h*w, D) tokens -> (B, D, h, w): the CLS token dropped, the patch tokens laid out on their grid."""
-    batch, _, dim = x.shape
-    return x[:, 1:].transpose(1, 2).reshape(batch, dim, *grid)
-
-
 # ----------------------------------------------------------------------------------------------- the model
 
 
@@ -451,7 +83,7 @@ class ImageFeatures:
     """What the decoder needs from one pass of the vision tower.
 
     activations: per extracted block (shallowest first), (B, 1 + tokens, width); grid: (h, w) such that the
-    logits are (B, 1, p*h, p*w) for patch size p: the token grid, except for ViTSeg (`baselines.py`), whose
+    logits are (B, 1, p*h, p*w) for patch size p: the token grid, except for ViTSeg (`clipseg/baselines.py`), whose
     tokens lie on its ViT's fixed grid.
     """
 
@@ -483,8 +115,8 @@ class TextCache(OrderedDict):
 class CLIPSeg(nn.Module):
     """Frozen CLIP + trainable decoder. All inputs are ImageNet-normalised pixels; outputs are logits.
 
-    The paper's baselines (`baselines.py`) are subclasses with another decoder or image tower; `from_backbone` and
-    `from_pretrained` return the class that `config.arch` names."""
+    The paper's baselines (`CLIPDeconv`, `ViTSeg`) are subclasses with another decoder or image tower; `from_backbone`
+    and `from_pretrained` return the class that `config.arch` names."""
 
     arch = "clipseg"
 
@@ -518,7 +150,7 @@ class CLIPSeg(nn.Module):
         """A CLIP backbone and a fresh decoder. backbone: a hub id or local directory (default
         openai/clip-vit-base-patch16), "tiny" (a small random CLIP for tests and the demo) or one of RANDOM_BACKBONES
         ("random-vit-b16": a random-initialised CLIP ViT-B/16). knobs: CLIPSegConfig values; `arch` picks CLIPSeg or
-        a baseline (`baselines.py`; ViTSeg's backbone is an ImageNet ViT)."""
+        a baseline (`clipseg/baselines.py`; ViTSeg's backbone is an ImageNet ViT)."""
         arch = knobs.setdefault("arch", cls.arch)
         if arch != cls.arch:
             return model_class(arch).from_backbone(backbone, **knobs)
@@ -546,7 +178,7 @@ class CLIPSeg(nn.Module):
         against the checkpoint and a mismatch raises `CheckpointError` naming the knob; for a `.pth` the ones
         its weights cannot show (`extract_layers`, `decoder_heads`, `conditional_layer`) are taken as given.
         `dropout` and `image_size` override the stored values. Keys and shapes are matched strictly. The class
-        built is the one the checkpoint's `arch` names (CLIPSeg or a baseline of `baselines.py`).
+        built is the one the checkpoint's `arch` names (CLIPSeg or a baseline (`clipseg/baselines.py`)).
         """
         unknown = set(knobs) - set(STRUCTURAL_KNOBS) - set(FREE_KNOBS)
         if unknown:
@@ -558,7 +190,7 @@ class CLIPSeg(nn.Module):
             raise ValueError("backbone= is only for original .pth decoder files; HF checkpoints carry their CLIP")
         stored, config_path = read_config(name)
         config = CLIPSegConfig.from_hf_dict(stored, config_path)
-        check_knobs(config, knobs, STRUCTURAL_KNOBS, name)
+        check_knobs(config.knobs(), knobs, STRUCTURAL_KNOBS, name)
         target = model_class(config.arch)
         if not issubclass(target, cls):
             raise CheckpointError(f"{name} holds an arch={config.arch!r} model: load it with CLIPSeg.from_pretrained")
@@ -580,7 +212,7 @@ class CLIPSeg(nn.Module):
             raise CheckpointError(f"{path}: an original release file holds a CLIPSeg decoder, not arch={arch!r}")
         state = original_to_hf_names(torch_load_safely(path))
         inferred = decoder_knobs_from_state(state)
-        check_knobs(CLIPSegConfig(**inferred), knobs, tuple(inferred), str(path))
+        check_knobs(CLIPSegConfig(**inferred).knobs(), knobs, tuple(inferred), str(path))
         model = cls.from_backbone(backbone, **{**knobs, **inferred})
         clip_state = {f"clip.{k}": v for k, v in model.clip.state_dict().items()}
         model.load_weights({**clip_state, **state}, source=str(path))
@@ -849,52 +481,108 @@ def _run_clip_block(layer: nn.Module, x: Tensor) -> Tensor:
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
+# ------------------------------------------------------------------------------------- the paper's baselines
+
+
+class CLIPDeconv(CLIPSeg):
+    """Frozen CLIP, one block read, `baselines.DeconvDecoder` (docs/original.md, section 10). Everything else is
+    CLIPSeg's."""
+
+    arch = "clip-deconv"
+
+    def build_decoder(self, config: CLIPSegConfig) -> nn.Module:
+        return DeconvDecoder(config)
+
+
+class ViTSeg(CLIPSeg):
+    """A frozen ImageNet ViT (`self.vit`) for the image, CLIP's frozen text tower (`self.clip`) for the prompt, the
+    plain CLIPSeg decoder between them (docs/original.md, section 10; the parts are in `clipseg.baselines`)."""
+
+    arch = "vitseg"
+
+    def __init__(self, config: CLIPSegConfig):
+        super().__init__(config)
+        self.vit = transformers.ViTModel(config.vit, add_pooling_layer=False).requires_grad_(False).eval()
+        # Image prompts: the final-norm CLS through a random projection that stays frozen, as in the original.
+        self.image_projection = nn.Linear(config.vit.hidden_size, config.clip.projection_dim).requires_grad_(False)
+
+    def build_clip(self, config: CLIPSegConfig) -> nn.Module:
+        """CLIP's text tower and text projection only (its state-dict names stay `clip.text_model.*`,
+        `clip.text_projection.weight`)."""
+        text = {**config.clip.text_config.to_dict(), "projection_dim": config.clip.projection_dim}
+        return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig.from_dict(text))
+
+    def build_decoder(self, config: CLIPSegConfig) -> nn.Module:
+        return ViTSegDecoder(config)
+
+    @classmethod
+    def from_backbone(cls, backbone: str | None = None, **knobs) -> CLIPSeg:
+        """An ImageNet ViT (hub id or local directory, default google/vit-base-patch16-384; "tiny": a small random
+        ViT and CLIP) and CLIP's text tower (`text_backbone`, default openai/clip-vit-base-patch16), a fresh decoder."""
+        arch = knobs.setdefault("arch", cls.arch)
+        if arch != cls.arch:
+            return super().from_backbone(backbone, **knobs)
+        backbone = backbone or DEFAULT_VIT
+        if backbone == "tiny":
+            knobs.setdefault("vit", tiny_vit_config())
+            return cls(tiny_config(**{"text_backbone": "tiny", **knobs}))
+        if backbone in RANDOM_BACKBONES:
+            raise ValueError(
+                f"{backbone} is a random CLIP image tower, but ViTSeg's image tower is an ImageNet ViT: give its hub "
+                f"id ({DEFAULT_VIT}) or a local directory (--backbone), or use --arch clipseg / clip-deconv"
+            )
+        vit = load_backbone(transformers.ViTModel, backbone, "ImageNet ViT", add_pooling_layer=False)
+        clip = load_backbone(transformers.CLIPModel, knobs.setdefault("text_backbone", DEFAULT_BACKBONE))
+        model = cls(CLIPSegConfig(**knobs, backbone=backbone, clip=clip.config, vit=vit.config))
+        model.vit = vit.requires_grad_(False).eval()
+        text_parts = ("text_model.", "text_projection.")
+        model.clip.load_state_dict({k: v for k, v in clip.state_dict().items() if k.startswith(text_parts)})
+        return model
+
+    def state_dict(self, *args, **kwargs) -> dict[str, Tensor]:
+        """The state with the ViT's parameters under their transformers 4.x names (`baselines.VIT_NAMES`), whichever
+        version runs: `save_pretrained` writes them and `load_weights` matches against them."""
+        state = super().state_dict(*args, **kwargs)
+        return type(state)((vit_name(key, legacy=True), value) for key, value in state.items())
+
+    def load_state_dict(self, state_dict: dict[str, Tensor], *args, **kwargs):
+        """Takes the ViT's parameters under either version's names."""
+        legacy = not hasattr(self.vit, "layers")  # transformers 4.x has vit.encoder.layer
+        renamed = {vit_name(key, legacy=legacy): value for key, value in state_dict.items()}
+        return super().load_state_dict(renamed, *args, **kwargs)
+
+    def train(self, mode: bool = True) -> ViTSeg:
+        super().train(mode)
+        self.vit.eval()  # frozen, always in inference mode
+        return self
+
+    @torch.no_grad()
+    def encode_image(self, pixel_values: Tensor) -> ImageFeatures:
+        """(B, 3, H, W) ImageNet-normalised pixels, H and W multiples of 16 -> activations of the ViT blocks read,
+        at the ViT's native size. The tower stops after block max(extract_layers)."""
+        grid = self.check_pixels(pixel_values)
+        layers = self.config.extract_layers
+        _, activations = vit_blocks(self.vit, pixel_values, self.config.vit.image_size, layers, max(layers))
+        return ImageFeatures(activations, grid)
+
+    @torch.no_grad()
+    def embed_images(self, prompt_images: Tensor) -> Tensor:
+        """(K, 3, h, w) engineered prompt images -> (K, 512) conditionals: the ViT's final-norm CLS, projected."""
+        layers = self.config.extract_layers
+        hidden, _ = vit_blocks(self.vit, prompt_images, self.config.vit.image_size, layers, stop_after=None)
+        return self.image_projection(self.vit.layernorm(hidden[:, 0]))
+
+
 # ---------------------------------------------------------------------------------------- loading
+
+# config.arch -> the class that builds it (`CLIPSeg.from_backbone` and `from_pretrained` dispatch on it)
+ARCHITECTURE_CLASSES: dict[str, type[CLIPSeg]] = {cls.arch: cls for cls in (CLIPSeg, CLIPDeconv, ViTSeg)}
 
 
 def model_class(arch: str) -> type[CLIPSeg]:
-    """The class that builds `arch`: CLIPSeg, or a baseline of `baselines.py` (imported here, on first use, since
-    baselines.py builds on this module)."""
-    if arch == "clipseg":
-        return CLIPSeg
-    from clipseg import baselines
-
-    return baselines.ARCHITECTURE_CLASSES[arch]
+    """The class that builds `arch` (CLIPSeg or one of the paper's baselines)."""
+    return ARCHITECTURE_CLASSES[arch]
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16, AMX, or oneDNN's AVX512 path)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def amp_dtype(device: str | torch.device) -> torch.dtype | None:
-    """The mixed-precision dtype for `device`: bf16 where it is native (GPUs with bf16, CPUs with native bf16),
-    fp16 on older GPUs (training then needs a gradient scaler), None (stay in fp32) elsewhere. On a CPU without
-    native bf16 PyTorch emulates it: on an AVX2 EPYC a bf16 linear layer ran 8x slower than fp32 and a training
-    step of the demo 5.6x slower, so mixed precision would only cost time there."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
-AMP_HELP = (
-    "mixed precision: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs; fp32 on CPUs without native "
-    "bf16, where bf16 is emulated and slower"
-)
-
-
-def autocast(device: str | torch.device, enabled: bool = True) -> AbstractContextManager:
-    """`torch.autocast` in `amp_dtype(device)`; a no-op when not enabled or when fp32 is the better choice."""
-    device = torch.device(device)
-    dtype = amp_dtype(device) if enabled else None
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()

@@ -46,9 +46,11 @@ import dataset as datasets
 from clipseg import runs
 from clipseg.baselines import tiny_vit_config
 from clipseg.benchmarks.classes import WordNetMissing
+from clipseg.config import DEFAULT_BACKBONE, RANDOM_BACKBONES, tiny_clip_config
 from clipseg.inference import predict_tasks
 from clipseg.metrics import PaperMetrics
 from clipseg.outputs import json_text
+from clipseg.precision import amp_dtype as model_amp_dtype
 from clipseg.runs import RunFiles
 from clipseg.sampling import (
     Distributed,
@@ -62,8 +64,7 @@ from clipseg.sampling import (
 )
 from clipseg.train_args import datasets_default, parse_args
 from clipseg.transforms import NonFiniteOutput
-from model import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSeg, TextCache, tiny_clip_config
-from model import amp_dtype as model_amp_dtype
+from model import CLIPSeg, TextCache
 
 # Flags that may differ from the stored run arguments when resuming; all others must match.
 RESUME_OVERRIDABLE = (

@@ -25,8 +25,8 @@ from clipseg.cli import (
     step_list,
     weight_range,
 )
+from clipseg.config import ARCHITECTURES, DEFAULT_BACKBONE, MAX_IMAGE_SIDE, RANDOM_BACKBONES, check_image_side
 from clipseg.transforms import RESIZE_RULES
-from model import ARCHITECTURES, DEFAULT_BACKBONE, MAX_IMAGE_SIDE, RANDOM_BACKBONES, check_image_side
 
 VAL_METRICS = ("miou", "iou_fg", "ap", "loss")  # the paper's metrics at t = 0.3, or the validation loss
 

@@ -13,7 +13,6 @@ import json
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -22,9 +21,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from clipseg.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
-
-if TYPE_CHECKING:
-    from model import CLIPSegConfig
 
 WEIGHTS_NAME = "model.safetensors"
 DECODER_WEIGHTS_NAME = "decoder.safetensors"  # a decoder-only checkpoint's weights (`clipseg_weights` in its config)
@@ -387,12 +383,14 @@ def decoder_knobs_from_state(state: dict[str, Tensor]) -> dict:
     )
 
 
-def check_knobs(config: CLIPSegConfig, knobs: dict, checkable: Sequence[str], source: str) -> None:
+def check_knobs(stored: dict, knobs: dict, checkable: Sequence[str], source: str) -> None:
+    """CheckpointError when a knob the caller asked for (`knobs`) differs from the checkpoint's (`stored`, its
+    `CLIPSegConfig.knobs()`), for the knobs in `checkable`."""
     for knob in checkable:
-        if knob in knobs and _normalise(knobs[knob]) != _normalise(getattr(config, knob)):
+        if knob in knobs and _normalise(knobs[knob]) != _normalise(stored[knob]):
             hint = _REFINED_HINT if knob == "refined" else ""
             raise CheckpointError(
-                f"{source}: the checkpoint has {knob}={getattr(config, knob)!r} but {knob}={knobs[knob]!r} was "
+                f"{source}: the checkpoint has {knob}={stored[knob]!r} but {knob}={knobs[knob]!r} was "
                 f"asked for; its weights do not fit that model{hint}"
             )
 

@@ -16,18 +16,11 @@ from test_score import recompute
 import score
 import train
 from clipseg import runs
-from clipseg.baselines import CLIPDeconv, DeconvDecoder, ViTSeg, tiny_vit_config
+from clipseg.baselines import DeconvDecoder, tiny_vit_config
+from clipseg.config import CLIPSegConfig, default_extract_layers, random_clip_config, tiny_clip_config, tiny_config
 from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clipseg.weights import CheckpointError
-from model import (
-    CLIPSeg,
-    CLIPSegConfig,
-    count_parameters,
-    default_extract_layers,
-    random_clip_config,
-    tiny_clip_config,
-    tiny_config,
-)
+from model import CLIPDeconv, CLIPSeg, ViTSeg, count_parameters
 from predict import Predictor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

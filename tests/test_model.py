@@ -15,17 +15,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from clipseg.config import MAX_IMAGE_SIDE, CLIPSegConfig, tiny_config
+from clipseg.decoder import CLIPSegDecoder, RefinedHead
 from clipseg.weights import CheckpointError
-from model import (
-    MAX_IMAGE_SIDE,
-    CLIPSeg,
-    CLIPSegConfig,
-    CLIPSegDecoder,
-    RefinedHead,
-    TextCache,
-    count_parameters,
-    tiny_config,
-)
+from model import CLIPSeg, TextCache, count_parameters
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -375,19 +368,6 @@ def test_long_phrase_is_truncated_with_a_warning(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny.tokenize(["a short phrase"])
-
-
-def test_amp_dtype_is_bf16_only_where_native(monkeypatch):
-    import model
-
-    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: True)
-    assert model.amp_dtype("cpu") == torch.bfloat16
-    with model.autocast("cpu"):
-        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
-    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: False)
-    assert model.amp_dtype("cpu") is None
-    with model.autocast("cpu"):
-        assert not torch.is_autocast_enabled("cpu")
 
 
 def test_forward_with_labels_returns_the_bce_loss_of_its_logits(tiny):

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import model as model_module
 from clipseg import precision as precision_module
 from clipseg.precision import (
     PRECISIONS,
@@ -26,7 +25,7 @@ from predict import main
 
 PHRASES = ["a red circle", "the blue square", "sky"]
 LOGIT_THRESHOLD = float(np.log(0.3 / 0.7))  # probability > 0.3, the paper's threshold
-NATIVE_BF16 = model_module.cpu_has_native_bf16()
+NATIVE_BF16 = precision_module.cpu_has_native_bf16()
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +99,7 @@ def test_int8_activations_use_all_8_bits_where_the_cpu_has_vnni(monkeypatch):
 @pytest.mark.parametrize(("vnni", "native"), [(True, True), (True, False), (False, True), (False, False)])
 def test_default_precision_follows_the_cpu(monkeypatch, vnni, native):
     monkeypatch.setattr(precision_module, "cpu_has_vnni", lambda: vnni)
-    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: native)
     assert default_precision("cpu") == ("int8" if vnni else "bf16" if native else "fp32")
     assert default_precision("cuda") == "fp32"
     assert resolve_precision(None, "cpu") == default_precision("cpu")
@@ -180,3 +179,14 @@ def test_cli_bad_precision_combinations_are_usage_errors(tiny_dir, tmp_path, cap
         run_cli(tiny_dir, tmp_path, "out", *flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_amp_dtype_is_bf16_only_where_native(monkeypatch):
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    assert precision_module.amp_dtype("cpu") == torch.bfloat16
+    with precision_module.autocast("cpu"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
+    assert precision_module.amp_dtype("cpu") is None
+    with precision_module.autocast("cpu"):
+        assert not torch.is_autocast_enabled("cpu")

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-import model as model_module
 import predict
 from clipseg import images
+from clipseg import precision as precision_module
 from clipseg.images import load_image
 from clipseg.outputs import is_safe_name
 from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -190,7 +190,7 @@ def test_batched_images_equal_one_at_a_time(predictor):
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_amp_is_bf16_only_where_the_cpu_has_it(model, monkeypatch, native_bf16):
-    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: native_bf16)
     image = random_image(80, 50)
     full, mixed = Predictor(model, image_size=SIZE), Predictor(model, image_size=SIZE, amp=True)
     full.set_image(image)

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clipseg.config import PATCH_SIZE, CLIPSegConfig
 from clipseg.tokenizer import CLIPTokenizer
 from clipseg.weights import CheckpointError, read_json
-from model import PATCH_SIZE, CLIPSeg, CLIPSegConfig, ImageFeatures
+from model import CLIPSeg, ImageFeatures
 
 REQUIREMENTS_FILE = "requirements-export.txt"
 MANIFEST_NAME = "manifest.json"
