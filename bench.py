@@ -10,7 +10,7 @@
 
 Both models hold the same random weights (speed does not depend on their values). Variants are interleaved
 (A B A B ...) after a warm-up and the median of `--repeats` runs is reported, so drift of the machine hits both
-sides alike; compare ratios, not absolute times. FLOP counts are analytic (SPEC section 7).
+sides alike; compare ratios, not absolute times. FLOP counts are analytic (docs/original.md §9).
 """
 
 from __future__ import annotations
@@ -327,7 +327,7 @@ def measure(args: argparse.Namespace, results: dict) -> None:
 
 def full_size_models() -> Iterator[tuple[str, str, CLIPSeg]]:
     """(name, the trainable parameters the paper's code gives or None, model) for each full-size configuration, with
-    random weights (docs/original.md, section 2 and 10)."""
+    random weights (docs/original.md §2.7 and §10)."""
     b16 = random_clip_config("random-vit-b16")
     yield "CLIPSeg ViT-B/16, D=64", "1,073,153", CLIPSeg(CLIPSegConfig(clip=b16))
     yield "CLIPSeg ViT-B/16, D=64, refined", "1,127,009", CLIPSeg(CLIPSegConfig(clip=b16, refined=True))

@@ -2,14 +2,14 @@
 
 PhraseCut layout (what the official download script writes, and what `synthetic.make_synthetic_phrasecut` writes):
 
-    <root>/data/VGPhraseCut_v0/refer_{train,val,test,miniv}.json   tasks (SPEC section 5)
+    <root>/data/VGPhraseCut_v0/refer_{train,val,test,miniv}.json   tasks (docs/original.md §4)
     <root>/data/VGPhraseCut_v0/image_data_split.json               image sizes and splits
     <root>/data/VGPhraseCut_v0/name_att_rel_count.json             vocabulary counts
     <root>/data/VGPhraseCut_v0/images/<image_id>.jpg
 
 A split's JSON is read through its memory-mapped index (phrasecut_index.py), built on first use.
 
-Samples follow the authors' PhraseCut pipeline (SPEC section 1b; the rules themselves are in preprocess.py):
+Samples follow the authors' PhraseCut pipeline (docs/original.md §5; the rules themselves are in clipseg/):
 ground truth drawn with `polygon2mask`, the training crop of `find_crop`, the `original` resize, negatives drawn
 uniformly from the split's unique phrases, and (PC+) a visual support from any task with the same phrase.
 """
@@ -35,7 +35,10 @@ from clipseg.images import UnreadableImage, open_rgb, read_mask
 from clipseg.metrics import PHRASE_TYPES
 from clipseg.phrasecut import (
     DATA_SUBDIR,
+    DEFAULT_PHRASECUT_ROOT,
+    DEFAULT_SYNTHETIC_ROOT,
     DOWNLOAD_HINT,
+    SPLITS,
     TaskTable,
     describe_defects,
     find_data_dir,
@@ -43,15 +46,13 @@ from clipseg.phrasecut import (
     usable_polygons,
 )
 from clipseg.rasterise import instances_to_mask
+from clipseg.synthetic import make_synthetic_phrasecut
 from clipseg.transforms import IMAGE_SIZE, ImageTransform
 from clipseg.visual_prompts import visual_prompt
 
-DEFAULT_PHRASECUT_ROOT = "PhraseCutDataset"
-DEFAULT_SYNTHETIC_ROOT = "synthetic_phrasecut"
-SPLITS = ("train", "val", "test", "miniv")
 COMBINED_SPLITS = {"val_miniv": ("val", "miniv")}
 # The original's prompt template lists (`get_prompt_list`); training samples one template per prompt. The released
-# PC+ models used "shuffle+" with --mix, the raw phrase ("plain") otherwise (SPEC section 4b).
+# PC+ models used "shuffle+" with --mix, the raw phrase ("plain") otherwise (docs/original.md §5.11).
 PROMPT_TEMPLATES = {
     "plain": ("{}",),
     "fixed": ("a photo of a {}.",),
@@ -97,7 +98,7 @@ def _worker_key() -> int | None:
 
 
 class SegmentationData(Dataset):
-    """Shared sample pipeline of `PhraseCut` and `UserFolder` (SPEC sections 1b and 4).
+    """Shared sample pipeline of `PhraseCut` and `UserFolder` (docs/original.md §5 and §7).
 
     Subclasses set `self._phrase_ids` (int array, one per task) and implement `__len__`, `task_info(i)`,
     `phrase_text(phrase_id)`, `_image_keys()` and `_load_mask(i, height, width, rule)`; then call `_init_tasks()`.
@@ -744,8 +745,6 @@ def build_dataset(kind: str, root: str | os.PathLike | None, split: str, **kwarg
             not (root / DATA_SUBDIR / "image_data_split.json").is_file()
             and not (root / "image_data_split.json").is_file()
         ):
-            from clipseg.synthetic import make_synthetic_phrasecut  # it writes this module's layout
-
             make_synthetic_phrasecut(root)
         return PhraseCut(root, split, **kwargs)
     if kind == "folder":

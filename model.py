@@ -485,7 +485,7 @@ _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
 class CLIPDeconv(CLIPSeg):
-    """Frozen CLIP, one block read, `baselines.DeconvDecoder` (docs/original.md, section 10). Everything else is
+    """Frozen CLIP, one block read, `baselines.DeconvDecoder` (docs/original.md §10). Everything else is
     CLIPSeg's."""
 
     arch = "clip-deconv"
@@ -496,7 +496,7 @@ class CLIPDeconv(CLIPSeg):
 
 class ViTSeg(CLIPSeg):
     """A frozen ImageNet ViT (`self.vit`) for the image, CLIP's frozen text tower (`self.clip`) for the prompt, the
-    plain CLIPSeg decoder between them (docs/original.md, section 10; the parts are in `clipseg.baselines`)."""
+    plain CLIPSeg decoder between them (docs/original.md §10; the parts are in `clipseg.baselines`)."""
 
     arch = "vitseg"
 

@@ -46,7 +46,7 @@ from clipseg.images import ImageInput, UnreadableImage, load_image, open_rgb
 from clipseg.onnx.backend import OnnxBackendError, OnnxCLIPSeg
 from clipseg.outputs import UnwritableOutput, check_writable, json_text, printable, safe_name, write_text
 from clipseg.precision import PRECISIONS, add_precision_arguments, precision_context, prepare_model, resolve_precision
-from clipseg.transforms import MAX_ASPECT, RESIZE_RULES, ImageTransform, NonFiniteOutput, full_size_probabilities
+from clipseg.transforms import MAX_ELONGATION, RESIZE_RULES, ImageTransform, NonFiniteOutput, full_size_probabilities
 from clipseg.visual_prompts import support_prompt
 from model import CLIPSeg, ImageFeatures
 
@@ -442,7 +442,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--square",
         action="store_true",
         help="squash each image to IMAGE_SIZE x IMAGE_SIZE (reference behaviour) instead of keeping its aspect "
-        f"(native aspect caps the long side at {MAX_ASPECT}x the short side)",
+        f"(native aspect caps the long side at {MAX_ELONGATION}x the short side)",
     )
     parser.add_argument(
         "--resize",

@@ -1,7 +1,7 @@
 """Train CLIPSeg's decoder (the CLIP backbone stays frozen): the released PhraseCut recipe, fine-tuning on your
 own data, validation with a best model, exact resume, several GPUs.
 
-    python train.py --name=pc --batch-size=64                           # PhraseCut, the released recipe (SPEC 4)
+    python train.py --name=pc --batch-size=64                           # the released recipe (docs/original.md §7)
     python train.py --name=pc --resume                                  # continue after a crash, kill or Ctrl-C
     python train.py --name=deconv --arch=clip-deconv                    # a baseline of the paper (README, "Baselines")
     python train.py --name=pc --val-interval=1000 --keep-checkpoints=10000,20000    # best/ by validation mIoU

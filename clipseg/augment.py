@@ -1,6 +1,6 @@
 """Training-time sampling of a view: the original's square crop (`find_crop`: side min(H, W), the first of 50 random
 offsets whose foreground exceeds 5% of the whole image's area, else the try with the most foreground) and its
-optional colour jitter (docs/original.md, section 5).
+optional colour jitter (docs/original.md §5).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def colour_jitter_of(
     rng: np.random.Generator, brightness: float = 0.5, contrast: float = 0.5, saturation: float = 0.2, hue: float = 0.05
 ) -> Callable[[Tensor], Tensor]:
     """The original's optional colour augmentation, torchvision's `ColorJitter(0.5, 0.5, 0.2, 0.05)` on a [0, 1]
-    image (SPEC 1b; off in the released runs): brightness, contrast and saturation factors drawn from
+    image (docs/original.md §5.7; off in the released runs): brightness, contrast and saturation factors drawn from
     U(1 - x, 1 + x) and a hue shift from U(-h, h), applied in a random order, each result clipped to [0, 1]."""
     factors = {
         "brightness": rng.uniform(max(0.0, 1 - brightness), 1 + brightness),

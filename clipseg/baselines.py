@@ -1,4 +1,4 @@
-"""The parts of the paper's two baselines (docs/original.md, section 10); their model classes, `model.CLIPDeconv` and
+"""The parts of the paper's two baselines (docs/original.md §10); their model classes, `model.CLIPDeconv` and
 `model.ViTSeg`, are `CLIPSeg` with these parts in place of its decoder or its image tower:
 
 - CLIP-Deconv (`arch="clip-deconv"`, the original's `CLIPDenseBaseline`): the frozen CLIP, one block read (9 of 12),

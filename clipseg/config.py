@@ -39,7 +39,7 @@ RANDOM_BACKBONES = {
 
 @dataclass
 class CLIPSegConfig:
-    """Decoder knobs (paper section 3, SPEC section 1) plus the geometry of the backbone.
+    """Decoder knobs (paper section 3; docs/original.md §2) plus the geometry of the backbone.
 
     Defaults are those of the released `rd64` models. `clip` is a `transformers.CLIPConfig`; when it is None the
     backbone's geometry is unknown until `CLIPSeg.from_pretrained`/`from_backbone` fills it in. `arch` picks CLIPSeg

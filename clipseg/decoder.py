@@ -1,6 +1,6 @@
 """CLIPSeg's decoder: reduce the extracted CLIP activations to D dimensions, FiLM-condition them on the prompt's
 embedding, run post-LN transformer blocks (deepest activation first, the others added on the way), and turn the
-patch tokens into a mask with a transposed convolution (plain) or the refined head (docs/original.md, section 2).
+patch tokens into a mask with a transposed convolution (plain) or the refined head (docs/original.md §2).
 The parameter names are HF CLIPSeg's, so the released weights load unchanged.
 """
 

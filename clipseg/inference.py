@@ -2,7 +2,7 @@
 
 PhraseCut's test split has about 5.6 tasks per image (14,354 tasks on 2,545 images). Here each image is read and
 encoded once and all of its tasks' prompts are decoded against those features in one decoder batch (at ViT-B/16
-and 352 px: 91.6 + K x 1.8 GFLOPs for K tasks instead of K x 93.4, SPEC section 7). score.py, failure_test.py and
+and 352 px: 91.6 + K x 1.8 GFLOPs for K tasks instead of K x 93.4, docs/original.md §9). score.py, failure_test.py and
 train.py's validation all predict through `predict_tasks`, so their numbers agree.
 
     for batch in predict_tasks(model, data, batch_size=16):

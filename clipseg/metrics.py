@@ -384,7 +384,7 @@ class PhraseCutMetrics:
 
 
 class EpisodeMetrics:
-    """One-shot metrics per class (Pascal-5i, COCO-20i; SPEC sections 9-10), streaming.
+    """One-shot metrics per class (Pascal-5i, COCO-20i; docs/original.md §11-12), streaming.
 
     Each episode adds its confusion counts at the 49 thresholds, over the pixels that are not ignored, to its
     class's sums; memory is (classes x 49) counts whatever the number of episodes.
@@ -457,7 +457,7 @@ class EpisodeMetrics:
 
 
 class ZeroShotMetrics:
-    """Generalised zero-shot segmentation metrics (JoEm's evaluator, SPEC section 11), streaming.
+    """Generalised zero-shot segmentation metrics (JoEm's evaluator, docs/original.md §13), streaming.
 
     A (classes x classes) pixel confusion matrix, rows ground truth, columns prediction, over the pixels whose
     ground truth is a class (255 and other values >= n_classes are ignored). IoU_c = diag / (row + column - diag),

@@ -33,6 +33,9 @@ from clipseg.metrics import PHRASE_TYPES
 from clipseg.outputs import json_text
 
 DATA_SUBDIR = Path("data") / "VGPhraseCut_v0"
+SPLITS = ("train", "val", "test", "miniv")
+DEFAULT_PHRASECUT_ROOT = "PhraseCutDataset"  # where the official download script puts it
+DEFAULT_SYNTHETIC_ROOT = "synthetic_phrasecut"  # where `python -m clipseg.synthetic phrasecut` writes by default
 INDEX_VERSION = 2  # 2: bad polygons dropped and counted
 NON_FINITE, ZERO_AREA = "non-finite coordinates", "zero area"
 DOWNLOAD_HINT = (

@@ -1,4 +1,4 @@
-"""Ground truth from polygons, by the rule of each source (docs/original.md, sections 4 and 8):
+"""Ground truth from polygons, by the rule of each source (docs/original.md §4 and §8):
 
 - `polygon2mask` (skimage's, as the original CLIPSeg drew PhraseCut's targets): pixel (row r, col c) is set iff the
   point x = c, y = r lies in or on a polygon; used for training targets and the paper's metrics.

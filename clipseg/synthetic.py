@@ -31,8 +31,7 @@ from tqdm import tqdm
 
 from clipseg.benchmarks.classes import COCO_CLASSES, COCO_FOLDS, PASCAL_CLASSES, PASCAL_FOLDS, pascal_fold_classes
 from clipseg.outputs import json_text, write_json
-from clipseg.phrasecut import DATA_SUBDIR
-from dataset import DEFAULT_SYNTHETIC_ROOT, SPLITS
+from clipseg.phrasecut import DATA_SUBDIR, DEFAULT_SYNTHETIC_ROOT, SPLITS
 
 COLOURS = {
     "red": (215, 35, 35),

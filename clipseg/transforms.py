@@ -12,7 +12,7 @@ letterboxing, and the way back from logits to probabilities at the original size
 - logits to pictures: bilinear (`align_corners=False`) to the original size, then sigmoid; logits that are not
   finite are an error (`NonFiniteOutput`).
 
-Sources and line numbers: docs/original.md, sections 5 and 11-13.
+Sources and line numbers: docs/original.md §5 and §11-13.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ RESIZE_RULES = ("original", "pil")  # the rules a user chooses between (--resize
 BENCHMARK_RULES = ("linear",)  # rules only benchmark pipelines use
 
 
-MAX_ASPECT = 3  # native-aspect inputs cap the long side at this multiple of the short side
+MAX_ELONGATION = 3  # native-aspect inputs cap the long side at this multiple of the short side
 
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -129,9 +129,9 @@ def letterbox_size(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def letterbox(image: Image.Image | np.ndarray, labels: np.ndarray, size: int) -> tuple[Tensor, np.ndarray]:
-    """PFENet's test_Resize (the original's Pascal-5i pipeline, SPEC 9): the image resized to `letterbox_size`
-    by rule "linear" and placed top-left on a size x size canvas of zeros (black after normalisation, not the
-    mean colour); the label map likewise by OpenCV's nearest on a canvas of 255 (void).
+    """PFENet's test_Resize (the original's Pascal-5i pipeline, docs/original.md §11.4): the image resized to
+    `letterbox_size` by rule "linear" and placed top-left on a size x size canvas of zeros (black after
+    normalisation, not the mean colour); the label map likewise by OpenCV's nearest on a canvas of 255 (void).
     image: RGB (H, W); labels: (H, W) uint8. Returns (3, size, size) normalised pixels and (size, size) uint8."""
     height, width = labels.shape
     new_height, new_width = letterbox_size(height, width, size)
@@ -159,12 +159,12 @@ def unletterbox(probabilities: Tensor, height: int, width: int) -> Tensor:
 
 def native_size(width: int, height: int, short_side: int, multiple: int = 16) -> tuple[int, int]:
     """(W, H) of the model input that keeps an image's aspect: the short side becomes `short_side`, the long side
-    is scaled alike and rounded to a multiple of `multiple` (the patch size), capped at MAX_ASPECT x the short
+    is scaled alike and rounded to a multiple of `multiple` (the patch size), capped at MAX_ELONGATION x the short
     side."""
     scale = short_side / min(width, height)
 
     def on_grid(length: float) -> int:
-        return min(MAX_ASPECT * short_side, max(multiple, int(length * scale / multiple + 0.5) * multiple))
+        return min(MAX_ELONGATION * short_side, max(multiple, int(length * scale / multiple + 0.5) * multiple))
 
     return on_grid(width), on_grid(height)
 

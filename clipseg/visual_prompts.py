@@ -1,6 +1,6 @@
 """Image prompts: a support image and its object mask engineered into a prompt image the way the original does
 (`crop_blur_highlight352`: the object plus 10% of the blurred image around it, cropped to its box grown by 10%,
-padded square, resized to the model's side; docs/original.md, section 6).
+padded square, resized to the model's side; docs/original.md §6).
 """
 
 from __future__ import annotations

@@ -101,7 +101,9 @@ def full_size(arch: str = "clipseg", **knobs) -> CLIPSegConfig:
 def test_clip_deconv_reads_block_9_and_has_the_papers_parameter_count():
     config = full_size("clip-deconv")
     assert config.extract_layers == (9,)
-    assert count_parameters(DeconvDecoder(config)) == 139_585  # SPEC section 8: about 139.6k
+    assert (
+        count_parameters(DeconvDecoder(config)) == 139_585
+    )  # the original's head: about 139.6k (docs/original.md §10.1)
     model = CLIPSeg.from_backbone("tiny", arch="clip-deconv")
     assert model.config.extract_layers == (4,)  # block 9 of 12 at the same depth of the tiny 6-block CLIP
     assert [name for name, _ in model.decoder.named_children()] == [

@@ -37,7 +37,7 @@ def brute_counts(probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ..
 
 
 def brute_paper(probs: np.ndarray, targets: np.ndarray) -> dict:
-    """The paper's recipe, spelled out per threshold with Python sets (SPEC section 6)."""
+    """The paper's recipe, spelled out per threshold with Python sets (docs/original.md §8.1)."""
     tp, fp, fn, tn = brute_counts(probs, targets)
     miou = (tp / (1 + tp + fp + fn)).mean(0)
     tp, fp, fn, tn = (c.sum(0) for c in (tp, fp, fn, tn))

@@ -134,7 +134,7 @@ def test_our_checkpoint_loads_in_hf_with_same_logits(tmp_path, tiny):
 
 
 def to_original_layout(hf_state: dict) -> dict:
-    """The released `rd64-uni*.pth` naming (SPEC section 2), built from HF decoder weights."""
+    """The released `rd64-uni*.pth` naming (docs/original.md §3.2), built from HF decoder weights."""
     out = {}
     for key, value in hf_state.items():
         if not key.startswith("decoder."):

@@ -140,7 +140,7 @@ def test_union_is_commutative_and_equals_or_of_parts(polygons, random, rule):
 
 
 def find_crop_reference(mask: np.ndarray, offsets, min_fraction=0.05):
-    """The authors' find_crop(iterations=50, min_frac=0.05) as SPEC section 1b states it, on given offsets."""
+    """The authors' find_crop(iterations=50, min_frac=0.05) as docs/original.md §5.6 states it, on given offsets."""
     height, width = mask.shape
     side = min(height, width)
     threshold = height * width * min_fraction
@@ -190,8 +190,8 @@ def test_random_crop_offsets_are_uniform_along_the_long_axis_only():
 
 
 def original_pipeline(array: np.ndarray, size: int) -> torch.Tensor:
-    """The authors' image steps (SPEC 1b): float image, interpolate bilinear align_corners=True, / 255, then
-    torchvision's Normalize (subtract, divide)."""
+    """The authors' image steps (docs/original.md §5.7): float image, interpolate bilinear align_corners=True,
+    / 255, then torchvision's Normalize (subtract, divide)."""
     image = torch.from_numpy(np.array(array)).permute(2, 0, 1).unsqueeze(0).float()
     image = F.interpolate(image, (size, size), mode="bilinear", align_corners=True)[0] / 255.0
     return (image - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]

@@ -1,5 +1,5 @@
 """Class lists of the paper's one-shot and zero-shot benchmarks, and the WordNet rule that removes their classes from
-PhraseCut for fold-aware training (SPEC sections 9-11).
+PhraseCut for fold-aware training (docs/original.md §11-14).
 
 | benchmark | classes |
 |---|---|
