@@ -15,10 +15,10 @@ only re-thresholds. Nothing is fetched from the network unless --model names a h
 public link); Gradio's analytics are off.
 
 What the server accepts and keeps: files only from Gradio's upload folder (regular files of at most 100 MB); at
-most 20 prompts of at most 1,000 characters (`app_inputs.py`); at most 64 waiting requests; per session the
+most 20 prompts of at most 1,000 characters (`clipseg/uploads.py`); at most 64 waiting requests; per session the
 image's features, a preview and the logits at the model's input size (full-size maps are made from them for each
 zip: about 50 MB at most at 352 px); sessions idle for --idle-minutes, and the least recently used ones when all
-hold more than --session-memory, are dropped, and their users are told so when they act again (`sessions.py`).
+hold more than --session-memory, are dropped, and their users are told so when they act again (`clipseg/sessions.py`).
 
 The logic lives in `Segmenter` (inputs in, images, files and messages out; no Gradio); `build_page` lays the page
 out on top of it.
@@ -171,7 +171,7 @@ class Encoded:
 class Result:
     """A session's last segmentation: all a threshold change needs. logits: (K, 1, h, w) float32 at the model's
     input size; the maps at the preview's and at the original size are made from them when drawn, as predict.py
-    makes its maps (`preprocess.full_size_probabilities`)."""
+    makes its maps (`clipseg.transforms.full_size_probabilities`)."""
 
     encoded: Encoded
     prompts: list[Prompt]
@@ -663,7 +663,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_precision_arguments(parser)
     args = parser.parse_args(argv)
-    try:  # the precision that will run: --precision, else the fastest that keeps fp32's masks (precision.py)
+    try:  # the precision that will run: --precision, else the fastest that keeps fp32's masks (clipseg/precision.py)
         args.precision = resolve_precision(args.precision, args.device, args.amp)
     except ValueError as err:
         parser.error(str(err))

@@ -7,7 +7,7 @@ PhraseCut layout (what the official download script writes, and what `synthetic.
     <root>/data/VGPhraseCut_v0/name_att_rel_count.json             vocabulary counts
     <root>/data/VGPhraseCut_v0/images/<image_id>.jpg
 
-A split's JSON is read through its memory-mapped index (phrasecut_index.py), built on first use.
+A split's JSON is read through its memory-mapped index (clipseg/phrasecut.py), built on first use.
 
 Samples follow the authors' PhraseCut pipeline (docs/original.md §5; the rules themselves are in clipseg/):
 ground truth drawn with `polygon2mask`, the training crop of `find_crop`, the `original` resize, negatives drawn
@@ -260,7 +260,7 @@ class SegmentationData(Dataset):
 
     def _box(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the region a sample shows: in training the original's square crop
-        (`preprocess.choose_crop`), or with `whole_image_prob` the whole image; in test mode the whole image."""
+        (`clipseg.augment.choose_crop`), or with `whole_image_prob` the whole image; in test mode the whole image."""
         height, width = mask.shape
         if self.train and not (self.whole_image_prob > 0 and rng.random() < self.whole_image_prob):
             top, left, side = choose_crop(mask, random_crop_offsets(rng, height, width))
@@ -339,8 +339,9 @@ class SegmentationData(Dataset):
 
     def _support_prompt(self, phrase_id: int, rng: np.random.Generator) -> torch.Tensor | None:
         """(3, S, S) prompt image from a task with this phrase, or None when the phrase is unique (the original's
-        rule: any task with the phrase, the sample's own included, with its own crop; `preprocess.visual_prompt`).
-        An unreadable support is replaced by another draw, SUPPORT_TRIES times at most."""
+        rule: any task with the phrase, the sample's own included, with its own crop;
+        `clipseg.visual_prompts.visual_prompt`). An unreadable support is replaced by another draw, SUPPORT_TRIES times
+        at most."""
         start, stop = np.searchsorted(self._sorted_phrase_ids, [phrase_id, phrase_id + 1])
         if stop - start < 2:
             return None
@@ -389,11 +390,11 @@ class PhraseCut(SegmentationData):
     """PhraseCut (VGPhraseCut_v0) as it is on disk, for training (`train=True`: the original's crops, optional
     negatives, visual support and templates) or testing (whole image squashed to `image_size`, plus the full-size
     ground truth). `root`: a dir containing data/VGPhraseCut_v0/ or that dir itself. `split`: train, val, test,
-    miniv or val_miniv. Ground truth is the union of all polygons of all instances (`preprocess.rasterise`: the
+    miniv or val_miniv. Ground truth is the union of all polygons of all instances (`clipseg.rasterise.rasterise`: the
     `polygon2mask` rule for targets, PhraseCut's own for `full_mask`). Tasks whose image size differs from its
     annotation size, or with no usable polygon, are excluded up front and listed in `self.excluded` as
     (task_id, reason); polygons with non-finite coordinates or zero area are dropped while indexing and listed per
-    task in `self.excluded_polygons` as (task_id, count, description) (phrasecut_index.py). `remove_classes`
+    task in `self.excluded_polygons` as (task_id, count, description) (clipseg/phrasecut.py). `remove_classes`
     ("pas5i:K", "zs:K" or "aff", `wordnet_classes.removal_rule`) drops the tasks whose phrase names a benchmark's
     test class before anything else sees them (negatives and supports included); their number is `self.removed`.
     `limit` keeps the first N usable tasks. Other keyword arguments (train, image_size, negative_prob,
@@ -535,8 +536,8 @@ class UserFolder(SegmentationData):
     """Fine-tuning data from a JSONL or CSV index of records `{image, phrase, mask}`.
 
     `image`: path (relative to the index file's directory or absolute). `mask`: a mask image path (object = pixels
-    at least half the mask's maximum, `preprocess.read_mask`; a mask of more than two levels is warned about once) or
-    PhraseCut-style polygons, either a list of polygons
+    at least half the mask's maximum, `clipseg.images.read_mask`; a mask of more than two levels is warned about once)
+    or PhraseCut-style polygons, either a list of polygons
     `[[[x, y], ...], ...]` or a list of instances of polygons (in CSV as a JSON string). Optional fields: `id`
     (task id; default `<file name>:<line>`), `split` (records are kept when it equals the `split` argument, or
     has no value and `unmarked` is True),
@@ -615,7 +616,7 @@ class UserFolder(SegmentationData):
         )
 
     def _load_mask(self, index: int, height: int, width: int, rule: str) -> np.ndarray:
-        """Polygons are drawn by `rule`; a mask image is read by `preprocess.read_mask`'s rule."""
+        """Polygons are drawn by `rule`; a mask image is read by `clipseg.images.read_mask`'s rule."""
         mask = self.records[index]["mask"]
         if isinstance(mask, list):
             return instances_to_mask(mask, height, width, rule)

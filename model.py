@@ -3,8 +3,8 @@ prompt into a segmentation mask (Lüddecke & Ecker, CVPR 2022).
 
 The CLIP towers come from `transformers`; the decoder, the early-exit vision pass (it stops after the deepest
 extracted block), position-embedding interpolation for any image shape and the weight loaders are ours (reading
-checkpoint files: `weights.py`); the tokenizer is OpenAI's (`tokenizer.py`) and the input rules are in
-`preprocess.py`. Weights load from:
+checkpoint files: `clipseg/weights.py`); the tokenizer is OpenAI's (`clipseg/tokenizer.py`) and the input rules are in
+`clipseg/transforms.py`. Weights load from:
 
 - an HF CLIPSeg checkpoint (hub id such as `CIDAS/clipseg-rd64-refined`, or a directory with `config.json` and
   `model.safetensors`/`pytorch_model.bin`); our own `save_pretrained` writes that same layout;
@@ -278,7 +278,7 @@ class CLIPSeg(nn.Module):
     def tokenize(self, phrases: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Phrases -> (input_ids, attention_mask), each (K, L) with L the longest prompt (at most 77 tokens).
 
-        Tokens as OpenAI's CLIP makes them (`tokenizer.py`: its text cleaning, then BPE). Longer phrases are
+        Tokens as OpenAI's CLIP makes them (`clipseg/tokenizer.py`: its text cleaning, then BPE). Longer phrases are
         truncated (keeping the end-of-text token) with a warning; the original raises instead."""
         if isinstance(phrases, str):
             raise TypeError("phrases must be a list of strings, not a single string")
@@ -404,8 +404,8 @@ class CLIPSeg(nn.Module):
         in [0, 1] also the training loss, BCE-with-logits averaged over all pixels (computed in fp32).
 
         The prompt is exactly one of: `phrases` (N strings), `input_ids` (N, L) [+ `attention_mask`],
-        `prompt_images` (N, 3, h, w) already engineered (see `preprocess.visual_prompt`), `conditional` (N, 512).
-        The vision tower runs once per image, whatever N."""
+        `prompt_images` (N, 3, h, w) already engineered (see `clipseg.visual_prompts.visual_prompt`), `conditional` (N,
+        512). The vision tower runs once per image, whatever N."""
         cond = self.conditional(phrases, input_ids, attention_mask, prompt_images, conditional)
         logits = self.decode(self.encode_image(pixel_values), cond)
         if labels is None:

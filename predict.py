@@ -2,7 +2,7 @@
 
     python predict.py photos/ --prompt "a cat" --prompt "the sofa" --out predictions
     python predict.py room.jpg --visual-prompt support.jpg:support_mask.png --threshold 0.4
-    python predict.py photos/ --prompt "a cat" --precision int8          # fp32, bf16 or int8 (precision.py)
+    python predict.py photos/ --prompt "a cat" --precision int8          # fp32, bf16 or int8 (clipseg/precision.py)
     python predict.py photos/ --prompt "a cat" --backend onnx --model exported/   # graphs from export.py
 
 For each image and prompt this writes, under `--out/<image>/`, the probability map (`<prompt>.prob.png`, 8- or
@@ -69,8 +69,8 @@ class Predictor:
     image_size: the short side the model sees (default `model.config.image_size`), a multiple of the patch. square:
     squash to image_size x image_size instead of keeping the aspect. resize: "pil" (the HF processor's and the
     original Quickstart's resize, the default here) or "original" (the authors' data pipeline, as in training and
-    scoring; see preprocess.py). precision: 'fp32' (default), 'bf16' or 'int8' for the image encoder and decoder
-    (see precision.py; int8 quantises `model` in place); the scripts' default is
+    scoring; see clipseg/transforms.py). precision: 'fp32' (default), 'bf16' or 'int8' for the image encoder and decoder
+    (see clipseg/precision.py; int8 quantises `model` in place); the scripts' default is
     `precision.default_precision(device)`. amp: the old spelling of precision='bf16'.
     The model's text cache is switched on, so each phrase is encoded once.
     """
@@ -104,7 +104,7 @@ class Predictor:
         self._features: ImageFeatures | None = None
 
     def set_image(self, image: ImageInput) -> None:
-        """Encode one image (path, PIL image or array; see `preprocess.load_image`) for the following `predict`
+        """Encode one image (path, PIL image or array; see `clipseg.images.load_image`) for the following `predict`
         calls."""
         rgb = load_image(image)
         self.original_size = rgb.size
@@ -191,7 +191,7 @@ class Predictor:
 
     def logits(self, conditional: Tensor) -> Tensor:
         """(K, 512) conditional vectors -> (K, 1, h, w) float32 logits at the model's input size for the image set
-        last: `preprocess.full_size_probabilities(logits, (H0, W0))` makes `predict`'s maps of them."""
+        last: `clipseg.transforms.full_size_probabilities(logits, (H0, W0))` makes `predict`'s maps of them."""
         if self._features is None:
             raise RuntimeError("call set_image(image) before logits(...)")
         return self._logits(self._features, conditional)
@@ -211,7 +211,8 @@ class Predictor:
 
 
 def image_output_names(paths: Sequence[Path]) -> list[str]:
-    """One output folder name per image (`outputs.safe_name` of its stem; of its whole path where stems collide)."""
+    """One output folder name per image (`clipseg.outputs.safe_name` of its stem; of its whole path where stems
+    collide)."""
     stems = [safe_name(path.stem) for path in paths]
     counts = Counter(stems)
     return [safe_name(str(path)) if counts[stem] > 1 else stem for path, stem in zip(paths, stems)]

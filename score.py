@@ -98,7 +98,7 @@ def resolve_model(
 
 
 def load_model(source: str, backbone: str | None, device: str, precision: str = "fp32") -> CLIPSeg:
-    """`CLIPSeg.from_pretrained(source)` in eval mode on `device`, prepared for `precision` (precision.py), with
+    """`CLIPSeg.from_pretrained(source)` in eval mode on `device`, prepared for `precision` (clipseg/precision.py), with
     the text cache on; errors become `ScoreError` naming the source."""
     try:
         model = CLIPSeg.from_pretrained(source, backbone=backbone)
@@ -206,7 +206,7 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--num-workers must be 0 or more")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
-    try:  # the precision that will run: --precision, else the fastest that keeps fp32's masks (precision.py)
+    try:  # the precision that will run: --precision, else the fastest that keeps fp32's masks (clipseg/precision.py)
         args.precision = resolve_precision(args.precision, args.device, args.amp)
     except ValueError as err:
         parser.error(str(err))
@@ -279,7 +279,7 @@ def score(
     group_by_image: bool = True,
 ) -> ScoreRun:
     """Score `model` on every task of a test-mode data set (or the task indices `tasks`). Each image is encoded
-    once for all its tasks (`inference.predict_tasks`); `group_by_image=False` encodes it once per task, as the
+    once for all its tasks (`clipseg.inference.predict_tasks`); `group_by_image=False` encodes it once per task, as the
     reference implementations do. Pass `run` to keep partial results on interrupt."""
     run = run or ScoreRun(threshold=threshold)
     phrase_for_task = shuffled_phrases(task_phrases(data)) if shuffle_prompts else None
@@ -413,8 +413,8 @@ def benchmark_model(args: argparse.Namespace, fold: int | None) -> tuple[CLIPSeg
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    """score.py's one-shot, zero-shot and visual-prompt runs (fewshot_runs.py): outputs checked, scores printed,
-    then written."""
+    """score.py's one-shot, zero-shot and visual-prompt runs (clipseg/benchmarks/runs.py): outputs checked, scores
+    printed, then written."""
     if args.out:
         out = Path(args.out)
     else:  # named after the run, else after the model (resolved, not loaded)
@@ -482,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for unusable input (before any scoring) or a model whose output is not finite, 1 when nothing was scored or
     the results could not be written (see the module docstring)."""
     args = parse_args(argv)
-    if fewshot_runs.handles(args):  # one-shot, zero-shot and visual-prompt benchmarks (fewshot_runs.py)
+    if fewshot_runs.handles(args):  # one-shot, zero-shot and visual-prompt benchmarks (clipseg/benchmarks/runs.py)
         return run_benchmark(args)
     try:
         source, run_dir = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)

@@ -124,9 +124,10 @@ def predict_tasks(
 ) -> Iterator[TaskBatch]:
     """Predict every task of a test-mode data set (or the subset `tasks`), images encoded once, with a progress
     bar. batch_size: tasks per decoder batch (an image with more tasks gets a batch of its own); precision: fp32,
-    bf16 or int8, the model prepared for it (precision.py); phrase_for_task: replaces phrases by task id (score.py
+    bf16 or int8, the model prepared for it (clipseg/precision.py); phrase_for_task: replaces phrases by task id
+    (score.py
     --shuffle-prompts). Tasks whose image cannot be read are recorded in `skips` and not yielded; NaN or infinite
-    logits raise `preprocess.NonFiniteOutput`.
+    logits raise `clipseg.transforms.NonFiniteOutput`.
     group_by_image=False reads and encodes the image once per task instead (the reference implementations' way;
     for comparisons)."""
     device = next(model.parameters()).device

@@ -1,16 +1,22 @@
-"""train.py's command line: every flag with its default, its check and its help (`python train.py --help`), and
-the checks between flags. train.py keeps what a run does with them; `stored_args` there decides what --resume keeps.
+"""train.py's command line: every flag with its default, its check and its help (`python train.py --help`), the
+checks between flags, what --resume keeps of a run's stored flags (`stored_args`), and the data set and model the
+flags describe (`build_training_set`, `build_model`, `resume_model`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+from torch.utils.data import Dataset
+
 import dataset as datasets
-from clipseg.baselines import DEFAULT_VIT
-from clipseg.benchmarks.classes import parse_removal
+from clipseg import runs
+from clipseg.baselines import DEFAULT_VIT, tiny_vit_config
+from clipseg.benchmarks.classes import WordNetMissing, parse_removal
 from clipseg.cli import (
     DefaultsHelpFormatter,
     dropout_rate,
@@ -25,8 +31,26 @@ from clipseg.cli import (
     step_list,
     weight_range,
 )
-from clipseg.config import ARCHITECTURES, DEFAULT_BACKBONE, MAX_IMAGE_SIDE, RANDOM_BACKBONES, check_image_side
+from clipseg.config import (
+    ARCHITECTURES,
+    DEFAULT_BACKBONE,
+    MAX_IMAGE_SIDE,
+    RANDOM_BACKBONES,
+    check_image_side,
+    tiny_clip_config,
+)
+from clipseg.runs import RunFiles
+from clipseg.sampling import (
+    Distributed,
+    derived_seed,
+)
 from clipseg.transforms import RESIZE_RULES
+from model import CLIPSeg
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
 
 VAL_METRICS = ("miou", "iou_fg", "ap", "loss")  # the paper's metrics at t = 0.3, or the validation loss
 
@@ -270,3 +294,133 @@ def known_patch_size(args: argparse.Namespace) -> int | None:
     if args.backbone in RANDOM_BACKBONES:
         return RANDOM_BACKBONES[args.backbone][0]["patch_size"]
     return None
+
+
+# Flags that may differ from the stored run arguments when resuming; all others must match.
+RESUME_OVERRIDABLE = (
+    "max_iterations", "ckpt", "num_workers", "device", "compile", "log_every", "checkpoints_dir", "keep_checkpoints",
+)  # fmt: skip
+
+
+def build_training_set(args: argparse.Namespace) -> Dataset:
+    root = data_root(args)
+    if args.data == "phrasecut" and not Path(root).exists():
+        raise TrainingError(
+            f"PhraseCut not found at {root}: download it (README, 'Getting PhraseCut') or pass --data-root; "
+            "--data=synthetic trains on generated data instead"
+        )
+    if args.data == "folder" and not Path(root).is_file():
+        raise TrainingError(f"--data-root={root}: no such index file (a JSONL or CSV of image, phrase, mask)")
+    removal = {"remove_classes": args.remove_classes} if getattr(args, "remove_classes", None) else {}
+    try:
+        return datasets.build_dataset(
+            args.data,
+            root,
+            args.split,
+            train=True,
+            image_size=args.image_size,
+            negative_prob=args.negative_prob,
+            whole_image_prob=args.whole_image_prob,
+            resize=args.resize,
+            visual_support=args.mix,
+            templates=datasets.PROMPT_TEMPLATES[prompt_templates(args)],
+            colour_jitter=args.aug_color,
+            prompts_per_image=args.prompts_per_image,
+            seed=args.seed,
+            **removal,
+        )
+    except WordNetMissing as err:
+        raise TrainingError(f"--remove-classes {args.remove_classes}: {err}") from err
+
+
+def data_root(args: argparse.Namespace) -> str | None:
+    return args.data_root or (datasets_default(args.data) if args.data != "folder" else None)
+
+
+def prompt_templates(args: argparse.Namespace) -> str:
+    """The template list: --prompt-templates, else the released runs' choice (shuffle+ with --mix, plain without)."""
+    return args.prompt_templates or ("shuffle+" if args.mix else "plain")
+
+
+def build_model(args: argparse.Namespace) -> CLIPSeg:
+    """A fresh decoder on a backbone (CLIPSeg or the baseline --arch names), or weights from --init; structural
+    flags left unset keep the defaults of the architecture, the backbone or the checkpoint. Flags that do not fit
+    the backbone (an image size off its patch grid, the refined head on another patch size) are a TrainingError."""
+    knobs = {"image_size": args.image_size, "dropout": args.dropout}
+    for knob in ("arch", "refined", "reduce_dim", "extract_layers", "text_backbone"):
+        if getattr(args, knob, None) is not None:
+            knobs[knob] = getattr(args, knob)
+    torch.manual_seed(derived_seed(args.seed, 0, 2))  # same random init on every rank
+    try:
+        if args.init is not None:
+            return CLIPSeg.from_pretrained(args.init, backbone=args.backbone, **knobs)
+        if args.backbone == "tiny":
+            knobs["clip"] = tiny_clip_config(vision_layers=args.tiny_layers, width=args.tiny_width)
+            if args.arch == "vitseg":
+                knobs["vit"] = tiny_vit_config(layers=args.tiny_layers, width=args.tiny_width)
+        return CLIPSeg.from_backbone(args.backbone, **knobs)
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"cannot build the model from these flags: {err}") from err
+
+
+def resume_model(files: RunFiles, args: argparse.Namespace) -> CLIPSeg:
+    """The run's model as its last checkpoint wrote it (decoder-only or complete). Its CLIP keeps coming from the
+    run's own source (--init or --backbone), never from the run directory, whose complete weights the next
+    decoder-only checkpoint replaces."""
+    try:
+        model = CLIPSeg.from_pretrained(files.dir)
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"--resume: cannot load the run's model: {err}") from err
+    if model.config.clip_source == str(files.dir.resolve()):
+        model.config.clip_source = build_model_source(args)
+    return model
+
+
+def build_model_source(args: argparse.Namespace) -> str | None:
+    """Where build_model(args) takes its CLIP from, as `config.clip_source` records it (None: random)."""
+    if args.init is not None and Path(args.init).suffix not in (".pth", ".pt"):
+        return str(Path(args.init).resolve()) if Path(args.init).exists() else args.init
+    backbone = args.backbone or DEFAULT_BACKBONE
+    if backbone == "tiny" or backbone in RANDOM_BACKBONES or getattr(args, "arch", None) == "vitseg":
+        return None
+    return str(Path(backbone).resolve()) if Path(backbone).exists() else backbone
+
+
+def stored_args(files: RunFiles, args: argparse.Namespace) -> argparse.Namespace:
+    """For --resume: the run's stored arguments, with the flags that may change taken from the command line.
+    Any other flag given with a different value is an error (it would silently not apply)."""
+    if not files.state.exists():
+        raise TrainingError(
+            f"--resume: {files.state} does not exist: {files.dir} has no checkpoint yet; start the run without --resume"
+        )
+    if not files.args.exists():
+        raise TrainingError(f"--resume: {files.args} not found; is {files.dir} a run directory of train.py?")
+    stored = json.loads(files.args.read_text())
+    conflicts = [
+        f"--{key.replace('_', '-')}={getattr(args, key)} (run has {stored.get(key)})"
+        for key in args.explicit
+        if key not in RESUME_OVERRIDABLE + ("resume", "name") and _jsonable(getattr(args, key)) != stored.get(key)
+    ]
+    if conflicts:
+        raise TrainingError(
+            f"--resume continues {files.dir} with its stored arguments; these differ: {', '.join(conflicts)}. "
+            f"Drop them, or start a new run with another --name (only {', '.join(RESUME_OVERRIDABLE)} may change)"
+        )
+    merged = {**vars(args), **stored}  # a flag newer than the run keeps its default (the run did without it)
+    for key in RESUME_OVERRIDABLE:
+        merged[key] = getattr(args, key)
+    merged["resume"], merged["explicit"] = True, args.explicit
+    for key in ("extract_layers", "mix_range", "keep_checkpoints"):
+        if merged.get(key) is not None:
+            merged[key] = tuple(merged[key])
+    return argparse.Namespace(**merged)
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def write_args(files: RunFiles, args: argparse.Namespace, world: Distributed) -> None:
+    record = {k: _jsonable(v) for k, v in vars(args).items() if k not in ("explicit", "resume")}
+    record["world_size"] = world.world_size
+    runs.write_args(files, record)

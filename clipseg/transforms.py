@@ -216,8 +216,8 @@ class NonFiniteOutput(ValueError):
 
 def check_finite(logits: Tensor) -> Tensor:
     """`logits` unchanged, or `NonFiniteOutput` if any value is NaN or infinite. Every prediction path checks here
-    (`full_size_probabilities`, `inference.predict_tasks`, the benchmarks'), so a broken model stops a run with a
-    message instead of giving empty masks and NaN scores."""
+    (`full_size_probabilities`, `clipseg.inference.predict_tasks`, the benchmarks'), so a broken model stops a run with
+    a message instead of giving empty masks and NaN scores."""
     finite = torch.isfinite(logits)
     if not bool(finite.all()):
         raise NonFiniteOutput(

@@ -5,7 +5,7 @@ Files come as Gradio payloads (a dict with the `path` of an upload) or paths. `r
 is a regular file of at most MAX_UPLOAD_BYTES inside the allowed folders (the page allows Gradio's upload folder
 alone): symlinks are resolved before the folder check, and the file is opened without following a symlink or
 blocking (a FIFO cannot hang the server) and checked on the open descriptor. Images are decoded by
-`preprocess.open_rgb` (its pixel limit refuses decompression bombs). Text: at most MAX_PROMPTS prompts, each within
+`clipseg.images.open_rgb` (its pixel limit refuses decompression bombs). Text: at most MAX_PROMPTS prompts, each within
 the tokenizer's limits (`tokenizer.check_phrase`); the threshold a number in [0, 1).
 """
 
@@ -114,7 +114,7 @@ def payload_file(payload: Any, what: str, folders: Sequence[Path] | None = None)
 
 
 def read_rgb(data: bytes, name: str, what: str) -> Image.Image:
-    """Image file bytes -> upright RGB (`preprocess.open_rgb`: EXIF rotation, alpha on black, size limit)."""
+    """Image file bytes -> upright RGB (`clipseg.images.open_rgb`: EXIF rotation, alpha on black, size limit)."""
     with tempfile.NamedTemporaryFile(suffix=Path(name).suffix) as file:
         file.write(data)
         file.flush()

@@ -15,7 +15,7 @@ from test_score import recompute
 
 import score
 import train
-from clipseg import runs
+from clipseg import runs, train_args
 from clipseg.baselines import DeconvDecoder, tiny_vit_config
 from clipseg.config import CLIPSegConfig, default_extract_layers, random_clip_config, tiny_clip_config, tiny_config
 from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -260,7 +260,7 @@ def test_loading_a_checkpoint_as_another_architecture_is_an_error(tmp_path):
 
 def test_random_vit_b16_backbone_is_a_full_size_clip_built_offline():
     args = train.parse_args(["--backbone=random-vit-b16"])
-    model = train.build_model(args)
+    model = train_args.build_model(args)
     vision = model.config.clip.vision_config
     assert (vision.patch_size, vision.num_hidden_layers, vision.hidden_size) == (16, 12, 768)
     assert model.config.clip.text_config.hidden_size == 512 and model.config.backbone == "random-vit-b16"

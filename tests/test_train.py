@@ -19,9 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+import dataset
 import train
-from clipseg import outputs, runs
-from model import CLIPSeg
+from clipseg import outputs, runs, sampling, train_args, training
+from model import CLIPSeg, TextCache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +146,7 @@ def test_weight_decay_is_applied(tmp_path, synthetic_root):
 
 def test_mixed_text_and_visual_conditionals():
     model = CLIPSeg.from_backbone("tiny")
-    model.text_cache = train.TextCache(100)
+    model.text_cache = TextCache(100)
     batch = {
         "phrase": ["a photo of a red circle.", "blue square."],
         "mask": torch.zeros(2, 1, 64, 64),
@@ -153,7 +154,7 @@ def test_mixed_text_and_visual_conditionals():
         "prompt_image": torch.randn(2, 3, 64, 64),
     }
     torch.manual_seed(0)
-    mixed = train.conditionals(model, train.Prompts.of(batch), (0.0, 0.5), device=torch.device("cpu"))
+    mixed = training.conditionals(model, training.Prompts.of(batch), (0.0, 0.5), device=torch.device("cpu"))
     text = model.embed_text(batch["phrase"])
     visual = model.embed_images(batch["prompt_image"][1:])[0]
     assert mixed.shape == (2, 64)
@@ -170,7 +171,7 @@ def test_mix_run_trains_with_visual_prompts(tmp_path, synthetic_root):
 
 
 def test_text_cache_is_bounded_and_keeps_the_batch():
-    cache = train.TextCache(4)
+    cache = TextCache(4)
     for phrase in "abcd":
         cache[phrase] = torch.zeros(1)
     cache.touch(["a", "b"])
@@ -182,21 +183,21 @@ def test_text_cache_is_bounded_and_keeps_the_batch():
 
 
 def test_sampler_epochs_ranks_and_resume():
-    single = iter(train.InfiniteBatchSampler(10, 4, seed=3, start_step=0, world=train.Distributed()))
+    single = iter(sampling.InfiniteBatchSampler(10, 4, seed=3, start_step=0, world=sampling.Distributed()))
     batches = [next(single) for _ in range(5)]
     indices = [i for b in batches for i, _ in b]
     assert sorted(indices[:10]) == list(range(10)) and sorted(indices[10:20]) == list(range(10))
     assert indices[:10] != indices[10:20]  # a new permutation per epoch
-    ranks = [iter(train.InfiniteBatchSampler(10, 4, 3, 0, train.Distributed(r, 2, r))) for r in range(2)]
+    ranks = [iter(sampling.InfiniteBatchSampler(10, 4, 3, 0, sampling.Distributed(r, 2, r))) for r in range(2)]
     for batch in batches:
         assert next(ranks[0]) + next(ranks[1]) == batch  # the global batch does not depend on the world size
-    resumed = iter(train.InfiniteBatchSampler(10, 4, seed=3, start_step=3, world=train.Distributed()))
+    resumed = iter(sampling.InfiniteBatchSampler(10, 4, seed=3, start_step=3, world=sampling.Distributed()))
     assert [next(resumed) for _ in range(2)] == batches[3:]
 
 
 def test_dropout_flag_reaches_every_decoder_dropout(tmp_path, synthetic_root):
     for rate in (0.0, 0.3):
-        model = train.build_model(train.parse_args(flags(tmp_path, synthetic_root, f"--dropout={rate}")))
+        model = train_args.build_model(train.parse_args(flags(tmp_path, synthetic_root, f"--dropout={rate}")))
         assert model.config.dropout == rate
         assert {m.p for m in model.decoder.modules() if isinstance(m, torch.nn.Dropout)} == {rate}
         assert {layer.self_attn.dropout for layer in model.decoder.layers} == {rate}
@@ -204,7 +205,7 @@ def test_dropout_flag_reaches_every_decoder_dropout(tmp_path, synthetic_root):
 
 def test_whole_image_prob_reaches_the_training_set(tmp_path, synthetic_root):
     for share in (0.0, 0.4):
-        data = train.build_training_set(
+        data = train_args.build_training_set(
             train.parse_args(flags(tmp_path, synthetic_root, f"--whole-image-prob={share}"))
         )
         assert data.train and data.whole_image_prob == share
@@ -219,10 +220,10 @@ def test_amp_description_names_why_mixed_precision_is_off():
 
 
 def test_learning_rate_schedule():
-    assert train.learning_rate_factor(0, 100, "cosine") == 1.0
-    assert train.learning_rate_factor(50, 100, "cosine") == pytest.approx(0.55)
-    assert train.learning_rate_factor(100, 100, "cosine") == pytest.approx(0.1)
-    assert train.learning_rate_factor(70, 100, "none") == 1.0
+    assert training.learning_rate_factor(0, 100, "cosine") == 1.0
+    assert training.learning_rate_factor(50, 100, "cosine") == pytest.approx(0.55)
+    assert training.learning_rate_factor(100, 100, "cosine") == pytest.approx(0.1)
+    assert training.learning_rate_factor(70, 100, "none") == 1.0
 
 
 # ------------------------------------------------------------------------------------------------- resume
@@ -473,7 +474,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_r
         return sample
 
     argv = flags(tmp_path, synthetic_root, "--name=nan", "--max-iterations=10", "--ckpt=2")
-    with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss at iteration 4 .*checkpoint \(iteration 2\)"):
+    with pytest.raises(training.NonFiniteLoss, match=r"non-finite loss at iteration 4 .*checkpoint \(iteration 2\)"):
         run(argv, dataset=SyntheticView(synthetic_root, poison_iteration_4))
     run_dir = tmp_path / "ck" / "nan"
     state = training_state(run_dir)
@@ -486,11 +487,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_r
 def test_fp16_overflow_is_skipped_by_the_gradient_scaler(tmp_path, synthetic_root, monkeypatch):
     """GPUs without bf16 train in fp16 with a GradScaler: a step whose fp16 gradients overflow is skipped (weights
     untouched) and the scale is lowered until the steps fit. Forced on the CPU with an absurd initial scale."""
-    monkeypatch.setattr(train, "amp_dtype", lambda device, amp: torch.float16 if amp else None)
+    monkeypatch.setattr(training, "amp_dtype", lambda device, amp: torch.float16 if amp else None)
     real_scaler = torch.amp.GradScaler
-    monkeypatch.setattr(train.torch.amp, "GradScaler", lambda *a, **k: real_scaler(*a, **k, init_scale=2.0**40))
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: real_scaler(*a, **k, init_scale=2.0**40))
     argv = flags(tmp_path, synthetic_root, "--name=fp16", "--max-iterations=3")
-    initial = train.build_model(train.parse_args(argv)).decoder.state_dict()
+    initial = train_args.build_model(train.parse_args(argv)).decoder.state_dict()
     summary = run(argv)
     run_dir = tmp_path / "ck" / "fp16"
     assert summary.step == 3 and np.isfinite(summary.final_loss)
@@ -561,9 +562,9 @@ def test_validation_equals_score_py_on_the_same_subset_and_weights(tmp_path, syn
     import score
 
     args = train.parse_args(flags(tmp_path, synthetic_root, *VALIDATE))
-    validation = train.Validation.of(args)
-    assert len(validation.tasks) == 7 and validation.tasks == train.Validation.of(args).tasks  # fixed, seeded
-    model = train.build_model(args).eval()
+    validation = training.Validation.of(args)
+    assert len(validation.tasks) == 7 and validation.tasks == training.Validation.of(args).tasks  # fixed, seeded
+    model = train_args.build_model(args).eval()
     model.text_cache = {}
     scores = validation.run(model, "fp32")
     reference = score.score(model, validation.data, batch_size=validation.batch_size, tasks=validation.tasks)
@@ -674,18 +675,20 @@ def test_checkpoints_hold_the_decoder_while_training_and_the_whole_model_at_the_
 
 def test_several_prompts_per_crop_run_the_vision_tower_once_per_crop(tmp_path, synthetic_root):
     args = train.parse_args(flags(tmp_path, synthetic_root, "--prompts-per-image=4", "--batch-size=8"))
-    model = train.build_model(args)
+    model = train_args.build_model(args)
     crops = []
     model.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
         lambda module, inputs, output: crops.append(inputs[0].shape[0])
     )
-    data = train.build_training_set(args)
-    batch = train.datasets.collate([data[0], data[5]])
-    loop = train.TrainingLoop(args, model, train.RunFiles(tmp_path / "k"), train.Distributed(), torch.device("cpu"))
-    model.text_cache = train.TextCache(100)
+    data = train_args.build_training_set(args)
+    batch = dataset.collate([data[0], data[5]])
+    loop = training.TrainingLoop(
+        args, model, runs.RunFiles(tmp_path / "k"), sampling.Distributed(), torch.device("cpu")
+    )
+    model.text_cache = TextCache(100)
     loss = loop.step_loss(batch)
     assert crops == [2] and torch.isfinite(loss)  # 2 crops for 8 prompts
-    prompts = train.Prompts.of(batch)
+    prompts = training.Prompts.of(batch)
     assert len(prompts.phrases) == 8 and prompts.targets.shape == (8, 1, 64, 64)
 
 
@@ -700,18 +703,18 @@ def test_loss_falls_with_several_prompts_per_image(tmp_path, synthetic_root):
 
 
 def test_warmup_cosine_is_the_original_trainers():
-    factors = [train.learning_rate_factor(i, 100, "warmup_cosine", warmup=10) for i in range(101)]
+    factors = [training.learning_rate_factor(i, 100, "warmup_cosine", warmup=10) for i in range(101)]
     assert factors[:3] == pytest.approx([1 / 11, 2 / 11, 3 / 11]) and factors[9] == pytest.approx(10 / 11)
     assert factors[10] == 1.0 and factors[55] == pytest.approx(0.5) and factors[100] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_prompt_templates_mix_range_and_colour_flags(tmp_path, synthetic_root):
-    plain = train.build_training_set(train.parse_args(flags(tmp_path, synthetic_root)))
+    plain = train_args.build_training_set(train.parse_args(flags(tmp_path, synthetic_root)))
     assert plain.templates == ("{}",) and not plain.colour_jitter
     mixed = train.parse_args(flags(tmp_path, synthetic_root, "--mix", "--mix-range=0.2,0.3", "--aug-color"))
-    data = train.build_training_set(mixed)
+    data = train_args.build_training_set(mixed)
     assert len(data.templates) == 9 and data.visual_support and data.colour_jitter and mixed.mix_range == (0.2, 0.3)
-    fixed = train.build_training_set(train.parse_args(flags(tmp_path, synthetic_root, "--prompt-templates=fixed")))
+    fixed = train_args.build_training_set(train.parse_args(flags(tmp_path, synthetic_root, "--prompt-templates=fixed")))
     assert fixed[0]["phrase"].startswith("a photo of a ") and fixed[0]["phrase"].endswith(".")
     for bad in (["--mix-range=0.6,0.2"], ["--prompts-per-image=3"], ["--warmup=5"]):
         with pytest.raises(SystemExit):
@@ -737,7 +740,7 @@ def test_validation_outputs_that_are_not_finite_stop_with_a_message(synthetic_ro
     def overflowing(self, model, precision):
         raise NonFiniteOutput("the model's output holds 7 NaN or infinite values (of 64)")
 
-    monkeypatch.setattr(train.Validation, "run", overflowing)
+    monkeypatch.setattr(training.Validation, "run", overflowing)
     argv = flags(tmp_path, synthetic_root, "--name=nan", "--max-iterations=2", "--ckpt=1", "--val-interval=1")
     assert train.main(argv) == 1
     err = capsys.readouterr().err

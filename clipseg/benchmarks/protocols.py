@@ -11,8 +11,8 @@
 Void (255) is ignored everywhere.
 
 Prompts: `visual` = the support image and mask through the original's `crop_blur_highlight352`
-(`preprocess.visual_prompt`), the support pipeline equal to the query's; `text` = "a photo of a <name>." (Pascal)
-or the bare class name (COCO). The query is never its own support. Metrics: `metrics.EpisodeMetrics` per fold
+(`clipseg.visual_prompts.visual_prompt`), the support pipeline equal to the query's; `text` = "a photo of a <name>."
+(Pascal) or the bare class name (COCO). The query is never its own support. Metrics: `metrics.EpisodeMetrics` per fold
 (the original averages folds unweighted) and `metrics.ZeroShotMetrics`. Where the original scorer had bugs
 (zero-shot seen/unseen swapped; unseen-5 scored for models trained without 5 *pairs*), this does what the paper
 reports (README, "Benchmarks").
@@ -165,7 +165,7 @@ def coco_episodes(
 class EpisodeData(Dataset):
     """Model inputs of one-shot episodes. A sample: `pixel_values` (3, S, S), `phrase` or `prompt_image`
     (3, S, S), `gt` (h, w) uint8 (1 object, 0 not, 255 ignored) at the resolution the episode is scored at,
-    `letterboxed` (the prediction maps back with `preprocess.unletterbox`), the episode's fields; or only
+    `letterboxed` (the prediction maps back with `clipseg.transforms.unletterbox`), the episode's fields; or only
     `skipped` (reason) when a file cannot be read."""
 
     def __init__(self, benchmark: str, protocol: str, prompt: str, episodes: Sequence[Episode], source, size: int):

@@ -1,5 +1,6 @@
 """score.py's benchmark runs: the command-line options, one run per fold (per-fold models with a `{fold}` run
-name), the results JSON and the printed tables. The protocols and the scoring loop are in fewshot.py.
+name), the results JSON and the printed tables. The protocols and the scoring loop are in
+clipseg/benchmarks/protocols.py.
 
     python score.py --model CIDAS/clipseg-rd64-refined --data pascal5i --data-root VOCdevkit --fold all
     python score.py pas5i-{fold} --data pascal5i --protocol hsnet --splits hsnet/data     # one model per fold
