@@ -1,4 +1,4 @@
-"""phrasecut_index.py: a split's JSON parsed once into memory-mapped arrays, cached, rebuilt when it changes."""
+"""clipseg/phrasecut.py: a split's JSON parsed once into memory-mapped arrays, cached, rebuilt when it changes."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""wordnet_classes.py and --remove-classes: the original's WordNet rule on PhraseCut-format data, WordNet's two
+"""clipseg/benchmarks/classes.py and --remove-classes: the original's WordNet rule on PhraseCut-format data, WordNet's two
 sources, the error naming both, and train.py printing and logging what it removed."""
 
 import json
