@@ -1,5 +1,5 @@
-"""clipseg/benchmarks/classes.py and --remove-classes: the original's WordNet rule on PhraseCut-format data, WordNet's two
-sources, the error naming both, and train.py printing and logging what it removed."""
+"""clipseg/benchmarks/classes.py and --remove-classes: the original's WordNet rule on PhraseCut-format data, WordNet's
+two sources, the error naming both, and train.py printing and logging what it removed."""
 
 import json
 import os
