@@ -198,16 +198,17 @@ def find_instances(
     if sort_by not in SORT_KEYS:
         raise ValueError(f"sort_by must be one of {', '.join(SORT_KEYS)}, got {sort_by!r}")
     labels, count = ndimage.label(np.asarray(mask, dtype=bool), structure=CONNECTIVITY)
-    if count == 0:
-        return labels.astype(np.int32), []
-    index = np.arange(1, count + 1)
-    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    scores = np.bincount(labels.ravel(), weights=probs.ravel().astype(np.float64), minlength=count + 1)[1:] / areas
-    peaks = ndimage.maximum_position(probs, labels, index)
-    maxima = ndimage.maximum(probs, labels, index)
+    flat, values = labels.ravel(), np.asarray(probs, dtype=np.float32).ravel()
+    areas = np.bincount(flat, minlength=count + 1)
+    scores = np.bincount(flat, weights=values.astype(np.float64), minlength=count + 1) / np.maximum(areas, 1)
+    maxima = np.full(count + 1, -1.0, dtype=np.float32)
+    np.maximum.at(maxima, flat, values)
+    at_maximum = np.flatnonzero((values == maxima[flat]) & (flat > 0))
+    _, first = np.unique(flat[at_maximum], return_index=True)  # the first maximum of labels 1..count, row-major
+    peak_rows, peak_cols = np.divmod(at_maximum[first], labels.shape[1])
+    keys = (-areas[1:], -scores[1:]) if sort_by == "area" else (-scores[1:], -areas[1:])
+    order = np.lexsort((np.arange(count), keys[1], keys[0]))[:max_instances]  # the last key is the primary one
     boxes = ndimage.find_objects(labels)
-    keys = (-areas, -scores) if sort_by == "area" else (-scores, -areas)
-    order = np.lexsort((index, *reversed(keys)))[:max_instances]  # lexsort's last key is the primary one
     relabel = np.zeros(count + 1, dtype=np.int32)
     instances = []
     for rank, component in enumerate(order, start=1):
@@ -216,11 +217,11 @@ def find_instances(
         instances.append(
             Instance(
                 label=rank,
-                area=int(areas[component]),
-                score=float(scores[component]),
-                max_score=float(maxima[component]),
+                area=int(areas[component + 1]),
+                score=float(scores[component + 1]),
+                max_score=float(maxima[component + 1]),
                 box=(cols.start, rows.start, cols.stop, rows.stop),
-                peak=(int(peaks[component][1]), int(peaks[component][0])),
+                peak=(int(peak_cols[component]), int(peak_rows[component])),
             )
         )
     return relabel[labels], instances
