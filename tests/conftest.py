@@ -99,6 +99,44 @@ def tiny_checkpoints(tiny_checkpoint) -> Path:
     return tiny_checkpoint("demo", image_size=64).parent
 
 
+@pytest.fixture(scope="session")
+def tiny_sam(tmp_path_factory):
+    """A factory: `tiny_sam(name="sam", seed=0, broken=None)` saves a tiny random transformers `SamModel` (input
+    side 64, patch 16: a 4 x 4 image embedding and a 16 x 16 mask prompt) and its `SamProcessor` to
+    `<a fresh directory>/<name>` and returns that path. broken="nan" puts a NaN in one weight."""
+    import torch
+    import transformers
+
+    def make(name: str = "sam", seed: int = 0, broken: str | None = None) -> Path:
+        config = transformers.SamConfig(
+            vision_config=dict(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16,
+                output_channels=32, window_size=2, global_attn_indexes=[1], mlp_dim=64, num_pos_feats=16,
+            ),
+            prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=16, mask_input_channels=8),
+            mask_decoder_config=dict(
+                hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=32
+            ),
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        model = transformers.SamModel(config)
+        if broken == "nan":
+            with torch.no_grad():
+                model.mask_decoder.iou_token.weight[0, 0] = float("nan")
+        image_processor = transformers.SamImageProcessorPil(
+            size={"longest_edge": 64},
+            pad_size={"height": 64, "width": 64},
+            mask_size={"longest_edge": 16},
+            mask_pad_size={"height": 16, "width": 16},
+        )
+        path = tmp_path_factory.mktemp("sam") / name
+        model.save_pretrained(path)
+        transformers.SamProcessor(image_processor).save_pretrained(path)
+        return path
+
+    return make
+
+
 def require(package: str, install: str) -> None:
     """Skip a test that needs a missing `package`, naming it and how to install it; under CI (CI=true) fail
     instead, so that CI never passes by skipping."""
