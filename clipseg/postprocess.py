@@ -2,7 +2,8 @@
 (`resolve_threshold` says which one and where it came from), grow / shrink, fill holes, minimum area, instances and
 feathered edges. One `MaskOptions` holds every choice; `make_mask(probs, options)` applies them in this order:
 
-1. threshold: a pixel is in the mask iff its probability > `threshold` (strictly, as the paper's metrics count);
+1. threshold: a pixel is in the mask iff its probability > `threshold` (strictly, as the paper's metrics count), or
+   a given start mask (SAM's refinement) instead;
 2. shrink by `shrink` pixels, then grow by `grow` pixels (both: an opening, which removes specks and thin bridges
    narrower than the shrink, then widens what is left);
 3. fill holes: background regions that do not reach the image border join the mask;
@@ -131,12 +132,16 @@ def resolve_threshold(given: float | None, calibrated: float | None) -> tuple[fl
     return PAPER_THRESHOLD, "paper"
 
 
-def make_mask(probs: np.ndarray, options: MaskOptions = MaskOptions()) -> MaskResult:
-    """(H, W) probabilities in [0, 1] -> `MaskResult`, the steps of the module docstring in its order."""
+def make_mask(probs: np.ndarray, options: MaskOptions = MaskOptions(), start: np.ndarray | None = None) -> MaskResult:
+    """(H, W) probabilities in [0, 1] -> `MaskResult`, the steps of the module docstring in its order. `start`: an
+    (H, W) bool mask that replaces step 1 (e.g. SAM's refinement, `clipseg.refine.SamRefinement.union`); the
+    probabilities still score the instances."""
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 2 or not np.all((probs >= 0) & (probs <= 1)):
         raise ValueError(f"expected an (H, W) map of probabilities in [0, 1], got shape {probs.shape} or NaN")
-    mask = probs > options.threshold
+    if start is not None and np.shape(start) != probs.shape:
+        raise ValueError(f"a start mask of shape {np.shape(start)} for probabilities of shape {probs.shape}")
+    mask = probs > options.threshold if start is None else np.asarray(start, dtype=bool)
     mask = grow(shrink(mask, options.shrink), options.grow)
     if options.fill_holes:
         mask = fill_holes(mask)

@@ -197,6 +197,18 @@ def test_make_mask_applies_the_steps_in_the_documented_order(options):
     json.dumps(result.summary(), allow_nan=False)
 
 
+def test_make_mask_from_a_start_mask_scores_instances_by_the_probabilities():
+    probs, mask = three_blobs()
+    start = np.zeros_like(mask)
+    start[10:16, 2:9] = True  # the square, one column wider, as a refinement might give it
+    result = make_mask(probs, MaskOptions(threshold=0.99, grow=1, instances=True), start=start)
+    np.testing.assert_array_equal(result.mask, ndimage.binary_dilation(start, disk(1)))
+    assert [i.area for i in result.instances] == [int(result.mask.sum())]
+    assert result.instances[0].score == pytest.approx(probs[result.mask].mean())
+    with pytest.raises(ValueError, match="start mask of shape"):
+        make_mask(probs, MaskOptions(), start=mask[:5])
+
+
 def test_make_mask_thresholds_strictly():
     probs = np.array([[0.3, 0.30001, 0.0, 1.0]], np.float32)
     assert make_mask(probs).mask.tolist() == [[False, True, False, True]]
