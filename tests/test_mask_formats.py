@@ -1,0 +1,165 @@
+"""clipseg/mask_formats.py: the PNGs and the RGBA cut-out hold the mask's values, COCO RLE equals pycocotools'
+encoding byte for byte, polygons rasterise (pycocotools) back to the mask, and the COCO JSON is strict and loads in
+pycocotools with masks that decode to the ones written."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+from scipy import ndimage
+
+from clipseg.mask_formats import CocoDocument, binary_png, coco_rle, cutout, mask_bbox, polygons, soft_png
+from clipseg.postprocess import MaskOptions, make_mask
+
+
+def blob(seed: int, shape=(90, 120)) -> np.ndarray:
+    field = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=shape), 5)
+    return ndimage.binary_fill_holes(field > 0.5 * field.std())
+
+
+def strict_json(path) -> dict:
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def decode(segmentation, height: int, width: int) -> np.ndarray:
+    if isinstance(segmentation, dict):
+        return coco_mask.decode(segmentation).astype(bool)
+    return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))).astype(bool)
+
+
+def test_pngs_hold_the_masks_values(tmp_path):
+    mask = blob(0)
+    binary_png(mask).save(tmp_path / "mask.png")
+    read = np.asarray(Image.open(tmp_path / "mask.png"))
+    assert Image.open(tmp_path / "mask.png").mode == "L" and set(np.unique(read)) == {0, 255}
+    np.testing.assert_array_equal(read == 255, mask)
+    soft = np.array([[0.0, 0.2, 0.5], [0.999, 1.0, 0.1]], np.float32)
+    soft_png(soft).save(tmp_path / "soft.png")
+    assert np.asarray(Image.open(tmp_path / "soft.png")).tolist() == [[0, 51, 128], [255, 255, 26]]
+    with pytest.raises(ValueError, match="values in \\[0, 1\\]"):
+        soft_png(np.full((2, 2), np.nan))
+
+
+def test_the_cutout_is_the_image_with_the_mask_as_alpha(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    alpha = np.zeros((4, 5), np.float32)
+    alpha[1:3, 1:4] = 1.0
+    alpha[0, 0] = 0.5
+    cutout(Image.fromarray(rgb), alpha).save(tmp_path / "cut.png")
+    read = np.asarray(Image.open(tmp_path / "cut.png"))
+    assert read.shape == (4, 5, 4)
+    np.testing.assert_array_equal(read[..., :3], rgb)
+    np.testing.assert_array_equal(read[..., 3], np.round(alpha * 255))
+    hard = np.asarray(cutout(Image.fromarray(rgb), alpha == 1.0))
+    np.testing.assert_array_equal(hard[..., 3], (alpha == 1.0) * 255)
+    with pytest.raises(ValueError, match="alpha of shape \\(3, 3\\) for an image of 4x5"):
+        cutout(Image.fromarray(rgb), np.zeros((3, 3), bool))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (64, 48), (3, 200)])
+def test_coco_rle_equals_pycocotools_encoding(shape):
+    rng = np.random.default_rng(shape[0])
+    masks = [rng.random(shape) < p for p in (0.1, 0.5, 0.9)] + [np.zeros(shape, bool), np.ones(shape, bool)]
+    if shape[0] > 5:
+        masks.append(blob(2, shape))
+    for mask in masks:
+        expected = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+        rle = coco_rle(mask)
+        assert rle == {"size": list(shape), "counts": expected["counts"].decode("ascii")}
+        np.testing.assert_array_equal(decode(rle, *shape), mask)
+
+
+def test_polygons_of_small_shapes_computed_by_hand():
+    pixel = np.zeros((5, 6), bool)
+    pixel[2, 3] = True
+    assert polygons(pixel) == [[3.0, 2.0, 4.0, 2.0, 4.0, 3.0, 3.0, 3.0]]
+    bar = np.zeros((4, 8), bool)
+    bar[1, 2:7] = True  # collinear pixel corners are not vertices
+    assert polygons(bar) == [[2.0, 1.0, 7.0, 1.0, 7.0, 2.0, 2.0, 2.0]]
+    diagonal = np.zeros((4, 4), bool)
+    diagonal[0, 0] = diagonal[1, 1] = True  # 8-connected: one outline through the shared corner
+    assert len(polygons(diagonal)) == 1
+    np.testing.assert_array_equal(decode(polygons(diagonal), 4, 4), diagonal)
+    ring = np.zeros((7, 7), bool)
+    ring[1:6, 1:6] = True
+    ring[2:5, 2:5] = False  # a hole: the polygon is the outer outline
+    assert polygons(ring) == [[1.0, 1.0, 6.0, 1.0, 6.0, 6.0, 1.0, 6.0]]
+    assert polygons(np.zeros((3, 3), bool)) == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_polygons_rasterise_back_to_the_mask(seed):
+    mask = blob(seed)
+    two = mask.copy()
+    two[:, 60:62] = False  # usually splits a blob: several components
+    for each in (mask, two):
+        shapes = polygons(each)
+        assert all(len(p) >= 8 and len(p) % 2 == 0 for p in shapes)
+        decoded = decode(shapes, *each.shape)
+        assert (decoded & each).sum() / (decoded | each).sum() >= 0.95
+        assert len(shapes) == ndimage.label(ndimage.binary_fill_holes(each), structure=np.ones((3, 3)))[1]
+
+
+def document_with_two_images(segmentation: str) -> tuple[CocoDocument, list[np.ndarray]]:
+    document = CocoDocument()
+    first = document.add_image("a.jpg", 120, 90)
+    second = document.add_image("b.jpg", 120, 90)
+    masks = [blob(5), blob(6), blob(7)]
+    assert document.add_mask(first, "cat | dog", masks[0], 0.8, segmentation) == 1
+    assert document.add_mask(first, "sofa", masks[1], 0.55, segmentation) == 2
+    assert document.add_mask(second, "cat | dog", masks[2], None, segmentation) == 3
+    assert document.add_mask(second, "sofa", np.zeros((90, 120), bool), 0.1, segmentation) is None
+    return document, masks
+
+
+@pytest.mark.parametrize("segmentation", ["rle", "polygons"])
+def test_the_coco_json_loads_in_pycocotools_with_the_written_masks(tmp_path, segmentation):
+    document, masks = document_with_two_images(segmentation)
+    document.write(tmp_path / "masks.json")
+    data = strict_json(tmp_path / "masks.json")
+    assert [c["name"] for c in data["categories"]] == ["cat | dog", "sofa"]
+    assert [(a["image_id"], a["category_id"]) for a in data["annotations"]] == [(1, 1), (1, 2), (2, 1)]
+    assert [a.get("score") for a in data["annotations"]] == [0.8, 0.55, None]
+    coco = COCO(str(tmp_path / "masks.json"))
+    for annotation, mask in zip(coco.loadAnns(coco.getAnnIds()), masks):
+        decoded = coco.annToMask(annotation).astype(bool)
+        if segmentation == "rle":
+            np.testing.assert_array_equal(decoded, mask)
+        else:
+            assert (decoded & mask).sum() / (decoded | mask).sum() >= 0.95
+        assert annotation["area"] == int(mask.sum()) and annotation["iscrowd"] == 0
+        assert annotation["bbox"] == coco_mask.toBbox(coco_rle(mask)).tolist() == mask_bbox(mask)
+
+
+def test_the_coco_json_is_strict_and_checks_its_input(tmp_path):
+    document = CocoDocument()
+    image = document.add_image("a.jpg", 10, 8)
+    document.add_mask(image, "cat", np.ones((8, 10), bool), float("nan"))
+    with pytest.raises(ValueError, match="not a finite number"):
+        document.write(tmp_path / "bad.json")
+    assert not (tmp_path / "bad.json").exists()
+    with pytest.raises(ValueError, match="mask of shape \\(10, 8\\)"):
+        document.add_mask(image, "cat", np.ones((10, 8), bool))
+    with pytest.raises(ValueError, match="segmentation must be one of rle, polygons"):
+        document.add_mask(image, "cat", np.ones((8, 10), bool), segmentation="mask")
+
+
+def test_add_result_writes_one_annotation_per_instance_or_the_whole_mask():
+    probs = np.zeros((20, 30), np.float32)
+    probs[2:8, 2:10] = 0.9
+    probs[12:18, 15:28] = 0.6
+    document = CocoDocument()
+    image = document.add_image("a.jpg", 30, 20)
+    with_instances = make_mask(probs, MaskOptions(threshold=0.5, instances=True))
+    assert document.add_result(image, "cat", with_instances) == [1, 2]
+    assert [a["area"] for a in document.annotations] == [78, 48]
+    assert [a["score"] for a in document.annotations] == [pytest.approx(0.6), pytest.approx(0.9)]
+    assert document.add_result(image, "cat", make_mask(probs, MaskOptions(threshold=0.5))) == [3]
+    assert document.annotations[2]["area"] == 126 and "score" not in document.annotations[2]
+    assert document.add_result(image, "dog", make_mask(probs, MaskOptions(threshold=0.95))) == []
