@@ -1,8 +1,8 @@
 """Prompt expressions: several phrases combined into one mask, e.g. `cat | dog`, `person & red shirt`,
 `car - wheel:0.5`, `(cat | dog) - leash`. This module owns the syntax (`parse`), the canonical text and JSON form of
 an expression (`str(expression)`, `Expression.to_dict`) and the soft logic that combines probability maps
-(`evaluate`). The caller decodes every phrase of `expression.phrases` against ONE encoding of the image, then
-evaluates.
+(`evaluate`). The caller decodes the phrases of all its expressions (`distinct_phrases`) against ONE encoding of the
+image, then evaluates them (`evaluate_many`).
 
 Syntax, from the loosest to the tightest binding (Python's precedence for its set operators, all left-associative):
 
@@ -29,7 +29,7 @@ but `16:9 photo`, `note: cat` are phrases). Commas are ordinary phrase character
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -138,6 +138,21 @@ def evaluate(expression: Expression, probs_by_phrase: Mapping[str, np.ndarray]) 
     if len(shapes) > 1:
         raise ValueError(f"the phrases' maps differ in shape: {sorted(shapes)}")
     return np.array(_evaluate(expression.root, maps), dtype=np.float32)  # a copy: never a caller's array
+
+
+def distinct_phrases(expressions: Sequence[Expression]) -> list[str]:
+    """The phrases of all `expressions`, each once, in order of first appearance: decode these against one image
+    encoding, then `evaluate_many`."""
+    return list(dict.fromkeys(text for expression in expressions for text in expression.phrases))
+
+
+def evaluate_many(expressions: Sequence[Expression], phrases: Sequence[str], probs: np.ndarray) -> np.ndarray:
+    """(K, H, W) probabilities of `phrases` (e.g. `distinct_phrases(expressions)`, in that order) -> (E, H, W)
+    float32, one map per expression (`evaluate`)."""
+    if len(phrases) != len(probs):
+        raise ValueError(f"{len(phrases)} phrases but {len(probs)} probability maps")
+    by_phrase = dict(zip(phrases, probs))
+    return np.stack([evaluate(expression, by_phrase) for expression in expressions])
 
 
 def _evaluate(node: Node, maps: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -15,7 +15,9 @@ from clipseg.expressions import (
     Expression,
     ExpressionError,
     Phrase,
+    distinct_phrases,
     evaluate,
+    evaluate_many,
     parse,
 )
 
@@ -242,3 +244,15 @@ def test_nodes_refuse_invalid_values():
             make()
     with pytest.raises(TypeError):
         parse(None)
+
+
+def test_many_expressions_share_one_decode_of_their_distinct_phrases():
+    expressions = [parse("cat | dog"), parse("dog - leash"), parse("cat")]
+    phrases = distinct_phrases(expressions)
+    assert phrases == ["cat", "dog", "leash"]
+    probs = np.stack([np.full((2, 3), value, np.float32) for value in (0.2, 0.7, 0.4)])
+    maps = evaluate_many(expressions, phrases, probs)
+    assert maps.shape == (3, 2, 3) and maps.dtype == np.float32
+    np.testing.assert_allclose(maps[:, 0, 0], [0.7, 0.6, 0.2], atol=1e-6)
+    with pytest.raises(ValueError, match="3 phrases but 2 probability maps"):
+        evaluate_many(expressions, phrases, probs[:2])
