@@ -164,16 +164,16 @@ def grow(mask: np.ndarray, radius: int) -> np.ndarray:
     mask = np.asarray(mask, dtype=bool)
     if radius == 0 or not mask.any():
         return mask.copy()
-    return ndimage.distance_transform_edt(~mask) <= radius
+    return _outside_distance(mask, radius) <= radius
 
 
 def shrink(mask: np.ndarray, radius: int) -> np.ndarray:
     """Erosion of the (H, W) bool mask by `disk(radius)`, the image border not an edge: the mask pixels farther
     than `radius` from every background pixel (`binary_erosion(mask, disk(radius), border_value=1)`)."""
     mask = np.asarray(mask, dtype=bool)
-    if radius == 0 or mask.all():
+    if radius == 0 or mask.all() or not mask.any():
         return mask.copy()
-    return ndimage.distance_transform_edt(mask) > radius
+    return _inside_distance(mask) > radius
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -241,7 +241,35 @@ def feather_mask(mask: np.ndarray, width: float) -> np.ndarray:
     mask = np.asarray(mask, dtype=bool)
     if width == 0 or mask.all() or not mask.any():
         return mask.astype(np.float32)
-    inside = ndimage.distance_transform_edt(mask) - 0.5
-    outside = ndimage.distance_transform_edt(~mask) - 0.5
+    inside = _inside_distance(mask) - 0.5
+    outside = _outside_distance(mask, math.ceil(width / 2) + 1) - 0.5
     signed = np.where(mask, inside, -outside)
-    return np.clip(0.5 + signed / width, 0.0, 1.0).astype(np.float32)
+    return np.clip(0.5 + signed / np.float32(width), 0.0, 1.0).astype(np.float32)
+
+
+def _outside_distance(mask: np.ndarray, reach: int) -> np.ndarray:
+    """(H, W) float32: each pixel's distance to the nearest pixel of the (non-empty) mask, exact up to `reach`
+    (farther ones are infinite). The distance transform runs on the mask's bounding box grown by `reach` only."""
+    box = _around(mask, reach)
+    distances = np.full(mask.shape, np.inf, dtype=np.float32)
+    distances[box] = ndimage.distance_transform_edt(~mask[box])
+    return distances
+
+
+def _inside_distance(mask: np.ndarray) -> np.ndarray:
+    """(H, W) float32: each mask pixel's distance to the nearest background pixel, the image border not an edge;
+    0 on the background. The transform runs on the bounding box grown by one pixel (background all round, except
+    where the image ends), which holds a nearest background pixel of every mask pixel."""
+    box = _around(mask, 1)
+    distances = np.zeros(mask.shape, dtype=np.float32)
+    distances[box] = ndimage.distance_transform_edt(mask[box])
+    return distances
+
+
+def _around(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
+    """The bounding box of the (non-empty) mask's pixels grown by `margin` on every side, within the image."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (
+        slice(max(int(rows[0]) - margin, 0), int(rows[-1]) + margin + 1),
+        slice(max(int(cols[0]) - margin, 0), int(cols[-1]) + margin + 1),
+    )

@@ -63,6 +63,18 @@ def test_shrink_equals_binary_erosion_with_the_disk_the_border_not_an_edge(radiu
     np.testing.assert_array_equal(shrink(edge, 1), np.pad(np.ones((10, 3), bool), ((0, 0), (0, 7))))
 
 
+def test_a_small_object_far_from_the_border_grows_shrinks_and_feathers_as_on_the_whole_image():
+    mask = np.zeros((80, 100), bool)
+    mask[30:45, 40:60] = blobs(8, shape=(15, 20), smooth=2.0)[1] | (np.arange(20) % 7 == 0)  # ragged, with holes
+    for radius in (1, 3, 6):
+        np.testing.assert_array_equal(grow(mask, radius), ndimage.binary_dilation(mask, disk(radius)))
+        np.testing.assert_array_equal(shrink(mask, radius), ndimage.binary_erosion(mask, disk(radius), border_value=1))
+    inside = ndimage.distance_transform_edt(mask) - 0.5
+    outside = ndimage.distance_transform_edt(~mask) - 0.5
+    expected = np.clip(0.5 + np.where(mask, inside, -outside) / 6, 0, 1)
+    np.testing.assert_allclose(feather_mask(mask, 6), expected, atol=1e-6)
+
+
 def test_fill_holes_equals_binary_fill_holes():
     for seed in range(3):
         _, mask = blobs(seed, smooth=1.5)
