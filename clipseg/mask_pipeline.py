@@ -91,13 +91,21 @@ def segment(
     sam: SamRefiner | None = None,
 ) -> list[ExpressionMask]:
     """The module docstring's steps for one image (path, PIL image or array) -> one `ExpressionMask` per
-    expression, in order. `predict` is called once (one pass) or once per window and context pass (tiling), each
-    time with all distinct phrases. refine="sam" needs `sam`."""
-    if options.refine == "sam" and sam is None:
-        raise ValueError('refine="sam" needs a SamRefiner (SamRefiner.from_pretrained("facebook/sam-vit-base"))')
-    if not expressions:
-        return []
+    expression, in order: `expression_maps`, then `masks_from_maps`. refine="sam" needs `sam`."""
+    _check_sam(options, sam)
     pixels = np.asarray(load_image(image))
+    return masks_from_maps(pixels, expressions, expression_maps(pixels, expressions, predict, options), options, sam)
+
+
+def expression_maps(
+    image: ImageInput, expressions: Sequence[Expression], predict: PhrasePredictor, options: PipelineOptions
+) -> np.ndarray:
+    """Steps 1 to 3 but SAM: (E, H, W) float32 probabilities, one map per expression, at the image's size.
+    `predict` is called once, or once per window and context pass with tiling, each time with all distinct phrases.
+    Keep them to re-run `masks_from_maps` with other post-processing without the model (the app does)."""
+    pixels = np.asarray(load_image(image))
+    if not expressions:
+        return np.zeros((0, *pixels.shape[:2]), dtype=np.float32)
     phrases = distinct_phrases(expressions)
     if options.tile is None:
         probs = predict(pixels, phrases)
@@ -108,16 +116,32 @@ def segment(
 
         probs = tiled_probabilities(pixels, window, options.tile, options.overlap, options.tile_context)
     maps = evaluate_many(expressions, phrases, probs)
-    if options.refine == "guided":
-        maps = guided_refine(maps, pixels)
+    return guided_refine(maps, pixels) if options.refine == "guided" else maps
+
+
+def masks_from_maps(
+    image: ImageInput,
+    expressions: Sequence[Expression],
+    maps: np.ndarray,
+    options: PipelineOptions,
+    sam: SamRefiner | None = None,
+) -> list[ExpressionMask]:
+    """Steps 3 (SAM) and 4 on `expression_maps`' (E, H, W) maps of `expressions` for the same image."""
+    _check_sam(options, sam)
+    if len(maps) != len(expressions):
+        raise ValueError(f"{len(maps)} maps for {len(expressions)} expressions")
+    pixels = np.asarray(load_image(image)) if options.refine == "sam" else None
     results = []
-    for expression, probs_map in zip(expressions, maps):
-        refined = None
-        if options.refine == "sam":
-            refined = sam.refine(pixels, probs_map, sam_components(probs_map, options.mask))
+    for expression, probs in zip(expressions, maps):
+        refined = sam.refine(pixels, probs, sam_components(probs, options.mask)) if options.refine == "sam" else None
         start = None if refined is None else refined.union
-        results.append(ExpressionMask(expression, probs_map, make_mask(probs_map, options.mask, start), refined))
+        results.append(ExpressionMask(expression, probs, make_mask(probs, options.mask, start), refined))
     return results
+
+
+def _check_sam(options: PipelineOptions, sam: SamRefiner | None) -> None:
+    if options.refine == "sam" and sam is None:
+        raise ValueError('refine="sam" needs a SamRefiner (SamRefiner.from_pretrained("facebook/sam-vit-base"))')
 
 
 def sam_components(probs: np.ndarray, options: MaskOptions) -> list[Instance]:

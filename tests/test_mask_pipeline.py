@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from clipseg.expressions import evaluate_many, parse
-from clipseg.mask_pipeline import PipelineOptions, sam_components, segment
+from clipseg.mask_pipeline import PipelineOptions, expression_maps, masks_from_maps, sam_components, segment
 from clipseg.postprocess import MaskOptions, make_mask
 from clipseg.refine import SamRefiner, guided_refine
 from clipseg.tiling import tiled_probabilities
@@ -59,6 +59,22 @@ def test_one_pass_per_image_decodes_every_phrase_and_each_expression_is_post_pro
     summary = results[1].summary()
     assert summary["expression"]["expression"] == "dog - leash" and summary["threshold"] == 0.5
     json.dumps([r.summary() for r in results], allow_nan=False)
+
+
+def test_kept_maps_are_post_processed_again_without_the_model():
+    model, pixels = FakeModel(), scene()
+    options = PipelineOptions(refine="guided")
+    maps = expression_maps(pixels, EXPRESSIONS, model, options)
+    assert maps.shape == (3, 120, 160) and len(model.calls) == 1
+    stricter = PipelineOptions(mask=MaskOptions(threshold=0.7, shrink=1), refine="guided")
+    again = masks_from_maps(pixels, EXPRESSIONS, maps, stricter)
+    assert len(model.calls) == 1
+    for result, probs in zip(again, maps):
+        np.testing.assert_array_equal(result.mask.mask, make_mask(probs, stricter.mask).mask)
+    first = segment(pixels, EXPRESSIONS, FakeModel(), options)
+    np.testing.assert_array_equal(np.stack([r.probs for r in first]), maps)
+    with pytest.raises(ValueError, match="2 maps for 3 expressions"):
+        masks_from_maps(pixels, EXPRESSIONS, maps[:2], options)
 
 
 def test_tiling_decodes_every_phrase_once_per_window_and_context_pass():
