@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import math
 import os
@@ -48,12 +47,14 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
 
 import numpy as np
 import torch
-from matplotlib import colormaps
 from PIL import Image
 
+from clipseg.drawing import display_size, draw_overlay, heatmap, mask_png
 from clipseg.images import read_mask
 from clipseg.outputs import safe_name
 from clipseg.precision import add_precision_arguments, resolve_precision
+from clipseg.prediction_outputs import Prompt, build_prompts, image_summary, prompt_summary
+from clipseg.predictor import Predictor
 from clipseg.sessions import MB, SessionStore
 from clipseg.transforms import NonFiniteOutput, full_size_probabilities
 from clipseg.uploads import (
@@ -67,11 +68,9 @@ from clipseg.uploads import (
     read_rgb,
 )
 from model import CLIPSeg, TextCache
-from predict import Predictor, Prompt, build_prompts, draw_overlay, prompt_summary
 
 DEMO_MODEL = Path("checkpoints") / "demo"
 DEFAULT_THRESHOLD = 0.3
-DISPLAY_MAX_SIDE = 1024  # previews (overlay, heatmaps) are at most this large; downloads keep the original size
 MAX_CACHED_PHRASES = 1000  # the model's phrase cache (2 KB per phrase at ViT-B/16)
 SESSION_MEMORY_MB = 1024  # default cap on what all sessions retain together
 IDLE_MINUTES = 30  # default: a session unused this long is dropped
@@ -89,29 +88,9 @@ NO_MODEL_HELP = (
     "released weights, downloaded from the Hugging Face hub: needs network access), a checkpoint directory such as "
     "`checkpoints/<name>`, or an original `.pth` decoder with `--backbone`."
 )
-_MAGMA = np.round(colormaps["magma"](np.arange(256))[:, :3] * 255).astype(np.uint8)  # (256, 3) colour table
 
 
 # ----------------------------------------------------------------------------------------------- outputs
-
-
-def heatmap(probs: np.ndarray) -> Image.Image:
-    """(H, W) probabilities in [0, 1] -> RGB image in the magma colour map (black = 0, pale yellow = 1)."""
-    return Image.fromarray(_MAGMA[np.round(np.clip(probs, 0, 1) * 255).astype(np.uint8)])
-
-
-def display_size(width: int, height: int, limit: int = DISPLAY_MAX_SIDE) -> tuple[int, int]:
-    """(W, H) of a preview: the image's size scaled so that its long side is at most `limit`."""
-    scale = min(1.0, limit / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def mask_png(mask: np.ndarray) -> bytes:
-    """(H, W) bool -> 8-bit grayscale PNG bytes, 0/255 (predict.py's mask format); fast compression (twice as fast
-    as the default, on masks of a few blobs as small)."""
-    buffer = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 def format_seconds(seconds: float) -> str:
@@ -424,14 +403,7 @@ class Segmenter:
                 mask, mask_name = prob > threshold, f"{prompt.slug}.mask.png"
                 archive.writestr(mask_name, mask_png(mask), compress_type=zipfile.ZIP_STORED)
                 entries.append(prompt_summary(prompt, prob, mask, {"mask": mask_name}))
-            width, height = encoded.size
-            image_entry = {
-                "image": encoded.name,
-                "width": width,
-                "height": height,
-                "inference_size": list(encoded.predictor.input_size),
-                "prompts": entries,
-            }
+            image_entry = image_summary(encoded.name, encoded.size, encoded.predictor.input_size, entries)
             summary = {
                 "model": self.model_name,
                 "threshold": threshold,

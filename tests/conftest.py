@@ -1,6 +1,7 @@
 """Shared fixtures: small synthetic PhraseCut, VOC and COCO-20i data and a tiny model, made once per session, and
 the path of Debian's chromium for browser tests (`require` skips a test whose system package is missing, failing
-instead under CI=true).
+instead under CI=true). Shared helpers (imported `from conftest import ...`): the images, masks and hostile names
+that the predictor, predict.py, the segmenter and app.py tests feed in.
 
 32 images, seed 0: 61 train, 16 val, 10 test and 5 miniv tasks (score tests need at least 6 test tasks).
 """
@@ -9,12 +10,15 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SYNTHETIC_IMAGES = 32
 SYNTHETIC_SEED = 0
+NASTY_PROMPTS = ["../../etc/passwd", "/", "..", "a\x00b", "x" * 500, "猫 on the mat", "CON", "a/b\\c:d*e?"]
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +119,24 @@ def chromium() -> str:
     if path is None:
         require("chromium", "apt-get install chromium")
     return path
+
+
+# ------------------------------------------------------------------------------------------ images to feed in
+
+
+def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """Uniform noise, `width` x `height`, in mode RGB, RGBA or L."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+
+
+def write_support(tmp_path: Path) -> tuple[Path, Path]:
+    """An 80x60 support image and its 0/255 mask (a 30x30 box), as support.png and support_mask.png in `tmp_path`."""
+    support, mask = tmp_path / "support.png", tmp_path / "support_mask.png"
+    random_image(80, 60, seed=7).save(support)
+    mask_array = np.zeros((60, 80), dtype=np.uint8)
+    mask_array[10:40, 20:50] = 255
+    Image.fromarray(mask_array).save(mask)
+    return support, mask

@@ -36,9 +36,9 @@ from conftest import require  # noqa: E402
 
 import app  # noqa: E402
 from clipseg.outputs import is_safe_name  # noqa: E402
+from clipseg.predictor import Predictor  # noqa: E402
 from clipseg.sessions import MB, retained_bytes  # noqa: E402
 from model import CLIPSeg  # noqa: E402
-from predict import Predictor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSER_FLAGS = [
