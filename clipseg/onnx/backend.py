@@ -122,7 +122,7 @@ class OnnxCLIPSeg:
     """CLIPSeg's exported graphs in onnxruntime sessions (CPU), with `CLIPSeg`'s inference interface.
 
     directory: the folder `export.py` wrote. threads: onnxruntime intra-op threads (default: its own choice).
-    manifest: the folder's manifest when the caller has it already (export.py, before it writes it)."""
+    manifest: the folder's manifest when the caller has it already (`clipseg.onnx.export`, before it writes it)."""
 
     precisions = ("fp32",)  # the graphs are exported in fp32; `precision.resolve_precision` reads this
 
