@@ -55,9 +55,6 @@ DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-# ---------------------------------------------------------------------------------------------------- CLI
-
-
 def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[dict]]:
     """Files as given and the image files (by suffix, sorted, not recursive) of folders. Inputs and folder entries
     that cannot be read (missing, a symlink loop, a broken link, no permission, not a regular file) and folders
