@@ -35,23 +35,14 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch.utils.data import Dataset
 
-from clipseg.cli import BAD_INPUT, NOTHING_DONE, stop
+from clipseg.cli import BAD_INPUT, NOTHING_DONE, add_data_arguments, add_model_arguments, check_common_arguments, stop
 from clipseg.images import UnreadableImage, open_rgb
 from clipseg.inference import SkipLog, predict_tasks
+from clipseg.loading import LoadError, build_eval_dataset, input_side, load_model, resolve_model
 from clipseg.metrics import ious_at_thresholds
 from clipseg.outputs import UnwritableOutput, check_writable, is_safe_name, printable, safe_name, write_text
 from clipseg.transforms import NonFiniteOutput, denormalise, full_size_probabilities
 from model import CLIPSeg
-from score import (
-    ScoreError,
-    add_data_arguments,
-    add_model_arguments,
-    build_eval_dataset,
-    check_common_arguments,
-    input_side,
-    load_model,
-    resolve_model,
-)
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -333,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model = load_model(source, args.backbone, args.device, args.precision)
         image_size = input_side(model, args.image_size)
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
-    except ScoreError as err:
+    except LoadError as err:
         stop(str(err))
     out.mkdir(parents=True, exist_ok=True)
     stale = previous_panels(out)
