@@ -1,7 +1,8 @@
-"""Masks in the formats editing and labelling tools read: the binary mask PNG (0/255), the soft mask PNG (8-bit, the
-feathered or probability mask), an RGBA cut-out (the image with the mask as alpha), and per-instance COCO annotations
-(`CocoDocument`: one JSON of images, categories = prompts, and annotations whose segmentation is COCO's compressed RLE
-or polygons, with bbox, area and score) that pycocotools, CVAT, Label Studio, FiftyOne and detectron2 import.
+"""Masks in the formats editing and labelling tools read, beyond the mask and probability PNGs (`clipseg.drawing`'s
+`mask_image`, 0/255, and `probability_png`, which also writes a feathered soft mask): an RGBA cut-out (the image with
+the mask as alpha), and per-instance COCO annotations (`CocoDocument`: one JSON of images, categories = prompts, and
+annotations whose segmentation is COCO's compressed RLE or polygons, with bbox, area and score) that pycocotools,
+CVAT, Label Studio, FiftyOne and detectron2 import.
 
 No dependency beyond numpy and PIL at run time: `coco_rle` writes COCO's compressed RLE string itself (the column-major
 run lengths, each stored as the difference to the run two before in 5-bit groups, as pycocotools' maskApi.c
@@ -26,22 +27,12 @@ SEGMENTATIONS = ("rle", "polygons")
 _STEPS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # (dx, dy) of the directions east, south, west, north
 
 
-def binary_png(mask: np.ndarray) -> Image.Image:
-    """(H, W) bool -> 8-bit grayscale PNG image, 255 in the mask and 0 elsewhere."""
-    return Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, mode="L")
-
-
-def soft_png(soft: np.ndarray) -> Image.Image:
-    """(H, W) values in [0, 1] (a feathered mask or probabilities) -> 8-bit grayscale, round(255 * value)."""
-    return Image.fromarray(_alpha(soft), mode="L")
-
-
 def cutout(image: Image.Image, alpha: np.ndarray) -> Image.Image:
     """The RGB image with `alpha` (H, W) as its transparency: bool (255 / 0) or values in [0, 1] (soft edges)."""
     rgb = np.asarray(image.convert("RGB"))
     if rgb.shape[:2] != np.shape(alpha):
         raise ValueError(f"an alpha of shape {np.shape(alpha)} for an image of {rgb.shape[0]}x{rgb.shape[1]}")
-    return Image.fromarray(np.dstack([rgb, _alpha(alpha)]), mode="RGBA")
+    return Image.fromarray(np.dstack([rgb, _alpha(alpha)]))  # (H, W, 4) uint8: RGBA
 
 
 def _alpha(values: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""clipseg/mask_formats.py: the PNGs and the RGBA cut-out hold the mask's values, COCO RLE equals pycocotools'
+"""clipseg/mask_formats.py: the RGBA cut-out holds the image and the mask as alpha, COCO RLE equals pycocotools'
 encoding byte for byte, polygons rasterise (pycocotools) back to the mask, and the COCO JSON is strict and loads in
 pycocotools with masks that decode to the ones written."""
 
@@ -11,7 +11,7 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from scipy import ndimage
 
-from clipseg.mask_formats import CocoDocument, binary_png, coco_rle, cutout, mask_bbox, polygons, soft_png
+from clipseg.mask_formats import CocoDocument, coco_rle, cutout, mask_bbox, polygons
 from clipseg.postprocess import MaskOptions, make_mask
 
 
@@ -33,25 +33,14 @@ def decode(segmentation, height: int, width: int) -> np.ndarray:
     return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))).astype(bool)
 
 
-def test_pngs_hold_the_masks_values(tmp_path):
-    mask = blob(0)
-    binary_png(mask).save(tmp_path / "mask.png")
-    read = np.asarray(Image.open(tmp_path / "mask.png"))
-    assert Image.open(tmp_path / "mask.png").mode == "L" and set(np.unique(read)) == {0, 255}
-    np.testing.assert_array_equal(read == 255, mask)
-    soft = np.array([[0.0, 0.2, 0.5], [0.999, 1.0, 0.1]], np.float32)
-    soft_png(soft).save(tmp_path / "soft.png")
-    assert np.asarray(Image.open(tmp_path / "soft.png")).tolist() == [[0, 51, 128], [255, 255, 26]]
-    with pytest.raises(ValueError, match="values in \\[0, 1\\]"):
-        soft_png(np.full((2, 2), np.nan))
-
-
 def test_the_cutout_is_the_image_with_the_mask_as_alpha(tmp_path):
     rgb = np.random.default_rng(1).integers(0, 256, (4, 5, 3), dtype=np.uint8)
     alpha = np.zeros((4, 5), np.float32)
     alpha[1:3, 1:4] = 1.0
     alpha[0, 0] = 0.5
-    cutout(Image.fromarray(rgb), alpha).save(tmp_path / "cut.png")
+    cut = cutout(Image.fromarray(rgb), alpha)
+    assert cut.mode == "RGBA"
+    cut.save(tmp_path / "cut.png")
     read = np.asarray(Image.open(tmp_path / "cut.png"))
     assert read.shape == (4, 5, 4)
     np.testing.assert_array_equal(read[..., :3], rgb)
@@ -60,6 +49,8 @@ def test_the_cutout_is_the_image_with_the_mask_as_alpha(tmp_path):
     np.testing.assert_array_equal(hard[..., 3], (alpha == 1.0) * 255)
     with pytest.raises(ValueError, match="alpha of shape \\(3, 3\\) for an image of 4x5"):
         cutout(Image.fromarray(rgb), np.zeros((3, 3), bool))
+    with pytest.raises(ValueError, match="values in \\[0, 1\\]"):
+        cutout(Image.fromarray(rgb), np.full((4, 5), np.nan))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (64, 48), (3, 200)])
