@@ -41,6 +41,7 @@ MAX_DEPTH = 16  # nested parentheses
 MAX_TERMS = 32  # phrase occurrences in one expression
 
 _NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+_SPACES = re.compile(r"\s*")
 _SPECIAL = '()|&"'
 
 
@@ -229,7 +230,7 @@ def _weight_at(text: str, colon: int) -> str | None:
     number = _NUMBER.match(text, colon + 1)
     if number is None or (colon > 0 and text[colon - 1].isdigit()):
         return None
-    after = len(text) - len(text[number.end() :].lstrip())
+    after = _SPACES.match(text, number.end()).end()
     if after == len(text) or text[after] in "|&)" or (text[after] == "-" and _is_minus(text, after)):
         return number.group()
     return None
