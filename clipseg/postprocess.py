@@ -4,8 +4,8 @@ feathered edges. One `MaskOptions` holds every choice; `make_mask(probs, options
 
 1. threshold: a pixel is in the mask iff its probability > `threshold` (strictly, as the paper's metrics count), or
    a given start mask (SAM's refinement) instead;
-2. shrink by `shrink` pixels, then grow by `grow` pixels (both: an opening, which removes specks and thin bridges
-   narrower than the shrink, then widens what is left);
+2. shrink by `shrink` pixels, then grow by `grow` pixels (both by N: an opening, which removes specks and bridges
+   thinner than 2N + 1 pixels and keeps the rest, its sharp corners rounded; grow > shrink also widens it);
 3. fill holes: background regions that do not reach the image border join the mask;
 4. minimum area: connected components of fewer than `min_area` pixels are dropped;
 5. instances: the connected components ordered by `sort_by` ("area", largest first, or "score", the highest mean
