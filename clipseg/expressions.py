@@ -42,7 +42,7 @@ MAX_TERMS = 32  # phrase occurrences in one expression
 
 _NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 _SPACES = re.compile(r"\s*")
-_SPECIAL = '()|&"'
+_RESERVED_CHARS = '()|&"'
 
 
 class ExpressionError(ValueError):
@@ -342,7 +342,7 @@ def _format_term(parent: Combination, index: int, term: Node) -> str:
 
 def _reads_back(text: str, weight: str) -> bool:
     """True when `text` followed by `weight` (":1.5" or "") reads back, unquoted, as this phrase and weight."""
-    if any(char in _SPECIAL for char in text):
+    if any(char in _RESERVED_CHARS for char in text):
         return False
     expected = [("phrase", text)] + ([("weight", float(weight[1:]))] if weight else [])
     return [(token.kind, token.value) for token in _tokens(text + weight)[:-1]] == expected
