@@ -83,6 +83,50 @@ class ExpressionMask:
         return entry
 
 
+@dataclass
+class MaskPrediction:
+    """What `clipseg.predictor.Predictor.predict_masks` returns for one image: one `ExpressionMask` per expression
+    (`results`, in order), the threshold used and where it came from ("given", "calibrated" from the model's config,
+    or "paper": 0.3; see `clipseg.postprocess.resolve_threshold`), and the options."""
+
+    results: list[ExpressionMask]
+    threshold: float
+    threshold_source: str
+    options: PipelineOptions
+
+    @property
+    def probs(self) -> np.ndarray:
+        """(E, H, W) float32: each expression's evaluated (and refined) probability map."""
+        return _stack([result.probs for result in self.results], np.float32)
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(E, H, W) bool: each expression's post-processed mask."""
+        return _stack([result.mask.mask for result in self.results], bool)
+
+    @property
+    def soft(self) -> np.ndarray:
+        """(E, H, W) float32: each mask with its feathered edge (equal to `masks` without feather)."""
+        return _stack([result.mask.soft for result in self.results], np.float32)
+
+    @property
+    def instances(self) -> list[list[Instance]]:
+        """Per expression, its instances (empty unless the options ask for instances or max_instances)."""
+        return [result.mask.instances for result in self.results]
+
+    def summary(self) -> dict:
+        """Strict JSON: the threshold and its source, the options, one `ExpressionMask.summary` per expression."""
+        return {
+            "threshold": {"value": self.threshold, "source": self.threshold_source},
+            "pipeline": self.options.to_dict(),
+            "expressions": [result.summary() for result in self.results],
+        }
+
+
+def _stack(maps: list[np.ndarray], dtype) -> np.ndarray:
+    return np.stack(maps).astype(dtype, copy=False) if maps else np.zeros((0, 0, 0), dtype=dtype)
+
+
 def segment(
     image: ImageInput,
     expressions: Sequence[Expression],

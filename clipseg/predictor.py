@@ -10,6 +10,13 @@ many times; maps come back at the original image size.
     probs = predictor.predict(support=[("dog.jpg", "dog_mask.png")])  # image prompt, engineered for you
     conditional = predictor.embed_prompts(phrases=["a cat"])  # (1, 512): reuse across images
     maps = predictor.predict_batch(["a.jpg", "b.jpg"], conditional=conditional)  # [(1, Ha, Wa), (1, Hb, Wb)]
+    found = predictor.predict_masks(["cat | dog", "sofa - cushion"], options=MaskOptions(grow=2, instances=True))
+    found.masks, found.probs, found.instances, found.threshold, found.threshold_source  # see MaskPrediction
+
+Masks (`predict_masks`): the library's one mask pipeline (`clipseg.mask_pipeline`: prompt expressions, tiling,
+guided or SAM refinement, post-processing at the original size). All the phrases of all the expressions are decoded
+from the one encoding of the image set last; with `tile`, each window is encoded once instead (and the image set
+with `set_image(image, encode=False)` is never encoded as a whole unless a context pass asks for it).
 
 Geometry: by default the image keeps its aspect ratio. It is resized so that its short side is `image_size` (the
 model's training size, 352 for the released weights) and both sides are multiples of the patch (16); the long side
@@ -24,14 +31,19 @@ predict.py and the app (clipseg/segmenter.py) predict through this class; the ON
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from clipseg.expressions import Expression, parse
 from clipseg.images import ImageInput, load_image
+from clipseg.mask_pipeline import MaskPrediction, PipelineOptions, segment
+from clipseg.postprocess import MaskOptions, resolve_threshold
 from clipseg.precision import PRECISIONS, precision_context, prepare_model, resolve_precision
+from clipseg.refine import SamRefiner
 from clipseg.transforms import ImageTransform, full_size_probabilities
 from clipseg.visual_prompts import support_prompt
 from model import CLIPSeg, ImageFeatures
@@ -76,15 +88,27 @@ class Predictor:
             self.model.text_cache = {}
         self.original_size: tuple[int, int] | None = None  # (W0, H0) of the image set last
         self.input_size: tuple[int, int] | None = None  # (W, H) the model saw
+        self._image: Image.Image | None = None
         self._features: ImageFeatures | None = None
 
-    def set_image(self, image: ImageInput) -> None:
-        """Encode one image (path, PIL image or array; see `clipseg.images.load_image`) for the following `predict`
-        calls."""
+    def set_image(self, image: ImageInput, encode: bool = True) -> None:
+        """Set one image (path, PIL image or array; see `clipseg.images.load_image`) for the following `predict`
+        and `predict_masks` calls and encode it (one vision pass); encode=False leaves the encoding to the first
+        call that needs it (a tiled `predict_masks` encodes its windows instead)."""
         rgb = load_image(image)
         self.original_size = rgb.size
         self.input_size = self.transform.input_size(*rgb.size)
-        self._features = self._encode([rgb])
+        self._image, self._features = rgb, None
+        if encode:
+            self._image_features()
+
+    def _image_features(self) -> ImageFeatures:
+        """The features of the image set last, encoded once."""
+        if self._image is None:
+            raise RuntimeError("call set_image(image) first")
+        if self._features is None:
+            self._features = self._encode([self._image])
+        return self._features
 
     def predict(
         self,
@@ -98,11 +122,57 @@ class Predictor:
         Prompts, in this order when several kinds are given: `phrases`; `prompt_images` used as they are
         (images squashed to the model's size, or an already normalised (K, 3, h, w) tensor); `support` pairs
         (image, mask) engineered into prompt images; or `conditional` vectors from `embed_prompts`."""
-        if self._features is None:
-            raise RuntimeError("call set_image(image) before predict(...)")
         if conditional is None:
             conditional = self.embed_prompts(phrases, prompt_images, support)
-        return self._decode(self._features, conditional, self.original_size)
+        return self._decode(self._image_features(), conditional, self.original_size)
+
+    def predict_masks(
+        self,
+        expressions: Sequence[str | Expression],
+        threshold: float | None = None,
+        options: MaskOptions | None = None,
+        refine: str = "none",
+        tile: int | None = None,
+        tile_overlap: int | None = None,
+        tile_context: float = 0.0,
+        sam: SamRefiner | None = None,
+    ) -> MaskPrediction:
+        """One mask per prompt expression for the image set last, at its original size (`MaskPrediction`: probs,
+        masks, soft masks, instances, the threshold and its source, a JSON summary).
+
+        expressions: text (`clipseg.expressions.parse`: `cat | dog`, `a & b`, `a - b`, `car:1.5`, parentheses; a
+        plain phrase works as before; a syntax error is an `ExpressionError` naming the column) or parsed
+        `Expression`s. threshold: None takes `default_threshold()` (the model's calibrated one, else the paper's
+        0.3); it replaces `options.threshold`. options: the post-processing (`clipseg.postprocess.MaskOptions`:
+        grow, shrink, feather, fill_holes, min_area, instances, sort_by, max_instances). refine: "none", "guided"
+        (edge-aware upsampling, the image as guide) or "sam" (needs `sam`, a `clipseg.refine.SamRefiner`). tile: the
+        window side in source pixels for tiled inference (e.g. the model's `image_size`; None: one pass), with
+        tile_overlap pixels (None: a quarter) and tile_context, the weight of a whole-image pass in [0, 1).
+        Raises ValueError (ExpressionError included) on bad expressions or options."""
+        parsed = [parse(e) if isinstance(e, str) else e for e in expressions]
+        if not parsed:
+            raise ValueError("no expression given")
+        value, source = self.default_threshold(threshold)
+        mask_options = replace(options or MaskOptions(), threshold=value)
+        pipeline = PipelineOptions(mask_options, refine, tile, tile_overlap, tile_context)
+        if self._image is None:
+            raise RuntimeError("call set_image(image) first")
+        results = segment(self._image, parsed, self._phrase_maps, pipeline, sam)
+        return MaskPrediction(results, value, source, pipeline)
+
+    def default_threshold(self, given: float | None = None) -> tuple[float, str]:
+        """(threshold, source): `given` ("given"), else the calibrated one the model's config holds
+        ("calibrated"), else the paper's 0.3 ("paper"); see `clipseg.postprocess.resolve_threshold`."""
+        return resolve_threshold(given, None)
+
+    def _phrase_maps(self, pixels: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
+        """The mask pipeline's model: (K, h, w) probabilities of `phrases` for the image set last (its kept
+        encoding) or one of its windows (encoded here). The phrases are embedded once (the model's text cache)."""
+        conditional = self.embed_prompts(phrases=phrases)
+        height, width = pixels.shape[:2]
+        if (width, height) == self.original_size:
+            return self._decode(self._image_features(), conditional, self.original_size)
+        return self._decode(self._encode([Image.fromarray(pixels)]), conditional, (width, height))
 
     def predict_batch(
         self,
@@ -167,9 +237,7 @@ class Predictor:
     def logits(self, conditional: Tensor) -> Tensor:
         """(K, 512) conditional vectors -> (K, 1, h, w) float32 logits at the model's input size for the image set
         last: `clipseg.transforms.full_size_probabilities(logits, (H0, W0))` makes `predict`'s maps of them."""
-        if self._features is None:
-            raise RuntimeError("call set_image(image) before logits(...)")
-        return self._logits(self._features, conditional)
+        return self._logits(self._image_features(), conditional)
 
     @torch.no_grad()
     def _logits(self, features: ImageFeatures, conditional: Tensor) -> Tensor:

@@ -183,3 +183,96 @@ def test_in_memory_sixteen_bit_and_transparent_images_become_rgb():
     np.testing.assert_array_equal(np.asarray(load_image(sixteen))[0, :, 0], [0, 128, 255])  # scaled, not clipped
     half_transparent = Image.fromarray(np.array([[[200, 100, 50, 0], [200, 100, 50, 255]]], dtype=np.uint8))
     np.testing.assert_array_equal(np.asarray(load_image(half_transparent))[0], [[0, 0, 0], [200, 100, 50]])
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+@pytest.fixture
+def vision_passes(model):
+    """Input shapes (B, 3, H, W) of every run of the vision tower, recorded by a hook on its patch embedding."""
+    shapes = []
+    hook = model.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
+        lambda module, inputs, output: shapes.append(tuple(inputs[0].shape))
+    )
+    yield shapes
+    hook.remove()
+
+
+def test_all_phrases_of_all_expressions_come_from_one_image_encoding(predictor, vision_passes):
+    image = random_image(96, 64, seed=3)
+    predictor.set_image(image)
+    expressions = ["a red circle | the blue square - sky:0.5", "(sky & grass) | a red circle", "grass"]
+    found = predictor.predict_masks(expressions)
+    assert vision_passes == [(1, 3, SIZE, 96)]  # set_image's pass; predict_masks added none
+    red, blue, sky, grass = predictor.predict(phrases=["a red circle", "the blue square", "sky", "grass"])
+    expected = [
+        np.maximum(red, np.minimum(blue, 1 - np.clip(0.5 * sky, 0, 1))),
+        np.maximum(np.minimum(sky, grass), red),
+        grass,
+    ]
+    assert found.probs.shape == (3, 64, 96)
+    np.testing.assert_allclose(found.probs, np.stack(expected), atol=1e-6)
+    np.testing.assert_array_equal(found.masks, found.probs > 0.3)
+    assert (found.threshold, found.threshold_source) == (0.3, "paper")
+    assert found.summary()["expressions"][0]["expression"]["phrases"] == ["a red circle", "the blue square", "sky"]
+
+
+def test_mask_options_and_a_given_threshold_apply_at_the_original_size(predictor):
+    from scipy import ndimage
+
+    from clipseg.postprocess import MaskOptions
+
+    predictor.set_image(random_image(80, 48, seed=4))
+    probs = predictor.predict(phrases=["a red circle"])[0]
+    threshold = float(np.quantile(probs, 0.7))
+    found = predictor.predict_masks(["a red circle"], threshold, MaskOptions(threshold=0.99, grow=2, instances=True))
+    assert (found.threshold, found.threshold_source) == (threshold, "given")
+    disk = np.hypot(*np.mgrid[-2:3, -2:3]) <= 2
+    grown = ndimage.binary_dilation(probs > threshold, disk)
+    np.testing.assert_array_equal(found.masks[0], grown)
+    labels, count = ndimage.label(grown, np.ones((3, 3)))
+    assert len(found.instances[0]) == count
+    assert sorted(i.area for i in found.instances[0]) == sorted(np.bincount(labels.ravel())[1:].tolist())
+
+
+def test_tiled_masks_encode_each_window_once_and_blend_them(model, predictor, vision_passes):
+    from clipseg.tiling import tile_windows, tiled_probabilities
+
+    image = random_image(160, 96, seed=5)
+    windows = tile_windows(96, 160, SIZE, 16)
+    assert len(windows) > 2
+    predictor.set_image(image, encode=False)
+    found = predictor.predict_masks(["a red circle | sky", "sky"], tile=SIZE, tile_overlap=16)
+    assert vision_passes == [(1, 3, SIZE, SIZE)] * len(windows)  # one pass per window, none of the whole image
+
+    reference = Predictor(model, image_size=SIZE)
+
+    def window(crop):
+        reference.set_image(crop)
+        return reference.predict(phrases=["a red circle", "sky"])
+
+    red, sky = tiled_probabilities(np.asarray(image), window, SIZE, 16)
+    np.testing.assert_allclose(found.probs, np.stack([np.maximum(red, sky), sky]), atol=1e-6)
+
+    vision_passes.clear()
+    predictor.predict_masks(["sky"], tile=SIZE, tile_overlap=16, tile_context=0.25)
+    assert vision_passes == [(1, 3, SIZE, SIZE)] * len(windows) + [
+        (1, 3, SIZE, predictor.input_size[0])
+    ]  # + the whole image
+
+
+def test_predict_masks_errors(predictor):
+    from clipseg.expressions import ExpressionError
+
+    with pytest.raises(RuntimeError, match="set_image"):
+        Predictor(predictor.model, image_size=SIZE).predict_masks(["sky"])
+    predictor.set_image(random_image(64, 64))
+    with pytest.raises(ExpressionError, match="column"):
+        predictor.predict_masks(["sky | (grass"])
+    with pytest.raises(ValueError, match="refine"):
+        predictor.predict_masks(["sky"], refine="sharpen")
+    with pytest.raises(ValueError, match="SamRefiner"):
+        predictor.predict_masks(["sky"], refine="sam")
+    with pytest.raises(ValueError, match="no expression"):
+        predictor.predict_masks([])
