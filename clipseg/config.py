@@ -61,6 +61,11 @@ class CLIPSegConfig:
     image_size: int | None = None  # default input side (default: 352, or the nearest multiple of the patch below)
     arch: str = "clipseg"  # one of ARCHITECTURES
     text_backbone: str | None = None  # ViTSeg: where the CLIP text tower came from (informational)
+    # the calibrated mask threshold: train.py's validation records the one that maximised the validation metric
+    # (config.json's `clipseg_threshold`, how in `clipseg_threshold_origin`); None: not calibrated (the released
+    # models), callers use the paper's 0.3 (`clipseg.postprocess.resolve_threshold`)
+    threshold: float | None = None
+    threshold_origin: str | None = None
     clip: transformers.CLIPConfig | None = field(default=None, repr=False)
     vit: transformers.ViTConfig | None = field(default=None, repr=False)
 
@@ -92,6 +97,8 @@ class CLIPSegConfig:
                 f"patch {patch}: use the plain head (drop --refined / refined=False) or a patch-16 CLIP such as "
                 f"{DEFAULT_BACKBONE}"
             )
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise ValueError(f"the calibrated threshold must be in (0, 1), got {self.threshold!r}")
         if self.image_size is None:
             self.image_size = IMAGE_SIZE // (patch or PATCH_SIZE) * (patch or PATCH_SIZE)
         else:
@@ -145,6 +152,8 @@ class CLIPSegConfig:
         out["clipseg_clip_source"] = self.clip_source
         out["clipseg_image_size"] = self.image_size
         out["clipseg_arch"] = self.arch
+        out["clipseg_threshold"] = self.threshold
+        out["clipseg_threshold_origin"] = self.threshold_origin
         if self.arch == "vitseg":
             out["clipseg_vit_config"] = self.vit.to_dict()
             out["clipseg_text_backbone"] = self.text_backbone
@@ -185,13 +194,16 @@ class CLIPSegConfig:
             image_size=data.get("clipseg_image_size"),
             arch=data.get("clipseg_arch", "clipseg"),
             text_backbone=data.get("clipseg_text_backbone"),
+            threshold=data.get("clipseg_threshold"),
+            threshold_origin=data.get("clipseg_threshold_origin"),
             clip=clip,
             vit=transformers.ViTConfig.from_dict(vit) if vit is not None else None,
         )
 
     def knobs(self) -> dict:
-        """The decoder knobs without the backbone geometry (for logs and argument files)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("clip", "clip_source", "vit")}
+        """The decoder knobs without the backbone geometry or the calibration (for logs and argument files)."""
+        left_out = ("clip", "clip_source", "vit", "threshold", "threshold_origin")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in left_out}
 
 
 def check_image_side(side: int, patch: int | None, backbone: str = "the backbone") -> int:

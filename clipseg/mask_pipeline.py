@@ -87,12 +87,14 @@ class ExpressionMask:
 class MaskPrediction:
     """What `clipseg.predictor.Predictor.predict_masks` returns for one image: one `ExpressionMask` per expression
     (`results`, in order), the threshold used and where it came from ("given", "calibrated" from the model's config,
-    or "paper": 0.3; see `clipseg.postprocess.resolve_threshold`), and the options."""
+    or "paper": 0.3; see `clipseg.postprocess.resolve_threshold`), the options, and a line saying which threshold
+    and where from (`clipseg.postprocess.describe_threshold`)."""
 
     results: list[ExpressionMask]
     threshold: float
     threshold_source: str
     options: PipelineOptions
+    threshold_note: str = ""
 
     @property
     def probs(self) -> np.ndarray:
@@ -117,7 +119,7 @@ class MaskPrediction:
     def summary(self) -> dict:
         """Strict JSON: the threshold and its source, the options, one `ExpressionMask.summary` per expression."""
         return {
-            "threshold": {"value": self.threshold, "source": self.threshold_source},
+            "threshold": {"value": self.threshold, "source": self.threshold_source, "note": self.threshold_note},
             "pipeline": self.options.to_dict(),
             "expressions": [result.summary() for result in self.results],
         }

@@ -132,6 +132,16 @@ def resolve_threshold(given: float | None, calibrated: float | None) -> tuple[fl
     return PAPER_THRESHOLD, "paper"
 
 
+def describe_threshold(value: float, source: str, origin: str | None = None) -> str:
+    """What predict.py and the app say about the threshold they use: its value and where it came from (`source`
+    from `resolve_threshold`; `origin`: how a calibrated one was found, the model config's `threshold_origin`)."""
+    if source == "given":
+        return f"threshold {value:g} (given)"
+    if source == "calibrated":
+        return f"threshold {value:g} (calibrated, from the model's config: {origin or 'no note'})"
+    return f"threshold {value:g} (the CLIPSeg paper's; the model records no calibrated threshold)"
+
+
 def make_mask(probs: np.ndarray, options: MaskOptions = MaskOptions(), start: np.ndarray | None = None) -> MaskResult:
     """(H, W) probabilities in [0, 1] -> `MaskResult`, the steps of the module docstring in its order. `start`: an
     (H, W) bool mask that replaces step 1 (e.g. SAM's refinement, `clipseg.refine.SamRefinement.union`); the

@@ -41,7 +41,7 @@ from torch import Tensor
 from clipseg.expressions import Expression, parse
 from clipseg.images import ImageInput, load_image
 from clipseg.mask_pipeline import MaskPrediction, PipelineOptions, segment
-from clipseg.postprocess import MaskOptions, resolve_threshold
+from clipseg.postprocess import MaskOptions, describe_threshold, resolve_threshold
 from clipseg.precision import PRECISIONS, precision_context, prepare_model, resolve_precision
 from clipseg.refine import SamRefiner
 from clipseg.transforms import ImageTransform, full_size_probabilities
@@ -158,12 +158,13 @@ class Predictor:
         if self._image is None:
             raise RuntimeError("call set_image(image) first")
         results = segment(self._image, parsed, self._phrase_maps, pipeline, sam)
-        return MaskPrediction(results, value, source, pipeline)
+        origin = getattr(self.model.config, "threshold_origin", None)
+        return MaskPrediction(results, value, source, pipeline, describe_threshold(value, source, origin))
 
     def default_threshold(self, given: float | None = None) -> tuple[float, str]:
         """(threshold, source): `given` ("given"), else the calibrated one the model's config holds
         ("calibrated"), else the paper's 0.3 ("paper"); see `clipseg.postprocess.resolve_threshold`."""
-        return resolve_threshold(given, None)
+        return resolve_threshold(given, getattr(self.model.config, "threshold", None))
 
     def _phrase_maps(self, pixels: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
         """The mask pipeline's model: (K, h, w) probabilities of `phrases` for the image set last (its kept

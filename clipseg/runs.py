@@ -8,6 +8,8 @@ checkpoint intact.
     model.safetensors    cannot be loaded again): also loadable by transformers.CLIPSegForImageSegmentation
     train_state.pt       step, optimiser, scheduler, scaler, best validation so far and the decoder (resume trusts it)
     best/                the complete model of the best validation so far (--val-interval); best/best.json says which
+                         (and holds the validation curve); config.json's `clipseg_threshold` in best/ and in the
+                         run is the calibrated mask threshold of the last validation of those weights
     iter_005000/         complete models kept at the --keep-checkpoints iterations
     log.jsonl, loss.png  training loss, learning rate, samples/s and validation metrics, and their plot
 """

@@ -40,6 +40,8 @@ from clipseg.train_args import TrainingError, data_root
 from clipseg.transforms import NonFiniteOutput
 from model import CLIPSeg
 
+CURVE_METRICS = ("miou", "iou_fg")  # validation metrics with one value per threshold
+
 
 def conditionals(model: CLIPSeg, batch: Batch, mix_range: tuple[float, float], device: torch.device) -> Tensor:
     """(N, 512) conditional vectors of a batch's N = B x K prompts: the text embeddings (through the bounded cache;
@@ -89,6 +91,7 @@ class Validation:
     data: Dataset
     tasks: list[int]
     batch_size: int
+    metric: str = "miou"  # --val-metric: its curve calibrates the threshold (`calibration`)
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> Validation:
@@ -100,10 +103,12 @@ class Validation:
         except (OSError, ValueError) as err:
             raise TrainingError(f"cannot read the validation split {args.val_split!r} of {args.data}: {err}") from err
         order = np.random.default_rng(derived_seed(args.seed, 4)).permutation(len(data))
-        return cls(data, sorted(int(i) for i in order[: args.val_samples]), max(1, args.batch_size // 4))
+        tasks = sorted(int(i) for i in order[: args.val_samples])
+        return cls(data, tasks, max(1, args.batch_size // 4), getattr(args, "val_metric", "miou"))
 
-    def run(self, model: CLIPSeg, precision: str) -> dict[str, float]:
-        """val_loss (mean per-task BCE at S x S) and the paper's val_miou, val_iou_fg, val_ap at t = 0.3."""
+    def run(self, model: CLIPSeg, precision: str) -> dict:
+        """val_loss (mean per-task BCE at S x S) and the paper's val_miou, val_iou_fg, val_ap at t = 0.3; the
+        calibrated threshold val_threshold and the curve it maximises, val_threshold_curve (`calibration`)."""
         was_training = model.training
         model.eval()
         paper, loss_sum, count = PaperMetrics(), 0.0, 0
@@ -123,7 +128,26 @@ class Validation:
         if not count:
             raise TrainingError("no validation task could be read (see the warnings above)")
         scores = paper.compute()
-        return {"val_loss": loss_sum / count, **{f"val_{key}": scores[key] for key in ("miou", "iou_fg", "ap")}}
+        threshold, curve = calibration(paper, self.metric)
+        return {
+            "val_loss": loss_sum / count,
+            **{f"val_{key}": scores[key] for key in ("miou", "iou_fg", "ap")},
+            "val_threshold": threshold,
+            "val_threshold_curve": curve,
+        }
+
+
+def calibration(paper: PaperMetrics, metric: str) -> tuple[float, dict]:
+    """The calibrated mask threshold: the argmax of the validation curve of `metric` over the paper's thresholds
+    0.02, 0.04, ..., 0.98 (the lowest of equal maxima, as `PaperMetrics.compute`), and that curve
+    ({"metric", "thresholds", "values"}). Threshold-free metrics (ap, loss) calibrate on the mIoU curve. The CLIPSeg
+    paper notes that the best threshold can strongly deviate from 0.5 and differs per data set."""
+    metric = metric if metric in CURVE_METRICS else "miou"
+    curves = paper.curves()
+    best = int(np.argmax(curves[metric]))
+    values = [round(float(v), 6) for v in curves[metric]]
+    thresholds = [round(float(t), 4) for t in curves["thresholds"]]
+    return thresholds[best], {"metric": metric, "thresholds": thresholds, "values": values}
 
 
 @dataclass
@@ -241,6 +265,7 @@ class TrainingLoop:
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
         self.best = Best(getattr(args, "val_metric", "miou"))
+        model.config.threshold = model.config.threshold_origin = None  # an --init model's calibration is not this run's
         self.keep = set(getattr(args, "keep_checkpoints", None) or ())
         self.step = 0
         self.last_saved_step: int | None = None
@@ -261,6 +286,9 @@ class TrainingLoop:
         self.step = self.last_saved_step = state["step"]
         best = state.get("best") or {}
         self.best = Best(self.best.metric, best.get("value"), best.get("step"))
+        calibrated = state.get("threshold") or {}
+        self.model.config.threshold = calibrated.get("value")
+        self.model.config.threshold_origin = calibrated.get("origin")
 
     def state(self) -> dict:
         """Plain containers and tensors only, so that resume can load it with `torch.load(weights_only=True)`.
@@ -278,6 +306,7 @@ class TrainingLoop:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "best": {"metric": self.best.metric, "value": self.best.value, "step": self.best.step},
+            "threshold": {"value": self.model.config.threshold, "origin": self.model.config.threshold_origin},
         }
 
     def autocast(self):
@@ -370,6 +399,7 @@ class TrainingLoop:
                 scores = self.validation.run(self.model, "fp32" if self.dtype is None else "bf16")
             except NonFiniteOutput as err:
                 raise TrainingError(f"validation at iteration {self.step} stopped: {err}") from err
+            self.calibrate(scores)
             value = scores[f"val_{self.best.metric}"]
             improved = self.best.improved_by(value)
             if improved:
@@ -384,6 +414,17 @@ class TrainingLoop:
                 log.flush()
         if self.world.enabled:
             dist.barrier()
+
+    def calibrate(self, scores: dict) -> None:
+        """The validated weights' calibrated threshold into the model's config: best/ and the run's next checkpoint
+        (written right after a validation) carry it as config.json's `clipseg_threshold`."""
+        curve = scores["val_threshold_curve"]
+        self.model.config.threshold = scores["val_threshold"]
+        self.model.config.threshold_origin = (
+            f"train.py validation of iteration {self.step}: the threshold of the highest {curve['metric']} over "
+            f"{curve['thresholds'][0]}, {curve['thresholds'][1]}, ..., {curve['thresholds'][-1]} on "
+            f"{len(self.validation.tasks)} {self.args.val_split} tasks"
+        )
 
     def postfix(self) -> dict[str, str]:
         shown = {"loss": f"{self.last_loss:.4f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}

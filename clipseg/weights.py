@@ -227,6 +227,8 @@ _EXTRA_KEYS = {
     "clipseg_weights": (str, type(None)),
     "clipseg_image_size": (int, type(None)),
     "clipseg_vit_config": (dict, type(None)),
+    "clipseg_threshold": (float, type(None)),
+    "clipseg_threshold_origin": (str, type(None)),
     "use_complex_transposed_convolution": (bool,),
 }
 
@@ -291,6 +293,9 @@ def _check_clipseg_keys(data: dict, source: str) -> None:
     dropout = data.get("clipseg_decoder_dropout", 0.0)
     if type(dropout) not in (int, float) or not 0 <= dropout < 1:
         raise CheckpointError(f"{source}: clipseg_decoder_dropout = {dropout!r} is not a probability")
+    threshold = data.get("clipseg_threshold")
+    if threshold is not None and not 0 < threshold < 1:
+        raise CheckpointError(f"{source}: clipseg_threshold = {threshold!r} is not a threshold in (0, 1)")
     layers = data.get("extract_layers")
     if (
         not isinstance(layers, list)

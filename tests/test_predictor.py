@@ -276,3 +276,28 @@ def test_predict_masks_errors(predictor):
         predictor.predict_masks(["sky"], refine="sam")
     with pytest.raises(ValueError, match="no expression"):
         predictor.predict_masks([])
+
+
+def test_the_default_threshold_is_the_models_calibrated_one_else_the_papers(model, tmp_path):
+    from dataclasses import replace
+
+    predictor = Predictor(model, image_size=SIZE)
+    assert predictor.default_threshold() == (0.3, "paper")
+    predictor.set_image(random_image(64, 48, seed=6))
+    found = predictor.predict_masks(["sky"])
+    assert (found.threshold, found.threshold_source) == (0.3, "paper") and "paper" in found.threshold_note
+
+    calibrated = CLIPSeg(replace(model.config, threshold=0.62, threshold_origin="validation of iteration 400"))
+    calibrated.load_state_dict(model.state_dict())
+    loaded = CLIPSeg.from_pretrained(calibrated.save_pretrained(tmp_path / "calibrated"))
+    assert loaded.config.threshold == 0.62
+    predictor = Predictor(loaded, image_size=SIZE)
+    assert predictor.default_threshold() == (0.62, "calibrated")
+    predictor.set_image(random_image(64, 48, seed=6))
+    found = predictor.predict_masks(["sky"])
+    assert (found.threshold, found.threshold_source) == (0.62, "calibrated")
+    note = found.summary()["threshold"]["note"]
+    assert note == "threshold 0.62 (calibrated, from the model's config: validation of iteration 400)"
+    np.testing.assert_array_equal(found.masks[0], predictor.predict(phrases=["sky"])[0] > 0.62)
+    found = predictor.predict_masks(["sky"], threshold=0.1)
+    assert (found.threshold, found.threshold_source) == (0.1, "given")

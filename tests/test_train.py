@@ -580,6 +580,31 @@ def test_validation_equals_score_py_on_the_same_subset_and_weights(tmp_path, syn
     assert reference.n_samples == 7
     for key in ("miou", "iou_fg", "ap"):
         assert scores[f"val_{key}"] == paper[key], key
+    curve = scores["val_threshold_curve"]
+    assert curve["metric"] == "miou" and len(curve["thresholds"]) == 49
+    np.testing.assert_allclose(curve["values"], reference.paper.curves()["miou"], atol=1e-6)
+    np.testing.assert_allclose(curve["thresholds"], np.arange(1, 50) / 50)
+    assert scores["val_threshold"] == paper["miou_best_threshold"]
+
+
+def test_the_calibrated_threshold_is_the_argmax_of_the_validation_curve_and_the_models_default(validated):
+    from clipseg.predictor import Predictor
+
+    run_dir, summary, _ = validated
+    records = validation_records(run_dir)
+    for record in records:
+        curve = record["val_threshold_curve"]
+        assert record["val_threshold"] == curve["thresholds"][int(np.argmax(curve["values"]))]
+        assert curve["values"][curve["thresholds"].index(0.3)] == pytest.approx(record["val_miou"], abs=1e-6)
+    best_record = next(r for r in records if r["step"] == summary.best.step)
+    best_config = json.loads((run_dir / "best" / "config.json").read_text())
+    assert best_config["clipseg_threshold"] == best_record["val_threshold"]
+    assert f"validation of iteration {summary.best.step}:" in best_config["clipseg_threshold_origin"]
+    run_config = json.loads((run_dir / "config.json").read_text())  # the final model, validated at iteration 12
+    assert run_config["clipseg_threshold"] == records[-1]["val_threshold"]
+    predictor = Predictor(CLIPSeg.from_pretrained(run_dir / "best"))
+    assert predictor.default_threshold() == (best_record["val_threshold"], "calibrated")
+    assert predictor.default_threshold(0.55) == (0.55, "given")
 
 
 def test_best_is_the_best_validated_iteration_and_loads_in_hf(validated):
@@ -636,6 +661,8 @@ def test_resume_after_sigkill_keeps_the_best(tmp_path, synthetic_root, validated
         (reference_dir / "best" / "best.json").read_text()
     )
     assert_same_weights(run_dir, reference_dir)
+    config, reference = (json.loads((d / "config.json").read_text()) for d in (run_dir, reference_dir))
+    assert config["clipseg_threshold"] == reference["clipseg_threshold"] is not None
 
 
 def assert_same_weights(first: Path, second: Path) -> None:
