@@ -177,12 +177,21 @@ def masks_from_maps(
     if len(maps) != len(expressions):
         raise ValueError(f"{len(maps)} maps for {len(expressions)} expressions")
     pixels = np.asarray(load_image(image)) if options.refine == "sam" else None
-    results = []
-    for expression, probs in zip(expressions, maps):
-        refined = sam.refine(pixels, probs, sam_components(probs, options.mask)) if options.refine == "sam" else None
-        start = None if refined is None else refined.union
-        results.append(ExpressionMask(expression, probs, make_mask(probs, options.mask, start), refined))
-    return results
+    return [
+        ExpressionMask(e, probs, *mask_from_map(pixels, probs, options, sam)) for e, probs in zip(expressions, maps)
+    ]
+
+
+def mask_from_map(
+    pixels: np.ndarray | None, probs: np.ndarray, options: PipelineOptions, sam: SamRefiner | None = None
+) -> tuple[MaskResult, SamRefinement | None]:
+    """Steps 3 (SAM) and 4 for one (H, W) map of any prompt (an image prompt's too): its `MaskResult` and SAM's
+    refinement (None unless refine="sam", which needs the (H, W, 3) `pixels` and `sam`)."""
+    if options.refine != "sam":
+        return make_mask(probs, options.mask), None
+    _check_sam(options, sam)
+    refined = sam.refine(pixels, probs, sam_components(probs, options.mask))
+    return make_mask(probs, options.mask, refined.union), refined
 
 
 def _check_sam(options: PipelineOptions, sam: SamRefiner | None) -> None:

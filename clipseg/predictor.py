@@ -91,22 +91,25 @@ class Predictor:
         self._image: Image.Image | None = None
         self._features: ImageFeatures | None = None
 
-    def set_image(self, image: ImageInput, encode: bool = True) -> None:
+    def set_image(self, image: ImageInput, encode: bool = True, keep: bool = True) -> None:
         """Set one image (path, PIL image or array; see `clipseg.images.load_image`) for the following `predict`
         and `predict_masks` calls and encode it (one vision pass); encode=False leaves the encoding to the first
-        call that needs it (a tiled `predict_masks` encodes its windows instead)."""
+        call that needs it (a tiled `predict_masks` encodes its windows instead). keep=False (with encode) drops
+        the pixels once encoded: `predict` and `logits` work, `predict_masks` and windows need them."""
         rgb = load_image(image)
         self.original_size = rgb.size
         self.input_size = self.transform.input_size(*rgb.size)
         self._image, self._features = rgb, None
         if encode:
             self._image_features()
+        if encode and not keep:
+            self._image = None
 
     def _image_features(self) -> ImageFeatures:
         """The features of the image set last, encoded once."""
-        if self._image is None:
-            raise RuntimeError("call set_image(image) first")
         if self._features is None:
+            if self._image is None:
+                raise RuntimeError("call set_image(image) first")
             self._features = self._encode([self._image])
         return self._features
 
@@ -166,14 +169,23 @@ class Predictor:
         ("calibrated"), else the paper's 0.3 ("paper"); see `clipseg.postprocess.resolve_threshold`."""
         return resolve_threshold(given, getattr(self.model.config, "threshold", None))
 
-    def _phrase_maps(self, pixels: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
-        """The mask pipeline's model: (K, h, w) probabilities of `phrases` for the image set last (its kept
-        encoding) or one of its windows (encoded here). The phrases are embedded once (the model's text cache)."""
-        conditional = self.embed_prompts(phrases=phrases)
+    @property
+    def image(self) -> Image.Image | None:
+        """The (upright RGB) image set last."""
+        return self._image
+
+    def window_probabilities(self, pixels: np.ndarray, conditional: Tensor) -> np.ndarray:
+        """(K, h, w) probabilities of (K, 512) conditional vectors for an (h, w, 3) uint8 crop of the image set last
+        (encoded here), or for the whole image (its size: its kept encoding). The model of tiled inference
+        (`clipseg.tiling.tiled_probabilities`)."""
         height, width = pixels.shape[:2]
         if (width, height) == self.original_size:
             return self._decode(self._image_features(), conditional, self.original_size)
         return self._decode(self._encode([Image.fromarray(pixels)]), conditional, (width, height))
+
+    def _phrase_maps(self, pixels: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
+        """The mask pipeline's model: `window_probabilities` of `phrases` (embedded once: the model's text cache)."""
+        return self.window_probabilities(pixels, self.embed_prompts(phrases=phrases))
 
     def predict_batch(
         self,

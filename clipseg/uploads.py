@@ -6,7 +6,8 @@ is a regular file of at most MAX_UPLOAD_BYTES inside the allowed folders (the pa
 alone): symlinks are resolved before the folder check, and the file is opened without following a symlink or
 blocking (a FIFO cannot hang the server) and checked on the open descriptor. Images are decoded by
 `clipseg.images.open_rgb` (its pixel limit refuses decompression bombs). Text: at most MAX_PROMPTS prompts, each within
-the tokenizer's limits (`tokenizer.check_phrase`); the threshold a number in [0, 1).
+the tokenizer's limits (`tokenizer.check_phrase`); prompt expressions parsed (`parse_expressions`); the threshold a
+number in [0, 1).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from clipseg.expressions import Expression, ExpressionError, distinct_phrases, parse
 from clipseg.images import MAX_IMAGE_PIXELS, UnreadableImage, open_rgb
 from clipseg.tokenizer import MAX_PHRASE_CHARS, TextTooLong, check_phrase
 
@@ -53,6 +55,31 @@ def parse_prompts(text: Any) -> list[str]:
         except TextTooLong as err:
             raise InputError(f"{str(err)[0].upper()}{str(err)[1:]}.") from err
     return phrases
+
+
+def parse_expressions(text: Any) -> list[Expression]:
+    """The prompt box -> prompt expressions, one per line; a line without operators is split on commas as plain
+    prompts are (`parse_prompts`: "a cat, the sofa" is two prompts), a line with operators (`cat | dog`, `a & b`,
+    `a - b`, `car:1.5`, parentheses) is one expression. Repeats are dropped. Raises InputError (a syntax error names
+    its line and column, with a caret under it) and for more than MAX_PROMPTS phrases."""
+    parse_prompts(text)  # its type and length
+    expressions: list[Expression] = []
+    for number, line in enumerate((text or "").splitlines(), 1):
+        try:
+            expression = parse(line) if line.strip() else None
+        except ExpressionError as err:
+            raise InputError(f"Line {number} of the prompts: {err}") from err
+        if expression is None or expression.is_plain:
+            expressions += [parse(phrase) for phrase in parse_prompts(line)]
+        else:
+            expressions.append(expression)
+    expressions = list({str(e): e for e in expressions}.values())
+    phrases = distinct_phrases(expressions)
+    for phrase in phrases:
+        parse_prompts(phrase)  # the tokenizer's limits
+    if len(phrases) > MAX_PROMPTS:
+        raise InputError(f"{len(phrases)} prompts given; at most {MAX_PROMPTS} at once: split them over several runs.")
+    return expressions
 
 
 def check_threshold(threshold: Any) -> None:

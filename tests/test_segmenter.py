@@ -273,3 +273,110 @@ def test_a_closed_page_is_freed_without_waiting_for_a_running_segmentation(segme
         closing.join(timeout=5)
         assert not closing.is_alive()
     assert session.result is None and not zip_dir.exists() and len(segmenter.sessions) == 0
+
+
+# ------------------------------------------------------------------------------------------- mask controls
+
+
+def test_expressions_and_mask_controls_give_the_predictors_masks(model, segmenter, tmp_path):
+    from clipseg.postprocess import MaskOptions
+    from clipseg.segmenter import Controls
+
+    image = scene(150, 110)
+    path = save(image, tmp_path / "room.png")
+    controls = Controls(grow=2.0, fill_holes=True, min_area=4.0, instances=True, max_instances=2)
+    with vision_tower_calls(model) as calls:
+        session, out = segmenter.segment(None, str(path), "red disc | blue square - sky\ngrass, sky", controls=controls)
+        assert calls["vision"] == 1, "all phrases of all expressions from one encoding"
+    assert out.ok, out.message
+    masks, summary = read_zip(out.zip_path)
+    entries = summary["images"][0]["prompts"]
+    assert [e["prompt"] for e in entries] == ["red disc | blue square - sky", "grass", "sky"]
+    assert entries[0]["expression"]["phrases"] == ["red disc", "blue square", "sky"]
+    assert (summary["threshold"], summary["threshold_source"]) == (0.3, "paper")
+    assert summary["pipeline"]["mask"]["grow"] == 2 and summary["pipeline"]["mask"]["max_instances"] == 2
+    predictor = Predictor(model)
+    predictor.set_image(image)
+    options = MaskOptions(grow=2, fill_holes=True, min_area=4, instances=True, max_instances=2)
+    expected = predictor.predict_masks(["red disc | blue square - sky", "grass", "sky"], options=options)
+    for entry, mask, instances in zip(entries, expected.masks, expected.instances):
+        np.testing.assert_array_equal(np.asarray(masks[entry["files"]["mask"]]) > 0, mask)
+        assert [i["area"] for i in entry["instances"]] == [i.area for i in instances]
+
+
+def test_the_zip_holds_the_chosen_formats(segmenter, tmp_path):
+    import json
+
+    from pycocotools import mask as coco_mask
+
+    from clipseg.segmenter import Controls
+
+    path = save(scene(120, 90), tmp_path / "room.png")
+    controls = Controls(feather=4, formats=("mask", "soft", "cutout", "coco"))
+    session, out = segmenter.segment(None, str(path), "red disc", threshold=0.45, controls=controls)
+    assert out.ok, out.message
+    files = out.summary["images"][0]["prompts"][0]["files"]
+    assert sorted(files) == ["cutout", "mask", "soft"]
+    with zipfile.ZipFile(out.zip_path) as archive:
+        assert sorted(archive.namelist()) == sorted([*files.values(), "coco.json", "summary.json"])
+        mask = np.asarray(Image.open(archive.open(files["mask"]))) > 0
+        soft = np.asarray(Image.open(archive.open(files["soft"])))
+        cut = Image.open(archive.open(files["cutout"]))
+        coco = json.loads(archive.read("coco.json"))
+    assert cut.mode == "RGBA" and cut.size == (120, 90)
+    np.testing.assert_array_equal(np.asarray(cut)[..., 3], soft)  # feathered: the soft mask is the alpha
+    np.testing.assert_array_equal(np.asarray(cut)[..., :3], np.asarray(scene(120, 90)))
+    assert ((soft > 127) == mask).all() and 0 < ((soft > 0) & (soft < 255)).sum()
+    (annotation,) = coco["annotations"]
+    np.testing.assert_array_equal(coco_mask.decode(annotation["segmentation"]).astype(bool), mask)
+    assert coco["categories"][0]["name"] == "red disc"
+
+
+def test_new_post_processing_needs_no_model_but_tiles_need_segment(model, segmenter, tmp_path):
+    from clipseg.segmenter import Controls
+
+    path = save(scene(120, 90), tmp_path / "room.png")
+    session, out = segmenter.segment(None, str(path), "red disc", threshold=0.4)
+    name = out.summary["images"][0]["prompts"][0]["files"]["mask"]
+    before = np.asarray(read_zip(out.zip_path)[0][name]) > 0
+    with vision_tower_calls(model) as calls:
+        session, out = segmenter.rethreshold(session, 0.4, Controls(grow=3))
+        assert calls == {} and out.ok, out.message
+    after = np.asarray(read_zip(out.zip_path)[0][name]) > 0
+    from scipy import ndimage
+
+    disk = np.hypot(*np.mgrid[-3:4, -3:4]) <= 3
+    np.testing.assert_array_equal(after, ndimage.binary_dilation(before, disk))
+    session, out = segmenter.rethreshold(session, 0.4, Controls(tile=True))
+    assert not out.ok and "press Segment" in out.message
+
+
+def test_tiles_in_the_app_equal_the_predictors_tiles(model, segmenter, tmp_path):
+    from clipseg.segmenter import Controls
+
+    image = scene(200, 150, seed=2)
+    path = save(image, tmp_path / "big.png")
+    session, out = segmenter.segment(None, str(path), "red disc | sky", controls=Controls(tile=True))
+    assert out.ok, out.message and out.summary["pipeline"]["tile"] == 64
+    predictor = Predictor(model)
+    predictor.set_image(image)
+    expected = predictor.predict_masks(["red disc | sky"], tile=64)
+    name = out.summary["images"][0]["prompts"][0]["files"]["mask"]
+    np.testing.assert_array_equal(np.asarray(read_zip(out.zip_path)[0][name]) > 0, expected.masks[0])
+
+
+def test_bad_mask_controls_get_a_message(segmenter, tmp_path):
+    from clipseg.segmenter import Controls
+
+    path = save(scene(80, 60), tmp_path / "a.png")
+    cases = {
+        "grow": Controls(grow=-1),
+        "The zip's formats": Controls(formats=("gif",)),
+        "start the app with --sam-model": Controls(refine="sam"),
+        "Refine must be one of": Controls(refine="sharpen"),
+    }
+    for expected, controls in cases.items():
+        _, out = segmenter.segment(None, str(path), "sky", controls=controls)
+        assert not out.ok and expected in out.message, out.message
+    _, out = segmenter.segment(None, str(path), "sky | (grass")
+    assert not out.ok and "Line 1 of the prompts" in out.message and "column" in out.message, out.message
