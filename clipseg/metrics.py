@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy import ndimage
 from scipy.integrate import simpson
 
 # 0.02, 0.04, ..., 0.98: the original's linspace(0, 1, 51)[1:-1], rounded to the doubles nearest the decimals.
@@ -500,3 +501,20 @@ class ZeroShotMetrics:
             "pixels": int(self.matrix.sum()),
             "per_class": {c: float(iou[c]) for c in range(self.n_classes)},
         }
+
+
+def boundary_f_score(prediction: np.ndarray, truth: np.ndarray, tolerance: float = 2.0) -> float:
+    """F-score of the boundaries of two (H, W) bool masks: a boundary pixel (a mask pixel with a 4-neighbour
+    outside it; the image border is no boundary) matches when one of the other mask's lies within `tolerance`
+    pixels. 1 when neither mask has a boundary, 0 when only one has."""
+
+    def edge(mask: np.ndarray) -> np.ndarray:
+        mask = np.asarray(mask, dtype=bool)
+        return mask & ~ndimage.binary_erosion(mask, border_value=1)
+
+    predicted, true = edge(prediction), edge(truth)
+    if not predicted.any() or not true.any():
+        return float(predicted.any() == true.any())
+    precision = (ndimage.distance_transform_edt(~true)[predicted] <= tolerance).mean()
+    recall = (ndimage.distance_transform_edt(~predicted)[true] <= tolerance).mean()
+    return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0

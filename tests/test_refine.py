@@ -12,22 +12,11 @@ import pytest
 import torch
 from scipy import ndimage
 
+from clipseg.metrics import boundary_f_score
 from clipseg.postprocess import find_instances
 from clipseg.refine import FLOOR_LOGIT, SamRefiner, guided_refine, load_sam
 from clipseg.transforms import full_size_probabilities
 from clipseg.weights import CheckpointError
-
-
-def boundary_f_score(prediction: np.ndarray, truth: np.ndarray, tolerance: float = 2.0) -> float:
-    """F-score of the boundary pixels of two bool masks, a boundary pixel matching within `tolerance` pixels."""
-
-    def edge(mask):
-        return mask & ~ndimage.binary_erosion(mask, border_value=1)
-
-    predicted, true = edge(prediction), edge(truth)
-    precision = (ndimage.distance_transform_edt(~true)[predicted] <= tolerance).mean()
-    recall = (ndimage.distance_transform_edt(~predicted)[true] <= tolerance).mean()
-    return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
 
 
 def ellipse_scene(size: int = 512, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
