@@ -19,7 +19,7 @@ Sharding: two pure rules, so that every rank (and a rerun) computes the same spl
   mIoU) is then computed in one order whatever the number of ranks, so merged results equal one process's bit for
   bit, and so do the batches each image is predicted in.
 - Streams (predict.py's folders, never listed whole): an item with key k (its path as given on the command line)
-  belongs to rank `stable_hash(k) % world_size`. The hash is the first 8 bytes of BLAKE2b of the key's UTF-8 bytes:
+  belongs to rank `stable_hash(k) % world_size` (clipseg/folders.py: 8 bytes of BLAKE2b of the key's UTF-8 bytes):
   the same on every node and in every run (Python's `hash()` is salted per process and cannot be used), and it
   does not depend on the order a file system lists a folder in. A rerun with the same world size gives every rank
   the same images; ranks get about n / world_size items each (binomial spread).
@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from clipseg.folders import stable_hash
 from clipseg.metrics import sum_states
 from clipseg.outputs import printable
 
@@ -130,13 +131,6 @@ def owned_blocks(n_items: int, world: Distributed, block_size: int = BLOCK_ITEMS
     """(block id, its items) of this rank's blocks: block b is rank b % world_size's."""
     blocks = enumerate(block_ranges(n_items, block_size))
     return [(block, items) for block, items in blocks if block % world.world_size == world.rank]
-
-
-def stable_hash(key: str) -> int:
-    """A 64-bit hash of `key` that is the same in every process and run (BLAKE2b of its UTF-8 bytes; names that
-    are not valid Unicode, surrogate-escaped by os.fsdecode, hash their own bytes)."""
-    data = key.encode("utf-8", "surrogateescape")
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
 def owner_of(key: str, world_size: int) -> int:
@@ -235,7 +229,7 @@ def sequence_digest(items: Iterable[str]) -> str:
     """SHA-256 (hex) of a sequence of strings in order (task ids, episode keys): a data set's identity."""
     digest = hashlib.sha256()
     for item in items:
-        data = item.encode("utf-8", "surrogateescape")
+        data = item.encode("utf-8", "surrogatepass")
         digest.update(len(data).to_bytes(8, "big") + data)
     return digest.hexdigest()
 
@@ -244,7 +238,7 @@ def files_digest(paths: Iterable[str | os.PathLike]) -> str:
     """SHA-256 (hex) of files' names and contents, in name order (an ONNX export folder, a weights file)."""
     digest = hashlib.sha256()
     for path in sorted(Path(p) for p in paths):
-        digest.update(path.name.encode("utf-8", "surrogateescape") + b"\0")
+        digest.update(path.name.encode("utf-8", "surrogatepass") + b"\0")
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
