@@ -1,7 +1,7 @@
 """Shared fixtures: small synthetic PhraseCut, VOC and COCO-20i data and a tiny model, made once per session, and
 the path of Debian's chromium for browser tests (`require` skips a test whose system package is missing, failing
 instead under CI=true). Shared helpers (imported `from conftest import ...`): the images, masks and hostile names
-that the predictor, predict.py, the segmenter and app.py tests feed in.
+that the predictor, predict.py, the segmenter and app.py tests feed in, and a free local port.
 
 32 images, seed 0: 61 train, 16 val, 10 test and 5 miniv tasks (score tests need at least 6 test tasks).
 """
@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import struct
 import zipfile
 import zlib
@@ -123,6 +124,13 @@ def require(package: str, install: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{message}; CI must run this test", pytrace=False)
     pytest.skip(message)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a test server or a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

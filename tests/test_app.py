@@ -28,7 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import box_mask, huge_png, read_zip, require, save, scene, vision_tower_calls  # noqa: E402
+from conftest import box_mask, free_port, huge_png, read_zip, require, save, scene, vision_tower_calls  # noqa: E402
 
 import app  # noqa: E402
 from clipseg.segmenter import DEFAULT_THRESHOLD, DEMO_MODEL, NATIVE, Output, Segmenter  # noqa: E402
@@ -120,12 +120,6 @@ def gradio_or_skip():
         import gradio  # noqa: F401
     except ImportError:
         require("gradio", "pip install -r requirements-app.txt")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
