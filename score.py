@@ -18,6 +18,10 @@ The output paths are checked before the model is loaded, and the table is printe
 Exit status: 0 scored; 2 a model, data set, option or output path that cannot be used (before any scoring), or a
 model whose output is not finite; 1 nothing could be scored, or the results could not be written.
 
+Under torchrun (`torchrun --nproc_per_node=N score.py ...`, README "Scale out") every rank scores its share of the
+images, the metrics are merged exactly, each rank writes its own prediction PNGs and rank 0 prints the table and
+writes the JSON: the same results as one process.
+
 This command parses the flags and reports: models and data are loaded by clipseg/loading.py, the scoring and its
 table are clipseg/scoring.py, the one-shot and zero-shot runs clipseg/benchmarks/runs.py.
 """
@@ -34,6 +38,7 @@ import numpy as np
 
 from clipseg.benchmarks import runs as fewshot_runs
 from clipseg.cli import NOTHING_DONE, add_data_arguments, add_model_arguments, check_common_arguments, stop
+from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job
 from clipseg.loading import (
     DATA_KINDS,
     LoadError,
@@ -89,7 +94,7 @@ def benchmark_model(args: argparse.Namespace, fold: int | None) -> tuple[CLIPSeg
         stop(str(err))
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
+def run_benchmark(args: argparse.Namespace, world: Distributed) -> dict:
     """score.py's one-shot, zero-shot and visual-prompt runs (clipseg/benchmarks/runs.py): outputs checked, scores
     printed, then written."""
     if args.out:
@@ -101,9 +106,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             stop(str(err))
         out = fewshot_runs.default_output(args, model)
     check_outputs(out, Path(args.save_predictions) if args.save_predictions else None)
-    results = fewshot_runs.run(args, lambda fold: benchmark_model(args, fold))
-    print(format_table(results) if args.data in DATA_KINDS else fewshot_runs.format_results(results))
-    save_results(out, results)
+    results = fewshot_runs.run(args, lambda fold: benchmark_model(args, fold), world)
+    if world.is_main:
+        print(format_table(results) if args.data in DATA_KINDS else fewshot_runs.format_results(results))
+        save_results(out, results)
     return results
 
 
@@ -159,8 +165,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for unusable input (before any scoring) or a model whose output is not finite, 1 when nothing was scored or
     the results could not be written (see the module docstring)."""
     args = parse_args(argv)
+    try:
+        with distributed_job(args.device) as (world, device):  # one rank of a torchrun job, or rank 0 of 1
+            args.device = str(device)
+            return run(args, world)
+    except JobError as err:  # a device that is not there; ranks started differently
+        stop(str(err))
+
+
+def run(args: argparse.Namespace, world: Distributed) -> dict:
+    """score.py's work on this rank: results on every rank, printed and written by rank 0."""
     if fewshot_runs.handles(args):  # one-shot, zero-shot and visual-prompt benchmarks (clipseg/benchmarks/runs.py)
-        return run_benchmark(args)
+        return run_benchmark(args, world)
     try:
         source, run_dir = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
     except LoadError as err:
@@ -187,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "precision": args.precision,
         "resize": args.resize,
     }
+    flags = {key: value for key, value in settings.items() if key not in ("model", "data_root")}  # paths may differ
+    tasks = (data.task_info(index).task_id for index in range(len(data)))
+    check_same_job(world, model, {**flags, "batch_size": args.batch_size}, tasks)
     run, started = ScoreRun(threshold=args.threshold), time.perf_counter()
     try:
         score(
@@ -199,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             shuffle_prompts=args.shuffle_prompts,
             save_predictions=save_dir,
             run=run,
+            world=world,
         )
     except (ScoreError, NonFiniteOutput) as err:
         stop(f"scoring stopped after {run.n_samples} samples: {err}")
@@ -209,8 +229,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"interrupted after {run.n_samples} samples", file=sys.stderr)
         raise
     results = results_dict(run, settings, data, time.perf_counter() - started, False)
-    print(format_table(results))
-    save_results(out, results)
+    if world.is_main:
+        print(format_table(results))
+        save_results(out, results)
     if run.n_samples == 0:
         stop(f"no sample could be scored ({len(run.skips.reasons)} skipped); see {out}", NOTHING_DONE)
     return results

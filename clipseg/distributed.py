@@ -41,13 +41,15 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clipseg.folders import stable_hash
@@ -104,6 +106,25 @@ def setup_distributed(device_flag: str | None) -> tuple[Distributed, torch.devic
     return world, device
 
 
+class JobError(RuntimeError):
+    """A job that cannot run as started: the device asked for is not there, or the ranks disagree."""
+
+
+@contextmanager
+def distributed_job(device_flag: str | None) -> Iterator[tuple[Distributed, torch.device]]:
+    """`setup_distributed` (its ValueError as `JobError`), and the process group left at the end (however the
+    command ends)."""
+    try:
+        world, device = setup_distributed(device_flag)
+    except ValueError as err:
+        raise JobError(str(err)) from err
+    try:
+        yield world, device
+    finally:
+        if world.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def all_reduce_sum(values: Sequence[float], world: Distributed, device: torch.device) -> list[float]:
     tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
     if world.enabled:
@@ -133,6 +154,35 @@ def owned_blocks(n_items: int, world: Distributed, block_size: int = BLOCK_ITEMS
     return [(block, items) for block, items in blocks if block % world.world_size == world.rank]
 
 
+def block_batches(
+    n_items: int, world: Distributed, batch_size: int, block_size: int = BLOCK_ITEMS
+) -> list[tuple[int, list[int]]]:
+    """This rank's batches of indexed data as (block id, item indices): consecutive items of its blocks, at most
+    `batch_size` per batch, never crossing a block, so that a batch holds the same items on any number of ranks."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return [
+        (block, list(items[start : start + batch_size]))
+        for block, items in owned_blocks(n_items, world, block_size)
+        for start in range(0, len(items), batch_size)
+    ]
+
+
+def iterate_blocks(
+    data: Dataset, world: Distributed, batch_size: int, description: str, unit: str, **loader_options
+) -> Iterator[tuple[int, object]]:
+    """(block id, batch) over this rank's batches of an indexed data set (`block_batches`), loaded by a DataLoader
+    (`loader_options`: num_workers, collate_fn); one progress bar for the job counting every rank's items. The bar
+    is closed, a collective, when the loop ends."""
+    plan = block_batches(len(data), world, batch_size)
+    loader = DataLoader(data, batch_sampler=[items for _, items in plan], **loader_options)
+    progress = GlobalProgress(world, total=len(data), desc=description, unit=unit)
+    for (block, items), batch in zip(plan, loader):
+        yield block, batch
+        progress.update(len(items))
+    progress.close()
+
+
 def owner_of(key: str, world_size: int) -> int:
     """The rank a stream item belongs to: `stable_hash(key) % world_size`."""
     return stable_hash(key) % world_size
@@ -156,6 +206,18 @@ def gather_blocks(results: Mapping[int, T], world: Distributed) -> list[T]:
     return [merged[block] for block in sorted(merged)]
 
 
+def gather_lists(lists_by_block: Mapping[int, list], world: Distributed) -> list:
+    """Every rank's per-block lists (skipped samples, cases found) joined in block order, on every rank."""
+    return [entry for part in gather_blocks(lists_by_block, world) for entry in part]
+
+
+def merge_rank_metrics(metrics: Metrics, world: Distributed) -> Metrics:
+    """Replace `metrics` (counts only: `EpisodeMetrics`, `ZeroShotMetrics`) by the sum of every rank's; integer
+    sums are the same in any order. Returns `metrics`."""
+    metrics.load_state(sum_states(gather_blocks({world.rank: metrics.state()}, world)))
+    return metrics
+
+
 def merge_metrics(target: Metrics, states_by_block: Mapping[int, dict], world: Distributed) -> Metrics:
     """Load into `target` (a fresh metrics object of clipseg/metrics.py) the sum, in block order, of every rank's
     per-block `state()`s; returns `target`. The same sums in the same order on any number of ranks."""
@@ -166,7 +228,7 @@ def merge_metrics(target: Metrics, states_by_block: Mapping[int, dict], world: D
 # ------------------------------------------------------------------------------------------------ fingerprint
 
 
-class RanksDisagree(RuntimeError):
+class RanksDisagree(JobError):
     """The ranks were started with different models, flags or data; the message names the fields and ranks."""
 
 
@@ -192,6 +254,13 @@ def check_same_everywhere(world: Distributed, **fields: object) -> None:
             f"the ranks were not started alike: they differ in {', '.join(problems)}. Start every rank with the same "
             "model, flags and data (same files on every node)"
         )
+
+
+def check_same_job(world: Distributed, model: torch.nn.Module, flags: Mapping, items: Iterable[str]) -> None:
+    """`check_same_everywhere` of the model's digest, the flags that shape the results and the data (`items`: its
+    task ids, episode keys, ... in order); nothing is hashed on one process."""
+    if world.enabled:
+        check_same_everywhere(world, model=model_digest(model), flags=dict(flags), data=sequence_digest(items))
 
 
 def _ranks(ranks: list[int]) -> str:

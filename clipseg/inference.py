@@ -5,6 +5,10 @@ encoded once and all of its tasks' prompts are decoded against those features in
 and 352 px: 91.6 + K x 1.8 GFLOPs for K tasks instead of K x 93.4, docs/original.md §9). score.py, failure_test.py and
 train.py's validation all predict through `predict_tasks`, so their numbers agree.
 
+Under torchrun (`world`, clipseg/distributed.py) the images are sharded: image i belongs to block
+i // BLOCK_ITEMS, block b to rank b % world_size; a batch never crosses a block and says which block it is of
+(`TaskBatch.block`), so a caller can keep per-block sums that add up to one process's results exactly.
+
     for batch in predict_tasks(model, data, batch_size=16):
         batch.logits        # (N, 1, S, S) float32 on the CPU, one per task
         batch.fields["task_id"], batch.fields["mask"], batch.phrases
@@ -12,7 +16,6 @@ train.py's validation all predict through `predict_tasks`, so their numbers agre
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -20,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
+from clipseg.distributed import BLOCK_ITEMS, Distributed, GlobalProgress, gather_lists, owned_blocks
 from clipseg.precision import precision_context
 from clipseg.transforms import check_finite
 from model import CLIPSeg
@@ -29,15 +32,28 @@ from model import CLIPSeg
 
 @dataclass
 class SkipLog:
-    """Tasks that could not be predicted (unreadable image, size mismatch), each once with its reason."""
+    """Tasks that could not be predicted (unreadable image, size mismatch), each once with its reason (and the
+    block of images it belongs to, for merging ranks' logs in block order)."""
 
     reasons: list[dict] = field(default_factory=list)
     skipped_ids: set[str] = field(default_factory=set)
+    blocks: list[int] = field(default_factory=list)
 
-    def add(self, task_id: str, reason: str) -> None:
+    def add(self, task_id: str, reason: str, block: int = 0) -> None:
         if str(task_id) not in self.skipped_ids:
             self.skipped_ids.add(str(task_id))
             self.reasons.append({"task_id": str(task_id), "reason": str(reason)})
+            self.blocks.append(block)
+
+    def merged(self, world: Distributed) -> SkipLog:
+        """The skips of every rank, in block order (on one process: as logged)."""
+        by_block: dict[int, list[dict]] = {}
+        for block, reason in zip(self.blocks, self.reasons):
+            by_block.setdefault(block, []).append(reason)
+        log = SkipLog()
+        for reason in gather_lists(by_block, world):
+            log.add(reason["task_id"], reason["reason"])
+        return log
 
 
 @dataclass
@@ -49,6 +65,7 @@ class TaskBatch:
     fields: dict
     phrases: list[str]
     logits: Tensor
+    block: int = 0  # the block of images the batch is of (one block per batch)
 
     def __len__(self) -> int:
         return len(self.phrases)
@@ -64,15 +81,24 @@ class TaskBatch:
 
 class ImageGroups(Dataset):
     """A test-mode data set seen by image: item g is `data.group_sample` of image g's tasks (the image is read
-    once). `tasks` restricts to a subset of task indices; images with more than `max_tasks` tasks are split."""
+    once). `tasks` restricts to a subset of task indices; images with more than `max_tasks` tasks are split.
+    `world`: only the images of this rank's blocks (image i is in block i // BLOCK_ITEMS; `blocks[g]` is item g's)."""
 
-    def __init__(self, data: Dataset, tasks: Sequence[int] | None = None, max_tasks: int = 64):
+    def __init__(
+        self, data: Dataset, tasks: Sequence[int] | None = None, max_tasks: int = 64, world: Distributed | None = None
+    ):
         groups = data.image_groups()
         if tasks is not None:
             wanted = np.asarray(sorted(set(int(t) for t in tasks)), dtype=np.int64)
             groups = [group[np.isin(group, wanted)] for group in groups]
-        self.data = data
-        self.items = [g[i : i + max_tasks] for g in groups if len(g) for i in range(0, len(g), max_tasks)]
+        self.data, self.n_tasks = data, sum(len(group) for group in groups)
+        images = [i for _, block in owned_blocks(len(groups), world) for i in block] if world else range(len(groups))
+        self.items, self.blocks = [], []
+        for image in images:
+            group = groups[image]
+            for start in range(0, len(group), max_tasks):
+                self.items.append(group[start : start + max_tasks])
+                self.blocks.append(image // BLOCK_ITEMS if world else 0)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -84,7 +110,7 @@ class ImageGroups(Dataset):
         """Consecutive images packed into batches of at most `batch_size` tasks (an image is never split)."""
         batches, current, size = [], [], 0
         for item, tasks in enumerate(self.items):
-            if current and size + len(tasks) > batch_size:
+            if current and (size + len(tasks) > batch_size or self.blocks[item] != self.blocks[current[0]]):
                 batches.append(current)
                 current, size = [], 0
             current.append(item)
@@ -121,39 +147,44 @@ def predict_tasks(
     skips: SkipLog | None = None,
     description: str = "scoring",
     group_by_image: bool = True,
+    world: Distributed | None = None,
 ) -> Iterator[TaskBatch]:
     """Predict every task of a test-mode data set (or the subset `tasks`), images encoded once, with a progress
     bar. batch_size: tasks per decoder batch (an image with more tasks gets a batch of its own); precision: fp32,
     bf16 or int8, the model prepared for it (clipseg/precision.py); phrase_for_task: replaces phrases by task id
     (score.py
     --shuffle-prompts). Tasks whose image cannot be read are recorded in `skips` and not yielded; NaN or infinite
-    logits raise `clipseg.transforms.NonFiniteOutput`.
+    logits raise `clipseg.transforms.NonFiniteOutput`. world: predict this rank's images only (module docstring),
+    one progress bar on rank 0 counting every rank's tasks.
     group_by_image=False reads and encodes the image once per task instead (the reference implementations' way;
     for comparisons)."""
     device = next(model.parameters()).device
-    groups = ImageGroups(data, tasks, max_tasks=batch_size if group_by_image else 1)
+    groups = ImageGroups(data, tasks, max_tasks=batch_size if group_by_image else 1, world=world)
+    plan = groups.batches(batch_size)
     loader = DataLoader(
         groups,
-        batch_sampler=groups.batches(batch_size),
+        batch_sampler=plan,
         num_workers=num_workers,
         collate_fn=collate_groups,
         pin_memory=device.type == "cuda",
     )
     skips = skips if skips is not None else SkipLog()
-    with tqdm(total=sum(len(t) for t in groups.items), desc=description, unit="task", file=sys.stderr) as progress:
-        for batch in loader:
-            for task_id, reason in batch["skipped"]:
-                skips.add(task_id, reason)
-            progress.update(len(batch["skipped"]))
-            if "pixel_values" not in batch:
-                continue
-            phrases = list(batch["phrase"])
-            if phrase_for_task is not None:
-                phrases = [phrase_for_task[task_id] for task_id in batch["task_id"]]
-            counts = batch["prompts_per_image"]
-            with torch.no_grad(), precision_context(precision, device):
-                features = model.encode_image(batch["pixel_values"].to(device))
-                logits = check_finite(model.decode(features, model.embed_text(phrases), counts))
-            batch["pixel_values"] = batch["pixel_values"].repeat_interleave(torch.tensor(counts), dim=0)
-            progress.update(len(phrases))
-            yield TaskBatch(batch, phrases, logits.float().cpu())
+    progress = GlobalProgress(world or Distributed(), total=groups.n_tasks, desc=description, unit="task")
+    for items, batch in zip(plan, loader):
+        block = groups.blocks[items[0]]
+        for task_id, reason in batch["skipped"]:
+            skips.add(task_id, reason, block)
+        progress.update(len(batch["skipped"]))
+        if "pixel_values" not in batch:
+            continue
+        phrases = list(batch["phrase"])
+        if phrase_for_task is not None:
+            phrases = [phrase_for_task[task_id] for task_id in batch["task_id"]]
+        counts = batch["prompts_per_image"]
+        with torch.no_grad(), precision_context(precision, device):
+            features = model.encode_image(batch["pixel_values"].to(device))
+            logits = check_finite(model.decode(features, model.embed_text(phrases), counts))
+        batch["pixel_values"] = batch["pixel_values"].repeat_interleave(torch.tensor(counts), dim=0)
+        progress.update(len(phrases))
+        yield TaskBatch(batch, phrases, logits.float().cpu(), block)
+    progress.close()  # a collective under torchrun: every rank gets here once its images are done

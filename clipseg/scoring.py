@@ -3,7 +3,10 @@
 `score` runs the model over a test-mode data set (each image encoded once for all its tasks,
 clipseg/inference.py) and accumulates, in a `ScoreRun`, the paper's metrics (at S x S against the squashed ground
 truth) and PhraseCut's official ones (at the original resolution, probability > threshold), counting what could not
-be scored; `--shuffle-prompts` runs give each task another task's phrase (`shuffled_phrases`). `results_dict` is the
+be scored; `--shuffle-prompts` runs give each task another task's phrase (`shuffled_phrases`). Under torchrun
+(`world`) each rank scores the images of its blocks (clipseg/inference.py) into per-block sums and `ScoreRun.finish`
+adds every rank's blocks in block order, so the results equal one process's bit for bit; each rank writes the PNGs
+of its own tasks. `results_dict` is the
 JSON report and `format_table` its printed tables. The command is score.py.
 """
 
@@ -19,8 +22,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import dataset as datasets
+from clipseg.distributed import Distributed, gather_blocks
 from clipseg.inference import SkipLog, TaskBatch, predict_tasks
-from clipseg.metrics import PaperMetrics, PhraseCutMetrics
+from clipseg.metrics import PaperMetrics, PhraseCutMetrics, sum_states
 from clipseg.outputs import safe_name
 from clipseg.transforms import full_size_probabilities
 from model import CLIPSeg
@@ -58,13 +62,15 @@ def save_prediction_png(mask: np.ndarray, directory: Path, task_id: str) -> Path
 
 @dataclass
 class ScoreRun:
-    """Metrics accumulated so far (bounded memory: counts, not pixels) and what could not be scored."""
+    """Metrics accumulated so far (bounded memory: counts, not pixels) and what could not be scored. Batches are
+    added into sums per block of images (`blocks`); `finish` loads their total into `paper` and `official`."""
 
     threshold: float = DEFAULT_THRESHOLD
     paper: PaperMetrics | None = None  # reports at `threshold` unless given
     official: PhraseCutMetrics = field(default_factory=PhraseCutMetrics)
     skips: SkipLog = field(default_factory=SkipLog)
     n_samples: int = 0
+    blocks: dict[int, tuple[PaperMetrics, PhraseCutMetrics]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.paper is None:
@@ -72,14 +78,30 @@ class ScoreRun:
 
     def update(self, batch: TaskBatch, save_dir: Path | None = None) -> None:
         """Add a batch: paper metrics at S x S, official metrics at the original size (and the PNGs)."""
-        self.paper.update(torch.sigmoid(batch.logits), batch.fields["mask"])
+        if batch.block not in self.blocks:
+            report = float(self.paper.thresholds[self.paper.report_index])
+            self.blocks[batch.block] = (PaperMetrics(report), PhraseCutMetrics())
+        paper, official = self.blocks[batch.block]
+        paper.update(torch.sigmoid(batch.logits), batch.fields["mask"])
         for i, task_id in enumerate(batch.fields["task_id"]):
             pred = full_size_probabilities(batch.logits[i], batch.get("original_size", i)) > self.threshold
             gt = np.asarray(batch.get("full_mask", i), dtype=bool)
-            self.official.update(pred, gt, batch.get("phrase_type", i), batch.get("n_instances", i))
+            official.update(pred, gt, batch.get("phrase_type", i), batch.get("n_instances", i))
             if save_dir is not None:
                 save_prediction_png(pred, save_dir, task_id)
         self.n_samples += len(batch)
+
+    def finish(self, world: Distributed | None = None) -> ScoreRun:
+        """Load the sum of every rank's blocks, in block order, into `paper` and `official`; count every rank's
+        samples and skips (a collective under torchrun: every rank calls it). Returns self."""
+        world = world or Distributed()
+        states = {block: (paper.state(), official.state()) for block, (paper, official) in self.blocks.items()}
+        gathered = gather_blocks(states, world)
+        self.paper.load_state(sum_states(paper for paper, _ in gathered))
+        self.official.load_state(sum_states(official for _, official in gathered))
+        self.skips = self.skips.merged(world)
+        self.n_samples = sum(gather_blocks({world.rank: self.n_samples}, world))
+        return self
 
 
 def score(
@@ -95,15 +117,18 @@ def score(
     run: ScoreRun | None = None,
     tasks: Sequence[int] | None = None,
     group_by_image: bool = True,
+    world: Distributed | None = None,
 ) -> ScoreRun:
     """Score `model` on every task of a test-mode data set (or the task indices `tasks`). Each image is encoded
     once for all its tasks (`clipseg.inference.predict_tasks`); `group_by_image=False` encodes it once per task, as the
-    reference implementations do. Pass `run` to keep partial results on interrupt."""
+    reference implementations do. Pass `run` to keep partial results on interrupt (this rank's). world: score this
+    rank's blocks of images and merge every rank's (results on every rank; give it on one process too for results
+    equal to any number of ranks')."""
     run = run or ScoreRun(threshold=threshold)
     phrase_for_task = shuffled_phrases(task_phrases(data)) if shuffle_prompts else None
     if save_predictions is not None:
         save_predictions.mkdir(parents=True, exist_ok=True)
-    for batch in predict_tasks(
+    batches = predict_tasks(
         model,
         data,
         batch_size=batch_size,
@@ -113,9 +138,15 @@ def score(
         phrase_for_task=phrase_for_task,
         skips=run.skips,
         group_by_image=group_by_image,
-    ):
-        run.update(batch, save_predictions)
-    return run
+        world=world,
+    )
+    try:
+        for batch in batches:
+            run.update(batch, save_predictions)
+    except KeyboardInterrupt:
+        run.finish()  # the blocks scored here: partial results
+        raise
+    return run.finish(world)
 
 
 # ----------------------------------------------------------------------------------------------------- report

@@ -21,7 +21,6 @@ reports (README, "Benchmarks").
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from clipseg.benchmarks.classes import (
@@ -42,9 +41,10 @@ from clipseg.benchmarks.classes import (
     zero_shot_unseen,
 )
 from clipseg.benchmarks.readers import Coco20i, LabelledImage, VocData, coco_query_id, label_counts, read_pair
+from clipseg.distributed import Distributed, gather_blocks, gather_lists, iterate_blocks, merge_rank_metrics
 from clipseg.images import VOID_LABEL, UnreadableImage, open_rgb, read_label
-from clipseg.metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
-from clipseg.outputs import json_text, safe_name
+from clipseg.metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics, sum_states
+from clipseg.outputs import json_text, safe_name, write_text
 from clipseg.precision import precision_context
 from clipseg.rasterise import instances_to_mask
 from clipseg.scoring import save_prediction_png
@@ -256,40 +256,40 @@ def score_episodes(
     precision: str = "fp32",
     save_dir: Path | None = None,
     description: str = "episodes",
+    world: Distributed | None = None,
 ) -> FoldRun:
-    """Score every episode of `data` into `run` (pass the run in to keep partial results on interrupt). With
-    `save_dir`: one PNG per episode (0/255, probability > the report threshold, at the resolution it was scored
-    at) named `<episode>__<query>__<class>__<support>.png`, listed in `episodes.jsonl` with its counts."""
-    device = next(model.parameters()).device
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    """Score every episode of `data` into `run`. With `save_dir`: one PNG per episode (0/255, probability > the
+    report threshold, at the resolution it was scored at) named `<episode>__<query>__<class>__<support>.png`,
+    listed in `episodes.jsonl` with its counts. world: this rank's blocks of episodes, every rank's merged into
+    `run` (PNGs written by the rank that made them, episodes.jsonl by rank 0, in episode order)."""
+    device, world = next(model.parameters()).device, world or Distributed()
     threshold = float(run.metrics.thresholds[run.metrics.report_index])
-    log = None
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-        log = open(save_dir / "episodes.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
-    try:
-        for batch in tqdm(loader, desc=description, unit="batch", file=sys.stderr, dynamic_ncols=True):
-            run.skipped += [{**episode, "reason": reason} for episode, reason in batch["skipped"]]
-            if "pixel_values" not in batch:
-                continue
-            probabilities = predict(model, batch, device, precision)
-            for i, episode in enumerate(batch["episode"]):
-                gt = batch["gt"][i]
-                probs = unletterbox(probabilities[i], *gt.shape) if batch["letterboxed"][i] else probabilities[i]
-                counts = run.metrics.update(probs, gt == 1, episode["class_id"], valid=gt != VOID_LABEL)
-                run.n_episodes += 1
-                if log is not None:
-                    png = save_episode_png(save_dir, data, episode, probs.numpy() > threshold)
-                    at = run.metrics.report_index
-                    tp, fp, fn, tn = (int(c) for c in counts[:, at])
-                    record = {**episode, "class": class_name(data.benchmark, episode["class_id"]), "png": png}
-                    record.update(
-                        height=gt.shape[0], width=gt.shape[1], threshold=threshold, tp=tp, fp=fp, fn=fn, tn=tn
-                    )
-                    log.write(json_text(record) + "\n")
-    finally:
-        if log is not None:
-            log.close()
+    skipped, records, n_episodes = {}, {}, 0
+    options = {"num_workers": num_workers, "collate_fn": collate}
+    for block, batch in iterate_blocks(data, world, batch_size, description, "episode", **options):
+        skipped.setdefault(block, []).extend({**episode, "reason": reason} for episode, reason in batch["skipped"])
+        if "pixel_values" not in batch:
+            continue
+        probabilities = predict(model, batch, device, precision)
+        for i, episode in enumerate(batch["episode"]):
+            gt = batch["gt"][i]
+            probs = unletterbox(probabilities[i], *gt.shape) if batch["letterboxed"][i] else probabilities[i]
+            counts = run.metrics.update(probs, gt == 1, episode["class_id"], valid=gt != VOID_LABEL)
+            n_episodes += 1
+            if save_dir is not None:
+                png = save_episode_png(save_dir, data, episode, probs.numpy() > threshold)
+                tp, fp, fn, tn = (int(c) for c in counts[:, run.metrics.report_index])
+                record = {**episode, "class": class_name(data.benchmark, episode["class_id"]), "png": png}
+                record.update(height=gt.shape[0], width=gt.shape[1], threshold=threshold, tp=tp, fp=fp, fn=fn, tn=tn)
+                records.setdefault(block, []).append(json_text(record) + "\n")
+    merge_rank_metrics(run.metrics, world)
+    run.skipped += gather_lists(skipped, world)
+    run.n_episodes += sum(gather_blocks({world.rank: n_episodes}, world))
+    records = gather_lists(records, world)
+    if save_dir is not None and world.is_main:
+        write_text(save_dir / "episodes.jsonl", "".join(records))
     return run
 
 
@@ -405,16 +405,17 @@ def score_zero_shot(
     precision: str = "fp32",
     save_dir: Path | None = None,
     skipped: list | None = None,
+    world: Distributed | None = None,
 ) -> int:
     """Score every image into `metrics`; returns the number scored. `save_dir`: `<id>.png`, the predicted class
-    ids (mode L) at S x S."""
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    ids (mode L) at S x S. world: this rank's blocks of images, every rank's merged (as `score_episodes`)."""
+    world = world or Distributed()
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-    scored = 0
-    for batch in tqdm(loader, desc="zero-shot", unit="batch", file=sys.stderr, dynamic_ncols=True):
-        if skipped is not None:
-            skipped += [{**episode, "reason": reason} for episode, reason in batch["skipped"]]
+    scored, skips = 0, {}
+    options = {"num_workers": num_workers, "collate_fn": collate}
+    for block, batch in iterate_blocks(data, world, batch_size, "zero-shot", "image", **options):
+        skips.setdefault(block, []).extend({**episode, "reason": reason} for episode, reason in batch["skipped"])
         if "pixel_values" not in batch:
             continue
         prediction = zero_shot_prediction(model, batch["pixel_values"], precision).numpy()
@@ -423,7 +424,11 @@ def score_zero_shot(
             if save_dir is not None:
                 Image.fromarray(prediction[i].astype(np.uint8)).save(save_dir / f"{safe_name(episode['query'])}.png")
             scored += 1
-    return scored
+    merge_rank_metrics(metrics, world)
+    skips = gather_lists(skips, world)
+    if skipped is not None:
+        skipped += skips
+    return sum(gather_blocks({world.rank: scored}, world))
 
 
 def zero_shot_results(metrics: ZeroShotMetrics) -> dict:
@@ -507,27 +512,36 @@ def score_phrasecut_visual(
     precision: str = "fp32",
     save_dir: Path | None = None,
     skipped: list | None = None,
+    world: Distributed | None = None,
 ) -> int:
     """Score with visual prompts: paper metrics at S x S, PhraseCut's at the original size (as score.py does for
-    text); `save_dir`: `<task_id>.png` (0/255, original size). Returns the number of tasks scored."""
-    device = next(model.parameters()).device
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    text); `save_dir`: `<task_id>.png` (0/255, original size). Returns the number of tasks scored. world: this
+    rank's blocks of tasks into per-block sums, every rank's added in block order into `paper` and `official`."""
+    device, world = next(model.parameters()).device, world or Distributed()
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-    scored = 0
-    for batch in tqdm(loader, desc="visual prompts", unit="batch", file=sys.stderr, dynamic_ncols=True):
-        if skipped is not None:
-            skipped += [{**episode, "reason": reason} for episode, reason in batch["skipped"]]
+    blocks, skips = {}, {}
+    report = float(paper.thresholds[paper.report_index])
+    options = {"num_workers": num_workers, "collate_fn": collate}
+    for block, batch in iterate_blocks(data, world, batch_size, "visual prompts", "task", **options):
+        skips.setdefault(block, []).extend({**episode, "reason": reason} for episode, reason in batch["skipped"])
         if "pixel_values" not in batch:
             continue
         with torch.no_grad(), precision_context(precision, device):
             logits = model(batch["pixel_values"].to(device), prompt_images=batch["prompt_image"].to(device)).logits
         logits = check_finite(logits.float().cpu())
-        paper.update(torch.sigmoid(logits), batch["mask"])
+        block_paper, block_official, _ = blocks.setdefault(block, [PaperMetrics(report), PhraseCutMetrics(), 0])
+        block_paper.update(torch.sigmoid(logits), batch["mask"])
         for i, task_id in enumerate(batch["task_id"]):
             prediction = full_size_probabilities(logits[i], batch["original_size"][i]) > threshold
-            official.update(prediction, batch["full_mask"][i], batch["phrase_type"][i], batch["n_instances"][i])
+            block_official.update(prediction, batch["full_mask"][i], batch["phrase_type"][i], batch["n_instances"][i])
             if save_dir is not None:
                 save_prediction_png(prediction, save_dir, task_id)
-            scored += 1
-    return scored
+        blocks[block][2] += len(batch["task_id"])
+    states = gather_blocks({block: (p.state(), o.state(), n) for block, (p, o, n) in blocks.items()}, world)
+    paper.load_state(sum_states(state[0] for state in states))
+    official.load_state(sum_states(state[1] for state in states))
+    skips = gather_lists(skips, world)
+    if skipped is not None:
+        skipped += skips
+    return sum(state[2] for state in states)

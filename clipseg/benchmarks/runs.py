@@ -40,6 +40,7 @@ from clipseg.benchmarks.protocols import (
 )
 from clipseg.benchmarks.readers import BenchmarkDataError, VocData
 from clipseg.cli import NOTHING_DONE, stop
+from clipseg.distributed import Distributed, check_same_job
 from clipseg.metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
 from clipseg.outputs import safe_name
 from clipseg.scoring import percent
@@ -122,9 +123,12 @@ class NothingScored(BenchmarkError):
     """Every episode, image or task was skipped."""
 
 
-def run(args: argparse.Namespace, load: ModelLoader) -> dict:
+def run(args: argparse.Namespace, load: ModelLoader, world: Distributed | None = None) -> dict:
     """Score the benchmark `args` names and return the results (score.py prints and writes them). Data or a model
-    that cannot be used stops with a message and exit status 2; nothing scored, exit status 1."""
+    that cannot be used stops with a message and exit status 2; nothing scored, exit status 1. world: under
+    torchrun, this rank's share of every fold's episodes (images, tasks), every rank's merged (on every rank);
+    ranks started with different models, flags or data stop with `RanksDisagree`."""
+    world = world or Distributed()
     started = time.perf_counter()
     root = Path(args.data_root or DEFAULT_ROOTS.get(args.data) or datasets.DEFAULT_PHRASECUT_ROOT)
     splits = Path(args.splits) if args.splits else None
@@ -142,11 +146,11 @@ def run(args: argparse.Namespace, load: ModelLoader) -> dict:
     save = Path(args.save_predictions) if args.save_predictions else None
     try:
         if args.data in ("pascal5i", "coco20i"):
-            results = run_one_shot(args, load, root, splits, settings, save)
+            results = run_one_shot(args, load, root, splits, settings, save, world)
         elif args.data == "voc-zeroshot":
-            results = run_zero_shot(args, load, root, settings, save)
+            results = run_zero_shot(args, load, root, settings, save, world)
         else:
-            results = run_phrasecut_visual(args, load, root, settings, save)
+            results = run_phrasecut_visual(args, load, root, settings, save, world)
     except NothingScored as err:
         stop(str(err), NOTHING_DONE)
     except (BenchmarkDataError, BenchmarkError, ValueError, OSError) as err:  # ValueError: NonFiniteOutput too
@@ -171,7 +175,14 @@ def default_output(args: argparse.Namespace, model: str) -> Path:
     return Path("scores") / f"{safe_name((args.name or model).lower())}_{stem}.json"
 
 
-def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, settings: dict, save: Path | None) -> dict:
+def job_flags(args: argparse.Namespace, settings: dict) -> dict:
+    """The settings and flags that shape a benchmark's results, for the ranks' start-up check (no paths: the data
+    may be mounted elsewhere on another node; its identity is checked by content)."""
+    flags = {key: value for key, value in settings.items() if key not in ("data_root", "splits")}
+    return {**flags, "batch_size": args.batch_size, "image_size": args.image_size, "resize": args.resize}
+
+
+def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, settings: dict, save, world) -> dict:
     """Every fold of `args.folds`: its episodes, its model (per fold with a `{fold}` name), its metrics."""
     folds, skipped, sources, notes = {}, [], {}, {}
     model = source = None
@@ -184,6 +195,8 @@ def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, setti
         episodes = episodes[: args.limit]
         size = model.config.input_side(args.image_size)
         data = EpisodeData(args.data, args.protocol, args.prompt, episodes, reader, size)
+        keys = (f"{e.index} {e.query} {e.class_id} {e.support}" for e in episodes)
+        check_same_job(world, model, {**job_flags(args, settings), "fold": fold}, keys)
         fold_run = FoldRun(EpisodeMetrics(args.threshold))
         score_episodes(
             model,
@@ -194,6 +207,7 @@ def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, setti
             precision=args.precision,
             save_dir=save / f"fold{fold}" if save else None,
             description=f"fold {fold}",
+            world=world,
         )
         sources[fold] = source
         folds[str(fold)] = {"model": source, "list": notes[fold], **fold_results(fold_run, args.data)}
@@ -216,10 +230,11 @@ def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, setti
     }
 
 
-def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Path | None) -> dict:
+def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Path | None, world) -> dict:
     model, source = load(None)
     seen, unseen = zero_shot_split(args.unseen)
     items = VocData(root).segmentation_val()[: args.limit]
+    check_same_job(world, model, {**job_flags(args, settings), "unseen": args.unseen}, (item.id for item in items))
     size = model.config.input_side(args.image_size)
     metrics, skipped = ZeroShotMetrics(seen, unseen), []
     scored = score_zero_shot(
@@ -231,6 +246,7 @@ def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Pat
         precision=args.precision,
         save_dir=save,
         skipped=skipped,
+        world=world,
     )
     if not scored:
         raise NothingScored(f"no image could be scored ({len(skipped)} skipped, e.g. {skipped[:1]})")
@@ -247,7 +263,7 @@ def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Pat
     }
 
 
-def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, save: Path | None) -> dict:
+def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, save: Path | None, world) -> dict:
     """PhraseCut (or synthetic) with visual prompts; results in score.py's PhraseCut shape."""
     model, source = load(None)
     size = model.config.input_side(args.image_size)
@@ -255,6 +271,7 @@ def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, sa
     data = PhraseCutVisual(base, seed=args.seed)
     if args.limit:
         data.indices = data.indices[: args.limit]
+    check_same_job(world, model, job_flags(args, settings), (base.task_info(i).task_id for i in data.indices))
     paper, official, skipped = PaperMetrics(report_threshold=args.threshold), PhraseCutMetrics(), []
     scored = score_phrasecut_visual(
         model,
@@ -267,6 +284,7 @@ def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, sa
         precision=args.precision,
         save_dir=save,
         skipped=skipped,
+        world=world,
     )
     if not scored:
         raise NothingScored(f"no task could be scored ({len(skipped)} skipped, {len(data.excluded)} unique phrases)")
