@@ -15,6 +15,9 @@ their IoU, the phrase as title); `index.html` is a gallery of all panels sorted 
 cannot be used, or a model whose output is not finite; 1 nothing could be scored, or a file could not be written
 (the gallery of the cases found so far is still written when it can be).
 
+Under torchrun (README "Scale out") every rank searches its share of the images and writes their panels; rank 0
+writes failures.csv and index.html for all ranks' cases, the same as one process.
+
 This command parses the flags and reports; the search, the panels, failures.csv and the gallery are
 clipseg/failures.py, loading the model and the data clipseg/loading.py.
 """
@@ -27,7 +30,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clipseg.cli import BAD_INPUT, NOTHING_DONE, add_data_arguments, add_model_arguments, check_common_arguments, stop
-from clipseg.failures import FAILURE_IOU, INDEX_NAME, FailureSearch, find_failures, previous_panels, write_gallery
+from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job
+from clipseg.failures import (
+    FAILURE_IOU,
+    INDEX_NAME,
+    FailureSearch,
+    find_failures,
+    merge_search,
+    previous_panels,
+    write_gallery,
+)
 from clipseg.inference import SkipLog
 from clipseg.loading import LoadError, build_eval_dataset, input_side, load_model, resolve_model
 from clipseg.outputs import UnwritableOutput, check_writable
@@ -74,6 +86,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """The CLI. Returns {"out", "n_samples", "n_failures", "cases", "skipped"}; stops with a message and the exit
     status of the module docstring otherwise."""
     args = parse_args(argv)
+    try:
+        with distributed_job(args.device) as (world, device):  # one rank of a torchrun job, or rank 0 of 1
+            args.device = str(device)
+            return find(args, world)
+    except JobError as err:  # a device that is not there; ranks started differently
+        stop(str(err))
+
+
+def find(args: argparse.Namespace, world: Distributed) -> dict:
+    """failure_test.py's work on this rank: the panels of its images; the reports (every rank's cases) by rank 0."""
     out = Path(args.out)
     try:
         check_writable(out, folder=True)
@@ -86,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except LoadError as err:
         stop(str(err))
+    flags = {key: getattr(args, key) for key in ("split", "limit", "image_size", "precision", "resize", "batch_size")}
+    check_same_job(world, model, flags, (data.task_info(index).task_id for index in range(len(data))))
     out.mkdir(parents=True, exist_ok=True)
     stale = previous_panels(out)
     search, interrupted, failure = FailureSearch([], 0, SkipLog()), False, None
@@ -98,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             num_workers=args.num_workers,
             precision=args.precision,
             search=search,
+            world=world,
         )
+        search = merge_search(search, world)  # every rank's cases, on every rank
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -107,13 +133,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except OSError as err:
         failure = (f"stopped after {search.n_samples} samples: cannot write a panel: {err}", NOTHING_DONE)
     finally:
-        unsaved = write_reports(search, out, args.name or source, args.split, interrupted)
+        unsaved = write_reports(search, out, args.name or source, args.split, interrupted) if world.is_main else None
     if failure is not None:
         message, code = failure
         stop(message + (f"; {unsaved}" if unsaved else ""), code)
     if unsaved:
         stop(unsaved, NOTHING_DONE)
-    for name in stale - {case.panel for case in search.cases}:
+    for name in stale - {case.panel for case in search.cases} if world.is_main else ():
         (out / name).unlink(missing_ok=True)
     if not search.n_samples:
         stop(f"no sample could be scored ({len(search.skips.reasons)} skipped); see {out / INDEX_NAME}", NOTHING_DONE)
