@@ -10,7 +10,7 @@ from conftest import NASTY_PROMPTS, random_image, write_support
 from PIL import Image
 
 import predict
-from clipseg import images
+from clipseg import folder_prediction, images
 from clipseg.predictor import Predictor
 from model import CLIPSeg
 from predict import main
@@ -65,7 +65,7 @@ def test_cli_writes_maps_masks_overlays_and_summary(tiny_dir, model, tmp_path):
         assert prompt["max_probability"] == pytest.approx(probs.max(), abs=1e-6)
         assert Image.open(prompt["files"]["overlay"]).size == (90, 60)
     assert Image.open(entry["overlay"]).size == (90, 60) and Path(entry["overlay"]).name == "overlay.png"
-    assert len(list((out / "photo").iterdir())) == 3 * 3 + 1
+    assert len(list((out / "photo.jpg").iterdir())) == 3 * 3 + 1
 
 
 def test_cli_summary_to_stdout_and_8_bit_maps(tiny_dir, tmp_path, capsys):
@@ -122,7 +122,7 @@ def test_cli_output_names_stay_inside_out_for_any_prompt(tiny_dir, tmp_path):
         assert run_cli(tiny_dir, [tmp_path / "img.png"], out, *prompt_args) == 0
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert all(p.resolve().is_relative_to(out.resolve()) for p in written if p.name != "img.png")
-    assert len(list((out / "img").glob("*.prob.png"))) == len(NASTY_PROMPTS)
+    assert len(list((out / "img.png").glob("*.prob.png"))) == len(NASTY_PROMPTS)
     summary = json.loads((out / "summary.json").read_text())
     assert [p["prompt"] for p in summary["images"][0]["prompts"]] == NASTY_PROMPTS
 
@@ -186,7 +186,7 @@ def test_cli_duplicate_prompts_are_segmented_once_with_a_note(tiny_dir, tmp_path
     summary = json.loads((out / "summary.json").read_text())
     assert [p["prompt"] for p in summary["images"][0]["prompts"]] == ["sky", "a dog"]
     assert summary["merged_prompts"] == [{"prompt": "sky", "times": 3}]
-    assert len(list((out / "img").glob("*.prob.png"))) == 2
+    assert len(list((out / "img.png").glob("*.prob.png"))) == 2
 
 
 def test_cli_unreadable_folder_entries_and_decompression_bombs_are_counted_skips(
@@ -210,8 +210,8 @@ def test_cli_unreadable_folder_entries_and_decompression_bombs_are_counted_skips
         "album.jpg": "not a regular file",
         "bomb.png": "too large (300x300 > 50000 pixels)",
     }
-    assert [e["image"] for e in summary["errors"]].count(str(folder / "loop.jpg")) == 2  # listed and given
-    assert summary["processed"] == 1 and summary["skipped"] == 5
+    assert [e["image"] for e in summary["errors"]].count(str(folder / "loop.jpg")) == 1  # listed and given: once
+    assert summary["processed"] == 1 and summary["skipped"] == 4
     assert "loop.jpg: cannot read" in capsys.readouterr().err
 
 
@@ -230,10 +230,10 @@ def test_cli_unwritable_outputs_stop_before_the_model_is_loaded(tmp_path, capsys
 def test_cli_a_summary_that_cannot_be_written_is_printed_instead(tiny_dir, tmp_path, capsys, monkeypatch):
     random_image(40, 30).save(tmp_path / "img.png")
 
-    def disk_full(path, text):
+    def disk_full(path, write):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(predict, "write_text", disk_full)
+    monkeypatch.setattr(folder_prediction, "atomic_write", disk_full)
     assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--prompt", "sky") == 1
     captured = capsys.readouterr()
     assert "error: cannot write the summary" in captured.err and "No space left on device" in captured.err
