@@ -13,11 +13,12 @@ no collective is called.
 Sharding: two pure rules, so that every rank (and a rerun) computes the same split without talking to the others.
 
 - Indexed data (score.py, failure_test.py): items 0 .. n-1, in the data set's own order (the images of PhraseCut's
-  `image_groups()`, the episodes of a fold), are cut into blocks of `BLOCK_ITEMS` consecutive items; block b goes to
-  rank b % world_size. Every block is scored into accumulators of its own, batches never cross a block, and the
-  blocks' states are added in block order, on one process as on many. A float sum (the per-sample IoUs behind
-  mIoU) is then computed in one order whatever the number of ranks, so merged results equal one process's bit for
-  bit, and so do the batches each image is predicted in.
+  `image_groups()`, the episodes of a fold), are cut into blocks of `block_size_for(n)` consecutive items (at most
+  `BLOCK_ITEMS`, fewer for small data sets so that there are about `MIN_BLOCKS` blocks to spread: a function of n
+  alone); block b goes to rank b % world_size. Every block is scored into accumulators of its own, batches never
+  cross a block, and the blocks' states are added in block order, on one process as on many. A float sum (the
+  per-sample IoUs behind mIoU) is then computed in one order whatever the number of ranks, so merged results equal
+  one process's bit for bit, and so do the batches each image is predicted in.
 - Streams (predict.py's folders, never listed whole): an item with key k (its path as given on the command line)
   belongs to rank `stable_hash(k) % world_size` (clipseg/folders.py: 8 bytes of BLAKE2b of the key's UTF-8 bytes):
   the same on every node and in every run (Python's `hash()` is salted per process and cannot be used), and it
@@ -56,7 +57,8 @@ from clipseg.folders import stable_hash
 from clipseg.metrics import sum_states
 from clipseg.outputs import printable
 
-BLOCK_ITEMS = 32  # items (images, episodes) per block of indexed data; results depend on it, the world size not
+BLOCK_ITEMS = 32  # items (images, episodes) per block of indexed data at most; results depend on it, the world size not
+MIN_BLOCKS = 64  # smaller data sets get smaller blocks, so that up to this many ranks all get work
 FINGERPRINT_PREVIEW = 60  # characters of a differing value shown in the fingerprint error
 
 T = TypeVar("T")
@@ -141,21 +143,28 @@ def barrier(world: Distributed) -> None:
 # ------------------------------------------------------------------------------------------------ sharding
 
 
-def block_ranges(n_items: int, block_size: int = BLOCK_ITEMS) -> list[range]:
-    """Items 0 .. n_items - 1 cut into consecutive blocks of `block_size` (the last one shorter)."""
+def block_size_for(n_items: int) -> int:
+    """Items per block of a data set of `n_items`: BLOCK_ITEMS, or fewer so that there are MIN_BLOCKS blocks."""
+    return max(1, min(BLOCK_ITEMS, -(-n_items // MIN_BLOCKS)))
+
+
+def block_ranges(n_items: int, block_size: int | None = None) -> list[range]:
+    """Items 0 .. n_items - 1 cut into consecutive blocks of `block_size` (default `block_size_for(n_items)`; the
+    last one shorter)."""
+    block_size = block_size or block_size_for(n_items)
     if block_size < 1:
         raise ValueError(f"block_size must be at least 1, got {block_size}")
     return [range(start, min(start + block_size, n_items)) for start in range(0, n_items, block_size)]
 
 
-def owned_blocks(n_items: int, world: Distributed, block_size: int = BLOCK_ITEMS) -> list[tuple[int, range]]:
+def owned_blocks(n_items: int, world: Distributed, block_size: int | None = None) -> list[tuple[int, range]]:
     """(block id, its items) of this rank's blocks: block b is rank b % world_size's."""
     blocks = enumerate(block_ranges(n_items, block_size))
     return [(block, items) for block, items in blocks if block % world.world_size == world.rank]
 
 
 def block_batches(
-    n_items: int, world: Distributed, batch_size: int, block_size: int = BLOCK_ITEMS
+    n_items: int, world: Distributed, batch_size: int, block_size: int | None = None
 ) -> list[tuple[int, list[int]]]:
     """This rank's batches of indexed data as (block id, item indices): consecutive items of its blocks, at most
     `batch_size` per batch, never crossing a block, so that a batch holds the same items on any number of ranks."""

@@ -6,8 +6,8 @@ and 352 px: 91.6 + K x 1.8 GFLOPs for K tasks instead of K x 93.4, docs/original
 train.py's validation all predict through `predict_tasks`, so their numbers agree.
 
 Under torchrun (`world`, clipseg/distributed.py) the images are sharded: image i belongs to block
-i // BLOCK_ITEMS, block b to rank b % world_size; a batch never crosses a block and says which block it is of
-(`TaskBatch.block`), so a caller can keep per-block sums that add up to one process's results exactly.
+i // block_size_for(n_images), block b to rank b % world_size; a batch never crosses a block and says which block
+it is of (`TaskBatch.block`), so a caller can keep per-block sums that add up to one process's results exactly.
 
     for batch in predict_tasks(model, data, batch_size=16):
         batch.logits        # (N, 1, S, S) float32 on the CPU, one per task
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from clipseg.distributed import BLOCK_ITEMS, Distributed, GlobalProgress, gather_lists, owned_blocks
+from clipseg.distributed import Distributed, GlobalProgress, block_size_for, gather_lists, owned_blocks
 from clipseg.precision import precision_context
 from clipseg.transforms import check_finite
 from model import CLIPSeg
@@ -82,7 +82,8 @@ class TaskBatch:
 class ImageGroups(Dataset):
     """A test-mode data set seen by image: item g is `data.group_sample` of image g's tasks (the image is read
     once). `tasks` restricts to a subset of task indices; images with more than `max_tasks` tasks are split.
-    `world`: only the images of this rank's blocks (image i is in block i // BLOCK_ITEMS; `blocks[g]` is item g's)."""
+    `world`: only the images of this rank's blocks (image i is in block i // block_size_for(n_images); `blocks[g]`
+    is item g's)."""
 
     def __init__(
         self, data: Dataset, tasks: Sequence[int] | None = None, max_tasks: int = 64, world: Distributed | None = None
@@ -98,7 +99,7 @@ class ImageGroups(Dataset):
             group = groups[image]
             for start in range(0, len(group), max_tasks):
                 self.items.append(group[start : start + max_tasks])
-                self.blocks.append(image // BLOCK_ITEMS if world else 0)
+                self.blocks.append(image // block_size_for(len(groups)) if world else 0)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -1,7 +1,8 @@
 """Shared fixtures: small synthetic PhraseCut, VOC and COCO-20i data and a tiny model, made once per session, and
 the path of Debian's chromium for browser tests (`require` skips a test whose system package is missing, failing
 instead under CI=true). Shared helpers (imported `from conftest import ...`): the images, masks and hostile names
-that the predictor, predict.py, the segmenter and app.py tests feed in, and a free local port.
+that the predictor, predict.py, the segmenter and app.py tests feed in, a free local port, and commands run as one
+process or under torchrun (`run_command`) with their output folders read back (`folder_files`).
 
 32 images, seed 0: 61 train, 16 val, 10 test and 5 miniv tasks (score tests need at least 6 test tasks).
 """
@@ -131,6 +132,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_command(script: str, argv, cwd: Path, nproc: int | None = None, timeout: float = 600):
+    """`python SCRIPT ARGV` in a fresh process, or with `nproc` processes under torchrun (gloo, rendezvous on
+    127.0.0.1 at a free port); one CPU thread per process, so that sums run in one order however many run."""
+    import subprocess
+    import sys
+
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}"]
+        launcher += ["--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    command = [*launcher, str(repo / script), *map(str, argv)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`: its path relative to `folder` -> its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from clipseg.distributed import (
 )
 from clipseg.metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
 
-N_ITEMS = 150  # 5 blocks of 32 items (the last one 22): rank 0 of 2 scores blocks 0, 2, 4, rank 1 blocks 1, 3
+N_ITEMS = 150  # 50 blocks of 3 items: rank 0 of 2 scores the even blocks, rank 1 the odd ones
 SKIPPED_EVERY = 37  # items 0, 37, 74, ... stand for unreadable images
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import free_port  # noqa: E402
 from distributed_worker import N_ITEMS, SKIPPED_EVERY, add_item, fresh_metrics, score_items  # noqa: E402
 

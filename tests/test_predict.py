@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import NASTY_PROMPTS, random_image, write_support
+from conftest import NASTY_PROMPTS, folder_files, random_image, run_command, write_support
 from PIL import Image
 
-import predict
 from clipseg import folder_prediction, images
 from clipseg.predictor import Predictor
 from model import CLIPSeg
@@ -238,3 +237,90 @@ def test_cli_a_summary_that_cannot_be_written_is_printed_instead(tiny_dir, tmp_p
     captured = capsys.readouterr()
     assert "error: cannot write the summary" in captured.err and "No space left on device" in captured.err
     assert strict_json(captured.out)["images"][0]["prompts"][0]["prompt"] == "sky"
+
+
+# ---------------------------------------------------------------------------------------- folders, torchrun
+
+
+def photo_folder(tmp_path: Path, n: int = 12) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(n):
+        random_image(40 + 8 * (i % 3), 32, seed=i).save(folder / f"img{i:02d}.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def summary_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_writes_the_same_files_as_one_process_each_image_once(tiny_dir, tmp_path):
+    folder = photo_folder(tmp_path)
+    outputs = {}
+    for nproc in (None, 2):
+        cwd = tmp_path / f"run{nproc}"  # --out "out" inside: the summaries name the same files
+        cwd.mkdir()
+        argv = [folder, "--model", tiny_dir, "--image-size", SIZE, "--prompt", "sky", "--prompt", "a dog"]
+        done = run_command("predict.py", [*argv, "--out", "out", "--precision", "fp32", "--device", "cpu"], cwd, nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stderr.count("processed 12 image(s), skipped 1") == 1  # reported once, by rank 0
+        outputs[nproc] = folder_files(cwd / "out")
+    assert outputs[2] == outputs[None]  # maps, masks, overlays, summary.jsonl, summary.json, run.json
+    lines = summary_lines(tmp_path / "run2" / "out")
+    assert [line["image"] for line in lines] == sorted(str(p) for p in folder.iterdir())  # each input once
+    assert not list((tmp_path / "run2" / "out").glob("summary-rank*"))  # the ranks' files were merged
+
+
+KILLER = """
+import os, sys
+from clipseg import folder_prediction
+real, written = folder_prediction.write_image_outputs, []
+
+def write_then_die(image, probs, prompts, folder, *args):
+    if len(written) == 5:  # the 6th image: one file written, then the process is killed
+        probs[0:1].dump(folder.mkdir(parents=True, exist_ok=True) or folder / "sky.prob.png")
+        os._exit(9)
+    written.append(folder)
+    return real(image, probs, prompts, folder, *args)
+
+folder_prediction.write_image_outputs = write_then_die
+sys.argv = ["predict.py", *sys.argv[1:]]
+import runpy
+runpy.run_path(os.path.join(os.environ["PYTHONPATH"], "predict.py"), run_name="__main__")
+"""
+
+
+def test_a_killed_run_resumes_without_redoing_completed_images(tiny_dir, tmp_path, monkeypatch):
+    folder, out = photo_folder(tmp_path), tmp_path / "out"
+    argv = [folder, "--model", tiny_dir, "--image-size", SIZE, "--out", out, "--prompt", "sky", "--precision", "fp32"]
+    (tmp_path / "kill.py").write_text(KILLER)
+    killed = run_command(tmp_path / "kill.py", [*argv, "--batch-size", "2"], tmp_path)
+    assert killed.returncode == 9, killed.stderr[-3000:]
+    done_before = [json.loads(line)["image"] for line in (out / "summary-rank0.jsonl").read_text().splitlines()]
+    assert len([key for key in done_before if "broken" not in key]) == 5 and not (out / "summary.json").exists()
+    (half_written,) = {path.name for path in out.iterdir() if path.is_dir()} - {Path(k).name for k in done_before}
+    redone, real = [], folder_prediction.write_image_outputs
+
+    def count_and_write(image, probs, prompts, folder, *args):
+        redone.append(folder)
+        return real(image, probs, prompts, folder, *args)
+
+    monkeypatch.setattr(folder_prediction, "write_image_outputs", count_and_write)
+    assert main([*map(str, argv), "--resume"]) == 0
+    assert len(redone) == 12 - 5  # the half-written 6th image and the 6 never started
+    assert not {folder.name for folder in redone} & {Path(key).name for key in done_before}
+    lines = summary_lines(out)
+    assert [line["image"] for line in lines] == sorted(str(p) for p in folder.iterdir())  # each image once
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processed"] == 12 and summary["skipped"] == 1
+    with Image.open(out / half_written / "sky.prob.png") as redone_png:  # the half-written file was replaced
+        assert redone_png.size == Image.open(folder / half_written).size
+
+
+def test_resume_with_other_flags_stops_instead_of_mixing_outputs(tiny_dir, tmp_path, capsys):
+    folder, out = photo_folder(tmp_path, n=2), tmp_path / "out"
+    assert run_cli(tiny_dir, [folder], out, "--prompt", "sky") == 0
+    assert run_cli(tiny_dir, [folder], out, "--prompt", "sky", "--threshold", "0.5", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "error: --resume: " in err and "(threshold differ; see " in err and "choose another --out" in err

@@ -8,12 +8,15 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import folder_files, free_port, run_command
 from PIL import Image
 from scipy.integrate import simpson
 
@@ -28,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZE = 64  # the tiny CLIP takes any multiple of 16
 LIMIT = 6
 PAPER_THRESHOLDS = np.linspace(0.02, 0.98, 49)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -385,3 +389,47 @@ def test_bad_polygons_are_reported_with_the_excluded_tasks(checkpoints, damaged_
     assert saved["excluded"] == results["excluded"] and [t[0] for t in saved["excluded"]["tasks"]] == [second, third]
     assert saved["excluded_polygons"]["count"] == 4
     assert [t[:2] for t in saved["excluded_polygons"]["tasks"]] == [[first, 1], [second, 2], [third, 1]]
+
+
+# ------------------------------------------------------------------------------------------------- torchrun
+
+
+def scored_by(nproc, checkpoints, synthetic_root, out: Path, *extra) -> tuple[dict, dict[str, bytes], str]:
+    """score.py as one process or `nproc` under torchrun: (results without the time taken, PNGs, stdout)."""
+    argv = ["demo", "--checkpoints-dir", checkpoints, "--data", "synthetic", "--data-root", synthetic_root, *extra]
+    argv += ["--batch-size", "4", "--num-workers", "0", "--precision", "fp32", "--device", "cpu"]
+    argv += ["--out", out / "scores.json", "--save-predictions", out / "png"]
+    done = run_command("score.py", argv, out.parent, nproc)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "scores.json").read_text())
+    del results["seconds"]
+    return results, folder_files(out / "png"), done.stdout
+
+
+def test_torchrun_scores_and_pngs_equal_one_processs(checkpoints, synthetic_root, tmp_path):
+    one, one_pngs, _ = scored_by(None, checkpoints, synthetic_root, tmp_path / "one")
+    two, two_pngs, printed = scored_by(2, checkpoints, synthetic_root, tmp_path / "two")
+    assert one["n_samples"] == 10 and len(one_pngs) == 10  # every test task of the synthetic split
+    assert two == one  # bit for bit: the same per-block sums added in the same order
+    assert two_pngs == one_pngs
+    assert printed.count("| threshold | mIoU") == 1  # the table printed once, by rank 0
+
+
+def test_ranks_given_different_models_stop_with_the_fingerprint_error(
+    checkpoints, tiny_checkpoint, synthetic_root, tmp_path
+):
+    other = tiny_checkpoint("other", seed=7, image_size=SIZE)
+    port, processes = free_port(), []
+    for rank, model in enumerate([checkpoints / "demo", other]):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO)}
+        argv = ["--model", model, "--data", "synthetic", "--data-root", synthetic_root, "--num-workers", "0"]
+        argv += ["--device", "cpu", "--out", tmp_path / f"rank{rank}.json"]
+        command = [sys.executable, str(REPO / "score.py"), *map(str, argv)]
+        processes.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, stderr[-3000:]
+        assert "error: the ranks were not started alike: they differ in model (rank 0 " in stderr
+        assert "Start every rank with the same model, flags and data" in stderr and "Traceback" not in stderr
+    assert not list(tmp_path.glob("rank*.json"))
