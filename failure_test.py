@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clipseg.cli import BAD_INPUT, NOTHING_DONE, add_data_arguments, add_model_arguments, check_common_arguments, stop
-from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job
+from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job, in_turn
 from clipseg.failures import (
     FAILURE_IOU,
     INDEX_NAME,
@@ -94,13 +94,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         stop(str(err))
 
 
-def find(args: argparse.Namespace, world: Distributed) -> dict:
-    """failure_test.py's work on this rank: the panels of its images; the reports (every rank's cases) by rank 0."""
-    out = Path(args.out)
+def check_out(out: Path) -> None:
     try:
         check_writable(out, folder=True)
     except UnwritableOutput as err:
         stop(f"--out: {err}")
+
+
+def find(args: argparse.Namespace, world: Distributed) -> dict:
+    """failure_test.py's work on this rank: the panels of its images; the reports (every rank's cases) by rank 0."""
+    out = Path(args.out)
+    in_turn(world, lambda: check_out(out))  # one rank at a time: probes of a shared folder
     try:
         source, _ = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
         model = load_model(source, args.backbone, args.device, args.precision)

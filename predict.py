@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from clipseg.distributed import Distributed, JobError, distributed_job
+from clipseg.distributed import Distributed, JobError, distributed_job, in_turn
 from clipseg.folder_prediction import (
     FolderOptions,
     FolderRun,
@@ -222,10 +222,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     written), 2 for an output path, model or visual-prompt file that cannot be used, a model whose output is not
     finite, or ranks of a torchrun job started differently."""
     args = parse_args(argv)
-    unwritable = check_outputs(args)
-    if unwritable:
-        print(f"error: {unwritable}", file=sys.stderr)
-        return 2
     prompts, merged = merge_duplicates(build_prompts(args.prompt, args.visual_prompt))
     for entry in merged:
         note = f"note: prompt {printable(entry['prompt'], 60)!r} given {entry['times']} times: segmented once"
@@ -241,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: Distributed) -> int:
     """Load the model and the prompts, segment this rank's images, report (rank 0); main's exit status."""
+    unwritable = in_turn(world, lambda: check_outputs(args))  # one rank at a time: probes of a shared folder
+    if unwritable:
+        print(f"error: {unwritable}", file=sys.stderr)
+        return 2
     try:
         source = str(Path(args.model) / args.checkpoint) if args.checkpoint else args.model
         if args.backend == "onnx":

@@ -38,7 +38,7 @@ import numpy as np
 
 from clipseg.benchmarks import runs as fewshot_runs
 from clipseg.cli import NOTHING_DONE, add_data_arguments, add_model_arguments, check_common_arguments, stop
-from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job
+from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job, in_turn
 from clipseg.loading import (
     DATA_KINDS,
     LoadError,
@@ -105,7 +105,7 @@ def run_benchmark(args: argparse.Namespace, world: Distributed) -> dict:
         except LoadError as err:
             stop(str(err))
         out = fewshot_runs.default_output(args, model)
-    check_outputs(out, Path(args.save_predictions) if args.save_predictions else None)
+    in_turn(world, lambda: check_outputs(out, Path(args.save_predictions) if args.save_predictions else None))
     results = fewshot_runs.run(args, lambda fold: benchmark_model(args, fold), world)
     if world.is_main:
         print(format_table(results) if args.data in DATA_KINDS else fewshot_runs.format_results(results))
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace, world: Distributed) -> dict:
         stop(str(err))
     out = Path(args.out) if args.out else default_output(run_dir, source, args.split, args.shuffle_prompts, args.limit)
     save_dir = Path(args.save_predictions) if args.save_predictions else None
-    check_outputs(out, save_dir)
+    in_turn(world, lambda: check_outputs(out, save_dir))  # one rank at a time: probes of a shared folder
     try:
         model = load_model(source, args.backbone, args.device, args.precision)
         image_size = input_side(model, args.image_size)

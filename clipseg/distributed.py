@@ -42,7 +42,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +138,17 @@ def barrier(world: Distributed) -> None:
     """Wait for every rank (nothing to wait for on one process)."""
     if world.enabled:
         dist.barrier()
+
+
+def in_turn(world: Distributed, action: Callable[[], T]) -> T:
+    """`action()` on one rank after another, in rank order (checks that create and remove probe folders in a
+    folder the ranks share would race); its result on each rank."""
+    result = None
+    for rank in range(world.world_size):
+        if rank == world.rank:
+            result = action()
+        barrier(world)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ sharding

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import folder_files, run_command
 from PIL import Image
 from test_failures import parse_gallery
 
@@ -194,3 +195,16 @@ def test_a_model_whose_output_overflows_stops_with_a_message(overflowing_checkpo
     assert exit_info.value.code == 2
     assert "stopped after 0 samples: the model's output holds" in capsys.readouterr().err
     assert (out / "index.html").is_file() and not list(out.glob("*.png"))  # the (empty) gallery, no NaN panels
+
+
+def test_torchrun_writes_the_same_gallery_as_one_process(checkpoints, synthetic_root, tmp_path):
+    galleries = {}
+    for nproc in (None, 2):
+        out = tmp_path / f"n{nproc}"
+        argv = [*run_args(checkpoints, synthetic_root, out), "--limit", "10", "--device", "cpu"]
+        done = run_command("failure_test.py", argv, tmp_path, nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stderr.count("samples fail (IoU < 0.5") == 1  # reported by rank 0
+        galleries[nproc] = folder_files(out)
+    assert galleries[2] == galleries[None]  # the panels, failures.csv and index.html
+    assert len(galleries[2]) > 2

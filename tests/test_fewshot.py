@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch.nn.functional as F
+from conftest import folder_files, run_command
 from PIL import Image
 
 import score
@@ -272,3 +273,19 @@ def test_benchmark_runs_stop_with_a_message_and_exit_status(
     with pytest.raises(SystemExit) as exit_info:
         score.main([*demo, *coco, "--out", str(crafted / "scores.json")])
     assert exit_info.value.code == 2 and "fold1.pkl is a file, not a folder" in capsys.readouterr().err
+
+
+def test_torchrun_pascal_scores_and_pngs_equal_one_processs(tiny_checkpoints, synthetic_voc, tmp_path):
+    outputs = {}
+    for nproc in (None, 2):
+        out = tmp_path / f"n{nproc}"
+        argv = ["demo", "--checkpoints-dir", tiny_checkpoints, "--data", "pascal5i", "--data-root", synthetic_voc]
+        argv += ["--fold", "0", "--batch-size", "4", "--num-workers", "0", "--precision", "fp32", "--device", "cpu"]
+        argv += ["--out", out / "scores.json", "--save-predictions", out / "png"]
+        done = run_command("score.py", argv, tmp_path, nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results = json.loads((out / "scores.json").read_text())
+        del results["seconds"]
+        outputs[nproc] = results, folder_files(out / "png")
+    assert outputs[2] == outputs[None]  # metrics, per-class rows, skips; every episode PNG and episodes.jsonl
+    assert outputs[2][0]["n_samples"] > 4 and len(outputs[2][1]) == outputs[2][0]["n_samples"] + 1
