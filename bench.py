@@ -7,6 +7,7 @@
     python bench.py --repeats 3 --only-precision   # fp32 / bf16 / int8 / ONNX paths against HF fp32 only
     python bench.py --repeats 3 --only-runs        # checkpoint writes, K prompts per crop, grouped scoring
     python bench.py --only-params                  # parameter counts of the full-size configurations
+    python bench.py --only-scale-out               # score.py / predict.py throughput on 1 and 2 processes (torchrun)
 
 Both models hold the same random weights (speed does not depend on their values). Variants are interleaved
 (A B A B ...) after a warm-up and the median of `--repeats` runs is reported, so drift of the machine hits both
@@ -37,6 +38,7 @@ from clipseg.speed.models import (
     training_comparison,
 )
 from clipseg.speed.runs import run_comparisons
+from clipseg.speed.scale_out import scale_out_rows
 from clipseg.speed.timing import CLOCKS, matmul_rates, native_bf16, use_clock
 from model import CLIPDeconv, CLIPSeg, ViTSeg, count_parameters
 
@@ -56,6 +58,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-data", action="store_true", help="skip the data pipeline measurement")
     parser.add_argument("--only-head", action="store_true", help="only the refined-head comparison")
     parser.add_argument("--only-data", action="store_true", help="only the data pipeline (and --index-tasks) rows")
+    parser.add_argument(
+        "--only-scale-out",
+        action="store_true",
+        help="only score.py and predict.py throughput on 1 and 2 processes under torchrun (README 'Scale out')",
+    )
+    parser.add_argument(
+        "--scale-out-backbone",
+        default="random-vit-b16",
+        help="model of the scale-out rows: random-vit-b16 (the released geometry, default) or tiny",
+    )
     parser.add_argument(
         "--only-params",
         action="store_true",
@@ -137,6 +149,10 @@ def measure(args: argparse.Namespace, results: dict) -> None:
     device, size, repeats = args.device, args.image_size, args.repeats
     if args.only_params:
         results["parameters"] = parameter_counts()
+        return
+    if args.only_scale_out:
+        threads = args.threads or 1
+        results["scale_out"] = scale_out_rows(args.scale_out_backbone, size, device=device, threads_per_process=threads)
         return
     if args.only_data:
         results["data_pipeline"] = data_pipeline_rate(image_size=size)
