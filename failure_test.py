@@ -40,9 +40,9 @@ from clipseg.failures import (
     previous_panels,
     write_gallery,
 )
-from clipseg.inference import SkipLog
 from clipseg.loading import LoadError, build_eval_dataset, input_side, load_model, resolve_model
 from clipseg.outputs import UnwritableOutput, check_writable
+from clipseg.samples import SkipLog
 from clipseg.transforms import NonFiniteOutput
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"

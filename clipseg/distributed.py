@@ -50,7 +50,6 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clipseg.folders import stable_hash
@@ -186,21 +185,6 @@ def block_batches(
         for block, items in owned_blocks(n_items, world, block_size)
         for start in range(0, len(items), batch_size)
     ]
-
-
-def iterate_blocks(
-    data: Dataset, world: Distributed, batch_size: int, description: str, unit: str, **loader_options
-) -> Iterator[tuple[int, object]]:
-    """(block id, batch) over this rank's batches of an indexed data set (`block_batches`), loaded by a DataLoader
-    (`loader_options`: num_workers, collate_fn); one progress bar for the job counting every rank's items. The bar
-    is closed, a collective, when the loop ends."""
-    plan = block_batches(len(data), world, batch_size)
-    loader = DataLoader(data, batch_sampler=[items for _, items in plan], **loader_options)
-    progress = GlobalProgress(world, total=len(data), desc=description, unit=unit)
-    for (block, items), batch in zip(plan, loader):
-        yield block, batch
-        progress.update(len(items))
-    progress.close()
 
 
 def owner_of(key: str, world_size: int) -> int:

@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import dataset as datasets
-
 # The job's place and process group are clipseg/distributed.py's; train.py still imports them from here.
 from clipseg.distributed import Distributed as Distributed
 from clipseg.distributed import all_reduce_sum as all_reduce_sum
 from clipseg.distributed import setup_distributed as setup_distributed
+from clipseg.samples import Batch, Sample, collate
 
 # ---------------------------------------------------------------------------------------- sample stream
 
@@ -73,7 +72,7 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
         index, seed = key
         if hasattr(self.dataset, "reseed"):
             self.dataset.reseed(seed)
@@ -92,14 +91,14 @@ def build_loader(dataset: Dataset, sampler: InfiniteBatchSampler, num_workers: i
         SeededSamples(dataset),
         batch_sampler=sampler,
         num_workers=num_workers,
-        collate_fn=datasets.collate,
+        collate_fn=collate,
         pin_memory=pin,
         worker_init_fn=worker_init if num_workers else None,
     )
 
 
 @contextlib.contextmanager
-def batches_from(loader: DataLoader) -> Iterator[Iterator[dict]]:
+def batches_from(loader: DataLoader) -> Iterator[Iterator[Batch]]:
     """Iterate the loader and stop its workers on the way out. Left to interpreter exit, the workers (which
     ignore SIGTERM, see worker_init) would make multiprocessing's exit handler wait for them forever."""
     iterator = iter(loader)

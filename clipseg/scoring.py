@@ -6,8 +6,7 @@ truth) and PhraseCut's official ones (at the original resolution, probability > 
 be scored; `--shuffle-prompts` runs give each task another task's phrase (`shuffled_phrases`). Under torchrun
 (`world`) each rank scores the images of its blocks (clipseg/inference.py) into per-block sums and `ScoreRun.finish`
 adds every rank's blocks in block order, so the results equal one process's bit for bit; each rank writes the PNGs
-of its own tasks. `results_dict` is the
-JSON report and `format_table` its printed tables. The command is score.py.
+of its own tasks. `results_dict` is the JSON report and `format_table` its printed tables. The command is score.py.
 """
 
 from __future__ import annotations
@@ -23,9 +22,10 @@ from torch.utils.data import Dataset
 
 import dataset as datasets
 from clipseg.distributed import Distributed, gather_blocks
-from clipseg.inference import SkipLog, TaskBatch, predict_tasks
+from clipseg.inference import Predictions, predict_tasks
 from clipseg.metrics import PaperMetrics, PhraseCutMetrics, sum_states
 from clipseg.outputs import safe_name
+from clipseg.samples import SkipLog
 from clipseg.transforms import full_size_probabilities
 from model import CLIPSeg
 
@@ -76,19 +76,20 @@ class ScoreRun:
         if self.paper is None:
             self.paper = PaperMetrics(report_threshold=self.threshold)
 
-    def update(self, batch: TaskBatch, save_dir: Path | None = None) -> None:
-        """Add a batch: paper metrics at S x S, official metrics at the original size (and the PNGs)."""
-        if batch.block not in self.blocks:
+    def update(self, prediction: Predictions, save_dir: Path | None = None) -> None:
+        """Add a batch of test-mode PhraseCut tasks into its block's sums: paper metrics at S x S, official metrics
+        at the original size (and the PNGs)."""
+        if prediction.block not in self.blocks:
             report = float(self.paper.thresholds[self.paper.report_index])
-            self.blocks[batch.block] = (PaperMetrics(report), PhraseCutMetrics())
-        paper, official = self.blocks[batch.block]
-        paper.update(torch.sigmoid(batch.logits), batch.fields["mask"])
-        for i, task_id in enumerate(batch.fields["task_id"]):
-            pred = full_size_probabilities(batch.logits[i], batch.get("original_size", i)) > self.threshold
-            gt = np.asarray(batch.get("full_mask", i), dtype=bool)
-            official.update(pred, gt, batch.get("phrase_type", i), batch.get("n_instances", i))
+            self.blocks[prediction.block] = (PaperMetrics(report), PhraseCutMetrics())
+        paper, official = self.blocks[prediction.block]
+        batch = prediction.batch
+        paper.update(torch.sigmoid(prediction.logits), batch.masks)
+        for i, (task, image) in enumerate(zip(batch.tasks, batch.image_of_task)):
+            pred = full_size_probabilities(prediction.logits[i], batch.images[image].original_size) > self.threshold
+            official.update(pred, np.asarray(task.full_mask, dtype=bool), task.phrase_type, task.n_instances)
             if save_dir is not None:
-                save_prediction_png(pred, save_dir, task_id)
+                save_prediction_png(pred, save_dir, task.task_id)
         self.n_samples += len(batch)
 
     def finish(self, world: Distributed | None = None) -> ScoreRun:
@@ -99,7 +100,7 @@ class ScoreRun:
         gathered = gather_blocks(states, world)
         self.paper.load_state(sum_states(paper for paper, _ in gathered))
         self.official.load_state(sum_states(official for _, official in gathered))
-        self.skips = self.skips.merged(world)
+        self.skips.merge_ranks(world)
         self.n_samples = sum(gather_blocks({world.rank: self.n_samples}, world))
         return self
 
@@ -128,7 +129,7 @@ def score(
     phrase_for_task = shuffled_phrases(task_phrases(data)) if shuffle_prompts else None
     if save_predictions is not None:
         save_predictions.mkdir(parents=True, exist_ok=True)
-    batches = predict_tasks(
+    predictions = predict_tasks(
         model,
         data,
         batch_size=batch_size,
@@ -141,8 +142,8 @@ def score(
         world=world,
     )
     try:
-        for batch in batches:
-            run.update(batch, save_predictions)
+        for prediction in predictions:
+            run.update(prediction, save_predictions)
     except KeyboardInterrupt:
         run.finish()  # the blocks scored here: partial results
         raise

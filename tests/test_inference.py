@@ -43,7 +43,7 @@ def test_every_task_once_and_every_image_encoded_once(data):
     torch.manual_seed(1)
     tiny = CLIPSeg.from_backbone("tiny").eval()
     encoded = count_encoded_images(tiny)
-    seen = [task_id for batch in predict_tasks(tiny, data, batch_size=5) for task_id in batch.fields["task_id"]]
+    seen = [task_id for prediction in predict_tasks(tiny, data, batch_size=5) for task_id in prediction.batch.task_ids]
     images = data.image_groups()
     assert sorted(seen) == sorted(data.task_info(i).task_id for i in range(len(data)))
     assert sum(encoded) == len(images) < len(data)  # several tasks per image, one vision pass each

@@ -41,9 +41,10 @@ from clipseg.benchmarks.protocols import (
 from clipseg.benchmarks.readers import BenchmarkDataError, VocData
 from clipseg.cli import NOTHING_DONE, stop
 from clipseg.distributed import Distributed, check_same_job
-from clipseg.metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
+from clipseg.metrics import EpisodeMetrics, ZeroShotMetrics
 from clipseg.outputs import safe_name
-from clipseg.scoring import percent
+from clipseg.samples import SkipLog
+from clipseg.scoring import ScoreRun, percent
 
 DEFAULT_THRESHOLDS = {"coco20i": 0.1}  # the paper's COCO-20i threshold (Table 6); 0.3 everywhere else
 DEFAULT_ROOTS = {"pascal5i": "VOCdevkit", "voc-zeroshot": "VOCdevkit", "coco20i": "COCO-20i"}
@@ -211,7 +212,7 @@ def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, setti
         )
         sources[fold] = source
         folds[str(fold)] = {"model": source, "list": notes[fold], **fold_results(fold_run, args.data)}
-        skipped += [{"fold": fold, **entry} for entry in fold_run.skipped]
+        skipped += [{"fold": fold, **entry} for entry in fold_run.skips.reasons]
     if not any(fold["n_episodes"] for fold in folds.values()):
         raise NothingScored(f"no episode could be scored ({len(skipped)} skipped, e.g. {skipped[:1]})")
     models = sorted(set(sources.values()))
@@ -236,7 +237,7 @@ def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Pat
     items = VocData(root).segmentation_val()[: args.limit]
     check_same_job(world, model, {**job_flags(args, settings), "unseen": args.unseen}, (item.id for item in items))
     size = model.config.input_side(args.image_size)
-    metrics, skipped = ZeroShotMetrics(seen, unseen), []
+    metrics, skips = ZeroShotMetrics(seen, unseen), SkipLog()
     scored = score_zero_shot(
         model,
         ZeroShotData(items, size),
@@ -245,9 +246,10 @@ def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Pat
         num_workers=args.num_workers,
         precision=args.precision,
         save_dir=save,
-        skipped=skipped,
+        skips=skips,
         world=world,
     )
+    skipped = skips.reasons
     if not scored:
         raise NothingScored(f"no image could be scored ({len(skipped)} skipped, e.g. {skipped[:1]})")
     return {
@@ -272,21 +274,18 @@ def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, sa
     if args.limit:
         data.indices = data.indices[: args.limit]
     check_same_job(world, model, job_flags(args, settings), (base.task_info(i).task_id for i in data.indices))
-    paper, official, skipped = PaperMetrics(report_threshold=args.threshold), PhraseCutMetrics(), []
-    scored = score_phrasecut_visual(
+    scores = score_phrasecut_visual(
         model,
         data,
-        paper,
-        official,
-        args.threshold,
+        ScoreRun(threshold=args.threshold),
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         precision=args.precision,
         save_dir=save,
-        skipped=skipped,
         world=world,
     )
-    if not scored:
+    skipped = scores.skips.reasons
+    if not scores.n_samples:
         raise NothingScored(f"no task could be scored ({len(skipped)} skipped, {len(data.excluded)} unique phrases)")
     report = datasets.exclusion_report(base)
     report["excluded"]["tasks"] += [list(entry) for entry in data.excluded]  # tasks whose phrase is unique
@@ -298,9 +297,9 @@ def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, sa
         "image_size": size,
         "resize": args.resize,
         "shuffle_prompts": False,
-        "n_samples": scored,
-        "paper": paper.compute(),
-        "phrasecut": official.compute(),
+        "n_samples": scores.n_samples,
+        "paper": scores.paper.compute(),
+        "phrasecut": scores.official.compute(),
         "skipped": {"count": len(skipped), "samples": skipped},
         "duplicates_ignored": 0,
         **report,
