@@ -229,6 +229,7 @@ def served(model, browser, tmp_path_factory):
         yield url, segmenter
 
 
+@pytest.mark.slow
 def test_browser_two_text_prompts_give_overlay_heatmaps_and_masks(model, served, browser, tmp_path):
     from playwright.sync_api import expect
 
@@ -267,6 +268,7 @@ def test_browser_two_text_prompts_give_overlay_heatmaps_and_masks(model, served,
     assert "Traceback" not in tab.content()
 
 
+@pytest.mark.slow
 def test_browser_image_prompt_painted_or_uploaded_gives_a_mask(served, browser, tmp_path, monkeypatch):
     url, segmenter = served
     received = []  # the image prompts the server built from what the page sent
@@ -304,6 +306,7 @@ def test_browser_image_prompt_painted_or_uploaded_gives_a_mask(served, browser, 
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.slow
 def test_browser_bad_inputs_show_their_message(served, browser, tmp_path):
     url, _ = served
     tab = open_page(browser, url)
@@ -381,6 +384,7 @@ def status_of(message: dict) -> str:
     return message["output"]["data"][1]
 
 
+@pytest.mark.slow
 def test_the_server_reads_no_file_a_client_names_outside_its_upload_folder(api_server, in_upload_folder, tmp_path):
     url = api_server
     planted = save(scene(64, 48), tmp_path / "planted.png")  # a readable image elsewhere on the server

@@ -185,6 +185,7 @@ def test_unreadable_images_are_counted_and_listed_not_silently_dropped(checkpoin
     assert f"{len(bad_tasks)} skipped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_tenth_of_the_images_corrupt_scores_the_same_as_the_clean_rest(checkpoints, synthetic_root, tmp_path):
     """Soak: skipped samples are reported and leave the scores of the others exactly as without them."""
     damaged, clean = tmp_path / "damaged", tmp_path / "clean"

@@ -84,6 +84,7 @@ class SyntheticView(Dataset):
 # ------------------------------------------------------------------------------------------------ learning
 
 
+@pytest.mark.slow
 def test_loss_falls_and_run_directory_is_complete(tmp_path, synthetic_root):
     summary = run(flags(tmp_path, synthetic_root, "--name=learn", "--max-iterations=40", "--ckpt=20", "--lr=3e-3"))
     run_dir = tmp_path / "ck" / "learn"
@@ -113,6 +114,7 @@ def test_loss_falls_and_run_directory_is_complete(tmp_path, synthetic_root):
         assert torch.equal(value, state["decoder"][key])
 
 
+@pytest.mark.slow
 def test_overfits_one_batch(tmp_path, synthetic_root):
     import dataset
 
@@ -140,6 +142,7 @@ def test_overfits_one_batch(tmp_path, synthetic_root):
     assert curve[-1] < 0.1
 
 
+@pytest.mark.slow
 def test_weight_decay_is_applied(tmp_path, synthetic_root):
     norms = {}
     for wd in ("0", "30"):
@@ -257,6 +260,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert [r["step"] for r in runs.read_log(run_dir / "log.jsonl") if "loss" in r] == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resume_is_bitwise_exact(tmp_path, synthetic_root, reference):
     def interrupt_in_iteration_7(reads, sample):
         if reads == 6 * 4 + 1:
@@ -290,6 +294,7 @@ def kill_training_when(argv: list[str], cwd: Path, condition) -> None:
     process.stderr.close()
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path, synthetic_root, reference):
     argv = flags(tmp_path, synthetic_root, "--name=ref", "--max-iterations=12", "--ckpt=1")
     run_dir = tmp_path / "ck" / "ref"
@@ -320,6 +325,7 @@ sys.exit(train.main(sys.argv[4:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["model.safetensors", "train_state.pt"])
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, synthetic_root, reference, target):
     argv = flags(tmp_path, synthetic_root, "--name=ref", "--max-iterations=12", "--ckpt=4")
@@ -341,6 +347,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, synt
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_safetensors_write_keeps_the_previous_checkpoint_and_resumes(
     tmp_path, synthetic_root, reference, monkeypatch, capsys
 ):
@@ -377,6 +384,7 @@ def test_resume_from_a_damaged_model_file_is_a_message(tmp_path, synthetic_root,
     assert f"--resume: cannot load the run's model: {weights}: not a readable safetensors" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_run_with_loader_workers_exits_when_done(tmp_path, synthetic_root):
     argv = [*flags(tmp_path, synthetic_root, "--name=workers", "--max-iterations=3"), "--num-workers=2"]
     result = subprocess.run(
@@ -417,6 +425,7 @@ def test_resume_of_a_run_older_than_a_flag_keeps_the_flags_default(tmp_path, syn
 # ----------------------------------------------------------------------------------------- multi-process
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_keep_identical_replicas(tmp_path, synthetic_root):
     argv = flags(tmp_path, synthetic_root, "--name=ddp", "--max-iterations=3", "--ckpt=2")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -492,6 +501,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_r
         assert torch.isfinite(value).all()
 
 
+@pytest.mark.slow
 def test_fp16_overflow_is_skipped_by_the_gradient_scaler(tmp_path, synthetic_root, monkeypatch):
     """GPUs without bf16 train in fp16 with a GradScaler: a step whose fp16 gradients overflow is skipped (weights
     untouched) and the scale is lowered until the steps fit. Forced on the CPU with an absurd initial scale."""
@@ -527,6 +537,7 @@ def test_unwritable_or_full_output_fails_before_training(tmp_path, synthetic_roo
     assert not (tmp_path / "ck" / "full" / "log.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, synthetic_root, capsys):
     root = tmp_path / "damaged"
     shutil.copytree(synthetic_root, root)
@@ -623,6 +634,7 @@ def test_score_py_scores_the_best_checkpoint(validated, synthetic_root, capsys):
     assert results["model"].endswith("val/best") and results["n_samples"] == 3
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_keeps_the_best(tmp_path, synthetic_root, validated):
     reference_dir, _, argv = validated
     argv = [a.replace(str(reference_dir.parent.parent), str(tmp_path)) for a in argv]
@@ -647,6 +659,7 @@ def assert_same_weights(first: Path, second: Path) -> None:
 # --------------------------------------------------------------------------------------- lean checkpoints
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_the_decoder_while_training_and_the_whole_model_at_the_end(tmp_path, synthetic_root):
     torch.manual_seed(0)
     init = CLIPSeg.from_backbone("tiny").save_pretrained(tmp_path / "init")
@@ -699,6 +712,7 @@ def test_several_prompts_per_crop_run_the_vision_tower_once_per_crop(tmp_path, s
     assert len(batch.phrases) == 8 and batch.masks.shape == (8, 1, 64, 64) and batch.prompts_per_image == [4, 4]
 
 
+@pytest.mark.slow
 def test_loss_falls_with_several_prompts_per_image(tmp_path, synthetic_root):
     argv = flags(tmp_path, synthetic_root, "--name=k4", "--max-iterations=30", "--ckpt=30", "--lr=3e-3")
     summary = run([*argv, "--prompts-per-image=4", "--batch-size=8"])
