@@ -85,8 +85,8 @@ def conditionals(model: CLIPSeg, prompts: Prompts, mix_range: tuple[float, float
 
 
 def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """--amp: bf16 where native, fp16 with a gradient scaler on GPUs without bf16, fp32 on CPUs without native bf16
-    (see `clipseg.precision.amp_dtype`); None without --amp."""
+    """--precision bf16 (amp): bf16 where native, fp16 with a gradient scaler on GPUs without bf16, fp32 on CPUs
+    without native bf16 (see `clipseg.precision.amp_dtype`); None for --precision fp32."""
     return model_amp_dtype(device) if amp else None
 
 
@@ -249,7 +249,7 @@ class TrainingLoop:
     ):
         self.args, self.model, self.files, self.world, self.device = args, model, files, world, device
         self.validation = validation
-        self.dtype = amp_dtype(device, args.amp)
+        self.dtype = amp_dtype(device, args.precision == "bf16")
         self.optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=args.lr, weight_decay=args.wd)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -391,7 +391,7 @@ class TrainingLoop:
         """Score the validation subset; a better --val-metric replaces best/ (a complete model)."""
         if self.world.is_main:
             try:
-                scores = self.validation.run(self.model, "fp32" if self.dtype is None else "bf16")
+                scores = self.validation.run(self.model, "fp32")  # as score.py scores: the paper's numbers are fp32
             except NonFiniteOutput as err:
                 raise TrainingError(f"validation at iteration {self.step} stopped: {err}") from err
             value = scores[f"val_{self.best.metric}"]
@@ -507,5 +507,5 @@ class TrainingLoop:
         tasks = ", ".join(str(t) for t in batch.get("task_id", [])[:4])
         raise NonFiniteLoss(
             f"non-finite loss at iteration {step} (batch tasks {tasks} ...): stopping without saving; {kept}. "
-            "Lower --lr, try --no-amp, or check the data; continue from the checkpoint with --resume"
+            "Lower --lr, try --precision fp32, or check the data; continue from the checkpoint with --resume"
         )

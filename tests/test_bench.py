@@ -9,5 +9,5 @@ def test_an_unwritable_out_is_refused_before_measuring(tmp_path, capsys, monkeyp
     monkeypatch.setattr(bench, "measure", lambda *args: pytest.fail("measured although --out cannot be written"))
     (tmp_path / "a_file").write_text("in the way")
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--out", str(tmp_path / "a_file" / "bench.json")])
+        bench.main(["--out", str(tmp_path / "a_file")])
     assert exit_info.value.code == 2 and "a_file is a file, not a folder" in capsys.readouterr().err
