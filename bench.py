@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from clipseg.cli import NOTHING_DONE, stop
+from clipseg.cli import NOTHING_DONE, output_folder, stop
 from clipseg.config import CLIPSegConfig, random_clip_config
 from clipseg.outputs import UnwritableOutput, check_writable, write_json
 from clipseg.speed.data import data_pipeline_rate, index_rate
@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--threads 1 it counts the work done, not the time spent waiting for a core)",
     )
     parser.add_argument(
-        "--out", default=".", metavar="DIR", help=f"folder of the JSON results, OUT/{RESULTS_NAME} (default: .)"
+        "--out",
+        type=output_folder,
+        default=".",
+        metavar="DIR",
+        help=f"folder of the JSON results, OUT/{RESULTS_NAME} (default: .)",
     )
     args = parser.parse_args(argv)
     out = Path(args.out) / RESULTS_NAME

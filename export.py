@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clipseg.cli import BAD_INPUT, NOTHING_DONE, add_model_flags, model_source
+from clipseg.cli import BAD_INPUT, NOTHING_DONE, add_model_flags, model_source, output_folder
 from clipseg.loading import LoadError, load_model
 from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, OnnxBackendError
 from clipseg.onnx.export import export
@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out",
+        type=output_folder,
         default=None,
         metavar="DIR",
         help=f"folder to write the graphs and manifest.json into (default {DEFAULT_OUT})",

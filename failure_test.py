@@ -34,6 +34,7 @@ from clipseg.cli import (
     add_scoring_arguments,
     check_common_arguments,
     model_source,
+    output_folder,
     stop,
 )
 from clipseg.failures import FAILURE_IOU, INDEX_NAME, FailureSearch, find_failures, previous_panels, write_gallery
@@ -69,6 +70,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_data_arguments(parser)
     parser.add_argument(
         "--out",
+        type=output_folder,
         default="failure_cases",
         metavar="DIR",
         help="folder of the panels, index.html and failures.csv, created if missing (default %(default)s)",

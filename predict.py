@@ -48,6 +48,7 @@ from clipseg.cli import (
     add_precision_flags,
     check_precision_flags,
     model_source,
+    output_folder,
 )
 from clipseg.images import UnreadableImage, open_rgb
 from clipseg.loading import LoadError, load_model
@@ -147,6 +148,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out",
+        type=output_folder,
         default="predictions",
         metavar="DIR",
         help="output folder, one subfolder per image (default predictions)",

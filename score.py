@@ -38,9 +38,11 @@ from clipseg.benchmarks import runs as fewshot_runs
 from clipseg.cli import (
     NOTHING_DONE,
     add_data_arguments,
+    add_renamed_flag,
     add_scoring_arguments,
     check_common_arguments,
     model_source,
+    output_folder,
     stop,
 )
 from clipseg.loading import (
@@ -146,6 +148,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out",
+        type=output_folder,
         default=None,
         metavar="DIR",
         help="folder of the results, OUT/scores_<split>[_first<N>][_shuffled].json (default: the run's folder, "
@@ -164,6 +167,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "if the model uses the prompt",
     )
     fewshot_runs.add_arguments(parser)
+    add_renamed_flag(parser, "--prompt", "--prompt-kind", "visual or text; predict.py's --prompt is a text prompt")
+    add_renamed_flag(parser, "--splits", "--splits-dir")
     args = parser.parse_args(argv)
     if args.name is not None and args.model is not None:
         parser.error(f"give the model once: MODEL ({args.name}) or --model ({args.model})")

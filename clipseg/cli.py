@@ -120,6 +120,33 @@ def weight_range(text: str) -> tuple[float, float]:
     return low, high
 
 
+def output_folder(text: str) -> str:
+    """--out, a folder in every command: a name ending in .json (what score.py's and bench.py's --out once took) is
+    refused rather than made into a folder."""
+    if text.lower().endswith(".json"):
+        raise argparse.ArgumentTypeError(
+            f"--out names a folder (the command writes its files into it), got the file name {text!r}: give its folder"
+        )
+    return text
+
+
+class RenamedFlag(argparse.Action):
+    """A flag's older name, hidden from --help: giving it is a usage error that names the flag to use instead."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "", why: str = "", **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.new, self.why = new, why
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        parser.error(f"{option_string} was renamed {self.new}{f' ({self.why})' if self.why else ''}")
+
+
+def add_renamed_flag(parser: argparse.ArgumentParser, old: str, new: str, why: str = "") -> None:
+    """Make `old` (e.g. score.py's --prompt) a usage error naming `new` (--prompt-kind); an exact match, so argparse
+    no longer takes `old` as an abbreviation of `new`."""
+    parser.add_argument(old, action=RenamedFlag, new=new, why=why)
+
+
 def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
     """Destinations of the flags given on the command line (not defaults)."""
     probe = argparse.ArgumentParser(add_help=False)
