@@ -1,4 +1,5 @@
-"""precision.py: bf16 and int8 masks against fp32, the default per CPU, int8 quantisation, and the CLI flags."""
+"""precision.py: bf16 and int8 masks against fp32, the default per job and CPU class, int8 quantisation, every
+architecture in every precision (also through score.py and predict.py), and the CLI flags."""
 
 import copy
 import json
@@ -10,6 +11,7 @@ import torch
 from conftest import AMX_XEON, CPU_CLASSES, simulate_cpu
 from PIL import Image
 
+import score
 from clipseg import precision as precision_module
 from clipseg.config import tiny_clip_config
 from clipseg.precision import (
@@ -219,6 +221,24 @@ def test_cli_precision_writes_maps_that_agree_with_fp32(tiny_dir, tmp_path, prec
     for got, want in zip(maps, reference):
         assert 0 < np.abs(got - want).max() < 0.1
         assert ((got > 0.3) == (want > 0.3)).mean() >= 0.99
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("arch", ["clip-deconv", "vitseg"])
+def test_clip_deconv_and_vitseg_models_score_and_predict_in_every_precision(
+    arch, precision, tiny_checkpoint, synthetic_root, tmp_path, monkeypatch
+):
+    """Scoring a ViTSeg model in int8 once crashed (the quantiser assumed a CLIP vision tower). bf16 is forced
+    (emulated, only slower, on a CPU without it) and int8 runs on any CPU, so this CPU decides no path."""
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    saved = tiny_checkpoint(arch, arch=arch, image_size=64)
+    data = ["--data", "synthetic", "--data-root", str(synthetic_root), "--limit", "4", "--num-workers", "0"]
+    results = score.main(["--model", str(saved), *data, "--precision", precision, "--out", str(tmp_path / "scores")])
+    assert (results["precision"], results["n_samples"]) == (precision, 4) and np.isfinite(results["paper"]["miou"])
+    assert json.loads((tmp_path / "scores" / "scores_test_first4.json").read_text())["precision"] == precision
+    assert run_cli(saved, tmp_path, "predicted", "--precision", precision) == 0
+    summary, maps = read_maps(tmp_path, "predicted")
+    assert summary["precision"] == precision and len(maps) == 2 and all(np.isfinite(m).all() for m in maps)
 
 
 @pytest.mark.parametrize(("capabilities", "cpu_class", "fastest"), CPU_CLASSES)
