@@ -93,7 +93,7 @@ def layer_list(text: str) -> tuple[int, ...]:
 def run_name(text: str) -> str:
     if not RUN_NAME.fullmatch(text):
         raise argparse.ArgumentTypeError(
-            f"must be a plain directory name (letters, digits, '.', '_', '-'; no '/' or '..'), got {text!r}"
+            f"must be a plain directory name (letters, digits, '.', '_', '+', '-'; no '/' or '..'), got {text!r}"
         )
     return text
 

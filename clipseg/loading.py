@@ -25,7 +25,7 @@ from model import CLIPSeg
 CHECKPOINTS_DIR = Path("checkpoints")
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"  # the released weights: every command's model without --model
 DATA_KINDS = ("phrasecut", "synthetic", "folder")
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder of --checkpoints-dir: no '/', no '..'
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # a folder of --checkpoints-dir: no '/', no '..'
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # OWNER/NAME; other paths must exist
 ORIGINAL_SUFFIXES = (".pth", ".pt")  # the original repository's decoder weights
 HUB_HINT = (

@@ -57,3 +57,10 @@ def test_a_model_that_cannot_be_loaded_is_a_load_error_naming_it(tmp_path, monke
         load_model(str(broken), None, "cpu")
     with pytest.raises(LoadError, match="cannot load the model owner/not-cached: .*a hub id is fetched once"):
         load_model("owner/not-cached", None, "cpu")
+
+
+def test_the_papers_run_names_with_a_plus_are_run_names(tiny_checkpoints, tmp_path):
+    """README: `python train.py --name=pc+ --mix`, then `python score.py pc+ --data phrasecut --prompt-kind visual`."""
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(tiny_checkpoints / "demo", checkpoints / "pc+")
+    assert resolve_model("pc+", checkpoints) == (str(checkpoints / "pc+"), checkpoints / "pc+")

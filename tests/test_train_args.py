@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
         ("--lrs=linear", "--lrs: invalid choice"),
         ("--data=coco", "--data: invalid choice"),
         ("--name=../escape", "--name: must be a plain directory name"),
+        ("--name=+x", "--name: must be a plain directory name"),
         ("--extract-layers=6,3", "--extract-layers: must be strictly increasing"),
         ("--wd=nan", "--wd: must be a number >= 0"),
         ("--data=folder", "--data=folder needs --data-root"),
@@ -85,3 +86,7 @@ def test_init_takes_what_every_commands_model_takes(tiny_checkpoints, tmp_path):
     assert train_args.parse_args([*flags, "--init=demo"]).init == str(tiny_checkpoints / "demo")
     assert train_args.parse_args([*flags, f"--init={tiny_checkpoints / 'demo'}"]).init == str(tiny_checkpoints / "demo")
     assert train_args.parse_args([*flags, "--init=CIDAS/clipseg-rd64-refined"]).init == "CIDAS/clipseg-rd64-refined"
+
+
+def test_a_run_name_may_hold_a_plus_as_the_papers_pc_plus():
+    assert train_args.parse_args(["--name=pc+", "--mix"]).name == "pc+"
