@@ -47,7 +47,7 @@ $(VENV)/.installed-export: requirements-export.txt $(VENV)/.installed
 EXPORT_MODEL ?= CIDAS/clipseg-rd64-refined
 EXPORT_DIR ?= exported
 export: setup-export
-	$(BIN)/python export.py $(EXPORT_MODEL) $(EXPORT_DIR)
+	$(BIN)/python export.py --model $(EXPORT_MODEL) --out $(EXPORT_DIR)
 
 # The web app's optional dependencies (requirements-app.txt), on top of set-up; `make test` installs them too.
 setup-app: $(VENV)/.installed-app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,45 @@ def test_bad_usage_exits_2_and_nothing_to_process_exits_1(tmp_path):
     status, stderr = finish(nothing)
     assert status == 1 and "error: no readable input images" in stderr
     assert (tmp_path / "predictions" / "summary.json").is_file()  # the reason, written before any model is loaded
+
+
+# ----------------------------------------------------------------------------- documented command lines
+
+
+PARSERS = {"score.py": score.parse_args, "failure_test.py": failure_test.parse_args, "predict.py": predict.parse_args,
+           "app.py": app.parse_args, "export.py": export.parse_args, "train.py": train.parse_args}  # fmt: skip
+
+
+def documented_command_lines() -> list[tuple[str, str, list[str]]]:
+    """(where, command, argv) of every `python <command>.py ...` line in the README's code blocks and in the
+    commands' docstrings (continuation lines joined, comments dropped); bench.py's, which measure as they parse, are
+    left out."""
+    sources = {"README.md": "\n".join(re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S))}
+    sources.update({command: (REPO / command).read_text().split('"""')[1] for command in PARSERS})
+    lines = []
+    for where, text in sources.items():
+        for line in text.replace("\\\n", " ").splitlines():
+            if line.strip().startswith("python "):
+                words = shlex.split(line, comments=True)
+                if words[1] in PARSERS:
+                    lines.append((where, words[1], words[2:]))
+    return lines
+
+
+def test_the_documented_command_lines_use_the_current_flags(capsys, tmp_path, monkeypatch):
+    lines = documented_command_lines()
+    monkeypatch.chdir(tmp_path)  # where the example visual prompts exist (predict.py checks them as it parses)
+    for _, _, argv in lines:
+        for flag, value in zip(argv, argv[1:]):
+            if flag == "--visual-prompt":
+                for name in value.split(":"):
+                    (tmp_path / name).touch()
+    assert {command for _, command, _ in lines} == set(PARSERS)
+    assert ("README.md", "score.py", ["pc"]) in [(where, command, argv[:1]) for where, command, argv in lines]
+    refused = []
+    for where, command, argv in lines:
+        try:
+            PARSERS[command](argv)
+        except SystemExit:
+            refused.append(f"{where}: python {command} {shlex.join(argv)}: {capsys.readouterr().err.splitlines()[-1]}")
+    assert not refused, "\n".join(refused)
