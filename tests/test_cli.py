@@ -1,7 +1,8 @@
 """clipseg/cli.py, the commands' shared conventions (README, "Command-line conventions"): the same model flags with the
 same --help in every command that loads a model, --precision and its --amp/--no-amp alias in every command that runs
-one, --out a folder everywhere, renamed flags that say their new name, and the exit statuses (0 done, 1 nothing
-could be processed, 2 bad usage or input such as a model that cannot be loaded), checked on the processes themselves.
+one, --out a folder everywhere, renamed flags that say their new name, the documented command lines, and the exit
+statuses (0 done, 1 nothing could be processed or kept, 2 bad usage or input such as a model that cannot be loaded):
+status 2 for an unloadable model on every command's own process, status 1 per command (train.py's: test_train.py).
 """
 
 from __future__ import annotations
@@ -209,3 +210,40 @@ def test_the_documented_command_lines_use_the_current_flags(capsys, tmp_path, mo
         except SystemExit:
             refused.append(f"{where}: python {command} {shlex.join(argv)}: {capsys.readouterr().err.splitlines()[-1]}")
     assert not refused, "\n".join(refused)
+
+
+# ------------------------------------------------------------- exit status 1: ran, but nothing came of it
+
+
+def test_nothing_scored_exits_1_in_score_and_failure_test(tiny_checkpoints, damaged_root, tmp_path, capsys):
+    for image in (damaged_root / "data" / "VGPhraseCut_v0" / "images").iterdir():
+        image.write_bytes(b"not an image")
+    argv = ["demo", "--checkpoints-dir", str(tiny_checkpoints), "--data", "synthetic", "--data-root", str(damaged_root),
+            "--limit", "2", "--num-workers", "0"]  # fmt: skip
+    for main, command_argv in (
+        (score.main, [*argv, "--out", str(tmp_path / "scores")]),
+        (failure_test.main, ["--name", *argv, "--out", str(tmp_path / "failures")]),
+    ):
+        with pytest.warns(UserWarning, match="skipped task"), pytest.raises(SystemExit) as exit_info:
+            main(command_argv)
+        assert exit_info.value.code == 1 and "error: no sample could be scored (2 skipped)" in capsys.readouterr().err
+
+
+def test_an_export_that_cannot_be_kept_exits_1(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    def disagreeing(*args, **kwargs):
+        raise RuntimeError("the ONNX graphs differ from PyTorch by 1e-1 of the values' scale")
+
+    monkeypatch.setattr(export, "export", disagreeing)
+    argv = ["--model", "demo", "--checkpoints-dir", str(tiny_checkpoints), "--out", str(tmp_path / "exported")]
+    assert export.main(argv) == 1 and "error: the ONNX graphs differ from PyTorch" in capsys.readouterr().err
+
+
+def test_bench_results_that_cannot_be_saved_exit_1(tmp_path, monkeypatch, capsys):
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench, "measure", lambda args, results: results.update(rows=[]))
+    monkeypatch.setattr(bench, "write_json", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--out", str(tmp_path)])
+    assert exit_info.value.code == 1 and "the results above were not saved: " in capsys.readouterr().err
