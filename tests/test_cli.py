@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import random_image
+from conftest import CPU_CLASSES, random_image, simulate_cpu
 
 import app
 import bench
@@ -84,6 +84,18 @@ def test_out_is_a_folder_in_every_command(monkeypatch, capsys, tmp_path):
         assert "--out names a folder (the command writes its files into it), got the file name" in (
             capsys.readouterr().err
         ), command
+
+
+@pytest.mark.parametrize(("capabilities", "cpu_class", "fastest"), CPU_CLASSES)
+def test_each_job_takes_its_default_precision_on_each_cpu_class(monkeypatch, capabilities, cpu_class, fastest):
+    """Prediction: the rule's precision for the simulated CPU class; scoring and failure analysis: fp32 everywhere;
+    training: bf16 mixed precision (fp32 where the CPU would emulate it, clipseg/training.py)."""
+    simulate_cpu(monkeypatch, capabilities)
+    cpu = ["--device", "cpu"]
+    assert predict.parse_args(["in.png", "--prompt", "a cat", *cpu]).precision == fastest
+    assert app.parse_args(cpu).precision == fastest
+    assert score.parse_args(["pc", *cpu]).precision == failure_test.parse_args(cpu).precision == "fp32"
+    assert train.parse_args(["--name=pc", "--batch-size=64", *cpu]).precision == "bf16"
 
 
 @pytest.mark.parametrize(
