@@ -125,7 +125,7 @@ def output_folder(text: str) -> str:
     refused rather than made into a folder."""
     if text.lower().endswith(".json"):
         raise argparse.ArgumentTypeError(
-            f"--out names a folder (the command writes its files into it), got the file name {text!r}: give its folder"
+            f"must name a folder (the command writes its files into it), not a file such as {text!r}: give its folder"
         )
     return text
 

@@ -16,7 +16,7 @@ def test_an_unwritable_out_is_refused_before_measuring(tmp_path, capsys, monkeyp
     assert exit_info.value.code == 2 and "a_file is a file, not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--out", str(tmp_path / "bench_results.json")])  # the older form: a file
-    assert exit_info.value.code == 2 and "--out names a folder" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --out: must name a folder" in capsys.readouterr().err
 
 
 def rows(fp32: float, bf16: float, int8: float, int8_agreement: float = 0.997) -> dict:

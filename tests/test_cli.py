@@ -81,7 +81,7 @@ def test_out_is_a_folder_in_every_command(monkeypatch, capsys, tmp_path):
         with pytest.raises(SystemExit) as exit_info:  # refused as it is read, before any other check
             main(["--out", str(tmp_path / "results.json")])
         assert exit_info.value.code == 2, command
-        assert "--out names a folder (the command writes its files into it), got the file name" in (
+        assert "argument --out: must name a folder (the command writes its files into it), not a file such as" in (
             capsys.readouterr().err
         ), command
 
@@ -176,7 +176,7 @@ def test_bad_usage_exits_2_and_nothing_to_process_exits_1(tmp_path):
     bad_usage = start_command("predict.py", "in.png", "--prompt", "a cat", "--out", "results.json", cwd=tmp_path)
     nothing = start_command("predict.py", "missing.png", "--prompt", "a cat", cwd=tmp_path)
     status, stderr = finish(bad_usage)
-    assert status == 2 and "--out names a folder" in stderr
+    assert status == 2 and "argument --out: must name a folder" in stderr
     status, stderr = finish(nothing)
     assert status == 1 and "error: no readable input images" in stderr
     assert (tmp_path / "predictions" / "summary.json").is_file()  # the reason, written before any model is loaded
