@@ -107,11 +107,15 @@ def learning_rate_factor(step: int, max_iterations: int, schedule: str, warmup: 
 @dataclass
 class Validation:
     """The validation pass: a fixed, seeded subset of a test-mode split, predicted as score.py does
-    (`clipseg.inference.predict_tasks`: whole images, raw phrases, no negatives)."""
+    (`clipseg.inference.predict_tasks`: whole images, raw phrases, no negatives). Its phrases' text embeddings have
+    a cache of their own, computed in the validation's precision: shared with the training steps (bf16 autocast),
+    a phrase's embedding would depend on which of the two encoded it first, so neither would run in its own
+    precision and a resumed run would not repeat an uninterrupted one."""
 
     data: Dataset
     tasks: list[int]
     batch_size: int
+    text_cache: dict = field(default_factory=dict)  # phrase -> embedding; the text tower is frozen while training
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> Validation:
@@ -127,22 +131,26 @@ class Validation:
 
     def run(self, model: CLIPSeg, precision: str) -> dict[str, float]:
         """val_loss (mean per-task BCE at S x S) and the paper's val_miou, val_iou_fg, val_ap at t = 0.3."""
-        was_training = model.training
+        was_training, training_cache = model.training, model.text_cache
         model.eval()
+        model.text_cache = self.text_cache
         paper, loss_sum, count = PaperMetrics(), 0.0, 0
-        for batch in predict_tasks(
-            model,
-            self.data,
-            batch_size=self.batch_size,
-            precision=precision,
-            tasks=self.tasks,
-            description="validation",
-        ):
-            targets = batch.fields["mask"]
-            paper.update(torch.sigmoid(batch.logits), targets)
-            losses = F.binary_cross_entropy_with_logits(batch.logits, targets, reduction="none").mean(dim=(1, 2, 3))
-            loss_sum, count = loss_sum + float(losses.sum()), count + len(batch)
-        model.train(was_training)
+        try:
+            for batch in predict_tasks(
+                model,
+                self.data,
+                batch_size=self.batch_size,
+                precision=precision,
+                tasks=self.tasks,
+                description="validation",
+            ):
+                targets = batch.fields["mask"]
+                paper.update(torch.sigmoid(batch.logits), targets)
+                losses = F.binary_cross_entropy_with_logits(batch.logits, targets, reduction="none").mean(dim=(1, 2, 3))
+                loss_sum, count = loss_sum + float(losses.sum()), count + len(batch)
+        finally:
+            model.train(was_training)
+            model.text_cache = training_cache
         if not count:
             raise TrainingError("no validation task could be read (see the warnings above)")
         scores = paper.compute()

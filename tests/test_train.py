@@ -439,6 +439,26 @@ def test_validation_runs_in_fp32_also_when_training_in_bf16(tmp_path, synthetic_
     assert run([*argv, "--precision=bf16"]).step == 2 and precisions == ["fp32"]
 
 
+def test_validation_encodes_its_phrases_in_a_cache_of_its_own(tmp_path, synthetic_root):
+    """Validation runs fp32 beside bf16 training steps: with one shared phrase cache an embedding depended on which
+    of the two encoded it first, and a resumed run no longer repeated an uninterrupted one."""
+    args = train.parse_args(flags(tmp_path, synthetic_root, "--name=c", "--val-interval=2", "--val-samples=3"))
+    validation = training.Validation.of(args)
+    torch.manual_seed(0)
+    model = CLIPSeg.from_backbone("tiny", image_size=64)
+    phrases = {validation.data.task_info(i).phrase for i in validation.tasks}
+    model.text_cache = training_cache = TextCache(100)
+    stale = {phrase: torch.zeros(model.config.clip.projection_dim) for phrase in phrases}  # e.g. bf16 encodings
+    training_cache.update(stale)
+    first = validation.run(model, "fp32")
+    assert model.text_cache is training_cache and dict(training_cache) == stale  # left as the training steps had it
+    assert set(validation.text_cache) == phrases
+    with torch.no_grad():
+        for phrase, embedding in validation.text_cache.items():
+            assert torch.equal(embedding, model.embed_token_ids(*model.tokenize([phrase]))[0])  # fp32, its own
+    assert validation.run(model, "fp32") == first
+
+
 # ----------------------------------------------------------------------------------------- multi-process
 
 
