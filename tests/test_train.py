@@ -222,12 +222,13 @@ def test_whole_image_prob_reaches_the_training_set(tmp_path, synthetic_root):
         assert data.train and data.whole_image_prob == share
 
 
-def test_amp_description_names_why_mixed_precision_is_off():
+def test_precision_description_names_why_mixed_precision_is_off():
     cpu, mps = torch.device("cpu"), torch.device("mps")
-    assert train.amp_description(True, torch.bfloat16, cpu) == "bfloat16"
-    assert train.amp_description(False, None, cpu) == "off"
-    assert "no native bf16 on this CPU" in train.amp_description(True, None, cpu)
-    assert train.amp_description(True, None, mps) == "off (no mixed precision on mps)"
+    assert train.precision_description("bf16", torch.bfloat16, cpu) == "bf16 (mixed, bfloat16)"
+    assert train.precision_description("bf16", torch.float16, torch.device("cuda")) == "bf16 (mixed, float16)"
+    assert train.precision_description("fp32", None, cpu) == "fp32"
+    assert "no native bf16 on this CPU" in train.precision_description("bf16", None, cpu)
+    assert train.precision_description("bf16", None, mps) == "fp32 (no mixed precision on mps)"
 
 
 def test_learning_rate_schedule():
@@ -380,7 +381,7 @@ def test_resume_from_a_damaged_model_file_is_a_message(tmp_path, synthetic_root,
     run(argv)
     weights = tmp_path / "ck" / "cut" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
-    assert train.main([*argv, "--resume", "--max-iterations=4"]) == 1
+    assert train.main([*argv, "--resume", "--max-iterations=4"]) == 2  # a model that cannot be loaded: bad input
     assert f"--resume: cannot load the run's model: {weights}: not a readable safetensors" in capsys.readouterr().err
 
 
@@ -420,6 +421,58 @@ def test_resume_of_a_run_older_than_a_flag_keeps_the_flags_default(tmp_path, syn
         del stored[newer_flag]
     args_file.write_text(json.dumps(stored))
     assert run([*argv, "--resume", "--max-iterations=3"]).step == 3
+
+
+def test_resume_of_a_run_from_before_precision_keeps_its_amp_choice(tmp_path, synthetic_root, monkeypatch):
+    """Runs whose args.json holds amp (true/false) and no precision resume as --precision bf16/fp32."""
+    argv = flags(tmp_path, synthetic_root, "--name=amp", "--max-iterations=2")
+    run(argv)
+    args_file = tmp_path / "ck" / "amp" / "args.json"
+    stored = json.loads(args_file.read_text())
+    assert stored["precision"] == "bf16" and "amp" not in stored  # the default: mixed precision where native
+    del stored["precision"]
+    args_file.write_text(json.dumps({**stored, "amp": False}))
+    asked = []
+    monkeypatch.setattr(training, "amp_dtype", lambda device, amp: asked.append(amp))
+    assert run([*argv, "--resume", "--max-iterations=3"]).step == 3 and asked == [False]
+    args_file.write_text(json.dumps({**stored, "amp": True}))
+    with pytest.raises(train.TrainingError, match=r"--precision=fp32 \(run has bf16\)"):
+        run([*argv, "--resume", "--no-amp", "--max-iterations=4"])
+    assert run([*argv, "--resume", "--amp", "--max-iterations=4"]).step == 4 and asked == [False, True]
+
+
+def test_validation_runs_in_fp32_also_when_training_in_bf16(tmp_path, synthetic_root, monkeypatch):
+    """The paper's numbers are fp32: validation, which picks best/, scores as score.py does by default."""
+    monkeypatch.setattr(training, "amp_dtype", lambda device, amp: torch.bfloat16 if amp else None)
+    real_run, precisions = training.Validation.run, []
+
+    def recording(self, model, precision):
+        precisions.append(precision)
+        return real_run(self, model, precision)
+
+    monkeypatch.setattr(training.Validation, "run", recording)
+    argv = flags(tmp_path, synthetic_root, "--name=v", "--max-iterations=2", "--val-interval=2", "--val-samples=3")
+    assert run([*argv, "--precision=bf16"]).step == 2 and precisions == ["fp32"]
+
+
+def test_validation_encodes_its_phrases_in_a_cache_of_its_own(tmp_path, synthetic_root):
+    """Validation runs fp32 beside bf16 training steps: with one shared phrase cache an embedding depended on which
+    of the two encoded it first, and a resumed run no longer repeated an uninterrupted one."""
+    args = train.parse_args(flags(tmp_path, synthetic_root, "--name=c", "--val-interval=2", "--val-samples=3"))
+    validation = training.Validation.of(args)
+    torch.manual_seed(0)
+    model = CLIPSeg.from_backbone("tiny", image_size=64)
+    phrases = {validation.data.task_info(i).phrase for i in validation.tasks}
+    model.text_cache = training_cache = TextCache(100)
+    stale = {phrase: torch.zeros(model.config.clip.projection_dim) for phrase in phrases}  # e.g. bf16 encodings
+    training_cache.update(stale)
+    first = validation.run(model, "fp32")
+    assert model.text_cache is training_cache and dict(training_cache) == stale  # left as the training steps had it
+    assert set(validation.text_cache) == phrases
+    with torch.no_grad():
+        for phrase, embedding in validation.text_cache.items():
+            assert torch.equal(embedding, model.embed_token_ids(*model.tokenize([phrase]))[0])  # fp32, its own
+    assert validation.run(model, "fp32") == first
 
 
 # ----------------------------------------------------------------------------------------- multi-process

@@ -239,5 +239,5 @@ def test_predict_reports_a_bad_model_file_with_exit_2_and_no_traceback(good, tmp
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert f"error: cannot load --model {directory}: {directory}/{message}" in result.stderr
+    assert f"error: cannot load the model {directory}: {directory}/{message}" in result.stderr
     assert "Traceback" not in result.stderr
