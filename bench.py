@@ -1,6 +1,6 @@
 """Speed of our CLIPSeg against `transformers.CLIPSegForImageSegmentation` and against this machine's limit.
 
-    python bench.py                      # CPU, full ViT-B/16 geometry at 352 px, writes bench_results.json
+    python bench.py                      # CPU, full ViT-B/16 geometry at 352 px, writes ./bench_results.json
     python bench.py --repeats 7 --threads 2
     python bench.py --device cuda --compile
     python bench.py --only-data --index-tasks 300000   # data pipeline per worker; PhraseCut-sized index
@@ -11,7 +11,12 @@
 
 Both models hold the same random weights (speed does not depend on their values). Variants are interleaved
 (A B A B ...) after a warm-up and the median of `--repeats` runs is reported, so drift of the machine hits both
-sides alike; compare ratios, not absolute times. FLOP counts are analytic (docs/original.md §9).
+sides alike; compare ratios, not absolute times. FLOP counts are analytic (docs/original.md §9). The precision
+rows end with whether predict.py's default precision on this CPU (clipseg/precision.py) is the fastest measured
+path that keeps >= 99.5% of fp32's mask pixels.
+
+Exit status: 0 done; 2 bad flags or an --out that cannot be written; 1 the results could not be saved; 130
+interrupted (the rows measured so far are written).
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import argparse
 import platform
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import transformers
 
-from clipseg.cli import NOTHING_DONE, stop
+from clipseg.cli import NOTHING_DONE, output_folder, stop
 from clipseg.config import CLIPSegConfig, random_clip_config
 from clipseg.outputs import UnwritableOutput, check_writable, write_json
 from clipseg.speed.data import data_pipeline_rate, index_rate
@@ -43,6 +49,7 @@ from clipseg.speed.timing import CLOCKS, matmul_rates, native_bf16, use_clock
 from model import CLIPDeconv, CLIPSeg, ViTSeg, count_parameters
 
 # This command picks the rows and writes the JSON; the measurements are clipseg/speed/ (timing, models, runs, data).
+RESULTS_NAME = "bench_results.json"
 CPU_FEATURES = ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
@@ -100,10 +107,17 @@ def main(argv: list[str] | None = None) -> dict:
         help="wall: elapsed time (default); cpu: this process's CPU time, for a machine busy with other work (with "
         "--threads 1 it counts the work done, not the time spent waiting for a core)",
     )
-    parser.add_argument("--out", default="bench_results.json", help="where to write the JSON results")
+    parser.add_argument(
+        "--out",
+        type=output_folder,
+        default=".",
+        metavar="DIR",
+        help=f"folder of the JSON results, OUT/{RESULTS_NAME} (default: .)",
+    )
     args = parser.parse_args(argv)
+    out = Path(args.out) / RESULTS_NAME
     try:
-        check_writable(args.out)
+        check_writable(out)
     except UnwritableOutput as err:
         parser.error(str(err))
     use_clock(args.clock)
@@ -129,10 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
         results["interrupted"] = True
         print("interrupted: writing the rows measured so far", file=sys.stderr)
     try:
-        write_json(args.out, results)
+        write_json(out, results)
     except (OSError, ValueError) as err:
         stop(f"the results above were not saved: {err}", NOTHING_DONE)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return results
 
 

@@ -3,6 +3,7 @@
     python predict.py photos/ --prompt "a cat" --prompt "the sofa" --out predictions
     python predict.py room.jpg --visual-prompt support.jpg:support_mask.png --threshold 0.4
     python predict.py photos/ --prompt "a cat" --precision int8          # fp32, bf16 or int8 (clipseg/precision.py)
+    python predict.py photos/ --prompt "a cat" --model demo --checkpoint best   # a run of train.py
     python predict.py photos/ --prompt "a cat" --backend onnx --model exported/   # graphs from export.py
 
 For each image and prompt this writes, under `--out/<image>/`, the probability map (`<prompt>.prob.png`, 8- or
@@ -22,6 +23,11 @@ Geometry: by default the image keeps its aspect ratio. It is resized so that its
 capped at 3x the short side (more elongated images are squashed to 3:1). `--square` squashes every image to
 S x S as the reference implementations do. Logits are resized bilinearly to the original size, then sigmoid.
 
+Precision: without `--precision`, the fastest that keeps fp32's masks on this class of CPU (bf16 with AMX, int8
+with VNNI but no AMX, else fp32; clipseg/precision.py). Exit status: 0 at least one image processed; 1 none could be
+(unreadable inputs are reported and skipped), or the summary could not be written; 2 an option, output path, model
+or visual prompt that cannot be used, or a model whose output is NaN or infinite.
+
 This command reads the flags, runs the images through the library and reports: the Python API (encode once, prompt
 many times) is `clipseg.predictor.Predictor`; the walk, the summaries and resuming are clipseg/folder_prediction.py
 and clipseg/folders.py; the files and summary entries come from clipseg/prediction_outputs.py, the pictures from
@@ -38,6 +44,15 @@ from pathlib import Path
 
 import torch
 
+from clipseg.cli import (
+    BAD_INPUT,
+    NOTHING_DONE,
+    add_model_flags,
+    add_precision_flags,
+    check_precision_flags,
+    model_source,
+    output_folder,
+)
 from clipseg.distributed import Distributed, JobError, distributed_job, in_turn
 from clipseg.folder_prediction import (
     FolderOptions,
@@ -48,15 +63,14 @@ from clipseg.folder_prediction import (
     predict_folder,
 )
 from clipseg.images import UnreadableImage
+from clipseg.loading import LoadError, load_model
 from clipseg.onnx.backend import OnnxBackendError, OnnxCLIPSeg
 from clipseg.outputs import UnwritableOutput, check_writable, printable
-from clipseg.precision import PRECISIONS, add_precision_arguments, resolve_precision
+from clipseg.precision import PRECISIONS
 from clipseg.prediction_outputs import build_prompts, merge_duplicates
 from clipseg.predictor import Predictor
 from clipseg.transforms import MAX_ELONGATION, RESIZE_RULES
 from model import CLIPSeg
-
-DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 
 
 def parse_support(spec: str) -> tuple[Path, Path]:
@@ -92,30 +106,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "half the mask's maximum), engineered as in the paper (crop + blur + 10%% background); repeat for several",
     )
     parser.add_argument(
-        "--model",
-        default=None,
-        help="HF hub id or checkpoint directory, or an original .pth decoder (on openai/clip-vit-base-patch16); "
-        f"default {DEFAULT_MODEL}. With --backend onnx: the folder export.py wrote",
-    )
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="a model inside the --model directory, e.g. best or iter_005000 of a train.py run "
-        "(--model checkpoints/NAME --checkpoint best)",
-    )
-    parser.add_argument(
-        "--backbone",
-        default=None,
-        help="CLIP backbone (hub id or directory) for an original .pth decoder (default openai/clip-vit-base-patch16)",
-    )
-    parser.add_argument(
         "--threshold",
         type=float,
         default=0.3,
         help="a pixel is in the mask iff probability > this (default 0.3, the paper's)",
     )
     parser.add_argument(
-        "--out", default="predictions", help="output folder, one subfolder per image (default predictions)"
+        "--out",
+        type=output_folder,
+        default="predictions",
+        metavar="DIR",
+        help="output folder, one subfolder per image (default predictions)",
     )
     parser.add_argument(
         "--image-size",
@@ -161,7 +162,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu; the ONNX backend: cpu)",
     )
-    add_precision_arguments(parser)
+    add_precision_flags(parser, "predict")
     parser.add_argument(
         "--backend",
         choices=("torch", "onnx"),
@@ -169,6 +170,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="torch: run the model in PyTorch (default); onnx: run the graphs export.py wrote to the folder given "
         "as --model in onnxruntime (CPU, fp32; pip install -r requirements-export.txt)",
     )
+    add_model_flags(parser)
     args = parser.parse_args(argv)
     if not args.prompt and not args.visual_prompt:
         parser.error("give at least one --prompt or --visual-prompt")
@@ -185,25 +187,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def check_backend_and_precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fill in --model and --device for the backend and resolve --precision/--amp to the precision that will run
+    """Fill in --device for the backend and resolve --precision/--amp to the precision that will run
     (`args.precision`); combinations that cannot run are usage errors that say what to change."""
     onnx = args.backend == "onnx"
     if onnx and args.model is None:
         parser.error("--backend onnx needs --model EXPORT_DIR: the folder `python export.py MODEL EXPORT_DIR` wrote")
     if onnx and args.checkpoint:
         parser.error("--checkpoint picks a PyTorch checkpoint; with --backend onnx give the export folder as --model")
-    args.model = args.model or DEFAULT_MODEL
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not onnx else "cpu")
     if onnx and torch.device(args.device).type != "cpu":
         parser.error(f"--backend onnx runs on the CPU (onnxruntime), not on --device {args.device}")
     if onnx and (args.amp or args.precision not in (None, "fp32")):
         asked = "--amp" if args.amp else f"--precision {args.precision}"
         parser.error(f"--backend onnx runs the fp32 graphs export.py wrote; {asked} is for --backend torch")
-    try:
-        args.precision = resolve_precision(args.precision, args.device, args.amp, ("fp32",) if onnx else PRECISIONS)
-    except ValueError as err:
-        parser.error(str(err))
-    args.amp = False  # folded into args.precision
+    check_precision_flags(parser, args, "predict", ("fp32",) if onnx else PRECISIONS)
 
 
 def check_outputs(args: argparse.Namespace) -> str | None:
@@ -215,6 +212,16 @@ def check_outputs(args: argparse.Namespace) -> str | None:
     except UnwritableOutput as err:
         return f"{err}; choose another --out or --summary"
     return None
+
+
+def load(args: argparse.Namespace) -> CLIPSeg | OnnxCLIPSeg:
+    """The model --model names (`clipseg.cli.model_source`), or with --backend onnx the export folder it names.
+    Raises LoadError or OnnxBackendError with the reason."""
+    if args.backend == "onnx":
+        return OnnxCLIPSeg(args.model)
+    source, _ = model_source(args)
+    args.model = source  # as the summary records it
+    return load_model(source, args.backbone, args.device, args.precision)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return segment(args, prompts, merged, world)
     except (JobError, ResumeMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
 
 
 def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: Distributed) -> int:
@@ -240,23 +247,14 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
     unwritable = in_turn(world, lambda: check_outputs(args))  # one rank at a time: probes of a shared folder
     if unwritable:
         print(f"error: {unwritable}", file=sys.stderr)
-        return 2
-    try:
-        source = str(Path(args.model) / args.checkpoint) if args.checkpoint else args.model
-        if args.backend == "onnx":
-            model = OnnxCLIPSeg(args.model)
-        else:
-            model = CLIPSeg.from_pretrained(source, backbone=args.backbone)
-    except (OSError, ValueError, OnnxBackendError) as err:
-        print(f"error: cannot load --model {args.model}: {err}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     try:
         predictor = Predictor(
-            model, args.image_size, args.square, args.device, resize=args.resize, precision=args.precision
+            load(args), args.image_size, args.square, args.device, resize=args.resize, precision=args.precision
         )
-    except ValueError as err:
+    except (LoadError, OnnxBackendError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     try:
         conditional = predictor.embed_prompts(
             phrases=[p.text for p in prompts if p.kind == "text"],
@@ -264,7 +262,7 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
         )
     except (UnreadableImage, ValueError) as err:
         print(f"error: --visual-prompt: {err}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     header = {
         "model": args.model,
         "backend": args.backend,
@@ -286,7 +284,7 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
         raise
     job = finish_folder(run, world, options.out, header, args.summary)
     if not world.is_main:
-        return 2 if job["stopped"] else 0
+        return BAD_INPUT if job["stopped"] else 0
     resumed = f" ({run.reused} done before, on this rank)" if args.resume else ""
     print(
         f"processed {job['processed']} image(s){resumed}, skipped {job['skipped']}; summary: {job['summary']}",
@@ -294,10 +292,10 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
     )
     if job["stopped"]:
         print(f"error: {job['stopped']}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     if not job["processed"]:
         print("error: no readable input images", file=sys.stderr)
-    return 0 if job["processed"] and job["summary"] else 1
+    return 0 if job["processed"] and job["summary"] else NOTHING_DONE
 
 
 if __name__ == "__main__":

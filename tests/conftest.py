@@ -1,8 +1,9 @@
 """Shared fixtures: small synthetic PhraseCut, VOC and COCO-20i data and a tiny model, made once per session, and
 the path of Debian's chromium for browser tests (`require` skips a test whose system package is missing, failing
 instead under CI=true). Shared helpers (imported `from conftest import ...`): the images, masks and hostile names
-that the predictor, predict.py, the segmenter and app.py tests feed in, a free local port, and commands run as one
-process or under torchrun (`run_command`) with their output folders read back (`folder_files`).
+that the predictor, predict.py, the segmenter and app.py tests feed in; the CPUs of the precision rule, simulated
+(`simulate_cpu`); a free local port, and commands run as one process or under torchrun (`run_command`) with their
+output folders read back (`folder_files`).
 
 32 images, seed 0: 61 train, 16 val, 10 test and 5 miniv tasks (score tests need at least 6 test tasks).
 """
@@ -183,6 +184,28 @@ def write_support(tmp_path: Path) -> tuple[Path, Path]:
     mask_array[10:40, 20:50] = 255
     Image.fromarray(mask_array).save(mask)
     return support, mask
+
+
+# --------------------------------------------------------------------------------------------- simulated CPUs
+
+# torch.cpu.get_capabilities() of the CPU classes of clipseg.precision's rule: (capabilities, class, predict's default)
+AMX_XEON = {"avx2": True, "avx512_f": True, "avx512_vnni": True, "avx_vnni": True, "avx512_bf16": True,
+            "amx_tile": True, "amx_bf16": True, "amx_int8": True}  # fmt: skip
+VNNI_EPYC = {"avx2": True, "avx512_f": True, "avx512_vnni": True, "avx512_bf16": True}
+AVX_VNNI_CORE = {"avx2": True, "avx_vnni": True}  # a client CPU with AVX-VNNI and no AVX-512
+AVX2_EPYC = {"avx2": True, "fma3": True}
+CPU_CLASSES = [(AMX_XEON, "amx", "bf16"), (VNNI_EPYC, "vnni", "int8"), (AVX_VNNI_CORE, "vnni", "int8"),
+               (AVX2_EPYC, "other", "fp32")]  # fmt: skip
+
+
+def simulate_cpu(monkeypatch, capabilities: dict) -> None:
+    """Make clipseg.precision see a CPU with these torch capabilities, with native bf16 where it has AVX512-BF16 or
+    AMX (torch then runs bf16 emulated on a CPU without it: slower, same results)."""
+    from clipseg import precision
+
+    monkeypatch.setattr(precision, "cpu_capabilities", lambda: capabilities)
+    native = bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
 
 
 # ---------------------------------------------------------------------------------- the app's images and zips

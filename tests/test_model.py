@@ -58,6 +58,7 @@ def full_clip_config():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refined,reduce_dim", [(True, 64), (False, 16)])
 def test_full_geometry_parity_at_352(tmp_path, full_clip_config, refined, reduce_dim):
     config = CLIPSegConfig(refined=refined, reduce_dim=reduce_dim, clip=full_clip_config)

@@ -141,7 +141,7 @@ def test_cli_argument_errors(tiny_dir, tmp_path, capsys):
     assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--visual-prompt", spec) == 2
     assert "support image's size" in capsys.readouterr().err
     assert run_cli(tmp_path / "no_model", [tmp_path / "img.png"], tmp_path / "out", "--prompt", "a") == 2
-    assert "cannot load --model" in capsys.readouterr().err
+    assert f"error: {tmp_path / 'no_model'}: no such directory or file. Runs in checkpoints/" in capsys.readouterr().err
     assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--prompt", "a", "--image-size", "50") == 2
     assert "image size 50 is not a multiple of the patch size 16 of tiny: use 48 or 64" in capsys.readouterr().err
 

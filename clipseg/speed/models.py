@@ -1,6 +1,7 @@
 """Our CLIPSeg against `transformers.CLIPSegForImageSegmentation`, both at the full ViT-B/16 geometry with the same
 random weights (speed does not depend on their values): the fp32 forward (one prompt per image, one image with ten
-prompts), our bf16 forward, the CPU precision paths (fp32, bf16, int8, ONNX) with their mask agreement, a training
+prompts), our bf16 forward, the CPU precision paths (fp32, bf16, int8, ONNX) with their mask agreement and whether
+predict.py's default precision is this machine's fastest path that keeps fp32's masks (`default_check`), a training
 step, and the refined head against the same layers run one by one. Each function times its variants interleaved
 (clipseg/speed/timing.py), prints its rows and returns them for bench.py's JSON.
 """
@@ -18,7 +19,7 @@ from torch import nn
 
 from clipseg.config import CLIPSegConfig
 from clipseg.decoder import RefinedHead
-from clipseg.precision import precision_context, prepare_model
+from clipseg.precision import MASK_AGREEMENT_BAR, cpu_class, default_precision, precision_context, prepare_model
 from clipseg.speed.timing import decoder_flops, interleaved, native_bf16, sync, text_flops, vit_flops
 from model import CLIPSeg
 
@@ -189,7 +190,45 @@ def precision_paths(ours, hf, device, size, repeats, flops, rates) -> dict:
                     f"mask agreement {100 * row['mask_agreement']:6.2f}%  {row['gflops']:4.0f} GFLOP/s = "
                     f"{100 * row['of_fp32_matmul']:3.0f}% of fp32 matmul, {own} of its own dtype's"
                 )
+    out["default"] = default_check(out["batch_1"], default_precision(device, "predict"))
+    print(describe_default_check(out["default"]))
     return out
+
+
+def default_check(rows: dict, default: str, bar: float = MASK_AGREEMENT_BAR) -> dict:
+    """Whether `default` (predict.py's default precision on this machine) is the fastest of our measured paths
+    (`time_precision_paths` rows, batch 1, as the rule in clipseg/precision.py was measured) whose masks agree with
+    our fp32's on at least `bar` of the pixels. ONNX is a backend, not a precision: not a candidate."""
+    kept = {
+        name.removeprefix("ours_"): row["seconds"]
+        for name, row in rows.items()
+        if name.startswith("ours_") and row["mask_agreement"] >= bar
+    }
+    fastest = min(kept, key=kept.get)
+    return {
+        "cpu_class": cpu_class(),
+        "default": default,
+        "fastest": fastest,
+        "default_is_fastest": default == fastest,
+        "seconds": kept,
+        "mask_agreement_bar": bar,
+    }
+
+
+def describe_default_check(check: dict) -> str:
+    """The line bench.py prints for `default_check`."""
+    default, fastest, seconds = check["default"], check["fastest"], check["seconds"]
+    head = (
+        f"predict.py's default precision on this CPU (class {check['cpu_class']}): {default}; the fastest measured "
+        f"path that keeps >= {100 * check['mask_agreement_bar']:.1f}% of fp32's mask pixels: {fastest}"
+    )
+    if check["default_is_fastest"]:
+        return f"{head} (the default is this machine's fastest)"
+    own = f"{seconds[default] * 1e3:.0f} ms" if default in seconds else "below the bar or not measured"
+    return (
+        f"{head} ({seconds[fastest] * 1e3:.0f} ms against the default's {own}): the rule in clipseg/precision.py "
+        "does not fit this CPU"
+    )
 
 
 def time_precision_paths(ours, hf, models, runner, batch: int, size: int, repeats: int) -> dict:
