@@ -61,7 +61,9 @@ from clipseg.folder_prediction import (
     check_same_predictor,
     finish_folder,
     predict_folder,
+    summarise_unreadable,
 )
+from clipseg.folders import unreadable_entry
 from clipseg.images import UnreadableImage
 from clipseg.loading import LoadError, load_model
 from clipseg.onnx.backend import OnnxBackendError, OnnxCLIPSeg
@@ -248,6 +250,16 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
     if unwritable:
         print(f"error: {unwritable}", file=sys.stderr)
         return BAD_INPUT
+    unreadable = {item: unreadable_entry(item) for item in args.inputs if not Path(item).is_dir()}
+    if all(unreadable.get(item) for item in args.inputs):  # nothing to walk: said before any model is loaded
+        for item, problem in unreadable.items():
+            print(f"skipped {item}: {problem}", file=sys.stderr)
+        if world.is_main:
+            header = {key: getattr(args, key) for key in ("model", "backend", "precision", "threshold", "square")}
+            header |= {"image_size": args.image_size, "interrupted": False, "merged_prompts": merged}
+            summarise_unreadable(Path(args.out), header, unreadable, args.summary)
+        print("error: no readable input images", file=sys.stderr)
+        return NOTHING_DONE
     try:
         predictor = Predictor(
             load(args), args.image_size, args.square, args.device, resize=args.resize, precision=args.precision

@@ -53,6 +53,7 @@ from clipseg.folders import (
     rank_summary_path,
     read_summary,
     start_summaries,
+    summary_line,
 )
 from clipseg.images import UnreadableImage, open_rgb
 from clipseg.outputs import atomic_write, json_text, write_text
@@ -232,6 +233,17 @@ def finish_folder(run: FolderRun, world: Distributed, out: Path, header: dict, d
         )
     shared = gather_blocks({world.rank: result if world.is_main else None}, world)[0]
     return shared
+
+
+def summarise_unreadable(out: Path, header: dict, errors: dict[str, str], destination: str | None) -> str | None:
+    """When no input can be read (before any model is loaded): OUT/summary.jsonl with one error line per input and
+    summary.json as `finish_folder` writes it. Returns where the summary went (None when it could not be written)."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = out / SUMMARY_NAME
+    records = b"".join(summary_line({"image": key, "error": reason}) for key, reason in errors.items())
+    atomic_write(lines, lambda tmp: Path(tmp).write_bytes(records))
+    counts = MergeCounts(errors=len(errors))
+    return write_summary_json(lines, {**header, "stopped": None}, counts, destination or str(out / "summary.json"))
 
 
 def write_summary_json(lines: Path, header: dict, counts: MergeCounts, destination: str) -> str | None:
