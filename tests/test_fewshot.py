@@ -284,10 +284,11 @@ def test_torchrun_pascal_scores_and_pngs_equal_one_processs(tiny_checkpoints, sy
         out = tmp_path / f"n{nproc}"
         argv = ["demo", "--checkpoints-dir", tiny_checkpoints, "--data", "pascal5i", "--data-root", synthetic_voc]
         argv += ["--fold", "0", "--batch-size", "4", "--num-workers", "0", "--precision", "fp32", "--device", "cpu"]
-        argv += ["--out", out / "scores.json", "--save-predictions", out / "png"]
+        argv += ["--out", out / "scores", "--save-predictions", out / "png"]
         done = run_command("score.py", argv, tmp_path, nproc)
         assert done.returncode == 0, done.stderr[-3000:]
-        results = json.loads((out / "scores.json").read_text())
+        (written,) = (out / "scores").glob("*.json")  # the one results file in the --out folder
+        results = json.loads(written.read_text())
         del results["seconds"]
         outputs[nproc] = results, folder_files(out / "png")
     assert outputs[2] == outputs[None]  # metrics, per-class rows, skips; every episode PNG and episodes.jsonl

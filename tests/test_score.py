@@ -352,10 +352,11 @@ def scored_by(nproc, checkpoints, synthetic_root, out: Path, *extra) -> tuple[di
     """score.py as one process or `nproc` under torchrun: (results without the time taken, PNGs, stdout)."""
     argv = ["demo", "--checkpoints-dir", checkpoints, "--data", "synthetic", "--data-root", synthetic_root, *extra]
     argv += ["--batch-size", "4", "--num-workers", "0", "--precision", "fp32", "--device", "cpu"]
-    argv += ["--out", out / "scores.json", "--save-predictions", out / "png"]
+    argv += ["--out", out / "scores", "--save-predictions", out / "png"]
     done = run_command("score.py", argv, out.parent, nproc)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((out / "scores.json").read_text())
+    (written,) = (out / "scores").glob("*.json")  # the one results file in the --out folder
+    results = json.loads(written.read_text())
     del results["seconds"]
     return results, folder_files(out / "png"), done.stdout
 
@@ -378,7 +379,7 @@ def test_ranks_given_different_models_stop_with_the_fingerprint_error(
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
         env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO)}
         argv = ["--model", model, "--data", "synthetic", "--data-root", synthetic_root, "--num-workers", "0"]
-        argv += ["--device", "cpu", "--out", tmp_path / f"rank{rank}.json"]
+        argv += ["--device", "cpu", "--out", tmp_path / f"rank{rank}"]
         command = [sys.executable, str(REPO / "score.py"), *map(str, argv)]
         processes.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
     for process in processes:
@@ -386,4 +387,4 @@ def test_ranks_given_different_models_stop_with_the_fingerprint_error(
         assert process.returncode == 2, stderr[-3000:]
         assert "error: the ranks were not started alike: they differ in model (rank 0 " in stderr
         assert "Start every rank with the same model, flags and data" in stderr and "Traceback" not in stderr
-    assert not list(tmp_path.glob("rank*.json"))
+    assert not list(tmp_path.glob("rank*/*.json"))  # nothing scored, nothing written
