@@ -37,6 +37,7 @@ from clipseg.baselines import DEFAULT_VIT, DeconvDecoder, ViTSegDecoder, tiny_vi
 from clipseg.config import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSegConfig, random_clip_config, tiny_config
 from clipseg.decoder import CLIPSegDecoder
 from clipseg.outputs import atomic_write, write_text
+from clipseg.precision import can_run_frozen, low_precision, run_frozen_block
 from clipseg.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from clipseg.weights import (
     CONFIG_NAME,
@@ -453,9 +454,12 @@ class CLIPSeg(nn.Module):
         layers = vision.encoder.layers
         last = len(layers) - 1 if stop_after is None else stop_after
         wanted = set(self.config.extract_layers)
-        activations = []
+        activations, dtype = [], low_precision(x)
         for i in range(last + 1):
-            x = _run_clip_block(layers[i], x)
+            if dtype is not None and can_run_frozen(layers[i]):  # bf16: persistent bf16 weights, not autocast's casts
+                x = run_frozen_block(layers[i], x, dtype)
+            else:
+                x = _run_clip_block(layers[i], x)
             if i in wanted:
                 activations.append(x)
         return x, activations, grid

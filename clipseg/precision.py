@@ -21,13 +21,17 @@ from __future__ import annotations
 import argparse
 import functools
 import warnings
+import weakref
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from model import CLIPSeg
+if TYPE_CHECKING:  # precision.py sits below model.py, which runs its frozen blocks through `run_frozen_block`
+    from model import CLIPSeg
 
 PRECISIONS = ("fp32", "bf16", "int8")
 PRECISION_HELP = (
@@ -202,3 +206,109 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
     """`--precision` and `--amp` (the old flag, = --precision bf16) for a script's command line."""
     parser.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     parser.add_argument("--amp", action="store_true", help=AMP_HELP)
+
+
+# ------------------------------------------------------------ bf16: frozen CLIP blocks from persistent copies
+
+QUICK_GELU_SCALE = 1.702  # CLIP's quick GELU: x * sigmoid(1.702 x) = silu(1.702 x) / 1.702
+BIAS_COLUMNS = 32  # q/k/v and fc1 take their bias inside the product: a ones column, zeros up to a 32-wide tile
+KEY_ROWS = 16  # keys padded (and masked) to a multiple of 16 tokens: the CPU attention kernel's fast shapes
+
+
+def low_precision(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on `x`'s device (bf16 for `--precision bf16`), or None outside autocast."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def can_run_frozen(layer: nn.Module) -> bool:
+    """Whether `run_frozen_block` may stand in for this `CLIPEncoderLayer`: its linear layers are plain (not the int8
+    ones of `quantize_linears`) and no gradient is asked of its weights."""
+    attention, mlp = layer.self_attn, layer.mlp
+    linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj, mlp.fc1, mlp.fc2)
+    if not all(type(linear) is nn.Linear for linear in linears):
+        return False
+    return not (torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters()))
+
+
+class FrozenBlockWeights(NamedTuple):
+    """A frozen `CLIPEncoderLayer`'s linear weights in a low precision (see `frozen_block_weights`)."""
+
+    qkv: Tensor  # (3 width, width + BIAS_COLUMNS): q, k, v stacked, their biases in column `width`
+    out_weight: Tensor
+    out_bias: Tensor
+    fc1: Tensor  # (mlp, width + BIAS_COLUMNS), bias in column `width`; x 1.702 for quick GELU
+    fc2_weight: Tensor  # / 1.702 for quick GELU
+    fc2_bias: Tensor
+
+
+_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (signature, FrozenBlockWeights)
+
+
+def frozen_block_weights(layer: nn.Module, dtype: torch.dtype) -> FrozenBlockWeights:
+    """The linear weights of a frozen `CLIPEncoderLayer` in `dtype`, made once. q, k and v are one product; q/k/v
+    and fc1 carry their bias as an extra input column (a broadcast bias costs a pass over the product's output on
+    the CPU); for CLIP's quick GELU, 1.702 is folded into fc1 (and its inverse into fc2) so that the activation is
+    one `silu`. Autocast would cast every weight again on every call; these copies are remade only when a master
+    weight changes (an in-place load bumps its version; `.to()` gives it new storage). Kept outside the module:
+    not in its state dict, not copied with it."""
+    attention, mlp = layer.self_attn, layer.mlp
+    masters = [attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj, mlp.fc1, mlp.fc2]
+    signature = (dtype, tuple((t.data_ptr(), t._version, t.device) for m in masters for t in (m.weight, m.bias)))
+    cached = _copies.get(layer)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    fold = QUICK_GELU_SCALE if _uses_quick_gelu(layer) else 1.0
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    with torch.no_grad():
+        weights = FrozenBlockWeights(
+            qkv=_with_bias_column(torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections])),
+            out_weight=attention.out_proj.weight,
+            out_bias=attention.out_proj.bias,
+            fc1=_with_bias_column(mlp.fc1.weight * fold, mlp.fc1.bias * fold),
+            fc2_weight=mlp.fc2.weight / fold,
+            fc2_bias=mlp.fc2.bias,
+        )
+        weights = FrozenBlockWeights(*(w.to(dtype) for w in weights))
+    _copies[layer] = (signature, weights)
+    return weights
+
+
+def _with_bias_column(weight: Tensor, bias: Tensor) -> Tensor:
+    """(out, in) weight, (out,) bias -> (out, in + BIAS_COLUMNS): the bias in column `in`, zeros after it."""
+    return torch.cat([weight, bias[:, None], weight.new_zeros(weight.shape[0], BIAS_COLUMNS - 1)], dim=1)
+
+
+def _uses_quick_gelu(layer: nn.Module) -> bool:
+    return getattr(layer.mlp.config, "hidden_act", None) == "quick_gelu"
+
+
+def _normed_rows(x: Tensor, norm: nn.LayerNorm, dtype: torch.dtype, rows: int) -> Tensor:
+    """`norm(x)` (computed in x's dtype) as `dtype` in (B, rows, width + BIAS_COLUMNS): a ones column after the
+    features (the bias of `_with_bias_column` weights), zeros after it and in the rows past x's tokens."""
+    batch, tokens, width = x.shape
+    out = x.new_empty((batch, rows, width + BIAS_COLUMNS), dtype=dtype)
+    out[:, :tokens, :width] = F.layer_norm(x, (width,), norm.weight, norm.bias, norm.eps)
+    out[:, :tokens, width] = 1
+    out[:, :tokens, width + 1 :] = 0
+    out[:, tokens:] = 0
+    return out
+
+
+def run_frozen_block(layer: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """One frozen `CLIPEncoderLayer` (pre-LN, no mask) with its products in `dtype` from `frozen_block_weights`,
+    attention by `F.scaled_dot_product_attention` in `dtype` over keys padded to a multiple of KEY_ROWS (the padding
+    masked out); the layer norms and the residual stream keep x's dtype (fp32 from the embeddings), as under
+    autocast alone."""
+    weights = frozen_block_weights(layer, dtype)
+    attention = layer.self_attn
+    batch, tokens, _ = x.shape
+    rows = -(-tokens // KEY_ROWS) * KEY_ROWS
+    qkv = torch.matmul(_normed_rows(x, layer.layer_norm1, dtype, rows), weights.qkv.t())
+    q, k, v = qkv.view(batch, rows, 3, attention.num_heads, -1).permute(2, 0, 3, 1, 4)
+    keys = (torch.arange(rows, device=x.device) < tokens).view(1, 1, 1, rows) if rows > tokens else None
+    attended = F.scaled_dot_product_attention(q[:, :, :tokens], k, v, attn_mask=keys, scale=attention.scale)
+    x = x + F.linear(attended.transpose(1, 2).reshape(batch, tokens, -1), weights.out_weight, weights.out_bias)
+    h = torch.matmul(_normed_rows(x, layer.layer_norm2, dtype, tokens), weights.fc1.t())
+    h = F.silu(h, inplace=True) if _uses_quick_gelu(layer) else layer.mlp.activation_fn(h)
+    return x + F.linear(h, weights.fc2_weight, weights.fc2_bias)

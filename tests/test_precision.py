@@ -7,18 +7,24 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
+import model as model_module
 from clipseg import precision as precision_module
 from clipseg.precision import (
     PRECISIONS,
+    can_run_frozen,
     cpu_has_vnni,
     default_precision,
+    frozen_block_weights,
     precision_context,
     prepare_model,
     quantize_linears,
     quantize_vision_linears,
     resolve_precision,
+    run_frozen_block,
 )
 from model import CLIPSeg
 from predict import main
@@ -124,6 +130,81 @@ def test_precision_errors_say_what_to_change():
     with pytest.raises(ValueError, match="CPU only"):
         prepare_model(CLIPSeg.from_backbone("tiny"), "int8", "cuda")
     assert PRECISIONS == ("fp32", "bf16", "int8")
+
+
+# ------------------------------------------------------------------- bf16: frozen blocks from bf16 copies
+# Forced with torch.autocast, so that these run on any CPU (bf16 is emulated, slowly, where it is not native).
+
+
+def bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("tokens", [25, 32])  # keys padded to 32 and masked; already a multiple of 16
+def test_frozen_block_is_as_close_to_fp32_as_autocast(activation, tokens):
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    config.hidden_act, config._attn_implementation = activation, "sdpa"
+    layer = CLIPEncoderLayer(config).eval()
+    for param in layer.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    x = torch.randn(3, tokens, 32)
+    with torch.no_grad():
+        reference = layer(x, None)
+        with bf16_autocast():
+            autocast_only, frozen = layer(x, None), run_frozen_block(layer, x, torch.bfloat16)
+    error, autocast_error = (frozen - reference).abs().max(), (autocast_only - reference).abs().max()
+    assert frozen.dtype == torch.float32  # the residual stream stays fp32
+    assert 0 < error <= 2 * autocast_error and error < 0.01 * reference.abs().max()
+
+
+def test_bf16_runs_each_vision_block_from_bf16_copies_and_masks_agree(model, monkeypatch):
+    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    calls = []
+
+    def counted(layer, x, dtype):
+        calls.append(dtype)
+        return run_frozen_block(layer, x, dtype)
+
+    monkeypatch.setattr(model_module, "run_frozen_block", counted)
+    with torch.no_grad():
+        fp32 = model(pixels, PHRASES[:2]).logits
+        assert not calls  # fp32 runs the transformers blocks (the parity path)
+        with bf16_autocast():
+            bf16 = model(pixels, PHRASES[:2]).logits.float()
+    assert calls == [torch.bfloat16] * (max(model.config.extract_layers) + 1)
+    assert 0 < (bf16 - fp32).abs().max() < 0.5
+    assert mask_agreement(bf16, fp32) >= 0.99
+
+
+def test_bf16_copies_are_made_once_and_follow_their_master_weights(tiny_dir):
+    model = CLIPSeg.from_pretrained(tiny_dir).eval()
+    keys = set(model.state_dict())
+    layer = model.clip.vision_model.encoder.layers[0]
+    first = frozen_block_weights(layer, torch.bfloat16)
+    assert frozen_block_weights(layer, torch.bfloat16) is first  # not re-cast on every call
+    with torch.no_grad(), bf16_autocast():
+        model(torch.randn(1, 3, 64, 64), PHRASES[:1])
+    assert set(model.state_dict()) == keys  # the copies are not weights: checkpoints keep their names
+    assert frozen_block_weights(copy.deepcopy(layer), torch.bfloat16) is not first  # a copy makes its own
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["clip.vision_model.encoder.layers.0.mlp.fc2.bias"] += 1.0
+    model.load_weights(state)  # new weights in place: the copies follow
+    renewed = frozen_block_weights(layer, torch.bfloat16)
+    assert renewed is not first
+    assert torch.equal(renewed.fc2_bias, (first.fc2_bias.float() + 1.0).bfloat16())
+
+
+def test_int8_and_trainable_blocks_keep_the_module_path(model):
+    quantised = prepare_model(copy.deepcopy(model), "int8", "cpu")
+    assert not can_run_frozen(quantised.clip.vision_model.encoder.layers[0])
+    trainable = copy.deepcopy(model).requires_grad_(True)
+    layer = trainable.clip.vision_model.encoder.layers[0]
+    assert can_run_frozen(model.clip.vision_model.encoder.layers[0])
+    assert not can_run_frozen(layer)  # gradients asked: the copies would cut them
+    with torch.no_grad():
+        assert can_run_frozen(layer)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
