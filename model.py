@@ -454,12 +454,9 @@ class CLIPSeg(nn.Module):
         layers = vision.encoder.layers
         last = len(layers) - 1 if stop_after is None else stop_after
         wanted = set(self.config.extract_layers)
-        activations, dtype = [], low_precision(x)
+        activations, dtype = [], low_precision(x)  # bf16 blocks from bf16 copies of their weights (made once)
         for i in range(last + 1):
-            if dtype is not None and can_run_frozen(layers[i]):  # bf16: persistent bf16 weights, not autocast's casts
-                x = run_frozen_block(layers[i], x, dtype)
-            else:
-                x = _run_clip_block(layers[i], x)
+            x = run_frozen_block(layers[i], x, dtype) if can_run_frozen(layers[i]) else _run_clip_block(layers[i], x)
             if i in wanted:
                 activations.append(x)
         return x, activations, grid

@@ -142,7 +142,7 @@ def bf16_autocast():
 
 @pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
 @pytest.mark.parametrize("tokens", [25, 32])  # keys padded to 32 and masked; already a multiple of 16
-def test_frozen_block_is_as_close_to_fp32_as_autocast(activation, tokens):
+def test_frozen_block_equals_the_layer_in_fp32_and_is_as_close_to_it_in_bf16_as_autocast(activation, tokens):
     torch.manual_seed(0)
     config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4)
     config.hidden_act, config._attn_implementation = activation, "sdpa"
@@ -151,12 +151,13 @@ def test_frozen_block_is_as_close_to_fp32_as_autocast(activation, tokens):
         torch.nn.init.normal_(param, std=0.2)
     x = torch.randn(3, tokens, 32)
     with torch.no_grad():
-        reference = layer(x, None)
+        reference, fp32 = layer(x, None), run_frozen_block(layer, x, None)
         with bf16_autocast():
             autocast_only, frozen = layer(x, None), run_frozen_block(layer, x, torch.bfloat16)
     error, autocast_error = (frozen - reference).abs().max(), (autocast_only - reference).abs().max()
     assert frozen.dtype == torch.float32  # the residual stream stays fp32
     assert 0 < error <= 2 * autocast_error and error < 0.01 * reference.abs().max()
+    assert torch.equal(fp32, reference)  # fp32: the layer's arithmetic, bit for bit
 
 
 def test_bf16_runs_each_vision_block_from_bf16_copies_and_masks_agree(model, monkeypatch):
@@ -168,12 +169,13 @@ def test_bf16_runs_each_vision_block_from_bf16_copies_and_masks_agree(model, mon
         return run_frozen_block(layer, x, dtype)
 
     monkeypatch.setattr(model_module, "run_frozen_block", counted)
+    blocks = max(model.config.extract_layers) + 1
     with torch.no_grad():
         fp32 = model(pixels, PHRASES[:2]).logits
-        assert not calls  # fp32 runs the transformers blocks (the parity path)
+        assert calls == [None] * blocks  # fp32: the layers' own weights
         with bf16_autocast():
             bf16 = model(pixels, PHRASES[:2]).logits.float()
-    assert calls == [torch.bfloat16] * (max(model.config.extract_layers) + 1)
+    assert calls == [None] * blocks + [torch.bfloat16] * blocks
     assert 0 < (bf16 - fp32).abs().max() < 0.5
     assert mask_agreement(bf16, fp32) >= 0.99
 
