@@ -52,9 +52,12 @@ def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:
 
     Scores are raised to at least their row's maximum - SCORE_RANGE: a weight of exp(-50) = 2e-22 instead of a
     smaller one changes no sum in fp32, but weights that would be subnormal (below 1e-38) make the CPU's fp32
-    products of the forward and backward passes up to 5x slower (subnormal arithmetic is microcoded)."""
+    products of the forward and backward passes up to 5x slower (subnormal arithmetic is microcoded). The floor is
+    applied in place and not differentiated: a raised score passes on the gradient of its weight, ~1e-22 times that
+    of the row's largest, where its true gradient is smaller still."""
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
-    scores = torch.clamp(scores, min=scores.detach().amax(dim=-1, keepdim=True) - SCORE_RANGE)
+    with torch.no_grad():
+        scores.clamp_(min=scores.amax(dim=-1, keepdim=True) - SCORE_RANGE)
     weights = torch.softmax(scores, dim=-1)
     keep, scale = dropout_mask(weights, p)
     return torch.matmul(weights * keep, v) * scale
