@@ -37,7 +37,7 @@ from clipseg.baselines import DEFAULT_VIT, DeconvDecoder, ViTSegDecoder, tiny_vi
 from clipseg.config import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSegConfig, random_clip_config, tiny_config
 from clipseg.decoder import CLIPSegDecoder
 from clipseg.outputs import atomic_write, write_text
-from clipseg.precision import can_run_frozen, low_precision, run_frozen_block
+from clipseg.precision import Scratch, can_run_frozen, low_precision, run_frozen_block
 from clipseg.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from clipseg.weights import (
     CONFIG_NAME,
@@ -454,9 +454,10 @@ class CLIPSeg(nn.Module):
         layers = vision.encoder.layers
         last = len(layers) - 1 if stop_after is None else stop_after
         wanted = set(self.config.extract_layers)
-        activations, dtype = [], low_precision(x)  # bf16 blocks from bf16 copies of their weights (made once)
+        activations, dtype, scratch = [], low_precision(x), Scratch()  # bf16: from bf16 copies of the weights
         for i in range(last + 1):
-            x = run_frozen_block(layers[i], x, dtype) if can_run_frozen(layers[i]) else _run_clip_block(layers[i], x)
+            frozen = can_run_frozen(layers[i])
+            x = run_frozen_block(layers[i], x, dtype, scratch) if frozen else _run_clip_block(layers[i], x)
             if i in wanted:
                 activations.append(x)
         return x, activations, grid

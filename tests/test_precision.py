@@ -3,6 +3,7 @@
 import copy
 import json
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import model as model_module
 from clipseg import precision as precision_module
 from clipseg.precision import (
     PRECISIONS,
+    Scratch,
     can_run_frozen,
     cpu_has_vnni,
     default_precision,
@@ -158,15 +160,21 @@ def test_frozen_block_equals_the_layer_in_fp32_and_is_as_close_to_it_in_bf16_as_
     assert frozen.dtype == torch.float32  # the residual stream stays fp32
     assert 0 < error <= 2 * autocast_error and error < 0.01 * reference.abs().max()
     assert torch.equal(fp32, reference)  # fp32: the layer's arithmetic, bit for bit
+    scratch = Scratch()  # the buffers of a pass, reused by its next block: the same values as fresh ones
+    for dtype, context in ((None, nullcontext()), (torch.bfloat16, bf16_autocast())):
+        with torch.no_grad(), context:
+            fresh = run_frozen_block(layer, run_frozen_block(layer, x, dtype), dtype)
+            reused = run_frozen_block(layer, run_frozen_block(layer, x, dtype, scratch), dtype, scratch)
+        assert torch.equal(fresh, reused)
 
 
 def test_bf16_runs_each_vision_block_from_bf16_copies_and_masks_agree(model, monkeypatch):
     pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
     calls = []
 
-    def counted(layer, x, dtype):
+    def counted(layer, x, dtype, scratch):
         calls.append(dtype)
-        return run_frozen_block(layer, x, dtype)
+        return run_frozen_block(layer, x, dtype, scratch)
 
     monkeypatch.setattr(model_module, "run_frozen_block", counted)
     blocks = max(model.config.extract_layers) + 1

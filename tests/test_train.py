@@ -274,9 +274,9 @@ def test_bf16_resume_is_bitwise_exact(tmp_path, synthetic_root, monkeypatch):
     monkeypatch.setattr(training, "model_amp_dtype", lambda device: torch.bfloat16)
     dtypes = set()
 
-    def recorded(layer, x, dtype):
+    def recorded(layer, x, dtype, scratch):
         dtypes.add(dtype)
-        return run_frozen_block(layer, x, dtype)
+        return run_frozen_block(layer, x, dtype, scratch)
 
     monkeypatch.setattr(model_module, "run_frozen_block", recorded)
 
