@@ -37,7 +37,7 @@ from clipseg.baselines import DEFAULT_VIT, DeconvDecoder, ViTSegDecoder, tiny_vi
 from clipseg.config import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSegConfig, random_clip_config, tiny_config
 from clipseg.decoder import CLIPSegDecoder
 from clipseg.outputs import atomic_write, write_text
-from clipseg.precision import Scratch, can_run_frozen, low_precision, run_frozen_block
+from clipseg.precision import Scratch, can_run_frozen, low_precision, run_frozen_block, run_frozen_text
 from clipseg.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from clipseg.weights import (
     CONFIG_NAME,
@@ -307,7 +307,11 @@ class CLIPSeg(nn.Module):
         device = self.clip.text_projection.weight.device
         input_ids = input_ids.to(device)
         mask = attention_mask.to(device) if attention_mask is not None else None
-        hidden = self.clip.text_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        text, dtype = self.clip.text_model, low_precision(input_ids)
+        if dtype is not None and all(can_run_frozen(layer) for layer in text.encoder.layers):
+            hidden = run_frozen_text(text, input_ids, mask, dtype)  # bf16: from bf16 copies of the weights
+        else:
+            hidden = text(input_ids=input_ids, attention_mask=mask).last_hidden_state
         pooled = hidden[torch.arange(hidden.shape[0], device=device), input_ids.argmax(dim=-1)]
         return self.clip.text_projection(pooled)
 

@@ -27,6 +27,7 @@ from clipseg.precision import (
     quantize_vision_linears,
     resolve_precision,
     run_frozen_block,
+    run_frozen_text,
 )
 from model import CLIPSeg
 from predict import main
@@ -186,6 +187,25 @@ def test_bf16_runs_each_vision_block_from_bf16_copies_and_masks_agree(model, mon
     assert calls == [None] * blocks + [torch.bfloat16] * blocks
     assert 0 < (bf16 - fp32).abs().max() < 0.5
     assert mask_agreement(bf16, fp32) >= 0.99
+
+
+def test_text_tower_from_its_blocks_keeps_transformers_values_and_bf16_is_as_close_as_autocast(model, monkeypatch):
+    phrases = ["a red circle", "the large blue square on the left side", "sky"]  # padded to the longest
+    ids, mask = model.tokenize(phrases)
+    text = model.clip.text_model
+    with torch.no_grad():
+        for attention_mask in (mask, None):
+            ours = run_frozen_text(text, ids, attention_mask, None)
+            theirs = text(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+            kept = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            assert torch.equal(ours[kept], theirs[kept])  # fp32, bit for bit, on every token the mask keeps
+        reference = model.embed_token_ids(ids, mask)
+        with bf16_autocast():
+            frozen = model.embed_token_ids(ids, mask).float()
+            monkeypatch.setattr(model_module, "can_run_frozen", lambda layer: False)
+            autocast_only = model.embed_token_ids(ids, mask).float()
+    error, autocast_error = (frozen - reference).abs().max(), (autocast_only - reference).abs().max()
+    assert 0 < error <= 2 * autocast_error and error < 0.02 * reference.abs().max()
 
 
 def test_bf16_copies_are_made_once_and_follow_their_master_weights(tiny_dir):
