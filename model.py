@@ -37,7 +37,14 @@ from clipseg.baselines import DEFAULT_VIT, DeconvDecoder, ViTSegDecoder, tiny_vi
 from clipseg.config import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSegConfig, random_clip_config, tiny_config
 from clipseg.decoder import CLIPSegDecoder
 from clipseg.outputs import atomic_write, write_text
-from clipseg.precision import Scratch, can_run_frozen, low_precision, run_frozen_block, run_frozen_text
+from clipseg.precision import (
+    Scratch,
+    can_run_frozen,
+    low_precision,
+    patch_embedding,
+    run_frozen_block,
+    run_frozen_text,
+)
 from clipseg.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from clipseg.weights import (
     CONFIG_NAME,
@@ -135,6 +142,7 @@ class CLIPSeg(nn.Module):
         self.decoder = self.build_decoder(config)
         self._tokenizer = None
         self.text_cache: dict[str, Tensor] | None = None  # phrase -> (512,) text embedding, when enabled
+        self._positions: tuple | None = None  # (grid and table version, position embeddings): `_position_embedding`
 
     # -- construction and weights --------------------------------------------------------------------
 
@@ -447,18 +455,21 @@ class CLIPSeg(nn.Module):
         """Run CLIP's vision blocks 0..stop_after (all when None) on any (H, W) multiple of the patch size.
 
         Returns the last hidden state, the activations after each extracted block, and the patch grid."""
-        vision = self.clip.vision_model
-        self.check_pixels(pixel_values)
-        weight = vision.embeddings.patch_embedding.weight
-        patches = vision.embeddings.patch_embedding(pixel_values.to(weight.device, weight.dtype))
-        grid = (patches.shape[-2], patches.shape[-1])
+        vision, grid = self.clip.vision_model, self.check_pixels(pixel_values)
+        conv = vision.embeddings.patch_embedding
+        pixel_values = pixel_values.to(conv.weight.device, conv.weight.dtype)
+        dtype = low_precision(pixel_values)  # bf16: the products from bf16 copies of the weights, made once
+        if dtype is None:
+            patches = conv(pixel_values).flatten(2).transpose(1, 2)
+        else:
+            patches = patch_embedding(conv, pixel_values, dtype)
         cls_token = vision.embeddings.class_embedding.expand(patches.shape[0], 1, -1).to(patches.dtype)
-        x = torch.cat([cls_token, patches.flatten(2).transpose(1, 2)], dim=1)
+        x = torch.cat([cls_token, patches], dim=1)
         x = vision.pre_layrnorm(x + self._position_embedding(grid).to(x.dtype))
         layers = vision.encoder.layers
         last = len(layers) - 1 if stop_after is None else stop_after
         wanted = set(self.config.extract_layers)
-        activations, dtype, scratch = [], low_precision(x), Scratch()  # bf16: from bf16 copies of the weights
+        activations, scratch = [], Scratch()
         for i in range(last + 1):
             frozen = can_run_frozen(layers[i])
             x = run_frozen_block(layers[i], x, dtype, scratch) if frozen else _run_clip_block(layers[i], x)
@@ -467,15 +478,27 @@ class CLIPSeg(nn.Module):
         return x, activations, grid
 
     def _position_embedding(self, grid: tuple[int, int]) -> Tensor:
-        """CLIP's position embeddings, the patch part resized bicubically to `grid`: (1, 1 + h*w, width)."""
+        """CLIP's position embeddings, the patch part resized bicubically to `grid`: (1, 1 + h*w, width). Those of
+        the last grid are kept (remade when the table changes), except while the model is traced for an export (the
+        grid is symbolic there) or when the table takes gradients."""
         table = self.clip.vision_model.embeddings.position_embedding.weight
-        side = math.isqrt(table.shape[0] - 1)
-        cls_pos, patch_pos = table[:1], table[1:]
-        if grid != (side, side):
-            patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
-            patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
-        return torch.cat([cls_pos, patch_pos])[None]
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or (torch.is_grad_enabled() and table.requires_grad):
+            return _resized_positions(table, grid)
+        key = (grid, table.data_ptr(), table._version, table.device)
+        if self._positions is None or self._positions[0] != key:
+            self._positions = (key, _resized_positions(table, grid))
+        return self._positions[1]
+
+
+def _resized_positions(table: Tensor, grid: tuple[int, int]) -> Tensor:
+    """A (1 + s*s, width) position table, its patch part resized bicubically to `grid`: (1, 1 + h*w, width)."""
+    side = math.isqrt(table.shape[0] - 1)
+    cls_pos, patch_pos = table[:1], table[1:]
+    if grid != (side, side):
+        patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
+    return torch.cat([cls_pos, patch_pos])[None]
 
 
 def _run_clip_block(layer: nn.Module, x: Tensor) -> Tensor:

@@ -22,9 +22,9 @@ import argparse
 import functools
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -241,36 +241,59 @@ class FrozenBlockWeights(NamedTuple):
     fc2_bias: Tensor
 
 
-_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (signature, FrozenBlockWeights)
+_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (signature, its low-precision copies)
+
+
+def _copies_of(module: nn.Module, dtype: torch.dtype, masters: list[Tensor], make: Callable[[], Any]) -> Any:
+    """`make()` (copies of `masters` in `dtype`) the first time, then the same until a master changes: an in-place
+    load bumps its version, `.to()` gives it new storage. Kept outside the module: not in its state dict, not
+    copied with it."""
+    signature = (dtype, tuple((t.data_ptr(), t._version, t.device) for t in masters))
+    cached = _copies.get(module)
+    if cached is None or cached[0] != signature:
+        with torch.no_grad():
+            cached = _copies[module] = (signature, make())
+    return cached[1]
 
 
 def frozen_block_weights(layer: nn.Module, dtype: torch.dtype) -> FrozenBlockWeights:
-    """The linear weights of a frozen `CLIPEncoderLayer` in `dtype`, made once. q, k and v are one product; q/k/v
-    and fc1 carry their bias as an extra input column (a broadcast bias costs a pass over the product's output on
-    the CPU); for CLIP's quick GELU, 1.702 is folded into fc1 (and its inverse into fc2) so that the activation is
-    one `silu`. Autocast would cast every weight again on every call; these copies are remade only when a master
-    weight changes (an in-place load bumps its version; `.to()` gives it new storage). Kept outside the module:
-    not in its state dict, not copied with it."""
+    """The linear weights of a frozen `CLIPEncoderLayer` in `dtype`, made once (`_copies_of`: autocast would cast
+    every weight again on every call). q, k and v are one product; q/k/v and fc1 carry their bias as an extra input
+    column (a broadcast bias costs a pass over the product's output on the CPU); for CLIP's quick GELU, 1.702 is
+    folded into fc1 (and its inverse into fc2) so that the activation is one `silu`."""
     attention, mlp = layer.self_attn, layer.mlp
-    masters = [*_projections(attention), attention.out_proj, mlp.fc1, mlp.fc2]
-    signature = (dtype, tuple((t.data_ptr(), t._version, t.device) for m in masters for t in (m.weight, m.bias)))
-    cached = _copies.get(layer)
-    if cached is not None and cached[0] == signature:
-        return cached[1]
+    linears = [*_projections(attention), attention.out_proj, mlp.fc1, mlp.fc2]
     fold = QUICK_GELU_SCALE if _uses_quick_gelu(layer) else 1.0
-    projections = _projections(attention)
-    with torch.no_grad():
+
+    def make() -> FrozenBlockWeights:
+        q_k_v = _projections(attention)
         weights = FrozenBlockWeights(
-            qkv=_with_bias_column(torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections])),
+            qkv=_with_bias_column(torch.cat([p.weight for p in q_k_v]), torch.cat([p.bias for p in q_k_v])),
             out_weight=attention.out_proj.weight,
             out_bias=attention.out_proj.bias,
             fc1=_with_bias_column(mlp.fc1.weight * fold, mlp.fc1.bias * fold),
             fc2_weight=mlp.fc2.weight / fold,
             fc2_bias=mlp.fc2.bias,
         )
-        weights = FrozenBlockWeights(*(w.to(dtype) for w in weights))
-    _copies[layer] = (signature, weights)
-    return weights
+        return FrozenBlockWeights(*(w.to(dtype) for w in weights))
+
+    return _copies_of(layer, dtype, [t for m in linears for t in (m.weight, m.bias)], make)
+
+
+def patch_embedding(conv: nn.Conv2d, pixels: Tensor, dtype: torch.dtype) -> Tensor:
+    """CLIP's patch embedding (a convolution whose stride is its kernel) as one product in `dtype` with a copy of
+    its weight made once: (B, C, H, W) -> (B, h*w, width), the patches in the convolution's row-major order. Under
+    autocast the convolution took twice as long (its weight cast, its output reordered and transposed)."""
+    patch, width = conv.kernel_size[0], conv.out_channels
+
+    def make() -> tuple[Tensor, Tensor | None]:
+        return conv.weight.reshape(width, -1).to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+
+    weight, bias = _copies_of(conv, dtype, [t for t in (conv.weight, conv.bias) if t is not None], make)
+    batch, channels, height, image_width = pixels.shape
+    rows = pixels.reshape(batch, channels, height // patch, patch, image_width // patch, patch)
+    rows = rows.permute(0, 2, 4, 1, 3, 5).to(dtype, memory_format=torch.contiguous_format).reshape(-1, weight.shape[1])
+    return F.linear(rows, weight, bias).view(batch, -1, width)
 
 
 def _with_bias_column(weight: Tensor, bias: Tensor) -> Tensor:

@@ -272,6 +272,21 @@ def test_vision_tower_stops_at_the_deepest_extracted_block(tiny):
             hook.remove()
 
 
+def test_position_embeddings_are_resized_once_per_grid_and_follow_the_table(tiny_dir):
+    model = CLIPSeg.from_pretrained(tiny_dir).eval()
+    first = model._position_embedding((6, 5))
+    assert model._position_embedding((6, 5)) is first  # kept: no bicubic resize on every call
+    other = model._position_embedding((3, 4))
+    assert other.shape == (1, 1 + 3 * 4, first.shape[-1])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["clip.vision_model.embeddings.position_embedding.weight"] += 1.0
+    model.load_weights(state)  # a new table: resized again
+    renewed = model._position_embedding((6, 5))
+    torch.testing.assert_close(renewed, first + 1.0)  # bicubic weights sum to 1
+    model.clip.vision_model.embeddings.position_embedding.weight.requires_grad_(True)
+    assert model._position_embedding((6, 5)).requires_grad  # a table that learns is resized in the graph
+
+
 def test_rectangular_input_and_batch_of_one(tiny):
     with torch.no_grad():
         logits = tiny(torch.randn(1, 3, 352, 512), ["a cat"]).logits

@@ -21,6 +21,7 @@ from clipseg.precision import (
     cpu_has_vnni,
     default_precision,
     frozen_block_weights,
+    patch_embedding,
     precision_context,
     prepare_model,
     quantize_linears,
@@ -206,6 +207,21 @@ def test_text_tower_from_its_blocks_keeps_transformers_values_and_bf16_is_as_clo
             autocast_only = model.embed_token_ids(ids, mask).float()
     error, autocast_error = (frozen - reference).abs().max(), (autocast_only - reference).abs().max()
     assert 0 < error <= 2 * autocast_error and error < 0.02 * reference.abs().max()
+
+
+@pytest.mark.parametrize("bias", [False, True])  # CLIP's has none
+def test_patch_embedding_is_the_convolution_as_one_product(bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 24, kernel_size=8, stride=8, bias=bias)
+    pixels = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        reference = conv(pixels).flatten(2).transpose(1, 2)  # (B, h*w, width), row-major patches
+        torch.testing.assert_close(patch_embedding(conv, pixels, torch.float32), reference, rtol=1e-5, atol=1e-5)
+        with bf16_autocast():
+            bf16 = patch_embedding(conv, pixels, torch.bfloat16)
+            autocast_only = conv(pixels).flatten(2).transpose(1, 2)
+    assert bf16.dtype == torch.bfloat16
+    assert (bf16.float() - reference).abs().max() <= 2 * (autocast_only.float() - reference).abs().max()
 
 
 def test_bf16_copies_are_made_once_and_follow_their_master_weights(tiny_dir):
