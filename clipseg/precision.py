@@ -5,10 +5,14 @@
     with torch.no_grad(), precision_context(precision, device):
         logits = model(pixel_values, phrases).logits
 
-- `fp32`: the model as it is.
+- `fp32`: the model as it is (its frozen vision blocks through `run_frozen_block`: transformers' arithmetic, bit for
+  bit, in fewer tensors).
 - `bf16`: `torch.autocast` in `model.amp_dtype(device)` (what `--amp` always meant): bf16 on CPUs with native bf16
   (AVX512-BF16 or AMX) and on GPUs that have it, fp16 on older GPUs. On a CPU without native bf16 PyTorch would
-  emulate it several times slower than fp32, so `bf16` runs fp32 there, with a warning.
+  emulate it several times slower than fp32, so `bf16` runs fp32 there, with a warning. Under autocast the frozen
+  CLIP blocks (vision and text) and the patch embedding run from copies of their weights in the autocast dtype,
+  made once (`frozen_block_weights`, `patch_embedding`), not cast again on every call; the path follows the
+  autocast state, never the CPU, so tests force it anywhere.
 - `int8`: dynamic int8 quantisation of the `nn.Linear` layers of the vision blocks that the segmentation pass runs
   (blocks 0 .. max(extract_layers)) with PyTorch's own `torch.ao.quantization.quantize_dynamic` on the CPU
   (fbgemm/oneDNN kernels): int8 weights with a scale per output channel, activations quantised per call, to 8 bits
