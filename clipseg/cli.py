@@ -1,5 +1,7 @@
 """Argument types, help formatting and flag bookkeeping shared by the scripts' command lines: each type checks a
-value and says what is wrong with it in argparse's own error line. `stop` is how a script ends with a message."""
+value and says what is wrong with it in argparse's own error line. `stop` is how a script ends with a message. The
+model and data flags of the commands that score a model (score.py, failure_test.py) are built and checked here too
+(`add_model_arguments`, `add_data_arguments`, `check_common_arguments`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,14 @@ import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
+
+import torch
+
+import dataset as datasets
+from clipseg.benchmarks.protocols import BENCHMARKS
+from clipseg.loading import CHECKPOINTS_DIR, DATA_KINDS
+from clipseg.precision import add_precision_arguments, resolve_precision
+from clipseg.transforms import RESIZE_RULES
 
 BAD_INPUT = 2  # a model, data set, option or output path that cannot be used (argparse's usage errors are 2 too)
 NOTHING_DONE = 1  # the run went ahead but nothing could be processed, or its results could not be saved
@@ -123,3 +133,85 @@ def stop(message: str, code: int = BAD_INPUT) -> NoReturn:
     """End the script: `error: <message>` on stderr, exit status `code` (BAD_INPUT or NOTHING_DONE)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+# ------------------------------------------------------------------------------ the flags of the scoring commands
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, input size, batching, device, precision and resize flags of score.py and failure_test.py."""
+    parser.add_argument("--model", default=None, help="HF hub id, checkpoint directory or original .pth file")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a model inside the run or directory: best (the best validation of train.py --val-interval) or "
+        "iter_NNNNNN (--keep-checkpoints); default: the run's latest",
+    )
+    parser.add_argument(
+        "--backbone", default=None, help="CLIP backbone for an original .pth (default openai/clip-vit-base-patch16)"
+    )
+    parser.add_argument(
+        "--checkpoints-dir", default=str(CHECKPOINTS_DIR), help="parent folder of the runs (default %(default)s)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="side S the model sees, a multiple of the model's patch size (16 for the released models; default: "
+        "the model's)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (default %(default)s)")
+    parser.add_argument(
+        "--num-workers", type=int, default=2, help="DataLoader worker processes, 0 = main process (default %(default)s)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device, e.g. cpu, cuda:0 (default %(default)s)",
+    )
+    add_precision_arguments(parser)
+    parser.add_argument(
+        "--resize",
+        choices=RESIZE_RULES,
+        default="original",
+        help="how images are resized to the model's input: original = the authors' data pipeline (bilinear, "
+        "align_corners=True, no antialiasing), as the paper's numbers were measured; pil = PIL's antialiased "
+        "bilinear, as the HF processor does (default %(default)s)",
+    )
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data set, split and limit flags of score.py and failure_test.py."""
+    parser.add_argument(
+        "--data",
+        choices=DATA_KINDS + BENCHMARKS,
+        default="phrasecut",
+        help="phrasecut: the downloaded data set; synthetic: generated PhraseCut-format data (made if absent); "
+        "folder: your own JSONL/CSV index of image, phrase, mask; pascal5i, coco20i (one-shot), voc-zeroshot: the "
+        "paper's other benchmarks, see the benchmark options (default %(default)s)",
+    )
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help=f"phrasecut/synthetic: folder containing data/VGPhraseCut_v0 (default {datasets.DEFAULT_PHRASECUT_ROOT} "
+        f"/ {datasets.DEFAULT_SYNTHETIC_ROOT}); folder: the index file",
+    )
+    parser.add_argument("--split", default="test", help="split to score: train, val, test, miniv (default %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N samples")
+
+
+def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (argparse errors) the values of `add_model_arguments` and `add_data_arguments` that cannot run; resolve
+    the precision that will run."""
+    if args.image_size is not None and args.image_size <= 0:
+        parser.error(f"--image-size must be positive, got {args.image_size}")  # the patch is checked with the model
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    if args.num_workers < 0:
+        parser.error("--num-workers must be 0 or more")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+    try:  # the precision that will run: --precision, else the fastest that keeps fp32's masks (clipseg/precision.py)
+        args.precision = resolve_precision(args.precision, args.device, args.amp)
+    except ValueError as err:
+        parser.error(str(err))

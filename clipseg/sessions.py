@@ -9,7 +9,8 @@ at their next action.
 `retained_bytes` measures what an object graph holds in numpy arrays, torch tensors (each storage once), PIL images
 and bytes; modules (`torch.nn.Module`, such as a model that sessions share) are not followed.
 
-No Gradio and no model here: the app decides what a session holds (app.py); this module, how much and how long.
+No Gradio and no model here: the app decides what a session holds (clipseg/segmenter.py); this module, how much and
+how long.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How much the paper's AP depends on the integration rule (docs/original.md §8.3), measured on one model.
 
-Scores a PhraseCut-format test split once with `score.score` (fp32, the project's default pipeline), takes the
+Scores a PhraseCut-format test split once with `clipseg.scoring.score` (fp32, the project's default pipeline), takes the
 precision/recall points the paper's AP integrates (pooled counts of `PaperMetrics` at the 49 thresholds, points with
 something predicted, duplicates removed, sorted by recall) and integrates them three ways:
 
@@ -29,12 +29,14 @@ from pathlib import Path
 import numpy as np
 from scipy.integrate import simpson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for score.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for the clipseg package
 
-import score  # noqa: E402
+from clipseg.loading import LoadError, build_eval_dataset, input_side, load_model  # noqa: E402
+from clipseg.metrics import PaperMetrics  # noqa: E402
+from clipseg.scoring import score  # noqa: E402
 
 
-def curve_points(paper: score.PaperMetrics) -> tuple[np.ndarray, np.ndarray]:
+def curve_points(paper: PaperMetrics) -> tuple[np.ndarray, np.ndarray]:
     """(recall, precision) that the paper's AP integrates: `PaperMetrics.curves()` where tp + fp > 0, unique pairs
     sorted by recall (as `metrics.average_precision` takes them)."""
     curves, predicted = paper.curves(), paper.tp + paper.fp > 0
@@ -67,11 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     try:
-        model = score.load_model(args.model, None, "cpu", "fp32")
-        data = score.build_eval_dataset(args.data, args.data_root, args.split, score.input_side(model, None), None)
-    except score.ScoreError as err:
+        model = load_model(args.model, None, "cpu", "fp32")
+        data = build_eval_dataset(args.data, args.data_root, args.split, input_side(model, None), None)
+    except LoadError as err:
         sys.exit(f"error: {err}")
-    paper = score.score(model, data, precision="fp32").paper
+    paper = score(model, data, precision="fp32").paper
     recall, precision = curve_points(paper)
     if len(recall) < 4:
         sys.exit(f"only {len(recall)} distinct precision/recall points: nothing to compare")

@@ -1,20 +1,37 @@
 """Shared fixtures: small synthetic PhraseCut, VOC and COCO-20i data and a tiny model, made once per session, and
 the path of Debian's chromium for browser tests (`require` skips a test whose system package is missing, failing
-instead under CI=true).
+instead under CI=true). Shared helpers (imported `from conftest import ...`): the images, masks and hostile names
+that the predictor, predict.py, the segmenter and app.py tests feed in.
 
 32 images, seed 0: 61 train, 16 val, 10 test and 5 miniv tasks (score tests need at least 6 test tasks).
 """
 
+from __future__ import annotations
+
+import io
+import json
 import os
 import shutil
+import struct
+import zipfile
+import zlib
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
+from PIL import Image
+
+if TYPE_CHECKING:
+    from model import CLIPSeg
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SYNTHETIC_IMAGES = 32
 SYNTHETIC_SEED = 0
+NASTY_PROMPTS = ["../../etc/passwd", "/", "..", "a\x00b", "x" * 500, "猫 on the mat", "CON", "a/b\\c:d*e?"]
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +132,84 @@ def chromium() -> str:
     if path is None:
         require("chromium", "apt-get install chromium")
     return path
+
+
+# ------------------------------------------------------------------------------------------ images to feed in
+
+
+def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """Uniform noise, `width` x `height`, in mode RGB, RGBA or L."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+
+
+def write_support(tmp_path: Path) -> tuple[Path, Path]:
+    """An 80x60 support image and its 0/255 mask (a 30x30 box), as support.png and support_mask.png in `tmp_path`."""
+    support, mask = tmp_path / "support.png", tmp_path / "support_mask.png"
+    random_image(80, 60, seed=7).save(support)
+    mask_array = np.zeros((60, 80), dtype=np.uint8)
+    mask_array[10:40, 20:50] = 255
+    Image.fromarray(mask_array).save(mask)
+    return support, mask
+
+
+# ---------------------------------------------------------------------------------- the app's images and zips
+
+
+def scene(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A noisy background with a red disc on the left and a blue square on the right."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(60, 200, (height, width, 3), dtype=np.uint8)
+    ys, xs = np.mgrid[:height, :width]
+    disc = (xs - width * 0.3) ** 2 + (ys - height * 0.5) ** 2 < (min(width, height) * 0.2) ** 2
+    pixels[disc] = (220, 30, 30)
+    pixels[int(height * 0.3) : int(height * 0.7), int(width * 0.6) : int(width * 0.85)] = (30, 60, 220)
+    return Image.fromarray(pixels)
+
+
+def save(image: Image.Image, path: Path) -> Path:
+    image.save(path)
+    return path
+
+
+def box_mask(width: int, height: int, box: tuple[int, int, int, int]) -> Image.Image:
+    """A 0/255 mask, white inside `box` = (left, top, right, bottom)."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    left, top, right, bottom = box
+    mask[top:bottom, left:right] = 255
+    return Image.fromarray(mask)
+
+
+def huge_png(path: Path, width: int = 9000, height: int = 9000) -> Path:
+    """A PNG whose header claims `width` x `height` (its pixel data is a stub): rejected from its header alone."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    return path
+
+
+def read_zip(path: str | Path) -> tuple[dict[str, Image.Image], dict]:
+    """A masks zip -> ({name: mask image}, summary)."""
+    with zipfile.ZipFile(path) as archive:
+        masks = {n: Image.open(io.BytesIO(archive.read(n))) for n in archive.namelist() if n.endswith(".png")}
+        return masks, json.loads(archive.read("summary.json"))
+
+
+@contextmanager
+def vision_tower_calls(model: CLIPSeg):
+    """Counts passes through CLIP's vision tower (each starts with the patch embedding): yields a Counter."""
+    counts = Counter()
+    handle = model.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
+        lambda *_: counts.update(["vision"])
+    )
+    decoder = model.decoder.register_forward_hook(lambda *_: counts.update(["decoder"]))
+    try:
+        yield counts
+    finally:
+        handle.remove()
+        decoder.remove()

@@ -1,5 +1,6 @@
-"""app.py: the page's logic (Segmenter) on a tiny saved model, the server as raw HTTP clients and `gradio_client`
-see it (hostile payloads included), and the page itself in a real headless Chromium.
+"""app.py: the command line, the page over `clipseg.segmenter.Segmenter` (tests/test_segmenter.py tests the logic),
+the server as raw HTTP clients and `gradio_client` see it (hostile payloads included), and the page itself in a real
+headless Chromium.
 
 The server tests need Gradio (requirements-app.txt), the browser tests Playwright too and Debian's `chromium`; they
 skip locally when one is missing, naming it, and fail under CI=true.
@@ -14,31 +15,25 @@ import json
 import os
 import shutil
 import socket
-import struct
 import sys
 import tempfile
 import time
 import uuid
-import zipfile
-import zlib
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import require  # noqa: E402
+from conftest import box_mask, huge_png, read_zip, require, save, scene, vision_tower_calls  # noqa: E402
 
 import app  # noqa: E402
-from clipseg.outputs import is_safe_name  # noqa: E402
-from clipseg.sessions import MB, retained_bytes  # noqa: E402
+from clipseg.segmenter import DEFAULT_THRESHOLD, DEMO_MODEL, NATIVE, Output, Segmenter  # noqa: E402
+from clipseg.sessions import MB  # noqa: E402
 from model import CLIPSeg  # noqa: E402
-from predict import Predictor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSER_FLAGS = [
@@ -53,64 +48,7 @@ BROWSER_FLAGS = [
 WAIT_MS = 90_000  # the slowest step (first segmentation on a loaded 2-core machine) takes a few seconds
 
 
-# ------------------------------------------------------------------------------------------------- inputs
-
-
-def scene(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A noisy background with a red disc on the left and a blue square on the right."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(60, 200, (height, width, 3), dtype=np.uint8)
-    ys, xs = np.mgrid[:height, :width]
-    disc = (xs - width * 0.3) ** 2 + (ys - height * 0.5) ** 2 < (min(width, height) * 0.2) ** 2
-    pixels[disc] = (220, 30, 30)
-    pixels[int(height * 0.3) : int(height * 0.7), int(width * 0.6) : int(width * 0.85)] = (30, 60, 220)
-    return Image.fromarray(pixels)
-
-
-def save(image: Image.Image, path: Path) -> Path:
-    image.save(path)
-    return path
-
-
-def box_mask(width: int, height: int, box: tuple[int, int, int, int]) -> Image.Image:
-    """A 0/255 mask, white inside `box` = (left, top, right, bottom)."""
-    mask = np.zeros((height, width), dtype=np.uint8)
-    left, top, right, bottom = box
-    mask[top:bottom, left:right] = 255
-    return Image.fromarray(mask)
-
-
-def huge_png(path: Path, width: int = 9000, height: int = 9000) -> Path:
-    """A PNG whose header claims `width` x `height` (its pixel data is a stub): rejected from its header alone."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
-    return path
-
-
-def read_zip(path: str | Path) -> tuple[dict[str, Image.Image], dict]:
-    """A masks zip -> ({name: mask image}, summary)."""
-    with zipfile.ZipFile(path) as archive:
-        masks = {n: Image.open(io.BytesIO(archive.read(n))) for n in archive.namelist() if n.endswith(".png")}
-        return masks, json.loads(archive.read("summary.json"))
-
-
-@contextmanager
-def vision_tower_calls(model: CLIPSeg):
-    """Counts passes through CLIP's vision tower (each starts with the patch embedding): yields a Counter."""
-    counts = Counter()
-    handle = model.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
-        lambda *_: counts.update(["vision"])
-    )
-    decoder = model.decoder.register_forward_hook(lambda *_: counts.update(["decoder"]))
-    try:
-        yield counts
-    finally:
-        handle.remove()
-        decoder.remove()
+# ---------------------------------------------------------------------------------------------- the model
 
 
 @pytest.fixture(scope="module")
@@ -121,250 +59,10 @@ def model(tiny_checkpoints):
 
 @pytest.fixture
 def segmenter(model, tmp_path):
-    return app.Segmenter(model, "tiny", workdir=tmp_path)
+    return Segmenter(model, "tiny", workdir=tmp_path)
 
 
-# ------------------------------------------------------------------------------------------- the logic
-
-
-def test_prompts_split_on_lines_and_commas_keep_order_and_drop_repeats():
-    assert app.parse_prompts("a cat, the sofa\n\n  sky  \n a cat,") == ["a cat", "the sofa", "sky"]
-    assert app.parse_prompts("  ,\n ") == [] and app.parse_prompts(None) == []
-
-
-def test_two_prompts_give_overlay_heatmaps_and_a_zip_of_original_size_masks(model, segmenter, tmp_path):
-    image = save(scene(203, 151), tmp_path / "room.png")
-    session, out = segmenter.segment(None, str(image), "red disc\nblue square", threshold=0.4)
-
-    assert out.ok, out.message
-    assert out.overlay.size == (203, 151)  # small images are previewed at their size
-    assert [caption.split(" (")[0] for _, caption in out.heatmaps] == ["red disc", "blue square"]
-    masks, summary = read_zip(out.zip_path)
-    assert len(masks) == 2 and all(m.size == (203, 151) and m.mode == "L" for m in masks.values())
-    predictor = Predictor(model)
-    predictor.set_image(str(image))
-    probs = predictor.predict(phrases=["red disc", "blue square"])
-    for entry, prob in zip(summary["images"][0]["prompts"], probs):
-        mask = np.asarray(masks[entry["files"]["mask"]])
-        assert set(np.unique(mask)) <= {0, 255}
-        np.testing.assert_array_equal(mask > 0, prob > 0.4)  # the CLI's masks, to the pixel
-        assert entry["area_fraction"] == pytest.approx((prob > 0.4).mean(), abs=1e-6)
-        assert entry["max_probability"] == pytest.approx(prob.max(), abs=1e-6)
-    assert 0 < (probs > 0.4).mean() < 1  # a mask that is neither empty nor everything
-    assert summary["threshold"] == 0.4 and summary["square"] is False and summary["processed"] == 1
-    assert summary["images"][0] | {"prompts": None} == {
-        "image": "room.png",
-        "width": 203,
-        "height": 151,
-        "inference_size": [80, 64],
-        "prompts": None,
-    }
-    assert "read + encode image" in out.message and "decode" in out.message
-
-
-def test_prompt_changes_reuse_the_encoded_image_and_threshold_changes_run_no_model(model, segmenter, tmp_path):
-    image = save(scene(120, 90), tmp_path / "a.png")
-    with vision_tower_calls(model) as calls:
-        session, out = segmenter.segment(None, str(image), "red disc")
-        assert calls == {"vision": 1, "decoder": 1}
-        session, out = segmenter.segment(session, str(image), "blue square, sky")
-        assert calls == {"vision": 1, "decoder": 2} and "read + encode image cached" in out.message
-        before, old_zip = out.summary["images"][0]["prompts"][0]["area_fraction"], Path(out.zip_path)
-        session, out = segmenter.rethreshold(session, 0.9)
-        assert calls == {"vision": 1, "decoder": 2} and out.ok
-        assert Path(out.zip_path).is_file() and not old_zip.exists()  # a session keeps one zip on disk
-        assert out.summary["images"][0]["prompts"][0]["area_fraction"] < before
-        assert out.summary["threshold"] == 0.9 and "Re-thresholded at 0.90" in out.message
-        session, out = segmenter.segment(session, str(image), "sky", geometry=segmenter.square_label)
-        assert calls["vision"] == 2 and out.summary["images"][0]["inference_size"] == [64, 64]
-        session, out = segmenter.segment(session, str(save(scene(120, 90, seed=1), tmp_path / "b.png")), "sky")
-        assert calls["vision"] == 3
-        other, out = segmenter.segment(None, str(image), "sky")  # another session encodes its own image
-        assert calls["vision"] == 4
-    segmenter.forget(other)  # when a closed tab's state expires
-    assert not Path(out.zip_path).exists()
-
-
-def test_image_prompt_with_an_uploaded_mask_equals_the_predictors_support_prompt(model, segmenter, tmp_path):
-    image = save(scene(160, 120), tmp_path / "query.png")
-    support = save(scene(100, 80, seed=3), tmp_path / "support.png")
-    mask = save(box_mask(100, 80, (10, 20, 50, 70)), tmp_path / "mask.png")
-    with vision_tower_calls(model) as calls:
-        session, out = segmenter.segment(None, str(image), "red disc", support=str(support), support_mask=str(mask))
-        assert calls["vision"] == 2  # the image and the support
-        session, out = segmenter.segment(session, str(image), "sky", support=str(support), support_mask=str(mask))
-        assert calls["vision"] == 2  # neither is encoded again
-
-    assert out.ok, out.message
-    entries = out.summary["images"][0]["prompts"]
-    assert [(e["prompt"], e["kind"]) for e in entries] == [("sky", "text"), ("visual: support.png", "visual")]
-    predictor = Predictor(model)
-    predictor.set_image(str(image))
-    expected = predictor.predict(support=[(support, mask)])[0]
-    np.testing.assert_allclose(session.result.probabilities(index=1), expected, atol=1e-5)
-    masks, _ = read_zip(out.zip_path)
-    assert np.asarray(masks[entries[1]["files"]["mask"]]).shape == (120, 160)
-
-
-def test_strokes_painted_on_the_support_image_are_its_mask(segmenter, tmp_path):
-    image = save(scene(160, 120), tmp_path / "query.png")
-    support = save(scene(100, 80, seed=3), tmp_path / "support.png")
-    layer = np.zeros((80, 100, 4), dtype=np.uint8)
-    layer[20:70, 10:50] = (255, 48, 48, 255)  # the brush's colour, opaque
-    layer_path = save(Image.fromarray(layer, "RGBA"), tmp_path / "layer_0.png")
-    mask = save(box_mask(100, 80, (10, 20, 50, 70)), tmp_path / "mask.png")
-
-    editor = {
-        "background": {"path": str(support), "orig_name": "background.png"},
-        "layers": [{"path": str(layer_path)}],
-    }
-    painted_session, painted = segmenter.segment(None, str(image), "", support=editor)
-    uploaded_session, uploaded = segmenter.segment(None, str(image), "", support=str(support), support_mask=str(mask))
-
-    assert painted.ok, painted.message
-    torch.testing.assert_close(painted_session.result.logits, uploaded_session.result.logits, rtol=0, atol=0)
-    assert app.painted_mask([{"path": str(layer_path)}], (200, 160)).shape == (160, 200)  # a scaled canvas
-
-
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-def test_bad_inputs_get_a_message_not_an_exception(segmenter, tmp_path):
-    image = str(save(scene(64, 48), tmp_path / "ok.png"))
-    support = str(save(scene(100, 80, seed=3), tmp_path / "support.png"))
-    (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
-    cases = {
-        "Upload, paste or photograph an image first": dict(image=None, prompts_text="cat"),
-        "'broken.jpg' cannot be used: cannot decode": dict(image=str(tmp_path / "broken.jpg"), prompts_text="cat"),
-        "cannot be used: too large (9000x9000": dict(image=str(huge_png(tmp_path / "huge.png")), prompts_text="cat"),
-        "Enter at least one text prompt": dict(image=image, prompts_text=" , \n"),
-        "21 prompts given; at most 20": dict(image=image, prompts_text=",".join(f"thing {i}" for i in range(21))),
-        "is 30x30 but the support image is 100x80": dict(
-            image=image,
-            prompts_text="",
-            support=support,
-            support_mask=str(save(box_mask(30, 30, (0, 0, 10, 10)), tmp_path / "small.png")),
-        ),
-        "has a mask but no support image": dict(image=image, prompts_text="", support_mask=support),
-        "The image prompt has no object": dict(image=image, prompts_text="", support={"background": support}),
-        "The threshold must be in [0, 1)": dict(image=image, prompts_text="cat", threshold=1.5),
-    }
-    session = None
-    for expected, inputs in cases.items():
-        session, out = segmenter.segment(session, **inputs)
-        assert not out.ok and out.message.startswith("**Error:**") and expected in out.message, out.message
-        assert out.zip_path is None and not out.heatmaps
-    session, out = segmenter.rethreshold(session, 0.5)
-    assert not out.ok and "Segment an image first" in out.message
-
-
-def test_a_model_whose_outputs_overflow_gets_a_message_not_a_traceback(overflowing_checkpoint, tmp_path, capsys):
-    segmenter = app.Segmenter(CLIPSeg.from_pretrained(overflowing_checkpoint), "overflowing", workdir=tmp_path)
-    session, out = segmenter.segment(None, str(save(scene(64, 48), tmp_path / "ok.png")), "cat")
-    assert not out.ok and out.zip_path is None and "NaN or infinite" in out.message, out.message
-    assert "Traceback" not in capsys.readouterr().err and session.result is None
-
-
-def test_prompts_over_the_limits_are_refused_at_once_naming_the_limit(model, segmenter, tmp_path):
-    image = str(save(scene(64, 48), tmp_path / "ok.png"))
-    cases = {
-        "The prompts are 2,000,000 characters long; at most 20,020 (20 prompts of at most 1,000 characters)": (
-            "cat " * 500_000
-        ),
-        "is 1,199 characters long; a prompt has at most 1,000 characters (CLIP reads at most 77 tokens)": "x " * 600,
-        "has a word of 600 characters; a word has at most 500 characters": "a " + "y" * 600,
-    }
-    started = time.perf_counter()
-    with vision_tower_calls(model) as calls:
-        for expected, text in cases.items():
-            _, out = segmenter.segment(None, image, text)
-            assert not out.ok and out.message.startswith("**Error:**") and expected in out.message, out.message
-    assert calls == {} and time.perf_counter() - started < 2  # refused before any model work
-
-
-def test_hostile_prompts_get_safe_names_in_the_zip(segmenter, tmp_path):
-    prompts = ["../../etc/passwd", "/", "..", "a\x00b", "CON", "a/b\\c:d*e?", "猫 on the mat", "x" * 500]
-    with pytest.warns(UserWarning, match="truncated"):  # the 500-character prompt exceeds CLIP's 77 tokens
-        _, out = segmenter.segment(None, str(save(scene(64, 48), tmp_path / "ok.png")), "\n".join(prompts))
-    assert out.ok, out.message
-    with zipfile.ZipFile(out.zip_path) as archive:
-        names = archive.namelist()
-    stems = [name.removesuffix(".mask.png") for name in names if name != "summary.json"]
-    assert len(set(stems)) == len(prompts) and all(is_safe_name(stem) for stem in stems), names
-
-
-def test_the_phrase_cache_stays_bounded(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(app, "MAX_CACHED_PHRASES", 5, raising=False)
-    segmenter = app.Segmenter(model, "tiny", workdir=tmp_path)
-    image = str(save(scene(80, 60), tmp_path / "a.png"))
-    for phrases in (["red", "blue"], ["green", "sky", "sun"], ["red", "moon"]):  # "red" is cached, least recently used
-        session, out = segmenter.segment(None, image, ", ".join(phrases))
-        assert out.ok, out.message
-        assert len(model.text_cache) <= 5
-    assert set(model.text_cache) == {"green", "sky", "sun", "red", "moon"}
-    predictor = Predictor(model)
-    predictor.set_image(image)
-    expected = predictor.predict(phrases=["red", "moon"])
-    np.testing.assert_allclose(session.result.probabilities(), expected, atol=1e-6)
-
-
-def test_a_session_keeps_under_64_mb_with_a_4096_image_and_20_prompts(tiny_checkpoint, tmp_path):
-    model = CLIPSeg.from_pretrained(tiny_checkpoint("at352", image_size=352)).eval()  # the released models' size
-    pixels = np.zeros((4096, 4096, 3), dtype=np.uint8)
-    pixels[:, :2048] = (220, 30, 30)
-    pixels[1000:3000, 2500:3500] = (30, 60, 220)
-    path = save(Image.fromarray(pixels), tmp_path / "big.png")
-    segmenter = app.Segmenter(model, "tiny", workdir=tmp_path)
-    session, out = segmenter.segment(None, str(path), "\n".join(f"thing {i}" for i in range(20)))
-    assert out.ok, out.message
-    held = retained_bytes(session)  # the image's features, a preview and the logits; README: about 50 MB at most
-    assert held < 64 * MB, f"{held / MB:.0f} MB"
-    with zipfile.ZipFile(out.zip_path) as archive:
-        masks = [name for name in archive.namelist() if name.endswith(".png")]
-        assert len(masks) == 20 and Image.open(archive.open(masks[-1])).size == (4096, 4096)
-
-
-def test_the_least_recently_used_session_is_dropped_when_all_hold_too_much(model, tmp_path):
-    segmenter = app.Segmenter(model, "tiny", workdir=tmp_path, memory_mb=0.25)
-    image = str(save(scene(203, 151), tmp_path / "room.png"))
-    first, out = segmenter.segment(None, image, "red disc")
-    assert out.ok and 0.125 * MB < retained_bytes(first) <= 0.25 * MB  # one page fits, two do not
-    second, out = segmenter.segment(None, image, "sky")
-    assert out.ok and second.result is not None and first.result is None and first.encoded is None
-    assert segmenter.sessions.total_bytes <= 0.25 * MB and len(segmenter.sessions) == 1
-    first, out = segmenter.rethreshold(first, 0.5)
-    assert not out.ok and "dropped because the server keeps at most 0.25 MB of results for all pages" in out.message
-    assert "Press Segment to compute it again" in out.message
-    first, out = segmenter.segment(first, image, "red disc")
-    assert out.ok and "earlier image and result had been dropped" in out.message
-    assert second.result is None and second.dropped is not None  # now the second was the least recently used
-
-
-def test_a_session_unused_for_the_idle_time_is_dropped(model, tmp_path):
-    now = [0.0]
-    segmenter = app.Segmenter(model, "tiny", workdir=tmp_path, idle_minutes=10, clock=lambda: now[0])
-    image = str(save(scene(80, 60), tmp_path / "a.png"))
-    idle, _ = segmenter.segment(None, image, "red disc")
-    zip_dir = idle.zip_dir
-    now[0] += 9 * 60
-    busy, _ = segmenter.segment(None, image, "sky")
-    assert idle.result is not None
-    now[0] += 2 * 60
-    busy, out = segmenter.rethreshold(busy, 0.4)  # any request drops what was idle too long
-    assert out.ok and idle.result is None and idle.encoded is None and not zip_dir.exists()
-    _, out = segmenter.rethreshold(idle, 0.5)
-    assert not out.ok and "dropped because it was not used for 10 minutes" in out.message
-
-
-def test_a_closed_page_is_freed_without_waiting_for_a_running_segmentation(segmenter, tmp_path):
-    import threading
-
-    session, _ = segmenter.segment(None, str(save(scene(80, 60), tmp_path / "a.png")), "sky")
-    zip_dir = session.zip_dir
-    with segmenter._lock:  # as while another page is segmented; Gradio calls forget from its event loop
-        closing = threading.Thread(target=segmenter.forget, args=(session,))
-        closing.start()
-        closing.join(timeout=5)
-        assert not closing.is_alive()
-    assert session.result is None and not zip_dir.exists() and len(segmenter.sessions) == 0
+# --------------------------------------------------------------------------------------- the command line
 
 
 def test_without_a_model_the_page_says_how_to_get_one(tmp_path):
@@ -376,7 +74,7 @@ def test_without_a_model_the_page_says_how_to_get_one(tmp_path):
     (demo / "config.json").write_text("{}")
     assert app.resolve_model(None, demo=demo) == str(demo)
     assert app.resolve_model(None, "iter_000500", demo=demo) == str(demo / "iter_000500")
-    _, out = app.Segmenter(None, "none", workdir=tmp_path).segment(None, None, "cat")
+    _, out = Segmenter(None, "none", workdir=tmp_path).segment(None, None, "cat")
     assert not out.ok and "make demo" in out.message and "--model CIDAS/clipseg-rd64-refined" in out.message
 
 
@@ -431,9 +129,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(segmenter: app.Segmenter, notice: str | None = None):
+def serving(segmenter: Segmenter, notice: str | None = None):
     """The app on a free local port: yields its URL."""
-    page = app.build_page(segmenter, app.DEFAULT_THRESHOLD, notice)
+    page = app.build_page(segmenter, DEFAULT_THRESHOLD, notice)
     url, _ = app.launch(page, free_port())
     try:
         yield url
@@ -526,7 +224,7 @@ def browser(chromium, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model, browser, tmp_path_factory):
-    segmenter = app.Segmenter(model, "tiny", workdir=tmp_path_factory.mktemp("app"))
+    segmenter = Segmenter(model, "tiny", workdir=tmp_path_factory.mktemp("app"))
     with serving(segmenter) as url:
         yield url, segmenter
 
@@ -639,7 +337,7 @@ def test_browser_bad_inputs_show_their_message(served, browser, tmp_path):
 def api_server(model, tmp_path_factory):
     """The app on a free local port (no browser): yields its URL."""
     gradio_or_skip()
-    with serving(app.Segmenter(model, "tiny", workdir=tmp_path_factory.mktemp("api"))) as url:
+    with serving(Segmenter(model, "tiny", workdir=tmp_path_factory.mktemp("api"))) as url:
         yield url
 
 
@@ -713,14 +411,14 @@ def test_the_server_reads_no_file_a_client_names_outside_its_upload_folder(api_s
     ]
     for image, support, support_mask, expected in cases:
         started = time.perf_counter()
-        reply = segment_request(url, [None, image, "red disc", support, support_mask, 0.3, app.NATIVE])
+        reply = segment_request(url, [None, image, "red disc", support, support_mask, 0.3, NATIVE])
         assert time.perf_counter() - started < 10, (image, reply)  # a FIFO never hangs the queue
         assert expected in status_of(reply) and "Segmented" not in json.dumps(reply), (image, reply)
         assert not reply.get("success") or reply["output"]["data"][2] is None  # no overlay
     from gradio_client import Client, handle_file
 
     status, overlay, *_ = Client(url, verbose=False).predict(
-        handle_file(planted), "red disc", None, None, 0.3, app.NATIVE, api_name="/segment"
+        handle_file(planted), "red disc", None, None, 0.3, NATIVE, api_name="/segment"
     )
     assert status.startswith("Segmented `planted.png`") and Image.open(overlay).size == (64, 48)  # uploaded: fine
 
@@ -759,13 +457,13 @@ def test_the_queue_holds_at_most_max_queue_requests(model, tmp_path, monkeypatch
     import httpx
 
     gradio_or_skip()
-    segmenter, release = app.Segmenter(model, "tiny", workdir=tmp_path), threading.Event()
-    monkeypatch.setattr(segmenter, "segment", lambda session, *_: release.wait(30) and (session, app.Output("done")))
+    segmenter, release = Segmenter(model, "tiny", workdir=tmp_path), threading.Event()
+    monkeypatch.setattr(segmenter, "segment", lambda session, *_: release.wait(30) and (session, Output("done")))
     with serving(segmenter) as url:
         config = httpx.get(url + "config").json()
         (button,) = [c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "segment"]
         (fn_index,) = [d["id"] for d in config["dependencies"] if [button, "click"] in d["targets"]]
-        data = [None, None, "cat", None, None, 0.3, app.NATIVE]
+        data = [None, None, "cat", None, None, 0.3, NATIVE]
         with httpx.Client(base_url=url) as client:
             replies = [
                 client.post("gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": str(i)})
@@ -810,7 +508,7 @@ def test_the_server_listens_on_loopback_only_and_serves_no_file_outside_its_cach
 
 def make_screenshot(model_source: str, destination: str, executable: str = "/usr/bin/chromium") -> None:
     """Segment the first example image with its prompts in the page and save a screenshot of the page."""
-    segmenter = app.Segmenter(app.load_model(model_source, None), model_source)
+    segmenter = Segmenter(app.load_model(model_source, None), model_source)
     with serving(segmenter) as url, chromium_context(executable, tempfile.mkdtemp()) as context:
         tab = open_page(context, url)
         name, prompts = app.EXAMPLES[0]
@@ -829,7 +527,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Save a screenshot of the app segmenting an example image.")
-    parser.add_argument("--model", default=str(app.DEMO_MODEL))
+    parser.add_argument("--model", default=str(DEMO_MODEL))
     parser.add_argument("--screenshot", default="docs/app.png")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     cli = parser.parse_args()

@@ -18,10 +18,10 @@ import train
 from clipseg import runs, train_args
 from clipseg.baselines import DeconvDecoder, tiny_vit_config
 from clipseg.config import CLIPSegConfig, default_extract_layers, random_clip_config, tiny_clip_config, tiny_config
+from clipseg.predictor import Predictor
 from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clipseg.weights import CheckpointError
 from model import CLIPDeconv, CLIPSeg, ViTSeg, count_parameters
-from predict import Predictor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY = ["--backbone=tiny", "--device=cpu", "--image-size=64", "--batch-size=4", "--num-workers=0", "--log-every=1"]

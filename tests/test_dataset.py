@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_preprocess import find_crop_reference, original_pipeline, skimage_union
+from test_augment import find_crop_reference
+from test_rasterise import skimage_union
+from test_transforms import original_pipeline
 
 import dataset
 from clipseg.images import open_rgb

@@ -1,4 +1,5 @@
-"""export.py and onnx_backend.py: the ONNX graphs against PyTorch, the manifest, predict.py --backend onnx.
+"""export.py, clipseg.onnx.export and clipseg.onnx.backend: the ONNX graphs against PyTorch, the manifest,
+predict.py --backend onnx.
 
 The export (about 40 s on 2 cores: torch.export traces four graphs) runs once per module, through export.py's CLI.
 Needs requirements-export.txt (`make test` installs it); skipped with a message elsewhere, never in CI.
@@ -25,10 +26,11 @@ for _package in ("onnx", "onnxscript", "onnxruntime"):
             raise
         pytest.skip(f"{_package} is not installed: pip install -r requirements-export.txt", allow_module_level=True)
 
-import export  # noqa: E402
 from clipseg import outputs  # noqa: E402
+from clipseg.onnx import export as onnx_export  # noqa: E402
 from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, OnnxBackendError, OnnxCLIPSeg  # noqa: E402
 from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from export import main as export_main  # noqa: E402
 from model import CLIPSeg  # noqa: E402
 from predict import main as predict_main  # noqa: E402
 
@@ -51,7 +53,7 @@ def model(tiny_dir):
 @pytest.fixture(scope="module")
 def exported(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx")
-    assert export.main([str(tiny_dir), str(out)]) == 0
+    assert export_main([str(tiny_dir), str(out)]) == 0
     return out
 
 
@@ -90,7 +92,7 @@ def test_onnx_batches_text_and_image_prompts_match_pytorch(model, runner):
 
 def test_manifest_describes_the_graphs(exported, model):
     manifest = json.loads((exported / MANIFEST_NAME).read_text())
-    assert manifest["opset"] == export.OPSET == 20
+    assert manifest["opset"] == onnx_export.OPSET == 20
     assert {name: graph["file"] for name, graph in manifest["graphs"].items()} == GRAPH_FILES
     assert all((exported / file).is_file() for file in GRAPH_FILES.values())
     encoder, decoder = manifest["graphs"]["image_encoder"], manifest["graphs"]["decoder"]
@@ -113,7 +115,7 @@ def test_manifest_describes_the_graphs(exported, model):
 def test_plain_head_decoder_exports_too(tmp_path):
     torch.manual_seed(0)
     plain = CLIPSeg.from_backbone("tiny").eval()
-    export.export_decoder(plain, tmp_path)
+    onnx_export.export_decoder(plain, tmp_path)
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(tmp_path / GRAPH_FILES["decoder"]), providers=["CPUExecutionProvider"])
@@ -123,7 +125,7 @@ def test_plain_head_decoder_exports_too(tmp_path):
             conditional = torch.randn(prompts, plain.config.clip.projection_dim)
             expected = plain.decode(features, conditional).numpy()
         feed = {"grid": np.array(features.grid), "conditional": conditional.numpy()}
-        feed |= {name: a.numpy() for name, a in zip(export.activation_names(plain), features.activations)}
+        feed |= {name: a.numpy() for name, a in zip(onnx_export.activation_names(plain), features.activations)}
         assert np.abs(session.run(None, feed)[0] - expected).max() <= TOLERANCE
 
 
@@ -198,7 +200,7 @@ def test_missing_onnxruntime_or_export_is_a_clear_error(exported, tmp_path, monk
         "needs onnxruntime, which is not installed: pip install -r requirements-export.txt" in capsys.readouterr().err
     )
     with pytest.raises(OnnxBackendError, match="requirements-export.txt"):
-        export.export(CLIPSeg.from_backbone("tiny"), tmp_path / "never")
+        onnx_export.export(CLIPSeg.from_backbone("tiny"), tmp_path / "never")
 
 
 def test_runner_rejects_what_it_cannot_run(runner):
@@ -215,7 +217,7 @@ def test_an_unwritable_export_folder_stops_before_the_model_is_loaded(tmp_path, 
     monkeypatch.setattr(CLIPSeg, "from_pretrained", lambda *a, **k: pytest.fail("loaded before out_dir was checked"))
     (tmp_path / "a_file").write_text("in the way")
     with pytest.raises(SystemExit) as exit_info:
-        export.main(["some/model", str(tmp_path / "a_file" / "export")])
+        export_main(["some/model", str(tmp_path / "a_file" / "export")])
     assert exit_info.value.code == 2 and "a_file is a file, not a folder" in capsys.readouterr().err
 
 
@@ -243,8 +245,8 @@ def test_manifest_records_each_graphs_sha256(exported):
 def test_a_swapped_decoder_with_the_same_inputs_and_outputs_is_refused(exported, tmp_path, capsys):
     copy = export_copy(exported, tmp_path)
     torch.manual_seed(7)
-    export.export_decoder(CLIPSeg.from_backbone("tiny", refined=True).eval(), copy)  # valid, other weights
-    ours, theirs = (export.graph_signature(folder / "decoder.onnx") for folder in (copy, exported))
+    onnx_export.export_decoder(CLIPSeg.from_backbone("tiny", refined=True).eval(), copy)  # valid, other weights
+    ours, theirs = (onnx_export.graph_signature(folder / "decoder.onnx") for folder in (copy, exported))
     assert (ours["inputs"], ours["outputs"]) == (theirs["inputs"], theirs["outputs"])
     with pytest.raises(OnnxBackendError, match=rf"{copy / 'decoder.onnx'}: its SHA-256 .* is not the .* manifest"):
         OnnxCLIPSeg(copy)
@@ -273,7 +275,7 @@ def outside_reference_graph(location: str):
         weight.external_data.add(key=key, value=value)
     output = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])
     graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["w"], ["y"])], "g", [], [output], [weight])
-    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", export.OPSET)])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", onnx_export.OPSET)])
 
 
 @pytest.mark.parametrize("location", ["../outside.bin", "{outside}", "link.bin"])
@@ -328,8 +330,8 @@ def test_a_manifest_that_is_not_a_json_object_is_refused(exported, tmp_path, tex
 
 def test_export_checks_the_disk_space_of_its_output_folder_before_the_work(tiny_dir, tmp_path, monkeypatch, capsys):
     exported_graphs = []
-    monkeypatch.setattr(export, "export_graph", lambda *args: exported_graphs.append(args))
+    monkeypatch.setattr(onnx_export, "export_graph", lambda *args: exported_graphs.append(args))
     monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 10**5))
-    assert export.main([str(tiny_dir), str(tmp_path / "full")]) == 2
+    assert export_main([str(tiny_dir), str(tmp_path / "full")]) == 2
     assert f"not enough disk space for {tmp_path / 'full'}: the export needs about" in capsys.readouterr().err
     assert exported_graphs == []

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 import dataset
-import score
 from clipseg.inference import ImageGroups, predict_tasks
+from clipseg.scoring import score
 from model import CLIPSeg
 
 SIZE = 64
@@ -50,8 +50,8 @@ def test_every_task_once_and_every_image_encoded_once(data):
 
 
 def test_grouped_scoring_equals_one_pass_per_task(model, data, tmp_path):
-    grouped = score.score(model, data, batch_size=6, save_predictions=tmp_path / "grouped")
-    single = score.score(model, data, batch_size=6, save_predictions=tmp_path / "single", group_by_image=False)
+    grouped = score(model, data, batch_size=6, save_predictions=tmp_path / "grouped")
+    single = score(model, data, batch_size=6, save_predictions=tmp_path / "single", group_by_image=False)
     for key, value in grouped.paper.compute().items():
         assert value == pytest.approx(single.paper.compute()[key], abs=1e-9), key
     official, reference = grouped.official.compute(), single.official.compute()

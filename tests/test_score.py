@@ -1,5 +1,6 @@
 """score.py: numbers equal a direct recomputation (brute-force numpy), JSON/table/PNG outputs, prompt shuffling,
-safe file names, model resolution and error messages."""
+safe file names, model resolution and error messages. The library's own tests: tests/test_scoring.py (clipseg.scoring),
+tests/test_loading.py (clipseg.loading)."""
 
 import contextlib
 import io
@@ -19,15 +20,9 @@ from scipy.integrate import simpson
 import dataset as datasets
 import score
 from clipseg.outputs import safe_name
+from clipseg.scoring import ScoreRun, shuffled_phrases
 from model import CLIPSeg
-from score import (
-    ScoreError,
-    available_runs,
-    format_table,
-    main,
-    resolve_model,
-    shuffled_phrases,
-)
+from score import main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZE = 64  # the tiny CLIP takes any multiple of 16
@@ -179,7 +174,7 @@ def test_threshold_flag_moves_the_papers_reporting_threshold(checkpoints, synthe
 
 
 def test_interrupt_keeps_the_partial_scores_in_their_own_file(checkpoints, synthetic_root, tmp_path, monkeypatch):
-    real_update, calls = score.ScoreRun.update, []
+    real_update, calls = ScoreRun.update, []
 
     def update_then_interrupt(self, predictions, save_dir=None):
         real_update(self, predictions, save_dir)
@@ -187,7 +182,7 @@ def test_interrupt_keeps_the_partial_scores_in_their_own_file(checkpoints, synth
         if len(calls) == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(score.ScoreRun, "update", update_then_interrupt)
+    monkeypatch.setattr(ScoreRun, "update", update_then_interrupt)
     out = tmp_path / "scores.json"
     out.write_text('{"earlier": true}')
     with pytest.raises(KeyboardInterrupt):
@@ -217,17 +212,6 @@ def test_scores_a_users_folder_and_writes_next_to_a_model_directory(checkpoints,
     )
     assert results["n_samples"] == 3 and results["phrasecut"]["n_tasks"] == 3
     assert json.loads((model_dir / "scores_test.json").read_text())["n_samples"] == 3
-
-
-def test_shuffled_phrases_is_a_seeded_derangement():
-    pairs = [(f"t{i}", f"phrase {i}") for i in range(50)]
-    mapping = shuffled_phrases(pairs)
-    assert sorted(mapping) == sorted(t for t, _ in pairs)
-    assert sorted(mapping.values()) == sorted(p for _, p in pairs)
-    assert all(mapping[task] != phrase for task, phrase in pairs)
-    assert mapping == shuffled_phrases(pairs) and mapping != shuffled_phrases(pairs, seed=1)
-    with pytest.raises(ScoreError, match="at least 2"):
-        shuffled_phrases(pairs[:1])
 
 
 def test_unreadable_images_are_counted_and_listed_not_silently_dropped(checkpoints, synthetic_root, tmp_path, capsys):
@@ -285,13 +269,6 @@ def exits_with(code: int, capsys, pattern: str, argv: list[str]) -> None:
 
 def test_missing_run_lists_the_available_runs(checkpoints, capsys):
     exits_with(2, capsys, "error: no trained model in .*nope.*: demo", ["nope", "--checkpoints-dir", str(checkpoints)])
-    assert available_runs(checkpoints) == ["demo"]
-    with pytest.raises(ScoreError, match="not both"):
-        resolve_model("demo", "CIDAS/clipseg-rd64-refined", checkpoints)
-    assert resolve_model(None, str(checkpoints / "demo"), checkpoints) == (
-        str(checkpoints / "demo"),
-        checkpoints / "demo",
-    )
 
 
 def test_missing_phrasecut_data_names_the_folder(checkpoints, tmp_path, capsys):
@@ -325,17 +302,6 @@ def test_help_explains_every_flag(capsys):
                  "--num-workers", "--threshold", "--out", "--save-predictions", "--shuffle-prompts", "--amp",
                  "--device", "--image-size"]:  # fmt: skip
         assert flag in text
-
-
-def test_table_marks_interrupted_and_shuffled_runs():
-    results = {
-        "model": "m", "data": "synthetic", "split": "test", "n_samples": 3, "threshold": 0.3,
-        "skipped": {"count": 2}, "excluded": {"count": 1}, "shuffle_prompts": True, "interrupted": True,
-        "paper": {"miou": 0.5, "iou_fg": 0.25, "ap": 0.125, "iou_bin": 0.75}, "phrasecut": {},
-    }  # fmt: skip
-    table = format_table(results)
-    assert "| t = 0.30 | 50.0 | 25.0 | 12.5 | 75.0 |" in table
-    assert "2 skipped, 1 excluded" in table and "shuffled prompts" in table and "INTERRUPTED" in table
 
 
 def test_the_default_precision_is_precision_pys_and_is_recorded(checkpoints, synthetic_root, tmp_path):

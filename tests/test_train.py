@@ -595,7 +595,7 @@ def validation_records(run_dir: Path) -> list[dict]:
 
 
 def test_validation_equals_score_py_on_the_same_subset_and_weights(tmp_path, synthetic_root):
-    import score
+    from clipseg.scoring import score
 
     args = train.parse_args(flags(tmp_path, synthetic_root, *VALIDATE))
     validation = training.Validation.of(args)
@@ -603,7 +603,7 @@ def test_validation_equals_score_py_on_the_same_subset_and_weights(tmp_path, syn
     model = train_args.build_model(args).eval()
     model.text_cache = {}
     scores = validation.run(model, "fp32")
-    reference = score.score(model, validation.data, batch_size=validation.batch_size, tasks=validation.tasks)
+    reference = score(model, validation.data, batch_size=validation.batch_size, tasks=validation.tasks)
     paper = reference.paper.compute()
     assert reference.n_samples == 7
     for key in ("miou", "iou_fg", "ap"):

@@ -47,6 +47,7 @@ from clipseg.metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, Zero
 from clipseg.outputs import json_text, safe_name
 from clipseg.precision import precision_context
 from clipseg.rasterise import instances_to_mask
+from clipseg.scoring import save_prediction_png
 from clipseg.transforms import (
     ImageTransform,
     check_finite,
@@ -527,6 +528,6 @@ def score_phrasecut_visual(
             prediction = full_size_probabilities(logits[i], batch["original_size"][i]) > threshold
             official.update(prediction, batch["full_mask"][i], batch["phrase_type"][i], batch["n_instances"][i])
             if save_dir is not None:
-                Image.fromarray(prediction.astype(np.uint8) * 255).save(save_dir / f"{safe_name(task_id)}.png")
+                save_prediction_png(prediction, save_dir, task_id)
             scored += 1
     return scored

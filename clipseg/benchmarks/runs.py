@@ -42,6 +42,7 @@ from clipseg.benchmarks.readers import BenchmarkDataError, VocData
 from clipseg.cli import NOTHING_DONE, stop
 from clipseg.metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
 from clipseg.outputs import safe_name
+from clipseg.scoring import percent
 
 DEFAULT_THRESHOLDS = {"coco20i": 0.1}  # the paper's COCO-20i threshold (Table 6); 0.3 everywhere else
 DEFAULT_ROOTS = {"pascal5i": "VOCdevkit", "voc-zeroshot": "VOCdevkit", "coco20i": "COCO-20i"}
@@ -290,10 +291,6 @@ def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, sa
 
 
 # ------------------------------------------------------------------------------------------------ tables
-
-
-def percent(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def format_results(results: dict) -> str:

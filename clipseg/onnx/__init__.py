@@ -1,1 +1,2 @@
-"""ONNX: the graphs export.py writes and the backend that runs them in onnxruntime."""
+"""ONNX: exporting a model to graphs and a manifest (`export`, behind export.py) and running them in onnxruntime
+(`backend`)."""

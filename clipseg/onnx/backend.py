@@ -5,10 +5,10 @@
     features = model.encode_image(pixel_values)              # (B, 3, H, W), H and W multiples of 16
     logits = model.decode(features, model.embed_text(["a cat", "the sofa"]))  # (2, 1, H, W)
 
-`OnnxCLIPSeg` has the part of `model.CLIPSeg`'s interface that `predict.Predictor` uses: `config`, `text_cache`,
-`tokenize`, `embed_text`, `embed_token_ids`, `embed_images`, `encode_image`, `decode`, `eval`, `to`, `parameters`.
-It takes and returns torch tensors on the CPU and computes in fp32. onnxruntime is optional: install it with
-`pip install -r requirements-export.txt`.
+`OnnxCLIPSeg` has the part of `model.CLIPSeg`'s interface that `clipseg.predictor.Predictor` uses: `config`,
+`text_cache`, `tokenize`, `embed_text`, `embed_token_ids`, `embed_images`, `encode_image`, `decode`, `eval`, `to`,
+`parameters`. It takes and returns torch tensors on the CPU and computes in fp32. onnxruntime is optional: install
+it with `pip install -r requirements-export.txt`.
 
 An export folder is untrusted until checked: manifest.json must be one export.py wrote (format, version, a SHA-256
 per graph), each graph must have the SHA-256 the manifest records before onnxruntime opens it, and whatever
@@ -122,7 +122,7 @@ class OnnxCLIPSeg:
     """CLIPSeg's exported graphs in onnxruntime sessions (CPU), with `CLIPSeg`'s inference interface.
 
     directory: the folder `export.py` wrote. threads: onnxruntime intra-op threads (default: its own choice).
-    manifest: the folder's manifest when the caller has it already (export.py, before it writes it)."""
+    manifest: the folder's manifest when the caller has it already (`clipseg.onnx.export`, before it writes it)."""
 
     precisions = ("fp32",)  # the graphs are exported in fp32; `precision.resolve_precision` reads this
 

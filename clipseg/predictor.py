@@ -1,0 +1,182 @@
+"""The Python API for segmenting your own images, in the style of a predictor: encode an image once, then prompt it
+many times; maps come back at the original image size.
+
+    from clipseg.predictor import Predictor
+    from model import CLIPSeg
+
+    predictor = Predictor(CLIPSeg.from_pretrained("CIDAS/clipseg-rd64-refined"))
+    predictor.set_image("room.jpg")                          # path, PIL image or (H, W[, C]) array
+    probs = predictor.predict(phrases=["a cat", "the sofa"])  # (2, H0, W0) float32 in [0, 1]
+    probs = predictor.predict(support=[("dog.jpg", "dog_mask.png")])  # image prompt, engineered for you
+    conditional = predictor.embed_prompts(phrases=["a cat"])  # (1, 512): reuse across images
+    maps = predictor.predict_batch(["a.jpg", "b.jpg"], conditional=conditional)  # [(1, Ha, Wa), (1, Hb, Wb)]
+
+Geometry: by default the image keeps its aspect ratio. It is resized so that its short side is `image_size` (the
+model's training size, 352 for the released weights) and both sides are multiples of the patch (16); the long side
+is capped at `clipseg.transforms.MAX_ELONGATION` (3) times the short side (more elongated images are squashed to
+3:1). `square=True` squashes every image to S x S as the reference implementations do. Logits (K, 1, H, W) at the
+input size are resized bilinearly to the original (H0, W0), then sigmoid (`clipseg.transforms.full_size_probabilities`).
+
+predict.py and the app (clipseg/segmenter.py) predict through this class; the ONNX backend
+(`clipseg.onnx.backend.OnnxCLIPSeg`) runs behind it like a PyTorch model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from clipseg.images import ImageInput, load_image
+from clipseg.precision import PRECISIONS, precision_context, prepare_model, resolve_precision
+from clipseg.transforms import ImageTransform, full_size_probabilities
+from clipseg.visual_prompts import support_prompt
+from model import CLIPSeg, ImageFeatures
+
+
+class Predictor:
+    """Set an image once, then predict masks for many prompts; maps come back at the original image size.
+
+    model: a `CLIPSeg` (put in eval mode; moved to `device` when given) or a `clipseg.onnx.backend.OnnxCLIPSeg`.
+    image_size: the short side the model sees (default `model.config.image_size`), a multiple of the patch. square:
+    squash to image_size x image_size instead of keeping the aspect. resize: "pil" (the HF processor's and the
+    original Quickstart's resize, the default here) or "original" (the authors' data pipeline, as in training and
+    scoring; see clipseg/transforms.py). precision: 'fp32' (default), 'bf16' or 'int8' for the image encoder and decoder
+    (see clipseg/precision.py; int8 quantises `model` in place); the scripts' default is
+    `clipseg.precision.default_precision(device)`. amp: the old spelling of precision='bf16'.
+    The model's text cache is switched on, so each phrase is encoded once.
+    """
+
+    def __init__(
+        self,
+        model: CLIPSeg,
+        image_size: int | None = None,
+        square: bool = False,
+        device: str | torch.device | None = None,
+        amp: bool = False,
+        resize: str = "pil",
+        precision: str | None = None,
+    ):
+        self.model = model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.device = next(self.model.parameters()).device
+        supported = getattr(model, "precisions", PRECISIONS)  # the ONNX backend runs fp32 only
+        if precision is None and not amp:
+            precision = "fp32"  # the API's default; the scripts default to precision.default_precision(device)
+        self.precision = resolve_precision(precision, self.device, amp, supported)
+        prepare_model(self.model, self.precision, self.device)
+        image_size, patch = model.config.input_side(image_size), model.config.patch_size
+        self.transform = ImageTransform(resize, image_size, square, multiple=patch)
+        self.prompt_transform = ImageTransform(resize, model.config.image_size, square=True)
+        if self.model.text_cache is None:
+            self.model.text_cache = {}
+        self.original_size: tuple[int, int] | None = None  # (W0, H0) of the image set last
+        self.input_size: tuple[int, int] | None = None  # (W, H) the model saw
+        self._features: ImageFeatures | None = None
+
+    def set_image(self, image: ImageInput) -> None:
+        """Encode one image (path, PIL image or array; see `clipseg.images.load_image`) for the following `predict`
+        calls."""
+        rgb = load_image(image)
+        self.original_size = rgb.size
+        self.input_size = self.transform.input_size(*rgb.size)
+        self._features = self._encode([rgb])
+
+    def predict(
+        self,
+        phrases: Sequence[str] | None = None,
+        prompt_images: Sequence[ImageInput] | Tensor | None = None,
+        support: Sequence[tuple[ImageInput, ImageInput]] | None = None,
+        conditional: Tensor | None = None,
+    ) -> np.ndarray:
+        """Probability maps (K, H0, W0) float32 for the image set last, one per prompt.
+
+        Prompts, in this order when several kinds are given: `phrases`; `prompt_images` used as they are
+        (images squashed to the model's size, or an already normalised (K, 3, h, w) tensor); `support` pairs
+        (image, mask) engineered into prompt images; or `conditional` vectors from `embed_prompts`."""
+        if self._features is None:
+            raise RuntimeError("call set_image(image) before predict(...)")
+        if conditional is None:
+            conditional = self.embed_prompts(phrases, prompt_images, support)
+        return self._decode(self._features, conditional, self.original_size)
+
+    def predict_batch(
+        self,
+        images: Sequence[ImageInput],
+        phrases: Sequence[str] | None = None,
+        prompt_images: Sequence[ImageInput] | Tensor | None = None,
+        support: Sequence[tuple[ImageInput, ImageInput]] | None = None,
+        conditional: Tensor | None = None,
+        batch_size: int = 4,
+    ) -> list[np.ndarray]:
+        """The same prompts on many images: a (K, H0, W0) map array per image, in order. Images that share an
+        inference size are encoded together, up to `batch_size` at once; the prompts are embedded once."""
+        if conditional is None:
+            conditional = self.embed_prompts(phrases, prompt_images, support)
+        rgbs = [load_image(image) for image in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, rgb in enumerate(rgbs):
+            groups.setdefault(self.transform.input_size(*rgb.size), []).append(index)
+        results: list[np.ndarray | None] = [None] * len(rgbs)
+        for indices in groups.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                features = self._encode([rgbs[i] for i in chunk])
+                for row, index in enumerate(chunk):
+                    one = ImageFeatures([a[row : row + 1] for a in features.activations], features.grid)
+                    results[index] = self._decode(one, conditional, rgbs[index].size)
+        return results
+
+    def embed_prompts(
+        self,
+        phrases: Sequence[str] | None = None,
+        prompt_images: Sequence[ImageInput] | Tensor | None = None,
+        support: Sequence[tuple[ImageInput, ImageInput]] | None = None,
+    ) -> Tensor:
+        """Prompts -> (K, 512) conditional vectors (phrases, then prompt images, then support pairs), computed
+        in full precision. Reuse them across images with `predict(conditional=...)`."""
+        if isinstance(phrases, str):
+            raise TypeError("phrases must be a list of strings, not a single string")
+        parts = []
+        if phrases:
+            parts.append(self.model.embed_text(list(phrases)))
+        if prompt_images is not None and len(prompt_images):
+            if isinstance(prompt_images, Tensor):
+                pixels = prompt_images
+            else:
+                pixels = torch.stack([self.prompt_transform.pixels(load_image(image)) for image in prompt_images])
+            parts.append(self.model.embed_images(pixels.to(self.device)))
+        if support:
+            pixels = torch.stack([support_prompt(image, mask, self.prompt_transform) for image, mask in support])
+            parts.append(self.model.embed_images(pixels.to(self.device)))
+        if not parts:
+            raise ValueError("no prompt given: pass phrases, prompt_images or support")
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def _encode(self, rgbs: list[Image.Image]) -> ImageFeatures:
+        """Images of one input size -> their features (batch len(rgbs))."""
+        pixels = torch.stack([self.transform.pixels(rgb) for rgb in rgbs]).to(self.device)
+        with precision_context(self.precision, self.device):
+            return self.model.encode_image(pixels)
+
+    def logits(self, conditional: Tensor) -> Tensor:
+        """(K, 512) conditional vectors -> (K, 1, h, w) float32 logits at the model's input size for the image set
+        last: `clipseg.transforms.full_size_probabilities(logits, (H0, W0))` makes `predict`'s maps of them."""
+        if self._features is None:
+            raise RuntimeError("call set_image(image) before logits(...)")
+        return self._logits(self._features, conditional)
+
+    @torch.no_grad()
+    def _logits(self, features: ImageFeatures, conditional: Tensor) -> Tensor:
+        with precision_context(self.precision, self.device):
+            return self.model.decode(features, conditional.to(self.device)).float()
+
+    def _decode(self, features: ImageFeatures, conditional: Tensor, original_size: tuple[int, int]) -> np.ndarray:
+        """One image's features (batch 1) x (K, 512) -> (K, H0, W0) probabilities at `original_size` = (W0, H0)."""
+        width, height = original_size
+        return full_size_probabilities(self._logits(features, conditional), (height, width))

@@ -1,0 +1,194 @@
+"""Scoring a model on a PhraseCut-format split, and its report.
+
+`score` runs the model over a test-mode data set (each image encoded once for all its tasks,
+clipseg/inference.py) and accumulates, in a `ScoreRun`, the paper's metrics (at S x S against the squashed ground
+truth) and PhraseCut's official ones (at the original resolution, probability > threshold), counting what could not
+be scored; `--shuffle-prompts` runs give each task another task's phrase (`shuffled_phrases`). `results_dict` is the
+JSON report and `format_table` its printed tables. The command is score.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+import dataset as datasets
+from clipseg.inference import SkipLog, TaskBatch, predict_tasks
+from clipseg.metrics import PaperMetrics, PhraseCutMetrics
+from clipseg.outputs import safe_name
+from clipseg.transforms import full_size_probabilities
+from model import CLIPSeg
+
+DEFAULT_THRESHOLD = 0.3
+SHUFFLE_SEED = 0
+
+
+class ScoreError(Exception):
+    """A scoring option that cannot be used on this data; the message says why."""
+
+
+def task_phrases(data: Dataset) -> list[tuple[str, str]]:
+    """(task_id, phrase) of every task of the data set, in order (no image is read)."""
+    return [(info.task_id, info.phrase) for info in map(data.task_info, range(len(data)))]
+
+
+def shuffled_phrases(pairs: Sequence[tuple[str, str]], seed: int = SHUFFLE_SEED) -> dict[str, str]:
+    """task_id -> the phrase of another task: a random cyclic derangement (no task keeps its own task's phrase)."""
+    if len(pairs) < 2:
+        raise ScoreError("--shuffle-prompts needs at least 2 samples")
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    return {pairs[order[k]][0]: pairs[order[(k + 1) % len(order)]][1] for k in range(len(order))}
+
+
+def save_prediction_png(mask: np.ndarray, directory: Path, task_id: str) -> Path:
+    """Write a binary (H, W) mask as `<task_id>.png` (single channel, 0 / 255, original size)."""
+    path = directory / f"{safe_name(task_id)}.png"
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)  # uint8 (H, W): mode L
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class ScoreRun:
+    """Metrics accumulated so far (bounded memory: counts, not pixels) and what could not be scored."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    paper: PaperMetrics | None = None  # reports at `threshold` unless given
+    official: PhraseCutMetrics = field(default_factory=PhraseCutMetrics)
+    skips: SkipLog = field(default_factory=SkipLog)
+    n_samples: int = 0
+
+    def __post_init__(self) -> None:
+        if self.paper is None:
+            self.paper = PaperMetrics(report_threshold=self.threshold)
+
+    def update(self, batch: TaskBatch, save_dir: Path | None = None) -> None:
+        """Add a batch: paper metrics at S x S, official metrics at the original size (and the PNGs)."""
+        self.paper.update(torch.sigmoid(batch.logits), batch.fields["mask"])
+        for i, task_id in enumerate(batch.fields["task_id"]):
+            pred = full_size_probabilities(batch.logits[i], batch.get("original_size", i)) > self.threshold
+            gt = np.asarray(batch.get("full_mask", i), dtype=bool)
+            self.official.update(pred, gt, batch.get("phrase_type", i), batch.get("n_instances", i))
+            if save_dir is not None:
+                save_prediction_png(pred, save_dir, task_id)
+        self.n_samples += len(batch)
+
+
+def score(
+    model: CLIPSeg,
+    data: Dataset,
+    *,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    threshold: float = DEFAULT_THRESHOLD,
+    precision: str = "fp32",
+    shuffle_prompts: bool = False,
+    save_predictions: Path | None = None,
+    run: ScoreRun | None = None,
+    tasks: Sequence[int] | None = None,
+    group_by_image: bool = True,
+) -> ScoreRun:
+    """Score `model` on every task of a test-mode data set (or the task indices `tasks`). Each image is encoded
+    once for all its tasks (`clipseg.inference.predict_tasks`); `group_by_image=False` encodes it once per task, as the
+    reference implementations do. Pass `run` to keep partial results on interrupt."""
+    run = run or ScoreRun(threshold=threshold)
+    phrase_for_task = shuffled_phrases(task_phrases(data)) if shuffle_prompts else None
+    if save_predictions is not None:
+        save_predictions.mkdir(parents=True, exist_ok=True)
+    for batch in predict_tasks(
+        model,
+        data,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+        tasks=tasks,
+        phrase_for_task=phrase_for_task,
+        skips=run.skips,
+        group_by_image=group_by_image,
+    ):
+        run.update(batch, save_predictions)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------- report
+
+
+def results_dict(run: ScoreRun, settings: dict, data: Dataset, seconds: float, interrupted: bool) -> dict:
+    """The JSON report of a run: `settings`, the metrics, the skipped and excluded tasks, the time taken."""
+    return {
+        **settings,
+        "n_samples": run.n_samples,
+        "paper": to_builtin(run.paper.compute()) if run.n_samples else {},
+        "phrasecut": to_builtin(run.official.compute()) if run.n_samples else {},
+        "skipped": {"count": len(run.skips.reasons), "samples": run.skips.reasons},
+        **datasets.exclusion_report(data),  # "excluded" tasks and "excluded_polygons"
+        "seconds": round(seconds, 2),
+        "interrupted": interrupted,
+    }
+
+
+def to_builtin(value):
+    """numpy scalars/arrays and tuples -> JSON-ready Python values."""
+    if isinstance(value, dict):
+        return {str(k): to_builtin(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_builtin(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def percent(value) -> str:
+    """A fraction as a percentage with one decimal, "-" when missing."""
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def format_table(results: dict) -> str:
+    """The paper's three columns first (mIoU, IoU_FG, AP), then IoU_BIN, the best-threshold values and
+    PhraseCut's official metrics, as Markdown tables (values in %)."""
+    paper, official = results.get("paper") or {}, results.get("phrasecut") or {}
+    bad_polygons = results.get("excluded_polygons", {}).get("count")
+    lines = [
+        f"{results['model']} on {results['data']} {results['split']}: {results['n_samples']} samples, "
+        f"{results['skipped']['count']} skipped, {results['excluded']['count']} excluded"
+        + (f" ({bad_polygons} bad polygons left out)" if bad_polygons else "")
+        + (" (shuffled prompts)" if results["shuffle_prompts"] else "")
+        + (" (INTERRUPTED: partial)" if results["interrupted"] else ""),
+        "",
+        "| threshold | mIoU | IoU_FG | AP | IoU_BIN |",
+        "|---|---|---|---|---|",
+        f"| t = {results['threshold']:.2f} | {percent(paper.get('miou'))} | {percent(paper.get('iou_fg'))} "
+        f"| {percent(paper.get('ap'))} | {percent(paper.get('iou_bin'))} |",
+        f"| best t | {best(paper, 'miou')} | {best(paper, 'iou_fg')} | {percent(paper.get('ap'))} "
+        f"| {best(paper, 'iou_bin')} |",
+        "",
+    ]
+    accuracies = [key for key in official if key.startswith("acc@")]
+    header = ["subset", "tasks", "mean IoU", "cum IoU", *accuracies]
+    lines += [
+        f"PhraseCut official (original resolution, probability > {results['threshold']:.2f}):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    rows = [("all", official)] + list((official.get("subsets") or {}).items())
+    for subset, stats in rows:
+        cells = [stats.get("mean_iou"), stats.get("cum_iou"), *(stats.get(key) for key in accuracies)]
+        lines.append(f"| {subset} | {stats.get('n_tasks', '-')} | " + " | ".join(percent(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def best(paper: dict, key: str) -> str:
+    """The best value of a paper metric over the thresholds, with the threshold it is reached at."""
+    value, at = paper.get(f"{key}_best"), paper.get(f"{key}_best_threshold")
+    return percent(value) + ("" if at is None else f" (t={at:.2f})")

@@ -1,0 +1,330 @@
+"""Our CLIPSeg against `transformers.CLIPSegForImageSegmentation`, both at the full ViT-B/16 geometry with the same
+random weights (speed does not depend on their values): the fp32 forward (one prompt per image, one image with ten
+prompts), our bf16 forward, the CPU precision paths (fp32, bf16, int8, ONNX) with their mask agreement, a training
+step, and the refined head against the same layers run one by one. Each function times its variants interleaved
+(clipseg/speed/timing.py), prints its rows and returns them for bench.py's JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from clipseg.config import CLIPSegConfig
+from clipseg.decoder import RefinedHead
+from clipseg.precision import precision_context, prepare_model
+from clipseg.speed.timing import decoder_flops, interleaved, native_bf16, sync, text_flops, vit_flops
+from model import CLIPSeg
+
+PHRASES = [
+    "a red car on the left",
+    "the cat",
+    "a person riding a bike",
+    "green tree",
+    "the sky",
+    "white building behind the fence",
+    "dog",
+    "a wooden table",
+    "the road",
+    "two people walking",
+]
+
+
+def build_models(device: str, refined: bool) -> tuple[CLIPSeg, transformers.CLIPSegForImageSegmentation]:
+    """The full ViT-B/16 CLIPSeg geometry with random weights, in both implementations."""
+    clip = transformers.CLIPConfig(
+        text_config={}, vision_config=dict(patch_size=16, image_size=224), projection_dim=512
+    )
+    config = CLIPSegConfig(refined=refined, clip=clip)
+    torch.manual_seed(0)
+    hf = transformers.CLIPSegForImageSegmentation(transformers.CLIPSegConfig.from_dict(config.to_hf_dict()))
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = CLIPSeg.from_pretrained(tmp)
+    return ours.to(device).eval(), hf.to(device).eval()
+
+
+def forward_flops(model: CLIPSeg, size: int, prompts: int = 1) -> float:
+    """Analytic FLOPs of one image at `size` px and `prompts` prompts as long as the longest of PHRASES: the vision
+    tower up to the deepest extracted block once, the text tower and the decoder once per prompt."""
+    tokens = (size // 16) ** 2 + 1
+    deepest = max(model.config.extract_layers) + 1
+    text_tokens = max(len(model.tokenize([p])[0][0]) for p in PHRASES)
+    return vit_flops(tokens, deepest) + prompts * (text_flops(text_tokens) + decoder_flops(tokens))
+
+
+def forward_comparison(ours: CLIPSeg, hf, device: str, size: int, repeats: int) -> list[dict]:
+    """Our fp32 forward against HF's, interleaved: one prompt per image at batch 1 and 8, and one image with ten
+    prompts (encoded once by us, ten times by HF). A row per case: both latencies, their ratio, our GFLOP/s."""
+    rows = []
+    flops_ours = forward_flops(ours, size)
+
+    def compare(name: str, batch: int, prompts: int, run_ours, run_hf, flops: float) -> None:
+        timing = interleaved({"ours": run_ours, "hf": run_hf}, repeats)
+        row = {
+            "case": name,
+            "batch": batch,
+            "prompts": prompts,
+            "ours_s": timing["ours"],
+            "hf_s": timing["hf"],
+            "ours_over_hf": timing["ours"] / timing["hf"],
+            "speedup": timing["hf"] / timing["ours"],
+            "ours_gflops": flops / timing["ours"] / 1e9,
+        }
+        rows.append(row)
+        print(
+            f"{name:38s} ours {timing['ours'] * 1e3:8.0f} ms  HF {timing['hf'] * 1e3:8.0f} ms  "
+            f"ours/HF {row['ours_over_hf']:.2f}  ({row['ours_gflops']:.0f} GFLOP/s)"
+        )
+
+    for batch in (1, 8):
+        pixels = torch.randn(batch, 3, size, size, device=device)
+        phrases = (PHRASES * batch)[:batch]
+        ids, mask = ours.tokenize(phrases)
+        ids, mask = ids.to(device), mask.to(device)
+
+        def run_ours(pixels=pixels, phrases=phrases):
+            with torch.inference_mode():
+                return sync(device, ours(pixels, phrases).logits)
+
+        def run_hf(pixels=pixels, ids=ids, mask=mask):
+            with torch.inference_mode():
+                return sync(device, hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits)
+
+        compare(f"1 prompt per image, batch {batch}, fp32", batch, batch, run_ours, run_hf, batch * flops_ours)
+
+    one = torch.randn(1, 3, size, size, device=device)
+    ids, mask = ours.tokenize(PHRASES)
+    ids, mask = ids.to(device), mask.to(device)
+
+    def ours_many():
+        with torch.inference_mode():
+            return sync(device, ours.predict_prompts(one, phrases=PHRASES))
+
+    def hf_many():
+        with torch.inference_mode():
+            return sync(device, hf(pixel_values=one.expand(10, -1, -1, -1), input_ids=ids, attention_mask=mask).logits)
+
+    many_flops = forward_flops(ours, size, prompts=10)
+    compare("1 image, 10 prompts, fp32", 1, 10, ours_many, hf_many, many_flops)
+    return rows
+
+
+def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int) -> dict:
+    """Our bf16-autocast forward vs HF fp32, and how many mask pixels (p > 0.5) agree with our fp32 masks."""
+    pixels = torch.randn(batch, 3, size, size, device=device)
+    phrases = PHRASES[:batch]
+    ids, mask = ours.tokenize(phrases)
+
+    def ours_bf16():
+        with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16):
+            return sync(device, ours(pixels, phrases).logits)
+
+    def hf_fp32():
+        with torch.inference_mode():
+            return sync(
+                device, hf(pixel_values=pixels, input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            )
+
+    timing = interleaved({"ours_bf16": ours_bf16, "hf_fp32": hf_fp32}, repeats)
+    with torch.inference_mode():
+        fp32_masks = ours(pixels, phrases).logits > 0
+    agreement = ((ours_bf16().float() > 0) == fp32_masks).float().mean().item()
+    speedup = timing["hf_fp32"] / timing["ours_bf16"]
+    rows.append(
+        {
+            "case": f"bf16 ours vs fp32 HF, batch {batch}",
+            "batch": batch,
+            "prompts": batch,
+            "ours_s": timing["ours_bf16"],
+            "hf_s": timing["hf_fp32"],
+            "ours_over_hf": 1 / speedup,
+            "speedup": speedup,
+            "ours_gflops": batch * flops / timing["ours_bf16"] / 1e9,
+        }
+    )
+    print(f"bf16 ours vs fp32 HF, batch {batch}: {speedup:.2f}x faster, mask agreement {100 * agreement:.2f}%")
+    return {"batch": batch, "speedup_vs_hf_fp32": speedup, "mask_agreement": agreement}
+
+
+LOGIT_AT_THRESHOLD = math.log(0.3 / 0.7)  # probability > 0.3, the paper's threshold
+
+
+def precision_paths(ours, hf, device, size, repeats, flops, rates) -> dict:
+    """Our fp32, bf16, int8 and ONNX paths against the HF class in fp32, interleaved in one run, at batch 1 and 8
+    with one prompt per image (text encoded in each call, as HF does): median latency, speed-up over HF fp32, mask
+    agreement (probability > 0.3) with our fp32, GFLOP/s, and that rate as a fraction of the machine's fp32
+    matmul rate and of the path's own dtype's rate."""
+    if device != "cpu":
+        print("precision paths: skipped, they are CPU paths (int8, onnxruntime)")
+        return {"skipped": "not a CPU run"}
+    models = {"ours_fp32": (ours, "fp32")}
+    if native_bf16(device):
+        models["ours_bf16"] = (ours, "bf16")
+    else:
+        print("precision paths: no native bf16 on this CPU, so --precision bf16 runs fp32: no bf16 row")
+    models["ours_int8"] = (prepare_model(copy.deepcopy(ours), "int8", device), "int8")
+    own_rate = {"fp32": rates["fp32"], "bf16": rates["bf16"] if rates["bf16_side"] == 2048 else None}
+    own_rate["int8"] = rates.get("int8")
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = onnx_runner(ours, Path(tmp))
+        out = {}
+        for batch in (1, 8):
+            out[f"batch_{batch}"] = time_precision_paths(ours, hf, models, runner, batch, size, repeats)
+            print(f"precision paths, batch {batch}, 1 prompt per image, {size} px:")
+            for name, row in out[f"batch_{batch}"].items():
+                precision = "fp32" if name in ("hf_fp32", "onnx_fp32") else models[name][1]
+                row["gflops"] = batch * flops / row["seconds"] / 1e9
+                row["of_fp32_matmul"] = row["gflops"] / rates["fp32"]
+                row["of_own_matmul"] = row["gflops"] / own_rate[precision] if own_rate[precision] else None
+                own = f"{100 * row['of_own_matmul']:4.0f}%" if row["of_own_matmul"] else "   -"
+                print(
+                    f"  {name:10s} {row['seconds'] * 1e3:7.0f} ms  {row['speedup_vs_hf_fp32']:5.2f}x HF fp32  "
+                    f"mask agreement {100 * row['mask_agreement']:6.2f}%  {row['gflops']:4.0f} GFLOP/s = "
+                    f"{100 * row['of_fp32_matmul']:3.0f}% of fp32 matmul, {own} of its own dtype's"
+                )
+    return out
+
+
+def time_precision_paths(ours, hf, models, runner, batch: int, size: int, repeats: int) -> dict:
+    pixels = torch.randn(batch, 3, size, size)
+    phrases = (PHRASES * batch)[:batch]
+    ids, mask = ours.tokenize(phrases)
+
+    def torch_path(model, precision):
+        def run():
+            with torch.inference_mode(), precision_context(precision, "cpu"):
+                return model(pixels, phrases).logits
+
+        return run
+
+    def hf_fp32():
+        with torch.inference_mode():
+            return hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+
+    variants = {"hf_fp32": hf_fp32, **{name: torch_path(*pair) for name, pair in models.items()}}
+    if runner is not None:
+        variants["onnx_fp32"] = lambda: runner.decode(runner.encode_image(pixels), runner.embed_text(phrases))
+    timing = interleaved(variants, repeats)
+    reference = variants["ours_fp32"]() > LOGIT_AT_THRESHOLD
+    rows = {}
+    for name, run in variants.items():
+        masks = run().float().reshape(reference.shape) > LOGIT_AT_THRESHOLD
+        rows[name] = {
+            "seconds": timing[name],
+            "speedup_vs_hf_fp32": timing["hf_fp32"] / timing[name],
+            "mask_agreement": (masks == reference).float().mean().item(),
+        }
+    rows["ours_fp32"]["mask_positive_fraction"] = reference.float().mean().item()
+    return rows
+
+
+def onnx_runner(model, folder: Path):
+    """The benchmark model exported into `folder` (clipseg/onnx/export.py, export.py's graphs) and loaded in
+    onnxruntime, or None (with a message) when requirements-export.txt is not installed."""
+    try:
+        from clipseg.onnx import export as onnx_export
+        from clipseg.onnx.backend import OnnxBackendError, OnnxCLIPSeg
+    except ImportError as err:
+        print(f"precision paths: no ONNX row ({err})")
+        return None
+    print("precision paths: exporting the model to ONNX (export.py; minutes at ViT-B/16) ...")
+    try:
+        manifest = onnx_export.export(model, folder, source="bench.py")
+    except OnnxBackendError as err:
+        print(f"precision paths: no ONNX row ({err})")
+        return None
+    checks = manifest["difference_to_torch"].values()
+    worst, relative = max(c["absolute"] for c in checks), max(c["relative"] for c in checks)
+    print(f"precision paths: exported; graphs within {worst:.1e} of PyTorch ({relative:.1e} of the values' scale)")
+    return OnnxCLIPSeg(folder, threads=torch.get_num_threads())  # as many threads as the torch paths
+
+
+def training_comparison(ours, hf, device, size, repeats, bf16: bool, batch: int = 8) -> dict:
+    """Samples/s of one training step (frozen backbone, decoder trained): ours vs a plain HF loop, in fp32 and,
+    where bf16 is native (`bf16`), in bf16 autocast."""
+    pixels = torch.randn(batch, 3, size, size, device=device)
+    target = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
+    phrases = PHRASES[:batch]
+    ids, mask = (t.to(device) for t in ours.tokenize(phrases))
+    ours.train()
+    ours.text_cache = {}
+    hf.train()
+    hf.clip.requires_grad_(False)
+    opt_ours = torch.optim.AdamW(ours.decoder.parameters(), lr=1e-4)
+    opt_hf = torch.optim.AdamW(hf.decoder.parameters(), lr=1e-4)
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def step_ours(dtype=None):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype is not None):
+            loss = ours(pixels, phrases, labels=target).loss
+        opt_ours.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_ours.step()
+        sync(device)
+
+    def step_hf(dtype=None):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype is not None):
+            logits = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+            loss = loss_fn(logits.float()[:, None], target)
+        opt_hf.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_hf.step()
+        sync(device)
+
+    variants = {"ours_fp32": step_ours, "hf_fp32": step_hf}
+    if bf16:
+        variants.update(ours_bf16=lambda: step_ours(torch.bfloat16), hf_bf16=lambda: step_hf(torch.bfloat16))
+    timing = interleaved(variants, repeats)
+    ours.eval()
+    ours.text_cache = None
+    hf.eval()
+    rates = {name: batch / seconds for name, seconds in timing.items()}
+    out = {"batch": batch, "samples_per_s": rates, "fp32_ratio": rates["ours_fp32"] / rates["hf_fp32"]}
+    line = f"training step, batch {batch}: ours fp32 {rates['ours_fp32']:.2f} samples/s, HF fp32 {rates['hf_fp32']:.2f}"
+    if bf16:
+        out["bf16_vs_hf_fp32"] = rates["ours_bf16"] / rates["hf_fp32"]
+        out["bf16_ratio"] = rates["ours_bf16"] / rates["hf_bf16"]
+        line += f", ours bf16 {rates['ours_bf16']:.2f}, HF bf16 {rates['hf_bf16']:.2f}"
+    else:
+        out["bf16_skipped"] = "no native bf16 on this device (train.py --amp stays in fp32 here)"
+    print(line + f" (ours/HF fp32 {out['fp32_ratio']:.2f}x)")
+    return out
+
+
+def refined_head_comparison(device: str, size: int, repeats: int, batch: int = 32) -> dict:
+    """Our refined head (transposed convolutions as matrix products) against the same weights run layer by layer
+    through nn.Conv2d / nn.ConvTranspose2d, on a (batch, 64, size/16, size/16) input: inference and training."""
+    head = RefinedHead(64).to(device)
+    grid = torch.randn(batch, 64, size // 16, size // 16, device=device, requires_grad=True)
+    upstream = torch.randn(batch, 1, size, size, device=device)
+
+    def infer(forward):
+        with torch.inference_mode():
+            return sync(device, forward(head, grid))
+
+    def train(forward):
+        forward(head, grid).backward(upstream)
+        return sync(device, grid.grad)
+
+    result = {"batch": batch, "size": size}
+    for mode, run in (("inference", infer), ("training", train)):
+        timing = interleaved(
+            {"ours": lambda r=run: r(RefinedHead.forward), "layers": lambda r=run: r(nn.Sequential.forward)}, repeats
+        )
+        result[mode] = {
+            "ours_s": timing["ours"],
+            "layers_s": timing["layers"],
+            "speedup": timing["layers"] / timing["ours"],
+        }
+        print(
+            f"refined head, batch {batch} at {size} px, {mode:9s}: ours {timing['ours'] * 1e3:6.1f} ms, "
+            f"layer by layer {timing['layers'] * 1e3:6.1f} ms, speedup {result[mode]['speedup']:.2f}x"
+        )
+    return result
