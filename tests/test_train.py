@@ -713,7 +713,7 @@ def test_several_prompts_per_crop_run_the_vision_tower_once_per_crop(tmp_path, s
     args = train.parse_args(flags(tmp_path, synthetic_root, "--prompts-per-image=4", "--batch-size=8"))
     model = train_args.build_model(args)
     crops = []
-    model.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
+    model.clip.vision_model.pre_layrnorm.register_forward_hook(  # once per tower pass, in fp32 and in bf16
         lambda module, inputs, output: crops.append(inputs[0].shape[0])
     )
     data = train_args.build_training_set(args)
