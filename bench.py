@@ -10,7 +10,9 @@
 
 Both models hold the same random weights (speed does not depend on their values). Variants are interleaved
 (A B A B ...) after a warm-up and the median of `--repeats` runs is reported, so drift of the machine hits both
-sides alike; compare ratios, not absolute times. FLOP counts are analytic (docs/original.md §9).
+sides alike; compare ratios, not absolute times. FLOP counts are analytic (docs/original.md §9). A run during which
+other processes took CPU time, or whose repeats spread by more than 10%, ends with a warning (also under "busy" in
+the JSON): its absolute times are not those of a quiet machine.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import transformers
 from clipseg.cli import NOTHING_DONE, stop
 from clipseg.config import CLIPSegConfig, random_clip_config
 from clipseg.outputs import UnwritableOutput, check_writable, write_json
+from clipseg.speed.busy import busy_report, machine_state, print_warnings
 from clipseg.speed.data import data_pipeline_rate, index_rate
 from clipseg.speed.models import (
     bf16_comparison,
@@ -37,7 +40,7 @@ from clipseg.speed.models import (
     training_comparison,
 )
 from clipseg.speed.runs import run_comparisons
-from clipseg.speed.timing import CLOCKS, matmul_rates, native_bf16, use_clock
+from clipseg.speed.timing import CLOCKS, clear_repeats, matmul_rates, native_bf16, repeat_spreads, use_clock
 from model import CLIPDeconv, CLIPSeg, ViTSeg, count_parameters
 
 # This command picks the rows and writes the JSON; the measurements are clipseg/speed/ (timing, models, runs, data).
@@ -111,11 +114,15 @@ def main(argv: list[str] | None = None) -> dict:
     }
     machine = results["machine"]
     print(f"{machine['cpu']}, {machine['cpu_threads']} threads; torch {machine['torch']}; device {machine['device']}")
+    clear_repeats()
+    start = machine_state()
     try:
         measure(args, results)
     except KeyboardInterrupt:
         results["interrupted"] = True
         print("interrupted: writing the rows measured so far", file=sys.stderr)
+    results["busy"] = busy_report(start, machine_state(), torch.get_num_threads(), repeat_spreads())
+    print_warnings(results["busy"])
     try:
         write_json(args.out, results)
     except (OSError, ValueError) as err:
