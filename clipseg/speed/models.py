@@ -116,8 +116,9 @@ def forward_comparison(ours: CLIPSeg, hf, device: str, size: int, repeats: int) 
     return rows
 
 
-def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int) -> dict:
-    """Our bf16-autocast forward vs HF fp32, and how many mask pixels (p > 0.5) agree with our fp32 masks."""
+def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int, bf16_rate: float | None = None) -> dict:
+    """Our bf16-autocast forward vs HF fp32, how many mask pixels (p > 0.5) agree with our fp32 masks, and our GFLOP/s
+    as a share of `bf16_rate` (the machine's bf16 matmul rate, when measured at full size)."""
     pixels = torch.randn(batch, 3, size, size, device=device)
     phrases = PHRASES[:batch]
     ids, mask = ours.tokenize(phrases)
@@ -149,8 +150,19 @@ def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int) ->
             "ours_gflops": batch * flops / timing["ours_bf16"] / 1e9,
         }
     )
-    print(f"bf16 ours vs fp32 HF, batch {batch}: {speedup:.2f}x faster, mask agreement {100 * agreement:.2f}%")
-    return {"batch": batch, "speedup_vs_hf_fp32": speedup, "mask_agreement": agreement}
+    gflops = rows[-1]["ours_gflops"]
+    share = gflops / bf16_rate if bf16_rate else None
+    print(
+        f"bf16 ours vs fp32 HF, batch {batch}: {speedup:.2f}x faster, mask agreement {100 * agreement:.2f}%, "
+        f"{gflops:.0f} GFLOP/s" + (f" = {100 * share:.0f}% of the bf16 matmul rate" if share else "")
+    )
+    return {
+        "batch": batch,
+        "speedup_vs_hf_fp32": speedup,
+        "mask_agreement": agreement,
+        "gflops": gflops,
+        "of_bf16_matmul": share,
+    }
 
 
 LOGIT_AT_THRESHOLD = math.log(0.3 / 0.7)  # probability > 0.3, the paper's threshold
