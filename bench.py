@@ -173,9 +173,16 @@ def measure(args: argparse.Namespace, results: dict) -> None:
     if args.only_precision:
         return
     rows = forward_comparison(ours, hf, device, size, repeats)
-    bf16_rate = rates["bf16"] if rates["bf16_side"] == 2048 else None  # emulated bf16 is timed on a small product
     results["bf16"] = bf16_comparison(
-        ours, hf, device, size, repeats, rows, flops_ours, batch=8 if native else 1, bf16_rate=bf16_rate
+        ours,
+        hf,
+        device,
+        size,
+        repeats,
+        rows,
+        flops_ours,
+        batch=8 if native else 1,
+        matmul_side=2048 if native else None,
     )
     results["rows"] = rows
     results["fraction_of_fp32_matmul"] = rows[0]["ours_gflops"] / results["matmul_gflops"]["fp32"]
