@@ -20,7 +20,6 @@ checkpoint files: `clipseg/weights.py`); the tokenizer is OpenAI's (`clipseg/tok
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from collections import OrderedDict
@@ -36,15 +35,17 @@ from torch import Tensor, nn
 from clipseg.baselines import DEFAULT_VIT, DeconvDecoder, ViTSegDecoder, tiny_vit_config, vit_blocks, vit_name
 from clipseg.config import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSegConfig, random_clip_config, tiny_config
 from clipseg.decoder import CLIPSegDecoder
-from clipseg.outputs import atomic_write, write_text
-from clipseg.precision import (
+from clipseg.frozen_clip import (
     Scratch,
     can_run_frozen,
     low_precision,
     patch_embedding,
+    resized_positions,
+    run_clip_block,
     run_frozen_block,
     run_frozen_text,
 )
+from clipseg.outputs import atomic_write, write_text
 from clipseg.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from clipseg.weights import (
     CONFIG_NAME,
@@ -459,10 +460,7 @@ class CLIPSeg(nn.Module):
         conv = vision.embeddings.patch_embedding
         pixel_values = pixel_values.to(conv.weight.device, conv.weight.dtype)
         dtype = low_precision(pixel_values)  # bf16: the products from bf16 copies of the weights, made once
-        if dtype is None:
-            patches = conv(pixel_values).flatten(2).transpose(1, 2)
-        else:
-            patches = patch_embedding(conv, pixel_values, dtype)
+        patches = patch_embedding(conv, pixel_values, dtype)
         cls_token = vision.embeddings.class_embedding.expand(patches.shape[0], 1, -1).to(patches.dtype)
         x = torch.cat([cls_token, patches], dim=1)
         x = vision.pre_layrnorm(x + self._position_embedding(grid).to(x.dtype))
@@ -472,7 +470,7 @@ class CLIPSeg(nn.Module):
         activations, scratch = [], Scratch()
         for i in range(last + 1):
             frozen = can_run_frozen(layers[i])
-            x = run_frozen_block(layers[i], x, dtype, scratch) if frozen else _run_clip_block(layers[i], x)
+            x = run_frozen_block(layers[i], x, dtype, scratch) if frozen else run_clip_block(layers[i], x)
             if i in wanted:
                 activations.append(x)
         return x, activations, grid
@@ -483,31 +481,11 @@ class CLIPSeg(nn.Module):
         grid is symbolic there) or when the table takes gradients."""
         table = self.clip.vision_model.embeddings.position_embedding.weight
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or (torch.is_grad_enabled() and table.requires_grad):
-            return _resized_positions(table, grid)
+            return resized_positions(table, grid)
         key = (grid, table.data_ptr(), table._version, table.device)
         if self._positions is None or self._positions[0] != key:
-            self._positions = (key, _resized_positions(table, grid))
+            self._positions = (key, resized_positions(table, grid))
         return self._positions[1]
-
-
-def _resized_positions(table: Tensor, grid: tuple[int, int]) -> Tensor:
-    """A (1 + s*s, width) position table, its patch part resized bicubically to `grid`: (1, 1 + h*w, width)."""
-    side = math.isqrt(table.shape[0] - 1)
-    cls_pos, patch_pos = table[:1], table[1:]
-    if grid != (side, side):
-        patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
-    return torch.cat([cls_pos, patch_pos])[None]
-
-
-def _run_clip_block(layer: nn.Module, x: Tensor) -> Tensor:
-    """One `CLIPEncoderLayer` without masks (transformers 5 returns a tensor, 4.x a tuple with a causal mask)."""
-    out = layer(x, None) if _TRANSFORMERS_MAJOR >= 5 else layer(x, None, None)
-    return out[0] if isinstance(out, tuple) else out
-
-
-_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
 # ------------------------------------------------------------------------------------- the paper's baselines

@@ -14,21 +14,23 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 import model as model_module
 from clipseg import precision as precision_module
-from clipseg.precision import (
-    PRECISIONS,
+from clipseg.frozen_clip import (
     Scratch,
     can_run_frozen,
-    cpu_has_vnni,
-    default_precision,
     frozen_block_weights,
     patch_embedding,
+    run_frozen_block,
+    run_frozen_text,
+)
+from clipseg.precision import (
+    PRECISIONS,
+    cpu_has_vnni,
+    default_precision,
     precision_context,
     prepare_model,
     quantize_linears,
     quantize_vision_linears,
     resolve_precision,
-    run_frozen_block,
-    run_frozen_text,
 )
 from model import CLIPSeg
 from predict import main

@@ -23,7 +23,7 @@ import dataset
 import model as model_module
 import train
 from clipseg import outputs, runs, sampling, train_args, training
-from clipseg.precision import run_frozen_block
+from clipseg.frozen_clip import run_frozen_block
 from model import CLIPSeg, TextCache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
