@@ -28,9 +28,9 @@ from pathlib import Path
 
 from clipseg.cli import BAD_INPUT, NOTHING_DONE, add_data_arguments, add_model_arguments, check_common_arguments, stop
 from clipseg.failures import FAILURE_IOU, INDEX_NAME, FailureSearch, find_failures, previous_panels, write_gallery
-from clipseg.inference import SkipLog
 from clipseg.loading import LoadError, build_eval_dataset, input_side, load_model, resolve_model
 from clipseg.outputs import UnwritableOutput, check_writable
+from clipseg.samples import SkipLog
 from clipseg.transforms import NonFiniteOutput
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"

@@ -269,9 +269,6 @@ class CLIPSeg(nn.Module):
         (directory / stale).unlink(missing_ok=True)
         return directory
 
-    def decoder_parameters(self) -> list[nn.Parameter]:
-        return list(self.decoder.parameters())
-
     def train(self, mode: bool = True) -> CLIPSeg:
         super().train(mode)
         self.clip.eval()  # the backbone is frozen and always in inference mode

@@ -25,9 +25,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from clipseg.images import UnreadableImage, open_rgb
-from clipseg.inference import SkipLog, predict_tasks
+from clipseg.inference import predict_tasks
 from clipseg.metrics import ious_at_thresholds
 from clipseg.outputs import is_safe_name, printable, safe_name, write_text
+from clipseg.samples import SkipLog
 from clipseg.transforms import denormalise, full_size_probabilities
 from model import CLIPSeg
 
@@ -222,24 +223,25 @@ def find_failures(
         skips=search.skips,
         description="finding failures",
     )
-    for batch in batches:
-        for i, task_id in enumerate(batch.fields["task_id"]):
-            original_size = tuple(int(v) for v in batch.get("original_size", i))
-            probs = full_size_probabilities(batch.logits[i], original_size)
-            gt = np.asarray(batch.get("full_mask", i), dtype=bool)
+    for prediction in batches:
+        batch = prediction.batch
+        for i, (task, b) in enumerate(zip(batch.tasks, batch.image_of_task)):
+            original_size = batch.images[b].original_size
+            probs = full_size_probabilities(prediction.logits[i], original_size)
+            gt = np.asarray(task.full_mask, dtype=bool)
             ious = tuple(float(v) for v in ious_at_thresholds(probs, gt, THRESHOLDS))
             search.n_samples += 1
             if not is_failure(ious):
                 continue
             case = FailureCase(
-                task_id=str(task_id),
-                phrase=batch.phrases[i],
-                phrase_type=batch.get("phrase_type", i),
-                n_instances=batch.get("n_instances", i),
+                task_id=task.task_id,
+                phrase=prediction.phrases[i],
+                phrase_type=task.phrase_type,
+                n_instances=task.n_instances,
                 ious=ious,
-                panel=f"{safe_name(str(task_id))}.png",
+                panel=f"{safe_name(task.task_id)}.png",
             )
-            image = display_image(batch.get("image_path", i), batch.fields["pixel_values"][i], original_size)
+            image = display_image(batch.images[b].path, batch.pixel_values[b], original_size)
             render_panel(image, gt, probs, case, out / case.panel)
             search.cases.append(case)
     return search

@@ -1,20 +1,27 @@
-"""Inference over a test-mode data set, one vision pass per image.
+"""The inference loop: a model over any data set of `clipseg.samples.Sample`s, one vision pass per image.
 
-PhraseCut's test split has about 5.6 tasks per image (14,354 tasks on 2,545 images). Here each image is read and
-encoded once and all of its tasks' prompts are decoded against those features in one decoder batch (at ViT-B/16
-and 352 px: 91.6 + K x 1.8 GFLOPs for K tasks instead of K x 93.4, docs/original.md §9). score.py, failure_test.py and
-train.py's validation all predict through `predict_tasks`, so their numbers agree.
+`predict_batches` is the one loop every evaluation runs through (score.py's PhraseCut scoring and benchmarks,
+failure_test.py, train.py's validation): it batches the samples with `clipseg.samples.collate` in a DataLoader,
+shows progress, records what the data set skipped, runs the model in the precision asked for, stops on NaN or
+infinite logits (`clipseg.transforms.NonFiniteOutput`) and yields the logits with their batch. Each image is
+encoded once and all of its tasks' prompts are decoded against those features in one decoder batch; the prompts
+are the tasks' phrases, or their prompt images (`visual_prompts=True`), or one list of phrases for every image
+(`shared_phrases`, the zero-shot benchmark).
 
-    for batch in predict_tasks(model, data, batch_size=16):
-        batch.logits        # (N, 1, S, S) float32 on the CPU, one per task
-        batch.fields["task_id"], batch.fields["mask"], batch.phrases
+`predict_tasks` predicts a test-mode PhraseCut or folder data set by image: PhraseCut's test split has about 5.6
+tasks per image (14,354 tasks on 2,545 images), so each image is read and encoded once for all its tasks (at ViT-B/16
+and 352 px: 91.6 + K x 1.8 GFLOPs for K tasks instead of K x 93.4, docs/original.md §9).
+
+    for prediction in predict_tasks(model, data, batch_size=16):
+        prediction.logits               # (N, 1, S, S) float32 on the CPU, one per task
+        prediction.batch.tasks[i].task_id, prediction.batch.masks, prediction.phrases
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,43 +30,99 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clipseg.precision import precision_context
+from clipseg.samples import Batch, Sample, SkipLog, collate
 from clipseg.transforms import check_finite
-from model import CLIPSeg
+from model import CLIPSeg, ImageFeatures
 
 
 @dataclass
-class SkipLog:
-    """Tasks that could not be predicted (unreadable image, size mismatch), each once with its reason."""
+class Predictions:
+    """The model's output on a batch: `logits` (N, 1, S, S) float32 on the CPU, row i for the i-th (image, prompt)
+    pair, image by image (the batch's tasks, or each image's `shared_phrases`); `phrases`: the N text prompts
+    decoded (None for visual prompts)."""
 
-    reasons: list[dict] = field(default_factory=list)
-    skipped_ids: set[str] = field(default_factory=set)
-
-    def add(self, task_id: str, reason: str) -> None:
-        if str(task_id) not in self.skipped_ids:
-            self.skipped_ids.add(str(task_id))
-            self.reasons.append({"task_id": str(task_id), "reason": str(reason)})
-
-
-@dataclass
-class TaskBatch:
-    """Predictions for a batch of tasks. fields: the data set's test-mode fields per task (`task_id`, `mask`
-    (N, 1, S, S), `full_mask`, `original_size`, `phrase_type`, `n_instances`, `image_path`, `pixel_values`
-    (N, 3, S, S) of each task's image, ...); phrases: the N prompts used; logits: (N, 1, S, S) float32 on the CPU."""
-
-    fields: dict
-    phrases: list[str]
+    batch: Batch
+    phrases: list[str] | None
     logits: Tensor
 
     def __len__(self) -> int:
-        return len(self.phrases)
+        return len(self.logits)
 
-    def get(self, key: str, index: int):
-        """The value of `key` for task `index`, as a plain Python value (None when the data set has no such field)."""
-        values = self.fields.get(key)
-        if values is None:
-            return None
-        value = values[index]
-        return value.item() if isinstance(value, torch.Tensor | np.generic) and value.ndim == 0 else value
+
+def predict_batches(
+    model: CLIPSeg,
+    data: Dataset,
+    *,
+    batch_size: int = 16,
+    batch_sampler: Sequence[list[int]] | None = None,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    skips: SkipLog | None = None,
+    description: str = "predicting",
+    total: int | None = None,
+    visual_prompts: bool = False,
+    phrase_for_task: dict[str, str] | None = None,
+    shared_phrases: Sequence[str] | None = None,
+) -> Iterator[Predictions]:
+    """Predict every sample of `data` in batches of `batch_size` samples (or the index lists of `batch_sampler`).
+
+    The prompts: each task's phrase (`phrase_for_task` replaces them by task id: score.py --shuffle-prompts), or
+    each task's prompt image (`visual_prompts`), or with `shared_phrases` the same K phrases for every image,
+    decoded one phrase at a time over the batch (the original's zero-shot CLIPSegMultiLabel). precision: fp32, bf16
+    or int8, the model prepared for it (clipseg/precision.py). What the data set skipped goes to `skips`, each item
+    once. The progress bar counts tasks out of `total` (default: one per sample), or images with `shared_phrases`."""
+    device = next(model.parameters()).device
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
+    loader = DataLoader(
+        data, **batching, num_workers=num_workers, collate_fn=collate, pin_memory=device.type == "cuda"
+    )  # fmt: skip
+    skips = skips if skips is not None else SkipLog()
+    unit = "image" if shared_phrases is not None else "task"
+    with tqdm(total=total or len(data), desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True) as progress:
+        for batch in loader:
+            skips.add(batch.skipped)
+            progress.update(len(batch.skipped))
+            if batch.pixel_values is None:
+                continue
+            phrases = prompt_phrases(batch, visual_prompts, phrase_for_task, shared_phrases)
+            with torch.no_grad(), precision_context(precision, device):
+                features = model.encode_image(batch.pixel_values.to(device))
+                if shared_phrases is not None:
+                    logits = decode_each_phrase(model, features, shared_phrases, len(batch.images))
+                elif visual_prompts:
+                    conditional = model.embed_images(batch.prompt_images.to(device))
+                    logits = model.decode(features, conditional, batch.prompts_per_image)
+                else:
+                    logits = model.decode(features, model.embed_text(phrases), batch.prompts_per_image)
+                logits = check_finite(logits)
+            progress.update(len(batch.images) if shared_phrases is not None else len(batch.tasks))
+            yield Predictions(batch, phrases, logits.float().cpu())
+
+
+def prompt_phrases(
+    batch: Batch, visual: bool, phrase_for_task: dict[str, str] | None, shared: Sequence[str] | None
+) -> list[str] | None:
+    """The text prompts of a batch, one per logit row (None for visual prompts; then every task must have one)."""
+    if shared is not None:
+        return list(shared) * len(batch.images)
+    if visual:
+        if batch.prompt_images is None or not bool(batch.has_prompt_image.all()):
+            raise ValueError("visual prompts: every task of the data set needs a prompt image")
+        return None
+    if phrase_for_task is not None:
+        return [phrase_for_task[task_id] for task_id in batch.task_ids]
+    return batch.phrases
+
+
+def decode_each_phrase(model: CLIPSeg, features: ImageFeatures, phrases: Sequence[str], n_images: int) -> Tensor:
+    """(B * K, 1, S, S) logits of B images against the same K phrases, image by image: phrase k decoded for all B
+    images at once, as the original's CLIPSegMultiLabel does."""
+    texts = model.embed_text(list(phrases))
+    per_phrase = [model.decode(features, texts[k : k + 1].expand(n_images, -1)) for k in range(len(phrases))]
+    return torch.stack(per_phrase, dim=1).flatten(0, 1)
+
+
+# ------------------------------------------------------------------------------------------- tasks by image
 
 
 class ImageGroups(Dataset):
@@ -77,8 +140,12 @@ class ImageGroups(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, item: int) -> dict:
+    def __getitem__(self, item: int) -> Sample:
         return self.data.group_sample(self.items[item])
+
+    @property
+    def n_tasks(self) -> int:
+        return sum(len(tasks) for tasks in self.items)
 
     def batches(self, batch_size: int) -> list[list[int]]:
         """Consecutive images packed into batches of at most `batch_size` tasks (an image is never split)."""
@@ -90,23 +157,6 @@ class ImageGroups(Dataset):
             current.append(item)
             size += len(tasks)
         return batches + ([current] if current else [])
-
-
-def collate_groups(samples: list[dict]) -> dict:
-    """Image groups -> one batch: `pixel_values` (G, 3, S, S), `prompts_per_image` (G,), per-task fields
-    concatenated over the images (tensors along dim 0, lists joined), `skipped` joined."""
-    batch: dict = {"skipped": [entry for sample in samples for entry in sample["skipped"]]}
-    usable = [sample for sample in samples if "pixel_values" in sample]
-    if not usable:
-        return batch
-    batch["pixel_values"] = torch.stack([sample["pixel_values"] for sample in usable])
-    batch["prompts_per_image"] = [sample["prompts_per_image"] for sample in usable]
-    for key in usable[0]:
-        if key in batch:
-            continue
-        values = [sample[key] for sample in usable]
-        batch[key] = torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for vs in values for v in vs]
-    return batch
 
 
 def predict_tasks(
@@ -121,39 +171,20 @@ def predict_tasks(
     skips: SkipLog | None = None,
     description: str = "scoring",
     group_by_image: bool = True,
-) -> Iterator[TaskBatch]:
-    """Predict every task of a test-mode data set (or the subset `tasks`), images encoded once, with a progress
-    bar. batch_size: tasks per decoder batch (an image with more tasks gets a batch of its own); precision: fp32,
-    bf16 or int8, the model prepared for it (clipseg/precision.py); phrase_for_task: replaces phrases by task id
-    (score.py
-    --shuffle-prompts). Tasks whose image cannot be read are recorded in `skips` and not yielded; NaN or infinite
-    logits raise `clipseg.transforms.NonFiniteOutput`.
-    group_by_image=False reads and encodes the image once per task instead (the reference implementations' way;
-    for comparisons)."""
-    device = next(model.parameters()).device
+) -> Iterator[Predictions]:
+    """Predict every task of a test-mode data set (or the subset `tasks`), images encoded once, through
+    `predict_batches`. batch_size: tasks per decoder batch (an image with more tasks gets a batch of its own).
+    Tasks whose image cannot be read are recorded in `skips` and not yielded. group_by_image=False reads and
+    encodes the image once per task instead (the reference implementations' way; for comparisons)."""
     groups = ImageGroups(data, tasks, max_tasks=batch_size if group_by_image else 1)
-    loader = DataLoader(
+    return predict_batches(
+        model,
         groups,
         batch_sampler=groups.batches(batch_size),
         num_workers=num_workers,
-        collate_fn=collate_groups,
-        pin_memory=device.type == "cuda",
+        precision=precision,
+        skips=skips,
+        description=description,
+        total=groups.n_tasks,
+        phrase_for_task=phrase_for_task,
     )
-    skips = skips if skips is not None else SkipLog()
-    with tqdm(total=sum(len(t) for t in groups.items), desc=description, unit="task", file=sys.stderr) as progress:
-        for batch in loader:
-            for task_id, reason in batch["skipped"]:
-                skips.add(task_id, reason)
-            progress.update(len(batch["skipped"]))
-            if "pixel_values" not in batch:
-                continue
-            phrases = list(batch["phrase"])
-            if phrase_for_task is not None:
-                phrases = [phrase_for_task[task_id] for task_id in batch["task_id"]]
-            counts = batch["prompts_per_image"]
-            with torch.no_grad(), precision_context(precision, device):
-                features = model.encode_image(batch["pixel_values"].to(device))
-                logits = check_finite(model.decode(features, model.embed_text(phrases), counts))
-            batch["pixel_values"] = batch["pixel_values"].repeat_interleave(torch.tensor(counts), dim=0)
-            progress.update(len(phrases))
-            yield TaskBatch(batch, phrases, logits.float().cpu())

@@ -96,12 +96,6 @@ def save_complete(model: CLIPSeg, directory: Path, info: dict | None = None, inf
         write_json(directory / info_name, info)
 
 
-def read_best(files: RunFiles) -> dict | None:
-    """best/best.json (step, metric, value), or None when the run has no best model yet."""
-    path = files.best / BEST_INFO
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def write_args(files: RunFiles, record: dict) -> None:
     write_text(files.args, json_text(record, indent=2, sort_keys=True))
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-import dataset as datasets
+from clipseg.samples import Batch, Sample, collate
 
 # ----------------------------------------------------------------------------------------- distribution
 
@@ -116,7 +116,7 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
         index, seed = key
         if hasattr(self.dataset, "reseed"):
             self.dataset.reseed(seed)
@@ -135,14 +135,14 @@ def build_loader(dataset: Dataset, sampler: InfiniteBatchSampler, num_workers: i
         SeededSamples(dataset),
         batch_sampler=sampler,
         num_workers=num_workers,
-        collate_fn=datasets.collate,
+        collate_fn=collate,
         pin_memory=pin,
         worker_init_fn=worker_init if num_workers else None,
     )
 
 
 @contextlib.contextmanager
-def batches_from(loader: DataLoader) -> Iterator[Iterator[dict]]:
+def batches_from(loader: DataLoader) -> Iterator[Iterator[Batch]]:
     """Iterate the loader and stop its workers on the way out. Left to interpreter exit, the workers (which
     ignore SIGTERM, see worker_init) would make multiprocessing's exit handler wait for them forever."""
     iterator = iter(loader)

@@ -19,9 +19,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import dataset as datasets
-from clipseg.inference import SkipLog, TaskBatch, predict_tasks
+from clipseg.inference import Predictions, predict_tasks
 from clipseg.metrics import PaperMetrics, PhraseCutMetrics
 from clipseg.outputs import safe_name
+from clipseg.samples import SkipLog
 from clipseg.transforms import full_size_probabilities
 from model import CLIPSeg
 
@@ -70,15 +71,16 @@ class ScoreRun:
         if self.paper is None:
             self.paper = PaperMetrics(report_threshold=self.threshold)
 
-    def update(self, batch: TaskBatch, save_dir: Path | None = None) -> None:
-        """Add a batch: paper metrics at S x S, official metrics at the original size (and the PNGs)."""
-        self.paper.update(torch.sigmoid(batch.logits), batch.fields["mask"])
-        for i, task_id in enumerate(batch.fields["task_id"]):
-            pred = full_size_probabilities(batch.logits[i], batch.get("original_size", i)) > self.threshold
-            gt = np.asarray(batch.get("full_mask", i), dtype=bool)
-            self.official.update(pred, gt, batch.get("phrase_type", i), batch.get("n_instances", i))
+    def update(self, prediction: Predictions, save_dir: Path | None = None) -> None:
+        """Add a batch of test-mode PhraseCut tasks: paper metrics at S x S, official metrics at the original size
+        (and the PNGs)."""
+        batch = prediction.batch
+        self.paper.update(torch.sigmoid(prediction.logits), batch.masks)
+        for i, (task, image) in enumerate(zip(batch.tasks, batch.image_of_task)):
+            pred = full_size_probabilities(prediction.logits[i], batch.images[image].original_size) > self.threshold
+            self.official.update(pred, np.asarray(task.full_mask, dtype=bool), task.phrase_type, task.n_instances)
             if save_dir is not None:
-                save_prediction_png(pred, save_dir, task_id)
+                save_prediction_png(pred, save_dir, task.task_id)
         self.n_samples += len(batch)
 
 
@@ -103,7 +105,7 @@ def score(
     phrase_for_task = shuffled_phrases(task_phrases(data)) if shuffle_prompts else None
     if save_predictions is not None:
         save_predictions.mkdir(parents=True, exist_ok=True)
-    for batch in predict_tasks(
+    for prediction in predict_tasks(
         model,
         data,
         batch_size=batch_size,
@@ -114,7 +116,7 @@ def score(
         skips=run.skips,
         group_by_image=group_by_image,
     ):
-        run.update(batch, save_predictions)
+        run.update(prediction, save_predictions)
     return run
 
 

@@ -40,6 +40,7 @@ from clipseg.config import (
     tiny_clip_config,
 )
 from clipseg.runs import RunFiles
+from clipseg.sample_pipeline import PROMPT_TEMPLATES
 from clipseg.sampling import (
     Distributed,
     derived_seed,
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--prompt-templates",
-        choices=tuple(datasets.PROMPT_TEMPLATES),
+        choices=tuple(PROMPT_TEMPLATES),
         default=None,
         help="templates a phrase is put into, one drawn per sample (the original's lists): plain = the phrase; "
         "fixed = 'a photo of a {}.'; shuffle = 4; shuffle+ = 9 (default: shuffle+ with --mix, plain without, as "
@@ -323,7 +324,7 @@ def build_training_set(args: argparse.Namespace) -> Dataset:
             whole_image_prob=args.whole_image_prob,
             resize=args.resize,
             visual_support=args.mix,
-            templates=datasets.PROMPT_TEMPLATES[prompt_templates(args)],
+            templates=PROMPT_TEMPLATES[prompt_templates(args)],
             colour_jitter=args.aug_color,
             prompts_per_image=args.prompts_per_image,
             seed=args.seed,

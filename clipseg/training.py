@@ -1,4 +1,4 @@
-"""The training loop of train.py: the prompts of a batch and their conditional vectors, the learning-rate schedule,
+"""The training loop of train.py: the conditional vectors of a batch's prompts, the learning-rate schedule,
 the step (mixed precision, gradient scaling, non-finite losses), logging, validation with a best model, checkpoints
 with exact resume, stop requests (Ctrl-C, SIGTERM) and the run's summary.
 """
@@ -30,6 +30,7 @@ from clipseg.metrics import PaperMetrics
 from clipseg.outputs import json_text
 from clipseg.precision import amp_dtype as model_amp_dtype
 from clipseg.runs import RunFiles
+from clipseg.samples import Batch
 from clipseg.sampling import (
     Distributed,
     all_reduce_sum,
@@ -40,46 +41,22 @@ from clipseg.transforms import NonFiniteOutput
 from model import CLIPSeg
 
 
-@dataclass
-class Prompts:
-    """A training batch's N = B x K prompts, flattened: phrases, (N, 1, S, S) targets, and (PC+) which prompts
-    have a support image and the (N, 3, S, S) prompt images."""
-
-    phrases: list[str]
-    targets: Tensor
-    has_support: Tensor | None = None
-    prompt_images: Tensor | None = None
-
-    @classmethod
-    def of(cls, batch: dict) -> Prompts:
-        """The prompts of a collated batch, one per sample or (--prompts-per-image K) K per sample."""
-        several = batch["mask"].ndim == 5
-
-        def flat(values):
-            return [v for vs in values for v in vs] if several else list(values)
-
-        prompts = cls(flat(batch["phrase"]), batch["mask"].flatten(0, 1) if several else batch["mask"])
-        if "prompt_image" in batch:
-            prompts.has_support = torch.as_tensor(flat(batch["has_prompt_image"]), dtype=torch.bool)
-            images = batch["prompt_image"]
-            prompts.prompt_images = images.flatten(0, 1) if several else images
-        return prompts
-
-
-def conditionals(model: CLIPSeg, prompts: Prompts, mix_range: tuple[float, float], device: torch.device) -> Tensor:
-    """(N, 512) conditional vectors: the text embeddings (through the bounded cache; the batch's cached phrases
-    are marked as recently used so that adding the new ones cannot evict them), or with supports (PC+)
-    w * text + (1 - w) * visual with w ~ U(A, B) per prompt, and w = 1 for prompts without a support image."""
-    model.text_cache.touch(prompts.phrases)
-    text = model.embed_text(prompts.phrases).float()
-    if prompts.has_support is None or not prompts.has_support.any():
+def conditionals(model: CLIPSeg, batch: Batch, mix_range: tuple[float, float], device: torch.device) -> Tensor:
+    """(N, 512) conditional vectors of a batch's N = B x K prompts: the text embeddings (through the bounded cache;
+    the batch's cached phrases are marked as recently used so that adding the new ones cannot evict them), or with
+    supports (PC+) w * text + (1 - w) * visual with w ~ U(A, B) per prompt, and w = 1 for prompts without a support
+    image."""
+    phrases = batch.phrases
+    model.text_cache.touch(phrases)
+    text = model.embed_text(phrases).float()
+    if batch.prompt_images is None or not batch.has_prompt_image.any():
         return text
     low, high = mix_range
-    has = prompts.has_support
+    has = batch.has_prompt_image
     weights = torch.ones(len(text))
     weights[has] = low + (high - low) * torch.rand(int(has.sum()))
     visual = torch.zeros_like(text)
-    visual[has.to(device)] = model.embed_images(prompts.prompt_images[has].to(device)).float()
+    visual[has.to(device)] = model.embed_images(batch.prompt_images[has].to(device)).float()
     weights = weights.to(device)[:, None]
     return weights * text + (1 - weights) * visual
 
@@ -130,7 +107,7 @@ class Validation:
         was_training = model.training
         model.eval()
         paper, loss_sum, count = PaperMetrics(), 0.0, 0
-        for batch in predict_tasks(
+        for prediction in predict_tasks(
             model,
             self.data,
             batch_size=self.batch_size,
@@ -138,10 +115,10 @@ class Validation:
             tasks=self.tasks,
             description="validation",
         ):
-            targets = batch.fields["mask"]
-            paper.update(torch.sigmoid(batch.logits), targets)
-            losses = F.binary_cross_entropy_with_logits(batch.logits, targets, reduction="none").mean(dim=(1, 2, 3))
-            loss_sum, count = loss_sum + float(losses.sum()), count + len(batch)
+            logits, targets = prediction.logits, prediction.batch.masks
+            paper.update(torch.sigmoid(logits), targets)
+            losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=(1, 2, 3))
+            loss_sum, count = loss_sum + float(losses.sum()), count + len(prediction)
         model.train(was_training)
         if not count:
             raise TrainingError("no validation task could be read (see the warnings above)")
@@ -308,14 +285,13 @@ class TrainingLoop:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def step_loss(self, batch: dict) -> Tensor:
+    def step_loss(self, batch: Batch) -> Tensor:
         """One forward pass of a batch: B image crops, N = B x K prompts with their (N, 1, S, S) targets; the
         model's BCE-with-logits loss (fp32)."""
-        prompts = Prompts.of(batch)
-        pixels = batch["pixel_values"].to(self.device, non_blocking=True)
+        pixels = batch.pixel_values.to(self.device, non_blocking=True)
         with self.autocast():
-            conditional = conditionals(self.model, prompts, self.args.mix_range, self.device)
-            labels = prompts.targets.to(self.device, non_blocking=True)
+            conditional = conditionals(self.model, batch, self.args.mix_range, self.device)
+            labels = batch.masks.to(self.device, non_blocking=True)
             return self.network(pixels, conditional=conditional, labels=labels).loss
 
     def optimise(self, loss: Tensor) -> None:
@@ -415,7 +391,7 @@ class TrainingLoop:
             shown["val_" + self.best.metric] = f"{self.last_validation['val_' + self.best.metric]:.3f}"
         return shown
 
-    def run(self, batches: Iterator[dict]) -> Summary:
+    def run(self, batches: Iterator[Batch]) -> Summary:
         args, world = self.args, self.world
         start_step, self.started = self.step, time.perf_counter()
         self.interval = LogInterval()
@@ -453,7 +429,7 @@ class TrainingLoop:
             print(summary.line(), flush=True)
         return summary
 
-    def iteration(self, batches: Iterator[dict], stop: StopRequest, log, progress: tqdm) -> bool:
+    def iteration(self, batches: Iterator[Batch], stop: StopRequest, log, progress: tqdm) -> bool:
         """One optimizer step, then logging, validation and checkpointing as due; returns whether a stop was
         requested."""
         args, world = self.args, self.world
@@ -461,12 +437,12 @@ class TrainingLoop:
         batch = next(batches)
         loss = self.step_loss(batch)
         loss_sum, non_finite, stop_flag, skipped = all_reduce_sum(
-            [loss.item(), float(not torch.isfinite(loss)), float(stop.requested), len(batch["skipped"])],
+            [loss.item(), float(not torch.isfinite(loss)), float(stop.requested), len(batch.skipped)],
             world,
             self.device,
         )
         self.skipped += int(skipped)
-        self.skip_reasons.update(reason for _, reason in batch["skipped"])
+        self.skip_reasons.update(skip.reason for skip in batch.skipped)
         if non_finite:
             self.fail_non_finite(self.step + 1, batch)
         self.optimise(loss)
@@ -498,13 +474,13 @@ class TrainingLoop:
             log.flush()
         self.interval = LogInterval(started=now)
 
-    def fail_non_finite(self, step: int, batch: dict) -> None:
+    def fail_non_finite(self, step: int, batch: Batch) -> None:
         kept = (
             f"the last good checkpoint (iteration {self.last_saved_step}) in {self.files.dir} is kept"
             if self.last_saved_step is not None
             else "no checkpoint was written in this session"
         )
-        tasks = ", ".join(str(t) for t in batch.get("task_id", [])[:4])
+        tasks = ", ".join(batch.task_ids[:4])
         raise NonFiniteLoss(
             f"non-finite loss at iteration {step} (batch tasks {tasks} ...): stopping without saving; {kept}. "
             "Lower --lr, try --no-amp, or check the data; continue from the checkpoint with --resume"

@@ -1,23 +1,9 @@
 """clipseg/augment.py: the training crop is the original's find_crop(iterations=50, min_frac=0.05)."""
 
 import numpy as np
+from helpers import find_crop_reference
 
 from clipseg.augment import choose_crop, random_crop_offsets
-
-
-def find_crop_reference(mask: np.ndarray, offsets, min_fraction=0.05):
-    """The authors' find_crop(iterations=50, min_frac=0.05) as docs/original.md §5.6 states it, on given offsets."""
-    height, width = mask.shape
-    side = min(height, width)
-    threshold = height * width * min_fraction
-    best = (float("-inf"), None)
-    for top, left in offsets:
-        count = mask[top : top + side, left : left + side].sum()
-        if count > threshold:
-            return top, left, side
-        if count > best[0]:
-            best = (count, (top, left))
-    return (*best[1], side)
 
 
 def test_crop_rule_takes_the_first_offset_over_5_percent_of_the_whole_image():

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from test_model import PHRASES, assert_parity, hf_reference
-from test_score import recompute
+from helpers import PARITY_PHRASES as PHRASES
+from helpers import assert_parity, hf_reference, recompute
 
 import score
 import train

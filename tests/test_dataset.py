@@ -9,25 +9,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    GOOD_TRIANGLE,
+    NAN,
+    data_dir,
+    find_crop_reference,
+    original_pipeline,
+    refer,
+    skimage_union,
+    write_bad_polygons,
+)
 from PIL import Image
-from test_augment import find_crop_reference
-from test_rasterise import skimage_union
-from test_transforms import original_pipeline
 
 import dataset
+from clipseg import sample_pipeline
 from clipseg.images import open_rgb
 from clipseg.rasterise import instances_to_mask
+from clipseg.sample_pipeline import PROMPT_TEMPLATES
+from clipseg.samples import Sample
 from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 SMALL = 64  # sample side for fast pipeline tests
-
-
-def data_dir(root: Path) -> Path:
-    return root / "data" / "VGPhraseCut_v0"
-
-
-def refer(root: Path, split: str) -> list[dict]:
-    return json.loads((data_dir(root) / f"refer_{split}.json").read_text())
 
 
 def denormalise(pixel_values: torch.Tensor) -> np.ndarray:
@@ -52,40 +54,41 @@ def test_test_samples_are_the_originals_whole_image_squash(synthetic_root):
     assert len(data) == len(tasks) and data.tasks[0]["task_id"] == tasks[0]["task_id"]
     for index, task in enumerate(tasks):
         sample = data[index]
-        image = open_rgb(sample["image_path"])
-        assert sample["task_id"] == task["task_id"] and sample["phrase"] == task["phrase"]
-        assert sample["original_size"] == (image.height, image.width)
-        assert sample["phrase_type"] == task["phrase_structure"]["type"]
-        assert sample["n_instances"] == len(task["Polygons"]) and not sample["negative"]
+        (sample_task,) = sample.tasks
+        image = open_rgb(sample.image.path)
+        assert sample_task.task_id == task["task_id"] and sample_task.phrase == task["phrase"]
+        assert sample.image.original_size == (image.height, image.width)
+        assert sample_task.phrase_type == task["phrase_structure"]["type"]
+        assert sample_task.n_instances == len(task["Polygons"]) and not sample_task.negative
         polygons = [polygon for instance in task["Polygons"] for polygon in instance]
         original = skimage_union(polygons, image.height, image.width)
         official = instances_to_mask(task["Polygons"], image.height, image.width, rule="phrasecut")
-        assert sample["full_mask"].dtype == bool and original.any() and official.sum() > original.sum()
-        np.testing.assert_array_equal(sample["full_mask"], official)
-        np.testing.assert_array_equal(sample["mask"][0].numpy().astype(bool), floor_nearest(original, SMALL))
-        assert torch.equal(sample["pixel_values"], original_pipeline(np.asarray(image), SMALL))
-        assert sample["skipped"] == []
+        assert sample_task.full_mask.dtype == bool and original.any() and official.sum() > original.sum()
+        np.testing.assert_array_equal(sample_task.full_mask, official)
+        np.testing.assert_array_equal(sample.masks[0, 0].numpy().astype(bool), floor_nearest(original, SMALL))
+        assert torch.equal(sample.pixel_values, original_pipeline(np.asarray(image), SMALL))
+        assert sample.skipped == [] and sample.prompt_images is None
 
 
 def test_pil_rule_samples_are_what_the_hf_processor_gives(synthetic_root):
     data = dataset.PhraseCut(synthetic_root, "test", train=False, image_size=SMALL, resize="pil")
     sample = data[0]
-    squashed = np.asarray(open_rgb(sample["image_path"]).resize((SMALL, SMALL), Image.BILINEAR), dtype=np.float32)
-    np.testing.assert_allclose(denormalise(sample["pixel_values"]), squashed, atol=1e-3)
+    squashed = np.asarray(open_rgb(sample.image.path).resize((SMALL, SMALL), Image.BILINEAR), dtype=np.float32)
+    np.testing.assert_allclose(denormalise(sample.pixel_values), squashed, atol=1e-3)
 
 
 @pytest.fixture
 def offsets_seen(monkeypatch) -> list:
     """The crop offsets the data set draws, recorded as it draws them (cleared by the test between samples)."""
     seen = []
-    real_offsets = dataset.random_crop_offsets
+    real_offsets = sample_pipeline.random_crop_offsets
 
     def recording(rng, height, width, tries=50):
         offsets = real_offsets(rng, height, width, tries)
         seen.extend(offsets.tolist())
         return offsets
 
-    monkeypatch.setattr(dataset, "random_crop_offsets", recording)
+    monkeypatch.setattr(sample_pipeline, "random_crop_offsets", recording)
     return seen
 
 
@@ -100,10 +103,10 @@ def test_training_samples_are_the_originals_crop_then_resize(synthetic_root, off
         top, left, side = find_crop_reference(truth, offsets_seen)
         assert side == min(image.shape[:2]) and len(offsets_seen) == 50
         crop = (slice(top, top + side), slice(left, left + side))
-        assert torch.equal(sample["pixel_values"], original_pipeline(image[crop], SMALL))
-        np.testing.assert_array_equal(sample["mask"][0].numpy().astype(bool), floor_nearest(truth[crop], SMALL))
-        assert sample["mask"].shape == (1, SMALL, SMALL) and sample["mask"].dtype == torch.float32
-        assert "full_mask" not in sample and sample["skipped"] == []
+        assert torch.equal(sample.pixel_values, original_pipeline(image[crop], SMALL))
+        np.testing.assert_array_equal(sample.masks[0, 0].numpy().astype(bool), floor_nearest(truth[crop], SMALL))
+        assert sample.masks.shape == (1, 1, SMALL, SMALL) and sample.masks.dtype == torch.float32
+        assert sample.tasks[0].full_mask is None and sample.skipped == []
 
 
 def test_several_prompts_per_image_share_the_crop_and_keep_each_tasks_target(synthetic_root, offsets_seen):
@@ -111,32 +114,30 @@ def test_several_prompts_per_image_share_the_crop_and_keep_each_tasks_target(syn
     for index in range(6):
         offsets_seen.clear()
         sample = data[index]
-        assert sample["mask"].shape == (4, 1, SMALL, SMALL) and len(sample["phrase"]) == 4
-        tasks = [data.tasks[i] for i in range(len(data))]
-        by_id = {task["task_id"]: task for task in tasks}
-        primary = by_id[sample["task_id"]]
-        assert sample["task_ids"][0] == primary["task_id"]
-        assert {by_id[t]["image_id"] for t in sample["task_ids"]} == {primary["image_id"]}
+        assert sample.masks.shape == (4, 1, SMALL, SMALL) and len(sample.tasks) == 4
+        task_ids = [task.task_id for task in sample.tasks]
+        by_id = {task["task_id"]: task for task in data.tasks[:]}
+        primary = by_id[task_ids[0]]
+        assert primary["task_id"] == data.tasks[index]["task_id"]  # the sample's own task first
+        assert {by_id[t]["image_id"] for t in task_ids} == {primary["image_id"]}
         image = np.asarray(open_rgb(primary["image_path"]))
-        truth = [
-            skimage_union([p for i in by_id[t]["Polygons"] for p in i], *image.shape[:2]) for t in sample["task_ids"]
-        ]
+        truth = [skimage_union([p for i in by_id[t]["Polygons"] for p in i], *image.shape[:2]) for t in task_ids]
         top, left, side = find_crop_reference(truth[0], offsets_seen)  # the crop follows the primary task
         crop = (slice(top, top + side), slice(left, left + side))
-        assert torch.equal(sample["pixel_values"], original_pipeline(image[crop], SMALL))
+        assert torch.equal(sample.pixel_values, original_pipeline(image[crop], SMALL))
         for k, mask in enumerate(truth):
-            np.testing.assert_array_equal(sample["mask"][k, 0].numpy().astype(bool), floor_nearest(mask[crop], SMALL))
-            assert sample["phrase"][k] == by_id[sample["task_ids"][k]]["phrase"]
+            np.testing.assert_array_equal(sample.masks[k, 0].numpy().astype(bool), floor_nearest(mask[crop], SMALL))
+            assert sample.tasks[k].phrase == by_id[task_ids[k]]["phrase"]
     with pytest.raises(ValueError, match="prompts_per_image must be 1, or more in training"):
         dataset.PhraseCut(synthetic_root, "test", train=False, prompts_per_image=2)
 
 
 def test_whole_image_samples_are_the_test_squash_at_the_requested_rate(synthetic_root):
     squashed = dataset.PhraseCut(synthetic_root, "train", train=False, image_size=SMALL)
-    rectangular = [i for i in range(len(squashed)) if len(set(squashed[i]["original_size"])) == 2][:100]
+    rectangular = [i for i in range(len(squashed)) if len(set(squashed[i].image.original_size)) == 2][:100]
 
-    def is_whole_image(sample: dict, index: int) -> bool:
-        return torch.equal(sample["pixel_values"], squashed[index]["pixel_values"])
+    def is_whole_image(sample: Sample, index: int) -> bool:
+        return torch.equal(sample.pixel_values, squashed[index].pixel_values)
 
     always = dataset.PhraseCut(synthetic_root, "train", train=True, image_size=SMALL, whole_image_prob=1.0)
     never = dataset.PhraseCut(synthetic_root, "train", train=True, image_size=SMALL)
@@ -153,14 +154,14 @@ def test_negatives_are_uniform_over_unique_phrases_with_empty_targets(synthetic_
     data = dataset.PhraseCut(synthetic_root, "train", train=True, image_size=16, negative_prob=0.3, seed=1)
     phrases = {t["task_id"]: t["phrase"] for t in refer(synthetic_root, "train")}
     draws = [data[i % len(data)] for i in range(600)]
-    negatives = [s for s in draws if s["negative"]]
+    negatives = [s for s in draws if s.tasks[0].negative]
     assert abs(len(negatives) / len(draws) - 0.3) < 0.06  # 3 sigma for n = 600
     for sample in negatives:
-        assert sample["mask"].sum() == 0 and sample["phrase"] != phrases[sample["task_id"]]
-        assert sample["phrase"] in set(phrases.values())
+        assert sample.masks.sum() == 0 and sample.tasks[0].phrase != phrases[sample.tasks[0].task_id]
+        assert sample.tasks[0].phrase in set(phrases.values())
     # uniform over the split's unique phrases: a phrase of many tasks is drawn no more often than a rare one
     frequent = max(set(phrases.values()), key=list(phrases.values()).count)
-    share = sum(s["phrase"] == frequent for s in negatives) / len(negatives)
+    share = sum(s.tasks[0].phrase == frequent for s in negatives) / len(negatives)
     n_unique = len(set(phrases.values()))
     assert share < 3 / n_unique + 0.05, (frequent, share, n_unique)
 
@@ -172,7 +173,7 @@ def test_visual_support_and_templates(synthetic_root):
         train=False,
         image_size=SMALL,
         visual_support=True,
-        templates=dataset.PROMPT_TEMPLATES["shuffle+"],
+        templates=PROMPT_TEMPLATES["shuffle+"],
     )
     tasks = refer(synthetic_root, "train")
     counts = {}
@@ -181,25 +182,28 @@ def test_visual_support_and_templates(synthetic_root):
     seen = set()
     for index, task in enumerate(tasks):
         sample = data[index]
-        assert sample["prompt_image"].shape == (3, SMALL, SMALL)
-        assert sample["has_prompt_image"] == (counts[task["phrase"]] > 1)
-        if sample["has_prompt_image"]:
-            assert sample["prompt_image"].abs().sum() > 0
+        (sample_task,) = sample.tasks
+        assert sample.prompt_images.shape == (1, 3, SMALL, SMALL)
+        assert sample_task.has_prompt_image == (counts[task["phrase"]] > 1)
+        if sample_task.has_prompt_image:
+            assert sample.prompt_images.abs().sum() > 0
         else:
-            assert not sample["prompt_image"].any()
-        assert any(sample["phrase"] == t.format(task["phrase"]) for t in dataset.PROMPT_TEMPLATES["shuffle+"])
-        seen.add(sample["has_prompt_image"])
+            assert not sample.prompt_images.any()
+        assert any(sample_task.phrase == t.format(task["phrase"]) for t in PROMPT_TEMPLATES["shuffle+"])
+        seen.add(sample_task.has_prompt_image)
     assert seen == {True, False}
 
 
 def test_training_draws_differ_but_test_samples_are_reproducible(synthetic_root):
     train = dataset.PhraseCut(
-        synthetic_root, "train", train=True, image_size=SMALL, templates=dataset.PROMPT_TEMPLATES["shuffle+"]
+        synthetic_root, "train", train=True, image_size=SMALL, templates=PROMPT_TEMPLATES["shuffle+"]
     )
-    assert len({train[0]["phrase"] for _ in range(12)}) > 1
+    assert len({train[0].tasks[0].phrase for _ in range(12)}) > 1
     test = dataset.PhraseCut(synthetic_root, "test", train=False, image_size=SMALL, negative_prob=0.5)
     again = dataset.PhraseCut(synthetic_root, "test", train=False, image_size=SMALL, negative_prob=0.5)
-    assert [test[i]["negative"] for i in range(len(test))] == [again[i]["negative"] for i in range(len(test))]
+    assert [test[i].tasks[0].negative for i in range(len(test))] == [
+        again[i].tasks[0].negative for i in range(len(test))
+    ]
 
 
 def test_val_miniv_is_both_splits_and_limit(synthetic_root):
@@ -207,17 +211,6 @@ def test_val_miniv_is_both_splits_and_limit(synthetic_root):
     ids = [t["task_id"] for t in refer(synthetic_root, "val") + refer(synthetic_root, "miniv")]
     assert [both.tasks[i]["task_id"] for i in range(len(both))] == ids
     assert len(dataset.PhraseCut(data_dir(synthetic_root), "val", train=False, limit=3)) == 3
-
-
-def test_collate_stacks_tensors_and_aggregates_skips(synthetic_root):
-    data = dataset.PhraseCut(synthetic_root, "test", train=False, image_size=SMALL, visual_support=True)
-    samples = [data[0], data[1]]
-    samples[1]["skipped"] = [("x", "file not found")]
-    batch = dataset.collate(samples)
-    assert batch["pixel_values"].shape == (2, 3, SMALL, SMALL) and batch["mask"].shape == (2, 1, SMALL, SMALL)
-    assert batch["prompt_image"].shape == (2, 3, SMALL, SMALL)
-    assert batch["task_id"] == [samples[0]["task_id"], samples[1]["task_id"]]
-    assert isinstance(batch["full_mask"], list) and batch["skipped"] == [("x", "file not found")]
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -257,10 +250,10 @@ def test_bad_image_is_skipped_warned_and_reported(damaged_root, damage, reason):
     assert [str(w.message).split(":")[0] for w in caught] == [f"skipped task {task_id}" for task_id in bad]
     assert all(reason in str(w.message) for w in caught)
     first_good = tasks[len(bad)]["task_id"]
-    assert [s["task_id"] for s in samples[: len(bad)]] == [first_good] * len(bad)  # substitutes
-    reported = [entry for s in samples for entry in s["skipped"]]
-    assert [task_id for task_id, _ in reported] == bad  # each bad task exactly once over a pass
-    assert all(reason in why and f"{tasks[0]['image_id']}.jpg" in why for _, why in reported)
+    assert [s.tasks[0].task_id for s in samples[: len(bad)]] == [first_good] * len(bad)  # substitutes
+    reported = [skip for s in samples for skip in s.skipped]
+    assert [skip.item for skip in reported] == [{"task_id": task_id} for task_id in bad]  # each once over a pass
+    assert all(reason in skip.reason and f"{tasks[0]['image_id']}.jpg" in skip.reason for skip in reported)
 
 
 def test_skips_survive_dataloader_workers(damaged_root):
@@ -270,9 +263,9 @@ def test_skips_survive_dataloader_workers(damaged_root):
     loader = torch.utils.data.DataLoader(data, batch_size=4, num_workers=2, collate_fn=dataset.collate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        skipped = [entry for batch in loader for entry in batch["skipped"]]
+        skipped = [skip for batch in loader for skip in batch.skipped]
     n_bad = sum(t["image_id"] == tasks[0]["image_id"] for t in tasks)
-    assert sorted(task_id for task_id, _ in skipped) == sorted(t["task_id"] for t in tasks[:n_bad])
+    assert sorted(skip.item["task_id"] for skip in skipped) == sorted(t["task_id"] for t in tasks[:n_bad])
 
 
 def test_all_images_missing_is_an_error_not_an_endless_loop(damaged_root):
@@ -307,7 +300,7 @@ def test_image_replaced_after_indexing_is_skipped_for_size(damaged_root):
     Image.new("RGB", (50, 40)).save(path)
     with pytest.warns(UserWarning, match="is 50x40 but its annotations are for"):
         sample = data[0]
-    assert sample["skipped"] and sample["task_id"] != data.tasks[0]["task_id"]
+    assert sample.skipped and sample.tasks[0].task_id != data.tasks[0]["task_id"]
 
 
 def test_degenerate_polygons_are_excluded(damaged_root):
@@ -321,22 +314,6 @@ def test_degenerate_polygons_are_excluded(damaged_root):
         "no polygon",
         "no usable polygon (1 polygon dropped: 1 of zero area)",
     ]
-
-
-GOOD_TRIANGLE = [[1.0, 1.0], [20.0, 1.0], [20.0, 20.0]]
-NAN, INF = float("nan"), float("inf")
-
-
-def write_bad_polygons(root: Path, split: str) -> list[str]:
-    """Break the polygons of the first three tasks of `split` (written with NaN/Infinity, as Python's json allows):
-    task 0 keeps a good triangle beside a NaN polygon; task 1 has only an infinite and a collinear polygon; task 2
-    only a polygon whose vertices coincide. Returns the three task ids."""
-    tasks = refer(root, split)
-    tasks[0]["Polygons"] = [[GOOD_TRIANGLE, [[NAN, 2.0], [3.0, 4.0], [5.0, 9.0]]]]
-    tasks[1]["Polygons"] = [[[[2.0, 2.0], [4.0, 4.0], [6.0, 6.0]]], [[[INF, 1.0], [2.0, 2.0], [3.0, 1.0]]]]
-    tasks[2]["Polygons"] = [[[[5.0, 5.0], [5.0, 5.0], [5.0, 5.0]]]]
-    (data_dir(root) / f"refer_{split}.json").write_text(json.dumps(tasks))
-    return [task["task_id"] for task in tasks[:3]]
 
 
 def test_nan_infinite_and_zero_area_polygons_are_counted_exclusions(damaged_root):
@@ -356,8 +333,8 @@ def test_nan_infinite_and_zero_area_polygons_are_counted_exclusions(damaged_root
     kept = data.tasks[0]
     assert kept["task_id"] == first and [[p.tolist() for p in i] for i in kept["Polygons"]] == [[GOOD_TRIANGLE]]
     sample = data[0]
-    expected = instances_to_mask([[np.array(GOOD_TRIANGLE)]], *sample["original_size"], "phrasecut")
-    np.testing.assert_array_equal(sample["full_mask"], expected)
+    expected = instances_to_mask([[np.array(GOOD_TRIANGLE)]], *sample.image.original_size, "phrasecut")
+    np.testing.assert_array_equal(sample.tasks[0].full_mask, expected)
     assert expected.any()
     report = dataset.exclusion_report(data)
     assert report["excluded"]["count"] == 2 and report["excluded_polygons"]["count"] == 4
@@ -375,7 +352,7 @@ def test_user_folder_bad_polygons_are_dropped_and_counted(tmp_path):
     with pytest.warns(UserWarning, match="excluded 1 tasks .*; 2 bad polygons left out"):
         data = dataset.UserFolder(index, train=False, image_size=SMALL)
     assert [r["id"] for r in data.records] == ["one", "three"]
-    assert data.records[0]["mask"] == [[GOOD_TRIANGLE]] and not data[1]["full_mask"].any()
+    assert data.records[0]["mask"] == [[GOOD_TRIANGLE]] and not data[1].tasks[0].full_mask.any()
     assert data.excluded == [("two", "no usable polygon (1 polygon dropped: 1 with non-finite coordinates)")]
     assert [entry[:2] for entry in data.excluded_polygons] == [("one", 1), ("two", 1)]
 
@@ -411,11 +388,11 @@ def test_user_folder_png_and_polygon_masks(tmp_path):
         ],
     )
     data = dataset.UserFolder(index, train=False, image_size=40)
-    first, second = data[0], data[1]
-    assert first["task_id"] == "train.jsonl:1" and second["task_id"] == "corner-1"
-    np.testing.assert_array_equal(first["full_mask"], mask == 1)
-    assert second["full_mask"].sum() == 16 and second["full_mask"][:4, :4].all()
-    assert first["mask"].shape == (1, 40, 40) and first["original_size"] == (30, 40)
+    (first,), (second,) = data[0].tasks, data[1].tasks
+    assert first.task_id == "train.jsonl:1" and second.task_id == "corner-1"
+    np.testing.assert_array_equal(first.full_mask, mask == 1)
+    assert second.full_mask.sum() == 16 and second.full_mask[:4, :4].all()
+    assert data[0].masks.shape == (1, 1, 40, 40) and data[0].image.original_size == (30, 40)
 
 
 def test_user_folder_csv_split_filter_and_one_pixel_image(tmp_path):
@@ -429,9 +406,9 @@ def test_user_folder_csv_split_filter_and_one_pixel_image(tmp_path):
     train = dataset.build_dataset("folder", tmp_path / "data.csv", "train", train=True, image_size=8)
     assert len(train) == 1
     sample = train[0]
-    assert sample["mask"].sum() == 64 and sample["phrase"] == "red dot"
+    assert sample.masks.sum() == 64 and sample.tasks[0].phrase == "red dot"
     val = dataset.build_dataset("folder", tmp_path / "data.csv", "val", train=False, image_size=8)
-    assert val[0]["full_mask"].tolist() == [[True]]
+    assert val[0].tasks[0].full_mask.tolist() == [[True]]
 
 
 def test_user_folder_non_binary_mask_is_thresholded_with_one_warning(tmp_path):
@@ -443,7 +420,7 @@ def test_user_folder_non_binary_mask_is_thresholded_with_one_warning(tmp_path):
         sample = data[0]
         data[1]
     assert len([w for w in caught if "more than two levels" in str(w.message)]) == 1
-    np.testing.assert_array_equal(sample["full_mask"][0], np.arange(0, 250, 25) >= 225 / 2)
+    np.testing.assert_array_equal(sample.tasks[0].full_mask[0], np.arange(0, 250, 25) >= 225 / 2)
 
 
 def test_user_folder_bad_records_name_file_and_line(tmp_path):
@@ -476,10 +453,12 @@ def test_user_folder_missing_files_and_mask_size_mismatch_are_skipped(tmp_path):
     data = dataset.UserFolder(index, train=True, image_size=8)
     with pytest.warns(UserWarning):
         first, second = data[0], data[1]
-    assert first["phrase"] == second["phrase"] == "q"
-    (task_1, reason_1), (task_2, reason_2) = first["skipped"] + second["skipped"]
-    assert task_1 == "train.jsonl:1" and "file not found" in reason_1 and "gone.png" in reason_1
-    assert task_2 == "train.jsonl:2" and "mask" in reason_2 and "5x5 but the image is 10x10" in reason_2
+    assert first.tasks[0].phrase == second.tasks[0].phrase == "q"
+    skip_1, skip_2 = first.skipped + second.skipped
+    assert skip_1.item == {"task_id": "train.jsonl:1"} and "file not found" in skip_1.reason
+    assert "gone.png" in skip_1.reason
+    assert skip_2.item == {"task_id": "train.jsonl:2"} and "mask" in skip_2.reason
+    assert "5x5 but the image is 10x10" in skip_2.reason
 
 
 def test_build_dataset_kinds(synthetic_root):
@@ -495,4 +474,4 @@ def test_pickled_dataset_maps_the_index_instead_of_copying_it(synthetic_root):
     clone = pickle.loads(payload)
     assert isinstance(clone.tables[0].points, np.memmap)
     assert data.tables[0].points.nbytes > 1000 and len(payload) < data.tables[0].points.nbytes
-    assert clone.tasks[3]["task_id"] == data.tasks[3]["task_id"] and clone[3]["mask"].shape == (1, SMALL, SMALL)
+    assert clone.tasks[3]["task_id"] == data.tasks[3]["task_id"] and clone[3].masks.shape == (1, 1, SMALL, SMALL)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import parse_gallery
 from PIL import Image
-from test_failures import parse_gallery
 
 import dataset as datasets
 import failure_test
@@ -49,10 +49,10 @@ def expected_ious(checkpoints, synthetic_root, oracle: set[str] = frozenset()) -
     for start in range(0, len(data), 4):
         batch = datasets.collate([data[i] for i in range(start, min(start + 4, len(data)))])
         with torch.no_grad():
-            logits = model(batch["pixel_values"], batch["phrase"]).logits
-        for i, task_id in enumerate(batch["task_id"]):
-            height, width = (int(v) for v in batch["original_size"][i])
-            gt = np.asarray(batch["full_mask"][i], dtype=bool)
+            logits = model(batch.pixel_values, batch.phrases).logits
+        for i, task_id in enumerate(batch.task_ids):
+            height, width = batch.images[batch.image_of_task[i]].original_size
+            gt = np.asarray(batch.tasks[i].full_mask, dtype=bool)
             probs = torch.sigmoid(F.interpolate(logits[i : i + 1], size=(height, width), mode="bilinear"))[0, 0]
             probs = gt.astype(np.float32) if task_id in oracle else probs.numpy()
             ious = []

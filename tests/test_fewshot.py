@@ -227,10 +227,11 @@ def test_phrasecut_visual_prompts_come_from_another_task_with_the_phrase(tiny_ch
     assert len(visual) + len(visual.excluded) == len(base) and len(visual) >= 8
     for position in range(4):
         sample = visual[position]
-        support = next(i for i in range(len(base)) if base.task_info(i).task_id == sample["support_task_id"])
-        assert sample["support_task_id"] != sample["task_id"]
-        assert base.task_info(support).phrase == sample["phrase"]
-        assert sample["prompt_image"].shape == (3, SIZE, SIZE)
+        (task,) = sample.tasks
+        support = next(i for i in range(len(base)) if base.task_info(i).task_id == task.support_task_id)
+        assert task.support_task_id != task.task_id and task.has_prompt_image
+        assert base.task_info(support).phrase == task.phrase
+        assert sample.prompt_images.shape == (1, 3, SIZE, SIZE)
     results, printed = run_cli(
         tiny_checkpoints, "--data", "synthetic", "--data-root", str(synthetic_root), "--split", "train",
         "--prompt", "visual", "--limit", "6", "--out", str(tmp_path / "visual.json"),

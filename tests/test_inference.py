@@ -31,9 +31,9 @@ def data(synthetic_root):
 
 
 def count_encoded_images(model: CLIPSeg) -> list[int]:
-    """Batch sizes of every vision-tower pass, recorded by a hook on the patch embedding."""
+    """Batch sizes of every vision-tower pass, recorded by a hook on its pre-layer-norm (run in every precision)."""
     sizes: list[int] = []
-    model.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
+    model.clip.vision_model.pre_layrnorm.register_forward_hook(
         lambda module, inputs, output: sizes.append(inputs[0].shape[0])
     )
     return sizes
@@ -43,7 +43,7 @@ def test_every_task_once_and_every_image_encoded_once(data):
     torch.manual_seed(1)
     tiny = CLIPSeg.from_backbone("tiny").eval()
     encoded = count_encoded_images(tiny)
-    seen = [task_id for batch in predict_tasks(tiny, data, batch_size=5) for task_id in batch.fields["task_id"]]
+    seen = [task_id for prediction in predict_tasks(tiny, data, batch_size=5) for task_id in prediction.batch.task_ids]
     images = data.image_groups()
     assert sorted(seen) == sorted(data.task_info(i).task_id for i in range(len(data)))
     assert sum(encoded) == len(images) < len(data)  # several tasks per image, one vision pass each

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers import assert_parity, hf_logits, hf_reference
 from safetensors.torch import load_file, save_file
 
 from clipseg.config import MAX_IMAGE_SIDE, CLIPSegConfig, tiny_config
@@ -23,41 +24,6 @@ from model import CLIPSeg, TextCache, count_parameters
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 PHRASES = ["a red circle", "the large blue square on the left"]
-
-
-def hf_reference(config: CLIPSegConfig) -> transformers.CLIPSegForImageSegmentation:
-    torch.manual_seed(0)
-    hf = transformers.CLIPSegForImageSegmentation(transformers.CLIPSegConfig.from_dict(config.to_hf_dict()))
-    # HF initialises some decoder biases to zero; random values make the parity check stronger.
-    with torch.no_grad():
-        for param in hf.decoder.parameters():
-            param.add_(0.02 * torch.randn_like(param))
-    return hf.eval()
-
-
-def hf_logits(hf, pixels, input_ids=None, attention_mask=None, prompt_images=None) -> torch.Tensor:
-    with torch.no_grad():
-        out = hf(
-            pixel_values=pixels,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            conditional_pixel_values=prompt_images,
-        )
-    return out.logits.reshape(len(pixels), 1, *pixels.shape[-2:])
-
-
-def assert_parity(hf, ours, size: int, tol: float) -> None:
-    torch.manual_seed(1)
-    pixels = torch.randn(2, 3, size, size)
-    ids, mask = ours.tokenize(PHRASES)
-    with torch.no_grad():
-        text = ours(pixels, PHRASES).logits
-    assert text.shape == (2, 1, size, size)
-    assert (text - hf_logits(hf, pixels, ids, mask)).abs().max() <= tol
-    prompts = torch.randn(2, 3, size, size)
-    with torch.no_grad():
-        image = ours(pixels, prompt_images=prompts).logits
-    assert (image - hf_logits(hf, pixels, prompt_images=prompts)).abs().max() <= tol
 
 
 @pytest.fixture(scope="module")

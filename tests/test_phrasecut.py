@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_dataset import data_dir, refer
+from helpers import data_dir, refer
 
 import dataset
 from clipseg import phrasecut as phrasecut_index

@@ -3,19 +3,13 @@ and outline), by hand, on annotation-like polygons and as properties."""
 
 import numpy as np
 import pytest
+from helpers import skimage_union
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from skimage.draw import polygon2mask
 
 from clipseg.rasterise import RASTER_RULES, instances_to_mask, rasterise
 
 PIL = "phrasecut"
-
-
-def skimage_union(polygons, height: int, width: int) -> np.ndarray:
-    """The original CLIPSeg's ground truth: skimage polygon2mask per polygon, [x, y] swapped, logical max."""
-    masks = [polygon2mask((height, width), np.asarray(p, dtype=float)[:, ::-1]) for p in polygons]
-    return np.stack(masks).max(0) if masks else np.zeros((height, width), bool)
 
 
 # ------------------------------------------------------------------------------- ground truth: polygon2mask

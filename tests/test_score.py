@@ -13,21 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import PAPER_THRESHOLDS, recompute, write_bad_polygons
 from PIL import Image
-from scipy.integrate import simpson
 
 import dataset as datasets
 import score
 from clipseg.outputs import safe_name
 from clipseg.scoring import ScoreRun, shuffled_phrases
-from model import CLIPSeg
 from score import main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZE = 64  # the tiny CLIP takes any multiple of 16
 LIMIT = 6
-PAPER_THRESHOLDS = np.linspace(0.02, 0.98, 49)
 
 
 @pytest.fixture(scope="module")
@@ -51,51 +48,6 @@ def scored(checkpoints, synthetic_root, tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         results = main(score_args(checkpoints, synthetic_root, "--save-predictions", str(predictions)))
     return results, printed.getvalue(), predictions
-
-
-def brute_force_paper(probs: np.ndarray, targets: np.ndarray) -> dict:
-    """The paper's metrics from scratch: probs, targets (N, H, W). Returns values per threshold and AP."""
-    positive = probs[:, None] > PAPER_THRESHOLDS[None, :, None, None]  # (N, T, H, W)
-    truth = targets[:, None].astype(bool)
-    tp = (positive & truth).sum(axis=(2, 3)).astype(float)
-    fp = (positive & ~truth).sum(axis=(2, 3)).astype(float)
-    fn = (~positive & truth).sum(axis=(2, 3)).astype(float)
-    tn = (~positive & ~truth).sum(axis=(2, 3)).astype(float)
-    miou = (tp / (1 + tp + fp + fn)).mean(axis=0)
-    sums = [c.sum(axis=0) for c in (tp, fp, fn, tn)]
-    iou_fg = sums[0] / (1 + sums[0] + sums[1] + sums[2])
-    iou_bg = sums[3] / (1 + sums[3] + sums[1] + sums[2])
-    precision, recall = sums[0] / (1 + sums[0] + sums[1]), sums[0] / (1 + sums[0] + sums[2])
-    valid = (sums[0] + sums[1]) > 0
-    pairs = sorted(set(zip(recall[valid].tolist(), precision[valid].tolist())))
-    ap = float(simpson([p for _, p in pairs], x=[r for r, _ in pairs])) if len(pairs) > 1 else 0.0
-    return {"miou": miou, "iou_fg": iou_fg, "iou_bin": (iou_fg + iou_bg) / 2, "ap": ap}
-
-
-def recompute(checkpoints, synthetic_root, phrases_for=None):
-    """Load the model and run it on the same samples and batches as score.py; metrics by hand."""
-    model = CLIPSeg.from_pretrained(checkpoints / "demo").eval()
-    data = datasets.build_dataset("synthetic", synthetic_root, "test", train=False, image_size=SIZE, limit=LIMIT)
-    samples = [data[i] for i in range(len(data))]
-    probs, ious, inter, union, masks = [], [], 0, 0, {}
-    for start in range(0, len(samples), 4):
-        batch = datasets.collate(samples[start : start + 4])
-        phrases = [phrases_for[t] for t in batch["task_id"]] if phrases_for else batch["phrase"]
-        with torch.no_grad():
-            logits = model(batch["pixel_values"], phrases).logits
-        probs.append(torch.sigmoid(logits[:, 0]).numpy())
-        for i, task_id in enumerate(batch["task_id"]):
-            height, width = (int(v) for v in batch["original_size"][i])
-            full = F.interpolate(logits[i : i + 1], size=(height, width), mode="bilinear")
-            pred = torch.sigmoid(full[0, 0]).numpy() > 0.3
-            gt = np.asarray(batch["full_mask"][i], dtype=bool)
-            i_count, u_count = (pred & gt).sum(), (pred | gt).sum()
-            ious.append(i_count / u_count if u_count else 0.0)
-            inter, union = inter + i_count, union + u_count
-            masks[task_id] = pred
-    targets = np.concatenate([s["mask"][None, 0].numpy() for s in samples])
-    paper = brute_force_paper(np.concatenate(probs), targets)
-    return paper, np.array(ious), inter / union, masks, samples
 
 
 def test_scores_equal_a_direct_recomputation(scored, checkpoints, synthetic_root):
@@ -141,12 +93,13 @@ def test_saved_predictions_are_single_channel_binary_pngs_at_the_original_size(s
     _, _, _, masks, samples = recompute(checkpoints, synthetic_root)
     assert sorted(p.name for p in predictions.iterdir()) == sorted(f"{safe_name(t)}.png" for t in masks)
     for sample in samples:
-        with Image.open(predictions / f"{safe_name(sample['task_id'])}.png") as png:
+        task_id = sample.tasks[0].task_id
+        with Image.open(predictions / f"{safe_name(task_id)}.png") as png:
             assert png.mode == "L"
-            assert png.size == (int(sample["original_size"][1]), int(sample["original_size"][0]))
+            assert png.size == sample.image.original_size[::-1]
             pixels = np.asarray(png)
         assert set(np.unique(pixels)) <= {0, 255}
-        np.testing.assert_array_equal(pixels > 0, masks[sample["task_id"]])
+        np.testing.assert_array_equal(pixels > 0, masks[task_id])
 
 
 def test_shuffled_prompts_use_another_samples_phrase_and_write_their_own_file(checkpoints, synthetic_root, scored):
@@ -218,7 +171,7 @@ def test_unreadable_images_are_counted_and_listed_not_silently_dropped(checkpoin
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
     data = datasets.build_dataset("synthetic", root, "test", train=False, image_size=SIZE, limit=LIMIT)
-    bad_path = Path(data[1]["image_path"])
+    bad_path = Path(data[1].image.path)
     bad_tasks = [t["task_id"] for t in data.tasks if t["image_id"] == data.tasks[1]["image_id"]]
     bad_path.write_bytes(b"not an image")
     out = tmp_path / "scores.json"
@@ -375,8 +328,6 @@ def test_a_model_whose_output_overflows_stops_with_a_message_and_no_scores(
 
 
 def test_bad_polygons_are_reported_with_the_excluded_tasks(checkpoints, damaged_root, tmp_path, capsys):
-    from test_dataset import write_bad_polygons
-
     first, second, third = write_bad_polygons(damaged_root, "test")
     with pytest.warns(UserWarning, match="4 bad polygons left out"):
         results = main(score_args(checkpoints, damaged_root, "--out", str(tmp_path / "s.json")))

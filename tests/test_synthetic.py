@@ -1,24 +1,15 @@
 """synthetic.py: the generated PhraseCut follows the official layout and schema, and its phrases fit its images."""
 
 import json
-from pathlib import Path
 
 import numpy as np
+from helpers import data_dir, refer
 from PIL import Image
 
 import dataset
 from clipseg import synthetic
 from clipseg.images import open_rgb
 from clipseg.rasterise import instances_to_mask
-
-
-def data_dir(root: Path) -> Path:
-    return root / "data" / "VGPhraseCut_v0"
-
-
-def refer(root: Path, split: str) -> list[dict]:
-    return json.loads((data_dir(root) / f"refer_{split}.json").read_text())
-
 
 TASK_KEYS = {"task_id", "image_id", "ann_ids", "instance_boxes", "Polygons", "phrase", "phrase_structure"}
 STRUCTURE_KEYS = {"name", "attributes", "relation_ids", "relation_descriptions", "type"}

@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from helpers import write_bad_polygons
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -24,6 +26,7 @@ import model as model_module
 import train
 from clipseg import outputs, runs, sampling, train_args, training
 from clipseg.frozen_clip import run_frozen_block
+from clipseg.samples import ImageInfo, Sample, Task, collate
 from model import CLIPSeg, TextCache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,7 +77,7 @@ class SyntheticView(Dataset):
     def __len__(self) -> int:
         return len(self.inner)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> Sample:
         self.reads += 1
         sample = self.inner[index]
         return self.on_read(self.reads, sample) if self.on_read else sample
@@ -117,10 +120,13 @@ def test_overfits_one_batch(tmp_path, synthetic_root):
 
     fixed = dataset.build_dataset("synthetic", synthetic_root, "train", train=False, image_size=64)
     batch = [fixed[i] for i in range(4)]
-    for sample in batch:
-        sample["skipped"] = []
-        for key in ("original_size", "full_mask", "phrase_type", "n_instances", "image_path"):
-            del sample[key]
+    for position, sample in enumerate(batch):  # as training samples: no test-mode ground truth, nothing skipped
+        batch[position] = replace(
+            sample,
+            tasks=[Task(task_id=t.task_id, phrase=t.phrase) for t in sample.tasks],
+            image=ImageInfo(),
+            skipped=[],
+        )
 
     class OneBatch(Dataset):
         def __len__(self):
@@ -149,22 +155,24 @@ def test_weight_decay_is_applied(tmp_path, synthetic_root):
 def test_mixed_text_and_visual_conditionals():
     model = CLIPSeg.from_backbone("tiny")
     model.text_cache = TextCache(100)
-    batch = {
-        "phrase": ["a photo of a red circle.", "blue square."],
-        "mask": torch.zeros(2, 1, 64, 64),
-        "has_prompt_image": [False, True],
-        "prompt_image": torch.randn(2, 3, 64, 64),
-    }
+    phrases = ["a photo of a red circle.", "blue square."]
+    sample = Sample(
+        pixel_values=torch.zeros(3, 64, 64),
+        tasks=[Task(phrase=phrases[0]), Task(phrase=phrases[1], has_prompt_image=True)],
+        masks=torch.zeros(2, 1, 64, 64),
+        prompt_images=torch.randn(2, 3, 64, 64),
+    )
+    batch = collate([sample])
     torch.manual_seed(0)
-    mixed = training.conditionals(model, training.Prompts.of(batch), (0.0, 0.5), device=torch.device("cpu"))
-    text = model.embed_text(batch["phrase"])
-    visual = model.embed_images(batch["prompt_image"][1:])[0]
+    mixed = training.conditionals(model, batch, (0.0, 0.5), device=torch.device("cpu"))
+    text = model.embed_text(phrases)
+    visual = model.embed_images(batch.prompt_images[1:])[0]
     assert mixed.shape == (2, 64)
     assert torch.allclose(mixed[0], text[0])  # no support image: w = 1
     # The second is w * text + (1 - w) * visual with w in [0, 0.5]: solve for w along one coordinate.
     w = (mixed[1] - visual) / (text[1] - visual)
     assert 0 <= w[0] <= 0.5 and torch.allclose(w, w[0].expand_as(w), atol=1e-4)
-    assert set(model.text_cache) == set(batch["phrase"])  # each phrase, template included, is encoded once
+    assert set(model.text_cache) == set(phrases)  # each phrase, template included, is encoded once
 
 
 def test_mix_run_trains_with_visual_prompts(tmp_path, synthetic_root):
@@ -506,7 +514,7 @@ def test_finetune_from_saved_checkpoint_on_user_folder(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_root):
     def poison_iteration_4(reads, sample):
         if reads > 3 * 4:
-            sample["pixel_values"] = torch.full_like(sample["pixel_values"], float("nan"))
+            sample.pixel_values = torch.full_like(sample.pixel_values, float("nan"))
         return sample
 
     argv = flags(tmp_path, synthetic_root, "--name=nan", "--max-iterations=10", "--ckpt=2")
@@ -724,8 +732,7 @@ def test_several_prompts_per_crop_run_the_vision_tower_once_per_crop(tmp_path, s
     model.text_cache = TextCache(100)
     loss = loop.step_loss(batch)
     assert crops == [2] and torch.isfinite(loss)  # 2 crops for 8 prompts
-    prompts = training.Prompts.of(batch)
-    assert len(prompts.phrases) == 8 and prompts.targets.shape == (8, 1, 64, 64)
+    assert len(batch.phrases) == 8 and batch.masks.shape == (8, 1, 64, 64) and batch.prompts_per_image == [4, 4]
 
 
 def test_loss_falls_with_several_prompts_per_image(tmp_path, synthetic_root):
@@ -751,15 +758,14 @@ def test_prompt_templates_mix_range_and_colour_flags(tmp_path, synthetic_root):
     data = train_args.build_training_set(mixed)
     assert len(data.templates) == 9 and data.visual_support and data.colour_jitter and mixed.mix_range == (0.2, 0.3)
     fixed = train_args.build_training_set(train.parse_args(flags(tmp_path, synthetic_root, "--prompt-templates=fixed")))
-    assert fixed[0]["phrase"].startswith("a photo of a ") and fixed[0]["phrase"].endswith(".")
+    phrase = fixed[0].tasks[0].phrase
+    assert phrase.startswith("a photo of a ") and phrase.endswith(".")
     for bad in (["--mix-range=0.6,0.2"], ["--prompts-per-image=3"], ["--warmup=5"]):
         with pytest.raises(SystemExit):
             train.parse_args(flags(tmp_path, synthetic_root, *bad))
 
 
 def test_bad_polygons_left_out_while_indexing_are_counted_in_the_log(damaged_root, tmp_path, capsys):
-    from test_dataset import write_bad_polygons
-
     first, second, _ = write_bad_polygons(damaged_root, "train")
     with pytest.warns(UserWarning, match="4 bad polygons left out"):
         run(flags(tmp_path, damaged_root, "--name=bad", "--max-iterations=1", "--ckpt=1", "--val-interval=0"))

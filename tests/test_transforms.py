@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import original_pipeline
 from PIL import Image
 
 from clipseg.transforms import (
@@ -16,14 +17,6 @@ from clipseg.transforms import (
     resize_mask,
     resize_pixels,
 )
-
-
-def original_pipeline(array: np.ndarray, size: int) -> torch.Tensor:
-    """The authors' image steps (docs/original.md §5.7): float image, interpolate bilinear align_corners=True,
-    / 255, then torchvision's Normalize (subtract, divide)."""
-    image = torch.from_numpy(np.array(array)).permute(2, 0, 1).unsqueeze(0).float()
-    image = F.interpolate(image, (size, size), mode="bilinear", align_corners=True)[0] / 255.0
-    return (image - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
 
 
 @pytest.mark.parametrize("shape", [(375, 500), (500, 333), (100, 100), (40, 30)])

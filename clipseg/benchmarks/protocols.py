@@ -1,4 +1,4 @@
-"""The paper's one-shot and zero-shot benchmarks: episode protocols, sample pipelines and the scoring loop.
+"""The paper's one-shot and zero-shot benchmarks: episode protocols, their samples and their scoring.
 
 | benchmark, protocol | episodes | input (S = the model's side) | scored at |
 |---|---|---|---|
@@ -16,20 +16,22 @@ Prompts: `visual` = the support image and mask through the original's `crop_blur
 (the original averages folds unweighted) and `metrics.ZeroShotMetrics`. Where the original scorer had bugs
 (zero-shot seen/unseen swapped; unseen-5 scored for models trained without 5 *pairs*), this does what the paper
 reports (README, "Benchmarks").
+
+The data sets here yield `clipseg.samples.Sample`s and every benchmark predicts through `clipseg.inference`'s loop
+(`predict_batches`); PhraseCut with visual prompts is scored as score.py scores text (`clipseg.scoring.ScoreRun`).
 """
 
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from clipseg.benchmarks.classes import (
@@ -43,15 +45,14 @@ from clipseg.benchmarks.classes import (
 )
 from clipseg.benchmarks.readers import Coco20i, LabelledImage, VocData, coco_query_id, label_counts, read_pair
 from clipseg.images import VOID_LABEL, UnreadableImage, open_rgb, read_label
-from clipseg.metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
+from clipseg.inference import predict_batches
+from clipseg.metrics import EpisodeMetrics, ZeroShotMetrics
 from clipseg.outputs import json_text, safe_name
-from clipseg.precision import precision_context
 from clipseg.rasterise import instances_to_mask
-from clipseg.scoring import save_prediction_png
+from clipseg.samples import ImageInfo, Sample, Skip, SkipLog, Task
+from clipseg.scoring import ScoreRun
 from clipseg.transforms import (
     ImageTransform,
-    check_finite,
-    full_size_probabilities,
     letterbox,
     resize_labels,
     resize_pixels,
@@ -164,10 +165,11 @@ def coco_episodes(
 
 
 class EpisodeData(Dataset):
-    """Model inputs of one-shot episodes. A sample: `pixel_values` (3, S, S), `phrase` or `prompt_image`
-    (3, S, S), `gt` (h, w) uint8 (1 object, 0 not, 255 ignored) at the resolution the episode is scored at,
-    `letterboxed` (the prediction maps back with `clipseg.transforms.unletterbox`), the episode's fields; or only
-    `skipped` (reason) when a file cannot be read."""
+    """Model inputs of one-shot episodes. Item i is a `clipseg.samples.Sample`: the query's `pixel_values`
+    (3, S, S), one task prompted by the class's `phrase` (text) or the support's prompt image (3, S, S, visual), and
+    the query's `image`: `labels` (h, w) uint8 (1 object, 0 not, 255 ignored) at the resolution the episode is
+    scored at, `letterboxed` (the prediction maps back with `clipseg.transforms.unletterbox`), the episode's fields;
+    or only a skip when a file cannot be read."""
 
     def __init__(self, benchmark: str, protocol: str, prompt: str, episodes: Sequence[Episode], source, size: int):
         self.benchmark, self.protocol, self.prompt = benchmark, protocol, prompt
@@ -177,21 +179,20 @@ class EpisodeData(Dataset):
     def __len__(self) -> int:
         return len(self.episodes)
 
-    def __getitem__(self, index: int) -> dict:
-        episode = self.episodes[index]
-        sample = {"episode": asdict(episode)}
+    def __getitem__(self, index: int) -> Sample:
+        episode = asdict(self.episodes[index])
         try:
-            pixels, gt, letterboxed = self._view(episode.query, episode.class_id, query=True)
+            pixels, gt, letterboxed = self._view(episode["query"], episode["class_id"], query=True)
             if self.prompt == "text":
-                sample["phrase"] = self.class_phrase(episode.class_id)
+                task, prompt_images = Task(phrase=self.class_phrase(episode["class_id"])), None
             else:
-                support_pixels, support_gt, _ = self._view(episode.support, episode.class_id, query=False)
-                sample["prompt_image"] = visual_prompt(support_pixels, torch.from_numpy(support_gt == 1), self.size)
+                support_pixels, support_gt, _ = self._view(episode["support"], episode["class_id"], query=False)
+                task = Task(has_prompt_image=True)
+                prompt_images = visual_prompt(support_pixels, torch.from_numpy(support_gt == 1), self.size)[None]
         except UnreadableImage as err:
-            sample["skipped"] = str(err)
-            return sample
-        sample.update(pixel_values=pixels, gt=gt, letterboxed=letterboxed)
-        return sample
+            return Sample(skipped=[Skip(episode, str(err))])
+        image = ImageInfo(labels=gt, letterboxed=letterboxed, episode=episode)
+        return Sample(pixel_values=pixels, tasks=[task], prompt_images=prompt_images, image=image)
 
     def class_phrase(self, class_id: int) -> str:
         if self.benchmark == "coco20i":
@@ -212,17 +213,6 @@ class EpisodeData(Dataset):
         return self.square.pixels(image), resize_labels(target, (self.size, self.size), "original"), False
 
 
-def collate(samples: list[dict]) -> dict:
-    """Usable samples batched (pixel_values and prompt_image stacked, the rest as lists) and `skipped`: [(episode,
-    reason)]."""
-    usable = [s for s in samples if "skipped" not in s]
-    batch: dict = {"skipped": [(s["episode"], s["skipped"]) for s in samples if "skipped" in s]}
-    for key in usable[0] if usable else ():
-        values = [s[key] for s in usable]
-        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return batch
-
-
 # ------------------------------------------------------------------------------------------------ scoring
 
 
@@ -231,19 +221,8 @@ class FoldRun:
     """What one fold's scoring produced: metrics so far and the episodes that could not be read."""
 
     metrics: EpisodeMetrics
-    skipped: list[dict] = field(default_factory=list)
+    skips: SkipLog = field(default_factory=SkipLog)
     n_episodes: int = 0
-
-
-def predict(model: CLIPSeg, batch: dict, device: torch.device, precision: str) -> torch.Tensor:
-    """(B, S, S) float32 probabilities on the CPU for a batch with `phrase` or `prompt_image`."""
-    pixel_values = batch["pixel_values"].to(device)
-    with torch.no_grad(), precision_context(precision, device):
-        if "phrase" in batch:
-            logits = model(pixel_values, batch["phrase"]).logits
-        else:
-            logits = model(pixel_values, prompt_images=batch["prompt_image"].to(device)).logits
-    return torch.sigmoid(check_finite(logits.float().cpu())[:, 0])
 
 
 def score_episodes(
@@ -260,22 +239,27 @@ def score_episodes(
     """Score every episode of `data` into `run` (pass the run in to keep partial results on interrupt). With
     `save_dir`: one PNG per episode (0/255, probability > the report threshold, at the resolution it was scored
     at) named `<episode>__<query>__<class>__<support>.png`, listed in `episodes.jsonl` with its counts."""
-    device = next(model.parameters()).device
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     threshold = float(run.metrics.thresholds[run.metrics.report_index])
     log = None
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
         log = open(save_dir / "episodes.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+    predictions = predict_batches(
+        model,
+        data,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+        skips=run.skips,
+        description=description,
+        visual_prompts=data.prompt == "visual",
+    )
     try:
-        for batch in tqdm(loader, desc=description, unit="batch", file=sys.stderr, dynamic_ncols=True):
-            run.skipped += [{**episode, "reason": reason} for episode, reason in batch["skipped"]]
-            if "pixel_values" not in batch:
-                continue
-            probabilities = predict(model, batch, device, precision)
-            for i, episode in enumerate(batch["episode"]):
-                gt = batch["gt"][i]
-                probs = unletterbox(probabilities[i], *gt.shape) if batch["letterboxed"][i] else probabilities[i]
+        for prediction in predictions:
+            probabilities = torch.sigmoid(prediction.logits[:, 0])
+            for i, image in enumerate(prediction.batch.images):
+                episode, gt = image.episode, image.labels
+                probs = unletterbox(probabilities[i], *gt.shape) if image.letterboxed else probabilities[i]
                 counts = run.metrics.update(probs, gt == 1, episode["class_id"], valid=gt != VOID_LABEL)
                 run.n_episodes += 1
                 if log is not None:
@@ -339,7 +323,7 @@ def fold_results(run: FoldRun, benchmark: str) -> dict:
         "paper": values,
         "hsnet": hsnet,
         "per_class": rows,
-        "skipped": {"count": len(run.skipped), "episodes": run.skipped},
+        "skipped": {"count": len(run.skips.reasons), "episodes": run.skips.reasons},
     }
 
 
@@ -354,8 +338,9 @@ def mean_over_folds(folds: dict[str, dict], key: str) -> dict:
 
 
 class ZeroShotData(Dataset):
-    """VOC val images for zero-shot scoring (JoEm's pipeline): `pixel_values` (3, S, S) by the half-pixel
-    bilinear rule (torchvision's tensor Resize), `gt` (S, S) uint8 by nearest (255 kept), `id`."""
+    """VOC val images for zero-shot scoring (JoEm's pipeline), as `clipseg.samples.Sample`s without tasks (every
+    image is asked for the 21 classes): `pixel_values` (3, S, S) by the half-pixel bilinear rule (torchvision's
+    tensor Resize), the image's `labels` (S, S) uint8 by nearest (255 kept) and `episode` (index, query id)."""
 
     def __init__(self, items: Sequence[LabelledImage], size: int):
         self.items, self.size = list(items), size
@@ -363,36 +348,32 @@ class ZeroShotData(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> Sample:
         item = self.items[index]
+        episode = {"index": index, "query": item.id}
         try:
             image = open_rgb(item.image, upright=False)
             labels = read_label(item.label)
         except (UnreadableImage, ValueError) as err:
-            return {"episode": {"index": index, "query": item.id}, "skipped": str(err)}
+            return Sample(skipped=[Skip(episode, str(err))])
         if labels.shape != (image.height, image.width):
-            return {"episode": {"index": index, "query": item.id}, "skipped": f"{item.image}: size differs from label"}
-        return {
-            "episode": {"index": index, "query": item.id},
-            "pixel_values": resize_pixels(image, (self.size, self.size), "linear"),
-            "gt": resize_labels(labels, (self.size, self.size), "original"),
-        }
+            return Sample(skipped=[Skip(episode, f"{item.image}: size differs from label")])
+        return Sample(
+            pixel_values=resize_pixels(image, (self.size, self.size), "linear"),
+            image=ImageInfo(labels=resize_labels(labels, (self.size, self.size), "original"), episode=episode),
+        )
 
 
-def zero_shot_prediction(model: CLIPSeg, pixel_values: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """(B, 3, S, S) -> (B, S, S) int64 class map: argmax over the 21 prompts of -10 + sigmoid(logit) x weight
-    (weight 3 for background, 1 otherwise), one vision pass per image (the original's CLIPSegMultiLabel)."""
-    device = next(model.parameters()).device
-    with torch.no_grad(), precision_context(precision, device):
-        features = model.encode_image(pixel_values.to(device))
-        texts = model.embed_text(list(VOC_ZERO_SHOT_NAMES))
-        scores = []
-        for index in range(len(VOC_ZERO_SHOT_NAMES)):
-            conditional = texts[index : index + 1].expand(len(pixel_values), -1)
-            probabilities = torch.sigmoid(check_finite(model.decode(features, conditional).float())[:, 0])
-            weight = BACKGROUND_WEIGHT if index == 0 else 1.0
-            scores.append(ZERO_SHOT_OFFSET + probabilities * weight)
-    return torch.stack(scores, dim=1).argmax(dim=1).cpu()
+def zero_shot_classes(logits: torch.Tensor) -> torch.Tensor:
+    """(B * 21, 1, S, S) logits of B images against the 21 class names, image by image -> (B, S, S) int64 class
+    map: argmax over the classes of -10 + sigmoid(logit) x weight (weight 3 for background, 1 otherwise; the
+    original's CLIPSegMultiLabel)."""
+    per_class = logits.reshape(-1, len(VOC_ZERO_SHOT_NAMES), *logits.shape[-2:])
+    scores = []
+    for index in range(len(VOC_ZERO_SHOT_NAMES)):
+        weight = BACKGROUND_WEIGHT if index == 0 else 1.0
+        scores.append(ZERO_SHOT_OFFSET + torch.sigmoid(per_class[:, index]) * weight)
+    return torch.stack(scores, dim=1).argmax(dim=1)
 
 
 def score_zero_shot(
@@ -404,24 +385,28 @@ def score_zero_shot(
     num_workers: int = 0,
     precision: str = "fp32",
     save_dir: Path | None = None,
-    skipped: list | None = None,
+    skips: SkipLog | None = None,
 ) -> int:
-    """Score every image into `metrics`; returns the number scored. `save_dir`: `<id>.png`, the predicted class
-    ids (mode L) at S x S."""
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    """Score every image into `metrics`, each against the 21 class names; returns the number scored. `save_dir`:
+    `<id>.png`, the predicted class ids (mode L) at S x S."""
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
     scored = 0
-    for batch in tqdm(loader, desc="zero-shot", unit="batch", file=sys.stderr, dynamic_ncols=True):
-        if skipped is not None:
-            skipped += [{**episode, "reason": reason} for episode, reason in batch["skipped"]]
-        if "pixel_values" not in batch:
-            continue
-        prediction = zero_shot_prediction(model, batch["pixel_values"], precision).numpy()
-        for i, episode in enumerate(batch["episode"]):
-            metrics.update(batch["gt"][i], prediction[i])
+    for prediction in predict_batches(
+        model,
+        data,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+        skips=skips,
+        description="zero-shot",
+        shared_phrases=VOC_ZERO_SHOT_NAMES,
+    ):
+        classes = zero_shot_classes(prediction.logits).numpy()
+        for i, image in enumerate(prediction.batch.images):
+            metrics.update(image.labels, classes[i])
             if save_dir is not None:
-                Image.fromarray(prediction[i].astype(np.uint8)).save(save_dir / f"{safe_name(episode['query'])}.png")
+                Image.fromarray(classes[i].astype(np.uint8)).save(save_dir / f"{safe_name(image.episode['query'])}.png")
             scored += 1
     return scored
 
@@ -467,25 +452,23 @@ class PhraseCutVisual(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> dict:
+    def __getitem__(self, position: int) -> Sample:
         index = self.indices[position]
         sample = self.data[index]
         task_id = self.data.task_info(index).task_id
-        if sample["task_id"] != task_id:  # the data set moved on past an unreadable task: score it once, later
-            return {"episode": {"task_id": task_id}, "skipped": "; ".join(r for _, r in sample["skipped"])}
-        del sample["skipped"]  # collate marks unusable samples by this key
+        if sample.tasks[0].task_id != task_id:  # the data set moved on past an unreadable task: score it once, later
+            return Sample(skipped=[Skip({"task_id": task_id}, "; ".join(skip.reason for skip in sample.skipped))])
         rng = np.random.default_rng([self.seed, index])
         others = list(self.others[index])
         while others:
             support = others.pop(int(rng.integers(len(others))))
             try:
-                sample["prompt_image"] = self._prompt(support)
+                prompt = self._prompt(support)
             except UnreadableImage:
                 continue
-            sample["support_task_id"] = self.data.task_info(support).task_id
-            sample["episode"] = {"task_id": task_id}
-            return sample
-        return {"episode": {"task_id": task_id}, "skipped": "no readable support image"}
+            task = replace(sample.tasks[0], has_prompt_image=True, support_task_id=self.data.task_info(support).task_id)
+            return replace(sample, tasks=[task], prompt_images=prompt[None])
+        return Sample(skipped=[Skip({"task_id": task_id}, "no readable support image")])
 
     def _prompt(self, index: int) -> torch.Tensor:
         task = self.data.task(index)
@@ -498,36 +481,26 @@ class PhraseCutVisual(Dataset):
 def score_phrasecut_visual(
     model: CLIPSeg,
     data: PhraseCutVisual,
-    paper: PaperMetrics,
-    official: PhraseCutMetrics,
-    threshold: float,
+    run: ScoreRun,
     *,
     batch_size: int = 8,
     num_workers: int = 0,
     precision: str = "fp32",
     save_dir: Path | None = None,
-    skipped: list | None = None,
-) -> int:
-    """Score with visual prompts: paper metrics at S x S, PhraseCut's at the original size (as score.py does for
-    text); `save_dir`: `<task_id>.png` (0/255, original size). Returns the number of tasks scored."""
-    device = next(model.parameters()).device
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+) -> ScoreRun:
+    """Score with visual prompts into `run`, as score.py scores text (`clipseg.scoring.ScoreRun`: paper metrics at
+    S x S, PhraseCut's at the original size); `save_dir`: `<task_id>.png` (0/255, original size)."""
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-    scored = 0
-    for batch in tqdm(loader, desc="visual prompts", unit="batch", file=sys.stderr, dynamic_ncols=True):
-        if skipped is not None:
-            skipped += [{**episode, "reason": reason} for episode, reason in batch["skipped"]]
-        if "pixel_values" not in batch:
-            continue
-        with torch.no_grad(), precision_context(precision, device):
-            logits = model(batch["pixel_values"].to(device), prompt_images=batch["prompt_image"].to(device)).logits
-        logits = check_finite(logits.float().cpu())
-        paper.update(torch.sigmoid(logits), batch["mask"])
-        for i, task_id in enumerate(batch["task_id"]):
-            prediction = full_size_probabilities(logits[i], batch["original_size"][i]) > threshold
-            official.update(prediction, batch["full_mask"][i], batch["phrase_type"][i], batch["n_instances"][i])
-            if save_dir is not None:
-                save_prediction_png(prediction, save_dir, task_id)
-            scored += 1
-    return scored
+    for prediction in predict_batches(
+        model,
+        data,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+        skips=run.skips,
+        description="visual prompts",
+        visual_prompts=True,
+    ):
+        run.update(prediction, save_dir)
+    return run

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,8 +304,3 @@ class Coco20i:
 def coco_query_id(name: str) -> str:
     """'val2014/COCO_val2014_000000000139.jpg' -> 'COCO_val2014_000000000139'."""
     return Path(name).stem
-
-
-def voc_classes_present(items: Sequence[LabelledImage]) -> dict[str, dict[int, int]]:
-    """{image id: {VOC id: pixel count}} of a list of labelled images (reads every label map once)."""
-    return {item.id: label_counts(item.label) for item in items}

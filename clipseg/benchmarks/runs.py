@@ -40,9 +40,10 @@ from clipseg.benchmarks.protocols import (
 )
 from clipseg.benchmarks.readers import BenchmarkDataError, VocData
 from clipseg.cli import NOTHING_DONE, stop
-from clipseg.metrics import EpisodeMetrics, PaperMetrics, PhraseCutMetrics, ZeroShotMetrics
+from clipseg.metrics import EpisodeMetrics, ZeroShotMetrics
 from clipseg.outputs import safe_name
-from clipseg.scoring import percent
+from clipseg.samples import SkipLog
+from clipseg.scoring import ScoreRun, percent
 
 DEFAULT_THRESHOLDS = {"coco20i": 0.1}  # the paper's COCO-20i threshold (Table 6); 0.3 everywhere else
 DEFAULT_ROOTS = {"pascal5i": "VOCdevkit", "voc-zeroshot": "VOCdevkit", "coco20i": "COCO-20i"}
@@ -197,7 +198,7 @@ def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, setti
         )
         sources[fold] = source
         folds[str(fold)] = {"model": source, "list": notes[fold], **fold_results(fold_run, args.data)}
-        skipped += [{"fold": fold, **entry} for entry in fold_run.skipped]
+        skipped += [{"fold": fold, **entry} for entry in fold_run.skips.reasons]
     if not any(fold["n_episodes"] for fold in folds.values()):
         raise NothingScored(f"no episode could be scored ({len(skipped)} skipped, e.g. {skipped[:1]})")
     models = sorted(set(sources.values()))
@@ -221,7 +222,7 @@ def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Pat
     seen, unseen = zero_shot_split(args.unseen)
     items = VocData(root).segmentation_val()[: args.limit]
     size = model.config.input_side(args.image_size)
-    metrics, skipped = ZeroShotMetrics(seen, unseen), []
+    metrics, skips = ZeroShotMetrics(seen, unseen), SkipLog()
     scored = score_zero_shot(
         model,
         ZeroShotData(items, size),
@@ -230,8 +231,9 @@ def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Pat
         num_workers=args.num_workers,
         precision=args.precision,
         save_dir=save,
-        skipped=skipped,
+        skips=skips,
     )
+    skipped = skips.reasons
     if not scored:
         raise NothingScored(f"no image could be scored ({len(skipped)} skipped, e.g. {skipped[:1]})")
     return {
@@ -255,20 +257,17 @@ def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, sa
     data = PhraseCutVisual(base, seed=args.seed)
     if args.limit:
         data.indices = data.indices[: args.limit]
-    paper, official, skipped = PaperMetrics(report_threshold=args.threshold), PhraseCutMetrics(), []
-    scored = score_phrasecut_visual(
+    scores = score_phrasecut_visual(
         model,
         data,
-        paper,
-        official,
-        args.threshold,
+        ScoreRun(threshold=args.threshold),
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         precision=args.precision,
         save_dir=save,
-        skipped=skipped,
     )
-    if not scored:
+    skipped = scores.skips.reasons
+    if not scores.n_samples:
         raise NothingScored(f"no task could be scored ({len(skipped)} skipped, {len(data.excluded)} unique phrases)")
     report = datasets.exclusion_report(base)
     report["excluded"]["tasks"] += [list(entry) for entry in data.excluded]  # tasks whose phrase is unique
@@ -280,9 +279,9 @@ def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, sa
         "image_size": size,
         "resize": args.resize,
         "shuffle_prompts": False,
-        "n_samples": scored,
-        "paper": paper.compute(),
-        "phrasecut": official.compute(),
+        "n_samples": scores.n_samples,
+        "paper": scores.paper.compute(),
+        "phrasecut": scores.official.compute(),
         "skipped": {"count": len(skipped), "samples": skipped},
         "duplicates_ignored": 0,
         **report,
