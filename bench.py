@@ -13,7 +13,9 @@ Both models hold the same random weights (speed does not depend on their values)
 (A B A B ...) after a warm-up and the median of `--repeats` runs is reported, so drift of the machine hits both
 sides alike; compare ratios, not absolute times. FLOP counts are analytic (docs/original.md §9). The precision
 rows end with whether predict.py's default precision on this CPU (clipseg/precision.py) is the fastest measured
-path that keeps >= 99.5% of fp32's mask pixels.
+path that keeps >= 99.5% of fp32's mask pixels. A run during which other processes took CPU time, or whose repeats
+spread by more than 10%, ends with a warning (also under "busy" in the JSON): its absolute times are not those of a
+quiet machine.
 
 Exit status: 0 done; 2 bad flags or an --out that cannot be written; 1 the results could not be saved; 130
 interrupted (the rows measured so far are written).
@@ -33,6 +35,7 @@ import transformers
 from clipseg.cli import NOTHING_DONE, output_folder, stop
 from clipseg.config import CLIPSegConfig, random_clip_config
 from clipseg.outputs import UnwritableOutput, check_writable, write_json
+from clipseg.speed.busy import busy_report, machine_state, print_warnings
 from clipseg.speed.data import data_pipeline_rate, index_rate
 from clipseg.speed.models import (
     bf16_comparison,
@@ -45,7 +48,7 @@ from clipseg.speed.models import (
 )
 from clipseg.speed.runs import run_comparisons
 from clipseg.speed.scale_out import scale_out_rows
-from clipseg.speed.timing import CLOCKS, matmul_rates, native_bf16, use_clock
+from clipseg.speed.timing import CLOCKS, clear_repeats, matmul_rates, native_bf16, repeat_spreads, use_clock
 from model import CLIPDeconv, CLIPSeg, ViTSeg, count_parameters
 
 # This command picks the rows and writes the JSON; the measurements are clipseg/speed/ (timing, models, runs, data).
@@ -137,11 +140,15 @@ def main(argv: list[str] | None = None) -> dict:
     }
     machine = results["machine"]
     print(f"{machine['cpu']}, {machine['cpu_threads']} threads; torch {machine['torch']}; device {machine['device']}")
+    clear_repeats()
+    start = machine_state()
     try:
         measure(args, results)
     except KeyboardInterrupt:
         results["interrupted"] = True
         print("interrupted: writing the rows measured so far", file=sys.stderr)
+    results["busy"] = busy_report(start, machine_state(), torch.get_num_threads(), repeat_spreads())
+    print_warnings(results["busy"])
     try:
         write_json(out, results)
     except (OSError, ValueError) as err:
@@ -196,7 +203,17 @@ def measure(args: argparse.Namespace, results: dict) -> None:
     if args.only_precision:
         return
     rows = forward_comparison(ours, hf, device, size, repeats)
-    results["bf16"] = bf16_comparison(ours, hf, device, size, repeats, rows, flops_ours, batch=8 if native else 1)
+    results["bf16"] = bf16_comparison(
+        ours,
+        hf,
+        device,
+        size,
+        repeats,
+        rows,
+        flops_ours,
+        batch=8 if native else 1,
+        matmul_side=2048 if native else None,
+    )
     results["rows"] = rows
     results["fraction_of_fp32_matmul"] = rows[0]["ours_gflops"] / results["matmul_gflops"]["fp32"]
     print(f"fp32 forward (batch 1) at {100 * results['fraction_of_fp32_matmul']:.0f}% of the fp32 matmul rate")

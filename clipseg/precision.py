@@ -6,10 +6,14 @@ default each job takes on each class of CPU (`default_precision`, the rule and i
     with torch.no_grad(), precision_context(precision, device):
         logits = model(pixel_values, phrases).logits
 
-- `fp32`: the model as it is.
+- `fp32`: the model as it is (its frozen CLIP blocks run from their parts, `clipseg.frozen_clip`: transformers'
+  arithmetic, bit for bit, in fewer tensors).
 - `bf16`: `torch.autocast` in `model.amp_dtype(device)` (what `--amp` always meant): bf16 on CPUs with native bf16
   (AVX512-BF16 or AMX) and on GPUs that have it, fp16 on older GPUs. On a CPU without native bf16 PyTorch would
-  emulate it several times slower than fp32, so `bf16` runs fp32 there, with a warning.
+  emulate it several times slower than fp32, so `bf16` runs fp32 there, with a warning. Under autocast the frozen
+  CLIP blocks (vision and text) and the patch embedding run from copies of their weights in the autocast dtype,
+  made once, not cast again on every call (`clipseg.frozen_clip`); the path follows the autocast state, never the
+  CPU, so tests force it anywhere.
 - `int8`: dynamic int8 quantisation of the `nn.Linear` layers of the image-tower blocks that the segmentation pass
   runs (blocks 0 .. max(extract_layers): CLIP's vision tower, or ViTSeg's ImageNet ViT) with PyTorch's own
   `torch.ao.quantization.quantize_dynamic` on the CPU (fbgemm/oneDNN kernels): int8 weights with a scale per output

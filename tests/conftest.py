@@ -255,11 +255,10 @@ def read_zip(path: str | Path) -> tuple[dict[str, Image.Image], dict]:
 
 @contextmanager
 def vision_tower_calls(model: CLIPSeg):
-    """Counts passes through CLIP's vision tower (each starts with the patch embedding): yields a Counter."""
+    """Counts passes through CLIP's vision tower (each runs its pre-layer-norm once, in every precision): yields a
+    Counter."""
     counts = Counter()
-    handle = model.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
-        lambda *_: counts.update(["vision"])
-    )
+    handle = model.clip.vision_model.pre_layrnorm.register_forward_hook(lambda *_: counts.update(["vision"]))
     decoder = model.decoder.register_forward_hook(lambda *_: counts.update(["decoder"]))
     try:
         yield counts

@@ -32,9 +32,9 @@ def data(synthetic_root):
 
 
 def count_encoded_images(model: CLIPSeg) -> list[int]:
-    """Batch sizes of every vision-tower pass, recorded by a hook on the patch embedding."""
+    """Batch sizes of every vision-tower pass, recorded by a hook on its pre-layer-norm (run in every precision)."""
     sizes: list[int] = []
-    model.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
+    model.clip.vision_model.pre_layrnorm.register_forward_hook(
         lambda module, inputs, output: sizes.append(inputs[0].shape[0])
     )
     return sizes

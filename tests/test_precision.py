@@ -4,16 +4,28 @@ architecture in every precision (also through score.py and predict.py), and the 
 import copy
 import json
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
 import torch
+import transformers
 from conftest import AMX_XEON, CPU_CLASSES, simulate_cpu
 from PIL import Image
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
+import model as model_module
 import score
 from clipseg import precision as precision_module
 from clipseg.config import tiny_clip_config
+from clipseg.frozen_clip import (
+    Scratch,
+    can_run_frozen,
+    frozen_block_weights,
+    patch_embedding,
+    run_frozen_block,
+    run_frozen_text,
+)
 from clipseg.precision import (
     PRECISIONS,
     cpu_has_vnni,
@@ -190,6 +202,123 @@ def test_precision_errors_say_what_to_change():
     with pytest.raises(ValueError, match="CPU only"):
         prepare_model(CLIPSeg.from_backbone("tiny"), "int8", "cuda")
     assert PRECISIONS == ("fp32", "bf16", "int8")
+
+
+# ------------------------------------------------------------------- bf16: frozen blocks from bf16 copies
+# Forced with torch.autocast, so that these run on any CPU (bf16 is emulated, slowly, where it is not native).
+
+
+def bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("tokens", [25, 32])  # keys padded to 32 and masked; already a multiple of 16
+def test_frozen_block_equals_the_layer_in_fp32_and_is_as_close_to_it_in_bf16_as_autocast(activation, tokens):
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    config.hidden_act, config._attn_implementation = activation, "sdpa"
+    layer = CLIPEncoderLayer(config).eval()
+    for param in layer.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    x = torch.randn(3, tokens, 32)
+    with torch.no_grad():
+        reference, fp32 = layer(x, None), run_frozen_block(layer, x, None)
+        with bf16_autocast():
+            autocast_only, frozen = layer(x, None), run_frozen_block(layer, x, torch.bfloat16)
+    error, autocast_error = (frozen - reference).abs().max(), (autocast_only - reference).abs().max()
+    assert frozen.dtype == torch.float32  # the residual stream stays fp32
+    assert 0 < error <= 2 * autocast_error and error < 0.01 * reference.abs().max()
+    assert torch.equal(fp32, reference)  # fp32: the layer's arithmetic, bit for bit
+    scratch = Scratch()  # the buffers of a pass, reused by its next block: the same values as fresh ones
+    for dtype, context in ((None, nullcontext()), (torch.bfloat16, bf16_autocast())):
+        with torch.no_grad(), context:
+            fresh = run_frozen_block(layer, run_frozen_block(layer, x, dtype), dtype)
+            reused = run_frozen_block(layer, run_frozen_block(layer, x, dtype, scratch), dtype, scratch)
+        assert torch.equal(fresh, reused)
+
+
+def test_bf16_runs_each_vision_block_from_bf16_copies_and_masks_agree(model, monkeypatch):
+    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    calls = []
+
+    def counted(layer, x, dtype, scratch):
+        calls.append(dtype)
+        return run_frozen_block(layer, x, dtype, scratch)
+
+    monkeypatch.setattr(model_module, "run_frozen_block", counted)
+    blocks = max(model.config.extract_layers) + 1
+    with torch.no_grad():
+        fp32 = model(pixels, PHRASES[:2]).logits
+        assert calls == [None] * blocks  # fp32: the layers' own weights
+        with bf16_autocast():
+            bf16 = model(pixels, PHRASES[:2]).logits.float()
+    assert calls == [None] * blocks + [torch.bfloat16] * blocks
+    assert 0 < (bf16 - fp32).abs().max() < 0.5
+    assert mask_agreement(bf16, fp32) >= 0.99
+
+
+def test_text_tower_from_its_blocks_keeps_transformers_values_and_bf16_is_as_close_as_autocast(model, monkeypatch):
+    phrases = ["a red circle", "the large blue square on the left side", "sky"]  # padded to the longest
+    ids, mask = model.tokenize(phrases)
+    text = model.clip.text_model
+    with torch.no_grad():
+        for attention_mask in (mask, None):
+            ours = run_frozen_text(text, ids, attention_mask, None)
+            theirs = text(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+            kept = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            assert torch.equal(ours[kept], theirs[kept])  # fp32, bit for bit, on every token the mask keeps
+        reference = model.embed_token_ids(ids, mask)
+        with bf16_autocast():
+            frozen = model.embed_token_ids(ids, mask).float()
+            monkeypatch.setattr(model_module, "can_run_frozen", lambda layer: False)
+            autocast_only = model.embed_token_ids(ids, mask).float()
+    error, autocast_error = (frozen - reference).abs().max(), (autocast_only - reference).abs().max()
+    assert 0 < error <= 2 * autocast_error and error < 0.02 * reference.abs().max()
+
+
+@pytest.mark.parametrize("bias", [False, True])  # CLIP's has none
+def test_patch_embedding_is_the_convolution_as_one_product(bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 24, kernel_size=8, stride=8, bias=bias)
+    pixels = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        reference = conv(pixels).flatten(2).transpose(1, 2)  # (B, h*w, width), row-major patches
+        torch.testing.assert_close(patch_embedding(conv, pixels, torch.float32), reference, rtol=1e-5, atol=1e-5)
+        with bf16_autocast():
+            bf16 = patch_embedding(conv, pixels, torch.bfloat16)
+            autocast_only = conv(pixels).flatten(2).transpose(1, 2)
+    assert bf16.dtype == torch.bfloat16
+    assert (bf16.float() - reference).abs().max() <= 2 * (autocast_only.float() - reference).abs().max()
+
+
+def test_bf16_copies_are_made_once_and_follow_their_master_weights(tiny_dir):
+    model = CLIPSeg.from_pretrained(tiny_dir).eval()
+    keys = set(model.state_dict())
+    layer = model.clip.vision_model.encoder.layers[0]
+    first = frozen_block_weights(layer, torch.bfloat16)
+    assert frozen_block_weights(layer, torch.bfloat16) is first  # not re-cast on every call
+    with torch.no_grad(), bf16_autocast():
+        model(torch.randn(1, 3, 64, 64), PHRASES[:1])
+    assert set(model.state_dict()) == keys  # the copies are not weights: checkpoints keep their names
+    assert frozen_block_weights(copy.deepcopy(layer), torch.bfloat16) is not first  # a copy makes its own
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["clip.vision_model.encoder.layers.0.mlp.fc2.bias"] += 1.0
+    model.load_weights(state)  # new weights in place: the copies follow
+    renewed = frozen_block_weights(layer, torch.bfloat16)
+    assert renewed is not first
+    assert torch.equal(renewed.fc2_bias, (first.fc2_bias.float() + 1.0).bfloat16())
+
+
+def test_int8_and_trainable_blocks_keep_the_module_path(model):
+    quantised = prepare_model(copy.deepcopy(model), "int8", "cpu")
+    assert not can_run_frozen(quantised.clip.vision_model.encoder.layers[0])
+    trainable = copy.deepcopy(model).requires_grad_(True)
+    layer = trainable.clip.vision_model.encoder.layers[0]
+    assert can_run_frozen(model.clip.vision_model.encoder.layers[0])
+    assert not can_run_frozen(layer)  # gradients asked: the copies would cut them
+    with torch.no_grad():
+        assert can_run_frozen(layer)
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -22,8 +22,10 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 import dataset
+import model as model_module
 import train
 from clipseg import outputs, runs, sampling, train_args, training
+from clipseg.frozen_clip import run_frozen_block
 from clipseg.samples import ImageInfo, Sample, Task, collate
 from model import CLIPSeg, TextCache
 
@@ -210,8 +212,9 @@ def test_dropout_flag_reaches_every_decoder_dropout(tmp_path, synthetic_root):
     for rate in (0.0, 0.3):
         model = train_args.build_model(train.parse_args(flags(tmp_path, synthetic_root, f"--dropout={rate}")))
         assert model.config.dropout == rate
-        assert {m.p for m in model.decoder.modules() if isinstance(m, torch.nn.Dropout)} == {rate}
-        assert {layer.self_attn.dropout for layer in model.decoder.layers} == {rate}
+        assert {(layer.dropout, layer.self_attn.dropout, layer.mlp.dropout) for layer in model.decoder.layers} == {
+            (rate, rate, rate)
+        }
 
 
 def test_whole_image_prob_reaches_the_training_set(tmp_path, synthetic_root):
@@ -275,6 +278,39 @@ def test_ctrl_c_saves_and_resume_is_bitwise_exact(tmp_path, synthetic_root, refe
     assert training_state(run_dir)["step"] == 7
     assert train.main([*argv, "--resume"]) == 0
     assert_same_run(run_dir, reference)
+
+
+def test_bf16_resume_is_bitwise_exact(tmp_path, synthetic_root, monkeypatch):
+    """--amp in bf16 (forced: emulated where the CPU has no native bf16): the frozen blocks run from bf16 copies of
+    their weights, remade from the loaded checkpoint on resume, and the run still ends bit for bit as an
+    uninterrupted one."""
+    monkeypatch.setattr(training, "model_amp_dtype", lambda device: torch.bfloat16)
+    dtypes = set()
+
+    def recorded(layer, x, dtype, scratch):
+        dtypes.add(dtype)
+        return run_frozen_block(layer, x, dtype, scratch)
+
+    monkeypatch.setattr(model_module, "run_frozen_block", recorded)
+
+    def interrupt_in_iteration_4(reads, sample):
+        if reads == 3 * 4 + 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return sample
+
+    runs_dirs = []
+    for name, hook in (("whole", None), ("resumed", interrupt_in_iteration_4)):
+        argv = flags(tmp_path / name, synthetic_root, "--name=amp", "--max-iterations=6", "--ckpt=2", "--amp")
+        summary = run(argv, dataset=SyntheticView(synthetic_root, hook))
+        if hook is not None:
+            assert summary.stopped_early and summary.step == 4
+            assert train.main([*argv, "--resume"]) == 0
+        runs_dirs.append(tmp_path / name / "ck" / "amp")
+    whole, resumed = (decoder_weights(d) for d in runs_dirs)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    assert losses(runs_dirs[0]) == losses(runs_dirs[1])
+    assert dtypes == {torch.bfloat16}  # every training step ran the bf16 blocks
 
 
 def kill_training_when(argv: list[str], cwd: Path, condition) -> None:
@@ -751,7 +787,7 @@ def test_several_prompts_per_crop_run_the_vision_tower_once_per_crop(tmp_path, s
     args = train.parse_args(flags(tmp_path, synthetic_root, "--prompts-per-image=4", "--batch-size=8"))
     model = train_args.build_model(args)
     crops = []
-    model.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
+    model.clip.vision_model.pre_layrnorm.register_forward_hook(  # once per tower pass, in fp32 and in bf16
         lambda module, inputs, output: crops.append(inputs[0].shape[0])
     )
     data = train_args.build_training_set(args)

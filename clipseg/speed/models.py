@@ -117,8 +117,10 @@ def forward_comparison(ours: CLIPSeg, hf, device: str, size: int, repeats: int) 
     return rows
 
 
-def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int) -> dict:
-    """Our bf16-autocast forward vs HF fp32, and how many mask pixels (p > 0.5) agree with our fp32 masks."""
+def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int, matmul_side: int | None = None) -> dict:
+    """Our bf16-autocast forward vs HF fp32, how many mask pixels (p > 0.5) agree with our fp32 masks, and, with
+    `matmul_side` n, our GFLOP/s as a share of the machine's bf16 rate: an n^3 bf16 matmul timed interleaved with the
+    forwards, so that a busy machine slows both alike."""
     pixels = torch.randn(batch, 3, size, size, device=device)
     phrases = PHRASES[:batch]
     ids, mask = ours.tokenize(phrases)
@@ -133,7 +135,11 @@ def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int) ->
                 device, hf(pixel_values=pixels, input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             )
 
-    timing = interleaved({"ours_bf16": ours_bf16, "hf_fp32": hf_fp32}, repeats)
+    variants = {"ours_bf16": ours_bf16, "hf_fp32": hf_fp32}
+    if matmul_side:
+        a, b = (torch.randn(matmul_side, matmul_side, device=device, dtype=torch.bfloat16) for _ in range(2))
+        variants["matmul_bf16"] = lambda: sync(device, a @ b)
+    timing = interleaved(variants, repeats)
     with torch.inference_mode():
         fp32_masks = ours(pixels, phrases).logits > 0
     agreement = ((ours_bf16().float() > 0) == fp32_masks).float().mean().item()
@@ -150,8 +156,22 @@ def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int) ->
             "ours_gflops": batch * flops / timing["ours_bf16"] / 1e9,
         }
     )
-    print(f"bf16 ours vs fp32 HF, batch {batch}: {speedup:.2f}x faster, mask agreement {100 * agreement:.2f}%")
-    return {"batch": batch, "speedup_vs_hf_fp32": speedup, "mask_agreement": agreement}
+    gflops = rows[-1]["ours_gflops"]
+    rate = 2 * matmul_side**3 / timing["matmul_bf16"] / 1e9 if matmul_side else None
+    share = gflops / rate if rate else None
+    print(
+        f"bf16 ours vs fp32 HF, batch {batch}: {speedup:.2f}x faster, mask agreement {100 * agreement:.2f}%, "
+        f"{gflops:.0f} GFLOP/s"
+        + (f" = {100 * share:.0f}% of the bf16 matmul rate timed with it ({rate:.0f} GFLOP/s)" if rate else "")
+    )
+    return {
+        "batch": batch,
+        "speedup_vs_hf_fp32": speedup,
+        "mask_agreement": agreement,
+        "gflops": gflops,
+        "bf16_matmul_gflops": rate,
+        "of_bf16_matmul": share,
+    }
 
 
 LOGIT_AT_THRESHOLD = math.log(0.3 / 0.7)  # probability > 0.3, the paper's threshold
