@@ -10,14 +10,14 @@ export HF_HUB_OFFLINE ?= 1
 # The demo: a tiny random-CLIP model trained on generated PhraseCut-format data, on the CPU (README, "The demo").
 DEMO_DATA ?= synthetic_phrasecut
 DEMO_IMAGES ?= 1500
-# fp32 (--no-amp): the tiny model's matrices are too small for bf16 to pay, also on CPUs that have it natively.
+# fp32 (--precision=fp32): the tiny model's matrices are too small for bf16 to pay, also on CPUs that have it natively.
 # Two departures from the recipe, for 10 minutes on 2 cores (README, "The demo"): two phrases of an image share each
 # crop (--prompts-per-image=2: 16 crops per batch of 32, the vision pass and the image reads halve), and 10% negatives:
 # the generated grammar's unique phrases are 76% relations, so the recipe's 20% (drawn from unique phrases) made
 # relation phrases the empty target in half of their samples.
 DEMO_TRAIN ?= --backbone=tiny --device=cpu --image-size=128 --batch-size=32 --max-iterations=4400 --ckpt=500 \
 	--num-workers=1 --refined --reduce-dim=64 --extract-layers=0,1,2 --lr=1.5e-3 --dropout=0 --whole-image-prob=0.5 \
-	--no-amp --val-interval=1100 --val-samples=200 --prompts-per-image=2 --negative-prob=0.1
+	--precision=fp32 --val-interval=1100 --val-samples=200 --prompts-per-image=2 --negative-prob=0.1
 # fp32: the tiny model's layers are too small for int8 or bf16 to pay (and its figures stay comparable).
 DEMO_EVAL ?= --data=synthetic --data-root=$(DEMO_DATA) --device=cpu --num-workers=1 --precision=fp32
 
@@ -47,7 +47,7 @@ $(VENV)/.installed-export: requirements-export.txt $(VENV)/.installed
 EXPORT_MODEL ?= CIDAS/clipseg-rd64-refined
 EXPORT_DIR ?= exported
 export: setup-export
-	$(BIN)/python export.py $(EXPORT_MODEL) $(EXPORT_DIR)
+	$(BIN)/python export.py --model $(EXPORT_MODEL) --out $(EXPORT_DIR)
 
 # The web app's optional dependencies (requirements-app.txt), on top of set-up; `make test` installs them too.
 setup-app: $(VENV)/.installed-app
@@ -82,15 +82,16 @@ demo-fewshot: setup
 	test -f checkpoints/demo/config.json || $(MAKE) demo
 	test -f $(DEMO_DATA)/data/VGPhraseCut_v0/image_data_split.json || \
 		$(BIN)/python -m clipseg.synthetic phrasecut --root $(DEMO_DATA) --n-images $(DEMO_IMAGES)
-	$(BIN)/python score.py demo --data pascal5i --data-root $(FEWSHOT_VOC) --prompt visual $(FEWSHOT_EVAL)
-	$(BIN)/python score.py demo --data pascal5i --data-root $(FEWSHOT_VOC) --prompt text $(FEWSHOT_EVAL)
+	$(BIN)/python score.py demo --data pascal5i --data-root $(FEWSHOT_VOC) --prompt-kind visual $(FEWSHOT_EVAL)
+	$(BIN)/python score.py demo --data pascal5i --data-root $(FEWSHOT_VOC) --prompt-kind text $(FEWSHOT_EVAL)
 	$(BIN)/python score.py demo --data pascal5i --data-root $(FEWSHOT_VOC) --protocol hsnet --episodes 100 $(FEWSHOT_EVAL)
 	$(BIN)/python score.py demo --data coco20i --data-root $(FEWSHOT_COCO) --episodes 100 $(FEWSHOT_EVAL)
 	$(BIN)/python score.py demo --data voc-zeroshot --data-root $(FEWSHOT_VOC) --unseen 10 $(FEWSHOT_EVAL)
-	$(BIN)/python score.py demo --data synthetic --data-root $(DEMO_DATA) --prompt visual $(FEWSHOT_EVAL)
+	$(BIN)/python score.py demo --data synthetic --data-root $(DEMO_DATA) --prompt-kind visual $(FEWSHOT_EVAL)
 
-# The web app on http://127.0.0.1:7860, e.g. make app APP_ARGS="--model checkpoints/myrun --port 8000". A hub id
-# needs the network: make app HF_HUB_OFFLINE=0 APP_ARGS="--model CIDAS/clipseg-rd64-refined".
+# The web app on http://127.0.0.1:7860 with the run of `make demo`, e.g. make app APP_MODEL=myrun APP_ARGS="--port 8000".
+# A hub id needs the network: make app HF_HUB_OFFLINE=0 APP_MODEL=CIDAS/clipseg-rd64-refined.
+APP_MODEL ?= demo
 APP_ARGS ?=
 app: setup-app
-	$(BIN)/python app.py $(APP_ARGS)
+	$(BIN)/python app.py --model $(APP_MODEL) $(APP_ARGS)

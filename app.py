@@ -1,8 +1,9 @@
 """A local web page to segment images with text or image prompts (Gradio; `pip install -r requirements-app.txt`).
 
-    python app.py                                      # the model of `make demo` (checkpoints/demo)
-    python app.py --model CIDAS/clipseg-rd64-refined   # the released weights (fetched from the HF hub once)
-    python app.py --model checkpoints/myrun --port 8000 --threshold 0.4
+    python app.py --model demo                         # the run of `make demo` (checkpoints/demo; make app)
+    python app.py                                      # the released weights, CIDAS/clipseg-rd64-refined (fetched
+                                                       # from the HF hub once)
+    python app.py --model myrun --checkpoint best --port 8000 --threshold 0.4
 
 Then open http://127.0.0.1:7860 (or your --port). Upload, paste or photograph an image, type prompts (one per line
 or comma-separated), optionally add an image prompt (a support image with the object painted over or its mask
@@ -11,8 +12,12 @@ heatmap per prompt, the time each step took, and offers a zip of the masks (a 0/
 original size) with the summary JSON that predict.py writes.
 
 The image is encoded once per session: new prompts re-run only the text tower and the decoder, a new threshold
-only re-thresholds. Nothing is fetched from the network unless --model names a hub id (or --share asks for a
-public link); Gradio's analytics are off.
+only re-thresholds. Nothing is fetched from the network unless --model names a hub id (the default does) or --share
+asks for a public link; Gradio's analytics are off. The model runs in the fastest precision that keeps fp32's masks
+on this class of CPU unless --precision asks for another (clipseg/precision.py).
+
+Exit status: 0 after the server stops; 2 for bad flags, a model that cannot be loaded, Gradio missing or a port that
+cannot be served.
 
 What the server accepts and keeps: files only from Gradio's upload folder (regular files of at most 100 MB); at
 most 20 prompts of at most 1,000 characters (`clipseg/uploads.py`); at most 64 waiting requests; per session the
@@ -38,20 +43,18 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
 
 import torch
 
-from clipseg.precision import add_precision_arguments, resolve_precision
+from clipseg.cli import BAD_INPUT, add_model_flags, add_precision_flags, check_precision_flags, model_source
+from clipseg.loading import LoadError, load_model
 from clipseg.segmenter import (
     DEFAULT_THRESHOLD,
-    DEMO_MODEL,
     IDLE_MINUTES,
     NATIVE,
-    NO_MODEL_HELP,
     SESSION_MEMORY_MB,
     Output,
     Segmenter,
     Session,
 )
 from clipseg.uploads import MAX_PROMPTS, MAX_UPLOAD_BYTES
-from model import CLIPSeg
 
 MAX_QUEUE = 64  # requests waiting to run (one runs at a time); more are refused
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -65,9 +68,9 @@ EXAMPLES = (  # (image in examples/, prompts): scenes of `synthetic.make_synthet
 # ------------------------------------------------------------------------------------------------ the page
 
 
-def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD, notice: str | None = None):
+def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD):
     """The Gradio page over `segmenter` (a `gr.Blocks`, not launched), which from now on reads files only from
-    Gradio's upload folder. notice: Markdown shown at the top. API: `/segment` and `/rethreshold`."""
+    Gradio's upload folder. API: `/segment` and `/rethreshold`."""
     import gradio as gr
     from gradio.utils import get_upload_folder
 
@@ -92,8 +95,6 @@ def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD, notic
             "# CLIPSeg: segment an image by text or image prompts\n"
             f"Model: `{segmenter.model_name}`. Masks are the pixels whose probability is above the threshold."
         )
-        if notice:
-            gr.Markdown(f"**{notice}**", elem_id="notice")
         session = gr.State(delete_callback=segmenter.forget)  # called when a closed tab's state expires
         with gr.Row():
             with gr.Column():
@@ -198,40 +199,13 @@ def launch(page, port: int, share: bool = False) -> tuple[str, str | None]:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def resolve_model(model: str | None, checkpoint: str | None = None, demo: Path = DEMO_MODEL) -> str | None:
-    """--model as given (plus --checkpoint, a model inside it); without --model `checkpoints/demo` when it holds a
-    model, else None."""
-    if not model and not (demo / "config.json").is_file():
-        return None
-    source = model or str(demo)
-    return str(Path(source) / checkpoint) if checkpoint else source
-
-
-def load_model(source: str, backbone: str | None) -> CLIPSeg:
-    """`CLIPSeg.from_pretrained`; OSError/ValueError name the source."""
-    return CLIPSeg.from_pretrained(source, backbone=backbone)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="A local web page to segment images by text or image prompts. Open the printed URL.",
-        epilog="Without --model the app uses checkpoints/demo (make demo) when present; otherwise the page says how "
-        "to get a model. Nothing is fetched from the network unless --model is a hub id or --share is given.",
+        epilog="Nothing is fetched from the network unless --model is a hub id (the default is) or --share is given; "
+        "offline, give --model a run (make demo trains the run demo), a directory or a .pth.",
     )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="HF hub id (e.g. CIDAS/clipseg-rd64-refined; needs network once), checkpoint directory (e.g. "
-        f"checkpoints/<name>) or original .pth decoder; default {DEMO_MODEL} when present",
-    )
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="a model inside the --model directory, e.g. best or iter_005000 of a train.py run",
-    )
-    parser.add_argument(
-        "--backbone", default=None, help="CLIP backbone for an original .pth (default openai/clip-vit-base-patch16)"
-    )
+    add_model_flags(parser)
     parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -263,12 +237,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=IDLE_MINUTES,
         help=f"a page's image and result are dropped after this long unused (default {IDLE_MINUTES})",
     )
-    add_precision_arguments(parser)
+    add_precision_flags(parser, "predict")
     args = parser.parse_args(argv)
-    try:  # the precision that will run: --precision, else the fastest that keeps fp32's masks (clipseg/precision.py)
-        args.precision = resolve_precision(args.precision, args.device, args.amp)
-    except ValueError as err:
-        parser.error(str(err))
+    check_precision_flags(parser, args, "predict")
     if not 0 <= args.threshold < 1:
         parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
     if not 1 <= args.port <= 65535:
@@ -288,35 +259,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         import gradio  # noqa: F401
     except ImportError:
         print("error: app.py needs Gradio: pip install -r requirements-app.txt (or run make app)", file=sys.stderr)
-        return 2
-    source = resolve_model(args.model, args.checkpoint)
-    model, notice = None, None
-    if source is None:
-        notice = NO_MODEL_HELP
-        print(f"note: {NO_MODEL_HELP}", file=sys.stderr)
-    else:
-        try:
-            model = load_model(source, args.backbone)
-        except (OSError, ValueError) as err:
-            print(f"error: cannot load --model {source}: {err}", file=sys.stderr)
-            return 2
+        return BAD_INPUT
+    try:
+        source, _ = model_source(args)
+        model = load_model(source, args.backbone, args.device, args.precision)
+    except LoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return BAD_INPUT
     segmenter = Segmenter(
-        model,
-        source or "none",
-        args.device,
-        args.precision,
-        memory_mb=args.session_memory,
-        idle_minutes=args.idle_minutes,
+        model, source, args.device, args.precision, memory_mb=args.session_memory, idle_minutes=args.idle_minutes
     )
-    page = build_page(segmenter, args.threshold, notice)
+    page = build_page(segmenter, args.threshold)
     try:
         local_url, share_url = launch(page, args.port, args.share)
-        print(f"serving {source or 'no model'} on {local_url}" + (f" and {share_url}" if share_url else ""))
+        print(f"serving {source} on {local_url}" + (f" and {share_url}" if share_url else ""))
         print("open it in a browser; Ctrl+C stops the server", flush=True)
         page.block_thread()
     except OSError as err:
         print(f"error: cannot serve on port {args.port} ({err}); pick another with --port", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     finally:
         shutil.rmtree(segmenter.workdir, ignore_errors=True)
     return 0

@@ -1,16 +1,24 @@
 """Speed of our CLIPSeg against `transformers.CLIPSegForImageSegmentation` and against this machine's limit.
 
-    python bench.py                      # CPU, full ViT-B/16 geometry at 352 px, writes bench_results.json
+    python bench.py                      # CPU, full ViT-B/16 geometry at 352 px, writes ./bench_results.json
     python bench.py --repeats 7 --threads 2
     python bench.py --device cuda --compile
     python bench.py --only-data --index-tasks 300000   # data pipeline per worker; PhraseCut-sized index
     python bench.py --repeats 3 --only-precision   # fp32 / bf16 / int8 / ONNX paths against HF fp32 only
     python bench.py --repeats 3 --only-runs        # checkpoint writes, K prompts per crop, grouped scoring
     python bench.py --only-params                  # parameter counts of the full-size configurations
+    python bench.py --only-scale-out               # score.py / predict.py throughput on 1 and 2 processes (torchrun)
 
 Both models hold the same random weights (speed does not depend on their values). Variants are interleaved
 (A B A B ...) after a warm-up and the median of `--repeats` runs is reported, so drift of the machine hits both
-sides alike; compare ratios, not absolute times. FLOP counts are analytic (docs/original.md §9).
+sides alike; compare ratios, not absolute times. FLOP counts are analytic (docs/original.md §9). The precision
+rows end with whether predict.py's default precision on this CPU (clipseg/precision.py) is the fastest measured
+path that keeps >= 99.5% of fp32's mask pixels. A run during which other processes took CPU time, or whose repeats
+spread by more than 10%, ends with a warning (also under "busy" in the JSON): its absolute times are not those of a
+quiet machine.
+
+Exit status: 0 done; 2 bad flags or an --out that cannot be written; 1 the results could not be saved; 130
+interrupted (the rows measured so far are written).
 """
 
 from __future__ import annotations
@@ -19,13 +27,15 @@ import argparse
 import platform
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import transformers
 
-from clipseg.cli import NOTHING_DONE, stop
+from clipseg.cli import NOTHING_DONE, output_folder, stop
 from clipseg.config import CLIPSegConfig, random_clip_config
 from clipseg.outputs import UnwritableOutput, check_writable, write_json
+from clipseg.speed.busy import busy_report, machine_state, print_warnings
 from clipseg.speed.data import data_pipeline_rate, index_rate
 from clipseg.speed.models import (
     bf16_comparison,
@@ -37,10 +47,12 @@ from clipseg.speed.models import (
     training_comparison,
 )
 from clipseg.speed.runs import run_comparisons
-from clipseg.speed.timing import CLOCKS, matmul_rates, native_bf16, use_clock
+from clipseg.speed.scale_out import scale_out_rows
+from clipseg.speed.timing import CLOCKS, clear_repeats, matmul_rates, native_bf16, repeat_spreads, use_clock
 from model import CLIPDeconv, CLIPSeg, ViTSeg, count_parameters
 
 # This command picks the rows and writes the JSON; the measurements are clipseg/speed/ (timing, models, runs, data).
+RESULTS_NAME = "bench_results.json"
 CPU_FEATURES = ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
@@ -56,6 +68,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-data", action="store_true", help="skip the data pipeline measurement")
     parser.add_argument("--only-head", action="store_true", help="only the refined-head comparison")
     parser.add_argument("--only-data", action="store_true", help="only the data pipeline (and --index-tasks) rows")
+    parser.add_argument(
+        "--only-scale-out",
+        action="store_true",
+        help="only score.py and predict.py throughput on 1 and 2 processes under torchrun (README 'Scale out')",
+    )
+    parser.add_argument(
+        "--scale-out-backbone",
+        default="random-vit-b16",
+        help="model of the scale-out rows: random-vit-b16 (the released geometry, default) or tiny",
+    )
     parser.add_argument(
         "--only-params",
         action="store_true",
@@ -88,10 +110,17 @@ def main(argv: list[str] | None = None) -> dict:
         help="wall: elapsed time (default); cpu: this process's CPU time, for a machine busy with other work (with "
         "--threads 1 it counts the work done, not the time spent waiting for a core)",
     )
-    parser.add_argument("--out", default="bench_results.json", help="where to write the JSON results")
+    parser.add_argument(
+        "--out",
+        type=output_folder,
+        default=".",
+        metavar="DIR",
+        help=f"folder of the JSON results, OUT/{RESULTS_NAME} (default: .)",
+    )
     args = parser.parse_args(argv)
+    out = Path(args.out) / RESULTS_NAME
     try:
-        check_writable(args.out)
+        check_writable(out)
     except UnwritableOutput as err:
         parser.error(str(err))
     use_clock(args.clock)
@@ -111,16 +140,20 @@ def main(argv: list[str] | None = None) -> dict:
     }
     machine = results["machine"]
     print(f"{machine['cpu']}, {machine['cpu_threads']} threads; torch {machine['torch']}; device {machine['device']}")
+    clear_repeats()
+    start = machine_state()
     try:
         measure(args, results)
     except KeyboardInterrupt:
         results["interrupted"] = True
         print("interrupted: writing the rows measured so far", file=sys.stderr)
+    results["busy"] = busy_report(start, machine_state(), torch.get_num_threads(), repeat_spreads())
+    print_warnings(results["busy"])
     try:
-        write_json(args.out, results)
+        write_json(out, results)
     except (OSError, ValueError) as err:
         stop(f"the results above were not saved: {err}", NOTHING_DONE)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return results
 
 
@@ -137,6 +170,10 @@ def measure(args: argparse.Namespace, results: dict) -> None:
     device, size, repeats = args.device, args.image_size, args.repeats
     if args.only_params:
         results["parameters"] = parameter_counts()
+        return
+    if args.only_scale_out:
+        threads = args.threads or 1
+        results["scale_out"] = scale_out_rows(args.scale_out_backbone, size, device=device, threads_per_process=threads)
         return
     if args.only_data:
         results["data_pipeline"] = data_pipeline_rate(image_size=size)
@@ -166,7 +203,17 @@ def measure(args: argparse.Namespace, results: dict) -> None:
     if args.only_precision:
         return
     rows = forward_comparison(ours, hf, device, size, repeats)
-    results["bf16"] = bf16_comparison(ours, hf, device, size, repeats, rows, flops_ours, batch=8 if native else 1)
+    results["bf16"] = bf16_comparison(
+        ours,
+        hf,
+        device,
+        size,
+        repeats,
+        rows,
+        flops_ours,
+        batch=8 if native else 1,
+        matmul_side=2048 if native else None,
+    )
     results["rows"] = rows
     results["fraction_of_fp32_matmul"] = rows[0]["ours_gflops"] / results["matmul_gflops"]["fp32"]
     print(f"fp32 forward (batch 1) at {100 * results['fraction_of_fp32_matmul']:.0f}% of the fp32 matmul rate")

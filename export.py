@@ -1,6 +1,8 @@
 """Export a CLIPSeg model to ONNX: four graphs and a manifest, checked against PyTorch before they are kept.
 
-    python export.py CIDAS/clipseg-rd64-refined exported/      # MODEL as predict.py takes it
+    python export.py --model CIDAS/clipseg-rd64-refined --out exported/   # --model as every command takes it
+    python export.py CIDAS/clipseg-rd64-refined exported/                 # the same, the older positional form
+    python export.py --model demo --checkpoint best --out exported_demo/  # a run of train.py
     python predict.py photo.jpg --prompt "a cat" --backend onnx --model exported/
 
 Graphs (all fp32, opset 20, every size that can vary is dynamic):
@@ -20,6 +22,10 @@ normalisation, the torch/onnx/onnxruntime versions and the differences to PyTorc
 relative to the values' scale; above 1e-4 relative the export is refused). The output folder is checked to be
 writable, with room for the graphs, before the export starts. Needs `pip install -r requirements-export.txt`
 (onnx, onnxscript for torch's exporter, onnxruntime for the check and for running).
+
+Exit status: 0 exported; 2 bad flags, a model that cannot be loaded, an output folder that cannot be written or has
+too little room, the ONNX packages missing; 1 the export ran but could not be kept (graphs that disagree with
+PyTorch, a write that failed).
 """
 
 from __future__ import annotations
@@ -27,43 +33,70 @@ from __future__ import annotations
 import argparse
 import sys
 
+from clipseg.cli import BAD_INPUT, NOTHING_DONE, add_model_flags, model_source, output_folder
+from clipseg.loading import LoadError, load_model
 from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, OnnxBackendError
 from clipseg.onnx.export import export
 from clipseg.outputs import UnwritableOutput, check_writable
-from model import CLIPSeg
+
+DEFAULT_OUT = "exported"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "positional",
+        nargs="*",
+        metavar="MODEL OUT_DIR",
+        help="the older form of --model MODEL --out OUT_DIR: both, or neither",
+    )
+    parser.add_argument(
+        "--out",
+        type=output_folder,
+        default=None,
+        metavar="DIR",
+        help=f"folder to write the graphs and manifest.json into (default {DEFAULT_OUT})",
+    )
+    add_model_flags(parser)
+    args = parser.parse_args(argv)
+    if args.positional:
+        if len(args.positional) != 2:
+            parser.error(f"give MODEL and OUT_DIR together, or --model and --out; got {args.positional}")
+        if args.model is not None or args.out is not None:
+            parser.error("give the model and the folder once: as MODEL OUT_DIR, or as --model and --out")
+        args.model, args.out = args.positional
+    args.out = args.out or DEFAULT_OUT
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="HF hub id or checkpoint directory, or an original .pth decoder (as predict.py)")
-    parser.add_argument("out_dir", help="folder to write the graphs and manifest.json into")
-    parser.add_argument(
-        "--backbone", default=None, help="CLIP backbone for an original .pth (default openai/clip-vit-base-patch16)"
-    )
-    args = parser.parse_args(argv)
+    """The CLI: returns the exit status of the module docstring."""
+    args = parse_args(argv)
     try:
-        check_writable(args.out_dir, folder=True)  # before the model is loaded
+        check_writable(args.out, folder=True)  # before the model is loaded
     except UnwritableOutput as err:
-        parser.error(str(err))
-    try:
-        model = CLIPSeg.from_pretrained(args.model, backbone=args.backbone)
-    except (OSError, ValueError) as err:
-        print(f"error: cannot load {args.model}: {err}", file=sys.stderr)
-        return 2
-    print(f"exporting {args.model} to {args.out_dir} (a minute or two at ViT-B/16) ...", file=sys.stderr)
-    try:
-        manifest = export(model, args.out_dir, source=args.model)
-    except (OnnxBackendError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
+        return BAD_INPUT
+    try:
+        source, _ = model_source(args)
+        model = load_model(source, args.backbone, "cpu")
+    except LoadError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return BAD_INPUT
+    print(f"exporting {source} to {args.out} (a minute or two at ViT-B/16) ...", file=sys.stderr)
+    try:
+        manifest = export(model, args.out, source=source)
+    except (OnnxBackendError, UnwritableOutput) as err:  # the packages or the room for the graphs: before any work
+        print(f"error: {err}", file=sys.stderr)
+        return BAD_INPUT
+    except (RuntimeError, OSError) as err:  # graphs that disagree with PyTorch, a write that failed
+        print(f"error: {err}", file=sys.stderr)
+        return NOTHING_DONE
     worst = max(check["absolute"] for check in manifest["difference_to_torch"].values())
     relative = max(check["relative"] for check in manifest["difference_to_torch"].values())
     files = ", ".join(GRAPH_FILES.values())
     print(
-        f"wrote {files} and {MANIFEST_NAME} to {args.out_dir}; largest difference to PyTorch {worst:.1e} "
+        f"wrote {files} and {MANIFEST_NAME} to {args.out}; largest difference to PyTorch {worst:.1e} "
         f"({relative:.1e} of the values' scale)"
     )
     return 0

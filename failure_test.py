@@ -1,7 +1,7 @@
 """Where does the model fail? A gallery of the test samples it gets wrong at every reasonable threshold.
 
     python failure_test.py                          # CIDAS/clipseg-rd64-refined on the PhraseCut test split
-    python failure_test.py --name demo --data synthetic
+    python failure_test.py --name demo --data synthetic          # the run checkpoints/demo (= --model demo)
     python failure_test.py --model my_model/ --split val --limit 500 --out failure_cases/val
 
 A sample is a failure when its IoU stays below 0.5 at all five thresholds 0.1, 0.2, 0.3, 0.4, 0.5 (probability
@@ -9,11 +9,15 @@ A sample is a failure when its IoU stays below 0.5 at all five thresholds 0.1, 0
 bilinearly to the image size. For every failure, `--out` (default `failure_cases/`, created if missing) gets one
 PNG panel named after the task id (image, ground truth overlay, probability heat map, the five binary masks with
 their IoU, the phrase as title); `index.html` is a gallery of all panels sorted by best IoU (worst first) and
-`failures.csv` lists the same cases. Panels of an earlier run that are no longer failures are removed.
+`failures.csv` lists the same cases. Panels of an earlier run that are no longer failures are removed. The model
+runs in fp32 unless `--precision` asks for another (clipseg/precision.py).
 
 `--out` is checked before the model is loaded. Exit status: 0 done; 2 a model, data set, option or `--out` that
 cannot be used, or a model whose output is not finite; 1 nothing could be scored, or a file could not be written
 (the gallery of the cases found so far is still written when it can be).
+
+Under torchrun (README "Scale out") every rank searches its share of the images and writes their panels; rank 0
+writes failures.csv and index.html for all ranks' cases, the same as one process.
 
 This command parses the flags and reports; the search, the panels, failures.csv and the gallery are
 clipseg/failures.py, loading the model and the data clipseg/loading.py.
@@ -26,14 +30,30 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipseg.cli import BAD_INPUT, NOTHING_DONE, add_data_arguments, add_model_arguments, check_common_arguments, stop
-from clipseg.failures import FAILURE_IOU, INDEX_NAME, FailureSearch, find_failures, previous_panels, write_gallery
-from clipseg.loading import LoadError, build_eval_dataset, input_side, load_model, resolve_model
+from clipseg.cli import (
+    BAD_INPUT,
+    NOTHING_DONE,
+    add_data_arguments,
+    add_scoring_arguments,
+    check_common_arguments,
+    model_source,
+    output_folder,
+    stop,
+)
+from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job, in_turn
+from clipseg.failures import (
+    FAILURE_IOU,
+    INDEX_NAME,
+    FailureSearch,
+    find_failures,
+    merge_search,
+    previous_panels,
+    write_gallery,
+)
+from clipseg.loading import LoadError, build_eval_dataset, input_side, load_model
 from clipseg.outputs import UnwritableOutput, check_writable
 from clipseg.samples import SkipLog
 from clipseg.transforms import NonFiniteOutput
-
-DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 
 
 def write_reports(search: FailureSearch, out: Path, model_name: str, split: str, interrupted: bool) -> str | None:
@@ -55,18 +75,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--name",
         default=None,
-        help=f"a run: loads checkpoints/NAME (default without --name or --model: {DEFAULT_MODEL})",
+        metavar="MODEL",
+        help="the same as --model, the older form: --name demo analyses the run checkpoints/demo",
     )
-    add_model_arguments(parser)
-    parser.set_defaults(model=None)
+    add_scoring_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument(
-        "--out", default="failure_cases", help="output folder, created if missing (default %(default)s)"
+        "--out",
+        type=output_folder,
+        default="failure_cases",
+        metavar="DIR",
+        help="folder of the panels, index.html and failures.csv, created if missing (default %(default)s)",
     )
     args = parser.parse_args(argv)
+    if args.name is not None and args.model is not None:
+        parser.error(f"give the model once: --name ({args.name}) or --model ({args.model})")
+    args.model = args.model or args.name
     check_common_arguments(parser, args)
-    if args.name is None and args.model is None:
-        args.model = DEFAULT_MODEL
     return args
 
 
@@ -74,18 +99,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """The CLI. Returns {"out", "n_samples", "n_failures", "cases", "skipped"}; stops with a message and the exit
     status of the module docstring otherwise."""
     args = parse_args(argv)
-    out = Path(args.out)
+    try:
+        with distributed_job(args.device) as (world, device):  # one rank of a torchrun job, or rank 0 of 1
+            args.device = str(device)
+            return find(args, world)
+    except JobError as err:  # a device that is not there; ranks started differently
+        stop(str(err))
+
+
+def check_out(out: Path) -> None:
     try:
         check_writable(out, folder=True)
     except UnwritableOutput as err:
         stop(f"--out: {err}")
+
+
+def find(args: argparse.Namespace, world: Distributed) -> dict:
+    """failure_test.py's work on this rank: the panels of its images; the reports (every rank's cases) by rank 0."""
+    out = Path(args.out)
+    in_turn(world, lambda: check_out(out))  # one rank at a time: probes of a shared folder
     try:
-        source, _ = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
+        source, _ = model_source(args)
         model = load_model(source, args.backbone, args.device, args.precision)
         image_size = input_side(model, args.image_size)
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except LoadError as err:
         stop(str(err))
+    flags = {key: getattr(args, key) for key in ("split", "limit", "image_size", "precision", "resize", "batch_size")}
+    check_same_job(world, model, flags, (data.task_info(index).task_id for index in range(len(data))))
     out.mkdir(parents=True, exist_ok=True)
     stale = previous_panels(out)
     search, interrupted, failure = FailureSearch([], 0, SkipLog()), False, None
@@ -98,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             num_workers=args.num_workers,
             precision=args.precision,
             search=search,
+            world=world,
         )
+        search = merge_search(search, world)  # every rank's cases, on every rank
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -107,13 +150,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except OSError as err:
         failure = (f"stopped after {search.n_samples} samples: cannot write a panel: {err}", NOTHING_DONE)
     finally:
-        unsaved = write_reports(search, out, args.name or source, args.split, interrupted)
+        unsaved = write_reports(search, out, source, args.split, interrupted) if world.is_main else None
     if failure is not None:
         message, code = failure
         stop(message + (f"; {unsaved}" if unsaved else ""), code)
     if unsaved:
         stop(unsaved, NOTHING_DONE)
-    for name in stale - {case.panel for case in search.cases}:
+    for name in stale - {case.panel for case in search.cases} if world.is_main else ():
         (out / name).unlink(missing_ok=True)
     if not search.n_samples:
         stop(f"no sample could be scored ({len(search.skips.reasons)} skipped); see {out / INDEX_NAME}", NOTHING_DONE)

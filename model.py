@@ -20,7 +20,6 @@ checkpoint files: `clipseg/weights.py`); the tokenizer is OpenAI's (`clipseg/tok
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from collections import OrderedDict
@@ -36,6 +35,16 @@ from torch import Tensor, nn
 from clipseg.baselines import DEFAULT_VIT, DeconvDecoder, ViTSegDecoder, tiny_vit_config, vit_blocks, vit_name
 from clipseg.config import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSegConfig, random_clip_config, tiny_config
 from clipseg.decoder import CLIPSegDecoder
+from clipseg.frozen_clip import (
+    Scratch,
+    can_run_frozen,
+    low_precision,
+    patch_embedding,
+    resized_positions,
+    run_clip_block,
+    run_frozen_block,
+    run_frozen_text,
+)
 from clipseg.outputs import atomic_write, write_text
 from clipseg.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from clipseg.weights import (
@@ -134,6 +143,7 @@ class CLIPSeg(nn.Module):
         self.decoder = self.build_decoder(config)
         self._tokenizer = None
         self.text_cache: dict[str, Tensor] | None = None  # phrase -> (512,) text embedding, when enabled
+        self._positions: tuple | None = None  # (grid and table version, position embeddings): `_position_embedding`
 
     # -- construction and weights --------------------------------------------------------------------
 
@@ -303,7 +313,11 @@ class CLIPSeg(nn.Module):
         device = self.clip.text_projection.weight.device
         input_ids = input_ids.to(device)
         mask = attention_mask.to(device) if attention_mask is not None else None
-        hidden = self.clip.text_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        text, dtype = self.clip.text_model, low_precision(input_ids)
+        if dtype is not None and all(can_run_frozen(layer) for layer in text.encoder.layers):
+            hidden = run_frozen_text(text, input_ids, mask, dtype)  # bf16: from bf16 copies of the weights
+        else:
+            hidden = text(input_ids=input_ids, attention_mask=mask).last_hidden_state
         pooled = hidden[torch.arange(hidden.shape[0], device=device), input_ids.argmax(dim=-1)]
         return self.clip.text_projection(pooled)
 
@@ -439,43 +453,36 @@ class CLIPSeg(nn.Module):
         """Run CLIP's vision blocks 0..stop_after (all when None) on any (H, W) multiple of the patch size.
 
         Returns the last hidden state, the activations after each extracted block, and the patch grid."""
-        vision = self.clip.vision_model
-        self.check_pixels(pixel_values)
-        weight = vision.embeddings.patch_embedding.weight
-        patches = vision.embeddings.patch_embedding(pixel_values.to(weight.device, weight.dtype))
-        grid = (patches.shape[-2], patches.shape[-1])
+        vision, grid = self.clip.vision_model, self.check_pixels(pixel_values)
+        conv = vision.embeddings.patch_embedding
+        pixel_values = pixel_values.to(conv.weight.device, conv.weight.dtype)
+        dtype = low_precision(pixel_values)  # bf16: the products from bf16 copies of the weights, made once
+        patches = patch_embedding(conv, pixel_values, dtype)
         cls_token = vision.embeddings.class_embedding.expand(patches.shape[0], 1, -1).to(patches.dtype)
-        x = torch.cat([cls_token, patches.flatten(2).transpose(1, 2)], dim=1)
+        x = torch.cat([cls_token, patches], dim=1)
         x = vision.pre_layrnorm(x + self._position_embedding(grid).to(x.dtype))
         layers = vision.encoder.layers
         last = len(layers) - 1 if stop_after is None else stop_after
         wanted = set(self.config.extract_layers)
-        activations = []
+        activations, scratch = [], Scratch()
         for i in range(last + 1):
-            x = _run_clip_block(layers[i], x)
+            frozen = can_run_frozen(layers[i])
+            x = run_frozen_block(layers[i], x, dtype, scratch) if frozen else run_clip_block(layers[i], x)
             if i in wanted:
                 activations.append(x)
         return x, activations, grid
 
     def _position_embedding(self, grid: tuple[int, int]) -> Tensor:
-        """CLIP's position embeddings, the patch part resized bicubically to `grid`: (1, 1 + h*w, width)."""
+        """CLIP's position embeddings, the patch part resized bicubically to `grid`: (1, 1 + h*w, width). Those of
+        the last grid are kept (remade when the table changes), except while the model is traced for an export (the
+        grid is symbolic there) or when the table takes gradients."""
         table = self.clip.vision_model.embeddings.position_embedding.weight
-        side = math.isqrt(table.shape[0] - 1)
-        cls_pos, patch_pos = table[:1], table[1:]
-        if grid != (side, side):
-            patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
-            patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
-        return torch.cat([cls_pos, patch_pos])[None]
-
-
-def _run_clip_block(layer: nn.Module, x: Tensor) -> Tensor:
-    """One `CLIPEncoderLayer` without masks (transformers 5 returns a tensor, 4.x a tuple with a causal mask)."""
-    out = layer(x, None) if _TRANSFORMERS_MAJOR >= 5 else layer(x, None, None)
-    return out[0] if isinstance(out, tuple) else out
-
-
-_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or (torch.is_grad_enabled() and table.requires_grad):
+            return resized_positions(table, grid)
+        key = (grid, table.data_ptr(), table._version, table.device)
+        if self._positions is None or self._positions[0] != key:
+            self._positions = (key, resized_positions(table, grid))
+        return self._positions[1]
 
 
 # ------------------------------------------------------------------------------------- the paper's baselines

@@ -3,94 +3,76 @@
     python predict.py photos/ --prompt "a cat" --prompt "the sofa" --out predictions
     python predict.py room.jpg --visual-prompt support.jpg:support_mask.png --threshold 0.4
     python predict.py photos/ --prompt "a cat" --precision int8          # fp32, bf16 or int8 (clipseg/precision.py)
+    python predict.py photos/ --prompt "a cat" --model demo --checkpoint best   # a run of train.py
     python predict.py photos/ --prompt "a cat" --backend onnx --model exported/   # graphs from export.py
 
 For each image and prompt this writes, under `--out/<image>/`, the probability map (`<prompt>.prob.png`, 8- or
 16-bit grayscale), the binary mask (`<prompt>.mask.png`, 0/255, probability > threshold) and an overlay
 (`<prompt>.overlay.png`); with several prompts also one combined `overlay.png` (a colour per prompt, legend).
 `summary.json` lists, per image and prompt, the mask's area fraction, the maximum probability and the files.
-All maps are at the original image resolution.
+All maps are at the original image resolution. `<image>` is the image's file name (its whole path as given when
+there are several inputs). Each image's line of `summary.jsonl` is written as soon as its files are, so a run cut
+short keeps what it did: `--resume` skips the images that are complete and redoes the rest.
+
+Folders are walked as a stream (never listed whole), so a folder of millions of images costs no memory. Under
+torchrun (`torchrun --nproc_per_node=N predict.py photos/ ...`, README "Scale out") every rank segments its share
+of the images (a stable hash of the path: a rerun gives each rank the same images) and rank 0 merges the summaries.
 
 Geometry: by default the image keeps its aspect ratio. It is resized so that its short side is `--image-size`
 (the model's training size, 352 for the released weights) and both sides are multiples of 16; the long side is
 capped at 3x the short side (more elongated images are squashed to 3:1). `--square` squashes every image to
 S x S as the reference implementations do. Logits are resized bilinearly to the original size, then sigmoid.
 
-This command reads the flags, collects the images, runs them through the library and reports: the Python API
-(encode once, prompt many times) is `clipseg.predictor.Predictor`; the files and summary entries come from
-clipseg/prediction_outputs.py, the pictures from clipseg/drawing.py.
+Precision: without `--precision`, the fastest that keeps fp32's masks on this class of CPU (bf16 with AMX, int8
+with VNNI but no AMX, else fp32; clipseg/precision.py). Exit status: 0 at least one image processed; 1 none could be
+(unreadable inputs are reported and skipped), or the summary could not be written; 2 an option, output path, model
+or visual prompt that cannot be used, or a model whose output is NaN or infinite.
+
+This command reads the flags, runs the images through the library and reports: the Python API (encode once, prompt
+many times) is `clipseg.predictor.Predictor`; the walk, the summaries and resuming are clipseg/folder_prediction.py
+and clipseg/folders.py; the files and summary entries come from clipseg/prediction_outputs.py, the pictures from
+clipseg/drawing.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import stat
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
-from tqdm import tqdm
 
-from clipseg.images import UnreadableImage, open_rgb
-from clipseg.onnx.backend import OnnxBackendError, OnnxCLIPSeg
-from clipseg.outputs import UnwritableOutput, check_writable, json_text, printable, write_text
-from clipseg.precision import PRECISIONS, add_precision_arguments, resolve_precision
-from clipseg.prediction_outputs import (
-    Prompt,
-    build_prompts,
-    image_output_names,
-    image_summary,
-    merge_duplicates,
-    write_image_outputs,
+from clipseg.cli import (
+    BAD_INPUT,
+    NOTHING_DONE,
+    add_model_flags,
+    add_precision_flags,
+    check_precision_flags,
+    model_source,
+    output_folder,
 )
+from clipseg.distributed import Distributed, JobError, distributed_job, in_turn
+from clipseg.folder_prediction import (
+    FolderOptions,
+    FolderRun,
+    ResumeMismatch,
+    check_same_predictor,
+    finish_folder,
+    predict_folder,
+    summarise_unreadable,
+)
+from clipseg.folders import unreadable_entry
+from clipseg.images import UnreadableImage
+from clipseg.loading import LoadError, load_model
+from clipseg.onnx.backend import OnnxBackendError, OnnxCLIPSeg
+from clipseg.outputs import UnwritableOutput, check_writable, printable
+from clipseg.precision import PRECISIONS
+from clipseg.prediction_outputs import build_prompts, merge_duplicates
 from clipseg.predictor import Predictor
-from clipseg.transforms import MAX_ELONGATION, RESIZE_RULES, NonFiniteOutput
+from clipseg.transforms import MAX_ELONGATION, RESIZE_RULES
 from model import CLIPSeg
-
-DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[dict]]:
-    """Files as given and the image files (by suffix, sorted, not recursive) of folders. Inputs and folder entries
-    that cannot be read (missing, a symlink loop, a broken link, no permission, not a regular file) and folders
-    without images become error entries. Duplicates are dropped."""
-    paths, errors, seen = [], [], set()
-    for item in inputs:
-        path, files = Path(item), [Path(item)]
-        if path.is_dir():
-            try:
-                files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            except OSError as err:
-                files = []
-                errors.append({"image": str(path), "error": f"cannot list the folder ({err.strerror or err})"})
-            else:
-                if not files:
-                    errors.append({"image": str(path), "error": f"folder has no images ({', '.join(IMAGE_SUFFIXES)})"})
-        for file in files:
-            problem = unreadable_entry(file)
-            if problem:
-                errors.append({"image": str(file), "error": problem})
-            elif file.resolve() not in seen:
-                seen.add(file.resolve())
-                paths.append(file)
-    return paths, errors
-
-
-def unreadable_entry(path: Path) -> str | None:
-    """Why `path` cannot be read as an image file, or None for a regular file."""
-    try:
-        if stat.S_ISREG(path.stat().st_mode):
-            return None
-        return "not a regular file"
-    except FileNotFoundError:
-        return "file not found" if not path.is_symlink() else "broken symbolic link"
-    except OSError as err:
-        return f"cannot read ({err.strerror or err})"
 
 
 def parse_support(spec: str) -> tuple[Path, Path]:
@@ -126,30 +108,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "half the mask's maximum), engineered as in the paper (crop + blur + 10%% background); repeat for several",
     )
     parser.add_argument(
-        "--model",
-        default=None,
-        help="HF hub id or checkpoint directory, or an original .pth decoder (on openai/clip-vit-base-patch16); "
-        f"default {DEFAULT_MODEL}. With --backend onnx: the folder export.py wrote",
-    )
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="a model inside the --model directory, e.g. best or iter_005000 of a train.py run "
-        "(--model checkpoints/NAME --checkpoint best)",
-    )
-    parser.add_argument(
-        "--backbone",
-        default=None,
-        help="CLIP backbone (hub id or directory) for an original .pth decoder (default openai/clip-vit-base-patch16)",
-    )
-    parser.add_argument(
         "--threshold",
         type=float,
         default=0.3,
         help="a pixel is in the mask iff probability > this (default 0.3, the paper's)",
     )
     parser.add_argument(
-        "--out", default="predictions", help="output folder, one subfolder per image (default predictions)"
+        "--out",
+        type=output_folder,
+        default="predictions",
+        metavar="DIR",
+        help="output folder, one subfolder per image (default predictions)",
     )
     parser.add_argument(
         "--image-size",
@@ -182,6 +151,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="images read and encoded together; those of one inference size share a forward pass (default 4)",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run cut short into the same --out: images whose files and summary line are complete are "
+        "skipped, the rest (a half-written image too) done again",
+    )
+    parser.add_argument(
         "--summary", default=None, help="where to write the JSON summary ('-' = stdout; default OUT/summary.json)"
     )
     parser.add_argument(
@@ -189,7 +164,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu; the ONNX backend: cpu)",
     )
-    add_precision_arguments(parser)
+    add_precision_flags(parser, "predict")
     parser.add_argument(
         "--backend",
         choices=("torch", "onnx"),
@@ -197,6 +172,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="torch: run the model in PyTorch (default); onnx: run the graphs export.py wrote to the folder given "
         "as --model in onnxruntime (CPU, fp32; pip install -r requirements-export.txt)",
     )
+    add_model_flags(parser)
     args = parser.parse_args(argv)
     if not args.prompt and not args.visual_prompt:
         parser.error("give at least one --prompt or --visual-prompt")
@@ -213,76 +189,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def check_backend_and_precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fill in --model and --device for the backend and resolve --precision/--amp to the precision that will run
+    """Fill in --device for the backend and resolve --precision/--amp to the precision that will run
     (`args.precision`); combinations that cannot run are usage errors that say what to change."""
     onnx = args.backend == "onnx"
     if onnx and args.model is None:
         parser.error("--backend onnx needs --model EXPORT_DIR: the folder `python export.py MODEL EXPORT_DIR` wrote")
     if onnx and args.checkpoint:
         parser.error("--checkpoint picks a PyTorch checkpoint; with --backend onnx give the export folder as --model")
-    args.model = args.model or DEFAULT_MODEL
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not onnx else "cpu")
     if onnx and torch.device(args.device).type != "cpu":
         parser.error(f"--backend onnx runs on the CPU (onnxruntime), not on --device {args.device}")
     if onnx and (args.amp or args.precision not in (None, "fp32")):
         asked = "--amp" if args.amp else f"--precision {args.precision}"
         parser.error(f"--backend onnx runs the fp32 graphs export.py wrote; {asked} is for --backend torch")
-    try:
-        args.precision = resolve_precision(args.precision, args.device, args.amp, ("fp32",) if onnx else PRECISIONS)
-    except ValueError as err:
-        parser.error(str(err))
-    args.amp = False  # folded into args.precision
-
-
-@dataclass
-class Run:
-    """What a CLI run has done so far: the summary's image entries and the skipped inputs."""
-
-    images: list[dict] = field(default_factory=list)
-    errors: list[dict] = field(default_factory=list)
-    merged_prompts: list[dict] = field(default_factory=list)
-    interrupted: bool = False
-    stopped: str | None = None  # why the run ended before its last image
-
-    def skip(self, image: Path | str, reason: str) -> None:
-        tqdm.write(f"skipped {image}: {reason}", file=sys.stderr)
-        self.errors.append({"image": str(image), "error": reason})
-
-
-def process(
-    predictor: Predictor,
-    conditional: Tensor,
-    paths: Sequence[Path],
-    prompts: Sequence[Prompt],
-    args: argparse.Namespace,
-    run: Run,
-) -> None:
-    """Read, segment and write every image, `batch_size` at a time; images that cannot be read, or whose outputs
-    cannot be written, are reported and skipped. NaN or infinite model outputs raise `NonFiniteOutput`."""
-    names = image_output_names(paths)
-    progress = tqdm(total=len(paths), unit="image", disable=len(paths) <= 1, file=sys.stderr)
-    for start in range(0, len(paths), args.batch_size):
-        loaded = []
-        for path, name in zip(paths[start : start + args.batch_size], names[start : start + args.batch_size]):
-            try:
-                loaded.append((path, name, open_rgb(path)))
-            except UnreadableImage as err:
-                run.skip(path, err.reason)
-                progress.update(1)
-        images = [image for _, _, image in loaded]
-        all_probs = predictor.predict_batch(images, conditional=conditional, batch_size=args.batch_size)
-        for (path, name, image), probs in zip(loaded, all_probs):
-            folder = Path(args.out) / name
-            try:
-                entry = write_image_outputs(image, probs, prompts, folder, args.threshold, args.prob_bits)
-            except OSError as err:
-                run.skip(path, f"cannot write its outputs ({err})")
-            else:
-                size = predictor.transform.input_size(*image.size)
-                summary = image_summary(str(path), image.size, size, entry["prompts"])
-                run.images.append(summary | {"overlay": entry["overlay"]})
-            progress.update(1)
-    progress.close()
+    check_precision_flags(parser, args, "predict", ("fp32",) if onnx else PRECISIONS)
 
 
 def check_outputs(args: argparse.Namespace) -> str | None:
@@ -296,75 +216,57 @@ def check_outputs(args: argparse.Namespace) -> str | None:
     return None
 
 
-def write_summary(run: Run, args: argparse.Namespace, image_size: int | None) -> str | None:
-    """Write the JSON summary (atomically) to `--summary` or OUT/summary.json, or print it for '-'. Returns where it
-    went; None when it could not be written (it is then printed to stdout, so nothing is lost)."""
-    summary = {
-        "model": args.model,
-        "backend": args.backend,
-        "precision": args.precision,
-        "threshold": args.threshold,
-        "square": args.square,
-        "image_size": image_size,
-        "processed": len(run.images),
-        "skipped": len(run.errors),
-        "interrupted": run.interrupted,
-        "stopped": run.stopped,
-        "merged_prompts": run.merged_prompts,
-        "images": run.images,
-        "errors": run.errors,
-    }
-    destination = args.summary or str(Path(args.out) / "summary.json")
-    text = json_text(summary, indent=2, ensure_ascii=False)
-    if destination == "-":
-        print(text)
-        return "stdout"
-    try:
-        write_text(destination, text + "\n")
-    except OSError as err:
-        print(f"error: cannot write the summary ({err}); here it is instead:", file=sys.stderr)
-        print(text)
-        return None
-    return destination
+def load(args: argparse.Namespace) -> CLIPSeg | OnnxCLIPSeg:
+    """The model --model names (`clipseg.cli.model_source`), or with --backend onnx the export folder it names.
+    Raises LoadError or OnnxBackendError with the reason."""
+    if args.backend == "onnx":
+        return OnnxCLIPSeg(args.model)
+    source, _ = model_source(args)
+    args.model = source  # as the summary records it
+    return load_model(source, args.backbone, args.device, args.precision)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI. Returns 0 when at least one image was processed, 1 when none could be (or the summary could not be
-    written), 2 for an output path, model or visual-prompt file that cannot be used or a model whose output is not
-    finite."""
+    written), 2 for an output path, model or visual-prompt file that cannot be used, a model whose output is not
+    finite, or ranks of a torchrun job started differently."""
     args = parse_args(argv)
-    unwritable = check_outputs(args)
-    if unwritable:
-        print(f"error: {unwritable}", file=sys.stderr)
-        return 2
     prompts, merged = merge_duplicates(build_prompts(args.prompt, args.visual_prompt))
-    paths, input_errors = collect_images(args.inputs)
-    run = Run(errors=input_errors, merged_prompts=merged)
     for entry in merged:
         note = f"note: prompt {printable(entry['prompt'], 60)!r} given {entry['times']} times: segmented once"
         print(note, file=sys.stderr)
-    for error in input_errors:
-        print(f"skipped {error['image']}: {error['error']}", file=sys.stderr)
-    if not paths:
-        write_summary(run, args, args.image_size)
-        print("error: no readable input images", file=sys.stderr)
-        return 1
     try:
-        source = str(Path(args.model) / args.checkpoint) if args.checkpoint else args.model
-        if args.backend == "onnx":
-            model = OnnxCLIPSeg(args.model)
-        else:
-            model = CLIPSeg.from_pretrained(source, backbone=args.backbone)
-    except (OSError, ValueError, OnnxBackendError) as err:
-        print(f"error: cannot load --model {args.model}: {err}", file=sys.stderr)
-        return 2
+        with distributed_job(args.device) as (world, device):  # one rank of a torchrun job, or rank 0 of 1
+            args.device = str(device)
+            return segment(args, prompts, merged, world)
+    except (JobError, ResumeMismatch) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return BAD_INPUT
+
+
+def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: Distributed) -> int:
+    """Load the model and the prompts, segment this rank's images, report (rank 0); main's exit status."""
+    unwritable = in_turn(world, lambda: check_outputs(args))  # one rank at a time: probes of a shared folder
+    if unwritable:
+        print(f"error: {unwritable}", file=sys.stderr)
+        return BAD_INPUT
+    unreadable = {item: unreadable_entry(item) for item in args.inputs if not Path(item).is_dir()}
+    if all(unreadable.get(item) for item in args.inputs):  # nothing to walk: said before any model is loaded
+        for item, problem in unreadable.items():
+            print(f"skipped {item}: {problem}", file=sys.stderr)
+        if world.is_main:
+            header = {key: getattr(args, key) for key in ("model", "backend", "precision", "threshold", "square")}
+            header |= {"image_size": args.image_size, "interrupted": False, "merged_prompts": merged}
+            summarise_unreadable(Path(args.out), header, unreadable, args.summary)
+        print("error: no readable input images", file=sys.stderr)
+        return NOTHING_DONE
     try:
         predictor = Predictor(
-            model, args.image_size, args.square, args.device, resize=args.resize, precision=args.precision
+            load(args), args.image_size, args.square, args.device, resize=args.resize, precision=args.precision
         )
-    except ValueError as err:
+    except (LoadError, OnnxBackendError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     try:
         conditional = predictor.embed_prompts(
             phrases=[p.text for p in prompts if p.kind == "text"],
@@ -372,21 +274,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (UnreadableImage, ValueError) as err:
         print(f"error: --visual-prompt: {err}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
+    header = {
+        "model": args.model,
+        "backend": args.backend,
+        "precision": args.precision,
+        "threshold": args.threshold,
+        "square": args.square,
+        "image_size": predictor.transform.size,
+        "interrupted": False,
+        "merged_prompts": merged,
+    }
+    settings = {key: header[key] for key in ("model", "backend", "precision", "square", "image_size")}
+    options = FolderOptions(Path(args.out), args.threshold, args.prob_bits, args.batch_size, args.resume, settings)
+    check_same_predictor(world, predictor, prompts, options, args.inputs)
     try:
-        process(predictor, conditional, paths, prompts, args, run)
+        run = predict_folder(predictor, conditional, prompts, args.inputs, options, world)
     except KeyboardInterrupt:
-        run.interrupted = True
+        if not world.enabled:  # the lines written so far, summarised; a torchrun job resumes with --resume
+            finish_folder(FolderRun(), world, options.out, header | {"interrupted": True}, args.summary)
         raise
-    except NonFiniteOutput as err:
-        run.stopped = f"stopped after {len(run.images)} image(s): {err}"
-    finally:
-        written = write_summary(run, args, predictor.transform.size)
-    print(f"processed {len(run.images)} image(s), skipped {len(run.errors)}; summary: {written}", file=sys.stderr)
-    if run.stopped:
-        print(f"error: {run.stopped}", file=sys.stderr)
-        return 2
-    return 0 if run.images and written else 1
+    job = finish_folder(run, world, options.out, header, args.summary)
+    if not world.is_main:
+        return BAD_INPUT if job["stopped"] else 0
+    resumed = f" ({run.reused} done before, on this rank)" if args.resume else ""
+    print(
+        f"processed {job['processed']} image(s){resumed}, skipped {job['skipped']}; summary: {job['summary']}",
+        file=sys.stderr,
+    )
+    if job["stopped"]:
+        print(f"error: {job['stopped']}", file=sys.stderr)
+        return BAD_INPUT
+    if not job["processed"]:
+        print("error: no readable input images", file=sys.stderr)
+    return 0 if job["processed"] and job["summary"] else NOTHING_DONE
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Score a CLIPSeg model on a PhraseCut-format split: the paper's metrics and PhraseCut's official ones.
 
     python score.py pc                                    # checkpoints/pc on the PhraseCut test split
-    python score.py --model CIDAS/clipseg-rd64-refined    # the released weights (hub id, directory or .pth)
+    python score.py --model CIDAS/clipseg-rd64-refined    # the released weights (the default model)
+    python score.py --model pc --checkpoint best          # any model: run name, directory, hub id or .pth
     python score.py demo --data synthetic --shuffle-prompts
     python score.py demo --data pascal5i --data-root synthetic_voc    # one-/zero-shot: README, "Benchmarks"
 
@@ -11,12 +12,17 @@ counts at the 49 thresholds 0.02 .. 0.98, reported at t = 0.3 and at the best th
 the original's rule (`--resize original`). PhraseCut's official metrics (mean IoU, cumulative IoU, accuracy at
 IoU > 0.5 .. 0.9, per subset) are computed at the original resolution against its own ground truth (PIL fill +
 outline): logits resized bilinearly to the image size, then probability > `--threshold`. Results go to
-`checkpoints/NAME/scores_<split>.json` (or `--out`); skipped samples are counted and listed there and in the
-printed table, never dropped silently.
+`<out>/scores_<split>.json`, `--out` being the run's folder (`checkpoints/NAME/`, or the model directory) unless
+given, `scores/<model>/` for hub ids and .pth files; skipped samples are counted and listed there and in the
+printed table, never dropped silently. Precision: fp32 unless `--precision` asks for another (clipseg/precision.py).
 
 The output paths are checked before the model is loaded, and the table is printed before the JSON is written.
 Exit status: 0 scored; 2 a model, data set, option or output path that cannot be used (before any scoring), or a
 model whose output is not finite; 1 nothing could be scored, or the results could not be written.
+
+Under torchrun (`torchrun --nproc_per_node=N score.py ...`, README "Scale out") every rank scores its share of the
+images, the metrics are merged exactly, each rank writes its own prediction PNGs and rank 0 prints the table and
+writes the JSON: the same results as one process.
 
 This command parses the flags and reports: models and data are loaded by clipseg/loading.py, the scoring and its
 table are clipseg/scoring.py, the one-shot and zero-shot runs clipseg/benchmarks/runs.py.
@@ -33,15 +39,25 @@ from pathlib import Path
 import numpy as np
 
 from clipseg.benchmarks import runs as fewshot_runs
-from clipseg.cli import NOTHING_DONE, add_data_arguments, add_model_arguments, check_common_arguments, stop
+from clipseg.cli import (
+    NOTHING_DONE,
+    add_data_arguments,
+    add_renamed_flag,
+    add_scoring_arguments,
+    check_common_arguments,
+    model_source,
+    output_folder,
+    stop,
+)
+from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job, in_turn
 from clipseg.loading import (
     DATA_KINDS,
+    DEFAULT_MODEL,
     LoadError,
     build_eval_dataset,
     default_data_root,
     input_side,
     load_model,
-    resolve_model,
 )
 from clipseg.metrics import PAPER_THRESHOLDS
 from clipseg.outputs import UnwritableOutput, check_writable, safe_name, write_json
@@ -50,14 +66,16 @@ from clipseg.transforms import NonFiniteOutput
 from model import CLIPSeg
 
 
-def default_output(run_dir: Path | None, model: str, split: str, shuffled: bool, limit: int | None = None) -> Path:
-    """checkpoints/NAME/scores_<split>.json (or a model directory); scores/<model>_<split>.json for hub ids
-    and .pth files. Partial (--limit) and shuffled-prompt runs get their own files so they never overwrite the
-    full scores."""
-    suffix = (f"_first{limit}" if limit else "") + ("_shuffled" if shuffled else "")
-    if run_dir is not None:
-        return run_dir / f"scores_{split}{suffix}.json"
-    return Path("scores") / f"{safe_name(model.lower())}_{split}{suffix}.json"
+def default_folder(run_dir: Path | None, model: str) -> Path:
+    """Where the scores go without --out: the run's folder (or the model directory); scores/<model>/ for hub ids
+    and .pth files."""
+    return run_dir if run_dir is not None else Path("scores") / safe_name(model.lower())
+
+
+def scores_name(split: str, shuffled: bool, limit: int | None = None) -> str:
+    """scores_<split>.json; partial (--limit) and shuffled-prompt runs get their own files so they never overwrite
+    the full scores."""
+    return f"scores_{split}" + (f"_first{limit}" if limit else "") + ("_shuffled" if shuffled else "") + ".json"
 
 
 def check_outputs(out: Path, save_dir: Path | None) -> None:
@@ -80,30 +98,35 @@ def save_results(out: Path, results: dict) -> None:
 
 
 def benchmark_model(args: argparse.Namespace, fold: int | None) -> tuple[CLIPSeg, str]:
-    """The model of a benchmark run (of `fold`, for a run name with "{fold}") and where it came from."""
-    name = args.name.replace("{fold}", str(fold)) if args.name and fold is not None else args.name
+    """The model of a benchmark run (of `fold`, for a model with "{fold}") and where it came from."""
+    per_fold = fold is not None and fewshot_runs.FOLD_FIELD in args.model
+    model = args.model.replace(fewshot_runs.FOLD_FIELD, str(fold)) if per_fold else args.model
     try:
-        source, _ = resolve_model(name, args.model, Path(args.checkpoints_dir), args.checkpoint)
+        source, _ = model_source(argparse.Namespace(**{**vars(args), "model": model}))
         return load_model(source, args.backbone, args.device, args.precision), source
     except LoadError as err:
         stop(str(err))
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
+def run_benchmark(args: argparse.Namespace, world: Distributed) -> dict:
     """score.py's one-shot, zero-shot and visual-prompt runs (clipseg/benchmarks/runs.py): outputs checked, scores
     printed, then written."""
     if args.out:
-        out = Path(args.out)
-    else:  # named after the run, else after the model (resolved, not loaded)
+        folder = Path(args.out)
+    elif fewshot_runs.FOLD_FIELD in args.model:  # a model per fold: named after the runs
+        folder = default_folder(None, args.model)
+    else:  # the run's folder, else named after the model (resolved, not loaded)
         try:
-            model = args.name or resolve_model(None, args.model, Path(args.checkpoints_dir), args.checkpoint)[0]
+            source, run_dir = model_source(args)
+            folder = default_folder(run_dir, source)
         except LoadError as err:
             stop(str(err))
-        out = fewshot_runs.default_output(args, model)
-    check_outputs(out, Path(args.save_predictions) if args.save_predictions else None)
-    results = fewshot_runs.run(args, lambda fold: benchmark_model(args, fold))
-    print(format_table(results) if args.data in DATA_KINDS else fewshot_runs.format_results(results))
-    save_results(out, results)
+    out = folder / fewshot_runs.scores_name(args)
+    in_turn(world, lambda: check_outputs(out, Path(args.save_predictions) if args.save_predictions else None))
+    results = fewshot_runs.run(args, lambda fold: benchmark_model(args, fold), world)
+    if world.is_main:
+        print(format_table(results) if args.data in DATA_KINDS else fewshot_runs.format_results(results))
+        save_results(out, results)
     return results
 
 
@@ -113,8 +136,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "S x S, t = 0.3 and best t) and PhraseCut's official metrics (original resolution). Prints a table and "
         "writes a JSON file.",
     )
-    parser.add_argument("name", nargs="?", default=None, help="a run: loads checkpoints/NAME (see --checkpoints-dir)")
-    add_model_arguments(parser)
+    parser.add_argument(
+        "name",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="the same as --model, the older form: python score.py pc scores the run checkpoints/pc",
+    )
+    add_scoring_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument(
         "--threshold",
@@ -125,9 +154,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out",
+        type=output_folder,
         default=None,
-        help="JSON path (default: checkpoints/NAME/scores_<split>[_first<N>][_shuffled].json; for a hub id or "
-        ".pth: scores/<model>_<split>[...].json)",
+        metavar="DIR",
+        help="folder of the results, OUT/scores_<split>[_first<N>][_shuffled].json (default: the run's folder, "
+        "checkpoints/NAME, or the model directory; scores/<model> for a hub id or .pth)",
     )
     parser.add_argument(
         "--save-predictions",
@@ -142,15 +173,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "if the model uses the prompt",
     )
     fewshot_runs.add_arguments(parser)
+    add_renamed_flag(parser, "--prompt", "--prompt-kind", "visual or text; predict.py's --prompt is a text prompt")
+    add_renamed_flag(parser, "--splits", "--splits-dir")
     args = parser.parse_args(argv)
+    if args.name is not None and args.model is not None:
+        parser.error(f"give the model once: MODEL ({args.name}) or --model ({args.model})")
+    args.model = args.model or args.name or DEFAULT_MODEL
     check_common_arguments(parser, args)
     fewshot_runs.check_arguments(parser, args)
     if args.shuffle_prompts and fewshot_runs.handles(args):
         parser.error("--shuffle-prompts is for text prompts on PhraseCut-format data")
     if not np.isclose(PAPER_THRESHOLDS, args.threshold, rtol=0, atol=1e-9).any():
         parser.error(f"--threshold must be one of the paper's 0.02, 0.04, ..., 0.98, got {args.threshold}")
-    if args.name is None and args.model is None:
-        parser.error("give a run NAME (loads checkpoints/NAME) or --model HUB_ID_OR_DIR_OR_PTH")
     return args
 
 
@@ -159,15 +193,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for unusable input (before any scoring) or a model whose output is not finite, 1 when nothing was scored or
     the results could not be written (see the module docstring)."""
     args = parse_args(argv)
-    if fewshot_runs.handles(args):  # one-shot, zero-shot and visual-prompt benchmarks (clipseg/benchmarks/runs.py)
-        return run_benchmark(args)
     try:
-        source, run_dir = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
+        with distributed_job(args.device) as (world, device):  # one rank of a torchrun job, or rank 0 of 1
+            args.device = str(device)
+            return run(args, world)
+    except JobError as err:  # a device that is not there; ranks started differently
+        stop(str(err))
+
+
+def run(args: argparse.Namespace, world: Distributed) -> dict:
+    """score.py's work on this rank: results on every rank, printed and written by rank 0."""
+    if fewshot_runs.handles(args):  # one-shot, zero-shot and visual-prompt benchmarks (clipseg/benchmarks/runs.py)
+        return run_benchmark(args, world)
+    try:
+        source, run_dir = model_source(args)
     except LoadError as err:
         stop(str(err))
-    out = Path(args.out) if args.out else default_output(run_dir, source, args.split, args.shuffle_prompts, args.limit)
+    folder = Path(args.out) if args.out else default_folder(run_dir, source)
+    out = folder / scores_name(args.split, args.shuffle_prompts, args.limit)
     save_dir = Path(args.save_predictions) if args.save_predictions else None
-    check_outputs(out, save_dir)
+    in_turn(world, lambda: check_outputs(out, save_dir))  # one rank at a time: probes of a shared folder
     try:
         model = load_model(source, args.backbone, args.device, args.precision)
         image_size = input_side(model, args.image_size)
@@ -187,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "precision": args.precision,
         "resize": args.resize,
     }
+    flags = {key: value for key, value in settings.items() if key not in ("model", "data_root")}  # paths may differ
+    tasks = (data.task_info(index).task_id for index in range(len(data)))
+    check_same_job(world, model, {**flags, "batch_size": args.batch_size}, tasks)
     run, started = ScoreRun(threshold=args.threshold), time.perf_counter()
     try:
         score(
@@ -199,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             shuffle_prompts=args.shuffle_prompts,
             save_predictions=save_dir,
             run=run,
+            world=world,
         )
     except (ScoreError, NonFiniteOutput) as err:
         stop(f"scoring stopped after {run.n_samples} samples: {err}")
@@ -209,8 +258,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"interrupted after {run.n_samples} samples", file=sys.stderr)
         raise
     results = results_dict(run, settings, data, time.perf_counter() - started, False)
-    print(format_table(results))
-    save_results(out, results)
+    if world.is_main:
+        print(format_table(results))
+        save_results(out, results)
     if run.n_samples == 0:
         stop(f"no sample could be scored ({len(run.skips.reasons)} skipped); see {out}", NOTHING_DONE)
     return results

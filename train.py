@@ -10,7 +10,7 @@ own data, validation with a best model, exact resume, several GPUs.
     python -m clipseg.synthetic phrasecut --n-images=1500   # generated data for the CPU demo (`make demo`), then
     python train.py --name=demo --data=synthetic --backbone=tiny \
         --device=cpu --image-size=128 --batch-size=32 --max-iterations=4400 --ckpt=500 --num-workers=1 --refined \
-        --reduce-dim=64 --extract-layers=0,1,2 --lr=1.5e-3 --dropout=0 --whole-image-prob=0.5 --no-amp \
+        --reduce-dim=64 --extract-layers=0,1,2 --lr=1.5e-3 --dropout=0 --whole-image-prob=0.5 --precision=fp32 \
         --val-interval=1100 --val-samples=200 --prompts-per-image=2 --negative-prob=0.1
 
 Everything a run writes goes to `checkpoints/<name>/` (see clipseg/runs.py): `args.json`, the model
@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 import dataset as datasets
 from clipseg import runs
+from clipseg.cli import BAD_INPUT, NOTHING_DONE
 from clipseg.outputs import json_text
 from clipseg.runs import RunFiles
 from clipseg.sampling import (
@@ -54,8 +55,28 @@ from clipseg.training import Summary, TrainingLoop, Validation
 from model import TextCache
 
 
+class RunNotStarted(TrainingError):
+    """The run could not start: flags, data, a model, a run to resume or a run folder that cannot be used."""
+
+
 def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
-    """Run (or resume) the training described by `args`; `dataset` replaces the one --data names (tests)."""
+    """Run (or resume) the training described by `args`; `dataset` replaces the one --data names (tests). Raises
+    RunNotStarted when the run cannot start, TrainingError when it stops."""
+    try:
+        args, world, device, loop, loader = start(args, dataset)
+    except TrainingError as err:
+        raise RunNotStarted(str(err)) from err
+    try:
+        with batches_from(loader) as batches, threads_beside_workers(device, args.num_workers):
+            return loop.run(batches)
+    finally:
+        if world.enabled:
+            dist.destroy_process_group()
+
+
+def start(args: argparse.Namespace, dataset: Dataset | None) -> tuple:
+    """Set the run up: (args, stored ones on --resume; the process group; the device; the training loop, restored on
+    --resume; the batches' loader). Raises TrainingError when it cannot."""
     try:
         world, device = setup_distributed(args.device)
     except ValueError as err:
@@ -114,12 +135,7 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Summary:
             leftover.unlink()
     if loop.step >= args.max_iterations:
         print(f"{files.dir} is already at iteration {loop.step}: raise --max-iterations to train longer")
-    try:
-        with batches_from(loader) as batches, threads_beside_workers(device, args.num_workers):
-            return loop.run(batches)
-    finally:
-        if world.enabled:
-            dist.destroy_process_group()
+    return args, world, device, loop, loader
 
 
 def announce(args, model, dataset, world, device, dtype, start_step: int, validation: Validation | None) -> None:
@@ -129,7 +145,8 @@ def announce(args, model, dataset, world, device, dtype, start_step: int, valida
     print(
         f"{'resuming' if start_step else 'training'} {args.name} at iteration {start_step}/{args.max_iterations}: "
         f"{len(dataset)} training samples ({args.data}), {trainable:,} trainable parameters, batch {args.batch_size}"
-        f"{per_image} on {world.world_size} x {device}, amp {amp_description(args.amp, dtype, device)}"
+        f"{per_image} on {world.world_size} x {device}, precision "
+        f"{precision_description(args.precision, dtype, device)}"
         + (
             f"; validating {len(validation.tasks)} {args.val_split} tasks every {args.val_interval}"
             if validation
@@ -150,23 +167,27 @@ def removed_count(dataset: Dataset) -> int | None:
     return getattr(dataset, "removed", None)
 
 
-def amp_description(requested: bool, dtype: torch.dtype | None, device: torch.device) -> str:
+def precision_description(precision: str, dtype: torch.dtype | None, device: torch.device) -> str:
+    """What the training steps run in: mixed bf16 or fp16 where --precision bf16 has them, else fp32 (and why)."""
     if dtype is not None:
-        return str(dtype).removeprefix("torch.")
-    if not requested:
-        return "off"
+        return f"{precision} (mixed, {str(dtype).removeprefix('torch.')})"
+    if precision == "fp32":
+        return "fp32"
     if device.type == "cpu":
-        return "off (no native bf16 on this CPU: fp32 is faster)"
-    return f"off (no mixed precision on {device.type})"
+        return "fp32 (no native bf16 on this CPU: fp32 is faster)"
+    return f"fp32 (no mixed precision on {device.type})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: 0 trained (or nothing left to train); 2 bad flags or a run that cannot start (its data, model, run to
+    resume or run folder); 1 a run that stopped (a checkpoint that could not be written, a loss or validation that
+    is not finite); 130 stopped by Ctrl-C or SIGTERM after saving a checkpoint."""
     args = parse_args(argv)
     try:
         summary = train(args)
     except TrainingError as err:
         print(f"train.py: error: {err}", file=sys.stderr, flush=True)
-        return 1
+        return BAD_INPUT if isinstance(err, RunNotStarted) else NOTHING_DONE
     return 130 if summary.stopped_early else 0
 
 

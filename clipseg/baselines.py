@@ -113,6 +113,11 @@ def vit_name(key: str, legacy: bool) -> str:
     return key
 
 
+def vit_layers(vit: nn.Module) -> nn.ModuleList:
+    """The blocks of a `transformers.ViTModel`: `vit.layers` in transformers 5, `vit.encoder.layer` in 4.x."""
+    return vit.layers if hasattr(vit, "layers") else vit.encoder.layer
+
+
 def vit_blocks(
     vit: nn.Module, pixel_values: Tensor, native_side: int, extract_layers: Sequence[int], stop_after: int | None
 ) -> tuple[Tensor, list[Tensor]]:
@@ -127,7 +132,7 @@ def vit_blocks(
     shift = torch.tensor(shift, device=weight.device).view(1, 3, 1, 1)
     x = pixel_values.to(weight.device, weight.dtype) * scale.to(weight.dtype) + shift.to(weight.dtype)
     x = vit.embeddings(F.interpolate(x, size=(native_side, native_side), mode="nearest"))
-    layers = vit.layers if hasattr(vit, "layers") else vit.encoder.layer  # transformers 5, 4.x
+    layers = vit_layers(vit)
     last = len(layers) - 1 if stop_after is None else stop_after
     wanted, activations = set(extract_layers), []
     for i in range(last + 1):

@@ -1,23 +1,30 @@
-"""Argument types, help formatting and flag bookkeeping shared by the scripts' command lines: each type checks a
-value and says what is wrong with it in argparse's own error line. `stop` is how a script ends with a message. The
-model and data flags of the commands that score a model (score.py, failure_test.py) are built and checked here too
-(`add_model_arguments`, `add_data_arguments`, `check_common_arguments`)."""
+"""The commands' shared command-line conventions (README, "Command-line conventions"): argument types, help
+formatting and flag bookkeeping (each type checks a value and says what is wrong with it in argparse's own error
+line); the exit statuses and `stop`, how a command ends with a message; the model flags of every command that loads a
+model (`add_model_flags`, `model_source`); the precision flags of every command that runs one
+(`add_precision_flags`, `check_precision_flags`); and the run and data flags of the commands that score a model,
+score.py and failure_test.py (`add_scoring_arguments`, `add_data_arguments`, `check_common_arguments`).
+
+Exit statuses, the same in every command: 0 done; 1 (NOTHING_DONE) the command ran but nothing could be processed,
+or its results could not be saved; 2 (BAD_INPUT) bad usage or input: argparse's errors, a model that cannot be
+loaded, data or output paths that cannot be used."""
 
 from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import torch
 
 import dataset as datasets
 from clipseg.benchmarks.protocols import BENCHMARKS
-from clipseg.loading import CHECKPOINTS_DIR, DATA_KINDS
-from clipseg.precision import add_precision_arguments, resolve_precision
+from clipseg.config import DEFAULT_BACKBONE
+from clipseg.loading import CHECKPOINTS_DIR, DATA_KINDS, DEFAULT_MODEL, RUN_NAME, resolve_model
+from clipseg.precision import PRECISIONS, resolve_precision
 from clipseg.transforms import RESIZE_RULES
 
 BAD_INPUT = 2  # a model, data set, option or output path that cannot be used (argparse's usage errors are 2 too)
@@ -84,9 +91,9 @@ def layer_list(text: str) -> tuple[int, ...]:
 
 
 def run_name(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text):
+    if not RUN_NAME.fullmatch(text):
         raise argparse.ArgumentTypeError(
-            f"must be a plain directory name (letters, digits, '.', '_', '-'; no '/' or '..'), got {text!r}"
+            f"must be a plain directory name (letters, digits, '.', '_', '+', '-'; no '/' or '..'), got {text!r}"
         )
     return text
 
@@ -113,6 +120,33 @@ def weight_range(text: str) -> tuple[float, float]:
     return low, high
 
 
+def output_folder(text: str) -> str:
+    """--out, a folder in every command: a name ending in .json (what score.py's and bench.py's --out once took) is
+    refused rather than made into a folder."""
+    if text.lower().endswith(".json"):
+        raise argparse.ArgumentTypeError(
+            f"must name a folder (the command writes its files into it), not a file such as {text!r}: give its folder"
+        )
+    return text
+
+
+class RenamedFlag(argparse.Action):
+    """A flag's older name, hidden from --help: giving it is a usage error that names the flag to use instead."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "", why: str = "", **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.new, self.why = new, why
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        parser.error(f"{option_string} was renamed {self.new}{f' ({self.why})' if self.why else ''}")
+
+
+def add_renamed_flag(parser: argparse.ArgumentParser, old: str, new: str, why: str = "") -> None:
+    """Make `old` (e.g. score.py's --prompt) a usage error naming `new` (--prompt-kind); an exact match, so argparse
+    no longer takes `old` as an abbreviation of `new`."""
+    parser.add_argument(old, action=RenamedFlag, new=new, why=why)
+
+
 def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
     """Destinations of the flags given on the command line (not defaults)."""
     probe = argparse.ArgumentParser(add_help=False)
@@ -135,24 +169,79 @@ def stop(message: str, code: int = BAD_INPUT) -> NoReturn:
     raise SystemExit(code)
 
 
+# ------------------------------------------------------------------- the model flags of every command that loads one
+
+MODEL_HELP = (
+    "the model: a run name (a folder of --checkpoints-dir), a run or checkpoint directory, a hub id (OWNER/NAME) or "
+    f"an original .pth decoder (with --backbone) (default {DEFAULT_MODEL}, the released weights)"
+)
+CHECKPOINT_HELP = (
+    "a model inside the run or directory: best (the best validation of train.py --val-interval) or iter_NNNNNN "
+    "(train.py --keep-checkpoints) (default: the run's latest)"
+)
+BACKBONE_HELP = f"the CLIP (hub id or directory) an original .pth decoder runs on (default {DEFAULT_BACKBONE})"
+CHECKPOINTS_DIR_HELP = f"the folder of the runs --model names (default {CHECKPOINTS_DIR})"
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--model, --checkpoint, --backbone and --checkpoints-dir, with the same help in every command."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, help=MODEL_HELP)
+    group.add_argument("--checkpoint", default=None, metavar="best|iter_NNNNNN", help=CHECKPOINT_HELP)
+    group.add_argument("--backbone", default=None, help=BACKBONE_HELP)
+    group.add_argument("--checkpoints-dir", default=str(CHECKPOINTS_DIR), metavar="DIR", help=CHECKPOINTS_DIR_HELP)
+
+
+def model_source(args: argparse.Namespace) -> tuple[str, Path | None]:
+    """Where the model of `add_model_flags` is loaded from and the directory its scores go to
+    (`clipseg.loading.resolve_model`; LoadError when there is none)."""
+    return resolve_model(args.model or DEFAULT_MODEL, Path(args.checkpoints_dir), args.checkpoint)
+
+
+# ------------------------------------------------------------------ the precision flags of every command that runs one
+
+PRECISION_HELP = {
+    "score": "fp32 (the default: the paper's numbers are fp32); bf16 (autocast where the CPU or GPU computes bf16 "
+    "natively, fp32 with a warning elsewhere); int8 (dynamic int8 quantisation of the image tower's linear layers, "
+    "CPU only; text tower and decoder in fp32)",
+    "predict": "fp32; bf16 (autocast where the CPU or GPU computes bf16 natively, fp32 with a warning elsewhere); int8 "
+    "(dynamic int8 quantisation of the image tower's linear layers, CPU only; text tower and decoder in fp32). "
+    "Default: the fastest that keeps >= 99.5%% of fp32's mask pixels on this class of CPU: bf16 with AMX, int8 with "
+    "VNNI but no AMX, else fp32; fp32 on GPUs (clipseg/precision.py)",
+    "train": "mixed precision of the training steps: bf16 (the default: bf16 where the CPU or GPU computes it "
+    "natively, fp16 with a gradient scaler on GPUs without bf16, fp32 on CPUs without native bf16, where it is "
+    "several times faster) or fp32; validation runs in fp32",
+}
+TRAINING_PRECISIONS = ("fp32", "bf16")
+AMP_HELP = "the older flags: --amp = --precision bf16, --no-amp = --precision fp32 (kept for existing command lines)"
+
+
+def add_precision_flags(parser: argparse.ArgumentParser, job: str) -> None:
+    """--precision (its default is the job's: 'score', 'predict' or 'train') and its older spelling --amp/--no-amp."""
+    choices = TRAINING_PRECISIONS if job == "train" else PRECISIONS
+    parser.add_argument("--precision", choices=choices, default=None, help=PRECISION_HELP[job])
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)
+
+
+def check_precision_flags(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, job: str, supported: Sequence[str] = PRECISIONS
+) -> None:
+    """Set `args.precision` to the precision that will run on `args.device` (`clipseg.precision.resolve_precision`:
+    --precision, --amp/--no-amp, else the job's default); combinations that cannot run are usage errors."""
+    try:
+        args.precision = resolve_precision(args.precision, args.device, args.amp, supported, job)
+    except ValueError as err:
+        parser.error(str(err))
+    args.amp = None  # folded into args.precision
+
+
 # ------------------------------------------------------------------------------ the flags of the scoring commands
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model, input size, batching, device, precision and resize flags of score.py and failure_test.py."""
-    parser.add_argument("--model", default=None, help="HF hub id, checkpoint directory or original .pth file")
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="a model inside the run or directory: best (the best validation of train.py --val-interval) or "
-        "iter_NNNNNN (--keep-checkpoints); default: the run's latest",
-    )
-    parser.add_argument(
-        "--backbone", default=None, help="CLIP backbone for an original .pth (default openai/clip-vit-base-patch16)"
-    )
-    parser.add_argument(
-        "--checkpoints-dir", default=str(CHECKPOINTS_DIR), help="parent folder of the runs (default %(default)s)"
-    )
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model flags and the input size, batching, device, precision and resize flags of score.py and
+    failure_test.py."""
+    add_model_flags(parser)
     parser.add_argument(
         "--image-size",
         type=int,
@@ -169,7 +258,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device, e.g. cpu, cuda:0 (default %(default)s)",
     )
-    add_precision_arguments(parser)
+    add_precision_flags(parser, "score")
     parser.add_argument(
         "--resize",
         choices=RESIZE_RULES,
@@ -201,8 +290,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse (argparse errors) the values of `add_model_arguments` and `add_data_arguments` that cannot run; resolve
-    the precision that will run."""
+    """Refuse (argparse errors) the values of `add_scoring_arguments` and `add_data_arguments` that cannot run;
+    resolve the precision that will run (fp32 unless asked)."""
     if args.image_size is not None and args.image_size <= 0:
         parser.error(f"--image-size must be positive, got {args.image_size}")  # the patch is checked with the model
     if args.batch_size < 1:
@@ -211,7 +300,4 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--num-workers must be 0 or more")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
-    try:  # the precision that will run: --precision, else the fastest that keeps fp32's masks (clipseg/precision.py)
-        args.precision = resolve_precision(args.precision, args.device, args.amp)
-    except ValueError as err:
-        parser.error(str(err))
+    check_precision_flags(parser, args, "score")

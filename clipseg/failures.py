@@ -13,7 +13,7 @@ import csv
 import html
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch.utils.data import Dataset
 
+from clipseg.distributed import Distributed, gather_blocks, gather_lists
 from clipseg.images import UnreadableImage, open_rgb
 from clipseg.inference import predict_tasks
 from clipseg.metrics import ious_at_thresholds
@@ -198,6 +199,7 @@ class FailureSearch:
     cases: list[FailureCase]
     n_samples: int
     skips: SkipLog
+    blocks: list[int] = field(default_factory=list)  # the block of images of each case
 
 
 def find_failures(
@@ -209,10 +211,12 @@ def find_failures(
     num_workers: int = 0,
     precision: str = "fp32",
     search: FailureSearch | None = None,
+    world: Distributed | None = None,
 ) -> FailureSearch:
     """Predict every sample, keep those with IoU < 0.5 at all THRESHOLDS and write their panels into `out`.
 
-    Only per-case records are kept in memory; each panel is written as soon as its case is found."""
+    Only per-case records are kept in memory; each panel is written as soon as its case is found. world: this
+    rank's blocks of images (panels written by this rank); `merge_search` then joins every rank's cases."""
     search = search or FailureSearch([], 0, SkipLog())
     batches = predict_tasks(
         model,
@@ -222,6 +226,7 @@ def find_failures(
         precision=precision,
         skips=search.skips,
         description="finding failures",
+        world=world,
     )
     for prediction in batches:
         batch = prediction.batch
@@ -244,7 +249,17 @@ def find_failures(
             image = display_image(batch.images[b].path, batch.pixel_values[b], original_size)
             render_panel(image, gt, probs, case, out / case.panel)
             search.cases.append(case)
+            search.blocks.append(prediction.block)
     return search
+
+
+def merge_search(search: FailureSearch, world: Distributed) -> FailureSearch:
+    """Every rank's cases, samples and skips, in block order (a collective under torchrun)."""
+    by_block: dict[int, list[FailureCase]] = {}
+    for block, case in zip(search.blocks, search.cases):
+        by_block.setdefault(block, []).append(case)
+    n_samples = sum(gather_blocks({world.rank: search.n_samples}, world))
+    return FailureSearch(gather_lists(by_block, world), n_samples, search.skips.merge_ranks(world))
 
 
 def write_gallery(search: FailureSearch, out: Path, model_name: str, split: str, interrupted: bool) -> str | None:

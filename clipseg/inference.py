@@ -12,14 +12,20 @@ are the tasks' phrases, or their prompt images (`visual_prompts=True`), or one l
 tasks per image (14,354 tasks on 2,545 images), so each image is read and encoded once for all its tasks (at ViT-B/16
 and 352 px: 91.6 + K x 1.8 GFLOPs for K tasks instead of K x 93.4, docs/original.md §9).
 
+Under torchrun (`world`, clipseg/distributed.py) the data is sharded by blocks: item i (an episode, an image;
+`predict_tasks`: an image of `image_groups()`) belongs to block i // block_size_for(n_items), block b to rank
+b % world_size. A batch never crosses a block and says which block it is of (`Predictions.block`), so a caller can
+keep per-block sums that add up to one process's results exactly (given `world` on one process too); what the
+data set skipped is logged with its block, and one progress bar on rank 0 counts every rank's work.
+
     for prediction in predict_tasks(model, data, batch_size=16):
         prediction.logits               # (N, 1, S, S) float32 on the CPU, one per task
-        prediction.batch.tasks[i].task_id, prediction.batch.masks, prediction.phrases
+        prediction.batch.tasks[i].task_id, prediction.batch.masks, prediction.phrases, prediction.block
 """
 
 from __future__ import annotations
 
-import sys
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -27,8 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
+from clipseg.distributed import Distributed, GlobalProgress, block_batches, block_size_for, owned_blocks
 from clipseg.precision import precision_context
 from clipseg.samples import Batch, Sample, SkipLog, collate
 from clipseg.transforms import check_finite
@@ -39,11 +45,12 @@ from model import CLIPSeg, ImageFeatures
 class Predictions:
     """The model's output on a batch: `logits` (N, 1, S, S) float32 on the CPU, row i for the i-th (image, prompt)
     pair, image by image (the batch's tasks, or each image's `shared_phrases`); `phrases`: the N text prompts
-    decoded (None for visual prompts)."""
+    decoded (None for visual prompts); `block`: the block of the data set the batch is of (0 without `world`)."""
 
     batch: Batch
     phrases: list[str] | None
     logits: Tensor
+    block: int = 0
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -54,7 +61,8 @@ def predict_batches(
     data: Dataset,
     *,
     batch_size: int = 16,
-    batch_sampler: Sequence[list[int]] | None = None,
+    plan: Sequence[tuple[int, list[int]]] | None = None,
+    world: Distributed | None = None,
     num_workers: int = 0,
     precision: str = "fp32",
     skips: SkipLog | None = None,
@@ -64,7 +72,9 @@ def predict_batches(
     phrase_for_task: dict[str, str] | None = None,
     shared_phrases: Sequence[str] | None = None,
 ) -> Iterator[Predictions]:
-    """Predict every sample of `data` in batches of `batch_size` samples (or the index lists of `batch_sampler`).
+    """Predict every sample of `data` in batches of `batch_size` samples, or the (block, item indices) batches of
+    `plan`. world: only this rank's blocks of `data` (`clipseg.distributed.block_batches`, unless `plan` is given),
+    one progress bar for the job; without it, one block (0) of consecutive batches.
 
     The prompts: each task's phrase (`phrase_for_task` replaces them by task id: score.py --shuffle-prompts), or
     each task's prompt image (`visual_prompts`), or with `shared_phrases` the same K phrases for every image,
@@ -72,31 +82,35 @@ def predict_batches(
     or int8, the model prepared for it (clipseg/precision.py). What the data set skipped goes to `skips`, each item
     once. The progress bar counts tasks out of `total` (default: one per sample), or images with `shared_phrases`."""
     device = next(model.parameters()).device
-    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
+    if plan is None and world is not None:
+        plan = block_batches(len(data), world, batch_size)
+    batching = {"batch_sampler": [items for _, items in plan]} if plan is not None else {"batch_size": batch_size}
+    blocks = (block for block, _ in plan) if plan is not None else itertools.repeat(0)
     loader = DataLoader(
         data, **batching, num_workers=num_workers, collate_fn=collate, pin_memory=device.type == "cuda"
     )  # fmt: skip
     skips = skips if skips is not None else SkipLog()
     unit = "image" if shared_phrases is not None else "task"
-    with tqdm(total=total or len(data), desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True) as progress:
-        for batch in loader:
-            skips.add(batch.skipped)
-            progress.update(len(batch.skipped))
-            if batch.pixel_values is None:
-                continue
-            phrases = prompt_phrases(batch, visual_prompts, phrase_for_task, shared_phrases)
-            with torch.no_grad(), precision_context(precision, device):
-                features = model.encode_image(batch.pixel_values.to(device))
-                if shared_phrases is not None:
-                    logits = decode_each_phrase(model, features, shared_phrases, len(batch.images))
-                elif visual_prompts:
-                    conditional = model.embed_images(batch.prompt_images.to(device))
-                    logits = model.decode(features, conditional, batch.prompts_per_image)
-                else:
-                    logits = model.decode(features, model.embed_text(phrases), batch.prompts_per_image)
-                logits = check_finite(logits)
-            progress.update(len(batch.images) if shared_phrases is not None else len(batch.tasks))
-            yield Predictions(batch, phrases, logits.float().cpu())
+    progress = GlobalProgress(world or Distributed(), total=total or len(data), desc=description, unit=unit)
+    for block, batch in zip(blocks, loader):
+        skips.add(batch.skipped, block)
+        progress.update(len(batch.skipped))
+        if batch.pixel_values is None:
+            continue
+        phrases = prompt_phrases(batch, visual_prompts, phrase_for_task, shared_phrases)
+        with torch.no_grad(), precision_context(precision, device):
+            features = model.encode_image(batch.pixel_values.to(device))
+            if shared_phrases is not None:
+                logits = decode_each_phrase(model, features, shared_phrases, len(batch.images))
+            elif visual_prompts:
+                conditional = model.embed_images(batch.prompt_images.to(device))
+                logits = model.decode(features, conditional, batch.prompts_per_image)
+            else:
+                logits = model.decode(features, model.embed_text(phrases), batch.prompts_per_image)
+            logits = check_finite(logits)
+        progress.update(len(batch.images) if shared_phrases is not None else len(batch.tasks))
+        yield Predictions(batch, phrases, logits.float().cpu(), block)
+    progress.close()  # a collective under torchrun: every rank gets here once its batches are done
 
 
 def prompt_phrases(
@@ -127,15 +141,25 @@ def decode_each_phrase(model: CLIPSeg, features: ImageFeatures, phrases: Sequenc
 
 class ImageGroups(Dataset):
     """A test-mode data set seen by image: item g is `data.group_sample` of image g's tasks (the image is read
-    once). `tasks` restricts to a subset of task indices; images with more than `max_tasks` tasks are split."""
+    once). `tasks` restricts to a subset of task indices; images with more than `max_tasks` tasks are split.
+    `world`: only the images of this rank's blocks (image i is in block i // block_size_for(n_images); `blocks[g]`
+    is item g's); `n_tasks` counts the tasks of every rank."""
 
-    def __init__(self, data: Dataset, tasks: Sequence[int] | None = None, max_tasks: int = 64):
+    def __init__(
+        self, data: Dataset, tasks: Sequence[int] | None = None, max_tasks: int = 64, world: Distributed | None = None
+    ):
         groups = data.image_groups()
         if tasks is not None:
             wanted = np.asarray(sorted(set(int(t) for t in tasks)), dtype=np.int64)
             groups = [group[np.isin(group, wanted)] for group in groups]
-        self.data = data
-        self.items = [g[i : i + max_tasks] for g in groups if len(g) for i in range(0, len(g), max_tasks)]
+        self.data, self.n_tasks = data, sum(len(group) for group in groups)
+        images = [i for _, block in owned_blocks(len(groups), world) for i in block] if world else range(len(groups))
+        self.items, self.blocks = [], []
+        for image in images:
+            group = groups[image]
+            for start in range(0, len(group), max_tasks):
+                self.items.append(group[start : start + max_tasks])
+                self.blocks.append(image // block_size_for(len(groups)) if world else 0)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -143,15 +167,12 @@ class ImageGroups(Dataset):
     def __getitem__(self, item: int) -> Sample:
         return self.data.group_sample(self.items[item])
 
-    @property
-    def n_tasks(self) -> int:
-        return sum(len(tasks) for tasks in self.items)
-
     def batches(self, batch_size: int) -> list[list[int]]:
-        """Consecutive images packed into batches of at most `batch_size` tasks (an image is never split)."""
+        """Consecutive images packed into batches of at most `batch_size` tasks (an image is never split, a batch
+        never crosses a block; its block is `blocks[batch[0]]`)."""
         batches, current, size = [], [], 0
         for item, tasks in enumerate(self.items):
-            if current and size + len(tasks) > batch_size:
+            if current and (size + len(tasks) > batch_size or self.blocks[item] != self.blocks[current[0]]):
                 batches.append(current)
                 current, size = [], 0
             current.append(item)
@@ -171,16 +192,19 @@ def predict_tasks(
     skips: SkipLog | None = None,
     description: str = "scoring",
     group_by_image: bool = True,
+    world: Distributed | None = None,
 ) -> Iterator[Predictions]:
     """Predict every task of a test-mode data set (or the subset `tasks`), images encoded once, through
     `predict_batches`. batch_size: tasks per decoder batch (an image with more tasks gets a batch of its own).
     Tasks whose image cannot be read are recorded in `skips` and not yielded. group_by_image=False reads and
-    encodes the image once per task instead (the reference implementations' way; for comparisons)."""
-    groups = ImageGroups(data, tasks, max_tasks=batch_size if group_by_image else 1)
+    encodes the image once per task instead (the reference implementations' way; for comparisons). world: this
+    rank's blocks of images only (module docstring), one progress bar counting every rank's tasks."""
+    groups = ImageGroups(data, tasks, max_tasks=batch_size if group_by_image else 1, world=world)
     return predict_batches(
         model,
         groups,
-        batch_sampler=groups.batches(batch_size),
+        plan=[(groups.blocks[items[0]], items) for items in groups.batches(batch_size)],
+        world=world,
         num_workers=num_workers,
         precision=precision,
         skips=skips,

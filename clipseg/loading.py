@@ -1,14 +1,19 @@
-"""Loading a model to run and the test-mode data it runs on, with one error policy.
+"""Loading a model to run and the test-mode data it runs on, with one error policy for every command.
 
-A run name (a folder of `checkpoints/`), a checkpoint directory, a hub id or an original `.pth` resolves to one
-source (`resolve_model`); `load_model` loads it with `CLIPSeg.from_pretrained`, in eval mode, on the device,
-prepared for the precision (clipseg/precision.py), with the text cache on; `build_eval_dataset` reads the
-test-mode split it is scored on. Whatever cannot be used raises `LoadError`, whose message names the source and
-says what to do. score.py and failure_test.py load their models and data here.
+What `--model` names resolves to one source (`resolve_model`), the same way in every command that loads a model
+(score.py, failure_test.py, predict.py, app.py, export.py, train.py --init): a run name (a folder of
+`--checkpoints-dir`, default `checkpoints/`), a run or checkpoint directory, a hub id (OWNER/NAME) or an original
+`.pth` decoder (with `--backbone`); `--checkpoint best|iter_NNNNNN` picks a model inside a run or directory. Without
+`--model` every command loads `DEFAULT_MODEL`, the released weights. `load_model` loads the source with
+`CLIPSeg.from_pretrained`, in eval mode, on the device, prepared for the precision (clipseg/precision.py), with the
+text cache on; `build_eval_dataset` reads the test-mode split it is scored on. Whatever cannot be used raises
+`LoadError`, whose message names the source and says what to do; the commands turn it into `error: <message>` and
+exit status 2 (clipseg/cli.py).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -18,7 +23,15 @@ from clipseg.precision import prepare_model
 from model import CLIPSeg
 
 CHECKPOINTS_DIR = Path("checkpoints")
+DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"  # the released weights: every command's model without --model
 DATA_KINDS = ("phrasecut", "synthetic", "folder")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # a folder of --checkpoints-dir: no '/', no '..'
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # OWNER/NAME; other paths must exist
+ORIGINAL_SUFFIXES = (".pth", ".pt")  # the original repository's decoder weights
+HUB_HINT = (
+    " (a hub id is fetched once, with network access and HF_HUB_OFFLINE unset; or give --model a run name, a "
+    "directory or a .pth)"
+)
 
 
 class LoadError(Exception):
@@ -33,36 +46,57 @@ def available_runs(checkpoints_dir: Path = CHECKPOINTS_DIR) -> list[str]:
 
 
 def resolve_model(
-    name: str | None, model: str | None, checkpoints_dir: Path = CHECKPOINTS_DIR, checkpoint: str | None = None
+    model: str, checkpoints_dir: Path = CHECKPOINTS_DIR, checkpoint: str | None = None
 ) -> tuple[str, Path | None]:
-    """Where to load the model from and which directory its scores go to (None for hub ids and .pth files).
+    """Where to load `model` from, and the directory its scores go to (None for hub ids and .pth files).
 
-    name: a run under `checkpoints_dir`; model: a hub id, a checkpoint directory or an original `.pth`;
-    checkpoint: a model inside the run or directory (`best`, `iter_005000`), default the run's latest."""
-    if name is not None and model is not None:
-        raise LoadError(f"give either a run NAME ({name}) or --model ({model}), not both")
-    if name is None and model is None:
-        raise LoadError("give a run NAME (a folder of checkpoints/) or --model HUB_ID_OR_DIR_OR_PTH")
-    if name is None and checkpoint is None:
-        local = Path(model)
-        return model, local if (local / "config.json").is_file() else None
-    run_dir = checkpoints_dir / name if name is not None else Path(model)
-    directory = run_dir / checkpoint if checkpoint else run_dir
-    if not (directory / "config.json").is_file():
-        kept = sorted(p.parent.name for p in run_dir.glob("*/config.json"))
-        if name is not None and not run_dir.is_dir():
-            runs = available_runs(checkpoints_dir)
-            listing = ", ".join(runs) if runs else "none yet (train one with train.py --name NAME)"
-            raise LoadError(
-                f"no trained model in {run_dir} (config.json missing). Runs in {checkpoints_dir}/: {listing}. "
-                "For other weights use --model HUB_ID_OR_DIR_OR_PTH."
-            )
+    model: a run name (a folder of `checkpoints_dir`), a run or checkpoint directory, an original `.pth` file, or a
+    hub id (OWNER/NAME); a plain name is the run when `checkpoints_dir` has it, else a path. checkpoint: a model
+    inside the run or directory (`best`, `iter_005000`), default the run's latest."""
+    path, plain = Path(model), RUN_NAME.fullmatch(model) is not None
+    if plain and (checkpoints_dir / model).is_dir():
+        return model_directory(checkpoints_dir / model, checkpoint)
+    if path.is_dir():
+        return model_directory(path, checkpoint)
+    if path.is_file() or path.suffix in ORIGINAL_SUFFIXES:
+        if checkpoint:
+            raise LoadError(f"--checkpoint picks a model inside a run or directory; {model} is a file")
+        if not path.is_file():
+            raise LoadError(f"{model}: no such file (an original .pth decoder, loaded with --backbone)")
+        return str(path), None
+    if plain:
         raise LoadError(
-            f"no trained model in {directory} (config.json missing); models in {run_dir}: the latest"
-            + (f", {', '.join(kept)}" if kept else "")
-            + " (--checkpoint best exists once a run validates, see train.py --val-interval)"
+            f"{model} is neither a run in {checkpoints_dir}/ nor a directory. {runs_listing(checkpoints_dir)}"
         )
-    return str(directory), directory
+    if not HUB_ID.fullmatch(model):
+        raise LoadError(f"{model}: no such directory or file. {runs_listing(checkpoints_dir)}")
+    if checkpoint:
+        raise LoadError(f"--checkpoint picks a model inside a run or directory, not inside the hub id {model}")
+    return model, None
+
+
+def runs_listing(checkpoints_dir: Path) -> str:
+    """The runs a user can name, and the other forms --model takes."""
+    runs = available_runs(checkpoints_dir)
+    listing = ", ".join(runs) if runs else "none yet (train one with train.py --name NAME)"
+    return (
+        f"Runs in {checkpoints_dir}/: {listing}. --model also takes a run or checkpoint directory, a hub id "
+        "(OWNER/NAME) or an original .pth decoder with --backbone."
+    )
+
+
+def model_directory(run_dir: Path, checkpoint: str | None) -> tuple[str, Path]:
+    """The model in the run or directory `run_dir`, or its `checkpoint`, checked to hold a saved model
+    (config.json)."""
+    directory = run_dir / checkpoint if checkpoint else run_dir
+    if (directory / "config.json").is_file():
+        return str(directory), directory
+    kept = sorted(p.parent.name for p in run_dir.glob("*/config.json"))
+    raise LoadError(
+        f"no trained model in {directory} (config.json missing); models in {run_dir}: the latest"
+        + (f", {', '.join(kept)}" if kept else "")
+        + " (--checkpoint best exists once a run validates, see train.py --val-interval)"
+    )
 
 
 def load_model(source: str, backbone: str | None, device: str, precision: str = "fp32") -> CLIPSeg:
@@ -71,7 +105,8 @@ def load_model(source: str, backbone: str | None, device: str, precision: str = 
     try:
         model = CLIPSeg.from_pretrained(source, backbone=backbone)
     except (OSError, ValueError) as err:
-        raise LoadError(f"cannot load the model {source}: {err}") from err
+        hub = "" if Path(source).exists() else HUB_HINT
+        raise LoadError(f"cannot load the model {source}: {err}{hub}") from err
     model.eval().to(device)
     model.text_cache = {}
     return prepare_model(model, precision, device)

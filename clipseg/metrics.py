@@ -18,6 +18,11 @@ arrays), `PhraseCutMetrics` keeps a few sums per subset, `EpisodeMetrics` 49-lon
 `ZeroShotMetrics` one confusion matrix: all use the same memory after 10 or 10 million samples.
 All values are fractions in [0, 1] (the paper prints percent).
 
+Every class can hand over its sums: `state()` returns them as named int64 / float64 arrays, `load_state()` takes
+them back, and states add: `sum_states` of the states of disjoint sets of samples is the state of their union (how
+clipseg/distributed.py merges the ranks of a torchrun job). Counts add exactly; the float sums (of per-sample IoUs)
+are exact up to rounding, which depends on the order they are added in.
+
     paper, official = PaperMetrics(), PhraseCutMetrics()
     paper.update(torch.sigmoid(logits), masks)            # (B, 1, 352, 352) probabilities and {0, 1} targets
     official.update(full_size_probs > 0.3, full_size_gt, phrase_type="name", n_instances=2)
@@ -26,12 +31,11 @@ All values are fractions in [0, 1] (the paper prints percent).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import ndimage
 from scipy.integrate import simpson
 
 # 0.02, 0.04, ..., 0.98: the original's linspace(0, 1, 51)[1:-1], rounded to the doubles nearest the decimals.
@@ -97,6 +101,27 @@ def _drop_channel(tensor: torch.Tensor, name: str) -> torch.Tensor:
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor, names: str) -> None:
     if a.shape != b.shape:
         raise ValueError(f"{names} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def sum_states(states: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The elementwise sum of metric states (`state()` of any class below), added in the order given; a key that
+    a state lacks (a subset or class it never saw) counts as zero there. The sum of no states is {}, which
+    `load_state` reads as no samples."""
+    total: dict[str, np.ndarray] = {}
+    for state in states:
+        for key, value in state.items():
+            total[key] = total[key] + value if key in total else np.array(value)
+    return total
+
+
+def _state_array(state: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """state[key] as a fresh `dtype` array of `shape` (zeros when missing); another shape is an error."""
+    if key not in state:
+        return np.zeros(shape, dtype=dtype)
+    value = np.array(state[key], dtype=dtype)
+    if value.shape != shape:
+        raise ValueError(f"metric state {key!r} has shape {value.shape}, expected {shape}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------- counting
@@ -263,6 +288,20 @@ class PaperMetrics:
         results["n_samples"] = self.n_samples
         return results
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The sums every metric is computed from: tp, fp, fn, tn (49,) int64; sample_iou_sum (49,) float64;
+        n_samples () int64. `sum_states` adds them, `load_state` takes them back."""
+        counts = {name: getattr(self, name).copy() for name in ("tp", "fp", "fn", "tn")}
+        return {**counts, "sample_iou_sum": self.sample_iou_sum.copy(), "n_samples": np.array(self.n_samples)}
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the sums by `state` (a `state()`, or a `sum_states` of several); missing keys are zeros."""
+        shape = self.tp.shape
+        for name in ("tp", "fp", "fn", "tn"):
+            setattr(self, name, _state_array(state, name, shape, np.int64))
+        self.sample_iou_sum = _state_array(state, "sample_iou_sum", shape, np.float64)
+        self.n_samples = int(_state_array(state, "n_samples", (), np.int64))
+
 
 # ---------------------------------------------------------------------------------------------------- PhraseCut
 
@@ -294,6 +333,27 @@ class IoUTotals:
         results.update({f"acc@{level}": count / self.n_tasks for level, count in zip(ACCURACY_IOUS, self.above)})
         results["n_tasks"] = self.n_tasks
         return results
+
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        """The sums as arrays named `<prefix>n_tasks`, `iou_sum` (float64), `intersection`, `union`, `above` (5,)."""
+        values = {
+            "n_tasks": np.array(self.n_tasks),
+            "iou_sum": np.array(self.iou_sum, dtype=np.float64),
+            "intersection": np.array(self.intersection),
+            "union": np.array(self.union),
+            "above": np.array(self.above, dtype=np.int64),
+        }
+        return {prefix + name: value for name, value in values.items()}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, np.ndarray], prefix: str) -> IoUTotals:
+        return cls(
+            n_tasks=int(_state_array(state, prefix + "n_tasks", (), np.int64)),
+            iou_sum=float(_state_array(state, prefix + "iou_sum", (), np.float64)),
+            intersection=int(_state_array(state, prefix + "intersection", (), np.int64)),
+            union=int(_state_array(state, prefix + "union", (), np.int64)),
+            above=_state_array(state, prefix + "above", (len(ACCURACY_IOUS),), np.int64).tolist(),
+        )
 
 
 def phrasecut_subsets(gt_fraction: float, phrase_type: str | None = None, n_instances: int | None = None) -> list[str]:
@@ -380,6 +440,20 @@ class PhraseCutMetrics:
         }
         return results
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The sums of all tasks (`all/<sum>`) and of each subset seen (`subset/<name>/<sum>`), see
+        `IoUTotals.state`."""
+        state = self.totals.state("all/")
+        for name, totals in self.subset_totals.items():
+            state.update(totals.state(f"subset/{name}/"))
+        return state
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the sums by `state` (a `state()`, or a `sum_states` of several)."""
+        self.totals = IoUTotals.from_state(state, "all/")
+        names = dict.fromkeys(key[len("subset/") :].rsplit("/", 1)[0] for key in state if key.startswith("subset/"))
+        self.subset_totals = {name: IoUTotals.from_state(state, f"subset/{name}/") for name in names}
+
 
 # ---------------------------------------------------------------------------------------------------- one-shot
 
@@ -453,6 +527,21 @@ class EpisodeMetrics:
         }
         return results
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Per class seen: `class/<id>/counts` (4, 49) int64 (tp, fp, fn, tn) and `class/<id>/episodes` () int64."""
+        state = {}
+        for class_id, counts in self.counts.items():
+            state[f"class/{class_id}/counts"] = np.array(counts, dtype=np.int64)
+            state[f"class/{class_id}/episodes"] = np.array(self.episodes[class_id])
+        return state
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the sums by `state` (a `state()`, or a `sum_states` of several)."""
+        classes = dict.fromkeys(int(key.split("/")[1]) for key in state if key.startswith("class/"))
+        shape = (4, len(self.thresholds))
+        self.counts = {c: _state_array(state, f"class/{c}/counts", shape, np.int64) for c in classes}
+        self.episodes = {c: int(_state_array(state, f"class/{c}/episodes", (), np.int64)) for c in classes}
+
 
 # ---------------------------------------------------------------------------------------------------- zero-shot
 
@@ -502,19 +591,10 @@ class ZeroShotMetrics:
             "per_class": {c: float(iou[c]) for c in range(self.n_classes)},
         }
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The pixel confusion matrix: `matrix` (n_classes, n_classes) int64."""
+        return {"matrix": self.matrix.copy()}
 
-def boundary_f_score(prediction: np.ndarray, truth: np.ndarray, tolerance: float = 2.0) -> float:
-    """F-score of the boundaries of two (H, W) bool masks: a boundary pixel (a mask pixel with a 4-neighbour
-    outside it; the image border is no boundary) matches when one of the other mask's lies within `tolerance`
-    pixels. 1 when neither mask has a boundary, 0 when only one has."""
-
-    def edge(mask: np.ndarray) -> np.ndarray:
-        mask = np.asarray(mask, dtype=bool)
-        return mask & ~ndimage.binary_erosion(mask, border_value=1)
-
-    predicted, true = edge(prediction), edge(truth)
-    if not predicted.any() or not true.any():
-        return float(predicted.any() == true.any())
-    precision = (ndimage.distance_transform_edt(~true)[predicted] <= tolerance).mean()
-    recall = (ndimage.distance_transform_edt(~predicted)[true] <= tolerance).mean()
-    return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the matrix by `state`'s (a `state()`, or a `sum_states` of several)."""
+        self.matrix = _state_array(state, "matrix", (self.n_classes, self.n_classes), np.int64)

@@ -1,24 +1,29 @@
-"""Inference precision: `fp32`, `bf16` or `int8`, one choice for every script that runs the model.
+"""Inference precision: `fp32`, `bf16` or `int8`, one choice for every script that runs the model, and the
+default each job takes on each class of CPU (`default_precision`, the rule and its measurements below).
 
-    precision = resolve_precision(args.precision, device, amp=args.amp)   # None -> default_precision(device)
-    prepare_model(model, precision, device)                              # int8: quantises in place
+    precision = resolve_precision(args.precision, device, job="predict")  # None -> default_precision(device, job)
+    prepare_model(model, precision, device)                               # int8: quantises in place
     with torch.no_grad(), precision_context(precision, device):
         logits = model(pixel_values, phrases).logits
 
-- `fp32`: the model as it is.
+- `fp32`: the model as it is (its frozen CLIP blocks run from their parts, `clipseg.frozen_clip`: transformers'
+  arithmetic, bit for bit, in fewer tensors).
 - `bf16`: `torch.autocast` in `model.amp_dtype(device)` (what `--amp` always meant): bf16 on CPUs with native bf16
   (AVX512-BF16 or AMX) and on GPUs that have it, fp16 on older GPUs. On a CPU without native bf16 PyTorch would
-  emulate it several times slower than fp32, so `bf16` runs fp32 there, with a warning.
-- `int8`: dynamic int8 quantisation of the `nn.Linear` layers of the vision blocks that the segmentation pass runs
-  (blocks 0 .. max(extract_layers)) with PyTorch's own `torch.ao.quantization.quantize_dynamic` on the CPU
-  (fbgemm/oneDNN kernels): int8 weights with a scale per output channel, activations quantised per call, to 8 bits
-  on CPUs with VNNI (else to PyTorch's default 7). The text tower and the decoder stay fp32. Image prompts
-  (`embed_images`) run through the quantised blocks too. CPU only.
+  emulate it several times slower than fp32, so `bf16` runs fp32 there, with a warning. Under autocast the frozen
+  CLIP blocks (vision and text) and the patch embedding run from copies of their weights in the autocast dtype,
+  made once, not cast again on every call (`clipseg.frozen_clip`); the path follows the autocast state, never the
+  CPU, so tests force it anywhere.
+- `int8`: dynamic int8 quantisation of the `nn.Linear` layers of the image-tower blocks that the segmentation pass
+  runs (blocks 0 .. max(extract_layers): CLIP's vision tower, or ViTSeg's ImageNet ViT) with PyTorch's own
+  `torch.ao.quantization.quantize_dynamic` on the CPU (fbgemm/oneDNN kernels): int8 weights with a scale per output
+  channel, activations quantised per call, to 8 bits on CPUs with VNNI (else to PyTorch's default 7). The text tower
+  and the decoder stay fp32. Image prompts (`embed_images`) run through the quantised blocks too. Every CPU runs it
+  (without VNNI only slower); CPU only.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import warnings
 from collections.abc import Sequence
@@ -27,16 +32,12 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-from model import CLIPSeg
+from clipseg.baselines import vit_layers
+from model import CLIPSeg, ViTSeg
 
 PRECISIONS = ("fp32", "bf16", "int8")
-PRECISION_HELP = (
-    "fp32; bf16 (autocast, where the CPU or GPU computes bf16 natively; fp32 with a warning on CPUs without it); "
-    "int8 (dynamic int8 quantisation of the vision tower's linear layers, CPU only; decoder and text in fp32). "
-    "Default: the fastest whose masks agree with fp32's on >= 99.5%% of pixels in bench.py: int8 on CPUs with VNNI, "
-    "else bf16 where native, else fp32; fp32 on GPUs (README, 'Precision and ONNX')"
-)
-AMP_HELP = "the same as --precision bf16 (kept for existing command lines)"
+JOBS = ("score", "predict")  # what a command runs the model for: see default_precision
+MASK_AGREEMENT_BAR = 0.995  # a default precision's masks agree with fp32's on at least this share of pixels
 
 
 def cpu_has_native_bf16() -> bool:
@@ -67,41 +68,85 @@ def autocast(device: str | torch.device, enabled: bool = True) -> AbstractContex
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def default_precision(device: str | torch.device) -> str:
-    """The precision the scripts use when asked for none.
+# The default precision of prediction (predict.py, app.py) on a CPU: the fastest path whose masks agree with fp32's
+# on >= 99.5% of pixels (MASK_AGREEMENT_BAR), by CPU class, measured with `python bench.py --repeats 3
+# --only-precision --threads 1 --clock cpu` at the full ViT-B/16 geometry (352 px, random weights, one prompt per
+# image, batch 1, CPU time on one thread; mask agreement: probability > 0.3 against our fp32). Speed-ups over the HF
+# class in fp32 (README, "Precision and ONNX", has the full tables):
+#
+# | CPU class (`cpu_class`)               | measured on                  | bf16                | int8          | rule |
+# |---------------------------------------|------------------------------|---------------------|---------------|------|
+# | amx: AMX (amx_bf16)                   | Intel Xeon, AMX              | 2.46x, 99.60%       | 1.88x, 99.65% | bf16 |
+# | vnni: AVX512-VNNI or AVX-VNNI, no AMX | AMD EPYC, AVX512-VNNI, -BF16 | 1.93x, 99.59%       | 2.88x, 99.66% | int8 |
+# | other: neither (e.g. AVX2 only)       | AMD EPYC, AVX2               | emulated, 8x slower | 1.59x, 99.48% | fp32 |
+#
+# AMX: its bf16 tiles beat int8's VNNI dot products (293 ms against 382 ms, HF fp32 719 ms; an earlier wall-clock
+# run on two cores: bf16 2.74x, int8 1.81x at batch 1, 4.01x and 1.19x at batch 8). VNNI without AMX: int8 with
+# 8-bit activations beat even native AVX512-BF16. Neither: int8 keeps PyTorch's 7-bit activations and falls below
+# the bar, bf16 is emulated, so fp32 (our fp32 forward: 1.20x). `python bench.py --only-precision` prints whether the
+# rule picks this machine's fastest measured path that meets the bar (clipseg/speed/models.py, `default_check`).
+# Scoring, failure analysis and train.py's validation run fp32 on every CPU: the paper's numbers are fp32. GPUs:
+# fp32 (not measured here; --precision bf16 asks for bf16).
+FASTEST_BY_CPU_CLASS = {"amx": "bf16", "vnni": "int8", "other": "fp32"}
 
-    On a CPU: the fastest precision whose masks agree with fp32 on >= 99.5% of pixels at the full ViT-B/16
-    geometry, as measured by `python bench.py --repeats 3 --only-precision` (README, 'Precision and ONNX'): int8
-    where the CPU has VNNI (8-bit activations; with PyTorch's 7-bit ones int8 fell below 99.5%), else bf16 where
-    it is native, else fp32. On GPUs: fp32 (not measured here; ask for bf16 with --precision bf16).
-    """
-    device = torch.device(device)
-    if device.type != "cpu":
+
+def cpu_capabilities() -> dict:
+    """The CPU's instruction-set extensions as torch detects them (`torch.cpu.get_capabilities()`; {} without it)."""
+    return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+
+
+def cpu_class() -> str:
+    """'amx' (AMX bf16 tiles), 'vnni' (AVX512-VNNI or AVX-VNNI without AMX) or 'other' (e.g. AVX2 only): the classes
+    of `FASTEST_BY_CPU_CLASS`."""
+    capabilities = cpu_capabilities()
+    if capabilities.get("amx_bf16"):
+        return "amx"
+    if capabilities.get("avx512_vnni") or capabilities.get("avx_vnni"):
+        return "vnni"
+    return "other"
+
+
+def default_precision(device: str | torch.device, job: str = "score") -> str:
+    """The precision a command runs when asked for none. job 'score' (score.py, failure_test.py, train.py's
+    validation): fp32 everywhere, as the paper's numbers were measured. job 'predict' (predict.py, app.py): on a CPU
+    the fastest that keeps fp32's masks, by CPU class (`FASTEST_BY_CPU_CLASS`, with the measurements above); fp32 on
+    GPUs."""
+    if job not in JOBS:
+        raise ValueError(f"unknown job {job!r}; one of {', '.join(JOBS)}")
+    if job == "score" or torch.device(device).type != "cpu":
         return "fp32"
-    if cpu_has_vnni():
-        return "int8"
-    return "bf16" if amp_dtype(device) == torch.bfloat16 else "fp32"  # native bf16 (model.cpu_has_native_bf16)
+    fastest = FASTEST_BY_CPU_CLASS[cpu_class()]
+    return "fp32" if fastest == "bf16" and amp_dtype(device) is None else fastest  # never emulated bf16
+
+
+def requested_precision(precision: str | None, amp: bool | None) -> str | None:
+    """--precision merged with its old spelling: --amp means bf16, --no-amp fp32 (amp None: not given). Raises
+    ValueError when the two contradict each other."""
+    if amp is None:
+        return precision
+    alias, flag = ("bf16", "--amp") if amp else ("fp32", "--no-amp")
+    if precision not in (None, alias):
+        raise ValueError(f"{flag} means --precision {alias}; it contradicts --precision {precision}: give one")
+    return alias
 
 
 def resolve_precision(
     precision: str | None,
     device: str | torch.device,
-    amp: bool = False,
+    amp: bool | None = None,
     supported: Sequence[str] = PRECISIONS,
+    job: str = "score",
 ) -> str:
-    """The precision a run will use: `precision` as asked (None: `default_precision(device)`, or the first of
-    `supported` when a backend cannot run the default); `amp` is the old spelling of 'bf16'.
+    """The precision a run will use: `precision` as asked (None: `default_precision(device, job)`, or the first of
+    `supported` when a backend cannot run the default); `amp` is the old spelling (True: 'bf16', False: 'fp32').
 
     Raises ValueError with the fix for combinations that cannot run: an unknown precision, `amp` with another
     precision, int8 on a non-CPU device, a precision the backend does not support. bf16 on a CPU without native
     bf16 returns 'fp32' with a warning (emulated bf16 would be several times slower than fp32)."""
     device = torch.device(device)
-    if amp:
-        if precision not in (None, "bf16"):
-            raise ValueError(f"--amp means --precision bf16; it contradicts --precision {precision}: give one")
-        precision = "bf16"
+    precision = requested_precision(precision, amp)
     if precision is None:
-        default = default_precision(device)
+        default = default_precision(device, job)
         return default if default in supported else supported[0]
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -137,10 +182,16 @@ def prepare_model(model: CLIPSeg, precision: str, device: str | torch.device | N
 
 
 def quantize_vision_linears(model: CLIPSeg) -> int:
-    """Replace the `nn.Linear` layers of vision blocks 0 .. max(extract_layers) by dynamic int8 ones; returns how
-    many layers were replaced (0 when already done)."""
-    blocks = model.clip.vision_model.encoder.layers[: max(model.config.extract_layers) + 1]
-    return sum(quantize_linears(block) for block in blocks)
+    """Replace the `nn.Linear` layers of image-tower blocks 0 .. max(extract_layers) by dynamic int8 ones; returns
+    how many layers were replaced (0 when already done)."""
+    return sum(quantize_linears(block) for block in segmentation_blocks(model))
+
+
+def segmentation_blocks(model: CLIPSeg) -> list[nn.Module]:
+    """The image-tower blocks a segmentation pass runs, 0 .. max(extract_layers): CLIP's vision blocks (CLIPSeg,
+    CLIP-Deconv, any CLIP backbone) or, for ViTSeg, its ImageNet ViT's."""
+    tower = vit_layers(model.vit) if isinstance(model, ViTSeg) else model.clip.vision_model.encoder.layers
+    return list(tower[: max(model.config.extract_layers) + 1])
 
 
 def quantize_linears(module: nn.Module, full_range: bool | None = None) -> int:
@@ -173,7 +224,7 @@ def quantize_linears(module: nn.Module, full_range: bool | None = None) -> int:
 
 def cpu_has_vnni() -> bool:
     """Whether this CPU has int8 dot products that accumulate in int32 (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    capabilities = cpu_capabilities()
     return any(capabilities.get(name) for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
@@ -196,9 +247,3 @@ def _full_range_dynamic_linear() -> type:
 def precision_context(precision: str, device: str | torch.device) -> AbstractContextManager:
     """The context to run a prepared model in: autocast for bf16 (`model.autocast`), nothing for fp32 and int8."""
     return autocast(device) if precision == "bf16" else nullcontext()
-
-
-def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--precision` and `--amp` (the old flag, = --precision bf16) for a script's command line."""
-    parser.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
-    parser.add_argument("--amp", action="store_true", help=AMP_HELP)

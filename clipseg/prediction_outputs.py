@@ -82,6 +82,21 @@ def image_summary(name: str, size: tuple[int, int], inference_size: tuple[int, i
     return {"image": name, "width": width, "height": height, "inference_size": list(inference_size), "prompts": prompts}
 
 
+def prompt_files(folder: Path, prompt: Prompt) -> dict[str, Path]:
+    """The files written for one prompt of an image: probability map, mask and overlay."""
+    return {
+        "probability": folder / f"{prompt.slug}.prob.png",
+        "mask": folder / f"{prompt.slug}.mask.png",
+        "overlay": folder / f"{prompt.slug}.overlay.png",
+    }
+
+
+def image_files(folder: Path, prompts: Sequence[Prompt]) -> list[Path]:
+    """Every file `write_image_outputs` writes for an image into `folder`."""
+    files = [path for prompt in prompts for path in prompt_files(folder, prompt).values()]
+    return files + ([folder / "overlay.png"] if len(prompts) > 1 else [])
+
+
 def write_image_outputs(
     image: Image.Image, probs: np.ndarray, prompts: Sequence[Prompt], folder: Path, threshold: float, bits: int
 ) -> dict:
@@ -92,11 +107,7 @@ def write_image_outputs(
     for i, (prompt, prob) in enumerate(zip(prompts, probs)):
         mask = prob > threshold
         masks.append(mask)
-        files = {
-            "probability": folder / f"{prompt.slug}.prob.png",
-            "mask": folder / f"{prompt.slug}.mask.png",
-            "overlay": folder / f"{prompt.slug}.overlay.png",
-        }
+        files = prompt_files(folder, prompt)
         probability_png(prob, bits).save(files["probability"])
         mask_image(mask).save(files["mask"])
         draw_overlay(image, [mask], [prompt.label], first_colour=i).save(files["overlay"])

@@ -58,7 +58,7 @@ class Predictor:
     original Quickstart's resize, the default here) or "original" (the authors' data pipeline, as in training and
     scoring; see clipseg/transforms.py). precision: 'fp32' (default), 'bf16' or 'int8' for the image encoder and decoder
     (see clipseg/precision.py; int8 quantises `model` in place); the scripts' default is
-    `clipseg.precision.default_precision(device)`. amp: the old spelling of precision='bf16'.
+    `clipseg.precision.default_precision(device, job)`. amp: the old spelling of precision='bf16'.
     The model's text cache is switched on, so each phrase is encoded once.
     """
 
@@ -78,8 +78,8 @@ class Predictor:
         self.device = next(self.model.parameters()).device
         supported = getattr(model, "precisions", PRECISIONS)  # the ONNX backend runs fp32 only
         if precision is None and not amp:
-            precision = "fp32"  # the API's default; the scripts default to precision.default_precision(device)
-        self.precision = resolve_precision(precision, self.device, amp, supported)
+            precision = "fp32"  # the API's default; the commands' is precision.default_precision(device, job)
+        self.precision = resolve_precision(precision, self.device, amp or None, supported)
         prepare_model(self.model, self.precision, self.device)
         image_size, patch = model.config.input_side(image_size), model.config.patch_size
         self.transform = ImageTransform(resize, image_size, square, multiple=patch)

@@ -18,7 +18,8 @@ original size, h x w the size a benchmark scores at):
 
 Skips: a sample lists in `skipped` what it could not use (a `Skip`: the item's identity and the reason), whether or
 not it is usable itself (a PhraseCut sample stands in for an unreadable task with the next readable one); a sample
-without `pixel_values` is left out of its batch. Reports list each skip once (`SkipLog`) as `{**item, "reason": ...}`.
+without `pixel_values` is left out of its batch. Reports list each skip once (`SkipLog`) as `{**item, "reason": ...}`;
+under torchrun the ranks' logs are joined in block order (`SkipLog.merge_ranks`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from clipseg.distributed import Distributed, gather_lists
 
 
 @dataclass(frozen=True)
@@ -47,17 +50,38 @@ class Skip:
 
 @dataclass
 class SkipLog:
-    """What a run could not use, each item once (a PhraseCut task may be reported by more than one sample)."""
+    """What a run could not use, each item once (a PhraseCut task may be reported by more than one sample), with the
+    block of the data set it was reported in (`clipseg.distributed`: under torchrun each rank logs its own blocks,
+    and `merge_ranks` joins the ranks' logs in block order)."""
 
-    reasons: list[dict] = field(default_factory=list)  # `Skip.record()` of each item, in the order first reported
+    skips: list[Skip] = field(default_factory=list)  # each item's first `Skip`, in the order first reported
+    blocks: list[int] = field(default_factory=list)  # the block each of `skips` was reported in
     seen: set[tuple] = field(default_factory=set)
 
-    def add(self, skips: Sequence[Skip]) -> None:
+    @property
+    def reasons(self) -> list[dict]:
+        """`Skip.record()` of each item, in the order first reported."""
+        return [skip.record() for skip in self.skips]
+
+    def add(self, skips: Sequence[Skip], block: int = 0) -> None:
         for skip in skips:
             key = tuple(skip.item.items())
             if key not in self.seen:
                 self.seen.add(key)
-                self.reasons.append(skip.record())
+                self.skips.append(skip)
+                self.blocks.append(block)
+
+    def merge_ranks(self, world: Distributed) -> SkipLog:
+        """Replace the log by every rank's, in block order (on one process: its own in block order), each item once;
+        a collective under torchrun (every rank calls it). Returns the log."""
+        by_block: dict[int, list[tuple[int, Skip]]] = {}
+        for block, skip in zip(self.blocks, self.skips):
+            by_block.setdefault(block, []).append((block, skip))
+        entries = gather_lists(by_block, world)
+        self.skips, self.blocks, self.seen = [], [], set()
+        for block, skip in entries:
+            self.add([skip], block)
+        return self
 
 
 @dataclass

@@ -10,61 +10,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+# The job's place and process group are clipseg/distributed.py's; train.py still imports them from here.
+from clipseg.distributed import Distributed as Distributed
+from clipseg.distributed import all_reduce_sum as all_reduce_sum
+from clipseg.distributed import setup_distributed as setup_distributed
 from clipseg.samples import Batch, Sample, collate
-
-# ----------------------------------------------------------------------------------------- distribution
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_flag: str | None) -> tuple[Distributed, torch.device]:
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK, pick the device and join the process group (NCCL on GPUs,
-    gloo on CPU)."""
-    world = Distributed(
-        int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    )
-    name = device_flag or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device={name} but CUDA is not available; use --device=cpu")
-        if device.index is None:
-            device = torch.device("cuda", world.local_rank if world.enabled else torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    if world.enabled and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return world, device
-
-
-def all_reduce_sum(values: Sequence[float], world: Distributed, device: torch.device) -> list[float]:
-    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
-    if world.enabled:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
 
 # ---------------------------------------------------------------------------------------- sample stream
 

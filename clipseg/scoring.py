@@ -3,8 +3,10 @@
 `score` runs the model over a test-mode data set (each image encoded once for all its tasks,
 clipseg/inference.py) and accumulates, in a `ScoreRun`, the paper's metrics (at S x S against the squashed ground
 truth) and PhraseCut's official ones (at the original resolution, probability > threshold), counting what could not
-be scored; `--shuffle-prompts` runs give each task another task's phrase (`shuffled_phrases`). `results_dict` is the
-JSON report and `format_table` its printed tables. The command is score.py.
+be scored; `--shuffle-prompts` runs give each task another task's phrase (`shuffled_phrases`). Under torchrun
+(`world`) each rank scores the images of its blocks (clipseg/inference.py) into per-block sums and `ScoreRun.finish`
+adds every rank's blocks in block order, so the results equal one process's bit for bit; each rank writes the PNGs
+of its own tasks. `results_dict` is the JSON report and `format_table` its printed tables. The command is score.py.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import dataset as datasets
+from clipseg.distributed import Distributed, gather_blocks
 from clipseg.inference import Predictions, predict_tasks
-from clipseg.metrics import PaperMetrics, PhraseCutMetrics
+from clipseg.metrics import PaperMetrics, PhraseCutMetrics, sum_states
 from clipseg.outputs import safe_name
 from clipseg.samples import SkipLog
 from clipseg.transforms import full_size_probabilities
@@ -59,29 +62,47 @@ def save_prediction_png(mask: np.ndarray, directory: Path, task_id: str) -> Path
 
 @dataclass
 class ScoreRun:
-    """Metrics accumulated so far (bounded memory: counts, not pixels) and what could not be scored."""
+    """Metrics accumulated so far (bounded memory: counts, not pixels) and what could not be scored. Batches are
+    added into sums per block of images (`blocks`); `finish` loads their total into `paper` and `official`."""
 
     threshold: float = DEFAULT_THRESHOLD
     paper: PaperMetrics | None = None  # reports at `threshold` unless given
     official: PhraseCutMetrics = field(default_factory=PhraseCutMetrics)
     skips: SkipLog = field(default_factory=SkipLog)
     n_samples: int = 0
+    blocks: dict[int, tuple[PaperMetrics, PhraseCutMetrics]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.paper is None:
             self.paper = PaperMetrics(report_threshold=self.threshold)
 
     def update(self, prediction: Predictions, save_dir: Path | None = None) -> None:
-        """Add a batch of test-mode PhraseCut tasks: paper metrics at S x S, official metrics at the original size
-        (and the PNGs)."""
+        """Add a batch of test-mode PhraseCut tasks into its block's sums: paper metrics at S x S, official metrics
+        at the original size (and the PNGs)."""
+        if prediction.block not in self.blocks:
+            report = float(self.paper.thresholds[self.paper.report_index])
+            self.blocks[prediction.block] = (PaperMetrics(report), PhraseCutMetrics())
+        paper, official = self.blocks[prediction.block]
         batch = prediction.batch
-        self.paper.update(torch.sigmoid(prediction.logits), batch.masks)
+        paper.update(torch.sigmoid(prediction.logits), batch.masks)
         for i, (task, image) in enumerate(zip(batch.tasks, batch.image_of_task)):
             pred = full_size_probabilities(prediction.logits[i], batch.images[image].original_size) > self.threshold
-            self.official.update(pred, np.asarray(task.full_mask, dtype=bool), task.phrase_type, task.n_instances)
+            official.update(pred, np.asarray(task.full_mask, dtype=bool), task.phrase_type, task.n_instances)
             if save_dir is not None:
                 save_prediction_png(pred, save_dir, task.task_id)
         self.n_samples += len(batch)
+
+    def finish(self, world: Distributed | None = None) -> ScoreRun:
+        """Load the sum of every rank's blocks, in block order, into `paper` and `official`; count every rank's
+        samples and skips (a collective under torchrun: every rank calls it). Returns self."""
+        world = world or Distributed()
+        states = {block: (paper.state(), official.state()) for block, (paper, official) in self.blocks.items()}
+        gathered = gather_blocks(states, world)
+        self.paper.load_state(sum_states(paper for paper, _ in gathered))
+        self.official.load_state(sum_states(official for _, official in gathered))
+        self.skips.merge_ranks(world)
+        self.n_samples = sum(gather_blocks({world.rank: self.n_samples}, world))
+        return self
 
 
 def score(
@@ -97,15 +118,18 @@ def score(
     run: ScoreRun | None = None,
     tasks: Sequence[int] | None = None,
     group_by_image: bool = True,
+    world: Distributed | None = None,
 ) -> ScoreRun:
     """Score `model` on every task of a test-mode data set (or the task indices `tasks`). Each image is encoded
     once for all its tasks (`clipseg.inference.predict_tasks`); `group_by_image=False` encodes it once per task, as the
-    reference implementations do. Pass `run` to keep partial results on interrupt."""
+    reference implementations do. Pass `run` to keep partial results on interrupt (this rank's). world: score this
+    rank's blocks of images and merge every rank's (results on every rank; give it on one process too for results
+    equal to any number of ranks')."""
     run = run or ScoreRun(threshold=threshold)
     phrase_for_task = shuffled_phrases(task_phrases(data)) if shuffle_prompts else None
     if save_predictions is not None:
         save_predictions.mkdir(parents=True, exist_ok=True)
-    for prediction in predict_tasks(
+    predictions = predict_tasks(
         model,
         data,
         batch_size=batch_size,
@@ -115,9 +139,15 @@ def score(
         phrase_for_task=phrase_for_task,
         skips=run.skips,
         group_by_image=group_by_image,
-    ):
-        run.update(prediction, save_predictions)
-    return run
+        world=world,
+    )
+    try:
+        for prediction in predictions:
+            run.update(prediction, save_predictions)
+    except KeyboardInterrupt:
+        run.finish()  # the blocks scored here: partial results
+        raise
+    return run.finish(world)
 
 
 # ----------------------------------------------------------------------------------------------------- report

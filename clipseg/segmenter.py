@@ -77,12 +77,6 @@ MAX_CACHED_PHRASES = 1000  # the model's phrase cache (2 KB per phrase at ViT-B/
 SESSION_MEMORY_MB = 1024  # default cap on what all sessions retain together
 IDLE_MINUTES = 30  # default: a session unused this long is dropped
 NATIVE = "native aspect"
-NO_MODEL_HELP = (
-    "No model is loaded. Train the small demo model with `make demo` (about 10 minutes on a CPU; the app then "
-    f"finds it in {DEMO_MODEL}/), or start the app with `python app.py --model CIDAS/clipseg-rd64-refined` (the "
-    "released weights, downloaded from the Hugging Face hub: needs network access), a checkpoint directory such as "
-    "`checkpoints/<name>`, or an original `.pth` decoder with `--backbone`."
-)
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -252,39 +246,36 @@ class Session:
 class Segmenter:
     """The page's logic without Gradio: `segment` (image + prompts -> Output) and `rethreshold`.
 
-    model: a loaded CLIPSeg, or None (every call then answers with `no_model_message`); its phrase cache is bounded
-    to MAX_CACHED_PHRASES. Predictions follow predict.py: native aspect (short side = the model's size) or square,
-    maps at the original size, mask = probability > threshold. Calls are serialised by a lock; several sessions
-    share the model. Sessions together retain at most `memory_mb` MB and are dropped after `idle_minutes` unused
-    (`sessions.SessionStore`; `clock` for tests). upload_folders: the only folders files are read from (`build_page`
-    sets Gradio's upload folder); None: any regular file, for use from Python."""
+    model: a loaded CLIPSeg; its phrase cache is bounded to MAX_CACHED_PHRASES. Predictions follow predict.py: native
+    aspect (short side = the model's size) or square, maps at the original size, mask = probability > threshold.
+    Calls are serialised by a lock; several sessions share the model. Sessions together retain at most `memory_mb`
+    MB and are dropped after `idle_minutes` unused (`sessions.SessionStore`; `clock` for tests). upload_folders: the
+    only folders files are read from (`build_page` sets Gradio's upload folder); None: any regular file, for use from
+    Python."""
 
     def __init__(
         self,
-        model: CLIPSeg | None,
+        model: CLIPSeg,
         model_name: str,
         device: str | torch.device | None = None,
         precision: str = "fp32",
         workdir: str | os.PathLike | None = None,
-        no_model_message: str = NO_MODEL_HELP,
         memory_mb: float = SESSION_MEMORY_MB,
         idle_minutes: float = IDLE_MINUTES,
         clock: Callable[[], float] = time.monotonic,
         sam: SamRefiner | None = None,
     ):
         self.model, self.model_name, self.precision, self.sam = model, model_name, precision, sam
-        if model is not None:
-            model.eval()
-            model.text_cache = TextCache(MAX_CACHED_PHRASES)
-            if device is not None:
-                model.to(device)
-        self.image_size = model.config.image_size if model is not None else 352
+        model.eval()
+        model.text_cache = TextCache(MAX_CACHED_PHRASES)
+        if device is not None:
+            model.to(device)
+        self.image_size = model.config.image_size
         self.square_label = f"square {self.image_size}"
-        calibrated = getattr(model.config, "threshold", None) if model is not None else None
+        calibrated = getattr(model.config, "threshold", None)
         self.default_threshold, self.threshold_source = resolve_threshold(None, calibrated)
-        origin = getattr(model.config, "threshold_origin", None) if model is not None else None
+        origin = getattr(model.config, "threshold_origin", None)
         self.threshold_note = describe_threshold(self.default_threshold, self.threshold_source, origin)
-        self.no_model_message = no_model_message
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="clipseg-app-"))
         self.sessions = SessionStore(int(memory_mb * MB), idle_minutes * 60, clock)
         self.upload_folders: tuple[Path, ...] | None = None
@@ -364,8 +355,6 @@ class Segmenter:
     # -- steps --------------------------------------------------------------------------------------
 
     def _segment(self, session, image, prompts_text, support, support_mask, threshold, geometry, controls) -> Output:
-        if self.model is None:
-            raise InputError(self.no_model_message)
         check_threshold(threshold)
         options = controls.pipeline(threshold, self.image_size)
         self._check_sam(options)

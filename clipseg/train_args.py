@@ -18,7 +18,9 @@ from clipseg import runs
 from clipseg.baselines import DEFAULT_VIT, tiny_vit_config
 from clipseg.benchmarks.classes import WordNetMissing, parse_removal
 from clipseg.cli import (
+    TRAINING_PRECISIONS,
     DefaultsHelpFormatter,
+    add_precision_flags,
     dropout_rate,
     explicit_flags,
     layer_list,
@@ -39,6 +41,8 @@ from clipseg.config import (
     check_image_side,
     tiny_clip_config,
 )
+from clipseg.loading import LoadError, resolve_model
+from clipseg.precision import requested_precision
 from clipseg.runs import RunFiles
 from clipseg.sample_pipeline import PROMPT_TEMPLATES
 from clipseg.sampling import (
@@ -107,13 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     optim.add_argument("--warmup", type=non_negative_int, default=0, help="warm-up iterations of --lrs warmup_cosine")
     optim.add_argument("--wd", type=non_negative_float, default=1e-4, help="AdamW weight decay")
-    optim.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="mixed precision: bf16 where native, fp16 with a gradient scaler on GPUs without bf16; CPUs without "
-        "native bf16 (e.g. AVX2) stay in fp32, which is several times faster there",
-    )
+    add_precision_flags(optim, "train")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", choices=("phrasecut", "synthetic", "folder"), default="phrasecut", help="training data")
@@ -212,7 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     arch = parser.add_argument_group("model")
-    arch.add_argument("--init", default=None, help="start from weights: hub id, checkpoint directory or original .pth")
+    arch.add_argument(
+        "--init",
+        default=None,
+        metavar="MODEL",
+        help="start from a model's weights, named as every command's --model: a run name (a folder of "
+        "--checkpoints-dir), a run or checkpoint directory (e.g. checkpoints/NAME/best), a hub id or an original .pth "
+        "(with --backbone)",
+    )
     arch.add_argument(
         "--arch",
         choices=tuple(ARCHITECTURES),
@@ -260,6 +265,19 @@ def datasets_default(kind: str) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    explicit = explicit_flags(parser, argv)
+    try:  # --amp / --no-amp are the older spellings of --precision bf16 / fp32; the default is bf16 (where native)
+        args.precision = requested_precision(args.precision, args.amp) or TRAINING_PRECISIONS[1]
+    except ValueError as err:
+        parser.error(str(err))
+    if "amp" in explicit:
+        explicit = (explicit - {"amp"}) | {"precision"}
+    del args.amp
+    if args.init is not None:  # the model --init names, resolved as every command's --model (clipseg/loading.py)
+        try:
+            args.init = resolve_model(args.init, Path(args.checkpoints_dir))[0]
+        except LoadError as err:
+            parser.error(f"--init: {err}")
     if args.data == "folder" and args.data_root is None:
         parser.error("--data=folder needs --data-root=<your JSONL or CSV index file>")
     if args.data == "folder" and args.remove_classes:
@@ -282,7 +300,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--warmup goes with --lrs warmup_cosine")
     if args.warmup >= args.max_iterations:
         parser.error(f"--warmup={args.warmup} must be below --max-iterations={args.max_iterations}")
-    args.explicit = sorted(explicit_flags(parser, argv))
+    args.explicit = sorted(explicit)
     return args
 
 
@@ -397,6 +415,8 @@ def stored_args(files: RunFiles, args: argparse.Namespace) -> argparse.Namespace
     if not files.args.exists():
         raise TrainingError(f"--resume: {files.args} not found; is {files.dir} a run directory of train.py?")
     stored = json.loads(files.args.read_text())
+    if "amp" in stored:  # a run older than --precision: amp true/false was --precision bf16/fp32
+        stored.setdefault("precision", "bf16" if stored.pop("amp") else "fp32")
     conflicts = [
         f"--{key.replace('_', '-')}={getattr(args, key)} (run has {stored.get(key)})"
         for key in args.explicit

@@ -64,8 +64,8 @@ def conditionals(model: CLIPSeg, batch: Batch, mix_range: tuple[float, float], d
 
 
 def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """--amp: bf16 where native, fp16 with a gradient scaler on GPUs without bf16, fp32 on CPUs without native bf16
-    (see `clipseg.precision.amp_dtype`); None without --amp."""
+    """--precision bf16 (amp): bf16 where native, fp16 with a gradient scaler on GPUs without bf16, fp32 on CPUs
+    without native bf16 (see `clipseg.precision.amp_dtype`); None for --precision fp32."""
     return model_amp_dtype(device) if amp else None
 
 
@@ -86,12 +86,16 @@ def learning_rate_factor(step: int, max_iterations: int, schedule: str, warmup: 
 @dataclass
 class Validation:
     """The validation pass: a fixed, seeded subset of a test-mode split, predicted as score.py does
-    (`clipseg.inference.predict_tasks`: whole images, raw phrases, no negatives)."""
+    (`clipseg.inference.predict_tasks`: whole images, raw phrases, no negatives). Its phrases' text embeddings have
+    a cache of their own, computed in the validation's precision: shared with the training steps (bf16 autocast),
+    a phrase's embedding would depend on which of the two encoded it first, so neither would run in its own
+    precision and a resumed run would not repeat an uninterrupted one."""
 
     data: Dataset
     tasks: list[int]
     batch_size: int
     metric: str = "miou"  # --val-metric: its curve calibrates the threshold (`calibration`)
+    text_cache: dict = field(default_factory=dict)  # phrase -> embedding; the text tower is frozen while training
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> Validation:
@@ -109,22 +113,26 @@ class Validation:
     def run(self, model: CLIPSeg, precision: str) -> dict:
         """val_loss (mean per-task BCE at S x S) and the paper's val_miou, val_iou_fg, val_ap at t = 0.3; the
         calibrated threshold val_threshold and the curve it maximises, val_threshold_curve (`calibration`)."""
-        was_training = model.training
+        was_training, training_cache = model.training, model.text_cache
         model.eval()
+        model.text_cache = self.text_cache
         paper, loss_sum, count = PaperMetrics(), 0.0, 0
-        for prediction in predict_tasks(
-            model,
-            self.data,
-            batch_size=self.batch_size,
-            precision=precision,
-            tasks=self.tasks,
-            description="validation",
-        ):
-            logits, targets = prediction.logits, prediction.batch.masks
-            paper.update(torch.sigmoid(logits), targets)
-            losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=(1, 2, 3))
-            loss_sum, count = loss_sum + float(losses.sum()), count + len(prediction)
-        model.train(was_training)
+        try:
+            for prediction in predict_tasks(
+                model,
+                self.data,
+                batch_size=self.batch_size,
+                precision=precision,
+                tasks=self.tasks,
+                description="validation",
+            ):
+                logits, targets = prediction.logits, prediction.batch.masks
+                paper.update(torch.sigmoid(logits), targets)
+                losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=(1, 2, 3))
+                loss_sum, count = loss_sum + float(losses.sum()), count + len(prediction)
+        finally:
+            model.train(was_training)
+            model.text_cache = training_cache
         if not count:
             raise TrainingError("no validation task could be read (see the warnings above)")
         scores = paper.compute()
@@ -250,7 +258,7 @@ class TrainingLoop:
     ):
         self.args, self.model, self.files, self.world, self.device = args, model, files, world, device
         self.validation = validation
-        self.dtype = amp_dtype(device, args.amp)
+        self.dtype = amp_dtype(device, args.precision == "bf16")
         self.optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=args.lr, weight_decay=args.wd)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -396,7 +404,7 @@ class TrainingLoop:
         """Score the validation subset; a better --val-metric replaces best/ (a complete model)."""
         if self.world.is_main:
             try:
-                scores = self.validation.run(self.model, "fp32" if self.dtype is None else "bf16")
+                scores = self.validation.run(self.model, "fp32")  # as score.py scores: the paper's numbers are fp32
             except NonFiniteOutput as err:
                 raise TrainingError(f"validation at iteration {self.step} stopped: {err}") from err
             self.calibrate(scores)
@@ -524,5 +532,5 @@ class TrainingLoop:
         tasks = ", ".join(batch.task_ids[:4])
         raise NonFiniteLoss(
             f"non-finite loss at iteration {step} (batch tasks {tasks} ...): stopping without saving; {kept}. "
-            "Lower --lr, try --no-amp, or check the data; continue from the checkpoint with --resume"
+            "Lower --lr, try --precision fp32, or check the data; continue from the checkpoint with --resume"
         )

@@ -1,7 +1,9 @@
 """Shared fixtures: small synthetic PhraseCut, VOC and COCO-20i data and a tiny model, made once per session, and
 the path of Debian's chromium for browser tests (`require` skips a test whose system package is missing, failing
 instead under CI=true). Shared helpers (imported `from conftest import ...`): the images, masks and hostile names
-that the predictor, predict.py, the segmenter and app.py tests feed in.
+that the predictor, predict.py, the segmenter and app.py tests feed in; the CPUs of the precision rule, simulated
+(`simulate_cpu`); a free local port, and commands run as one process or under torchrun (`run_command`) with their
+output folders read back (`folder_files`).
 
 32 images, seed 0: 61 train, 16 val, 10 test and 5 miniv tasks (score tests need at least 6 test tasks).
 """
@@ -12,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import struct
 import zipfile
 import zlib
@@ -163,6 +166,34 @@ def require(package: str, install: str) -> None:
     pytest.skip(message)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a test server or a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_command(script: str, argv, cwd: Path, nproc: int | None = None, timeout: float = 600):
+    """`python SCRIPT ARGV` in a fresh process, or with `nproc` processes under torchrun (gloo, rendezvous on
+    127.0.0.1 at a free port); one CPU thread per process, so that sums run in one order however many run."""
+    import subprocess
+    import sys
+
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}"]
+        launcher += ["--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    command = [*launcher, str(repo / script), *map(str, argv)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`: its path relative to `folder` -> its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """The path of Debian's `chromium` browser (for browser tests); skips locally, fails in CI, when missing."""
@@ -191,6 +222,28 @@ def write_support(tmp_path: Path) -> tuple[Path, Path]:
     mask_array[10:40, 20:50] = 255
     Image.fromarray(mask_array).save(mask)
     return support, mask
+
+
+# --------------------------------------------------------------------------------------------- simulated CPUs
+
+# torch.cpu.get_capabilities() of the CPU classes of clipseg.precision's rule: (capabilities, class, predict's default)
+AMX_XEON = {"avx2": True, "avx512_f": True, "avx512_vnni": True, "avx_vnni": True, "avx512_bf16": True,
+            "amx_tile": True, "amx_bf16": True, "amx_int8": True}  # fmt: skip
+VNNI_EPYC = {"avx2": True, "avx512_f": True, "avx512_vnni": True, "avx512_bf16": True}
+AVX_VNNI_CORE = {"avx2": True, "avx_vnni": True}  # a client CPU with AVX-VNNI and no AVX-512
+AVX2_EPYC = {"avx2": True, "fma3": True}
+CPU_CLASSES = [(AMX_XEON, "amx", "bf16"), (VNNI_EPYC, "vnni", "int8"), (AVX_VNNI_CORE, "vnni", "int8"),
+               (AVX2_EPYC, "other", "fp32")]  # fmt: skip
+
+
+def simulate_cpu(monkeypatch, capabilities: dict) -> None:
+    """Make clipseg.precision see a CPU with these torch capabilities, with native bf16 where it has AVX512-BF16 or
+    AMX (torch then runs bf16 emulated on a CPU without it: slower, same results)."""
+    from clipseg import precision
+
+    monkeypatch.setattr(precision, "cpu_capabilities", lambda: capabilities)
+    native = bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
 
 
 # ---------------------------------------------------------------------------------- the app's images and zips
@@ -240,11 +293,10 @@ def read_zip(path: str | Path) -> tuple[dict[str, Image.Image], dict]:
 
 @contextmanager
 def vision_tower_calls(model: CLIPSeg):
-    """Counts passes through CLIP's vision tower (each starts with the patch embedding): yields a Counter."""
+    """Counts passes through CLIP's vision tower (each runs its pre-layer-norm once, in every precision): yields a
+    Counter."""
     counts = Counter()
-    handle = model.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
-        lambda *_: counts.update(["vision"])
-    )
+    handle = model.clip.vision_model.pre_layrnorm.register_forward_hook(lambda *_: counts.update(["vision"]))
     decoder = model.decoder.register_forward_hook(lambda *_: counts.update(["decoder"]))
     try:
         yield counts

@@ -28,10 +28,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import box_mask, huge_png, read_zip, require, save, scene, vision_tower_calls  # noqa: E402
+from conftest import box_mask, free_port, huge_png, read_zip, require, save, scene, vision_tower_calls  # noqa: E402
 
 import app  # noqa: E402
-from clipseg.segmenter import DEFAULT_THRESHOLD, DEMO_MODEL, NATIVE, Output, Segmenter  # noqa: E402
+from clipseg.loading import load_model  # noqa: E402
+from clipseg.segmenter import DEFAULT_THRESHOLD, NATIVE, Output, Segmenter  # noqa: E402
 from clipseg.sessions import MB  # noqa: E402
 from model import CLIPSeg  # noqa: E402
 
@@ -65,19 +66,6 @@ def segmenter(model, tmp_path):
 # --------------------------------------------------------------------------------------- the command line
 
 
-def test_without_a_model_the_page_says_how_to_get_one(tmp_path):
-    demo = tmp_path / "demo"
-    assert app.resolve_model(None, demo=demo) is None and app.resolve_model(None, "best", demo=demo) is None
-    assert app.resolve_model("CIDAS/clipseg-rd64-refined", demo=demo) == "CIDAS/clipseg-rd64-refined"
-    assert app.resolve_model("checkpoints/run", "best", demo=demo) == str(Path("checkpoints/run/best"))
-    demo.mkdir()
-    (demo / "config.json").write_text("{}")
-    assert app.resolve_model(None, demo=demo) == str(demo)
-    assert app.resolve_model(None, "iter_000500", demo=demo) == str(demo / "iter_000500")
-    _, out = Segmenter(None, "none", workdir=tmp_path).segment(None, None, "cat")
-    assert not out.ok and "make demo" in out.message and "--model CIDAS/clipseg-rd64-refined" in out.message
-
-
 def test_cli_checks_its_arguments(capsys):
     args = app.parse_args([])
     assert (args.model, args.port, args.threshold, args.share) == (None, 7860, 0.3, False)
@@ -91,15 +79,24 @@ def test_cli_checks_its_arguments(capsys):
     assert "--threshold must be in [0, 1)" in errors and "--session-memory must be at least 64 (MB)" in errors
 
 
-def test_cli_reports_a_model_it_cannot_load(tmp_path, capsys):
+def test_cli_reports_a_model_it_cannot_load(tiny_checkpoints, tmp_path, capsys, monkeypatch):
+    """As every command: a model that cannot be loaded is a message and exit status 2, never a page without one."""
     gradio_or_skip()
-    assert app.main(["--model", str(tmp_path / "missing")]) == 2
-    assert f"cannot load --model {tmp_path / 'missing'}" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(app, "launch", lambda *args: pytest.fail("served without a model"))
+    assert app.main(["--model", "nope", "--checkpoints-dir", str(tiny_checkpoints)]) == 2
+    assert "nope is neither a run in" in capsys.readouterr().err
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    assert app.main(["--model", str(tmp_path / "broken")]) == 2
+    assert f"error: cannot load the model {tmp_path / 'broken'}: " in capsys.readouterr().err
+    assert app.main([]) == 2  # the default, the released weights, is not in this offline machine's hub cache
+    assert "cannot load the model CIDAS/clipseg-rd64-refined: " in capsys.readouterr().err
 
 
 def test_page_keeps_gradio_analytics_off(segmenter):
     gradio_or_skip()
-    page = app.build_page(segmenter, 0.3, "a notice")
+    page = app.build_page(segmenter, 0.3)
     assert page.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
 
 
@@ -122,16 +119,10 @@ def gradio_or_skip():
         require("gradio", "pip install -r requirements-app.txt")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
-def serving(segmenter: Segmenter, notice: str | None = None):
+def serving(segmenter: Segmenter):
     """The app on a free local port: yields its URL."""
-    page = app.build_page(segmenter, DEFAULT_THRESHOLD, notice)
+    page = app.build_page(segmenter, DEFAULT_THRESHOLD)
     url, _ = app.launch(page, free_port())
     try:
         yield url
@@ -229,6 +220,7 @@ def served(model, browser, tmp_path_factory):
         yield url, segmenter
 
 
+@pytest.mark.slow
 def test_browser_two_text_prompts_give_overlay_heatmaps_and_masks(model, served, browser, tmp_path):
     from playwright.sync_api import expect
 
@@ -267,6 +259,7 @@ def test_browser_two_text_prompts_give_overlay_heatmaps_and_masks(model, served,
     assert "Traceback" not in tab.content()
 
 
+@pytest.mark.slow
 def test_browser_image_prompt_painted_or_uploaded_gives_a_mask(served, browser, tmp_path, monkeypatch):
     url, segmenter = served
     received = []  # the image prompts the server built from what the page sent
@@ -304,6 +297,7 @@ def test_browser_image_prompt_painted_or_uploaded_gives_a_mask(served, browser, 
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.slow
 def test_browser_bad_inputs_show_their_message(served, browser, tmp_path):
     url, _ = served
     tab = open_page(browser, url)
@@ -381,6 +375,7 @@ def status_of(message: dict) -> str:
     return message["output"]["data"][1]
 
 
+@pytest.mark.slow
 def test_the_server_reads_no_file_a_client_names_outside_its_upload_folder(api_server, in_upload_folder, tmp_path):
     url = api_server
     planted = save(scene(64, 48), tmp_path / "planted.png")  # a readable image elsewhere on the server
@@ -508,7 +503,7 @@ def test_the_server_listens_on_loopback_only_and_serves_no_file_outside_its_cach
 
 def make_screenshot(model_source: str, destination: str, executable: str = "/usr/bin/chromium") -> None:
     """Segment the first example image with its prompts in the page and save a screenshot of the page."""
-    segmenter = Segmenter(app.load_model(model_source, None), model_source)
+    segmenter = Segmenter(load_model(model_source, None, "cpu"), model_source)
     with serving(segmenter) as url, chromium_context(executable, tempfile.mkdtemp()) as context:
         tab = open_page(context, url)
         name, prompts = app.EXAMPLES[0]
@@ -527,7 +522,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Save a screenshot of the app segmenting an example image.")
-    parser.add_argument("--model", default=str(DEMO_MODEL))
+    parser.add_argument("--model", default="checkpoints/demo")
     parser.add_argument("--screenshot", default="docs/app.png")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     cli = parser.parse_args()

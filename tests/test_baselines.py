@@ -236,7 +236,7 @@ def test_unsupported_combinations_name_themselves_and_the_fix(tmp_path, capsys):
         in capsys.readouterr().err
     )
     argv = ["--backbone=random-vit-l14", "--refined", "--image-size=350", f"--checkpoints-dir={tmp_path}"]
-    assert train.main([*argv, "--data=synthetic", f"--data-root={tmp_path}"]) == 1
+    assert train.main([*argv, "--data=synthetic", f"--data-root={tmp_path}"]) == 2  # cannot start: bad flags
     assert "refined head upsamples 4 x 4 = 16-fold and fits patch-16 backbones only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.parse_args(["--text-backbone=tiny"])

@@ -1,13 +1,46 @@
-"""bench.py: an --out that cannot be written is refused before anything is measured."""
+"""bench.py: an --out that cannot be written (or names a file, not a folder) is refused before anything is measured;
+the precision rows end with whether predict.py's default is this machine's fastest path that keeps fp32's masks."""
 
 import pytest
+from conftest import AMX_XEON, VNNI_EPYC, simulate_cpu
 
 import bench
+from clipseg.speed.models import default_check, describe_default_check
 
 
 def test_an_unwritable_out_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "measure", lambda *args: pytest.fail("measured although --out cannot be written"))
     (tmp_path / "a_file").write_text("in the way")
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--out", str(tmp_path / "a_file" / "bench.json")])
+        bench.main(["--out", str(tmp_path / "a_file")])
     assert exit_info.value.code == 2 and "a_file is a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--out", str(tmp_path / "bench_results.json")])  # the older form: a file
+    assert exit_info.value.code == 2 and "argument --out: must name a folder" in capsys.readouterr().err
+
+
+def rows(fp32: float, bf16: float, int8: float, int8_agreement: float = 0.997) -> dict:
+    """Batch-1 rows of clipseg.speed.models.time_precision_paths: seconds and mask agreement with our fp32."""
+    return {
+        "hf_fp32": {"seconds": 0.496, "mask_agreement": 0.999},
+        "ours_fp32": {"seconds": fp32, "mask_agreement": 1.0},
+        "ours_bf16": {"seconds": bf16, "mask_agreement": 0.9962},
+        "ours_int8": {"seconds": int8, "mask_agreement": int8_agreement},
+        "onnx_fp32": {"seconds": 0.001, "mask_agreement": 1.0},  # a backend, not a precision: never the answer
+    }
+
+
+def test_the_default_check_says_whether_the_rule_picked_the_fastest_path_that_keeps_the_masks(monkeypatch):
+    simulate_cpu(monkeypatch, AMX_XEON)
+    check = default_check(rows(0.41, 0.181, 0.274), "bf16")  # the AMX Xeon's batch-1 timings (README)
+    assert (check["cpu_class"], check["fastest"], check["default_is_fastest"]) == ("amx", "bf16", True)
+    assert describe_default_check(check).endswith("bf16 (the default is this machine's fastest)")
+    simulate_cpu(monkeypatch, VNNI_EPYC)
+    check = default_check(rows(0.41, 0.181, 0.274), "int8")  # a CPU where the rule would be wrong
+    assert (check["cpu_class"], check["fastest"], check["default_is_fastest"]) == ("vnni", "bf16", False)
+    assert "181 ms against the default's 274 ms): the rule in clipseg/precision.py does not fit" in (
+        describe_default_check(check)
+    )
+    check = default_check(rows(0.41, 0.5, 0.2, int8_agreement=0.994), "int8")  # int8 fastest, but below the bar
+    assert check["fastest"] == "fp32" and "int8" not in check["seconds"]
+    assert "against the default's below the bar or not measured" in describe_default_check(check)

@@ -132,6 +132,7 @@ def test_several_prompts_per_image_share_the_crop_and_keep_each_tasks_target(syn
         dataset.PhraseCut(synthetic_root, "test", train=False, prompts_per_image=2)
 
 
+@pytest.mark.slow
 def test_whole_image_samples_are_the_test_squash_at_the_requested_rate(synthetic_root):
     squashed = dataset.PhraseCut(synthetic_root, "train", train=False, image_size=SMALL)
     rectangular = [i for i in range(len(squashed)) if len(set(squashed[i].image.original_size)) == 2][:100]

@@ -216,9 +216,8 @@ def test_runner_rejects_what_it_cannot_run(runner):
 def test_an_unwritable_export_folder_stops_before_the_model_is_loaded(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(CLIPSeg, "from_pretrained", lambda *a, **k: pytest.fail("loaded before out_dir was checked"))
     (tmp_path / "a_file").write_text("in the way")
-    with pytest.raises(SystemExit) as exit_info:
-        export_main(["some/model", str(tmp_path / "a_file" / "export")])
-    assert exit_info.value.code == 2 and "a_file is a file, not a folder" in capsys.readouterr().err
+    for argv in (["some/model", str(tmp_path / "a_file" / "export")], ["--out", str(tmp_path / "a_file")]):
+        assert export_main(argv) == 2 and "a_file is a file, not a folder" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- an export is untrusted

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CPU_CLASSES, folder_files, run_command, simulate_cpu
 from helpers import parse_gallery
 from PIL import Image
 
 import dataset as datasets
 import failure_test
 from clipseg import failures
+from clipseg.cli import model_source
 from clipseg.failures import THRESHOLDS
 from clipseg.outputs import safe_name
 from failure_test import main
@@ -158,8 +160,8 @@ def test_a_tampered_failures_csv_cannot_make_it_delete_files_elsewhere(checkpoin
 
 
 def test_default_model_is_the_released_refined_weights_and_help_lists_every_flag(capsys):
-    assert failure_test.parse_args([]).model == "CIDAS/clipseg-rd64-refined"
-    assert failure_test.parse_args(["--name", "demo"]).model is None
+    assert model_source(failure_test.parse_args([])) == ("CIDAS/clipseg-rd64-refined", None)
+    assert failure_test.parse_args(["--name", "demo"]).model == failure_test.parse_args(["--model", "demo"]).model
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
@@ -167,10 +169,17 @@ def test_default_model_is_the_released_refined_weights_and_help_lists_every_flag
         assert flag in text
 
 
+@pytest.mark.parametrize(("capabilities", "cpu_class", "fastest"), CPU_CLASSES)
+def test_analyses_in_fp32_unless_asked_on_every_cpu(monkeypatch, capabilities, cpu_class, fastest):
+    simulate_cpu(monkeypatch, capabilities)
+    assert failure_test.parse_args([]).precision == "fp32"  # the paper's numbers are fp32
+    assert failure_test.parse_args(["--precision", "int8"]).precision == "int8"
+
+
 def test_missing_run_is_a_clear_error(checkpoints, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--name", "nope", "--checkpoints-dir", str(checkpoints), "--out", str(tmp_path / "x")])
-    assert exit_info.value.code == 2 and "no trained model in" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "nope is neither a run in" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -194,3 +203,16 @@ def test_a_model_whose_output_overflows_stops_with_a_message(overflowing_checkpo
     assert exit_info.value.code == 2
     assert "stopped after 0 samples: the model's output holds" in capsys.readouterr().err
     assert (out / "index.html").is_file() and not list(out.glob("*.png"))  # the (empty) gallery, no NaN panels
+
+
+def test_torchrun_writes_the_same_gallery_as_one_process(checkpoints, synthetic_root, tmp_path):
+    galleries = {}
+    for nproc in (None, 2):
+        out = tmp_path / f"n{nproc}"
+        argv = [*run_args(checkpoints, synthetic_root, out), "--limit", "10", "--device", "cpu"]
+        done = run_command("failure_test.py", argv, tmp_path, nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stderr.count("samples fail (IoU < 0.5") == 1  # reported by rank 0
+        galleries[nproc] = folder_files(out)
+    assert galleries[2] == galleries[None]  # the panels, failures.csv and index.html
+    assert len(galleries[2]) > 2

@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch.nn.functional as F
+from conftest import folder_files, run_command
 from PIL import Image
 
 import score
@@ -147,8 +148,8 @@ def test_pascal_per_class_iou_equals_the_saved_pngs(pascal_run, synthetic_voc):
 def test_pascal_hsnet_text_prompts_score_at_the_model_size(tiny_checkpoints, synthetic_voc, tmp_path):
     results, _ = run_cli(
         tiny_checkpoints, "--data", "pascal5i", "--data-root", str(synthetic_voc), "--protocol", "hsnet",
-        "--prompt", "text", "--fold", "2", "--episodes", "6", "--save-predictions", str(tmp_path), "--out",
-        str(tmp_path / "scores.json"),
+        "--prompt-kind", "text", "--fold", "2", "--episodes", "6", "--save-predictions", str(tmp_path), "--out",
+        str(tmp_path / "scores"),
     )  # fmt: skip
     labels = synthetic_voc / "VOC2012" / "SegmentationClassAug"
 
@@ -164,7 +165,8 @@ def test_pascal_hsnet_text_prompts_score_at_the_model_size(tiny_checkpoints, syn
     reported = {row["class_id"]: row["iou"] for row in results["per_class"]}
     assert reported == pytest.approx(expected, abs=1e-9)
     assert results["protocol"] == "hsnet" and results["prompt"] == "text" and results["n_samples"] == 6
-    assert json.loads((tmp_path / "scores.json").read_text())["per_fold"]["2"]["n_episodes"] == 6
+    written = tmp_path / "scores" / "scores_pascal5i_hsnet_text_fold2.json"  # named after what was scored
+    assert json.loads(written.read_text())["per_fold"]["2"]["n_episodes"] == 6
 
 
 def test_coco_scores_end_to_end_at_the_papers_threshold(tiny_checkpoints, synthetic_coco, tmp_path):
@@ -234,16 +236,17 @@ def test_phrasecut_visual_prompts_come_from_another_task_with_the_phrase(tiny_ch
         assert sample.prompt_images.shape == (1, 3, SIZE, SIZE)
     results, printed = run_cli(
         tiny_checkpoints, "--data", "synthetic", "--data-root", str(synthetic_root), "--split", "train",
-        "--prompt", "visual", "--limit", "6", "--out", str(tmp_path / "visual.json"),
+        "--prompt-kind", "visual", "--limit", "6", "--out", str(tmp_path),
     )  # fmt: skip
     assert results["prompt"] == "visual" and results["n_samples"] == 6
+    assert json.loads((tmp_path / "scores_synthetic_train_visual_first6.json").read_text())["n_samples"] == 6
     assert results["excluded"]["count"] == len(visual.excluded) and "PhraseCut official" in printed
 
 
 def test_benchmark_options_are_checked(tiny_checkpoints, capsys):
     for arguments, message in (
         (["--data", "pascal5i", "--fold", "4"], "--fold must be 0 .. 3"),
-        (["--data", "voc-zeroshot", "--prompt", "visual"], "21 class names"),
+        (["--data", "voc-zeroshot", "--prompt-kind", "visual"], "21 class names: --prompt-kind text"),
         (["--data", "coco20i", "--threshold", "0.25"], "--threshold must be one of"),
         (["--data", "pascal5i", "--shuffle-prompts"], "--shuffle-prompts"),
     ):
@@ -263,13 +266,30 @@ def test_benchmark_runs_stop_with_a_message_and_exit_status(
     coco = ["--data", "coco20i", "--data-root", str(synthetic_coco), "--fold", "1", "--episodes", "2"]
     for arguments, message in [
         (["--model", str(overflowing_checkpoint), *demo[3:]], "the model's output holds .* NaN or infinite values"),
-        ([*demo, "--splits", str(tmp_path / "crafted")], r"crafted/splits/coco/val/fold1.pkl: refused"),
+        ([*demo, "--splits-dir", str(tmp_path / "crafted")], r"crafted/splits/coco/val/fold1.pkl: refused"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
-            score.main([*arguments, *coco, "--out", str(tmp_path / "scores.json")])
+            score.main([*arguments, *coco, "--out", str(tmp_path / "scores")])
         assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
-    assert not (tmp_path / "marker").exists() and not (tmp_path / "scores.json").exists()
+    assert not (tmp_path / "marker").exists() and not (tmp_path / "scores").exists()
     monkeypatch.setattr(score, "load_model", lambda *args, **kwargs: pytest.fail("loaded before --out was checked"))
     with pytest.raises(SystemExit) as exit_info:
-        score.main([*demo, *coco, "--out", str(crafted / "scores.json")])
+        score.main([*demo, *coco, "--out", str(crafted)])
     assert exit_info.value.code == 2 and "fold1.pkl is a file, not a folder" in capsys.readouterr().err
+
+
+def test_torchrun_pascal_scores_and_pngs_equal_one_processs(tiny_checkpoints, synthetic_voc, tmp_path):
+    outputs = {}
+    for nproc in (None, 2):
+        out = tmp_path / f"n{nproc}"
+        argv = ["demo", "--checkpoints-dir", tiny_checkpoints, "--data", "pascal5i", "--data-root", synthetic_voc]
+        argv += ["--fold", "0", "--batch-size", "4", "--num-workers", "0", "--precision", "fp32", "--device", "cpu"]
+        argv += ["--out", out / "scores", "--save-predictions", out / "png"]
+        done = run_command("score.py", argv, tmp_path, nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (written,) = (out / "scores").glob("*.json")  # the one results file in the --out folder
+        results = json.loads(written.read_text())
+        del results["seconds"]
+        outputs[nproc] = results, folder_files(out / "png")
+    assert outputs[2] == outputs[None]  # metrics, per-class rows, skips; every episode PNG and episodes.jsonl
+    assert outputs[2][0]["n_samples"] > 4 and len(outputs[2][1]) == outputs[2][0]["n_samples"] + 1

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import dataset
-from clipseg.inference import ImageGroups, predict_tasks
+from clipseg.distributed import Distributed, block_size_for
+from clipseg.inference import ImageGroups, predict_batches, predict_tasks
 from clipseg.scoring import score
 from model import CLIPSeg
 
@@ -31,9 +32,9 @@ def data(synthetic_root):
 
 
 def count_encoded_images(model: CLIPSeg) -> list[int]:
-    """Batch sizes of every vision-tower pass, recorded by a hook on the patch embedding."""
+    """Batch sizes of every vision-tower pass, recorded by a hook on its pre-layer-norm (run in every precision)."""
     sizes: list[int] = []
-    model.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
+    model.clip.vision_model.pre_layrnorm.register_forward_hook(
         lambda module, inputs, output: sizes.append(inputs[0].shape[0])
     )
     return sizes
@@ -81,6 +82,26 @@ def test_groups_follow_the_images_and_respect_the_batch_size(data):
     assert sorted(int(t) for item in subset.items for t in item) == [0, 3, 5]
     for batch in groups.batches(3):
         assert sum(len(groups.items[i]) for i in batch) <= 3 or len(batch) == 1
+
+
+def test_with_a_world_batches_never_cross_a_block_and_say_which_block_they_are_of(model, data):
+    groups = data.image_groups()
+    per_image = block_size_for(len(groups))
+    image_of = {data.task_info(int(t)).task_id: image for image, group in enumerate(groups) for t in group}
+    predictions = list(predict_tasks(model, data, batch_size=64, world=Distributed()))
+    assert len(predictions) == -(-len(groups) // per_image) > 1  # one batch per block: blocks cut the batches
+    for prediction in predictions:
+        assert {image_of[task_id] // per_image for task_id in prediction.batch.task_ids} == {prediction.block}
+    plain = list(predict_tasks(model, data, batch_size=64))
+    assert len(plain) == 1 and plain[0].block == 0
+    torch.testing.assert_close(torch.cat([p.logits for p in predictions]), plain[0].logits, atol=1e-5, rtol=0)
+
+
+def test_predict_batches_with_a_world_deals_items_by_blocks(model, data):
+    groups = ImageGroups(data)
+    per_item = block_size_for(len(groups))
+    blocks = [p.block for p in predict_batches(model, groups, batch_size=64, world=Distributed())]
+    assert blocks == list(range(-(-len(groups) // per_item)))
 
 
 def test_decode_with_prompts_per_image_equals_each_image_alone(model):

@@ -13,13 +13,16 @@ from scipy.integrate import simpson
 
 from clipseg.metrics import (
     PAPER_THRESHOLDS,
+    EpisodeMetrics,
     PaperMetrics,
     PhraseCutMetrics,
+    ZeroShotMetrics,
     average_precision,
     binary_iou,
     confusion_counts,
     ious_at_thresholds,
     phrasecut_subsets,
+    sum_states,
 )
 
 AT_03 = 14  # index of t = 0.3 in PAPER_THRESHOLDS
@@ -409,15 +412,77 @@ def test_phrasecut_rejects_batches_and_probabilities():
         metrics.update(np.zeros((4, 4), dtype=bool), np.zeros((4, 5), dtype=bool))
 
 
-def test_boundary_f_score_matches_boundaries_within_the_tolerance():
-    from clipseg.metrics import boundary_f_score
+# ---------------------------------------------------------------------------------------------------- states
 
-    truth = np.zeros((60, 60), dtype=bool)
-    truth[20:40, 20:40] = True
-    assert boundary_f_score(truth, truth) == 1.0
-    assert boundary_f_score(np.roll(truth, 2, axis=1), truth) == 1.0  # every edge pixel within 2 px
-    # shifted 5 px: of each square's 76 edge pixels, 17 on the top row, 17 on the bottom and 4 of one side's ends
-    # lie within 2 px of the other's: precision = recall = 38 / 76
-    assert boundary_f_score(np.roll(truth, 5, axis=1), truth) == pytest.approx(0.5)
-    assert boundary_f_score(np.zeros_like(truth), truth) == 0.0
-    assert boundary_f_score(np.zeros_like(truth), np.zeros_like(truth)) == 1.0
+
+def fresh_metrics() -> list:
+    return [PaperMetrics(), PhraseCutMetrics(), EpisodeMetrics(), ZeroShotMetrics([0, 1, 2], [3, 4], n_classes=5)]
+
+
+def metric_parts(seed: int = 0, n_parts: int = 3, per_part: int = 4):
+    """The four metrics classes fed part by part with random samples: ([`fresh_metrics()` per part], the same
+    classes fed everything in one object)."""
+    rng = np.random.default_rng(seed)
+    parts, whole = [], fresh_metrics()
+    for _ in range(n_parts):
+        part = fresh_metrics()
+        for _ in range(per_part):
+            probs = rng.random((1, 12, 10)).astype(np.float32)
+            targets = rng.random((1, 12, 10)) < rng.random()
+            kind, instances = rng.choice(["name", "relation", "odd/type"]), int(rng.integers(1, 7))
+            class_id = int(rng.integers(1, 4))
+            labels, prediction = rng.integers(0, 5, (6, 6)), rng.integers(0, 5, (6, 6))
+            labels[0, 0] = 255  # ignored
+            for metrics in (part, whole):
+                metrics[0].update(probs, targets)
+                metrics[1].update(probs[0] > 0.3, targets[0], phrase_type=kind, n_instances=instances)
+                metrics[2].update(probs[0], targets[0], class_id, valid=probs[0] < 0.9)
+                metrics[3].update(labels, prediction)
+        parts.append(part)
+    return parts, whole
+
+
+def assert_close(got, expected, rel: float) -> None:
+    """Nested dicts and lists equal, floats to `rel`, everything else exactly."""
+    if isinstance(expected, dict):
+        assert list(got) == list(expected)
+        for key in expected:
+            assert_close(got[key], expected[key], rel)
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=rel, abs=0)
+    else:
+        assert got == expected and type(got) is type(expected)
+
+
+def test_summed_states_give_the_metrics_of_all_samples():
+    parts, whole = metric_parts()
+    for index, (single, merged) in enumerate(zip(whole, fresh_metrics())):
+        merged.load_state(sum_states(part[index].state() for part in parts))
+        assert_close(merged.compute(), single.compute(), rel=1e-12)  # float sums: another order, same to rounding
+        state, merged_state = single.state(), merged.state()
+        assert state.keys() == merged_state.keys()
+        for key, value in state.items():
+            if value.dtype == np.int64:
+                np.testing.assert_array_equal(merged_state[key], value)  # counts add exactly
+            else:
+                np.testing.assert_allclose(merged_state[key], value, rtol=1e-14)
+
+
+def test_a_state_loaded_back_computes_the_same_and_survives_pickling():
+    _, whole = metric_parts(seed=1)
+    for metrics, copy in zip(whole, fresh_metrics()):
+        copy.load_state(pickle.loads(pickle.dumps(metrics.state())))
+        assert copy.compute() == metrics.compute()
+        state = metrics.state()
+        assert all(v.dtype in (np.int64, np.float64) for v in state.values())
+        next(iter(state.values()))[...] = 0  # a copy: the accumulator is not changed
+        assert copy.compute() == metrics.compute()
+
+
+def test_the_sum_of_no_states_is_no_samples_and_a_wrong_shape_is_refused():
+    paper = PaperMetrics()
+    paper.load_state(sum_states([]))
+    with pytest.raises(ValueError, match="no samples"):
+        paper.compute()
+    with pytest.raises(ValueError, match=r"'tp' has shape \(3,\), expected \(49,\)"):
+        paper.load_state({"tp": np.zeros(3, np.int64)})

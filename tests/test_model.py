@@ -58,6 +58,7 @@ def full_clip_config():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refined,reduce_dim", [(True, 64), (False, 16)])
 def test_full_geometry_parity_at_352(tmp_path, full_clip_config, refined, reduce_dim):
     config = CLIPSegConfig(refined=refined, reduce_dim=reduce_dim, clip=full_clip_config)
@@ -223,8 +224,8 @@ def test_encode_once_decode_many_equals_separate_passes(tiny):
 
 def test_vision_tower_stops_at_the_deepest_extracted_block(tiny):
     calls = []
-    hooks = [
-        layer.register_forward_hook(lambda *_, i=i: calls.append(i))
+    hooks = [  # on each block's first layer norm: the frozen blocks run from their parts (clipseg.precision)
+        layer.layer_norm1.register_forward_hook(lambda *_, i=i: calls.append(i))
         for i, layer in enumerate(tiny.clip.vision_model.encoder.layers)
     ]
     try:
@@ -236,6 +237,21 @@ def test_vision_tower_stops_at_the_deepest_extracted_block(tiny):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def test_position_embeddings_are_resized_once_per_grid_and_follow_the_table(tiny_dir):
+    model = CLIPSeg.from_pretrained(tiny_dir).eval()
+    first = model._position_embedding((6, 5))
+    assert model._position_embedding((6, 5)) is first  # kept: no bicubic resize on every call
+    other = model._position_embedding((3, 4))
+    assert other.shape == (1, 1 + 3 * 4, first.shape[-1])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["clip.vision_model.embeddings.position_embedding.weight"] += 1.0
+    model.load_weights(state)  # a new table: resized again
+    renewed = model._position_embedding((6, 5))
+    torch.testing.assert_close(renewed, first + 1.0)  # bicubic weights sum to 1
+    model.clip.vision_model.embeddings.position_embedding.weight.requires_grad_(True)
+    assert model._position_embedding((6, 5)).requires_grad  # a table that learns is resized in the graph
 
 
 def test_rectangular_input_and_batch_of_one(tiny):

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import NASTY_PROMPTS, random_image, write_support
+from conftest import NASTY_PROMPTS, folder_files, random_image, run_command, write_support
 from PIL import Image
 
-import predict
-from clipseg import images
+from clipseg import folder_prediction, images
 from clipseg.predictor import Predictor
 from model import CLIPSeg
 from predict import main
@@ -65,7 +64,7 @@ def test_cli_writes_maps_masks_overlays_and_summary(tiny_dir, model, tmp_path):
         assert prompt["max_probability"] == pytest.approx(probs.max(), abs=1e-6)
         assert Image.open(prompt["files"]["overlay"]).size == (90, 60)
     assert Image.open(entry["overlay"]).size == (90, 60) and Path(entry["overlay"]).name == "overlay.png"
-    assert len(list((out / "photo").iterdir())) == 3 * 3 + 1
+    assert len(list((out / "photo.jpg").iterdir())) == 3 * 3 + 1
 
 
 def test_cli_summary_to_stdout_and_8_bit_maps(tiny_dir, tmp_path, capsys):
@@ -122,7 +121,7 @@ def test_cli_output_names_stay_inside_out_for_any_prompt(tiny_dir, tmp_path):
         assert run_cli(tiny_dir, [tmp_path / "img.png"], out, *prompt_args) == 0
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert all(p.resolve().is_relative_to(out.resolve()) for p in written if p.name != "img.png")
-    assert len(list((out / "img").glob("*.prob.png"))) == len(NASTY_PROMPTS)
+    assert len(list((out / "img.png").glob("*.prob.png"))) == len(NASTY_PROMPTS)
     summary = json.loads((out / "summary.json").read_text())
     assert [p["prompt"] for p in summary["images"][0]["prompts"]] == NASTY_PROMPTS
 
@@ -142,7 +141,7 @@ def test_cli_argument_errors(tiny_dir, tmp_path, capsys):
     assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--visual-prompt", spec) == 2
     assert "support image's size" in capsys.readouterr().err
     assert run_cli(tmp_path / "no_model", [tmp_path / "img.png"], tmp_path / "out", "--prompt", "a") == 2
-    assert "cannot load --model" in capsys.readouterr().err
+    assert f"error: {tmp_path / 'no_model'}: no such directory or file. Runs in checkpoints/" in capsys.readouterr().err
     assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--prompt", "a", "--image-size", "50") == 2
     assert "image size 50 is not a multiple of the patch size 16 of tiny: use 48 or 64" in capsys.readouterr().err
 
@@ -186,7 +185,7 @@ def test_cli_duplicate_prompts_are_segmented_once_with_a_note(tiny_dir, tmp_path
     summary = json.loads((out / "summary.json").read_text())
     assert [p["prompt"] for p in summary["images"][0]["prompts"]] == ["sky", "a dog"]
     assert summary["merged_prompts"] == [{"prompt": "sky", "times": 3}]
-    assert len(list((out / "img").glob("*.prob.png"))) == 2
+    assert len(list((out / "img.png").glob("*.prob.png"))) == 2
 
 
 def test_cli_unreadable_folder_entries_and_decompression_bombs_are_counted_skips(
@@ -210,8 +209,8 @@ def test_cli_unreadable_folder_entries_and_decompression_bombs_are_counted_skips
         "album.jpg": "not a regular file",
         "bomb.png": "too large (300x300 > 50000 pixels)",
     }
-    assert [e["image"] for e in summary["errors"]].count(str(folder / "loop.jpg")) == 2  # listed and given
-    assert summary["processed"] == 1 and summary["skipped"] == 5
+    assert [e["image"] for e in summary["errors"]].count(str(folder / "loop.jpg")) == 1  # listed and given: once
+    assert summary["processed"] == 1 and summary["skipped"] == 4
     assert "loop.jpg: cannot read" in capsys.readouterr().err
 
 
@@ -230,11 +229,98 @@ def test_cli_unwritable_outputs_stop_before_the_model_is_loaded(tmp_path, capsys
 def test_cli_a_summary_that_cannot_be_written_is_printed_instead(tiny_dir, tmp_path, capsys, monkeypatch):
     random_image(40, 30).save(tmp_path / "img.png")
 
-    def disk_full(path, text):
+    def disk_full(path, write):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(predict, "write_text", disk_full)
+    monkeypatch.setattr(folder_prediction, "atomic_write", disk_full)
     assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--prompt", "sky") == 1
     captured = capsys.readouterr()
     assert "error: cannot write the summary" in captured.err and "No space left on device" in captured.err
     assert strict_json(captured.out)["images"][0]["prompts"][0]["prompt"] == "sky"
+
+
+# ---------------------------------------------------------------------------------------- folders, torchrun
+
+
+def photo_folder(tmp_path: Path, n: int = 12) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(n):
+        random_image(40 + 8 * (i % 3), 32, seed=i).save(folder / f"img{i:02d}.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def summary_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_writes_the_same_files_as_one_process_each_image_once(tiny_dir, tmp_path):
+    folder = photo_folder(tmp_path)
+    outputs = {}
+    for nproc in (None, 2):
+        cwd = tmp_path / f"run{nproc}"  # --out "out" inside: the summaries name the same files
+        cwd.mkdir()
+        argv = [folder, "--model", tiny_dir, "--image-size", SIZE, "--prompt", "sky", "--prompt", "a dog"]
+        done = run_command("predict.py", [*argv, "--out", "out", "--precision", "fp32", "--device", "cpu"], cwd, nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stderr.count("processed 12 image(s), skipped 1") == 1  # reported once, by rank 0
+        outputs[nproc] = folder_files(cwd / "out")
+    assert outputs[2] == outputs[None]  # maps, masks, overlays, summary.jsonl, summary.json, run.json
+    lines = summary_lines(tmp_path / "run2" / "out")
+    assert [line["image"] for line in lines] == sorted(str(p) for p in folder.iterdir())  # each input once
+    assert not list((tmp_path / "run2" / "out").glob("summary-rank*"))  # the ranks' files were merged
+
+
+KILLER = """
+import os, sys
+from clipseg import folder_prediction
+real, written = folder_prediction.write_image_outputs, []
+
+def write_then_die(image, probs, prompts, folder, *args):
+    if len(written) == 5:  # the 6th image: one file written, then the process is killed
+        probs[0:1].dump(folder.mkdir(parents=True, exist_ok=True) or folder / "sky.prob.png")
+        os._exit(9)
+    written.append(folder)
+    return real(image, probs, prompts, folder, *args)
+
+folder_prediction.write_image_outputs = write_then_die
+sys.argv = ["predict.py", *sys.argv[1:]]
+import runpy
+runpy.run_path(os.path.join(os.environ["PYTHONPATH"], "predict.py"), run_name="__main__")
+"""
+
+
+def test_a_killed_run_resumes_without_redoing_completed_images(tiny_dir, tmp_path, monkeypatch):
+    folder, out = photo_folder(tmp_path), tmp_path / "out"
+    argv = [folder, "--model", tiny_dir, "--image-size", SIZE, "--out", out, "--prompt", "sky", "--precision", "fp32"]
+    (tmp_path / "kill.py").write_text(KILLER)
+    killed = run_command(tmp_path / "kill.py", [*argv, "--batch-size", "2"], tmp_path)
+    assert killed.returncode == 9, killed.stderr[-3000:]
+    done_before = [json.loads(line)["image"] for line in (out / "summary-rank0.jsonl").read_text().splitlines()]
+    assert len([key for key in done_before if "broken" not in key]) == 5 and not (out / "summary.json").exists()
+    (half_written,) = {path.name for path in out.iterdir() if path.is_dir()} - {Path(k).name for k in done_before}
+    redone, real = [], folder_prediction.write_image_outputs
+
+    def count_and_write(image, probs, prompts, folder, *args):
+        redone.append(folder)
+        return real(image, probs, prompts, folder, *args)
+
+    monkeypatch.setattr(folder_prediction, "write_image_outputs", count_and_write)
+    assert main([*map(str, argv), "--resume"]) == 0
+    assert len(redone) == 12 - 5  # the half-written 6th image and the 6 never started
+    assert not {folder.name for folder in redone} & {Path(key).name for key in done_before}
+    lines = summary_lines(out)
+    assert [line["image"] for line in lines] == sorted(str(p) for p in folder.iterdir())  # each image once
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processed"] == 12 and summary["skipped"] == 1
+    with Image.open(out / half_written / "sky.prob.png") as redone_png:  # the half-written file was replaced
+        assert redone_png.size == Image.open(folder / half_written).size
+
+
+def test_resume_with_other_flags_stops_instead_of_mixing_outputs(tiny_dir, tmp_path, capsys):
+    folder, out = photo_folder(tmp_path, n=2), tmp_path / "out"
+    assert run_cli(tiny_dir, [folder], out, "--prompt", "sky") == 0
+    assert run_cli(tiny_dir, [folder], out, "--prompt", "sky", "--threshold", "0.5", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "error: --resume: " in err and "(threshold differ; see " in err and "choose another --out" in err

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from clipseg.metrics import boundary_f_score
+from clipseg.mask_eval import boundary_f_score
 from clipseg.postprocess import find_instances
 from clipseg.refine import FLOOR_LOGIT, SamRefiner, guided_refine, load_sam
 from clipseg.transforms import full_size_probabilities

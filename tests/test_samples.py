@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dataset
+from clipseg.distributed import Distributed
 from clipseg.samples import ImageInfo, Sample, Skip, SkipLog, Task, collate
 
 SMALL = 64
@@ -66,6 +67,20 @@ def test_a_skip_log_reports_each_item_once_in_order():
         {"task_id": "b", "reason": "other"},
         {"index": 3, "query": "q", "class_id": 2, "reason": "gone"},
     ]
+
+
+def test_a_skip_log_merges_its_blocks_in_block_order_each_item_once():
+    log = SkipLog()
+    log.add([Skip({"task_id": "late"}, "unreadable")], block=4)
+    log.add([Skip({"task_id": "early"}, "unreadable"), Skip({"task_id": "late"}, "again")], block=1)
+    log.add([Skip({"index": 0, "query": "q"}, "missing")], block=2)
+    assert log.merge_ranks(Distributed()) is log  # one process: its own blocks, in block order
+    assert log.reasons == [
+        {"task_id": "early", "reason": "unreadable"},
+        {"index": 0, "query": "q", "reason": "missing"},
+        {"task_id": "late", "reason": "unreadable"},
+    ]
+    assert log.blocks == [1, 2, 4]
 
 
 def test_dataset_batches_with_the_one_collate(synthetic_root):

@@ -8,11 +8,13 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import AMX_XEON, VNNI_EPYC, folder_files, free_port, run_command, simulate_cpu
 from helpers import PAPER_THRESHOLDS, recompute, write_bad_polygons
 from PIL import Image
 
@@ -25,6 +27,8 @@ from score import main
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZE = 64  # the tiny CLIP takes any multiple of 16
 LIMIT = 6
+REPO = Path(__file__).resolve().parents[1]
+SCORES = f"scores_test_first{LIMIT}.json"  # what score_args writes into its --out folder
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +119,7 @@ def test_shuffled_prompts_use_another_samples_phrase_and_write_their_own_file(ch
 
 
 def test_threshold_flag_moves_the_papers_reporting_threshold(checkpoints, synthetic_root, tmp_path, capsys):
-    results = main(score_args(checkpoints, synthetic_root, "--threshold", "0.4", "--out", str(tmp_path / "s.json")))
+    results = main(score_args(checkpoints, synthetic_root, "--threshold", "0.4", "--out", str(tmp_path)))
     paper, _, _, _, _ = recompute(checkpoints, synthetic_root)
     at_04 = int(np.argmin(np.abs(PAPER_THRESHOLDS - 0.4)))
     assert results["paper"]["threshold"] == pytest.approx(0.4)
@@ -136,11 +140,11 @@ def test_interrupt_keeps_the_partial_scores_in_their_own_file(checkpoints, synth
             raise KeyboardInterrupt
 
     monkeypatch.setattr(ScoreRun, "update", update_then_interrupt)
-    out = tmp_path / "scores.json"
+    out = tmp_path / SCORES
     out.write_text('{"earlier": true}')
     with pytest.raises(KeyboardInterrupt):
-        main(score_args(checkpoints, synthetic_root, "--out", str(out)))
-    partial = json.loads((tmp_path / "scores.interrupted.json").read_text())
+        main(score_args(checkpoints, synthetic_root, "--out", str(tmp_path)))
+    partial = json.loads((tmp_path / f"scores_test_first{LIMIT}.interrupted.json").read_text())
     assert partial["interrupted"] is True and partial["n_samples"] == 4
     assert partial["paper"]["n_samples"] == 4
     assert json.loads(out.read_text()) == {"earlier": True}
@@ -174,17 +178,18 @@ def test_unreadable_images_are_counted_and_listed_not_silently_dropped(checkpoin
     bad_path = Path(data[1].image.path)
     bad_tasks = [t["task_id"] for t in data.tasks if t["image_id"] == data.tasks[1]["image_id"]]
     bad_path.write_bytes(b"not an image")
-    out = tmp_path / "scores.json"
+    out = tmp_path / "scores"
     with pytest.warns(UserWarning, match="skipped task"):
         results = main(score_args(checkpoints, root, "--out", str(out)))
     reported = {entry["task_id"] for entry in results["skipped"]["samples"]}
     assert reported == set(bad_tasks)
     assert results["skipped"]["count"] == len(bad_tasks)
     assert results["n_samples"] + len(bad_tasks) == LIMIT
-    assert json.loads(out.read_text())["skipped"]["count"] == len(bad_tasks)
+    assert json.loads((out / SCORES).read_text())["skipped"]["count"] == len(bad_tasks)
     assert f"{len(bad_tasks)} skipped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_tenth_of_the_images_corrupt_scores_the_same_as_the_clean_rest(checkpoints, synthetic_root, tmp_path):
     """Soak: skipped samples are reported and leave the scores of the others exactly as without them."""
     damaged, clean = tmp_path / "damaged", tmp_path / "clean"
@@ -221,7 +226,8 @@ def exits_with(code: int, capsys, pattern: str, argv: list[str]) -> None:
 
 
 def test_missing_run_lists_the_available_runs(checkpoints, capsys):
-    exits_with(2, capsys, "error: no trained model in .*nope.*: demo", ["nope", "--checkpoints-dir", str(checkpoints)])
+    pattern = "error: nope is neither a run in .* nor a directory. Runs in .*: demo"
+    exits_with(2, capsys, pattern, ["nope", "--checkpoints-dir", str(checkpoints)])
 
 
 def test_missing_phrasecut_data_names_the_folder(checkpoints, tmp_path, capsys):
@@ -240,7 +246,7 @@ def test_bad_options_are_rejected_with_a_message(capsys):
         (["demo", "--threshold", "1.5"], "--threshold"),
         (["demo", "--image-size", "0"], "--image-size"),
         (["demo", "--limit", "0"], "--limit"),
-        ([], "NAME"),
+        (["demo", "--model", "other"], "give the model once: MODEL (demo) or --model (other)"),
     ]:
         with pytest.raises(SystemExit):
             main(flags)
@@ -257,15 +263,16 @@ def test_help_explains_every_flag(capsys):
         assert flag in text
 
 
-def test_the_default_precision_is_precision_pys_and_is_recorded(checkpoints, synthetic_root, tmp_path):
-    from clipseg.precision import default_precision
-
-    args = score_args(checkpoints, synthetic_root, "--out", str(tmp_path / "s.json"))
+@pytest.mark.parametrize("capabilities", [AMX_XEON, VNNI_EPYC], ids=["amx", "vnni"])
+def test_scores_in_fp32_unless_asked_on_every_cpu(checkpoints, synthetic_root, tmp_path, monkeypatch, capabilities):
+    """The paper's numbers are fp32: also where predict.py defaults to bf16 (AMX) or int8 (VNNI)."""
+    simulate_cpu(monkeypatch, capabilities)
+    args = score_args(checkpoints, synthetic_root, "--out", str(tmp_path))
     args.remove("--precision")
     args.remove("fp32")
     results = main(args)
-    assert results["precision"] == default_precision(torch.device("cpu"))
-    assert json.loads((tmp_path / "s.json").read_text())["precision"] == results["precision"]
+    assert results["precision"] == "fp32"
+    assert json.loads((tmp_path / SCORES).read_text())["precision"] == "fp32"
 
 
 def strict_json(path: Path) -> dict:
@@ -284,7 +291,8 @@ def test_an_unwritable_out_stops_before_the_model_is_loaded(checkpoints, synthet
     monkeypatch.setattr(score, "load_model", no_loading)
     (tmp_path / "a_file").write_text("in the way")
     for flags in (
-        ["--out", str(tmp_path / "a_file" / "scores.json")],
+        ["--out", str(tmp_path / "a_file" / "scores")],
+        ["--out", str(tmp_path / "a_file")],
         ["--save-predictions", str(tmp_path / "a_file")],
     ):
         exits_with(
@@ -293,7 +301,6 @@ def test_an_unwritable_out_stops_before_the_model_is_loaded(checkpoints, synthet
             r"error: cannot write .*a_file.* is a file, not a folder",
             score_args(checkpoints, synthetic_root, *flags),
         )
-    exits_with(2, capsys, "it is a folder", score_args(checkpoints, synthetic_root, "--out", str(tmp_path)))
 
 
 def test_a_failed_write_after_scoring_keeps_the_printed_table_and_exits_1(
@@ -307,20 +314,20 @@ def test_a_failed_write_after_scoring_keeps_the_printed_table_and_exits_1(
         1,
         capsys,
         r"scores printed above were NOT saved: .*No space left",
-        score_args(checkpoints, synthetic_root, "--out", str(tmp_path / "s.json")),
+        score_args(checkpoints, synthetic_root, "--out", str(tmp_path)),
     )
     monkeypatch.undo()
     capsys.readouterr()
-    results = main(score_args(checkpoints, synthetic_root, "--out", str(tmp_path / "s.json")))
+    results = main(score_args(checkpoints, synthetic_root, "--out", str(tmp_path)))
     printed = capsys.readouterr().out
     assert f"| t = 0.30 | {results['paper']['miou'] * 100:.1f} |" in printed
-    assert strict_json(tmp_path / "s.json")["paper"] == results["paper"]
+    assert strict_json(tmp_path / SCORES)["paper"] == results["paper"]
 
 
 def test_a_model_whose_output_overflows_stops_with_a_message_and_no_scores(
     overflowing_checkpoint, synthetic_root, tmp_path, capsys
 ):
-    out = tmp_path / "s.json"
+    out = tmp_path / "scores"
     argv = ["--model", str(overflowing_checkpoint), "--data", "synthetic", "--data-root", str(synthetic_root),
             "--limit", "4", "--num-workers", "0", "--precision", "fp32", "--out", str(out)]  # fmt: skip
     exits_with(2, capsys, r"scoring stopped after 0 samples: the model's output holds \d+ NaN or infinite values", argv)
@@ -330,9 +337,54 @@ def test_a_model_whose_output_overflows_stops_with_a_message_and_no_scores(
 def test_bad_polygons_are_reported_with_the_excluded_tasks(checkpoints, damaged_root, tmp_path, capsys):
     first, second, third = write_bad_polygons(damaged_root, "test")
     with pytest.warns(UserWarning, match="4 bad polygons left out"):
-        results = main(score_args(checkpoints, damaged_root, "--out", str(tmp_path / "s.json")))
+        results = main(score_args(checkpoints, damaged_root, "--out", str(tmp_path)))
     assert "2 excluded (4 bad polygons left out)" in capsys.readouterr().out
-    saved = strict_json(tmp_path / "s.json")
+    saved = strict_json(tmp_path / SCORES)
     assert saved["excluded"] == results["excluded"] and [t[0] for t in saved["excluded"]["tasks"]] == [second, third]
     assert saved["excluded_polygons"]["count"] == 4
     assert [t[:2] for t in saved["excluded_polygons"]["tasks"]] == [[first, 1], [second, 2], [third, 1]]
+
+
+# ------------------------------------------------------------------------------------------------- torchrun
+
+
+def scored_by(nproc, checkpoints, synthetic_root, out: Path, *extra) -> tuple[dict, dict[str, bytes], str]:
+    """score.py as one process or `nproc` under torchrun: (results without the time taken, PNGs, stdout)."""
+    argv = ["demo", "--checkpoints-dir", checkpoints, "--data", "synthetic", "--data-root", synthetic_root, *extra]
+    argv += ["--batch-size", "4", "--num-workers", "0", "--precision", "fp32", "--device", "cpu"]
+    argv += ["--out", out / "scores", "--save-predictions", out / "png"]
+    done = run_command("score.py", argv, out.parent, nproc)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = (out / "scores").glob("*.json")  # the one results file in the --out folder
+    results = json.loads(written.read_text())
+    del results["seconds"]
+    return results, folder_files(out / "png"), done.stdout
+
+
+def test_torchrun_scores_and_pngs_equal_one_processs(checkpoints, synthetic_root, tmp_path):
+    one, one_pngs, _ = scored_by(None, checkpoints, synthetic_root, tmp_path / "one")
+    two, two_pngs, printed = scored_by(2, checkpoints, synthetic_root, tmp_path / "two")
+    assert one["n_samples"] == 10 and len(one_pngs) == 10  # every test task of the synthetic split
+    assert two == one  # bit for bit: the same per-block sums added in the same order
+    assert two_pngs == one_pngs
+    assert printed.count("| threshold | mIoU") == 1  # the table printed once, by rank 0
+
+
+def test_ranks_given_different_models_stop_with_the_fingerprint_error(
+    checkpoints, tiny_checkpoint, synthetic_root, tmp_path
+):
+    other = tiny_checkpoint("other", seed=7, image_size=SIZE)
+    port, processes = free_port(), []
+    for rank, model in enumerate([checkpoints / "demo", other]):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO)}
+        argv = ["--model", model, "--data", "synthetic", "--data-root", synthetic_root, "--num-workers", "0"]
+        argv += ["--device", "cpu", "--out", tmp_path / f"rank{rank}"]
+        command = [sys.executable, str(REPO / "score.py"), *map(str, argv)]
+        processes.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, stderr[-3000:]
+        assert "error: the ranks were not started alike: they differ in model (rank 0 " in stderr
+        assert "Start every rank with the same model, flags and data" in stderr and "Traceback" not in stderr
+    assert not list(tmp_path.glob("rank*/*.json"))  # nothing scored, nothing written

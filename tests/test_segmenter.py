@@ -214,6 +214,7 @@ def test_the_phrase_cache_stays_bounded(model, tmp_path, monkeypatch):
     np.testing.assert_allclose(session.result.probabilities(), expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_session_keeps_under_64_mb_with_a_4096_image_and_20_prompts(tiny_checkpoint, tmp_path):
     model = CLIPSeg.from_pretrained(tiny_checkpoint("at352", image_size=352)).eval()  # the released models' size
     pixels = np.zeros((4096, 4096, 3), dtype=np.uint8)

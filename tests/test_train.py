@@ -22,8 +22,10 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 import dataset
+import model as model_module
 import train
 from clipseg import outputs, runs, sampling, train_args, training
+from clipseg.frozen_clip import run_frozen_block
 from clipseg.samples import ImageInfo, Sample, Task, collate
 from model import CLIPSeg, TextCache
 
@@ -84,6 +86,7 @@ class SyntheticView(Dataset):
 # ------------------------------------------------------------------------------------------------ learning
 
 
+@pytest.mark.slow
 def test_loss_falls_and_run_directory_is_complete(tmp_path, synthetic_root):
     summary = run(flags(tmp_path, synthetic_root, "--name=learn", "--max-iterations=40", "--ckpt=20", "--lr=3e-3"))
     run_dir = tmp_path / "ck" / "learn"
@@ -113,6 +116,7 @@ def test_loss_falls_and_run_directory_is_complete(tmp_path, synthetic_root):
         assert torch.equal(value, state["decoder"][key])
 
 
+@pytest.mark.slow
 def test_overfits_one_batch(tmp_path, synthetic_root):
     import dataset
 
@@ -140,6 +144,7 @@ def test_overfits_one_batch(tmp_path, synthetic_root):
     assert curve[-1] < 0.1
 
 
+@pytest.mark.slow
 def test_weight_decay_is_applied(tmp_path, synthetic_root):
     norms = {}
     for wd in ("0", "30"):
@@ -207,8 +212,9 @@ def test_dropout_flag_reaches_every_decoder_dropout(tmp_path, synthetic_root):
     for rate in (0.0, 0.3):
         model = train_args.build_model(train.parse_args(flags(tmp_path, synthetic_root, f"--dropout={rate}")))
         assert model.config.dropout == rate
-        assert {m.p for m in model.decoder.modules() if isinstance(m, torch.nn.Dropout)} == {rate}
-        assert {layer.self_attn.dropout for layer in model.decoder.layers} == {rate}
+        assert {(layer.dropout, layer.self_attn.dropout, layer.mlp.dropout) for layer in model.decoder.layers} == {
+            (rate, rate, rate)
+        }
 
 
 def test_whole_image_prob_reaches_the_training_set(tmp_path, synthetic_root):
@@ -219,12 +225,13 @@ def test_whole_image_prob_reaches_the_training_set(tmp_path, synthetic_root):
         assert data.train and data.whole_image_prob == share
 
 
-def test_amp_description_names_why_mixed_precision_is_off():
+def test_precision_description_names_why_mixed_precision_is_off():
     cpu, mps = torch.device("cpu"), torch.device("mps")
-    assert train.amp_description(True, torch.bfloat16, cpu) == "bfloat16"
-    assert train.amp_description(False, None, cpu) == "off"
-    assert "no native bf16 on this CPU" in train.amp_description(True, None, cpu)
-    assert train.amp_description(True, None, mps) == "off (no mixed precision on mps)"
+    assert train.precision_description("bf16", torch.bfloat16, cpu) == "bf16 (mixed, bfloat16)"
+    assert train.precision_description("bf16", torch.float16, torch.device("cuda")) == "bf16 (mixed, float16)"
+    assert train.precision_description("fp32", None, cpu) == "fp32"
+    assert "no native bf16 on this CPU" in train.precision_description("bf16", None, cpu)
+    assert train.precision_description("bf16", None, mps) == "fp32 (no mixed precision on mps)"
 
 
 def test_learning_rate_schedule():
@@ -257,6 +264,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert [r["step"] for r in runs.read_log(run_dir / "log.jsonl") if "loss" in r] == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resume_is_bitwise_exact(tmp_path, synthetic_root, reference):
     def interrupt_in_iteration_7(reads, sample):
         if reads == 6 * 4 + 1:
@@ -270,6 +278,39 @@ def test_ctrl_c_saves_and_resume_is_bitwise_exact(tmp_path, synthetic_root, refe
     assert training_state(run_dir)["step"] == 7
     assert train.main([*argv, "--resume"]) == 0
     assert_same_run(run_dir, reference)
+
+
+def test_bf16_resume_is_bitwise_exact(tmp_path, synthetic_root, monkeypatch):
+    """--amp in bf16 (forced: emulated where the CPU has no native bf16): the frozen blocks run from bf16 copies of
+    their weights, remade from the loaded checkpoint on resume, and the run still ends bit for bit as an
+    uninterrupted one."""
+    monkeypatch.setattr(training, "model_amp_dtype", lambda device: torch.bfloat16)
+    dtypes = set()
+
+    def recorded(layer, x, dtype, scratch):
+        dtypes.add(dtype)
+        return run_frozen_block(layer, x, dtype, scratch)
+
+    monkeypatch.setattr(model_module, "run_frozen_block", recorded)
+
+    def interrupt_in_iteration_4(reads, sample):
+        if reads == 3 * 4 + 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return sample
+
+    runs_dirs = []
+    for name, hook in (("whole", None), ("resumed", interrupt_in_iteration_4)):
+        argv = flags(tmp_path / name, synthetic_root, "--name=amp", "--max-iterations=6", "--ckpt=2", "--amp")
+        summary = run(argv, dataset=SyntheticView(synthetic_root, hook))
+        if hook is not None:
+            assert summary.stopped_early and summary.step == 4
+            assert train.main([*argv, "--resume"]) == 0
+        runs_dirs.append(tmp_path / name / "ck" / "amp")
+    whole, resumed = (decoder_weights(d) for d in runs_dirs)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    assert losses(runs_dirs[0]) == losses(runs_dirs[1])
+    assert dtypes == {torch.bfloat16}  # every training step ran the bf16 blocks
 
 
 def kill_training_when(argv: list[str], cwd: Path, condition) -> None:
@@ -290,6 +331,7 @@ def kill_training_when(argv: list[str], cwd: Path, condition) -> None:
     process.stderr.close()
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path, synthetic_root, reference):
     argv = flags(tmp_path, synthetic_root, "--name=ref", "--max-iterations=12", "--ckpt=1")
     run_dir = tmp_path / "ck" / "ref"
@@ -320,6 +362,7 @@ sys.exit(train.main(sys.argv[4:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["model.safetensors", "train_state.pt"])
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, synthetic_root, reference, target):
     argv = flags(tmp_path, synthetic_root, "--name=ref", "--max-iterations=12", "--ckpt=4")
@@ -341,6 +384,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, synt
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_safetensors_write_keeps_the_previous_checkpoint_and_resumes(
     tmp_path, synthetic_root, reference, monkeypatch, capsys
 ):
@@ -373,10 +417,11 @@ def test_resume_from_a_damaged_model_file_is_a_message(tmp_path, synthetic_root,
     run(argv)
     weights = tmp_path / "ck" / "cut" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
-    assert train.main([*argv, "--resume", "--max-iterations=4"]) == 1
+    assert train.main([*argv, "--resume", "--max-iterations=4"]) == 2  # a model that cannot be loaded: bad input
     assert f"--resume: cannot load the run's model: {weights}: not a readable safetensors" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_run_with_loader_workers_exits_when_done(tmp_path, synthetic_root):
     argv = [*flags(tmp_path, synthetic_root, "--name=workers", "--max-iterations=3"), "--num-workers=2"]
     result = subprocess.run(
@@ -414,9 +459,62 @@ def test_resume_of_a_run_older_than_a_flag_keeps_the_flags_default(tmp_path, syn
     assert run([*argv, "--resume", "--max-iterations=3"]).step == 3
 
 
+def test_resume_of_a_run_from_before_precision_keeps_its_amp_choice(tmp_path, synthetic_root, monkeypatch):
+    """Runs whose args.json holds amp (true/false) and no precision resume as --precision bf16/fp32."""
+    argv = flags(tmp_path, synthetic_root, "--name=amp", "--max-iterations=2")
+    run(argv)
+    args_file = tmp_path / "ck" / "amp" / "args.json"
+    stored = json.loads(args_file.read_text())
+    assert stored["precision"] == "bf16" and "amp" not in stored  # the default: mixed precision where native
+    del stored["precision"]
+    args_file.write_text(json.dumps({**stored, "amp": False}))
+    asked = []
+    monkeypatch.setattr(training, "amp_dtype", lambda device, amp: asked.append(amp))
+    assert run([*argv, "--resume", "--max-iterations=3"]).step == 3 and asked == [False]
+    args_file.write_text(json.dumps({**stored, "amp": True}))
+    with pytest.raises(train.TrainingError, match=r"--precision=fp32 \(run has bf16\)"):
+        run([*argv, "--resume", "--no-amp", "--max-iterations=4"])
+    assert run([*argv, "--resume", "--amp", "--max-iterations=4"]).step == 4 and asked == [False, True]
+
+
+def test_validation_runs_in_fp32_also_when_training_in_bf16(tmp_path, synthetic_root, monkeypatch):
+    """The paper's numbers are fp32: validation, which picks best/, scores as score.py does by default."""
+    monkeypatch.setattr(training, "amp_dtype", lambda device, amp: torch.bfloat16 if amp else None)
+    real_run, precisions = training.Validation.run, []
+
+    def recording(self, model, precision):
+        precisions.append(precision)
+        return real_run(self, model, precision)
+
+    monkeypatch.setattr(training.Validation, "run", recording)
+    argv = flags(tmp_path, synthetic_root, "--name=v", "--max-iterations=2", "--val-interval=2", "--val-samples=3")
+    assert run([*argv, "--precision=bf16"]).step == 2 and precisions == ["fp32"]
+
+
+def test_validation_encodes_its_phrases_in_a_cache_of_its_own(tmp_path, synthetic_root):
+    """Validation runs fp32 beside bf16 training steps: with one shared phrase cache an embedding depended on which
+    of the two encoded it first, and a resumed run no longer repeated an uninterrupted one."""
+    args = train.parse_args(flags(tmp_path, synthetic_root, "--name=c", "--val-interval=2", "--val-samples=3"))
+    validation = training.Validation.of(args)
+    torch.manual_seed(0)
+    model = CLIPSeg.from_backbone("tiny", image_size=64)
+    phrases = {validation.data.task_info(i).phrase for i in validation.tasks}
+    model.text_cache = training_cache = TextCache(100)
+    stale = {phrase: torch.zeros(model.config.clip.projection_dim) for phrase in phrases}  # e.g. bf16 encodings
+    training_cache.update(stale)
+    first = validation.run(model, "fp32")
+    assert model.text_cache is training_cache and dict(training_cache) == stale  # left as the training steps had it
+    assert set(validation.text_cache) == phrases
+    with torch.no_grad():
+        for phrase, embedding in validation.text_cache.items():
+            assert torch.equal(embedding, model.embed_token_ids(*model.tokenize([phrase]))[0])  # fp32, its own
+    assert validation.run(model, "fp32") == first
+
+
 # ----------------------------------------------------------------------------------------- multi-process
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_keep_identical_replicas(tmp_path, synthetic_root):
     argv = flags(tmp_path, synthetic_root, "--name=ddp", "--max-iterations=3", "--ckpt=2")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -492,6 +590,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_r
         assert torch.isfinite(value).all()
 
 
+@pytest.mark.slow
 def test_fp16_overflow_is_skipped_by_the_gradient_scaler(tmp_path, synthetic_root, monkeypatch):
     """GPUs without bf16 train in fp16 with a GradScaler: a step whose fp16 gradients overflow is skipped (weights
     untouched) and the scale is lowered until the steps fit. Forced on the CPU with an absurd initial scale."""
@@ -527,6 +626,7 @@ def test_unwritable_or_full_output_fails_before_training(tmp_path, synthetic_roo
     assert not (tmp_path / "ck" / "full" / "log.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, synthetic_root, capsys):
     root = tmp_path / "damaged"
     shutil.copytree(synthetic_root, root)
@@ -648,6 +748,7 @@ def test_score_py_scores_the_best_checkpoint(validated, synthetic_root, capsys):
     assert results["model"].endswith("val/best") and results["n_samples"] == 3
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_keeps_the_best(tmp_path, synthetic_root, validated):
     reference_dir, _, argv = validated
     argv = [a.replace(str(reference_dir.parent.parent), str(tmp_path)) for a in argv]
@@ -674,6 +775,7 @@ def assert_same_weights(first: Path, second: Path) -> None:
 # --------------------------------------------------------------------------------------- lean checkpoints
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_the_decoder_while_training_and_the_whole_model_at_the_end(tmp_path, synthetic_root):
     torch.manual_seed(0)
     init = CLIPSeg.from_backbone("tiny").save_pretrained(tmp_path / "init")
@@ -712,7 +814,7 @@ def test_several_prompts_per_crop_run_the_vision_tower_once_per_crop(tmp_path, s
     args = train.parse_args(flags(tmp_path, synthetic_root, "--prompts-per-image=4", "--batch-size=8"))
     model = train_args.build_model(args)
     crops = []
-    model.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
+    model.clip.vision_model.pre_layrnorm.register_forward_hook(  # once per tower pass, in fp32 and in bf16
         lambda module, inputs, output: crops.append(inputs[0].shape[0])
     )
     data = train_args.build_training_set(args)
@@ -726,6 +828,7 @@ def test_several_prompts_per_crop_run_the_vision_tower_once_per_crop(tmp_path, s
     assert len(batch.phrases) == 8 and batch.masks.shape == (8, 1, 64, 64) and batch.prompts_per_image == [4, 4]
 
 
+@pytest.mark.slow
 def test_loss_falls_with_several_prompts_per_image(tmp_path, synthetic_root):
     argv = flags(tmp_path, synthetic_root, "--name=k4", "--max-iterations=30", "--ckpt=30", "--lr=3e-3")
     summary = run([*argv, "--prompts-per-image=4", "--batch-size=8"])

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
         ("--lrs=linear", "--lrs: invalid choice"),
         ("--data=coco", "--data: invalid choice"),
         ("--name=../escape", "--name: must be a plain directory name"),
+        ("--name=+x", "--name: must be a plain directory name"),
         ("--extract-layers=6,3", "--extract-layers: must be strictly increasing"),
         ("--wd=nan", "--wd: must be a number >= 0"),
         ("--data=folder", "--data=folder needs --data-root"),
@@ -40,7 +41,7 @@ def test_the_makefiles_demo_flags_parse_and_match_the_docstring():
     makefile = (REPO / "Makefile").read_text()
     demo = re.search(r"^DEMO_TRAIN \?= ((?:.*\\\n)*.*)$", makefile, re.M).group(1).replace("\\\n", " ").split()
     args = train_args.parse_args(["--name=demo", "--data=synthetic", *demo])
-    assert (args.backbone, args.image_size, args.amp, args.extract_layers) == ("tiny", 128, False, (0, 1, 2))
+    assert (args.backbone, args.image_size, args.precision, args.extract_layers) == ("tiny", 128, "fp32", (0, 1, 2))
     assert args.whole_image_prob == 0.5 and args.max_iterations == 4400
     documented = train.__doc__[train.__doc__.index("--name=demo") :].split("Everything a run writes")[0]
     assert set(demo) <= set(documented.replace("\\", " ").split())
@@ -52,5 +53,40 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for action in train_args.build_parser()._actions:
         assert action.help, action.dest
-    for flag in ("--batch-size", "--resume", "--init", "--mix", "--amp", "--no-amp", "--learning-rate", "--wd"):
+    for flag in ("--batch-size", "--resume", "--init", "--mix", "--precision", "--amp", "--no-amp", "--learning-rate"):
         assert flag in text
+
+
+def test_precision_default_amp_and_no_amp():
+    """Training keeps mixed precision (bf16 where native) by default; --amp/--no-amp are --precision bf16/fp32."""
+    assert train_args.parse_args([]).precision == "bf16"
+    assert train_args.parse_args(["--amp"]).precision == "bf16"
+    no_amp = train_args.parse_args(["--no-amp"])
+    assert no_amp.precision == "fp32" and "precision" in no_amp.explicit and not hasattr(no_amp, "amp")
+    assert train_args.parse_args(["--precision=fp32"]).precision == "fp32"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--precision=int8"], "--precision: invalid choice: 'int8'"),
+        (["--precision=bf16", "--no-amp"], "--no-amp means --precision fp32; it contradicts --precision bf16"),
+        (["--init=nope"], "--init: nope is neither a run in checkpoints/ nor a directory"),
+    ],
+)
+def test_bad_precision_and_init_flags_are_argparse_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_args.parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_init_takes_what_every_commands_model_takes(tiny_checkpoints, tmp_path):
+    """A run name under --checkpoints-dir, a directory or a hub id (resolved, not loaded)."""
+    flags = [f"--checkpoints-dir={tiny_checkpoints}", "--name=new"]
+    assert train_args.parse_args([*flags, "--init=demo"]).init == str(tiny_checkpoints / "demo")
+    assert train_args.parse_args([*flags, f"--init={tiny_checkpoints / 'demo'}"]).init == str(tiny_checkpoints / "demo")
+    assert train_args.parse_args([*flags, "--init=CIDAS/clipseg-rd64-refined"]).init == "CIDAS/clipseg-rd64-refined"
+
+
+def test_a_run_name_may_hold_a_plus_as_the_papers_pc_plus():
+    assert train_args.parse_args(["--name=pc+", "--mix"]).name == "pc+"

@@ -228,6 +228,7 @@ def limit_memory() -> None:
     ],
     ids=["truncated", "nan", "int64", "bool", "hidden_size 1e9", "0 heads", "patch size 0"],
 )
+@pytest.mark.slow
 def test_predict_reports_a_bad_model_file_with_exit_2_and_no_traceback(good, tmp_path, edit, message):
     directory = damaged_copy(good, tmp_path, **edit)
     Image.new("RGB", (40, 30), "red").save(tmp_path / "photo.png")
@@ -241,5 +242,5 @@ def test_predict_reports_a_bad_model_file_with_exit_2_and_no_traceback(good, tmp
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert f"error: cannot load --model {directory}: {directory}/{message}" in result.stderr
+    assert f"error: cannot load the model {directory}: {directory}/{message}" in result.stderr
     assert "Traceback" not in result.stderr

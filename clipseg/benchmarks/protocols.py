@@ -44,10 +44,11 @@ from clipseg.benchmarks.classes import (
     zero_shot_unseen,
 )
 from clipseg.benchmarks.readers import Coco20i, LabelledImage, VocData, coco_query_id, label_counts, read_pair
+from clipseg.distributed import Distributed, gather_blocks, gather_lists, merge_rank_metrics
 from clipseg.images import VOID_LABEL, UnreadableImage, open_rgb, read_label
 from clipseg.inference import predict_batches
 from clipseg.metrics import EpisodeMetrics, ZeroShotMetrics
-from clipseg.outputs import json_text, safe_name
+from clipseg.outputs import json_text, safe_name, write_text
 from clipseg.rasterise import instances_to_mask
 from clipseg.samples import ImageInfo, Sample, Skip, SkipLog, Task
 from clipseg.scoring import ScoreRun
@@ -235,45 +236,47 @@ def score_episodes(
     precision: str = "fp32",
     save_dir: Path | None = None,
     description: str = "episodes",
+    world: Distributed | None = None,
 ) -> FoldRun:
-    """Score every episode of `data` into `run` (pass the run in to keep partial results on interrupt). With
-    `save_dir`: one PNG per episode (0/255, probability > the report threshold, at the resolution it was scored
-    at) named `<episode>__<query>__<class>__<support>.png`, listed in `episodes.jsonl` with its counts."""
+    """Score every episode of `data` into `run`. With `save_dir`: one PNG per episode (0/255, probability > the
+    report threshold, at the resolution it was scored at) named `<episode>__<query>__<class>__<support>.png`,
+    listed in `episodes.jsonl` with its counts. world: this rank's blocks of episodes, every rank's merged into
+    `run` (PNGs written by the rank that made them, episodes.jsonl by rank 0, in episode order)."""
+    world = world or Distributed()
     threshold = float(run.metrics.thresholds[run.metrics.report_index])
-    log = None
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-        log = open(save_dir / "episodes.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+    records, n_episodes = {}, 0
     predictions = predict_batches(
         model,
         data,
         batch_size=batch_size,
+        world=world,
         num_workers=num_workers,
         precision=precision,
         skips=run.skips,
         description=description,
         visual_prompts=data.prompt == "visual",
     )
-    try:
-        for prediction in predictions:
-            probabilities = torch.sigmoid(prediction.logits[:, 0])
-            for i, image in enumerate(prediction.batch.images):
-                episode, gt = image.episode, image.labels
-                probs = unletterbox(probabilities[i], *gt.shape) if image.letterboxed else probabilities[i]
-                counts = run.metrics.update(probs, gt == 1, episode["class_id"], valid=gt != VOID_LABEL)
-                run.n_episodes += 1
-                if log is not None:
-                    png = save_episode_png(save_dir, data, episode, probs.numpy() > threshold)
-                    at = run.metrics.report_index
-                    tp, fp, fn, tn = (int(c) for c in counts[:, at])
-                    record = {**episode, "class": class_name(data.benchmark, episode["class_id"]), "png": png}
-                    record.update(
-                        height=gt.shape[0], width=gt.shape[1], threshold=threshold, tp=tp, fp=fp, fn=fn, tn=tn
-                    )
-                    log.write(json_text(record) + "\n")
-    finally:
-        if log is not None:
-            log.close()
+    for prediction in predictions:
+        probabilities = torch.sigmoid(prediction.logits[:, 0])
+        for i, image in enumerate(prediction.batch.images):
+            episode, gt = image.episode, image.labels
+            probs = unletterbox(probabilities[i], *gt.shape) if image.letterboxed else probabilities[i]
+            counts = run.metrics.update(probs, gt == 1, episode["class_id"], valid=gt != VOID_LABEL)
+            n_episodes += 1
+            if save_dir is not None:
+                png = save_episode_png(save_dir, data, episode, probs.numpy() > threshold)
+                tp, fp, fn, tn = (int(c) for c in counts[:, run.metrics.report_index])
+                record = {**episode, "class": class_name(data.benchmark, episode["class_id"]), "png": png}
+                record.update(height=gt.shape[0], width=gt.shape[1], threshold=threshold, tp=tp, fp=fp, fn=fn, tn=tn)
+                records.setdefault(prediction.block, []).append(json_text(record) + "\n")
+    merge_rank_metrics(run.metrics, world)
+    run.skips.merge_ranks(world)
+    run.n_episodes += sum(gather_blocks({world.rank: n_episodes}, world))
+    records = gather_lists(records, world)
+    if save_dir is not None and world.is_main:
+        write_text(save_dir / "episodes.jsonl", "".join(records))
     return run
 
 
@@ -386,9 +389,12 @@ def score_zero_shot(
     precision: str = "fp32",
     save_dir: Path | None = None,
     skips: SkipLog | None = None,
+    world: Distributed | None = None,
 ) -> int:
     """Score every image into `metrics`, each against the 21 class names; returns the number scored. `save_dir`:
-    `<id>.png`, the predicted class ids (mode L) at S x S."""
+    `<id>.png`, the predicted class ids (mode L) at S x S. world: this rank's blocks of images, every rank's merged
+    into `metrics` and `skips` (as `score_episodes`)."""
+    world, skips = world or Distributed(), skips if skips is not None else SkipLog()
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
     scored = 0
@@ -396,6 +402,7 @@ def score_zero_shot(
         model,
         data,
         batch_size=batch_size,
+        world=world,
         num_workers=num_workers,
         precision=precision,
         skips=skips,
@@ -408,7 +415,9 @@ def score_zero_shot(
             if save_dir is not None:
                 Image.fromarray(classes[i].astype(np.uint8)).save(save_dir / f"{safe_name(image.episode['query'])}.png")
             scored += 1
-    return scored
+    merge_rank_metrics(metrics, world)
+    skips.merge_ranks(world)
+    return sum(gather_blocks({world.rank: scored}, world))
 
 
 def zero_shot_results(metrics: ZeroShotMetrics) -> dict:
@@ -487,15 +496,19 @@ def score_phrasecut_visual(
     num_workers: int = 0,
     precision: str = "fp32",
     save_dir: Path | None = None,
+    world: Distributed | None = None,
 ) -> ScoreRun:
     """Score with visual prompts into `run`, as score.py scores text (`clipseg.scoring.ScoreRun`: paper metrics at
-    S x S, PhraseCut's at the original size); `save_dir`: `<task_id>.png` (0/255, original size)."""
+    S x S, PhraseCut's at the original size); `save_dir`: `<task_id>.png` (0/255, original size). world: this
+    rank's blocks of tasks into per-block sums, every rank's added in block order (`ScoreRun.finish`)."""
+    world = world or Distributed()
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
     for prediction in predict_batches(
         model,
         data,
         batch_size=batch_size,
+        world=world,
         num_workers=num_workers,
         precision=precision,
         skips=run.skips,
@@ -503,4 +516,4 @@ def score_phrasecut_visual(
         visual_prompts=True,
     ):
         run.update(prediction, save_dir)
-    return run
+    return run.finish(world)

@@ -3,10 +3,10 @@ name), the results JSON and the printed tables. The protocols and the scoring lo
 clipseg/benchmarks/protocols.py.
 
     python score.py --model CIDAS/clipseg-rd64-refined --data pascal5i --data-root VOCdevkit --fold all
-    python score.py pas5i-{fold} --data pascal5i --protocol hsnet --splits hsnet/data     # one model per fold
-    python score.py --model ... --data coco20i --data-root COCO-20i --prompt text
+    python score.py pas5i-{fold} --data pascal5i --protocol hsnet --splits-dir hsnet/data   # one model per fold
+    python score.py --model ... --data coco20i --data-root COCO-20i --prompt-kind text
     python score.py zs5 --data voc-zeroshot --data-root VOCdevkit --unseen 10
-    python score.py pc --data phrasecut --prompt visual
+    python score.py pc --data phrasecut --prompt-kind visual
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from clipseg.benchmarks.protocols import (
 )
 from clipseg.benchmarks.readers import BenchmarkDataError, VocData
 from clipseg.cli import NOTHING_DONE, stop
+from clipseg.distributed import Distributed, check_same_job
 from clipseg.metrics import EpisodeMetrics, ZeroShotMetrics
-from clipseg.outputs import safe_name
 from clipseg.samples import SkipLog
 from clipseg.scoring import ScoreRun, percent
 
@@ -67,15 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"HSNet's fold files, {DEFAULT_EPISODES} episodes per fold, seed 0 (default %(default)s)",
     )
     group.add_argument(
-        "--prompt",
+        "--prompt-kind",
         choices=PROMPTS,
         default=None,
         help="visual = a support image and its mask (default for pascal5i / coco20i); text = the class name "
-        "(default for phrasecut); phrasecut --prompt visual takes the support from another task with the phrase",
+        "(default for phrasecut); phrasecut --prompt-kind visual takes the support from another task with the phrase",
     )
     group.add_argument(
-        "--splits", default=None, help="dir holding lists/pascal/val.txt (PFENet) and [data/]splits/ (HSNet) "
-        "(default: --data-root)"
+        "--splits-dir", default=None, metavar="DIR", help="folder holding lists/pascal/val.txt (PFENet) and "
+        "[data/]splits/ (HSNet) (default: --data-root)"
     )  # fmt: skip
     group.add_argument(
         "--unseen",
@@ -93,19 +93,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def handles(args: argparse.Namespace) -> bool:
     """True when score.py must hand the run to this module."""
-    return args.data in BENCHMARKS or args.prompt == "visual"
+    return args.data in BENCHMARKS or args.prompt_kind == "visual"
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Resolve the defaults that depend on the benchmark and refuse what cannot run (argparse errors)."""
     if args.threshold is None:
         args.threshold = DEFAULT_THRESHOLDS.get(args.data, 0.3)
-    if args.prompt is None:
-        args.prompt = "visual" if args.data in ("pascal5i", "coco20i") else "text"
-    if args.data == "voc-zeroshot" and args.prompt != "text":
-        parser.error("voc-zeroshot is scored with the 21 class names: --prompt text")
-    if args.prompt == "visual" and args.data in ("folder", "voc-zeroshot"):
-        parser.error("--prompt visual works with pascal5i, coco20i and phrasecut/synthetic")
+    if args.prompt_kind is None:
+        args.prompt_kind = "visual" if args.data in ("pascal5i", "coco20i") else "text"
+    if args.data == "voc-zeroshot" and args.prompt_kind != "text":
+        parser.error("voc-zeroshot is scored with the 21 class names: --prompt-kind text")
+    if args.prompt_kind == "visual" and args.data in ("folder", "voc-zeroshot"):
+        parser.error("--prompt-kind visual works with pascal5i, coco20i and phrasecut/synthetic")
     if args.data in ("pascal5i", "coco20i"):
         folds = PASCAL_FOLDS if args.data == "pascal5i" else COCO_FOLDS
         if args.fold != "all" and not (args.fold.isdigit() and int(args.fold) < folds):
@@ -113,8 +113,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         args.folds = list(range(folds)) if args.fold == "all" else [int(args.fold)]
     if args.episodes < 1:
         parser.error("--episodes must be at least 1")
-    if args.name is not None and FOLD_FIELD in args.name and len(getattr(args, "folds", [])) < 1:
-        parser.error("a run name with {fold} needs --data pascal5i or coco20i")
+    if FOLD_FIELD in args.model and len(getattr(args, "folds", [])) < 1:
+        parser.error("a model name with {fold} needs --data pascal5i or coco20i")
     if args.seed is None:
         args.seed = default_seed(args.data, args.protocol)
 
@@ -123,18 +123,21 @@ class NothingScored(BenchmarkError):
     """Every episode, image or task was skipped."""
 
 
-def run(args: argparse.Namespace, load: ModelLoader) -> dict:
+def run(args: argparse.Namespace, load: ModelLoader, world: Distributed | None = None) -> dict:
     """Score the benchmark `args` names and return the results (score.py prints and writes them). Data or a model
-    that cannot be used stops with a message and exit status 2; nothing scored, exit status 1."""
+    that cannot be used stops with a message and exit status 2; nothing scored, exit status 1. world: under
+    torchrun, this rank's share of every fold's episodes (images, tasks), every rank's merged (on every rank);
+    ranks started with different models, flags or data stop with `RanksDisagree`."""
+    world = world or Distributed()
     started = time.perf_counter()
     root = Path(args.data_root or DEFAULT_ROOTS.get(args.data) or datasets.DEFAULT_PHRASECUT_ROOT)
-    splits = Path(args.splits) if args.splits else None
+    splits = Path(args.splits_dir) if args.splits_dir else None
     settings = {
         "data": args.data,
         "data_root": str(root),
         "splits": str(splits or root),
         "protocol": args.protocol if args.data in ("pascal5i", "coco20i") else None,
-        "prompt": args.prompt,
+        "prompt": args.prompt_kind,
         "seed": args.seed,
         "limit": args.limit,
         "threshold": args.threshold,
@@ -143,11 +146,11 @@ def run(args: argparse.Namespace, load: ModelLoader) -> dict:
     save = Path(args.save_predictions) if args.save_predictions else None
     try:
         if args.data in ("pascal5i", "coco20i"):
-            results = run_one_shot(args, load, root, splits, settings, save)
+            results = run_one_shot(args, load, root, splits, settings, save, world)
         elif args.data == "voc-zeroshot":
-            results = run_zero_shot(args, load, root, settings, save)
+            results = run_zero_shot(args, load, root, settings, save, world)
         else:
-            results = run_phrasecut_visual(args, load, root, settings, save)
+            results = run_phrasecut_visual(args, load, root, settings, save, world)
     except NothingScored as err:
         stop(str(err), NOTHING_DONE)
     except (BenchmarkDataError, BenchmarkError, ValueError, OSError) as err:  # ValueError: NonFiniteOutput too
@@ -156,35 +159,41 @@ def run(args: argparse.Namespace, load: ModelLoader) -> dict:
     return results
 
 
-def default_output(args: argparse.Namespace, model: str) -> Path:
-    """checkpoints/NAME/scores_<data>_<protocol>_<prompt>[...].json; scores/<model>_... for hub ids, .pth files
-    and `{fold}` run names."""
+def scores_name(args: argparse.Namespace) -> str:
+    """The results file in score.py's --out folder: scores_<data>_<protocol>_<prompt kind>_fold<K>[_first<N>].json
+    (pascal5i, coco20i), scores_voc-zeroshot_unseen<N>[...].json, scores_<data>_<split>_visual[...].json."""
     parts = [args.data]
     if args.data in ("pascal5i", "coco20i"):
-        parts += [args.protocol, args.prompt, f"fold{args.fold}"]
+        parts += [args.protocol, args.prompt_kind, f"fold{args.fold}"]
     elif args.data == "voc-zeroshot":
         parts.append(f"unseen{args.unseen}")
     else:
         parts += [args.split, "visual"]
-    stem = "_".join(parts) + (f"_first{args.limit}" if args.limit else "")
-    if args.name and FOLD_FIELD not in args.name:
-        return Path(args.checkpoints_dir) / args.name / f"scores_{stem}.json"
-    return Path("scores") / f"{safe_name((args.name or model).lower())}_{stem}.json"
+    return "scores_" + "_".join(parts) + (f"_first{args.limit}" if args.limit else "") + ".json"
 
 
-def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, settings: dict, save: Path | None) -> dict:
+def job_flags(args: argparse.Namespace, settings: dict) -> dict:
+    """The settings and flags that shape a benchmark's results, for the ranks' start-up check (no paths: the data
+    may be mounted elsewhere on another node; its identity is checked by content)."""
+    flags = {key: value for key, value in settings.items() if key not in ("data_root", "splits")}
+    return {**flags, "batch_size": args.batch_size, "image_size": args.image_size, "resize": args.resize}
+
+
+def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, settings: dict, save, world) -> dict:
     """Every fold of `args.folds`: its episodes, its model (per fold with a `{fold}` name), its metrics."""
     folds, skipped, sources, notes = {}, [], {}, {}
     model = source = None
     for fold in args.folds:
-        if model is None or FOLD_FIELD in (args.name or ""):
+        if model is None or FOLD_FIELD in args.model:
             model, source = load(fold)
         episodes, reader, notes[fold] = fold_episodes(
             args.data, args.protocol, fold, root, splits, args.seed, args.episodes
         )
         episodes = episodes[: args.limit]
         size = model.config.input_side(args.image_size)
-        data = EpisodeData(args.data, args.protocol, args.prompt, episodes, reader, size)
+        data = EpisodeData(args.data, args.protocol, args.prompt_kind, episodes, reader, size)
+        keys = (f"{e.index} {e.query} {e.class_id} {e.support}" for e in episodes)
+        check_same_job(world, model, {**job_flags(args, settings), "fold": fold}, keys)
         fold_run = FoldRun(EpisodeMetrics(args.threshold))
         score_episodes(
             model,
@@ -195,6 +204,7 @@ def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, setti
             precision=args.precision,
             save_dir=save / f"fold{fold}" if save else None,
             description=f"fold {fold}",
+            world=world,
         )
         sources[fold] = source
         folds[str(fold)] = {"model": source, "list": notes[fold], **fold_results(fold_run, args.data)}
@@ -203,7 +213,7 @@ def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, setti
         raise NothingScored(f"no episode could be scored ({len(skipped)} skipped, e.g. {skipped[:1]})")
     models = sorted(set(sources.values()))
     return {
-        "model": models[0] if len(models) == 1 else args.name,
+        "model": models[0] if len(models) == 1 else args.model,
         **settings,
         "image_size": size,
         "folds": args.folds,
@@ -217,10 +227,11 @@ def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, setti
     }
 
 
-def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Path | None) -> dict:
+def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Path | None, world) -> dict:
     model, source = load(None)
     seen, unseen = zero_shot_split(args.unseen)
     items = VocData(root).segmentation_val()[: args.limit]
+    check_same_job(world, model, {**job_flags(args, settings), "unseen": args.unseen}, (item.id for item in items))
     size = model.config.input_side(args.image_size)
     metrics, skips = ZeroShotMetrics(seen, unseen), SkipLog()
     scored = score_zero_shot(
@@ -232,6 +243,7 @@ def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Pat
         precision=args.precision,
         save_dir=save,
         skips=skips,
+        world=world,
     )
     skipped = skips.reasons
     if not scored:
@@ -249,7 +261,7 @@ def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Pat
     }
 
 
-def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, save: Path | None) -> dict:
+def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, save: Path | None, world) -> dict:
     """PhraseCut (or synthetic) with visual prompts; results in score.py's PhraseCut shape."""
     model, source = load(None)
     size = model.config.input_side(args.image_size)
@@ -257,6 +269,7 @@ def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, sa
     data = PhraseCutVisual(base, seed=args.seed)
     if args.limit:
         data.indices = data.indices[: args.limit]
+    check_same_job(world, model, job_flags(args, settings), (base.task_info(i).task_id for i in data.indices))
     scores = score_phrasecut_visual(
         model,
         data,
@@ -265,6 +278,7 @@ def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, sa
         num_workers=args.num_workers,
         precision=args.precision,
         save_dir=save,
+        world=world,
     )
     skipped = scores.skips.reasons
     if not scores.n_samples:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from clipseg.config import MAX_IMAGE_SIDE, PATCH_SIZE
+from clipseg.frozen_clip import run_clip_block
 from clipseg.onnx.backend import (
     FORMAT,
     FORMAT_VERSION,
@@ -38,7 +39,7 @@ from clipseg.onnx.backend import (
 from clipseg.outputs import check_writable, write_json
 from clipseg.tokenizer import CONTEXT_LENGTH
 from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
-from model import CLIPSeg, ImageFeatures, _run_clip_block
+from model import CLIPSeg, ImageFeatures
 
 OPSET = 20
 MAX_GRID = MAX_IMAGE_SIDE // PATCH_SIZE  # the largest patch grid side the graphs accept: 256 (4096 px)
@@ -96,7 +97,7 @@ class ImagePromptHeadGraph(nn.Module):
     def forward(self, hidden_states: Tensor) -> Tensor:
         vision = self.model.clip.vision_model
         for layer in vision.encoder.layers[max(self.model.config.extract_layers) + 1 :]:
-            hidden_states = _run_clip_block(layer, hidden_states)
+            hidden_states = run_clip_block(layer, hidden_states)
         return self.model.clip.visual_projection(vision.post_layernorm(hidden_states[:, 0]))
 
 

@@ -1,6 +1,7 @@
 """Our CLIPSeg against `transformers.CLIPSegForImageSegmentation`, both at the full ViT-B/16 geometry with the same
 random weights (speed does not depend on their values): the fp32 forward (one prompt per image, one image with ten
-prompts), our bf16 forward, the CPU precision paths (fp32, bf16, int8, ONNX) with their mask agreement, a training
+prompts), our bf16 forward, the CPU precision paths (fp32, bf16, int8, ONNX) with their mask agreement and whether
+predict.py's default precision is this machine's fastest path that keeps fp32's masks (`default_check`), a training
 step, and the refined head against the same layers run one by one. Each function times its variants interleaved
 (clipseg/speed/timing.py), prints its rows and returns them for bench.py's JSON.
 """
@@ -18,7 +19,7 @@ from torch import nn
 
 from clipseg.config import CLIPSegConfig
 from clipseg.decoder import RefinedHead
-from clipseg.precision import precision_context, prepare_model
+from clipseg.precision import MASK_AGREEMENT_BAR, cpu_class, default_precision, precision_context, prepare_model
 from clipseg.speed.timing import decoder_flops, interleaved, native_bf16, sync, text_flops, vit_flops
 from model import CLIPSeg
 
@@ -116,8 +117,10 @@ def forward_comparison(ours: CLIPSeg, hf, device: str, size: int, repeats: int) 
     return rows
 
 
-def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int) -> dict:
-    """Our bf16-autocast forward vs HF fp32, and how many mask pixels (p > 0.5) agree with our fp32 masks."""
+def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int, matmul_side: int | None = None) -> dict:
+    """Our bf16-autocast forward vs HF fp32, how many mask pixels (p > 0.5) agree with our fp32 masks, and, with
+    `matmul_side` n, our GFLOP/s as a share of the machine's bf16 rate: an n^3 bf16 matmul timed interleaved with the
+    forwards, so that a busy machine slows both alike."""
     pixels = torch.randn(batch, 3, size, size, device=device)
     phrases = PHRASES[:batch]
     ids, mask = ours.tokenize(phrases)
@@ -132,7 +135,11 @@ def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int) ->
                 device, hf(pixel_values=pixels, input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             )
 
-    timing = interleaved({"ours_bf16": ours_bf16, "hf_fp32": hf_fp32}, repeats)
+    variants = {"ours_bf16": ours_bf16, "hf_fp32": hf_fp32}
+    if matmul_side:
+        a, b = (torch.randn(matmul_side, matmul_side, device=device, dtype=torch.bfloat16) for _ in range(2))
+        variants["matmul_bf16"] = lambda: sync(device, a @ b)
+    timing = interleaved(variants, repeats)
     with torch.inference_mode():
         fp32_masks = ours(pixels, phrases).logits > 0
     agreement = ((ours_bf16().float() > 0) == fp32_masks).float().mean().item()
@@ -149,8 +156,22 @@ def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int) ->
             "ours_gflops": batch * flops / timing["ours_bf16"] / 1e9,
         }
     )
-    print(f"bf16 ours vs fp32 HF, batch {batch}: {speedup:.2f}x faster, mask agreement {100 * agreement:.2f}%")
-    return {"batch": batch, "speedup_vs_hf_fp32": speedup, "mask_agreement": agreement}
+    gflops = rows[-1]["ours_gflops"]
+    rate = 2 * matmul_side**3 / timing["matmul_bf16"] / 1e9 if matmul_side else None
+    share = gflops / rate if rate else None
+    print(
+        f"bf16 ours vs fp32 HF, batch {batch}: {speedup:.2f}x faster, mask agreement {100 * agreement:.2f}%, "
+        f"{gflops:.0f} GFLOP/s"
+        + (f" = {100 * share:.0f}% of the bf16 matmul rate timed with it ({rate:.0f} GFLOP/s)" if rate else "")
+    )
+    return {
+        "batch": batch,
+        "speedup_vs_hf_fp32": speedup,
+        "mask_agreement": agreement,
+        "gflops": gflops,
+        "bf16_matmul_gflops": rate,
+        "of_bf16_matmul": share,
+    }
 
 
 LOGIT_AT_THRESHOLD = math.log(0.3 / 0.7)  # probability > 0.3, the paper's threshold
@@ -189,7 +210,45 @@ def precision_paths(ours, hf, device, size, repeats, flops, rates) -> dict:
                     f"mask agreement {100 * row['mask_agreement']:6.2f}%  {row['gflops']:4.0f} GFLOP/s = "
                     f"{100 * row['of_fp32_matmul']:3.0f}% of fp32 matmul, {own} of its own dtype's"
                 )
+    out["default"] = default_check(out["batch_1"], default_precision(device, "predict"))
+    print(describe_default_check(out["default"]))
     return out
+
+
+def default_check(rows: dict, default: str, bar: float = MASK_AGREEMENT_BAR) -> dict:
+    """Whether `default` (predict.py's default precision on this machine) is the fastest of our measured paths
+    (`time_precision_paths` rows, batch 1, as the rule in clipseg/precision.py was measured) whose masks agree with
+    our fp32's on at least `bar` of the pixels. ONNX is a backend, not a precision: not a candidate."""
+    kept = {
+        name.removeprefix("ours_"): row["seconds"]
+        for name, row in rows.items()
+        if name.startswith("ours_") and row["mask_agreement"] >= bar
+    }
+    fastest = min(kept, key=kept.get)
+    return {
+        "cpu_class": cpu_class(),
+        "default": default,
+        "fastest": fastest,
+        "default_is_fastest": default == fastest,
+        "seconds": kept,
+        "mask_agreement_bar": bar,
+    }
+
+
+def describe_default_check(check: dict) -> str:
+    """The line bench.py prints for `default_check`."""
+    default, fastest, seconds = check["default"], check["fastest"], check["seconds"]
+    head = (
+        f"predict.py's default precision on this CPU (class {check['cpu_class']}): {default}; the fastest measured "
+        f"path that keeps >= {100 * check['mask_agreement_bar']:.1f}% of fp32's mask pixels: {fastest}"
+    )
+    if check["default_is_fastest"]:
+        return f"{head} (the default is this machine's fastest)"
+    own = f"{seconds[default] * 1e3:.0f} ms" if default in seconds else "below the bar or not measured"
+    return (
+        f"{head} ({seconds[fastest] * 1e3:.0f} ms against the default's {own}): the rule in clipseg/precision.py "
+        "does not fit this CPU"
+    )
 
 
 def time_precision_paths(ours, hf, models, runner, batch: int, size: int, repeats: int) -> dict:

@@ -1,6 +1,7 @@
 """Timing and the machine's limits: the clock (wall or CPU time), variants timed interleaved (A B A B ...) after a
-warm-up with the median reported, the fp32/bf16 matmul and int8 linear rates, and the analytic FLOP counts of the ViT,
-text tower and decoder (docs/original.md §9). Used by the other clipseg.speed modules and bench.py.
+warm-up with the median reported (and the spread of the repeats kept), the fp32/bf16 matmul and int8 linear rates,
+and the analytic FLOP counts of the ViT, text tower and decoder (docs/original.md §9). Used by the other clipseg.speed
+modules and bench.py.
 """
 
 from __future__ import annotations
@@ -40,8 +41,22 @@ def use_clock(name: str) -> None:
     clock = CLOCKS[name]
 
 
+_spreads: list[tuple[str, float]] = []  # (variant, (max - min) / median of its repeats), for `repeat_spreads`
+
+
+def repeat_spreads() -> list[tuple[str, float]]:
+    """How far the repeats of each variant `interleaved` timed since `clear_repeats()` spread: (name, (max - min) /
+    median), in the order measured (clipseg/speed/busy.py warns about noisy runs from them)."""
+    return list(_spreads)
+
+
+def clear_repeats() -> None:
+    _spreads.clear()
+
+
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each variant (by `clock`), measured A B A B ... after `warmup` rounds."""
+    """Median seconds per call of each variant (by `clock`), measured A B A B ... after `warmup` rounds; the spread
+    of each variant's repeats is kept for `repeat_spreads`."""
     for _ in range(warmup):
         for run in variants.values():
             run()
@@ -51,7 +66,11 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
             start = clock()
             run()
             times[name].append(clock() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for name, values in times.items():
+        if len(values) > 1:
+            _spreads.append((name, (max(values) - min(values)) / max(medians[name], 1e-12)))
+    return medians
 
 
 def matmul_rate(dtype: torch.dtype, device: str, repeats: int, n: int = 2048) -> float:
