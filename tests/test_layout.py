@@ -96,3 +96,17 @@ def test_nothing_cites_a_file_outside_the_repository():
             hits += [f"{path.relative_to(REPO)}:{n}" for n, line in enumerate(path.read_text().splitlines(), 1)
                      if word in line]  # fmt: skip
     assert not hits, hits
+
+
+def test_the_readme_layout_names_every_file():
+    """README's "Layout" tree has a line for each command, root module and library file (packages by folder)."""
+    readme = (REPO / "README.md").read_text()
+    tree = readme[readme.index("## Layout") :].split("```")[1]
+    listed = {line.split()[0] for line in tree.splitlines() if line.strip()}
+    expected = {f"{name}.py" for name in ROOT_MODULES}
+    for path in (REPO / "clipseg").iterdir():
+        if path.suffix == ".py" and path.name != "__init__.py":
+            expected.add(path.name)
+        elif path.is_dir() and (path / "__init__.py").is_file():
+            expected.add(f"{path.name}/")
+    assert expected <= listed, f"add to README's Layout: {sorted(expected - listed)}"
