@@ -7,8 +7,9 @@
 
 `OnnxCLIPSeg` has the part of `model.CLIPSeg`'s interface that `clipseg.predictor.Predictor` uses: `config`,
 `text_cache`, `tokenize`, `embed_text`, `embed_token_ids`, `embed_images`, `encode_image`, `decode`, `eval`, `to`,
-`parameters`. It takes and returns torch tensors on the CPU and computes in fp32. onnxruntime is optional: install
-it with `pip install -r requirements-export.txt`.
+`parameters`. It takes and returns torch tensors on the CPU and computes in fp32. That interface over the four
+graphs is `ExportedCLIPSeg`, which the OpenVINO backend (`clipseg.onnx.openvino_backend`) shares. onnxruntime is
+optional: install it with `pip install -r requirements-export.txt`.
 
 An export folder is untrusted until checked: manifest.json must be one export.py wrote (format, version, a SHA-256
 per graph), each graph must have the SHA-256 the manifest records before onnxruntime opens it, and whatever
@@ -118,42 +119,34 @@ def open_graph(ort, path: Path, expected_sha256: str, options):
         raise OnnxBackendError(f"{path}: onnxruntime cannot load it ({err}); export the model again") from err
 
 
-class OnnxCLIPSeg:
-    """CLIPSeg's exported graphs in onnxruntime sessions (CPU), with `CLIPSeg`'s inference interface.
+class ExportedCLIPSeg:
+    """`CLIPSeg`'s inference interface over the four exported graphs (`GRAPH_FILES`), whatever runs them: a
+    subclass sets `config` and `activation_names` (the image encoder's outputs, which the decoder takes by name) and
+    runs a graph in `_run`. CPU only; takes and returns torch tensors."""
 
-    directory: the folder `export.py` wrote. threads: onnxruntime intra-op threads (default: its own choice).
-    manifest: the folder's manifest when the caller has it already (`clipseg.onnx.export`, before it writes it)."""
+    # What `Predictor` may ask for (it reads this): fp32, i.e. no autocast or quantisation on the PyTorch side. The
+    # graphs compute in the precision they were exported in: fp32 for ONNX.
+    precisions = ("fp32",)
+    runtime = ""  # the engine's name, for messages
+    config: CLIPSegConfig
+    activation_names: list[str]
 
-    precisions = ("fp32",)  # the graphs are exported in fp32; `precision.resolve_precision` reads this
-
-    def __init__(self, directory: str | os.PathLike, threads: int | None = None, manifest: dict | None = None):
-        ort = import_onnxruntime()
-        self.directory = Path(directory)
-        self.manifest = manifest if manifest is not None else read_manifest(self.directory)
-        try:
-            self.config = CLIPSegConfig.from_hf_dict(self.manifest["config"], f"{self.directory / MANIFEST_NAME}")
-        except CheckpointError as err:
-            raise OnnxBackendError(f"{err}; export the model again") from err
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        graphs = self.manifest["graphs"]
-        self.sessions = {
-            name: open_graph(ort, self.directory / file, graphs[name]["sha256"], options)
-            for name, file in GRAPH_FILES.items()
-        }
-        self.activation_names = [output.name for output in self.sessions["image_encoder"].get_outputs()]
+    def __init__(self) -> None:
         self.text_cache: dict[str, Tensor] | None = None
         self._tokenizer = None
 
+    def _run(self, graph: str, **inputs: Tensor) -> list[Tensor]:
+        """Run `graph` (a key of GRAPH_FILES) on named inputs; its outputs in order."""
+        raise NotImplementedError
+
     # -- the torch.nn.Module calls a caller makes ---------------------------------------------------------------
 
-    def eval(self) -> OnnxCLIPSeg:
+    def eval(self) -> ExportedCLIPSeg:
         return self
 
-    def to(self, device: str | torch.device) -> OnnxCLIPSeg:
+    def to(self, device: str | torch.device) -> ExportedCLIPSeg:
         if torch.device(device).type != "cpu":
-            raise ValueError(f"the ONNX backend runs on the CPU (onnxruntime), not on {device}: use --device cpu")
+            raise ValueError(f"this backend runs on the CPU ({self.runtime}), not on {device}: use --device cpu")
         return self
 
     def parameters(self) -> Iterator[Tensor]:
@@ -221,6 +214,34 @@ class OnnxCLIPSeg:
         inputs = dict(zip(self.activation_names, activations))
         (logits,) = self._run("decoder", grid=torch.tensor(grid), conditional=conditional.float(), **inputs)
         return logits
+
+
+class OnnxCLIPSeg(ExportedCLIPSeg):
+    """CLIPSeg's exported graphs in onnxruntime sessions (CPU), with `CLIPSeg`'s inference interface.
+
+    directory: the folder `export.py` wrote. threads: onnxruntime intra-op threads (default: its own choice).
+    manifest: the folder's manifest when the caller has it already (`clipseg.onnx.export`, before it writes it)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, directory: str | os.PathLike, threads: int | None = None, manifest: dict | None = None):
+        super().__init__()
+        ort = import_onnxruntime()
+        self.directory = Path(directory)
+        self.manifest = manifest if manifest is not None else read_manifest(self.directory)
+        try:
+            self.config = CLIPSegConfig.from_hf_dict(self.manifest["config"], f"{self.directory / MANIFEST_NAME}")
+        except CheckpointError as err:
+            raise OnnxBackendError(f"{err}; export the model again") from err
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        graphs = self.manifest["graphs"]
+        self.sessions = {
+            name: open_graph(ort, self.directory / file, graphs[name]["sha256"], options)
+            for name, file in GRAPH_FILES.items()
+        }
+        self.activation_names = [output.name for output in self.sessions["image_encoder"].get_outputs()]
 
     def _run(self, graph: str, **inputs: Tensor) -> list[Tensor]:
         feed = {name: np.ascontiguousarray(value.detach().cpu().numpy()) for name, value in inputs.items()}
