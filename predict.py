@@ -4,6 +4,7 @@
     python predict.py room.jpg --visual-prompt support.jpg:support_mask.png --threshold 0.4
     python predict.py photos/ --prompt "a cat" --precision int8          # fp32, bf16 or int8 (clipseg/precision.py)
     python predict.py photos/ --prompt "a cat" --backend onnx --model exported/   # graphs from export.py
+    python predict.py photos/ --prompt "a cat" --backend openvino --model exported_ov/   # export.py --openvino
 
 For each image and prompt this writes, under `--out/<image>/`, the probability map (`<prompt>.prob.png`, 8- or
 16-bit grayscale), the binary mask (`<prompt>.mask.png`, 0/255, probability > threshold) and an overlay
@@ -35,8 +36,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from clipseg.backends import ExportUnusable, add_backend_argument, check_backend_flags, open_export
 from clipseg.images import UnreadableImage, open_rgb
-from clipseg.onnx.backend import OnnxBackendError, OnnxCLIPSeg
 from clipseg.outputs import UnwritableOutput, check_writable, json_text, printable, write_text
 from clipseg.precision import PRECISIONS, add_precision_arguments, resolve_precision
 from clipseg.prediction_outputs import (
@@ -129,7 +130,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--model",
         default=None,
         help="HF hub id or checkpoint directory, or an original .pth decoder (on openai/clip-vit-base-patch16); "
-        f"default {DEFAULT_MODEL}. With --backend onnx: the folder export.py wrote",
+        f"default {DEFAULT_MODEL}. With --backend onnx or openvino: the folder export.py wrote",
     )
     parser.add_argument(
         "--checkpoint",
@@ -187,16 +188,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--device",
         default=None,
-        help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu; the ONNX backend: cpu)",
+        help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu; the exported backends: cpu)",
     )
     add_precision_arguments(parser)
-    parser.add_argument(
-        "--backend",
-        choices=("torch", "onnx"),
-        default="torch",
-        help="torch: run the model in PyTorch (default); onnx: run the graphs export.py wrote to the folder given "
-        "as --model in onnxruntime (CPU, fp32; pip install -r requirements-export.txt)",
-    )
+    add_backend_argument(parser)
     args = parser.parse_args(argv)
     if not args.prompt and not args.visual_prompt:
         parser.error("give at least one --prompt or --visual-prompt")
@@ -215,22 +210,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def check_backend_and_precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fill in --model and --device for the backend and resolve --precision/--amp to the precision that will run
     (`args.precision`); combinations that cannot run are usage errors that say what to change."""
-    onnx = args.backend == "onnx"
-    if onnx and args.model is None:
-        parser.error("--backend onnx needs --model EXPORT_DIR: the folder `python export.py MODEL EXPORT_DIR` wrote")
-    if onnx and args.checkpoint:
-        parser.error("--checkpoint picks a PyTorch checkpoint; with --backend onnx give the export folder as --model")
+    exported = args.backend != "torch"
+    wrong = check_backend_flags(
+        args.backend, args.model, args.checkpoint, args.device or "cpu", args.precision, args.amp
+    )
+    if wrong:
+        parser.error(wrong)
     args.model = args.model or DEFAULT_MODEL
-    args.device = args.device or ("cuda" if torch.cuda.is_available() and not onnx else "cpu")
-    if onnx and torch.device(args.device).type != "cpu":
-        parser.error(f"--backend onnx runs on the CPU (onnxruntime), not on --device {args.device}")
-    if onnx and (args.amp or args.precision not in (None, "fp32")):
-        asked = "--amp" if args.amp else f"--precision {args.precision}"
-        parser.error(f"--backend onnx runs the fp32 graphs export.py wrote; {asked} is for --backend torch")
-    try:
-        args.precision = resolve_precision(args.precision, args.device, args.amp, ("fp32",) if onnx else PRECISIONS)
-    except ValueError as err:
-        parser.error(str(err))
+    args.device = args.device or ("cuda" if torch.cuda.is_available() and not exported else "cpu")
+    if exported:  # the export's own precision, or the one asked for when it is that (checked when it is opened)
+        args.precision = "bf16" if args.amp else args.precision
+    else:
+        try:
+            args.precision = resolve_precision(args.precision, args.device, args.amp, PRECISIONS)
+        except ValueError as err:
+            parser.error(str(err))
     args.amp = False  # folded into args.precision
 
 
@@ -351,11 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         source = str(Path(args.model) / args.checkpoint) if args.checkpoint else args.model
-        if args.backend == "onnx":
-            model = OnnxCLIPSeg(args.model)
-        else:
+        if args.backend == "torch":
             model = CLIPSeg.from_pretrained(source, backbone=args.backbone)
-    except (OSError, ValueError, OnnxBackendError) as err:
+        else:
+            model = open_export(args.backend, args.model, args.precision)
+            args.precision = model.precision
+    except (OSError, ValueError, ExportUnusable) as err:
         print(f"error: cannot load --model {args.model}: {err}", file=sys.stderr)
         return 2
     try:

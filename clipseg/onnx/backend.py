@@ -124,9 +124,9 @@ class ExportedCLIPSeg:
     subclass sets `config` and `activation_names` (the image encoder's outputs, which the decoder takes by name) and
     runs a graph in `_run`. CPU only; takes and returns torch tensors."""
 
-    # What `Predictor` may ask for (it reads this): fp32, i.e. no autocast or quantisation on the PyTorch side. The
-    # graphs compute in the precision they were exported in: fp32 for ONNX.
-    precisions = ("fp32",)
+    # The precision the graphs compute in, fixed at export: fp32 for ONNX. `Predictor` runs them as they are (no
+    # autocast or quantisation on the PyTorch side) and accepts no other precision.
+    precision = "fp32"
     runtime = ""  # the engine's name, for messages
     config: CLIPSegConfig
     activation_names: list[str]
@@ -134,6 +134,11 @@ class ExportedCLIPSeg:
     def __init__(self) -> None:
         self.text_cache: dict[str, Tensor] | None = None
         self._tokenizer = None
+
+    @property
+    def precisions(self) -> tuple[str]:
+        """The precisions a caller may ask for (`clipseg.precision.resolve_precision` reads this): the export's."""
+        return (self.precision,)
 
     def _run(self, graph: str, **inputs: Tensor) -> list[Tensor]:
         """Run `graph` (a key of GRAPH_FILES) on named inputs; its outputs in order."""

@@ -197,7 +197,7 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
     def inference_precision(self) -> str:
         """The precision OpenVINO compiled the image encoder for ('f32' or 'bf16'), as its CPU plugin reports it."""
         compiled = self.requests["image_encoder"].get_compiled_model()
-        return str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        return compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
     def _run(self, graph: str, **inputs: Tensor) -> list[Tensor]:
         request = self.requests[graph]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import os
@@ -37,7 +38,8 @@ from torch import Tensor
 
 from clipseg.images import load_image
 from clipseg.onnx import export as onnx_export
-from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, graph_sha256
+from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, OnnxBackendError, graph_sha256
+from clipseg.onnx.backend import read_manifest as read_onnx_manifest
 from clipseg.onnx.openvino_backend import (
     FORMAT,
     FORMAT_VERSION,
@@ -95,6 +97,25 @@ def default_calibration_images() -> list[Path]:
     return images
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files as given and the .jpg/.jpeg/.png files of folders (sorted); OpenVinoBackendError when none is found
+    or a path does not exist."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise OpenVinoBackendError(f"calibration image {path}: no such file or folder")
+    if not files:
+        raise OpenVinoBackendError(f"no calibration images (.jpg, .jpeg, .png) in {', '.join(map(str, paths))}")
+    return files
+
+
 def image_pixels(model: CLIPSeg, images: Sequence[str | os.PathLike]) -> list[Tensor]:
     """Image files -> (1, 3, H, W) normalised pixels each, at the model's input size with the aspect kept (the
     Predictor's geometry). Raises clipseg.images.UnreadableImage naming a file that cannot be read."""
@@ -102,18 +123,32 @@ def image_pixels(model: CLIPSeg, images: Sequence[str | os.PathLike]) -> list[Te
     return [transform.pixels(load_image(Path(image)))[None] for image in images]
 
 
-def convert_graphs(model: CLIPSeg, work_dir: Path) -> dict:
-    """The four ONNX graphs export.py writes (written to `work_dir`), converted to OpenVINO models."""
+def convert_graphs(model: CLIPSeg, onnx_dir: Path, written: bool) -> tuple[dict, dict]:
+    """The four ONNX graphs export.py writes, converted to OpenVINO models, and their ONNX manifest. written: the
+    folder holds `model`'s export already (its manifest, its SHA-256s and config are checked); else the graphs are
+    exported into it first."""
     ov = import_openvino()
-    with torch.no_grad():
-        for export_one in (
-            onnx_export.export_image_encoder,
-            onnx_export.export_text_encoder,
-            onnx_export.export_decoder,
-            onnx_export.export_image_prompt_head,
-        ):
-            export_one(model, work_dir)
-    return {name: ov.convert_model(str(work_dir / file)) for name, file in GRAPH_FILES.items()}
+    if written:
+        try:
+            manifest = read_onnx_manifest(onnx_dir)
+        except OnnxBackendError as err:
+            raise OpenVinoBackendError(str(err)) from err
+        if manifest["config"] != json.loads(json.dumps(model.config.to_hf_dict())):  # as the manifest holds it
+            raise OpenVinoBackendError(f"{onnx_dir}: the ONNX export is of another model than the one given")
+        for name, file in GRAPH_FILES.items():
+            if graph_sha256(onnx_dir / file) != manifest["graphs"][name]["sha256"]:
+                raise OpenVinoBackendError(f"{onnx_dir / file}: changed after its export; export the model again")
+    else:
+        with torch.no_grad():
+            for export_one in (
+                onnx_export.export_image_encoder,
+                onnx_export.export_text_encoder,
+                onnx_export.export_decoder,
+                onnx_export.export_image_prompt_head,
+            ):
+                export_one(model, onnx_dir)
+        manifest = onnx_export.build_manifest(model, "", onnx_dir)
+    return {name: ov.convert_model(str(onnx_dir / file)) for name, file in GRAPH_FILES.items()}, manifest
 
 
 def quantize_image_encoder(encoder, calibration: list[Tensor]):
@@ -159,12 +194,14 @@ def export_openvino(
     bar: float = AGREEMENT_BAR,
     source: str = "",
     threads: int | None = None,
+    onnx_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Export `model` to OpenVINO IR in `precision` into `out_dir`, after checking it; returns the manifest.
 
     calibration_images: image files for int8's calibration (default: the shipped examples/*.jpg); check_images:
     the accuracy check's images (default: the calibration images); phrases: its prompts; bar: the mask agreement
-    with PyTorch fp32 it needs, in [0, 1]; threads: OpenVINO's threads for the check.
+    with PyTorch fp32 it needs, in [0, 1]; threads: OpenVINO's threads for the check; onnx_dir: a folder export.py
+    wrote from `model`, converted instead of exporting the graphs again.
 
     Raises OpenVinoBackendError when openvino (or, for int8, nncf) is missing or the CPU cannot run `precision`
     (bf16 without native bf16), clipseg.images.UnreadableImage for an image that cannot be read, OSError when
@@ -176,7 +213,7 @@ def export_openvino(
     onnx_export.import_onnxruntime()  # the ONNX export's requirements (onnx, onnxscript) come with it
     if precision == "int8":
         import_nncf()
-    if not 0 <= bar <= 1.01:
+    if not 0 <= bar <= 1:
         raise ValueError(f"bar must be a share of pixels in [0, 1], got {bar}")
     if not phrases:
         raise ValueError("the accuracy check needs at least one phrase")
@@ -190,8 +227,8 @@ def export_openvino(
     calibration = image_pixels(model, calibration_images) if precision == "int8" else []
     checks = image_pixels(model, check_images)
     with tempfile.TemporaryDirectory(prefix="clipseg-onnx-") as work_dir:
-        models = convert_graphs(model, Path(work_dir))
-        manifest = onnx_export.build_manifest(model, source, Path(work_dir))
+        models, manifest = convert_graphs(model, Path(onnx_dir or work_dir), written=onnx_dir is not None)
+    manifest["source_model"] = source
     if precision == "int8":
         models["image_encoder"] = quantize_image_encoder(models["image_encoder"], calibration)
     manifest = describe(manifest, models, precision)
@@ -207,7 +244,7 @@ def export_openvino(
         "reference": "PyTorch fp32",
         "inference_precision": runner.inference_precision(),
     }
-    manifest["difference_to_torch"] = differences = onnx_export.verify(model, runner)
+    manifest["difference_to_torch"] = onnx_export.verify(model, runner)
     if precision == "int8":
         manifest["quantisation"] = {
             "tool": "nncf",
