@@ -38,6 +38,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
 
 import torch
 
+from clipseg.backends import ExportUnusable, add_backend_argument, check_backend_flags, open_export
 from clipseg.precision import add_precision_arguments, resolve_precision
 from clipseg.segmenter import (
     DEFAULT_THRESHOLD,
@@ -264,9 +265,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"a page's image and result are dropped after this long unused (default {IDLE_MINUTES})",
     )
     add_precision_arguments(parser)
+    add_backend_argument(parser)
     args = parser.parse_args(argv)
+    wrong = check_backend_flags(args.backend, args.model, args.checkpoint, args.device, args.precision, args.amp)
+    if wrong:
+        parser.error(wrong)
     try:  # the precision that will run: --precision, else the fastest that keeps fp32's masks (clipseg/precision.py)
-        args.precision = resolve_precision(args.precision, args.device, args.amp)
+        if args.backend == "torch":
+            args.precision = resolve_precision(args.precision, args.device, args.amp)
+        else:  # an export runs in its own precision; one asked for is checked against it when it is opened
+            args.precision = "bf16" if args.amp else args.precision
     except ValueError as err:
         parser.error(str(err))
     if not 0 <= args.threshold < 1:
@@ -296,8 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: {NO_MODEL_HELP}", file=sys.stderr)
     else:
         try:
-            model = load_model(source, args.backbone)
-        except (OSError, ValueError) as err:
+            if args.backend == "torch":
+                model = load_model(source, args.backbone)
+            else:
+                model = open_export(args.backend, source, args.precision)
+                args.precision = model.precision
+        except (OSError, ValueError, ExportUnusable) as err:
             print(f"error: cannot load --model {source}: {err}", file=sys.stderr)
             return 2
     segmenter = Segmenter(

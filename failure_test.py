@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         stop(f"--out: {err}")
     try:
         source, _ = resolve_model(args.name, args.model, Path(args.checkpoints_dir), args.checkpoint)
-        model = load_model(source, args.backbone, args.device, args.precision)
+        model = load_model(source, args.backbone, args.device, args.precision, args.backend)
         image_size = input_side(model, args.image_size)
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except LoadError as err:

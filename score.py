@@ -84,7 +84,7 @@ def benchmark_model(args: argparse.Namespace, fold: int | None) -> tuple[CLIPSeg
     name = args.name.replace("{fold}", str(fold)) if args.name and fold is not None else args.name
     try:
         source, _ = resolve_model(name, args.model, Path(args.checkpoints_dir), args.checkpoint)
-        return load_model(source, args.backbone, args.device, args.precision), source
+        return load_model(source, args.backbone, args.device, args.precision, args.backend), source
     except LoadError as err:
         stop(str(err))
 
@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     save_dir = Path(args.save_predictions) if args.save_predictions else None
     check_outputs(out, save_dir)
     try:
-        model = load_model(source, args.backbone, args.device, args.precision)
+        model = load_model(source, args.backbone, args.device, args.precision, args.backend)
         image_size = input_side(model, args.image_size)
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except LoadError as err:

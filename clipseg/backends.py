@@ -61,6 +61,30 @@ def check_backend_flags(
     return None
 
 
+def export_precision(backend: str, directory: str | os.PathLike, precision: str | None) -> str:
+    """The precision the export folder computes in, read from its manifest without opening the graphs (a command
+    checks its flags with it before the work); ExportUnusable when the folder is not an export of `backend` or is
+    in another precision than `precision` (None: any)."""
+    if backend == "onnx":
+        return "fp32"  # read and checked when the graphs are opened; --precision is checked by check_backend_flags
+    from clipseg.onnx.openvino_backend import OpenVinoBackendError, read_manifest
+
+    try:
+        exported = read_manifest(directory)["precision"]
+    except OpenVinoBackendError as err:
+        raise ExportUnusable(str(err)) from err
+    if precision not in (None, exported):
+        raise ExportUnusable(wrong_precision(backend, directory, exported, precision))
+    return exported
+
+
+def wrong_precision(backend: str, directory: str | os.PathLike, exported: str, asked: str) -> str:
+    return (
+        f"{directory} is a {exported} export; --precision {asked} needs an export in {asked}: "
+        f"{EXPORT_COMMANDS[backend]} --precision {asked}"
+    )
+
+
 def open_export(
     backend: str, directory: str | os.PathLike, precision: str | None = None, threads: int | None = None
 ) -> ExportedCLIPSeg:
@@ -82,8 +106,5 @@ def open_export(
     except OnnxBackendError as err:
         raise ExportUnusable(str(err)) from err
     if precision not in (None, runner.precision):
-        raise ExportUnusable(
-            f"{directory} is a {runner.precision} export; --precision {precision} needs an export in {precision}: "
-            f"{EXPORT_COMMANDS[backend]} --precision {precision}"
-        )
+        raise ExportUnusable(wrong_precision(backend, directory, runner.precision, precision))
     return runner

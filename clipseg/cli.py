@@ -15,6 +15,7 @@ from typing import NoReturn
 import torch
 
 import dataset as datasets
+from clipseg.backends import ExportUnusable, add_backend_argument, check_backend_flags, export_precision
 from clipseg.benchmarks.protocols import BENCHMARKS
 from clipseg.loading import CHECKPOINTS_DIR, DATA_KINDS
 from clipseg.precision import add_precision_arguments, resolve_precision
@@ -139,7 +140,7 @@ def stop(message: str, code: int = BAD_INPUT) -> NoReturn:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model, input size, batching, device, precision and resize flags of score.py and failure_test.py."""
+    """The model, input size, batching, device, precision, backend and resize flags of score.py and failure_test.py."""
     parser.add_argument("--model", default=None, help="HF hub id, checkpoint directory or original .pth file")
     parser.add_argument(
         "--checkpoint",
@@ -170,6 +171,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch device, e.g. cpu, cuda:0 (default %(default)s)",
     )
     add_precision_arguments(parser)
+    add_backend_argument(parser)
     parser.add_argument(
         "--resize",
         choices=RESIZE_RULES,
@@ -211,7 +213,29 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--num-workers must be 0 or more")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
+    if args.backend != "torch":
+        check_exported_backend(parser, args)
+        return
     try:  # the precision that will run: --precision, else the fastest that keeps fp32's masks (clipseg/precision.py)
         args.precision = resolve_precision(args.precision, args.device, args.amp)
     except ValueError as err:
         parser.error(str(err))
+
+
+def check_exported_backend(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--backend onnx or openvino: the flags it needs (clipseg/backends.py), the text-prompt data sets it scores,
+    and the precision that will run (the export's)."""
+    if getattr(args, "name", None) is not None:
+        parser.error(f"--backend {args.backend} runs an export folder given as --model EXPORT_DIR, not a run NAME")
+    wrong = check_backend_flags(args.backend, args.model, args.checkpoint, args.device, args.precision, args.amp)
+    if wrong:
+        parser.error(wrong)
+    if args.data in BENCHMARKS:
+        parser.error(
+            f"--data {args.data} runs in PyTorch only; --backend {args.backend} scores {', '.join(DATA_KINDS)}"
+        )
+    try:
+        args.precision = export_precision(args.backend, args.model, "bf16" if args.amp else args.precision)
+    except ExportUnusable as err:
+        parser.error(str(err))
+    args.amp = False

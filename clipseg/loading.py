@@ -3,7 +3,8 @@
 A run name (a folder of `checkpoints/`), a checkpoint directory, a hub id or an original `.pth` resolves to one
 source (`resolve_model`); `load_model` loads it with `CLIPSeg.from_pretrained`, in eval mode, on the device,
 prepared for the precision (clipseg/precision.py), with the text cache on; `build_eval_dataset` reads the
-test-mode split it is scored on. Whatever cannot be used raises `LoadError`, whose message names the source and
+test-mode split it is scored on. With `backend` onnx or openvino, `load_model` opens an export folder instead
+(clipseg/backends.py). Whatever cannot be used raises `LoadError`, whose message names the source and
 says what to do. score.py and failure_test.py load their models and data here.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 import dataset as datasets
+from clipseg.backends import ExportUnusable, open_export
 from clipseg.precision import prepare_model
 from model import CLIPSeg
 
@@ -65,9 +67,19 @@ def resolve_model(
     return str(directory), directory
 
 
-def load_model(source: str, backbone: str | None, device: str, precision: str = "fp32") -> CLIPSeg:
+def load_model(
+    source: str, backbone: str | None, device: str, precision: str = "fp32", backend: str = "torch"
+) -> CLIPSeg:
     """`CLIPSeg.from_pretrained(source)` in eval mode on `device`, prepared for `precision` (clipseg/precision.py), with
-    the text cache on; errors become `LoadError` naming the source."""
+    the text cache on; errors become `LoadError` naming the source. backend onnx or openvino: the export folder
+    `source` in its runtime (clipseg/backends.py), which computes in its own precision (`precision` must be it)."""
+    if backend != "torch":
+        try:
+            model = open_export(backend, source, precision)
+        except ExportUnusable as err:
+            raise LoadError(f"cannot load the export {source}: {err}") from err
+        model.text_cache = {}
+        return model
     try:
         model = CLIPSeg.from_pretrained(source, backbone=backbone)
     except (OSError, ValueError) as err:

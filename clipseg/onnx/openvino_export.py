@@ -302,6 +302,7 @@ def save(models: dict, manifest: dict, out_dir: Path) -> None:
     """The IR files (weights as they are: no fp16 compression), their SHA-256s into the manifest, the manifest last;
     an older export's manifest in `out_dir` is removed first."""
     ov = import_openvino()
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     manifest["files"] = {}
     for name, model in models.items():
