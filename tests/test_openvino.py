@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import read_zip, save, scene
 from PIL import Image
 
 for _package in ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"):
@@ -27,10 +28,14 @@ for _package in ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"):
             raise
         pytest.skip(f"{_package} is not installed: pip install -r requirements-openvino.txt", allow_module_level=True)
 
+import app  # noqa: E402
+import failure_test  # noqa: E402
+import score  # noqa: E402
 from clipseg.onnx import openvino_backend  # noqa: E402
 from clipseg.onnx.backend import MANIFEST_NAME  # noqa: E402
 from clipseg.onnx.openvino_backend import OpenVinoBackendError, OpenVinoCLIPSeg  # noqa: E402
 from clipseg.onnx.openvino_export import EXAMPLES_DIR, export_openvino  # noqa: E402
+from clipseg.segmenter import Segmenter  # noqa: E402
 from clipseg.transforms import ImageTransform  # noqa: E402
 from export import main as export_main  # noqa: E402
 from model import CLIPSeg  # noqa: E402
@@ -269,3 +274,62 @@ def test_bf16_is_refused_where_the_cpu_would_run_f32(exports, model, tmp_path, m
     if "bf16" in exports:
         with pytest.raises(OpenVinoBackendError, match="no native bf16"):
             OpenVinoCLIPSeg(exports["bf16"])
+
+
+def score_flags(synthetic_root, tmp_path, name: str) -> list[str]:
+    return [
+        "--data", "synthetic", "--data-root", str(synthetic_root), "--limit", "6", "--batch-size", "4",
+        "--num-workers", "0", "--image-size", "64", "--out", str(tmp_path / f"{name}.json"),
+    ]  # fmt: skip
+
+
+def test_score_and_failure_test_with_openvino_match_torch(tiny_dir, exports, synthetic_root, tmp_path):
+    torch_run = score.main(
+        ["--model", str(tiny_dir), "--precision", "fp32", *score_flags(synthetic_root, tmp_path, "t")]
+    )
+    openvino = ["--model", str(exports["fp32"]), "--backend", "openvino"]
+    ours = score.main([*openvino, *score_flags(synthetic_root, tmp_path, "o")])
+    assert (ours["precision"], ours["n_samples"]) == ("fp32", torch_run["n_samples"]) and ours["n_samples"] > 0
+    for table in ("paper", "phrasecut"):
+        for key, value in torch_run[table].items():
+            np.testing.assert_allclose(ours[table][key], value, atol=1e-3, err_msg=f"{table} {key}")
+    common = ["--data", "synthetic", "--data-root", str(synthetic_root), "--limit", "6", "--num-workers", "0"]
+    common += ["--image-size", "64"]
+    want = failure_test.main(["--model", str(tiny_dir), "--precision", "fp32", *common, "--out", str(tmp_path / "f")])
+    got = failure_test.main([*openvino, *common, "--out", str(tmp_path / "g")])
+    assert (got["n_samples"], got["n_failures"]) == (want["n_samples"], want["n_failures"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--backend", "openvino", "--model", "x", "--data", "pascal5i"], "--data pascal5i runs in PyTorch only"),
+        (["--backend", "openvino", "--model", "nowhere"], "no manifest.json; it is not an OpenVINO export"),
+    ],
+)
+def test_score_backend_openvino_usage_errors(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        score.main(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_app_gives_the_same_files_with_torch_and_openvino(model, exports, tmp_path, capsys):
+    image = save(scene(203, 151), tmp_path / "room.png")
+    outputs = {}
+    for name, backend in {"torch": model, "openvino": OpenVinoCLIPSeg(exports["fp32"])}.items():
+        segmenter = Segmenter(backend, "tiny", workdir=tmp_path / name)
+        _, out = segmenter.segment(None, str(image), "red disc\nblue square", threshold=THRESHOLD)
+        assert out.ok, out.message
+        outputs[name] = read_zip(out.zip_path)
+    (want_masks, want), (got_masks, got) = outputs["torch"], outputs["openvino"]
+    assert sorted(got_masks) == sorted(want_masks)
+    for want_prompt, got_prompt in zip(want["images"][0]["prompts"], got["images"][0]["prompts"]):
+        assert got_prompt["files"] == want_prompt["files"]
+        assert got_prompt["area_fraction"] == pytest.approx(want_prompt["area_fraction"], abs=1e-3)
+        masks = [np.asarray(m[want_prompt["files"]["mask"]]) for m in (got_masks, want_masks)]
+        assert (masks[0] == masks[1]).mean() >= 0.999  # pixels within rounding of the threshold may flip
+    with pytest.raises(SystemExit):
+        app.parse_args(["--backend", "openvino"])
+    assert "--backend openvino needs --model EXPORT_DIR" in capsys.readouterr().err
+    args = app.parse_args(["--backend", "openvino", "--model", str(exports["int8"])])
+    assert (args.backend, args.precision) == ("openvino", None)  # the export's, read when it is opened

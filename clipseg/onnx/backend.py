@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -195,23 +195,34 @@ class ExportedCLIPSeg:
         activations = self._run("image_encoder", pixel_values=pixel_values.float())
         return ImageFeatures(activations, (height // PATCH_SIZE, width // PATCH_SIZE))
 
-    def decode(self, features: ImageFeatures, conditional: Tensor) -> Tensor:
-        """Image features (batch B or 1) + (K, 512) conditionals (K = B, or any K when B = 1) -> (K, 1, H, W)
-        logits. The decoder graph takes one image against K prompts; a batch of B images runs image by image."""
-        batch = features.activations[0].shape[0]
+    def decode(
+        self, features: ImageFeatures, conditional: Tensor, prompts_per_image: Sequence[int] | None = None
+    ) -> Tensor:
+        """Image features (batch B) + (N, 512) conditionals -> (N, 1, H, W) logits, as `CLIPSeg.decode`: image b
+        against the b-th run of `prompts_per_image[b]` consecutive prompts (default: N / B each; one image takes any
+        N). The decoder graph takes one image against its prompts; a batch runs image by image."""
+        batch, prompts = features.activations[0].shape[0], conditional.shape[0]
         projection_dim = self.config.clip.projection_dim
         if conditional.ndim != 2 or conditional.shape[1] != projection_dim:
             raise ValueError(f"conditional must be (K, {projection_dim}), got {tuple(conditional.shape)}")
-        if batch != 1 and conditional.shape[0] != batch:
-            raise ValueError(f"{conditional.shape[0]} prompts for {batch} images: give one prompt per image")
-        if batch == 1:
-            return self._decode_one(features.activations, conditional, features.grid)
+        if prompts_per_image is None:
+            if prompts % batch:
+                raise ValueError(f"{prompts} prompts for {batch} images: give each image the same number of prompts")
+            prompts_per_image = [prompts // batch] * batch
+        elif len(prompts_per_image) != batch or sum(prompts_per_image) != prompts:
+            raise ValueError(
+                f"prompts_per_image {list(prompts_per_image)} does not split {prompts} prompts over {batch} images"
+            )
+        starts = [sum(prompts_per_image[:row]) for row in range(batch)]
         return torch.cat(
             [
                 self._decode_one(
-                    [a[row : row + 1] for a in features.activations], conditional[row : row + 1], features.grid
+                    [a[row : row + 1] for a in features.activations],
+                    conditional[start : start + count],
+                    features.grid,
                 )
-                for row in range(batch)
+                for row, (start, count) in enumerate(zip(starts, prompts_per_image))
+                if count
             ]
         )
 
