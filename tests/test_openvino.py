@@ -276,6 +276,17 @@ def test_bf16_is_refused_where_the_cpu_would_run_f32(exports, model, tmp_path, m
             OpenVinoCLIPSeg(exports["bf16"])
 
 
+def numbers(table: dict, prefix: str = "") -> dict:
+    """The numeric leaves of a nested results table, by their path."""
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, int | float | list) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def score_flags(synthetic_root, tmp_path, name: str) -> list[str]:
     return [
         "--data", "synthetic", "--data-root", str(synthetic_root), "--limit", "6", "--batch-size", "4",
@@ -290,9 +301,10 @@ def test_score_and_failure_test_with_openvino_match_torch(tiny_dir, exports, syn
     openvino = ["--model", str(exports["fp32"]), "--backend", "openvino"]
     ours = score.main([*openvino, *score_flags(synthetic_root, tmp_path, "o")])
     assert (ours["precision"], ours["n_samples"]) == ("fp32", torch_run["n_samples"]) and ours["n_samples"] > 0
+    assert numbers(ours["paper"]).keys() == numbers(torch_run["paper"]).keys()
     for table in ("paper", "phrasecut"):
-        for key, value in torch_run[table].items():
-            np.testing.assert_allclose(ours[table][key], value, atol=1e-3, err_msg=f"{table} {key}")
+        for key, value in numbers(torch_run[table]).items():
+            np.testing.assert_allclose(numbers(ours[table])[key], value, atol=1e-3, err_msg=f"{table} {key}")
     common = ["--data", "synthetic", "--data-root", str(synthetic_root), "--limit", "6", "--num-workers", "0"]
     common += ["--image-size", "64"]
     want = failure_test.main(["--model", str(tiny_dir), "--precision", "fp32", *common, "--out", str(tmp_path / "f")])
@@ -317,6 +329,7 @@ def test_the_app_gives_the_same_files_with_torch_and_openvino(model, exports, tm
     image = save(scene(203, 151), tmp_path / "room.png")
     outputs = {}
     for name, backend in {"torch": model, "openvino": OpenVinoCLIPSeg(exports["fp32"])}.items():
+        (tmp_path / name).mkdir()
         segmenter = Segmenter(backend, "tiny", workdir=tmp_path / name)
         _, out = segmenter.segment(None, str(image), "red disc\nblue square", threshold=THRESHOLD)
         assert out.ok, out.message
