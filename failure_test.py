@@ -33,12 +33,12 @@ from clipseg.cli import (
     add_data_arguments,
     add_scoring_arguments,
     check_common_arguments,
-    model_source,
+    load_command_model,
     output_folder,
     stop,
 )
 from clipseg.failures import FAILURE_IOU, INDEX_NAME, FailureSearch, find_failures, previous_panels, write_gallery
-from clipseg.loading import LoadError, build_eval_dataset, input_side, load_model
+from clipseg.loading import LoadError, build_eval_dataset, input_side
 from clipseg.outputs import UnwritableOutput, check_writable
 from clipseg.samples import SkipLog
 from clipseg.transforms import NonFiniteOutput
@@ -93,8 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except UnwritableOutput as err:
         stop(f"--out: {err}")
     try:
-        source, _ = model_source(args)
-        model = load_model(source, args.backbone, args.device, args.precision)
+        model, source = load_command_model(args)
         image_size = input_side(model, args.image_size)
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except LoadError as err:
