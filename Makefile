@@ -26,7 +26,7 @@ FEWSHOT_VOC ?= synthetic_voc
 FEWSHOT_COCO ?= synthetic_coco
 FEWSHOT_EVAL ?= --device=cpu --num-workers=1 --batch-size=8 --precision=fp32
 
-.PHONY: setup setup-export setup-app test lint demo demo-fewshot export app
+.PHONY: setup setup-export setup-openvino setup-app test lint demo demo-fewshot export app
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,13 @@ setup-export: $(VENV)/.installed-export
 
 $(VENV)/.installed-export: requirements-export.txt $(VENV)/.installed
 	$(BIN)/python -m pip install -q -r requirements-export.txt
+	touch $@
+
+# Optional OpenVINO backend and its export (fp32, bf16, NNCF int8) on top of the ONNX export; the tests install it too.
+setup-openvino: $(VENV)/.installed-openvino
+
+$(VENV)/.installed-openvino: requirements-openvino.txt $(VENV)/.installed-export
+	$(BIN)/python -m pip install -q -r requirements-openvino.txt
 	touch $@
 
 # make export EXPORT_MODEL=CIDAS/clipseg-rd64-refined EXPORT_DIR=exported (README, "Precision and ONNX")
@@ -60,7 +67,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup setup-export setup-app lint
+test: setup setup-export setup-openvino setup-app lint
 	$(BIN)/python -m pytest
 
 demo: setup

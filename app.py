@@ -4,6 +4,7 @@
     python app.py                                      # the released weights, CIDAS/clipseg-rd64-refined (fetched
                                                        # from the HF hub once)
     python app.py --model myrun --checkpoint best --port 8000 --threshold 0.4
+    python app.py --backend openvino --model exported_ov/  # a folder of export.py --openvino, in OpenVINO
 
 Then open http://127.0.0.1:7860 (or your --port). Upload, paste or photograph an image, type prompts (one per line
 or comma-separated), optionally add an image prompt (a support image with the object painted over or its mask
@@ -43,8 +44,15 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
 
 import torch
 
-from clipseg.cli import BAD_INPUT, add_model_flags, add_precision_flags, check_precision_flags, model_source
-from clipseg.loading import LoadError, load_model
+from clipseg.cli import (
+    BAD_INPUT,
+    add_backend_flag,
+    add_model_flags,
+    add_precision_flags,
+    check_backend_flags,
+    load_command_model,
+)
+from clipseg.loading import LoadError
 from clipseg.segmenter import (
     DEFAULT_THRESHOLD,
     IDLE_MINUTES,
@@ -238,8 +246,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"a page's image and result are dropped after this long unused (default {IDLE_MINUTES})",
     )
     add_precision_flags(parser, "predict")
+    add_backend_flag(parser)
     args = parser.parse_args(argv)
-    check_precision_flags(parser, args, "predict")
+    check_backend_flags(parser, args, "predict")
     if not 0 <= args.threshold < 1:
         parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
     if not 1 <= args.port <= 65535:
@@ -261,8 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: app.py needs Gradio: pip install -r requirements-app.txt (or run make app)", file=sys.stderr)
         return BAD_INPUT
     try:
-        source, _ = model_source(args)
-        model = load_model(source, args.backbone, args.device, args.precision)
+        model, source = load_command_model(args)
     except LoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return BAD_INPUT

@@ -36,7 +36,7 @@ from clipseg.cli import (
     add_data_arguments,
     add_scoring_arguments,
     check_common_arguments,
-    model_source,
+    load_command_model,
     output_folder,
     stop,
 )
@@ -50,7 +50,7 @@ from clipseg.failures import (
     previous_panels,
     write_gallery,
 )
-from clipseg.loading import LoadError, build_eval_dataset, input_side, load_model
+from clipseg.loading import LoadError, build_eval_dataset, input_side
 from clipseg.outputs import UnwritableOutput, check_writable
 from clipseg.samples import SkipLog
 from clipseg.transforms import NonFiniteOutput
@@ -119,8 +119,7 @@ def find(args: argparse.Namespace, world: Distributed) -> dict:
     out = Path(args.out)
     in_turn(world, lambda: check_out(out))  # one rank at a time: probes of a shared folder
     try:
-        source, _ = model_source(args)
-        model = load_model(source, args.backbone, args.device, args.precision)
+        model, source = load_command_model(args)
         image_size = input_side(model, args.image_size)
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except LoadError as err:

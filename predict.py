@@ -5,6 +5,7 @@
     python predict.py photos/ --prompt "a cat" --precision int8          # fp32, bf16 or int8 (clipseg/precision.py)
     python predict.py photos/ --prompt "a cat" --model demo --checkpoint best   # a run of train.py
     python predict.py photos/ --prompt "a cat" --backend onnx --model exported/   # graphs from export.py
+    python predict.py photos/ --prompt "a cat" --backend openvino --model exported_ov/   # export.py --openvino
 
 For each image and prompt this writes, under `--out/<image>/`, the probability map (`<prompt>.prob.png`, 8- or
 16-bit grayscale), the binary mask (`<prompt>.mask.png`, 0/255, probability > threshold) and an overlay
@@ -24,7 +25,8 @@ capped at 3x the short side (more elongated images are squashed to 3:1). `--squa
 S x S as the reference implementations do. Logits are resized bilinearly to the original size, then sigmoid.
 
 Precision: without `--precision`, the fastest that keeps fp32's masks on this class of CPU (bf16 with AMX, int8
-with VNNI but no AMX, else fp32; clipseg/precision.py). Exit status: 0 at least one image processed; 1 none could be
+with VNNI but no AMX, else fp32; clipseg/precision.py); `--backend onnx|openvino` runs an export.py folder in its own
+precision. Exit status: 0 at least one image processed; 1 none could be
 (unreadable inputs are reported and skipped), or the summary could not be written; 2 an option, output path, model
 or visual prompt that cannot be used, or a model whose output is NaN or infinite.
 
@@ -47,10 +49,11 @@ import torch
 from clipseg.cli import (
     BAD_INPUT,
     NOTHING_DONE,
+    add_backend_flag,
     add_model_flags,
     add_precision_flags,
-    check_precision_flags,
-    model_source,
+    check_backend_flags,
+    load_command_model,
     output_folder,
 )
 from clipseg.distributed import Distributed, JobError, distributed_job, in_turn
@@ -65,10 +68,9 @@ from clipseg.folder_prediction import (
 )
 from clipseg.folders import unreadable_entry
 from clipseg.images import UnreadableImage
-from clipseg.loading import LoadError, load_model
-from clipseg.onnx.backend import OnnxBackendError, OnnxCLIPSeg
+from clipseg.loading import LoadError
+from clipseg.onnx.backend import ExportedCLIPSeg
 from clipseg.outputs import UnwritableOutput, check_writable, printable
-from clipseg.precision import PRECISIONS
 from clipseg.prediction_outputs import build_prompts, merge_duplicates
 from clipseg.predictor import Predictor
 from clipseg.transforms import MAX_ELONGATION, RESIZE_RULES
@@ -162,16 +164,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--device",
         default=None,
-        help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu; the ONNX backend: cpu)",
+        help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu; the exported backends: cpu)",
     )
     add_precision_flags(parser, "predict")
-    parser.add_argument(
-        "--backend",
-        choices=("torch", "onnx"),
-        default="torch",
-        help="torch: run the model in PyTorch (default); onnx: run the graphs export.py wrote to the folder given "
-        "as --model in onnxruntime (CPU, fp32; pip install -r requirements-export.txt)",
-    )
+    add_backend_flag(parser)
     add_model_flags(parser)
     args = parser.parse_args(argv)
     if not args.prompt and not args.visual_prompt:
@@ -189,20 +185,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def check_backend_and_precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fill in --device for the backend and resolve --precision/--amp to the precision that will run
-    (`args.precision`); combinations that cannot run are usage errors that say what to change."""
-    onnx = args.backend == "onnx"
-    if onnx and args.model is None:
-        parser.error("--backend onnx needs --model EXPORT_DIR: the folder `python export.py MODEL EXPORT_DIR` wrote")
-    if onnx and args.checkpoint:
-        parser.error("--checkpoint picks a PyTorch checkpoint; with --backend onnx give the export folder as --model")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() and not onnx else "cpu")
-    if onnx and torch.device(args.device).type != "cpu":
-        parser.error(f"--backend onnx runs on the CPU (onnxruntime), not on --device {args.device}")
-    if onnx and (args.amp or args.precision not in (None, "fp32")):
-        asked = "--amp" if args.amp else f"--precision {args.precision}"
-        parser.error(f"--backend onnx runs the fp32 graphs export.py wrote; {asked} is for --backend torch")
-    check_precision_flags(parser, args, "predict", ("fp32",) if onnx else PRECISIONS)
+    """Fill in --device for the backend (the exported ones run on the CPU) and resolve --precision/--amp to the
+    precision that will run (`args.precision`, `clipseg.cli.check_backend_flags`); combinations that cannot run are
+    usage errors that say what to change."""
+    exported = args.backend != "torch"
+    args.device = args.device or ("cuda" if torch.cuda.is_available() and not exported else "cpu")
+    check_backend_flags(parser, args, "predict")
 
 
 def check_outputs(args: argparse.Namespace) -> str | None:
@@ -216,14 +204,11 @@ def check_outputs(args: argparse.Namespace) -> str | None:
     return None
 
 
-def load(args: argparse.Namespace) -> CLIPSeg | OnnxCLIPSeg:
-    """The model --model names (`clipseg.cli.model_source`), or with --backend onnx the export folder it names.
-    Raises LoadError or OnnxBackendError with the reason."""
-    if args.backend == "onnx":
-        return OnnxCLIPSeg(args.model)
-    source, _ = model_source(args)
-    args.model = source  # as the summary records it
-    return load_model(source, args.backbone, args.device, args.precision)
+def load(args: argparse.Namespace) -> CLIPSeg | ExportedCLIPSeg:
+    """The model --model names for --backend (`clipseg.cli.load_command_model`), recording its source and the
+    precision that runs for the summary. Raises LoadError with the reason."""
+    model, args.model = load_command_model(args)
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -264,7 +249,7 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
         predictor = Predictor(
             load(args), args.image_size, args.square, args.device, resize=args.resize, precision=args.precision
         )
-    except (LoadError, OnnxBackendError, ValueError) as err:
+    except (LoadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return BAD_INPUT
     try:

@@ -45,6 +45,7 @@ from clipseg.cli import (
     add_renamed_flag,
     add_scoring_arguments,
     check_common_arguments,
+    load_command_model,
     model_source,
     output_folder,
     stop,
@@ -178,9 +179,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.name is not None and args.model is not None:
         parser.error(f"give the model once: MODEL ({args.name}) or --model ({args.model})")
-    args.model = args.model or args.name or DEFAULT_MODEL
+    args.model = args.model or args.name
     check_common_arguments(parser, args)
+    args.model = args.model or DEFAULT_MODEL
     fewshot_runs.check_arguments(parser, args)
+    if args.backend != "torch" and args.prompt_kind == "visual":
+        parser.error(f"--prompt-kind visual runs in PyTorch only; --backend {args.backend} scores text prompts")
     if args.shuffle_prompts and fewshot_runs.handles(args):
         parser.error("--shuffle-prompts is for text prompts on PhraseCut-format data")
     if not np.isclose(PAPER_THRESHOLDS, args.threshold, rtol=0, atol=1e-9).any():
@@ -214,7 +218,7 @@ def run(args: argparse.Namespace, world: Distributed) -> dict:
     save_dir = Path(args.save_predictions) if args.save_predictions else None
     in_turn(world, lambda: check_outputs(out, save_dir))  # one rank at a time: probes of a shared folder
     try:
-        model = load_model(source, args.backbone, args.device, args.precision)
+        model, source = load_command_model(args)
         image_size = input_side(model, args.image_size)
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except LoadError as err:

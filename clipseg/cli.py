@@ -1,9 +1,10 @@
 """The commands' shared command-line conventions (README, "Command-line conventions"): argument types, help
 formatting and flag bookkeeping (each type checks a value and says what is wrong with it in argparse's own error
 line); the exit statuses and `stop`, how a command ends with a message; the model flags of every command that loads a
-model (`add_model_flags`, `model_source`); the precision flags of every command that runs one
-(`add_precision_flags`, `check_precision_flags`); and the run and data flags of the commands that score a model,
-score.py and failure_test.py (`add_scoring_arguments`, `add_data_arguments`, `check_common_arguments`).
+model (`add_model_flags`, `model_source`, `load_command_model`); the precision and backend flags of every command
+that runs one (`add_precision_flags`, `check_precision_flags`, `add_backend_flag`, `check_backend_flags`); and the
+run and data flags of the commands that score a model, score.py and failure_test.py (`add_scoring_arguments`,
+`add_data_arguments`, `check_common_arguments`).
 
 Exit statuses, the same in every command: 0 done; 1 (NOTHING_DONE) the command ran but nothing could be processed,
 or its results could not be saved; 2 (BAD_INPUT) bad usage or input: argparse's errors, a model that cannot be
@@ -21,11 +22,14 @@ from typing import NoReturn
 import torch
 
 import dataset as datasets
+from clipseg.backends import BACKENDS, backend_flag_error
 from clipseg.benchmarks.protocols import BENCHMARKS
 from clipseg.config import DEFAULT_BACKBONE
-from clipseg.loading import CHECKPOINTS_DIR, DATA_KINDS, DEFAULT_MODEL, RUN_NAME, resolve_model
-from clipseg.precision import PRECISIONS, resolve_precision
+from clipseg.loading import CHECKPOINTS_DIR, DATA_KINDS, DEFAULT_MODEL, RUN_NAME, load_model, resolve_model
+from clipseg.onnx.backend import ExportedCLIPSeg
+from clipseg.precision import PRECISIONS, requested_precision, resolve_precision
 from clipseg.transforms import RESIZE_RULES
+from model import CLIPSeg
 
 BAD_INPUT = 2  # a model, data set, option or output path that cannot be used (argparse's usage errors are 2 too)
 NOTHING_DONE = 1  # the run went ahead but nothing could be processed, or its results could not be saved
@@ -194,8 +198,21 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def model_source(args: argparse.Namespace) -> tuple[str, Path | None]:
     """Where the model of `add_model_flags` is loaded from and the directory its scores go to
-    (`clipseg.loading.resolve_model`; LoadError when there is none)."""
+    (`clipseg.loading.resolve_model`; LoadError when there is none). With --backend onnx or openvino, --model is
+    the export folder itself (checked when it is opened) and has no scores directory."""
+    if getattr(args, "backend", "torch") != "torch":
+        return args.model, None
     return resolve_model(args.model or DEFAULT_MODEL, Path(args.checkpoints_dir), args.checkpoint)
+
+
+def load_command_model(args: argparse.Namespace) -> tuple[CLIPSeg | ExportedCLIPSeg, str]:
+    """The model the flags name (`model_source`) loaded for `args.backend` (`clipseg.loading.load_model`), and its
+    source. An export runs in its own precision, so `args.precision` becomes it. Raises LoadError."""
+    source, _ = model_source(args)
+    model = load_model(source, args.backbone, args.device, args.precision, args.backend)
+    if args.backend != "torch":
+        args.precision = model.precision
+    return model, source
 
 
 # ------------------------------------------------------------------ the precision flags of every command that runs one
@@ -235,11 +252,43 @@ def check_precision_flags(
     args.amp = None  # folded into args.precision
 
 
+# --------------------------------------------------------------- the backend flag of every command that runs a model
+
+BACKEND_HELP = (
+    "torch: the model in PyTorch (default); onnx: the graphs `python export.py MODEL DIR` wrote, given as --model DIR, "
+    "in onnxruntime (CPU, fp32; pip install -r requirements-export.txt); openvino: the folder `python export.py "
+    "MODEL DIR --openvino --precision P` wrote, given as --model DIR, in OpenVINO (CPU, in the export's precision P; "
+    "pip install -r requirements-openvino.txt)"
+)
+
+
+def add_backend_flag(parser: argparse.ArgumentParser) -> None:
+    """`--backend torch|onnx|openvino` (default torch), with the same help in every command that has it."""
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
+
+
+def check_backend_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, job: str) -> None:
+    """--backend against the model, device and precision flags (`clipseg.backends.backend_flag_error`), then the
+    precision: torch resolves it for the job (`check_precision_flags`); an export runs in its own, so
+    `args.precision` stays the one asked for (None: the export's), checked when the export is opened."""
+    if args.backend == "torch":
+        check_precision_flags(parser, args, job)
+        return
+    wrong = backend_flag_error(args.backend, args.model, args.checkpoint, args.device, args.precision, args.amp)
+    if wrong:
+        parser.error(wrong)
+    try:
+        args.precision = requested_precision(args.precision, args.amp)
+    except ValueError as err:
+        parser.error(str(err))
+    args.amp = None  # folded into args.precision
+
+
 # ------------------------------------------------------------------------------ the flags of the scoring commands
 
 
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model flags and the input size, batching, device, precision and resize flags of score.py and
+    """The model flags and the input size, batching, device, precision, backend and resize flags of score.py and
     failure_test.py."""
     add_model_flags(parser)
     parser.add_argument(
@@ -259,6 +308,7 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch device, e.g. cpu, cuda:0 (default %(default)s)",
     )
     add_precision_flags(parser, "score")
+    add_backend_flag(parser)
     parser.add_argument(
         "--resize",
         choices=RESIZE_RULES,
@@ -291,7 +341,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse (argparse errors) the values of `add_scoring_arguments` and `add_data_arguments` that cannot run;
-    resolve the precision that will run (fp32 unless asked)."""
+    resolve the precision that will run (fp32 unless asked; an export's own with --backend onnx or openvino).
+    `args.model` None here means none was given (an export needs one)."""
     if args.image_size is not None and args.image_size <= 0:
         parser.error(f"--image-size must be positive, got {args.image_size}")  # the patch is checked with the model
     if args.batch_size < 1:
@@ -300,4 +351,8 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--num-workers must be 0 or more")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
-    check_precision_flags(parser, args, "score")
+    if args.backend != "torch" and args.data in BENCHMARKS:
+        parser.error(
+            f"--data {args.data} runs in PyTorch only; --backend {args.backend} scores {', '.join(DATA_KINDS)}"
+        )
+    check_backend_flags(parser, args, "score")

@@ -274,11 +274,16 @@ def _ranks(ranks: list[int]) -> str:
 def model_digest(model: torch.nn.Module) -> str:
     """SHA-256 of a model's config (when it has `config.to_hf_dict()`) and every entry of its state dict (names,
     dtypes, shapes and bytes; quantised tensors by their dequantised values), as hex. Two ranks that loaded
-    different weights, or the same weights at another precision, get different digests."""
+    different weights, or the same weights at another precision, get different digests. An exported model (ONNX,
+    OpenVINO) is digested by its config, precision and manifest (which lists its graph files' hashes)."""
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if hasattr(config, "to_hf_dict"):
         digest.update(json.dumps(config.to_hf_dict(), sort_keys=True, default=str).encode())
+    if not isinstance(model, torch.nn.Module):  # an export (clipseg/backends.py): its manifest holds its files' hashes
+        manifest = getattr(model, "manifest", None)
+        digest.update(json.dumps([model.precision, manifest], sort_keys=True, default=str).encode())
+        return digest.hexdigest()
     for name, value in model.state_dict().items():
         digest.update(name.encode())
         _digest_value(digest, value)

@@ -8,7 +8,8 @@ What `--model` names resolves to one source (`resolve_model`), the same way in e
 `CLIPSeg.from_pretrained`, in eval mode, on the device, prepared for the precision (clipseg/precision.py), with the
 text cache on; `build_eval_dataset` reads the test-mode split it is scored on. Whatever cannot be used raises
 `LoadError`, whose message names the source and says what to do; the commands turn it into `error: <message>` and
-exit status 2 (clipseg/cli.py).
+exit status 2 (clipseg/cli.py). With `backend` onnx or openvino, `load_model` opens the export folder `--model` names
+instead, in its runtime and its own precision (clipseg/backends.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 import dataset as datasets
+from clipseg.backends import ExportUnusable, open_export
+from clipseg.onnx.backend import ExportedCLIPSeg
 from clipseg.precision import prepare_model
 from model import CLIPSeg
 
@@ -99,9 +102,20 @@ def model_directory(run_dir: Path, checkpoint: str | None) -> tuple[str, Path]:
     )
 
 
-def load_model(source: str, backbone: str | None, device: str, precision: str = "fp32") -> CLIPSeg:
+def load_model(
+    source: str, backbone: str | None, device: str, precision: str | None = "fp32", backend: str = "torch"
+) -> CLIPSeg | ExportedCLIPSeg:
     """`CLIPSeg.from_pretrained(source)` in eval mode on `device`, prepared for `precision` (clipseg/precision.py), with
-    the text cache on; errors become `LoadError` naming the source."""
+    the text cache on; errors become `LoadError` naming the source. backend onnx or openvino: the export folder
+    `source` in its runtime (clipseg/backends.py), which computes in its own precision (`precision`, unless None,
+    must be it)."""
+    if backend != "torch":
+        try:
+            model = open_export(backend, source, precision)
+        except ExportUnusable as err:
+            raise LoadError(f"cannot load the export {source}: {err}") from err
+        model.text_cache = {}
+        return model
     try:
         model = CLIPSeg.from_pretrained(source, backbone=backbone)
     except (OSError, ValueError) as err:

@@ -24,8 +24,8 @@ is capped at `clipseg.transforms.MAX_ELONGATION` (3) times the short side (more 
 3:1). `square=True` squashes every image to S x S as the reference implementations do. Logits (K, 1, H, W) at the
 input size are resized bilinearly to the original (H0, W0), then sigmoid (`clipseg.transforms.full_size_probabilities`).
 
-predict.py and the app (clipseg/segmenter.py) predict through this class; the ONNX backend
-(`clipseg.onnx.backend.OnnxCLIPSeg`) runs behind it like a PyTorch model.
+predict.py and the app (clipseg/segmenter.py) predict through this class; the ONNX and OpenVINO backends
+(`clipseg.onnx.backend.ExportedCLIPSeg`) run behind it like a PyTorch model.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from torch import Tensor
 from clipseg.expressions import Expression, parse
 from clipseg.images import ImageInput, load_image
 from clipseg.mask_pipeline import MaskPrediction, PipelineOptions, segment
+from clipseg.onnx.backend import ExportedCLIPSeg
 from clipseg.postprocess import MaskOptions, describe_threshold, resolve_threshold
 from clipseg.precision import PRECISIONS, precision_context, prepare_model, resolve_precision
 from clipseg.refine import SamRefiner
@@ -52,7 +53,8 @@ from model import CLIPSeg, ImageFeatures
 class Predictor:
     """Set an image once, then predict masks for many prompts; maps come back at the original image size.
 
-    model: a `CLIPSeg` (put in eval mode; moved to `device` when given) or a `clipseg.onnx.backend.OnnxCLIPSeg`.
+    model: a `CLIPSeg` (put in eval mode; moved to `device` when given) or an export in its runtime
+    (`clipseg.onnx.backend.ExportedCLIPSeg`: ONNX or OpenVINO), which runs in the precision it was exported in.
     image_size: the short side the model sees (default `model.config.image_size`), a multiple of the patch. square:
     squash to image_size x image_size instead of keeping the aspect. resize: "pil" (the HF processor's and the
     original Quickstart's resize, the default here) or "original" (the authors' data pipeline, as in training and
@@ -76,11 +78,16 @@ class Predictor:
         if device is not None:
             self.model.to(device)
         self.device = next(self.model.parameters()).device
-        supported = getattr(model, "precisions", PRECISIONS)  # the ONNX backend runs fp32 only
-        if precision is None and not amp:
-            precision = "fp32"  # the API's default; the commands' is precision.default_precision(device, job)
+        exported = isinstance(model, ExportedCLIPSeg)  # computes in the precision it was exported in
+        if (
+            precision is None and not amp
+        ):  # the API's default; the commands' is precision.default_precision(device, job)
+            precision = model.precision if exported else "fp32"
+        supported = model.precisions if exported else PRECISIONS
         self.precision = resolve_precision(precision, self.device, amp or None, supported)
-        prepare_model(self.model, self.precision, self.device)
+        self._torch_precision = "fp32" if exported else self.precision  # what PyTorch adds around the model
+        if not exported:
+            prepare_model(self.model, self.precision, self.device)
         image_size, patch = model.config.input_side(image_size), model.config.patch_size
         self.transform = ImageTransform(resize, image_size, square, multiple=patch)
         self.prompt_transform = ImageTransform(resize, model.config.image_size, square=True)
@@ -244,7 +251,7 @@ class Predictor:
     def _encode(self, rgbs: list[Image.Image]) -> ImageFeatures:
         """Images of one input size -> their features (batch len(rgbs))."""
         pixels = torch.stack([self.transform.pixels(rgb) for rgb in rgbs]).to(self.device)
-        with precision_context(self.precision, self.device):
+        with precision_context(self._torch_precision, self.device):
             return self.model.encode_image(pixels)
 
     def logits(self, conditional: Tensor) -> Tensor:
@@ -254,7 +261,7 @@ class Predictor:
 
     @torch.no_grad()
     def _logits(self, features: ImageFeatures, conditional: Tensor) -> Tensor:
-        with precision_context(self.precision, self.device):
+        with precision_context(self._torch_precision, self.device):
             return self.model.decode(features, conditional.to(self.device)).float()
 
     def _decode(self, features: ImageFeatures, conditional: Tensor, original_size: tuple[int, int]) -> np.ndarray:

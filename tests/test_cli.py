@@ -75,6 +75,13 @@ def test_every_command_that_runs_a_model_has_precision_and_the_same_amp(monkeypa
     )
 
 
+def test_every_command_that_runs_a_model_has_the_same_backend_flag(monkeypatch, capsys):
+    helps = {command: help_entries(main, monkeypatch, capsys) for command, main in RUNS_A_MODEL.items()}
+    backend = {command: entries.get("--backend") for command, entries in helps.items() if command != "train.py"}
+    assert len(set(backend.values())) == 1 and None not in backend.values(), backend
+    assert backend["score.py"].startswith("--backend {torch,onnx,openvino} torch: the model in PyTorch (default)")
+
+
 def test_out_is_a_folder_in_every_command(monkeypatch, capsys, tmp_path):
     for command, main in WRITES_TO_OUT.items():
         assert help_entries(main, monkeypatch, capsys)["--out"].startswith("--out DIR "), command

@@ -288,7 +288,8 @@ def test_an_unwritable_out_stops_before_the_model_is_loaded(checkpoints, synthet
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded although the results could not be written")
 
-    monkeypatch.setattr(score, "load_model", no_loading)
+    monkeypatch.setattr(score, "load_model", no_loading)  # the benchmarks' loading
+    monkeypatch.setattr(score, "load_command_model", no_loading)  # PhraseCut-format data's
     (tmp_path / "a_file").write_text("in the way")
     for flags in (
         ["--out", str(tmp_path / "a_file" / "scores")],

@@ -7,8 +7,9 @@
 
 `OnnxCLIPSeg` has the part of `model.CLIPSeg`'s interface that `clipseg.predictor.Predictor` uses: `config`,
 `text_cache`, `tokenize`, `embed_text`, `embed_token_ids`, `embed_images`, `encode_image`, `decode`, `eval`, `to`,
-`parameters`. It takes and returns torch tensors on the CPU and computes in fp32. onnxruntime is optional: install
-it with `pip install -r requirements-export.txt`.
+`parameters`. It takes and returns torch tensors on the CPU and computes in fp32. That interface over the four
+graphs is `ExportedCLIPSeg`, which the OpenVINO backend (`clipseg.onnx.openvino_backend`) shares. onnxruntime is
+optional: install it with `pip install -r requirements-export.txt`.
 
 An export folder is untrusted until checked: manifest.json must be one export.py wrote (format, version, a SHA-256
 per graph), each graph must have the SHA-256 the manifest records before onnxruntime opens it, and whatever
@@ -21,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -118,42 +119,39 @@ def open_graph(ort, path: Path, expected_sha256: str, options):
         raise OnnxBackendError(f"{path}: onnxruntime cannot load it ({err}); export the model again") from err
 
 
-class OnnxCLIPSeg:
-    """CLIPSeg's exported graphs in onnxruntime sessions (CPU), with `CLIPSeg`'s inference interface.
+class ExportedCLIPSeg:
+    """`CLIPSeg`'s inference interface over the four exported graphs (`GRAPH_FILES`), whatever runs them: a
+    subclass sets `config` and `activation_names` (the image encoder's outputs, which the decoder takes by name) and
+    runs a graph in `_run`. CPU only; takes and returns torch tensors."""
 
-    directory: the folder `export.py` wrote. threads: onnxruntime intra-op threads (default: its own choice).
-    manifest: the folder's manifest when the caller has it already (`clipseg.onnx.export`, before it writes it)."""
+    # The precision the graphs compute in, fixed at export: fp32 for ONNX. `Predictor` runs them as they are (no
+    # autocast or quantisation on the PyTorch side) and accepts no other precision.
+    precision = "fp32"
+    runtime = ""  # the engine's name, for messages
+    config: CLIPSegConfig
+    activation_names: list[str]
 
-    precisions = ("fp32",)  # the graphs are exported in fp32; `precision.resolve_precision` reads this
-
-    def __init__(self, directory: str | os.PathLike, threads: int | None = None, manifest: dict | None = None):
-        ort = import_onnxruntime()
-        self.directory = Path(directory)
-        self.manifest = manifest if manifest is not None else read_manifest(self.directory)
-        try:
-            self.config = CLIPSegConfig.from_hf_dict(self.manifest["config"], f"{self.directory / MANIFEST_NAME}")
-        except CheckpointError as err:
-            raise OnnxBackendError(f"{err}; export the model again") from err
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        graphs = self.manifest["graphs"]
-        self.sessions = {
-            name: open_graph(ort, self.directory / file, graphs[name]["sha256"], options)
-            for name, file in GRAPH_FILES.items()
-        }
-        self.activation_names = [output.name for output in self.sessions["image_encoder"].get_outputs()]
+    def __init__(self) -> None:
         self.text_cache: dict[str, Tensor] | None = None
         self._tokenizer = None
 
+    @property
+    def precisions(self) -> tuple[str]:
+        """The precisions a caller may ask for (`clipseg.precision.resolve_precision` reads this): the export's."""
+        return (self.precision,)
+
+    def _run(self, graph: str, **inputs: Tensor) -> list[Tensor]:
+        """Run `graph` (a key of GRAPH_FILES) on named inputs; its outputs in order."""
+        raise NotImplementedError
+
     # -- the torch.nn.Module calls a caller makes ---------------------------------------------------------------
 
-    def eval(self) -> OnnxCLIPSeg:
+    def eval(self) -> ExportedCLIPSeg:
         return self
 
-    def to(self, device: str | torch.device) -> OnnxCLIPSeg:
+    def to(self, device: str | torch.device) -> ExportedCLIPSeg:
         if torch.device(device).type != "cpu":
-            raise ValueError(f"the ONNX backend runs on the CPU (onnxruntime), not on {device}: use --device cpu")
+            raise ValueError(f"this backend runs on the CPU ({self.runtime}), not on {device}: use --device cpu")
         return self
 
     def parameters(self) -> Iterator[Tensor]:
@@ -197,23 +195,34 @@ class OnnxCLIPSeg:
         activations = self._run("image_encoder", pixel_values=pixel_values.float())
         return ImageFeatures(activations, (height // PATCH_SIZE, width // PATCH_SIZE))
 
-    def decode(self, features: ImageFeatures, conditional: Tensor) -> Tensor:
-        """Image features (batch B or 1) + (K, 512) conditionals (K = B, or any K when B = 1) -> (K, 1, H, W)
-        logits. The decoder graph takes one image against K prompts; a batch of B images runs image by image."""
-        batch = features.activations[0].shape[0]
+    def decode(
+        self, features: ImageFeatures, conditional: Tensor, prompts_per_image: Sequence[int] | None = None
+    ) -> Tensor:
+        """Image features (batch B) + (N, 512) conditionals -> (N, 1, H, W) logits, as `CLIPSeg.decode`: image b
+        against the b-th run of `prompts_per_image[b]` consecutive prompts (default: N / B each; one image takes any
+        N). The decoder graph takes one image against its prompts; a batch runs image by image."""
+        batch, prompts = features.activations[0].shape[0], conditional.shape[0]
         projection_dim = self.config.clip.projection_dim
         if conditional.ndim != 2 or conditional.shape[1] != projection_dim:
             raise ValueError(f"conditional must be (K, {projection_dim}), got {tuple(conditional.shape)}")
-        if batch != 1 and conditional.shape[0] != batch:
-            raise ValueError(f"{conditional.shape[0]} prompts for {batch} images: give one prompt per image")
-        if batch == 1:
-            return self._decode_one(features.activations, conditional, features.grid)
+        if prompts_per_image is None:
+            if prompts % batch:
+                raise ValueError(f"{prompts} prompts for {batch} images: give each image the same number of prompts")
+            prompts_per_image = [prompts // batch] * batch
+        elif len(prompts_per_image) != batch or sum(prompts_per_image) != prompts:
+            raise ValueError(
+                f"prompts_per_image {list(prompts_per_image)} does not split {prompts} prompts over {batch} images"
+            )
+        starts = [sum(prompts_per_image[:row]) for row in range(batch)]
         return torch.cat(
             [
                 self._decode_one(
-                    [a[row : row + 1] for a in features.activations], conditional[row : row + 1], features.grid
+                    [a[row : row + 1] for a in features.activations],
+                    conditional[start : start + count],
+                    features.grid,
                 )
-                for row in range(batch)
+                for row, (start, count) in enumerate(zip(starts, prompts_per_image))
+                if count
             ]
         )
 
@@ -221,6 +230,34 @@ class OnnxCLIPSeg:
         inputs = dict(zip(self.activation_names, activations))
         (logits,) = self._run("decoder", grid=torch.tensor(grid), conditional=conditional.float(), **inputs)
         return logits
+
+
+class OnnxCLIPSeg(ExportedCLIPSeg):
+    """CLIPSeg's exported graphs in onnxruntime sessions (CPU), with `CLIPSeg`'s inference interface.
+
+    directory: the folder `export.py` wrote. threads: onnxruntime intra-op threads (default: its own choice).
+    manifest: the folder's manifest when the caller has it already (`clipseg.onnx.export`, before it writes it)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, directory: str | os.PathLike, threads: int | None = None, manifest: dict | None = None):
+        super().__init__()
+        ort = import_onnxruntime()
+        self.directory = Path(directory)
+        self.manifest = manifest if manifest is not None else read_manifest(self.directory)
+        try:
+            self.config = CLIPSegConfig.from_hf_dict(self.manifest["config"], f"{self.directory / MANIFEST_NAME}")
+        except CheckpointError as err:
+            raise OnnxBackendError(f"{err}; export the model again") from err
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        graphs = self.manifest["graphs"]
+        self.sessions = {
+            name: open_graph(ort, self.directory / file, graphs[name]["sha256"], options)
+            for name, file in GRAPH_FILES.items()
+        }
+        self.activation_names = [output.name for output in self.sessions["image_encoder"].get_outputs()]
 
     def _run(self, graph: str, **inputs: Tensor) -> list[Tensor]:
         feed = {name: np.ascontiguousarray(value.detach().cpu().numpy()) for name, value in inputs.items()}

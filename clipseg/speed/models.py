@@ -1,9 +1,9 @@
 """Our CLIPSeg against `transformers.CLIPSegForImageSegmentation`, both at the full ViT-B/16 geometry with the same
 random weights (speed does not depend on their values): the fp32 forward (one prompt per image, one image with ten
-prompts), our bf16 forward, the CPU precision paths (fp32, bf16, int8, ONNX) with their mask agreement and whether
-predict.py's default precision is this machine's fastest path that keeps fp32's masks (`default_check`), a training
-step, and the refined head against the same layers run one by one. Each function times its variants interleaved
-(clipseg/speed/timing.py), prints its rows and returns them for bench.py's JSON.
+prompts), our bf16 forward, the CPU precision paths (fp32, bf16, int8, ONNX, OpenVINO fp32/bf16/int8) with their mask
+agreement and whether predict.py's default precision is this machine's fastest path that keeps fp32's masks
+(`default_check`), a training step, and the refined head against the same layers run one by one. Each function times
+its variants interleaved (clipseg/speed/timing.py), prints its rows and returns them for bench.py's JSON.
 """
 
 from __future__ import annotations
@@ -178,9 +178,9 @@ LOGIT_AT_THRESHOLD = math.log(0.3 / 0.7)  # probability > 0.3, the paper's thres
 
 
 def precision_paths(ours, hf, device, size, repeats, flops, rates) -> dict:
-    """Our fp32, bf16, int8 and ONNX paths against the HF class in fp32, interleaved in one run, at batch 1 and 8
-    with one prompt per image (text encoded in each call, as HF does): median latency, speed-up over HF fp32, mask
-    agreement (probability > 0.3) with our fp32, GFLOP/s, and that rate as a fraction of the machine's fp32
+    """Our fp32, bf16, int8, ONNX and OpenVINO paths against the HF class in fp32, interleaved in one run, at batch 1
+    and 8 with one prompt per image (text encoded in each call, as HF does): median latency, speed-up over HF fp32,
+    mask agreement (probability > 0.3) with our fp32, GFLOP/s, and that rate as a fraction of the machine's fp32
     matmul rate and of the path's own dtype's rate."""
     if device != "cpu":
         print("precision paths: skipped, they are CPU paths (int8, onnxruntime)")
@@ -194,19 +194,22 @@ def precision_paths(ours, hf, device, size, repeats, flops, rates) -> dict:
     own_rate = {"fp32": rates["fp32"], "bf16": rates["bf16"] if rates["bf16_side"] == 2048 else None}
     own_rate["int8"] = rates.get("int8")
     with tempfile.TemporaryDirectory() as tmp:
-        runner = onnx_runner(ours, Path(tmp))
+        runner = onnx_runner(ours, Path(tmp) / "onnx")
+        runners = {"onnx_fp32": runner} if runner is not None else {}
+        if runner is not None:
+            runners.update(openvino_runners(ours, Path(tmp)))
         out = {}
         for batch in (1, 8):
-            out[f"batch_{batch}"] = time_precision_paths(ours, hf, models, runner, batch, size, repeats)
+            out[f"batch_{batch}"] = time_precision_paths(ours, hf, models, runners, batch, size, repeats)
             print(f"precision paths, batch {batch}, 1 prompt per image, {size} px:")
             for name, row in out[f"batch_{batch}"].items():
-                precision = "fp32" if name in ("hf_fp32", "onnx_fp32") else models[name][1]
+                precision = "fp32" if name == "hf_fp32" else models[name][1] if name in models else name.split("_")[1]
                 row["gflops"] = batch * flops / row["seconds"] / 1e9
                 row["of_fp32_matmul"] = row["gflops"] / rates["fp32"]
                 row["of_own_matmul"] = row["gflops"] / own_rate[precision] if own_rate[precision] else None
                 own = f"{100 * row['of_own_matmul']:4.0f}%" if row["of_own_matmul"] else "   -"
                 print(
-                    f"  {name:10s} {row['seconds'] * 1e3:7.0f} ms  {row['speedup_vs_hf_fp32']:5.2f}x HF fp32  "
+                    f"  {name:13s} {row['seconds'] * 1e3:7.0f} ms  {row['speedup_vs_hf_fp32']:5.2f}x HF fp32  "
                     f"mask agreement {100 * row['mask_agreement']:6.2f}%  {row['gflops']:4.0f} GFLOP/s = "
                     f"{100 * row['of_fp32_matmul']:3.0f}% of fp32 matmul, {own} of its own dtype's"
                 )
@@ -218,7 +221,7 @@ def precision_paths(ours, hf, device, size, repeats, flops, rates) -> dict:
 def default_check(rows: dict, default: str, bar: float = MASK_AGREEMENT_BAR) -> dict:
     """Whether `default` (predict.py's default precision on this machine) is the fastest of our measured paths
     (`time_precision_paths` rows, batch 1, as the rule in clipseg/precision.py was measured) whose masks agree with
-    our fp32's on at least `bar` of the pixels. ONNX is a backend, not a precision: not a candidate."""
+    our fp32's on at least `bar` of the pixels. ONNX and OpenVINO are backends, not precisions: not candidates."""
     kept = {
         name.removeprefix("ours_"): row["seconds"]
         for name, row in rows.items()
@@ -251,7 +254,7 @@ def describe_default_check(check: dict) -> str:
     )
 
 
-def time_precision_paths(ours, hf, models, runner, batch: int, size: int, repeats: int) -> dict:
+def time_precision_paths(ours, hf, models, runners, batch: int, size: int, repeats: int) -> dict:
     pixels = torch.randn(batch, 3, size, size)
     phrases = (PHRASES * batch)[:batch]
     ids, mask = ours.tokenize(phrases)
@@ -268,8 +271,8 @@ def time_precision_paths(ours, hf, models, runner, batch: int, size: int, repeat
             return hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
 
     variants = {"hf_fp32": hf_fp32, **{name: torch_path(*pair) for name, pair in models.items()}}
-    if runner is not None:
-        variants["onnx_fp32"] = lambda: runner.decode(runner.encode_image(pixels), runner.embed_text(phrases))
+    for name, runner in runners.items():  # the exports: text embedded in each call, like the torch paths
+        variants[name] = lambda runner=runner: runner.decode(runner.encode_image(pixels), runner.embed_text(phrases))
     timing = interleaved(variants, repeats)
     reference = variants["ours_fp32"]() > LOGIT_AT_THRESHOLD
     rows = {}
@@ -294,6 +297,7 @@ def onnx_runner(model, folder: Path):
         print(f"precision paths: no ONNX row ({err})")
         return None
     print("precision paths: exporting the model to ONNX (export.py; minutes at ViT-B/16) ...")
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         manifest = onnx_export.export(model, folder, source="bench.py")
     except OnnxBackendError as err:
@@ -303,6 +307,35 @@ def onnx_runner(model, folder: Path):
     worst, relative = max(c["absolute"] for c in checks), max(c["relative"] for c in checks)
     print(f"precision paths: exported; graphs within {worst:.1e} of PyTorch ({relative:.1e} of the values' scale)")
     return OnnxCLIPSeg(folder, threads=torch.get_num_threads())  # as many threads as the torch paths
+
+
+def openvino_runners(model, folder: Path) -> dict:
+    """The benchmark model's ONNX export in `folder`/onnx converted to OpenVINO in fp32, bf16 (native bf16 only) and
+    int8 (NNCF, calibrated on the shipped examples), loaded with torch's thread count: {"openvino_<precision>":
+    runner}; empty (with a message) without requirements-openvino.txt. The export's accuracy check is recorded but
+    not enforced (bar 0): the rows report their own mask agreement."""
+    from clipseg.onnx.openvino_backend import OpenVinoBackendError, OpenVinoCLIPSeg, native_bf16
+
+    try:
+        precisions = ["fp32", "bf16", "int8"] if native_bf16() else ["fp32", "int8"]
+    except OpenVinoBackendError as err:
+        print(f"precision paths: no OpenVINO rows ({err})")
+        return {}
+    from clipseg.onnx.openvino_export import export_openvino
+
+    runners = {}
+    for precision in precisions:
+        print(f"precision paths: converting the ONNX graphs to OpenVINO {precision} (a minute or more at ViT-B/16) ...")
+        out = folder / f"openvino_{precision}"
+        try:
+            manifest = export_openvino(model, out, precision, bar=0, source="bench.py", onnx_dir=folder / "onnx")
+        except OpenVinoBackendError as err:
+            print(f"precision paths: no OpenVINO {precision} row ({err})")
+            continue
+        check = manifest["accuracy_check"]
+        print(f"precision paths: OpenVINO {precision}: export check {100 * check['mask_agreement']:.2f}% agreement")
+        runners[f"openvino_{precision}"] = OpenVinoCLIPSeg(out, threads=torch.get_num_threads())
+    return runners
 
 
 def training_comparison(ours, hf, device, size, repeats, bf16: bool, batch: int = 8) -> dict:

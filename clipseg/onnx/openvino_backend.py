@@ -1,0 +1,206 @@
+"""Run a CLIPSeg exported to OpenVINO IR (`clipseg.onnx.openvino_export`) in OpenVINO on the CPU, through the same
+`Predictor` as the PyTorch model.
+
+    model = OpenVinoCLIPSeg("exported_ov/")                  # manifest.json + the four graphs as .xml/.bin
+    model.precision                                           # 'fp32', 'bf16' or 'int8': fixed at export
+    predictor = Predictor(model)
+    logits = model.decode(model.encode_image(pixel_values), model.embed_text(["a cat", "the sofa"]))  # (2, 1, H, W)
+
+The graphs are the four export.py writes (`clipseg.onnx.backend.GRAPH_FILES`: the image encoded once for many
+prompts, the vision tower stopping at the deepest block the decoder reads), converted to OpenVINO; any image side
+that is a multiple of the patch, any number of prompts. `OpenVinoCLIPSeg` shares `OnnxCLIPSeg`'s interface
+(`clipseg.onnx.backend.ExportedCLIPSeg`). Its precision is the export's, applied by OpenVINO:
+
+- `fp32`: OpenVINO's `INFERENCE_PRECISION_HINT` f32 (on AMX and AVX512-BF16 CPUs OpenVINO's default is bf16).
+- `bf16`: the hint bf16, on CPUs that compute bf16 natively (`native_bf16`); refused elsewhere, where OpenVINO
+  would silently run f32.
+- `int8`: an image encoder quantised by NNCF (int8 weights and activations) with the rest in f32.
+
+The Predictor adds nothing on the PyTorch side (`precisions` is ('fp32',): no autocast, no quantisation).
+
+An export folder is untrusted until checked: manifest.json must be one `export_openvino` wrote (format, version,
+precision, a SHA-256 per file, an accuracy check that passed its bar); each .xml and .bin must have the SHA-256 the
+manifest records before OpenVINO reads it; whatever OpenVINO refuses is an `OpenVinoBackendError` naming the file.
+One call at a time per instance (each graph has one inference request). Optional: pip install -r
+requirements-openvino.txt.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from clipseg.config import CLIPSegConfig
+from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, SHA256, ExportedCLIPSeg, graph_sha256
+from clipseg.weights import CheckpointError, read_json
+
+REQUIREMENTS_FILE = "requirements-openvino.txt"
+FORMAT = "clipseg-openvino"
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "bf16", "int8")
+# OpenVINO's INFERENCE_PRECISION_HINT per precision: what the graphs' floating-point operations compute in.
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+IR_FILES = {name: (f"{name}.xml", f"{name}.bin") for name in GRAPH_FILES}  # graph -> (topology, weights)
+
+
+class OpenVinoBackendError(RuntimeError):
+    """The OpenVINO backend cannot run: openvino is missing, the CPU cannot run the export's precision, or the
+    export folder is incomplete, changed, damaged or failed its accuracy check."""
+
+
+def import_openvino():
+    """The openvino module, or an OpenVinoBackendError naming the requirements file to install."""
+    try:
+        import openvino
+    except ImportError as err:
+        raise OpenVinoBackendError(
+            f"the OpenVINO backend needs openvino, which is not installed: pip install -r {REQUIREMENTS_FILE}"
+        ) from err
+    return openvino
+
+
+def native_bf16() -> bool:
+    """Whether OpenVINO computes bf16 on this CPU (AVX512-BF16 or AMX): its CPU plugin lists BF16 among its
+    optimisation capabilities. Elsewhere it ignores a bf16 hint and runs f32."""
+    return "BF16" in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def check_precision_runs(precision: str) -> None:
+    """OpenVinoBackendError unless this CPU can run `precision` (an unknown one, or bf16 without native bf16)."""
+    if precision not in PRECISIONS:
+        raise OpenVinoBackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and not native_bf16():
+        raise OpenVinoBackendError(
+            "precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where OpenVINO would run f32 instead; "
+            "use an fp32 or int8 export"
+        )
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of an OpenVINO export folder; OpenVinoBackendError when it is not one `export_openvino` wrote,
+    its accuracy check did not pass, or files are missing."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise OpenVinoBackendError(f"{directory}: no {MANIFEST_NAME}; it is not an OpenVINO export (export_openvino)")
+    try:
+        manifest = read_json(path)
+    except (OSError, CheckpointError) as err:
+        raise OpenVinoBackendError(f"{err}; export the model again") from err
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise OpenVinoBackendError(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, this code reads "
+            f"{FORMAT!r} version {FORMAT_VERSION}; export the model again with this code"
+        )
+    if manifest.get("precision") not in PRECISIONS:
+        raise OpenVinoBackendError(f"{path}: precision {manifest.get('precision')!r} is not one of {PRECISIONS}")
+    files = manifest.get("files")
+    for name in (file for pair in IR_FILES.values() for file in pair):
+        digest = files.get(name) if isinstance(files, dict) else None
+        if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+            raise OpenVinoBackendError(f"{path}: no SHA-256 for {name}; export the model again")
+    if not isinstance(manifest.get("config"), dict):
+        raise OpenVinoBackendError(f"{path}: no model config; export the model again")
+    check_accuracy_record(manifest.get("accuracy_check"), path)
+    missing = [file for pair in IR_FILES.values() for file in pair if not (directory / file).is_file()]
+    if missing:
+        raise OpenVinoBackendError(f"{directory}: missing graph files {missing}; export the model again")
+    return manifest
+
+
+def check_accuracy_record(check: object, path: Path) -> None:
+    """OpenVinoBackendError unless the manifest's accuracy check is recorded and its mask agreement reached its bar."""
+    numbers_given = isinstance(check, dict) and all(
+        isinstance(check.get(key), numbers.Real) and not isinstance(check.get(key), bool)
+        for key in ("mask_agreement", "bar")
+    )
+    if not numbers_given:
+        raise OpenVinoBackendError(f"{path}: no accuracy check recorded; export the model again")
+    if not check["mask_agreement"] >= check["bar"]:
+        raise OpenVinoBackendError(
+            f"{path}: its accuracy check failed (mask agreement with PyTorch fp32 {100 * check['mask_agreement']:.2f}% "
+            f"< the bar {100 * check['bar']:.2f}%); refusing to run it"
+        )
+
+
+def read_graph(ov, core, directory: Path, name: str, files: dict):
+    """The OpenVINO model of graph `name` once its .xml and .bin have the SHA-256s the manifest records;
+    OpenVinoBackendError naming the file when they do not, or when OpenVINO cannot read it."""
+    paths = [directory / file for file in IR_FILES[name]]
+    for path in paths:
+        actual = graph_sha256(path)
+        if actual != files[path.name]:
+            raise OpenVinoBackendError(
+                f"{path}: its SHA-256 {actual[:16]}... is not the {files[path.name][:16]}... that {MANIFEST_NAME} "
+                "records: the file was changed or replaced after the export; export the model again"
+            )
+    try:
+        return core.read_model(str(paths[0]), str(paths[1]))
+    except Exception as err:  # OpenVINO raises RuntimeError and others for malformed IR
+        raise OpenVinoBackendError(f"{paths[0]}: OpenVINO cannot read it ({err}); export the model again") from err
+
+
+def compile_config(precision: str, threads: int | None) -> dict:
+    """OpenVINO's CPU compile options for `precision`: its inference precision, latency mode, `threads` threads."""
+    config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
+class OpenVinoCLIPSeg(ExportedCLIPSeg):
+    """CLIPSeg's graphs compiled by OpenVINO for the CPU, with `CLIPSeg`'s inference interface.
+
+    directory: the folder `export_openvino` wrote. threads: OpenVINO's inference threads (default: its own choice).
+    manifest and models: the export's manifest and OpenVINO models when the caller has them in memory
+    (`export_openvino` checks them before it writes anything); the folder is then not read."""
+
+    runtime = "OpenVINO"
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        threads: int | None = None,
+        manifest: dict | None = None,
+        models: dict | None = None,
+    ):
+        super().__init__()
+        ov = import_openvino()
+        core = ov.Core()
+        self.directory = Path(directory)
+        self.manifest = manifest if manifest is not None else read_manifest(self.directory)
+        where = self.directory / MANIFEST_NAME
+        try:
+            self.config = CLIPSegConfig.from_hf_dict(self.manifest["config"], f"{where}")
+        except CheckpointError as err:
+            raise OpenVinoBackendError(f"{err}; export the model again") from err
+        self.precision = self.manifest["precision"]
+        check_precision_runs(self.precision)
+        if models is None:
+            models = {name: read_graph(ov, core, self.directory, name, self.manifest["files"]) for name in IR_FILES}
+        config = compile_config(self.precision, threads)
+        self.requests = {}
+        for name, model in models.items():
+            try:
+                self.requests[name] = core.compile_model(model, "CPU", config).create_infer_request()
+            except Exception as err:  # OpenVINO's compile errors are RuntimeError and others
+                raise OpenVinoBackendError(
+                    f"{self.directory / IR_FILES[name][0]}: OpenVINO cannot compile it ({err}); export the model again"
+                ) from err
+        self.activation_names = [output.get_any_name() for output in models["image_encoder"].outputs]
+
+    def inference_precision(self) -> str:
+        """The precision OpenVINO compiled the image encoder for ('f32' or 'bf16'), as its CPU plugin reports it."""
+        compiled = self.requests["image_encoder"].get_compiled_model()
+        return compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+
+    def _run(self, graph: str, **inputs: Tensor) -> list[Tensor]:
+        request = self.requests[graph]
+        feed = {name: np.ascontiguousarray(value.detach().cpu().numpy()) for name, value in inputs.items()}
+        results = request.infer(feed, share_outputs=False)
+        return [torch.from_numpy(results[output]) for output in request.model_outputs]

@@ -1,0 +1,312 @@
+"""Export a CLIPSeg model to OpenVINO IR in fp32, bf16 or int8, checked against PyTorch fp32 before anything is
+written: the ONNX graphs of `clipseg.onnx.export` converted by OpenVINO, the image encoder quantised by NNCF for
+int8, the accuracy check that refuses a graph whose masks agree too little with PyTorch's, and the files and
+manifest that `clipseg.onnx.openvino_backend` checks before it runs them.
+
+    manifest = export_openvino(model, "exported_ov/", "int8")        # calibrated and checked on examples/*.jpg
+    manifest = export_openvino(model, "out/", "int8", calibration_images=["a.jpg", "b.jpg"], bar=0.99)
+    manifest["accuracy_check"]["mask_agreement"]                     # >= the bar, else AccuracyCheckFailed
+
+Files: manifest.json (written last) and per graph of `GRAPH_FILES` <name>.xml (topology) and <name>.bin (weights,
+fp32; int8 for the quantised image encoder). bf16 stores fp32 weights too: OpenVINO computes in bf16 at run time.
+
+The check: each check image (default: the calibration images) at the model's input size with its aspect kept, as
+the Predictor feeds it, against each of `phrases`; a pixel agrees when both sides put its probability on the same
+side of 0.3 (the paper's threshold); the mask agreement is the share of agreeing pixels over all images and
+phrases. Below `bar` (default 99.5%) the export raises AccuracyCheckFailed and writes nothing. fp32 must also stay
+within `clipseg.onnx.export.VERIFY_TOLERANCE` of PyTorch's logits and embeddings, as the ONNX export does.
+
+int8: NNCF post-training quantisation of the image encoder (the vision blocks up to the deepest extracted one; most
+of the time of a prediction), as a transformer (`ModelType.TRANSFORMER`), calibrated on the calibration images and
+their mirror images; the text encoder, the decoder and the image-prompt head stay fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from clipseg.images import load_image
+from clipseg.onnx import export as onnx_export
+from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, OnnxBackendError, graph_sha256
+from clipseg.onnx.backend import read_manifest as read_onnx_manifest
+from clipseg.onnx.openvino_backend import (
+    FORMAT,
+    FORMAT_VERSION,
+    INFERENCE_PRECISION,
+    IR_FILES,
+    REQUIREMENTS_FILE,
+    OpenVinoBackendError,
+    OpenVinoCLIPSeg,
+    check_precision_runs,
+    import_openvino,
+)
+from clipseg.outputs import check_writable, write_json
+from clipseg.transforms import ImageTransform
+from model import CLIPSeg
+
+AGREEMENT_BAR = 0.995  # the share of mask pixels that must agree with PyTorch fp32
+PROBABILITY_THRESHOLD = 0.3  # the paper's: a pixel is in the mask when its probability exceeds it
+LOGIT_AT_THRESHOLD = math.log(PROBABILITY_THRESHOLD / (1 - PROBABILITY_THRESHOLD))
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"  # the shipped scenes (app.py's examples)
+# The check's prompts: the shapes and colours of the shipped scenes (clipseg.synthetic's vocabulary), and a few
+# everyday phrases for users' own calibration images.
+CHECK_PHRASES = (
+    "purple square",
+    "green circle",
+    "red triangle",
+    "yellow circle",
+    "blue square",
+    "a person",
+    "the background",
+)
+
+
+class AccuracyCheckFailed(RuntimeError):
+    """The converted graphs' masks agree with PyTorch fp32 less than the bar (or fp32 logits drift): nothing was
+    written."""
+
+
+def import_nncf():
+    """The nncf module (quiet), or an OpenVinoBackendError naming the requirements file to install."""
+    try:
+        import nncf
+    except ImportError as err:
+        raise OpenVinoBackendError(
+            f"int8 export needs nncf, which is not installed: pip install -r {REQUIREMENTS_FILE}"
+        ) from err
+    nncf.set_log_level(logging.ERROR)
+    return nncf
+
+
+def default_calibration_images() -> list[Path]:
+    """The shipped examples/*.jpg; OpenVinoBackendError when they are not there (an installed package)."""
+    images = sorted(EXAMPLES_DIR.glob("*.jpg"))
+    if not images:
+        raise OpenVinoBackendError(f"no calibration images: {EXAMPLES_DIR} has no *.jpg; give calibration_images")
+    return images
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files as given and the .jpg/.jpeg/.png files of folders (sorted); OpenVinoBackendError when none is found
+    or a path does not exist."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise OpenVinoBackendError(f"calibration image {path}: no such file or folder")
+    if not files:
+        raise OpenVinoBackendError(f"no calibration images (.jpg, .jpeg, .png) in {', '.join(map(str, paths))}")
+    return files
+
+
+def image_pixels(model: CLIPSeg, images: Sequence[str | os.PathLike]) -> list[Tensor]:
+    """Image files -> (1, 3, H, W) normalised pixels each, at the model's input size with the aspect kept (the
+    Predictor's geometry). Raises clipseg.images.UnreadableImage naming a file that cannot be read."""
+    transform = ImageTransform("pil", model.config.image_size, square=False, multiple=model.config.patch_size)
+    return [transform.pixels(load_image(Path(image)))[None] for image in images]
+
+
+def convert_graphs(model: CLIPSeg, onnx_dir: Path, written: bool) -> tuple[dict, dict]:
+    """The four ONNX graphs export.py writes, converted to OpenVINO models, and their ONNX manifest. written: the
+    folder holds `model`'s export already (its manifest, its SHA-256s and config are checked); else the graphs are
+    exported into it first."""
+    ov = import_openvino()
+    if written:
+        try:
+            manifest = read_onnx_manifest(onnx_dir)
+        except OnnxBackendError as err:
+            raise OpenVinoBackendError(str(err)) from err
+        if manifest["config"] != json.loads(json.dumps(model.config.to_hf_dict())):  # as the manifest holds it
+            raise OpenVinoBackendError(f"{onnx_dir}: the ONNX export is of another model than the one given")
+        for name, file in GRAPH_FILES.items():
+            if graph_sha256(onnx_dir / file) != manifest["graphs"][name]["sha256"]:
+                raise OpenVinoBackendError(f"{onnx_dir / file}: changed after its export; export the model again")
+    else:
+        with torch.no_grad():
+            for export_one in (
+                onnx_export.export_image_encoder,
+                onnx_export.export_text_encoder,
+                onnx_export.export_decoder,
+                onnx_export.export_image_prompt_head,
+            ):
+                export_one(model, onnx_dir)
+        manifest = onnx_export.build_manifest(model, "", onnx_dir)
+    return {name: ov.convert_model(str(onnx_dir / file)) for name, file in GRAPH_FILES.items()}, manifest
+
+
+def quantize_image_encoder(encoder, calibration: list[Tensor]):
+    """The image encoder with int8 weights and activations (NNCF post-training quantisation as a transformer),
+    calibrated on `calibration` ((1, 3, H, W) pixels each) and their mirror images."""
+    nncf = import_nncf()
+    samples = [pixels.numpy() for pixels in calibration] + [pixels.flip(-1).numpy() for pixels in calibration]
+    with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars
+        return nncf.quantize(
+            encoder,
+            nncf.Dataset(samples),
+            subset_size=len(samples),
+            model_type=nncf.ModelType.TRANSFORMER,
+        )
+
+
+@torch.no_grad()
+def mask_agreement(model: CLIPSeg, runner, images: list[Tensor], names: list[str], phrases: Sequence[str]) -> dict:
+    """How many mask pixels (probability > PROBABILITY_THRESHOLD) of `runner` agree with `model` in fp32, over
+    `images` ((1, 3, H, W) pixels, named by `names`) against each of `phrases`: the share over all pixels, and the
+    worst image and phrase."""
+    conditional, theirs = model.embed_text(list(phrases)), runner.embed_text(list(phrases))
+    agreeing = total = 0
+    worst = {"agreement": 1.0}
+    for name, pixels in zip(names, images):
+        expected = model.decode(model.encode_image(pixels), conditional) > LOGIT_AT_THRESHOLD
+        got = runner.decode(runner.encode_image(pixels), theirs) > LOGIT_AT_THRESHOLD
+        same = (got == expected).flatten(1).float()
+        agreeing, total = agreeing + same.sum().item(), total + same.numel()
+        for phrase, share in zip(phrases, same.mean(1).tolist()):
+            if share < worst["agreement"]:
+                worst = {"agreement": share, "image": name, "phrase": phrase}
+    return {"mask_agreement": agreeing / total, "worst": worst}
+
+
+def export_openvino(
+    model: CLIPSeg,
+    out_dir: str | os.PathLike,
+    precision: str = "fp32",
+    calibration_images: Sequence[str | os.PathLike] | None = None,
+    check_images: Sequence[str | os.PathLike] | None = None,
+    phrases: Sequence[str] = CHECK_PHRASES,
+    bar: float = AGREEMENT_BAR,
+    source: str = "",
+    threads: int | None = None,
+    onnx_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Export `model` to OpenVINO IR in `precision` into `out_dir`, after checking it; returns the manifest.
+
+    calibration_images: image files for int8's calibration (default: the shipped examples/*.jpg); check_images:
+    the accuracy check's images (default: the calibration images); phrases: its prompts; bar: the mask agreement
+    with PyTorch fp32 it needs, in [0, 1]; threads: OpenVINO's threads for the check; onnx_dir: a folder export.py
+    wrote from `model`, converted instead of exporting the graphs again.
+
+    Raises OpenVinoBackendError when openvino (or, for int8, nncf) is missing or the CPU cannot run `precision`
+    (bf16 without native bf16), clipseg.images.UnreadableImage for an image that cannot be read, OSError when
+    `out_dir` cannot be written or lacks space (all before the conversion starts), and AccuracyCheckFailed when
+    the check fails. Nothing is written to `out_dir` unless the check passes; then the IR files, and manifest.json
+    last (a folder without it is not an export)."""
+    import_openvino()
+    check_precision_runs(precision)
+    onnx_export.import_onnxruntime()  # the ONNX export's requirements (onnx, onnxscript) come with it
+    if precision == "int8":
+        import_nncf()
+    if not 0 <= bar <= 1:
+        raise ValueError(f"bar must be a share of pixels in [0, 1], got {bar}")
+    if not phrases:
+        raise ValueError("the accuracy check needs at least one phrase")
+    calibration_images = list(calibration_images or default_calibration_images())
+    check_images = list(check_images or calibration_images)
+    out_dir = Path(out_dir)
+    needed = onnx_export.export_bytes(model)
+    check_writable(out_dir, folder=True, needed_bytes=needed, what="the export")
+    check_writable(tempfile.gettempdir(), folder=True, needed_bytes=needed, what="the temporary ONNX graphs")
+    model = model.float().cpu().eval()
+    calibration = image_pixels(model, calibration_images) if precision == "int8" else []
+    checks = image_pixels(model, check_images)
+    with tempfile.TemporaryDirectory(prefix="clipseg-onnx-") as work_dir:
+        models, manifest = convert_graphs(model, Path(onnx_dir or work_dir), written=onnx_dir is not None)
+    manifest["source_model"] = source
+    if precision == "int8":
+        models["image_encoder"] = quantize_image_encoder(models["image_encoder"], calibration)
+    manifest = describe(manifest, models, precision)
+    runner = OpenVinoCLIPSeg(out_dir, threads=threads, manifest=manifest, models=models)
+    names = [Path(image).name for image in check_images]
+    check = mask_agreement(model, runner, checks, names, phrases)
+    manifest["accuracy_check"] = {
+        **check,
+        "bar": bar,
+        "images": names,
+        "phrases": list(phrases),
+        "probability_threshold": PROBABILITY_THRESHOLD,
+        "reference": "PyTorch fp32",
+        "inference_precision": runner.inference_precision(),
+    }
+    manifest["difference_to_torch"] = onnx_export.verify(model, runner)
+    if precision == "int8":
+        manifest["quantisation"] = {
+            "tool": "nncf",
+            "graphs": ["image_encoder"],
+            "model_type": "transformer",
+            "calibration_images": [Path(image).name for image in calibration_images],
+            "mirrored": True,
+        }
+    refuse_failed_check(manifest, precision, out_dir)
+    save(models, manifest, out_dir)
+    return manifest
+
+
+def describe(onnx_manifest: dict, models: dict, precision: str) -> dict:
+    """The OpenVINO manifest from the ONNX export's (config, normalisation, tokenizer, versions), without the
+    ONNX files' signatures (those files are gone): format, precision, each graph's inputs and outputs."""
+    manifest = {key: value for key, value in onnx_manifest.items() if key not in ("graphs", "format_version")}
+    manifest.update(format=FORMAT, format_version=FORMAT_VERSION, precision=precision)
+    manifest["inference_precision_hint"] = INFERENCE_PRECISION[precision]
+    manifest["graphs"] = {
+        name: {
+            "xml": IR_FILES[name][0],
+            "bin": IR_FILES[name][1],
+            "inputs": {port.get_any_name(): str(port.get_partial_shape()) for port in model.inputs},
+            "outputs": {port.get_any_name(): str(port.get_partial_shape()) for port in model.outputs},
+        }
+        for name, model in models.items()
+    }
+    manifest["versions"]["openvino"] = import_openvino().__version__
+    if precision == "int8":
+        manifest["versions"]["nncf"] = import_nncf().__version__
+    return manifest
+
+
+def refuse_failed_check(manifest: dict, precision: str, out_dir: Path) -> None:
+    """AccuracyCheckFailed when the masks agree less than the bar, or fp32 logits drift from PyTorch's."""
+    check = manifest["accuracy_check"]
+    nothing = f"nothing was written to {out_dir}"
+    if check["mask_agreement"] < check["bar"]:
+        worst = check["worst"]
+        raise AccuracyCheckFailed(
+            f"the {precision} OpenVINO graphs' masks agree with PyTorch fp32 on {100 * check['mask_agreement']:.2f}% "
+            f"of pixels, below the bar of {100 * check['bar']:.2f}% (worst: {100 * worst['agreement']:.2f}% on "
+            f"{worst.get('image')} with {worst.get('phrase')!r}); {nothing}"
+        )
+    worst_relative = max(difference["relative"] for difference in manifest["difference_to_torch"].values())
+    if precision == "fp32" and worst_relative > onnx_export.VERIFY_TOLERANCE:
+        raise AccuracyCheckFailed(
+            f"the fp32 OpenVINO graphs differ from PyTorch by up to {worst_relative:.2e} of the values' scale "
+            f"(> {onnx_export.VERIFY_TOLERANCE}): {manifest['difference_to_torch']}; {nothing}"
+        )
+
+
+def save(models: dict, manifest: dict, out_dir: Path) -> None:
+    """The IR files (weights as they are: no fp16 compression), their SHA-256s into the manifest, the manifest last;
+    an older export's manifest in `out_dir` is removed first."""
+    ov = import_openvino()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    manifest["files"] = {}
+    for name, model in models.items():
+        xml, weights = (out_dir / file for file in IR_FILES[name])
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        manifest["files"].update({xml.name: graph_sha256(xml), weights.name: graph_sha256(weights)})
+    write_json(out_dir / MANIFEST_NAME, manifest)
