@@ -258,7 +258,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--batch-size",
         type=int,
         default=4,
-        help="images read and encoded together; those of one inference size share a forward pass (default 4)",
+        help="images taken from the walk per step (default 4); the mask pipeline encodes each image on its own",
     )
     parser.add_argument(
         "--resume",
