@@ -515,3 +515,21 @@ def test_cli_one_vision_pass_per_image_whatever_the_expression(tiny_dir, model, 
     with vision_tower_calls(model) as calls:
         assert run_cli(tiny_dir, [folder], tmp_path / "out", *args) == 0
     assert calls["vision"] == 3  # 3 readable images, 5 phrases
+
+
+def test_cli_sam_refinement_runs_end_to_end_and_a_bad_sam_model_exits_2(tiny_dir, tiny_sam, tmp_path, capsys):
+    random_image(80, 64, seed=13).save(tmp_path / "img.png")
+    out, sam = tmp_path / "out", tiny_sam()
+    args = ["--prompt", "sky", "--threshold", "0.5", "--instances", "--refine", "sam", "--sam-model", str(sam)]
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], out, *args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (prompt,) = summary["images"][0]["prompts"]
+    assert summary["pipeline"]["refine"] == "sam" and len(prompt["sam_scores"]) >= 1
+    assert read_mask(prompt["files"]["mask"]).shape == (64, 80)
+    capsys.readouterr()
+    args[-1] = str(tmp_path / "no_sam")
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out2", *args) == 2
+    assert "error: --sam-model: " in capsys.readouterr().err and not (tmp_path / "out2" / "img.png").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out3", "--prompt", "sky", "--sam-model", str(sam))
+    assert exit_info.value.code == 2 and "--sam-model is the checkpoint of --refine sam" in capsys.readouterr().err
