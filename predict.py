@@ -6,13 +6,17 @@
     python predict.py photos/ --prompt "a cat" --model demo --checkpoint best   # a run of train.py
     python predict.py photos/ --prompt "a cat" --backend onnx --model exported/   # graphs from export.py
     python predict.py photos/ --prompt "a cat" --backend openvino --model exported_ov/   # export.py --openvino
+    python predict.py photos/ --prompt "cat | dog" --prompt "person - red shirt" --grow 4 --fill-holes
+    python predict.py big.jpg --prompt "a boat" --tile --refine guided --save prob,mask,soft,cutout --feather 8
+    python predict.py photos/ --prompt "a cat" --instances --max-instances 3 --coco rle   # OUT/coco.json
 
 For each image and prompt this writes, under `--out/<image>/`, the probability map (`<prompt>.prob.png`, 8- or
-16-bit grayscale), the binary mask (`<prompt>.mask.png`, 0/255, probability > threshold) and an overlay
+16-bit grayscale), the binary mask (`<prompt>.mask.png`, 0/255, probability > threshold, post-processed) and an overlay
 (`<prompt>.overlay.png`); with several prompts also one combined `overlay.png` (a colour per prompt, legend).
 `summary.json` lists, per image and prompt, the mask's area fraction, the maximum probability and the files.
-All maps are at the original image resolution. `<image>` is the image's file name (its whole path as given when
-there are several inputs). Each image's line of `summary.jsonl` is written as soon as its files are, so a run cut
+All maps are at the original image resolution. With `--save` also `<prompt>.soft.png` (the mask with its feathered
+edge) and `<prompt>.cutout.png` (RGBA). `<image>` is the image's file name (its whole path as given when there are
+several inputs). Each image's line of `summary.jsonl` is written as soon as its files are, so a run cut
 short keeps what it did: `--resume` skips the images that are complete and redoes the rest.
 
 Folders are walked as a stream (never listed whole), so a folder of millions of images costs no memory. Under
@@ -23,6 +27,13 @@ Geometry: by default the image keeps its aspect ratio. It is resized so that its
 (the model's training size, 352 for the released weights) and both sides are multiples of 16; the long side is
 capped at 3x the short side (more elongated images are squashed to 3:1). `--square` squashes every image to
 S x S as the reference implementations do. Logits are resized bilinearly to the original size, then sigmoid.
+
+Masks: a `--prompt` is a prompt expression (`cat | dog` union, `a & b` intersection, `a - b` subtraction, `car:1.5`
+weights, parentheses; clipseg/expressions.py), all its phrases decoded from one encoding of the image. The mask is
+probability > threshold (`--threshold`; without it the model's calibrated threshold, else the paper's 0.3: printed
+once with where it came from), then `--shrink`, `--grow`, `--fill-holes`, `--min-area`, `--instances`,
+`--feather` (clipseg/postprocess.py); `--refine guided|sam` sharpens edges, `--tile` runs windows over large images
+(clipseg/tiling.py); `--coco rle|polygons` writes OUT/coco.json (rank 0 gathers the ranks' annotations).
 
 Precision: without `--precision`, the fastest that keeps fp32's masks on this class of CPU (bf16 with AMX, int8
 with VNNI but no AMX, else fp32; clipseg/precision.py); `--backend onnx|openvino` runs an export.py folder in its own
@@ -42,6 +53,7 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -54,9 +66,13 @@ from clipseg.cli import (
     add_precision_flags,
     check_backend_flags,
     load_command_model,
+    non_negative_float,
+    non_negative_int,
     output_folder,
+    positive_int,
 )
 from clipseg.distributed import Distributed, JobError, distributed_job, in_turn
+from clipseg.expressions import ExpressionError, parse
 from clipseg.folder_prediction import (
     FolderOptions,
     FolderRun,
@@ -69,10 +85,14 @@ from clipseg.folder_prediction import (
 from clipseg.folders import unreadable_entry
 from clipseg.images import UnreadableImage
 from clipseg.loading import LoadError
+from clipseg.mask_formats import SEGMENTATIONS
+from clipseg.mask_pipeline import REFINE_MODES, PipelineOptions
 from clipseg.onnx.backend import ExportedCLIPSeg
 from clipseg.outputs import UnwritableOutput, check_writable, printable
-from clipseg.prediction_outputs import build_prompts, merge_duplicates
+from clipseg.postprocess import SORT_KEYS, MaskOptions, describe_threshold
+from clipseg.prediction_outputs import DEFAULT_SAVE, SAVE_KINDS, build_prompts, merge_duplicates
 from clipseg.predictor import Predictor
+from clipseg.refine import SamRefiner
 from clipseg.transforms import MAX_ELONGATION, RESIZE_RULES
 from model import CLIPSeg
 
@@ -86,6 +106,95 @@ def parse_support(spec: str) -> tuple[Path, Path]:
     raise argparse.ArgumentTypeError(
         f"--visual-prompt {spec!r}: expected SUPPORT_IMAGE:MASK_IMAGE, two existing files joined by ':'"
     )
+
+
+DEFAULT_SAM = "facebook/sam-vit-base"
+
+
+def save_list(text: str) -> tuple[str, ...]:
+    """'prob,mask,soft' -> the kinds of files to write per prompt (`SAVE_KINDS`), each once."""
+    kinds = tuple(dict.fromkeys(kind.strip() for kind in text.split(",") if kind.strip()))
+    unknown = [kind for kind in kinds if kind not in SAVE_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(SAVE_KINDS)}, got {text!r}")
+    return kinds
+
+
+def add_mask_flags(parser: argparse.ArgumentParser) -> None:
+    """The mask pipeline's flags: post-processing, refinement, tiles, the files and the COCO annotations."""
+    parser.add_argument("--grow", type=non_negative_int, default=0, metavar="N", help="grow the mask by N pixels")
+    parser.add_argument("--shrink", type=non_negative_int, default=0, metavar="N", help="shrink it by N pixels first")
+    parser.add_argument(
+        "--feather", type=non_negative_float, default=0.0, metavar="PX", help="soft edge width (soft PNG, cut-out)"
+    )
+    parser.add_argument("--fill-holes", action="store_true", help="fill the holes of the mask")
+    parser.add_argument(
+        "--min-area", type=non_negative_int, default=0, metavar="PX", help="drop components smaller than this"
+    )
+    parser.add_argument(
+        "--instances", action="store_true", help="report each connected component (summary, COCO annotations)"
+    )
+    parser.add_argument("--sort-instances", choices=SORT_KEYS, default="area", help="instance order (default area)")
+    parser.add_argument(
+        "--max-instances", type=positive_int, default=None, metavar="K", help="keep the best K components"
+    )
+    parser.add_argument(
+        "--refine",
+        choices=REFINE_MODES,
+        default="none",
+        help="sharper edges: guided (edge-aware upsampling, the image as guide) or sam (SAM prompted per component)",
+    )
+    parser.add_argument(
+        "--sam-model", default=None, metavar="ID_OR_DIR", help=f"the SAM checkpoint of --refine sam ({DEFAULT_SAM})"
+    )
+    parser.add_argument("--tile", action="store_true", help="tiled inference: windows blended without seams")
+    parser.add_argument(
+        "--tile-size", type=positive_int, default=None, metavar="PX", help="window side (default: --image-size)"
+    )
+    parser.add_argument(
+        "--tile-overlap", type=non_negative_int, default=None, metavar="PX", help="window overlap (default a quarter)"
+    )
+    parser.add_argument(
+        "--tile-context",
+        type=non_negative_float,
+        default=0.0,
+        metavar="W",
+        help="weight in [0, 1) of a whole-image pass blended with the windows (default 0)",
+    )
+    parser.add_argument(
+        "--save",
+        type=save_list,
+        default=DEFAULT_SAVE,
+        metavar="LIST",
+        help=f"files per prompt, of {', '.join(SAVE_KINDS)} (default {','.join(DEFAULT_SAVE)})",
+    )
+    parser.add_argument(
+        "--coco", choices=SEGMENTATIONS, default=None, help="write OUT/coco.json with every mask (or instance)"
+    )
+
+
+def check_mask_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Prompt expressions parsed and the post-processing checked (usage errors, exit 2); `args.mask_options`."""
+    for prompt in args.prompt:
+        try:
+            parse(prompt)
+        except ExpressionError as err:
+            parser.error(f"--prompt {printable(prompt, 60)!r}: {err}")
+    try:
+        args.mask_options = MaskOptions(
+            0.5, args.grow, args.shrink, args.feather, args.fill_holes, args.min_area, args.instances,
+            args.sort_instances, args.max_instances,
+        )  # fmt: skip
+    except ValueError as err:
+        parser.error(str(err))
+    if not args.tile and (args.tile_size or args.tile_overlap is not None or args.tile_context):
+        parser.error("--tile-size, --tile-overlap and --tile-context need --tile")
+    if not 0 <= args.tile_context < 1:
+        parser.error(f"--tile-context must be in [0, 1), got {args.tile_context}")
+    if args.sam_model and args.refine != "sam":
+        parser.error("--sam-model is the checkpoint of --refine sam")
+    if args.refine == "sam":
+        args.sam_model = args.sam_model or DEFAULT_SAM
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -112,8 +221,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threshold",
         type=float,
-        default=0.3,
-        help="a pixel is in the mask iff probability > this (default 0.3, the paper's)",
+        default=None,
+        help="a pixel is in the mask iff probability > this (default: the threshold calibrated on the model's "
+        "validation data when its config records one, else 0.3, the paper's)",
     )
     parser.add_argument(
         "--out",
@@ -150,7 +260,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--batch-size",
         type=int,
         default=4,
-        help="images read and encoded together; those of one inference size share a forward pass (default 4)",
+        help="images taken from the walk per step (default 4); the mask pipeline encodes each image on its own",
     )
     parser.add_argument(
         "--resume",
@@ -168,6 +278,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_precision_flags(parser, "predict")
     add_backend_flag(parser)
+    add_mask_flags(parser)
     add_model_flags(parser)
     args = parser.parse_args(argv)
     if not args.prompt and not args.visual_prompt:
@@ -176,10 +287,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--prompt must not be empty")
     if args.image_size is not None and args.image_size <= 0:
         parser.error(f"--image-size must be positive, got {args.image_size}")  # the patch is checked with the model
-    if not 0 <= args.threshold < 1:
+    if args.threshold is not None and not 0 <= args.threshold < 1:
         parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    check_mask_flags(parser, args)
     check_backend_and_precision(parser, args)
     return args
 
@@ -240,7 +352,8 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
         for item, problem in unreadable.items():
             print(f"skipped {item}: {problem}", file=sys.stderr)
         if world.is_main:
-            header = {key: getattr(args, key) for key in ("model", "backend", "precision", "threshold", "square")}
+            header = {key: getattr(args, key) for key in ("model", "backend", "precision", "square")}
+            header["threshold"] = None if args.threshold is None else {"value": args.threshold, "source": "given"}
             header |= {"image_size": args.image_size, "interrupted": False, "merged_prompts": merged}
             summarise_unreadable(Path(args.out), header, unreadable, args.summary)
         print("error: no readable input images", file=sys.stderr)
@@ -252,26 +365,42 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
     except (LoadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return BAD_INPUT
+    supports = [p.support for p in prompts if p.kind == "visual"]
     try:
-        conditional = predictor.embed_prompts(
-            phrases=[p.text for p in prompts if p.kind == "text"],
-            support=[p.support for p in prompts if p.kind == "visual"],
-        )
+        conditional = predictor.embed_prompts(support=supports) if supports else None
     except (UnreadableImage, ValueError) as err:
         print(f"error: --visual-prompt: {err}", file=sys.stderr)
         return BAD_INPUT
+    try:
+        sam = SamRefiner.from_pretrained(args.sam_model, device=args.device) if args.refine == "sam" else None
+    except (OSError, ValueError) as err:
+        print(f"error: --sam-model: {err}", file=sys.stderr)
+        return BAD_INPUT
+    threshold, source = predictor.default_threshold(args.threshold)
+    note = describe_threshold(threshold, source, getattr(predictor.model.config, "threshold_origin", None))
+    if world.is_main:
+        print(note, file=sys.stderr)
+    tile = (args.tile_size or predictor.transform.size) if args.tile else None
+    masks = replace(args.mask_options, threshold=threshold)
+    pipeline = PipelineOptions(masks, args.refine, tile, args.tile_overlap, args.tile_context)
     header = {
         "model": args.model,
         "backend": args.backend,
         "precision": args.precision,
-        "threshold": args.threshold,
+        "threshold": {"value": threshold, "source": source, "note": note},
         "square": args.square,
         "image_size": predictor.transform.size,
+        "pipeline": pipeline.to_dict(),
+        "save": list(args.save),
+        "coco": args.coco,
         "interrupted": False,
         "merged_prompts": merged,
     }
     settings = {key: header[key] for key in ("model", "backend", "precision", "square", "image_size")}
-    options = FolderOptions(Path(args.out), args.threshold, args.prob_bits, args.batch_size, args.resume, settings)
+    options = FolderOptions(
+        Path(args.out), threshold, args.prob_bits, args.batch_size, args.resume, settings, pipeline, args.save,
+        args.coco, sam,
+    )  # fmt: skip
     check_same_predictor(world, predictor, prompts, options, args.inputs)
     try:
         run = predict_folder(predictor, conditional, prompts, args.inputs, options, world)

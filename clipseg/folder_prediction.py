@@ -3,6 +3,12 @@ the streamed walk (clipseg/folders.py), segmented a batch at a time, each image'
 line written as soon as it is done, images an earlier attempt completed skipped with `resume`, and at the end the
 ranks' lines merged into OUT/summary.jsonl and summarised in summary.json by rank 0.
 
+Each image goes through the library's mask pipeline (`Predictor.predict_masks`: all the phrases of all the text
+prompt expressions decoded from one encoding of the image, or of each window with tiling; guided or SAM
+refinement; the post-processing of `FolderOptions.masks`); image prompts take the same steps on their maps. Its
+summary line records, per prompt, the parsed expression, the mask's record (threshold, area, instances) and with
+`coco` the COCO annotations of its masks, which rank 0 gathers into OUT/coco.json at the end (`write_coco`).
+
     run = predict_folder(predictor, conditional, prompts, inputs, options, world)   # FolderOptions: flags
     run.processed, run.reused, run.skipped                                          # this rank's counts
     counts = finish_folder(run, header, summary_path)                               # merged; summary.json
@@ -28,6 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
@@ -56,12 +64,18 @@ from clipseg.folders import (
     summary_line,
 )
 from clipseg.images import UnreadableImage, open_rgb
+from clipseg.mask_formats import CocoDocument
+from clipseg.mask_pipeline import PipelineOptions, mask_from_map
 from clipseg.outputs import atomic_write, json_text, write_text
-from clipseg.prediction_outputs import Prompt, image_files, image_summary, write_image_outputs
+from clipseg.postprocess import MaskResult
+from clipseg.prediction_outputs import DEFAULT_SAVE, Prompt, image_files, image_summary, write_image_outputs
 from clipseg.predictor import Predictor
+from clipseg.refine import SamRefiner, guided_refine
+from clipseg.tiling import should_tile, tiled_probabilities
 from clipseg.transforms import NonFiniteOutput
 
 RUN_FILE = "run.json"  # the flags an output folder was made with (for --resume)
+COCO_NAME = "coco.json"  # the run's COCO annotations, with `FolderOptions.coco`
 
 
 class ResumeMismatch(ValueError):
@@ -78,6 +92,17 @@ class FolderOptions:
     batch_size: int
     resume: bool = False
     settings: dict = field(default_factory=dict)  # model, precision, image size, ...: compared on --resume
+    masks: PipelineOptions = field(default_factory=PipelineOptions)  # post-processing (its threshold), refine, tiles
+    save: tuple[str, ...] = DEFAULT_SAVE  # the files per prompt (`clipseg.prediction_outputs.SAVE_KINDS`)
+    coco: str | None = None  # "rle" or "polygons": COCO annotations of every mask, in OUT/coco.json
+    sam: SamRefiner | None = None  # with masks.refine == "sam"
+
+    def shaping(self) -> dict:
+        """Everything that shapes the outputs, as strict JSON (OUT/run.json; compared across ranks)."""
+        masks = self.masks.to_dict()
+        masks["mask"] = {key: value for key, value in masks["mask"].items() if key != "threshold"}  # said once
+        shaping = {**self.settings, "threshold": self.threshold, "prob_bits": self.prob_bits}
+        return shaping | {"pipeline": masks, "save": list(self.save), "coco": self.coco}
 
 
 @dataclass
@@ -100,8 +125,8 @@ def check_same_predictor(world: Distributed, predictor: Predictor, prompts: Sequ
         digest = files_digest(path for path in Path(model.directory).iterdir() if path.is_file())
     else:
         digest = model_digest(model)
-    flags = {**options.settings, "threshold": options.threshold, "prob_bits": options.prob_bits}
-    flags |= {"batch_size": options.batch_size, "resume": options.resume, "prompts": [p.slug for p in prompts]}
+    flags = options.shaping() | {"batch_size": options.batch_size, "resume": options.resume}
+    flags["prompts"] = [p.slug for p in prompts]
     check_same_everywhere(world, model=digest, flags=flags, data=sequence_digest(inputs))
 
 
@@ -124,8 +149,7 @@ def start_output(options: FolderOptions, world: Distributed) -> CompletedImages:
 
 
 def _check_run_file(options: FolderOptions) -> None:
-    path, settings = options.out / RUN_FILE, {**options.settings, "threshold": options.threshold}
-    settings["prob_bits"] = options.prob_bits
+    path, settings = options.out / RUN_FILE, options.shaping()
     if options.resume and path.exists():
         try:
             before = json.loads(path.read_text(encoding="utf-8"))
@@ -165,7 +189,7 @@ def predict_folder(
                 progress.update(1)
                 continue
             folder = options.out / output_name(entry.path, several)
-            if completed.is_complete(entry.key, image_files(folder, prompts)):
+            if completed.is_complete(entry.key, image_files(folder, prompts, options.save)):
                 run.reused += 1
                 progress.update(1)
                 continue
@@ -180,31 +204,84 @@ def predict_folder(
 
 
 def _segment(predictor, conditional, prompts, batch, options: FolderOptions, run: FolderRun, log, progress) -> None:
-    """Read, segment and write a batch of images; each image's summary line right after its files."""
-    loaded = []
+    """Read, segment and write a batch of images, one at a time; each image's summary line right after its files.
+    `conditional`: the image prompts' vectors (None without)."""
     for entry, folder in batch:
         try:
-            loaded.append((entry, folder, open_rgb(entry.path)))
+            image = open_rgb(entry.path)
         except UnreadableImage as err:
             _skip(run, log, entry.key, err.reason)
             progress.update(1)
-    try:
-        all_probs = predictor.predict_batch(
-            [image for *_, image in loaded], conditional=conditional, batch_size=options.batch_size
-        )
-    except NonFiniteOutput as err:
-        run.stopped = f"stopped after {run.processed} image(s): {err}"
-        return
-    for (entry, folder, image), probs in zip(loaded, all_probs):
+            continue
         try:
-            written = write_image_outputs(image, probs, prompts, folder, options.threshold, options.prob_bits)
+            found = image_masks(predictor, image, prompts, conditional, options)
+        except NonFiniteOutput as err:
+            run.stopped = f"stopped after {run.processed} image(s): {err}"
+            return
+        probs = np.stack([probs for probs, *_ in found])
+        masks, soft = [result.mask for _, result, _ in found], [result.soft for _, result, _ in found]
+        try:
+            written = write_image_outputs(image, probs, prompts, folder, masks, options.prob_bits, soft, options.save)
         except OSError as err:
             _skip(run, log, entry.key, f"cannot write its outputs ({err})")
         else:
+            entries = [e | record for e, (*_, record) in zip(written["prompts"], found)]
             size = predictor.transform.input_size(*image.size)
-            log.write(image_summary(entry.key, image.size, size, written["prompts"]) | {"overlay": written["overlay"]})
+            line = image_summary(entry.key, image.size, size, entries) | {"overlay": written["overlay"]}
+            if options.coco:
+                line["coco"] = coco_records(entry.key, image.size, prompts, found, options.coco)
+            log.write(line)
             run.processed += 1
         progress.update(1)
+
+
+def image_masks(
+    predictor: Predictor, image: Image.Image, prompts: Sequence[Prompt], conditional, options: FolderOptions
+) -> list[tuple[np.ndarray, MaskResult, dict]]:
+    """Per prompt of one image, in order: its (H, W) probability map (an expression's evaluated map), its
+    `MaskResult` and the record its summary entry gains (the parsed expression, the mask's threshold, area and
+    instances, SAM's scores). Text prompts go through `Predictor.predict_masks` (one encoding of the image, or of
+    each window with tiles), image prompts (`conditional`) through the same steps on their maps."""
+    pipeline = options.masks
+    if pipeline.tile is None and should_tile(image.height, image.width, predictor.transform.size):
+        tqdm.write(
+            f"note: {image.width}x{image.height} is much larger than the model's input "
+            f"({predictor.transform.size} px): --tile may find small objects",
+            file=sys.stderr,
+        )
+    predictor.set_image(image, encode=pipeline.tile is None)
+    found = []
+    expressions = [prompt.expression for prompt in prompts if prompt.kind == "text"]
+    if expressions:
+        prediction = predictor.predict_masks(
+            expressions, options.threshold, pipeline.mask, pipeline.refine, pipeline.tile, pipeline.tile_overlap,
+            pipeline.tile_context, options.sam,
+        )  # fmt: skip
+        found += [(result.probs, result.mask, result.summary()) for result in prediction.results]
+    if conditional is not None:
+        pixels = np.asarray(image)
+        if pipeline.tile is None:
+            maps = predictor.predict(conditional=conditional)
+        else:
+            window = lambda crop: predictor.window_probabilities(crop, conditional)  # noqa: E731
+            maps = tiled_probabilities(pixels, window, pipeline.tile, pipeline.overlap, pipeline.tile_context)
+        if pipeline.refine == "guided":
+            maps = guided_refine(maps, pixels)
+        for probs in maps:
+            result, refined = mask_from_map(pixels, probs, pipeline, options.sam)
+            record = result.summary() | ({"sam_scores": [round(s, 6) for s in refined.scores]} if refined else {})
+            found.append((probs, result, record))
+    return found
+
+
+def coco_records(name: str, size: tuple[int, int], prompts, found, segmentation: str) -> list[dict]:
+    """The COCO annotations of one image's masks (`CocoDocument.records`: one per instance when instances were
+    found, else one per non-empty mask; category = the prompt's label)."""
+    document = CocoDocument()
+    image_id = document.add_image(name, *size)
+    for prompt, (_, result, _) in zip(prompts, found):
+        document.add_result(image_id, prompt.label, result, segmentation)
+    return document.records()
 
 
 def _skip(run: FolderRun, log: SummaryLog, key: str, reason: str) -> None:
@@ -231,6 +308,8 @@ def finish_folder(run: FolderRun, world: Distributed, out: Path, header: dict, d
         result["summary"] = write_summary_json(
             out / SUMMARY_NAME, header, counts, destination or str(out / "summary.json")
         )
+        if header.get("coco"):
+            result["coco"] = write_coco(out / SUMMARY_NAME, out / COCO_NAME)
     shared = gather_blocks({world.rank: result if world.is_main else None}, world)[0]
     return shared
 
@@ -257,6 +336,7 @@ def write_summary_json(lines: Path, header: dict, counts: MergeCounts, destinati
             handle.write(f'  "{name}": [')
             first = True
             for record in read_summary(lines):
+                record.pop("coco", None)  # in OUT/coco.json
                 if ("error" in record) == errors:
                     handle.write(("\n    " if first else ",\n    ") + json_text(record, ensure_ascii=False))
                     first = False
@@ -273,6 +353,23 @@ def write_summary_json(lines: Path, header: dict, counts: MergeCounts, destinati
         write(sys.stdout)
         return None
     return destination
+
+
+def write_coco(lines: Path, path: Path) -> str | None:
+    """OUT/coco.json from the merged `lines`' COCO records (one document: the images in summary order, categories =
+    prompts). Returns its path, None when it could not be written (said on stderr)."""
+    document = CocoDocument()
+    for record in read_summary(lines):
+        if "error" not in record:
+            image_id = document.add_image(record["image"], record["width"], record["height"])
+            for annotation in record.get("coco", []):
+                document.add_record(image_id, annotation)
+    try:
+        document.write(path)
+    except OSError as err:
+        print(f"error: cannot write {path} ({err})", file=sys.stderr)
+        return None
+    return str(path)
 
 
 def _write_to(path: str, write) -> None:

@@ -198,6 +198,24 @@ class CocoDocument:
         ]
         return [i for i in ids if i is not None]
 
+    def records(self) -> list[dict]:
+        """The annotations, each naming its category instead of the ids (to move them into another document with
+        `add_record`: predict.py's ranks annotate their images, rank 0 gathers them into one document)."""
+        names = {i: name for name, i in self.categories.items()}
+        hidden = ("id", "image_id", "category_id")
+        return [
+            {"category": names[a["category_id"]], **{k: v for k, v in a.items() if k not in hidden}}
+            for a in self.annotations
+        ]
+
+    def add_record(self, image_id: int, record: dict) -> int:
+        """Add one of `records()` to image `image_id`, its category by name (numbered here); returns its id."""
+        fields = {key: value for key, value in record.items() if key != "category"}
+        category_id = self.categories.setdefault(str(record["category"]), len(self.categories) + 1)
+        annotation = {"id": len(self.annotations) + 1, "image_id": image_id, "category_id": category_id, **fields}
+        self.annotations.append(annotation)
+        return annotation["id"]
+
     def to_dict(self) -> dict:
         return {
             "info": self.info,

@@ -2,13 +2,16 @@
 image and prompt, and the entries of the JSON summary. predict.py writes these files and summary.json; the app's
 zip holds the masks and the same summary (clipseg/segmenter.py).
 
-Files, under one folder per image (`image_output_names`): `<slug>.prob.png` (the probability map, 8- or 16-bit
-grayscale), `<slug>.mask.png` (0/255, probability > threshold) and `<slug>.overlay.png` per prompt, and with
-several prompts one combined `overlay.png` (a colour per prompt, legend); all at the image's original size. A
+Files, under one folder per image (`image_output_names`), the kinds `save` picks (`SAVE_KINDS`; by default prob,
+mask, overlay): `<slug>.prob.png` (the probability map, 8- or 16-bit grayscale), `<slug>.mask.png` (0/255, the
+post-processed mask), `<slug>.overlay.png`, `<slug>.soft.png` (the mask with its feathered edge, 8-bit) and
+`<slug>.cutout.png` (RGBA: the image with the soft mask as alpha) per prompt, and with several prompts one combined
+`overlay.png` (a colour per prompt, legend); all at the image's original size. A
 prompt's slug is `clipseg.outputs.safe_name` of its text, so no prompt names a path outside the folder.
 
 Summary entries: per image `image_summary` (name, original size, the size the model saw, its prompts), per prompt
-`prompt_summary` (label, kind, the mask's area fraction, the maximum probability, the files).
+`prompt_summary` (label, kind, the mask's area fraction, the maximum probability, the files). A text prompt is a
+prompt expression (`clipseg.expressions`): a plain phrase as before, or `cat | dog`, `a & b`, `a - b`, `car:1.5`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ import numpy as np
 from PIL import Image
 
 from clipseg.drawing import draw_overlay, mask_image, probability_png
+from clipseg.expressions import Expression, parse
+from clipseg.mask_formats import cutout
 from clipseg.outputs import safe_name
+
+SAVE_KINDS = ("prob", "mask", "overlay", "soft", "cutout")  # the per-prompt files `write_image_outputs` can write
+DEFAULT_SAVE = ("prob", "mask", "overlay")
+FILE_NAMES = {"prob": ("probability", "prob"), "mask": ("mask", "mask"), "overlay": ("overlay", "overlay")}
+FILE_NAMES |= {"soft": ("soft", "soft"), "cutout": ("cutout", "cutout")}  # kind -> (summary key, file suffix)
 
 
 @dataclass
@@ -35,11 +45,13 @@ class Prompt:
     slug: str  # file-name part
     text: str | None = None
     support: tuple[Path, Path] | None = None
+    expression: Expression | None = None  # a text prompt, parsed
 
 
 def build_prompts(phrases: Sequence[str], supports: Sequence[tuple[Path, Path]]) -> list[Prompt]:
-    """The text prompts, then the image prompts (support image, mask), as records with labels and slugs."""
-    prompts = [Prompt(label=p, kind="text", slug=safe_name(p), text=p) for p in phrases]
+    """The text prompts (prompt expressions, parsed: `clipseg.expressions.ExpressionError` names the column of a
+    syntax error), then the image prompts (support image, mask), as records with labels and slugs."""
+    prompts = [Prompt(label=p, kind="text", slug=safe_name(p), text=p, expression=parse(p)) for p in phrases]
     for support, mask in supports:
         label = f"visual: {support.name}"
         slug = safe_name(f"visual {support.stem} {support}:{mask}")
@@ -82,38 +94,55 @@ def image_summary(name: str, size: tuple[int, int], inference_size: tuple[int, i
     return {"image": name, "width": width, "height": height, "inference_size": list(inference_size), "prompts": prompts}
 
 
-def prompt_files(folder: Path, prompt: Prompt) -> dict[str, Path]:
-    """The files written for one prompt of an image: probability map, mask and overlay."""
-    return {
-        "probability": folder / f"{prompt.slug}.prob.png",
-        "mask": folder / f"{prompt.slug}.mask.png",
-        "overlay": folder / f"{prompt.slug}.overlay.png",
-    }
+def prompt_files(folder: Path, prompt: Prompt, save: Sequence[str] = DEFAULT_SAVE) -> dict[str, Path]:
+    """The files written for one prompt of an image, by summary key, for the kinds in `save` (`SAVE_KINDS`)."""
+    names = [FILE_NAMES[kind] for kind in SAVE_KINDS if kind in save]
+    return {key: folder / f"{prompt.slug}.{suffix}.png" for key, suffix in names}
 
 
-def image_files(folder: Path, prompts: Sequence[Prompt]) -> list[Path]:
+def image_files(folder: Path, prompts: Sequence[Prompt], save: Sequence[str] = DEFAULT_SAVE) -> list[Path]:
     """Every file `write_image_outputs` writes for an image into `folder`."""
-    files = [path for prompt in prompts for path in prompt_files(folder, prompt).values()]
-    return files + ([folder / "overlay.png"] if len(prompts) > 1 else [])
+    files = [path for prompt in prompts for path in prompt_files(folder, prompt, save).values()]
+    return files + ([folder / "overlay.png"] if len(prompts) > 1 and "overlay" in save else [])
 
 
 def write_image_outputs(
-    image: Image.Image, probs: np.ndarray, prompts: Sequence[Prompt], folder: Path, threshold: float, bits: int
+    image: Image.Image,
+    probs: np.ndarray,
+    prompts: Sequence[Prompt],
+    folder: Path,
+    masks: Sequence[np.ndarray],
+    bits: int,
+    soft: Sequence[np.ndarray] | None = None,
+    save: Sequence[str] = DEFAULT_SAVE,
 ) -> dict:
-    """Write the probability map, mask and overlay per prompt of the (K, H, W) `probs` (+ the combined overlay)
-    into `folder`; return {"prompts": the prompts' summary entries, "overlay": the overlay showing them all}."""
+    """Write, per prompt of the (K, H, W) `probs` and its (H, W) bool mask of `masks`, the files `save` asks for
+    into `folder` (the soft mask and the cut-out from `soft`, the feathered masks; the masks when None), plus the
+    combined overlay; return {"prompts": the prompts' summary entries, "overlay": the overlay showing them all}."""
     folder.mkdir(parents=True, exist_ok=True)
-    masks, entries = [], []
-    for i, (prompt, prob) in enumerate(zip(prompts, probs)):
-        mask = prob > threshold
-        masks.append(mask)
-        files = prompt_files(folder, prompt)
-        probability_png(prob, bits).save(files["probability"])
-        mask_image(mask).save(files["mask"])
-        draw_overlay(image, [mask], [prompt.label], first_colour=i).save(files["overlay"])
+    soft = masks if soft is None else soft
+    entries = []
+    for i, (prompt, prob, mask) in enumerate(zip(prompts, probs, masks)):
+        files = prompt_files(folder, prompt, save)
+        for key, path in files.items():
+            _picture(key, image, prompt.label, i, prob, mask, soft[i], bits).save(path)
         entries.append(prompt_summary(prompt, prob, mask, {name: str(path) for name, path in files.items()}))
     combined = None
-    if len(prompts) > 1:
+    if len(prompts) > 1 and "overlay" in save:
         combined = folder / "overlay.png"
-        draw_overlay(image, masks, [p.label for p in prompts]).save(combined)
-    return {"prompts": entries, "overlay": str(combined) if combined else entries[0]["files"]["overlay"]}
+        draw_overlay(image, list(masks), [p.label for p in prompts]).save(combined)
+    single = entries[0]["files"].get("overlay") if len(prompts) == 1 else None
+    return {"prompts": entries, "overlay": str(combined) if combined else single}
+
+
+def _picture(key: str, image: Image.Image, label: str, colour: int, prob, mask, soft, bits: int) -> Image.Image:
+    """The file `key` (`prompt_files`' keys) of one prompt: its picture."""
+    if key == "probability":
+        return probability_png(prob, bits)
+    if key == "mask":
+        return mask_image(mask)
+    if key == "overlay":
+        return draw_overlay(image, [mask], [label], first_colour=colour)
+    if key == "soft":
+        return probability_png(np.asarray(soft, dtype=np.float32), 8)
+    return cutout(image, soft)

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import NASTY_PROMPTS, folder_files, random_image, run_command, write_support
+from conftest import (
+    NASTY_PROMPTS,
+    folder_files,
+    random_image,
+    require,
+    run_command,
+    vision_tower_calls,
+    write_support,
+)
 from PIL import Image
 
 from clipseg import folder_prediction, images
@@ -261,12 +269,26 @@ def test_torchrun_writes_the_same_files_as_one_process_each_image_once(tiny_dir,
     for nproc in (None, 2):
         cwd = tmp_path / f"run{nproc}"  # --out "out" inside: the summaries name the same files
         cwd.mkdir()
-        argv = [folder, "--model", tiny_dir, "--image-size", SIZE, "--prompt", "sky", "--prompt", "a dog"]
+        argv = [
+            folder,
+            "--model",
+            tiny_dir,
+            "--image-size",
+            SIZE,
+            "--prompt",
+            "sky",
+            "--prompt",
+            "a dog",
+            "--coco",
+            "rle",
+        ]
         done = run_command("predict.py", [*argv, "--out", "out", "--precision", "fp32", "--device", "cpu"], cwd, nproc)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stderr.count("processed 12 image(s), skipped 1") == 1  # reported once, by rank 0
         outputs[nproc] = folder_files(cwd / "out")
-    assert outputs[2] == outputs[None]  # maps, masks, overlays, summary.jsonl, summary.json, run.json
+    assert outputs[2] == outputs[None]  # maps, masks, overlays, summary.jsonl, summary.json, run.json, coco.json
+    coco = json.loads(outputs[2]["coco.json"])
+    assert len(coco["images"]) == 12 and coco["annotations"]  # every rank's images, gathered by rank 0
     lines = summary_lines(tmp_path / "run2" / "out")
     assert [line["image"] for line in lines] == sorted(str(p) for p in folder.iterdir())  # each input once
     assert not list((tmp_path / "run2" / "out").glob("summary-rank*"))  # the ranks' files were merged
@@ -324,3 +346,190 @@ def test_resume_with_other_flags_stops_instead_of_mixing_outputs(tiny_dir, tmp_p
     assert run_cli(tiny_dir, [folder], out, "--prompt", "sky", "--threshold", "0.5", "--resume") == 2
     err = capsys.readouterr().err
     assert "error: --resume: " in err and "(threshold differ; see " in err and "choose another --out" in err
+
+
+# --------------------------------------------------------------------------------------------------- masks
+
+
+def read_mask(path) -> np.ndarray:
+    return np.asarray(Image.open(path)) == 255
+
+
+def test_cli_expression_prompts_give_the_soft_logic_maps_and_their_masks(tiny_dir, model, tmp_path):
+    random_image(72, 48, seed=3).save(tmp_path / "img.png")
+    out, expressions = tmp_path / "out", ["sky | a dog", "(sky - a dog:1.5) & red"]
+    args = [arg for e in expressions for arg in ("--prompt", e)]
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], out, *args, "--threshold", "0.5", "--prob-bits", "16") == 0
+    predictor = Predictor(model, image_size=SIZE)
+    predictor.set_image(tmp_path / "img.png")
+    sky, dog, red = predictor.predict(phrases=["sky", "a dog", "red"])
+    expected = [np.maximum(sky, dog), np.minimum(np.minimum(sky, 1 - np.clip(1.5 * dog, 0, 1)), red)]
+    (entry,) = json.loads((out / "summary.json").read_text())["images"]
+    for prompt, text, probs in zip(entry["prompts"], expressions, expected):
+        assert prompt["prompt"] == text and prompt["expression"]["phrases"] == sorted(
+            prompt["expression"]["phrases"], key=["sky", "a dog", "red"].index
+        )
+        written = np.asarray(Image.open(prompt["files"]["probability"])) / 65535
+        assert np.abs(written - probs).max() <= 1e-4
+        clear = np.abs(probs - 0.5) > 1e-5  # pixels a rounding difference cannot flip
+        mask = read_mask(prompt["files"]["mask"])
+        np.testing.assert_array_equal(mask[clear], (probs > 0.5)[clear])
+    assert 0 < read_mask(entry["prompts"][0]["files"]["mask"]).mean() < 1
+    assert not np.allclose(expected[1], np.minimum(sky, red), atol=1e-3)  # the subtraction mattered
+    assert entry["prompts"][0]["expression"]["expression"] == "sky | a dog"
+
+
+def test_cli_post_processing_changes_the_mask_files_as_make_mask_does(tiny_dir, model, tmp_path):
+    from clipseg.postprocess import MaskOptions, make_mask
+
+    random_image(80, 64, seed=5).save(tmp_path / "img.png")
+    out, args = tmp_path / "out", ["--prompt", "sky", "--threshold", "0.6", "--grow", "2", "--fill-holes"]
+    args += ["--feather", "3", "--save", "prob,mask,soft,cutout"]
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], out, *args) == 0
+    predictor = Predictor(model, image_size=SIZE)
+    predictor.set_image(tmp_path / "img.png")
+    (probs,) = predictor.predict(phrases=["sky"])
+    expected = make_mask(probs, MaskOptions(0.6, grow=2, fill_holes=True, feather=3.0))
+    files = json.loads((out / "summary.json").read_text())["images"][0]["prompts"][0]["files"]
+    assert set(files) == {"probability", "mask", "soft", "cutout"}  # no overlay: not in --save
+    mask = read_mask(files["mask"])
+    np.testing.assert_array_equal(mask, expected.mask)
+    assert not np.array_equal(mask, probs > 0.6)  # the options changed the mask
+    soft = np.asarray(Image.open(files["soft"])) / 255
+    assert np.abs(soft - expected.soft).max() <= 1 / 255 and 0 < soft[(soft > 0) & (soft < 1)].size
+    cut = Image.open(files["cutout"])
+    assert cut.mode == "RGBA" and np.abs(np.asarray(cut)[..., 3] / 255 - expected.soft).max() <= 1 / 255
+    assert sorted(p.name for p in (out / "img.png").iterdir()) == [
+        f"sky.{k}.png" for k in ("cutout", "mask", "prob", "soft")
+    ]
+
+
+def test_cli_threshold_defaults_to_the_models_calibrated_one_else_the_papers(tiny_dir, model, tmp_path, capsys):
+    calibrated = tmp_path / "calibrated"
+    CLIPSeg.from_pretrained(tiny_dir).save_pretrained(calibrated)
+    config = json.loads((calibrated / "config.json").read_text())
+    config |= {"clipseg_threshold": 0.62, "clipseg_threshold_origin": "validation mIoU of run test"}
+    (calibrated / "config.json").write_text(json.dumps(config))
+    random_image(64, 48, seed=7).save(tmp_path / "img.png")
+    predictor = Predictor(model, image_size=SIZE)
+    predictor.set_image(tmp_path / "img.png")
+    (probs,) = predictor.predict(phrases=["sky"])
+    for checkpoint, value, source in [(calibrated, 0.62, "calibrated"), (tiny_dir, 0.3, "paper")]:
+        out = tmp_path / source
+        assert run_cli(checkpoint, [tmp_path / "img.png"], out, "--prompt", "sky") == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["threshold"]["value"] == value and summary["threshold"]["source"] == source
+        assert summary["pipeline"]["mask"]["threshold"] == value
+        err = capsys.readouterr().err
+        note = {"calibrated": "(calibrated, from the model", "paper": "(the CLIPSeg paper's"}[source]
+        assert err.count(f"threshold {value:g} {note}") == 1
+        mask = read_mask(summary["images"][0]["prompts"][0]["files"]["mask"])
+        clear = np.abs(probs - value) > 1e-5
+        np.testing.assert_array_equal(mask[clear], (probs > value)[clear])
+    assert (
+        "validation mIoU of run test"
+        in json.loads((tmp_path / "calibrated" / "summary.json").read_text())["threshold"]["note"]
+    )
+
+
+def test_cli_coco_rle_decodes_to_the_written_masks(tiny_dir, tmp_path):
+    try:
+        from pycocotools import mask as coco_mask
+    except ImportError:
+        require("pycocotools", "pip install -r requirements-dev.txt")
+    folder = photo_folder(tmp_path, n=3)
+    out = tmp_path / "out"
+    args = ["--prompt", "sky", "--prompt", "a dog | red", "--threshold", "0.55", "--instances", "--coco", "rle"]
+    assert run_cli(tiny_dir, [folder], out, *args) == 0
+    coco = json.loads((out / "coco.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(coco["images"]) == 3 and {c["name"] for c in coco["categories"]} == {"sky", "a dog | red"}
+    assert all("coco" not in entry for entry in summary["images"])  # kept out of summary.json
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"]) > 3
+    for image in coco["images"]:
+        entry = next(e for e in summary["images"] if e["image"] == image["file_name"])
+        for prompt in entry["prompts"]:
+            found = [
+                a
+                for a in coco["annotations"]
+                if a["image_id"] == image["id"] and names[a["category_id"]] == prompt["prompt"]
+            ]
+            assert len(found) == len(prompt["instances"])
+            union = np.zeros((image["height"], image["width"]), dtype=bool)
+            for annotation in found:
+                rle = {
+                    "size": annotation["segmentation"]["size"],
+                    "counts": annotation["segmentation"]["counts"].encode(),
+                }
+                decoded = coco_mask.decode(rle).astype(bool)
+                assert annotation["area"] == decoded.sum() and not (union & decoded).any()
+                union |= decoded
+            np.testing.assert_array_equal(union, read_mask(prompt["files"]["mask"]))
+
+
+def test_cli_tiles_on_a_small_image_equal_the_plain_run(tiny_dir, tmp_path):
+    random_image(64, 64, seed=9).save(tmp_path / "img.png")
+    plain, tiled = tmp_path / "plain", tmp_path / "tiled"
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], plain, "--prompt", "sky | red", "--threshold", "0.5") == 0
+    args = ["--prompt", "sky | red", "--threshold", "0.5", "--tile", "--tile-size", "64"]
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], tiled, *args) == 0
+    files = sorted((plain / "img.png").iterdir())
+    assert files and [p.name for p in files] == [p.name for p in sorted((tiled / "img.png").iterdir())]
+    for path in files:
+        assert path.read_bytes() == (tiled / "img.png" / path.name).read_bytes()
+    summary = json.loads((tiled / "summary.json").read_text())
+    assert summary["pipeline"]["tile"] == 64 and summary["pipeline"]["tile_overlap"] == 16
+
+
+def test_cli_guided_refinement_runs_and_follows_the_library(tiny_dir, model, tmp_path):
+    random_image(96, 64, seed=11).save(tmp_path / "img.png")
+    out = tmp_path / "out"
+    args = ["--prompt", "sky", "--threshold", "0.5", "--refine", "guided", "--prob-bits", "16"]
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], out, *args) == 0
+    predictor = Predictor(model, image_size=SIZE)
+    predictor.set_image(tmp_path / "img.png")
+    found = predictor.predict_masks(["sky"], 0.5, refine="guided")
+    prompt = json.loads((out / "summary.json").read_text())["images"][0]["prompts"][0]
+    written = np.asarray(Image.open(prompt["files"]["probability"])) / 65535
+    assert np.abs(written - found.probs[0]).max() <= 1e-4
+    assert np.abs(written - predictor.predict(phrases=["sky"])[0]).max() > 1e-3  # refined, not the plain map
+    np.testing.assert_array_equal(read_mask(prompt["files"]["mask"]), found.masks[0])
+
+
+def test_cli_a_bad_expression_exits_2_naming_the_column(tiny_dir, tmp_path, capsys):
+    random_image(32, 32).save(tmp_path / "img.png")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--prompt", "sky", "--prompt", "cat | (dog")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--prompt 'cat | (dog'" in err and "column 11" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_one_vision_pass_per_image_whatever_the_expression(tiny_dir, model, tmp_path, monkeypatch):
+    import predict
+
+    folder = photo_folder(tmp_path, n=3)
+    monkeypatch.setattr(predict, "load", lambda args: model)
+    args = ["--prompt", "sky | a dog & (red:1.5 - blue)", "--prompt", "green - sky"]
+    with vision_tower_calls(model) as calls:
+        assert run_cli(tiny_dir, [folder], tmp_path / "out", *args) == 0
+    assert calls["vision"] == 3  # 3 readable images, 5 phrases
+
+
+def test_cli_sam_refinement_runs_end_to_end_and_a_bad_sam_model_exits_2(tiny_dir, tiny_sam, tmp_path, capsys):
+    random_image(80, 64, seed=13).save(tmp_path / "img.png")
+    out, sam = tmp_path / "out", tiny_sam()
+    args = ["--prompt", "sky", "--threshold", "0.5", "--instances", "--refine", "sam", "--sam-model", str(sam)]
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], out, *args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (prompt,) = summary["images"][0]["prompts"]
+    assert summary["pipeline"]["refine"] == "sam" and len(prompt["sam_scores"]) >= 1
+    assert read_mask(prompt["files"]["mask"]).shape == (64, 80)
+    capsys.readouterr()
+    args[-1] = str(tmp_path / "no_sam")
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out2", *args) == 2
+    assert "error: --sam-model: " in capsys.readouterr().err and not (tmp_path / "out2" / "img.png").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out3", "--prompt", "sky", "--sam-model", str(sam))
+    assert exit_info.value.code == 2 and "--sam-model is the checkpoint of --refine sam" in capsys.readouterr().err
