@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from clipseg.baselines import DEFAULT_VIT, DeconvDecoder, ViTSegDecoder, tiny_vit_config, vit_blocks, vit_name
 from clipseg.config import DEFAULT_BACKBONE, RANDOM_BACKBONES, CLIPSegConfig, random_clip_config, tiny_config
-from clipseg.decoder import CLIPSegDecoder
+from clipseg.decoder import CLIPSegDecoder, prompts_per_image_of
 from clipseg.frozen_clip import (
     Scratch,
     can_run_frozen,
@@ -356,19 +356,9 @@ class CLIPSeg(nn.Module):
     ) -> Tensor:
         """Image features (batch B) + (N, 512) conditionals -> (N, 1, H, W) logits. Image b is decoded against the
         b-th run of `prompts_per_image[b]` consecutive prompts (default: N / B each; one image takes any N)."""
-        batch, prompts = features.activations[0].shape[0], conditional.shape[0]
-        if conditional.ndim != 2 or conditional.shape[1] != self.config.clip.projection_dim:
-            raise ValueError(
-                f"conditional must be (N, {self.config.clip.projection_dim}), got {tuple(conditional.shape)}"
-            )
-        if prompts_per_image is None:
-            if prompts % batch:
-                raise ValueError(f"{prompts} prompts for {batch} images: give each image the same number of prompts")
-            prompts_per_image = [prompts // batch] * batch
-        elif len(prompts_per_image) != batch or sum(prompts_per_image) != prompts:
-            raise ValueError(
-                f"prompts_per_image {list(prompts_per_image)} does not split {prompts} prompts over {batch} images"
-            )
+        batch = features.activations[0].shape[0]
+        projection_dim = self.config.clip.projection_dim
+        prompts_per_image = prompts_per_image_of(conditional, batch, projection_dim, prompts_per_image)
         activations = features.activations
         if batch > 1 and any(n != 1 for n in prompts_per_image):  # one image broadcasts; several are repeated
             repeats = torch.as_tensor(prompts_per_image, device=activations[0].device)

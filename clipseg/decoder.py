@@ -193,3 +193,22 @@ def tokens_to_map(x: Tensor, grid: tuple[int, int]) -> Tensor:
     """(B, 1 + h*w, D) tokens -> (B, D, h, w): the CLS token dropped, the patch tokens laid out on their grid."""
     batch, _, dim = x.shape
     return x[:, 1:].transpose(1, 2).reshape(batch, dim, *grid)
+
+
+def prompts_per_image_of(
+    conditional: Tensor, images: int, projection_dim: int, prompts_per_image: Sequence[int] | None = None
+) -> list[int]:
+    """How many of the (N, projection_dim) `conditional` rows each of `images` images is decoded against: the given
+    split, checked, or N / images each. Raises ValueError for a shape or split that does not fit."""
+    prompts = conditional.shape[0]
+    if conditional.ndim != 2 or conditional.shape[1] != projection_dim:
+        raise ValueError(f"conditional must be (N, {projection_dim}), got {tuple(conditional.shape)}")
+    if prompts_per_image is None:
+        if prompts % images:
+            raise ValueError(f"{prompts} prompts for {images} images: give each image the same number of prompts")
+        return [prompts // images] * images
+    if len(prompts_per_image) != images or sum(prompts_per_image) != prompts:
+        raise ValueError(
+            f"prompts_per_image {list(prompts_per_image)} does not split {prompts} prompts over {images} images"
+        )
+    return list(prompts_per_image)

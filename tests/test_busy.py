@@ -74,8 +74,8 @@ def test_bench_prints_the_warning_and_writes_it_into_the_json(tmp_path, capsys, 
     states = iter([QUIET_START, after(60, own=60, others=120)])
     monkeypatch.setattr(bench, "machine_state", lambda: next(states))
     monkeypatch.setattr(bench, "measure", lambda args, results: results.update(rows=[]))
-    out = tmp_path / "bench.json"
-    bench.main(["--out", str(out)])
+    bench.main(["--out", str(tmp_path)])  # a folder, as every command's --out
+    out = tmp_path / bench.RESULTS_NAME
     printed = capsys.readouterr().out
     assert "WARNING: the machine was busy: other processes used 2.00 cores" in printed
     assert "compare the ratios of variants timed together" in printed

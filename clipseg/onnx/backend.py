@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from clipseg.config import PATCH_SIZE, CLIPSegConfig
+from clipseg.decoder import prompts_per_image_of
 from clipseg.tokenizer import CLIPTokenizer
 from clipseg.weights import CheckpointError, read_json
 from model import CLIPSeg, ImageFeatures
@@ -201,18 +202,9 @@ class ExportedCLIPSeg:
         """Image features (batch B) + (N, 512) conditionals -> (N, 1, H, W) logits, as `CLIPSeg.decode`: image b
         against the b-th run of `prompts_per_image[b]` consecutive prompts (default: N / B each; one image takes any
         N). The decoder graph takes one image against its prompts; a batch runs image by image."""
-        batch, prompts = features.activations[0].shape[0], conditional.shape[0]
+        batch = features.activations[0].shape[0]
         projection_dim = self.config.clip.projection_dim
-        if conditional.ndim != 2 or conditional.shape[1] != projection_dim:
-            raise ValueError(f"conditional must be (K, {projection_dim}), got {tuple(conditional.shape)}")
-        if prompts_per_image is None:
-            if prompts % batch:
-                raise ValueError(f"{prompts} prompts for {batch} images: give each image the same number of prompts")
-            prompts_per_image = [prompts // batch] * batch
-        elif len(prompts_per_image) != batch or sum(prompts_per_image) != prompts:
-            raise ValueError(
-                f"prompts_per_image {list(prompts_per_image)} does not split {prompts} prompts over {batch} images"
-            )
+        prompts_per_image = prompts_per_image_of(conditional, batch, projection_dim, prompts_per_image)
         starts = [sum(prompts_per_image[:row]) for row in range(batch)]
         return torch.cat(
             [
