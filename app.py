@@ -54,7 +54,6 @@ from clipseg.cli import (
 )
 from clipseg.loading import LoadError
 from clipseg.segmenter import (
-    DEFAULT_THRESHOLD,
     IDLE_MINUTES,
     NATIVE,
     SESSION_MEMORY_MB,
@@ -76,9 +75,10 @@ EXAMPLES = (  # (image in examples/, prompts): scenes of `synthetic.make_synthet
 # ------------------------------------------------------------------------------------------------ the page
 
 
-def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD):
+def build_page(segmenter: Segmenter, threshold: float | None = None):
     """The Gradio page over `segmenter` (a `gr.Blocks`, not launched), which from now on reads files only from
-    Gradio's upload folder. API: `/segment` and `/rethreshold`."""
+    Gradio's upload folder. API: `/segment` and `/rethreshold`. The threshold slider starts at `threshold`, else at
+    the model's calibrated threshold, else the paper's 0.3 (`Segmenter.default_threshold`, said under the slider)."""
     import gradio as gr
     from gradio.utils import get_upload_folder
 
@@ -138,7 +138,13 @@ def build_page(segmenter: Segmenter, threshold: float = DEFAULT_THRESHOLD):
                         elem_id="support-mask",
                     )
                 threshold_slider = gr.Slider(
-                    0, 0.99, value=threshold, step=0.01, label="Threshold", elem_id="threshold"
+                    0,
+                    0.99,
+                    value=segmenter.default_threshold if threshold is None else threshold,
+                    step=0.01,
+                    label="Threshold",
+                    info=segmenter.threshold_note if threshold is None else "given with --threshold",
+                    elem_id="threshold",
                 )
                 geometry = gr.Radio(
                     [NATIVE, segmenter.square_label],
@@ -228,8 +234,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threshold",
         type=float,
-        default=DEFAULT_THRESHOLD,
-        help=f"initial threshold of the slider (default {DEFAULT_THRESHOLD}, the paper's)",
+        default=None,
+        help="initial threshold of the slider (default: the threshold train.py calibrated for the model, else 0.3, "
+        "the paper's)",
     )
     parser.add_argument(
         "--session-memory",
@@ -249,7 +256,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_backend_flag(parser)
     args = parser.parse_args(argv)
     check_backend_flags(parser, args, "predict")
-    if not 0 <= args.threshold < 1:
+    if args.threshold is not None and not 0 <= args.threshold < 1:
         parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be in 1..65535, got {args.port}")

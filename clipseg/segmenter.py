@@ -52,7 +52,7 @@ from clipseg.images import read_mask
 from clipseg.mask_formats import CocoDocument, cutout
 from clipseg.mask_pipeline import REFINE_MODES, PipelineOptions, mask_from_map
 from clipseg.outputs import json_text, safe_name
-from clipseg.postprocess import PAPER_THRESHOLD, MaskOptions, describe_threshold, resolve_threshold
+from clipseg.postprocess import MaskOptions, describe_threshold, resolve_threshold
 from clipseg.prediction_outputs import Prompt, build_prompts, image_summary, prompt_summary
 from clipseg.predictor import Predictor
 from clipseg.refine import SamRefiner, guided_refine
@@ -72,7 +72,7 @@ from model import CLIPSeg, TextCache
 
 DEMO_MODEL = Path("checkpoints") / "demo"
 FORMATS = ("mask", "prob", "soft", "cutout", "coco")  # what the zip can hold
-DEFAULT_THRESHOLD = PAPER_THRESHOLD  # app.py's slider until it reads `Segmenter.default_threshold` (calibrated)
+
 MAX_CACHED_PHRASES = 1000  # the model's phrase cache (2 KB per phrase at ViT-B/16)
 SESSION_MEMORY_MB = 1024  # default cap on what all sessions retain together
 IDLE_MINUTES = 30  # default: a session unused this long is dropped

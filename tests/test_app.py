@@ -32,7 +32,7 @@ from conftest import box_mask, free_port, huge_png, read_zip, require, save, sce
 
 import app  # noqa: E402
 from clipseg.loading import load_model  # noqa: E402
-from clipseg.segmenter import DEFAULT_THRESHOLD, NATIVE, Output, Segmenter  # noqa: E402
+from clipseg.segmenter import NATIVE, Output, Segmenter  # noqa: E402
 from clipseg.sessions import MB  # noqa: E402
 from model import CLIPSeg  # noqa: E402
 
@@ -68,7 +68,7 @@ def segmenter(model, tmp_path):
 
 def test_cli_checks_its_arguments(capsys):
     args = app.parse_args([])
-    assert (args.model, args.port, args.threshold, args.share) == (None, 7860, 0.3, False)
+    assert (args.model, args.port, args.threshold, args.share) == (None, 7860, None, False)  # None: the model's
     assert args.precision in ("fp32", "bf16", "int8")
     assert (args.session_memory, args.idle_minutes) == (1024, 30)
     for bad in (["--threshold", "1.2"], ["--port", "0"], ["--session-memory", "10"], ["--idle-minutes", "0"]):
@@ -122,7 +122,7 @@ def gradio_or_skip():
 @contextmanager
 def serving(segmenter: Segmenter):
     """The app on a free local port: yields its URL."""
-    page = app.build_page(segmenter, DEFAULT_THRESHOLD)
+    page = app.build_page(segmenter)
     url, _ = app.launch(page, free_port())
     try:
         yield url
@@ -527,3 +527,20 @@ if __name__ == "__main__":
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     cli = parser.parse_args()
     make_screenshot(cli.model, cli.screenshot, cli.chromium)
+
+
+def test_the_threshold_slider_starts_at_the_models_calibrated_threshold(model, tiny_checkpoints, tmp_path):
+    gradio_or_skip()
+    calibrated = CLIPSeg.from_pretrained(tiny_checkpoints / "demo").eval()
+    calibrated.config.threshold, calibrated.config.threshold_origin = 0.62, "validation mIoU curve"
+    sliders = {}
+    for name, segmenter, given in (
+        ("calibrated", Segmenter(calibrated, "tiny", workdir=tmp_path / "a"), None),
+        ("paper", Segmenter(model, "tiny", workdir=tmp_path / "b"), None),
+        ("given", Segmenter(calibrated, "tiny", workdir=tmp_path / "c"), 0.4),
+    ):
+        page = app.build_page(segmenter, given)
+        (slider,) = [b for b in page.blocks.values() if getattr(b, "elem_id", None) == "threshold"]
+        sliders[name] = slider.value
+        page.close()
+    assert sliders == {"calibrated": 0.62, "paper": 0.3, "given": 0.4}
