@@ -53,10 +53,14 @@ from clipseg.cli import (
     load_command_model,
 )
 from clipseg.loading import LoadError
+from clipseg.mask_pipeline import REFINE_MODES
+from clipseg.postprocess import SORT_KEYS
 from clipseg.segmenter import (
+    FORMATS,
     IDLE_MINUTES,
     NATIVE,
     SESSION_MEMORY_MB,
+    Controls,
     Output,
     Segmenter,
     Session,
@@ -87,16 +91,30 @@ def build_page(segmenter: Segmenter, threshold: float | None = None):
     def outputs_of(session: Session, output: Output) -> tuple:
         return session, output.message, output.overlay, output.heatmaps or None, output.zip_path, output.summary
 
-    def on_segment(session, image, prompts, support, support_mask, threshold, geometry):
-        return outputs_of(*segmenter.segment(session, image, prompts, support, support_mask, threshold, geometry))
+    def controls_of(
+        grow, shrink, feather, fill_holes, min_area, instances, max_instances, sort_by, refine, tile, formats
+    ):
+        """The page's mask controls as `Controls` (their order); max instances 0 keeps all."""
+        return Controls(grow, shrink, feather, fill_holes, min_area, instances, max_instances or None, sort_by, refine,
+                        tile, tuple(formats or ()))  # fmt: skip
 
-    def on_threshold(session, threshold):
-        return outputs_of(*segmenter.rethreshold(session, threshold))
+    def on_segment(session, image, prompts, support, support_mask, threshold, geometry, grow, shrink, feather,
+                   fill_holes, min_area, instances, max_instances, sort_by, refine, tile, formats):  # fmt: skip
+        controls = controls_of(grow, shrink, feather, fill_holes, min_area, instances, max_instances, sort_by,
+                               refine, tile, formats)  # fmt: skip
+        result = segmenter.segment(session, image, prompts, support, support_mask, threshold, geometry, controls)
+        return outputs_of(*result)
 
-    def on_geometry(session, image, prompts, support, support_mask, threshold, geometry):
+    def on_threshold(session, threshold, grow, shrink, feather, fill_holes, min_area, instances, max_instances,
+                     sort_by, refine, tile, formats):  # fmt: skip
+        controls = controls_of(grow, shrink, feather, fill_holes, min_area, instances, max_instances, sort_by,
+                               refine, tile, formats)  # fmt: skip
+        return outputs_of(*segmenter.rethreshold(session, threshold, controls))
+
+    def on_geometry(session, image, prompts, support, support_mask, threshold, geometry, *mask):
         if session is None or (session.result is None and session.dropped is None):  # nothing shown: nothing to redo
             return (gr.skip(),) * 6
-        return on_segment(session, image, prompts, support, support_mask, threshold, geometry)
+        return on_segment(session, image, prompts, support, support_mask, threshold, geometry, *mask)
 
     with gr.Blocks(title="CLIPSeg", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown(
@@ -154,6 +172,28 @@ def build_page(segmenter: Segmenter, threshold: float | None = None):
                     "the paper",
                     elem_id="geometry",
                 )
+                with gr.Accordion("Mask: post-processing, refinement, tiles, formats", open=False):
+                    mask_controls = [
+                        gr.Slider(0, 64, value=0, step=1, label="Grow (px)", elem_id="grow"),
+                        gr.Slider(0, 64, value=0, step=1, label="Shrink (px, before growing)", elem_id="shrink"),
+                        gr.Slider(
+                            0, 64, value=0, step=1, label="Feather (px, the soft mask's edge)", elem_id="feather"
+                        ),
+                        gr.Checkbox(label="Fill holes", elem_id="fill-holes"),
+                        gr.Number(0, minimum=0, precision=0, label="Minimum area (px)", elem_id="min-area"),
+                        gr.Checkbox(label="Instances (connected components)", elem_id="instances"),
+                        gr.Number(0, minimum=0, precision=0, label="Keep at most (0 = all)", elem_id="max-instances"),
+                        gr.Radio(list(SORT_KEYS), value=SORT_KEYS[0], label="Instances by", elem_id="sort-by"),
+                        gr.Radio(
+                            [mode for mode in REFINE_MODES if mode != "sam" or segmenter.sam is not None],
+                            value="none",
+                            label="Refine the edges",
+                            info="guided: the mask's edge moved onto the image's edges",
+                            elem_id="refine",
+                        ),
+                        gr.Checkbox(label="Tiles (large images, small objects)", elem_id="tile"),
+                        gr.CheckboxGroup(list(FORMATS), value=["mask"], label="In the zip", elem_id="formats"),
+                    ]
                 run = gr.Button("Segment", variant="primary", elem_id="segment")
             with gr.Column():
                 status = gr.Markdown(label="Status", elem_id="status")
@@ -177,7 +217,7 @@ def build_page(segmenter: Segmenter, threshold: float | None = None):
         examples = [[str(EXAMPLES_DIR / name), text] for name, text in EXAMPLES if (EXAMPLES_DIR / name).is_file()]
         if examples:
             gr.Examples(examples, inputs=[image, prompts], label="Examples")
-        inputs = [session, image, prompts, support, support_mask, threshold_slider, geometry]
+        inputs = [session, image, prompts, support, support_mask, threshold_slider, geometry, *mask_controls]
         outputs = [session, status, overlay, heatmaps, download, summary]
         # Events with files keep preprocess=False. Gradio 6.31 checks a file payload before any handler whatever this
         # flag says (Blocks.preprocess_data): one carrying meta {"_type": "gradio.FileData"} must lie in its upload
@@ -189,7 +229,11 @@ def build_page(segmenter: Segmenter, threshold: float | None = None):
         run.click(on_segment, inputs, outputs, preprocess=False, api_name="segment")
         geometry.change(on_geometry, inputs, outputs, preprocess=False, api_visibility="private")
         threshold_slider.input(
-            on_threshold, [session, threshold_slider], outputs, api_name="rethreshold", trigger_mode="always_last"
+            on_threshold,
+            [session, threshold_slider, *mask_controls],
+            outputs,
+            api_name="rethreshold",
+            trigger_mode="always_last",
         )
     return page
 

@@ -52,6 +52,11 @@ WAIT_MS = 90_000  # the slowest step (first segmentation on a loaded 2-core mach
 # ---------------------------------------------------------------------------------------------- the model
 
 
+MASK_CONTROLS = ["grow", "shrink", "feather", "fill_holes", "min_area", "instances", "max_instances", "sort_by"]
+MASK_CONTROLS += ["refine", "tile", "formats"]
+MASK_DEFAULTS = [0, 0, 0, False, 0, False, 0, "area", "none", False, ["mask"]]  # the page's mask controls as shown
+
+
 @pytest.fixture(scope="module")
 def model(tiny_checkpoints):
     """The tiny saved CLIPSeg (image size 64), loaded as a hub id would be."""
@@ -406,14 +411,14 @@ def test_the_server_reads_no_file_a_client_names_outside_its_upload_folder(api_s
     ]
     for image, support, support_mask, expected in cases:
         started = time.perf_counter()
-        reply = segment_request(url, [None, image, "red disc", support, support_mask, 0.3, NATIVE])
+        reply = segment_request(url, [None, image, "red disc", support, support_mask, 0.3, NATIVE, *MASK_DEFAULTS])
         assert time.perf_counter() - started < 10, (image, reply)  # a FIFO never hangs the queue
         assert expected in status_of(reply) and "Segmented" not in json.dumps(reply), (image, reply)
         assert not reply.get("success") or reply["output"]["data"][2] is None  # no overlay
     from gradio_client import Client, handle_file
 
     status, overlay, *_ = Client(url, verbose=False).predict(
-        handle_file(planted), "red disc", None, None, 0.3, NATIVE, api_name="/segment"
+        handle_file(planted), "red disc", None, None, 0.3, NATIVE, *MASK_DEFAULTS, api_name="/segment"
     )
     assert status.startswith("Segmented `planted.png`") and Image.open(overlay).size == (64, 48)  # uploaded: fine
 
@@ -426,8 +431,8 @@ def test_the_api_has_named_endpoints_and_outputs(api_server):
     outputs += ["Masks: a PNG per prompt at the original size + summary.json", "Summary"]
     assert api["unnamed_endpoints"] == {}
     assert {name: [p["parameter_name"] for p in e["parameters"]] for name, e in api["named_endpoints"].items()} == {
-        "/segment": ["image", "prompts", "support", "support_mask", "threshold", "geometry"],
-        "/rethreshold": ["threshold"],
+        "/segment": ["image", "prompts", "support", "support_mask", "threshold", "geometry", *MASK_CONTROLS],
+        "/rethreshold": ["threshold", *MASK_CONTROLS],
     }
     assert all([r["label"] for r in e["returns"]] == outputs for e in api["named_endpoints"].values())
 
@@ -458,7 +463,7 @@ def test_the_queue_holds_at_most_max_queue_requests(model, tmp_path, monkeypatch
         config = httpx.get(url + "config").json()
         (button,) = [c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "segment"]
         (fn_index,) = [d["id"] for d in config["dependencies"] if [button, "click"] in d["targets"]]
-        data = [None, None, "cat", None, None, 0.3, NATIVE]
+        data = [None, None, "cat", None, None, 0.3, NATIVE, *MASK_DEFAULTS]
         with httpx.Client(base_url=url) as client:
             replies = [
                 client.post("gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": str(i)})
@@ -544,3 +549,23 @@ def test_the_threshold_slider_starts_at_the_models_calibrated_threshold(model, t
         sliders[name] = slider.value
         page.close()
     assert sliders == {"calibrated": 0.62, "paper": 0.3, "given": 0.4}
+
+
+def test_the_mask_controls_reach_the_pipeline_through_the_api(api_server, tmp_path):
+    """/segment with grow and the zip's formats: the zip holds the chosen files and the grown mask covers the plain
+    one and more (as `make_mask` grows it)."""
+    from gradio_client import Client, handle_file
+
+    client = Client(api_server, verbose=False)
+    image = handle_file(save(scene(96, 80), tmp_path / "room.png"))
+    plain = client.predict(image, "red disc", None, None, 0.3, NATIVE, *MASK_DEFAULTS, api_name="/segment")
+    grown_controls = [8, 0, 0, False, 0, False, 0, "area", "none", False, ["mask", "soft", "cutout"]]
+    grown = client.predict(image, "red disc", None, None, 0.3, NATIVE, *grown_controls, api_name="/segment")
+    zips = {name: read_zip(reply[3])[0] for name, reply in (("plain", plain), ("grown", grown))}
+    assert not any(n.endswith((".soft.png", ".cutout.png")) for n in zips["plain"])
+    assert any(n.endswith(".soft.png") for n in zips["grown"]) and any(n.endswith(".cutout.png") for n in zips["grown"])
+    before, after = (
+        np.asarray(next(image for n, image in zips[name].items() if n.endswith(".mask.png"))) > 0
+        for name in ("plain", "grown")
+    )
+    assert before.any() and after.sum() > before.sum() and after[before].all()
