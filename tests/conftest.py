@@ -97,6 +97,20 @@ def tiny_checkpoint(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_checkpoint):
+    """A tiny random CLIPSeg saved as a hub checkpoint (`tiny_checkpoint()`); a module may define its own."""
+    return tiny_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    """`tiny_dir` loaded back as a hub id would be, in eval mode; a module may define its own."""
+    from model import CLIPSeg
+
+    return CLIPSeg.from_pretrained(tiny_dir).eval()
+
+
 @pytest.fixture(scope="session")
 def overflowing_checkpoint(tmp_path_factory) -> Path:
     """A tiny model at 64 px whose head weights are finite but huge (3e38): its logits overflow to NaN and

@@ -7,6 +7,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 import transformers
@@ -191,3 +192,15 @@ def parse_gallery(path: Path) -> GalleryParser:
     parser.close()
     assert parser.open_tags == []
     return parser
+
+
+def assert_close(got, expected, rel: float, same_types: bool = True) -> None:
+    """Nested dicts equal, floats to `rel`, everything else exactly (and of the same type with `same_types`)."""
+    if isinstance(expected, dict):
+        assert list(got) == list(expected)
+        for key in expected:
+            assert_close(got[key], expected[key], rel, same_types)
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=rel, abs=0)
+    else:
+        assert got == expected and (not same_types or type(got) is type(expected))

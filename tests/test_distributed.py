@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import free_port  # noqa: E402
 from distributed_worker import N_ITEMS, SKIPPED_EVERY, add_item, fresh_metrics, score_items  # noqa: E402
+from helpers import assert_close
 
 from clipseg.distributed import (
     BLOCK_ITEMS,
@@ -83,20 +84,9 @@ def test_one_process_gathers_blocks_in_block_order_and_merges_like_a_plain_accum
         if item % SKIPPED_EVERY:
             add_item(plain, item)
     expected = json.loads(json.dumps({name: metrics.compute() for name, metrics in plain.items()}))
-    assert_close(blocked["metrics"], expected, rel=1e-12)
+    assert_close(blocked["metrics"], expected, rel=1e-12, same_types=False)
     assert blocked["skipped"] == [f"item {i}" for i in range(0, N_ITEMS, SKIPPED_EVERY)]
     assert blocked["progress"] == N_ITEMS
-
-
-def assert_close(got, expected, rel: float) -> None:
-    if isinstance(expected, dict):
-        assert list(got) == list(expected)
-        for key in expected:
-            assert_close(got[key], expected[key], rel)
-    elif isinstance(expected, float):
-        assert got == pytest.approx(expected, rel=rel, abs=0)
-    else:
-        assert got == expected
 
 
 def launch(scenario: str, out: Path, world_size: int = 2) -> list[subprocess.CompletedProcess]:

@@ -6,6 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -440,18 +441,6 @@ def metric_parts(seed: int = 0, n_parts: int = 3, per_part: int = 4):
                 metrics[3].update(labels, prediction)
         parts.append(part)
     return parts, whole
-
-
-def assert_close(got, expected, rel: float) -> None:
-    """Nested dicts and lists equal, floats to `rel`, everything else exactly."""
-    if isinstance(expected, dict):
-        assert list(got) == list(expected)
-        for key in expected:
-            assert_close(got[key], expected[key], rel)
-    elif isinstance(expected, float):
-        assert got == pytest.approx(expected, rel=rel, abs=0)
-    else:
-        assert got == expected and type(got) is type(expected)
 
 
 def test_summed_states_give_the_metrics_of_all_samples():

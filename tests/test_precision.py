@@ -45,16 +45,6 @@ LOGIT_THRESHOLD = float(np.log(0.3 / 0.7))  # probability > 0.3, the paper's thr
 NATIVE_BF16 = precision_module.cpu_has_native_bf16()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_checkpoint):
-    return tiny_checkpoint()
-
-
-@pytest.fixture(scope="module")
-def model(tiny_dir):
-    return CLIPSeg.from_pretrained(tiny_dir).eval()
-
-
 def logits_in(model: CLIPSeg, precision: str) -> torch.Tensor:
     """(8, 1, 64, 96) logits of four images x two phrases, run as `precision` prescribes."""
     generator = torch.Generator().manual_seed(1)

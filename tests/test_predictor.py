@@ -19,16 +19,6 @@ SIZE = 64  # short side used in these tests (the tiny CLIP takes any multiple of
 PHRASES = ["a red circle", "the blue square", "sky"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_checkpoint):
-    return tiny_checkpoint()
-
-
-@pytest.fixture(scope="module")
-def model(tiny_dir):
-    return CLIPSeg.from_pretrained(tiny_dir).eval()
-
-
 @pytest.fixture
 def predictor(model):
     return Predictor(model, image_size=SIZE)
