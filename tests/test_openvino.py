@@ -34,7 +34,12 @@ import score  # noqa: E402
 from clipseg.onnx import openvino_backend  # noqa: E402
 from clipseg.onnx.backend import MANIFEST_NAME  # noqa: E402
 from clipseg.onnx.openvino_backend import OpenVinoBackendError, OpenVinoCLIPSeg  # noqa: E402
-from clipseg.onnx.openvino_export import EXAMPLES_DIR, export_openvino  # noqa: E402
+from clipseg.onnx.openvino_export import (  # noqa: E402
+    EXAMPLES_DIR,
+    export_openvino,
+    is_weighted_matmul,
+    sensitive_layers,
+)
 from clipseg.segmenter import Segmenter  # noqa: E402
 from clipseg.transforms import ImageTransform  # noqa: E402
 from export import main as export_main  # noqa: E402
@@ -102,7 +107,7 @@ def test_bf16_and_int8_masks_agree_with_pytorch_fp32(model, exports, precision):
         pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX): OpenVINO would run f32 for a bf16 hint")
     runner = OpenVinoCLIPSeg(exports[precision])
     assert runner.precision == precision
-    assert runner.inference_precision() == ("bf16" if precision == "bf16" else "f32")
+    assert runner.inference_precision() == ("bf16" if openvino_backend.native_bf16() else "f32")
     agreeing, positive = [], []
     for pixels in example_pixels(model):
         with torch.no_grad():
@@ -115,6 +120,43 @@ def test_bf16_and_int8_masks_agree_with_pytorch_fp32(model, exports, precision):
     if precision == "int8":  # the image encoder really is quantised
         xml = (exports["int8"] / "image_encoder.xml").read_text()
         assert "FakeQuantize" in xml or "FakeConvert" in xml or 'element_type="i8"' in xml
+
+
+def test_int8_without_native_bf16_computes_the_rest_in_f32(exports, monkeypatch):
+    monkeypatch.setattr(openvino_backend, "native_bf16", lambda: False)
+    assert OpenVinoCLIPSeg(exports["int8"]).inference_precision() == "f32"
+
+
+def producers(op) -> set[str]:
+    """The types of the operations feeding `op`'s inputs, looking through converts, transposes and reshapes."""
+    types = set()
+    for port in op.inputs():
+        source = port.get_source_output().get_node()
+        while source.get_type_name() in ("Convert", "Transpose", "Reshape") and source.inputs():
+            source = source.input(0).get_source_output().get_node()
+        types.add(source.get_type_name())
+    return types
+
+
+def test_int8_keeps_the_patch_embedding_and_the_first_block_in_floating_point(model, exports, onnx_dir):
+    ov = openvino_backend.import_openvino()
+    encoder = ov.Core().read_model(str(onnx_dir / "image_encoder.onnx"))
+    blocks = max(model.config.extract_layers) + 1
+    kept = sensitive_layers(encoder, blocks)
+    weighted = [op.get_friendly_name() for op in encoder.get_ordered_ops() if is_weighted_matmul(op)]
+    assert len(weighted) == 6 * blocks  # q, k, v, out, fc1, fc2 per block
+    assert (
+        kept
+        == [op.get_friendly_name() for op in encoder.get_ordered_ops() if op.get_type_name() == "Convolution"]
+        + weighted[:6]
+    )
+    quantised = {
+        op.get_friendly_name(): op
+        for op in ov.Core().read_model(str(exports["int8"] / "image_encoder.xml")).get_ordered_ops()
+    }
+    fake = {"FakeQuantize", "FakeConvert"}
+    assert all(not producers(quantised[name]) & fake for name in kept)
+    assert all(producers(quantised[name]) & fake for name in weighted[6:])
 
 
 def test_manifest_records_the_precision_and_the_accuracy_check(exports):

@@ -18,7 +18,9 @@ within `clipseg.onnx.export.VERIFY_TOLERANCE` of PyTorch's logits and embeddings
 
 int8: NNCF post-training quantisation of the image encoder (the vision blocks up to the deepest extracted one; most
 of the time of a prediction), as a transformer (`ModelType.TRANSFORMER`), calibrated on the calibration images and
-their mirror images; the text encoder, the decoder and the image-prompt head stay fp32.
+their mirror images, with SmoothQuant; the patch embedding and the first block's linear layers stay in floating
+point (`sensitive_layers`), as do the text encoder, the decoder and the image-prompt head: bf16 on CPUs with native
+bf16, else f32.
 """
 
 from __future__ import annotations
@@ -43,13 +45,13 @@ from clipseg.onnx.backend import read_manifest as read_onnx_manifest
 from clipseg.onnx.openvino_backend import (
     FORMAT,
     FORMAT_VERSION,
-    INFERENCE_PRECISION,
     IR_FILES,
     REQUIREMENTS_FILE,
     OpenVinoBackendError,
     OpenVinoCLIPSeg,
     check_precision_runs,
     import_openvino,
+    inference_precision_hint,
 )
 from clipseg.outputs import check_writable, write_json
 from clipseg.transforms import ImageTransform
@@ -151,17 +153,53 @@ def convert_graphs(model: CLIPSeg, onnx_dir: Path, written: bool) -> tuple[dict,
     return {name: ov.convert_model(str(onnx_dir / file)) for name, file in GRAPH_FILES.items()}, manifest
 
 
-def quantize_image_encoder(encoder, calibration: list[Tensor]):
-    """The image encoder with int8 weights and activations (NNCF post-training quantisation as a transformer),
-    calibrated on `calibration` ((1, 3, H, W) pixels each) and their mirror images."""
+def sensitive_layers(encoder, blocks: int) -> list[str]:
+    """The image encoder's operations that int8 hurts most, kept in floating point: the patch embedding (a
+    convolution of the raw pixels) and the linear layers of the first of its `blocks` transformer blocks (its
+    weighted MatMuls in graph order, the same number per block). Measured on ViT-B/16 at 352 px with random weights,
+    mask agreement with PyTorch fp32 on 10 generated scenes: all quantised 98.98%, the patch embedding kept 99.52%,
+    with block 0 kept too 99.59%, and with SmoothQuant 99.68% (`quantize_image_encoder`), at 101-107 ms against 143
+    ms in bf16 (one thread, AMX)."""
+    convolutions = [op.get_friendly_name() for op in encoder.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    weighted = [op.get_friendly_name() for op in encoder.get_ordered_ops() if is_weighted_matmul(op)]
+    if not weighted or len(weighted) % blocks:
+        return convolutions  # not the graph export.py writes: keep the patch embedding only
+    return convolutions + weighted[: len(weighted) // blocks]
+
+
+def is_weighted_matmul(op) -> bool:
+    """Whether `op` is a MatMul by a constant (a linear layer's weights), through converts and transposes."""
+    if op.get_type_name() != "MatMul":
+        return False
+    for port in op.inputs():
+        source = port.get_source_output().get_node()
+        while source.get_type_name() in ("Convert", "Transpose", "Reshape") and source.inputs():
+            source = source.input(0).get_source_output().get_node()
+        if source.get_type_name() == "Constant":
+            return True
+    return False
+
+
+SMOOTH_QUANT_ALPHA = 0.5  # NNCF's SmoothQuant on the MatMuls: activation outliers moved into the weights
+
+
+def quantize_image_encoder(encoder, calibration: list[Tensor], blocks: int):
+    """The image encoder (`blocks` transformer blocks) with int8 weights and activations: NNCF post-training
+    quantisation as a transformer with SmoothQuant, calibrated on `calibration` ((1, 3, H, W) pixels each) and their
+    mirror images; `sensitive_layers` stay in floating point."""
     nncf = import_nncf()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
     samples = [pixels.numpy() for pixels in calibration] + [pixels.flip(-1).numpy() for pixels in calibration]
+    smooth_quant = AdvancedSmoothQuantParameters(matmul=SMOOTH_QUANT_ALPHA)
     with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars
         return nncf.quantize(
             encoder,
             nncf.Dataset(samples),
             subset_size=len(samples),
             model_type=nncf.ModelType.TRANSFORMER,
+            ignored_scope=nncf.IgnoredScope(names=sensitive_layers(encoder, blocks)),
+            advanced_parameters=AdvancedQuantizationParameters(smooth_quant_alphas=smooth_quant),
         )
 
 
@@ -230,7 +268,8 @@ def export_openvino(
         models, manifest = convert_graphs(model, Path(onnx_dir or work_dir), written=onnx_dir is not None)
     manifest["source_model"] = source
     if precision == "int8":
-        models["image_encoder"] = quantize_image_encoder(models["image_encoder"], calibration)
+        blocks = max(model.config.extract_layers) + 1
+        models["image_encoder"] = quantize_image_encoder(models["image_encoder"], calibration, blocks)
     manifest = describe(manifest, models, precision)
     runner = OpenVinoCLIPSeg(out_dir, threads=threads, manifest=manifest, models=models)
     names = [Path(image).name for image in check_images]
@@ -250,6 +289,8 @@ def export_openvino(
             "tool": "nncf",
             "graphs": ["image_encoder"],
             "model_type": "transformer",
+            "smooth_quant_alpha": SMOOTH_QUANT_ALPHA,
+            "kept_in_floating_point": "the patch embedding and block 0's linear layers",
             "calibration_images": [Path(image).name for image in calibration_images],
             "mirrored": True,
         }
@@ -263,7 +304,7 @@ def describe(onnx_manifest: dict, models: dict, precision: str) -> dict:
     ONNX files' signatures (those files are gone): format, precision, each graph's inputs and outputs."""
     manifest = {key: value for key, value in onnx_manifest.items() if key not in ("graphs", "format_version")}
     manifest.update(format=FORMAT, format_version=FORMAT_VERSION, precision=precision)
-    manifest["inference_precision_hint"] = INFERENCE_PRECISION[precision]
+    manifest["inference_precision_hint"] = inference_precision_hint(precision)  # on the exporting CPU
     manifest["graphs"] = {
         name: {
             "xml": IR_FILES[name][0],
