@@ -25,6 +25,7 @@ default each job takes on each class of CPU (`default_precision`, the rule and i
 from __future__ import annotations
 
 import functools
+import importlib.util
 import warnings
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -88,6 +89,11 @@ def autocast(device: str | torch.device, enabled: bool = True) -> AbstractContex
 # Scoring, failure analysis and train.py's validation run fp32 on every CPU: the paper's numbers are fp32. GPUs:
 # fp32 (not measured here; --precision bf16 asks for bf16).
 FASTEST_BY_CPU_CLASS = {"amx": "bf16", "vnni": "int8", "other": "fp32"}
+# Where OpenVINO (optional: requirements-openvino.txt) is installed, prediction on these CPU classes runs the model
+# converted to OpenVINO in this precision (`default_path`; the conversion is made once per model and cached,
+# clipseg/onnx/openvino_cache.py), measured faster than every PyTorch path above with the same bar:
+# OPENVINO_MEASUREMENTS. Classes not listed have not been measured with OpenVINO and keep PyTorch.
+OPENVINO_BY_CPU_CLASS = {"amx": "int8"}
 
 
 def cpu_capabilities() -> dict:
@@ -117,6 +123,21 @@ def default_precision(device: str | torch.device, job: str = "score") -> str:
         return "fp32"
     fastest = FASTEST_BY_CPU_CLASS[cpu_class()]
     return "fp32" if fastest == "bf16" and amp_dtype(device) is None else fastest  # never emulated bf16
+
+
+def openvino_installed() -> bool:
+    """Whether the OpenVINO backend's requirements (openvino, and nncf for int8) can be imported; not imported here."""
+    return all(importlib.util.find_spec(name) is not None for name in ("openvino", "nncf"))
+
+
+def default_path(device: str | torch.device, job: str = "score") -> tuple[str, str]:
+    """The (backend, precision) a command runs when asked for neither: prediction on a CPU whose class is in
+    `OPENVINO_BY_CPU_CLASS` runs OpenVINO when it is installed; everything else PyTorch in `default_precision`."""
+    if job == "predict" and torch.device(device).type == "cpu":
+        precision = OPENVINO_BY_CPU_CLASS.get(cpu_class())
+        if precision and openvino_installed():
+            return "openvino", precision
+    return "torch", default_precision(device, job)
 
 
 def requested_precision(precision: str | None, amp: bool | None) -> str | None:

@@ -9,17 +9,18 @@ its variants interleaved (clipseg/speed/timing.py), prints its rows and returns 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import tempfile
 from pathlib import Path
 
 import torch
 import transformers
-from torch import nn
+from torch import Tensor, nn
 
 from clipseg.config import CLIPSegConfig
 from clipseg.decoder import RefinedHead
-from clipseg.precision import MASK_AGREEMENT_BAR, cpu_class, default_precision, precision_context, prepare_model
+from clipseg.precision import MASK_AGREEMENT_BAR, cpu_class, default_path, precision_context, prepare_model
 from clipseg.speed.timing import decoder_flops, interleaved, native_bf16, sync, text_flops, vit_flops
 from model import CLIPSeg
 
@@ -180,8 +181,9 @@ LOGIT_AT_THRESHOLD = math.log(0.3 / 0.7)  # probability > 0.3, the paper's thres
 def precision_paths(ours, hf, device, size, repeats, flops, rates) -> dict:
     """Our fp32, bf16, int8, ONNX and OpenVINO paths against the HF class in fp32, interleaved in one run, at batch 1
     and 8 with one prompt per image (text encoded in each call, as HF does): median latency, speed-up over HF fp32,
-    mask agreement (probability > 0.3) with our fp32, GFLOP/s, and that rate as a fraction of the machine's fp32
-    matmul rate and of the path's own dtype's rate."""
+    mask agreement (probability > 0.3) with our fp32 on the random-noise inputs timed and on real-looking images
+    (`scene_images`), GFLOP/s, and that rate as a fraction of the machine's fp32 matmul rate and of the path's own
+    dtype's rate."""
     if device != "cpu":
         print("precision paths: skipped, they are CPU paths (int8, onnxruntime)")
         return {"skipped": "not a CPU run"}
@@ -198,41 +200,114 @@ def precision_paths(ours, hf, device, size, repeats, flops, rates) -> dict:
         runners = {"onnx_fp32": runner} if runner is not None else {}
         if runner is not None:
             runners.update(openvino_runners(ours, Path(tmp)))
+        paths = path_functions(hf, models, runners)
+        scenes = scene_agreement(paths, ours, size)
         out = {}
         for batch in (1, 8):
-            out[f"batch_{batch}"] = time_precision_paths(ours, hf, models, runners, batch, size, repeats)
+            out[f"batch_{batch}"] = time_precision_paths(ours, paths, batch, size, repeats)
             print(f"precision paths, batch {batch}, 1 prompt per image, {size} px:")
             for name, row in out[f"batch_{batch}"].items():
                 precision = "fp32" if name == "hf_fp32" else models[name][1] if name in models else name.split("_")[1]
+                row["scene_agreement"] = scenes[name]
                 row["gflops"] = batch * flops / row["seconds"] / 1e9
                 row["of_fp32_matmul"] = row["gflops"] / rates["fp32"]
                 row["of_own_matmul"] = row["gflops"] / own_rate[precision] if own_rate[precision] else None
                 own = f"{100 * row['of_own_matmul']:4.0f}%" if row["of_own_matmul"] else "   -"
                 print(
-                    f"  {name:13s} {row['seconds'] * 1e3:7.0f} ms  {row['speedup_vs_hf_fp32']:5.2f}x HF fp32  "
-                    f"mask agreement {100 * row['mask_agreement']:6.2f}%  {row['gflops']:4.0f} GFLOP/s = "
-                    f"{100 * row['of_fp32_matmul']:3.0f}% of fp32 matmul, {own} of its own dtype's"
+                    f"  {name:15s} {row['seconds'] * 1e3:7.0f} ms  {row['speedup_vs_hf_fp32']:5.2f}x HF fp32  "
+                    f"mask agreement {100 * row['mask_agreement']:6.2f}% (noise) {100 * scenes[name]:6.2f}% (scenes)  "
+                    f"{row['gflops']:4.0f} GFLOP/s = {100 * row['of_fp32_matmul']:3.0f}% of fp32 matmul, {own} of its "
+                    "own dtype's"
                 )
-    out["default"] = default_check(out["batch_1"], default_precision(device, "predict"))
+    out["default"] = default_check(out["batch_1"], default_path(device, "predict"))
     print(describe_default_check(out["default"]))
     return out
 
 
-def default_check(rows: dict, default: str, bar: float = MASK_AGREEMENT_BAR) -> dict:
-    """Whether `default` (predict.py's default precision on this machine) is the fastest of our measured paths
-    (`time_precision_paths` rows, batch 1, as the rule in clipseg/precision.py was measured) whose masks agree with
-    our fp32's on at least `bar` of the pixels. ONNX and OpenVINO are backends, not precisions: not candidates."""
-    kept = {
-        name.removeprefix("ours_"): row["seconds"]
-        for name, row in rows.items()
-        if name.startswith("ours_") and row["mask_agreement"] >= bar
-    }
+def path_functions(hf, models: dict, runners: dict) -> dict:
+    """name -> f(pixels (B, 3, S, S), phrases (B of them)) -> logits, one prompt per image, for the HF class in fp32,
+    our PyTorch `models` ({name: (model, precision)}) and the exported `runners` (text embedded in each call)."""
+
+    def torch_path(model, precision):
+        def run(pixels, phrases):
+            with torch.inference_mode(), precision_context(precision, "cpu"):
+                return model(pixels, phrases).logits
+
+        return run
+
+    def hf_fp32(pixels, phrases):
+        ids, mask = models["ours_fp32"][0].tokenize(phrases)
+        with torch.inference_mode():
+            return hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+
+    def exported(runner):
+        return lambda pixels, phrases: runner.decode(runner.encode_image(pixels), runner.embed_text(phrases))
+
+    functions = {"hf_fp32": hf_fp32, **{name: torch_path(*pair) for name, pair in models.items()}}
+    return functions | {name: exported(runner) for name, runner in runners.items()}
+
+
+SCENE_SEED = 7  # generated scenes apart from the calibration images (the examples are made with other seeds)
+
+
+def scene_images(size: int, count: int = 6) -> list[Tensor]:
+    """Real-looking (1, 3, size, size) inputs: the shipped examples/*.jpg and `count` generated scenes (textured
+    backgrounds with coloured shapes, clipseg.mask_eval's), squashed to size x size and normalised."""
+    import numpy as np
+
+    from clipseg.images import load_image
+    from clipseg.mask_eval import make_scene
+    from clipseg.transforms import ImageTransform
+
+    transform = ImageTransform("pil", size, square=True, multiple=16)
+    examples = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.jpg"))
+    rng = np.random.default_rng(SCENE_SEED)
+    images = [load_image(path) for path in examples]
+    images += [make_scene(rng, 480, 360, 4, (20, 70)).image for _ in range(count)]
+    return [transform.pixels(image)[None] for image in images]
+
+
+def scene_agreement(paths: dict, ours, size: int) -> dict:
+    """name -> the share of mask pixels (probability > 0.3) that agree with our fp32 over `scene_images` against
+    three of PHRASES each."""
+    phrases = PHRASES[:3]
+    agreeing = dict.fromkeys(paths, 0.0)
+    total = 0
+    for pixels in scene_images(size):
+        batch = pixels.expand(len(phrases), -1, -1, -1)
+        reference = paths["ours_fp32"](batch, phrases) > LOGIT_AT_THRESHOLD
+        total += reference.numel()
+        for name, run in paths.items():
+            masks = run(batch, phrases).float().reshape(reference.shape) > LOGIT_AT_THRESHOLD
+            agreeing[name] += (masks == reference).sum().item()
+    return {name: count / total for name, count in agreeing.items()}
+
+
+def path_of_row(name: str) -> tuple[str, str] | None:
+    """A precision-paths row's (backend, precision) as the commands name them, or None for a row that is no
+    command's default (the HF class; ONNX, which needs an export step of its own)."""
+    if name.startswith("ours_"):
+        return "torch", name.removeprefix("ours_")
+    if name.startswith("openvino_"):
+        return "openvino", name.removeprefix("openvino_")
+    return None
+
+
+def default_check(rows: dict, default: tuple[str, str], bar: float = MASK_AGREEMENT_BAR) -> dict:
+    """Whether `default` (predict.py's default (backend, precision) on this machine) is the fastest of the measured
+    paths (`time_precision_paths` rows, batch 1, as the rule in clipseg/precision.py was measured) whose masks agree
+    with our fp32's on at least `bar` of the pixels, on the noise inputs and on the scenes alike."""
+    kept = {}
+    for name, row in rows.items():
+        path = path_of_row(name)
+        if path and min(row["mask_agreement"], row.get("scene_agreement", 1.0)) >= bar:
+            kept[" ".join(path)] = row["seconds"]
     fastest = min(kept, key=kept.get)
     return {
         "cpu_class": cpu_class(),
-        "default": default,
+        "default": " ".join(default),
         "fastest": fastest,
-        "default_is_fastest": default == fastest,
+        "default_is_fastest": " ".join(default) == fastest,
         "seconds": kept,
         "mask_agreement_bar": bar,
     }
@@ -242,8 +317,8 @@ def describe_default_check(check: dict) -> str:
     """The line bench.py prints for `default_check`."""
     default, fastest, seconds = check["default"], check["fastest"], check["seconds"]
     head = (
-        f"predict.py's default precision on this CPU (class {check['cpu_class']}): {default}; the fastest measured "
-        f"path that keeps >= {100 * check['mask_agreement_bar']:.1f}% of fp32's mask pixels: {fastest}"
+        f"predict.py's default on this CPU (class {check['cpu_class']}): {default}; the fastest measured path that "
+        f"keeps >= {100 * check['mask_agreement_bar']:.1f}% of fp32's mask pixels: {fastest}"
     )
     if check["default_is_fastest"]:
         return f"{head} (the default is this machine's fastest)"
@@ -254,25 +329,12 @@ def describe_default_check(check: dict) -> str:
     )
 
 
-def time_precision_paths(ours, hf, models, runners, batch: int, size: int, repeats: int) -> dict:
+def time_precision_paths(ours, paths: dict, batch: int, size: int, repeats: int) -> dict:
+    """Each of `paths` (`path_functions`) timed interleaved at `batch` random-noise images of size px, one prompt
+    each: seconds, speed-up over HF fp32 and mask agreement with our fp32."""
     pixels = torch.randn(batch, 3, size, size)
     phrases = (PHRASES * batch)[:batch]
-    ids, mask = ours.tokenize(phrases)
-
-    def torch_path(model, precision):
-        def run():
-            with torch.inference_mode(), precision_context(precision, "cpu"):
-                return model(pixels, phrases).logits
-
-        return run
-
-    def hf_fp32():
-        with torch.inference_mode():
-            return hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
-
-    variants = {"hf_fp32": hf_fp32, **{name: torch_path(*pair) for name, pair in models.items()}}
-    for name, runner in runners.items():  # the exports: text embedded in each call, like the torch paths
-        variants[name] = lambda runner=runner: runner.decode(runner.encode_image(pixels), runner.embed_text(phrases))
+    variants = {name: functools.partial(run, pixels, phrases) for name, run in paths.items()}
     timing = interleaved(variants, repeats)
     reference = variants["ours_fp32"]() > LOGIT_AT_THRESHOLD
     rows = {}
