@@ -75,7 +75,7 @@ def test_cli_checks_its_arguments(capsys):
     args = app.parse_args([])
     assert (args.model, args.port, args.threshold, args.share) == (None, 7860, None, False)  # None: the model's
     assert args.precision in ("fp32", "bf16", "int8")
-    assert (args.session_memory, args.idle_minutes) == (1024, 30)
+    assert (args.session_memory, args.idle_minutes, args.sam_model) == (1024, 30, None)  # None: no sam on the page
     for bad in (["--threshold", "1.2"], ["--port", "0"], ["--session-memory", "10"], ["--idle-minutes", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             app.parse_args(bad)
@@ -569,3 +569,86 @@ def test_the_mask_controls_reach_the_pipeline_through_the_api(api_server, tmp_pa
         for name in ("plain", "grown")
     )
     assert before.any() and after.sum() > before.sum() and after[before].all()
+
+
+def refine_choices(url: str) -> list[str]:
+    """The values the page's "Refine the edges" radio offers."""
+    import httpx
+
+    config = httpx.get(url + "config").json()
+    (refine,) = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "refine"]
+    return [value for _, value in refine["props"]["choices"]]
+
+
+@contextmanager
+def app_main(argv: list[str], timeout: float = 120):
+    """`app.main(argv)` in a thread until its server answers: yields (its URL, [its exit status once stopped]); the
+    page is closed (main then returns) on leaving."""
+    import threading
+
+    import httpx
+
+    pages, launch, status = [], app.launch, []
+
+    def launched(page, *args):
+        served = launch(page, *args)
+        pages.append(page)
+        return served
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(app, "launch", launched)
+        server = threading.Thread(target=lambda: status.append(app.main(argv)), daemon=True)
+        server.start()
+        deadline = time.monotonic() + timeout
+        while not pages and server.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert pages, f"app.main did not serve: exit status {status}"
+    url = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}/"
+    try:
+        assert httpx.get(url + "config").status_code == 200
+        yield url, status
+    finally:
+        pages[0].close()
+        server.join(30)
+
+
+def test_sam_model_offers_refining_with_sam_and_a_bad_one_exits_2(model, api_server, tiny_checkpoints, tiny_sam,
+                                                                   tmp_path, capsys):  # fmt: skip
+    """--sam-model: loaded and checked at start-up; the page then offers sam (without it, not) and /segment refines
+    with it as the library does. A path that is no SAM model: a message naming it, exit status 2, nothing served."""
+    from gradio_client import Client, handle_file
+
+    from clipseg.postprocess import MaskOptions
+    from clipseg.predictor import Predictor
+    from clipseg.refine import SamRefiner
+
+    demo, bad = tiny_checkpoints / "demo", tmp_path / "no_sam"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(app, "launch", lambda *args: pytest.fail("served without its SAM model"))
+        assert app.main(["--model", str(demo), "--sam-model", str(bad)]) == 2
+    assert f"error: --sam-model: the SAM model {str(bad)!r} has no config.json" in capsys.readouterr().err
+    assert "sam" not in refine_choices(api_server)
+    sam = tiny_sam()
+    argv = ["--model", str(demo), "--sam-model", str(sam), "--port", str(free_port()), "--precision", "fp32"]
+    image = scene(96, 80)
+    controls = [0, 0, 0, False, 0, True, 2, "area", "sam", False, ["mask"]]  # SAM prompted by the 2 largest parts
+    with app_main([*argv, "--device", "cpu"]) as (url, status):
+        assert refine_choices(url) == ["none", "guided", "sam"]
+        reply = Client(url, verbose=False).predict(
+            handle_file(save(image, tmp_path / "room.png")), "red disc", None, None, 0.5, NATIVE, *controls,
+            api_name="/segment",
+        )  # fmt: skip
+    assert status == [0]
+    assert reply[0].startswith("Segmented `room.png`"), reply[0]
+    masks, summary = read_zip(reply[3])
+    (entry,) = summary["images"][0]["prompts"]
+    assert summary["pipeline"]["refine"] == "sam" and len(entry["sam_scores"]) == 2
+    predictor = Predictor(model)
+    predictor.set_image(image)
+    options = MaskOptions(instances=True, max_instances=2)
+    expected = predictor.predict_masks(
+        ["red disc"], 0.5, options, refine="sam", sam=SamRefiner.from_pretrained(str(sam))
+    )
+    mask = np.asarray(masks[entry["files"]["mask"]]) > 0
+    np.testing.assert_array_equal(mask, expected.masks[0])
+    assert not np.array_equal(mask, predictor.predict_masks(["red disc"], 0.5, options).masks[0])  # SAM's mask
