@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -203,12 +204,17 @@ def upload_support(tab, path: Path) -> None:
     tab.wait_for_timeout(500)
 
 
-def download_zip(tab, tmp_path: Path) -> tuple[dict[str, Image.Image], dict]:
+def saved_zip(tab, tmp_path: Path) -> Path:
+    """Download the zip the page offers, as a user clicking its link does; returns where it was saved."""
     with tab.expect_download() as info:
         tab.click("#download a[download]")
     path = tmp_path / info.value.suggested_filename
     info.value.save_as(path)
-    return read_zip(path)
+    return path
+
+
+def download_zip(tab, tmp_path: Path) -> tuple[dict[str, Image.Image], dict]:
+    return read_zip(saved_zip(tab, tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +305,80 @@ def test_browser_image_prompt_painted_or_uploaded_gives_a_mask(served, browser, 
     assert [e["kind"] for e in summary["images"][0]["prompts"]] == ["text", "visual"] and len(masks) == 2
     assert received[-1].mask.sum() == 70 * 70  # the uploaded mask replaced the painted strokes
     assert tab.external_requests == []
+
+
+def set_number(tab, selector: str, value) -> None:
+    """Type `value` into a slider's or number box's field and press Enter, as a user sets it; waits until the
+    component holds it."""
+    from playwright.sync_api import expect
+
+    field = tab.locator(f"{selector} input[type=number]")
+    field.fill(str(value))
+    field.press("Enter")
+    expect(field).to_have_value(str(value), timeout=WAIT_MS)
+
+
+@pytest.mark.slow
+def test_browser_mask_controls_give_the_pipelines_mask_and_the_chosen_files(model, served, browser, tmp_path):
+    """The "Mask" accordion set as a user would (grow 1, fill holes, instances keeping 1, cut-out and COCO in the
+    zip, threshold 0.55): the zip holds those files, its mask is the library's pipeline's for the same options (each
+    of which changes that mask), the summary records them; then grow 3 gives the library's grown mask."""
+    from pycocotools import mask as coco_mask
+
+    from clipseg.postprocess import MaskOptions
+    from clipseg.predictor import Predictor
+
+    url, _ = served
+    image = scene(96, 80)
+    tab = open_page(browser, url)
+    upload(tab, "#image", save(image, tmp_path / "room.png"))
+    tab.fill("#prompts textarea", "red disc")
+    tab.wait_for_selector("#image img")
+    set_number(tab, "#threshold", 0.55)
+    expect_text(tab, "#status", "Segment an image first")  # the slider's own event, answered before going on
+    tab.click("text=Mask: post-processing")
+    set_number(tab, "#grow", 1)
+    tab.check("#fill-holes input[type=checkbox]")
+    tab.check("#instances input[type=checkbox]")
+    set_number(tab, "#max-instances", 1)
+    for name in ("cutout", "coco"):
+        tab.check(f"#formats label:has-text('{name}') input[type=checkbox]")
+    segment(tab, "1 prompt(s)")
+    with zipfile.ZipFile(saved_zip(tab, tmp_path)) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    summary = json.loads(files["summary.json"])
+    (entry,) = summary["images"][0]["prompts"]
+    assert sorted(files) == sorted(["coco.json", "summary.json", *entry["files"].values()])
+    assert sorted(entry["files"]) == ["cutout", "mask"] and sorted(summary["formats"]) == ["coco", "cutout", "mask"]
+    chosen = MaskOptions(0.55, grow=1, fill_holes=True, instances=True, max_instances=1)
+    assert summary["pipeline"]["mask"] == chosen.to_dict() and summary["threshold"] == 0.55
+
+    predictor = Predictor(model)
+    predictor.set_image(image)
+    expected = predictor.predict_masks(["red disc"], 0.55, chosen).masks[0]
+    mask = np.asarray(Image.open(io.BytesIO(files[entry["files"]["mask"]]))) > 0
+    np.testing.assert_array_equal(mask, expected)
+    for without in (dict(grow=0), dict(fill_holes=False), dict(instances=False, max_instances=None)):
+        other = MaskOptions(**(chosen.to_dict() | without))  # each control the page set changes the mask
+        assert not np.array_equal(predictor.predict_masks(["red disc"], 0.55, other).masks[0], expected), without
+    assert [i["area"] for i in entry["instances"]] == [int(expected.sum())]
+    cut = Image.open(io.BytesIO(files[entry["files"]["cutout"]]))
+    assert cut.mode == "RGBA" and cut.size == (96, 80)
+    np.testing.assert_array_equal(np.asarray(cut)[..., 3], np.where(expected, 255, 0))
+    np.testing.assert_array_equal(np.asarray(cut)[..., :3], np.asarray(image))
+    coco = json.loads(files["coco.json"])
+    (annotation,) = coco["annotations"]  # instances: at most 1
+    assert [c["name"] for c in coco["categories"]] == ["red disc"] and coco["images"][0]["width"] == 96
+    np.testing.assert_array_equal(coco_mask.decode(annotation["segmentation"]).astype(bool), expected)
+
+    set_number(tab, "#grow", 3)  # one control changed: a new result, the library's for the new options
+    segment(tab, "read + encode image cached")
+    masks, summary = download_zip(tab, tmp_path)
+    grown = np.asarray(masks[entry["files"]["mask"]]) > 0
+    assert summary["pipeline"]["mask"]["grow"] == 3 and not np.array_equal(grown, mask)
+    expected = predictor.predict_masks(["red disc"], 0.55, MaskOptions(**(chosen.to_dict() | dict(grow=3))))
+    np.testing.assert_array_equal(grown, expected.masks[0])
+    assert "Traceback" not in tab.content() and tab.external_requests == []
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
