@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def test_cli_checks_its_arguments(capsys):
     args = app.parse_args([])
     assert (args.model, args.port, args.threshold, args.share) == (None, 7860, None, False)  # None: the model's
     assert args.precision in ("fp32", "bf16", "int8")
-    assert (args.session_memory, args.idle_minutes) == (1024, 30)
+    assert (args.session_memory, args.idle_minutes, args.sam_model) == (1024, 30, None)  # None: no sam on the page
     for bad in (["--threshold", "1.2"], ["--port", "0"], ["--session-memory", "10"], ["--idle-minutes", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             app.parse_args(bad)
@@ -203,12 +204,17 @@ def upload_support(tab, path: Path) -> None:
     tab.wait_for_timeout(500)
 
 
-def download_zip(tab, tmp_path: Path) -> tuple[dict[str, Image.Image], dict]:
+def saved_zip(tab, tmp_path: Path) -> Path:
+    """Download the zip the page offers, as a user clicking its link does; returns where it was saved."""
     with tab.expect_download() as info:
         tab.click("#download a[download]")
     path = tmp_path / info.value.suggested_filename
     info.value.save_as(path)
-    return read_zip(path)
+    return path
+
+
+def download_zip(tab, tmp_path: Path) -> tuple[dict[str, Image.Image], dict]:
+    return read_zip(saved_zip(tab, tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +305,80 @@ def test_browser_image_prompt_painted_or_uploaded_gives_a_mask(served, browser, 
     assert [e["kind"] for e in summary["images"][0]["prompts"]] == ["text", "visual"] and len(masks) == 2
     assert received[-1].mask.sum() == 70 * 70  # the uploaded mask replaced the painted strokes
     assert tab.external_requests == []
+
+
+def set_number(tab, selector: str, value) -> None:
+    """Type `value` into a slider's or number box's field and press Enter, as a user sets it; waits until the
+    component holds it."""
+    from playwright.sync_api import expect
+
+    field = tab.locator(f"{selector} input[type=number]")
+    field.fill(str(value))
+    field.press("Enter")
+    expect(field).to_have_value(str(value), timeout=WAIT_MS)
+
+
+@pytest.mark.slow
+def test_browser_mask_controls_give_the_pipelines_mask_and_the_chosen_files(model, served, browser, tmp_path):
+    """The "Mask" accordion set as a user would (grow 1, fill holes, instances keeping 1, cut-out and COCO in the
+    zip, threshold 0.55): the zip holds those files, its mask is the library's pipeline's for the same options (each
+    of which changes that mask), the summary records them; then grow 3 gives the library's grown mask."""
+    from pycocotools import mask as coco_mask
+
+    from clipseg.postprocess import MaskOptions
+    from clipseg.predictor import Predictor
+
+    url, _ = served
+    image = scene(96, 80)
+    tab = open_page(browser, url)
+    upload(tab, "#image", save(image, tmp_path / "room.png"))
+    tab.fill("#prompts textarea", "red disc")
+    tab.wait_for_selector("#image img")
+    set_number(tab, "#threshold", 0.55)
+    expect_text(tab, "#status", "Segment an image first")  # the slider's own event, answered before going on
+    tab.click("text=Mask: post-processing")
+    set_number(tab, "#grow", 1)
+    tab.check("#fill-holes input[type=checkbox]")
+    tab.check("#instances input[type=checkbox]")
+    set_number(tab, "#max-instances", 1)
+    for name in ("cutout", "coco"):
+        tab.check(f"#formats label:has-text('{name}') input[type=checkbox]")
+    segment(tab, "1 prompt(s)")
+    with zipfile.ZipFile(saved_zip(tab, tmp_path)) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    summary = json.loads(files["summary.json"])
+    (entry,) = summary["images"][0]["prompts"]
+    assert sorted(files) == sorted(["coco.json", "summary.json", *entry["files"].values()])
+    assert sorted(entry["files"]) == ["cutout", "mask"] and sorted(summary["formats"]) == ["coco", "cutout", "mask"]
+    chosen = MaskOptions(0.55, grow=1, fill_holes=True, instances=True, max_instances=1)
+    assert summary["pipeline"]["mask"] == chosen.to_dict() and summary["threshold"] == 0.55
+
+    predictor = Predictor(model)
+    predictor.set_image(image)
+    expected = predictor.predict_masks(["red disc"], 0.55, chosen).masks[0]
+    mask = np.asarray(Image.open(io.BytesIO(files[entry["files"]["mask"]]))) > 0
+    np.testing.assert_array_equal(mask, expected)
+    for without in (dict(grow=0), dict(fill_holes=False), dict(instances=False, max_instances=None)):
+        other = MaskOptions(**(chosen.to_dict() | without))  # each control the page set changes the mask
+        assert not np.array_equal(predictor.predict_masks(["red disc"], 0.55, other).masks[0], expected), without
+    assert [i["area"] for i in entry["instances"]] == [int(expected.sum())]
+    cut = Image.open(io.BytesIO(files[entry["files"]["cutout"]]))
+    assert cut.mode == "RGBA" and cut.size == (96, 80)
+    np.testing.assert_array_equal(np.asarray(cut)[..., 3], np.where(expected, 255, 0))
+    np.testing.assert_array_equal(np.asarray(cut)[..., :3], np.asarray(image))
+    coco = json.loads(files["coco.json"])
+    (annotation,) = coco["annotations"]  # instances: at most 1
+    assert [c["name"] for c in coco["categories"]] == ["red disc"] and coco["images"][0]["width"] == 96
+    np.testing.assert_array_equal(coco_mask.decode(annotation["segmentation"]).astype(bool), expected)
+
+    set_number(tab, "#grow", 3)  # one control changed: a new result, the library's for the new options
+    segment(tab, "read + encode image cached")
+    masks, summary = download_zip(tab, tmp_path)
+    grown = np.asarray(masks[entry["files"]["mask"]]) > 0
+    assert summary["pipeline"]["mask"]["grow"] == 3 and not np.array_equal(grown, mask)
+    expected = predictor.predict_masks(["red disc"], 0.55, MaskOptions(**(chosen.to_dict() | dict(grow=3))))
+    np.testing.assert_array_equal(grown, expected.masks[0])
+    assert "Traceback" not in tab.content() and tab.external_requests == []
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -569,3 +649,86 @@ def test_the_mask_controls_reach_the_pipeline_through_the_api(api_server, tmp_pa
         for name in ("plain", "grown")
     )
     assert before.any() and after.sum() > before.sum() and after[before].all()
+
+
+def refine_choices(url: str) -> list[str]:
+    """The values the page's "Refine the edges" radio offers."""
+    import httpx
+
+    config = httpx.get(url + "config").json()
+    (refine,) = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "refine"]
+    return [value for _, value in refine["props"]["choices"]]
+
+
+@contextmanager
+def app_main(argv: list[str], timeout: float = 120):
+    """`app.main(argv)` in a thread until its server answers: yields (its URL, [its exit status once stopped]); the
+    page is closed (main then returns) on leaving."""
+    import threading
+
+    import httpx
+
+    pages, launch, status = [], app.launch, []
+
+    def launched(page, *args):
+        served = launch(page, *args)
+        pages.append(page)
+        return served
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(app, "launch", launched)
+        server = threading.Thread(target=lambda: status.append(app.main(argv)), daemon=True)
+        server.start()
+        deadline = time.monotonic() + timeout
+        while not pages and server.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert pages, f"app.main did not serve: exit status {status}"
+    url = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}/"
+    try:
+        assert httpx.get(url + "config").status_code == 200
+        yield url, status
+    finally:
+        pages[0].close()
+        server.join(30)
+
+
+def test_sam_model_offers_refining_with_sam_and_a_bad_one_exits_2(model, api_server, tiny_checkpoints, tiny_sam,
+                                                                   tmp_path, capsys):  # fmt: skip
+    """--sam-model: loaded and checked at start-up; the page then offers sam (without it, not) and /segment refines
+    with it as the library does. A path that is no SAM model: a message naming it, exit status 2, nothing served."""
+    from gradio_client import Client, handle_file
+
+    from clipseg.postprocess import MaskOptions
+    from clipseg.predictor import Predictor
+    from clipseg.refine import SamRefiner
+
+    demo, bad = tiny_checkpoints / "demo", tmp_path / "no_sam"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(app, "launch", lambda *args: pytest.fail("served without its SAM model"))
+        assert app.main(["--model", str(demo), "--sam-model", str(bad)]) == 2
+    assert f"error: --sam-model: the SAM model {str(bad)!r} has no config.json" in capsys.readouterr().err
+    assert "sam" not in refine_choices(api_server)
+    sam = tiny_sam()
+    argv = ["--model", str(demo), "--sam-model", str(sam), "--port", str(free_port()), "--precision", "fp32"]
+    image = scene(96, 80)
+    controls = [0, 0, 0, False, 0, True, 2, "area", "sam", False, ["mask"]]  # SAM prompted by the 2 largest parts
+    with app_main([*argv, "--device", "cpu"]) as (url, status):
+        assert refine_choices(url) == ["none", "guided", "sam"]
+        reply = Client(url, verbose=False).predict(
+            handle_file(save(image, tmp_path / "room.png")), "red disc", None, None, 0.5, NATIVE, *controls,
+            api_name="/segment",
+        )  # fmt: skip
+    assert status == [0]
+    assert reply[0].startswith("Segmented `room.png`"), reply[0]
+    masks, summary = read_zip(reply[3])
+    (entry,) = summary["images"][0]["prompts"]
+    assert summary["pipeline"]["refine"] == "sam" and len(entry["sam_scores"]) == 2
+    predictor = Predictor(model)
+    predictor.set_image(image)
+    options = MaskOptions(instances=True, max_instances=2)
+    expected = predictor.predict_masks(
+        ["red disc"], 0.5, options, refine="sam", sam=SamRefiner.from_pretrained(str(sam))
+    )
+    mask = np.asarray(masks[entry["files"]["mask"]]) > 0
+    np.testing.assert_array_equal(mask, expected.masks[0])
+    assert not np.array_equal(mask, predictor.predict_masks(["red disc"], 0.5, options).masks[0])  # SAM's mask
