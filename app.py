@@ -5,6 +5,7 @@
                                                        # from the HF hub once)
     python app.py --model myrun --checkpoint best --port 8000 --threshold 0.4
     python app.py --backend openvino --model exported_ov/  # a folder of export.py --openvino, in OpenVINO
+    python app.py --model demo --sam-model ./sam-vit-base  # also offer refining the masks with SAM
 
 Then open http://127.0.0.1:7860 (or your --port). Upload, paste or photograph an image, type prompts (one per line
 or comma-separated), optionally add an image prompt (a support image with the object painted over or its mask
@@ -13,12 +14,15 @@ heatmap per prompt, the time each step took, and offers a zip of the masks (a 0/
 original size) with the summary JSON that predict.py writes.
 
 The image is encoded once per session: new prompts re-run only the text tower and the decoder, a new threshold
-only re-thresholds. Nothing is fetched from the network unless --model names a hub id (the default does) or --share
-asks for a public link; Gradio's analytics are off. The model runs in the fastest precision that keeps fp32's masks
-on this class of CPU unless --precision asks for another (clipseg/precision.py).
+only re-thresholds. Nothing is fetched from the network unless --model or --sam-model names a hub id (the default
+--model does) or --share asks for a public link; Gradio's analytics are off. The model runs in the fastest precision
+that keeps fp32's masks on this class of CPU unless --precision asks for another (clipseg/precision.py).
 
-Exit status: 0 after the server stops; 2 for bad flags, a model that cannot be loaded, Gradio missing or a port that
-cannot be served.
+The page's "Mask" accordion holds predict.py's mask steps; refining with SAM is offered when --sam-model names a SAM
+model (a hub id or a directory, as predict.py's --sam-model), which is loaded and checked at start-up.
+
+Exit status: 0 after the server stops; 2 for bad flags, a model or SAM model that cannot be loaded, Gradio missing or
+a port that cannot be served.
 
 What the server accepts and keeps: files only from Gradio's upload folder (regular files of at most 100 MB); at
 most 20 prompts of at most 1,000 characters (`clipseg/uploads.py`); at most 64 waiting requests; per session the
@@ -49,8 +53,10 @@ from clipseg.cli import (
     add_backend_flag,
     add_model_flags,
     add_precision_flags,
+    add_sam_model_flag,
     check_backend_flags,
     load_command_model,
+    load_sam_model,
 )
 from clipseg.loading import LoadError
 from clipseg.mask_pipeline import REFINE_MODES
@@ -188,7 +194,8 @@ def build_page(segmenter: Segmenter, threshold: float | None = None):
                             [mode for mode in REFINE_MODES if mode != "sam" or segmenter.sam is not None],
                             value="none",
                             label="Refine the edges",
-                            info="guided: the mask's edge moved onto the image's edges",
+                            info="guided: the mask's edge moved onto the image's edges; "
+                            + ("sam: SAM prompted per component" if segmenter.sam else "sam needs --sam-model"),
                             elem_id="refine",
                         ),
                         gr.Checkbox(label="Tiles (large images, small objects)", elem_id="tile"),
@@ -260,7 +267,8 @@ def launch(page, port: int, share: bool = False) -> tuple[str, str | None]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="A local web page to segment images by text or image prompts. Open the printed URL.",
-        epilog="Nothing is fetched from the network unless --model is a hub id (the default is) or --share is given; "
+        epilog="Nothing is fetched from the network unless --model or --sam-model is a hub id (the default --model is) "
+        "or --share is given; "
         "offline, give --model a run (make demo trains the run demo), a directory or a .pth.",
     )
     add_model_flags(parser)
@@ -296,6 +304,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=IDLE_MINUTES,
         help=f"a page's image and result are dropped after this long unused (default {IDLE_MINUTES})",
     )
+    add_sam_model_flag(parser, "without it the page does not offer sam")
     add_precision_flags(parser, "predict")
     add_backend_flag(parser)
     args = parser.parse_args(argv)
@@ -312,8 +321,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI: 0 after the server stops, 2 when Gradio is missing, the model cannot be loaded or the port is
-    taken."""
+    """The CLI: 0 after the server stops, 2 when Gradio is missing, the model or the SAM model cannot be loaded or
+    the port is taken."""
     args = parse_args(argv)
     try:
         import gradio  # noqa: F401
@@ -322,12 +331,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return BAD_INPUT
     try:
         model, source = load_command_model(args)
+        sam = load_sam_model(args)
     except LoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return BAD_INPUT
     segmenter = Segmenter(
-        model, source, args.device, args.precision, memory_mb=args.session_memory, idle_minutes=args.idle_minutes
-    )
+        model, source, args.device, args.precision, memory_mb=args.session_memory, idle_minutes=args.idle_minutes,
+        sam=sam,
+    )  # fmt: skip
     page = build_page(segmenter, args.threshold)
     try:
         local_url, share_url = launch(page, args.port, args.share)

@@ -64,8 +64,10 @@ from clipseg.cli import (
     add_backend_flag,
     add_model_flags,
     add_precision_flags,
+    add_sam_model_flag,
     check_backend_flags,
     load_command_model,
+    load_sam_model,
     non_negative_float,
     non_negative_int,
     output_folder,
@@ -92,7 +94,7 @@ from clipseg.outputs import UnwritableOutput, check_writable, printable
 from clipseg.postprocess import SORT_KEYS, MaskOptions, describe_threshold
 from clipseg.prediction_outputs import DEFAULT_SAVE, SAVE_KINDS, build_prompts, merge_duplicates
 from clipseg.predictor import Predictor
-from clipseg.refine import SamRefiner
+from clipseg.refine import DEFAULT_SAM_MODEL
 from clipseg.transforms import MAX_ELONGATION, RESIZE_RULES
 from model import CLIPSeg
 
@@ -106,9 +108,6 @@ def parse_support(spec: str) -> tuple[Path, Path]:
     raise argparse.ArgumentTypeError(
         f"--visual-prompt {spec!r}: expected SUPPORT_IMAGE:MASK_IMAGE, two existing files joined by ':'"
     )
-
-
-DEFAULT_SAM = "facebook/sam-vit-base"
 
 
 def save_list(text: str) -> tuple[str, ...]:
@@ -144,9 +143,7 @@ def add_mask_flags(parser: argparse.ArgumentParser) -> None:
         default="none",
         help="sharper edges: guided (edge-aware upsampling, the image as guide) or sam (SAM prompted per component)",
     )
-    parser.add_argument(
-        "--sam-model", default=None, metavar="ID_OR_DIR", help=f"the SAM checkpoint of --refine sam ({DEFAULT_SAM})"
-    )
+    add_sam_model_flag(parser, f"with --refine sam; default {DEFAULT_SAM_MODEL}")
     parser.add_argument("--tile", action="store_true", help="tiled inference: windows blended without seams")
     parser.add_argument(
         "--tile-size", type=positive_int, default=None, metavar="PX", help="window side (default: --image-size)"
@@ -194,7 +191,7 @@ def check_mask_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if args.sam_model and args.refine != "sam":
         parser.error("--sam-model is the checkpoint of --refine sam")
     if args.refine == "sam":
-        args.sam_model = args.sam_model or DEFAULT_SAM
+        args.sam_model = args.sam_model or DEFAULT_SAM_MODEL
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -372,9 +369,9 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
         print(f"error: --visual-prompt: {err}", file=sys.stderr)
         return BAD_INPUT
     try:
-        sam = SamRefiner.from_pretrained(args.sam_model, device=args.device) if args.refine == "sam" else None
-    except (OSError, ValueError) as err:
-        print(f"error: --sam-model: {err}", file=sys.stderr)
+        sam = load_sam_model(args)  # None unless --refine sam (check_mask_flags)
+    except LoadError as err:
+        print(f"error: {err}", file=sys.stderr)
         return BAD_INPUT
     threshold, source = predictor.default_threshold(args.threshold)
     note = describe_threshold(threshold, source, getattr(predictor.model.config, "threshold_origin", None))

@@ -1,7 +1,8 @@
 """The commands' shared command-line conventions (README, "Command-line conventions"): argument types, help
 formatting and flag bookkeeping (each type checks a value and says what is wrong with it in argparse's own error
 line); the exit statuses and `stop`, how a command ends with a message; the model flags of every command that loads a
-model (`add_model_flags`, `model_source`, `load_command_model`); the precision and backend flags of every command
+model (`add_model_flags`, `model_source`, `load_command_model`); the SAM model of the commands that refine masks with
+SAM, predict.py and app.py (`add_sam_model_flag`, `load_sam_model`); the precision and backend flags of every command
 that runs one (`add_precision_flags`, `check_precision_flags`, `add_backend_flag`, `check_backend_flags`); and the
 run and data flags of the commands that score a model, score.py and failure_test.py (`add_scoring_arguments`,
 `add_data_arguments`, `check_common_arguments`).
@@ -25,9 +26,18 @@ import dataset as datasets
 from clipseg.backends import BACKENDS, backend_flag_error
 from clipseg.benchmarks.protocols import BENCHMARKS
 from clipseg.config import DEFAULT_BACKBONE
-from clipseg.loading import CHECKPOINTS_DIR, DATA_KINDS, DEFAULT_MODEL, RUN_NAME, load_model, resolve_model
+from clipseg.loading import (
+    CHECKPOINTS_DIR,
+    DATA_KINDS,
+    DEFAULT_MODEL,
+    RUN_NAME,
+    LoadError,
+    load_model,
+    resolve_model,
+)
 from clipseg.onnx.backend import ExportedCLIPSeg
 from clipseg.precision import PRECISIONS, requested_precision, resolve_precision
+from clipseg.refine import SamRefiner
 from clipseg.transforms import RESIZE_RULES
 from model import CLIPSeg
 
@@ -213,6 +223,31 @@ def load_command_model(args: argparse.Namespace) -> tuple[CLIPSeg | ExportedCLIP
     if args.backend != "torch":
         args.precision = model.precision
     return model, source
+
+
+# ------------------------------------------------------------- the SAM model of the commands that refine with SAM
+
+SAM_MODEL_HELP = (
+    "the Segment Anything model that refines masks with SAM (refine sam): a hub id or a directory where transformers' "
+    "SamModel and SamProcessor were saved (save_pretrained); loaded and checked at start-up"
+)
+
+
+def add_sam_model_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    """`--sam-model ID_OR_DIR`, with the same help in every command that has it; `default` says what the command
+    does without it."""
+    parser.add_argument("--sam-model", default=None, metavar="ID_OR_DIR", help=f"{SAM_MODEL_HELP} ({default})")
+
+
+def load_sam_model(args: argparse.Namespace) -> SamRefiner | None:
+    """The SAM model `args.sam_model` names on `args.device`, loaded and checked (`clipseg.refine.load_sam`: config,
+    processor, finite weights), or None without one. Raises LoadError "--sam-model: <what is wrong>" naming it."""
+    if not args.sam_model:
+        return None
+    try:
+        return SamRefiner.from_pretrained(args.sam_model, device=args.device)
+    except (OSError, ValueError) as err:
+        raise LoadError(f"--sam-model: {err}") from err
 
 
 # ------------------------------------------------------------------ the precision flags of every command that runs one

@@ -26,8 +26,8 @@ OVERLAY_ALPHA = 0.5
 DISPLAY_MAX_SIDE = 1024  # previews (overlay, heatmaps) are at most this large; downloads keep the original size
 
 
-def _font(image_height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    size = max(12, image_height // 30)
+def text_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at `size` pixels (the fixed bitmap font where Pillow lacks FreeType)."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
@@ -55,7 +55,7 @@ def draw_overlay(
         blended[mask_contour(mask, contour_width)] = colour
     overlay = Image.fromarray(np.round(blended).astype(np.uint8))
     draw = ImageDraw.Draw(overlay)
-    font = _font(overlay.height)
+    font = text_font(max(12, overlay.height // 30))
     line = max(12, overlay.height // 30) + 6
     for i, (label, colour) in enumerate(zip(labels, colours)):
         top = 4 + i * line

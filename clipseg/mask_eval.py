@@ -68,13 +68,7 @@ def boundary_f_score(prediction: np.ndarray, truth: np.ndarray, tolerance: float
 def make_scene(rng: np.random.Generator, width: int, height: int, count: int, radius: tuple[float, float]) -> Scene:
     """A textured background with `count` shapes of distinct (colour, kind), radius uniform in `radius` pixels,
     placed apart from each other."""
-    base = rng.uniform(90, 190) + rng.uniform(-20, 20, size=3)
-    coarse = rng.uniform(-22, 22, size=(6, 8, 3)).astype(np.float32)
-    smooth = np.stack([np.asarray(Image.fromarray(coarse[..., c]).resize((width, height), Image.BICUBIC))
-                       for c in range(3)], axis=-1)  # fmt: skip
-    pixels = base + smooth + rng.normal(0, 5, size=(height, width, 3))
-    canvas = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
+    canvas = scene_background(rng, width, height)
     pairs = [(colour, kind) for colour in COLOURS for kind in SHAPES]
     chosen = rng.choice(len(pairs), size=min(count, len(pairs)), replace=False)
     placed, phrases, truths = [], [], []
@@ -88,14 +82,32 @@ def make_scene(rng: np.random.Generator, width: int, height: int, count: int, ra
         else:
             continue
         placed.append((cx, cy, r))
-        polygon = _polygon(kind, cx, cy, r)
-        fill = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[colour])
-        draw.polygon(polygon, fill=fill, outline=fill)
-        truth = Image.new("L", (width, height), 0)
-        ImageDraw.Draw(truth).polygon(polygon, fill=255, outline=255)
         phrases.append(f"{colour} {kind}")
-        truths.append(np.asarray(truth) > 0)
+        truths.append(draw_shape(canvas, rng, colour, kind, (cx, cy), r))
     return Scene(canvas, phrases, truths)
+
+
+def scene_background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A `width` x `height` RGB background: a random grey-ish tone, smooth colour blotches and pixel noise."""
+    base = rng.uniform(90, 190) + rng.uniform(-20, 20, size=3)
+    coarse = rng.uniform(-22, 22, size=(6, 8, 3)).astype(np.float32)
+    smooth = np.stack([np.asarray(Image.fromarray(coarse[..., c]).resize((width, height), Image.BICUBIC))
+                       for c in range(3)], axis=-1)  # fmt: skip
+    pixels = base + smooth + rng.normal(0, 5, size=(height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def draw_shape(
+    canvas: Image.Image, rng: np.random.Generator, colour: str, kind: str, centre: tuple[float, float], radius: float
+) -> np.ndarray:
+    """Draw a shape of the synthetic data (`kind` in SHAPES, `colour` a COLOURS name, each channel jittered by up
+    to 12) on `canvas` in place; returns its (H, W) bool truth."""
+    polygon = _polygon(kind, *centre, radius)
+    fill = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[colour])
+    ImageDraw.Draw(canvas).polygon(polygon, fill=fill, outline=fill)
+    truth = Image.new("L", canvas.size, 0)
+    ImageDraw.Draw(truth).polygon(polygon, fill=255, outline=255)
+    return np.asarray(truth) > 0
 
 
 def _polygon(kind: str, cx: float, cy: float, radius: float) -> list[tuple[float, float]]:

@@ -38,6 +38,7 @@ GUIDED_RADIUS = 16  # window radius in working pixels: at 512, about a patch of 
 GUIDED_EPS = 1e-3  # regularisation: colour variance (image in [0, 1]) below which a window is treated as flat
 PROBABILITY_FLOOR = 1e-6  # probabilities are clipped to [floor, 1 - floor] before logits: at most +-13.8
 FLOOR_LOGIT = float(np.log(PROBABILITY_FLOOR) - np.log1p(-PROBABILITY_FLOOR))  # SAM's mask prompt outside a box
+DEFAULT_SAM_MODEL = "facebook/sam-vit-base"  # predict.py's --refine sam without --sam-model
 SAM_MODEL_TYPES = ("sam",)
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # hub repositories; transformers 5 saves
 MAX_SAM_SIDE = 4096  # the largest input side a SAM config or processor may ask for

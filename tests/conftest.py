@@ -133,6 +133,14 @@ def tiny_checkpoints(tiny_checkpoint) -> Path:
     return tiny_checkpoint("demo", image_size=64).parent
 
 
+@pytest.fixture(scope="module")
+def demo_model(tiny_checkpoints):
+    """`tiny_checkpoints`' demo (image size 64), loaded as a hub id would be, in eval mode (app.py's tests)."""
+    from model import CLIPSeg
+
+    return CLIPSeg.from_pretrained(tiny_checkpoints / "demo").eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_sam(tmp_path_factory):
     """A factory: `tiny_sam(name="sam", seed=0, broken=None)` saves a tiny random transformers `SamModel` (input

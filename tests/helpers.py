@@ -1,16 +1,20 @@
 """Helpers several test modules share: independent references the project is compared against (the authors'
 image pipeline, crop search and ground truth; HF's CLIPSeg class; the paper's metrics computed by brute force), the
-generated PhraseCut's files, and a parser for the failure gallery's HTML. Fixtures live in conftest.py."""
+generated PhraseCut's files, a parser for the failure gallery's HTML, and app.py's page served on a free port for
+its server and browser tests. Fixtures live in conftest.py."""
 
 import json
+from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from conftest import free_port, require
 from scipy.integrate import simpson
 from skimage.draw import polygon2mask
 
@@ -18,6 +22,9 @@ import dataset as datasets
 from clipseg.config import CLIPSegConfig
 from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
 from model import CLIPSeg
+
+if TYPE_CHECKING:
+    from clipseg.segmenter import Segmenter
 
 
 def data_dir(root: Path) -> Path:
@@ -204,3 +211,27 @@ def assert_close(got, expected, rel: float, same_types: bool = True) -> None:
         assert got == pytest.approx(expected, rel=rel, abs=0)
     else:
         assert got == expected and (not same_types or type(got) is type(expected))
+
+
+# ------------------------------------------------------------------------------------ the app, for its tests
+
+
+def gradio_or_skip() -> None:
+    """Skip a test when Gradio (requirements-app.txt) is missing (fail under CI=true, as `require`)."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        require("gradio", "pip install -r requirements-app.txt")
+
+
+@contextmanager
+def serving(segmenter: "Segmenter"):
+    """The app on a free local port: yields its URL."""
+    import app
+
+    page = app.build_page(segmenter)
+    url, _ = app.launch(page, free_port())
+    try:
+        yield url
+    finally:
+        page.close()

@@ -1,16 +1,13 @@
 """app.py: the command line, the page over `clipseg.segmenter.Segmenter` (tests/test_segmenter.py tests the logic),
-the server as raw HTTP clients and `gradio_client` see it (hostile payloads included), and the page itself in a real
-headless Chromium.
+and the server as raw HTTP clients and `gradio_client` see it (hostile payloads included); the page itself in a real
+headless Chromium is tests/test_app_browser.py's.
 
-The server tests need Gradio (requirements-app.txt), the browser tests Playwright too and Debian's `chromium`; they
-skip locally when one is missing, naming it, and fail under CI=true.
-
-    python tests/test_app.py --model checkpoints/demo --screenshot docs/app.png   # the README's screenshot
+The server tests need Gradio (requirements-app.txt); they skip locally when it is missing, naming it, and fail under
+CI=true.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -28,26 +25,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import box_mask, free_port, huge_png, read_zip, require, save, scene, vision_tower_calls  # noqa: E402
+from conftest import free_port, read_zip, require, save, scene  # noqa: E402
+from helpers import gradio_or_skip, serving  # noqa: E402
 
 import app  # noqa: E402
-from clipseg.loading import load_model  # noqa: E402
 from clipseg.segmenter import NATIVE, Output, Segmenter  # noqa: E402
 from clipseg.sessions import MB  # noqa: E402
 from model import CLIPSeg  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-BROWSER_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-WAIT_MS = 90_000  # the slowest step (first segmentation on a loaded 2-core machine) takes a few seconds
-
 
 # ---------------------------------------------------------------------------------------------- the model
 
@@ -57,15 +41,9 @@ MASK_CONTROLS += ["refine", "tile", "formats"]
 MASK_DEFAULTS = [0, 0, 0, False, 0, False, 0, "area", "none", False, ["mask"]]  # the page's mask controls as shown
 
 
-@pytest.fixture(scope="module")
-def model(tiny_checkpoints):
-    """The tiny saved CLIPSeg (image size 64), loaded as a hub id would be."""
-    return CLIPSeg.from_pretrained(tiny_checkpoints / "demo").eval()
-
-
 @pytest.fixture
-def segmenter(model, tmp_path):
-    return Segmenter(model, "tiny", workdir=tmp_path)
+def segmenter(demo_model, tmp_path):
+    return Segmenter(demo_model, "tiny", workdir=tmp_path)
 
 
 # --------------------------------------------------------------------------------------- the command line
@@ -75,7 +53,7 @@ def test_cli_checks_its_arguments(capsys):
     args = app.parse_args([])
     assert (args.model, args.port, args.threshold, args.share) == (None, 7860, None, False)  # None: the model's
     assert args.precision in ("fp32", "bf16", "int8")
-    assert (args.session_memory, args.idle_minutes) == (1024, 30)
+    assert (args.session_memory, args.idle_minutes, args.sam_model) == (1024, 30, None)  # None: no sam on the page
     for bad in (["--threshold", "1.2"], ["--port", "0"], ["--session-memory", "10"], ["--idle-minutes", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             app.parse_args(bad)
@@ -114,229 +92,14 @@ def test_a_missing_package_skips_locally_and_fails_in_ci(monkeypatch):
         require("chromium", "apt-get install chromium")
 
 
-# ---------------------------------------------------------------------------------------- in the browser
-
-
-def gradio_or_skip():
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        require("gradio", "pip install -r requirements-app.txt")
-
-
-@contextmanager
-def serving(segmenter: Segmenter):
-    """The app on a free local port: yields its URL."""
-    page = app.build_page(segmenter)
-    url, _ = app.launch(page, free_port())
-    try:
-        yield url
-    finally:
-        page.close()
-
-
-@contextmanager
-def chromium_context(executable: str, profile: str):
-    """A headless Chromium (Debian's, driven by Playwright) with a fresh profile and downloads allowed."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require("playwright", "pip install -r requirements-app.txt")
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            profile,
-            executable_path=executable,
-            args=BROWSER_FLAGS,
-            headless=True,
-            viewport={"width": 1400, "height": 1000},
-            accept_downloads=True,
-        )
-        try:
-            yield context
-        finally:
-            context.close()
-
-
-def open_page(context, url: str):
-    """A new tab on the app; requests leaving 127.0.0.1 are blocked and listed in `tab.external_requests`."""
-    tab = context.new_page()
-    tab.external_requests = []
-
-    def only_local(route):
-        if route.request.url.startswith(("http://127.0.0.1", "data:", "blob:")):
-            route.continue_()
-        else:
-            tab.external_requests.append(route.request.url)
-            route.abort()
-
-    tab.route("**/*", only_local)
-    tab.goto(url)
-    tab.wait_for_selector("#segment")
-    return tab
-
-
-def expect_text(tab, selector: str, text: str) -> str:
-    """Wait until the element shows `text`; return its text."""
-    from playwright.sync_api import expect
-
-    expect(tab.locator(selector)).to_contain_text(text, timeout=WAIT_MS)
-    return tab.inner_text(selector)
-
-
-def segment(tab, expected: str) -> str:
-    """Press Segment and wait for a status line containing `expected` (each step of a test expects new text)."""
-    tab.click("#segment")
-    return expect_text(tab, "#status", expected)
-
-
-def upload(tab, selector: str, path: Path) -> None:
-    tab.set_input_files(f"{selector} input[type=file]", str(path))
-
-
-def upload_support(tab, path: Path) -> None:
-    """Upload the support image into the editor and wait until it is drawn (the brush is then selected)."""
-    from playwright.sync_api import expect
-
-    tab.wait_for_selector("#support canvas")  # the editor is ready: an upload before this can be lost
-    upload(tab, "#support", path)
-    expect(tab.locator("#support")).not_to_contain_text("Upload an image", timeout=WAIT_MS)
-    tab.wait_for_timeout(500)
-
-
-def download_zip(tab, tmp_path: Path) -> tuple[dict[str, Image.Image], dict]:
-    with tab.expect_download() as info:
-        tab.click("#download a[download]")
-    path = tmp_path / info.value.suggested_filename
-    info.value.save_as(path)
-    return read_zip(path)
-
-
-@pytest.fixture(scope="module")
-def browser(chromium, tmp_path_factory):
-    gradio_or_skip()
-    with chromium_context(chromium, str(tmp_path_factory.mktemp("chromium-profile"))) as context:
-        yield context
-
-
-@pytest.fixture(scope="module")
-def served(model, browser, tmp_path_factory):
-    segmenter = Segmenter(model, "tiny", workdir=tmp_path_factory.mktemp("app"))
-    with serving(segmenter) as url:
-        yield url, segmenter
-
-
-@pytest.mark.slow
-def test_browser_two_text_prompts_give_overlay_heatmaps_and_masks(model, served, browser, tmp_path):
-    from playwright.sync_api import expect
-
-    url, _ = served
-    tab = open_page(browser, url)
-    upload(tab, "#image", save(scene(203, 151), tmp_path / "room.png"))
-    tab.fill("#prompts textarea", "red disc\nblue square")
-    tab.wait_for_selector("#image img")
-    with vision_tower_calls(model) as calls:
-        line = segment(tab, "2 prompt(s)")
-        assert "read + encode image" in line and "decode" in line
-        tab.wait_for_selector("#overlay img")
-        assert tab.locator("#heatmaps img").count() == 2
-        masks, summary = download_zip(tab, tmp_path)
-        assert len(masks) == 2 and all(mask.size == (203, 151) for mask in masks.values())
-        assert [p["prompt"] for p in summary["images"][0]["prompts"]] == ["red disc", "blue square"]
-        tab.screenshot(path=str(tmp_path / "app.png"), full_page=True)
-
-        tab.fill("#prompts textarea", "sky")  # a prompt-only change: the image is not encoded again
-        assert "read + encode image cached" in segment(tab, "1 prompt(s)")
-        assert tab.locator("#heatmaps img").count() == 1
-        assert calls == {"vision": 1, "decoder": 2}
-        tab.fill("#threshold input[type=number]", "0.8")  # a threshold change runs no model at all
-        tab.press("#threshold input[type=number]", "Enter")
-        assert "model not run" in expect_text(tab, "#status", "Re-thresholded at 0.80")
-        assert calls == {"vision": 1, "decoder": 2}
-        tab.click("#geometry label:has-text('square')")  # a new geometry re-encodes at once
-        expect_text(tab, "#status", "the model sees 64x64")
-        assert calls["vision"] == 2
-    name, prompts = app.EXAMPLES[0]  # an example fills in the image and its prompts
-    tab.click(f"text={prompts}")
-    expect(tab.locator("#prompts textarea")).to_have_value(prompts, timeout=WAIT_MS)
-    assert "3 prompt(s)" in segment(tab, name)
-    assert Image.open(tmp_path / "app.png").size[0] >= 1000
-    assert tab.external_requests == []  # nothing but the local server was asked for anything
-    assert "Traceback" not in tab.content()
-
-
-@pytest.mark.slow
-def test_browser_image_prompt_painted_or_uploaded_gives_a_mask(served, browser, tmp_path, monkeypatch):
-    url, segmenter = served
-    received = []  # the image prompts the server built from what the page sent
-    build = segmenter._image_prompt
-    monkeypatch.setattr(segmenter, "_image_prompt", lambda *a: received.append(build(*a)) or received[-1])
-    tab = open_page(browser, url)
-    upload(tab, "#image", save(scene(160, 120), tmp_path / "query.png"))
-    tab.click("text=Image prompt (optional)")
-    upload_support(tab, save(scene(200, 160, seed=3), tmp_path / "support.png"))
-    box = tab.locator("#support canvas").first.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2  # the support image is centred in the canvas
-    tab.mouse.move(x - 15, y - 10)
-    tab.mouse.down()
-    tab.mouse.move(x + 15, y + 10, steps=8)
-    tab.mouse.up()
-
-    segment(tab, "1 prompt(s)")
-    masks, summary = download_zip(tab, tmp_path)
-    (entry,) = summary["images"][0]["prompts"]
-    assert entry["kind"] == "visual" and list(masks) == [entry["files"]["mask"]]
-    assert masks[entry["files"]["mask"]].size == (160, 120)
-    painted = received[-1].mask  # the stroke arrived as mask pixels around the support image's centre
-    assert painted.shape == (160, 200) and 0 < painted.mean() < 0.3
-    rows, cols = np.nonzero(painted)
-    assert abs(rows.mean() - 80) < 25 and abs(cols.mean() - 100) < 25
-
-    upload(tab, "#support-mask", save(box_mask(200, 160, (20, 20, 90, 90)), tmp_path / "mask.png"))
-    tab.wait_for_selector("#support-mask img")
-    tab.fill("#prompts textarea", "red disc")
-    segment(tab, "2 prompt(s)")
-    masks, summary = download_zip(tab, tmp_path)
-    assert [e["kind"] for e in summary["images"][0]["prompts"]] == ["text", "visual"] and len(masks) == 2
-    assert received[-1].mask.sum() == 70 * 70  # the uploaded mask replaced the painted strokes
-    assert tab.external_requests == []
-
-
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-@pytest.mark.slow
-def test_browser_bad_inputs_show_their_message(served, browser, tmp_path):
-    url, _ = served
-    tab = open_page(browser, url)
-    tab.fill("#prompts textarea", "cat")
-    segment(tab, "Upload, paste or photograph an image first")
-    upload(tab, "#image", save(scene(64, 48), tmp_path / "ok.png"))
-    tab.wait_for_selector("#image img")
-    tab.fill("#prompts textarea", "")
-    segment(tab, "Enter at least one text prompt")
-    tab.fill("#prompts textarea", "\n".join(f"thing {i}" for i in range(21)))
-    segment(tab, "21 prompts given; at most 20")
-    tab.fill("#prompts textarea", "cat")
-    (tmp_path / "broken.png").write_bytes(b"not an image at all")
-    upload(tab, "#image", tmp_path / "broken.png")
-    segment(tab, "'broken.png' cannot be used: cannot decode")
-    upload(tab, "#image", huge_png(tmp_path / "huge.png"))
-    segment(tab, "too large (9000x9000")
-    upload(tab, "#image", tmp_path / "ok.png")
-    tab.click("text=Image prompt (optional)")
-    upload_support(tab, save(scene(100, 80, seed=3), tmp_path / "support.png"))
-    upload(tab, "#support-mask", save(box_mask(30, 30, (0, 0, 10, 10)), tmp_path / "small.png"))
-    tab.wait_for_selector("#support-mask img")
-    segment(tab, "is 30x30 but the support image is 100x80")
-    assert "Traceback" not in tab.content() and tab.external_requests == []
-
-
 # ---------------------------------------------------------------------- the server, as any HTTP client sees it
 
 
 @pytest.fixture(scope="module")
-def api_server(model, tmp_path_factory):
+def api_server(demo_model, tmp_path_factory):
     """The app on a free local port (no browser): yields its URL."""
     gradio_or_skip()
-    with serving(Segmenter(model, "tiny", workdir=tmp_path_factory.mktemp("api"))) as url:
+    with serving(Segmenter(demo_model, "tiny", workdir=tmp_path_factory.mktemp("api"))) as url:
         yield url
 
 
@@ -451,13 +214,13 @@ def test_the_support_editor_keeps_no_blob_a_client_posts(api_server):
     assert reply.status_code == 404  # Gradio would keep the megabyte until the editor's next preprocessing
 
 
-def test_the_queue_holds_at_most_max_queue_requests(model, tmp_path, monkeypatch):
+def test_the_queue_holds_at_most_max_queue_requests(demo_model, tmp_path, monkeypatch):
     import threading
 
     import httpx
 
     gradio_or_skip()
-    segmenter, release = Segmenter(model, "tiny", workdir=tmp_path), threading.Event()
+    segmenter, release = Segmenter(demo_model, "tiny", workdir=tmp_path), threading.Event()
     monkeypatch.setattr(segmenter, "segment", lambda session, *_: release.wait(30) and (session, Output("done")))
     with serving(segmenter) as url:
         config = httpx.get(url + "config").json()
@@ -503,45 +266,14 @@ def test_the_server_listens_on_loopback_only_and_serves_no_file_outside_its_cach
         assert reply.status_code in (403, 404) and "must not send" not in reply.text, (route, reply.status_code)
 
 
-# -------------------------------------------------------------------------------------- the screenshot
-
-
-def make_screenshot(model_source: str, destination: str, executable: str = "/usr/bin/chromium") -> None:
-    """Segment the first example image with its prompts in the page and save a screenshot of the page."""
-    segmenter = Segmenter(load_model(model_source, None, "cpu"), model_source)
-    with serving(segmenter) as url, chromium_context(executable, tempfile.mkdtemp()) as context:
-        tab = open_page(context, url)
-        name, prompts = app.EXAMPLES[0]
-        upload(tab, "#image", app.EXAMPLES_DIR / name)
-        tab.fill("#prompts textarea", prompts)
-        tab.wait_for_selector("#image img")
-        segment(tab, "Segmented")
-        tab.wait_for_selector("#overlay img")
-        tab.set_viewport_size({"width": 1400, "height": 1100})  # down to the download, above the examples
-        tab.wait_for_timeout(500)
-        shot = Image.open(io.BytesIO(tab.screenshot())).convert("RGB")
-        shot.quantize(256).save(destination, optimize=True)  # a palette PNG: a third of the size
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Save a screenshot of the app segmenting an example image.")
-    parser.add_argument("--model", default="checkpoints/demo")
-    parser.add_argument("--screenshot", default="docs/app.png")
-    parser.add_argument("--chromium", default="/usr/bin/chromium")
-    cli = parser.parse_args()
-    make_screenshot(cli.model, cli.screenshot, cli.chromium)
-
-
-def test_the_threshold_slider_starts_at_the_models_calibrated_threshold(model, tiny_checkpoints, tmp_path):
+def test_the_threshold_slider_starts_at_the_models_calibrated_threshold(demo_model, tiny_checkpoints, tmp_path):
     gradio_or_skip()
     calibrated = CLIPSeg.from_pretrained(tiny_checkpoints / "demo").eval()
     calibrated.config.threshold, calibrated.config.threshold_origin = 0.62, "validation mIoU curve"
     sliders = {}
     for name, segmenter, given in (
         ("calibrated", Segmenter(calibrated, "tiny", workdir=tmp_path / "a"), None),
-        ("paper", Segmenter(model, "tiny", workdir=tmp_path / "b"), None),
+        ("paper", Segmenter(demo_model, "tiny", workdir=tmp_path / "b"), None),
         ("given", Segmenter(calibrated, "tiny", workdir=tmp_path / "c"), 0.4),
     ):
         page = app.build_page(segmenter, given)
@@ -569,3 +301,86 @@ def test_the_mask_controls_reach_the_pipeline_through_the_api(api_server, tmp_pa
         for name in ("plain", "grown")
     )
     assert before.any() and after.sum() > before.sum() and after[before].all()
+
+
+def refine_choices(url: str) -> list[str]:
+    """The values the page's "Refine the edges" radio offers."""
+    import httpx
+
+    config = httpx.get(url + "config").json()
+    (refine,) = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "refine"]
+    return [value for _, value in refine["props"]["choices"]]
+
+
+@contextmanager
+def app_main(argv: list[str], timeout: float = 120):
+    """`app.main(argv)` in a thread until its server answers: yields (its URL, [its exit status once stopped]); the
+    page is closed (main then returns) on leaving."""
+    import threading
+
+    import httpx
+
+    pages, launch, status = [], app.launch, []
+
+    def launched(page, *args):
+        served = launch(page, *args)
+        pages.append(page)
+        return served
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(app, "launch", launched)
+        server = threading.Thread(target=lambda: status.append(app.main(argv)), daemon=True)
+        server.start()
+        deadline = time.monotonic() + timeout
+        while not pages and server.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert pages, f"app.main did not serve: exit status {status}"
+    url = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}/"
+    try:
+        assert httpx.get(url + "config").status_code == 200
+        yield url, status
+    finally:
+        pages[0].close()
+        server.join(30)
+
+
+def test_sam_model_offers_refining_with_sam_and_a_bad_one_exits_2(demo_model, api_server, tiny_checkpoints, tiny_sam,
+                                                                  tmp_path, capsys):  # fmt: skip
+    """--sam-model: loaded and checked at start-up; the page then offers sam (without it, not) and /segment refines
+    with it as the library does. A path that is no SAM model: a message naming it, exit status 2, nothing served."""
+    from gradio_client import Client, handle_file
+
+    from clipseg.postprocess import MaskOptions
+    from clipseg.predictor import Predictor
+    from clipseg.refine import SamRefiner
+
+    demo, bad = tiny_checkpoints / "demo", tmp_path / "no_sam"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(app, "launch", lambda *args: pytest.fail("served without its SAM model"))
+        assert app.main(["--model", str(demo), "--sam-model", str(bad)]) == 2
+    assert f"error: --sam-model: the SAM model {str(bad)!r} has no config.json" in capsys.readouterr().err
+    assert "sam" not in refine_choices(api_server)
+    sam = tiny_sam()
+    argv = ["--model", str(demo), "--sam-model", str(sam), "--port", str(free_port()), "--precision", "fp32"]
+    image = scene(96, 80)
+    controls = [0, 0, 0, False, 0, True, 2, "area", "sam", False, ["mask"]]  # SAM prompted by the 2 largest parts
+    with app_main([*argv, "--device", "cpu"]) as (url, status):
+        assert refine_choices(url) == ["none", "guided", "sam"]
+        reply = Client(url, verbose=False).predict(
+            handle_file(save(image, tmp_path / "room.png")), "red disc", None, None, 0.5, NATIVE, *controls,
+            api_name="/segment",
+        )  # fmt: skip
+    assert status == [0]
+    assert reply[0].startswith("Segmented `room.png`"), reply[0]
+    masks, summary = read_zip(reply[3])
+    (entry,) = summary["images"][0]["prompts"]
+    assert summary["pipeline"]["refine"] == "sam" and len(entry["sam_scores"]) == 2
+    predictor = Predictor(demo_model)
+    predictor.set_image(image)
+    options = MaskOptions(instances=True, max_instances=2)
+    expected = predictor.predict_masks(
+        ["red disc"], 0.5, options, refine="sam", sam=SamRefiner.from_pretrained(str(sam))
+    )
+    mask = np.asarray(masks[entry["files"]["mask"]]) > 0
+    np.testing.assert_array_equal(mask, expected.masks[0])
+    assert not np.array_equal(mask, predictor.predict_masks(["red disc"], 0.5, options).masks[0])  # SAM's mask

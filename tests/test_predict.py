@@ -16,6 +16,7 @@ from conftest import (
     write_support,
 )
 from PIL import Image
+from scipy import ndimage
 
 from clipseg import folder_prediction, images
 from clipseg.predictor import Predictor
@@ -341,8 +342,19 @@ def test_resume_with_other_flags_stops_instead_of_mixing_outputs(tiny_dir, tmp_p
 # --------------------------------------------------------------------------------------------------- masks
 
 
+EIGHT = np.ones((3, 3), dtype=bool)  # 8-connected components, as the library's
+
+
 def read_mask(path) -> np.ndarray:
     return np.asarray(Image.open(path)) == 255
+
+
+def sky_run(tiny_dir, tmp_path: Path, name: str, *flags) -> tuple[dict, np.ndarray]:
+    """predict.py on tmp_path/img.png with --prompt sky and `flags`, into tmp_path/name: the prompt's summary entry
+    and its mask.png."""
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / name, "--prompt", "sky", *flags) == 0
+    entry = json.loads((tmp_path / name / "summary.json").read_text())["images"][0]["prompts"][0]
+    return entry, read_mask(entry["files"]["mask"])
 
 
 def test_cli_expression_prompts_give_the_soft_logic_maps_and_their_masks(tiny_dir, model, tmp_path):
@@ -523,3 +535,64 @@ def test_cli_sam_refinement_runs_end_to_end_and_a_bad_sam_model_exits_2(tiny_dir
     with pytest.raises(SystemExit) as exit_info:
         run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out3", "--prompt", "sky", "--sam-model", str(sam))
     assert exit_info.value.code == 2 and "--sam-model is the checkpoint of --refine sam" in capsys.readouterr().err
+
+
+def test_cli_coco_polygons_rasterise_to_the_written_masks(tiny_dir, tmp_path):
+    """--coco polygons: per instance a list of [x1, y1, x2, y2, ...] outlines that pycocotools rasterises back to the
+    mask (holes filled, as polygons hold none), up to pixels on its boundary."""
+    try:
+        from pycocotools import mask as coco_mask
+    except ImportError:
+        require("pycocotools", "pip install -r requirements-dev.txt")
+    random_image(80, 64, seed=5).save(tmp_path / "img.png")
+    flags = ["--threshold", "0.45", "--instances", "--fill-holes", "--coco", "polygons"]
+    entry, mask = sky_run(tiny_dir, tmp_path, "out", *flags)
+    coco = json.loads((tmp_path / "out" / "coco.json").read_text())
+    assert len(coco["annotations"]) == len(entry["instances"]) > 1
+    drawn = np.zeros_like(mask)
+    for annotation, instance in zip(coco["annotations"], entry["instances"]):
+        outlines = annotation["segmentation"]
+        assert isinstance(outlines, list) and all(len(xy) >= 8 and len(xy) % 2 == 0 for xy in outlines)
+        assert annotation["bbox"] == instance["bbox"]
+        drawn |= coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(outlines, 64, 80))).astype(bool)
+    boundary = ndimage.binary_dilation(mask, EIGHT) & ~ndimage.binary_erosion(mask, EIGHT, border_value=1)
+    assert (drawn & mask).sum() / (drawn | mask).sum() >= 0.9 and not ((drawn != mask) & ~boundary).any()
+
+
+def test_cli_min_area_drops_the_smaller_components(tiny_dir, tmp_path):
+    random_image(80, 64, seed=5).save(tmp_path / "img.png")
+    _, plain = sky_run(tiny_dir, tmp_path, "plain", "--threshold", "0.5")
+    _, kept = sky_run(tiny_dir, tmp_path, "kept", "--threshold", "0.5", "--min-area", "40")
+    labels, _ = ndimage.label(plain, structure=EIGHT)
+    areas = np.bincount(labels.ravel())
+    np.testing.assert_array_equal(kept, plain & (areas >= 40)[labels])
+    assert (areas[1:] < 40).any() and (areas[1:] >= 40).any()  # some components go, some stay
+
+
+def test_cli_shrink_erodes_by_a_disk(tiny_dir, tmp_path):
+    """--shrink 2 = binary_erosion by a disk of radius 2, the border not an edge (clipseg.postprocess's reference)."""
+    random_image(80, 64, seed=5).save(tmp_path / "img.png")
+    _, plain = sky_run(tiny_dir, tmp_path, "plain", "--threshold", "0.3")
+    _, shrunk = sky_run(tiny_dir, tmp_path, "shrunk", "--threshold", "0.3", "--shrink", "2")
+    disk = np.hypot(*np.mgrid[-2:3, -2:3]) <= 2
+    np.testing.assert_array_equal(shrunk, ndimage.binary_erosion(plain, disk, border_value=1))
+    assert shrunk.any() and not np.array_equal(shrunk, ndimage.binary_erosion(plain, EIGHT, border_value=1))
+    assert not np.array_equal(shrunk, ndimage.binary_erosion(plain, np.ones((5, 5)), border_value=1))
+
+
+def test_cli_sort_instances_orders_the_summary_by_area_or_mean_probability(tiny_dir, model, tmp_path):
+    random_image(80, 64, seed=5).save(tmp_path / "img.png")
+    flags = ["--threshold", "0.45", "--instances", "--sort-instances"]
+    runs = {key: sky_run(tiny_dir, tmp_path, key, *flags, key) for key in ("area", "score")}
+    predictor = Predictor(model, image_size=SIZE)
+    predictor.set_image(tmp_path / "img.png")
+    (probs,) = predictor.predict(phrases=["sky"])
+    labels, count = ndimage.label(runs["area"][1], structure=EIGHT)
+    parts = sorted((float((labels == k).sum()), float(probs[labels == k].mean())) for k in range(1, count + 1))
+    for entry, mask in runs.values():
+        np.testing.assert_array_equal(mask, runs["area"][1])  # the order changes no pixel
+        np.testing.assert_allclose(sorted((i["area"], i["score"]) for i in entry["instances"]), parts, atol=1e-5)
+    areas = [i["area"] for i in runs["area"][0]["instances"]]
+    scores = [i["score"] for i in runs["score"][0]["instances"]]
+    assert count > 2 and areas == sorted(areas, reverse=True) and scores == sorted(scores, reverse=True)
+    assert areas != [i["area"] for i in runs["score"][0]["instances"]]  # the two orders differ on this image
