@@ -306,7 +306,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_sam_model_flag(parser, "without it the page does not offer sam")
     add_precision_flags(parser, "predict")
-    add_backend_flag(parser)
+    add_backend_flag(parser, auto=True)
     args = parser.parse_args(argv)
     check_backend_flags(parser, args, "predict")
     if args.threshold is not None and not 0 <= args.threshold < 1:

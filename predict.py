@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from clipseg.backends import export_backend
 from clipseg.cli import (
     BAD_INPUT,
     NOTHING_DONE,
@@ -274,7 +275,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu; the exported backends: cpu)",
     )
     add_precision_flags(parser, "predict")
-    add_backend_flag(parser)
+    add_backend_flag(parser, auto=True)
     add_mask_flags(parser)
     add_model_flags(parser)
     args = parser.parse_args(argv)
@@ -297,7 +298,7 @@ def check_backend_and_precision(parser: argparse.ArgumentParser, args: argparse.
     """Fill in --device for the backend (the exported ones run on the CPU) and resolve --precision/--amp to the
     precision that will run (`args.precision`, `clipseg.cli.check_backend_flags`); combinations that cannot run are
     usage errors that say what to change."""
-    exported = args.backend != "torch"
+    exported = args.backend in ("onnx", "openvino") or (args.backend == "auto" and export_backend(args.model))
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not exported else "cpu")
     check_backend_flags(parser, args, "predict")
 

@@ -7,17 +7,27 @@ export is opened here (`open_export`, through `clipseg.loading.load_model`); the
     model = open_export("openvino", "exported_ov/", precision=None)           # an ExportedCLIPSeg; model.precision
 
 An export computes in the precision it was written in: `--precision`, when given, must be that one.
+
+predict.py and app.py also take `--backend auto`, their default (or $CLIPSEG_BACKEND's value): `auto_backend` picks
+the backend of an export folder given as --model, PyTorch when a precision or a device is asked for, else the
+fastest measured path of this CPU (`clipseg.precision.default_path`), which may be OpenVINO run from a conversion of
+the PyTorch model made once and cached (`clipseg.onnx.openvino_cache`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
-from clipseg.onnx.backend import ExportedCLIPSeg, OnnxBackendError, OnnxCLIPSeg
+from clipseg.onnx.backend import MANIFEST_NAME, ExportedCLIPSeg, OnnxBackendError, OnnxCLIPSeg
+from clipseg.precision import default_path
 
 BACKENDS = ("torch", "onnx", "openvino")
+BACKEND_VARIABLE = "CLIPSEG_BACKEND"  # the default of predict.py's and app.py's --backend when set (else auto)
+EXPORT_FORMATS = {"clipseg-onnx": "onnx", "clipseg-openvino": "openvino"}  # manifest.json "format" -> backend
 EXPORT_COMMANDS = {
     "onnx": "python export.py MODEL EXPORT_DIR",
     "openvino": "python export.py MODEL EXPORT_DIR --openvino",
@@ -80,3 +90,28 @@ def open_export(
     if precision not in (None, runner.precision):
         raise ExportUnusable(wrong_precision(backend, directory, runner.precision, precision))
     return runner
+
+
+def export_backend(model: str | None) -> str | None:
+    """The backend of the export folder `model` names ('onnx' or 'openvino', by its manifest's format), or None when
+    it is not an export folder (a run, a hub id, a file)."""
+    manifest = Path(model) / MANIFEST_NAME if model else None
+    if manifest is None or not manifest.is_file():
+        return None
+    try:
+        return EXPORT_FORMATS.get(json.loads(manifest.read_text()).get("format"))
+    except (OSError, ValueError, AttributeError):
+        return None  # opened as an export or a model later, where the error is reported
+
+
+def auto_backend(model: str | None, device: str, precision_asked: bool, job: str = "predict") -> tuple[str, str | None]:
+    """What `--backend auto` runs: (backend, precision to convert to, or None). An export folder runs in its backend;
+    an asked precision or a non-CPU device runs PyTorch; else this CPU's fastest measured path (`default_path`): for
+    OpenVINO, the PyTorch model converted to it in that precision (`clipseg.onnx.openvino_cache`)."""
+    exported = export_backend(model)
+    if exported:
+        return exported, None
+    if precision_asked or torch.device(device).type != "cpu":
+        return "torch", None
+    backend, precision = default_path(device, job)
+    return (backend, precision) if backend != "torch" else ("torch", None)

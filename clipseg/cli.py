@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import NoReturn
 import torch
 
 import dataset as datasets
-from clipseg.backends import BACKENDS, backend_flag_error
+from clipseg.backends import BACKEND_VARIABLE, BACKENDS, auto_backend, backend_flag_error
 from clipseg.benchmarks.protocols import BENCHMARKS
 from clipseg.config import DEFAULT_BACKBONE
 from clipseg.loading import (
@@ -36,7 +37,7 @@ from clipseg.loading import (
     resolve_model,
 )
 from clipseg.onnx.backend import ExportedCLIPSeg
-from clipseg.precision import PRECISIONS, requested_precision, resolve_precision
+from clipseg.precision import PRECISIONS, default_precision, prepare_model, requested_precision, resolve_precision
 from clipseg.refine import SamRefiner
 from clipseg.transforms import RESIZE_RULES
 from model import CLIPSeg
@@ -210,7 +211,7 @@ def model_source(args: argparse.Namespace) -> tuple[str, Path | None]:
     """Where the model of `add_model_flags` is loaded from and the directory its scores go to
     (`clipseg.loading.resolve_model`; LoadError when there is none). With --backend onnx or openvino, --model is
     the export folder itself (checked when it is opened) and has no scores directory."""
-    if getattr(args, "backend", "torch") != "torch":
+    if getattr(args, "backend", "torch") != "torch" and not getattr(args, "convert_to", None):
         return args.model, None
     return resolve_model(args.model or DEFAULT_MODEL, Path(args.checkpoints_dir), args.checkpoint)
 
@@ -219,10 +220,30 @@ def load_command_model(args: argparse.Namespace) -> tuple[CLIPSeg | ExportedCLIP
     """The model the flags name (`model_source`) loaded for `args.backend` (`clipseg.loading.load_model`), and its
     source. An export runs in its own precision, so `args.precision` becomes it. Raises LoadError."""
     source, _ = model_source(args)
+    if getattr(args, "convert_to", None):
+        return converted_model(args, source), source
     model = load_model(source, args.backbone, args.device, args.precision, args.backend)
     if args.backend != "torch":
         args.precision = model.precision
     return model, source
+
+
+def converted_model(args: argparse.Namespace, source: str) -> CLIPSeg | ExportedCLIPSeg:
+    """`source` loaded in PyTorch and run in OpenVINO from its cached conversion in `args.convert_to`
+    (`clipseg.onnx.openvino_cache.cached_export`); when it cannot be converted, the PyTorch model in the predict
+    job's default precision, with a note on stderr (`args.backend` and `args.precision` say which runs)."""
+    from clipseg.onnx.openvino_cache import ConversionFailed, cached_export
+
+    model = load_model(source, args.backbone, "cpu", "fp32", "torch")
+    try:
+        folder = cached_export(model, args.convert_to, source)
+        runner = load_model(str(folder), None, "cpu", args.convert_to, "openvino")
+    except (ConversionFailed, LoadError) as err:
+        args.backend, args.precision = "torch", default_precision("cpu", "predict")
+        print(f"note: {err}; running PyTorch {args.precision} instead", file=sys.stderr, flush=True)
+        return prepare_model(model, args.precision, "cpu")
+    args.backend, args.precision = "openvino", runner.precision
+    return runner
 
 
 # ------------------------------------------------------------- the SAM model of the commands that refine with SAM
@@ -297,15 +318,42 @@ BACKEND_HELP = (
 )
 
 
-def add_backend_flag(parser: argparse.ArgumentParser) -> None:
-    """`--backend torch|onnx|openvino` (default torch), with the same help in every command that has it."""
-    parser.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
+AUTO_BACKEND_HELP = (
+    "auto (the default, or $CLIPSEG_BACKEND's value): an export folder given as --model runs in its backend; with "
+    "--precision, --amp or a GPU, torch; else this CPU's fastest measured path (clipseg/precision.py): OpenVINO int8 "
+    "on CPUs with AMX when requirements-openvino.txt is installed (the model is converted once, a few minutes, and "
+    "cached; PyTorch if the conversion fails its accuracy check), otherwise torch in the precision of --precision's "
+    "default. "
+)
+
+
+def add_backend_flag(parser: argparse.ArgumentParser, auto: bool = False) -> None:
+    """`--backend torch|onnx|openvino` (default torch), with the same help in every command that has it; auto:
+    `auto` too, the default unless $CLIPSEG_BACKEND names another (predict.py and app.py)."""
+    if not auto:
+        parser.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
+        return
+    default = os.environ.get(BACKEND_VARIABLE) or "auto"
+    parser.add_argument(
+        "--backend", choices=("auto", *BACKENDS), default=default, help=AUTO_BACKEND_HELP + BACKEND_HELP
+    )
 
 
 def check_backend_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, job: str) -> None:
     """--backend against the model, device and precision flags (`clipseg.backends.backend_flag_error`), then the
     precision: torch resolves it for the job (`check_precision_flags`); an export runs in its own, so
-    `args.precision` stays the one asked for (None: the export's), checked when the export is opened."""
+    `args.precision` stays the one asked for (None: the export's), checked when the export is opened. auto: the
+    backend `clipseg.backends.auto_backend` picks; `args.convert_to` is the precision of an OpenVINO conversion
+    of the PyTorch model to make or reuse (`load_command_model`), else None."""
+    args.convert_to = None
+    if args.backend not in ("auto", *BACKENDS):
+        parser.error(f"${BACKEND_VARIABLE}={args.backend} is not a backend; choose auto, {', '.join(BACKENDS)}")
+    if args.backend == "auto":
+        asked = args.precision is not None or args.amp is not None
+        args.backend, args.convert_to = auto_backend(args.model, args.device or "cpu", asked, job)
+        if args.convert_to:
+            args.precision, args.amp = args.convert_to, None
+            return
     if args.backend == "torch":
         check_precision_flags(parser, args, job)
         return

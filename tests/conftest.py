@@ -10,12 +10,14 @@ output folders read back (`folder_files`).
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import os
 import shutil
 import socket
 import struct
+import tempfile
 import zipfile
 import zlib
 from collections import Counter
@@ -31,6 +33,11 @@ if TYPE_CHECKING:
     from model import CLIPSeg
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# predict.py's and app.py's --backend defaults to auto, which on some CPUs converts the model to OpenVINO: the tests
+# pin PyTorch (a test of auto removes this) and keep any conversion out of the user's cache.
+os.environ["CLIPSEG_BACKEND"] = "torch"
+os.environ["CLIPSEG_CACHE"] = tempfile.mkdtemp(prefix="clipseg-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CLIPSEG_CACHE"], ignore_errors=True)
 
 SYNTHETIC_IMAGES = 32
 SYNTHETIC_SEED = 0

@@ -1,0 +1,166 @@
+"""clipseg.onnx.openvino_cache and `--backend auto`: a PyTorch model converted to OpenVINO once and reused, a failed
+conversion recorded and never tried again, and what auto runs on each CPU class (OpenVINO int8 on AMX when it is
+installed, PyTorch elsewhere, an export folder in its backend, PyTorch when a precision is asked for), with predict.py
+falling back to PyTorch when the conversion fails.
+
+Converts the tiny model once per module (the ONNX export and OpenVINO: about a minute on 2 cores). Needs
+requirements-openvino.txt (`make test` installs it); skipped with a message elsewhere, never in CI.
+"""
+
+import copy
+import importlib
+import json
+import os
+
+import pytest
+from conftest import AMX_XEON, VNNI_EPYC, save, scene, simulate_cpu
+
+for _package in ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"):
+    try:
+        importlib.import_module(_package)
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{_package} is not installed: pip install -r requirements-openvino.txt", allow_module_level=True)
+
+import torch  # noqa: E402
+
+from clipseg import backends, precision  # noqa: E402
+from clipseg.onnx import openvino_cache, openvino_export  # noqa: E402
+from clipseg.onnx.openvino_cache import ConversionFailed, cached_export, conversion_key  # noqa: E402
+from clipseg.onnx.openvino_export import AccuracyCheckFailed, export_openvino  # noqa: E402
+from predict import main as predict_main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def auto(monkeypatch, cache):
+    """--backend auto as a user gets it (the suite pins torch), with the module's cache."""
+    monkeypatch.delenv("CLIPSEG_BACKEND", raising=False)
+    monkeypatch.setenv("CLIPSEG_CACHE", str(cache))
+
+
+@pytest.fixture(scope="module")
+def converted(model, cache):
+    """The tiny model's int8 conversion in the module's cache, made through cached_export (counted)."""
+    os.environ["CLIPSEG_CACHE"] = str(cache)
+    return cached_export(model, "int8", "tiny")
+
+
+def count_exports(monkeypatch) -> list:
+    """The precisions export_openvino is called with from now on (it still runs)."""
+    calls = []
+
+    def counting(model, out_dir, precision, **kwargs):
+        calls.append(precision)
+        return export_openvino(model, out_dir, precision, **kwargs)
+
+    monkeypatch.setattr(openvino_export, "export_openvino", counting)
+    return calls
+
+
+def test_a_conversion_is_made_once_and_reused(model, converted, auto, cache, monkeypatch, capsys):
+    assert converted.parent == cache / "openvino" and (converted / "manifest.json").is_file()
+    manifest = json.loads((converted / "manifest.json").read_text())
+    assert (manifest["precision"], manifest["source_model"]) == ("int8", "tiny")
+    calls = count_exports(monkeypatch)
+    assert cached_export(model, "int8", "tiny") == converted and calls == []  # the cache answers
+    assert f"cached in {converted}" in capsys.readouterr().err
+    assert conversion_key(model, "int8") == converted.name
+    assert conversion_key(model, "bf16") != converted.name  # another precision, another conversion
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.decoder.film_mul.weight[0, 0] += 1
+    assert conversion_key(changed, "int8") != converted.name  # other weights, another conversion
+    assert not list(cache.glob("openvino/*.partial-*"))
+
+
+def test_a_failed_conversion_is_recorded_and_not_tried_again(model, auto, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLIPSEG_CACHE", str(tmp_path))
+    calls = []
+
+    def failing(model, out_dir, precision, **kwargs):
+        calls.append(precision)
+        (out_dir / "image_encoder.xml").write_text("half written")
+        raise AccuracyCheckFailed("the int8 OpenVINO graphs' masks agree with PyTorch fp32 on 97.00% of pixels")
+
+    monkeypatch.setattr(openvino_export, "export_openvino", failing)
+    with pytest.raises(ConversionFailed, match="conversion failed: the int8 OpenVINO graphs' masks agree .* 97.00%"):
+        cached_export(model, "int8")
+    assert "converting the model for this CPU, once" in capsys.readouterr().err
+    record = tmp_path / "openvino" / f"{conversion_key(model, 'int8')}.failed.json"
+    assert "97.00%" in json.loads(record.read_text())["reason"]
+    assert [p.name for p in (tmp_path / "openvino").iterdir()] == [record.name]  # no half-written folder left
+    with pytest.raises(ConversionFailed, match="failed before .*97.00%.* recorded in"):
+        cached_export(model, "int8")
+    assert calls == ["int8"]  # not tried again
+    record.unlink()  # deleting the record tries again
+    with pytest.raises(ConversionFailed):
+        cached_export(model, "int8")
+    assert calls == ["int8", "int8"]
+
+
+@pytest.mark.parametrize(
+    ("cpu", "installed", "expected"),
+    [(AMX_XEON, True, ("openvino", "int8")), (AMX_XEON, False, ("torch", None)), (VNNI_EPYC, True, ("torch", None))],
+)
+def test_auto_picks_the_measured_fastest_path_of_the_cpu_class(monkeypatch, cpu, installed, expected):
+    simulate_cpu(monkeypatch, cpu)
+    monkeypatch.setattr(precision, "openvino_installed", lambda: installed)
+    assert backends.auto_backend("CIDAS/clipseg-rd64-refined", "cpu", precision_asked=False) == expected
+    assert backends.auto_backend("CIDAS/clipseg-rd64-refined", "cpu", precision_asked=True) == ("torch", None)
+    assert backends.auto_backend("CIDAS/clipseg-rd64-refined", "cuda", precision_asked=False) == ("torch", None)
+    assert precision.default_path("cpu", "score") == ("torch", "fp32")  # scoring: the reference, everywhere
+
+
+def test_auto_runs_an_export_folder_in_its_backend(converted):
+    assert backends.auto_backend(str(converted), "cpu", precision_asked=False) == ("openvino", None)
+
+
+def predict_run(tmp_path, model_dir, name, *flags) -> tuple[int, dict]:
+    image = save(scene(96, 64), tmp_path / "scene.png")
+    out = tmp_path / name
+    code = predict_main([str(image), "--prompt", "a red circle", "--model", str(model_dir), "--out", str(out), *flags])
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    return code, summary
+
+
+def test_predict_auto_runs_the_cached_openvino_int8_conversion_on_amx(
+    tiny_dir, converted, auto, tmp_path, monkeypatch, capsys
+):
+    simulate_cpu(monkeypatch, AMX_XEON)
+    calls = count_exports(monkeypatch)
+    code, summary = predict_run(tmp_path, tiny_dir, "amx", "--image-size", "64")
+    assert code == 0 and (summary["backend"], summary["precision"]) == ("openvino", "int8")
+    assert f"cached in {converted}" in capsys.readouterr().err and calls == []
+    simulate_cpu(monkeypatch, VNNI_EPYC)
+    code, summary = predict_run(tmp_path, tiny_dir, "vnni", "--image-size", "64")
+    assert code == 0 and (summary["backend"], summary["precision"]) == ("torch", "int8")
+    simulate_cpu(monkeypatch, AMX_XEON)
+    code, summary = predict_run(tmp_path, tiny_dir, "asked", "--image-size", "64", "--precision", "fp32")
+    assert code == 0 and (summary["backend"], summary["precision"]) == ("torch", "fp32")
+
+
+def test_predict_auto_falls_back_to_pytorch_when_the_conversion_fails(tiny_dir, auto, tmp_path, monkeypatch, capsys):
+    simulate_cpu(monkeypatch, AMX_XEON)
+
+    def failing(*args, **kwargs):
+        raise ConversionFailed("its OpenVINO int8 conversion failed: masks agree on 97.00% of pixels")
+
+    monkeypatch.setattr(openvino_cache, "cached_export", failing)
+    code, summary = predict_run(tmp_path, tiny_dir, "fallback", "--image-size", "64")
+    err = capsys.readouterr().err
+    assert code == 0 and (summary["backend"], summary["precision"]) == ("torch", "bf16")
+    assert "note: its OpenVINO int8 conversion failed: masks agree on 97.00% of pixels; running PyTorch bf16" in err
+
+
+def test_a_wrong_clipseg_backend_is_a_usage_error(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLIPSEG_BACKEND", "tensorrt")
+    with pytest.raises(SystemExit) as exit_info:
+        predict_run(tmp_path, tiny_dir, "wrong")
+    assert exit_info.value.code == 2
+    assert "$CLIPSEG_BACKEND=tensorrt is not a backend; choose auto, torch, onnx, openvino" in capsys.readouterr().err
