@@ -280,7 +280,8 @@ PRECISION_HELP = {
     "predict": "fp32; bf16 (autocast where the CPU or GPU computes bf16 natively, fp32 with a warning elsewhere); int8 "
     "(dynamic int8 quantisation of the image tower's linear layers, CPU only; text tower and decoder in fp32). "
     "Default: the fastest that keeps >= 99.5%% of fp32's mask pixels on this class of CPU: bf16 with AMX, int8 with "
-    "VNNI but no AMX, else fp32; fp32 on GPUs (clipseg/precision.py)",
+    "VNNI but no AMX, else fp32; fp32 on GPUs (clipseg/precision.py); with AMX and OpenVINO installed, --backend "
+    "auto runs OpenVINO int8 unless a precision is given",
     "train": "mixed precision of the training steps: bf16 (the default: bf16 where the CPU or GPU computes it "
     "natively, fp16 with a gradient scaler on GPUs without bf16, fp32 on CPUs without native bf16, where it is "
     "several times faster) or fp32; validation runs in fp32",
@@ -311,7 +312,7 @@ def check_precision_flags(
 # --------------------------------------------------------------- the backend flag of every command that runs a model
 
 BACKEND_HELP = (
-    "torch: the model in PyTorch (default); onnx: the graphs `python export.py MODEL DIR` wrote, given as --model DIR, "
+    "torch: the model in PyTorch; onnx: the graphs `python export.py MODEL DIR` wrote, given as --model DIR, "
     "in onnxruntime (CPU, fp32; pip install -r requirements-export.txt); openvino: the folder `python export.py "
     "MODEL DIR --openvino --precision P` wrote, given as --model DIR, in OpenVINO (CPU, in the export's precision P; "
     "pip install -r requirements-openvino.txt)"
@@ -331,7 +332,7 @@ def add_backend_flag(parser: argparse.ArgumentParser, auto: bool = False) -> Non
     """`--backend torch|onnx|openvino` (default torch), with the same help in every command that has it; auto:
     `auto` too, the default unless $CLIPSEG_BACKEND names another (predict.py and app.py)."""
     if not auto:
-        parser.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
+        parser.add_argument("--backend", choices=BACKENDS, default="torch", help="default torch. " + BACKEND_HELP)
         return
     default = os.environ.get(BACKEND_VARIABLE) or "auto"
     parser.add_argument(

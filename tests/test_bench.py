@@ -19,28 +19,37 @@ def test_an_unwritable_out_is_refused_before_measuring(tmp_path, capsys, monkeyp
     assert exit_info.value.code == 2 and "argument --out: must name a folder" in capsys.readouterr().err
 
 
-def rows(fp32: float, bf16: float, int8: float, int8_agreement: float = 0.997) -> dict:
-    """Batch-1 rows of clipseg.speed.models.time_precision_paths: seconds and mask agreement with our fp32."""
-    return {
-        "hf_fp32": {"seconds": 0.496, "mask_agreement": 0.999},
-        "ours_fp32": {"seconds": fp32, "mask_agreement": 1.0},
-        "ours_bf16": {"seconds": bf16, "mask_agreement": 0.9962},
-        "ours_int8": {"seconds": int8, "mask_agreement": int8_agreement},
-        "onnx_fp32": {"seconds": 0.001, "mask_agreement": 1.0},  # a backend, not a precision: never the answer
+def rows(fp32: float, bf16: float, int8: float, int8_agreement: float = 0.997, openvino: float | None = None) -> dict:
+    """Batch-1 rows of clipseg.speed.models.time_precision_paths: seconds, mask agreement with our fp32 on the noise
+    inputs and on the scenes."""
+    rows = {
+        "hf_fp32": {"seconds": 0.496, "mask_agreement": 0.999, "scene_agreement": 0.999},
+        "ours_fp32": {"seconds": fp32, "mask_agreement": 1.0, "scene_agreement": 1.0},
+        "ours_bf16": {"seconds": bf16, "mask_agreement": 0.9962, "scene_agreement": 0.997},
+        "ours_int8": {"seconds": int8, "mask_agreement": int8_agreement, "scene_agreement": 0.997},
+        "onnx_fp32": {"seconds": 0.001, "mask_agreement": 1.0, "scene_agreement": 1.0},  # needs its own export step
     }
+    if openvino is not None:
+        rows["openvino_int8"] = {"seconds": openvino, "mask_agreement": 0.996, "scene_agreement": 0.9955}
+    return rows
 
 
 def test_the_default_check_says_whether_the_rule_picked_the_fastest_path_that_keeps_the_masks(monkeypatch):
     simulate_cpu(monkeypatch, AMX_XEON)
-    check = default_check(rows(0.41, 0.181, 0.274), "bf16")  # the AMX Xeon's batch-1 timings (README)
-    assert (check["cpu_class"], check["fastest"], check["default_is_fastest"]) == ("amx", "bf16", True)
-    assert describe_default_check(check).endswith("bf16 (the default is this machine's fastest)")
+    check = default_check(rows(0.41, 0.181, 0.274), ("torch", "bf16"))  # an AMX Xeon's batch-1 timings (README)
+    assert (check["cpu_class"], check["fastest"], check["default_is_fastest"]) == ("amx", "torch bf16", True)
+    assert describe_default_check(check).endswith("torch bf16 (the default is this machine's fastest)")
+    check = default_check(rows(0.41, 0.181, 0.274, openvino=0.12), ("openvino", "int8"))  # OpenVINO counts
+    assert (check["fastest"], check["default_is_fastest"]) == ("openvino int8", True)
     simulate_cpu(monkeypatch, VNNI_EPYC)
-    check = default_check(rows(0.41, 0.181, 0.274), "int8")  # a CPU where the rule would be wrong
-    assert (check["cpu_class"], check["fastest"], check["default_is_fastest"]) == ("vnni", "bf16", False)
+    check = default_check(rows(0.41, 0.181, 0.274), ("torch", "int8"))  # a CPU where the rule would be wrong
+    assert (check["cpu_class"], check["fastest"], check["default_is_fastest"]) == ("vnni", "torch bf16", False)
     assert "181 ms against the default's 274 ms): the rule in clipseg/precision.py does not fit" in (
         describe_default_check(check)
     )
-    check = default_check(rows(0.41, 0.5, 0.2, int8_agreement=0.994), "int8")  # int8 fastest, but below the bar
-    assert check["fastest"] == "fp32" and "int8" not in check["seconds"]
+    check = default_check(rows(0.41, 0.5, 0.2, int8_agreement=0.994), ("torch", "int8"))  # fastest, below the bar
+    assert check["fastest"] == "torch fp32" and "torch int8" not in check["seconds"]
     assert "against the default's below the bar or not measured" in describe_default_check(check)
+    scenes_below = rows(0.41, 0.181, 0.274)
+    scenes_below["ours_bf16"]["scene_agreement"] = 0.99  # the noise agrees, the real-looking images do not
+    assert default_check(scenes_below, ("torch", "bf16"))["fastest"] == "torch int8"

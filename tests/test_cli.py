@@ -24,7 +24,7 @@ import failure_test
 import predict
 import score
 import train
-from clipseg.cli import MODEL_HELP
+from clipseg.cli import BACKEND_HELP, MODEL_HELP
 
 REPO = Path(__file__).resolve().parents[1]
 LOADS_A_MODEL = {"score.py": score.main, "failure_test.py": failure_test.main, "predict.py": predict.main,
@@ -78,8 +78,11 @@ def test_every_command_that_runs_a_model_has_precision_and_the_same_amp(monkeypa
 def test_every_command_that_runs_a_model_has_the_same_backend_flag(monkeypatch, capsys):
     helps = {command: help_entries(main, monkeypatch, capsys) for command, main in RUNS_A_MODEL.items()}
     backend = {command: entries.get("--backend") for command, entries in helps.items() if command != "train.py"}
-    assert len(set(backend.values())) == 1 and None not in backend.values(), backend
-    assert backend["score.py"].startswith("--backend {torch,onnx,openvino} torch: the model in PyTorch (default)")
+    assert backend["score.py"] == backend["failure_test.py"] and backend["predict.py"] == backend["app.py"], backend
+    assert backend["score.py"].startswith("--backend {torch,onnx,openvino} default torch. torch: the model in PyTorch;")
+    assert backend["app.py"].startswith("--backend {auto,torch,onnx,openvino} auto (the default, or $CLIPSEG_BACKEND")
+    shared = " ".join(BACKEND_HELP.split())
+    assert all(text.endswith(shared) for text in backend.values()), backend
 
 
 def test_out_is_a_folder_in_every_command(monkeypatch, capsys, tmp_path):
