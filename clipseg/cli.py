@@ -60,6 +60,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def int_up_to(limit: int):
+    """An argparse type: an integer from 1 to `limit` (sizes a flag builds a model of: beyond it, memory runs out)."""
+
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"must be at most {limit}, got {text}")
+        return value
+
+    parse.__name__ = f"integer from 1 to {limit}"
+    return parse
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:

@@ -23,6 +23,7 @@ from clipseg.cli import (
     add_precision_flags,
     dropout_rate,
     explicit_flags,
+    int_up_to,
     layer_list,
     non_negative_float,
     non_negative_int,
@@ -50,6 +51,7 @@ from clipseg.sampling import (
     derived_seed,
 )
 from clipseg.transforms import RESIZE_RULES
+from clipseg.weights import DECODER_LIMITS
 from model import CLIPSeg
 
 
@@ -57,6 +59,10 @@ class TrainingError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
+# The 'tiny' backbone is for tests and the offline demo: these bounds keep a mistyped flag from allocating until
+# memory runs out (ViT-B is 768 wide and 12 blocks deep).
+MAX_TINY_WIDTH = 1024
+MAX_TINY_LAYERS = 48
 VAL_METRICS = ("miou", "iou_fg", "ap", "loss")  # the paper's metrics at t = 0.3, or the validation loss
 
 
@@ -243,7 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="refined (3-layer) transposed-conv head (default: plain, or the head of --init)",
     )
-    arch.add_argument("--reduce-dim", type=positive_int, default=None, help="decoder width D (default 64; tiny 16)")
+    arch.add_argument(
+        "--reduce-dim",
+        type=int_up_to(DECODER_LIMITS["reduce_dim"][1]),
+        default=None,
+        help="decoder width D (default 64; tiny 16)",
+    )
     arch.add_argument(
         "--dropout",
         type=dropout_rate,
@@ -253,8 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument(
         "--extract-layers", type=layer_list, default=None, help="0-based CLIP blocks the decoder reads, e.g. 3,6,9"
     )
-    arch.add_argument("--tiny-width", type=positive_int, default=64, help="width of the 'tiny' backbone")
-    arch.add_argument("--tiny-layers", type=positive_int, default=6, help="vision blocks of the 'tiny' backbone")
+    arch.add_argument(
+        "--tiny-width", type=int_up_to(MAX_TINY_WIDTH), default=64, help="width of the 'tiny' backbone (even)"
+    )
+    arch.add_argument(
+        "--tiny-layers", type=int_up_to(MAX_TINY_LAYERS), default=6, help="vision blocks of the 'tiny' backbone"
+    )
     return parser
 
 
@@ -296,6 +311,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--batch-size={args.batch_size} must be a multiple of --prompts-per-image={args.prompts_per_image}"
         )
+    if args.tiny_width % 2:
+        parser.error(f"--tiny-width must be even (the tiny backbone has 2 attention heads), got {args.tiny_width}")
     if args.warmup and args.lrs != "warmup_cosine":
         parser.error("--warmup goes with --lrs warmup_cosine")
     if args.warmup >= args.max_iterations:

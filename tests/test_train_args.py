@@ -28,6 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
         ("--data=folder", "--data=folder needs --data-root"),
         ("--dropout=1", "--dropout: must be in [0, 1)"),
         ("--whole-image-prob=2", "--whole-image-prob: must be a probability"),
+        ("--reduce-dim=1000000000", "--reduce-dim: must be at most 4096, got 1000000000"),
+        ("--tiny-width=99999999", "--tiny-width: must be at most 1024"),
+        ("--tiny-width=63", "--tiny-width must be even (the tiny backbone has 2 attention heads), got 63"),
+        ("--tiny-layers=100000", "--tiny-layers: must be at most 48"),
     ],
 )
 def test_invalid_flags_are_argparse_errors(flag, message, capsys):
