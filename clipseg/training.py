@@ -383,8 +383,7 @@ class TrainingLoop:
             with self.writing("the loss plot"):
                 runs.plot_log(self.files, self.args.name)
             if log is not None:
-                log.write(json_text({"step": self.step, "checkpoint": True, "replica_checksums": checksums}) + "\n")
-                log.flush()
+                self.append_log(log, {"step": self.step, "checkpoint": True, "replica_checksums": checksums})
         self.last_saved_step = self.step
 
     @contextlib.contextmanager
@@ -399,6 +398,13 @@ class TrainingLoop:
                 f"could not write {what} to {self.files.dir}: {err}; the last checkpoint written ({kept}) is intact; "
                 "free space and continue with --resume"
             ) from err
+
+    def append_log(self, log, record: dict) -> None:
+        """One line of log.jsonl (unbuffered: nothing is left to fail again when the file is closed); a failed write
+        (a full disk) stops the run as a checkpoint's does (`writing`): exit 1 with the message, the last checkpoint
+        intact."""
+        with self.writing("a line of log.jsonl"):
+            log.write((json_text(record) + "\n").encode())
 
     def validate(self, log, progress: tqdm) -> None:
         """Score the validation subset; a better --val-metric replaces best/ (a complete model)."""
@@ -418,8 +424,7 @@ class TrainingLoop:
             self.last_validation = scores
             progress.set_postfix(self.postfix())
             if log is not None:
-                log.write(json_text({"step": self.step, **scores, "best": improved}) + "\n")
-                log.flush()
+                self.append_log(log, {"step": self.step, **scores, "best": improved})
         if self.world.enabled:
             dist.barrier()
 
@@ -450,7 +455,7 @@ class TrainingLoop:
         with (
             progress,
             StopRequest() as stop,
-            open(self.files.log, "a") if world.is_main else contextlib.nullcontext() as log,
+            open(self.files.log, "ab", buffering=0) if world.is_main else contextlib.nullcontext() as log,
         ):
             stop_flag = False
             while self.step < args.max_iterations and not stop_flag:
@@ -519,8 +524,7 @@ class TrainingLoop:
             record = dict(step=self.step, loss=self.last_loss, lr=self.scheduler.get_last_lr()[0],
                           samples_per_s=samples_per_second, skipped=self.skipped,
                           time=round(now - self.started, 3))  # fmt: skip
-            log.write(json_text(record) + "\n")
-            log.flush()
+            self.append_log(log, record)
         self.interval = LogInterval(started=now)
 
     def fail_non_finite(self, step: int, batch: Batch) -> None:

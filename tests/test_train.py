@@ -881,3 +881,35 @@ def test_validation_outputs_that_are_not_finite_stop_with_a_message(synthetic_ro
     assert train.main(argv) == 1
     err = capsys.readouterr().err
     assert "validation at iteration 1 stopped: the model's output holds 7 NaN" in err and "Traceback" not in err
+
+
+def test_a_full_disk_while_logging_stops_with_a_message_and_resumes(tmp_path, synthetic_root, monkeypatch, capsys):
+    """log.jsonl cannot take another line (a full disk) at iteration 6: exit 1 with the message, no traceback, the
+    checkpoint of iteration 4 intact; --resume continues to the end."""
+    real_open = open
+
+    def open_full_disk(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if not str(path).endswith("log.jsonl") or "a" not in mode:
+            return handle
+        write = handle.write
+
+        def full_at_iteration_6(data):
+            if b'"step": 6,' in data or b'"step":6,' in data:
+                raise OSError(28, "No space left on device")
+            return write(data)
+
+        handle.write = full_at_iteration_6  # an unbuffered FileIO takes attributes
+        return handle
+
+    monkeypatch.setattr(training, "open", open_full_disk, raising=False)
+    argv = flags(tmp_path, synthetic_root, "--name=full", "--max-iterations=8", "--ckpt=4")
+    assert train.main(argv) == 1
+    error = capsys.readouterr().err
+    assert "could not write a line of log.jsonl" in error and "No space left on device" in error
+    assert "the last checkpoint written (iteration 4) is intact; free space and continue with --resume" in error
+    assert "Traceback" not in error
+    monkeypatch.undo()
+    assert train.main([*argv, "--resume"]) == 0
+    steps = [record["step"] for record in runs.read_log(tmp_path / "ck" / "full" / "log.jsonl") if "loss" in record]
+    assert steps == list(range(1, 9))
