@@ -53,6 +53,14 @@ def test_pascal_original_episodes_follow_pfenet(synthetic_voc):
             assert label_counts(by_id[episode.support].label)[episode.class_id] >= 2048
 
 
+def test_only_the_ranks_asked_to_show_the_label_reading_bar(synthetic_voc, capsys):
+    items, _ = VocData(synthetic_voc).pfenet_list()
+    shown = pascal_original_episodes(items, 0, seed=123)
+    assert "reading labels" in capsys.readouterr().err
+    assert pascal_original_episodes(items, 0, seed=123, progress=False) == shown  # torchrun's other ranks
+    assert "reading labels" not in capsys.readouterr().err
+
+
 def hsnet_reference(pairs, n_episodes, seed):
     """HSNet's DatasetPASCAL.sample_episode as its code reads, on numpy's global generator."""
     np.random.seed(seed)

@@ -94,15 +94,19 @@ def default_seed(benchmark: str, protocol: str) -> int:
 # ------------------------------------------------------------------------------------------------ episodes
 
 
-def pascal_original_episodes(items: Sequence[LabelledImage], fold: int, seed: int = PFENET_SEED) -> list[Episode]:
+def pascal_original_episodes(
+    items: Sequence[LabelledImage], fold: int, seed: int = PFENET_SEED, progress: bool = True
+) -> list[Episode]:
     """PFENet's validation episodes (SemData, mode val, 1 shot): one per listed image, in list order.
 
     An image is listed when a fold class has at least 2,048 pixels in it; so is it in that class's support list.
     The query class is drawn uniformly (`random.randint`) over the fold classes present in any amount; PFENet then
     draws a support index it discards, and draws again until the support is not the query. A class whose support
-    list holds only the query (PFENet would loop forever) raises BenchmarkError."""
+    list holds only the query (PFENet would loop forever) raises BenchmarkError. progress: show a bar while the
+    labels are read (under torchrun, on rank 0 only)."""
     classes = set(pascal_fold_classes(fold))
-    counts = {item.id: label_counts(item.label) for item in tqdm(items, desc="reading labels", unit="image")}
+    labelled = tqdm(items, desc="reading labels", unit="image", disable=not progress)
+    counts = {item.id: label_counts(item.label) for item in labelled}
     listed = [item for item in items if any(counts[item.id].get(c, 0) >= PFENET_MIN_PIXELS for c in classes)]
     supports = {c: [item.id for item in listed if counts[item.id].get(c, 0) >= PFENET_MIN_PIXELS] for c in classes}
     rng = random.Random(seed)
@@ -301,16 +305,23 @@ def save_episode_png(directory: Path, data: EpisodeData, episode: dict, mask: np
 
 
 def fold_episodes(
-    benchmark: str, protocol: str, fold: int, root: Path, splits: Path | None, seed: int, n_episodes: int
+    benchmark: str,
+    protocol: str,
+    fold: int,
+    root: Path,
+    splits: Path | None,
+    seed: int,
+    n_episodes: int,
+    progress: bool = True,
 ) -> tuple[list[Episode], object, str]:
-    """(episodes, reader, note on the list read) of one fold."""
+    """(episodes, reader, note on the list read) of one fold; progress: bars while reading (rank 0's only)."""
     if benchmark == "coco20i":
         coco = Coco20i(root, fold, splits)
         return coco_episodes(coco.classwise, coco_fold_classes(fold), n_episodes, seed), coco, coco.source
     voc = VocData(root, splits)
     if protocol == "original":
         items, note = voc.pfenet_list()
-        return pascal_original_episodes(items, fold, seed), voc, note
+        return pascal_original_episodes(items, fold, seed, progress), voc, note
     pairs = [(item.id, class_id) for item, class_id in voc.hsnet_fold(fold)]
     return hsnet_pascal_episodes(pairs, n_episodes, seed), voc, f"HSNet fold{fold}.txt"
 

@@ -187,7 +187,7 @@ def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, setti
         if model is None or FOLD_FIELD in args.model:
             model, source = load(fold)
         episodes, reader, notes[fold] = fold_episodes(
-            args.data, args.protocol, fold, root, splits, args.seed, args.episodes
+            args.data, args.protocol, fold, root, splits, args.seed, args.episodes, progress=world.is_main
         )
         episodes = episodes[: args.limit]
         size = model.config.input_side(args.image_size)
