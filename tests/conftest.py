@@ -11,6 +11,7 @@ output folders read back (`folder_files`).
 from __future__ import annotations
 
 import atexit
+import importlib
 import io
 import json
 import os
@@ -193,6 +194,18 @@ def require(package: str, install: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{message}; CI must run this test", pytrace=False)
     pytest.skip(message)
+
+
+def require_modules(names: tuple[str, ...], requirements: str) -> None:
+    """At the top of a test module: skip the whole module, naming the missing Python package and the requirements
+    file that installs it; under CI (CI set) raise the ImportError instead, so that CI never passes by skipping."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            if os.environ.get("CI"):
+                raise
+            pytest.skip(f"{name} is not installed: pip install -r {requirements}", allow_module_level=True)
 
 
 def free_port() -> int:

@@ -6,9 +6,7 @@ Needs requirements-export.txt (`make test` installs it); skipped with a message 
 """
 
 import hashlib
-import importlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -16,15 +14,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import require_modules
 from PIL import Image
 
-for _package in ("onnx", "onnxscript", "onnxruntime"):
-    try:
-        importlib.import_module(_package)
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"{_package} is not installed: pip install -r requirements-export.txt", allow_module_level=True)
+require_modules(("onnx", "onnxscript", "onnxruntime"), "requirements-export.txt")
 
 from clipseg import outputs  # noqa: E402
 from clipseg.onnx import export as onnx_export  # noqa: E402

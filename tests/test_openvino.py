@@ -7,9 +7,7 @@ in each precision (seconds each). Needs requirements-openvino.txt (`make test` i
 elsewhere, never in CI.
 """
 
-import importlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,16 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_zip, save, scene
+from conftest import read_zip, require_modules, save, scene
 from PIL import Image
 
-for _package in ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"):
-    try:
-        importlib.import_module(_package)
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"{_package} is not installed: pip install -r requirements-openvino.txt", allow_module_level=True)
+require_modules(("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"), "requirements-openvino.txt")
 
 import app  # noqa: E402
 import failure_test  # noqa: E402

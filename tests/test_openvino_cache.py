@@ -8,20 +8,13 @@ requirements-openvino.txt (`make test` installs it); skipped with a message else
 """
 
 import copy
-import importlib
 import json
 import os
 
 import pytest
-from conftest import AMX_XEON, VNNI_EPYC, save, scene, simulate_cpu
+from conftest import AMX_XEON, VNNI_EPYC, require_modules, save, scene, simulate_cpu
 
-for _package in ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"):
-    try:
-        importlib.import_module(_package)
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"{_package} is not installed: pip install -r requirements-openvino.txt", allow_module_level=True)
+require_modules(("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"), "requirements-openvino.txt")
 
 import torch  # noqa: E402
 
