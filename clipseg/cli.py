@@ -37,7 +37,14 @@ from clipseg.loading import (
     resolve_model,
 )
 from clipseg.onnx.backend import ExportedCLIPSeg
-from clipseg.precision import PRECISIONS, default_precision, prepare_model, requested_precision, resolve_precision
+from clipseg.precision import (
+    OPENVINO_MIN_VISION_WIDTH,
+    PRECISIONS,
+    default_precision,
+    prepare_model,
+    requested_precision,
+    resolve_precision,
+)
 from clipseg.refine import SamRefiner
 from clipseg.transforms import RESIZE_RULES
 from model import CLIPSeg
@@ -249,6 +256,12 @@ def converted_model(args: argparse.Namespace, source: str) -> CLIPSeg | Exported
 
     model = load_model(source, args.backbone, "cpu", "fp32", "torch")
     try:
+        width = model.config.vision_width or 0
+        if width < OPENVINO_MIN_VISION_WIDTH:
+            raise ConversionFailed(
+                f"a model with a {width}-wide vision tower is not converted to OpenVINO (only from "
+                f"{OPENVINO_MIN_VISION_WIDTH}, ViT-B, where it was measured faster)"
+            )
         folder = cached_export(model, args.convert_to, source)
         runner = load_model(str(folder), None, "cpu", args.convert_to, "openvino")
     except (ConversionFailed, LoadError) as err:

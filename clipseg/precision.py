@@ -96,6 +96,9 @@ FASTEST_BY_CPU_CLASS = {"amx": "bf16", "vnni": "int8", "other": "fp32"}
 # against PyTorch bf16 4.34x (99.64%) and OpenVINO bf16 4.19x. Classes not listed have not been measured with
 # OpenVINO and keep PyTorch.
 OPENVINO_BY_CPU_CLASS = {"amx": "int8"}
+# ... for models at least as large as the one measured (ViT-B/16: a vision tower 768 wide); smaller ones (the demo's
+# tiny model) stay in PyTorch, where a conversion would cost more than it saves.
+OPENVINO_MIN_VISION_WIDTH = 768
 
 
 def cpu_capabilities() -> dict:

@@ -18,7 +18,7 @@ require_modules(("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"), "requ
 
 import torch  # noqa: E402
 
-from clipseg import backends, precision  # noqa: E402
+from clipseg import backends, cli, precision  # noqa: E402
 from clipseg.onnx import openvino_cache, openvino_export  # noqa: E402
 from clipseg.onnx.openvino_cache import ConversionFailed, cached_export, conversion_key  # noqa: E402
 from clipseg.onnx.openvino_export import AccuracyCheckFailed, export_openvino  # noqa: E402
@@ -127,6 +127,10 @@ def test_predict_auto_runs_the_cached_openvino_int8_conversion_on_amx(
 ):
     simulate_cpu(monkeypatch, AMX_XEON)
     calls = count_exports(monkeypatch)
+    code, summary = predict_run(tmp_path, tiny_dir, "small", "--image-size", "64")
+    assert code == 0 and (summary["backend"], summary["precision"]) == ("torch", "bf16")  # too small to convert
+    assert "a model with a 64-wide vision tower is not converted to OpenVINO (only from 768" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "OPENVINO_MIN_VISION_WIDTH", 64)  # as if it were ViT-B
     code, summary = predict_run(tmp_path, tiny_dir, "amx", "--image-size", "64")
     assert code == 0 and (summary["backend"], summary["precision"]) == ("openvino", "int8")
     assert f"cached in {converted}" in capsys.readouterr().err and calls == []
@@ -145,6 +149,7 @@ def test_predict_auto_falls_back_to_pytorch_when_the_conversion_fails(tiny_dir, 
         raise ConversionFailed("its OpenVINO int8 conversion failed: masks agree on 97.00% of pixels")
 
     monkeypatch.setattr(openvino_cache, "cached_export", failing)
+    monkeypatch.setattr(cli, "OPENVINO_MIN_VISION_WIDTH", 64)  # as if it were ViT-B
     code, summary = predict_run(tmp_path, tiny_dir, "fallback", "--image-size", "64")
     err = capsys.readouterr().err
     assert code == 0 and (summary["backend"], summary["precision"]) == ("torch", "bf16")
