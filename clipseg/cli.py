@@ -348,9 +348,9 @@ BACKEND_HELP = (
 AUTO_BACKEND_HELP = (
     "auto (the default, or $CLIPSEG_BACKEND's value): an export folder given as --model runs in its backend; with "
     "--precision, --amp or a GPU, torch; else this CPU's fastest measured path (clipseg/precision.py): OpenVINO int8 "
-    "on CPUs with AMX when requirements-openvino.txt is installed (the model is converted once, a few minutes, and "
-    "cached; PyTorch if the conversion fails its accuracy check), otherwise torch in the precision of --precision's "
-    "default. "
+    "on CPUs with AMX when requirements-openvino.txt is installed, for models from ViT-B up (converted once, a few "
+    "minutes, and cached; PyTorch if the conversion fails its accuracy check), otherwise torch in the precision of "
+    "--precision's default. "
 )
 
 
