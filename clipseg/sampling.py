@@ -2,7 +2,7 @@
 workers that leave the main process one core each on the CPU.
 
 A sample is a pure function of (run seed, its position in the stream), whatever the number of workers or where a
-run resumed, which is what makes `train.py --resume` bitwise (tests/test_train.py).
+run resumed, which is what makes `train.py --resume` bitwise (tests/test_train_resume.py).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class InfiniteBatchSampler:
 class SeededSamples(Dataset):
     """Wraps a training set so that item (index, seed) is drawn with its own random stream: the crop, negative
     and template choices then depend only on the sample's stream position, not on the worker count or on where
-    a run was resumed (tests/test_train.py checks resume bitwise)."""
+    a run was resumed (tests/test_train_resume.py checks resume bitwise)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset

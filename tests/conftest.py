@@ -1,9 +1,9 @@
-"""Shared fixtures: small synthetic PhraseCut, VOC and COCO-20i data and a tiny model, made once per session, and
-the path of Debian's chromium for browser tests (`require` skips a test whose system package is missing, failing
-instead under CI=true). Shared helpers (imported `from conftest import ...`): the images, masks and hostile names
-that the predictor, predict.py, the segmenter and app.py tests feed in; the CPUs of the precision rule, simulated
-(`simulate_cpu`); a free local port, and commands run as one process or under torchrun (`run_command`) with their
-output folders read back (`folder_files`).
+"""Shared fixtures: small synthetic PhraseCut, VOC and COCO-20i data, a tiny model and a tiny validated training run,
+made once per session, and the path of Debian's chromium for browser tests (`require` skips a test whose system
+package is missing, failing instead under CI=true). Shared helpers (imported `from conftest import ...`): the images,
+masks and hostile names that the predictor, predict.py, the segmenter and app.py tests feed in; the CPUs of the
+precision rule, simulated (`simulate_cpu`); a free local port, and commands run as one process or under torchrun
+(`run_command`) with their output folders read back (`folder_files`).
 
 32 images, seed 0: 61 train, 16 val, 10 test and 5 miniv tasks (score tests need at least 6 test tasks).
 """
@@ -83,6 +83,19 @@ def synthetic_coco(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic_coco")
     synthetic.make_synthetic_coco(root, n_images=54, seed=SYNTHETIC_SEED)
     return root
+
+
+@pytest.fixture(scope="session")
+def validated(tmp_path_factory, synthetic_root):
+    """A tiny 12-iteration train.py run validating every 4 iterations, keeping iteration 8: (run folder, summary,
+    argv). Read, never changed, by test_train.py's validation tests and test_train_resume.py's kill test: made once
+    per session."""
+    from helpers import VALIDATE, flags, run
+
+    tmp_path = tmp_path_factory.mktemp("validated")
+    argv = flags(tmp_path, synthetic_root, "--name=val", "--max-iterations=12", "--ckpt=4", "--lr=3e-3", *VALIDATE)
+    summary = run([*argv, "--keep-checkpoints=8"])
+    return tmp_path / "ck" / "val", summary, argv
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
 """Helpers several test modules share: independent references the project is compared against (the authors'
 image pipeline, crop search and ground truth; HF's CLIPSeg class; the paper's metrics computed by brute force), the
-generated PhraseCut's files, a parser for the failure gallery's HTML, and app.py's page served on a free port for
-its server and browser tests. Fixtures live in conftest.py."""
+generated PhraseCut's files, a parser for the failure gallery's HTML, train.py's tiny runs and their files read back
+(for test_train.py and test_train_resume.py), and app.py's page served on a free port for its server and browser
+tests. Fixtures live in conftest.py."""
 
 import json
+import os
 from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
@@ -15,11 +17,16 @@ import torch
 import torch.nn.functional as F
 import transformers
 from conftest import free_port, require
+from safetensors.torch import load_file
 from scipy.integrate import simpson
 from skimage.draw import polygon2mask
+from torch.utils.data import Dataset
 
 import dataset as datasets
+import train
+from clipseg import runs
 from clipseg.config import CLIPSegConfig
+from clipseg.samples import Sample
 from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
 from model import CLIPSeg
 
@@ -211,6 +218,63 @@ def assert_close(got, expected, rel: float, same_types: bool = True) -> None:
         assert got == pytest.approx(expected, rel=rel, abs=0)
     else:
         assert got == expected and (not same_types or type(got) is type(expected))
+
+
+# ------------------------------------------------------------ train.py's tiny runs, for its two test modules
+
+TINY = ["--backbone=tiny", "--device=cpu", "--image-size=64", "--batch-size=4", "--num-workers=0", "--log-every=1"]
+VALIDATE = ["--val-interval=4", "--val-samples=7", "--val-split=val"]
+
+
+def flags(tmp_path: Path, synthetic_root: Path, *extra: str) -> list[str]:
+    data = ["--data=synthetic", f"--data-root={synthetic_root}"]
+    return [*TINY, *data, f"--checkpoints-dir={tmp_path / 'ck'}", *extra]
+
+
+def run(argv: list[str], dataset: Dataset | None = None) -> train.Summary:
+    return train.train(train.parse_args(argv), dataset=dataset)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in runs.read_log(run_dir / "log.jsonl") if "loss" in r]
+
+
+def validation_records(run_dir: Path) -> list[dict]:
+    return [r for r in runs.read_log(run_dir / "log.jsonl") if "val_loss" in r]
+
+
+def decoder_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(run_dir / "model.safetensors").items() if k.startswith("decoder.")}
+
+
+def training_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "train_state.pt", weights_only=True)
+
+
+def subprocess_env(threads: int = 1) -> dict:
+    """CPU kernels may sum in another order with another thread count: a run continued in-process must use ours."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class SyntheticView(Dataset):
+    """The synthetic training set, with a hook called before each sample is read (the n-th call, from 1)."""
+
+    def __init__(self, root: Path, on_read=None, **kwargs):
+        self.inner = datasets.build_dataset(
+            "synthetic", root, "train", train=True, image_size=64, negative_prob=0.2, **kwargs
+        )
+        self.on_read, self.reads = on_read, 0
+
+    def reseed(self, seed: int) -> None:
+        self.inner.reseed(seed)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> Sample:
+        self.reads += 1
+        sample = self.inner[index]
+        return self.on_read(self.reads, sample) if self.on_read else sample
 
 
 # ------------------------------------------------------------------------------------ the app, for its tests

@@ -2,7 +2,8 @@
 same --help in every command that loads a model, --precision and its --amp/--no-amp alias in every command that runs
 one, --out a folder everywhere, renamed flags that say their new name, the documented command lines, and the exit
 statuses (0 done, 1 nothing could be processed or kept, 2 bad usage or input such as a model that cannot be loaded):
-status 2 for an unloadable model on every command's own process, status 1 per command (train.py's: test_train.py).
+status 2 for an unloadable model on every command's own process, status 1 per command (train.py's: test_train.py
+and test_train_resume.py).
 """
 
 from __future__ import annotations
