@@ -2,8 +2,9 @@
 made once per session, and the path of Debian's chromium for browser tests (`require` skips a test whose system
 package is missing, failing instead under CI=true). Shared helpers (imported `from conftest import ...`): the images,
 masks and hostile names that the predictor, predict.py, the segmenter and app.py tests feed in; the CPUs of the
-precision rule, simulated (`simulate_cpu`); a free local port, and commands run as one process or under torchrun
-(`run_command`) with their output folders read back (`folder_files`).
+precision rule, simulated (`simulate_cpu`); a free local port, commands run as one process or under torchrun
+(`run_command`; score.py with its results JSON and PNGs read back: `score_outputs`) and output folders read back
+(`folder_files`).
 
 32 images, seed 0: 61 train, 16 val, 10 test and 5 miniv tasks (score tests need at least 6 test tasks).
 """
@@ -242,6 +243,19 @@ def run_command(script: str, argv, cwd: Path, nproc: int | None = None, timeout:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
     command = [*launcher, str(repo / script), *map(str, argv)]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def score_outputs(argv, out: Path, nproc: int | None = None) -> tuple[dict, dict[str, bytes], str]:
+    """`score.py ARGV --out OUT/scores --save-predictions OUT/png` as one process or `nproc` under torchrun
+    (`run_command`, in OUT's parent), which must succeed: (its results JSON without the time taken, every file under
+    OUT/png as `folder_files` reads them, stdout)."""
+    argv = [*argv, "--out", out / "scores", "--save-predictions", out / "png"]
+    done = run_command("score.py", argv, out.parent, nproc)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = (out / "scores").glob("*.json")  # the one results file in the --out folder
+    results = json.loads(written.read_text())
+    del results["seconds"]
+    return results, folder_files(out / "png"), done.stdout
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:

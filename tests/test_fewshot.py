@@ -1,6 +1,7 @@
 """fewshot.py and score.py's benchmarks: episodes are the protocols' (seeded, never the query as its own support),
-the demo model scores every benchmark end to end from the CLI, and the reported per-class IoUs and zero-shot
-scores equal a brute-force recomputation from the saved prediction PNGs."""
+the demo model scores every benchmark end to end from the CLI, the reported per-class IoUs and zero-shot
+scores equal a brute-force recomputation from the saved prediction PNGs, and 2 processes under torchrun write the
+same results and PNGs as one, scoring each episode, image or task once."""
 
 import contextlib
 import io
@@ -11,7 +12,7 @@ import re
 import numpy as np
 import pytest
 import torch.nn.functional as F
-from conftest import folder_files, run_command
+from conftest import score_outputs
 from PIL import Image
 
 import score
@@ -19,6 +20,7 @@ from clipseg.benchmarks import protocols as fewshot
 from clipseg.benchmarks.classes import PASCAL_CLASSES, coco_fold_classes, pascal_fold_classes, zero_shot_unseen
 from clipseg.benchmarks.protocols import coco_episodes, hsnet_pascal_episodes, pascal_original_episodes
 from clipseg.benchmarks.readers import Coco20i, VocData, label_counts
+from clipseg.outputs import safe_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZE = 64  # the tiny model's input side
@@ -286,18 +288,80 @@ def test_benchmark_runs_stop_with_a_message_and_exit_status(
     assert exit_info.value.code == 2 and "fold1.pkl is a file, not a folder" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------------ torchrun
+
+
+def one_and_two_processes(tiny_checkpoints, tmp_path, *arguments):
+    """score.py's demo on ARGUMENTS as one process, then as 2 gloo processes under torchrun: two (results without
+    the time taken, {file under --save-predictions: bytes}, stdout)."""
+    argv = ["demo", "--checkpoints-dir", tiny_checkpoints, *arguments, "--batch-size", "4", "--num-workers", "0"]
+    argv += ["--precision", "fp32", "--device", "cpu"]
+    return score_outputs(argv, tmp_path / "one"), score_outputs(argv, tmp_path / "two", nproc=2)
+
+
+def episode_records(files: dict[str, bytes], fold: int) -> list[dict]:
+    """A fold's episodes.jsonl, one record per scored episode."""
+    return [json.loads(line) for line in files[f"fold{fold}/episodes.jsonl"].decode().splitlines()]
+
+
 def test_torchrun_pascal_scores_and_pngs_equal_one_processs(tiny_checkpoints, synthetic_voc, tmp_path):
-    outputs = {}
-    for nproc in (None, 2):
-        out = tmp_path / f"n{nproc}"
-        argv = ["demo", "--checkpoints-dir", tiny_checkpoints, "--data", "pascal5i", "--data-root", synthetic_voc]
-        argv += ["--fold", "0", "--batch-size", "4", "--num-workers", "0", "--precision", "fp32", "--device", "cpu"]
-        argv += ["--out", out / "scores", "--save-predictions", out / "png"]
-        done = run_command("score.py", argv, tmp_path, nproc)
-        assert done.returncode == 0, done.stderr[-3000:]
-        (written,) = (out / "scores").glob("*.json")  # the one results file in the --out folder
-        results = json.loads(written.read_text())
-        del results["seconds"]
-        outputs[nproc] = results, folder_files(out / "png")
-    assert outputs[2] == outputs[None]  # metrics, per-class rows, skips; every episode PNG and episodes.jsonl
-    assert outputs[2][0]["n_samples"] > 4 and len(outputs[2][1]) == outputs[2][0]["n_samples"] + 1
+    (one, one_files, _), (two, two_files, _) = one_and_two_processes(
+        tiny_checkpoints, tmp_path, "--data", "pascal5i", "--data-root", synthetic_voc, "--fold", "0"
+    )
+    assert two == one  # metrics, per-class rows, skips
+    assert two_files == one_files  # every episode PNG and episodes.jsonl
+    assert two["n_samples"] > 4 and len(two_files) == two["n_samples"] + 1
+
+
+@pytest.mark.slow
+def test_torchrun_coco_scores_and_pngs_equal_one_processs(tiny_checkpoints, synthetic_coco, tmp_path):
+    (one, one_files, _), (two, two_files, printed) = one_and_two_processes(
+        tiny_checkpoints, tmp_path, "--data", "coco20i", "--data-root", synthetic_coco, "--fold", "all",
+        "--episodes", "6",
+    )  # fmt: skip
+    assert one["folds"] == [0, 1, 2, 3] and one["n_samples"] == 24
+    for fold in range(4):
+        scored = one["per_fold"][str(fold)]
+        assert scored["n_episodes"] == 6 and scored["paper"]["miou"] is not None and scored["per_class"]
+        records = episode_records(one_files, fold)
+        assert [record["index"] for record in records] == list(range(6))  # each episode once, in episode order
+        pngs = {name for name in one_files if name.startswith(f"fold{fold}/") and name.endswith(".png")}
+        assert pngs == {f"fold{fold}/{record['png']}" for record in records}
+    assert two == one  # bit for bit: per-fold and per-class rows, the means over folds, skips
+    assert two_files == one_files  # every episode's PNG and each fold's episodes.jsonl
+    assert printed.count("| fold | episodes |") == 1  # the table printed once, by rank 0
+
+
+@pytest.mark.slow
+def test_torchrun_zero_shot_scores_and_pngs_equal_one_processs(tiny_checkpoints, synthetic_voc, tmp_path):
+    (one, one_files, _), (two, two_files, printed) = one_and_two_processes(
+        tiny_checkpoints, tmp_path, "--data", "voc-zeroshot", "--data-root", synthetic_voc, "--unseen", "10"
+    )
+    ids = (synthetic_voc / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    assert one["n_samples"] == len(ids) == 30 and sorted(one_files) == sorted(f"{safe_name(i)}.png" for i in ids)
+    assert len(one["per_class"]) == 21 and len(one["unseen_classes"]) == 10
+    assert None not in (one["zero_shot"]["miou_seen"], one["zero_shot"]["miou_unseen"])
+    assert two == one  # the confusion matrix's IoUs, seen / unseen / harmonic, skips
+    assert two_files == one_files  # every image's class map
+    assert printed.count("| mIoU seen |") == 1
+
+
+@pytest.mark.slow
+def test_torchrun_phrasecut_visual_prompts_scores_and_pngs_equal_one_processs(
+    tiny_checkpoints, synthetic_root, tmp_path
+):
+    import dataset
+
+    base = dataset.build_dataset("synthetic", synthetic_root, "train", train=False, image_size=SIZE)
+    visual = fewshot.PhraseCutVisual(base, seed=0)
+    tasks = [base.task_info(i).task_id for i in visual.indices]
+    (one, one_files, _), (two, two_files, printed) = one_and_two_processes(
+        tiny_checkpoints, tmp_path, "--data", "synthetic", "--data-root", synthetic_root, "--split", "train",
+        "--prompt-kind", "visual",
+    )  # fmt: skip
+    assert one["n_samples"] == one["phrasecut"]["n_tasks"] == len(tasks) >= 16
+    assert sorted(one_files) == sorted(f"{safe_name(task)}.png" for task in tasks)  # each task once
+    assert one["paper"]["miou"] is not None and one["excluded"]["count"] >= len(visual.excluded) > 0
+    assert two == one  # bit for bit: the paper's and PhraseCut's metrics, exclusions, skips
+    assert two_files == one_files
+    assert printed.count("| threshold | mIoU") == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import AMX_XEON, VNNI_EPYC, folder_files, free_port, run_command, simulate_cpu
+from conftest import AMX_XEON, VNNI_EPYC, free_port, score_outputs, simulate_cpu
 from helpers import PAPER_THRESHOLDS, recompute, write_bad_polygons
 from PIL import Image
 
@@ -353,13 +353,7 @@ def scored_by(nproc, checkpoints, synthetic_root, out: Path, *extra) -> tuple[di
     """score.py as one process or `nproc` under torchrun: (results without the time taken, PNGs, stdout)."""
     argv = ["demo", "--checkpoints-dir", checkpoints, "--data", "synthetic", "--data-root", synthetic_root, *extra]
     argv += ["--batch-size", "4", "--num-workers", "0", "--precision", "fp32", "--device", "cpu"]
-    argv += ["--out", out / "scores", "--save-predictions", out / "png"]
-    done = run_command("score.py", argv, out.parent, nproc)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (written,) = (out / "scores").glob("*.json")  # the one results file in the --out folder
-    results = json.loads(written.read_text())
-    del results["seconds"]
-    return results, folder_files(out / "png"), done.stdout
+    return score_outputs(argv, out, nproc)
 
 
 def test_torchrun_scores_and_pngs_equal_one_processs(checkpoints, synthetic_root, tmp_path):
