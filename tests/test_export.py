@@ -45,7 +45,8 @@ def model(tiny_dir):
 
 @pytest.fixture(scope="module")
 def exported(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx")
+    """export.py into a folder that does not exist yet (created, as every command's --out)."""
+    out = tmp_path_factory.mktemp("onnx") / "new" / "exported"
     assert export_main([str(tiny_dir), str(out)]) == 0
     return out
 

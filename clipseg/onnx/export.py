@@ -289,6 +289,7 @@ def export(model: CLIPSeg, out_dir: str | Path, source: str = "") -> dict:
             ) from err
     out_dir = Path(out_dir)
     check_writable(out_dir, folder=True, needed_bytes=export_bytes(model), what="the export")
+    out_dir.mkdir(parents=True, exist_ok=True)  # the check removes the folders it made for its probe
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     model = model.float().cpu().eval()
     with torch.no_grad():
