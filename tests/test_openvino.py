@@ -28,6 +28,7 @@ from clipseg.onnx.backend import MANIFEST_NAME  # noqa: E402
 from clipseg.onnx.openvino_backend import OpenVinoBackendError, OpenVinoCLIPSeg  # noqa: E402
 from clipseg.onnx.openvino_export import (  # noqa: E402
     EXAMPLES_DIR,
+    KEPT_BLOCKS,
     export_openvino,
     is_weighted_matmul,
     sensitive_layers,
@@ -130,7 +131,7 @@ def producers(op) -> set[str]:
     return types
 
 
-def test_int8_keeps_the_patch_embedding_and_the_first_block_in_floating_point(model, exports, onnx_dir):
+def test_int8_keeps_the_patch_embedding_and_the_first_blocks_in_floating_point(model, exports, onnx_dir):
     ov = openvino_backend.import_openvino()
     encoder = ov.Core().read_model(str(onnx_dir / "image_encoder.onnx"))
     blocks = max(model.config.extract_layers) + 1
@@ -140,15 +141,16 @@ def test_int8_keeps_the_patch_embedding_and_the_first_block_in_floating_point(mo
     assert (
         kept
         == [op.get_friendly_name() for op in encoder.get_ordered_ops() if op.get_type_name() == "Convolution"]
-        + weighted[:6]
+        + weighted[: 6 * KEPT_BLOCKS]
     )
+    assert blocks > KEPT_BLOCKS  # the later blocks are quantised
     quantised = {
         op.get_friendly_name(): op
         for op in ov.Core().read_model(str(exports["int8"] / "image_encoder.xml")).get_ordered_ops()
     }
     fake = {"FakeQuantize", "FakeConvert"}
     assert all(not producers(quantised[name]) & fake for name in kept)
-    assert all(producers(quantised[name]) & fake for name in weighted[6:])
+    assert all(producers(quantised[name]) & fake for name in weighted[6 * KEPT_BLOCKS :])
 
 
 def test_manifest_records_the_precision_and_the_accuracy_check(exports):
