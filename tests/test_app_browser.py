@@ -217,15 +217,23 @@ def test_browser_image_prompt_painted_or_uploaded_gives_a_mask(served, browser, 
     assert tab.external_requests == []
 
 
-def set_number(tab, selector: str, value) -> None:
+def set_number(tab, selector: str, value, attempts: int = 3) -> None:
     """Type `value` into a slider's or number box's field and press Enter, as a user sets it; waits until the
-    component holds it."""
+    component holds it. Typed again when the page re-renders the field under the typing (an accordion's content
+    just opened can reset a field to its default once, faster than a person types)."""
     from playwright.sync_api import expect
 
     field = tab.locator(f"{selector} input[type=number]")
-    field.fill(str(value))
-    field.press("Enter")
-    expect(field).to_have_value(str(value), timeout=WAIT_MS)
+    field.wait_for(state="visible", timeout=WAIT_MS)
+    for attempt in range(attempts):
+        field.fill(str(value))
+        field.press("Enter")
+        try:
+            expect(field).to_have_value(str(value), timeout=WAIT_MS // attempts)
+            return
+        except AssertionError:
+            if attempt == attempts - 1:
+                raise
 
 
 @pytest.mark.slow
