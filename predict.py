@@ -321,6 +321,24 @@ def load(args: argparse.Namespace) -> CLIPSeg | ExportedCLIPSeg:
     return model
 
 
+def load_in_turn(args: argparse.Namespace, world: Distributed) -> CLIPSeg | ExportedCLIPSeg:
+    """`load(args)`; under torchrun, when the model is to be converted to OpenVINO (`--backend auto`), one rank after
+    another, so that rank 0 converts it and the others open its cached conversion. Raises LoadError."""
+    if not (world.enabled and args.convert_to):
+        return load(args)
+
+    def load_or_error() -> CLIPSeg | ExportedCLIPSeg | LoadError:
+        try:
+            return load(args)
+        except LoadError as err:  # returned, so that every rank still reaches in_turn's barriers
+            return err
+
+    loaded = in_turn(world, load_or_error)
+    if isinstance(loaded, LoadError):
+        raise loaded
+    return loaded
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI. Returns 0 when at least one image was processed, 1 when none could be (or the summary could not be
     written), 2 for an output path, model or visual-prompt file that cannot be used, a model whose output is not
@@ -357,8 +375,9 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
         print("error: no readable input images", file=sys.stderr)
         return NOTHING_DONE
     try:
+        model = load_in_turn(args, world)
         predictor = Predictor(
-            load(args), args.image_size, args.square, args.device, resize=args.resize, precision=args.precision
+            model, args.image_size, args.square, args.device, resize=args.resize, precision=args.precision
         )
     except (LoadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ Converts the tiny model once per module (the ONNX export and OpenVINO: about a m
 requirements-openvino.txt (`make test` installs it); skipped with a message elsewhere, never in CI.
 """
 
+import argparse
 import copy
 import json
 import os
@@ -18,7 +19,10 @@ require_modules(("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"), "requ
 
 import torch  # noqa: E402
 
+import predict  # noqa: E402
 from clipseg import backends, cli, precision  # noqa: E402
+from clipseg.distributed import Distributed  # noqa: E402
+from clipseg.loading import LoadError  # noqa: E402
 from clipseg.onnx import openvino_cache, openvino_export  # noqa: E402
 from clipseg.onnx.openvino_cache import ConversionFailed, cached_export, conversion_key  # noqa: E402
 from clipseg.onnx.openvino_export import AccuracyCheckFailed, export_openvino  # noqa: E402
@@ -162,3 +166,27 @@ def test_a_wrong_clipseg_backend_is_a_usage_error(tiny_dir, tmp_path, monkeypatc
         predict_run(tmp_path, tiny_dir, "wrong")
     assert exit_info.value.code == 2
     assert "$CLIPSEG_BACKEND=tensorrt is not a backend; choose auto, torch, onnx, openvino" in capsys.readouterr().err
+
+
+def test_under_torchrun_the_ranks_load_a_model_to_convert_one_after_another(monkeypatch):
+    """Rank 0 converts, the others then open its cached conversion; a rank whose load fails still passes every
+    barrier (no hang) and then raises."""
+    turns = []
+
+    def in_turn(world, action):
+        turns.append(world.rank)
+        return action()
+
+    def failing(args):
+        raise LoadError("cannot load the model nowhere")
+
+    monkeypatch.setattr(predict, "in_turn", in_turn)
+    monkeypatch.setattr(predict, "load", lambda args: "the model")
+    world, args = Distributed(rank=1, world_size=2), argparse.Namespace(convert_to="int8")
+    assert predict.load_in_turn(args, world) == "the model" and turns == [1]
+    assert predict.load_in_turn(argparse.Namespace(convert_to=None), world) == "the model" and turns == [1]
+    assert predict.load_in_turn(args, Distributed()) == "the model" and turns == [1]  # one process: no turns
+    monkeypatch.setattr(predict, "load", failing)
+    with pytest.raises(LoadError, match="cannot load the model nowhere"):
+        predict.load_in_turn(args, world)
+    assert turns == [1, 1]
