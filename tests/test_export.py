@@ -39,11 +39,6 @@ def tiny_dir(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def model(tiny_dir):
-    return CLIPSeg.from_pretrained(tiny_dir).eval()
-
-
-@pytest.fixture(scope="module")
 def exported(tiny_dir, tmp_path_factory):
     """export.py into a folder that does not exist yet (created, as every command's --out)."""
     out = tmp_path_factory.mktemp("onnx") / "new" / "exported"

@@ -36,7 +36,6 @@ from clipseg.onnx.openvino_export import (  # noqa: E402
 from clipseg.segmenter import Segmenter  # noqa: E402
 from clipseg.transforms import ImageTransform  # noqa: E402
 from export import main as export_main  # noqa: E402
-from model import CLIPSeg  # noqa: E402
 from predict import main as predict_main  # noqa: E402
 
 PHRASES = ["a red circle", "the big blue square on the left", "sky"]
@@ -50,11 +49,6 @@ LOGIT = float(np.log(THRESHOLD / (1 - THRESHOLD)))
 def tiny_dir(tiny_checkpoint):
     """With the refined head, the released models'."""
     return tiny_checkpoint(refined=True)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_dir):
-    return CLIPSeg.from_pretrained(tiny_dir).eval()
 
 
 @pytest.fixture(scope="module")
