@@ -95,6 +95,9 @@ def test_a_failed_conversion_is_recorded_and_not_tried_again(model, auto, tmp_pa
     with pytest.raises(ConversionFailed, match="failed before .*97.00%.* recorded in"):
         cached_export(model, "int8")
     assert calls == ["int8"]  # not tried again
+    record.write_text("[not json")  # a damaged record is still a failure, said so, not a traceback
+    with pytest.raises(ConversionFailed, match="failed before .the record cannot be read; recorded in"):
+        cached_export(model, "int8")
     record.unlink()  # deleting the record tries again
     with pytest.raises(ConversionFailed):
         cached_export(model, "int8")

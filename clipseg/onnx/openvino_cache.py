@@ -67,6 +67,16 @@ def conversion_key(model: CLIPSeg, precision: str) -> str:
     return digest.hexdigest()
 
 
+def failure_reason(record: Path) -> str:
+    """The reason a failure record gives; a record that cannot be read or parsed says so instead (still a failure:
+    delete it to try again)."""
+    try:
+        reason = json.loads(record.read_text()).get("reason")
+    except (OSError, ValueError, AttributeError):
+        reason = None
+    return reason if isinstance(reason, str) else "the record cannot be read"
+
+
 def cached_export(model: CLIPSeg, precision: str, source: str = "") -> Path:
     """The folder of `model`'s OpenVINO conversion in `precision` (`export_openvino`, default calibration and bar),
     converted now unless the cache holds it. Prints one line on stderr saying which. Raises ConversionFailed when
@@ -83,8 +93,9 @@ def cached_export(model: CLIPSeg, precision: str, source: str = "") -> Path:
         print(f"OpenVINO {precision}: the conversion of {source or 'the model'} cached in {folder}", file=sys.stderr)
         return folder
     if failed.is_file():
-        reason = json.loads(failed.read_text()).get("reason", "")
-        raise ConversionFailed(f"its OpenVINO {precision} conversion failed before ({reason}; recorded in {failed})")
+        raise ConversionFailed(
+            f"its OpenVINO {precision} conversion failed before ({failure_reason(failed)}; recorded in {failed})"
+        )
     print(
         f"OpenVINO {precision}: converting {source or 'the model'} for this CPU, once (a few minutes at ViT-B/16), "
         f"into {folder}; --backend torch skips it",
