@@ -23,15 +23,16 @@ require_modules(("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"), "requ
 import app  # noqa: E402
 import failure_test  # noqa: E402
 import score  # noqa: E402
-from clipseg.onnx import openvino_backend  # noqa: E402
+from clipseg.onnx import openvino_backend, openvino_export  # noqa: E402
 from clipseg.onnx.backend import MANIFEST_NAME  # noqa: E402
 from clipseg.onnx.openvino_backend import OpenVinoBackendError, OpenVinoCLIPSeg  # noqa: E402
 from clipseg.onnx.openvino_export import (  # noqa: E402
+    BLOCK_LAYERS,
     EXAMPLES_DIR,
+    FLOAT_RECIPES,
     KEPT_BLOCKS,
     export_openvino,
     is_weighted_matmul,
-    sensitive_layers,
 )
 from clipseg.segmenter import Segmenter  # noqa: E402
 from clipseg.transforms import ImageTransform  # noqa: E402
@@ -125,26 +126,75 @@ def producers(op) -> set[str]:
     return types
 
 
-def test_int8_keeps_the_patch_embedding_and_the_first_blocks_in_floating_point(model, exports, onnx_dir):
+def test_int8_keeps_the_patch_embedding_and_the_first_recipe_that_passes_in_floating_point(model, exports):
     ov = openvino_backend.import_openvino()
-    encoder = ov.Core().read_model(str(onnx_dir / "image_encoder.onnx"))
-    blocks = max(model.config.extract_layers) + 1
-    kept = sensitive_layers(encoder, blocks)
-    weighted = [op.get_friendly_name() for op in encoder.get_ordered_ops() if is_weighted_matmul(op)]
-    assert len(weighted) == 6 * blocks  # q, k, v, out, fc1, fc2 per block
-    assert (
-        kept
-        == [op.get_friendly_name() for op in encoder.get_ordered_ops() if op.get_type_name() == "Convolution"]
-        + weighted[: 6 * KEPT_BLOCKS]
-    )
-    assert blocks > KEPT_BLOCKS  # the later blocks are quantised
-    quantised = {
+    float_encoder = openvino_export.convert_image_encoder(model)
+    encoder = {
         op.get_friendly_name(): op
         for op in ov.Core().read_model(str(exports["int8"] / "image_encoder.xml")).get_ordered_ops()
     }
+    blocks = max(model.config.extract_layers) + 1
+    assert blocks > KEPT_BLOCKS  # the later blocks are quantised
+    weighted = [encoder[op.get_friendly_name()] for op in float_encoder.get_ordered_ops() if is_weighted_matmul(op)]
+    assert len(weighted) == len(BLOCK_LAYERS) * blocks  # q, k, v, out, fc1, fc2 per block
+    quantisation = json.loads((exports["int8"] / MANIFEST_NAME).read_text())["quantisation"]
+    tried = quantisation["recipes_tried"]
+    layers = FLOAT_RECIPES[len(tried) - 1]  # the recipe that passed
+    assert tried[-1]["mask_agreement"] >= AGREEMENT > max([0] + [t["mask_agreement"] for t in tried[:-1]])
+    assert quantisation["kept_in_floating_point"] == tried[-1]["kept_in_floating_point"]
     fake = {"FakeQuantize", "FakeConvert"}
-    assert all(not producers(quantised[name]) & fake for name in kept)
-    assert all(producers(quantised[name]) & fake for name in weighted[6 * KEPT_BLOCKS :])
+    for index, op in enumerate(weighted):
+        block, layer = divmod(index, len(BLOCK_LAYERS))
+        in_float = block < KEPT_BLOCKS and BLOCK_LAYERS[layer] in layers
+        assert bool(producers(op) & fake) != in_float, (block, BLOCK_LAYERS[layer])
+    convolutions = [op for op in encoder.values() if op.get_type_name() == "Convolution"]
+    assert convolutions and all(not producers(op) & fake for op in convolutions)  # the patch embedding
+
+
+def test_int8_tries_the_next_recipe_when_the_fastest_fails_its_check(model, onnx_dir, tmp_path, monkeypatch):
+    agreements = iter([0.9, 0.999])  # the attention projections kept: below the bar; all six kept: above
+    real = openvino_export.mask_agreement
+
+    def scripted(*args):
+        return {**real(*args), "mask_agreement": next(agreements)}
+
+    monkeypatch.setattr(openvino_export, "mask_agreement", scripted)
+    manifest = export_openvino(model, tmp_path / "out", "int8", onnx_dir=onnx_dir, bar=0.99)
+    tried = manifest["quantisation"]["recipes_tried"]
+    assert [t["mask_agreement"] for t in tried] == [0.9, 0.999]
+    assert "q, k, v, out, fc1, fc2" in manifest["quantisation"]["kept_in_floating_point"]
+    assert "fc1" not in tried[0]["kept_in_floating_point"]
+    assert manifest["accuracy_check"]["mask_agreement"] == 0.999
+    assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["quantisation"] == manifest["quantisation"]
+
+
+def test_int8_stores_the_text_encoders_weights_in_int8_and_computes_it_in_f32(exports):
+    sizes = {p: (exports[p] / "text_encoder.bin").stat().st_size for p in ("fp32", "int8")}
+    assert sizes["int8"] < 0.4 * sizes["fp32"]
+    runner = OpenVinoCLIPSeg(exports["int8"])
+    compiled = runner.requests["text_encoder"].get_compiled_model()
+    assert compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_image_encoder_is_compiled_for_a_shape_seen_often_and_gives_the_same_output(
+    exports, precision, monkeypatch
+):
+    monkeypatch.setattr(openvino_backend, "STATIC_SHAPES", 2)
+    shapes = [(1, 3, 64, 96), (2, 3, 48, 48), (1, 3, 112, 48)]
+    generic = OpenVinoCLIPSeg(exports[precision], static_after=None)
+    runner = OpenVinoCLIPSeg(exports[precision], static_after=3)
+    for round in range(4):
+        for shape in shapes:
+            pixels = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape) + round))
+            expected = generic.encode_image(pixels).activations
+            got = runner.encode_image(pixels).activations
+            for a, b in zip(got, expected):
+                scale = max(1.0, b.abs().max().item())
+                assert (a - b).abs().max().item() <= (TOLERANCE if precision == "fp32" else 0.05) * scale
+        compiled = list(runner.static_requests)
+        assert compiled == ([] if round < 2 else shapes[:2])  # the third call compiles; two shapes at most
+    assert generic.static_requests == {}
 
 
 def test_manifest_records_the_precision_and_the_accuracy_check(exports):

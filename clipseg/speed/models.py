@@ -241,7 +241,12 @@ def path_functions(hf, models: dict, runners: dict) -> dict:
             return hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
 
     def exported(runner):
-        return lambda pixels, phrases: runner.decode(runner.encode_image(pixels), runner.embed_text(phrases))
+        def run(pixels, phrases):
+            if getattr(runner, "static_after", None) is not None:  # as predict.py runs after a few images
+                runner.compile_for(pixels.shape)  # of this shape (OpenVinoCLIPSeg.image_request); once per shape
+            return runner.decode(runner.encode_image(pixels), runner.embed_text(phrases))
+
+        return run
 
     functions = {"hf_fp32": hf_fp32, **{name: torch_path(*pair) for name, pair in models.items()}}
     return functions | {name: exported(runner) for name, runner in runners.items()}
@@ -288,7 +293,7 @@ def path_of_row(name: str) -> tuple[str, str] | None:
     command's default (the HF class; ONNX, which needs an export step of its own)."""
     if name.startswith("ours_"):
         return "torch", name.removeprefix("ours_")
-    if name.startswith("openvino_"):
+    if name.startswith("openvino_") and not name.endswith("_generic"):
         return "openvino", name.removeprefix("openvino_")
     return None
 
@@ -373,9 +378,11 @@ def onnx_runner(model, folder: Path):
 
 def openvino_runners(model, folder: Path) -> dict:
     """The benchmark model's ONNX export in `folder`/onnx converted to OpenVINO in fp32, bf16 (native bf16 only) and
-    int8 (NNCF, calibrated on the shipped examples), loaded with torch's thread count: {"openvino_<precision>":
-    runner}; empty (with a message) without requirements-openvino.txt. The export's accuracy check is recorded but
-    not enforced (bar 0): the rows report their own mask agreement."""
+    int8 (NNCF, calibrated on the shipped examples and generated scenes), loaded with torch's thread count:
+    {"openvino_<precision>": runner} with the image encoder compiled for each timed shape (as predict.py runs once
+    it has seen STATIC_AFTER images of a shape), and "openvino_int8_generic": the int8 export's shape-generic graph
+    (the first images of each shape); empty (with a message) without requirements-openvino.txt. The export's
+    accuracy check is recorded but not enforced (bar 0): the rows report their own mask agreement."""
     from clipseg.onnx.openvino_backend import OpenVinoBackendError, OpenVinoCLIPSeg, native_bf16
 
     try:
@@ -397,6 +404,8 @@ def openvino_runners(model, folder: Path) -> dict:
         check = manifest["accuracy_check"]
         print(f"precision paths: OpenVINO {precision}: export check {100 * check['mask_agreement']:.2f}% agreement")
         runners[f"openvino_{precision}"] = OpenVinoCLIPSeg(out, threads=torch.get_num_threads())
+        if precision == "int8":  # the shape-generic graph as well: what the first images of each shape run
+            runners["openvino_int8_generic"] = OpenVinoCLIPSeg(out, threads=torch.get_num_threads(), static_after=None)
     return runners
 
 
