@@ -2,10 +2,11 @@
 the precision rows end with whether predict.py's default is this machine's fastest path that keeps fp32's masks."""
 
 import pytest
+import torch
 from conftest import AMX_XEON, VNNI_EPYC, simulate_cpu
 
 import bench
-from clipseg.speed.models import default_check, describe_default_check
+from clipseg.speed.models import default_check, describe_default_check, path_functions
 
 
 def test_an_unwritable_out_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
@@ -53,3 +54,40 @@ def test_the_default_check_says_whether_the_rule_picked_the_fastest_path_that_ke
     scenes_below = rows(0.41, 0.181, 0.274)
     scenes_below["ours_bf16"]["scene_agreement"] = 0.99  # the noise agrees, the real-looking images do not
     assert default_check(scenes_below, ("torch", "bf16"))["fastest"] == "torch int8"
+
+
+def test_the_shape_generic_openvino_row_is_reported_but_is_no_default(monkeypatch):
+    simulate_cpu(monkeypatch, AMX_XEON)
+    timed = rows(0.41, 0.181, 0.274, openvino=0.115)
+    timed["openvino_int8_generic"] = {"seconds": 0.11, "mask_agreement": 0.996, "scene_agreement": 0.996}
+    check = default_check(timed, ("openvino", "int8"))
+    assert (check["fastest"], check["default_is_fastest"]) == ("openvino int8", True)
+    assert check["seconds"]["openvino int8"] == 0.115 and len(check["seconds"]) == 4  # torch x3, openvino int8
+
+
+def test_exported_paths_compile_the_image_encoder_for_the_timed_shape():
+    class Runner:  # OpenVinoCLIPSeg's interface, recording what it is asked
+        static_after = 32
+
+        def __init__(self):
+            self.compiled = []
+
+        def compile_for(self, shape):
+            self.compiled.append(tuple(shape))
+
+        def encode_image(self, pixels):
+            return pixels
+
+        def embed_text(self, phrases):
+            return len(phrases)
+
+        def decode(self, features, conditional):
+            return torch.zeros(conditional, 1, *features.shape[2:])
+
+    runner, generic = Runner(), Runner()
+    generic.static_after = None
+    paths = path_functions(None, {}, {"openvino_int8": runner, "openvino_int8_generic": generic})
+    logits = paths["openvino_int8"](torch.zeros(2, 3, 32, 48), ["a", "b"])
+    paths["openvino_int8_generic"](torch.zeros(2, 3, 32, 48), ["a", "b"])
+    assert logits.shape == (2, 1, 32, 48)
+    assert runner.compiled == [(2, 3, 32, 48)] and generic.compiled == []

@@ -14,8 +14,12 @@ that is a multiple of the patch, any number of prompts. `OpenVinoCLIPSeg` shares
 - `fp32`: OpenVINO's `INFERENCE_PRECISION_HINT` f32 (on AMX and AVX512-BF16 CPUs OpenVINO's default is bf16).
 - `bf16`: the hint bf16, on CPUs that compute bf16 natively (`native_bf16`); refused elsewhere, where OpenVINO
   would silently run f32.
-- `int8`: an image encoder quantised by NNCF (int8 weights and activations); what stays in floating point (the
-  layers left unquantised, the text encoder, the decoder) computes in bf16 on CPUs with native bf16, else f32.
+- `int8`: an image encoder quantised by NNCF (int8 weights and activations) and a text encoder with int8 weights
+  (computed in f32); what stays in floating point (the layers left unquantised, the decoder) computes in bf16 on
+  CPUs with native bf16, else f32.
+
+The image encoder's graph takes any shape; once `static_after` images (default STATIC_AFTER) of one input shape
+have run, it is also compiled for exactly that shape (about a second at ViT-B/16), which runs faster (`compile_for`).
 
 The Predictor adds nothing on the PyTorch side (`precisions` is ('fp32',): no autocast, no quantisation).
 
