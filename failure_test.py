@@ -119,7 +119,7 @@ def find(args: argparse.Namespace, world: Distributed) -> dict:
     out = Path(args.out)
     in_turn(world, lambda: check_out(out))  # one rank at a time: probes of a shared folder
     try:
-        model, source = load_command_model(args)
+        model, source = load_command_model(args, reference=True)
         image_size = input_side(model, args.image_size)
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except LoadError as err:

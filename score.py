@@ -218,7 +218,7 @@ def run(args: argparse.Namespace, world: Distributed) -> dict:
     save_dir = Path(args.save_predictions) if args.save_predictions else None
     in_turn(world, lambda: check_outputs(out, save_dir))  # one rank at a time: probes of a shared folder
     try:
-        model, source = load_command_model(args)
+        model, source = load_command_model(args, reference=True)
         image_size = input_side(model, args.image_size)
         data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except LoadError as err:

@@ -236,15 +236,19 @@ def model_source(args: argparse.Namespace) -> tuple[str, Path | None]:
     return resolve_model(args.model or DEFAULT_MODEL, Path(args.checkpoints_dir), args.checkpoint)
 
 
-def load_command_model(args: argparse.Namespace) -> tuple[CLIPSeg | ExportedCLIPSeg, str]:
+def load_command_model(args: argparse.Namespace, reference: bool = False) -> tuple[CLIPSeg | ExportedCLIPSeg, str]:
     """The model the flags name (`model_source`) loaded for `args.backend` (`clipseg.loading.load_model`), and its
-    source. An export runs in its own precision, so `args.precision` becomes it. Raises LoadError."""
+    source. An export runs in its own precision, so `args.precision` becomes it. reference: for scoring, where an
+    image's logits must depend on the image alone (merged multi-process scores equal one process's), so OpenVINO
+    keeps its shape-generic image encoder (`OpenVinoCLIPSeg.static_after`). Raises LoadError."""
     source, _ = model_source(args)
     if getattr(args, "convert_to", None):
         return converted_model(args, source), source
     model = load_model(source, args.backbone, args.device, args.precision, args.backend)
     if args.backend != "torch":
         args.precision = model.precision
+    if reference and args.backend == "openvino":
+        model.static_after = None
     return model, source
 
 

@@ -23,6 +23,7 @@ require_modules(("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"), "requ
 import app  # noqa: E402
 import failure_test  # noqa: E402
 import score  # noqa: E402
+from clipseg.cli import load_command_model  # noqa: E402
 from clipseg.onnx import openvino_backend, openvino_export  # noqa: E402
 from clipseg.onnx.backend import MANIFEST_NAME  # noqa: E402
 from clipseg.onnx.openvino_backend import OpenVinoBackendError, OpenVinoCLIPSeg  # noqa: E402
@@ -374,7 +375,16 @@ def score_flags(synthetic_root, tmp_path, name: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_score_and_failure_test_with_openvino_match_torch(tiny_dir, exports, synthetic_root, tmp_path):
+def test_score_and_failure_test_with_openvino_match_torch(tiny_dir, exports, synthetic_root, tmp_path, monkeypatch):
+    compiled_per_shape = []  # scoring keeps the shape-generic image encoder: logits depend on the image alone
+
+    def spy(args, **kwargs):
+        model, source = load_command_model(args, **kwargs)
+        compiled_per_shape.append(getattr(model, "static_after", "torch"))
+        return model, source
+
+    monkeypatch.setattr(score, "load_command_model", spy)
+    monkeypatch.setattr(failure_test, "load_command_model", spy)
     torch_run = score.main(
         ["--model", str(tiny_dir), "--precision", "fp32", *score_flags(synthetic_root, tmp_path, "t")]
     )
@@ -390,6 +400,8 @@ def test_score_and_failure_test_with_openvino_match_torch(tiny_dir, exports, syn
     want = failure_test.main(["--model", str(tiny_dir), "--precision", "fp32", *common, "--out", str(tmp_path / "f")])
     got = failure_test.main([*openvino, *common, "--out", str(tmp_path / "g")])
     assert (got["n_samples"], got["n_failures"]) == (want["n_samples"], want["n_failures"])
+    assert compiled_per_shape == ["torch", None, "torch", None]
+    assert OpenVinoCLIPSeg(exports["fp32"]).static_after == openvino_backend.STATIC_AFTER  # predict.py's, the app's
 
 
 @pytest.mark.parametrize(
