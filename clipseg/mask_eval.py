@@ -23,29 +23,18 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from clipseg.metrics import PaperMetrics
 from clipseg.predictor import Predictor
-from clipseg.synthetic import COLOURS, SHAPES
+from clipseg.scenes import make_scene
 from clipseg.training import calibration
 from model import CLIPSeg
 
 PAPER_THRESHOLD = 0.3
-
-
-@dataclass
-class Scene:
-    """A generated image, its phrases and each phrase's (H, W) bool truth."""
-
-    image: Image.Image
-    phrases: list[str]
-    truths: list[np.ndarray]
 
 
 def boundary_f_score(prediction: np.ndarray, truth: np.ndarray, tolerance: float = 2.0) -> float:
@@ -63,57 +52,6 @@ def boundary_f_score(prediction: np.ndarray, truth: np.ndarray, tolerance: float
     precision = (ndimage.distance_transform_edt(~true)[predicted] <= tolerance).mean()
     recall = (ndimage.distance_transform_edt(~predicted)[true] <= tolerance).mean()
     return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
-
-
-def make_scene(rng: np.random.Generator, width: int, height: int, count: int, radius: tuple[float, float]) -> Scene:
-    """A textured background with `count` shapes of distinct (colour, kind), radius uniform in `radius` pixels,
-    placed apart from each other."""
-    canvas = scene_background(rng, width, height)
-    pairs = [(colour, kind) for colour in COLOURS for kind in SHAPES]
-    chosen = rng.choice(len(pairs), size=min(count, len(pairs)), replace=False)
-    placed, phrases, truths = [], [], []
-    for index in chosen:
-        colour, kind = pairs[index]
-        r = float(rng.uniform(*radius))
-        for _ in range(100):
-            cx, cy = rng.uniform(r + 2, width - r - 2), rng.uniform(r + 2, height - r - 2)
-            if all(np.hypot(cx - x, cy - y) > r + q + 8 for x, y, q in placed):
-                break
-        else:
-            continue
-        placed.append((cx, cy, r))
-        phrases.append(f"{colour} {kind}")
-        truths.append(draw_shape(canvas, rng, colour, kind, (cx, cy), r))
-    return Scene(canvas, phrases, truths)
-
-
-def scene_background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A `width` x `height` RGB background: a random grey-ish tone, smooth colour blotches and pixel noise."""
-    base = rng.uniform(90, 190) + rng.uniform(-20, 20, size=3)
-    coarse = rng.uniform(-22, 22, size=(6, 8, 3)).astype(np.float32)
-    smooth = np.stack([np.asarray(Image.fromarray(coarse[..., c]).resize((width, height), Image.BICUBIC))
-                       for c in range(3)], axis=-1)  # fmt: skip
-    pixels = base + smooth + rng.normal(0, 5, size=(height, width, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def draw_shape(
-    canvas: Image.Image, rng: np.random.Generator, colour: str, kind: str, centre: tuple[float, float], radius: float
-) -> np.ndarray:
-    """Draw a shape of the synthetic data (`kind` in SHAPES, `colour` a COLOURS name, each channel jittered by up
-    to 12) on `canvas` in place; returns its (H, W) bool truth."""
-    polygon = _polygon(kind, *centre, radius)
-    fill = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[colour])
-    ImageDraw.Draw(canvas).polygon(polygon, fill=fill, outline=fill)
-    truth = Image.new("L", canvas.size, 0)
-    ImageDraw.Draw(truth).polygon(polygon, fill=255, outline=255)
-    return np.asarray(truth) > 0
-
-
-def _polygon(kind: str, cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
-    corners, start = {"circle": (24, 0.0), "square": (4, np.pi / 4), "triangle": (3, -np.pi / 2)}[kind]
-    theta = start + np.arange(corners) * 2 * np.pi / corners
-    return [(float(cx + radius * np.cos(t)), float(cy + radius * np.sin(t))) for t in theta]
 
 
 def iou(mask: np.ndarray, truth: np.ndarray) -> float:

@@ -7,7 +7,7 @@ Every mask comes from the library's pipeline (`clipseg.predictor.Predictor.predi
 with `clipseg.expressions`, `clipseg.postprocess`, `clipseg.refine` and `clipseg.tiling`) with the options of
 predict.py's flags, the cut-out from `clipseg.mask_formats.cutout`; this module lays them out only, with
 `clipseg.drawing`'s overlays and heatmaps. The scenes are generated with the synthetic data's colours and shapes
-(`clipseg.mask_eval.scene_background`, `draw_shape`, `make_scene`) at fixed places, so a seed gives the same pictures.
+(`clipseg.scenes.scene_background`, `draw_shape`, `make_scene`) at fixed places, so a seed gives the same pictures.
 Sizes follow the model's input side S (128 for the demo model): the scenes are 3.75 S x 2.8 S, and the large scene of
 the tiles 8 S x 6 S with shapes of radius 0.09 S to 0.22 S (`clipseg.mask_eval`'s tiles measurement).
 
@@ -33,11 +33,11 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from clipseg.drawing import draw_overlay, heatmap, mask_contour, mask_image, probability_png, text_font
-from clipseg.mask_eval import Scene, draw_shape, make_scene, scene_background
 from clipseg.mask_formats import cutout
 from clipseg.mask_pipeline import MaskPrediction
 from clipseg.postprocess import CONNECTIVITY, MaskOptions
 from clipseg.predictor import Predictor
+from clipseg.scenes import Scene, draw_shape, make_scene, scene_background
 from model import CLIPSeg
 
 STEPS = (

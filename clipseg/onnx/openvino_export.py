@@ -172,7 +172,7 @@ def convert_image_encoder(model: CLIPSeg):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export's deprecation chatter
         program = torch.export.export(graph, (pixels,), dynamic_shapes=onnx_export.image_encoder_shapes())
-        encoder = ov.convert_model(program)
+        encoder = ov.convert_model(program, share_weights=False)  # its own copy: the program's tensors die with it
     encoder.inputs[0].get_tensor().set_names({"pixel_values"})
     for output, name in zip(encoder.outputs, onnx_export.activation_names(model)):
         output.get_tensor().set_names({name})
@@ -225,11 +225,11 @@ CALIBRATION_SEED = 1234  # their seed: apart from the examples' and from bench.p
 
 
 def calibration_scenes(model: CLIPSeg, count: int = CALIBRATION_SCENES) -> list[Tensor]:
-    """`count` generated scenes (textured backgrounds with coloured shapes, clipseg.mask_eval's), as
+    """`count` generated scenes (textured backgrounds with coloured shapes, clipseg.scenes'), as
     `image_pixels` makes them: more varied calibration than the three examples alone."""
     import numpy as np
 
-    from clipseg.mask_eval import make_scene
+    from clipseg.scenes import make_scene
 
     transform = ImageTransform("pil", model.config.image_size, square=False, multiple=model.config.patch_size)
     rng = np.random.default_rng(CALIBRATION_SEED)

@@ -257,11 +257,11 @@ SCENE_SEED = 7  # generated scenes apart from the calibration images (the exampl
 
 def scene_images(size: int, count: int = 6) -> list[Tensor]:
     """Real-looking (1, 3, size, size) inputs: the shipped examples/*.jpg and `count` generated scenes (textured
-    backgrounds with coloured shapes, clipseg.mask_eval's), squashed to size x size and normalised."""
+    backgrounds with coloured shapes, clipseg.scenes'), squashed to size x size and normalised."""
     import numpy as np
 
     from clipseg.images import load_image
-    from clipseg.mask_eval import make_scene
+    from clipseg.scenes import make_scene
     from clipseg.transforms import ImageTransform
 
     transform = ImageTransform("pil", size, square=True, multiple=16)
