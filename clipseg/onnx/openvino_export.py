@@ -20,15 +20,10 @@ int8: NNCF post-training quantisation of the image encoder (the vision blocks up
 of the time of a prediction), as a transformer (`ModelType.TRANSFORMER`) with SmoothQuant, calibrated on the
 calibration images (default: the shipped examples and `CALIBRATION_SCENES` generated scenes) and their mirror
 images. The patch embedding and some of the first blocks' linear layers stay in floating point: the recipes of
-`FLOAT_RECIPES` are tried in order, fastest first, and the first whose accuracy check passes is kept (the manifest
-records each one tried). The text encoder's weights are stored in int8 (NNCF weight compression; it computes in
-f32, faster than bf16 from float weights at a few tokens); the decoder and the image-prompt head stay in floating
-point: bf16 on CPUs with native bf16, else f32.
-
-The image encoder is converted from PyTorch directly (`torch.export`, which keeps attention as one
-ScaledDotProductAttention operation: OpenVINO compiles it for one fixed input shape in about a second, against
-seven from the ONNX graph, see `OpenVinoCLIPSeg.compile_for`); the text encoder, the decoder and the image-prompt
-head from the ONNX graphs of `clipseg.onnx.export`.
+`FLOAT_RECIPES` are tried in order, fastest first, and the first whose accuracy check passes is kept (all but the
+last with RECIPE_MARGIN to spare; the manifest records each one tried). The text encoder's weights are stored in
+int8 (NNCF weight compression; it computes in f32, faster than bf16 from float weights at a few tokens); the decoder
+and the image-prompt head stay in floating point: bf16 on CPUs with native bf16, else f32.
 """
 
 from __future__ import annotations
@@ -40,7 +35,6 @@ import logging
 import math
 import os
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -135,9 +129,9 @@ def image_pixels(model: CLIPSeg, images: Sequence[str | os.PathLike]) -> list[Te
 
 
 def convert_graphs(model: CLIPSeg, onnx_dir: Path, written: bool) -> tuple[dict, dict]:
-    """The four graphs as OpenVINO models (the image encoder by `convert_image_encoder`, the others from the ONNX
-    graphs export.py writes) and the ONNX manifest. written: the folder holds `model`'s export already (its
-    manifest, its SHA-256s and config are checked); else the graphs are exported into it first."""
+    """The four ONNX graphs export.py writes, converted to OpenVINO models, and their ONNX manifest. written: the
+    folder holds `model`'s export already (its manifest, its SHA-256s and config are checked); else the graphs are
+    exported into it first."""
     ov = import_openvino()
     if written:
         try:
@@ -159,24 +153,7 @@ def convert_graphs(model: CLIPSeg, onnx_dir: Path, written: bool) -> tuple[dict,
             ):
                 export_one(model, onnx_dir)
         manifest = onnx_export.build_manifest(model, "", onnx_dir)
-    models = {name: ov.convert_model(str(onnx_dir / file)) for name, file in GRAPH_FILES.items()}
-    models["image_encoder"] = convert_image_encoder(model)
-    return models, manifest
-
-
-def convert_image_encoder(model: CLIPSeg):
-    """The image encoder as an OpenVINO model converted from `torch.export` (any batch, any image side that is a
-    multiple of the patch, as export.py's graph), its input and outputs named as in export.py's graph."""
-    ov = import_openvino()
-    graph, pixels = onnx_export.ImageEncoderGraph(model).eval(), onnx_export.example_pixels(model, 2)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.export's deprecation chatter
-        program = torch.export.export(graph, (pixels,), dynamic_shapes=onnx_export.image_encoder_shapes())
-        encoder = ov.convert_model(program, share_weights=False)  # its own copy: the program's tensors die with it
-    encoder.inputs[0].get_tensor().set_names({"pixel_values"})
-    for output, name in zip(encoder.outputs, onnx_export.activation_names(model)):
-        output.get_tensor().set_names({name})
-    return encoder
+    return {name: ov.convert_model(str(onnx_dir / file)) for name, file in GRAPH_FILES.items()}, manifest
 
 
 KEPT_BLOCKS = 3  # the image encoder's first blocks, some of whose linear layers int8 leaves in floating point
@@ -188,6 +165,10 @@ BLOCK_LAYERS = ("q", "k", "v", "out", "fc1", "fc2")  # a block's linear layers, 
 # at 123 ms a prediction, all six 99.63 / 99.65 / 99.66% at 135 ms; nothing but the patch embedding 99.50 / 99.53 /
 # 99.56%, block 0 alone 99.55 / 99.53 / 99.58% (too close to the bar).
 FLOAT_RECIPES = (("q", "k", "v", "out"), BLOCK_LAYERS)
+# A recipe before the last must pass the bar by this much: the check's few images estimate the agreement elsewhere
+# only so well (the attention projections: 99.57% on the examples, 99.49-99.52% on bench.py's noise image in two
+# runs of `python bench.py --only-precision --refined`).
+RECIPE_MARGIN = 0.001
 
 
 def sensitive_layers(encoder, blocks: int, layers: Sequence[str] = BLOCK_LAYERS) -> list[str]:
@@ -363,7 +344,9 @@ def export_openvino(
             tried.append(
                 {"kept_in_floating_point": kept, "mask_agreement": manifest["accuracy_check"]["mask_agreement"]}
             )
-            if manifest["accuracy_check"]["mask_agreement"] >= bar:
+            if manifest["accuracy_check"]["mask_agreement"] >= bar + (
+                RECIPE_MARGIN if layers != FLOAT_RECIPES[-1] else 0
+            ):
                 break
         manifest["quantisation"] = {
             "tool": "nncf",

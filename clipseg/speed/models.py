@@ -242,7 +242,7 @@ def path_functions(hf, models: dict, runners: dict) -> dict:
 
     def exported(runner):
         def run(pixels, phrases):
-            if getattr(runner, "static_after", None) is not None:  # as predict.py runs after a few images
+            if getattr(runner, "static_after", None) is not None:  # as predict.py runs after STATIC_AFTER images
                 runner.compile_for(pixels.shape)  # of this shape (OpenVinoCLIPSeg.image_request); once per shape
             return runner.decode(runner.encode_image(pixels), runner.embed_text(phrases))
 
