@@ -173,8 +173,8 @@ def compile_config(precision: str, threads: int | None, graph: str = "image_enco
 
 
 # Images of one input shape after which the image encoder is compiled for that shape. At ViT-B/16 (int8, one AMX
-# thread) the compilation took about 7 s and saved about 11 ms an image (126 -> 115 ms a prediction): it pays
-# back after some 600 more images, so only a shape that has already come 256 times gets it.
+# thread) the compilation took about 7 s and saved about 14 ms an image (135 -> 121 ms a prediction): it pays
+# back after some 500 more images, so only a shape that has already come 256 times gets it.
 STATIC_AFTER = 256
 STATIC_SHAPES = 4  # at most this many shapes are compiled so per instance
 
