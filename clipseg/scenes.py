@@ -5,7 +5,8 @@
     scene.image, scene.phrases, scene.truths                               # PIL RGB, ["red circle", ...], (H, W) bool
 
 Used by the mask measurements (`clipseg.mask_eval`), the README's pictures (`clipseg.mask_gallery`), bench.py's
-real-looking inputs and the OpenVINO int8 calibration (`clipseg.onnx.openvino_export`).
+real-looking inputs and the OpenVINO int8 calibration (`clipseg.onnx.openvino_export`), these two through
+`photo_like_images`.
 """
 
 from __future__ import annotations
@@ -76,3 +77,10 @@ def _polygon(kind: str, cx: float, cy: float, radius: float) -> list[tuple[float
     corners, start = {"circle": (24, 0.0), "square": (4, np.pi / 4), "triangle": (3, -np.pi / 2)}[kind]
     theta = start + np.arange(corners) * 2 * np.pi / corners
     return [(float(cx + radius * np.cos(t)), float(cy + radius * np.sin(t))) for t in theta]
+
+
+def photo_like_images(seed: int, count: int) -> list[Image.Image]:
+    """`count` 480 x 360 scenes of 4 shapes (radius 20-70 px) from `seed`: real-looking inputs for bench.py's mask
+    agreement and the OpenVINO int8 calibration (different seeds keep the two apart)."""
+    rng = np.random.default_rng(seed)
+    return [make_scene(rng, 480, 360, 4, (20, 70)).image for _ in range(count)]

@@ -144,21 +144,15 @@ def example_pixels(model: CLIPSeg, batch: int) -> Tensor:
     return torch.randn(batch, 3, grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE)
 
 
-def image_encoder_shapes() -> dict:
-    """The image encoder's dynamic input: any batch up to 1024, any side a multiple of the patch up to MAX_GRID
-    patches (torch.export's dynamic_shapes)."""
-    height, width = _dim("grid_height", 1, MAX_GRID), _dim("grid_width", 1, MAX_GRID)
-    return {"pixel_values": {0: _dim("batch", 1, 1024), 2: PATCH_SIZE * height, 3: PATCH_SIZE * width}}
-
-
 def export_image_encoder(model: CLIPSeg, out_dir: Path) -> None:
+    height, width = _dim("grid_height", 1, MAX_GRID), _dim("grid_width", 1, MAX_GRID)
     export_graph(
         ImageEncoderGraph(model),
         (example_pixels(model, 2),),
         out_dir / GRAPH_FILES["image_encoder"],
         ["pixel_values"],
         activation_names(model),
-        image_encoder_shapes(),
+        {"pixel_values": {0: _dim("batch", 1, 1024), 2: PATCH_SIZE * height, 3: PATCH_SIZE * width}},
     )
 
 

@@ -206,15 +206,12 @@ CALIBRATION_SEED = 1234  # their seed: apart from the examples' and from bench.p
 
 
 def calibration_scenes(model: CLIPSeg, count: int = CALIBRATION_SCENES) -> list[Tensor]:
-    """`count` generated scenes (textured backgrounds with coloured shapes, clipseg.scenes'), as
-    `image_pixels` makes them: more varied calibration than the three examples alone."""
-    import numpy as np
-
-    from clipseg.scenes import make_scene
+    """`count` generated scenes (`clipseg.scenes.photo_like_images`), as `image_pixels` makes them: more varied
+    calibration than the three examples alone."""
+    from clipseg.scenes import photo_like_images
 
     transform = ImageTransform("pil", model.config.image_size, square=False, multiple=model.config.patch_size)
-    rng = np.random.default_rng(CALIBRATION_SEED)
-    return [transform.pixels(make_scene(rng, 480, 360, 4, (20, 70)).image)[None] for _ in range(count)]
+    return [transform.pixels(image)[None] for image in photo_like_images(CALIBRATION_SEED, count)]
 
 
 def quantize_image_encoder(encoder, calibration: list[Tensor], blocks: int, layers: Sequence[str] = BLOCK_LAYERS):

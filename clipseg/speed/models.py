@@ -258,17 +258,13 @@ SCENE_SEED = 7  # generated scenes apart from the calibration images (the exampl
 def scene_images(size: int, count: int = 6) -> list[Tensor]:
     """Real-looking (1, 3, size, size) inputs: the shipped examples/*.jpg and `count` generated scenes (textured
     backgrounds with coloured shapes, clipseg.scenes'), squashed to size x size and normalised."""
-    import numpy as np
-
     from clipseg.images import load_image
-    from clipseg.scenes import make_scene
+    from clipseg.scenes import photo_like_images
     from clipseg.transforms import ImageTransform
 
     transform = ImageTransform("pil", size, square=True, multiple=16)
     examples = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.jpg"))
-    rng = np.random.default_rng(SCENE_SEED)
-    images = [load_image(path) for path in examples]
-    images += [make_scene(rng, 480, 360, 4, (20, 70)).image for _ in range(count)]
+    images = [load_image(path) for path in examples] + photo_like_images(SCENE_SEED, count)
     return [transform.pixels(image)[None] for image in images]
 
 
