@@ -249,6 +249,21 @@ def test_the_backend_refuses_a_failed_check_and_changed_files(exports, tmp_path)
         OpenVinoCLIPSeg(folder)
 
 
+def test_files_changed_after_the_check_change_nothing_the_backend_computes(exports, tmp_path):
+    """The weights OpenVINO runs are the bytes whose SHA-256 was checked: rewriting a checked .bin in place (same
+    inode, same size) afterwards changes no output, not even of a graph compiled later (`compile_for`)."""
+    folder = shutil.copytree(exports["fp32"], tmp_path / "copy")
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    expected = OpenVinoCLIPSeg(folder, static_after=None).encode_image(pixels).activations
+    model = OpenVinoCLIPSeg(folder, static_after=None)
+    weights = folder / "image_encoder.bin"
+    with open(weights, "r+b") as handle:  # what an attacker with write access does once the check has passed
+        handle.write(np.full(weights.stat().st_size // 4, 7.0, dtype=np.float32).tobytes())
+    model.compile_for(tuple(pixels.shape))
+    for got, want in zip(model.encode_image(pixels).activations, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE * max(1.0, want.abs().max().item()))
+
+
 def write_inputs(tmp_path: Path) -> tuple[Path, str]:
     """A folder of two images of different shapes, and a support image with its mask."""
     rng = np.random.default_rng(0)

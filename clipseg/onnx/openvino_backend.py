@@ -36,6 +36,7 @@ requirements-openvino.txt.
 from __future__ import annotations
 
 import collections
+import hashlib
 import numbers
 import os
 from pathlib import Path
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor
 
 from clipseg.config import CLIPSegConfig
-from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, SHA256, ExportedCLIPSeg, graph_sha256
+from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, SHA256, ExportedCLIPSeg
 from clipseg.weights import CheckpointError, read_json
 
 REQUIREMENTS_FILE = "requirements-openvino.txt"
@@ -137,19 +138,27 @@ def check_accuracy_record(check: object, path: Path) -> None:
 
 def read_graph(ov, core, directory: Path, name: str, files: dict):
     """The OpenVINO model of graph `name` once its .xml and .bin have the SHA-256s the manifest records;
-    OpenVinoBackendError naming the file when they do not, or when OpenVINO cannot read it."""
-    paths = [directory / file for file in IR_FILES[name]]
-    for path in paths:
-        actual = graph_sha256(path)
-        if actual != files[path.name]:
+    OpenVinoBackendError naming the file when they do not, or when OpenVINO cannot read it.
+
+    Each file is read into memory once, and the bytes checked are the bytes OpenVINO gets: reading from the paths
+    would memory-map the weights, so that a file rewritten after the check would still reach later compilations."""
+    contents = {}
+    for file in IR_FILES[name]:
+        path = directory / file
+        data = path.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != files[file]:
             raise OpenVinoBackendError(
-                f"{path}: its SHA-256 {actual[:16]}... is not the {files[path.name][:16]}... that {MANIFEST_NAME} "
+                f"{path}: its SHA-256 {actual[:16]}... is not the {files[file][:16]}... that {MANIFEST_NAME} "
                 "records: the file was changed or replaced after the export; export the model again"
             )
+        contents[file] = data
+    topology, weights = (contents[file] for file in IR_FILES[name])
     try:
-        return core.read_model(str(paths[0]), str(paths[1]))
+        return core.read_model(topology, ov.Tensor(np.frombuffer(weights, dtype=np.uint8).copy()))
     except Exception as err:  # OpenVINO raises RuntimeError and others for malformed IR
-        raise OpenVinoBackendError(f"{paths[0]}: OpenVINO cannot read it ({err}); export the model again") from err
+        path = directory / IR_FILES[name][0]
+        raise OpenVinoBackendError(f"{path}: OpenVINO cannot read it ({err}); export the model again") from err
 
 
 def inference_precision_hint(precision: str) -> str:
