@@ -107,15 +107,17 @@ def graph_sha256(path: Path) -> str:
 
 def open_graph(ort, path: Path, expected_sha256: str, options):
     """An onnxruntime session of the graph at `path` once its SHA-256 matches the manifest's; OnnxBackendError
-    naming the file when it does not, or when onnxruntime cannot load it."""
-    actual = graph_sha256(path)
+    naming the file when it does not, or when onnxruntime cannot load it. The file is read once: the bytes checked
+    are the bytes onnxruntime loads, whatever happens to the file in between."""
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
         raise OnnxBackendError(
             f"{path}: its SHA-256 {actual[:16]}... is not the {expected_sha256[:16]}... that {MANIFEST_NAME} "
             "records: the graph was changed or replaced after the export; export the model again"
         )
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime's load errors (InvalidProtobuf, Fail, ...) derive from Exception only
         raise OnnxBackendError(f"{path}: onnxruntime cannot load it ({err}); export the model again") from err
 
