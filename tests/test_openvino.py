@@ -7,6 +7,7 @@ in each precision (seconds each). Needs requirements-openvino.txt (`make test` i
 elsewhere, never in CI.
 """
 
+import gc
 import json
 import shutil
 import sys
@@ -129,11 +130,11 @@ def producers(op) -> set[str]:
 
 
 def test_int8_keeps_the_patch_embedding_and_the_first_recipe_that_passes_in_floating_point(model, exports, onnx_dir):
-    ov = openvino_backend.import_openvino()
-    float_encoder = ov.Core().read_model(str(onnx_dir / "image_encoder.onnx"))
+    core = openvino_backend.openvino_core()
+    float_encoder = core.read_model(str(onnx_dir / "image_encoder.onnx"))
     encoder = {
         op.get_friendly_name(): op
-        for op in ov.Core().read_model(str(exports["int8"] / "image_encoder.xml")).get_ordered_ops()
+        for op in core.read_model(str(exports["int8"] / "image_encoder.xml")).get_ordered_ops()
     }
     blocks = max(model.config.extract_layers) + 1
     assert blocks > KEPT_BLOCKS  # the later blocks are quantised
@@ -262,6 +263,50 @@ def test_files_changed_after_the_check_change_nothing_the_backend_computes(expor
     model.compile_for(tuple(pixels.shape))
     for got, want in zip(model.encode_image(pixels).activations, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE * max(1.0, want.abs().max().item()))
+
+
+def mapped(address: int, size: int) -> bool:
+    """Whether [address, address + size) lies in one mapping of this process (/proc/self/maps)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        low, high = (int(bound, 16) for bound in line.split()[0].split("-"))
+        if low <= address and address + size <= high:
+            return True
+    return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="OpenVINO's CPU plugin swaps signal stacks on Linux only")
+def test_models_released_in_any_order_leave_the_thread_a_mapped_signal_stack(model, onnx_dir, exports, tmp_path):
+    """OpenVINO's CPU plugin gives the thread a signal stack of its own and unmaps it when its Core goes: released
+    out of order, Cores left the thread on an unmapped stack, into which the next Ctrl-C wrote (the suite died in
+    the garbage collector). Two models released first-made-first, and an int8 export (NNCF makes Cores of its own)."""
+    first, second = OpenVinoCLIPSeg(exports["fp32"]), OpenVinoCLIPSeg(exports["int8"])
+    export_openvino(model, tmp_path / "int8", "int8", onnx_dir=onnx_dir, bar=0, source="tiny")
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    stack = openvino_backend.signal_stack()
+    assert stack.ss_flags == 0 and stack.ss_size > 0  # enabled: the plugin's, which Python's handlers run on
+    assert mapped(stack.ss_sp, stack.ss_size)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="OpenVINO's CPU plugin swaps signal stacks on Linux only")
+def test_cores_made_and_released_out_of_order_inside_signal_stack_kept_leave_the_stack_as_it_was():
+    """What NNCF may do (it makes Cores of its own): inside `signal_stack_kept`, Cores released first-made-first
+    leave the thread's signal stack as it was before, and mapped."""
+    ov = openvino_backend.import_openvino()
+    openvino_backend.openvino_core()
+    before = openvino_backend.signal_stack()
+    with openvino_backend.signal_stack_kept():
+        cores = [ov.Core() for _ in range(2)]
+        for core in cores:
+            core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")  # each loads the plugin: a stack of its own
+        del core
+        cores.pop(0)
+        cores.pop(0)
+    after = openvino_backend.signal_stack()
+    assert (after.ss_sp, after.ss_size, after.ss_flags) == (before.ss_sp, before.ss_size, before.ss_flags)
+    assert mapped(after.ss_sp, after.ss_size)
 
 
 def write_inputs(tmp_path: Path) -> tuple[Path, str]:

@@ -36,9 +36,15 @@ requirements-openvino.txt.
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
+import functools
+import gc
 import hashlib
 import numbers
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -72,10 +78,57 @@ def import_openvino():
     return openvino
 
 
+@functools.cache
+def openvino_core():
+    """The process's one OpenVINO Core, its CPU plugin loaded, never released: every model here is read and
+    compiled by it.
+
+    On Linux, OpenVINO's CPU plugin gives the thread that loads it an alternate signal stack of its own (one per
+    Core; signal frames with AMX state are large) and, when that Core is released, puts back the stack it found
+    and unmaps its own. Cores released in another order than they were made leave the thread on an unmapped stack:
+    the next signal with a Python handler (Ctrl-C, a SIGTERM handler) writes its frame into whatever memory took
+    that place, and the process dies later, in the garbage collector. A Core that lives as long as the process keeps
+    its stack valid."""
+    core = import_openvino().Core()
+    core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")  # the plugin, and its signal stack, now
+    return core
+
+
+class SignalStack(ctypes.Structure):
+    """Linux's stack_t: an alternate signal stack as sigaltstack(2) takes and gives it."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+def signal_stack() -> SignalStack | None:
+    """The calling thread's alternate signal stack (sigaltstack(2)); None off Linux."""
+    if sys.platform != "linux":
+        return None
+    stack = SignalStack()
+    if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) != 0:
+        return None
+    return stack
+
+
+@contextlib.contextmanager
+def signal_stack_kept() -> Iterator[None]:
+    """Run a block that makes and releases OpenVINO Cores of its own (NNCF's quantisation does), then give the
+    thread back the alternate signal stack it had before (`openvino_core`'s, which stays valid): those Cores,
+    released in any order, may leave it on an unmapped one. Does nothing off Linux."""
+    openvino_core()
+    before = signal_stack()
+    try:
+        yield
+    finally:
+        gc.collect()  # NNCF's Cores sit in reference cycles: released now, not at some later collection
+        if before is not None:
+            ctypes.CDLL(None).sigaltstack(ctypes.byref(before), None)
+
+
 def native_bf16() -> bool:
     """Whether OpenVINO computes bf16 on this CPU (AVX512-BF16 or AMX): its CPU plugin lists BF16 among its
     optimisation capabilities. Elsewhere it ignores a bf16 hint and runs f32."""
-    return "BF16" in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def check_precision_runs(precision: str) -> None:
@@ -209,7 +262,7 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
     ):
         super().__init__()
         ov = import_openvino()
-        self.core = ov.Core()
+        self.core = openvino_core()
         self.directory = Path(directory)
         self.manifest = manifest if manifest is not None else read_manifest(self.directory)
         where = self.directory / MANIFEST_NAME

@@ -55,6 +55,7 @@ from clipseg.onnx.openvino_backend import (
     check_precision_runs,
     import_openvino,
     inference_precision_hint,
+    signal_stack_kept,
 )
 from clipseg.outputs import check_writable, write_json
 from clipseg.transforms import ImageTransform
@@ -223,7 +224,8 @@ def quantize_image_encoder(encoder, calibration: list[Tensor], blocks: int, laye
 
     samples = [pixels.numpy() for pixels in calibration] + [pixels.flip(-1).numpy() for pixels in calibration]
     smooth_quant = AdvancedSmoothQuantParameters(matmul=SMOOTH_QUANT_ALPHA)
-    with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars
+    # NNCF prints progress bars, and makes and releases OpenVINO Cores of its own (see signal_stack_kept)
+    with contextlib.redirect_stdout(io.StringIO()), signal_stack_kept():
         return nncf.quantize(
             encoder,
             nncf.Dataset(samples),
@@ -239,7 +241,7 @@ def compress_text_encoder(encoder):
     smaller; at a prompt's few tokens its time is reading weights (one AMX thread, 8 tokens: 7.7 ms computing in f32
     against 9.7 ms in bf16 from float weights), and the masks agreed as before."""
     nncf = import_nncf()
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), signal_stack_kept():
         return nncf.compress_weights(encoder, mode=nncf.CompressWeightsMode.INT8_SYM)
 
 
