@@ -309,6 +309,36 @@ def test_cores_made_and_released_out_of_order_inside_signal_stack_kept_leave_the
     assert mapped(after.ss_sp, after.ss_size)
 
 
+def test_the_onnx_graphs_converted_are_the_bytes_whose_sha256_was_checked(model, onnx_dir, tmp_path, monkeypatch):
+    copy = shutil.copytree(onnx_dir, tmp_path / "onnx")
+    graph = copy / "decoder.onnx"
+    original = graph.read_bytes()
+    graph.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(OpenVinoBackendError, match=r"decoder.onnx: changed after its export; export the model again"):
+        export_openvino(model, tmp_path / "refused", "fp32", onnx_dir=copy)
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+
+    graph.write_bytes(original)
+    read_bytes = Path.read_bytes
+
+    def read_then_replaced(path: Path) -> bytes:  # another process rewrites each graph right after it was read
+        data = read_bytes(path)
+        if path.suffix == ".onnx":
+            path.write_bytes(b"not a graph")
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", read_then_replaced)
+    export_openvino(model, tmp_path / "out", "fp32", onnx_dir=copy, bar=AGREEMENT)
+    monkeypatch.undo()
+    assert graph.read_bytes() == b"not a graph"
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    runner = OpenVinoCLIPSeg(tmp_path / "out")
+    with torch.no_grad():
+        expected = model.decode(model.encode_image(pixels), model.embed_text(PHRASES[:1]))
+    got = runner.decode(runner.encode_image(pixels), runner.embed_text(PHRASES[:1]))
+    assert (got - expected).abs().max().item() <= TOLERANCE * max(1.0, expected.abs().max().item())
+
+
 def write_inputs(tmp_path: Path) -> tuple[Path, str]:
     """A folder of two images of different shapes, and a support image with its mask."""
     rng = np.random.default_rng(0)

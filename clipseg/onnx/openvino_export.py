@@ -29,6 +29,7 @@ and the image-prompt head stay in floating point: bf16 on CPUs with native bf16,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -131,8 +132,8 @@ def image_pixels(model: CLIPSeg, images: Sequence[str | os.PathLike]) -> list[Te
 
 def convert_graphs(model: CLIPSeg, onnx_dir: Path, written: bool) -> tuple[dict, dict]:
     """The four ONNX graphs export.py writes, converted to OpenVINO models, and their ONNX manifest. written: the
-    folder holds `model`'s export already (its manifest, its SHA-256s and config are checked); else the graphs are
-    exported into it first."""
+    folder holds `model`'s export already (its manifest and config are checked); else the graphs are exported into
+    it first. Each graph must have the SHA-256 its manifest records (OpenVinoBackendError naming the file)."""
     ov = import_openvino()
     if written:
         try:
@@ -141,9 +142,6 @@ def convert_graphs(model: CLIPSeg, onnx_dir: Path, written: bool) -> tuple[dict,
             raise OpenVinoBackendError(str(err)) from err
         if manifest["config"] != json.loads(json.dumps(model.config.to_hf_dict())):  # as the manifest holds it
             raise OpenVinoBackendError(f"{onnx_dir}: the ONNX export is of another model than the one given")
-        for name, file in GRAPH_FILES.items():
-            if graph_sha256(onnx_dir / file) != manifest["graphs"][name]["sha256"]:
-                raise OpenVinoBackendError(f"{onnx_dir / file}: changed after its export; export the model again")
     else:
         with torch.no_grad():
             for export_one in (
@@ -154,7 +152,13 @@ def convert_graphs(model: CLIPSeg, onnx_dir: Path, written: bool) -> tuple[dict,
             ):
                 export_one(model, onnx_dir)
         manifest = onnx_export.build_manifest(model, "", onnx_dir)
-    return {name: ov.convert_model(str(onnx_dir / file)) for name, file in GRAPH_FILES.items()}, manifest
+    models = {}
+    for name, file in GRAPH_FILES.items():  # each graph read once: the bytes checked are the bytes converted
+        data = (onnx_dir / file).read_bytes()
+        if hashlib.sha256(data).hexdigest() != manifest["graphs"][name]["sha256"]:
+            raise OpenVinoBackendError(f"{onnx_dir / file}: changed after its export; export the model again")
+        models[name] = ov.convert_model(io.BytesIO(data))
+    return models, manifest
 
 
 KEPT_BLOCKS = 3  # the image encoder's first blocks, some of whose linear layers int8 leaves in floating point
