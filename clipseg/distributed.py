@@ -114,20 +114,24 @@ class JobError(RuntimeError):
 @contextmanager
 def distributed_job(device_flag: str | None) -> Iterator[tuple[Distributed, torch.device]]:
     """`setup_distributed` (its ValueError as `JobError`), and the process group left at the end (however the
-    command ends). After a normal end the ranks meet at a barrier first, so that no rank tears gloo down while
-    another still talks to it (without it a rank aborted at exit once in this project's CI, "terminate called without an
-    active exception"); after an error they do not wait for ranks that may be gone."""
+    command ends). After a normal end, and after `RanksDisagree` (which every rank raises from the same exchange),
+    the ranks meet at a barrier first, so that no rank tears gloo down while another still talks to it (without it
+    a rank aborted at exit in this project's CI, "terminate called without an active exception", after a normal end
+    once and after the fingerprint error once); after another error they do not wait for ranks that may be gone."""
     try:
         world, device = setup_distributed(device_flag)
     except ValueError as err:
         raise JobError(str(err)) from err
-    ended_normally = False
+    all_ranks_here = False
     try:
         yield world, device
-        ended_normally = True
+        all_ranks_here = True
+    except RanksDisagree:
+        all_ranks_here = True
+        raise
     finally:
         if world.enabled and dist.is_initialized():
-            if ended_normally:
+            if all_ranks_here:
                 dist.barrier()
             dist.destroy_process_group()
 

@@ -5,6 +5,7 @@ files apart."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from conftest import free_port  # noqa: E402
 from distributed_worker import N_ITEMS, SKIPPED_EVERY, add_item, fresh_metrics, score_items  # noqa: E402
 from helpers import assert_close
 
+from clipseg import distributed
 from clipseg.distributed import (
     BLOCK_ITEMS,
     Distributed,
@@ -181,3 +183,24 @@ def test_sequence_and_file_digests_follow_content_order_and_names(tmp_path):
     assert files_digest(tmp_path.iterdir()) != digest
     (tmp_path / "b.json").rename(tmp_path / "c.json")
     assert files_digest(tmp_path.iterdir()) != digest
+
+
+@pytest.mark.parametrize(
+    ("raised", "calls"),
+    [
+        (None, ["barrier", "destroy"]),  # a normal end: every rank is there
+        (distributed.RanksDisagree("differ"), ["barrier", "destroy"]),  # raised by every rank from one exchange
+        (RuntimeError("this rank failed"), ["destroy"]),  # other ranks may be gone: no waiting for them
+    ],
+)
+def test_the_ranks_meet_before_leaving_the_process_group_when_all_of_them_are_there(monkeypatch, raised, calls):
+    made = []
+    monkeypatch.setattr(distributed, "setup_distributed", lambda flag: (Distributed(0, 2, 0), torch.device("cpu")))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: made.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: made.append("destroy"))
+    with pytest.raises(type(raised)) if raised else contextlib.nullcontext():
+        with distributed.distributed_job("cpu"):
+            if raised:
+                raise raised
+    assert made == calls
