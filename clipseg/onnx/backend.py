@@ -105,17 +105,24 @@ def graph_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def open_graph(ort, path: Path, expected_sha256: str, options):
-    """An onnxruntime session of the graph at `path` once its SHA-256 matches the manifest's; OnnxBackendError
-    naming the file when it does not, or when onnxruntime cannot load it. The file is read once: the bytes checked
-    are the bytes onnxruntime loads, whatever happens to the file in between."""
+def read_checked(path: Path, expected_sha256: str, error: type[Exception]) -> bytes:
+    """The bytes of an exported file once their SHA-256 is the one the manifest records, else `error` naming the
+    file. The file is read once: a runtime given these bytes loads what was checked, whatever happens to the file
+    afterwards."""
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
-        raise OnnxBackendError(
+        raise error(
             f"{path}: its SHA-256 {actual[:16]}... is not the {expected_sha256[:16]}... that {MANIFEST_NAME} "
-            "records: the graph was changed or replaced after the export; export the model again"
+            "records: the file was changed or replaced after the export; export the model again"
         )
+    return data
+
+
+def open_graph(ort, path: Path, expected_sha256: str, options):
+    """An onnxruntime session of the graph at `path` (`read_checked`); OnnxBackendError naming the file when its
+    SHA-256 is not the manifest's or onnxruntime cannot load it."""
+    data = read_checked(path, expected_sha256, OnnxBackendError)
     try:
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime's load errors (InvalidProtobuf, Fail, ...) derive from Exception only

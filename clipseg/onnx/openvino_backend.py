@@ -40,7 +40,6 @@ import contextlib
 import ctypes
 import functools
 import gc
-import hashlib
 import numbers
 import os
 import sys
@@ -52,7 +51,7 @@ import torch
 from torch import Tensor
 
 from clipseg.config import CLIPSegConfig
-from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, SHA256, ExportedCLIPSeg
+from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, SHA256, ExportedCLIPSeg, read_checked
 from clipseg.weights import CheckpointError, read_json
 
 REQUIREMENTS_FILE = "requirements-openvino.txt"
@@ -193,20 +192,9 @@ def read_graph(ov, core, directory: Path, name: str, files: dict):
     """The OpenVINO model of graph `name` once its .xml and .bin have the SHA-256s the manifest records;
     OpenVinoBackendError naming the file when they do not, or when OpenVINO cannot read it.
 
-    Each file is read into memory once, and the bytes checked are the bytes OpenVINO gets: reading from the paths
-    would memory-map the weights, so that a file rewritten after the check would still reach later compilations."""
-    contents = {}
-    for file in IR_FILES[name]:
-        path = directory / file
-        data = path.read_bytes()
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != files[file]:
-            raise OpenVinoBackendError(
-                f"{path}: its SHA-256 {actual[:16]}... is not the {files[file][:16]}... that {MANIFEST_NAME} "
-                "records: the file was changed or replaced after the export; export the model again"
-            )
-        contents[file] = data
-    topology, weights = (contents[file] for file in IR_FILES[name])
+    OpenVINO gets the bytes that were checked (`read_checked`): reading from the paths would memory-map the
+    weights, so that a file rewritten after the check would still reach later compilations."""
+    topology, weights = (read_checked(directory / file, files[file], OpenVinoBackendError) for file in IR_FILES[name])
     try:
         return core.read_model(topology, ov.Tensor(np.frombuffer(weights, dtype=np.uint8).copy()))
     except Exception as err:  # OpenVINO raises RuntimeError and others for malformed IR
