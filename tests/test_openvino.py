@@ -172,12 +172,33 @@ def test_int8_tries_the_next_recipe_when_the_fastest_fails_its_check(model, onnx
     assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["quantisation"] == manifest["quantisation"]
 
 
-def test_int8_stores_the_text_encoders_weights_in_int8_and_computes_it_in_f32(exports):
+def test_int8_stores_the_text_encoders_weights_in_int8_and_computes_it_and_the_decoder_in_f32(exports):
     sizes = {p: (exports[p] / "text_encoder.bin").stat().st_size for p in ("fp32", "int8")}
     assert sizes["int8"] < 0.4 * sizes["fp32"]
     runner = OpenVinoCLIPSeg(exports["int8"])
-    compiled = runner.requests["text_encoder"].get_compiled_model()
-    assert compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+    for graph in ("text_encoder", "decoder"):
+        compiled = runner.requests[graph].get_compiled_model()
+        assert compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_compile_config_gives_each_graph_its_precision(monkeypatch, native):
+    monkeypatch.setattr(openvino_backend, "native_bf16", lambda: native)
+    hints = {
+        (precision, graph): openvino_backend.compile_config(precision, 2, graph)["INFERENCE_PRECISION_HINT"]
+        for precision in ("fp32", "bf16", "int8")
+        for graph in ("image_encoder", "text_encoder", "decoder", "image_prompt_head")
+    }
+    rest = "bf16" if native else "f32"  # int8's floating-point rest
+    assert hints == {
+        **{("fp32", graph): "f32" for graph in ("image_encoder", "text_encoder", "decoder", "image_prompt_head")},
+        **{("bf16", graph): "bf16" for graph in ("image_encoder", "text_encoder", "decoder", "image_prompt_head")},
+        ("int8", "image_encoder"): rest,
+        ("int8", "image_prompt_head"): rest,
+        ("int8", "text_encoder"): "f32",
+        ("int8", "decoder"): "f32",
+    }
+    assert openvino_backend.compile_config("int8", 2, "decoder")["INFERENCE_NUM_THREADS"] == 2
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
