@@ -162,6 +162,7 @@ def broken_model(tmp_path) -> Path:
     return model
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_be_loaded_exits_2_in_every_command(broken_model, tmp_path):
     """The status the process ends with (score.py and failure_test.py once exited 1 here)."""
     random_image(32, 32).save(tmp_path / "in.png")

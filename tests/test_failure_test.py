@@ -205,6 +205,7 @@ def test_a_model_whose_output_overflows_stops_with_a_message(overflowing_checkpo
     assert (out / "index.html").is_file() and not list(out.glob("*.png"))  # the (empty) gallery, no NaN panels
 
 
+@pytest.mark.slow
 def test_torchrun_writes_the_same_gallery_as_one_process(checkpoints, synthetic_root, tmp_path):
     galleries = {}
     for nproc in (None, 2):

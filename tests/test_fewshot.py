@@ -304,6 +304,7 @@ def episode_records(files: dict[str, bytes], fold: int) -> list[dict]:
     return [json.loads(line) for line in files[f"fold{fold}/episodes.jsonl"].decode().splitlines()]
 
 
+@pytest.mark.slow
 def test_torchrun_pascal_scores_and_pngs_equal_one_processs(tiny_checkpoints, synthetic_voc, tmp_path):
     (one, one_files, _), (two, two_files, _) = one_and_two_processes(
         tiny_checkpoints, tmp_path, "--data", "pascal5i", "--data-root", synthetic_voc, "--fold", "0"

@@ -155,6 +155,7 @@ def test_int8_keeps_the_patch_embedding_and_the_first_recipe_that_passes_in_floa
     assert convolutions and all(not producers(op) & fake for op in convolutions)  # the patch embedding
 
 
+@pytest.mark.slow
 def test_int8_tries_the_next_recipe_when_the_fastest_fails_its_check(model, onnx_dir, tmp_path, monkeypatch):
     agreements = iter([0.9905, 0.999])  # the attention projections kept: above the bar, not by the margin; all six
     real = openvino_export.mask_agreement
@@ -236,6 +237,7 @@ def test_manifest_records_the_precision_and_the_accuracy_check(exports):
         assert sorted(manifest["files"]) == sorted(p.name for p in folder.iterdir() if p.suffix in (".xml", ".bin"))
 
 
+@pytest.mark.slow
 def test_an_export_below_the_bar_is_refused_and_nothing_is_written(tiny_dir, tmp_path, capsys):
     out = tmp_path / "int8"
     cli = [str(tiny_dir), str(out), "--openvino", "--precision", "int8", "--calibration", str(EXAMPLES_DIR)]
@@ -295,6 +297,7 @@ def mapped(address: int, size: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="OpenVINO's CPU plugin swaps signal stacks on Linux only")
 def test_models_released_in_any_order_leave_the_thread_a_mapped_signal_stack(model, onnx_dir, exports, tmp_path):
     """OpenVINO's CPU plugin gives the thread a signal stack of its own and unmaps it when its Core goes: released
@@ -330,6 +333,7 @@ def test_cores_made_and_released_out_of_order_inside_signal_stack_kept_leave_the
     assert mapped(after.ss_sp, after.ss_size)
 
 
+@pytest.mark.slow
 def test_the_onnx_graphs_converted_are_the_bytes_whose_sha256_was_checked(model, onnx_dir, tmp_path, monkeypatch):
     copy = shutil.copytree(onnx_dir, tmp_path / "onnx")
     graph = copy / "decoder.onnx"

@@ -254,6 +254,7 @@ def summary_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_torchrun_writes_the_same_files_as_one_process_each_image_once(tiny_dir, tmp_path):
     folder = photo_folder(tmp_path)
     outputs = {}

@@ -356,6 +356,7 @@ def scored_by(nproc, checkpoints, synthetic_root, out: Path, *extra) -> tuple[di
     return score_outputs(argv, out, nproc)
 
 
+@pytest.mark.slow
 def test_torchrun_scores_and_pngs_equal_one_processs(checkpoints, synthetic_root, tmp_path):
     one, one_pngs, _ = scored_by(None, checkpoints, synthetic_root, tmp_path / "one")
     two, two_pngs, printed = scored_by(2, checkpoints, synthetic_root, tmp_path / "two")
