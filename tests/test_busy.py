@@ -18,9 +18,11 @@ def after(seconds: float, own: float, others: float, load: float | None = 1.0) -
 
 
 def test_a_quiet_run_has_no_warning():
-    report = busy.busy_report(QUIET_START, after(60, own=60, others=3), threads=1, spreads=[("ours", 0.02)])
+    report = busy.busy_report(
+        QUIET_START, after(60, own=60, others=3), threads=1, spreads=[timing.Spread("ours", 0.02, [1.0, 1.02])]
+    )
     assert report["warnings"] == [] and report["other_processes_cores"] == pytest.approx(0.05)
-    assert report["repeat_spread"] == {"timed": 1, "noisy": 0, "worst": 0.02}
+    assert report["repeat_spread"] == {"timed": 1, "noisy": 0, "worst": 0.02, "noisy_variants": []}
 
 
 def test_other_processes_cpu_time_makes_the_run_busy():
@@ -50,9 +52,14 @@ def test_repeats_that_spread_make_the_run_noisy(monkeypatch):
     medians = timing.interleaved({"a": lambda: None, "b": lambda: None}, repeats=3, warmup=0)
     assert medians == {"a": 1.0, "b": pytest.approx(1.0)}
     spreads = timing.repeat_spreads()
-    assert [name for name, _ in spreads] == ["a", "b"] and spreads[0][1] == pytest.approx(0.5)
+    assert [timed.name for timed in spreads] == ["a", "b"] and spreads[0].spread == pytest.approx(0.5)
     report = busy.busy_report(QUIET_START, after(10, own=10, others=0), threads=1, spreads=spreads)
-    assert report["repeat_spread"] == {"timed": 2, "noisy": 1, "worst": pytest.approx(0.5)}
+    assert report["repeat_spread"] == {
+        "timed": 2,
+        "noisy": 1,
+        "worst": pytest.approx(0.5),
+        "noisy_variants": [{"name": "a", "spread": pytest.approx(0.5), "seconds": [1.0, 1.5, 1.0]}],
+    }
     assert report["warnings"] == [
         "1 of 2 timed variants spread by more than 10% of their median between repeats (worst: a, 50%)"
     ]

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from clipseg.speed.timing import Spread
+
 BUSY_CORES = 0.25  # other processes using more than a quarter of a core on average during the run
 NOISY_SPREAD = 0.10  # a variant whose repeats spread by more than 10% of their median
 PROC_STAT = Path("/proc/stat")
@@ -50,10 +52,10 @@ def _load_average() -> float | None:
         return None
 
 
-def busy_report(start: MachineState, end: MachineState, threads: int, spreads: list[tuple[str, float]]) -> dict:
+def busy_report(start: MachineState, end: MachineState, threads: int, spreads: list[Spread]) -> dict:
     """How busy the machine was between `start` and `end` while this process ran `threads` threads, and how far the
     repeats of the timed variants spread (`spreads`: `timing.repeat_spreads()`): a dict for the JSON whose
-    "warnings" are empty on a quiet run."""
+    "warnings" are empty on a quiet run; the noisy variants are listed with each repeat's seconds."""
     wall = max(end.wall - start.wall, 1e-9)
     report: dict = {"load_average_1min": {"start": start.load, "end": end.load}, "threads": threads}
     if start.all_cpu is not None and end.all_cpu is not None:
@@ -67,17 +69,18 @@ def busy_report(start: MachineState, end: MachineState, threads: int, spreads: l
     warnings = []
     if others > BUSY_CORES:
         warnings.append(f"the machine was busy: {source} (more than {BUSY_CORES})")
-    noisy = [(name, spread) for name, spread in spreads if spread > NOISY_SPREAD]
+    noisy = [timed for timed in spreads if timed.spread > NOISY_SPREAD]
     report["repeat_spread"] = {
         "timed": len(spreads),
         "noisy": len(noisy),
-        "worst": max((spread for _, spread in spreads), default=None),
+        "worst": max((timed.spread for timed in spreads), default=None),
+        "noisy_variants": [timed._asdict() for timed in noisy],
     }
     if noisy:
-        name, worst = max(noisy, key=lambda pair: pair[1])
+        worst = max(noisy, key=lambda timed: timed.spread)
         warnings.append(
             f"{len(noisy)} of {len(spreads)} timed variants spread by more than {100 * NOISY_SPREAD:.0f}% of their "
-            f"median between repeats (worst: {name}, {100 * worst:.0f}%)"
+            f"median between repeats (worst: {worst.name}, {100 * worst.spread:.0f}%)"
         )
     report["warnings"] = warnings
     return report

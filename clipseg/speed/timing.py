@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -41,12 +42,20 @@ def use_clock(name: str) -> None:
     clock = CLOCKS[name]
 
 
-_spreads: list[tuple[str, float]] = []  # (variant, (max - min) / median of its repeats), for `repeat_spreads`
+class Spread(NamedTuple):
+    """How far one variant's repeats spread: name, (max - min) / median, and each repeat's seconds in order."""
+
+    name: str
+    spread: float
+    seconds: list[float]
 
 
-def repeat_spreads() -> list[tuple[str, float]]:
-    """How far the repeats of each variant `interleaved` timed since `clear_repeats()` spread: (name, (max - min) /
-    median), in the order measured (clipseg/speed/busy.py warns about noisy runs from them)."""
+_spreads: list[Spread] = []  # one per variant `interleaved` timed, for `repeat_spreads`
+
+
+def repeat_spreads() -> list[Spread]:
+    """How far the repeats of each variant `interleaved` timed since `clear_repeats()` spread, in the order measured
+    (clipseg/speed/busy.py warns about noisy runs from them and lists them)."""
     return list(_spreads)
 
 
@@ -69,7 +78,7 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
     medians = {name: statistics.median(values) for name, values in times.items()}
     for name, values in times.items():
         if len(values) > 1:
-            _spreads.append((name, (max(values) - min(values)) / max(medians[name], 1e-12)))
+            _spreads.append(Spread(name, (max(values) - min(values)) / max(medians[name], 1e-12), values))
     return medians
 
 
