@@ -157,7 +157,8 @@ def tiny_checkpoints(tiny_checkpoint) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_model(tiny_checkpoints):
-    """`tiny_checkpoints`' demo (image size 64), loaded as a hub id would be, in eval mode (app.py's tests)."""
+    """`tiny_checkpoints`' demo (image size 64), loaded as a hub id would be, in eval mode (the app's and the
+    Segmenter's tests)."""
     from model import CLIPSeg
 
     return CLIPSeg.from_pretrained(tiny_checkpoints / "demo").eval()

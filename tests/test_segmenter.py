@@ -21,15 +21,9 @@ from clipseg.uploads import painted_mask, parse_prompts
 from model import CLIPSeg
 
 
-@pytest.fixture(scope="module")
-def model(tiny_checkpoints):
-    """The tiny saved CLIPSeg (image size 64), loaded as a hub id would be."""
-    return CLIPSeg.from_pretrained(tiny_checkpoints / "demo").eval()
-
-
 @pytest.fixture
-def segmenter(model, tmp_path):
-    return Segmenter(model, "tiny", workdir=tmp_path)
+def segmenter(demo_model, tmp_path):
+    return Segmenter(demo_model, "tiny", workdir=tmp_path)
 
 
 # ------------------------------------------------------------------------------------------- the logic
@@ -40,7 +34,7 @@ def test_prompts_split_on_lines_and_commas_keep_order_and_drop_repeats():
     assert parse_prompts("  ,\n ") == [] and parse_prompts(None) == []
 
 
-def test_two_prompts_give_overlay_heatmaps_and_a_zip_of_original_size_masks(model, segmenter, tmp_path):
+def test_two_prompts_give_overlay_heatmaps_and_a_zip_of_original_size_masks(demo_model, segmenter, tmp_path):
     image = save(scene(203, 151), tmp_path / "room.png")
     session, out = segmenter.segment(None, str(image), "red disc\nblue square", threshold=0.4)
 
@@ -49,7 +43,7 @@ def test_two_prompts_give_overlay_heatmaps_and_a_zip_of_original_size_masks(mode
     assert [caption.split(" (")[0] for _, caption in out.heatmaps] == ["red disc", "blue square"]
     masks, summary = read_zip(out.zip_path)
     assert len(masks) == 2 and all(m.size == (203, 151) and m.mode == "L" for m in masks.values())
-    predictor = Predictor(model)
+    predictor = Predictor(demo_model)
     predictor.set_image(str(image))
     probs = predictor.predict(phrases=["red disc", "blue square"])
     for entry, prob in zip(summary["images"][0]["prompts"], probs):
@@ -70,9 +64,9 @@ def test_two_prompts_give_overlay_heatmaps_and_a_zip_of_original_size_masks(mode
     assert "read + encode image" in out.message and "decode" in out.message
 
 
-def test_prompt_changes_reuse_the_encoded_image_and_threshold_changes_run_no_model(model, segmenter, tmp_path):
+def test_prompt_changes_reuse_the_encoded_image_and_threshold_changes_run_no_model(demo_model, segmenter, tmp_path):
     image = save(scene(120, 90), tmp_path / "a.png")
-    with vision_tower_calls(model) as calls:
+    with vision_tower_calls(demo_model) as calls:
         session, out = segmenter.segment(None, str(image), "red disc")
         assert calls == {"vision": 1, "decoder": 1}
         session, out = segmenter.segment(session, str(image), "blue square, sky")
@@ -93,11 +87,11 @@ def test_prompt_changes_reuse_the_encoded_image_and_threshold_changes_run_no_mod
     assert not Path(out.zip_path).exists()
 
 
-def test_image_prompt_with_an_uploaded_mask_equals_the_predictors_support_prompt(model, segmenter, tmp_path):
+def test_image_prompt_with_an_uploaded_mask_equals_the_predictors_support_prompt(demo_model, segmenter, tmp_path):
     image = save(scene(160, 120), tmp_path / "query.png")
     support = save(scene(100, 80, seed=3), tmp_path / "support.png")
     mask = save(box_mask(100, 80, (10, 20, 50, 70)), tmp_path / "mask.png")
-    with vision_tower_calls(model) as calls:
+    with vision_tower_calls(demo_model) as calls:
         session, out = segmenter.segment(None, str(image), "red disc", support=str(support), support_mask=str(mask))
         assert calls["vision"] == 2  # the image and the support
         session, out = segmenter.segment(session, str(image), "sky", support=str(support), support_mask=str(mask))
@@ -106,7 +100,7 @@ def test_image_prompt_with_an_uploaded_mask_equals_the_predictors_support_prompt
     assert out.ok, out.message
     entries = out.summary["images"][0]["prompts"]
     assert [(e["prompt"], e["kind"]) for e in entries] == [("sky", "text"), ("visual: support.png", "visual")]
-    predictor = Predictor(model)
+    predictor = Predictor(demo_model)
     predictor.set_image(str(image))
     expected = predictor.predict(support=[(support, mask)])[0]
     np.testing.assert_allclose(session.result.probabilities(index=1), expected, atol=1e-5)
@@ -171,7 +165,7 @@ def test_a_model_whose_outputs_overflow_gets_a_message_not_a_traceback(overflowi
     assert "Traceback" not in capsys.readouterr().err and session.result is None
 
 
-def test_prompts_over_the_limits_are_refused_at_once_naming_the_limit(model, segmenter, tmp_path):
+def test_prompts_over_the_limits_are_refused_at_once_naming_the_limit(demo_model, segmenter, tmp_path):
     image = str(save(scene(64, 48), tmp_path / "ok.png"))
     cases = {
         "The prompts are 2,000,000 characters long; at most 20,020 (20 prompts of at most 1,000 characters)": (
@@ -181,7 +175,7 @@ def test_prompts_over_the_limits_are_refused_at_once_naming_the_limit(model, seg
         "has a word of 600 characters; a word has at most 500 characters": "a " + "y" * 600,
     }
     started = time.perf_counter()
-    with vision_tower_calls(model) as calls:
+    with vision_tower_calls(demo_model) as calls:
         for expected, text in cases.items():
             _, out = segmenter.segment(None, image, text)
             assert not out.ok and out.message.startswith("**Error:**") and expected in out.message, out.message
@@ -199,16 +193,16 @@ def test_hostile_prompts_get_safe_names_in_the_zip(segmenter, tmp_path):
     assert len(set(stems)) == len(prompts) and all(is_safe_name(stem) for stem in stems), names
 
 
-def test_the_phrase_cache_stays_bounded(model, tmp_path, monkeypatch):
+def test_the_phrase_cache_stays_bounded(demo_model, tmp_path, monkeypatch):
     monkeypatch.setattr(clipseg.segmenter, "MAX_CACHED_PHRASES", 5)
-    segmenter = Segmenter(model, "tiny", workdir=tmp_path)
+    segmenter = Segmenter(demo_model, "tiny", workdir=tmp_path)
     image = str(save(scene(80, 60), tmp_path / "a.png"))
     for phrases in (["red", "blue"], ["green", "sky", "sun"], ["red", "moon"]):  # "red" is cached, least recently used
         session, out = segmenter.segment(None, image, ", ".join(phrases))
         assert out.ok, out.message
-        assert len(model.text_cache) <= 5
-    assert set(model.text_cache) == {"green", "sky", "sun", "red", "moon"}
-    predictor = Predictor(model)
+        assert len(demo_model.text_cache) <= 5
+    assert set(demo_model.text_cache) == {"green", "sky", "sun", "red", "moon"}
+    predictor = Predictor(demo_model)
     predictor.set_image(image)
     expected = predictor.predict(phrases=["red", "moon"])
     np.testing.assert_allclose(session.result.probabilities(), expected, atol=1e-6)
@@ -231,8 +225,8 @@ def test_a_session_keeps_under_64_mb_with_a_4096_image_and_20_prompts(tiny_check
         assert len(masks) == 20 and Image.open(archive.open(masks[-1])).size == (4096, 4096)
 
 
-def test_the_least_recently_used_session_is_dropped_when_all_hold_too_much(model, tmp_path):
-    segmenter = Segmenter(model, "tiny", workdir=tmp_path, memory_mb=0.25)
+def test_the_least_recently_used_session_is_dropped_when_all_hold_too_much(demo_model, tmp_path):
+    segmenter = Segmenter(demo_model, "tiny", workdir=tmp_path, memory_mb=0.25)
     image = str(save(scene(203, 151), tmp_path / "room.png"))
     first, out = segmenter.segment(None, image, "red disc")
     assert out.ok and 0.125 * MB < retained_bytes(first) <= 0.25 * MB  # one page fits, two do not
@@ -247,9 +241,9 @@ def test_the_least_recently_used_session_is_dropped_when_all_hold_too_much(model
     assert second.result is None and second.dropped is not None  # now the second was the least recently used
 
 
-def test_a_session_unused_for_the_idle_time_is_dropped(model, tmp_path):
+def test_a_session_unused_for_the_idle_time_is_dropped(demo_model, tmp_path):
     now = [0.0]
-    segmenter = Segmenter(model, "tiny", workdir=tmp_path, idle_minutes=10, clock=lambda: now[0])
+    segmenter = Segmenter(demo_model, "tiny", workdir=tmp_path, idle_minutes=10, clock=lambda: now[0])
     image = str(save(scene(80, 60), tmp_path / "a.png"))
     idle, _ = segmenter.segment(None, image, "red disc")
     zip_dir = idle.zip_dir
@@ -279,14 +273,14 @@ def test_a_closed_page_is_freed_without_waiting_for_a_running_segmentation(segme
 # ------------------------------------------------------------------------------------------- mask controls
 
 
-def test_expressions_and_mask_controls_give_the_predictors_masks(model, segmenter, tmp_path):
+def test_expressions_and_mask_controls_give_the_predictors_masks(demo_model, segmenter, tmp_path):
     from clipseg.postprocess import MaskOptions
     from clipseg.segmenter import Controls
 
     image = scene(150, 110)
     path = save(image, tmp_path / "room.png")
     controls = Controls(grow=2.0, fill_holes=True, min_area=4.0, instances=True, max_instances=2)
-    with vision_tower_calls(model) as calls:
+    with vision_tower_calls(demo_model) as calls:
         session, out = segmenter.segment(None, str(path), "red disc | blue square - sky\ngrass, sky", controls=controls)
         assert calls["vision"] == 1, "all phrases of all expressions from one encoding"
     assert out.ok, out.message
@@ -296,7 +290,7 @@ def test_expressions_and_mask_controls_give_the_predictors_masks(model, segmente
     assert entries[0]["expression"]["phrases"] == ["red disc", "blue square", "sky"]
     assert (summary["threshold"], summary["threshold_source"]) == (0.3, "paper")
     assert summary["pipeline"]["mask"]["grow"] == 2 and summary["pipeline"]["mask"]["max_instances"] == 2
-    predictor = Predictor(model)
+    predictor = Predictor(demo_model)
     predictor.set_image(image)
     options = MaskOptions(grow=2, fill_holes=True, min_area=4, instances=True, max_instances=2)
     expected = predictor.predict_masks(["red disc | blue square - sky", "grass", "sky"], options=options)
@@ -333,14 +327,14 @@ def test_the_zip_holds_the_chosen_formats(segmenter, tmp_path):
     assert coco["categories"][0]["name"] == "red disc"
 
 
-def test_new_post_processing_needs_no_model_but_tiles_need_segment(model, segmenter, tmp_path):
+def test_new_post_processing_needs_no_model_but_tiles_need_segment(demo_model, segmenter, tmp_path):
     from clipseg.segmenter import Controls
 
     path = save(scene(120, 90), tmp_path / "room.png")
     session, out = segmenter.segment(None, str(path), "red disc", threshold=0.4)
     name = out.summary["images"][0]["prompts"][0]["files"]["mask"]
     before = np.asarray(read_zip(out.zip_path)[0][name]) > 0
-    with vision_tower_calls(model) as calls:
+    with vision_tower_calls(demo_model) as calls:
         session, out = segmenter.rethreshold(session, 0.4, Controls(grow=3))
         assert calls == {} and out.ok, out.message
     after = np.asarray(read_zip(out.zip_path)[0][name]) > 0
@@ -352,14 +346,14 @@ def test_new_post_processing_needs_no_model_but_tiles_need_segment(model, segmen
     assert not out.ok and "press Segment" in out.message
 
 
-def test_tiles_in_the_app_equal_the_predictors_tiles(model, segmenter, tmp_path):
+def test_tiles_in_the_app_equal_the_predictors_tiles(demo_model, segmenter, tmp_path):
     from clipseg.segmenter import Controls
 
     image = scene(200, 150, seed=2)
     path = save(image, tmp_path / "big.png")
     session, out = segmenter.segment(None, str(path), "red disc | sky", controls=Controls(tile=True))
     assert out.ok, out.message and out.summary["pipeline"]["tile"] == 64
-    predictor = Predictor(model)
+    predictor = Predictor(demo_model)
     predictor.set_image(image)
     expected = predictor.predict_masks(["red disc | sky"], tile=64)
     name = out.summary["images"][0]["prompts"][0]["files"]["mask"]
