@@ -40,7 +40,7 @@ from clipseg.cli import (
     output_folder,
     stop,
 )
-from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job, in_turn
+from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job, in_turn, run_and_exit
 from clipseg.failures import (
     FAILURE_IOU,
     INDEX_NAME,
@@ -169,4 +169,4 @@ def find(args: argparse.Namespace, world: Distributed) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -74,7 +74,7 @@ from clipseg.cli import (
     output_folder,
     positive_int,
 )
-from clipseg.distributed import Distributed, JobError, distributed_job, in_turn
+from clipseg.distributed import Distributed, JobError, distributed_job, in_turn, run_and_exit
 from clipseg.expressions import ExpressionError, parse
 from clipseg.folder_prediction import (
     FolderOptions,
@@ -442,4 +442,4 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)

@@ -50,7 +50,7 @@ from clipseg.cli import (
     output_folder,
     stop,
 )
-from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job, in_turn
+from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job, in_turn, run_and_exit
 from clipseg.loading import (
     DATA_KINDS,
     DEFAULT_MODEL,
@@ -271,4 +271,4 @@ def run(args: argparse.Namespace, world: Distributed) -> dict:
 
 
 if __name__ == "__main__":
-    main()  # returns the results; errors exit through cli.stop
+    run_and_exit(main)  # main returns the results (status 0); errors exit through cli.stop

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 import dataset as datasets
 from clipseg import runs
 from clipseg.cli import BAD_INPUT, NOTHING_DONE
+from clipseg.distributed import run_and_exit
 from clipseg.outputs import json_text
 from clipseg.runs import RunFiles
 from clipseg.sampling import (
@@ -192,4 +193,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)

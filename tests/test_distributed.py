@@ -204,3 +204,38 @@ def test_the_ranks_meet_before_leaving_the_process_group_when_all_of_them_are_th
             if raised:
                 raise raised
     assert made == calls
+
+
+RANK_EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from pathlib import Path
+from clipseg.distributed import run_and_exit
+
+out = Path(sys.argv[1])
+def main():
+    atexit.register(lambda: (out / "exit_handler").write_text("ran"))
+    def late_writer():
+        time.sleep(0.3)
+        (out / "thread").write_text("finished")
+    threading.Thread(target=late_writer).start()
+    print("the last line of output", end="")  # buffered: no newline, no flush
+    if sys.argv[2] == "return":
+        return 3
+    if sys.argv[2] == "results":
+        return {"miou": 0.5}  # score.py returns its results: status 0
+    sys.exit("error: a message")
+run_and_exit(main)
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+@pytest.mark.parametrize("how, status", [("return", 3), ("results", 0), ("message", 1)])
+def test_a_command_exits_with_its_status_after_its_output_threads_and_exit_handlers(tmp_path, world_size, how, status):
+    env = {**os.environ, "WORLD_SIZE": world_size, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", RANK_EXIT_SCRIPT, str(tmp_path), how], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == status
+    assert done.stdout == "the last line of output"
+    assert done.stderr == ("error: a message\n" if how == "message" else "")
+    assert (tmp_path / "thread").read_text() == "finished" and (tmp_path / "exit_handler").read_text() == "ran"
