@@ -65,29 +65,25 @@ def test_the_shape_generic_openvino_row_is_reported_but_is_no_default(monkeypatc
     assert check["seconds"]["openvino int8"] == 0.115 and len(check["seconds"]) == 4  # torch x3, openvino int8
 
 
-def test_exported_paths_compile_the_image_encoder_for_the_timed_shape():
+def test_exported_paths_encode_the_image_and_the_text_in_each_call():
     class Runner:  # OpenVinoCLIPSeg's interface, recording what it is asked
-        static_after = 32
-
         def __init__(self):
-            self.compiled = []
-
-        def compile_for(self, shape):
-            self.compiled.append(tuple(shape))
+            self.calls = []
 
         def encode_image(self, pixels):
+            self.calls.append(("image", tuple(pixels.shape)))
             return pixels
 
         def embed_text(self, phrases):
+            self.calls.append(("text", len(phrases)))
             return len(phrases)
 
         def decode(self, features, conditional):
             return torch.zeros(conditional, 1, *features.shape[2:])
 
-    runner, generic = Runner(), Runner()
-    generic.static_after = None
-    paths = path_functions(None, {}, {"openvino_int8": runner, "openvino_int8_generic": generic})
+    runner = Runner()
+    paths = path_functions(None, {}, {"openvino_int8": runner})
     logits = paths["openvino_int8"](torch.zeros(2, 3, 32, 48), ["a", "b"])
-    paths["openvino_int8_generic"](torch.zeros(2, 3, 32, 48), ["a", "b"])
+    paths["openvino_int8"](torch.zeros(2, 3, 32, 48), ["a", "b"])
     assert logits.shape == (2, 1, 32, 48)
-    assert runner.compiled == [(2, 3, 32, 48)] and generic.compiled == []
+    assert runner.calls == [("image", (2, 3, 32, 48)), ("text", 2)] * 2

@@ -7,6 +7,7 @@ in each precision (seconds each). Needs requirements-openvino.txt (`make test` i
 elsewhere, never in CI.
 """
 
+import collections
 import gc
 import json
 import shutil
@@ -38,6 +39,7 @@ from clipseg.onnx.openvino_export import (  # noqa: E402
     is_weighted_matmul,
 )
 from clipseg.segmenter import Segmenter  # noqa: E402
+from clipseg.speed.models import openvino_runners, path_functions  # noqa: E402
 from clipseg.transforms import ImageTransform  # noqa: E402
 from export import main as export_main  # noqa: E402
 from predict import main as predict_main  # noqa: E402
@@ -142,10 +144,12 @@ def test_int8_keeps_the_patch_embedding_and_the_first_recipe_that_passes_in_floa
     assert len(weighted) == len(BLOCK_LAYERS) * blocks  # q, k, v, out, fc1, fc2 per block
     quantisation = json.loads((exports["int8"] / MANIFEST_NAME).read_text())["quantisation"]
     tried = quantisation["recipes_tried"]
-    layers = FLOAT_RECIPES[len(tried) - 1]  # the recipe that passed
-    assert tried[-1]["mask_agreement"] >= AGREEMENT + (RECIPE_MARGIN if len(tried) < len(FLOAT_RECIPES) else 0)
+    recipes = len(FLOAT_RECIPES) * (2 if openvino_backend.native_bf16() else 1)  # x the decoder's precisions
+    assert tried[-1]["mask_agreement"] >= AGREEMENT + (RECIPE_MARGIN if len(tried) < recipes else 0)
     assert all(t["mask_agreement"] < AGREEMENT + RECIPE_MARGIN for t in tried[:-1])
     assert quantisation["kept_in_floating_point"] == tried[-1]["kept_in_floating_point"]
+    assert quantisation["decoder"] == tried[-1]["decoder"]
+    layers = next(r for r in FLOAT_RECIPES if quantisation["kept_in_floating_point"].endswith(f"'s {', '.join(r)}"))
     fake = {"FakeQuantize", "FakeConvert"}
     for index, op in enumerate(weighted):
         block, layer = divmod(index, len(BLOCK_LAYERS))
@@ -156,30 +160,91 @@ def test_int8_keeps_the_patch_embedding_and_the_first_recipe_that_passes_in_floa
 
 
 @pytest.mark.slow
-def test_int8_tries_the_next_recipe_when_the_fastest_fails_its_check(model, onnx_dir, tmp_path, monkeypatch):
-    agreements = iter([0.9905, 0.999])  # the attention projections kept: above the bar, not by the margin; all six
+@pytest.mark.parametrize("native", [True, False])
+def test_int8_tries_the_next_recipe_when_the_fastest_fails_its_check(model, onnx_dir, tmp_path, monkeypatch, native):
+    """Fastest first: the attention projections kept with the mixed decoder, then (native bf16 only, where the two
+    differ) with the decoder in f32, then all six kept; a recipe before the last must pass by RECIPE_MARGIN."""
+    monkeypatch.setattr(openvino_export, "native_bf16", lambda: native)
+    agreements = iter([0.9905, 0.9905, 0.999] if native else [0.9905, 0.999])
     real = openvino_export.mask_agreement
+    decoders_checked = []
 
-    def scripted(*args):
-        return {**real(*args), "mask_agreement": next(agreements)}
+    def scripted(model, runner, *args):
+        decoders_checked.append(bool(openvino_backend.precise_layers(runner.models["decoder"])))
+        return {**real(model, runner, *args), "mask_agreement": next(agreements)}
 
     monkeypatch.setattr(openvino_export, "mask_agreement", scripted)
     manifest = export_openvino(model, tmp_path / "out", "int8", onnx_dir=onnx_dir, bar=0.99)
-    tried = manifest["quantisation"]["recipes_tried"]
-    assert [t["mask_agreement"] for t in tried] == [0.9905, 0.999]
-    assert "q, k, v, out, fc1, fc2" in manifest["quantisation"]["kept_in_floating_point"]
-    assert "fc1" not in tried[0]["kept_in_floating_point"]
+    quantisation = manifest["quantisation"]
+    tried = [
+        (t["kept_in_floating_point"].split("'s ")[1], t["decoder"], t["mask_agreement"])
+        for t in quantisation["recipes_tried"]
+    ]
+    mixed, f32 = openvino_export.DECODER_MIXED, openvino_export.DECODER_F32
+    projections, all_six = "q, k, v, out", "q, k, v, out, fc1, fc2"
+    if native:
+        assert tried == [(projections, mixed, 0.9905), (projections, f32, 0.9905), (all_six, mixed, 0.999)]
+        assert decoders_checked == [True, False, True]
+    else:
+        assert tried == [(projections, mixed, 0.9905), (all_six, mixed, 0.999)]
+        assert decoders_checked == [True, True]
+    assert (quantisation["kept_in_floating_point"].split("'s ")[1], quantisation["decoder"]) == (all_six, mixed)
     assert manifest["accuracy_check"]["mask_agreement"] == 0.999
-    assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["quantisation"] == manifest["quantisation"]
+    assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["quantisation"] == quantisation
+    assert openvino_backend.precise_layers(OpenVinoCLIPSeg(tmp_path / "out").models["decoder"])  # as checked
 
 
-def test_int8_stores_the_text_encoders_weights_in_int8_and_computes_it_and_the_decoder_in_f32(exports):
+def test_int8_stores_the_text_encoders_weights_in_int8_and_computes_it_in_f32(exports):
     sizes = {p: (exports[p] / "text_encoder.bin").stat().st_size for p in ("fp32", "int8")}
     assert sizes["int8"] < 0.4 * sizes["fp32"]
-    runner = OpenVinoCLIPSeg(exports["int8"])
-    for graph in ("text_encoder", "decoder"):
-        compiled = runner.requests[graph].get_compiled_model()
-        assert compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+    compiled = OpenVinoCLIPSeg(exports["int8"]).requests["text_encoder"].get_compiled_model()
+    assert compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+
+
+def runtime_precisions(compiled) -> dict[str, set[str]]:
+    """Layer type -> the precisions OpenVINO's CPU plugin runs its layers of that type in (the compiled graph)."""
+    precisions = collections.defaultdict(set)
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        precisions[info["layerType"].value].add(info["runtimePrecision"].value)
+    return precisions
+
+
+def test_int8_marks_all_of_the_decoder_but_its_attention_and_feed_forward_layers_to_compute_in_f32(model, exports):
+    decoder = OpenVinoCLIPSeg(exports["int8"], static_after=None).models["decoder"]
+    kept = set(openvino_export.decoder_f32_layers(decoder))
+    assert set(openvino_backend.precise_layers(decoder)) == kept  # as decoder.xml holds them
+    topology = (exports["int8"] / "decoder.xml").read_text()
+    assert topology.count('<attribute name="precise" version="0"') == len(kept)
+    blocks = len(model.config.extract_layers)
+    computing = [
+        op for op in decoder.get_ordered_ops() if op.get_type_name() in ("MatMul", "ScaledDotProductAttention")
+    ]
+    left = [op.get_type_name() for op in computing if op.get_friendly_name() not in kept]
+    assert sorted(left) == ["MatMul"] * 2 * blocks + ["ScaledDotProductAttention"] * blocks
+    layer_norms = [op.get_friendly_name() for op in decoder.get_ordered_ops() if op.get_type_name() == "MVN"]
+    assert len(layer_norms) == 2 * blocks and set(layer_norms) <= kept
+    assert not openvino_backend.precise_layers(OpenVinoCLIPSeg(exports["fp32"]).models["decoder"])
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_computes_the_decoders_layer_norms_in_f32_and_its_attention_in_bf16(exports, static):
+    """The marks at work, in the shape-generic graph and in one compiled for a shape (`compile_for`): OpenVINO's
+    CPU plugin keeps the marked layer norms in f32 under int8's bf16 hint, and computes them in bf16 unmarked."""
+    if not openvino_backend.native_bf16():
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX): every graph of int8 computes in f32")
+    runner = OpenVinoCLIPSeg(exports["int8"], static_after=1 if static else None)
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    runner.decode(runner.encode_image(pixels), runner.embed_text(PHRASES[:1]))
+    static_keys = [key for key in runner.static_requests if key[0] == "decoder"]
+    assert len(static_keys) == (1 if static else 0)
+    request = runner.static_requests[static_keys[0]] if static else runner.requests["decoder"]
+    precisions = runtime_precisions(request.get_compiled_model())
+    assert precisions["MVN"] == {"f32"} and "bf16" in precisions["Subgraph"]  # the attention: one Subgraph a block
+    unmarked = openvino_backend.openvino_core().compile_model(
+        OpenVinoCLIPSeg(exports["fp32"]).models["decoder"], "CPU", {"INFERENCE_PRECISION_HINT": "bf16"}
+    )
+    assert runtime_precisions(unmarked)["MVN"] == {"bf16"}
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -200,6 +265,9 @@ def test_compile_config_gives_each_graph_its_precision(monkeypatch, native):
         ("int8", "decoder"): "f32",
     }
     assert openvino_backend.compile_config("int8", 2, "decoder")["INFERENCE_NUM_THREADS"] == 2
+    marked = openvino_backend.compile_config("int8", 2, "decoder", marked=True)  # its f32 layers marked precise
+    assert marked["INFERENCE_PRECISION_HINT"] == rest
+    assert openvino_backend.compile_config("int8", 2, "text_encoder", marked=True)["INFERENCE_PRECISION_HINT"] == "f32"
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
@@ -218,9 +286,43 @@ def test_the_image_encoder_is_compiled_for_a_shape_seen_often_and_gives_the_same
             for a, b in zip(got, expected):
                 scale = max(1.0, b.abs().max().item())
                 assert (a - b).abs().max().item() <= (TOLERANCE if precision == "fp32" else 0.05) * scale
-        compiled = list(runner.static_requests)
+        compiled = [dict(key)["pixel_values"] for graph, key in runner.static_requests if graph == "image_encoder"]
         assert compiled == ([] if round < 2 else shapes[:2])  # the third call compiles; two shapes at most
     assert generic.static_requests == {}
+
+
+def test_the_text_encoder_and_decoder_are_compiled_for_shapes_seen_often_and_give_the_same_logits(exports):
+    generic = OpenVinoCLIPSeg(exports["fp32"], static_after=None)
+    runner = OpenVinoCLIPSeg(exports["fp32"], static_after=2)
+    images = [torch.randn(1, 3, 64, 64), torch.randn(1, 3, 48, 80)]
+    for _ in range(3):
+        for pixels in images:
+            for phrases in (PHRASES[:1], PHRASES):
+                expected = generic.decode(generic.encode_image(pixels), generic.embed_text(phrases))
+                got = runner.decode(runner.encode_image(pixels), runner.embed_text(phrases))
+                assert got.shape == expected.shape == (len(phrases), 1, *pixels.shape[2:])
+                scale = max(1.0, expected.abs().max().item())
+                assert (got - expected).abs().max().item() <= TOLERANCE * scale
+    compiled = collections.Counter(graph for graph, _ in runner.static_requests)
+    # two image shapes; two token shapes (1 and 3 prompts); the decoder per patch grid and prompt count
+    assert compiled == {"image_encoder": 2, "text_encoder": 2, "decoder": 4}
+    grids = {dict(key)["grid"] for graph, key in runner.static_requests if graph == "decoder"}
+    assert grids == {(4, 4), (3, 5)}
+
+
+@pytest.mark.slow
+def test_bench_times_openvino_compiled_for_the_timed_shapes_beside_the_shape_generic_int8(model, onnx_dir, tmp_path):
+    shutil.copytree(onnx_dir, tmp_path / "onnx")  # where bench.py's ONNX row wrote it
+    runners = openvino_runners(model, tmp_path)
+    precisions = ["fp32", "int8"] + (["bf16"] if openvino_backend.native_bf16() else [])
+    assert set(runners) == {f"openvino_{p}" for p in precisions} | {"openvino_int8_generic"}
+    paths = path_functions(None, {}, runners)
+    pixels = torch.randn(1, 3, 64, 64)
+    for name in runners:
+        paths[name](pixels, PHRASES[:1])  # the warm-up call
+    compiled = collections.Counter(graph for graph, _ in runners["openvino_int8"].static_requests)
+    assert compiled == {"image_encoder": 1, "text_encoder": 1, "decoder": 1}  # as predict.py after many images
+    assert runners["openvino_int8_generic"].static_requests == {}
 
 
 def test_manifest_records_the_precision_and_the_accuracy_check(exports):
@@ -283,7 +385,7 @@ def test_files_changed_after_the_check_change_nothing_the_backend_computes(expor
     weights = folder / "image_encoder.bin"
     with open(weights, "r+b") as handle:  # what an attacker with write access does once the check has passed
         handle.write(np.full(weights.stat().st_size // 4, 7.0, dtype=np.float32).tobytes())
-    model.compile_for(tuple(pixels.shape))
+    model.compile_for("image_encoder", {"pixel_values": pixels.numpy()})
     for got, want in zip(model.encode_image(pixels).activations, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE * max(1.0, want.abs().max().item()))
 

@@ -15,14 +15,15 @@ that is a multiple of the patch, any number of prompts. `OpenVinoCLIPSeg` shares
 - `bf16`: the hint bf16, on CPUs that compute bf16 natively (`native_bf16`); refused elsewhere, where OpenVINO
   would silently run f32.
 - `int8`: an image encoder quantised by NNCF (int8 weights and activations) and a text encoder with int8 weights
-  (computed in f32); what stays in floating point (the layers left unquantised, the decoder) computes in bf16 on
-  CPUs with native bf16, else f32.
+  (computed in f32); what stays in floating point (the layers left unquantised, the decoder's attention and
+  feed-forward layers) computes in bf16 on CPUs with native bf16, else f32; the rest of the decoder in f32.
 
-The image encoder's graph takes any shape; once `static_after` images (default STATIC_AFTER) of one input shape
-have run, it is also compiled for exactly that shape (about 7 s at ViT-B/16), which runs faster (`compile_for`).
-The two compilations round differently (ViT-B/16 int8: activations within 0.03 of each other, masks within the
-export's agreement bar), so an image's logits then depend on how many images of its shape came before it in the
-process: scoring (score.py, failure_test.py) turns it off (`static_after=None`) so that its numbers do not.
+The graphs take any shape; once a graph has run `static_after` times (default STATIC_AFTER) on one input shape
+(the decoder: one patch grid and prompt count), it is also compiled for exactly that shape, which runs faster
+(`compile_for`; the image encoder's takes about 7 s at ViT-B/16). The two compilations round differently (ViT-B/16
+int8: activations within 0.03 of each other, masks within the export's agreement bar), so an image's logits then
+depend on how many images of its shape came before it in the process: scoring (score.py, failure_test.py) turns
+it off (`static_after=None`) so that its numbers do not.
 
 The Predictor adds nothing on the PyTorch side (`precisions` is ('fp32',): no autocast, no quantisation).
 
@@ -215,14 +216,25 @@ def inference_precision_hint(precision: str) -> str:
 # mask agreement with PyTorch fp32 and in f32 about 4 ms a prediction (ViT-B/16 at 352 px with the refined head,
 # random weights, one AMX thread: 99.63 / 99.65 / 99.65% on noise / the examples / generated scenes with the
 # decoder in bf16, 99.74 / 99.74 / 99.76% in f32), which lets the faster int8 recipe pass the check with margin.
+# A decoder whose graph marks the operations to keep in f32 (`precise_layers`; int8 exports mark all but its
+# attention and feed-forward layers) takes the int8 hint instead: bf16 where marked nothing, f32 where marked.
 FP32_IN_INT8 = ("text_encoder", "decoder")
+# The runtime-info key under which OpenVINO holds an IR layer's `precise` attribute (<rt_info><attribute
+# name="precise" version="0"/></rt_info>): its CPU plugin computes such an operation in f32 under a bf16 hint.
+PRECISE_KEY = "DisablePrecisionConversion_0"
 
 
-def compile_config(precision: str, threads: int | None, graph: str = "image_encoder") -> dict:
+def precise_layers(model) -> list[str]:
+    """The names of `model`'s operations marked to compute in f32 whatever the hint (PRECISE_KEY)."""
+    return [op.get_friendly_name() for op in model.get_ordered_ops() if PRECISE_KEY in op.get_rt_info()]
+
+
+def compile_config(precision: str, threads: int | None, graph: str = "image_encoder", marked: bool = False) -> dict:
     """OpenVINO's CPU compile options for `graph` of an export in `precision`: its inference precision, latency mode,
     `threads` threads. An int8 export computes two graphs in f32 (FP32_IN_INT8): the text encoder, whose weights
-    are int8 (at a prompt's few tokens f32 was faster than bf16), and the decoder, whose masks moved most in bf16."""
-    if precision == "int8" and graph in FP32_IN_INT8:
+    are int8 (at a prompt's few tokens f32 was faster than bf16), and the decoder, whose masks moved most in bf16,
+    unless `marked`: its graph marks the operations kept in f32 (`precise_layers`), and the rest takes int8's hint."""
+    if precision == "int8" and graph in FP32_IN_INT8 and not (graph == "decoder" and marked):
         hint = "f32"
     else:
         hint = inference_precision_hint(precision)
@@ -232,11 +244,16 @@ def compile_config(precision: str, threads: int | None, graph: str = "image_enco
     return config
 
 
-# Images of one input shape after which the image encoder is compiled for that shape. At ViT-B/16 (int8, one AMX
-# thread) the compilation took about 6.5 s and saved about 9 ms an image (120 -> 111 ms a prediction): it pays
-# back after some 700 more images, so only a shape that has already come 256 times gets it.
+# Calls of a graph with one input shape after which it is compiled for that shape. At ViT-B/16 (int8, one AMX
+# thread) the image encoder's compilation took about 6.5 s and saved about 9 ms an image (120 -> 111 ms a
+# prediction): it pays back after some 700 more images, so only a shape that has already come 256 times gets it.
+# The text encoder (0.2 s, 7.2 -> 5.6 ms at a prompt of 8 tokens) and the decoder (0.07 s, 10.0 -> 8.9 ms) pay back
+# sooner and follow the same rule.
 STATIC_AFTER = 256
-STATIC_SHAPES = 4  # at most this many shapes are compiled so per instance
+STATIC_SHAPES = 4  # at most this many shapes of each graph are compiled so per instance
+# Inputs whose values (not only their shapes) set the shapes inside a graph: a graph compiled for a shape has them
+# folded in as constants.
+VALUE_INPUTS = ("grid",)
 
 
 class OpenVinoCLIPSeg(ExportedCLIPSeg):
@@ -245,8 +262,8 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
     directory: the folder `export_openvino` wrote. threads: OpenVINO's inference threads (default: its own choice).
     manifest and models: the export's manifest and OpenVINO models when the caller has them in memory
     (`export_openvino` checks them before it writes anything); the folder is then not read. static_after: after
-    this many calls of the image encoder with one input shape, it is compiled for that shape (`compile_for`), for
-    up to STATIC_SHAPES shapes; None: never."""
+    this many calls of a graph with one input shape (for the decoder: one patch grid and prompt count), that graph
+    is compiled for that shape (`compile_for`), for up to STATIC_SHAPES shapes per graph; None: never."""
 
     runtime = "OpenVINO"
 
@@ -275,52 +292,68 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
                 name: read_graph(ov, self.core, self.directory, name, self.manifest["files"]) for name in IR_FILES
             }
         self.threads, self.static_after = threads, static_after
-        self.image_encoder = models["image_encoder"]
+        self.models = models
         self.requests = {name: self.compile(model, name) for name, model in models.items()}
         self.activation_names = [output.get_any_name() for output in models["image_encoder"].outputs]
-        self.static_requests: dict[tuple[int, ...], object] = {}  # input shape -> request compiled for it
+        self.static_requests: dict[tuple, object] = {}  # (graph, shape key) -> request compiled for that shape
         self.shape_counts: collections.Counter = collections.Counter()
 
     def compile(self, model, graph: str):
         """An inference request of `model` (graph `graph`) compiled for the CPU; OpenVinoBackendError if it cannot."""
+        config = compile_config(self.precision, self.threads, graph, marked=bool(precise_layers(model)))
         try:
-            compiled = self.core.compile_model(model, "CPU", compile_config(self.precision, self.threads, graph))
+            compiled = self.core.compile_model(model, "CPU", config)
         except Exception as err:  # OpenVINO's compile errors are RuntimeError and others
             raise OpenVinoBackendError(
                 f"{self.directory / IR_FILES[graph][0]}: OpenVINO cannot compile it ({err}); export the model again"
             ) from err
         return compiled.create_infer_request()
 
-    def compile_for(self, shape: tuple[int, ...]) -> None:
-        """Compile the image encoder for pixel values of exactly `shape` (B, 3, H, W), used from then on for that
-        shape. About 7 s at ViT-B/16 (mostly folding the position-embedding resize into constants); one AMX thread,
-        352 px, int8, a prediction then took 111 ms instead of 120: the shape-generic graph keeps parts of attention
-        and the elementwise operations apart."""
-        shape = tuple(shape)
-        if shape not in self.static_requests:
-            model = self.image_encoder.clone()
-            model.reshape({model.inputs[0].get_any_name(): list(shape)})
-            self.static_requests[shape] = self.compile(model, "image_encoder")
+    def compile_for(self, graph: str, feed: dict[str, np.ndarray]) -> None:
+        """Compile `graph` for inputs of exactly the shapes of `feed` (its VALUE_INPUTS folded in as constants), used
+        from then on for those. The image encoder: about 7 s at ViT-B/16 (mostly folding the position-embedding
+        resize into constants); one AMX thread, 352 px, int8, a prediction then took 111 ms instead of 120: the
+        shape-generic graph keeps parts of attention and the elementwise operations apart."""
+        key = (graph, shape_key(feed))
+        if key in self.static_requests:
+            return
+        ov = import_openvino()
+        model = self.models[graph].clone()
+        for parameter in [p for p in model.get_parameters() if p.get_friendly_name() in VALUE_INPUTS]:
+            constant = ov.op.Constant(feed[parameter.get_friendly_name()])
+            for target in list(parameter.output(0).get_target_inputs()):
+                target.replace_source_output(constant.output(0))
+            model.remove_parameter(parameter)
+        model.reshape({name: list(value.shape) for name, value in feed.items() if name not in VALUE_INPUTS})
+        self.static_requests[key] = self.compile(model, graph)
 
     def inference_precision(self) -> str:
         """The precision OpenVINO compiled the image encoder for ('f32' or 'bf16'), as its CPU plugin reports it."""
         compiled = self.requests["image_encoder"].get_compiled_model()
         return compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
-    def image_request(self, shape: tuple[int, ...]):
-        """The image encoder's request for `shape`: one compiled for it (made once the shape was seen
-        `static_after` times, up to STATIC_SHAPES shapes), else the shape-generic one."""
-        if shape not in self.static_requests and self.static_after is not None:
-            self.shape_counts[shape] += 1
-            if self.shape_counts[shape] >= self.static_after and len(self.static_requests) < STATIC_SHAPES:
-                self.compile_for(shape)
-        return self.static_requests.get(shape, self.requests["image_encoder"])
+    def request(self, graph: str, feed: dict[str, np.ndarray]):
+        """`graph`'s request for `feed`: one compiled for its shapes (made once they were seen `static_after` times,
+        up to STATIC_SHAPES shapes per graph), else the shape-generic one."""
+        key = (graph, shape_key(feed))
+        if key not in self.static_requests and self.static_after is not None:
+            self.shape_counts[key] += 1
+            compiled = sum(name == graph for name, _ in self.static_requests)
+            if self.shape_counts[key] >= self.static_after and compiled < STATIC_SHAPES:
+                self.compile_for(graph, feed)
+        return self.static_requests.get(key, self.requests[graph])
 
     def _run(self, graph: str, **inputs: Tensor) -> list[Tensor]:
         feed = {name: np.ascontiguousarray(value.detach().cpu().numpy()) for name, value in inputs.items()}
-        if graph == "image_encoder":
-            request = self.image_request(next(iter(feed.values())).shape)
-        else:
-            request = self.requests[graph]
+        request = self.request(graph, feed)
+        if request is not self.requests[graph]:
+            feed = {name: value for name, value in feed.items() if name not in VALUE_INPUTS}
         results = request.infer(feed, share_outputs=False)
         return [torch.from_numpy(results[output]) for output in request.model_outputs]
+
+
+def shape_key(feed: dict[str, np.ndarray]) -> tuple:
+    """What a graph compiled for `feed`'s shapes is compiled for: each input's shape, and the values of VALUE_INPUTS."""
+    return tuple(
+        (name, tuple(value.tolist()) if name in VALUE_INPUTS else value.shape) for name, value in sorted(feed.items())
+    )

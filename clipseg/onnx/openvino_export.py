@@ -19,12 +19,13 @@ within `clipseg.onnx.export.VERIFY_TOLERANCE` of PyTorch's logits and embeddings
 int8: NNCF post-training quantisation of the image encoder (the vision blocks up to the deepest extracted one; most
 of the time of a prediction), as a transformer (`ModelType.TRANSFORMER`) with SmoothQuant, calibrated on the
 calibration images (default: the shipped examples and `CALIBRATION_SCENES` generated scenes) and their mirror
-images. The patch embedding and some of the first blocks' linear layers stay in floating point: the recipes of
-`FLOAT_RECIPES` are tried in order, fastest first, and the first whose accuracy check passes is kept (all but the
-last with RECIPE_MARGIN to spare; the manifest records each one tried). The text encoder's weights are stored in
-int8 (NNCF weight compression; it computes in f32, faster than bf16 from float weights at a few tokens); the decoder
-computes in f32 (`openvino_backend.FP32_IN_INT8`) and the image-prompt head in bf16 on CPUs with native bf16, else
-f32.
+images. The patch embedding and some of the first blocks' linear layers stay in floating point, and the decoder
+computes in f32 but for its attention and feed-forward layers, which compute in bf16 on CPUs with native bf16
+(`decoder_f32_layers`, written into decoder.xml as OpenVINO's `precise` attribute), or all in f32: the recipes of
+`FLOAT_RECIPES` x `DECODER_MIXED`, `DECODER_F32` are tried in order, fastest first, and the first whose accuracy
+check passes is kept (all but the last with RECIPE_MARGIN to spare; the manifest records each one tried). The text
+encoder's weights are stored in int8 (NNCF weight compression; it computes in f32, faster than bf16 from float
+weights at a few tokens); the image-prompt head computes in bf16 on CPUs with native bf16, else f32.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from xml.etree import ElementTree
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,6 +60,9 @@ from clipseg.onnx.openvino_backend import (
     check_precision_runs,
     import_openvino,
     inference_precision_hint,
+    native_bf16,
+    openvino_core,
+    precise_layers,
     signal_stack_kept,
 )
 from clipseg.outputs import check_writable, write_json
@@ -172,6 +178,11 @@ BLOCK_LAYERS = ("q", "k", "v", "out", "fc1", "fc2")  # a block's linear layers, 
 # With the decoder in bf16 they gave 99.53 / 99.58 / 99.59% and 99.63 / 99.65 / 99.65%, and nothing kept but the
 # patch embedding 99.52 / 99.53 / 99.56% (too close to the bar).
 FLOAT_RECIPES = (("q", "k", "v", "out"), BLOCK_LAYERS)
+# How the decoder computes, tried in this order for each recipe (the second only on CPUs with native bf16):
+# `decoder_f32_layers` in f32 and its attention and feed-forward layers in the image encoder's floating-point
+# precision (bf16 there), or all of it in f32 (`openvino_backend.compile_config`).
+DECODER_MIXED = "f32 but its attention and feed-forward layers"
+DECODER_F32 = "f32"
 # A recipe before the last must pass the bar by this much: the check's few images estimate the agreement elsewhere
 # only so well (the attention projections with the decoder in bf16: 99.57% on the examples, 99.49-99.52% on
 # bench.py's noise image in two runs of `python bench.py --only-precision --refined`).
@@ -205,6 +216,77 @@ def is_weighted_matmul(op) -> bool:
         if source.get_type_name() == "Constant":
             return True
     return False
+
+
+def decoder_f32_layers(decoder) -> list[str]:
+    """The decoder's operations an int8 export marks to compute in f32 where the rest computes in bf16: all but its
+    attention (ScaledDotProductAttention) and its blocks' feed-forward layers (`feed_forward_matmuls`). OpenVINO's
+    CPU plugin then keeps the layer norms, residual additions and FiLM in f32 (at ViT-B/16 the other linear layers
+    too; at the tiny test model's sizes it computes every linear layer in bf16 all the same). Measured (ViT-B/16 at
+    352 px, refined head, random weights, the attention projections of blocks 0-2 kept, one AMX thread, every graph
+    compiled for the shape): the decoder all in f32 99.65 / 99.68% mask agreement on the examples / bench.py's
+    scenes at 105.4 ms a prediction, so 99.63 / 99.67% at 101.4 ms, all in bf16 99.57 / 99.60% at 99.5 ms."""
+    in_bf16 = feed_forward_matmuls(decoder)
+    return [
+        op.get_friendly_name()
+        for op in decoder.get_ordered_ops()
+        if op.get_type_name() not in ("Constant", "Parameter", "Result", "ScaledDotProductAttention")
+        and op.get_friendly_name() not in in_bf16
+    ]
+
+
+def feed_forward_matmuls(graph) -> set[str]:
+    """The names of `graph`'s feed-forward layers: each pair of weighted MatMuls with a ReLU between (the first's
+    output through its bias Add)."""
+    names = set()
+    for relu in (op for op in graph.get_ordered_ops() if op.get_type_name() == "Relu"):
+        producer = relu.input(0).get_source_output().get_node()
+        candidates = [producer]
+        if producer.get_type_name() == "Add":
+            candidates += [port.get_source_output().get_node() for port in producer.inputs()]
+        first = next((op for op in candidates if is_weighted_matmul(op)), None)
+        consumers = [target.get_node() for target in relu.output(0).get_target_inputs()]
+        if first is not None and len(consumers) == 1 and is_weighted_matmul(consumers[0]):
+            names.update({first.get_friendly_name(), consumers[0].get_friendly_name()})
+    return names
+
+
+def with_precise_layers(topology: bytes, names: Sequence[str]) -> bytes:
+    """An IR topology (.xml) with OpenVINO's `precise` runtime attribute on the layers `names`: its CPU plugin
+    computes them in f32 under a bf16 hint (`openvino_backend.PRECISE_KEY`). OpenVINO's Python API can neither set
+    the attribute nor write it (save_model drops it), so it is written into the XML."""
+    root = ElementTree.fromstring(topology)
+    wanted = set(names)
+    for layer in root.iter("layer"):
+        if layer.get("name") not in wanted:
+            continue
+        rt_info = layer.find("rt_info")
+        if rt_info is None:
+            rt_info = ElementTree.Element("rt_info")
+            layer.insert(0, rt_info)
+        if not any(attribute.get("name") == "precise" for attribute in rt_info.iter("attribute")):
+            ElementTree.SubElement(rt_info, "attribute", name="precise", version="0")
+    return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def ir_bytes(model) -> tuple[bytes, bytes]:
+    """`model` as IR: its topology (.xml) and weights (.bin), as `save` writes them, precise layers included."""
+    ov = import_openvino()
+    with tempfile.TemporaryDirectory(prefix="clipseg-ir-") as folder:
+        xml = Path(folder) / "graph.xml"
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        topology, weights = xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
+    names = precise_layers(model)
+    return (with_precise_layers(topology, names) if names else topology), weights
+
+
+def with_f32_layers(model, names: Sequence[str]):
+    """`model` read again from its IR with the layers `names` marked precise (`with_precise_layers`)."""
+    ov = import_openvino()
+    topology, weights = ir_bytes(model)
+    return openvino_core().read_model(
+        with_precise_layers(topology, names), ov.Tensor(np.frombuffer(weights, dtype=np.uint8).copy())
+    )
 
 
 SMOOTH_QUANT_ALPHA = 0.5  # NNCF's SmoothQuant on the MatMuls: activation outliers moved into the weights
@@ -341,17 +423,20 @@ def export_openvino(
     else:
         blocks = max(model.config.extract_layers) + 1
         models["text_encoder"] = compress_text_encoder(models["text_encoder"])
-        float_encoder, tried = models["image_encoder"], []
-        for layers in FLOAT_RECIPES:  # fastest first; the first that passes the check is kept
-            models["image_encoder"] = quantize_image_encoder(float_encoder.clone(), calibration, blocks, layers)
+        decoders = {DECODER_MIXED: with_f32_layers(models["decoder"], decoder_f32_layers(models["decoder"]))}
+        if native_bf16():  # elsewhere the two compute alike, in f32
+            decoders[DECODER_F32] = models["decoder"]
+        recipes = [(layers, decoder) for layers in FLOAT_RECIPES for decoder in decoders]
+        float_encoder, tried, quantised = models["image_encoder"], [], {}
+        for layers, decoder in recipes:  # fastest first; the first that passes the check is kept
+            if layers not in quantised:
+                quantised[layers] = quantize_image_encoder(float_encoder.clone(), calibration, blocks, layers)
+            models["image_encoder"], models["decoder"] = quantised[layers], decoders[decoder]
             manifest = checked(models)
             kept = f"the patch embedding and blocks 0-{min(KEPT_BLOCKS, blocks) - 1}'s {', '.join(layers)}"
-            tried.append(
-                {"kept_in_floating_point": kept, "mask_agreement": manifest["accuracy_check"]["mask_agreement"]}
-            )
-            if manifest["accuracy_check"]["mask_agreement"] >= bar + (
-                RECIPE_MARGIN if layers != FLOAT_RECIPES[-1] else 0
-            ):
+            agreement = manifest["accuracy_check"]["mask_agreement"]
+            tried.append({"kept_in_floating_point": kept, "decoder": decoder, "mask_agreement": agreement})
+            if agreement >= bar + (RECIPE_MARGIN if (layers, decoder) != recipes[-1] else 0):
                 break
         manifest["quantisation"] = {
             "tool": "nncf",
@@ -359,6 +444,7 @@ def export_openvino(
             "model_type": "transformer",
             "smooth_quant_alpha": SMOOTH_QUANT_ALPHA,
             "kept_in_floating_point": kept,
+            "decoder": decoder,
             "recipes_tried": tried,
             "calibration_images": [Path(image).name for image in calibration_images],
             "generated_scenes": scenes,
@@ -411,14 +497,14 @@ def refuse_failed_check(manifest: dict, precision: str, out_dir: Path) -> None:
 
 
 def save(models: dict, manifest: dict, out_dir: Path) -> None:
-    """The IR files (weights as they are: no fp16 compression), their SHA-256s into the manifest, the manifest last;
-    an older export's manifest in `out_dir` is removed first."""
-    ov = import_openvino()
+    """The IR files (`ir_bytes`: weights as they are, no fp16 compression), their SHA-256s into the manifest, the
+    manifest last; an older export's manifest in `out_dir` is removed first."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     manifest["files"] = {}
     for name, model in models.items():
         xml, weights = (out_dir / file for file in IR_FILES[name])
-        ov.save_model(model, str(xml), compress_to_fp16=False)
+        for path, data in zip((xml, weights), ir_bytes(model)):
+            path.write_bytes(data)
         manifest["files"].update({xml.name: graph_sha256(xml), weights.name: graph_sha256(weights)})
     write_json(out_dir / MANIFEST_NAME, manifest)

@@ -242,8 +242,6 @@ def path_functions(hf, models: dict, runners: dict) -> dict:
 
     def exported(runner):
         def run(pixels, phrases):
-            if getattr(runner, "static_after", None) is not None:  # as predict.py runs after STATIC_AFTER images
-                runner.compile_for(pixels.shape)  # of this shape (OpenVinoCLIPSeg.image_request); once per shape
             return runner.decode(runner.encode_image(pixels), runner.embed_text(phrases))
 
         return run
@@ -375,11 +373,12 @@ def onnx_runner(model, folder: Path):
 def openvino_runners(model, folder: Path) -> dict:
     """The benchmark model's ONNX export in `folder`/onnx converted to OpenVINO in fp32, bf16 (native bf16 only) and
     int8 (NNCF, calibrated on the shipped examples and generated scenes), loaded with torch's thread count:
-    {"openvino_<precision>": runner} with the image encoder compiled for each timed shape (as predict.py runs once
-    it has seen STATIC_AFTER images of a shape), and "openvino_int8_generic": the int8 export's shape-generic graph
-    (the first images of each shape); empty (with a message) without requirements-openvino.txt. int8 is exported
-    as `--backend auto` converts it (the first of its recipes that passes the 99.5% bar); a conversion that fails
-    its check is exported again without a bar (the fastest recipe), so every row is reported with its agreement."""
+    {"openvino_<precision>": runner} with its graphs compiled for each shape at its first call, the warm-up (as
+    predict.py runs once it has seen STATIC_AFTER images of a shape), and "openvino_int8_generic": the int8
+    export's shape-generic graphs (the first images of each shape); empty (with a message) without
+    requirements-openvino.txt. int8 is exported as `--backend auto` converts it (the first of its recipes that
+    passes the 99.5% bar); a conversion that fails its check is exported again without a bar (the fastest recipe),
+    so every row is reported with its agreement."""
     from clipseg.onnx.openvino_backend import OpenVinoBackendError, OpenVinoCLIPSeg, native_bf16
 
     try:
@@ -409,7 +408,7 @@ def openvino_runners(model, folder: Path) -> dict:
             f"precision paths: OpenVINO {precision}: export check {100 * check['mask_agreement']:.2f}% agreement"
             + (f"; kept in floating point: {kept}" if kept else "")
         )
-        runners[f"openvino_{precision}"] = OpenVinoCLIPSeg(out, threads=torch.get_num_threads())
+        runners[f"openvino_{precision}"] = OpenVinoCLIPSeg(out, threads=torch.get_num_threads(), static_after=1)
         if precision == "int8":  # the shape-generic graph as well: what the first images of each shape run
             runners["openvino_int8_generic"] = OpenVinoCLIPSeg(out, threads=torch.get_num_threads(), static_after=None)
     return runners
