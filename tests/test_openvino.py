@@ -224,6 +224,11 @@ def test_int8_marks_all_of_the_decoder_but_its_attention_and_feed_forward_layers
     assert sorted(left) == ["MatMul"] * 2 * blocks + ["ScaledDotProductAttention"] * blocks
     layer_norms = [op.get_friendly_name() for op in decoder.get_ordered_ops() if op.get_type_name() == "MVN"]
     assert len(layer_norms) == 2 * blocks and set(layer_norms) <= kept
+    relus = [op for op in decoder.get_ordered_ops() if op.get_type_name() == "Relu"]
+    feed_forward_relus = [op.get_friendly_name() for op in relus if op.get_friendly_name() not in kept]
+    assert len(feed_forward_relus) == blocks  # between the two products of each block, with the first's bias Add
+    biases = [op.input(0).get_source_output().get_node() for op in relus if op.get_friendly_name() not in kept]
+    assert {op.get_type_name() for op in biases} == {"Add"} and not {op.get_friendly_name() for op in biases} & kept
     assert not openvino_backend.precise_layers(OpenVinoCLIPSeg(exports["fp32"]).models["decoder"])
 
 
