@@ -94,7 +94,8 @@ FASTEST_BY_CPU_CLASS = {"amx": "bf16", "vnni": "int8", "other": "fp32"}
 # clipseg/onnx/openvino_cache.py): on an AMX Xeon, the same bench.py command with its OpenVINO rows (2026-12-04,
 # README "The OpenVINO backend", with the refined head), batch 1: OpenVINO int8 5.73x HF fp32 with its graphs
 # compiled for the shape (5.95x in another run), 4.83x shape-generic (99.58% agreement on noise, 99.67% on scenes)
-# against PyTorch bf16 4.23x (99.58%) and OpenVINO bf16 4.25x. Classes not listed have not been measured with OpenVINO and keep PyTorch.
+# against PyTorch bf16 4.23x (99.58%) and OpenVINO bf16 4.25x. Classes not listed have not been measured with
+# OpenVINO and keep PyTorch.
 OPENVINO_BY_CPU_CLASS = {"amx": "int8"}
 # ... for models at least as large as the one measured (ViT-B/16: a vision tower 768 wide); smaller ones (the demo's
 # tiny model) stay in PyTorch, where a conversion would cost more than it saves.
