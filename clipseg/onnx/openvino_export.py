@@ -275,24 +275,15 @@ def with_precise_layers(topology: bytes, names: Sequence[str]) -> bytes:
     return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
-def ir_bytes(model) -> tuple[bytes, bytes]:
-    """`model` as IR: its topology (.xml) and weights (.bin), as `save` writes them, precise layers included."""
+def with_f32_layers(model, names: Sequence[str]):
+    """`model` (marked nowhere yet) read again from its IR with the layers `names` marked precise
+    (`with_precise_layers`), as `save` writes it."""
     ov = import_openvino()
     with tempfile.TemporaryDirectory(prefix="clipseg-ir-") as folder:
         xml = Path(folder) / "graph.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)
-        topology, weights = xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
-    names = precise_layers(model)
-    return (with_precise_layers(topology, names) if names else topology), weights
-
-
-def with_f32_layers(model, names: Sequence[str]):
-    """`model` read again from its IR with the layers `names` marked precise (`with_precise_layers`)."""
-    ov = import_openvino()
-    topology, weights = ir_bytes(model)
-    return openvino_core().read_model(
-        with_precise_layers(topology, names), ov.Tensor(np.frombuffer(weights, dtype=np.uint8).copy())
-    )
+        topology, weights = with_precise_layers(xml.read_bytes(), names), xml.with_suffix(".bin").read_bytes()
+    return openvino_core().read_model(topology, ov.Tensor(np.frombuffer(weights, dtype=np.uint8).copy()))
 
 
 SMOOTH_QUANT_ALPHA = 0.5  # NNCF's SmoothQuant on the MatMuls: activation outliers moved into the weights
@@ -503,14 +494,17 @@ def refuse_failed_check(manifest: dict, precision: str, out_dir: Path) -> None:
 
 
 def save(models: dict, manifest: dict, out_dir: Path) -> None:
-    """The IR files (`ir_bytes`: weights as they are, no fp16 compression), their SHA-256s into the manifest, the
-    manifest last; an older export's manifest in `out_dir` is removed first."""
+    """The IR files (weights as they are: no fp16 compression; precise layers marked, `with_precise_layers`), their
+    SHA-256s into the manifest, the manifest last; an older export's manifest in `out_dir` is removed first."""
+    ov = import_openvino()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     manifest["files"] = {}
     for name, model in models.items():
         xml, weights = (out_dir / file for file in IR_FILES[name])
-        for path, data in zip((xml, weights), ir_bytes(model)):
-            path.write_bytes(data)
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        names = precise_layers(model)
+        if names:  # save_model does not write them
+            xml.write_bytes(with_precise_layers(xml.read_bytes(), names))
         manifest["files"].update({xml.name: graph_sha256(xml), weights.name: graph_sha256(weights)})
     write_json(out_dir / MANIFEST_NAME, manifest)
