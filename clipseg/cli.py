@@ -310,8 +310,8 @@ PRECISION_HELP = {
     "predict": "fp32; bf16 (autocast where the CPU or GPU computes bf16 natively, fp32 with a warning elsewhere); int8 "
     "(dynamic int8 quantisation of the image tower's linear layers, CPU only; text tower and decoder in fp32). "
     "Default: the fastest that keeps >= 99.5%% of fp32's mask pixels on this class of CPU: bf16 with AMX, int8 with "
-    "VNNI but no AMX, else fp32; fp32 on GPUs (clipseg/precision.py); with AMX and OpenVINO installed, --backend "
-    "auto runs OpenVINO int8 unless a precision is given",
+    "VNNI but no AMX, else fp32; fp32 on GPUs (clipseg/precision.py); with AMX or VNNI and OpenVINO installed, "
+    "--backend auto runs OpenVINO int8 unless a precision is given",
     "train": "mixed precision of the training steps: bf16 (the default: bf16 where the CPU or GPU computes it "
     "natively, fp16 with a gradient scaler on GPUs without bf16, fp32 on CPUs without native bf16, where it is "
     "several times faster) or fp32; validation runs in fp32",
@@ -352,9 +352,9 @@ BACKEND_HELP = (
 AUTO_BACKEND_HELP = (
     "auto (the default, or $CLIPSEG_BACKEND's value): an export folder given as --model runs in its backend; with "
     "--precision, --amp or a GPU, torch; else this CPU's fastest measured path (clipseg/precision.py): OpenVINO int8 "
-    "on CPUs with AMX when requirements-openvino.txt is installed, for models from ViT-B up (converted once, a few "
-    "minutes, and cached; PyTorch if the conversion fails its accuracy check), otherwise torch in the precision of "
-    "--precision's default. "
+    "on CPUs with AMX or VNNI when requirements-openvino.txt is installed, for models from ViT-B up (converted once, "
+    "a few minutes, and cached; PyTorch if the conversion fails its accuracy check), otherwise torch in the precision "
+    "of --precision's default. "
 )
 
 

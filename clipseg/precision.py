@@ -91,12 +91,14 @@ def autocast(device: str | torch.device, enabled: bool = True) -> AbstractContex
 FASTEST_BY_CPU_CLASS = {"amx": "bf16", "vnni": "int8", "other": "fp32"}
 # Where OpenVINO (optional: requirements-openvino.txt) is installed, prediction on these CPU classes runs the model
 # converted to OpenVINO in this precision (`default_path`; the conversion is made once per model and cached,
-# clipseg/onnx/openvino_cache.py): on an AMX Xeon, the same bench.py command with its OpenVINO rows (2026-12-04,
-# README "The OpenVINO backend", with the refined head), batch 1: OpenVINO int8 5.73x HF fp32 with its graphs
-# compiled for the shape (5.95x in another run), 4.83x shape-generic (99.58% agreement on noise, 99.67% on scenes)
-# against PyTorch bf16 4.23x (99.58%) and OpenVINO bf16 4.25x. Classes not listed have not been measured with
-# OpenVINO and keep PyTorch.
-OPENVINO_BY_CPU_CLASS = {"amx": "int8"}
+# clipseg/onnx/openvino_cache.py). The same bench.py command with its OpenVINO rows (README "The OpenVINO backend",
+# with the refined head), batch 1, OpenVINO's graphs compiled for the shape:
+# - amx, on an AMX Xeon (2026-12-04): OpenVINO int8 5.73x HF fp32 (5.95x in another run), 4.83x shape-generic
+#   (99.58% agreement on noise, 99.67% on scenes), against PyTorch bf16 4.23x (99.58%) and OpenVINO bf16 4.25x.
+# - vnni, on an AMD EPYC with AVX512-VNNI and AVX512-BF16 (2026-12-04): OpenVINO int8 4.33x (99.57% / 99.66%),
+#   against OpenVINO bf16 2.73x, PyTorch int8 2.90x and PyTorch bf16 2.03x.
+# The class without VNNI has not been measured on such a CPU and keeps PyTorch.
+OPENVINO_BY_CPU_CLASS = {"amx": "int8", "vnni": "int8"}
 # ... for models at least as large as the one measured (ViT-B/16: a vision tower 768 wide); smaller ones (the demo's
 # tiny model) stay in PyTorch, where a conversion would cost more than it saves.
 OPENVINO_MIN_VISION_WIDTH = 768

@@ -13,7 +13,7 @@ import json
 import os
 
 import pytest
-from conftest import AMX_XEON, VNNI_EPYC, require_modules, save, scene, simulate_cpu
+from conftest import AMX_XEON, AVX2_EPYC, VNNI_EPYC, require_modules, save, scene, simulate_cpu
 
 require_modules(("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"), "requirements-openvino.txt")
 
@@ -106,7 +106,13 @@ def test_a_failed_conversion_is_recorded_and_not_tried_again(model, auto, tmp_pa
 
 @pytest.mark.parametrize(
     ("cpu", "installed", "expected"),
-    [(AMX_XEON, True, ("openvino", "int8")), (AMX_XEON, False, ("torch", None)), (VNNI_EPYC, True, ("torch", None))],
+    [
+        (AMX_XEON, True, ("openvino", "int8")),
+        (AMX_XEON, False, ("torch", None)),
+        (VNNI_EPYC, True, ("openvino", "int8")),
+        (VNNI_EPYC, False, ("torch", None)),
+        (AVX2_EPYC, True, ("torch", None)),
+    ],
 )
 def test_auto_picks_the_measured_fastest_path_of_the_cpu_class(monkeypatch, cpu, installed, expected):
     simulate_cpu(monkeypatch, cpu)
@@ -143,7 +149,10 @@ def test_predict_auto_runs_the_cached_openvino_int8_conversion_on_amx(
     assert f"cached in {converted}" in capsys.readouterr().err and calls == []
     simulate_cpu(monkeypatch, VNNI_EPYC)
     code, summary = predict_run(tmp_path, tiny_dir, "vnni", "--image-size", "64")
-    assert code == 0 and (summary["backend"], summary["precision"]) == ("torch", "int8")
+    assert code == 0 and (summary["backend"], summary["precision"]) == ("openvino", "int8")
+    simulate_cpu(monkeypatch, AVX2_EPYC)
+    code, summary = predict_run(tmp_path, tiny_dir, "avx2", "--image-size", "64")
+    assert code == 0 and (summary["backend"], summary["precision"]) == ("torch", "fp32")
     simulate_cpu(monkeypatch, AMX_XEON)
     code, summary = predict_run(tmp_path, tiny_dir, "asked", "--image-size", "64", "--precision", "fp32")
     assert code == 0 and (summary["backend"], summary["precision"]) == ("torch", "fp32")
