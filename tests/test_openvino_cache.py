@@ -43,9 +43,12 @@ def auto(monkeypatch, cache):
 
 @pytest.fixture(scope="module")
 def converted(model, cache):
-    """The tiny model's int8 conversion in the module's cache, made through cached_export (counted)."""
+    """The tiny model's int8 conversion in the module's cache, made through cached_export on an AMX Xeon (simulated:
+    the CPU's class is part of the cache key)."""
     os.environ["CLIPSEG_CACHE"] = str(cache)
-    return cached_export(model, "int8", "tiny")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        simulate_cpu(monkeypatch, AMX_XEON)
+        return cached_export(model, "int8", "tiny")
 
 
 def count_exports(monkeypatch) -> list:
@@ -61,6 +64,7 @@ def count_exports(monkeypatch) -> list:
 
 
 def test_a_conversion_is_made_once_and_reused(model, converted, auto, cache, monkeypatch, capsys):
+    simulate_cpu(monkeypatch, AMX_XEON)
     assert converted.parent == cache / "openvino" and (converted / "manifest.json").is_file()
     manifest = json.loads((converted / "manifest.json").read_text())
     assert (manifest["precision"], manifest["source_model"]) == ("int8", "tiny")
@@ -73,6 +77,8 @@ def test_a_conversion_is_made_once_and_reused(model, converted, auto, cache, mon
     with torch.no_grad():
         changed.decoder.film_mul.weight[0, 0] += 1
     assert conversion_key(changed, "int8") != converted.name  # other weights, another conversion
+    simulate_cpu(monkeypatch, VNNI_EPYC)  # a cache shared with a machine of another CPU class
+    assert conversion_key(model, "int8") != converted.name
     assert not list(cache.glob("openvino/*.partial-*"))
 
 
@@ -147,9 +153,9 @@ def test_predict_auto_runs_the_cached_openvino_int8_conversion_on_amx(
     code, summary = predict_run(tmp_path, tiny_dir, "amx", "--image-size", "64")
     assert code == 0 and (summary["backend"], summary["precision"]) == ("openvino", "int8")
     assert f"cached in {converted}" in capsys.readouterr().err and calls == []
-    simulate_cpu(monkeypatch, VNNI_EPYC)
+    simulate_cpu(monkeypatch, VNNI_EPYC)  # another CPU class: its own conversion, checked on it
     code, summary = predict_run(tmp_path, tiny_dir, "vnni", "--image-size", "64")
-    assert code == 0 and (summary["backend"], summary["precision"]) == ("openvino", "int8")
+    assert code == 0 and (summary["backend"], summary["precision"]) == ("openvino", "int8") and calls == ["int8"]
     simulate_cpu(monkeypatch, AVX2_EPYC)
     code, summary = predict_run(tmp_path, tiny_dir, "avx2", "--image-size", "64")
     assert code == 0 and (summary["backend"], summary["precision"]) == ("torch", "fp32")

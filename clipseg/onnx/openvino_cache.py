@@ -8,7 +8,10 @@ the cached folder, checked like any export (manifest, SHA-256 of each file, the 
 
 The cache: $CLIPSEG_CACHE, else $XDG_CACHE_HOME/clipseg, else ~/.cache/clipseg; each conversion in
 openvino/<key>, where the key is the SHA-256 of the model's config and weights, the precision, the conversion code
-(clipseg/onnx/openvino_export.py's text) and the openvino and nncf versions: a change to any of them converts again.
+(clipseg/onnx/openvino_export.py's text), the openvino and nncf versions and the CPU's class (AMX, VNNI, neither)
+and native bf16: a change to any of them converts again. The recipe a conversion keeps and its accuracy check depend
+on the CPU's kernels (int8 products without VNNI can saturate where VNNI's do not), so a cache shared by machines of
+different classes (a home folder on a cluster's network file system) holds one conversion per class.
 A conversion is written to a temporary folder beside its place and renamed into it when complete, so a crash or two
 processes converting at once never leave a half folder under the key. A conversion whose accuracy check failed is
 recorded (<key>.failed.json, with the reason) so that later runs fall back at once instead of converting again;
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from clipseg.onnx.backend import MANIFEST_NAME
+from clipseg.precision import cpu_class
 from model import CLIPSeg
 
 CACHE_VARIABLE = "CLIPSEG_CACHE"
@@ -47,9 +51,12 @@ def cache_root() -> Path:
 
 def conversion_key(model: CLIPSeg, precision: str) -> str:
     """SHA-256 over what a conversion depends on: the model's config and weights (names, dtypes, shapes, values),
-    the precision, the conversion code and the openvino and nncf versions."""
+    the precision, the conversion code, the openvino and nncf versions and the CPU (`precision.cpu_class`, and
+    whether OpenVINO computes bf16 natively)."""
     import nncf
     import openvino
+
+    from clipseg.onnx.openvino_backend import native_bf16
 
     digest = hashlib.sha256()
     header = {
@@ -58,6 +65,7 @@ def conversion_key(model: CLIPSeg, precision: str) -> str:
         "openvino": openvino.__version__,
         "nncf": nncf.__version__,
         "code": hashlib.sha256(CONVERSION_CODE.read_bytes()).hexdigest(),
+        "cpu": {"class": cpu_class(), "native_bf16": native_bf16()},
     }
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
