@@ -247,6 +247,8 @@ def load_command_model(args: argparse.Namespace, reference: bool = False) -> tup
     model = load_model(source, args.backbone, args.device, args.precision, args.backend)
     if args.backend != "torch":
         args.precision = model.precision
+    if args.backend == "openvino" and (note := model.checked_elsewhere()):
+        print(f"note: {note}", file=sys.stderr, flush=True)
     if reference and args.backend == "openvino":
         model.static_after = None
     return model, source

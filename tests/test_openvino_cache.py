@@ -208,3 +208,18 @@ def test_under_torchrun_the_ranks_load_a_model_to_convert_one_after_another(monk
     with pytest.raises(LoadError, match="cannot load the model nowhere"):
         predict.load_in_turn(args, world)
     assert turns == [1, 1]
+
+
+def test_an_int8_export_checked_on_another_cpu_class_says_so(converted, tmp_path, monkeypatch, capsys):
+    assert json.loads((converted / "manifest.json").read_text())["accuracy_check"]["cpu_class"] == "amx"
+    simulate_cpu(monkeypatch, AMX_XEON)
+    code, summary = predict_run(tmp_path, converted, "same", "--backend", "openvino")
+    assert code == 0 and summary["backend"] == "openvino"
+    assert "was checked against PyTorch on a CPU of class" not in capsys.readouterr().err
+    simulate_cpu(monkeypatch, VNNI_EPYC)
+    code, summary = predict_run(tmp_path, converted, "other", "--backend", "openvino")
+    assert code == 0 and summary["backend"] == "openvino"  # it still runs, with the note
+    assert (
+        f"note: {converted} was checked against PyTorch on a CPU of class amx and this one is of class vnni, whose "
+        "int8 kernels differ: export it again on this CPU"
+    ) in capsys.readouterr().err

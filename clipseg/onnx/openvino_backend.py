@@ -327,6 +327,21 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
         model.reshape({name: list(value.shape) for name, value in feed.items() if name not in VALUE_INPUTS})
         self.static_requests[key] = self.compile(model, graph)
 
+    def checked_elsewhere(self) -> str | None:
+        """A note when this int8 export's accuracy check ran on a CPU of another class (`precision.cpu_class`:
+        AMX, VNNI, neither) than this one, whose int8 kernels round (and without VNNI, saturate) differently, so
+        the check does not vouch for the masks here; None otherwise (and for exports older than the record)."""
+        from clipseg.precision import cpu_class
+
+        checked_on = self.manifest.get("accuracy_check", {}).get("cpu_class")
+        if self.precision != "int8" or checked_on in (None, cpu_class()):
+            return None
+        return (
+            f"{self.directory} was checked against PyTorch on a CPU of class {checked_on} and this one is of class "
+            f"{cpu_class()}, whose int8 kernels differ: export it again on this CPU (export.py --openvino "
+            "--precision int8) for a check that holds here"
+        )
+
     def inference_precision(self) -> str:
         """The precision OpenVINO compiled the image encoder for ('f32' or 'bf16'), as its CPU plugin reports it."""
         compiled = self.requests["image_encoder"].get_compiled_model()
