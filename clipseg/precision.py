@@ -97,7 +97,8 @@ FASTEST_BY_CPU_CLASS = {"amx": "bf16", "vnni": "int8", "other": "fp32"}
 #   (99.58% agreement on noise, 99.67% on scenes), against PyTorch bf16 4.23x (99.58%) and OpenVINO bf16 4.25x.
 # - vnni, on an AMD EPYC with AVX512-VNNI and AVX512-BF16 (2026-12-04): OpenVINO int8 4.33x (99.57% / 99.66%),
 #   against OpenVINO bf16 2.73x, PyTorch int8 2.90x and PyTorch bf16 2.03x.
-# The class without VNNI has not been measured on such a CPU and keeps PyTorch.
+# - other: not measured on such a CPU. On the EPYC limited to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 and the like) OpenVINO
+#   int8 was no faster than fp32 (its int8 products without VNNI: a generic GEMM at fp32's rate), so it keeps PyTorch.
 OPENVINO_BY_CPU_CLASS = {"amx": "int8", "vnni": "int8"}
 # ... for models at least as large as the one measured (ViT-B/16: a vision tower 768 wide); smaller ones (the demo's
 # tiny model) stay in PyTorch, where a conversion would cost more than it saves.
