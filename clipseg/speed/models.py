@@ -417,7 +417,8 @@ def openvino_runners(model, folder: Path) -> dict:
 # Training steps timed after this many rounds of every variant: a run's first steps are slower than its thousands of
 # later ones while the C allocator settles (pages of freshly mapped memory faulted in; on an AVX512-VNNI EPYC, one
 # thread, batch 8, our fp32 step with the decoder's dropout went from 8.8 s in the first steps to about 7.5 s), and
-# with one warm-up round the comparison measured that transient: ours/HF 1.05x after one round, 1.15x after four.
+# with one warm-up round the comparison measured that transient: the two fp32 steps alone, interleaved, gave ours/HF
+# 1.05x after one round and 1.15x after four (this comparison with four, in bench.py's full run: 1.09x).
 TRAINING_WARMUP = 4
 
 
