@@ -13,7 +13,7 @@ import json
 import os
 
 import pytest
-from conftest import AMX_XEON, AVX2_EPYC, VNNI_EPYC, require_modules, save, scene, simulate_cpu
+from conftest import AMX_XEON, AVX2_EPYC, VNNI_EPYC, require_modules, run_command, save, scene, simulate_cpu
 
 require_modules(("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"), "requirements-openvino.txt")
 
@@ -80,6 +80,22 @@ def test_a_conversion_is_made_once_and_reused(model, converted, auto, cache, mon
     simulate_cpu(monkeypatch, VNNI_EPYC)  # a cache shared with a machine of another CPU class
     assert conversion_key(model, "int8") != converted.name
     assert not list(cache.glob("openvino/*.partial-*"))
+
+
+def test_the_key_of_a_cache_hit_does_not_import_nncf(model, tiny_dir, tmp_path):
+    """Importing nncf takes over a second: the key (what every run with a cached conversion computes) reads nncf's
+    version from its package metadata instead, and is the same key."""
+    script = tmp_path / "key.py"
+    script.write_text(
+        "import sys\n"
+        "from clipseg.onnx.openvino_cache import conversion_key\n"
+        "from model import CLIPSeg\n"
+        f"key = conversion_key(CLIPSeg.from_pretrained({str(tiny_dir)!r}).eval(), 'int8')\n"
+        "print(key, 'nncf' in sys.modules)\n"
+    )
+    result = run_command(str(script), [], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [conversion_key(model, "int8"), "False"]
 
 
 def test_a_failed_conversion_is_recorded_and_not_tried_again(model, auto, tmp_path, monkeypatch, capsys):

@@ -21,6 +21,7 @@ delete the record to try again.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -52,8 +53,8 @@ def cache_root() -> Path:
 def conversion_key(model: CLIPSeg, precision: str) -> str:
     """SHA-256 over what a conversion depends on: the model's config and weights (names, dtypes, shapes, values),
     the precision, the conversion code, the openvino and nncf versions and the CPU (`precision.cpu_class`, and
-    whether OpenVINO computes bf16 natively)."""
-    import nncf
+    whether OpenVINO computes bf16 natively). nncf's version comes from its package metadata: importing nncf takes
+    over a second, which a cache hit would pay for nothing."""
     import openvino
 
     from clipseg.onnx.openvino_backend import native_bf16
@@ -63,7 +64,7 @@ def conversion_key(model: CLIPSeg, precision: str) -> str:
         "config": model.config.to_hf_dict(),
         "precision": precision,
         "openvino": openvino.__version__,
-        "nncf": nncf.__version__,
+        "nncf": importlib.metadata.version("nncf"),  # PackageNotFoundError (an ImportError) without it
         "code": hashlib.sha256(CONVERSION_CODE.read_bytes()).hexdigest(),
         "cpu": {"class": cpu_class(), "native_bf16": native_bf16()},
     }
@@ -71,7 +72,7 @@ def conversion_key(model: CLIPSeg, precision: str) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")  # hashed in place, not copied
     return digest.hexdigest()
 
 
