@@ -11,6 +11,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 
 import pytest
 from conftest import AMX_XEON, AVX2_EPYC, VNNI_EPYC, require_modules, run_command, save, scene, simulate_cpu
@@ -22,7 +23,7 @@ import torch  # noqa: E402
 import predict  # noqa: E402
 from clipseg import backends, cli, precision  # noqa: E402
 from clipseg.distributed import Distributed  # noqa: E402
-from clipseg.loading import LoadError  # noqa: E402
+from clipseg.loading import LoadError, load_model  # noqa: E402
 from clipseg.onnx import openvino_cache, openvino_export  # noqa: E402
 from clipseg.onnx.openvino_cache import ConversionFailed, cached_export, conversion_key  # noqa: E402
 from clipseg.onnx.openvino_export import AccuracyCheckFailed, export_openvino  # noqa: E402
@@ -239,3 +240,14 @@ def test_an_int8_export_checked_on_another_cpu_class_says_so(converted, tmp_path
         f"note: {converted} was checked against PyTorch on a CPU of class amx and this one is of class vnni, whose "
         "int8 kernels differ: export it again on this CPU"
     ) in capsys.readouterr().err
+
+
+def test_an_unknown_recorded_cpu_class_is_not_echoed(converted, tmp_path, monkeypatch):
+    folder = tmp_path / "edited"
+    shutil.copytree(converted, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["accuracy_check"]["cpu_class"] = "\x1b[2Jamx"  # a terminal escape in an untrusted manifest
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    simulate_cpu(monkeypatch, VNNI_EPYC)
+    note = load_model(str(folder), None, "cpu", "int8", "openvino").checked_elsewhere()
+    assert "on a CPU of class unknown and this one is of class vnni" in note and "\x1b" not in note

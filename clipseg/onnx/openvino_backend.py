@@ -331,14 +331,15 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
         """A note when this int8 export's accuracy check ran on a CPU of another class (`precision.cpu_class`:
         AMX, VNNI, neither) than this one, whose int8 kernels round (and without VNNI, saturate) differently, so
         the check does not vouch for the masks here; None otherwise (and for exports older than the record)."""
-        from clipseg.precision import cpu_class
+        from clipseg.precision import FASTEST_BY_CPU_CLASS, cpu_class
 
-        checked_on = self.manifest.get("accuracy_check", {}).get("cpu_class")
-        if self.precision != "int8" or checked_on in (None, cpu_class()):
+        checked_on, here = self.manifest.get("accuracy_check", {}).get("cpu_class"), cpu_class()
+        if self.precision != "int8" or checked_on in (None, here):
             return None
+        checked_on = checked_on if checked_on in FASTEST_BY_CPU_CLASS else "unknown"  # the file's text is not echoed
         return (
             f"{self.directory} was checked against PyTorch on a CPU of class {checked_on} and this one is of class "
-            f"{cpu_class()}, whose int8 kernels differ: export it again on this CPU (export.py --openvino "
+            f"{here}, whose int8 kernels differ: export it again on this CPU (export.py --openvino "
             "--precision int8) for a check that holds here"
         )
 
