@@ -255,12 +255,25 @@ def load_command_model(args: argparse.Namespace, reference: bool = False) -> tup
 
 
 def converted_model(args: argparse.Namespace, source: str) -> CLIPSeg | ExportedCLIPSeg:
-    """`source` loaded in PyTorch and run in OpenVINO from its cached conversion in `args.convert_to`
-    (`clipseg.onnx.openvino_cache.cached_export`); when it cannot be converted, the PyTorch model in the predict
-    job's default precision, with a note on stderr (`args.backend` and `args.precision` say which runs)."""
-    from clipseg.onnx.openvino_cache import ConversionFailed, cached_export
+    """`source` run in OpenVINO from its cached conversion in `args.convert_to`: the one recorded for its files as
+    they are (`clipseg.onnx.openvino_cache.recorded_conversion`: PyTorch is not even loaded), else `source` loaded
+    in PyTorch and converted or found (`cached_export`). When it cannot be converted, the PyTorch model in the
+    predict job's default precision, with a note on stderr (`args.backend` and `args.precision` say which runs)."""
+    from clipseg.onnx.openvino_cache import ConversionFailed, cached_export, recorded_conversion, say_cached, source_key
 
+    key = source_key(source, args.backbone, args.convert_to)
+    if (recorded := recorded_conversion(key)) is not None:
+        try:
+            runner = load_model(str(recorded), None, "cpu", args.convert_to, "openvino")
+        except LoadError:
+            runner = None  # a damaged conversion: the long way below finds it again and says what is wrong
+        if runner is not None and (runner.config.vision_width or 0) >= OPENVINO_MIN_VISION_WIDTH:
+            say_cached(args.convert_to, source, recorded)
+            args.backend, args.precision = "openvino", runner.precision
+            return runner
     model = load_model(source, args.backbone, "cpu", "fp32", "torch")
+    if key != source_key(source, args.backbone, args.convert_to):
+        key = None  # a file changed while it was read: nothing is recorded for it
     try:
         width = model.config.vision_width or 0
         if width < OPENVINO_MIN_VISION_WIDTH:
@@ -268,7 +281,7 @@ def converted_model(args: argparse.Namespace, source: str) -> CLIPSeg | Exported
                 f"a model with a {width}-wide vision tower is not converted to OpenVINO (only from "
                 f"{OPENVINO_MIN_VISION_WIDTH}, ViT-B, where it was measured faster)"
             )
-        folder = cached_export(model, args.convert_to, source)
+        folder = cached_export(model, args.convert_to, source, source_key=key)
         runner = load_model(str(folder), None, "cpu", args.convert_to, "openvino")
     except (ConversionFailed, LoadError) as err:
         args.backend, args.precision = "torch", default_precision("cpu", "predict")

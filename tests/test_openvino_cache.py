@@ -1,7 +1,8 @@
-"""clipseg.onnx.openvino_cache and `--backend auto`: a PyTorch model converted to OpenVINO once and reused, a failed
-conversion recorded and never tried again, and what auto runs on each CPU class (OpenVINO int8 on AMX when it is
-installed, PyTorch elsewhere, an export folder in its backend, PyTorch when a precision is asked for), with predict.py
-falling back to PyTorch when the conversion fails.
+"""clipseg.onnx.openvino_cache and `--backend auto`: a PyTorch model converted to OpenVINO once and reused (and, while
+its files are unchanged, opened without loading PyTorch), a failed conversion recorded and never tried again, and
+what auto runs on each CPU class (OpenVINO int8 on AMX when it is installed, PyTorch elsewhere, an export folder in
+its backend, PyTorch when a precision is asked for), with predict.py falling back to PyTorch when the conversion
+fails.
 
 Converts the tiny model once per module (the ONNX export and OpenVINO: about a minute on 2 cores). Needs
 requirements-openvino.txt (`make test` installs it); skipped with a message elsewhere, never in CI.
@@ -9,9 +10,11 @@ requirements-openvino.txt (`make test` installs it); skipped with a message else
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import AMX_XEON, AVX2_EPYC, VNNI_EPYC, require_modules, run_command, save, scene, simulate_cpu
@@ -25,8 +28,16 @@ from clipseg import backends, cli, precision  # noqa: E402
 from clipseg.distributed import Distributed  # noqa: E402
 from clipseg.loading import LoadError, load_model  # noqa: E402
 from clipseg.onnx import openvino_cache, openvino_export  # noqa: E402
-from clipseg.onnx.openvino_cache import ConversionFailed, cached_export, conversion_key  # noqa: E402
+from clipseg.onnx.openvino_cache import (  # noqa: E402
+    ConversionFailed,
+    cached_export,
+    conversion_key,
+    recorded_conversion,
+    source_files,
+    source_key,
+)
 from clipseg.onnx.openvino_export import AccuracyCheckFailed, export_openvino  # noqa: E402
+from model import CLIPSeg  # noqa: E402
 from predict import main as predict_main  # noqa: E402
 
 
@@ -183,6 +194,7 @@ def test_predict_auto_runs_the_cached_openvino_int8_conversion_on_amx(
 
 def test_predict_auto_falls_back_to_pytorch_when_the_conversion_fails(tiny_dir, auto, tmp_path, monkeypatch, capsys):
     simulate_cpu(monkeypatch, AMX_XEON)
+    monkeypatch.setenv("CLIPSEG_CACHE", str(tmp_path / "cache"))  # nothing converted or recorded yet
 
     def failing(*args, **kwargs):
         raise ConversionFailed("its OpenVINO int8 conversion failed: masks agree on 97.00% of pixels")
@@ -251,3 +263,111 @@ def test_an_unknown_recorded_cpu_class_is_not_echoed(converted, tmp_path, monkey
     simulate_cpu(monkeypatch, VNNI_EPYC)
     note = load_model(str(folder), None, "cpu", "int8", "openvino").checked_elsewhere()
     assert "on a CPU of class unknown and this one is of class vnni" in note and "\x1b" not in note
+
+
+def replace_file(path, data: bytes) -> None:
+    """Write `data` to `path` as tools that save a model do: a new file renamed over the old one."""
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_bytes(data)
+    os.replace(fresh, path)
+
+
+def test_a_recorded_conversion_opens_without_loading_pytorch(
+    tiny_dir, converted, auto, cache, tmp_path, monkeypatch, capsys
+):
+    """The second run of a model whose files have not changed opens its conversion straight from the record (about
+    2.5 s sooner at ViT-B/16, where finding the key means loading the model); a rewritten file takes the long way."""
+    simulate_cpu(monkeypatch, AMX_XEON)
+    monkeypatch.setattr(cli, "OPENVINO_MIN_VISION_WIDTH", 64)  # as if it were ViT-B
+    mine = tmp_path / "mine"
+    shutil.copytree(tiny_dir, mine)
+    calls = count_exports(monkeypatch)
+    code, first = predict_run(tmp_path, mine, "first", "--image-size", "64")
+    assert code == 0 and (first["backend"], first["precision"]) == ("openvino", "int8") and calls == []
+    record = cache / "openvino" / "sources" / f"{source_key(str(mine), None, 'int8')}.json"
+    assert json.loads(record.read_text()) == {"conversion": converted.name, "source": str(mine)}
+    loads = []
+    original = CLIPSeg.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0])
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPSeg, "from_pretrained", classmethod(counting))
+    capsys.readouterr()
+    code, second = predict_run(tmp_path, mine, "second", "--image-size", "64")
+    assert code == 0 and (second["backend"], second["precision"]) == ("openvino", "int8") and loads == []
+    assert f"cached in {converted}" in capsys.readouterr().err
+    mask = first["images"][0]["prompts"][0]["files"]["mask"]
+    again = second["images"][0]["prompts"][0]["files"]["mask"]
+    assert open(mask, "rb").read() == open(again, "rb").read()
+    replace_file(mine / "config.json", (mine / "config.json").read_bytes())  # the same bytes, but a new file
+    code, third = predict_run(tmp_path, mine, "third", "--image-size", "64")
+    assert code == 0 and third["backend"] == "openvino" and loads == [str(mine)] and calls == []
+    code, _ = predict_run(tmp_path, mine, "fourth", "--image-size", "64")  # recorded again by the third run
+    assert code == 0 and loads == [str(mine)]
+
+
+def test_source_records_are_untrusted(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPSEG_CACHE", str(tmp_path))
+    records = tmp_path / "openvino" / "sources"
+    records.mkdir(parents=True)
+    conversion = "ab" * 32
+    (tmp_path / "openvino" / conversion).mkdir()
+    (tmp_path / "openvino" / conversion / "manifest.json").write_text("{}")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "manifest.json").write_text("{}")
+    for name, content in {
+        "damaged": "[not json",
+        "list": "[1, 2]",
+        "escaping": json.dumps({"conversion": "../../outside"}),
+        "absolute": json.dumps({"conversion": str(tmp_path / "outside")}),
+        "missing": json.dumps({"conversion": "cd" * 32}),
+        "good": json.dumps({"conversion": conversion}),
+    }.items():
+        (records / f"{name}.json").write_text(content)
+    assert recorded_conversion("good") == tmp_path / "openvino" / conversion
+    for name in ("damaged", "list", "escaping", "absolute", "missing", "never-recorded", None):
+        assert recorded_conversion(name) is None, name
+
+
+def fake_hub_repo(hub: "os.PathLike", repo: str, folder, revision: str) -> None:
+    """`folder`'s files as revision `revision` of the hub repository `repo` in an HF cache at `hub`, laid out as
+    huggingface_hub downloads them (snapshots/<revision>/<file> linking to blobs/<hash>), `main` pointing at it."""
+    root = Path(hub) / f"models--{repo.replace('/', '--')}"
+    for name in ("blobs", f"snapshots/{revision}", "refs"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for file in Path(folder).iterdir():
+        blob = root / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.write_bytes(file.read_bytes())
+        (root / "snapshots" / revision / file.name).symlink_to(Path("../..") / "blobs" / blob.name)
+    (root / "refs" / "main").write_text(revision)
+
+
+def test_the_files_a_source_loads_from(tiny_checkpoint, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    full = tiny_checkpoint(name="full")
+    assert sorted(source_files(str(full))) == sorted(full.iterdir())
+    decoder_only = CLIPSeg.from_pretrained(full).save_pretrained(tmp_path / "decoder", decoder_only=True)
+    files = source_files(str(decoder_only))
+    assert sorted(files) == sorted([*decoder_only.iterdir(), *full.iterdir()])  # its CLIP's too
+    original = tmp_path / "rd64-uni.pth"
+    original.write_bytes(b"an original decoder")
+    assert source_files(str(original), str(full)) == [original, *source_files(str(full))]
+    assert source_files(str(original), "random-vit-b16") is None  # drawn anew on every load
+    assert source_files(str(tmp_path / "nothing")) is None
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    fake_hub_repo(hub, "owner/tiny", full, "1" * 40)
+    snapshot = hub / "models--owner--tiny" / "snapshots" / ("1" * 40)
+    assert sorted(source_files("owner/tiny")) == sorted(snapshot.iterdir())
+    assert CLIPSeg.from_pretrained("owner/tiny").config.reduce_dim  # what a load of the hub id reads
+    before = source_key("owner/tiny", None, "int8")
+    assert before == source_key("owner/tiny", None, "int8") and before != source_key("owner/tiny", None, "bf16")
+    fake_hub_repo(hub, "owner/tiny", tiny_checkpoint(name="full", seed=1), "2" * 40)  # a new revision downloaded
+    assert source_key("owner/tiny", None, "int8") != before
+    replace_file(full / "config.json", (full / "config.json").read_bytes())
+    key = source_key(str(full), None, "int8")
+    replace_file(full / "config.json", (full / "config.json").read_bytes())
+    assert source_key(str(full), None, "int8") != key  # a file written again, even with the same bytes

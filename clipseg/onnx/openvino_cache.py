@@ -12,6 +12,14 @@ openvino/<key>, where the key is the SHA-256 of the model's config and weights, 
 and native bf16: a change to any of them converts again. The recipe a conversion keeps and its accuracy check depend
 on the CPU's kernels (int8 products without VNNI can saturate where VNNI's do not), so a cache shared by machines of
 different classes (a home folder on a cluster's network file system) holds one conversion per class.
+
+Finding the key means loading the PyTorch model (2.5 s at ViT-B/16, more than OpenVINO then takes for a few images),
+so each conversion found or made for a model given by its files is also recorded under those files' identity
+(`source_key`: their paths, sizes, modification and change times, and the same versions and CPU), in
+sources/<source key>.json: a later run whose files have not changed opens the conversion without loading PyTorch
+(`recorded_conversion`). A changed file (any write changes its change time) misses the record, and that run takes the
+long way again.
+
 A conversion is written to a temporary folder beside its place and renamed into it when complete, so a crash or two
 processes converting at once never leave a half folder under the key. A conversion whose accuracy check failed is
 recorded (<key>.failed.json, with the reason) so that later runs fall back at once instead of converting again;
@@ -24,6 +32,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -31,8 +40,10 @@ from pathlib import Path
 
 import torch
 
+from clipseg.config import DEFAULT_BACKBONE, RANDOM_BACKBONES
 from clipseg.onnx.backend import MANIFEST_NAME
 from clipseg.precision import cpu_class
+from clipseg.weights import DECODER_WEIGHTS_NAME, read_config
 from model import CLIPSeg
 
 CACHE_VARIABLE = "CLIPSEG_CACHE"
@@ -51,29 +62,124 @@ def cache_root() -> Path:
 
 
 def conversion_key(model: CLIPSeg, precision: str) -> str:
-    """SHA-256 over what a conversion depends on: the model's config and weights (names, dtypes, shapes, values),
-    the precision, the conversion code, the openvino and nncf versions and the CPU (`precision.cpu_class`, and
-    whether OpenVINO computes bf16 natively). nncf's version comes from its package metadata: importing nncf takes
-    over a second, which a cache hit would pay for nothing."""
-    import openvino
-
-    from clipseg.onnx.openvino_backend import native_bf16
-
+    """SHA-256 over what a conversion depends on: the model's config (not the folder its CLIP weights were read from:
+    a copy of the model elsewhere is the same model) and weights (names, dtypes, shapes, values), and
+    `conversion_setting(precision)`."""
     digest = hashlib.sha256()
-    header = {
-        "config": model.config.to_hf_dict(),
-        "precision": precision,
-        "openvino": openvino.__version__,
-        "nncf": importlib.metadata.version("nncf"),  # PackageNotFoundError (an ImportError) without it
-        "code": hashlib.sha256(CONVERSION_CODE.read_bytes()).hexdigest(),
-        "cpu": {"class": cpu_class(), "native_bf16": native_bf16()},
-    }
+    config = model.config.to_hf_dict()
+    config.pop("clipseg_clip_source", None)  # where the weights were read from: the same model copied elsewhere
+    header = {"config": config, **conversion_setting(precision)}
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")  # hashed in place, not copied
     return digest.hexdigest()
+
+
+def conversion_setting(precision: str) -> dict:
+    """What a conversion depends on besides the model: the precision, the conversion code, the openvino and nncf
+    versions, the CPU's class (`precision.cpu_class`) and whether OpenVINO computes bf16 natively. nncf's version
+    comes from its package metadata: importing nncf takes over a second, which a cache hit would pay for nothing."""
+    import openvino
+
+    from clipseg.onnx.openvino_backend import native_bf16
+
+    return {
+        "precision": precision,
+        "openvino": openvino.__version__,
+        "nncf": importlib.metadata.version("nncf"),  # PackageNotFoundError (an ImportError) without it
+        "code": hashlib.sha256(CONVERSION_CODE.read_bytes()).hexdigest(),
+        "cpu": {"class": cpu_class(), "native_bf16": native_bf16()},
+    }
+
+
+MAX_SOURCE_FILES = 256  # a folder with more files than this is not keyed by its files (the long way is taken)
+
+
+def source_files(source: str, backbone: str | None = None, depth: int = 2) -> list[Path] | None:
+    """The files `CLIPSeg.from_pretrained(source, backbone)` reads, as far as they can be told without loading: every
+    file of the checkpoint's folder (a hub id's: its snapshot in the HF cache, whose links lead to the files), and
+    those of the CLIP weights that a decoder-only checkpoint or an original .pth decoder takes. None when they
+    cannot be told (a random backbone is drawn anew on every load; an unreadable or very large folder)."""
+    if depth == 0:
+        return None
+    path = Path(source)
+    if path.suffix in (".pth", ".pt") and path.is_file():
+        backbone = backbone or DEFAULT_BACKBONE
+        clip = None if backbone in RANDOM_BACKBONES else source_files(backbone, None, depth - 1)
+        return None if clip is None else [path, *clip]
+    try:
+        stored, config_path = read_config(source)
+        files = [p for p in Path(config_path).parent.iterdir() if p.is_file()]
+    except (OSError, ValueError):
+        return None
+    if len(files) > MAX_SOURCE_FILES:
+        return None
+    if stored.get("clipseg_weights") == DECODER_WEIGHTS_NAME:
+        clip_source = stored.get("clipseg_clip_source")
+        clip = source_files(clip_source, None, depth - 1) if isinstance(clip_source, str) else None
+        return None if clip is None else [*files, *clip]
+    return files
+
+
+def source_key(source: str, backbone: str | None, precision: str) -> str | None:
+    """SHA-256 over the identity of the files `source` loads from (`source_files`: each one's resolved path, size,
+    modification and change times, device and inode) and `conversion_setting(precision)`: the same while none of
+    the files is written, moved or replaced. None when the files cannot be told."""
+    files = source_files(source, backbone)
+    if files is None:
+        return None
+    identities = []
+    for file in files:
+        try:
+            stat = file.stat()
+        except OSError:
+            return None
+        times = [stat.st_mtime_ns, stat.st_ctime_ns]
+        identities.append([str(file.resolve()), stat.st_size, *times, stat.st_dev, stat.st_ino])
+    header = {"files": sorted(identities), "backbone": backbone, **conversion_setting(precision)}
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+
+
+KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def recorded_conversion(key: str | None) -> Path | None:
+    """The cached conversion recorded for the source key `key` (`remember_conversion`), or None. The record is
+    untrusted: only a key of the cache's own form is followed, and only to a complete conversion (the folder is
+    checked again when it is opened)."""
+    if key is None:
+        return None
+    record = cache_root() / "openvino" / "sources" / f"{key}.json"
+    try:
+        conversion = json.loads(record.read_text()).get("conversion")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(conversion, str) or not KEY.fullmatch(conversion):
+        return None
+    folder = cache_root() / "openvino" / conversion
+    return folder if (folder / MANIFEST_NAME).is_file() else None
+
+
+def remember_conversion(key: str, folder: Path, source: str) -> None:
+    """Record that the source key `key` converts to `folder` (a conversion in the cache); written whole or not at all.
+    A cache that cannot be written only means the next run finds the conversion the long way."""
+    records, partial = folder.parent / "sources", None
+    try:
+        records.mkdir(exist_ok=True)
+        descriptor, partial = tempfile.mkstemp(prefix=f"{key}.", suffix=".partial", dir=records)
+        with os.fdopen(descriptor, "w") as out:
+            json.dump({"conversion": folder.name, "source": source}, out)
+        os.replace(partial, records / f"{key}.json")
+    except OSError:
+        if partial:
+            Path(partial).unlink(missing_ok=True)
+
+
+def say_cached(precision: str, source: str, folder: Path) -> None:
+    """The line on stderr that says a run uses a cached conversion."""
+    print(f"OpenVINO {precision}: the conversion of {source or 'the model'} cached in {folder}", file=sys.stderr)
 
 
 def failure_reason(record: Path) -> str:
@@ -86,11 +192,19 @@ def failure_reason(record: Path) -> str:
     return reason if isinstance(reason, str) else "the record cannot be read"
 
 
-def cached_export(model: CLIPSeg, precision: str, source: str = "") -> Path:
+def cached_export(model: CLIPSeg, precision: str, source: str = "", source_key: str | None = None) -> Path:
     """The folder of `model`'s OpenVINO conversion in `precision` (`export_openvino`, default calibration and bar),
-    converted now unless the cache holds it. Prints one line on stderr saying which. Raises ConversionFailed when
-    the model cannot be converted (not a CLIPSeg, its accuracy check fails, the cache cannot be written), also when
-    an earlier conversion of the same key failed."""
+    converted now unless the cache holds it, and recorded under `source_key` (the `source_key` of the files the
+    model was loaded from, taken before loading it) when one is given. Prints one line on stderr saying which.
+    Raises ConversionFailed when the model cannot be converted (not a CLIPSeg, its accuracy check fails, the cache
+    cannot be written), also when an earlier conversion of the same key failed."""
+    folder = _cached_export(model, precision, source)
+    if source_key is not None:
+        remember_conversion(source_key, folder, source)
+    return folder
+
+
+def _cached_export(model: CLIPSeg, precision: str, source: str) -> Path:
     from clipseg.onnx.openvino_export import AccuracyCheckFailed, export_openvino
 
     if type(model) is not CLIPSeg:
@@ -99,7 +213,7 @@ def cached_export(model: CLIPSeg, precision: str, source: str = "") -> Path:
     key = conversion_key(model, precision)
     folder, failed = root / key, root / f"{key}.failed.json"
     if (folder / MANIFEST_NAME).is_file():
-        print(f"OpenVINO {precision}: the conversion of {source or 'the model'} cached in {folder}", file=sys.stderr)
+        say_cached(precision, source, folder)
         return folder
     if failed.is_file():
         raise ConversionFailed(
