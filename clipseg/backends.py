@@ -68,11 +68,16 @@ def wrong_precision(backend: str, directory: str | os.PathLike, exported: str, a
 
 
 def open_export(
-    backend: str, directory: str | os.PathLike, precision: str | None = None, threads: int | None = None
+    backend: str,
+    directory: str | os.PathLike,
+    precision: str | None = None,
+    threads: int | None = None,
+    compiled: Path | None = None,
 ) -> ExportedCLIPSeg:
     """The export folder `directory` opened in `backend`'s runtime, checked (manifest, SHA-256s, for OpenVINO its
     accuracy check), with `threads` threads (default: the runtime's choice). precision: the one the command was
-    asked for (None: the export's own); ExportUnusable when the export is in another, or cannot be run."""
+    asked for (None: the export's own); ExportUnusable when the export is in another, or cannot be run. compiled:
+    for OpenVINO, a folder where its graphs compiled for this CPU are kept (`clipseg.onnx.openvino_compiled`)."""
     try:
         if backend == "onnx":
             runner = OnnxCLIPSeg(directory, threads=threads)
@@ -80,7 +85,7 @@ def open_export(
             from clipseg.onnx.openvino_backend import OpenVinoBackendError, OpenVinoCLIPSeg
 
             try:
-                runner = OpenVinoCLIPSeg(directory, threads=threads)
+                runner = OpenVinoCLIPSeg(directory, threads=threads, compiled=compiled)
             except OpenVinoBackendError as err:
                 raise ExportUnusable(str(err)) from err
         else:

@@ -259,12 +259,19 @@ def converted_model(args: argparse.Namespace, source: str) -> CLIPSeg | Exported
     they are (`clipseg.onnx.openvino_cache.recorded_conversion`: PyTorch is not even loaded), else `source` loaded
     in PyTorch and converted or found (`cached_export`). When it cannot be converted, the PyTorch model in the
     predict job's default precision, with a note on stderr (`args.backend` and `args.precision` say which runs)."""
-    from clipseg.onnx.openvino_cache import ConversionFailed, cached_export, recorded_conversion, say_cached, source_key
+    from clipseg.onnx.openvino_cache import (
+        ConversionFailed,
+        cached_export,
+        compiled_graphs,
+        recorded_conversion,
+        say_cached,
+        source_key,
+    )
 
     key = source_key(source, args.backbone, args.convert_to)
     if (recorded := recorded_conversion(key)) is not None:
         try:
-            runner = load_model(str(recorded), None, "cpu", args.convert_to, "openvino")
+            runner = load_model(str(recorded), None, "cpu", args.convert_to, "openvino", compiled_graphs())
         except LoadError:
             runner = None  # a damaged conversion: the long way below finds it again and says what is wrong
         if runner is not None and (runner.config.vision_width or 0) >= OPENVINO_MIN_VISION_WIDTH:
@@ -282,7 +289,7 @@ def converted_model(args: argparse.Namespace, source: str) -> CLIPSeg | Exported
                 f"{OPENVINO_MIN_VISION_WIDTH}, ViT-B, where it was measured faster)"
             )
         folder = cached_export(model, args.convert_to, source, source_key=key)
-        runner = load_model(str(folder), None, "cpu", args.convert_to, "openvino")
+        runner = load_model(str(folder), None, "cpu", args.convert_to, "openvino", compiled_graphs())
     except (ConversionFailed, LoadError) as err:
         args.backend, args.precision = "torch", default_precision("cpu", "predict")
         print(f"note: {err}; running PyTorch {args.precision} instead", file=sys.stderr, flush=True)

@@ -103,15 +103,21 @@ def model_directory(run_dir: Path, checkpoint: str | None) -> tuple[str, Path]:
 
 
 def load_model(
-    source: str, backbone: str | None, device: str, precision: str | None = "fp32", backend: str = "torch"
+    source: str,
+    backbone: str | None,
+    device: str,
+    precision: str | None = "fp32",
+    backend: str = "torch",
+    compiled: Path | None = None,
 ) -> CLIPSeg | ExportedCLIPSeg:
     """`CLIPSeg.from_pretrained(source)` in eval mode on `device`, prepared for `precision` (clipseg/precision.py), with
     the text cache on; errors become `LoadError` naming the source. backend onnx or openvino: the export folder
     `source` in its runtime (clipseg/backends.py), which computes in its own precision (`precision`, unless None,
-    must be it)."""
+    must be it); for OpenVINO, `compiled` is where its graphs compiled for this CPU are kept (None: compiled on
+    every load)."""
     if backend != "torch":
         try:
-            model = open_export(backend, source, precision)
+            model = open_export(backend, source, precision, compiled=compiled)
         except ExportUnusable as err:
             raise LoadError(f"cannot load the export {source}: {err}") from err
         model.text_cache = {}

@@ -28,6 +28,7 @@ from clipseg import backends, cli, precision  # noqa: E402
 from clipseg.distributed import Distributed  # noqa: E402
 from clipseg.loading import LoadError, load_model  # noqa: E402
 from clipseg.onnx import openvino_cache, openvino_export  # noqa: E402
+from clipseg.onnx.openvino_backend import IR_FILES, openvino_core  # noqa: E402
 from clipseg.onnx.openvino_cache import (  # noqa: E402
     ConversionFailed,
     cached_export,
@@ -36,6 +37,7 @@ from clipseg.onnx.openvino_cache import (  # noqa: E402
     source_files,
     source_key,
 )
+from clipseg.onnx.openvino_compiled import compiled_key  # noqa: E402
 from clipseg.onnx.openvino_export import AccuracyCheckFailed, export_openvino  # noqa: E402
 from model import CLIPSeg  # noqa: E402
 from predict import main as predict_main  # noqa: E402
@@ -286,6 +288,10 @@ def test_a_recorded_conversion_opens_without_loading_pytorch(
     assert code == 0 and (first["backend"], first["precision"]) == ("openvino", "int8") and calls == []
     record = cache / "openvino" / "sources" / f"{source_key(str(mine), None, 'int8')}.json"
     assert json.loads(record.read_text()) == {"conversion": converted.name, "source": str(mine)}
+    manifest, core = json.loads((converted / "manifest.json").read_text()), openvino_core()
+    kept = {blob.stem for blob in (cache / "openvino" / "compiled").glob("*.blob")}
+    for files in IR_FILES.values():  # its graphs, compiled for this CPU, kept for the next run
+        assert compiled_key(core, [manifest["files"][f] for f in files], {"precision": "int8", "threads": None}) in kept
     loads = []
     original = CLIPSeg.from_pretrained.__func__
 

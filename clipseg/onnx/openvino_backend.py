@@ -53,6 +53,7 @@ from torch import Tensor
 
 from clipseg.config import CLIPSegConfig
 from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, SHA256, ExportedCLIPSeg, read_checked
+from clipseg.onnx.openvino_compiled import compiled_key, import_compiled, keep_compiled
 from clipseg.weights import CheckpointError, read_json
 
 REQUIREMENTS_FILE = "requirements-openvino.txt"
@@ -263,7 +264,9 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
     manifest and models: the export's manifest and OpenVINO models when the caller has them in memory
     (`export_openvino` checks them before it writes anything); the folder is then not read. static_after: after
     this many calls of a graph with one input shape (for the decoder: one patch grid and prompt count), that graph
-    is compiled for that shape (`compile_for`), for up to STATIC_SHAPES shapes per graph; None: never."""
+    is compiled for that shape (`compile_for`), for up to STATIC_SHAPES shapes per graph; None: never.
+    compiled: a folder of graphs compiled for this CPU (`clipseg.onnx.openvino_compiled`): each graph is imported
+    from it when it holds it, else compiled and kept there; its .xml and .bin are then read only when needed."""
 
     runtime = "OpenVINO"
 
@@ -274,9 +277,9 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
         manifest: dict | None = None,
         models: dict | None = None,
         static_after: int | None = STATIC_AFTER,
+        compiled: Path | None = None,
     ):
         super().__init__()
-        ov = import_openvino()
         self.core = openvino_core()
         self.directory = Path(directory)
         self.manifest = manifest if manifest is not None else read_manifest(self.directory)
@@ -287,26 +290,48 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
             raise OpenVinoBackendError(f"{err}; export the model again") from err
         self.precision = self.manifest["precision"]
         check_precision_runs(self.precision)
-        if models is None:
-            models = {
-                name: read_graph(ov, self.core, self.directory, name, self.manifest["files"]) for name in IR_FILES
-            }
         self.threads, self.static_after = threads, static_after
-        self.models = models
-        self.requests = {name: self.compile(model, name) for name, model in models.items()}
-        self.activation_names = [output.get_any_name() for output in models["image_encoder"].outputs]
+        self.models = dict(models or {})
+        if compiled is None:
+            self.requests = {name: self.compile(self.model(name), name) for name in IR_FILES}
+        else:
+            self.requests = {name: self.compile_or_import(name, compiled) for name in IR_FILES}
+        self.activation_names = [output.get_any_name() for output in self.requests["image_encoder"].model_outputs]
         self.static_requests: dict[tuple, object] = {}  # (graph, shape key) -> request compiled for that shape
         self.shape_counts: collections.Counter = collections.Counter()
 
+    def model(self, graph: str):
+        """`graph`'s OpenVINO model, read from the folder (and checked, `read_graph`) when first needed."""
+        if graph not in self.models:
+            self.models[graph] = read_graph(import_openvino(), self.core, self.directory, graph, self.manifest["files"])
+        return self.models[graph]
+
     def compile(self, model, graph: str):
         """An inference request of `model` (graph `graph`) compiled for the CPU; OpenVinoBackendError if it cannot."""
-        config = compile_config(self.precision, self.threads, graph, marked=bool(precise_layers(model)))
+        return self._compiled(model, graph, self.options(model, graph)).create_infer_request()
+
+    def options(self, model, graph: str) -> dict:
+        """OpenVINO's compile options for `model`, graph `graph` of this export (`compile_config`)."""
+        return compile_config(self.precision, self.threads, graph, marked=bool(precise_layers(model)))
+
+    def _compiled(self, model, graph: str, options: dict):
         try:
-            compiled = self.core.compile_model(model, "CPU", config)
+            return self.core.compile_model(model, "CPU", options)
         except Exception as err:  # OpenVINO's compile errors are RuntimeError and others
             raise OpenVinoBackendError(
                 f"{self.directory / IR_FILES[graph][0]}: OpenVINO cannot compile it ({err}); export the model again"
             ) from err
+
+    def compile_or_import(self, graph: str, folder: Path):
+        """`graph`'s inference request, imported from the compiled graphs in `folder`, else compiled and kept there."""
+        digests = [self.manifest["files"][file] for file in IR_FILES[graph]]
+        key = compiled_key(self.core, digests, {"precision": self.precision, "threads": self.threads})
+        compiled = import_compiled(self.core, folder, key)
+        if compiled is None:
+            model = self.model(graph)
+            options = self.options(model, graph)
+            compiled = self._compiled(model, graph, options)
+            keep_compiled(folder, key, compiled, options)
         return compiled.create_infer_request()
 
     def compile_for(self, graph: str, feed: dict[str, np.ndarray]) -> None:
@@ -318,7 +343,7 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
         if key in self.static_requests:
             return
         ov = import_openvino()
-        model = self.models[graph].clone()
+        model = self.model(graph).clone()
         for parameter in [p for p in model.get_parameters() if p.get_friendly_name() in VALUE_INPUTS]:
             constant = ov.op.Constant(feed[parameter.get_friendly_name()])
             for target in list(parameter.output(0).get_target_inputs()):

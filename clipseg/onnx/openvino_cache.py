@@ -18,7 +18,9 @@ so each conversion found or made for a model given by its files is also recorded
 (`source_key`: their paths, sizes, modification and change times, and the same versions and CPU), in
 sources/<source key>.json: a later run whose files have not changed opens the conversion without loading PyTorch
 (`recorded_conversion`). A changed file (any write changes its change time) misses the record, and that run takes the
-long way again.
+long way again. The graphs of a conversion, once compiled for the CPU, are kept too, in compiled/
+(`compiled_graphs`; about as large as the conversion), and imported by later runs (0.5 s instead of 1.5 s at
+ViT-B/16 int8).
 
 A conversion is written to a temporary folder beside its place and renamed into it when complete, so a crash or two
 processes converting at once never leave a half folder under the key. A conversion whose accuracy check failed is
@@ -59,6 +61,12 @@ def cache_root() -> Path:
     if os.environ.get(CACHE_VARIABLE):
         return Path(os.environ[CACHE_VARIABLE])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipseg"
+
+
+def compiled_graphs() -> Path:
+    """The folder where the cached conversions' graphs compiled for this CPU are kept (`clipseg.onnx.openvino_compiled`:
+    importing them takes a third of the time of compiling them)."""
+    return cache_root() / "openvino" / "compiled"
 
 
 def conversion_key(model: CLIPSeg, precision: str) -> str:

@@ -1,0 +1,109 @@
+"""clipseg.onnx.openvino_compiled: an export's graphs compiled for this CPU, kept in a folder and imported by later
+openings with the same outputs (and the same inference precision, which OpenVINO would otherwise pick itself); a
+kept graph that was tampered with, whose record is not ours, or that was compiled on another CPU is compiled again.
+
+Exports the tiny model in fp32 once per module (about 20 s on 2 cores). Needs requirements-openvino.txt (`make test`
+installs it); skipped with a message elsewhere, never in CI.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import AVX2_EPYC, require_modules, simulate_cpu
+
+require_modules(("onnx", "onnxscript", "onnxruntime", "openvino"), "requirements-openvino.txt")
+
+from clipseg.onnx.openvino_backend import IR_FILES, OpenVinoCLIPSeg, openvino_core  # noqa: E402
+from clipseg.onnx.openvino_compiled import compiled_key, recorded_options  # noqa: E402
+from clipseg.onnx.openvino_export import export_openvino  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def export_dir(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("openvino_fp32")
+    export_openvino(model, out, "fp32")
+    return out
+
+
+@pytest.fixture
+def compiles(monkeypatch) -> list:
+    """The graphs OpenVinoCLIPSeg compiles from now on (they are still compiled)."""
+    calls = []
+    compiled = OpenVinoCLIPSeg._compiled
+
+    def counting(self, model, graph, options):
+        calls.append(graph)
+        return compiled(self, model, graph, options)
+
+    monkeypatch.setattr(OpenVinoCLIPSeg, "_compiled", counting)
+    return calls
+
+
+def logits(runner) -> torch.Tensor:
+    """The runner's logits for a fixed image and two prompts: (2, 1, 64, 64)."""
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return runner.decode(runner.encode_image(pixels), runner.embed_text(["a red circle", "sky"]))
+
+
+def test_compiled_graphs_are_kept_and_imported_with_the_same_outputs(export_dir, compiles, tmp_path):
+    reference = logits(OpenVinoCLIPSeg(export_dir))
+    compiles.clear()
+    first = OpenVinoCLIPSeg(export_dir, compiled=tmp_path)
+    assert sorted(compiles) == sorted(IR_FILES)
+    assert len(list(tmp_path.glob("*.blob"))) == len(list(tmp_path.glob("*.json"))) == len(IR_FILES)
+    assert torch.equal(logits(first), reference)
+    compiles.clear()
+    second = OpenVinoCLIPSeg(export_dir, compiled=tmp_path)
+    assert compiles == [] and second.models == {}  # imported: not compiled, the graph files not even read
+    assert torch.equal(logits(second), reference)
+    assert second.inference_precision() == "f32"  # as compiled: OpenVINO's default is bf16 where it is native
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_tampered_or_foreign_compiled_graph_is_compiled_again(export_dir, compiles, tmp_path, monkeypatch):
+    reference = logits(OpenVinoCLIPSeg(export_dir, compiled=tmp_path))
+    blobs = sorted(tmp_path.glob("*.blob"))
+    data = bytearray(blobs[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blobs[0].write_bytes(bytes(data))  # a changed blob: its SHA-256 is not the recorded one
+    record = blobs[1].with_suffix(".json")
+    options = json.loads(record.read_text())
+    record.write_text(json.dumps({**options, "options": {**options["options"], "CACHE_DIR": "/elsewhere"}}))
+    blobs[2].with_suffix(".json").write_text("[not json")
+    compiles.clear()
+    runner = OpenVinoCLIPSeg(export_dir, compiled=tmp_path)
+    assert len(compiles) == 3 and torch.equal(logits(runner), reference)
+    compiles.clear()
+    OpenVinoCLIPSeg(export_dir, compiled=tmp_path)
+    assert compiles == []  # the three were kept again
+    simulate_cpu(monkeypatch, {"avx2": True, "simulated": True})  # instruction sets no real CPU reports
+    OpenVinoCLIPSeg(export_dir, compiled=tmp_path)  # another CPU: none of this one's compiled graphs is used
+    assert sorted(compiles) == sorted(IR_FILES)
+
+
+def test_the_key_covers_the_graph_what_was_asked_and_the_cpu(monkeypatch):
+    core = openvino_core()
+    key = compiled_key(core, ["a" * 64, "b" * 64], {"precision": "int8", "threads": None})
+    assert key == compiled_key(core, ["a" * 64, "b" * 64], {"precision": "int8", "threads": None})
+    assert key != compiled_key(core, ["a" * 64, "c" * 64], {"precision": "int8", "threads": None})
+    assert key != compiled_key(core, ["a" * 64, "b" * 64], {"precision": "int8", "threads": 1})
+    simulate_cpu(monkeypatch, AVX2_EPYC)
+    assert key != compiled_key(core, ["a" * 64, "b" * 64], {"precision": "int8", "threads": None})
+
+
+@pytest.mark.parametrize(
+    ("options", "usable"),
+    [
+        ({"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}, True),
+        ({"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 2}, True),
+        ({"INFERENCE_PRECISION_HINT": "f16"}, False),
+        ({"CACHE_DIR": "/elsewhere"}, False),
+        ({"INFERENCE_NUM_THREADS": 0}, False),
+        ({"INFERENCE_NUM_THREADS": True}, False),
+        ("f32", False),
+    ],
+)
+def test_only_the_options_we_compile_with_are_taken_from_a_record(options, usable):
+    assert recorded_options({"sha256": "0" * 64, "options": options}) == (options if usable else None)
