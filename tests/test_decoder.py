@@ -69,12 +69,21 @@ def test_attention_with_dropout_without_drops_is_as_exact_as_scaled_dot_product_
 
 
 def test_mlp_drops_hidden_units_after_the_relu_in_training_only():
+    """Its values and gradients are those of relu, then `dropout_mask`'s mask and scale (the same draws), then fc2."""
     torch.manual_seed(0)
-    mlp, x = DecoderMLP(8, 32, dropout=0.25), torch.randn(4, 5, 8)
+    mlp, x = DecoderMLP(8, 32, dropout=0.25), torch.randn(4, 5, 8, requires_grad=True)
+    upstream = torch.randn(4, 5, 8)
     torch.manual_seed(1)
     trained = mlp.train()(x)
+    gradients = torch.autograd.grad(trained, [x, *mlp.parameters()], upstream)
     hidden = F.relu(mlp.fc1(x))
     torch.manual_seed(1)
     keep, scale = dropout_mask(hidden, 0.25)
-    torch.testing.assert_close(trained, mlp.fc2(hidden * keep * scale), rtol=1e-5, atol=1e-6)
+    assert 0 < keep.mean() < 1 and (hidden > 0).float().mean() < 1  # units dropped, units negative
+    reference = mlp.fc2(hidden * keep * scale)
+    torch.testing.assert_close(trained, reference, rtol=1e-5, atol=1e-6)
+    for ours, expected in zip(gradients, torch.autograd.grad(reference, [x, *mlp.parameters()], upstream)):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mlp.eval()(x), mlp.fc2(hidden))
+    mlp.train().dropout = 1.0
+    assert torch.equal(mlp(x), mlp.fc2.bias.expand(4, 5, 8))  # everything dropped
