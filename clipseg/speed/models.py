@@ -415,16 +415,20 @@ def openvino_runners(model, folder: Path) -> dict:
 
 
 # Training steps timed after this many rounds of every variant: a run's first steps are slower than its thousands of
-# later ones while the C allocator settles (pages of freshly mapped memory faulted in; on an AVX512-VNNI EPYC, one
-# thread, batch 8, our fp32 step with the decoder's dropout went from 8.8 s in the first steps to about 7.5 s), and
-# with one warm-up round the comparison measured that transient: the two fp32 steps alone, interleaved, gave ours/HF
-# 1.05x after one round and 1.15x after four (this comparison with four, in bench.py's full run: 1.09x).
-TRAINING_WARMUP = 4
+# later ones while the C allocator settles (glibc raises its threshold for serving large blocks from the heap
+# instead of fresh mappings one freed block at a time, and each fresh page costs a fault). On an AVX512-VNNI EPYC,
+# one thread, batch 8, our decoder's forward faulted in 167k, 114k, 107k, 53k, 8k, 8k, 0 pages in its first 7 steps
+# (1,757 ms in the first, 259-349 ms from the fifth on) and the frozen encoder's none from the third: with one round
+# the comparison measured that transient (ours/HF fp32 1.05x), with four the end of it (1.08-1.10x).
+TRAINING_WARMUP = 8
 
 
 def training_comparison(ours, hf, device, size, repeats, bf16: bool, batch: int = 8) -> dict:
     """Samples/s of one training step (frozen backbone, decoder trained) once steps are steady (TRAINING_WARMUP):
-    ours vs a plain HF loop, in fp32 and, where bf16 is native (`bf16`), in bf16 autocast."""
+    ours vs a plain HF loop, in fp32 and, where bf16 is native (`bf16`), in bf16 autocast. Each precision's two steps
+    are timed interleaved, apart from the other precision's, as a training run takes steps in one precision: with
+    bf16 steps between them, our fp32 steps faulted in some 400 MB of fresh pages each (the allocator's free memory
+    shaped by the other precision's tensors) and took 8.2 s instead of 7.3 (VNNI EPYC, one thread, batch 8)."""
     pixels = torch.randn(batch, 3, size, size, device=device)
     target = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
     phrases = PHRASES[:batch]
@@ -454,10 +458,10 @@ def training_comparison(ours, hf, device, size, repeats, bf16: bool, batch: int 
         opt_hf.step()
         sync(device)
 
-    variants = {"ours_fp32": step_ours, "hf_fp32": step_hf}
+    timing = interleaved({"ours_fp32": step_ours, "hf_fp32": step_hf}, repeats, warmup=TRAINING_WARMUP)
     if bf16:
-        variants.update(ours_bf16=lambda: step_ours(torch.bfloat16), hf_bf16=lambda: step_hf(torch.bfloat16))
-    timing = interleaved(variants, repeats, warmup=TRAINING_WARMUP)
+        steps = {"ours_bf16": lambda: step_ours(torch.bfloat16), "hf_bf16": lambda: step_hf(torch.bfloat16)}
+        timing |= interleaved(steps, repeats, warmup=TRAINING_WARMUP)
     ours.eval()
     ours.text_cache = None
     hf.eval()
