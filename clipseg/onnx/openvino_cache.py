@@ -34,7 +34,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -43,7 +42,8 @@ from pathlib import Path
 import torch
 
 from clipseg.config import DEFAULT_BACKBONE, RANDOM_BACKBONES
-from clipseg.onnx.backend import MANIFEST_NAME
+from clipseg.onnx.backend import MANIFEST_NAME, SHA256
+from clipseg.outputs import write_json
 from clipseg.precision import cpu_class
 from clipseg.weights import DECODER_WEIGHTS_NAME, read_config
 from model import CLIPSeg
@@ -150,9 +150,6 @@ def source_key(source: str, backbone: str | None, precision: str) -> str | None:
     return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
 
 
-KEY = re.compile(r"[0-9a-f]{64}")
-
-
 def recorded_conversion(key: str | None) -> Path | None:
     """The cached conversion recorded for the source key `key` (`remember_conversion`), or None. The record is
     untrusted: only a key of the cache's own form is followed, and only to a complete conversion (the folder is
@@ -164,7 +161,7 @@ def recorded_conversion(key: str | None) -> Path | None:
         conversion = json.loads(record.read_text()).get("conversion")
     except (OSError, ValueError, AttributeError):
         return None
-    if not isinstance(conversion, str) or not KEY.fullmatch(conversion):
+    if not isinstance(conversion, str) or not SHA256.fullmatch(conversion):
         return None
     folder = cache_root() / "openvino" / conversion
     return folder if (folder / MANIFEST_NAME).is_file() else None
@@ -173,16 +170,10 @@ def recorded_conversion(key: str | None) -> Path | None:
 def remember_conversion(key: str, folder: Path, source: str) -> None:
     """Record that the source key `key` converts to `folder` (a conversion in the cache); written whole or not at all.
     A cache that cannot be written only means the next run finds the conversion the long way."""
-    records, partial = folder.parent / "sources", None
     try:
-        records.mkdir(exist_ok=True)
-        descriptor, partial = tempfile.mkstemp(prefix=f"{key}.", suffix=".partial", dir=records)
-        with os.fdopen(descriptor, "w") as out:
-            json.dump({"conversion": folder.name, "source": source}, out)
-        os.replace(partial, records / f"{key}.json")
+        write_json(folder.parent / "sources" / f"{key}.json", {"conversion": folder.name, "source": source})
     except OSError:
-        if partial:
-            Path(partial).unlink(missing_ok=True)
+        pass
 
 
 def say_cached(precision: str, source: str, folder: Path) -> None:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from clipseg.onnx.backend import SHA256
+from clipseg.outputs import atomic_write, write_json
 
 # The options `compile_config` gives, and the values an import accepts from a record.
 OPTIONS = {
@@ -96,21 +95,8 @@ def keep_compiled(folder: Path, key: str, compiled, options: dict) -> None:
     except Exception:  # a graph OpenVINO cannot export is compiled on every run, as without this folder
         return
     data = stream.getvalue()
-    record = json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "options": options})
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_whole(folder / f"{key}.blob", data)
-        _write_whole(folder / f"{key}.json", record.encode())
+        atomic_write(folder / f"{key}.blob", lambda tmp: Path(tmp).write_bytes(data))
+        write_json(folder / f"{key}.json", {"sha256": hashlib.sha256(data).hexdigest(), "options": options})
     except OSError:
         pass
-
-
-def _write_whole(path: Path, data: bytes) -> None:
-    descriptor, partial = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as out:
-            out.write(data)
-        os.replace(partial, path)
-    except OSError:
-        Path(partial).unlink(missing_ok=True)
-        raise
