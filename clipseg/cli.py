@@ -244,7 +244,12 @@ def load_command_model(args: argparse.Namespace, reference: bool = False) -> tup
     source, _ = model_source(args)
     if getattr(args, "convert_to", None):
         return converted_model(args, source), source
-    model = load_model(source, args.backbone, args.device, args.precision, args.backend)
+    compiled = None
+    if args.backend == "openvino":  # its graphs compiled for this CPU are kept in the cache, as a conversion's are
+        from clipseg.onnx.openvino_cache import compiled_graphs
+
+        compiled = compiled_graphs()
+    model = load_model(source, args.backbone, args.device, args.precision, args.backend, compiled)
     if args.backend != "torch":
         args.precision = model.precision
     if args.backend == "openvino" and (note := model.checked_elsewhere()):

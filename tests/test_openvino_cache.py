@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from clipseg.onnx.openvino_cache import (  # noqa: E402
     ConversionFailed,
     cached_export,
     conversion_key,
+    prune_conversions,
     recorded_conversion,
     source_files,
     source_key,
@@ -83,7 +85,9 @@ def test_a_conversion_is_made_once_and_reused(model, converted, auto, cache, mon
     manifest = json.loads((converted / "manifest.json").read_text())
     assert (manifest["precision"], manifest["source_model"]) == ("int8", "tiny")
     calls = count_exports(monkeypatch)
+    aged(converted, 20)
     assert cached_export(model, "int8", "tiny") == converted and calls == []  # the cache answers
+    assert time.time() - converted.stat().st_mtime < 60  # and the conversion is marked used
     assert f"cached in {converted}" in capsys.readouterr().err
     assert conversion_key(model, "int8") == converted.name
     assert conversion_key(model, "bf16") != converted.name  # another precision, another conversion
@@ -172,7 +176,7 @@ def predict_run(tmp_path, model_dir, name, *flags) -> tuple[int, dict]:
 
 
 def test_predict_auto_runs_the_cached_openvino_int8_conversion_on_amx(
-    tiny_dir, converted, auto, tmp_path, monkeypatch, capsys
+    tiny_dir, converted, auto, cache, tmp_path, monkeypatch, capsys
 ):
     simulate_cpu(monkeypatch, AMX_XEON)
     calls = count_exports(monkeypatch)
@@ -184,8 +188,10 @@ def test_predict_auto_runs_the_cached_openvino_int8_conversion_on_amx(
     assert code == 0 and (summary["backend"], summary["precision"]) == ("openvino", "int8")
     assert f"cached in {converted}" in capsys.readouterr().err and calls == []
     simulate_cpu(monkeypatch, VNNI_EPYC)  # another CPU class: its own conversion, checked on it
+    unused = fake_conversion(cache / "openvino", "9" * 64, 15)  # pruned when a conversion is made
     code, summary = predict_run(tmp_path, tiny_dir, "vnni", "--image-size", "64")
     assert code == 0 and (summary["backend"], summary["precision"]) == ("openvino", "int8") and calls == ["int8"]
+    assert not unused.exists() and converted.is_dir()
     simulate_cpu(monkeypatch, AVX2_EPYC)
     code, summary = predict_run(tmp_path, tiny_dir, "avx2", "--image-size", "64")
     assert code == 0 and (summary["backend"], summary["precision"]) == ("torch", "fp32")
@@ -335,6 +341,51 @@ def test_source_records_are_untrusted(tmp_path, monkeypatch):
     assert recorded_conversion("good") == tmp_path / "openvino" / conversion
     for name in ("damaged", "list", "escaping", "absolute", "missing", "never-recorded", None):
         assert recorded_conversion(name) is None, name
+
+
+def aged(path: Path, days: float) -> Path:
+    """`path` (a file or folder) last modified `days` ago."""
+    when = time.time() - days * 86400
+    os.utime(path, (when, when))
+    return path
+
+
+def fake_conversion(root: Path, name: str, days: float) -> Path:
+    """A folder `name` in the cache's `root` holding 1 MB and a manifest, last modified `days` ago."""
+    (root / name).mkdir(parents=True)
+    (root / name / "manifest.json").write_text("{}")
+    (root / name / "image_encoder.bin").write_bytes(bytes(1_000_000))
+    return aged(root / name, days)
+
+
+def test_conversions_unused_for_two_weeks_and_crash_leftovers_are_pruned(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLIPSEG_CACHE", str(tmp_path))
+    root = tmp_path / "openvino"
+    old, new, just_made, opened = "a" * 64, "b" * 64, "c" * 64, "d" * 64
+    for name, days in ((old, 15), (new, 13), (just_made, 30), (opened, 20)):
+        fake_conversion(root, name, days)
+    fake_conversion(root, f"{old}.partial-x1y2", 2)  # a conversion a crash interrupted
+    fake_conversion(root, f"{new}.partial-z3w4", 0.5)  # perhaps another process converting now
+    fake_conversion(root, "mine", 100)  # not ours
+    (root / ("e" * 64)).symlink_to(root / "mine")
+    (root / "sources").mkdir()
+    for record, conversion in (("1" * 64, old), ("2" * 64, new), ("3" * 64, opened)):
+        (root / "sources" / f"{record}.json").write_text(json.dumps({"conversion": conversion}))
+    (root / "sources" / "notes.json").write_text(json.dumps({"conversion": old}))  # not a record of ours
+    (root / "sources" / f"{'4' * 64}.json").write_text(json.dumps({"conversion": "../mine"}))
+    assert recorded_conversion("3" * 64) == root / opened  # a run opens it: it is used now
+    removed = prune_conversions(root, keep=just_made)
+    assert sorted(p.name for p in removed) == sorted([old, f"{old}.partial-x1y2", f"{'1' * 64}.json"])
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [new, just_made, opened, f"{new}.partial-z3w4", "mine", "e" * 64, "sources"]
+    )
+    assert sorted(p.name for p in (root / "sources").iterdir()) == sorted(
+        [f"{'2' * 64}.json", f"{'3' * 64}.json", f"{'4' * 64}.json", "notes.json"]
+    )
+    err = capsys.readouterr().err
+    assert f"removed 2 cached conversions unused for 14 days or left by a crash (2 MB) from {root}" in err
+    assert "removed 1 records of conversions no longer cached (0 MB)" in err
+    assert prune_conversions(tmp_path / "missing", keep=old) == []
 
 
 def fake_hub_repo(hub: "os.PathLike", repo: str, folder, revision: str) -> None:

@@ -7,16 +7,21 @@ installs it); skipped with a message elsewhere, never in CI.
 """
 
 import json
+import os
+import time
 
 import pytest
 import torch
-from conftest import AVX2_EPYC, require_modules, simulate_cpu
+from conftest import AVX2_EPYC, folder_files, random_image, require_modules, save, simulate_cpu
 
 require_modules(("onnx", "onnxscript", "onnxruntime", "openvino"), "requirements-openvino.txt")
 
 from clipseg.onnx.openvino_backend import IR_FILES, OpenVinoCLIPSeg, openvino_core  # noqa: E402
-from clipseg.onnx.openvino_compiled import compiled_key, recorded_options  # noqa: E402
+from clipseg.onnx.openvino_compiled import compiled_key, prune_unused, recorded_options  # noqa: E402
 from clipseg.onnx.openvino_export import export_openvino  # noqa: E402
+from predict import main as predict_main  # noqa: E402
+
+DAY = 86400
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +112,64 @@ def test_the_key_covers_the_graph_what_was_asked_and_the_cpu(monkeypatch):
 )
 def test_only_the_options_we_compile_with_are_taken_from_a_record(options, usable):
     assert recorded_options({"sha256": "0" * 64, "options": options}) == (options if usable else None)
+
+
+def aged(path, days: float, content: str = "x"):
+    """`path` written with `content` and last modified `days` ago."""
+    path.write_text(content)
+    when = time.time() - days * DAY
+    os.utime(path, (when, when))
+    return path
+
+
+def test_kept_graphs_unused_for_two_weeks_and_crash_leftovers_are_pruned(tmp_path, capsys):
+    old, new, kept, orphan_old, orphan_new = ("a" * 64, "b" * 64, "c" * 64, "d" * 64, "e" * 64)
+    for key, days in ((old, 15), (new, 13), (kept, 30)):
+        aged(tmp_path / f"{key}.blob", days, "b" * 1_000_000)
+        aged(tmp_path / f"{key}.json", days)
+    aged(tmp_path / f"{orphan_old}.blob", 2)  # a crash between the blob and its record
+    aged(tmp_path / f"{orphan_new}.blob", 0.5)  # perhaps being written by another process now
+    aged(tmp_path / f".{new}.blob.x1y2.tmp", 2)
+    aged(tmp_path / f".{new}.blob.z3w4.tmp", 0.5)
+    aged(tmp_path / "notes.txt", 100)  # not ours
+    (tmp_path / f"{'f' * 64}.json").symlink_to(tmp_path / "notes.txt")
+    removed = prune_unused(tmp_path, keep=[kept])
+    assert sorted(p.name for p in removed) == sorted(
+        [f"{old}.blob", f"{old}.json", f"{orphan_old}.blob", f".{new}.blob.x1y2.tmp"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{new}.blob", f"{new}.json", f"{kept}.blob", f"{kept}.json", f"{orphan_new}.blob"]
+        + [f".{new}.blob.z3w4.tmp", "notes.txt", f"{'f' * 64}.json"]
+    )
+    said = "removed 4 compiled graph files unused for 14 days or left by a crash (1 MB)"
+    assert f"{said} from {tmp_path}" in capsys.readouterr().err
+    assert prune_unused(tmp_path / "missing") == []
+
+
+def test_an_import_marks_the_graph_used_and_keeping_one_prunes(export_dir, compiles, tmp_path):
+    OpenVinoCLIPSeg(export_dir, compiled=tmp_path)
+    records = sorted(tmp_path.glob("*.json"))
+    for record in records:
+        os.utime(record, (time.time() - 20 * DAY,) * 2)
+    OpenVinoCLIPSeg(export_dir, compiled=tmp_path)  # imported: each record touched
+    assert all(time.time() - record.stat().st_mtime < DAY for record in records)
+    stale = aged(tmp_path / f"{'a' * 64}.json", 20)
+    aged(tmp_path / f"{'a' * 64}.blob", 20)
+    (records[0].with_suffix(".blob")).unlink()  # one graph compiled and kept again: the folder is pruned
+    compiles.clear()
+    OpenVinoCLIPSeg(export_dir, compiled=tmp_path)
+    assert len(compiles) == 1 and not stale.exists() and records[0].with_suffix(".blob").exists()
+
+
+def test_predict_keeps_an_export_folders_compiled_graphs_in_the_cache(export_dir, compiles, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPSEG_CACHE", str(tmp_path / "cache"))
+    image = save(random_image(80, 60), tmp_path / "photo.png")
+    outputs = []
+    for run in ("first", "second"):
+        compiles.clear()
+        argv = [str(image), "--prompt", "a red circle", "--backend", "openvino", "--model", str(export_dir)]
+        assert predict_main([*argv, "--out", str(tmp_path / run)]) == 0
+        outputs.append({name: data for name, data in folder_files(tmp_path / run).items() if name.endswith(".png")})
+        assert len(compiles) == (len(IR_FILES) if run == "first" else 0)
+    assert len(list((tmp_path / "cache" / "openvino" / "compiled").glob("*.blob"))) == len(IR_FILES)
+    assert outputs[0] and outputs[0] == outputs[1]

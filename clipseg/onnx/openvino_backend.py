@@ -54,12 +54,12 @@ from torch import Tensor
 from clipseg.config import CLIPSegConfig
 from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, SHA256, ExportedCLIPSeg, read_checked
 from clipseg.onnx.openvino_compiled import compiled_key, import_compiled, keep_compiled
+from clipseg.precision import PRECISIONS
 from clipseg.weights import CheckpointError, read_json
 
 REQUIREMENTS_FILE = "requirements-openvino.txt"
 FORMAT = "clipseg-openvino"
 FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "bf16", "int8")
 IR_FILES = {name: (f"{name}.xml", f"{name}.bin") for name in GRAPH_FILES}  # graph -> (topology, weights)
 
 
@@ -280,6 +280,7 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
         compiled: Path | None = None,
     ):
         super().__init__()
+        import_openvino()  # its clear error, also where the Core was made before (it is the process's one)
         self.core = openvino_core()
         self.directory = Path(directory)
         self.manifest = manifest if manifest is not None else read_manifest(self.directory)

@@ -26,6 +26,12 @@ A conversion is written to a temporary folder beside its place and renamed into 
 processes converting at once never leave a half folder under the key. A conversion whose accuracy check failed is
 recorded (<key>.failed.json, with the reason) so that later runs fall back at once instead of converting again;
 delete the record to try again.
+
+Each new version of clipseg, openvino or nncf converts again, so whenever a conversion is made the cache is pruned
+(`prune_conversions`): conversions not opened for `UNUSED_DAYS` days go (opening one touches its folder), with the
+records that lead to them and folders a crash left half converted; compiled graphs are pruned likewise when one is
+kept (`openvino_compiled.prune_unused`). A line on stderr says what was removed. Deleting the whole cache folder is
+always safe: it only costs the conversions again.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from clipseg.config import DEFAULT_BACKBONE, RANDOM_BACKBONES
 from clipseg.onnx.backend import MANIFEST_NAME, SHA256
+from clipseg.onnx.openvino_compiled import UNFINISHED_HOURS, UNUSED_DAYS, mark_used, older_than, remove
 from clipseg.outputs import write_json
 from clipseg.precision import cpu_class
 from clipseg.weights import DECODER_WEIGHTS_NAME, read_config
@@ -64,8 +72,8 @@ def cache_root() -> Path:
 
 
 def compiled_graphs() -> Path:
-    """The folder where the cached conversions' graphs compiled for this CPU are kept (`clipseg.onnx.openvino_compiled`:
-    importing them takes a third of the time of compiling them)."""
+    """The folder where the graphs compiled for this CPU are kept, the cached conversions' and those of export folders
+    the commands run (`clipseg.onnx.openvino_compiled`: importing them takes a third of the time of compiling them)."""
     return cache_root() / "openvino" / "compiled"
 
 
@@ -156,15 +164,24 @@ def recorded_conversion(key: str | None) -> Path | None:
     checked again when it is opened)."""
     if key is None:
         return None
-    record = cache_root() / "openvino" / "sources" / f"{key}.json"
+    conversion = recorded_name(cache_root() / "openvino" / "sources" / f"{key}.json")
+    if conversion is None:
+        return None
+    folder = cache_root() / "openvino" / conversion
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    mark_used(folder)
+    return folder
+
+
+def recorded_name(record: Path) -> str | None:
+    """The conversion (its key) a source record leads to, or None when it is not a record `remember_conversion`
+    writes: only a key of the cache's own form is followed."""
     try:
         conversion = json.loads(record.read_text()).get("conversion")
     except (OSError, ValueError, AttributeError):
         return None
-    if not isinstance(conversion, str) or not SHA256.fullmatch(conversion):
-        return None
-    folder = cache_root() / "openvino" / conversion
-    return folder if (folder / MANIFEST_NAME).is_file() else None
+    return conversion if isinstance(conversion, str) and SHA256.fullmatch(conversion) else None
 
 
 def remember_conversion(key: str, folder: Path, source: str) -> None:
@@ -212,6 +229,7 @@ def _cached_export(model: CLIPSeg, precision: str, source: str) -> Path:
     key = conversion_key(model, precision)
     folder, failed = root / key, root / f"{key}.failed.json"
     if (folder / MANIFEST_NAME).is_file():
+        mark_used(folder)
         say_cached(precision, source, folder)
         return folder
     if failed.is_file():
@@ -239,4 +257,29 @@ def _cached_export(model: CLIPSeg, precision: str, source: str) -> Path:
         if isinstance(err, AccuracyCheckFailed):
             failed.write_text(json.dumps({"reason": str(err), "source": source, "precision": precision}))
         raise ConversionFailed(f"its OpenVINO {precision} conversion failed: {err}") from err
+    prune_conversions(root, keep=key)
     return folder
+
+
+def prune_conversions(root: Path, keep: str, now: float | None = None) -> list[Path]:
+    """Remove from the cache's `root` (<cache>/openvino) the conversions but `keep` not opened for UNUSED_DAYS days,
+    the folders of conversions a crash interrupted more than UNFINISHED_HOURS ago, and the source records whose
+    conversion is gone; says so on stderr and returns the paths removed. Anything else is left alone."""
+    now = time.time() if now is None else now
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return []
+    stale = []
+    for path in entries:
+        if path.is_symlink() or not path.is_dir() or path.name == keep:
+            continue
+        key, partial, _ = path.name.partition(".partial-")
+        if SHA256.fullmatch(key) and partial and older_than(path, UNFINISHED_HOURS * 3600, now):
+            stale.append(path)
+        elif SHA256.fullmatch(path.name) and older_than(path, UNUSED_DAYS * 86400, now):
+            stale.append(path)
+    removed = remove(stale, f"cached conversions unused for {UNUSED_DAYS} days or left by a crash", root)
+    records = [record for record in sorted((root / "sources").glob("*.json")) if SHA256.fullmatch(record.stem)]
+    gone = [record for record in records if (name := recorded_name(record)) and not (root / name).is_dir()]
+    return removed + remove(gone, "records of conversions no longer cached", root / "sources")

@@ -1,6 +1,7 @@
 """OpenVINO graphs compiled for this CPU, kept in a folder and imported by later runs instead of compiled again: the
 four graphs of a ViT-B/16 int8 export took 1.5 s to compile on an AMD EPYC (AVX512-VNNI) and 0.5 s to import. The
-conversions of the cache (`clipseg.onnx.openvino_cache`) keep theirs in its compiled/ folder.
+commands keep them in the cache's compiled/ folder (`clipseg.onnx.openvino_cache.compiled_graphs`), for the cache's
+conversions and for export folders given with --backend openvino alike.
 
     key = compiled_key(core, graph_digests, {"precision": "int8", "threads": None})
     compiled = import_compiled(core, folder, key)                 # None: not kept, or not usable
@@ -13,14 +14,23 @@ its options were derived from, the openvino version and the CPU (OpenVINO's name
 torch detects): a graph compiled on one CPU is never imported on another. Kept graphs are untrusted: a blob without
 the recorded SHA-256, a record that is not one `keep_compiled` writes, or a blob OpenVINO refuses is compiled again
 and replaced.
+
+Every version of openvino or of an export makes new keys, so the folder is pruned whenever a graph is kept there:
+graphs not imported for `UNUSED_DAYS` days (an import touches the record) and files a crash left half written are
+removed, with a line on stderr (`prune_unused`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from clipseg.onnx.backend import SHA256
@@ -81,9 +91,11 @@ def import_compiled(core, folder: Path, key: str):
     if hashlib.sha256(data).hexdigest() != digest:
         return None
     try:
-        return core.import_model(io.BytesIO(data), "CPU", options)
+        compiled = core.import_model(io.BytesIO(data), "CPU", options)
     except Exception:  # OpenVINO's errors for a blob it cannot use: compiled again by the caller
         return None
+    mark_used(folder / f"{key}.json")
+    return compiled
 
 
 def keep_compiled(folder: Path, key: str, compiled, options: dict) -> None:
@@ -99,4 +111,67 @@ def keep_compiled(folder: Path, key: str, compiled, options: dict) -> None:
         atomic_write(folder / f"{key}.blob", lambda tmp: Path(tmp).write_bytes(data))
         write_json(folder / f"{key}.json", {"sha256": hashlib.sha256(data).hexdigest(), "options": options})
     except OSError:
-        pass
+        return
+    prune_unused(folder, keep=[key])
+
+
+UNUSED_DAYS = 14  # a kept graph or cached conversion not used for this long is removed when a new one is kept
+UNFINISHED_HOURS = 24  # a file or folder still being written after this long was left by a crash
+
+
+def mark_used(path: Path) -> None:
+    """Set `path`'s modification time to now: when it was last used, which pruning reads."""
+    with contextlib.suppress(OSError):  # a read-only cache is never pruned either
+        os.utime(path)
+
+
+def older_than(path: Path, seconds: float, now: float) -> bool:
+    """Whether `path` was last modified more than `seconds` before `now` (False when it cannot be told)."""
+    try:
+        return now - path.lstat().st_mtime > seconds
+    except OSError:
+        return False
+
+
+def remove(paths: Iterable[Path], what: str, folder: Path) -> list[Path]:
+    """Remove `paths` (files, or folders with everything under them) and say on stderr how many (`what` they are)
+    and how many bytes went from `folder`; returns those removed. One that cannot be removed stays."""
+    removed, freed = [], 0
+    for path in paths:
+        tree = path.is_dir() and not path.is_symlink()
+        files = [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()] if tree else [path]
+        size = sum(file.lstat().st_size for file in files if file.exists())
+        try:
+            shutil.rmtree(path) if tree else path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+        freed += size
+    if removed:
+        print(f"removed {len(removed)} {what} ({freed / 1e6:.0f} MB) from {folder}", file=sys.stderr)
+    return removed
+
+
+def prune_unused(folder: Path, keep: Sequence[str] = (), now: float | None = None) -> list[Path]:
+    """Remove from `folder` the compiled graphs (<key>.blob with <key>.json, timed by the record, which an import
+    touches) not used for UNUSED_DAYS days, but those of the keys `keep`, and the blobs without a record and
+    temporary files older than UNFINISHED_HOURS (a crash while keeping one). Other files are left alone."""
+    now = time.time() if now is None else now
+    unused, unfinished = UNUSED_DAYS * 86400, UNFINISHED_HOURS * 3600
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    stale = []
+    for path in entries:
+        key, _, suffix = path.name.partition(".")
+        if key in keep or path.is_symlink() or not path.is_file():
+            continue
+        if not key and suffix.endswith(".tmp"):  # atomic_write's temporary file: .<name>.<random>.tmp
+            stale += [path] if older_than(path, unfinished, now) else []
+        elif SHA256.fullmatch(key) and suffix == "json" and older_than(path, unused, now):
+            stale += [path.with_suffix(".blob"), path]  # the blob first: a record never outlives its blob
+        elif SHA256.fullmatch(key) and suffix == "blob" and not path.with_suffix(".json").exists():
+            stale += [path] if older_than(path, unfinished, now) else []
+    what = f"compiled graph files unused for {UNUSED_DAYS} days or left by a crash"
+    return remove([path for path in stale if path.exists()], what, folder)
