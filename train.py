@@ -34,7 +34,6 @@ import dataset as datasets
 from clipseg import runs
 from clipseg.cli import BAD_INPUT, NOTHING_DONE
 from clipseg.distributed import run_and_exit
-from clipseg.outputs import json_text
 from clipseg.runs import RunFiles
 from clipseg.sampling import (
     InfiniteBatchSampler,
@@ -124,14 +123,16 @@ def start(args: argparse.Namespace, dataset: Dataset | None) -> tuple:
     loader = build_loader(dataset, sampler, args.num_workers, pin=device.type == "cuda")
     if world.is_main:
         announce(args, model, dataset, world, device, loop.dtype, loop.step, validation)
-        runs.rewrite_log(files.log, runs.read_log(files.log, up_to_step=loop.step))
+        records = runs.read_log(files.log, up_to_step=loop.step)
         if getattr(args, "remove_classes", None):
-            record = {"step": loop.step, "remove_classes": args.remove_classes, "removed": removed_count(dataset)}
-            with open(files.log, "a") as log:
-                log.write(json_text(record) + "\n")
+            removed = removed_count(dataset)
+            records.append({"step": loop.step, "remove_classes": args.remove_classes, "removed": removed})
         if datasets.exclusion_note(dataset):  # tasks and bad polygons left out while indexing: counts and examples
-            with open(files.log, "a") as log:
-                log.write(json_text({"step": loop.step, **datasets.exclusion_summary(dataset)}) + "\n")
+            records.append({"step": loop.step, **datasets.exclusion_summary(dataset)})
+        try:
+            runs.rewrite_log(files.log, records)
+        except OSError as err:
+            raise TrainingError(f"{files.log} cannot be written ({err}); free space and try again") from err
         for leftover in files.dir.glob(".*.tmp"):  # from a write cut short by a kill
             leftover.unlink()
     if loop.step >= args.max_iterations:

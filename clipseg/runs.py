@@ -103,16 +103,19 @@ def write_args(files: RunFiles, record: dict) -> None:
 
 
 def read_log(path: Path, up_to_step: int | None = None) -> list[dict]:
-    """Log records, skipping a line cut short by a kill and (when resuming) records after the checkpoint."""
+    """Log records, skipping a line cut short by a kill (or anything else that is not a JSON object) and (when
+    resuming) records after the checkpoint."""
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if up_to_step is None or record.get("step", 0) <= up_to_step:
+        if not isinstance(record, dict) or not isinstance(step := record.get("step", 0), (int, float)):
+            continue
+        if up_to_step is None or step <= up_to_step:
             records.append(record)
     return records
 

@@ -312,6 +312,22 @@ def test_resume_from_a_damaged_model_file_is_a_message(tmp_path, synthetic_root,
     assert f"--resume: cannot load the run's model: {weights}: not a readable safetensors" in capsys.readouterr().err
 
 
+def test_resume_skips_foreign_log_lines_and_says_when_the_log_cannot_be_written(
+    tmp_path, synthetic_root, monkeypatch, capsys
+):
+    argv = flags(tmp_path, synthetic_root, "--name=log", "--max-iterations=2")
+    run(argv)
+    log = tmp_path / "ck" / "log" / "log.jsonl"
+    log.write_text(log.read_text() + '5\n[1, 2]\n{"step": "three"}\n{"step": 9, "loss": 1.0}\n\xff\n')
+    monkeypatch.setattr(runs, "write_text", lambda path, text: (_ for _ in ()).throw(OSError(28, "No space left")))
+    assert train.main([*argv, "--resume", "--max-iterations=4"]) == 2
+    error = capsys.readouterr().err
+    assert f"{log} cannot be written ([Errno 28] No space left); free space" in error and "Traceback" not in error
+    monkeypatch.undo()
+    assert train.main([*argv, "--resume", "--max-iterations=4"]) == 0
+    assert [r["step"] for r in runs.read_log(log) if "loss" in r] == [1, 2, 3, 4]  # the foreign lines dropped
+
+
 def test_existing_run_and_conflicting_resume_flags_are_refused(tmp_path, synthetic_root, capsys):
     argv = flags(tmp_path, synthetic_root, "--name=once", "--max-iterations=2")
     run(argv)
