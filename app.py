@@ -61,6 +61,7 @@ from clipseg.cli import (
 from clipseg.loading import LoadError
 from clipseg.mask_pipeline import REFINE_MODES
 from clipseg.postprocess import SORT_KEYS
+from clipseg.scenes import EXAMPLES_DIR
 from clipseg.segmenter import (
     FORMATS,
     IDLE_MINUTES,
@@ -74,7 +75,6 @@ from clipseg.segmenter import (
 from clipseg.uploads import MAX_PROMPTS, MAX_UPLOAD_BYTES
 
 MAX_QUEUE = 64  # requests waiting to run (one runs at a time); more are refused
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 EXAMPLES = (  # (image in examples/, prompts): scenes of `synthetic.make_synthetic_phrasecut`
     ("shapes_1.jpg", "purple square, green circle, red triangle"),
     ("shapes_2.jpg", "yellow circle, red square, blue triangle"),
@@ -101,8 +101,9 @@ def build_page(segmenter: Segmenter, threshold: float | None = None):
         grow, shrink, feather, fill_holes, min_area, instances, max_instances, sort_by, refine, tile, formats
     ):
         """The page's mask controls as `Controls` (their order); max instances 0 keeps all."""
-        return Controls(grow, shrink, feather, fill_holes, min_area, instances, max_instances or None, sort_by, refine,
-                        tile, tuple(formats or ()))  # fmt: skip
+        return Controls(grow=grow, shrink=shrink, feather=feather, fill_holes=fill_holes, min_area=min_area,
+                        instances=instances, sort_by=sort_by, max_instances=max_instances or None, refine=refine,
+                        tile=tile, formats=tuple(formats or ()))  # fmt: skip
 
     def on_segment(session, image, prompts, support, support_mask, threshold, geometry, grow, shrink, feather,
                    fill_holes, min_area, instances, max_instances, sort_by, refine, tile, formats):  # fmt: skip

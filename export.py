@@ -47,9 +47,10 @@ from clipseg.images import UnreadableImage
 from clipseg.loading import LoadError, load_model
 from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, OnnxBackendError
 from clipseg.onnx.export import export
-from clipseg.onnx.openvino_backend import PRECISIONS, OpenVinoBackendError
-from clipseg.onnx.openvino_export import AGREEMENT_BAR, AccuracyCheckFailed, export_openvino, image_files
+from clipseg.onnx.openvino_backend import OpenVinoBackendError
+from clipseg.onnx.openvino_export import AccuracyCheckFailed, export_openvino, image_files
 from clipseg.outputs import UnwritableOutput, check_writable
+from clipseg.precision import MASK_AGREEMENT_BAR, PRECISIONS
 from model import CLIPSeg
 
 DEFAULT_OUT = "exported"
@@ -86,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--bar",
         type=probability,
-        default=AGREEMENT_BAR,
+        default=MASK_AGREEMENT_BAR,
         help="--openvino: the share of mask pixels that must agree with PyTorch fp32 (default %(default)s)",
     )
     args = parser.parse_args(argv)

@@ -179,9 +179,10 @@ def check_mask_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         except ExpressionError as err:
             parser.error(f"--prompt {printable(prompt, 60)!r}: {err}")
     try:
-        args.mask_options = MaskOptions(
-            0.5, args.grow, args.shrink, args.feather, args.fill_holes, args.min_area, args.instances,
-            args.sort_instances, args.max_instances,
+        args.mask_options = MaskOptions(  # its threshold is set once the model's is known (`segment`)
+            grow=args.grow, shrink=args.shrink, feather=args.feather, fill_holes=args.fill_holes,
+            min_area=args.min_area, instances=args.instances, sort_by=args.sort_instances,
+            max_instances=args.max_instances,
         )  # fmt: skip
     except ValueError as err:
         parser.error(str(err))
@@ -415,8 +416,8 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
     }
     settings = {key: header[key] for key in ("model", "backend", "precision", "square", "image_size")}
     options = FolderOptions(
-        Path(args.out), threshold, args.prob_bits, args.batch_size, args.resume, settings, pipeline, args.save,
-        args.coco, sam,
+        out=Path(args.out), threshold=threshold, prob_bits=args.prob_bits, batch_size=args.batch_size,
+        resume=args.resume, settings=settings, masks=pipeline, save=args.save, coco=args.coco, sam=sam,
     )  # fmt: skip
     check_same_predictor(world, predictor, prompts, options, args.inputs)
     try:

@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from clipseg.distributed import Distributed, gather_blocks, gather_lists
+from clipseg.drawing import display_size
 from clipseg.images import UnreadableImage, open_rgb
 from clipseg.inference import predict_tasks
 from clipseg.metrics import ious_at_thresholds
@@ -63,12 +64,6 @@ def is_failure(ious: Sequence[float]) -> bool:
 # ------------------------------------------------------------------------------------------------- panels
 
 
-def display_size(height: int, width: int) -> tuple[int, int]:
-    """(H, W) scaled down so the longer side is at most PANEL_MAX_SIDE."""
-    scale = min(1.0, PANEL_MAX_SIDE / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
 def resize_for_display(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
     height, width = size
     if array.shape[:2] == (height, width):
@@ -95,7 +90,8 @@ def render_panel(image: np.ndarray, gt: np.ndarray, probs: np.ndarray, case: Fai
     """Write a 2 x 4 panel: image, ground truth overlay, heat map, and the mask at each threshold with its IoU.
 
     image: (H, W, 3) uint8; gt: (H, W) bool; probs: (H, W) float in [0, 1]; all at the original resolution."""
-    size = display_size(*gt.shape)
+    width, height = display_size(gt.shape[1], gt.shape[0], PANEL_MAX_SIDE)
+    size = (height, width)
     image = resize_for_display(image, size, Image.BILINEAR)
     gt = resize_for_display(gt, size, Image.NEAREST)
     probs = resize_for_display(probs.astype(np.float32), size, Image.BILINEAR)

@@ -28,13 +28,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from clipseg.metrics import PaperMetrics
+from clipseg.metrics import PaperMetrics, binary_iou
+from clipseg.postprocess import PAPER_THRESHOLD
 from clipseg.predictor import Predictor
 from clipseg.scenes import make_scene
 from clipseg.training import calibration
 from model import CLIPSeg
-
-PAPER_THRESHOLD = 0.3
 
 
 def boundary_f_score(prediction: np.ndarray, truth: np.ndarray, tolerance: float = 2.0) -> float:
@@ -54,11 +53,6 @@ def boundary_f_score(prediction: np.ndarray, truth: np.ndarray, tolerance: float
     return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
 
 
-def iou(mask: np.ndarray, truth: np.ndarray) -> float:
-    union = np.logical_or(mask, truth).sum()
-    return float(np.logical_and(mask, truth).sum() / union) if union else 1.0
-
-
 def measure_tiles(predictor: Predictor, n_images: int, seed: int) -> dict:
     """(a): mIoU of the small objects, one pass vs tiles at the model's input side (a quarter overlapping)."""
     rng = np.random.default_rng(seed)
@@ -73,7 +67,7 @@ def measure_tiles(predictor: Predictor, n_images: int, seed: int) -> dict:
             started = time.perf_counter()
             found = predictor.predict_masks(scene.phrases, PAPER_THRESHOLD, tile=tile)
             seconds[name] += time.perf_counter() - started
-            ious[name] += [iou(mask, truth) for mask, truth in zip(found.masks, scene.truths)]
+            ious[name] += [binary_iou(mask, truth, both_empty=1.0) for mask, truth in zip(found.masks, scene.truths)]
     result = {name: round(float(np.mean(values)), 4) for name, values in ious.items()}
     return {"miou": result, "objects": len(ious["tiles"]), "images": n_images, "tile": side,
             "seconds_per_image": {k: round(v / n_images, 2) for k, v in seconds.items()}}  # fmt: skip
@@ -92,7 +86,7 @@ def measure_guided(predictor: Predictor, n_images: int, seed: int) -> dict:
             found = predictor.predict_masks(scene.phrases, PAPER_THRESHOLD, refine=refine)
             for mask, truth in zip(found.masks, scene.truths):
                 scores[name]["bf"].append(boundary_f_score(mask, truth, 2.0))
-                scores[name]["iou"].append(iou(mask, truth))
+                scores[name]["iou"].append(binary_iou(mask, truth, both_empty=1.0))
     return {
         name: {"boundary_f": round(float(np.mean(v["bf"])), 4), "miou": round(float(np.mean(v["iou"])), 4)}
         for name, v in scores.items()

@@ -167,13 +167,11 @@ def _threshold_histogram(probs: torch.Tensor, targets: torch.Tensor, sorted_thre
     return torch.bincount(index.reshape(-1), minlength=2 * bins * batch).reshape(batch, 2, bins).cpu().numpy()
 
 
-def binary_iou(pred, gt) -> float:
-    """Intersection over union of two same-shape binary masks (bool or {0, 1}, numpy or torch).
-
-    An empty intersection gives 0, as in PhraseCut's evaluation: so does the empty-vs-empty case (empty union).
-    Symmetric in its arguments."""
+def binary_iou(pred, gt, both_empty: float = 0.0) -> float:
+    """Intersection over union of two same-shape binary masks (bool or {0, 1}, numpy or torch). An empty
+    intersection gives 0, as in PhraseCut's evaluation; two empty masks give `both_empty` (PhraseCut's: 0)."""
     intersection, union = _intersection_union(pred, gt)
-    return intersection / union if intersection else 0.0
+    return intersection / union if intersection else (0.0 if union else both_empty)
 
 
 def _intersection_union(pred, gt) -> tuple[int, int]:

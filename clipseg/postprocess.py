@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 PAPER_THRESHOLD = 0.3  # the CLIPSeg paper's fixed threshold, for models that record no calibrated one
+PAPER_LOGIT = math.log(PAPER_THRESHOLD / (1 - PAPER_THRESHOLD))  # a logit above it: a probability above the threshold
 SORT_KEYS = ("area", "score")
 CONNECTIVITY = np.ones((3, 3), dtype=bool)  # 8-connected components
 

@@ -12,11 +12,14 @@ real-looking inputs and the OpenVINO int8 calibration (`clipseg.onnx.openvino_ex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from clipseg.synthetic import COLOURS, SHAPES
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"  # the shipped scenes: the app's examples
 
 
 @dataclass

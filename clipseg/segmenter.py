@@ -125,9 +125,10 @@ class ImagePrompt:
 
 @dataclass(frozen=True)
 class Controls:
-    """The page's mask controls, predict.py's flags: post-processing at the original size (`MaskOptions`), refine
-    (one of REFINE_MODES; "sam" needs the Segmenter's SamRefiner), tile (windows of the model's input side, a
-    quarter overlapping) and the zip's formats (of FORMATS)."""
+    """The page's mask controls as its widgets give them, checked when the pipeline is made: the post-processing at
+    the original size (`MaskOptions`' fields but the threshold, under the same names; a slider's whole float is
+    taken as an int, 0 max_instances as None), refine (one of REFINE_MODES; "sam" needs the Segmenter's
+    SamRefiner), tile (windows of the model's input side, a quarter overlapping) and the zip's formats (of FORMATS)."""
 
     grow: int = 0
     shrink: int = 0
@@ -135,11 +136,17 @@ class Controls:
     fill_holes: bool = False
     min_area: int = 0
     instances: bool = False
-    max_instances: int | None = None
     sort_by: str = "area"
+    max_instances: int | None = None
     refine: str = "none"
     tile: bool = False
     formats: tuple[str, ...] = ("mask",)
+
+    def mask_options(self, threshold: float) -> MaskOptions:
+        """MaskOptions of these controls at `threshold`; ValueError or TypeError naming a value out of range."""
+        raw = {name: getattr(self, name) for name in MASK_CONTROLS}
+        typed = {name: kind(_whole(raw[name])) if kind else _whole(raw[name]) for name, kind in MASK_CONTROLS.items()}
+        return MaskOptions(threshold=threshold, **{**typed, "max_instances": typed["max_instances"] or None})
 
     def pipeline(self, threshold: float, tile_side: int) -> PipelineOptions:
         """The pipeline options; InputError naming the control when a value is out of range."""
@@ -149,15 +156,16 @@ class Controls:
         if self.refine not in REFINE_MODES:
             raise InputError(f"Refine must be one of {', '.join(REFINE_MODES)}, got {self.refine!r}.")
         try:
-            grow, shrink, min_area, keep = (
-                _whole(v) for v in (self.grow, self.shrink, self.min_area, self.max_instances)
-            )
-            mask = MaskOptions(threshold, grow, shrink, float(self.feather), bool(self.fill_holes), min_area,
-                               bool(self.instances), self.sort_by, keep or None)  # fmt: skip
-            side = tile_side if self.tile else None
-            return PipelineOptions(mask, self.refine, side, default_overlap(side) if side else None)
+            mask = self.mask_options(threshold)
         except (TypeError, ValueError) as err:
             raise InputError(f"The mask controls: {err}.") from err
+        side = tile_side if self.tile else None
+        return PipelineOptions(mask, self.refine, side, default_overlap(side) if side else None)
+
+
+# The controls that are MaskOptions' fields, with the type a widget's value is converted to (None: checked as is).
+MASK_CONTROLS = {"grow": None, "shrink": None, "feather": float, "fill_holes": bool, "min_area": None,
+                 "instances": bool, "sort_by": None, "max_instances": None}  # fmt: skip
 
 
 def _whole(value: Any) -> Any:

@@ -312,6 +312,8 @@ def test_binary_iou_hand_cases():
     assert binary_iou(half, full) == 0.5
     assert binary_iou(empty, full) == 0.0
     assert binary_iou(empty, empty) == 0.0  # PhraseCut: empty intersection gives 0
+    assert binary_iou(empty, empty, both_empty=1.0) == 1.0  # the mask measurements': nothing to find, nothing found
+    assert binary_iou(empty, full, both_empty=1.0) == binary_iou(full, empty, both_empty=1.0) == 0.0
     assert binary_iou(torch.from_numpy(half).int(), half.astype(np.float32)) == 1.0
     with pytest.raises(ValueError, match="binary mask"):
         binary_iou(half * 255, half)

@@ -360,6 +360,23 @@ def test_tiles_in_the_app_equal_the_predictors_tiles(demo_model, segmenter, tmp_
     np.testing.assert_array_equal(np.asarray(read_zip(out.zip_path)[0][name]) > 0, expected.masks[0])
 
 
+def test_the_mask_controls_are_mask_options_fields_and_give_them_typed():
+    from dataclasses import fields
+
+    from clipseg.postprocess import MaskOptions
+    from clipseg.segmenter import MASK_CONTROLS, Controls
+
+    assert list(MASK_CONTROLS) == [f.name for f in fields(MaskOptions) if f.name != "threshold"]
+    assert [f.name for f in fields(Controls)][: len(MASK_CONTROLS)] == list(MASK_CONTROLS)
+    widgets = Controls(grow=2.0, shrink=1.0, feather=3, fill_holes=1, min_area=5.0, instances=0, sort_by="score",
+                       max_instances=0.0)  # fmt: skip
+    options = widgets.mask_options(0.25)
+    assert options == MaskOptions(0.25, 2, 1, 3.0, True, 5, False, "score", None)
+    assert type(options.grow) is int and type(options.feather) is float
+    with pytest.raises(ValueError, match="grow must be a whole number of pixels >= 0, got 1.5"):
+        Controls(grow=1.5).mask_options(0.3)
+
+
 def test_bad_mask_controls_get_a_message(segmenter, tmp_path):
     from clipseg.segmenter import Controls
 

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 from clipseg.speed.models import (
-    LOGIT_AT_THRESHOLD,
+    PAPER_LOGIT,
     PHRASES,
     bf16_comparison,
     path_functions,
@@ -48,7 +48,7 @@ def test_the_paths_are_compared_on_real_looking_images_too(tiny_checkpoint):
     assert agreement["ours_fp32"] == 1.0 and agreement["hf_fp32"] > 0.999  # the HF class computes the same model
     with torch.no_grad():
         logits = torch.cat([ours(image.expand(3, -1, -1, -1), PHRASES[:3]).logits for image in images])
-    masks = logits > LOGIT_AT_THRESHOLD
+    masks = logits > PAPER_LOGIT
     for name, changed in (("shifted", logits + 1.0), ("inverted", -logits)):  # over all images, phrases and pixels
-        expected = (masks == (changed > LOGIT_AT_THRESHOLD)).float().mean().item()
+        expected = (masks == (changed > PAPER_LOGIT)).float().mean().item()
         assert agreement[name] == pytest.approx(expected) and expected < 1

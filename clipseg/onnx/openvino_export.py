@@ -35,7 +35,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -66,14 +65,12 @@ from clipseg.onnx.openvino_backend import (
     signal_stack_kept,
 )
 from clipseg.outputs import check_writable, write_json
-from clipseg.precision import cpu_class
+from clipseg.postprocess import PAPER_LOGIT, PAPER_THRESHOLD
+from clipseg.precision import MASK_AGREEMENT_BAR, cpu_class
+from clipseg.scenes import EXAMPLES_DIR
 from clipseg.transforms import ImageTransform
 from model import CLIPSeg
 
-AGREEMENT_BAR = 0.995  # the share of mask pixels that must agree with PyTorch fp32
-PROBABILITY_THRESHOLD = 0.3  # the paper's: a pixel is in the mask when its probability exceeds it
-LOGIT_AT_THRESHOLD = math.log(PROBABILITY_THRESHOLD / (1 - PROBABILITY_THRESHOLD))
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"  # the shipped scenes (app.py's examples)
 # The check's prompts: the shapes and colours of the shipped scenes (clipseg.synthetic's vocabulary), and a few
 # everyday phrases for users' own calibration images.
 CHECK_PHRASES = (
@@ -333,15 +330,15 @@ def compress_text_encoder(encoder):
 
 @torch.no_grad()
 def mask_agreement(model: CLIPSeg, runner, images: list[Tensor], names: list[str], phrases: Sequence[str]) -> dict:
-    """How many mask pixels (probability > PROBABILITY_THRESHOLD) of `runner` agree with `model` in fp32, over
+    """How many mask pixels (probability > PAPER_THRESHOLD) of `runner` agree with `model` in fp32, over
     `images` ((1, 3, H, W) pixels, named by `names`) against each of `phrases`: the share over all pixels, and the
     worst image and phrase."""
     conditional, theirs = model.embed_text(list(phrases)), runner.embed_text(list(phrases))
     agreeing = total = 0
     worst = {"agreement": 1.0}
     for name, pixels in zip(names, images):
-        expected = model.decode(model.encode_image(pixels), conditional) > LOGIT_AT_THRESHOLD
-        got = runner.decode(runner.encode_image(pixels), theirs) > LOGIT_AT_THRESHOLD
+        expected = model.decode(model.encode_image(pixels), conditional) > PAPER_LOGIT
+        got = runner.decode(runner.encode_image(pixels), theirs) > PAPER_LOGIT
         same = (got == expected).flatten(1).float()
         agreeing, total = agreeing + same.sum().item(), total + same.numel()
         for phrase, share in zip(phrases, same.mean(1).tolist()):
@@ -357,7 +354,7 @@ def export_openvino(
     calibration_images: Sequence[str | os.PathLike] | None = None,
     check_images: Sequence[str | os.PathLike] | None = None,
     phrases: Sequence[str] = CHECK_PHRASES,
-    bar: float = AGREEMENT_BAR,
+    bar: float = MASK_AGREEMENT_BAR,
     source: str = "",
     threads: int | None = None,
     onnx_dir: str | os.PathLike | None = None,
@@ -409,7 +406,7 @@ def export_openvino(
             "bar": bar,
             "images": names,
             "phrases": list(phrases),
-            "probability_threshold": PROBABILITY_THRESHOLD,
+            "probability_threshold": PAPER_THRESHOLD,
             "reference": "PyTorch fp32",
             "inference_precision": runner.inference_precision(),
             "cpu_class": cpu_class(),  # int8's kernels, and so its masks, differ between classes

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 
 from clipseg.config import CLIPSegConfig
 from clipseg.decoder import RefinedHead
+from clipseg.postprocess import PAPER_LOGIT
 from clipseg.precision import MASK_AGREEMENT_BAR, cpu_class, default_path, precision_context, prepare_model
 from clipseg.speed.timing import decoder_flops, interleaved, native_bf16, sync, text_flops, vit_flops
 from model import CLIPSeg
@@ -175,9 +175,6 @@ def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int, ma
     }
 
 
-LOGIT_AT_THRESHOLD = math.log(0.3 / 0.7)  # probability > 0.3, the paper's threshold
-
-
 def precision_paths(ours, hf, device, size, repeats, flops, rates) -> dict:
     """Our fp32, bf16, int8, ONNX and OpenVINO paths against the HF class in fp32, interleaved in one run, at batch 1
     and 8 with one prompt per image (text encoded in each call, as HF does): median latency, speed-up over HF fp32,
@@ -274,10 +271,10 @@ def scene_agreement(paths: dict, ours, size: int) -> dict:
     total = 0
     for pixels in scene_images(size):
         batch = pixels.expand(len(phrases), -1, -1, -1)
-        reference = paths["ours_fp32"](batch, phrases) > LOGIT_AT_THRESHOLD
+        reference = paths["ours_fp32"](batch, phrases) > PAPER_LOGIT
         total += reference.numel()
         for name, run in paths.items():
-            masks = run(batch, phrases).float().reshape(reference.shape) > LOGIT_AT_THRESHOLD
+            masks = run(batch, phrases).float().reshape(reference.shape) > PAPER_LOGIT
             agreeing[name] += (masks == reference).sum().item()
     return {name: count / total for name, count in agreeing.items()}
 
@@ -335,10 +332,10 @@ def time_precision_paths(ours, paths: dict, batch: int, size: int, repeats: int)
     phrases = (PHRASES * batch)[:batch]
     variants = {name: functools.partial(run, pixels, phrases) for name, run in paths.items()}
     timing = interleaved(variants, repeats)
-    reference = variants["ours_fp32"]() > LOGIT_AT_THRESHOLD
+    reference = variants["ours_fp32"]() > PAPER_LOGIT
     rows = {}
     for name, run in variants.items():
-        masks = run().float().reshape(reference.shape) > LOGIT_AT_THRESHOLD
+        masks = run().float().reshape(reference.shape) > PAPER_LOGIT
         rows[name] = {
             "seconds": timing[name],
             "speedup_vs_hf_fp32": timing["hf_fp32"] / timing[name],
