@@ -57,14 +57,23 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def json_text(value: object, **options) -> str:
     """`json.dumps(value, **options)`, strict: NaN and +-Infinity are not JSON, so a value holding one raises a
-    ValueError naming where it is (a value that may legitimately be undefined must be None, i.e. null)."""
+    ValueError naming where it is (a value that may legitimately be undefined must be None, i.e. null). Lone
+    surrogates (a file name that is not UTF-8, as Python decodes it) are written as \\uXXXX escapes also with
+    ensure_ascii=False, so the text can be written as UTF-8 and reads back to the same name."""
     try:
-        return json.dumps(value, allow_nan=False, **options)
+        return LONE_SURROGATE.sub(_escaped, json.dumps(value, allow_nan=False, **options))
     except ValueError as err:
         where = _non_finite_at(value, "value")
         if where is None:
             raise
         raise ValueError(f"{where} is not a finite number: JSON has no NaN or Infinity") from err
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escaped(match: re.Match) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def _non_finite_at(value: object, where: str) -> str | None:

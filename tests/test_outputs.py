@@ -89,6 +89,14 @@ def test_json_is_strict_and_names_the_value_that_is_not_a_number(tmp_path):
     assert json_text({"a": None, "b": [1, 2.5]}) == '{"a": null, "b": [1, 2.5]}'
 
 
+def test_a_file_name_that_is_not_utf8_is_written_as_json_and_reads_back(tmp_path):
+    name = os.fsdecode(b"caf\xe9 \xff.png")  # Latin-1 bytes, as Python decodes them: lone surrogates
+    write_json(tmp_path / "s.json", {"image": name, "prompt": "café"})
+    text = (tmp_path / "s.json").read_text(encoding="utf-8")
+    assert "\\udce9" in text and "café" in text  # escaped; real non-ASCII text kept as it is
+    assert os.fsencode(json.loads(text)["image"]) == b"caf\xe9 \xff.png"
+
+
 def refuse(constant):
     raise AssertionError(f"{constant} is not JSON")
 

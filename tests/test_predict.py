@@ -66,6 +66,18 @@ def test_cli_writes_maps_masks_overlays_and_summary(tiny_dir, model, tmp_path):
     assert len(list((out / "photo.jpg").iterdir())) == 3 * 3 + 1
 
 
+def test_an_image_whose_name_is_not_utf8_gets_its_outputs_and_the_summary(tiny_dir, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    random_image(40, 30).save(folder / os.fsdecode(b"bad\xffname.png"))
+    out = tmp_path / "out"
+    assert run_cli(tiny_dir, [folder], out, "--prompt", PHRASES[0]) == 0
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    (entry,) = summary["images"]
+    assert summary["processed"] == 1 and os.fsencode(entry["image"]).endswith(b"bad\xffname.png")
+    assert Path(entry["prompts"][0]["files"]["mask"]).is_file()
+
+
 def test_cli_summary_to_stdout_and_8_bit_maps(tiny_dir, tmp_path, capsys):
     random_image(40, 40).save(tmp_path / "img.png")
     assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--prompt", "sky", "--summary", "-") == 0
