@@ -269,7 +269,12 @@ def _full_range_dynamic_linear() -> type:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             packed = self._packed_params._packed_params
-            return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False).to(x.dtype)
+            try:
+                return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False).to(x.dtype)
+            except RuntimeError:  # its input's range cannot be quantised: NaN or infinite values already
+                if bool(torch.isfinite(x).all()):
+                    raise
+                return torch.full(x.shape[:-1] + (self.out_features,), torch.nan, dtype=x.dtype, device=x.device)
 
     return FullRangeDynamicQuantizedLinear
 

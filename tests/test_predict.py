@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import (
     NASTY_PROMPTS,
     folder_files,
     random_image,
     require,
     run_command,
+    scene,
     vision_tower_calls,
     write_support,
 )
@@ -176,6 +178,20 @@ def test_cli_a_model_whose_output_overflows_stops_with_a_message_and_a_strict_su
     summary = strict_json((out / "summary.json").read_text())
     assert summary["processed"] == 0 and summary["stopped"].startswith("stopped after 0 image(s)")
     assert not list(out.rglob("*.png"))  # no empty masks passed off as results
+
+
+def test_cli_int8_on_a_model_that_overflows_inside_the_vision_tower_stops_with_the_same_message(tmp_path, capsys):
+    """int8 quantises each linear layer's input to 8 bits from its range, which infinite values do not have."""
+    torch.manual_seed(0)
+    model = CLIPSeg.from_backbone("tiny", image_size=64)
+    with torch.no_grad():
+        model.clip.vision_model.encoder.layers[0].mlp.fc1.weight.fill_(3e38)
+    checkpoint = model.save_pretrained(tmp_path / "diverged")
+    scene(80, 60).save(tmp_path / "img.png")
+    out = tmp_path / "out"
+    assert run_cli(checkpoint, [tmp_path / "img.png"], out, "--prompt", "sky", "--precision", "int8") == 2
+    error = capsys.readouterr().err
+    assert "error: stopped after 0 image(s): the model's output holds" in error and "Traceback" not in error
 
 
 def test_cli_summary_files_are_strict_json(tiny_dir, tmp_path, capsys):
