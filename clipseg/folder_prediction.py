@@ -71,7 +71,7 @@ from clipseg.postprocess import MaskResult
 from clipseg.prediction_outputs import DEFAULT_SAVE, Prompt, image_files, image_summary, write_image_outputs
 from clipseg.predictor import Predictor
 from clipseg.refine import SamRefiner, guided_refine
-from clipseg.tiling import should_tile, tiled_probabilities
+from clipseg.tiling import TooManyWindows, should_tile, tiled_probabilities
 from clipseg.transforms import NonFiniteOutput
 
 RUN_FILE = "run.json"  # the flags an output folder was made with (for --resume)
@@ -218,6 +218,10 @@ def _segment(predictor, conditional, prompts, batch, options: FolderOptions, run
         except NonFiniteOutput as err:
             run.stopped = f"stopped after {run.processed} image(s): {err}"
             return
+        except TooManyWindows as err:
+            _skip(run, log, entry.key, str(err))
+            progress.update(1)
+            continue
         probs = np.stack([probs for probs, *_ in found])
         masks, soft = [result.mask for _, result, _ in found], [result.soft for _, result, _ in found]
         try:

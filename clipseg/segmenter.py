@@ -57,7 +57,7 @@ from clipseg.prediction_outputs import Prompt, build_prompts, image_summary, pro
 from clipseg.predictor import Predictor
 from clipseg.refine import SamRefiner, guided_refine
 from clipseg.sessions import MB, SessionStore
-from clipseg.tiling import default_overlap, tiled_probabilities
+from clipseg.tiling import TooManyWindows, default_overlap, tiled_probabilities
 from clipseg.transforms import NonFiniteOutput, full_size_probabilities
 from clipseg.uploads import (
     MAX_PROMPTS,
@@ -314,7 +314,7 @@ class Segmenter:
                 output = self._segment(
                     session, image, prompts_text, support, support_mask, threshold, geometry, controls
                 )
-            except (InputError, NonFiniteOutput) as err:
+            except (InputError, NonFiniteOutput, TooManyWindows) as err:
                 session.result = None
                 output = Output(f"**Error:** {err}")
             except Exception as err:  # a bug: the page says so briefly, the terminal gets the traceback

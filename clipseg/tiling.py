@@ -30,6 +30,13 @@ from PIL import Image
 WindowPredictor = Callable[[np.ndarray], np.ndarray]
 TILE_FACTOR = 2.0  # tiling is advisable when the model would see the image shrunk by this factor or more
 DEFAULT_OVERLAP = 0.25  # of the tile side, the callers' default
+# The most windows one image is tiled into: the largest image read (134 Mpx) as a square in windows of 352 px takes
+# 1,936; a 130,000,000 x 1 px image (a 126 kB PNG) would take 492,424, hours of a server's only worker.
+MAX_WINDOWS = 4096
+
+
+class TooManyWindows(ValueError):
+    """An image that would be tiled into more than MAX_WINDOWS windows; the message says how many and what to do."""
 
 
 @dataclass(frozen=True)
@@ -116,12 +123,19 @@ def tiled_probabilities(
     """(K, H, W) float32 probabilities for an RGB image (PIL or (H, W, 3) uint8), blended from the windows'
     predictions (module docstring); `context` in [0, 1): the weight of a whole-image pass. `predict_window` is called
     once per window (row by row), then once on the whole image when context > 0. Raises ValueError when it returns
-    maps of the wrong shape, a varying number of prompts or values outside [0, 1]."""
+    maps of the wrong shape, a varying number of prompts or values outside [0, 1]; TooManyWindows (before any
+    window is predicted) when the image would take more than MAX_WINDOWS."""
     check_tiling(tile, overlap)
     if not 0 <= context < 1:
         raise ValueError(f"context must be in [0, 1), got {context!r}")
     pixels = np.asarray(image)
     height, width = pixels.shape[:2]
+    count = len(window_starts(height, tile, overlap)) * len(window_starts(width, tile, overlap))
+    if count > MAX_WINDOWS:
+        raise TooManyWindows(
+            f"tiling this {width} x {height} image in windows of {tile} px takes {count:,} windows (at most "
+            f"{MAX_WINDOWS:,}): use larger tiles, or crop or resize the image"
+        )
     windows = tile_windows(height, width, tile, overlap)
     blended = None
     for window, weight in zip(windows, window_weights(windows, height, width, overlap)):

@@ -513,6 +513,18 @@ def test_cli_tiles_on_a_small_image_equal_the_plain_run(tiny_dir, tmp_path):
     assert summary["pipeline"]["tile"] == 64 and summary["pipeline"]["tile_overlap"] == 16
 
 
+def test_cli_an_image_of_too_many_tiles_is_a_counted_skip(tiny_dir, tmp_path):
+    random_image(64, 64, seed=9).save(tmp_path / "ok.png")
+    Image.new("RGB", (60_000, 1), (90, 120, 200)).save(tmp_path / "strip.png")  # 5,000 windows of 16 px
+    out = tmp_path / "out"
+    args = ["--prompt", "sky", "--tile", "--tile-size", "16"]
+    assert run_cli(tiny_dir, [tmp_path / "ok.png", tmp_path / "strip.png"], out, *args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processed"] == 1 and summary["skipped"] == 1
+    (error,) = summary["errors"]
+    assert "takes 5,000 windows (at most 4,096): use larger tiles, or crop or resize the image" in error["error"]
+
+
 def test_cli_guided_refinement_runs_and_follows_the_library(tiny_dir, model, tmp_path):
     random_image(96, 64, seed=11).save(tmp_path / "img.png")
     out = tmp_path / "out"

@@ -390,5 +390,9 @@ def test_bad_mask_controls_get_a_message(segmenter, tmp_path):
     for expected, controls in cases.items():
         _, out = segmenter.segment(None, str(path), "sky", controls=controls)
         assert not out.ok and expected in out.message, out.message
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (200_000, 1), (90, 120, 200)).save(strip)  # windows of the model's 64 px: 4,167
+    _, out = segmenter.segment(None, str(strip), "sky", controls=Controls(tile=True))
+    assert not out.ok and "takes 4,167 windows (at most 4,096)" in out.message, out.message
     _, out = segmenter.segment(None, str(path), "sky | (grass")
     assert not out.ok and "Line 1 of the prompts" in out.message and "column" in out.message, out.message

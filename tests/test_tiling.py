@@ -7,6 +7,8 @@ import pytest
 from PIL import Image
 
 from clipseg.tiling import (
+    MAX_WINDOWS,
+    TooManyWindows,
     Window,
     default_overlap,
     should_tile,
@@ -144,6 +146,21 @@ def test_bad_model_outputs_and_settings_are_errors():
             tiled_probabilities(pixels, pixel_model, tile, overlap)
     with pytest.raises(ValueError, match="context"):
         tiled_probabilities(pixels, pixel_model, 352, 88, context=1.0)
+
+
+def test_an_image_of_too_many_windows_is_refused_before_any_is_predicted():
+    calls = []
+
+    def counting(crop: np.ndarray) -> np.ndarray:
+        calls.append(crop.shape)
+        return pixel_model(crop)
+
+    width = 16 * MAX_WINDOWS  # windows of 16 without overlap: exactly the most
+    assert tiled_probabilities(image(1, width), counting, 16, 0).shape == (1, 1, width) and len(calls) == MAX_WINDOWS
+    calls.clear()
+    with pytest.raises(TooManyWindows, match=rf"this {width + 1} x 1 image in windows of 16 px takes 4,097 windows"):
+        tiled_probabilities(image(1, width + 1), counting, 16, 0)
+    assert calls == []
 
 
 def test_should_tile_when_the_short_side_is_twice_the_models_input_or_more():
