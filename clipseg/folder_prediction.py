@@ -50,6 +50,9 @@ from clipseg.distributed import (
     sequence_digest,
 )
 from clipseg.folders import (
+    COCO_NAME,
+    RUN_FILE,
+    SUMMARY_JSON_NAME,
     SUMMARY_NAME,
     CompletedImages,
     InputEntry,
@@ -73,9 +76,6 @@ from clipseg.predictor import Predictor
 from clipseg.refine import SamRefiner, guided_refine
 from clipseg.tiling import TooManyWindows, should_tile, tiled_probabilities
 from clipseg.transforms import NonFiniteOutput
-
-RUN_FILE = "run.json"  # the flags an output folder was made with (for --resume)
-COCO_NAME = "coco.json"  # the run's COCO annotations, with `FolderOptions.coco`
 
 
 class ResumeMismatch(ValueError):
@@ -310,7 +310,7 @@ def finish_folder(run: FolderRun, world: Distributed, out: Path, header: dict, d
         header = {**header, "stopped": result["stopped"]}
         result |= {"processed": counts.images, "skipped": counts.errors}
         result["summary"] = write_summary_json(
-            out / SUMMARY_NAME, header, counts, destination or str(out / "summary.json")
+            out / SUMMARY_NAME, header, counts, destination or str(out / SUMMARY_JSON_NAME)
         )
         if header.get("coco"):
             result["coco"] = write_coco(out / SUMMARY_NAME, out / COCO_NAME)
@@ -326,7 +326,7 @@ def summarise_unreadable(out: Path, header: dict, errors: dict[str, str], destin
     records = b"".join(summary_line({"image": key, "error": reason}) for key, reason in errors.items())
     atomic_write(lines, lambda tmp: Path(tmp).write_bytes(records))
     counts = MergeCounts(errors=len(errors))
-    return write_summary_json(lines, {**header, "stopped": None}, counts, destination or str(out / "summary.json"))
+    return write_summary_json(lines, {**header, "stopped": None}, counts, destination or str(out / SUMMARY_JSON_NAME))
 
 
 def write_summary_json(lines: Path, header: dict, counts: MergeCounts, destination: str) -> str | None:

@@ -51,6 +51,9 @@ from clipseg.outputs import atomic_write, json_text, safe_name
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SUMMARY_NAME = "summary.jsonl"
 RANK_SUMMARY = re.compile(r"summary-rank(\d+)\.jsonl")
+SUMMARY_JSON_NAME = "summary.json"  # the run's summary, written from summary.jsonl at the end
+RUN_FILE = "run.json"  # the flags an output folder was made with (for --resume)
+COCO_NAME = "coco.json"  # the run's COCO annotations, with --coco
 KEY_FIELD = "image"  # a summary line's key: the image's path as given (or the skipped input's)
 RUN_BYTES = 8 << 20  # lines sorted in memory at a time by merge_summaries
 FAN_IN = 64  # sorted runs merged at a time (open files)
@@ -156,8 +159,15 @@ def suffix(name: str) -> str:
 
 def output_name(path: Path, several_inputs: bool) -> str:
     """The output folder of an image: `safe_name` of its file name (cat.jpg and cat.png are two images), of its
-    whole path as given when the run has several inputs (two folders may both hold a cat.jpg)."""
-    return safe_name(str(path) if several_inputs else path.name)
+    whole path as given when the run has several inputs (two folders may both hold a cat.jpg); hashed when that is
+    the name of one of the run's own files (an image called summary.jsonl)."""
+    name = safe_name(str(path) if several_inputs else path.name)
+    return safe_name(name, hashed=True) if is_run_file(name) else name
+
+
+def is_run_file(name: str) -> bool:
+    """Whether `name` is that of a file the run writes in its output folder (besides the images' folders)."""
+    return name in (SUMMARY_NAME, SUMMARY_JSON_NAME, RUN_FILE, COCO_NAME) or bool(RANK_SUMMARY.fullmatch(name))
 
 
 # ------------------------------------------------------------------------------------------- summary lines

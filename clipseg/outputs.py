@@ -137,14 +137,15 @@ def check_writable(
         )
 
 
-def safe_name(text: str) -> str:
+def safe_name(text: str, hashed: bool = False) -> str:
     """A file-name stem for any text (a task id, a prompt, an image name) that cannot leave its folder.
 
     Plain text (lowercase ASCII letters, digits, '_', '.', '-', at most 120 characters, not starting with '.' or
     '-', not a reserved Windows device name) is kept verbatim: PhraseCut's interchange format names prediction PNGs
     `<task_id>.png`. Any other text becomes an ASCII slug + '~' + 12 hex digits of its SHA-1, so distinct texts never
-    share a name (a plain name has no '~'), also on case-insensitive file systems."""
-    if PLAIN_NAME.fullmatch(text) and text.split(".")[0] not in WINDOWS_RESERVED:
+    share a name (a plain name has no '~'), also on case-insensitive file systems. hashed: the slug form even for
+    plain text (a name a caller keeps for itself)."""
+    if not hashed and PLAIN_NAME.fullmatch(text) and text.split(".")[0] not in WINDOWS_RESERVED:
         return text
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
     slug = re.sub(r"[^a-z0-9_]+", "-", ascii_text).strip("-")[:60].strip("-") or "x"

@@ -115,6 +115,8 @@ def test_output_names_depend_on_the_path_alone():
     assert output_name(Path("photos/cat.png"), several_inputs=False) == "cat.png"
     assert output_name(Path("a/cat.jpg"), True) != output_name(Path("b/cat.jpg"), True)
     assert "/" not in output_name(Path("../../etc/passwd.png"), True)
+    for own in ("summary.json", "summary.jsonl", "summary-rank3.jsonl", "run.json", "coco.json"):
+        assert output_name(Path("photos") / own, several_inputs=False).startswith(own.replace(".", "-") + "~")
 
 
 # ------------------------------------------------------------------------------------------- summary lines

@@ -80,6 +80,16 @@ def test_an_image_whose_name_is_not_utf8_gets_its_outputs_and_the_summary(tiny_d
     assert Path(entry["prompts"][0]["files"]["mask"]).is_file()
 
 
+def test_images_named_like_the_runs_own_files_get_other_folders(tiny_dir, tmp_path):
+    for name in ("summary.jsonl", "summary.json", "run.json", "coco.json"):
+        random_image(40, 30).save(tmp_path / name, format="PNG")  # a PNG whatever its name says
+        out = tmp_path / f"out-{name.split('.')[0]}-{len(name)}"
+        assert run_cli(tiny_dir, [tmp_path / name], out, "--prompt", "sky", "--coco", "rle") == 0, name
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["processed"] == 1 and summary["skipped"] == 0, name
+        assert json.loads((out / "coco.json").read_text())["images"] and (out / "run.json").is_file()
+
+
 def test_cli_summary_to_stdout_and_8_bit_maps(tiny_dir, tmp_path, capsys):
     random_image(40, 40).save(tmp_path / "img.png")
     assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--prompt", "sky", "--summary", "-") == 0
