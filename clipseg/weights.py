@@ -19,6 +19,7 @@ import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers.activations import ACT2FN
 
 from clipseg.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
 
@@ -248,6 +249,12 @@ def check_config(data: dict, source: str) -> None:
                 f"{source}: {prefix}hidden_size {tower['hidden_size']} is not divisible by "
                 f"{prefix}num_attention_heads {tower['num_attention_heads']}"
             )
+        activation = tower.get("hidden_act", "quick_gelu")
+        if not isinstance(activation, str) or activation not in ACT2FN:
+            raise CheckpointError(
+                f"{source}: {prefix}hidden_act = {activation!r} is not an activation transformers knows (CLIP's is "
+                "'quick_gelu', ViT's 'gelu')"
+            )
         if tower.get("patch_size", 0) > tower.get("image_size", 0):
             raise CheckpointError(
                 f"{source}: {prefix}patch_size {tower['patch_size']} is larger than {prefix}image_size "
@@ -290,6 +297,8 @@ def _check_clipseg_keys(data: dict, source: str) -> None:
     for key, types in _EXTRA_KEYS.items():
         if key in data and type(data[key]) not in types:
             raise CheckpointError(f"{source}: {key} = {data[key]!r} has the wrong type")
+    if data.get("clipseg_arch") == "vitseg" and not data.get("clipseg_vit_config"):
+        raise CheckpointError(f"{source}: clipseg_arch 'vitseg' needs clipseg_vit_config, the config of its ViT")
     dropout = data.get("clipseg_decoder_dropout", 0.0)
     if type(dropout) not in (int, float) or not 0 <= dropout < 1:
         raise CheckpointError(f"{source}: clipseg_decoder_dropout = {dropout!r} is not a probability")

@@ -112,6 +112,9 @@ BROKEN_CONFIGS = {
     "arch as list": (set_value("clipseg_arch", ["clipseg"]), "clipseg_arch = ['clipseg']"),
     "towers not objects": (set_value("text_config", [1, 2]), "text_config must be a JSON object"),
     "not CLIPSeg": (set_value("model_type", "bert"), "not a CLIPSeg config"),
+    "unknown activation": (set_value("text_config", "hidden_act", "bogus"), "text_config.hidden_act = 'bogus' is not"),
+    "activation as number": (set_value("vision_config", "hidden_act", 3), "vision_config.hidden_act = 3 is not"),
+    "vitseg without its ViT": (set_value("clipseg_arch", "vitseg"), "clipseg_arch 'vitseg' needs clipseg_vit_config"),
     "in range, absurd together": (
         lambda config: config["vision_config"].update(hidden_size=16384, intermediate_size=65536, num_hidden_layers=64),
         "more than the 4e+09 this code loads",
