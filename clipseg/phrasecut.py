@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from clipseg.images import upright_size
 from clipseg.metrics import PHRASE_TYPES
-from clipseg.outputs import json_text
+from clipseg.outputs import json_text, printable
 
 DATA_SUBDIR = Path("data") / "VGPhraseCut_v0"
 SPLITS = ("train", "val", "test", "miniv")
@@ -187,6 +187,13 @@ class IndexWriter:
         self.points_file = open(directory / "points.bin", "wb")  # noqa: SIM115 (closed in finish)
 
     def add(self, task: dict) -> None:
+        for key, kind, name in (("task_id", str, "a string"), ("phrase", str, "a string"), ("image_id", int, "an int")):
+            if type(task[key]) is not kind:
+                raise TypeError(f"{key} = {printable(repr(task[key]), 40)} is not {name}")
+        if not 0 <= task["image_id"] < 2**63:
+            raise ValueError(f"image_id = {task['image_id']} is out of range")
+        if not isinstance(task.get("phrase_structure") or {}, dict):
+            raise TypeError("phrase_structure is not an object")
         encoded = task["task_id"].encode()
         self.task_id_bytes += encoded
         self.columns["task_id_offsets"].append(len(self.task_id_bytes))
@@ -199,7 +206,7 @@ class IndexWriter:
         structure = task.get("phrase_structure") or {}
         kind = structure.get("type")
         self.columns["phrase_type"].append(PHRASE_TYPES.index(kind) if kind in PHRASE_TYPES else -1)
-        self.columns["image_id"].append(int(task["image_id"]))
+        self.columns["image_id"].append(task["image_id"])
         defects, kept = {NON_FINITE: 0, ZERO_AREA: 0}, 0
         instance_polygons, polygon_points = self.columns["instance_polygons"], self.columns["polygon_points"]
         for instance in task["Polygons"]:
@@ -362,14 +369,25 @@ def load_task_table(data_dir: Path, split: str, cache_dir: Path | None = None) -
     fingerprint = _fingerprint(sources)
     candidates = [cache_dir / split] if cache_dir is not None else _cache_dirs(data_dir, split)
     for directory in candidates:
-        meta = directory / "meta.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
-            return TaskTable(directory, data_dir / "images")
+        if (table := _cached_table(directory, data_dir / "images", fingerprint)) is not None:
+            return table
     for directory in candidates:
         if _writable(directory.parent):
             _build_index(data_dir, split, directory, fingerprint)
             return TaskTable(directory, data_dir / "images")
     raise PermissionError(f"cannot write a PhraseCut index in any of {[str(d) for d in candidates]}")
+
+
+def _cached_table(directory: Path, images_dir: Path, fingerprint: list) -> TaskTable | None:
+    """The index in `directory` when it was built from files with `fingerprint` and opens whole; None otherwise (also
+    when it was damaged, e.g. cut short or edited: it is built again)."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
+            return None
+        return TaskTable(directory, images_dir)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _build_index(data_dir: Path, split: str, directory: Path, fingerprint: list) -> None:
@@ -382,7 +400,7 @@ def _build_index(data_dir: Path, split: str, directory: Path, fingerprint: list)
             for number, task in enumerate(iter_json_array(refer)):
                 try:
                     writer.add(task)
-                except (KeyError, TypeError, ValueError) as err:
+                except (AttributeError, KeyError, TypeError, ValueError) as err:
                     raise ValueError(
                         f"{refer}: task #{number} ({task.get('task_id', '?') if isinstance(task, dict) else task!r})"
                         f" is malformed ({type(err).__name__}: {err}); re-download the file"

@@ -358,11 +358,25 @@ def test_user_folder_bad_polygons_are_dropped_and_counted(tmp_path):
     assert [entry[:2] for entry in data.excluded_polygons] == [("one", 1), ("two", 1)]
 
 
-def test_malformed_task_names_the_file_and_task(damaged_root):
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("phrase", None, r"KeyError"),  # deleted
+        ("phrase", 5, r"TypeError: phrase = 5 is not a string"),
+        ("task_id", 5, r"TypeError: task_id = 5 is not a string"),
+        ("image_id", 12.7, r"TypeError: image_id = 12.7 is not an int"),
+        ("image_id", 10**30, r"ValueError: image_id = 10{30} is out of range"),
+        ("phrase_structure", [1], r"TypeError: phrase_structure is not an object"),
+    ],
+)
+def test_malformed_task_names_the_file_and_task(damaged_root, key, value, message):
     tasks = refer(damaged_root, "miniv")
-    del tasks[0]["phrase"]
+    if value is None:
+        del tasks[0][key]
+    else:
+        tasks[0][key] = value
     (data_dir(damaged_root) / "refer_miniv.json").write_text(json.dumps(tasks))
-    with pytest.raises(ValueError, match=r"refer_miniv.json: task #0 .* is malformed \(KeyError"):
+    with pytest.raises(ValueError, match=rf"refer_miniv.json: task #0 .* is malformed \({message}"):
         dataset.PhraseCut(damaged_root, "miniv", train=False)
 
 

@@ -25,6 +25,18 @@ def test_index_is_cached_and_rebuilt_when_the_json_changes(damaged_root, monkeyp
     assert len(dataset.PhraseCut(damaged_root, "val", train=False)) == 2
 
 
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [("meta.json", b"[1]"), ("meta.json", b"{x"), ("meta.json", b""), ("points.bin", b"\0" * 8)],
+)
+def test_a_damaged_index_is_built_again(damaged_root, name, damage):
+    first = dataset.PhraseCut(damaged_root, "val", train=False)
+    (data_dir(damaged_root) / ".clipseg_index" / "val" / name).write_bytes(damage)
+    again = dataset.PhraseCut(damaged_root, "val", train=False)
+    assert [t["task_id"] for t in again.tasks] == [t["task_id"] for t in first.tasks]
+    assert json.loads((data_dir(damaged_root) / ".clipseg_index" / "val" / "meta.json").read_text())["arrays"]
+
+
 def test_index_falls_back_to_user_cache_when_data_dir_is_read_only(damaged_root, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     real_writable = phrasecut_index._writable
