@@ -4,7 +4,8 @@ leave their folder, with printable labels.
 Every script writes through these helpers, so a kill never leaves a half-written file, no JSON holds NaN or
 Infinity (which JSON does not have), an output path that cannot be written is found before any work is done, no
 phrase or task id can name a path outside the output folder, and no control character reaches a picture or a log
-line.
+line. `read_regular` is their counterpart for reading a file the program wrote earlier (a cache, an export) that
+anyone may have replaced since: only a regular file of a bounded size is read.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import unicodedata
 from collections.abc import Callable
@@ -48,6 +50,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of the regular file at `path` (symbolic links followed) of at most `max_bytes`; an OSError saying
+    why for anything else: a FIFO is not waited on, a device (/dev/zero) not read without end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path}: not a regular file")
+        if info.st_size > max_bytes:
+            raise OSError(f"{path}: {info.st_size:,} bytes, more than the {max_bytes:,} expected")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(info.st_size + 1)
+    finally:
+        os.close(fd)
+    if len(data) > info.st_size:
+        raise OSError(f"{path}: it grew while it was read")
+    return data
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

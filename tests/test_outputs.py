@@ -17,6 +17,7 @@ from clipseg.outputs import (
     is_safe_name,
     json_text,
     printable,
+    read_regular,
     safe_name,
     write_json,
     write_text,
@@ -95,6 +96,21 @@ def test_a_file_name_that_is_not_utf8_is_written_as_json_and_reads_back(tmp_path
     text = (tmp_path / "s.json").read_text(encoding="utf-8")
     assert "\\udce9" in text and "café" in text  # escaped; real non-ASCII text kept as it is
     assert os.fsencode(json.loads(text)["image"]) == b"caf\xe9 \xff.png"
+
+
+def test_read_regular_reads_only_a_bounded_regular_file(tmp_path):
+    (tmp_path / "ok").write_bytes(b"12345")
+    (tmp_path / "link").symlink_to(tmp_path / "ok")
+    assert read_regular(tmp_path / "ok", 5) == read_regular(tmp_path / "link", 5) == b"12345"
+    with pytest.raises(OSError, match="5 bytes, more than the 4 expected"):
+        read_regular(tmp_path / "ok", 4)
+    os.mkfifo(tmp_path / "fifo")  # nobody writes it: reading would wait for ever
+    (tmp_path / "zero").symlink_to("/dev/zero")  # reading would never end
+    for name in ("fifo", "zero"):
+        with pytest.raises(OSError, match="not a regular file"):
+            read_regular(tmp_path / name, 1 << 30)
+    with pytest.raises(FileNotFoundError):
+        read_regular(tmp_path / "missing", 5)
 
 
 def refuse(constant):

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from clipseg.config import PATCH_SIZE, CLIPSegConfig
 from clipseg.decoder import prompts_per_image_of
+from clipseg.outputs import read_regular
 from clipseg.tokenizer import CLIPTokenizer
 from clipseg.weights import CheckpointError, read_json
 from model import CLIPSeg, ImageFeatures
@@ -94,6 +95,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_GRAPH_BYTES = 32 << 30  # a graph file read whole: ViT-L/14's weights in fp32 take 1.2 GB
 
 
 def graph_sha256(path: Path) -> str:
@@ -109,7 +111,10 @@ def read_checked(path: Path, expected_sha256: str, error: type[Exception]) -> by
     """The bytes of an exported file once their SHA-256 is the one the manifest records, else `error` naming the
     file. The file is read once: a runtime given these bytes loads what was checked, whatever happens to the file
     afterwards."""
-    data = path.read_bytes()
+    try:
+        data = read_regular(path, MAX_GRAPH_BYTES)
+    except OSError as err:
+        raise error(f"cannot read {path} ({err}); export the model again") from err
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
         raise error(

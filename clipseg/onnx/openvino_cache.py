@@ -50,8 +50,15 @@ import torch
 
 from clipseg.config import DEFAULT_BACKBONE, RANDOM_BACKBONES
 from clipseg.onnx.backend import MANIFEST_NAME, SHA256
-from clipseg.onnx.openvino_compiled import UNFINISHED_HOURS, UNUSED_DAYS, mark_used, older_than, remove
-from clipseg.outputs import write_json
+from clipseg.onnx.openvino_compiled import (
+    MAX_RECORD_BYTES,
+    UNFINISHED_HOURS,
+    UNUSED_DAYS,
+    mark_used,
+    older_than,
+    remove,
+)
+from clipseg.outputs import read_regular, write_json
 from clipseg.precision import cpu_class
 from clipseg.weights import DECODER_WEIGHTS_NAME, read_config
 from model import CLIPSeg
@@ -178,7 +185,7 @@ def recorded_name(record: Path) -> str | None:
     """The conversion (its key) a source record leads to, or None when it is not a record `remember_conversion`
     writes: only a key of the cache's own form is followed."""
     try:
-        conversion = json.loads(record.read_text()).get("conversion")
+        conversion = json.loads(read_regular(record, MAX_RECORD_BYTES)).get("conversion")
     except (OSError, ValueError, AttributeError):
         return None
     return conversion if isinstance(conversion, str) and SHA256.fullmatch(conversion) else None
@@ -202,7 +209,7 @@ def failure_reason(record: Path) -> str:
     """The reason a failure record gives; a record that cannot be read or parsed says so instead (still a failure:
     delete it to try again)."""
     try:
-        reason = json.loads(record.read_text()).get("reason")
+        reason = json.loads(read_regular(record, MAX_RECORD_BYTES)).get("reason")
     except (OSError, ValueError, AttributeError):
         reason = None
     return reason if isinstance(reason, str) else "the record cannot be read"

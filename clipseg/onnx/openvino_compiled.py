@@ -34,8 +34,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from clipseg.onnx.backend import SHA256
-from clipseg.outputs import atomic_write, write_json
+from clipseg.outputs import atomic_write, read_regular, write_json
 
+MAX_RECORD_BYTES = 1 << 20
+MAX_BLOB_BYTES = 16 << 30  # a ViT-B/16 int8 conversion compiles to 224 MB
 # The options `compile_config` gives, and the values an import accepts from a record.
 OPTIONS = {
     "INFERENCE_PRECISION_HINT": ("f32", "bf16"),
@@ -80,8 +82,8 @@ def import_compiled(core, folder: Path, key: str):
     """The compiled graph kept under `key` in `folder`, imported with the options it was compiled with; None when
     there is none or it cannot be used (see the module's docstring)."""
     try:
-        record = json.loads((folder / f"{key}.json").read_text())
-        data = (folder / f"{key}.blob").read_bytes()
+        record = json.loads(read_regular(folder / f"{key}.json", MAX_RECORD_BYTES))
+        data = read_regular(folder / f"{key}.blob", MAX_BLOB_BYTES)
     except (OSError, ValueError):
         return None
     options = recorded_options(record)
