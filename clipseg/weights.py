@@ -158,15 +158,18 @@ def is_weight(key: str) -> bool:
     return not key.endswith("position_ids")
 
 
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float8 and others are refused
+
+
 def check_tensors(state: dict[str, Tensor], source: str) -> None:
     """Every weight floating point and finite: integer or boolean tensors would be converted without a word, and
     one NaN spreads through the network to empty masks and NaN scores. Raises CheckpointError naming `source`."""
     weights = {key: tensor for key, tensor in state.items() if is_weight(key)}
-    not_float = [f"{key} ({tensor.dtype})" for key, tensor in weights.items() if not tensor.is_floating_point()]
+    not_float = [f"{key} ({tensor.dtype})" for key, tensor in weights.items() if tensor.dtype not in WEIGHT_DTYPES]
     if not_float:
         raise CheckpointError(
-            f"{source}: {len(not_float)} weight(s) are not floating point, e.g. {', '.join(not_float[:3])}: "
-            "model weights are float tensors; the file is damaged or not a model of this kind"
+            f"{source}: {len(not_float)} weight(s) are not float32, float16, bfloat16 or float64, e.g. "
+            f"{', '.join(not_float[:3])}: the file is damaged or not a model of this kind"
         )
     non_finite = [key for key, tensor in weights.items() if not torch.isfinite(tensor).all()]
     if non_finite:

@@ -72,6 +72,7 @@ BROKEN_WEIGHTS = {
     "inf": (dict(state_edit=set_weight(lambda t: t.index_fill(0, torch.tensor([0]), float("inf")))), "NaN or inf"),
     "int64": (dict(state_edit=set_weight(lambda t: (t * 100).long())), f"{WEIGHT} (torch.int64)"),
     "bool": (dict(state_edit=set_weight(lambda t: t > 0)), f"{WEIGHT} (torch.bool)"),
+    "float8": (dict(state_edit=set_weight(lambda t: t.to(torch.float8_e4m3fn))), f"{WEIGHT} (torch.float8_e4m3fn)"),
 }
 
 
@@ -223,8 +224,8 @@ def limit_memory() -> None:
     [
         (BROKEN_WEIGHTS["truncated"][0], "model.safetensors: not a readable safetensors file"),
         (BROKEN_WEIGHTS["nan"][0], "model.safetensors: 1 weight(s) hold NaN or infinite values"),
-        (BROKEN_WEIGHTS["int64"][0], "model.safetensors: 1 weight(s) are not floating point"),
-        (BROKEN_WEIGHTS["bool"][0], "model.safetensors: 1 weight(s) are not floating point"),
+        (BROKEN_WEIGHTS["int64"][0], "model.safetensors: 1 weight(s) are not float32, float16, bfloat16 or float64"),
+        (BROKEN_WEIGHTS["bool"][0], "model.safetensors: 1 weight(s) are not float32, float16, bfloat16 or float64"),
         (dict(config_edit=BROKEN_CONFIGS["hidden_size 1e9"][0]), "config.json: vision_config.hidden_size = 1000000000"),
         (dict(config_edit=BROKEN_CONFIGS["0 heads"][0]), "config.json: vision_config.num_attention_heads = 0"),
         (dict(config_edit=BROKEN_CONFIGS["patch size 0"][0]), "config.json: vision_config.patch_size = 0"),
