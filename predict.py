@@ -50,6 +50,7 @@ clipseg/drawing.py.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -312,6 +313,14 @@ def check_outputs(args: argparse.Namespace) -> str | None:
             check_writable(args.summary)
     except UnwritableOutput as err:
         return f"{err}; choose another --out or --summary"
+    out = os.path.realpath(args.out)
+    for given in args.inputs:
+        folder = given if os.path.isdir(given) else os.path.dirname(given) or "."
+        if os.path.realpath(folder) == out:
+            return (
+                f"--out {args.out} is the folder of the input {given}: each image's outputs go into a folder named "
+                "after it, beside it; choose another --out"
+            )
     return None
 
 

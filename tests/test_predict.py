@@ -80,6 +80,14 @@ def test_an_image_whose_name_is_not_utf8_gets_its_outputs_and_the_summary(tiny_d
     assert Path(entry["prompts"][0]["files"]["mask"]).is_file()
 
 
+def test_out_in_the_folder_of_the_images_is_refused_before_any_work(tiny_dir, tmp_path, capsys):
+    random_image(40, 30).save(tmp_path / "cat.png")
+    for given in (tmp_path, tmp_path / "cat.png"):
+        assert run_cli(tiny_dir, [given], tmp_path, "--prompt", "sky") == 2
+        assert f"--out {tmp_path} is the folder of the input {given}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]
+
+
 def test_images_named_like_the_runs_own_files_get_other_folders(tiny_dir, tmp_path):
     for name in ("summary.jsonl", "summary.json", "run.json", "coco.json"):
         random_image(40, 30).save(tmp_path / name, format="PNG")  # a PNG whatever its name says
