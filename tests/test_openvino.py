@@ -365,8 +365,12 @@ def test_the_backend_refuses_a_failed_check_and_changed_files(exports, tmp_path)
     with pytest.raises(OpenVinoBackendError, match="accuracy check failed .* refusing to run it"):
         OpenVinoCLIPSeg(folder)
     manifest_path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "accuracy_check"}))
-    with pytest.raises(OpenVinoBackendError, match="no accuracy check recorded"):
+    with pytest.raises(OpenVinoBackendError, match="no valid accuracy check recorded"):
         OpenVinoCLIPSeg(folder)
+    for forged in ({"mask_agreement": float("inf")}, {"mask_agreement": 2.0, "bar": 1.5}, {"bar": -1.0}):
+        manifest_path.write_text(json.dumps({**manifest, "accuracy_check": {**manifest["accuracy_check"], **forged}}))
+        with pytest.raises(OpenVinoBackendError, match="no valid accuracy check recorded"):
+            OpenVinoCLIPSeg(folder)
 
     manifest_path.write_text(json.dumps(manifest))
     weights = folder / "decoder.bin"

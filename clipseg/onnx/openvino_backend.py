@@ -176,13 +176,14 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
 
 def check_accuracy_record(check: object, path: Path) -> None:
-    """OpenVinoBackendError unless the manifest's accuracy check is recorded and its mask agreement reached its bar."""
+    """OpenVinoBackendError unless the manifest's accuracy check is recorded (its mask agreement and bar shares in
+    [0, 1]) and its mask agreement reached its bar."""
     numbers_given = isinstance(check, dict) and all(
-        isinstance(check.get(key), numbers.Real) and not isinstance(check.get(key), bool)
+        isinstance(check.get(key), numbers.Real) and not isinstance(check.get(key), bool) and 0 <= check[key] <= 1
         for key in ("mask_agreement", "bar")
     )
     if not numbers_given:
-        raise OpenVinoBackendError(f"{path}: no accuracy check recorded; export the model again")
+        raise OpenVinoBackendError(f"{path}: no valid accuracy check recorded; export the model again")
     if not check["mask_agreement"] >= check["bar"]:
         raise OpenVinoBackendError(
             f"{path}: its accuracy check failed (mask agreement with PyTorch fp32 {100 * check['mask_agreement']:.2f}% "
