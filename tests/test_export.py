@@ -244,6 +244,21 @@ def test_a_swapped_decoder_with_the_same_inputs_and_outputs_is_refused(exported,
     assert "decoder.onnx: its SHA-256" in capsys.readouterr().err
 
 
+def test_two_graphs_swapped_with_their_recorded_sha256s_are_refused_when_opened(exported, tmp_path):
+    copy = export_copy(exported, tmp_path)
+    (copy / "decoder.onnx").rename(copy / "swap")
+    (copy / "text_encoder.onnx").rename(copy / "decoder.onnx")
+    (copy / "swap").rename(copy / "text_encoder.onnx")
+
+    def swap(manifest: dict) -> None:
+        graphs = manifest["graphs"]
+        graphs["decoder"], graphs["text_encoder"] = graphs["text_encoder"], graphs["decoder"]
+
+    rewrite_manifest(copy, swap)
+    with pytest.raises(OnnxBackendError, match=r"text_encoder.onnx: takes the inputs .* not those of the text encoder"):
+        OnnxCLIPSeg(copy)
+
+
 def test_a_graph_onnxruntime_cannot_load_is_a_message(exported, tmp_path):
     copy = export_copy(exported, tmp_path)
     (copy / "text_encoder.onnx").write_bytes(b"not a protobuf" * 100)

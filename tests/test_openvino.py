@@ -383,6 +383,17 @@ def test_the_backend_refuses_a_failed_check_and_changed_files(exports, tmp_path)
     with pytest.raises(OpenVinoBackendError, match="image_encoder.xml: its SHA-256"):
         OpenVinoCLIPSeg(folder)
 
+    swapped = shutil.copytree(exports["fp32"], tmp_path / "swapped")  # two graphs swapped, their SHA-256s too
+    for suffix in (".xml", ".bin"):
+        (swapped / f"decoder{suffix}").rename(swapped / "swap")
+        (swapped / f"text_encoder{suffix}").rename(swapped / f"decoder{suffix}")
+        (swapped / "swap").rename(swapped / f"text_encoder{suffix}")
+        decoder, text = f"decoder{suffix}", f"text_encoder{suffix}"
+        manifest["files"][decoder], manifest["files"][text] = manifest["files"][text], manifest["files"][decoder]
+    (swapped / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(OpenVinoBackendError, match="text_encoder.xml: takes the inputs .* not those of the text enc"):
+        OpenVinoCLIPSeg(swapped)
+
 
 def test_files_changed_after_the_check_change_nothing_the_backend_computes(exports, tmp_path):
     """The weights OpenVINO runs are the bytes whose SHA-256 was checked: rewriting a checked .bin in place (same

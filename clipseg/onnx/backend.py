@@ -48,6 +48,13 @@ GRAPH_FILES = {
     "decoder": "decoder.onnx",
     "image_prompt_head": "image_prompt_head.onnx",
 }
+# Each graph's named inputs (the decoder's also takes the image encoder's activations, named by the export).
+GRAPH_INPUTS = {
+    "image_encoder": ("pixel_values",),
+    "text_encoder": ("input_ids", "attention_mask"),
+    "decoder": ("grid", "conditional"),
+    "image_prompt_head": ("hidden_states",),
+}
 
 
 class OnnxBackendError(RuntimeError):
@@ -105,6 +112,17 @@ def graph_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_graph_inputs(graph: str, names: Sequence[str], path: Path, error: type[Exception]) -> None:
+    """`error` naming the file unless the graph at `path` takes the inputs of graph `graph` (GRAPH_INPUTS): a graph
+    file swapped for another of the export, its recorded SHA-256 with it, is found when opened, not mid-run."""
+    missing = [name for name in GRAPH_INPUTS[graph] if name not in names]
+    if missing:
+        raise error(
+            f"{path}: takes the inputs {list(names)}, not those of the {graph.replace('_', ' ')} ({missing} missing): "
+            "the export's files were mixed up; export the model again"
+        )
 
 
 def read_checked(path: Path, expected_sha256: str, error: type[Exception]) -> bytes:
@@ -263,6 +281,9 @@ class OnnxCLIPSeg(ExportedCLIPSeg):
             name: open_graph(ort, self.directory / file, graphs[name]["sha256"], options)
             for name, file in GRAPH_FILES.items()
         }
+        for name, session in self.sessions.items():
+            inputs = [node.name for node in session.get_inputs()]
+            check_graph_inputs(name, inputs, self.directory / GRAPH_FILES[name], OnnxBackendError)
         self.activation_names = [output.name for output in self.sessions["image_encoder"].get_outputs()]
 
     def _run(self, graph: str, **inputs: Tensor) -> list[Tensor]:

@@ -29,6 +29,7 @@ from clipseg.onnx.backend import (
     FORMAT,
     FORMAT_VERSION,
     GRAPH_FILES,
+    GRAPH_INPUTS,
     MANIFEST_NAME,
     REQUIREMENTS_FILE,
     OnnxBackendError,
@@ -150,7 +151,7 @@ def export_image_encoder(model: CLIPSeg, out_dir: Path) -> None:
         ImageEncoderGraph(model),
         (example_pixels(model, 2),),
         out_dir / GRAPH_FILES["image_encoder"],
-        ["pixel_values"],
+        GRAPH_INPUTS["image_encoder"],
         activation_names(model),
         {"pixel_values": {0: _dim("batch", 1, 1024), 2: PATCH_SIZE * height, 3: PATCH_SIZE * width}},
     )
@@ -163,7 +164,7 @@ def export_text_encoder(model: CLIPSeg, out_dir: Path) -> None:
         TextEncoderGraph(model),
         (ids, mask),
         out_dir / GRAPH_FILES["text_encoder"],
-        ["input_ids", "attention_mask"],
+        GRAPH_INPUTS["text_encoder"],
         ["text_embedding"],
         {"input_ids": {0: prompts, 1: length}, "attention_mask": {0: prompts, 1: length}},
     )
@@ -177,7 +178,7 @@ def export_decoder(model: CLIPSeg, out_dir: Path) -> None:
         DecoderGraph(model),
         (torch.tensor(features.grid), conditional, *features.activations),
         out_dir / GRAPH_FILES["decoder"],
-        ["grid", "conditional", *names],
+        [*GRAPH_INPUTS["decoder"], *names],
         ["logits"],
         {"grid": None, "conditional": {0: _dim("prompts", 1, 1024)}, "activations": tuple({1: tokens} for _ in names)},
     )
@@ -189,7 +190,7 @@ def export_image_prompt_head(model: CLIPSeg, out_dir: Path) -> None:
         ImagePromptHeadGraph(model),
         (deepest,),
         out_dir / GRAPH_FILES["image_prompt_head"],
-        ["hidden_states"],
+        GRAPH_INPUTS["image_prompt_head"],
         ["image_embedding"],
         {"hidden_states": {0: _dim("prompts", 1, 1024), 1: _dim("tokens", 2, MAX_GRID * MAX_GRID + 1)}},
     )

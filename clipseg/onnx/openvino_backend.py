@@ -52,7 +52,14 @@ import torch
 from torch import Tensor
 
 from clipseg.config import CLIPSegConfig
-from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, SHA256, ExportedCLIPSeg, read_checked
+from clipseg.onnx.backend import (
+    GRAPH_FILES,
+    MANIFEST_NAME,
+    SHA256,
+    ExportedCLIPSeg,
+    check_graph_inputs,
+    read_checked,
+)
 from clipseg.onnx.openvino_compiled import compiled_key, import_compiled, keep_compiled
 from clipseg.precision import PRECISIONS
 from clipseg.weights import CheckpointError, read_json
@@ -298,6 +305,9 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
             self.requests = {name: self.compile(self.model(name), name) for name in IR_FILES}
         else:
             self.requests = {name: self.compile_or_import(name, compiled) for name in IR_FILES}
+        for name, request in self.requests.items():
+            inputs = [node.get_any_name() for node in request.model_inputs]
+            check_graph_inputs(name, inputs, self.directory / IR_FILES[name][0], OpenVinoBackendError)
         self.activation_names = [output.get_any_name() for output in self.requests["image_encoder"].model_outputs]
         self.static_requests: dict[tuple, object] = {}  # (graph, shape key) -> request compiled for that shape
         self.shape_counts: collections.Counter = collections.Counter()
