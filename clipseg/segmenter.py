@@ -144,15 +144,15 @@ class Controls:
 
     def mask_options(self, threshold: float) -> MaskOptions:
         """MaskOptions of these controls at `threshold`; ValueError or TypeError naming a value out of range."""
-        raw = {name: getattr(self, name) for name in MASK_CONTROLS}
-        typed = {name: kind(_whole(raw[name])) if kind else _whole(raw[name]) for name, kind in MASK_CONTROLS.items()}
+        typed = {name: _typed(name, getattr(self, name), kind) for name, kind in MASK_CONTROLS.items()}
         return MaskOptions(threshold=threshold, **{**typed, "max_instances": typed["max_instances"] or None})
 
     def pipeline(self, threshold: float, tile_side: int) -> PipelineOptions:
         """The pipeline options; InputError naming the control when a value is out of range."""
-        unknown = [name for name in self.formats if name not in FORMATS]
-        if unknown or not self.formats:
-            raise InputError(f"The zip's formats must be some of {', '.join(FORMATS)}, got {list(self.formats)}.")
+        formats = self.formats if isinstance(self.formats, tuple | list) else [self.formats]
+        unknown = [name for name in formats if name not in FORMATS]
+        if unknown or not formats:
+            raise InputError(f"The zip's formats must be some of {', '.join(FORMATS)}, got {list(formats)}.")
         if self.refine not in REFINE_MODES:
             raise InputError(f"Refine must be one of {', '.join(REFINE_MODES)}, got {self.refine!r}.")
         try:
@@ -168,9 +168,16 @@ MASK_CONTROLS = {"grow": None, "shrink": None, "feather": float, "fill_holes": b
                  "instances": bool, "sort_by": None, "max_instances": None}  # fmt: skip
 
 
-def _whole(value: Any) -> Any:
-    """A slider's float that holds a whole number -> int (anything else is left for MaskOptions to refuse)."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
+def _typed(name: str, value: Any, kind: type | None) -> Any:
+    """A widget's value as MaskOptions takes it: a slider's float that holds a whole number -> int; a check box's
+    true/false (or 0/1) -> bool, anything else a ValueError naming the control; a number -> float for `kind` float.
+    Other values are left for MaskOptions to refuse."""
+    value = int(value) if isinstance(value, float) and value.is_integer() else value
+    if kind is bool:
+        if value not in (True, False) or not isinstance(value, bool | int):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return bool(value)
+    return float(value) if kind is float and isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
 @dataclass

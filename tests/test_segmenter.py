@@ -375,6 +375,10 @@ def test_the_mask_controls_are_mask_options_fields_and_give_them_typed():
     assert type(options.grow) is int and type(options.feather) is float
     with pytest.raises(ValueError, match="grow must be a whole number of pixels >= 0, got 1.5"):
         Controls(grow=1.5).mask_options(0.3)
+    with pytest.raises(ValueError, match="fill_holes must be true or false, got 'no'"):
+        Controls(fill_holes="no").mask_options(0.3)  # an API caller's text is not taken as True
+    with pytest.raises(ValueError, match="feather must be a width in pixels >= 0, got '3'"):
+        Controls(feather="3").mask_options(0.3)
 
 
 def test_bad_mask_controls_get_a_message(segmenter, tmp_path):
@@ -384,6 +388,7 @@ def test_bad_mask_controls_get_a_message(segmenter, tmp_path):
     cases = {
         "grow": Controls(grow=-1),
         "The zip's formats": Controls(formats=("gif",)),
+        "The zip's formats must be some of": Controls(formats=None),
         "start the app with --sam-model": Controls(refine="sam"),
         "Refine must be one of": Controls(refine="sharpen"),
     }
