@@ -46,11 +46,11 @@ from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported: no telemetry, no version check
 
-import torch
 
 from clipseg.cli import (
     BAD_INPUT,
     add_backend_flag,
+    add_device_flag,
     add_model_flags,
     add_precision_flags,
     add_sam_model_flag,
@@ -273,11 +273,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "offline, give --model a run (make demo trains the run demo), a directory or a .pth.",
     )
     add_model_flags(parser)
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu)",
-    )
+    add_device_flag(parser)
     parser.add_argument("--port", type=int, default=7860, help="local port (default 7860)")
     parser.add_argument(
         "--share",

@@ -57,13 +57,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from clipseg.backends import export_backend
 from clipseg.cli import (
     BAD_INPUT,
     NOTHING_DONE,
     add_backend_flag,
+    add_device_flag,
     add_model_flags,
     add_precision_flags,
     add_sam_model_flag,
@@ -75,7 +74,7 @@ from clipseg.cli import (
     output_folder,
     positive_int,
 )
-from clipseg.distributed import Distributed, JobError, distributed_job, in_turn, run_and_exit
+from clipseg.distributed import Distributed, JobError, default_device, distributed_job, in_turn, run_and_exit
 from clipseg.expressions import ExpressionError, parse
 from clipseg.folder_prediction import (
     FolderOptions,
@@ -271,11 +270,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--summary", default=None, help="where to write the JSON summary ('-' = stdout; default OUT/summary.json)"
     )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="torch device, e.g. cpu, cuda:0 (default cuda when available, else cpu; the exported backends: cpu)",
-    )
+    add_device_flag(parser, later="; the exported backends run on the CPU")
     add_precision_flags(parser, "predict")
     add_backend_flag(parser, auto=True)
     add_mask_flags(parser)
@@ -301,7 +296,7 @@ def check_backend_and_precision(parser: argparse.ArgumentParser, args: argparse.
     precision that will run (`args.precision`, `clipseg.cli.check_backend_flags`); combinations that cannot run are
     usage errors that say what to change."""
     exported = args.backend in ("onnx", "openvino") or (args.backend == "auto" and export_backend(args.model))
-    args.device = args.device or ("cuda" if torch.cuda.is_available() and not exported else "cpu")
+    args.device = args.device or ("cpu" if exported else default_device())
     check_backend_flags(parser, args, "predict")
 
 

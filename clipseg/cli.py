@@ -21,12 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import torch
-
 import dataset as datasets
 from clipseg.backends import BACKEND_VARIABLE, BACKENDS, auto_backend, backend_flag_error
 from clipseg.benchmarks.protocols import BENCHMARKS
 from clipseg.config import DEFAULT_BACKBONE
+from clipseg.distributed import default_device
 from clipseg.loading import (
     CHECKPOINTS_DIR,
     DATA_KINDS,
@@ -216,6 +215,16 @@ CHECKPOINT_HELP = (
 )
 BACKBONE_HELP = f"the CLIP (hub id or directory) an original .pth decoder runs on (default {DEFAULT_BACKBONE})"
 CHECKPOINTS_DIR_HELP = f"the folder of the runs --model names (default {CHECKPOINTS_DIR})"
+
+
+def add_device_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, later: str = "") -> None:
+    """--device, with the same help in every command. Its default is this machine's (`distributed.default_device`),
+    or None when the command picks it later (`later` then says how, e.g. the exported backends run on the CPU)."""
+    parser.add_argument(
+        "--device",
+        default=None if later else default_device(),
+        help=f"torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu{later})",
+    )
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -443,11 +452,7 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-workers", type=int, default=2, help="DataLoader worker processes, 0 = main process (default %(default)s)"
     )
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device, e.g. cpu, cuda:0 (default %(default)s)",
-    )
+    add_device_flag(parser)
     add_precision_flags(parser, "score")
     add_backend_flag(parser)
     parser.add_argument(

@@ -90,13 +90,18 @@ class Distributed:
         return owner_of(key, self.world_size) == self.rank
 
 
+def default_device() -> str:
+    """The device a command runs on unless --device says otherwise: "cuda" when PyTorch sees a GPU, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def setup_distributed(device_flag: str | None) -> tuple[Distributed, torch.device]:
     """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK, pick the device and join the process group (NCCL on GPUs,
     gloo on CPU)."""
     world = Distributed(
         int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
     )
-    name = device_flag or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = device_flag or default_device()
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():

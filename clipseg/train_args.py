@@ -20,6 +20,7 @@ from clipseg.benchmarks.classes import WordNetMissing, parse_removal
 from clipseg.cli import (
     TRAINING_PRECISIONS,
     DefaultsHelpFormatter,
+    add_device_flag,
     add_precision_flags,
     dropout_rate,
     explicit_flags,
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoints-dir", default="checkpoints", help="parent directory of the run directories")
     run.add_argument("--resume", action="store_true", help="continue the run <name> from its last checkpoint")
     run.add_argument("--seed", type=int, default=0, help="seed of the sample order, augmentation, dropout, init")
-    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    add_device_flag(run, later="; under torchrun, each process's own GPU")
     run.add_argument("--compile", action="store_true", help="torch.compile the decoder (faster on GPUs)")
     run.add_argument("--log-every", type=positive_int, default=10, help="iterations per log.jsonl line")
     run.add_argument(

@@ -76,6 +76,15 @@ def test_every_command_that_runs_a_model_has_precision_and_the_same_amp(monkeypa
     )
 
 
+def test_every_command_that_runs_a_model_has_the_same_device_flag(monkeypatch, capsys):
+    helps = {command: help_entries(main, monkeypatch, capsys) for command, main in RUNS_A_MODEL.items()}
+    device = "--device DEVICE torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu"
+    assert all(helps[command]["--device"].startswith(device) for command in helps), {
+        c: h["--device"] for c, h in helps.items()
+    }
+    assert "the exported backends run on the CPU" in helps["predict.py"]["--device"]
+
+
 def test_every_command_that_runs_a_model_has_the_same_backend_flag(monkeypatch, capsys):
     helps = {command: help_entries(main, monkeypatch, capsys) for command, main in RUNS_A_MODEL.items()}
     backend = {command: entries.get("--backend") for command, entries in helps.items() if command != "train.py"}
