@@ -8,7 +8,7 @@ default each job takes on each class of CPU (`default_precision`, the rule and i
 
 - `fp32`: the model as it is (its frozen CLIP blocks run from their parts, `clipseg.frozen_clip`: transformers'
   arithmetic, bit for bit, in fewer tensors).
-- `bf16`: `torch.autocast` in `model.amp_dtype(device)` (what `--amp` always meant): bf16 on CPUs with native bf16
+- `bf16`: `torch.autocast` in `amp_dtype(device)` (what `--amp` always meant): bf16 on CPUs with native bf16
   (AVX512-BF16 or AMX) and on GPUs that have it, fp16 on older GPUs. On a CPU without native bf16 PyTorch would
   emulate it several times slower than fp32, so `bf16` runs fp32 there, with a warning. Under autocast the frozen
   CLIP blocks (vision and text) and the patch embedding run from copies of their weights in the autocast dtype,
@@ -280,5 +280,5 @@ def _full_range_dynamic_linear() -> type:
 
 
 def precision_context(precision: str, device: str | torch.device) -> AbstractContextManager:
-    """The context to run a prepared model in: autocast for bf16 (`model.autocast`), nothing for fp32 and int8."""
+    """The context to run a prepared model in: autocast for bf16 (`autocast`), nothing for fp32 and int8."""
     return autocast(device) if precision == "bf16" else nullcontext()

@@ -2,8 +2,8 @@
 image and prompt, and the entries of the JSON summary. predict.py writes these files and summary.json; the app's
 zip holds the masks and the same summary (clipseg/segmenter.py).
 
-Files, under one folder per image (`image_output_names`), the kinds `save` picks (`SAVE_KINDS`; by default prob,
-mask, overlay): `<slug>.prob.png` (the probability map, 8- or 16-bit grayscale), `<slug>.mask.png` (0/255, the
+Files, under one folder per image (`clipseg.folders.output_name`), the kinds `save` picks (`SAVE_KINDS`; by default
+prob, mask, overlay): `<slug>.prob.png` (the probability map, 8- or 16-bit grayscale), `<slug>.mask.png` (0/255, the
 post-processed mask), `<slug>.overlay.png`, `<slug>.soft.png` (the mask with its feathered edge, 8-bit) and
 `<slug>.cutout.png` (RGBA: the image with the soft mask as alpha) per prompt, and with several prompts one combined
 `overlay.png` (a colour per prompt, legend); all at the image's original size. A
@@ -65,14 +65,6 @@ def merge_duplicates(prompts: Sequence[Prompt]) -> tuple[list[Prompt], list[dict
     times = Counter(prompt.slug for prompt in prompts)  # distinct prompts have distinct slugs (outputs.safe_name)
     distinct = list({prompt.slug: prompt for prompt in prompts}.values())
     return distinct, [{"prompt": p.label, "times": times[p.slug]} for p in distinct if times[p.slug] > 1]
-
-
-def image_output_names(paths: Sequence[Path]) -> list[str]:
-    """One output folder name per image (`clipseg.outputs.safe_name` of its stem; of its whole path where stems
-    collide)."""
-    stems = [safe_name(path.stem) for path in paths]
-    counts = Counter(stems)
-    return [safe_name(str(path)) if counts[stem] > 1 else stem for path, stem in zip(paths, stems)]
 
 
 def prompt_summary(prompt: Prompt, prob: np.ndarray, mask: np.ndarray, files: dict[str, str]) -> dict:

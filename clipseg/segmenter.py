@@ -70,7 +70,6 @@ from clipseg.uploads import (
 )
 from model import CLIPSeg, TextCache
 
-DEMO_MODEL = Path("checkpoints") / "demo"
 FORMATS = ("mask", "prob", "soft", "cutout", "coco")  # what the zip can hold
 
 MAX_CACHED_PHRASES = 1000  # the model's phrase cache (2 KB per phrase at ViT-B/16)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NASTY_PROMPTS
 
 from clipseg import folders
 from clipseg.distributed import owner_of
@@ -108,6 +109,11 @@ def test_ranks_walk_disjoint_shards_that_cover_the_folder(tmp_path, world_size):
     assert [errors for _, errors in shards if errors] == [everything[1]]  # the skip is reported by one rank
     if world_size > 1:
         assert all(images for images, _ in shards)  # 60 images: no rank is left without work
+
+
+def test_output_names_of_nasty_file_names_are_safe_and_distinct():
+    names = [output_name(Path(f"{p}.jpg"), several_inputs=False) for p in NASTY_PROMPTS]
+    assert len(set(names)) == len(names) and all("/" not in name and name not in (".", "..") for name in names)
 
 
 def test_output_names_depend_on_the_path_alone():

@@ -198,10 +198,10 @@ def precision_paths(ours, hf, device, size, repeats, flops, rates) -> dict:
         if runner is not None:
             runners.update(openvino_runners(ours, Path(tmp)))
         paths = path_functions(hf, models, runners)
-        scenes = scene_agreement(paths, ours, size)
+        scenes = scene_agreement(paths, size)
         out = {}
         for batch in (1, 8):
-            out[f"batch_{batch}"] = time_precision_paths(ours, paths, batch, size, repeats)
+            out[f"batch_{batch}"] = time_precision_paths(paths, batch, size, repeats)
             print(f"precision paths, batch {batch}, 1 prompt per image, {size} px:")
             for name, row in out[f"batch_{batch}"].items():
                 precision = "fp32" if name == "hf_fp32" else models[name][1] if name in models else name.split("_")[1]
@@ -263,7 +263,7 @@ def scene_images(size: int, count: int = 6) -> list[Tensor]:
     return [transform.pixels(image)[None] for image in images]
 
 
-def scene_agreement(paths: dict, ours, size: int) -> dict:
+def scene_agreement(paths: dict, size: int) -> dict:
     """name -> the share of mask pixels (probability > 0.3) that agree with our fp32 over `scene_images` against
     three of PHRASES each."""
     phrases = PHRASES[:3]
@@ -325,7 +325,7 @@ def describe_default_check(check: dict) -> str:
     )
 
 
-def time_precision_paths(ours, paths: dict, batch: int, size: int, repeats: int) -> dict:
+def time_precision_paths(paths: dict, batch: int, size: int, repeats: int) -> dict:
     """Each of `paths` (`path_functions`) timed interleaved at `batch` random-noise images of size px, one prompt
     each: seconds, speed-up over HF fp32 and mask agreement with our fp32."""
     pixels = torch.randn(batch, 3, size, size)

@@ -27,7 +27,7 @@ def run_comparisons(ours: CLIPSeg, device: str, size: int, repeats: int) -> dict
     return {
         "checkpoint": checkpoint_comparison(ours, repeats),
         "prompts_per_image": prompts_per_image_comparison(ours, device, size, repeats),
-        "grouped_scoring": scoring_comparison(ours, device, size, max(1, repeats // 2)),
+        "grouped_scoring": scoring_comparison(ours, size, max(1, repeats // 2)),
     }
 
 
@@ -89,7 +89,7 @@ def prompts_per_image_comparison(ours: CLIPSeg, device: str, size: int, repeats:
     return out
 
 
-def scoring_comparison(ours: CLIPSeg, device: str, size: int, repeats: int, images: int = 10) -> dict:
+def scoring_comparison(ours: CLIPSeg, size: int, repeats: int, images: int = 10) -> dict:
     """score.py on a generated PhraseCut-format split whose images have 5 or more tasks each (PhraseCut's test
     split has 5.6), fp32: each image read and encoded once for all its tasks, as score.py does, against once per
     task, as the reference implementations do. Same metrics either way (tests/test_inference.py)."""
