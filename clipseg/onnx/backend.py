@@ -72,29 +72,39 @@ def import_onnxruntime():
     return onnxruntime
 
 
+def manifest_of(directory: Path, form: tuple[str, int], error: type[Exception], missing_hint: str) -> dict:
+    """The manifest of the export folder `directory` once it is a JSON object of the format and version `form`
+    with a model config; else `error` naming the file (`missing_hint`: what to do when there is no manifest). Each
+    backend then checks the files it lists (`read_manifest`, `openvino_backend.read_manifest`)."""
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise error(f"{directory}: no {MANIFEST_NAME}; {missing_hint}")
+    try:
+        manifest = read_json(path)
+    except (OSError, CheckpointError) as err:
+        raise error(f"{err}; export the model again") from err
+    if (manifest.get("format"), manifest.get("format_version")) != form:
+        raise error(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, this code reads "
+            f"{form[0]!r} version {form[1]}; export the model again with this export.py"
+        )
+    if not isinstance(manifest.get("config"), dict):
+        raise error(f"{path}: no model config; export the model again")
+    return manifest
+
+
 def read_manifest(directory: str | os.PathLike) -> dict:
     """The manifest of an export folder; OnnxBackendError when it is not one export.py wrote, or files are missing."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
-    if not path.is_file():
-        raise OnnxBackendError(f"{directory}: no {MANIFEST_NAME}; write the folder with `python export.py MODEL DIR`")
-    try:
-        manifest = read_json(path)
-    except (OSError, CheckpointError) as err:
-        raise OnnxBackendError(f"{err}; export the model again") from err
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise OnnxBackendError(
-            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, this code reads "
-            f"{FORMAT!r} version {FORMAT_VERSION}; export the model again with this export.py"
-        )
+    hint = "write the folder with `python export.py MODEL DIR`"
+    manifest = manifest_of(directory, (FORMAT, FORMAT_VERSION), OnnxBackendError, hint)
     graphs = manifest.get("graphs")
     for name in GRAPH_FILES:
         entry = graphs.get(name) if isinstance(graphs, dict) else None
         digest = entry.get("sha256") if isinstance(entry, dict) else None
         if not isinstance(digest, str) or not SHA256.fullmatch(digest):
             raise OnnxBackendError(f"{path}: no SHA-256 for the {name} graph; export the model again")
-    if not isinstance(manifest.get("config"), dict):
-        raise OnnxBackendError(f"{path}: no model config; export the model again")
     missing = [name for name, file in GRAPH_FILES.items() if not (directory / file).is_file()]
     if missing:
         raise OnnxBackendError(f"{directory}: missing graph files {[GRAPH_FILES[m] for m in missing]}; export again")

@@ -58,11 +58,12 @@ from clipseg.onnx.backend import (
     SHA256,
     ExportedCLIPSeg,
     check_graph_inputs,
+    manifest_of,
     read_checked,
 )
 from clipseg.onnx.openvino_compiled import compiled_key, import_compiled, keep_compiled
 from clipseg.precision import PRECISIONS
-from clipseg.weights import CheckpointError, read_json
+from clipseg.weights import CheckpointError
 
 REQUIREMENTS_FILE = "requirements-openvino.txt"
 FORMAT = "clipseg-openvino"
@@ -155,17 +156,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     its accuracy check did not pass, or files are missing."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
-    if not path.is_file():
-        raise OpenVinoBackendError(f"{directory}: no {MANIFEST_NAME}; it is not an OpenVINO export (export_openvino)")
-    try:
-        manifest = read_json(path)
-    except (OSError, CheckpointError) as err:
-        raise OpenVinoBackendError(f"{err}; export the model again") from err
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise OpenVinoBackendError(
-            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, this code reads "
-            f"{FORMAT!r} version {FORMAT_VERSION}; export the model again with this code"
-        )
+    hint = "it is not an OpenVINO export (export_openvino)"
+    manifest = manifest_of(directory, (FORMAT, FORMAT_VERSION), OpenVinoBackendError, hint)
     if manifest.get("precision") not in PRECISIONS:
         raise OpenVinoBackendError(f"{path}: precision {manifest.get('precision')!r} is not one of {PRECISIONS}")
     files = manifest.get("files")
@@ -173,8 +165,6 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         digest = files.get(name) if isinstance(files, dict) else None
         if not isinstance(digest, str) or not SHA256.fullmatch(digest):
             raise OpenVinoBackendError(f"{path}: no SHA-256 for {name}; export the model again")
-    if not isinstance(manifest.get("config"), dict):
-        raise OpenVinoBackendError(f"{path}: no model config; export the model again")
     check_accuracy_record(manifest.get("accuracy_check"), path)
     missing = [file for pair in IR_FILES.values() for file in pair if not (directory / file).is_file()]
     if missing:
