@@ -54,6 +54,7 @@ from clipseg.cli import (
     add_model_flags,
     add_precision_flags,
     add_sam_model_flag,
+    below_one,
     check_backend_flags,
     load_command_model,
     load_sam_model,
@@ -282,7 +283,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--threshold",
-        type=float,
+        type=below_one,
         default=None,
         help="initial threshold of the slider (default: the threshold train.py calibrated for the model, else 0.3, "
         "the paper's)",
@@ -306,8 +307,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_backend_flag(parser, auto=True)
     args = parser.parse_args(argv)
     check_backend_flags(parser, args, "predict")
-    if args.threshold is not None and not 0 <= args.threshold < 1:
-        parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be in 1..65535, got {args.port}")
     if not 64 <= args.session_memory < math.inf:

@@ -66,6 +66,7 @@ from clipseg.cli import (
     add_model_flags,
     add_precision_flags,
     add_sam_model_flag,
+    below_one,
     check_backend_flags,
     load_command_model,
     load_sam_model,
@@ -219,7 +220,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--threshold",
-        type=float,
+        type=below_one,
         default=None,
         help="a pixel is in the mask iff probability > this (default: the threshold calibrated on the model's "
         "validation data when its config records one, else 0.3, the paper's)",
@@ -233,7 +234,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--image-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="short side the model sees, a multiple of the model's patch size (16 for the released models; "
         "default: the model's training size, 352)",
@@ -257,7 +258,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=4,
         help="images taken from the walk per step (default 4); the mask pipeline encodes each image on its own",
     )
@@ -280,12 +281,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("give at least one --prompt or --visual-prompt")
     if any(not p.strip() for p in args.prompt):
         parser.error("--prompt must not be empty")
-    if args.image_size is not None and args.image_size <= 0:
-        parser.error(f"--image-size must be positive, got {args.image_size}")  # the patch is checked with the model
-    if args.threshold is not None and not 0 <= args.threshold < 1:
-        parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
     check_mask_flags(parser, args)
     check_backend_and_precision(parser, args)
     return args

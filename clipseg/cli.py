@@ -107,7 +107,8 @@ def probability(text: str) -> float:
     return value
 
 
-def dropout_rate(text: str) -> float:
+def below_one(text: str) -> float:
+    """An argparse type: a number in [0, 1) (a threshold, a dropout rate)."""
     value = float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")

@@ -22,7 +22,7 @@ from clipseg.cli import (
     DefaultsHelpFormatter,
     add_device_flag,
     add_precision_flags,
-    dropout_rate,
+    below_one,
     explicit_flags,
     int_up_to,
     layer_list,
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arch.add_argument(
         "--dropout",
-        type=dropout_rate,
+        type=below_one,
         default=0.1,
         help="decoder dropout (the released recipe's 0.1; 0 trains faster in short runs such as the CPU demo)",
     )

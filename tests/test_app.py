@@ -59,7 +59,8 @@ def test_cli_checks_its_arguments(capsys):
             app.parse_args(bad)
         assert exit_info.value.code == 2
     errors = capsys.readouterr().err
-    assert "--threshold must be in [0, 1)" in errors and "--session-memory must be at least 64 (MB)" in errors
+    assert "argument --threshold: must be in [0, 1), got 1.2" in errors
+    assert "--session-memory must be at least 64 (MB)" in errors
 
 
 def test_cli_reports_a_model_it_cannot_load(tiny_checkpoints, tmp_path, capsys, monkeypatch):
