@@ -43,7 +43,7 @@ from clipseg.config import (
     check_image_side,
     tiny_clip_config,
 )
-from clipseg.loading import LoadError, resolve_model
+from clipseg.loading import CHECKPOINTS_DIR, DATA_KINDS, LoadError, default_data_root, resolve_model
 from clipseg.precision import requested_precision
 from clipseg.runs import RunFiles
 from clipseg.sample_pipeline import PROMPT_TEMPLATES
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--name", type=run_name, default="pc", help="run name: everything goes to <checkpoints-dir>/<name>/"
     )
-    run.add_argument("--checkpoints-dir", default="checkpoints", help="parent directory of the run directories")
+    run.add_argument("--checkpoints-dir", default=str(CHECKPOINTS_DIR), help="parent directory of the run directories")
     run.add_argument("--resume", action="store_true", help="continue the run <name> from its last checkpoint")
     run.add_argument("--seed", type=int, default=0, help="seed of the sample order, augmentation, dropout, init")
     add_device_flag(run, later="; under torchrun, each process's own GPU")
@@ -121,12 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_flags(optim, "train")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data", choices=("phrasecut", "synthetic", "folder"), default="phrasecut", help="training data")
+    data.add_argument("--data", choices=DATA_KINDS, default="phrasecut", help="training data")
     data.add_argument(
         "--data-root",
         default=None,
-        help=f"phrasecut: dir holding data/VGPhraseCut_v0 (default {datasets_default('phrasecut')}); synthetic: "
-        f"generated there if absent (default {datasets_default('synthetic')}); folder: the JSONL/CSV index file",
+        help=f"phrasecut: dir holding data/VGPhraseCut_v0 (default {default_data_root('phrasecut')}); synthetic: "
+        f"generated there if absent (default {default_data_root('synthetic')}); folder: the JSONL/CSV index file",
     )
     data.add_argument("--split", default="train", help="split to train on (phrasecut/synthetic)")
     data.add_argument(
@@ -274,10 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def datasets_default(kind: str) -> str:
-    return {"phrasecut": datasets.DEFAULT_PHRASECUT_ROOT, "synthetic": datasets.DEFAULT_SYNTHETIC_ROOT}[kind]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -371,7 +367,7 @@ def build_training_set(args: argparse.Namespace) -> Dataset:
 
 
 def data_root(args: argparse.Namespace) -> str | None:
-    return args.data_root or (datasets_default(args.data) if args.data != "folder" else None)
+    return args.data_root or (default_data_root(args.data) if args.data != "folder" else None)
 
 
 def prompt_templates(args: argparse.Namespace) -> str:
