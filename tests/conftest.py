@@ -373,3 +373,27 @@ def vision_tower_calls(model: CLIPSeg):
     finally:
         handle.remove()
         decoder.remove()
+
+
+def write_inputs(tmp_path: Path) -> tuple[Path, str]:
+    """A folder of two images of different shapes, and a support image with its mask."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, (width, height) in {"wide.png": (90, 60), "tall.png": (50, 100)}.items():
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / name)
+    support, mask = tmp_path / "support.png", tmp_path / "support_mask.png"
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(support)
+    mask_array = np.zeros((40, 40), dtype=np.uint8)
+    mask_array[10:30, 5:25] = 255
+    Image.fromarray(mask_array).save(mask)
+    return folder, f"{support}:{mask}"
+
+
+def strict_json(text: str) -> dict:
+    """`text` parsed by a strict JSON parser (NaN and Infinity are not JSON)."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import require_modules
+from conftest import require_modules, write_inputs
 from PIL import Image
 
 require_modules(("onnx", "onnxscript", "onnxruntime"), "requirements-export.txt")
@@ -34,7 +34,7 @@ THRESHOLD = 0.6  # the refined tiny model's probabilities centre above 0.5: a th
 
 @pytest.fixture(scope="module")
 def tiny_dir(tiny_checkpoint):
-    """With the refined head, the released models'."""
+    """With the refined head, the released models' (conftest's `model` is then built from it too)."""
     return tiny_checkpoint(refined=True)
 
 
@@ -119,21 +119,6 @@ def test_plain_head_decoder_exports_too(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- predict.py --backend onnx
-
-
-def write_inputs(tmp_path):
-    """A folder of two images of different shapes, and a support image with its mask."""
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for name, (width, height) in {"wide.png": (90, 60), "tall.png": (50, 100)}.items():
-        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / name)
-    support, mask = tmp_path / "support.png", tmp_path / "support_mask.png"
-    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(support)
-    mask_array = np.zeros((40, 40), dtype=np.uint8)
-    mask_array[10:30, 5:25] = 255
-    Image.fromarray(mask_array).save(mask)
-    return folder, f"{support}:{mask}"
 
 
 def test_predict_backend_onnx_writes_the_same_outputs_as_torch(tiny_dir, exported, tmp_path):

@@ -2,10 +2,9 @@
 encoding byte for byte, polygons rasterise (pycocotools) back to the mask, and the COCO JSON is strict and loads in
 pycocotools with masks that decode to the ones written."""
 
-import json
-
 import numpy as np
 import pytest
+from conftest import strict_json
 from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
@@ -18,13 +17,6 @@ from clipseg.postprocess import MaskOptions, make_mask
 def blob(seed: int, shape=(90, 120)) -> np.ndarray:
     field = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=shape), 5)
     return ndimage.binary_fill_holes(field > 0.5 * field.std())
-
-
-def strict_json(path) -> dict:
-    def refuse(constant):
-        raise ValueError(f"non-standard JSON constant {constant}")
-
-    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
 
 
 def decode(segmentation, height: int, width: int) -> np.ndarray:
@@ -113,7 +105,7 @@ def document_with_two_images(segmentation: str) -> tuple[CocoDocument, list[np.n
 def test_the_coco_json_loads_in_pycocotools_with_the_written_masks(tmp_path, segmentation):
     document, masks = document_with_two_images(segmentation)
     document.write(tmp_path / "masks.json")
-    data = strict_json(tmp_path / "masks.json")
+    data = strict_json((tmp_path / "masks.json").read_text(encoding="utf-8"))
     assert [c["name"] for c in data["categories"]] == ["cat | dog", "sofa"]
     assert [(a["image_id"], a["category_id"]) for a in data["annotations"]] == [(1, 1), (1, 2), (2, 1)]
     assert [a.get("score") for a in data["annotations"]] == [0.8, 0.55, None]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_zip, require_modules, save, scene
+from conftest import read_zip, require_modules, save, scene, write_inputs
 from PIL import Image
 
 require_modules(("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"), "requirements-openvino.txt")
@@ -53,7 +53,7 @@ LOGIT = float(np.log(THRESHOLD / (1 - THRESHOLD)))
 
 @pytest.fixture(scope="module")
 def tiny_dir(tiny_checkpoint):
-    """With the refined head, the released models'."""
+    """With the refined head, the released models' (conftest's `model` is then built from it too)."""
     return tiny_checkpoint(refined=True)
 
 
@@ -484,21 +484,6 @@ def test_the_onnx_graphs_converted_are_the_bytes_whose_sha256_was_checked(model,
         expected = model.decode(model.encode_image(pixels), model.embed_text(PHRASES[:1]))
     got = runner.decode(runner.encode_image(pixels), runner.embed_text(PHRASES[:1]))
     assert (got - expected).abs().max().item() <= TOLERANCE * max(1.0, expected.abs().max().item())
-
-
-def write_inputs(tmp_path: Path) -> tuple[Path, str]:
-    """A folder of two images of different shapes, and a support image with its mask."""
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for name, (width, height) in {"wide.png": (90, 60), "tall.png": (50, 100)}.items():
-        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / name)
-    support, mask = tmp_path / "support.png", tmp_path / "support_mask.png"
-    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(support)
-    mask_array = np.zeros((40, 40), dtype=np.uint8)
-    mask_array[10:30, 5:25] = 255
-    Image.fromarray(mask_array).save(mask)
-    return folder, f"{support}:{mask}"
 
 
 def test_predict_gives_the_same_files_with_torch_onnx_and_openvino(tiny_dir, onnx_dir, exports, tmp_path):

@@ -14,6 +14,7 @@ from conftest import (
     require,
     run_command,
     scene,
+    strict_json,
     vision_tower_calls,
     write_support,
 )
@@ -175,15 +176,6 @@ def test_cli_argument_errors(tiny_dir, tmp_path, capsys):
     assert f"error: {tmp_path / 'no_model'}: no such directory or file. Runs in checkpoints/" in capsys.readouterr().err
     assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--prompt", "a", "--image-size", "50") == 2
     assert "image size 50 is not a multiple of the patch size 16 of tiny: use 48 or 64" in capsys.readouterr().err
-
-
-def strict_json(text: str) -> dict:
-    """`text` parsed by a strict JSON parser (NaN and Infinity are not JSON)."""
-
-    def refuse(constant):
-        raise ValueError(f"{constant} is not JSON")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def test_cli_a_model_whose_output_overflows_stops_with_a_message_and_a_strict_summary(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import AMX_XEON, VNNI_EPYC, free_port, score_outputs, simulate_cpu
+from conftest import AMX_XEON, VNNI_EPYC, free_port, score_outputs, simulate_cpu, strict_json
 from helpers import PAPER_THRESHOLDS, recompute, write_bad_polygons
 from PIL import Image
 
@@ -275,15 +275,6 @@ def test_scores_in_fp32_unless_asked_on_every_cpu(checkpoints, synthetic_root, t
     assert json.loads((tmp_path / SCORES).read_text())["precision"] == "fp32"
 
 
-def strict_json(path: Path) -> dict:
-    """The file parsed by a strict JSON parser (NaN and Infinity are not JSON)."""
-
-    def refuse(constant):
-        raise ValueError(f"{path} holds {constant}, which is not JSON")
-
-    return json.loads(path.read_text(), parse_constant=refuse)
-
-
 def test_an_unwritable_out_stops_before_the_model_is_loaded(checkpoints, synthetic_root, tmp_path, capsys, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded although the results could not be written")
@@ -322,7 +313,7 @@ def test_a_failed_write_after_scoring_keeps_the_printed_table_and_exits_1(
     results = main(score_args(checkpoints, synthetic_root, "--out", str(tmp_path)))
     printed = capsys.readouterr().out
     assert f"| t = 0.30 | {results['paper']['miou'] * 100:.1f} |" in printed
-    assert strict_json(tmp_path / SCORES)["paper"] == results["paper"]
+    assert strict_json((tmp_path / SCORES).read_text())["paper"] == results["paper"]
 
 
 def test_a_model_whose_output_overflows_stops_with_a_message_and_no_scores(
@@ -340,7 +331,7 @@ def test_bad_polygons_are_reported_with_the_excluded_tasks(checkpoints, damaged_
     with pytest.warns(UserWarning, match="4 bad polygons left out"):
         results = main(score_args(checkpoints, damaged_root, "--out", str(tmp_path)))
     assert "2 excluded (4 bad polygons left out)" in capsys.readouterr().out
-    saved = strict_json(tmp_path / SCORES)
+    saved = strict_json((tmp_path / SCORES).read_text())
     assert saved["excluded"] == results["excluded"] and [t[0] for t in saved["excluded"]["tasks"]] == [second, third]
     assert saved["excluded_polygons"]["count"] == 4
     assert [t[:2] for t in saved["excluded_polygons"]["tasks"]] == [[first, 1], [second, 2], [third, 1]]
