@@ -7,7 +7,8 @@ Every mask comes from the library's pipeline (`clipseg.predictor.Predictor.predi
 with `clipseg.expressions`, `clipseg.postprocess`, `clipseg.refine` and `clipseg.tiling`) with the options of
 predict.py's flags, the cut-out from `clipseg.mask_formats.cutout`; this module lays them out only, with
 `clipseg.drawing`'s overlays and heatmaps. The scenes are generated with the synthetic data's colours and shapes
-(`clipseg.scenes.scene_background`, `draw_shape`, `make_scene`) at fixed places, so a seed gives the same pictures.
+(`clipseg.synthetic.background`, `clipseg.scenes.draw_shape`, `make_scene`) at fixed places, so a seed gives the
+same pictures.
 Sizes follow the model's input side S (128 for the demo model): the scenes are 3.75 S x 2.8 S, and the large scene of
 the tiles 8 S x 6 S with shapes of radius 0.09 S to 0.22 S (`clipseg.mask_eval`'s tiles measurement).
 
@@ -37,7 +38,8 @@ from clipseg.mask_formats import cutout
 from clipseg.mask_pipeline import MaskPrediction
 from clipseg.postprocess import CONNECTIVITY, MaskOptions
 from clipseg.predictor import Predictor
-from clipseg.scenes import Scene, draw_shape, make_scene, scene_background
+from clipseg.scenes import Scene, draw_shape, make_scene
+from clipseg.synthetic import background
 from model import CLIPSeg
 
 STEPS = (
@@ -96,9 +98,9 @@ class Cell:
 def placed_scene(
     rng: np.random.Generator, width: int, height: int, shapes: Sequence[tuple[str, str, float, float, float]]
 ) -> Scene:
-    """A `scene_background` with `shapes` (colour, kind, x and y as shares of the size, radius as a share of the
+    """A `background` with `shapes` (colour, kind, x and y as shares of the size, radius as a share of the
     short side) drawn in order; its phrases "<colour> <kind>" and truths in the same order."""
-    canvas, short = scene_background(rng, width, height), min(width, height)
+    canvas, short = background(rng, width, height), min(width, height)
     truths = [draw_shape(canvas, rng, c, k, (x * width, y * height), r * short) for c, k, x, y, r in shapes]
     return Scene(canvas, [f"{c} {k}" for c, k, *_ in shapes], truths)
 

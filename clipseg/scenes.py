@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clipseg.synthetic import COLOURS, SHAPES
+from clipseg.synthetic import COLOURS, SHAPES, background
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"  # the shipped scenes: the app's examples
 
@@ -34,7 +34,7 @@ class Scene:
 def make_scene(rng: np.random.Generator, width: int, height: int, count: int, radius: tuple[float, float]) -> Scene:
     """A textured background with `count` shapes of distinct (colour, kind), radius uniform in `radius` pixels,
     placed apart from each other."""
-    canvas = scene_background(rng, width, height)
+    canvas = background(rng, width, height)
     pairs = [(colour, kind) for colour in COLOURS for kind in SHAPES]
     chosen = rng.choice(len(pairs), size=min(count, len(pairs)), replace=False)
     placed, phrases, truths = [], [], []
@@ -51,16 +51,6 @@ def make_scene(rng: np.random.Generator, width: int, height: int, count: int, ra
         phrases.append(f"{colour} {kind}")
         truths.append(draw_shape(canvas, rng, colour, kind, (cx, cy), r))
     return Scene(canvas, phrases, truths)
-
-
-def scene_background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A `width` x `height` RGB background: a random grey-ish tone, smooth colour blotches and pixel noise."""
-    base = rng.uniform(90, 190) + rng.uniform(-20, 20, size=3)
-    coarse = rng.uniform(-22, 22, size=(6, 8, 3)).astype(np.float32)
-    smooth = np.stack([np.asarray(Image.fromarray(coarse[..., c]).resize((width, height), Image.BICUBIC))
-                       for c in range(3)], axis=-1)  # fmt: skip
-    pixels = base + smooth + rng.normal(0, 5, size=(height, width, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def draw_shape(

@@ -151,8 +151,8 @@ def _candidate_phrases(shapes: list[Shape]) -> dict[str, list[tuple[str, dict, t
     return found
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """Muted base colour + smooth low-frequency texture + fine noise, (H, W, 3) float."""
+def background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A `width` x `height` RGB background: a muted base colour, a smooth low-frequency texture and fine noise."""
     grey = rng.uniform(90, 190)
     base = grey + rng.uniform(-20, 20, size=3)
     coarse = rng.uniform(-22, 22, size=(6, 8, 3)).astype(np.float32)
@@ -163,13 +163,13 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
         ],
         axis=-1,
     )
-    return base + smooth + rng.normal(0, 5, size=(height, width, 3))
+    return Image.fromarray(np.clip(base + smooth + rng.normal(0, 5, size=(height, width, 3)), 0, 255).astype(np.uint8))
 
 
 def _synthetic_image(rng: np.random.Generator, image_id: int, size: tuple[int, int] | None) -> tuple[Image.Image, list]:
     width, height = size if size is not None else (int(rng.integers(240, 501)), int(rng.integers(240, 501)))
     shapes = _place_shapes(rng, width, height, first_ann_id=image_id * 100)
-    canvas = Image.fromarray(np.clip(_background(rng, width, height), 0, 255).astype(np.uint8))
+    canvas = background(rng, width, height)
     draw = ImageDraw.Draw(canvas)
     for shape in shapes:
         colour = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[shape.colour])
@@ -320,7 +320,7 @@ def _draw_scene(
 ) -> tuple[Image.Image, np.ndarray, list[tuple[int, np.ndarray]]]:
     """objects: (class id, centre x, centre y, area) -> (RGB image, uint8 class map without borders, polygons)."""
     width, height = size
-    canvas = Image.fromarray(np.clip(_background(rng, width, height), 0, 255).astype(np.uint8))
+    canvas = background(rng, width, height)
     labels = Image.new("L", size, 0)
     draw, draw_labels = ImageDraw.Draw(canvas), ImageDraw.Draw(labels)
     polygons = []
