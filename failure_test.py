@@ -36,11 +36,12 @@ from clipseg.cli import (
     add_data_arguments,
     add_scoring_arguments,
     check_common_arguments,
-    load_command_model,
+    load_evaluation,
     output_folder,
+    run_job,
     stop,
 )
-from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job, in_turn, run_and_exit
+from clipseg.distributed import Distributed, check_same_job, in_turn, run_and_exit
 from clipseg.failures import (
     FAILURE_IOU,
     INDEX_NAME,
@@ -50,7 +51,6 @@ from clipseg.failures import (
     previous_panels,
     write_gallery,
 )
-from clipseg.loading import LoadError, build_eval_dataset, input_side
 from clipseg.outputs import UnwritableOutput, check_writable
 from clipseg.samples import SkipLog
 from clipseg.transforms import NonFiniteOutput
@@ -98,13 +98,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """The CLI. Returns {"out", "n_samples", "n_failures", "cases", "skipped"}; stops with a message and the exit
     status of the module docstring otherwise."""
-    args = parse_args(argv)
-    try:
-        with distributed_job(args.device) as (world, device):  # one rank of a torchrun job, or rank 0 of 1
-            args.device = str(device)
-            return find(args, world)
-    except JobError as err:  # a device that is not there; ranks started differently
-        stop(str(err))
+    return run_job(parse_args(argv), find)
 
 
 def check_out(out: Path) -> None:
@@ -118,12 +112,7 @@ def find(args: argparse.Namespace, world: Distributed) -> dict:
     """failure_test.py's work on this rank: the panels of its images; the reports (every rank's cases) by rank 0."""
     out = Path(args.out)
     in_turn(world, lambda: check_out(out))  # one rank at a time: probes of a shared folder
-    try:
-        model, source = load_command_model(args, reference=True)
-        image_size = input_side(model, args.image_size)
-        data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
-    except LoadError as err:
-        stop(str(err))
+    model, source, image_size, data = load_evaluation(args)
     flags = {key: getattr(args, key) for key in ("split", "limit", "image_size", "precision", "resize", "batch_size")}
     check_same_job(world, model, flags, (data.task_info(index).task_id for index in range(len(data))))
     out.mkdir(parents=True, exist_ok=True)

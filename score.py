@@ -45,19 +45,18 @@ from clipseg.cli import (
     add_renamed_flag,
     add_scoring_arguments,
     check_common_arguments,
-    load_command_model,
+    load_evaluation,
     model_source,
     output_folder,
+    run_job,
     stop,
 )
-from clipseg.distributed import Distributed, JobError, check_same_job, distributed_job, in_turn, run_and_exit
+from clipseg.distributed import Distributed, check_same_job, in_turn, run_and_exit
 from clipseg.loading import (
     DATA_KINDS,
     DEFAULT_MODEL,
     LoadError,
-    build_eval_dataset,
     default_data_root,
-    input_side,
     load_model,
 )
 from clipseg.metrics import PAPER_THRESHOLDS
@@ -196,13 +195,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """The CLI. Returns the results dict (printed, then written as JSON). Stops with a message and exit status 2
     for unusable input (before any scoring) or a model whose output is not finite, 1 when nothing was scored or
     the results could not be written (see the module docstring)."""
-    args = parse_args(argv)
-    try:
-        with distributed_job(args.device) as (world, device):  # one rank of a torchrun job, or rank 0 of 1
-            args.device = str(device)
-            return run(args, world)
-    except JobError as err:  # a device that is not there; ranks started differently
-        stop(str(err))
+    return run_job(parse_args(argv), run)
 
 
 def run(args: argparse.Namespace, world: Distributed) -> dict:
@@ -217,12 +210,7 @@ def run(args: argparse.Namespace, world: Distributed) -> dict:
     out = folder / scores_name(args.split, args.shuffle_prompts, args.limit)
     save_dir = Path(args.save_predictions) if args.save_predictions else None
     in_turn(world, lambda: check_outputs(out, save_dir))  # one rank at a time: probes of a shared folder
-    try:
-        model, source = load_command_model(args, reference=True)
-        image_size = input_side(model, args.image_size)
-        data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
-    except LoadError as err:
-        stop(str(err))
+    model, source, image_size, data = load_evaluation(args)
     settings = {
         "model": source,
         "data": args.data,

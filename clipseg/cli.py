@@ -17,21 +17,25 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
+
+from torch.utils.data import Dataset
 
 import dataset as datasets
 from clipseg.backends import BACKEND_VARIABLE, BACKENDS, auto_backend, backend_flag_error
 from clipseg.benchmarks.protocols import BENCHMARKS
 from clipseg.config import DEFAULT_BACKBONE
-from clipseg.distributed import default_device
+from clipseg.distributed import Distributed, JobError, default_device, distributed_job
 from clipseg.loading import (
     CHECKPOINTS_DIR,
     DATA_KINDS,
     DEFAULT_MODEL,
     RUN_NAME,
     LoadError,
+    build_eval_dataset,
+    input_side,
     load_model,
     resolve_model,
 )
@@ -267,6 +271,31 @@ def load_command_model(args: argparse.Namespace, reference: bool = False) -> tup
     if reference and args.backend == "openvino":
         model.static_after = None
     return model, source
+
+
+def load_evaluation(args: argparse.Namespace) -> tuple[CLIPSeg | ExportedCLIPSeg, str, int, Dataset]:
+    """score.py's and failure_test.py's model (`load_command_model` for scoring), its source, the input side it
+    runs at (`input_side`) and the evaluation data the flags name (`build_eval_dataset`); stops with the message
+    (exit 2) when either cannot be loaded."""
+    try:
+        model, source = load_command_model(args, reference=True)
+        image_size = input_side(model, args.image_size)
+        data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
+    except LoadError as err:
+        stop(str(err))
+    return model, source, image_size, data
+
+
+def run_job(args: argparse.Namespace, work: Callable[[argparse.Namespace, Distributed], dict]) -> dict:
+    """`work(args, world)` as one rank of a torchrun job, or rank 0 of 1, on the device --device names (then
+    `args.device`); a job that cannot run as started (the device is not there, the ranks disagree) stops with
+    the message."""
+    try:
+        with distributed_job(args.device) as (world, device):
+            args.device = str(device)
+            return work(args, world)
+    except JobError as err:
+        stop(str(err))
 
 
 def converted_model(args: argparse.Namespace, source: str) -> CLIPSeg | ExportedCLIPSeg:

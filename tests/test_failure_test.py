@@ -16,7 +16,7 @@ from PIL import Image
 
 import dataset as datasets
 import failure_test
-from clipseg import failures
+from clipseg import cli, failures
 from clipseg.cli import model_source
 from clipseg.failures import THRESHOLDS
 from clipseg.outputs import safe_name
@@ -187,7 +187,7 @@ def test_an_unwritable_out_stops_before_the_model_is_loaded(checkpoints, tmp_pat
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded although --out cannot be written")
 
-    monkeypatch.setattr(failure_test, "load_command_model", no_loading)
+    monkeypatch.setattr(cli, "load_command_model", no_loading)
     (tmp_path / "a_file").write_text("in the way")
     with pytest.raises(SystemExit) as exit_info:
         main(["--name", "tiny", "--checkpoints-dir", str(checkpoints), "--out", str(tmp_path / "a_file" / "cases")])

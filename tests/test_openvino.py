@@ -25,6 +25,7 @@ require_modules(("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"), "requ
 import app  # noqa: E402
 import failure_test  # noqa: E402
 import score  # noqa: E402
+from clipseg import cli  # noqa: E402
 from clipseg.cli import load_command_model  # noqa: E402
 from clipseg.onnx import openvino_backend, openvino_export  # noqa: E402
 from clipseg.onnx.backend import MANIFEST_NAME  # noqa: E402
@@ -607,8 +608,7 @@ def test_score_and_failure_test_with_openvino_match_torch(tiny_dir, exports, syn
         compiled_per_shape.append(getattr(model, "static_after", "torch"))
         return model, source
 
-    monkeypatch.setattr(score, "load_command_model", spy)
-    monkeypatch.setattr(failure_test, "load_command_model", spy)
+    monkeypatch.setattr(cli, "load_command_model", spy)  # score.py's and failure_test.py's (`load_evaluation`)
     torch_run = score.main(
         ["--model", str(tiny_dir), "--precision", "fp32", *score_flags(synthetic_root, tmp_path, "t")]
     )

@@ -20,6 +20,7 @@ from PIL import Image
 
 import dataset as datasets
 import score
+from clipseg import cli
 from clipseg.outputs import safe_name
 from clipseg.scoring import ScoreRun, shuffled_phrases
 from score import main
@@ -280,7 +281,7 @@ def test_an_unwritable_out_stops_before_the_model_is_loaded(checkpoints, synthet
         raise AssertionError("the model was loaded although the results could not be written")
 
     monkeypatch.setattr(score, "load_model", no_loading)  # the benchmarks' loading
-    monkeypatch.setattr(score, "load_command_model", no_loading)  # PhraseCut-format data's
+    monkeypatch.setattr(cli, "load_command_model", no_loading)  # PhraseCut-format data's
     (tmp_path / "a_file").write_text("in the way")
     for flags in (
         ["--out", str(tmp_path / "a_file" / "scores")],
