@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from scipy.integrate import simpson
 
+Maps = np.ndarray | torch.Tensor  # probabilities or binary masks, as numpy arrays or torch tensors
+Thresholds = Sequence[float] | np.ndarray
 # 0.02, 0.04, ..., 0.98: the original's linspace(0, 1, 51)[1:-1], rounded to the doubles nearest the decimals.
 PAPER_THRESHOLDS: np.ndarray = np.round(np.arange(1, 50) * 0.02, 2)
 PAPER_REPORT_THRESHOLD = 0.3  # the paper's Table 3 threshold
@@ -128,7 +130,7 @@ def _state_array(state: Mapping[str, np.ndarray], key: str, shape: tuple[int, ..
 
 
 def confusion_counts(
-    probs, targets, thresholds: Sequence[float] | np.ndarray = PAPER_THRESHOLDS
+    probs: Maps, targets: Maps, thresholds: Thresholds = PAPER_THRESHOLDS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-sample confusion counts at every threshold, in one pass over the pixels.
 
@@ -167,7 +169,7 @@ def _threshold_histogram(probs: torch.Tensor, targets: torch.Tensor, sorted_thre
     return torch.bincount(index.reshape(-1), minlength=2 * bins * batch).reshape(batch, 2, bins).cpu().numpy()
 
 
-def binary_iou(pred, gt, both_empty: float = 0.0) -> float:
+def binary_iou(pred: Maps, gt: Maps, both_empty: float = 0.0) -> float:
     """Intersection over union of two same-shape binary masks (bool or {0, 1}, numpy or torch). An empty
     intersection gives 0, as in PhraseCut's evaluation; two empty masks give `both_empty` (PhraseCut's: 0)."""
     intersection, union = _intersection_union(pred, gt)
@@ -181,7 +183,7 @@ def _intersection_union(pred, gt) -> tuple[int, int]:
     return int((pred & gt).sum()), int((pred | gt).sum())
 
 
-def ious_at_thresholds(probs, gt, thresholds: Sequence[float] | np.ndarray = PAPER_THRESHOLDS) -> np.ndarray:
+def ious_at_thresholds(probs: Maps, gt: Maps, thresholds: Thresholds = PAPER_THRESHOLDS) -> np.ndarray:
     """IoU of one sample at each threshold: (T,) float64, entry j equal to `binary_iou(probs > t_j, gt)`.
 
     probs: (H, W) probabilities in [0, 1] (any shape, all pixels belong to the one sample); gt: same shape,
@@ -242,7 +244,7 @@ class PaperMetrics:
         self.sample_iou_sum = np.zeros(n_thresholds, dtype=np.float64)
         self.n_samples = 0
 
-    def update(self, probs, targets) -> None:
+    def update(self, probs: Maps, targets: Maps) -> None:
         """Add a batch. probs: (B, H, W) or (B, 1, H, W) probabilities in [0, 1], torch or numpy;
         targets: same (channel dimension optional), bool / {0, 1} of any dtype."""
         tp, fp, fn, tn = confusion_counts(probs, targets, self.thresholds)
@@ -412,7 +414,7 @@ class PhraseCutMetrics:
         self.totals = IoUTotals()
         self.subset_totals: dict[str, IoUTotals] = {}
 
-    def update(self, pred, gt, phrase_type: str | None = None, n_instances: int | None = None) -> float:
+    def update(self, pred: Maps, gt: Maps, phrase_type: str | None = None, n_instances: int | None = None) -> float:
         """Add one task. pred, gt: (H, W) binary masks (bool or {0, 1}, numpy or torch) at the original image
         size. phrase_type and n_instances select subsets (see `phrasecut_subsets`). Returns the task's IoU."""
         pred_tensor, gt_tensor = _as_binary(pred, "pred"), _as_binary(gt, "gt")
@@ -474,7 +476,7 @@ class EpisodeMetrics:
         self.counts: dict[int, np.ndarray] = {}  # class -> (4, 49) int64: tp, fp, fn, tn
         self.episodes: dict[int, int] = {}
 
-    def update(self, probs, target, class_id: int, valid=None) -> np.ndarray:
+    def update(self, probs: Maps, target: Maps, class_id: int, valid: Maps | None = None) -> np.ndarray:
         """Add one episode. probs: (H, W) probabilities; target: (H, W) bool / {0, 1}; valid: (H, W) bool, the
         pixels that count (None: all). Returns the episode's (4, 49) tp, fp, fn, tn."""
         probs, target = _as_tensor(probs, "probs"), _as_binary(target, "target")
@@ -558,7 +560,7 @@ class ZeroShotMetrics:
             raise ValueError(f"seen {self.seen} and unseen {self.unseen} must be non-empty and disjoint")
         self.matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
 
-    def update(self, gt, pred) -> None:
+    def update(self, gt: Maps, pred: Maps) -> None:
         """Add images: gt, pred: same-shape integer class maps (any shape; pred values < n_classes)."""
         gt, pred = np.asarray(gt).reshape(-1), np.asarray(pred).reshape(-1)
         if gt.shape != pred.shape:

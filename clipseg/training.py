@@ -14,6 +14,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -317,7 +318,7 @@ class TrainingLoop:
             "threshold": {"value": self.model.config.threshold, "origin": self.model.config.threshold_origin},
         }
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
@@ -343,7 +344,7 @@ class TrainingLoop:
         self.step += 1
         self.optimising = False
 
-    def save_after_crash(self, log, err: Exception) -> None:
+    def save_after_crash(self, log: BinaryIO | None, err: Exception) -> None:
         """An unexpected error (a killed DataLoader worker, a data bug) raised outside the optimizer update leaves
         the weights of iteration `self.step` complete and consistent: save them before the error propagates. Not
         under DDP, where the other ranks may be gone."""
@@ -365,7 +366,7 @@ class TrainingLoop:
         dist.all_gather(gathered, local)
         return torch.cat(gathered).tolist()
 
-    def save(self, log, complete: bool = False) -> None:
+    def save(self, log: BinaryIO | None, complete: bool = False) -> None:
         """A checkpoint: the model (decoder-only unless `complete` or the backbone is random), then the training
         state, each atomic (the state is the commit point: --resume reads it); then the kept copy when this
         iteration is one of --keep-checkpoints, and the loss plot."""
@@ -399,14 +400,14 @@ class TrainingLoop:
                 "free space and continue with --resume"
             ) from err
 
-    def append_log(self, log, record: dict) -> None:
+    def append_log(self, log: BinaryIO, record: dict) -> None:
         """One line of log.jsonl (unbuffered: nothing is left to fail again when the file is closed); a failed write
         (a full disk) stops the run as a checkpoint's does (`writing`): exit 1 with the message, the last checkpoint
         intact."""
         with self.writing("a line of log.jsonl"):
             log.write((json_text(record) + "\n").encode())
 
-    def validate(self, log, progress: tqdm) -> None:
+    def validate(self, log: BinaryIO | None, progress: tqdm) -> None:
         """Score the validation subset; a better --val-metric replaces best/ (a complete model)."""
         if self.world.is_main:
             try:
@@ -483,7 +484,7 @@ class TrainingLoop:
             print(summary.line(), flush=True)
         return summary
 
-    def iteration(self, batches: Iterator[Batch], stop: StopRequest, log, progress: tqdm) -> bool:
+    def iteration(self, batches: Iterator[Batch], stop: StopRequest, log: BinaryIO | None, progress: tqdm) -> bool:
         """One optimizer step, then logging, validation and checkpointing as due; returns whether a stop was
         requested."""
         args, world = self.args, self.world
@@ -514,7 +515,7 @@ class TrainingLoop:
         self.interval.paused += time.perf_counter() - paused
         return bool(stop_flag)
 
-    def log_interval(self, log, progress: tqdm) -> None:
+    def log_interval(self, log: BinaryIO | None, progress: tqdm) -> None:
         now = time.perf_counter()
         seconds = now - self.interval.started - self.interval.paused
         samples_per_second = self.interval.iterations * self.args.batch_size / seconds

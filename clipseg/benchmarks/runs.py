@@ -179,7 +179,15 @@ def job_flags(args: argparse.Namespace, settings: dict) -> dict:
     return {**flags, "batch_size": args.batch_size, "image_size": args.image_size, "resize": args.resize}
 
 
-def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, settings: dict, save, world) -> dict:
+def run_one_shot(
+    args: argparse.Namespace,
+    load: ModelLoader,
+    root: Path,
+    splits: Path | None,
+    settings: dict,
+    save: Path | None,
+    world: Distributed,
+) -> dict:
     """Every fold of `args.folds`: its episodes, its model (per fold with a `{fold}` name), its metrics."""
     folds, skipped, sources, notes = {}, [], {}, {}
     model = source = None
@@ -227,7 +235,9 @@ def run_one_shot(args, load: ModelLoader, root: Path, splits: Path | None, setti
     }
 
 
-def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Path | None, world) -> dict:
+def run_zero_shot(
+    args: argparse.Namespace, load: ModelLoader, root: Path, settings: dict, save: Path | None, world: Distributed
+) -> dict:
     model, source = load(None)
     seen, unseen = zero_shot_split(args.unseen)
     items = VocData(root).segmentation_val()[: args.limit]
@@ -261,7 +271,9 @@ def run_zero_shot(args, load: ModelLoader, root: Path, settings: dict, save: Pat
     }
 
 
-def run_phrasecut_visual(args, load: ModelLoader, root: Path, settings: dict, save: Path | None, world) -> dict:
+def run_phrasecut_visual(
+    args: argparse.Namespace, load: ModelLoader, root: Path, settings: dict, save: Path | None, world: Distributed
+) -> dict:
     """PhraseCut (or synthetic) with visual prompts; results in score.py's PhraseCut shape."""
     model, source = load(None)
     size = model.config.input_side(args.image_size)
