@@ -10,6 +10,7 @@ A model file is untrusted until checked: a config.json must be a JSON object who
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -102,6 +103,9 @@ def read_config(name_or_path: str) -> tuple[dict, str]:
 
 
 def load_hf_state_dict(name_or_path: str) -> dict[str, Tensor]:
+    local = Path(name_or_path) / WEIGHTS_NAME
+    if os.path.lexists(local) and not local.is_file():  # a folder, a device, a FIFO, a dangling link
+        raise CheckpointError(f"{local}: not a regular file; copy the checkpoint's {WEIGHTS_NAME} there")
     try:
         path = transformers.utils.cached_file(name_or_path, WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False)
     except OSError:

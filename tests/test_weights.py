@@ -85,6 +85,16 @@ def test_damaged_or_implausible_weights_are_named_errors(good, tmp_path, kind):
     assert str(err.value).startswith(f"{directory / 'model.safetensors'}: ")
 
 
+@pytest.mark.parametrize("target", ["/dev/zero", "missing", "folder"])
+def test_weights_that_are_not_a_regular_file_are_named(good, tmp_path, target):
+    directory = damaged_copy(good, tmp_path)
+    (directory / "model.safetensors").unlink()
+    (directory / "folder").mkdir()
+    (directory / "model.safetensors").symlink_to(target if target.startswith("/") else directory / target)
+    with pytest.raises(CheckpointError, match="model.safetensors: not a regular file; copy the checkpoint's"):
+        CLIPSeg.from_pretrained(directory)
+
+
 BROKEN_CONFIGS = {
     "hidden_size 1e9": (set_value("vision_config", "hidden_size", 10**9), "vision_config.hidden_size = 1000000000"),
     "0 heads": (set_value("vision_config", "num_attention_heads", 0), "vision_config.num_attention_heads = 0"),
