@@ -428,7 +428,14 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
     job = finish_folder(run, world, options.out, header, args.summary)
     if not world.is_main:
         return BAD_INPUT if job["stopped"] else 0
-    resumed = f" ({run.reused} done before, on this rank)" if args.resume else ""
+    resumed = ""
+    if args.resume:
+        rank = ", on this rank" if world.enabled else ""
+        resumed = f" ({run.processed} now, {run.reused} done before{rank}"
+        others = job["processed"] - run.processed - run.reused
+        if others > 0 and not world.enabled:  # lines of earlier runs of this folder with other inputs
+            resumed += f"; {others} from earlier runs into {options.out} with other inputs"
+        resumed += ")"
     print(
         f"processed {job['processed']} image(s){resumed}, skipped {job['skipped']}; summary: {job['summary']}",
         file=sys.stderr,

@@ -343,7 +343,7 @@ runpy.run_path(os.path.join(os.environ["PYTHONPATH"], "predict.py"), run_name="_
 """
 
 
-def test_a_killed_run_resumes_without_redoing_completed_images(tiny_dir, tmp_path, monkeypatch):
+def test_a_killed_run_resumes_without_redoing_completed_images(tiny_dir, tmp_path, monkeypatch, capsys):
     folder, out = photo_folder(tmp_path), tmp_path / "out"
     argv = [folder, "--model", tiny_dir, "--image-size", SIZE, "--out", out, "--prompt", "sky", "--precision", "fp32"]
     (tmp_path / "kill.py").write_text(KILLER)
@@ -361,6 +361,7 @@ def test_a_killed_run_resumes_without_redoing_completed_images(tiny_dir, tmp_pat
     monkeypatch.setattr(folder_prediction, "write_image_outputs", count_and_write)
     assert main([*map(str, argv), "--resume"]) == 0
     assert len(redone) == 12 - 5  # the half-written 6th image and the 6 never started
+    assert "processed 12 image(s) (7 now, 5 done before), skipped 1" in capsys.readouterr().err
     assert not {folder.name for folder in redone} & {Path(key).name for key in done_before}
     lines = summary_lines(out)
     assert [line["image"] for line in lines] == sorted(str(p) for p in folder.iterdir())  # each image once
@@ -368,6 +369,16 @@ def test_a_killed_run_resumes_without_redoing_completed_images(tiny_dir, tmp_pat
     assert summary["processed"] == 12 and summary["skipped"] == 1
     with Image.open(out / half_written / "sky.prob.png") as redone_png:  # the half-written file was replaced
         assert redone_png.size == Image.open(folder / half_written).size
+
+
+def test_resume_with_other_inputs_says_where_the_summarys_other_images_come_from(tiny_dir, tmp_path, capsys):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second, out = photo_folder(tmp_path / "a", n=2), photo_folder(tmp_path / "b", n=1), tmp_path / "out"
+    assert run_cli(tiny_dir, [first], out, "--prompt", "sky") == 0
+    assert run_cli(tiny_dir, [second], out, "--prompt", "sky", "--resume") == 0
+    assert f"processed 3 image(s) (1 now, 0 done before; 2 from earlier runs into {out} with other inputs)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_resume_with_other_flags_stops_instead_of_mixing_outputs(tiny_dir, tmp_path, capsys):
