@@ -170,9 +170,7 @@ class SegmentationData(Dataset):
             except SkipTask as err:
                 reason = str(err)
                 if step == 0:  # later bad tasks are reported when their own index is asked for
-                    task_id = self.task_info(position).task_id
-                    skipped.append(Skip({"task_id": task_id}, reason))
-                    warnings.warn(f"skipped task {task_id}: {reason}", stacklevel=2)
+                    skipped.append(self._skip(position, reason))
                 continue
             sample.skipped = skipped
             return sample
@@ -183,18 +181,31 @@ class SegmentationData(Dataset):
 
     def group_sample(self, tasks: Sequence[int]) -> Sample:
         """Test mode: the tasks of one image (task indices), the image read once: a sample with one task each, as
-        the tasks' own samples would have them. When the image cannot be used, a sample with no image that skips
+        the tasks' own samples would have them. A task whose ground truth cannot be used (a mask file missing or of
+        another size) is skipped and reported; when the image cannot be used, a sample with no image that skips
         every task."""
         try:
             info, image = self._read(int(tasks[0]))
         except SkipTask as err:
-            skipped = [Skip({"task_id": self.task_info(int(task)).task_id}, str(err)) for task in tasks]
-            for skip in skipped:
-                warnings.warn(f"skipped task {skip.item['task_id']}: {skip.reason}", stacklevel=2)
-            return Sample(skipped=skipped)
+            return Sample(skipped=[self._skip(int(task), str(err)) for task in tasks])
         box = (0, 0, image.width, image.height)
-        parts = [self._task_part(int(task), image, box, self._rng(int(task))) for task in tasks]
-        return self._assemble(self.transform.pixels(image, box), parts, info, image)
+        parts, skipped = [], []
+        for task in map(int, tasks):
+            try:
+                parts.append(self._task_part(task, image, box, self._rng(task)))
+            except SkipTask as err:
+                skipped.append(self._skip(task, str(err)))
+        if not parts:
+            return Sample(skipped=skipped)
+        sample = self._assemble(self.transform.pixels(image, box), parts, info, image)
+        sample.skipped = skipped
+        return sample
+
+    def _skip(self, index: int, reason: str) -> Skip:
+        """Task `index` skipped for `reason`: warned about and reported."""
+        task_id = self.task_info(index).task_id
+        warnings.warn(f"skipped task {task_id}: {reason}", stacklevel=3)
+        return Skip({"task_id": task_id}, reason)
 
     def reseed(self, seed: int) -> None:
         """Draw the following training samples from a fresh stream seeded by `seed`. train.py reseeds before every

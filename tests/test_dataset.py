@@ -410,6 +410,27 @@ def test_user_folder_png_and_polygon_masks(tmp_path):
     assert data[0].masks.shape == (1, 1, 40, 40) and data[0].image.original_size == (30, 40)
 
 
+def test_a_task_whose_mask_is_missing_is_skipped_beside_the_images_other_tasks(tmp_path):
+    """Scoring and validation read an image's tasks together: one bad mask skips that task, not the run."""
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / "a.jpg")
+    Image.new("L", (20, 10), 255).save(tmp_path / "small_mask.png")
+    index = make_folder(
+        tmp_path,
+        [
+            {"image": "a.jpg", "phrase": "box", "mask": [[[0, 0], [3, 0], [3, 3], [0, 3]]], "id": "good"},
+            {"image": "a.jpg", "phrase": "gone", "mask": "missing_mask.png", "id": "missing"},
+            {"image": "a.jpg", "phrase": "small", "mask": "small_mask.png", "id": "small"},
+        ],
+    )
+    data = dataset.UserFolder(index, train=False, image_size=40)
+    (group,) = data.image_groups()
+    with pytest.warns(UserWarning, match="skipped task missing"):
+        sample = data.group_sample(group)
+    assert [task.task_id for task in sample.tasks] == ["good"] and sample.masks.shape == (1, 1, 40, 40)
+    assert [skip.item["task_id"] for skip in sample.skipped] == ["missing", "small"]
+    assert "file not found" in sample.skipped[0].reason and "20x10 but the image is 40x30" in sample.skipped[1].reason
+
+
 def test_user_folder_csv_split_filter_and_one_pixel_image(tmp_path):
     Image.new("RGB", (1, 1), (255, 0, 0)).save(tmp_path / "dot.png")
     Image.new("L", (1, 1), 255).save(tmp_path / "dot_mask.png")
