@@ -43,7 +43,7 @@ def load_backbone(model_cls: type, name: str, what: str = "CLIP backbone", **kwa
     if config_path is not None:
         check_config(read_json(Path(config_path)), config_path)
     try:
-        module = model_cls.from_pretrained(name, **kwargs)
+        module, loading = model_cls.from_pretrained(name, output_loading_info=True, **kwargs)
     except OSError as err:
         raise OSError(
             f"could not load the {what} {name!r}: give a hub id (needs network or a filled HF cache) "
@@ -51,6 +51,14 @@ def load_backbone(model_cls: type, name: str, what: str = "CLIP backbone", **kwa
         ) from err
     except SafetensorError as err:
         raise CheckpointError(f"the {what} {name!r}: {_DAMAGED} ({err})") from err
+    except RuntimeError as err:  # weights whose shapes are not the config's
+        raise CheckpointError(f"the {what} {name!r}: its weights do not fit its config.json ({err})") from err
+    missing = list(loading.get("missing_keys") or [])
+    if missing:  # transformers would leave them random and only warn
+        raise CheckpointError(
+            f"the {what} {name!r}: {len(missing)} weight(s) missing from its weights file, e.g. "
+            f"{', '.join(sorted(missing)[:3])}: the file is damaged or of another model"
+        )
     check_tensors(module.state_dict(), f"the {what} {name!r}")
     return module
 

@@ -164,6 +164,26 @@ def test_load_sam_refuses_non_finite_weights(tiny_sam):
         load_sam(str(tiny_sam("nan_sam", broken="nan")))
 
 
+def test_load_sam_refuses_weights_that_would_leave_it_partly_random(tiny_sam, tiny_checkpoint, tmp_path):
+    """transformers only warns and initialises missing weights at random; a SAM run with them would look fine."""
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_sam("whole"), tmp_path / "partial")
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("mask_decoder.")}, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"SAM model .*: \d+ weight\(s\) missing from its weights file"):
+        load_sam(str(folder))
+    shutil.copy(tiny_checkpoint("other", image_size=64) / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing from its weights file"):  # another model's weights
+        load_sam(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["hidden_size"] = 64  # the config no longer fits the weights
+    shutil.copy(tiny_sam("again") / "model.safetensors", folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="its weights do not fit its config.json"):
+        load_sam(str(folder))
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
