@@ -123,7 +123,9 @@ class SegmentationData(Dataset):
         self._sorted_phrase_ids = self._phrase_ids[self._by_phrase]
         self._unique_phrase_ids = np.unique(self._phrase_ids)
         if self.negative_prob > 0 and len(self._unique_phrase_ids) < 2:
-            raise ValueError("negative_prob > 0 needs at least two different phrases in the data")
+            raise ValueError(
+                "negative_prob > 0 needs at least two different phrases in the data (train.py: --negative-prob 0)"
+            )
         _, first, image_of_task = np.unique(self._image_keys(), return_index=True, return_inverse=True)
         order = np.argsort(first, kind="stable")  # images numbered by their first task
         rank = np.empty_like(order)

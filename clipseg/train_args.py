@@ -364,6 +364,8 @@ def build_training_set(args: argparse.Namespace) -> Dataset:
         )
     except WordNetMissing as err:
         raise TrainingError(f"--remove-classes {args.remove_classes}: {err}") from err
+    except (OSError, ValueError, KeyError) as err:  # an index or data file that cannot be read: the message names it
+        raise TrainingError(f"cannot read the {args.data} data at {root}: {err}") from err
 
 
 def data_root(args: argparse.Namespace) -> str | None:

@@ -270,6 +270,23 @@ def test_finetune_from_saved_checkpoint_on_user_folder(tmp_path):
         assert torch.equal(after, before) == (not name.startswith("decoder.")), name  # only the decoder trained
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"image": "a.jpg", "phrase": "x"\n', "train.jsonl"),  # cut short: not JSON
+        (b"\xff\xfe not text".decode("latin-1"), "train.jsonl"),
+    ],
+)
+def test_an_index_that_cannot_be_read_stops_with_a_message(tmp_path, capsys, content, message):
+    index = tmp_path / "train.jsonl"
+    index.write_bytes(content.encode("latin-1"))
+    argv = [*TINY, f"--checkpoints-dir={tmp_path / 'ck'}", "--name=bad", "--data=folder", f"--data-root={index}"]
+    assert train.main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"train.py: error: cannot read the folder data at {index}: " in error and message in error
+    assert "Traceback" not in error
+
+
 # ----------------------------------------------------------------------------------------------- failures
 
 
