@@ -55,6 +55,15 @@ def test_pascal_original_episodes_follow_pfenet(synthetic_voc):
             assert label_counts(by_id[episode.support].label)[episode.class_id] >= 2048
 
 
+def test_a_label_of_the_pfenet_list_that_cannot_be_read_is_a_message(synthetic_voc, tmp_path):
+    import dataclasses
+
+    items, _ = VocData(synthetic_voc).pfenet_list()
+    items[1] = dataclasses.replace(items[1], label=tmp_path / "gone.png")
+    with pytest.raises(fewshot.BenchmarkError, match=r"gone.png.*PFENet's episodes are drawn from the labels of"):
+        pascal_original_episodes(items, 0, progress=False)
+
+
 def test_only_the_ranks_asked_to_show_the_label_reading_bar(synthetic_voc, capsys):
     items, _ = VocData(synthetic_voc).pfenet_list()
     shown = pascal_original_episodes(items, 0, seed=123)

@@ -106,7 +106,13 @@ def pascal_original_episodes(
     labels are read (under torchrun, on rank 0 only)."""
     classes = set(pascal_fold_classes(fold))
     labelled = tqdm(items, desc="reading labels", unit="image", disable=not progress)
-    counts = {item.id: label_counts(item.label) for item in labelled}
+    try:
+        counts = {item.id: label_counts(item.label) for item in labelled}
+    except UnreadableImage as err:  # the episodes depend on every label: none can be left out
+        raise BenchmarkError(
+            f"{err}; PFENet's episodes are drawn from the labels of every listed image, so each must be readable: "
+            "restore the file (SegmentationClassAug) or score with --protocol hsnet"
+        ) from err
     listed = [item for item in items if any(counts[item.id].get(c, 0) >= PFENET_MIN_PIXELS for c in classes)]
     supports = {c: [item.id for item in listed if counts[item.id].get(c, 0) >= PFENET_MIN_PIXELS] for c in classes}
     rng = random.Random(seed)
