@@ -430,7 +430,7 @@ def stored_args(files: RunFiles, args: argparse.Namespace) -> argparse.Namespace
         )
     if not files.args.exists():
         raise TrainingError(f"--resume: {files.args} not found; is {files.dir} a run directory of train.py?")
-    stored = json.loads(files.args.read_text())
+    stored = read_stored_args(files.args)
     if "amp" in stored:  # a run older than --precision: amp true/false was --precision bf16/fp32
         stored.setdefault("precision", "bf16" if stored.pop("amp") else "fp32")
     conflicts = [
@@ -450,7 +450,52 @@ def stored_args(files: RunFiles, args: argparse.Namespace) -> argparse.Namespace
     for key in ("extract_layers", "mix_range", "keep_checkpoints"):
         if merged.get(key) is not None:
             merged[key] = tuple(merged[key])
-    return argparse.Namespace(**merged)
+    resumed = argparse.Namespace(**merged)
+    try:
+        if resumed.batch_size % resumed.prompts_per_image:
+            raise ValueError(f"batch_size {resumed.batch_size} is not a multiple of prompts_per_image")
+        check_image_side(resumed.image_size, known_patch_size(resumed), resumed.backbone or "the backbone")
+    except (ValueError, TypeError, AttributeError) as err:
+        raise TrainingError(f"{files.args}: {err}; the run's arguments are damaged: restore the file") from err
+    return resumed
+
+
+def read_stored_args(path: Path) -> dict:
+    """A run's stored arguments (args.json) once each value is one its flag takes (its type and choices, as the
+    command line is checked); TrainingError naming the file and the value otherwise."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"{path}: cannot be read ({err}); the run's arguments are damaged") from err
+    if not isinstance(stored, dict):
+        raise TrainingError(f"{path}: not a JSON object; the run's arguments are damaged: restore the file")
+    for action in build_parser()._actions:
+        value = stored.get(action.dest)
+        problem = None if value is None else _stored_value_problem(action, value)
+        if problem:
+            raise TrainingError(
+                f"{path}: {action.dest} = {value!r} {problem}; the run's arguments are damaged: restore the file"
+            )
+    return stored
+
+
+def _stored_value_problem(action: argparse.Action, value: object) -> str | None:
+    """What is wrong with `value` stored for `action`'s flag, or None."""
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # on/off flags
+        return None if isinstance(value, bool) else "is not true or false"
+    if isinstance(value, bool) or not isinstance(value, int | float | str | list):
+        return "has the wrong type"
+    items = value if isinstance(value, list) else [value]
+    if action.choices is not None and any(item not in action.choices for item in items):
+        return f"is not one of {', '.join(map(str, action.choices))}"
+    if action.type is not None:
+        try:
+            parsed = action.type(",".join(map(str, items)))
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+            return f"is not valid ({err})"
+        if (list(parsed) if isinstance(parsed, tuple) else parsed) != value:
+            return "has the wrong type"
+    return None
 
 
 def _jsonable(value):

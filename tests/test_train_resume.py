@@ -328,6 +328,35 @@ def test_resume_skips_foreign_log_lines_and_says_when_the_log_cannot_be_written(
     assert [r["step"] for r in runs.read_log(log) if "loss" in r] == [1, 2, 3, 4]  # the foreign lines dropped
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("{not json", "args.json: cannot be read"),
+        ("[1, 2]", "args.json: not a JSON object"),
+        ({"batch_size": "4"}, "args.json: batch_size = '4' has the wrong type"),
+        ({"batch_size": 0}, "args.json: batch_size = 0 is not valid (must be a positive integer, got 0)"),
+        ({"lr": "fast"}, "args.json: lr = 'fast' is not valid"),
+        ({"mix_range": [0.5, 5]}, "args.json: mix_range = [0.5, 5] is not valid (must satisfy 0 <= A <= B <= 1"),
+        ({"data": "nonexistent"}, "args.json: data = 'nonexistent' is not one of phrasecut"),
+        ({"aug_color": "yes"}, "args.json: aug_color = 'yes' is not true or false"),
+        ({"prompts_per_image": 3}, "batch_size 4 is not a multiple of prompts_per_image"),
+        ({"image_size": 65}, "args.json: image size 65"),
+    ],
+)
+def test_resume_of_a_run_whose_arguments_are_damaged_is_a_message(tmp_path, synthetic_root, capsys, damage, message):
+    argv = flags(tmp_path, synthetic_root, "--name=args", "--max-iterations=2")
+    run(argv)
+    path = tmp_path / "ck" / "args" / "args.json"
+    if isinstance(damage, dict):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **damage}))
+    else:
+        path.write_text(damage)
+    resume = [flag for flag in argv if not flag.startswith("--image-size")]  # as stored, not given again
+    assert train.main([*resume, "--resume", "--max-iterations=4"]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "the run's arguments are damaged" in error and "Traceback" not in error
+
+
 def test_existing_run_and_conflicting_resume_flags_are_refused(tmp_path, synthetic_root, capsys):
     argv = flags(tmp_path, synthetic_root, "--name=once", "--max-iterations=2")
     run(argv)
