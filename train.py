@@ -116,7 +116,10 @@ def start(args: argparse.Namespace, dataset: Dataset | None) -> tuple:
     validation = Validation.of(args) if args.val_interval else None
     loop = TrainingLoop(args, model, files, world, device, validation)
     if state is not None:
-        loop.restore(state)
+        try:
+            loop.restore(state)
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:  # parts of another model or optimiser
+            raise TrainingError(f"{files.state} does not fit this run ({err}): it is damaged or from another") from err
     if not len(dataset):
         raise TrainingError("the training set is empty")
     sampler = InfiniteBatchSampler(len(dataset), crops, args.seed, loop.step, world)

@@ -79,6 +79,9 @@ def save_state(files: RunFiles, state: dict) -> None:
     atomic_write(files.state, lambda path: Path(path).write_bytes(buffer.getbuffer()))
 
 
+STATE_PARTS = ("decoder", "optimizer", "scheduler", "scaler")  # what a training state restores, besides the step
+
+
 def load_state(files: RunFiles) -> dict:
     """train_state.pt, read with `weights_only=True` (tensors and containers only). Raises ValueError."""
     try:
@@ -87,6 +90,11 @@ def load_state(files: RunFiles) -> dict:
         raise ValueError(f"{files.state} is damaged or not a training state ({err})") from err
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{files.state}: unknown training-state format; was it written by this train.py?")
+    missing = [key for key in STATE_PARTS if not isinstance(state.get(key), dict)]
+    step = state.get("step")
+    if missing or type(step) is not int or step < 0:
+        wrong = f"its {', '.join(missing)} missing" if missing else f"its step {step!r} is not an iteration"
+        raise ValueError(f"{files.state} is damaged ({wrong}); resume from a copy of the run or start it again")
     return state
 
 

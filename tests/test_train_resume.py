@@ -357,6 +357,25 @@ def test_resume_of_a_run_whose_arguments_are_damaged_is_a_message(tmp_path, synt
     assert message in error and "the run's arguments are damaged" in error and "Traceback" not in error
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda state: {"format": state["format"]}, "train_state.pt is damaged (its decoder, optimizer, scheduler"),
+        (lambda state: {**state, "step": "3"}, "train_state.pt is damaged (its step '3' is not an iteration)"),
+        (lambda state: {**state, "step": -5}, "train_state.pt is damaged (its step -5 is not an iteration)"),
+        (lambda state: {**state, "decoder": {"bogus": torch.zeros(1)}}, "train_state.pt does not fit this run"),
+    ],
+)
+def test_resume_from_a_damaged_training_state_is_a_message(tmp_path, synthetic_root, capsys, edit, message):
+    argv = flags(tmp_path, synthetic_root, "--name=state", "--max-iterations=2")
+    run(argv)
+    path = tmp_path / "ck" / "state" / "train_state.pt"
+    torch.save(edit(torch.load(path, weights_only=True)), path)
+    assert train.main([*argv, "--resume", "--max-iterations=4"]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+
+
 def test_existing_run_and_conflicting_resume_flags_are_refused(tmp_path, synthetic_root, capsys):
     argv = flags(tmp_path, synthetic_root, "--name=once", "--max-iterations=2")
     run(argv)
