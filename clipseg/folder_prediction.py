@@ -155,6 +155,8 @@ def _check_run_file(options: FolderOptions) -> None:
             before = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise ResumeMismatch(f"--resume: cannot read {path} ({err})") from err
+        if not isinstance(before, dict):
+            raise ResumeMismatch(f"--resume: {path} is not a JSON object; choose another --out")
         changed = sorted(key for key in {*before, *settings} if before.get(key) != settings.get(key))
         if changed:
             raise ResumeMismatch(

@@ -31,6 +31,8 @@ from scipy import ndimage
 PAPER_THRESHOLD = 0.3  # the CLIPSeg paper's fixed threshold, for models that record no calibrated one
 PAPER_LOGIT = math.log(PAPER_THRESHOLD / (1 - PAPER_THRESHOLD))  # a logit above it: a probability above the threshold
 SORT_KEYS = ("area", "score")
+MAX_RADIUS = 100_000  # pixels: growing, shrinking or feathering by more covers any image read (1-px strips aside)
+MAX_AREA = 1 << 40  # pixels: more than any image read has
 CONNECTIVITY = np.ones((3, 3), dtype=bool)  # 8-connected components
 
 
@@ -54,12 +56,12 @@ class MaskOptions:
     def __post_init__(self) -> None:
         if not (isinstance(self.threshold, int | float) and 0 <= self.threshold < 1):
             raise ValueError(f"threshold must be a number in [0, 1), got {self.threshold!r}")
-        for name in ("grow", "shrink", "min_area"):
+        for name, limit in (("grow", MAX_RADIUS), ("shrink", MAX_RADIUS), ("min_area", MAX_AREA)):
             value = getattr(self, name)
-            if type(value) is not int or value < 0:
-                raise ValueError(f"{name} must be a whole number of pixels >= 0, got {value!r}")
-        if not (isinstance(self.feather, int | float) and math.isfinite(self.feather) and self.feather >= 0):
-            raise ValueError(f"feather must be a width in pixels >= 0, got {self.feather!r}")
+            if type(value) is not int or not 0 <= value <= limit:
+                raise ValueError(f"{name} must be a whole number of pixels from 0 to {limit}, got {value!r}")
+        if not (isinstance(self.feather, int | float) and 0 <= self.feather <= MAX_RADIUS):
+            raise ValueError(f"feather must be a width in pixels from 0 to {MAX_RADIUS}, got {self.feather!r}")
         if self.sort_by not in SORT_KEYS:
             raise ValueError(f"sort_by must be one of {', '.join(SORT_KEYS)}, got {self.sort_by!r}")
         if self.max_instances is not None and (type(self.max_instances) is not int or self.max_instances < 1):

@@ -132,6 +132,11 @@ def rewrite_log(path: Path, records: list[dict]) -> None:
     write_text(path, "".join(json_text(r) + "\n" for r in records))
 
 
+def _numbers(record: dict, *keys: str) -> bool:
+    """Whether `record` holds a number (not a bool) under each of `keys`."""
+    return all(isinstance(record.get(key), int | float) and not isinstance(record.get(key), bool) for key in keys)
+
+
 def plot_log(files: RunFiles, name: str) -> None:
     """loss.png: the training loss per log interval with its running mean and the learning rate; below it, when
     the run validates, the validation metrics and loss."""
@@ -141,8 +146,8 @@ def plot_log(files: RunFiles, name: str) -> None:
     import matplotlib.pyplot as plt
 
     records = read_log(files.log)
-    train = [r for r in records if "loss" in r]
-    validation = [r for r in records if "val_loss" in r]
+    train = [r for r in records if _numbers(r, "loss", "lr")]  # a line edited by hand into something else: left out
+    validation = [r for r in records if _numbers(r, "val_loss", "val_miou", "val_iou_fg", "val_ap")]
     if not train:
         return
     rows = 2 if validation else 1

@@ -387,6 +387,9 @@ def test_resume_with_other_flags_stops_instead_of_mixing_outputs(tiny_dir, tmp_p
     assert run_cli(tiny_dir, [folder], out, "--prompt", "sky", "--threshold", "0.5", "--resume") == 2
     err = capsys.readouterr().err
     assert "error: --resume: " in err and "(threshold differ; see " in err and "choose another --out" in err
+    (out / "run.json").write_text("[1]")
+    assert run_cli(tiny_dir, [folder], out, "--prompt", "sky", "--resume") == 2
+    assert f"error: --resume: {out / 'run.json'} is not a JSON object" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------- masks

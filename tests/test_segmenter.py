@@ -373,11 +373,11 @@ def test_the_mask_controls_are_mask_options_fields_and_give_them_typed():
     options = widgets.mask_options(0.25)
     assert options == MaskOptions(0.25, 2, 1, 3.0, True, 5, False, "score", None)
     assert type(options.grow) is int and type(options.feather) is float
-    with pytest.raises(ValueError, match="grow must be a whole number of pixels >= 0, got 1.5"):
+    with pytest.raises(ValueError, match="grow must be a whole number of pixels from 0 to 100000, got 1.5"):
         Controls(grow=1.5).mask_options(0.3)
     with pytest.raises(ValueError, match="fill_holes must be true or false, got 'no'"):
         Controls(fill_holes="no").mask_options(0.3)  # an API caller's text is not taken as True
-    with pytest.raises(ValueError, match="feather must be a width in pixels >= 0, got '3'"):
+    with pytest.raises(ValueError, match="feather must be a width in pixels from 0 to 100000, got '3'"):
         Controls(feather="3").mask_options(0.3)
 
 
