@@ -149,11 +149,12 @@ def read_mask(mask: ImageInput) -> tuple[np.ndarray, bool]:
     return values >= peak / 2, len(np.unique(values)) <= 2
 
 
-def read_label(path: str | os.PathLike) -> np.ndarray:
+def read_label(path: str | os.PathLike, classes: int = 254) -> np.ndarray:
     """An index PNG (VOC's SegmentationClass palette PNGs, SegmentationClassAug and HSNet's COCO-20i grayscale
     PNGs) -> (H, W) uint8 of the stored values: class ids, 255 = void. The palette is not looked up and no EXIF
     rotation is applied (as PIL's `np.array(Image.open(path))`). Raises `UnreadableImage` for a missing or broken
-    file and ValueError for colour PNGs or values above 255."""
+    file and ValueError for colour PNGs or values that are neither a class id (1 to `classes`), background (0)
+    nor void: a map of another data set would otherwise score as all background."""
     try:
         with Image.open(path) as image:
             image.load()
@@ -168,6 +169,10 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
             f"{path}: a {mode} image is not a label map; expected an index PNG (mode P or L) whose values are class "
             "ids, as VOC's SegmentationClass / SegmentationClassAug and HSNet's COCO-20i annotations are"
         )
-    if values.size and values.max() > 255:
-        raise ValueError(f"{path}: label values go up to {values.max()}; class ids must be 0-255")
+    foreign = np.setdiff1d(np.unique(values), [*range(classes + 1), VOID_LABEL])
+    if foreign.size:
+        raise ValueError(
+            f"{path}: label values {foreign[:5].tolist()} are not class ids (0-{classes}) or void ({VOID_LABEL}); "
+            "is it a label map of this data set?"
+        )
     return values.astype(np.uint8)

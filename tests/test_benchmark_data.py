@@ -73,6 +73,9 @@ def test_voc_fallbacks_and_errors(synthetic_voc, tmp_path):
     Image.open(label).convert("RGB").save(label)
     with pytest.raises(UnreadableImage, match="index PNG"):
         read_pair(items[0])
+    Image.fromarray(np.full((30, 40), 77, np.uint8)).save(label)  # not a VOC class id: all background otherwise
+    with pytest.raises(UnreadableImage, match=r"label values \[77\] are not class ids \(0-20\) or void \(255\)"):
+        read_pair(items[0])
     label.unlink()
     with pytest.raises(UnreadableImage, match="file not found"):
         read_pair(items[0])

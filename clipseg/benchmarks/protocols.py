@@ -373,7 +373,7 @@ class ZeroShotData(Dataset):
         episode = {"index": index, "query": item.id}
         try:
             image = open_rgb(item.image, upright=False)
-            labels = read_label(item.label)
+            labels = read_label(item.label, len(PASCAL_CLASSES))
         except (UnreadableImage, ValueError) as err:
             return Sample(skipped=[Skip(episode, str(err))])
         if labels.shape != (image.height, image.width):

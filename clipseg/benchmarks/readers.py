@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipseg.benchmarks.classes import COCO_CLASSES, coco_fold_classes, pascal_fold_classes
+from clipseg.benchmarks.classes import COCO_CLASSES, PASCAL_CLASSES, coco_fold_classes, pascal_fold_classes
 from clipseg.images import UnreadableImage, open_rgb, read_label
 
 VOC_HINT = (
@@ -100,7 +100,7 @@ def read_pair(item: LabelledImage) -> tuple[Image.Image, np.ndarray]:
     missing or broken file, or an image whose size differs from its label map's."""
     image = open_rgb(item.image, upright=False)
     try:
-        labels = read_label(item.label)
+        labels = read_label(item.label, len(PASCAL_CLASSES))
     except ValueError as err:
         raise UnreadableImage(item.label, str(err)) from err
     if labels.shape != (image.height, image.width):
@@ -205,7 +205,7 @@ class VocData:
 @functools.lru_cache(maxsize=1 << 16)
 def label_counts(path: Path) -> dict[int, int]:
     """{label value: pixel count} of a label map, 0 and 255 left out (cached: both protocols and all folds ask)."""
-    values, counts = np.unique(read_label(path), return_counts=True)
+    values, counts = np.unique(read_label(path, len(PASCAL_CLASSES)), return_counts=True)
     return {int(v): int(c) for v, c in zip(values, counts) if v not in (0, 255)}
 
 
@@ -279,7 +279,7 @@ class Coco20i:
         if self._coco is None:
             label_path = self.root / "annotations" / Path(name).with_suffix(".png")
             try:
-                mask = read_label(label_path) == class_index + 1
+                mask = read_label(label_path, len(COCO_CLASSES)) == class_index + 1
             except ValueError as err:
                 raise UnreadableImage(label_path, str(err)) from err
         else:
