@@ -69,6 +69,14 @@ def test_voc_fallbacks_and_errors(synthetic_voc, tmp_path):
         data.hsnet_fold(2)
     with pytest.raises(BenchmarkDataError, match="JPEGImages.*VOC2012 trainval"):
         VocData(tmp_path / "nowhere")
+    fold = tmp_path / "splits" / "pascal" / "val" / "fold1.txt"
+    fold.parent.mkdir(parents=True)
+    fold.write_text("\n")
+    with pytest.raises(BenchmarkDataError, match="fold1.txt: lists no episode"):
+        VocData(root, splits_dir=tmp_path).hsnet_fold(1)
+    fold.write_bytes(b"\xff\xfe")
+    with pytest.raises(BenchmarkDataError, match="fold1.txt: cannot be read as a text list"):
+        VocData(root, splits_dir=tmp_path).hsnet_fold(1)
     label = root / "VOCdevkit" / "VOC2012" / "SegmentationClassAug" / f"{items[0].id}.png"
     Image.open(label).convert("RGB").save(label)
     with pytest.raises(UnreadableImage, match="index PNG"):
@@ -120,6 +128,9 @@ def test_coco_errors_name_the_missing_files(tmp_path, monkeypatch, synthetic_coc
         Coco20i(tmp_path, fold=0)
     (tmp_path / "annotations").mkdir()
     shutil.copy(synthetic_coco / "annotations" / "instances_val2014.json", tmp_path / "annotations")
+    (tmp_path / "annotations" / "instances_val2014.json").write_text("[]")
+    with pytest.raises(BenchmarkDataError, match="instances_val2014.json: not a COCO instances JSON"):
+        Coco20i(tmp_path, fold=0)
     monkeypatch.setitem(__import__("sys").modules, "pycocotools.coco", None)
     with pytest.raises(BenchmarkDataError, match="pycocotools"):
         Coco20i(tmp_path, fold=0)

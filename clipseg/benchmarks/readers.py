@@ -151,7 +151,7 @@ class VocData:
         listing = find_split_file(self.splits_dir, PFENET_LIST)
         if listing is not None:
             items = []
-            for number, line in enumerate(listing.read_text().splitlines(), start=1):
+            for number, line in enumerate(list_lines(listing), start=1):
                 parts = line.split()
                 if not parts:
                     continue
@@ -180,13 +180,15 @@ class VocData:
             )
         allowed = pascal_fold_classes(fold)
         pairs = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(list_lines(path), start=1):
             if not line.strip():
                 continue
             name, _, class_text = line.strip().partition("__")
             if not class_text.isdigit() or int(class_text) not in allowed:
                 raise BenchmarkDataError(f"{path}:{number}: expected '<image id>__<class {allowed}>', got {line!r}")
             pairs.append((self.item(name), int(class_text)))
+        if not pairs:
+            raise BenchmarkDataError(f"{path}: lists no episode; restore HSNet's fold file")
         return pairs
 
     def segmentation_val(self) -> list[LabelledImage]:
@@ -199,7 +201,16 @@ class VocData:
         path = self.voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not path.is_file():
             raise BenchmarkDataError(f"{path} not found. {VOC_HINT}")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return [line.strip() for line in list_lines(path) if line.strip()]
+
+
+def list_lines(path: Path) -> list[str]:
+    """The lines of a list file of a benchmark (PFENet's, HSNet's, VOC's ImageSets); BenchmarkDataError naming the
+    file when it cannot be read as text."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise BenchmarkDataError(f"{path}: cannot be read as a text list ({err}); restore the file") from err
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -257,8 +268,11 @@ class Coco20i:
         import contextlib
         import io
 
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            self._coco = COCO(str(path))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+                self._coco = COCO(str(path))
+        except Exception as err:  # pycocotools asserts, or fails on whatever the file holds
+            raise BenchmarkDataError(f"{path}: not a COCO instances JSON ({type(err).__name__}: {err})") from err
         categories = sorted(self._coco.getCatIds())
         names = [self._coco.loadCats(c)[0]["name"] for c in categories]
         if names != list(COCO_CLASSES):
