@@ -349,6 +349,8 @@ def _normalise_record(record: object, index_file: Path, number: int, base: Path)
         raise ValueError(f"{where}: each record needs the fields image, phrase and mask, got {record!r}")
     if not isinstance(record["phrase"], str) or not record["phrase"].strip():
         raise ValueError(f"{where}: phrase must be a non-empty string")
+    if not isinstance(record["image"], str) or not record["image"].strip():
+        raise ValueError(f"{where}: image must be the image file's path, got {record['image']!r}")
     mask = record["mask"]
     if isinstance(mask, str) and mask.lstrip().startswith("["):
         try:
@@ -363,7 +365,7 @@ def _normalise_record(record: object, index_file: Path, number: int, base: Path)
         raise ValueError(f"{where}: mask must be a mask image path or a list of polygons, got {mask!r}")
     normalised = dict(record)
     normalised.update(
-        image=base / str(record["image"]),
+        image=base / record["image"],
         phrase=record["phrase"].strip(),
         mask=mask,
         id=str(record.get("id") or f"{index_file.name}:{number}"),

@@ -472,6 +472,10 @@ def test_user_folder_bad_records_name_file_and_line(tmp_path):
     index.write_text('{"image": "a.png", "phrase": "p", "mask": [[[1, 2], [3, 4], [5]]]}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl: record bad.jsonl:1: polygon points must be \[x, y\] numbers"):
         dataset.UserFolder(index, train=True)
+    for image in ("123", "null", '""'):
+        index.write_text(f'{{"image": {image}, "phrase": "p", "mask": "m.png"}}\n')
+        with pytest.raises(ValueError, match=r"bad.jsonl:1: image must be the image file's path"):
+            dataset.UserFolder(index, train=True)
 
 
 def test_user_folder_missing_files_and_mask_size_mismatch_are_skipped(tmp_path):
