@@ -8,6 +8,7 @@ installs it); skipped with a message elsewhere, never in CI.
 
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -161,6 +162,17 @@ def test_an_import_marks_the_graph_used_and_keeping_one_prunes(export_dir, compi
     compiles.clear()
     OpenVinoCLIPSeg(export_dir, compiled=tmp_path)
     assert len(compiles) == 1 and not stale.exists() and records[0].with_suffix(".blob").exists()
+
+
+def test_a_run_whose_export_was_removed_since_it_opened_keeps_its_shape_generic_graphs(export_dir, tmp_path, capsys):
+    """Graphs imported from the cache are read from the export only to compile one for a shape: a folder pruned
+    from the cache by another process meanwhile (or removed) costs that speed-up, not the run."""
+    copy = shutil.copytree(export_dir, tmp_path / "export")
+    reference = logits(OpenVinoCLIPSeg(copy, compiled=tmp_path / "compiled"))
+    runner = OpenVinoCLIPSeg(copy, compiled=tmp_path / "compiled", static_after=1)
+    shutil.rmtree(copy)
+    assert torch.equal(logits(runner), reference) and runner.static_after is None
+    assert "graphs are no longer compiled per shape in this run" in capsys.readouterr().err
 
 
 def test_predict_keeps_an_export_folders_compiled_graphs_in_the_cache(export_dir, compiles, tmp_path, monkeypatch):
