@@ -76,13 +76,13 @@ class PhraseCut(SegmentationData):
     ground truth). `root`: a dir containing data/VGPhraseCut_v0/ or that dir itself. `split`: train, val, test,
     miniv or val_miniv. Ground truth is the union of all polygons of all instances (`clipseg.rasterise.rasterise`: the
     `polygon2mask` rule for targets, PhraseCut's own for `full_mask`). Tasks whose image size differs from its
-    annotation size, or with no usable polygon, are excluded up front and listed in `self.excluded` as
-    (task_id, reason); polygons with non-finite coordinates or zero area are dropped while indexing and listed per
-    task in `self.excluded_polygons` as (task_id, count, description) (clipseg/phrasecut.py). `remove_classes`
-    ("pas5i:K", "zs:K" or "aff", `wordnet_classes.removal_rule`) drops the tasks whose phrase names a benchmark's
-    test class before anything else sees them (negatives and supports included); their number is `self.removed`.
-    `limit` keeps the first N usable tasks. Other keyword arguments (train, image_size, negative_prob,
-    visual_support, templates, seed, whole_image_prob, resize) go to `SegmentationData`.
+    annotation size, or with no usable polygon, are excluded up front and listed in `self.excluded` as (task_id,
+    reason); polygons with non-finite or out-of-range coordinates, or of zero area, are dropped while indexing and
+    listed per task in `self.excluded_polygons` as (task_id, count, description) (clipseg/phrasecut.py).
+    `remove_classes` ("pas5i:K", "zs:K" or "aff", `wordnet_classes.removal_rule`) drops the tasks whose phrase names a
+    benchmark's test class before anything else sees them (negatives and supports included); their number is
+    `self.removed`. `limit` keeps the first N usable tasks. Other keyword arguments (train, image_size,
+    negative_prob, visual_support, templates, seed, whole_image_prob, resize) go to `SegmentationData`.
     """
 
     def __init__(

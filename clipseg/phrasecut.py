@@ -6,10 +6,10 @@ when the data dir is read-only), checking each image's size once. Later runs mem
 second, and DataLoader workers share their pages instead of copying millions of Python objects. The index is rebuilt
 when the JSON files change. dataset.PhraseCut reads tasks through `TaskTable`.
 
-Bad annotations are left out while indexing and counted (`polygon_defect`): a polygon with a NaN or infinite
-coordinate, or of zero area (fewer than 3 vertices, or all on one line), would draw nothing (or a stray line) and
-train on an empty target. Such a polygon is dropped and counted per task; the task keeps its other polygons, and a
-task with no usable polygon left is excluded (`TaskTable.exclusion_reasons`).
+Bad annotations are left out while indexing and counted (`polygon_defect`): a polygon with a NaN, infinite or absurdly
+far coordinate (beyond `rasterise.MAX_COORDINATE`), or of zero area (fewer than 3 vertices, or all on one line), would
+draw nothing (or a stray line) and train on an empty target. Such a polygon is dropped and counted per task; the task
+keeps its other polygons, and a task with no usable polygon left is excluded (`TaskTable.exclusion_reasons`).
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from tqdm import tqdm
 from clipseg.images import upright_size
 from clipseg.metrics import PHRASE_TYPES
 from clipseg.outputs import json_text, printable
+from clipseg.rasterise import MAX_COORDINATE
 
 DATA_SUBDIR = Path("data") / "VGPhraseCut_v0"
 SPLITS = ("train", "val", "test", "miniv")
 DEFAULT_PHRASECUT_ROOT = "PhraseCutDataset"  # where the official download script puts it
 DEFAULT_SYNTHETIC_ROOT = "synthetic_phrasecut"  # where `python -m clipseg.synthetic phrasecut` writes by default
-INDEX_VERSION = 2  # 2: bad polygons dropped and counted
-NON_FINITE, ZERO_AREA = "non-finite coordinates", "zero area"
+INDEX_VERSION = 3  # 2: bad polygons dropped and counted; 3: far-out coordinates count as non-finite
+NON_FINITE, ZERO_AREA = "non-finite or out-of-range coordinates", "zero area"
 DOWNLOAD_HINT = (
     "Get PhraseCut with its official download script (about 75k Visual Genome images, ~20 GB): "
     "`git clone https://github.com/ChenyunWu/PhraseCutDataset && cd PhraseCutDataset && python download_dataset.py`, "
@@ -119,10 +120,11 @@ _INDEX_ARRAYS = {
 
 def polygon_defect(xy: Sequence[float]) -> str | None:
     """Why a polygon (flat coordinates x0, y0, x1, y1, ...) cannot be used: NON_FINITE (a NaN or infinite
-    coordinate), ZERO_AREA (fewer than 3 vertices, or every vertex on one line; a self-intersecting polygon whose
-    signed areas cancel is drawable), or None. Plain Python: a polygon usually shows its third dimension at its third
-    vertex, so this costs about 1.5 us, a fifth of numpy's fixed overhead, over PhraseCut's million polygons."""
-    if not all(map(math.isfinite, xy)):
+    coordinate, or one beyond +-`MAX_COORDINATE` pixels), ZERO_AREA (fewer than 3 vertices, or every vertex on one
+    line; a self-intersecting polygon whose signed areas cancel is drawable), or None. Plain Python: a polygon usually
+    shows its third dimension at its third vertex, so this costs about 2 us, a third of numpy's fixed overhead, over
+    PhraseCut's million polygons."""
+    if not all(-MAX_COORDINATE <= value <= MAX_COORDINATE for value in xy):  # NaN fails the test too
         return NON_FINITE
     if len(xy) < 6:
         return ZERO_AREA

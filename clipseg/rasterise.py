@@ -18,6 +18,7 @@ RASTER_RULES = ("polygon2mask", "phrasecut")
 
 
 _VERTEX_TOLERANCE = 1e-12  # skimage's point_in_polygon counts a point this close to a vertex as on it
+MAX_COORDINATE = float(1 << 24)  # pixels: a vertex farther from the origin is corrupt data (no image is that large)
 
 
 def rasterise(polygons: Sequence, height: int, width: int, rule: str = "polygon2mask") -> np.ndarray:
@@ -26,15 +27,16 @@ def rasterise(polygons: Sequence, height: int, width: int, rule: str = "polygon2
     rule "polygon2mask" (the original CLIPSeg's, skimage `polygon2mask` with [x, y] swapped to (row, col)): pixel
     (r, c) is set iff the point x = c, y = r lies inside the polygon (even-odd rule), on an edge or on a vertex.
     rule "phrasecut" (PhraseCut's official evaluation): PIL polygon with fill and outline, vertices truncated to
-    int; about 4% more pixels. Polygons with non-finite coordinates are skipped; "phrasecut" also skips those
-    with fewer than 2 vertices (PIL cannot draw them). Parts outside the image are clipped."""
+    int; about 4% more pixels. Polygons with a coordinate that is not finite or beyond +-`MAX_COORDINATE` are
+    skipped; "phrasecut" also skips those with fewer than 2 vertices (PIL cannot draw them). Parts outside the image
+    are clipped."""
     if rule not in RASTER_RULES:
         raise ValueError(f"unknown rasterisation rule {rule!r}; choose one of {RASTER_RULES}")
     mask = np.zeros((height, width), dtype=bool)
     canvas = draw = None
     for polygon in polygons:
         points = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
-        if not len(points) or not np.isfinite(points).all():
+        if not len(points) or not (np.abs(points) <= MAX_COORDINATE).all():  # NaN fails the test too
             continue
         if rule == "polygon2mask":
             _fill_polygon2mask(mask, points)

@@ -322,12 +322,15 @@ def test_nan_infinite_and_zero_area_polygons_are_counted_exclusions(damaged_root
     with pytest.warns(UserWarning, match="excluded 2 tasks .*; 4 bad polygons left out"):
         data = dataset.PhraseCut(damaged_root, "test", train=False, image_size=SMALL)
     assert data.excluded == [
-        (second, "no usable polygon (2 polygons dropped: 1 with non-finite coordinates, 1 of zero area)"),
+        (
+            second,
+            "no usable polygon (2 polygons dropped: 1 with non-finite or out-of-range coordinates, 1 of zero area)",
+        ),
         (third, "no usable polygon (1 polygon dropped: 1 of zero area)"),
     ]
     assert data.excluded_polygons == [
-        (first, 1, "1 polygon dropped: 1 with non-finite coordinates"),
-        (second, 2, "2 polygons dropped: 1 with non-finite coordinates, 1 of zero area"),
+        (first, 1, "1 polygon dropped: 1 with non-finite or out-of-range coordinates"),
+        (second, 2, "2 polygons dropped: 1 with non-finite or out-of-range coordinates, 1 of zero area"),
         (third, 1, "1 polygon dropped: 1 of zero area"),
     ]
     assert len(data) == len(refer(damaged_root, "test")) - 2
@@ -354,7 +357,9 @@ def test_user_folder_bad_polygons_are_dropped_and_counted(tmp_path):
         data = dataset.UserFolder(index, train=False, image_size=SMALL)
     assert [r["id"] for r in data.records] == ["one", "three"]
     assert data.records[0]["mask"] == [[GOOD_TRIANGLE]] and not data[1].tasks[0].full_mask.any()
-    assert data.excluded == [("two", "no usable polygon (1 polygon dropped: 1 with non-finite coordinates)")]
+    assert data.excluded == [
+        ("two", "no usable polygon (1 polygon dropped: 1 with non-finite or out-of-range coordinates)")
+    ]
     assert [entry[:2] for entry in data.excluded_polygons] == [("one", 1), ("two", 1)]
 
 

@@ -69,6 +69,9 @@ def test_streaming_json_reader_matches_json_load(tmp_path):
         ([], phrasecut_index.ZERO_AREA),
         ([[0, 0], [float("nan"), 1], [3, 3]], phrasecut_index.NON_FINITE),
         ([[0, 0], [float("inf"), 1], [3, 3]], phrasecut_index.NON_FINITE),
+        ([[0, 0], [1e30, 0], [0, 1e30]], phrasecut_index.NON_FINITE),  # corrupt: far beyond any image
+        ([[0, 0], [-(2.0**24) - 1, 0], [0, 5]], phrasecut_index.NON_FINITE),
+        ([[0, 0], [2.0**24, 0], [0, 5]], None),  # the last coordinate accepted
     ],
 )
 def test_polygon_defect(points, defect):

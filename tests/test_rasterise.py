@@ -89,6 +89,16 @@ def test_phrasecut_rule_degenerate_and_outside_polygons():
     assert clipped.sum() == 9
 
 
+@pytest.mark.parametrize("rule", RASTER_RULES)
+def test_far_out_coordinates_are_skipped_without_overflow(rule, recwarn):
+    """A vertex at 1e30 is corrupt data: casting it to pixels overflowed (a RuntimeWarning, and under the PhraseCut
+    rule a one-pixel mask). Such a polygon draws nothing; the others of the union still draw."""
+    square = [[1, 1], [2, 1], [2, 2], [1, 2]]
+    mask = rasterise([[[0, 0], [1e30, 0], [0, 1e30]], square], 6, 8, rule=rule)
+    assert mask.sum() == 4 and mask[1:3, 1:3].all()
+    assert not [warning for warning in recwarn if issubclass(warning.category, RuntimeWarning)]
+
+
 point = st.tuples(st.floats(0, 30, allow_nan=False), st.floats(0, 30, allow_nan=False))
 polygon = st.lists(point, min_size=3, max_size=8)
 

@@ -543,7 +543,11 @@ def test_bad_polygons_left_out_while_indexing_are_counted_in_the_log(damaged_roo
     (record,) = [r for r in runs.read_log(tmp_path / "ck" / "bad" / "log.jsonl") if "excluded" in r]
     assert record["step"] == 0 and record["excluded"] == 2 and record["excluded_polygons"] == 4
     assert record["excluded_example"][0] == second and "no usable polygon" in record["excluded_example"][1]
-    assert record["excluded_polygons_example"] == [first, 1, "1 polygon dropped: 1 with non-finite coordinates"]
+    assert record["excluded_polygons_example"] == [
+        first,
+        1,
+        "1 polygon dropped: 1 with non-finite or out-of-range coordinates",
+    ]
 
 
 def test_validation_outputs_that_are_not_finite_stop_with_a_message(synthetic_root, tmp_path, capsys, monkeypatch):
