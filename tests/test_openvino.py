@@ -68,7 +68,7 @@ def onnx_dir(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exports(model, onnx_dir, tmp_path_factory):
     """precision -> an OpenVINO export folder of the tiny model (bf16 only where the CPU has it natively)."""
-    precisions = ["fp32", "int8"] + (["bf16"] if openvino_backend.native_bf16() else [])
+    precisions = ["fp32", "int8"] + (["bf16"] if openvino_backend.openvino_bf16() else [])
     folders = {}
     for precision in precisions:
         folders[precision] = tmp_path_factory.mktemp(f"openvino_{precision}")
@@ -101,7 +101,7 @@ def test_bf16_and_int8_masks_agree_with_pytorch_fp32(model, exports, precision):
         pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX): OpenVINO would run f32 for a bf16 hint")
     runner = OpenVinoCLIPSeg(exports[precision])
     assert runner.precision == precision
-    assert runner.inference_precision() == ("bf16" if openvino_backend.native_bf16() else "f32")
+    assert runner.inference_precision() == ("bf16" if openvino_backend.openvino_bf16() else "f32")
     agreeing, positive = [], []
     for pixels in example_pixels(model):
         with torch.no_grad():
@@ -117,7 +117,7 @@ def test_bf16_and_int8_masks_agree_with_pytorch_fp32(model, exports, precision):
 
 
 def test_int8_without_native_bf16_computes_the_rest_in_f32(exports, monkeypatch):
-    monkeypatch.setattr(openvino_backend, "native_bf16", lambda: False)
+    monkeypatch.setattr(openvino_backend, "openvino_bf16", lambda: False)
     assert OpenVinoCLIPSeg(exports["int8"]).inference_precision() == "f32"
 
 
@@ -145,7 +145,7 @@ def test_int8_keeps_the_patch_embedding_and_the_first_recipe_that_passes_in_floa
     assert len(weighted) == len(BLOCK_LAYERS) * blocks  # q, k, v, out, fc1, fc2 per block
     quantisation = json.loads((exports["int8"] / MANIFEST_NAME).read_text())["quantisation"]
     tried = quantisation["recipes_tried"]
-    recipes = len(FLOAT_RECIPES) * (2 if openvino_backend.native_bf16() else 1)  # x the decoder's precisions
+    recipes = len(FLOAT_RECIPES) * (2 if openvino_backend.openvino_bf16() else 1)  # x the decoder's precisions
     assert tried[-1]["mask_agreement"] >= AGREEMENT + (RECIPE_MARGIN if len(tried) < recipes else 0)
     assert all(t["mask_agreement"] < AGREEMENT + RECIPE_MARGIN for t in tried[:-1])
     assert quantisation["kept_in_floating_point"] == tried[-1]["kept_in_floating_point"]
@@ -165,7 +165,7 @@ def test_int8_keeps_the_patch_embedding_and_the_first_recipe_that_passes_in_floa
 def test_int8_tries_the_next_recipe_when_the_fastest_fails_its_check(model, onnx_dir, tmp_path, monkeypatch, native):
     """Fastest first: the attention projections kept with the mixed decoder, then (native bf16 only, where the two
     differ) with the decoder in f32, then all six kept; a recipe before the last must pass by RECIPE_MARGIN."""
-    monkeypatch.setattr(openvino_export, "native_bf16", lambda: native)
+    monkeypatch.setattr(openvino_export, "openvino_bf16", lambda: native)
     agreements = iter([0.9905, 0.9905, 0.999] if native else [0.9905, 0.999])
     real = openvino_export.mask_agreement
     decoders_checked = []
@@ -237,7 +237,7 @@ def test_int8_marks_all_of_the_decoder_but_its_attention_and_feed_forward_layers
 def test_int8_computes_the_decoders_layer_norms_in_f32_and_its_attention_in_bf16(exports, static):
     """The marks at work, in the shape-generic graph and in one compiled for a shape (`compile_for`): OpenVINO's
     CPU plugin keeps the marked layer norms in f32 under int8's bf16 hint, and computes them in bf16 unmarked."""
-    if not openvino_backend.native_bf16():
+    if not openvino_backend.openvino_bf16():
         pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX): every graph of int8 computes in f32")
     runner = OpenVinoCLIPSeg(exports["int8"], static_after=1 if static else None)
     pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -255,7 +255,7 @@ def test_int8_computes_the_decoders_layer_norms_in_f32_and_its_attention_in_bf16
 
 @pytest.mark.parametrize("native", [True, False])
 def test_compile_config_gives_each_graph_its_precision(monkeypatch, native):
-    monkeypatch.setattr(openvino_backend, "native_bf16", lambda: native)
+    monkeypatch.setattr(openvino_backend, "openvino_bf16", lambda: native)
     hints = {
         (precision, graph): openvino_backend.compile_config(precision, 2, graph)["INFERENCE_PRECISION_HINT"]
         for precision in ("fp32", "bf16", "int8")
@@ -320,7 +320,7 @@ def test_the_text_encoder_and_decoder_are_compiled_for_shapes_seen_often_and_giv
 def test_bench_times_openvino_compiled_for_the_timed_shapes_beside_the_shape_generic_int8(model, onnx_dir, tmp_path):
     shutil.copytree(onnx_dir, tmp_path / "onnx")  # where bench.py's ONNX row wrote it
     runners = openvino_runners(model, tmp_path)
-    precisions = ["fp32", "int8"] + (["bf16"] if openvino_backend.native_bf16() else [])
+    precisions = ["fp32", "int8"] + (["bf16"] if openvino_backend.openvino_bf16() else [])
     assert set(runners) == {f"openvino_{p}" for p in precisions} | {"openvino_int8_generic"}
     paths = path_functions(None, {}, runners)
     pixels = torch.randn(1, 3, 64, 64)
@@ -574,7 +574,7 @@ def test_missing_openvino_or_export_is_a_clear_error(model, exports, tmp_path, m
 
 
 def test_bf16_is_refused_where_the_cpu_would_run_f32(exports, model, tmp_path, monkeypatch):
-    monkeypatch.setattr(openvino_backend, "native_bf16", lambda: False)
+    monkeypatch.setattr(openvino_backend, "openvino_bf16", lambda: False)
     with pytest.raises(OpenVinoBackendError, match="no native bf16"):
         export_openvino(model, tmp_path / "bf16", "bf16")
     if "bf16" in exports:

@@ -12,7 +12,7 @@ that is a multiple of the patch, any number of prompts. `OpenVinoCLIPSeg` shares
 (`clipseg.onnx.backend.ExportedCLIPSeg`). Its precision is the export's, applied by OpenVINO:
 
 - `fp32`: OpenVINO's `INFERENCE_PRECISION_HINT` f32 (on AMX and AVX512-BF16 CPUs OpenVINO's default is bf16).
-- `bf16`: the hint bf16, on CPUs that compute bf16 natively (`native_bf16`); refused elsewhere, where OpenVINO
+- `bf16`: the hint bf16, on CPUs that compute bf16 natively (`openvino_bf16`); refused elsewhere, where OpenVINO
   would silently run f32.
 - `int8`: an image encoder quantised by NNCF (int8 weights and activations) and a text encoder with int8 weights
   (computed in f32); what stays in floating point (the layers left unquantised, the decoder's attention and
@@ -134,7 +134,7 @@ def signal_stack_kept() -> Iterator[None]:
             ctypes.CDLL(None).sigaltstack(ctypes.byref(before), None)
 
 
-def native_bf16() -> bool:
+def openvino_bf16() -> bool:
     """Whether OpenVINO computes bf16 on this CPU (AVX512-BF16 or AMX): its CPU plugin lists BF16 among its
     optimisation capabilities. Elsewhere it ignores a bf16 hint and runs f32."""
     return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -144,7 +144,7 @@ def check_precision_runs(precision: str) -> None:
     """OpenVinoBackendError unless this CPU can run `precision` (an unknown one, or bf16 without native bf16)."""
     if precision not in PRECISIONS:
         raise OpenVinoBackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "bf16" and not native_bf16():
+    if precision == "bf16" and not openvino_bf16():
         raise OpenVinoBackendError(
             "precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where OpenVINO would run f32 instead; "
             "use an fp32 or int8 export"
@@ -207,7 +207,7 @@ def inference_precision_hint(precision: str) -> str:
     floating-point rest in bf16 on CPUs with native bf16 (on AMX it took the image encoder from 121 to 102 ms, one
     thread, ViT-B/16 at 352 px), else f32."""
     if precision == "int8":
-        return "bf16" if native_bf16() else "f32"
+        return "bf16" if openvino_bf16() else "f32"
     return {"fp32": "f32", "bf16": "bf16"}[precision]
 
 

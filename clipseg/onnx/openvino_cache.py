@@ -106,14 +106,14 @@ def conversion_setting(precision: str) -> dict:
     comes from its package metadata: importing nncf takes over a second, which a cache hit would pay for nothing."""
     import openvino
 
-    from clipseg.onnx.openvino_backend import native_bf16
+    from clipseg.onnx.openvino_backend import openvino_bf16
 
     return {
         "precision": precision,
         "openvino": openvino.__version__,
         "nncf": importlib.metadata.version("nncf"),  # PackageNotFoundError (an ImportError) without it
         "code": hashlib.sha256(CONVERSION_CODE.read_bytes()).hexdigest(),
-        "cpu": {"class": cpu_class(), "native_bf16": native_bf16()},
+        "cpu": {"class": cpu_class(), "native_bf16": openvino_bf16()},
     }
 
 

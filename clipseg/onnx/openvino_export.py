@@ -59,7 +59,7 @@ from clipseg.onnx.openvino_backend import (
     check_precision_runs,
     import_openvino,
     inference_precision_hint,
-    native_bf16,
+    openvino_bf16,
     openvino_core,
     precise_layers,
     signal_stack_kept,
@@ -420,7 +420,7 @@ def export_openvino(
         blocks = max(model.config.extract_layers) + 1
         models["text_encoder"] = compress_text_encoder(models["text_encoder"])
         decoders = {DECODER_MIXED: with_f32_layers(models["decoder"], decoder_f32_layers(models["decoder"]))}
-        if native_bf16():  # elsewhere the two compute alike, in f32
+        if openvino_bf16():  # elsewhere the two compute alike, in f32
             decoders[DECODER_F32] = models["decoder"]
         recipes = [(layers, decoder) for layers in FLOAT_RECIPES for decoder in decoders]
         float_encoder, tried, quantised = models["image_encoder"], [], {}

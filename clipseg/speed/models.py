@@ -376,10 +376,10 @@ def openvino_runners(model, folder: Path) -> dict:
     requirements-openvino.txt. int8 is exported as `--backend auto` converts it (the first of its recipes that
     passes the 99.5% bar); a conversion that fails its check is exported again without a bar (the fastest recipe),
     so every row is reported with its agreement."""
-    from clipseg.onnx.openvino_backend import OpenVinoBackendError, OpenVinoCLIPSeg, native_bf16
+    from clipseg.onnx.openvino_backend import OpenVinoBackendError, OpenVinoCLIPSeg, openvino_bf16
 
     try:
-        precisions = ["fp32", "bf16", "int8"] if native_bf16() else ["fp32", "int8"]
+        precisions = ["fp32", "bf16", "int8"] if openvino_bf16() else ["fp32", "int8"]
     except OpenVinoBackendError as err:
         print(f"precision paths: no OpenVINO rows ({err})")
         return {}
