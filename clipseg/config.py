@@ -218,7 +218,7 @@ def check_image_side(side: int, patch: int | None, backbone: str = "the backbone
         low, high = side // patch * patch, (side // patch + 1) * patch
         raise ValueError(
             f"image size {side} is not a multiple of the patch size {patch} of {backbone}: "
-            f"use {low or high} or {high} (--image-size)"
+            f"use {f'{low} or ' if low else ''}{high} (--image-size)"
         )
     return side
 

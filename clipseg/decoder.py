@@ -127,7 +127,7 @@ class RefinedHead(nn.Sequential):
     A transposed convolution whose stride equals its kernel maps each input pixel to its own k x k block of
     output pixels, so both upsamplings are matrix products on channels-last rows and the blocks are laid out
     once at the end: the sums of `nn.ConvTranspose2d`, 1.3x (training) to 3x (inference) faster on a CPU
-    (`python bench.py --only-head`)."""
+    (`python bench.py --rows head`)."""
 
     def __init__(self, dim: int):
         super().__init__(

@@ -71,7 +71,7 @@ def autocast(device: str | torch.device, enabled: bool = True) -> AbstractContex
 
 # The default precision of prediction (predict.py, app.py) on a CPU: the fastest path whose masks agree with fp32's
 # on >= 99.5% of pixels (MASK_AGREEMENT_BAR), by CPU class, measured with `python bench.py --repeats 3
-# --only-precision --threads 1 --clock cpu` at the full ViT-B/16 geometry (352 px, random weights, one prompt per
+# --rows precision --threads 1 --clock cpu` at the full ViT-B/16 geometry (352 px, random weights, one prompt per
 # image, batch 1, CPU time on one thread; mask agreement: probability > 0.3 against our fp32). Speed-ups over the HF
 # class in fp32 (README, "Precision and ONNX", has the full tables):
 #
@@ -84,7 +84,7 @@ def autocast(device: str | torch.device, enabled: bool = True) -> AbstractContex
 # AMX: its bf16 tiles beat int8's VNNI dot products (293 ms against 382 ms, HF fp32 719 ms; an earlier wall-clock
 # run on two cores: bf16 2.74x, int8 1.81x at batch 1, 4.01x and 1.19x at batch 8). VNNI without AMX: int8 with
 # 8-bit activations beat even native AVX512-BF16. Neither: int8 keeps PyTorch's 7-bit activations and falls below
-# the bar, bf16 is emulated, so fp32 (our fp32 forward: 1.20x). `python bench.py --only-precision` prints whether the
+# the bar, bf16 is emulated, so fp32 (our fp32 forward: 1.20x). `python bench.py --rows precision` prints whether the
 # rule picks this machine's fastest measured path that meets the bar (clipseg/speed/models.py, `default_check`).
 # Scoring, failure analysis and train.py's validation run fp32 on every CPU: the paper's numbers are fp32. GPUs:
 # fp32 (not measured here; --precision bf16 asks for bf16).

@@ -87,3 +87,91 @@ def test_exported_paths_encode_the_image_and_the_text_in_each_call():
     paths["openvino_int8"](torch.zeros(2, 3, 32, 48), ["a", "b"])
     assert logits.shape == (2, 1, 32, 48)
     assert runner.calls == [("image", (2, 3, 32, 48)), ("text", 2)] * 2
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """Runs bench.main with every measurement replaced by a recorder: returns a function of argv -> the names of
+    the measurements called, in order."""
+    calls = []
+
+    def recorder(name, value):
+        def record(*args, **kwargs):
+            calls.append(name)
+            return value
+
+        return record
+
+    forward_rows = [{"ours_gflops": 1.0}]
+    for name, value in (
+        ("parameter_counts", []),
+        ("scale_out_rows", []),
+        ("refined_head_comparison", {}),
+        ("build_models", (None, None)),
+        ("run_comparisons", {}),
+        ("matmul_rates", {"fp32": 1.0}),
+        ("forward_flops", 1.0),
+        ("precision_paths", {}),
+        ("forward_comparison", forward_rows),
+        ("bf16_comparison", {}),
+        ("training_comparison", {}),
+        ("data_pipeline_rate", {}),
+        ("index_rate", {}),
+    ):
+        monkeypatch.setattr(bench, name, recorder(name, value))
+
+    def run(*flags: str) -> list[str]:
+        calls.clear()
+        bench.main([*flags, "--out", str(tmp_path)])
+        return list(calls)
+
+    return run
+
+
+MODEL_ROWS = ["build_models", "run_comparisons", "matmul_rates", "forward_flops", "precision_paths"]
+FORWARD_ROWS = ["forward_comparison", "bf16_comparison"]
+
+
+def test_rows_picks_the_groups_measured_in_a_fixed_order(measured):
+    everything = ["refined_head_comparison", *MODEL_ROWS, *FORWARD_ROWS, "training_comparison", "data_pipeline_rate"]
+    assert measured() == everything
+    assert measured("--rows", "params") == ["parameter_counts"]
+    assert measured("--rows", "scale-out") == ["scale_out_rows"]
+    assert measured("--rows", "train,head") == [
+        "refined_head_comparison",
+        "build_models",
+        "matmul_rates",
+        "forward_flops",
+        "training_comparison",
+    ]
+    assert measured("--rows", "runs") == ["build_models", "run_comparisons"]  # no matmul rates: nothing uses them
+    assert measured("--rows", "data", "--index-tasks", "10") == ["data_pipeline_rate", "index_rate"]
+
+
+def test_the_older_only_and_skip_flags_still_pick_the_same_rows(measured):
+    assert measured("--only-precision") == measured("--rows", "precision")
+    assert measured("--only-runs") == ["build_models", "run_comparisons"]
+    assert measured("--only-head") == ["refined_head_comparison"]
+    assert measured("--only-params") == ["parameter_counts"]
+    assert measured("--only-data", "--index-tasks", "10") == ["data_pipeline_rate", "index_rate"]
+    assert measured("--skip-precision", "--skip-runs", "--skip-data") == measured("--rows", "head,forward,train")
+    assert measured("--skip-train") == measured("--rows", "head,runs,precision,forward,data")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rows", "precision,speed"], "argument --rows: speed: choose from params, scale-out, head"),
+        (["--rows", ","], "argument --rows: no group"),
+        (["--rows", "runs", "--only-data"], "give the rows either with --rows or with --only-data, not both"),
+        (["--rows", "head", "--index-tasks", "5"], "--index-tasks measures with the data rows: add data to --rows"),
+        (["--repeats", "0"], "argument --repeats: must be a positive integer, got 0"),
+        (["--threads", "-2"], "argument --threads: must be a positive integer, got -2"),
+        (["--image-size", "360"], "image size 360 is not a multiple of the patch size 16 of ViT-B/16: use 352 or 368"),
+        (["--image-size", "7"], "image size 7 is not a multiple of the patch size 16 of ViT-B/16: use 16\n"),
+    ],
+)
+def test_bad_flags_are_usage_errors_before_measuring(flags, message, measured, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        measured(*flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -183,7 +183,7 @@ DECODER_MIXED = "f32 but its attention and feed-forward layers"
 DECODER_F32 = "f32"
 # A recipe before the last must pass the bar by this much: the check's few images estimate the agreement elsewhere
 # only so well (the attention projections with the decoder in bf16: 99.57% on the examples, 99.49-99.52% on
-# bench.py's noise image in two runs of `python bench.py --only-precision --refined`).
+# bench.py's noise image in two runs of `python bench.py --rows precision --refined`).
 RECIPE_MARGIN = 0.001
 
 
