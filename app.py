@@ -43,6 +43,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported: no telemetry, no version check
 
@@ -75,6 +76,9 @@ from clipseg.segmenter import (
 )
 from clipseg.uploads import MAX_PROMPTS, MAX_UPLOAD_BYTES
 
+if TYPE_CHECKING:
+    import gradio as gr
+
 MAX_QUEUE = 64  # requests waiting to run (one runs at a time); more are refused
 EXAMPLES = (  # (image in examples/, prompts): scenes of `synthetic.make_synthetic_phrasecut`
     ("shapes_1.jpg", "purple square, green circle, red triangle"),
@@ -86,7 +90,7 @@ EXAMPLES = (  # (image in examples/, prompts): scenes of `synthetic.make_synthet
 # ------------------------------------------------------------------------------------------------ the page
 
 
-def build_page(segmenter: Segmenter, threshold: float | None = None):
+def build_page(segmenter: Segmenter, threshold: float | None = None) -> gr.Blocks:
     """The Gradio page over `segmenter` (a `gr.Blocks`, not launched), which from now on reads files only from
     Gradio's upload folder. API: `/segment` and `/rethreshold`. The threshold slider starts at `threshold`, else at
     the model's calibrated threshold, else the paper's 0.3 (`Segmenter.default_threshold`, said under the slider)."""
@@ -247,7 +251,7 @@ def build_page(segmenter: Segmenter, threshold: float | None = None):
     return page
 
 
-def launch(page, port: int, share: bool = False) -> tuple[str, str | None]:
+def launch(page: gr.Blocks, port: int, share: bool = False) -> tuple[str, str | None]:
     """Serve `page` on 127.0.0.1:`port` (plus a public link with `share`) in a background thread; returns the
     local URL and the public one. `page.block_thread()` waits; `page.close()` stops the server."""
     _, local_url, share_url = page.queue(default_concurrency_limit=1, max_size=MAX_QUEUE).launch(

@@ -25,6 +25,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -93,7 +94,7 @@ class PhraseCut(SegmentationData):
         limit: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         remove_classes: str | None = None,
-        **pipeline,
+        **pipeline: Any,
     ):
         super().__init__(**pipeline)
         parts = COMBINED_SPLITS.get(split, (split,))
@@ -237,7 +238,7 @@ class UserFolder(SegmentationData):
         limit: int | None = None,
         split: str | None = None,
         unmarked: bool = True,
-        **pipeline,
+        **pipeline: Any,
     ):
         super().__init__(**pipeline)
         self.index_file = Path(index_file)
@@ -420,7 +421,7 @@ def exclusion_note(data: Dataset) -> str:
     return "; ".join(parts)
 
 
-def build_dataset(kind: str, root: str | os.PathLike | None, split: str, **kwargs) -> Dataset:
+def build_dataset(kind: str, root: str | os.PathLike | None, split: str, **kwargs: Any) -> Dataset:
     """kind "phrasecut" (root: PhraseCut dir, default PhraseCutDataset), "synthetic" (generated at root, default
     synthetic_phrasecut, when absent) or "folder" (root: the JSONL/CSV index; `split` filters its split column).
     kwargs go to the dataset (train=..., image_size=..., ...)."""

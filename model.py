@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +157,7 @@ class CLIPSeg(nn.Module):
         return CLIPSegDecoder(config)
 
     @classmethod
-    def from_backbone(cls, backbone: str | None = None, **knobs) -> CLIPSeg:
+    def from_backbone(cls, backbone: str | None = None, **knobs: Any) -> CLIPSeg:
         """A CLIP backbone and a fresh decoder. backbone: a hub id or local directory (default
         openai/clip-vit-base-patch16), "tiny" (a small random CLIP for tests and the demo) or one of RANDOM_BACKBONES
         ("random-vit-b16": a random-initialised CLIP ViT-B/16). knobs: CLIPSegConfig values; `arch` picks CLIPSeg or
@@ -180,7 +181,7 @@ class CLIPSeg(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, backbone: str | None = None, **knobs) -> CLIPSeg:
+    def from_pretrained(cls, name_or_path: str | os.PathLike, backbone: str | None = None, **knobs: Any) -> CLIPSeg:
         """Load an HF CLIPSeg checkpoint (hub id or directory, ours included) or an original `.pth` decoder.
 
         backbone: the CLIP weights for an original `.pth` (default `openai/clip-vit-base-patch16`).
@@ -417,7 +418,7 @@ class CLIPSeg(nn.Module):
         return SegmentationOutput(logits, loss)
 
     @torch.no_grad()
-    def predict_prompts(self, pixel_values: Tensor, **prompt) -> Tensor:
+    def predict_prompts(self, pixel_values: Tensor, **prompt: Any) -> Tensor:
         """One image (1, 3, H, W) or (3, H, W) and K prompts (any one kind, as in `forward`) -> (K, 1, H, W)
         logits, running the vision tower once."""
         if pixel_values.ndim == 3:
@@ -510,7 +511,7 @@ class ViTSeg(CLIPSeg):
         return ViTSegDecoder(config)
 
     @classmethod
-    def from_backbone(cls, backbone: str | None = None, **knobs) -> CLIPSeg:
+    def from_backbone(cls, backbone: str | None = None, **knobs: Any) -> CLIPSeg:
         """An ImageNet ViT (hub id or local directory, default google/vit-base-patch16-384; "tiny": a small random
         ViT and CLIP) and CLIP's text tower (`text_backbone`, default openai/clip-vit-base-patch16), a fresh decoder."""
         arch = knobs.setdefault("arch", cls.arch)
@@ -533,13 +534,13 @@ class ViTSeg(CLIPSeg):
         model.clip.load_state_dict({k: v for k, v in clip.state_dict().items() if k.startswith(text_parts)})
         return model
 
-    def state_dict(self, *args, **kwargs) -> dict[str, Tensor]:
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """The state with the ViT's parameters under their transformers 4.x names (`baselines.VIT_NAMES`), whichever
         version runs: `save_pretrained` writes them and `load_weights` matches against them."""
         state = super().state_dict(*args, **kwargs)
         return type(state)((vit_name(key, legacy=True), value) for key, value in state.items())
 
-    def load_state_dict(self, state_dict: dict[str, Tensor], *args, **kwargs):
+    def load_state_dict(self, state_dict: dict[str, Tensor], *args: Any, **kwargs: Any) -> tuple[list[str], list[str]]:
         """Takes the ViT's parameters under either version's names."""
         legacy = not hasattr(self.vit, "layers")  # transformers 4.x has vit.encoder.layer
         renamed = {vit_name(key, legacy=legacy): value for key, value in state_dict.items()}

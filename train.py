@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 import dataset as datasets
 from clipseg import runs
 from clipseg.cli import BAD_INPUT, NOTHING_DONE
-from clipseg.distributed import run_and_exit
+from clipseg.distributed import Distributed, run_and_exit
 from clipseg.runs import RunFiles
 from clipseg.sampling import (
     InfiniteBatchSampler,
@@ -52,7 +52,7 @@ from clipseg.train_args import (
     write_args,
 )
 from clipseg.training import Summary, TrainingLoop, Validation
-from model import TextCache
+from model import CLIPSeg, TextCache
 
 
 class RunNotStarted(TrainingError):
@@ -143,7 +143,16 @@ def start(args: argparse.Namespace, dataset: Dataset | None) -> tuple:
     return args, world, device, loop, loader
 
 
-def announce(args, model, dataset, world, device, dtype, start_step: int, validation: Validation | None) -> None:
+def announce(
+    args: argparse.Namespace,
+    model: CLIPSeg,
+    dataset: Dataset,
+    world: Distributed,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    start_step: int,
+    validation: Validation | None,
+) -> None:
     trainable = sum(p.numel() for p in model.decoder.parameters())
     left_out = datasets.exclusion_note(dataset)
     per_image = f", {args.prompts_per_image} prompts per image crop" if args.prompts_per_image > 1 else ""

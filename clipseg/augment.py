@@ -17,7 +17,9 @@ CROP_TRIES = 50  # the original's find_crop(iterations=50, min_frac=0.05)
 CROP_MIN_FRACTION = 0.05
 
 
-def choose_crop(mask: np.ndarray, offsets: Sequence[tuple[int, int]], min_fraction: float = CROP_MIN_FRACTION):
+def choose_crop(
+    mask: np.ndarray, offsets: Sequence[tuple[int, int]], min_fraction: float = CROP_MIN_FRACTION
+) -> tuple[int, int, int]:
     """The original's training crop (`find_crop`): a square of side min(H, W) at the first (top, left) offset
     whose crop holds more than `min_fraction` of the *whole image's* area in foreground pixels; when none of the
     offsets does, the one with the most foreground (the first such). mask: bool (H, W); offsets: the tries in

@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from torch.utils.data import Dataset
 
@@ -70,7 +70,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def int_up_to(limit: int):
+def int_up_to(limit: int) -> Callable[[str], int]:
     """An argparse type: an integer from 1 to `limit` (sizes a flag builds a model of: beyond it, memory runs out)."""
 
     def parse(text: str) -> int:
@@ -172,7 +172,7 @@ def output_folder(text: str) -> str:
 class RenamedFlag(argparse.Action):
     """A flag's older name, hidden from --help: giving it is a usage error that names the flag to use instead."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "", why: str = "", **kwargs) -> None:
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "", why: str = "", **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         self.new, self.why = new, why
 

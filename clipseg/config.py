@@ -6,6 +6,7 @@ geometries of the random and tiny backbones used offline.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import transformers
 
@@ -264,7 +265,7 @@ def tiny_clip_config(vision_layers: int = 6, width: int = 64, patch_size: int = 
     )
 
 
-def tiny_config(**knobs) -> CLIPSegConfig:
+def tiny_config(**knobs: Any) -> CLIPSegConfig:
     """A tiny CLIPSeg configuration: 6 vision blocks, width 64, decoder reading blocks 1, 3, 4, D = 16."""
     defaults = dict(reduce_dim=16, decoder_ffn_dim=64, backbone="tiny")
     return CLIPSegConfig(**{**defaults, **knobs, "clip": knobs.get("clip") or tiny_clip_config()})

@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -382,7 +382,7 @@ class GlobalProgress:
 
     _made = 0  # bars made by this process: the store key of the next one
 
-    def __init__(self, world: Distributed, total: int | None = None, interval: float = 0.5, **bar_options):
+    def __init__(self, world: Distributed, total: int | None = None, interval: float = 0.5, **bar_options: Any):
         self.world, self.interval = world, interval
         self.key = f"clipseg/progress/{GlobalProgress._made}"
         GlobalProgress._made += 1

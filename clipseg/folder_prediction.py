@@ -116,7 +116,9 @@ class FolderRun:
     stopped: str | None = None
 
 
-def check_same_predictor(world: Distributed, predictor: Predictor, prompts: Sequence[Prompt], options, inputs) -> None:
+def check_same_predictor(
+    world: Distributed, predictor: Predictor, prompts: Sequence[Prompt], options: FolderOptions, inputs: Sequence[str]
+) -> None:
     """Stop every rank (`RanksDisagree`) unless all were started with the same model, flags, prompts and inputs."""
     if not world.enabled:
         return
@@ -242,7 +244,11 @@ def _segment(predictor, conditional, prompts, batch, options: FolderOptions, run
 
 
 def image_masks(
-    predictor: Predictor, image: Image.Image, prompts: Sequence[Prompt], conditional, options: FolderOptions
+    predictor: Predictor,
+    image: Image.Image,
+    prompts: Sequence[Prompt],
+    conditional: Tensor | None,
+    options: FolderOptions,
 ) -> list[tuple[np.ndarray, MaskResult, dict]]:
     """Per prompt of one image, in order: its (H, W) probability map (an expression's evaluated map), its
     `MaskResult` and the record its summary entry gains (the parsed expression, the mask's threshold, area and
@@ -280,7 +286,13 @@ def image_masks(
     return found
 
 
-def coco_records(name: str, size: tuple[int, int], prompts, found, segmentation: str) -> list[dict]:
+def coco_records(
+    name: str,
+    size: tuple[int, int],
+    prompts: Sequence[Prompt],
+    found: Sequence[tuple[np.ndarray, MaskResult, dict]],
+    segmentation: str,
+) -> list[dict]:
     """The COCO annotations of one image's masks (`CocoDocument.records`: one per instance when instances were
     found, else one per non-empty mask; category = the prompt's label)."""
     document = CocoDocument()

@@ -206,7 +206,9 @@ def _run_full_precision_block(layer: nn.Module, x: Tensor, scratch: Scratch, mas
     return x + mlp.fc2(h).view(batch, tokens, width)
 
 
-def run_frozen_text(text_model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, dtype) -> Tensor:
+def run_frozen_text(
+    text_model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, dtype: torch.dtype | None
+) -> Tensor:
     """CLIP's frozen text tower (transformers' `text_model`) on (K, L) token ids with `run_frozen_block`: the final
     layer norm's (K, L, width) output. Each token attends to itself and to the tokens before it that
     `attention_mask` keeps (all without one), so the tokens it keeps get transformers' values (padded ones too:

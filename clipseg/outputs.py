@@ -21,6 +21,7 @@ import tempfile
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # A name is used verbatim only if it is this plain (PhraseCut task ids such as "2345__101_102" are).
 PLAIN_NAME = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,119}")
@@ -76,7 +77,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def json_text(value: object, **options) -> str:
+def json_text(value: object, **options: Any) -> str:
     """`json.dumps(value, **options)`, strict: NaN and +-Infinity are not JSON, so a value holding one raises a
     ValueError naming where it is (a value that may legitimately be undefined must be None, i.e. null). Lone
     surrogates (a file name that is not UTF-8, as Python decodes it) are written as \\uXXXX escapes also with

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,7 +146,7 @@ class SamRefiner:
         self.model, self.processor, self.use_mask_prompt = model.eval(), processor, use_mask_prompt
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu", **kwargs) -> SamRefiner:
+    def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu", **kwargs: Any) -> SamRefiner:
         model, processor = load_sam(name_or_path)
         return cls(model.to(device), processor, **kwargs)
 

@@ -167,7 +167,7 @@ def results_dict(run: ScoreRun, settings: dict, data: Dataset, seconds: float, i
     }
 
 
-def to_builtin(value):
+def to_builtin(value: object) -> object:
     """numpy scalars/arrays and tuples -> JSON-ready Python values."""
     if isinstance(value, dict):
         return {str(k): to_builtin(v) for k, v in value.items()}
@@ -180,7 +180,7 @@ def to_builtin(value):
     return value
 
 
-def percent(value) -> str:
+def percent(value: float | None) -> str:
     """A fraction as a percentage with one decimal, "-" when missing."""
     return "-" if value is None else f"{100 * value:.1f}"
 

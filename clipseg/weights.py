@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -33,7 +34,7 @@ class CheckpointError(ValueError):
     """A checkpoint file is damaged, implausible or does not fit the model it is loaded into."""
 
 
-def load_backbone(model_cls: type, name: str, what: str = "CLIP backbone", **kwargs) -> nn.Module:
+def load_backbone(model_cls: type, name: str, what: str = "CLIP backbone", **kwargs: Any) -> nn.Module:
     """`model_cls.from_pretrained(name)` (a transformers class) with an error that says what to give instead. Its
     config.json is checked (`check_config`) before transformers builds anything from it, and the weights after."""
     try:
@@ -438,7 +439,9 @@ _REFINED_HINT = (
 )
 
 
-def mismatch_message(source, config, missing, unexpected, wrong_shape) -> str:
+def mismatch_message(
+    source: str, config: Any, missing: list[str], unexpected: list[str], wrong_shape: list[str]
+) -> str:
     def listing(keys):
         return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
 

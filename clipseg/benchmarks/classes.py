@@ -32,6 +32,10 @@ import re
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # nltk is optional (requirements-benchmarks.txt): imported where WordNet is read
+    from nltk.corpus.reader.wordnet import Synset, WordNetCorpusReader
 
 # ------------------------------------------------------------------------------------------------ class lists
 
@@ -147,7 +151,7 @@ def debian_wordnet_dir() -> Path | None:
 
 
 @functools.cache
-def load_wordnet():
+def load_wordnet() -> WordNetCorpusReader:
     """nltk's WordNet reader: nltk's own data if installed, else Debian's files plus our `lexnames`.
 
     Raises WordNetMissing (naming both ways to get the data) when neither is there."""
@@ -190,7 +194,7 @@ def _debian_wordnet(directory: Path):
         return DebianWordNet(str(directory), None)
 
 
-def hyponym_lemmas(synset) -> list[str]:
+def hyponym_lemmas(synset: Synset) -> list[str]:
     """Lemma names of `synset` and of all its hyponyms, recursively (the original's `traverse_lemmas_hypo`);
     person.n.01 anywhere in the tree stands for `PERSON_LEMMAS` and is not descended."""
     if synset.name() == PERSON_SYNSET:
@@ -240,7 +244,7 @@ def removal_rule(spec: str) -> Callable[[str], bool]:
     return PhraseRemoval(single, multi, noun_lemmatiser(wordnet))
 
 
-def noun_lemmatiser(wordnet) -> Callable[[str], str]:
+def noun_lemmatiser(wordnet: WordNetCorpusReader) -> Callable[[str], str]:
     """nltk's `WordNetLemmatizer().lemmatize(word)` on the given reader: the shortest noun lemma morphy finds, or
     the word itself."""
 

@@ -27,6 +27,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -61,6 +62,9 @@ from clipseg.transforms import (
 )
 from clipseg.visual_prompts import visual_prompt
 from model import CLIPSeg
+
+if TYPE_CHECKING:
+    from dataset import PhraseCut
 
 BENCHMARKS = ("pascal5i", "coco20i", "voc-zeroshot")
 PROTOCOLS = ("original", "hsnet")
@@ -182,7 +186,15 @@ class EpisodeData(Dataset):
     scored at, `letterboxed` (the prediction maps back with `clipseg.transforms.unletterbox`), the episode's fields;
     or only a skip when a file cannot be read."""
 
-    def __init__(self, benchmark: str, protocol: str, prompt: str, episodes: Sequence[Episode], source, size: int):
+    def __init__(
+        self,
+        benchmark: str,
+        protocol: str,
+        prompt: str,
+        episodes: Sequence[Episode],
+        source: Coco20i | VocData,
+        size: int,
+    ):
         self.benchmark, self.protocol, self.prompt = benchmark, protocol, prompt
         self.episodes, self.source, self.size = list(episodes), source, size
         self.square = ImageTransform("pil", size)  # torchvision's Resize((S, S)) on PIL images, as HSNet does
@@ -461,7 +473,7 @@ class PhraseCutVisual(Dataset):
     another task with the same phrase (drawn with a seed per task), through the same test pipeline (whole image
     squashed to S) and `visual_prompt`. Tasks whose phrase no other task shares are excluded and listed."""
 
-    def __init__(self, data, seed: int = 0):
+    def __init__(self, data: PhraseCut, seed: int = 0):
         self.data, self.seed = data, seed
         phrases = [data.task_info(i).phrase for i in range(len(data))]
         groups: dict[str, list[int]] = {}

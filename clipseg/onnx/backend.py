@@ -24,6 +24,8 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +37,9 @@ from clipseg.outputs import read_regular
 from clipseg.tokenizer import CLIPTokenizer
 from clipseg.weights import CheckpointError, read_json
 from model import CLIPSeg, ImageFeatures
+
+if TYPE_CHECKING:  # onnxruntime is optional: imported by `import_onnxruntime`
+    from onnxruntime import InferenceSession, SessionOptions
 
 REQUIREMENTS_FILE = "requirements-export.txt"
 MANIFEST_NAME = "manifest.json"
@@ -61,7 +66,7 @@ class OnnxBackendError(RuntimeError):
     """The ONNX backend cannot run: onnxruntime is missing, or the export folder is incomplete, changed or damaged."""
 
 
-def import_onnxruntime():
+def import_onnxruntime() -> ModuleType:
     """The onnxruntime module, or an OnnxBackendError naming the requirements file to install."""
     try:
         import onnxruntime
@@ -152,7 +157,7 @@ def read_checked(path: Path, expected_sha256: str, error: type[Exception]) -> by
     return data
 
 
-def open_graph(ort, path: Path, expected_sha256: str, options):
+def open_graph(ort: ModuleType, path: Path, expected_sha256: str, options: SessionOptions) -> InferenceSession:
     """An onnxruntime session of the graph at `path` (`read_checked`); OnnxBackendError naming the file when its
     SHA-256 is not the manifest's or onnxruntime cannot load it."""
     data = read_checked(path, expected_sha256, OnnxBackendError)
@@ -204,7 +209,7 @@ class ExportedCLIPSeg:
     # -- prompts: the same tokenisation and text cache as the PyTorch model ----------------------------------
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> CLIPTokenizer:
         if self._tokenizer is None:
             self._tokenizer = CLIPTokenizer.from_directory()
         return self._tokenizer

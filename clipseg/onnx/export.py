@@ -18,7 +18,9 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +34,7 @@ from clipseg.onnx.backend import (
     GRAPH_INPUTS,
     MANIFEST_NAME,
     REQUIREMENTS_FILE,
+    ExportedCLIPSeg,
     OnnxBackendError,
     OnnxCLIPSeg,
     graph_sha256,
@@ -112,7 +115,14 @@ def example_grids(model: CLIPSeg) -> tuple[tuple[int, int], tuple[int, int]]:
     return (side + 1, side + 2), (side + 3, side - 1)
 
 
-def export_graph(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> None:
+def export_graph(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_shapes: dict[str, Any],
+) -> None:
     """torch.onnx.export with torch.export (dynamo) at OPSET, weights inside the file, the exporter's chatter off."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -197,7 +207,7 @@ def export_image_prompt_head(model: CLIPSeg, out_dir: Path) -> None:
 
 
 @torch.no_grad()
-def verify(model: CLIPSeg, runner: OnnxCLIPSeg) -> dict[str, dict[str, float]]:
+def verify(model: CLIPSeg, runner: ExportedCLIPSeg) -> dict[str, dict[str, float]]:
     """How far the graphs are from PyTorch: logits at two image shapes with one and three prompts, and the text and
     image-prompt embeddings. Per check: `absolute`, the largest |difference|, and `relative`, that divided by the
     largest |PyTorch value| (at least 1): random weights can give logits in the thousands, where fp32 rounding

@@ -46,6 +46,8 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -65,6 +67,9 @@ from clipseg.onnx.openvino_compiled import compiled_key, import_compiled, keep_c
 from clipseg.precision import PRECISIONS
 from clipseg.weights import CheckpointError
 
+if TYPE_CHECKING:  # openvino is optional: imported by `import_openvino`
+    from openvino import Core, InferRequest, Model
+
 REQUIREMENTS_FILE = "requirements-openvino.txt"
 FORMAT = "clipseg-openvino"
 FORMAT_VERSION = 1
@@ -76,7 +81,7 @@ class OpenVinoBackendError(RuntimeError):
     export folder is incomplete, changed, damaged or failed its accuracy check."""
 
 
-def import_openvino():
+def import_openvino() -> ModuleType:
     """The openvino module, or an OpenVinoBackendError naming the requirements file to install."""
     try:
         import openvino
@@ -88,7 +93,7 @@ def import_openvino():
 
 
 @functools.cache
-def openvino_core():
+def openvino_core() -> Core:
     """The process's one OpenVINO Core, its CPU plugin loaded, never released: every model here is read and
     compiled by it.
 
@@ -188,7 +193,7 @@ def check_accuracy_record(check: object, path: Path) -> None:
         )
 
 
-def read_graph(ov, core, directory: Path, name: str, files: dict):
+def read_graph(ov: ModuleType, core: Core, directory: Path, name: str, files: dict) -> Model:
     """The OpenVINO model of graph `name` once its .xml and .bin have the SHA-256s the manifest records;
     OpenVinoBackendError naming the file when they do not, or when OpenVINO cannot read it.
 
@@ -223,7 +228,7 @@ FP32_IN_INT8 = ("text_encoder", "decoder")
 PRECISE_KEY = "DisablePrecisionConversion_0"
 
 
-def precise_layers(model) -> list[str]:
+def precise_layers(model: Model) -> list[str]:
     """The names of `model`'s operations marked to compute in f32 whatever the hint (PRECISE_KEY)."""
     return [op.get_friendly_name() for op in model.get_ordered_ops() if PRECISE_KEY in op.get_rt_info()]
 
@@ -302,17 +307,17 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
         self.static_requests: dict[tuple, object] = {}  # (graph, shape key) -> request compiled for that shape
         self.shape_counts: collections.Counter = collections.Counter()
 
-    def model(self, graph: str):
+    def model(self, graph: str) -> Model:
         """`graph`'s OpenVINO model, read from the folder (and checked, `read_graph`) when first needed."""
         if graph not in self.models:
             self.models[graph] = read_graph(import_openvino(), self.core, self.directory, graph, self.manifest["files"])
         return self.models[graph]
 
-    def compile(self, model, graph: str):
+    def compile(self, model: Model, graph: str) -> InferRequest:
         """An inference request of `model` (graph `graph`) compiled for the CPU; OpenVinoBackendError if it cannot."""
         return self._compiled(model, graph, self.options(model, graph)).create_infer_request()
 
-    def options(self, model, graph: str) -> dict:
+    def options(self, model: Model, graph: str) -> dict:
         """OpenVINO's compile options for `model`, graph `graph` of this export (`compile_config`)."""
         return compile_config(self.precision, self.threads, graph, marked=bool(precise_layers(model)))
 
@@ -324,7 +329,7 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
                 f"{self.directory / IR_FILES[graph][0]}: OpenVINO cannot compile it ({err}); export the model again"
             ) from err
 
-    def compile_or_import(self, graph: str, folder: Path):
+    def compile_or_import(self, graph: str, folder: Path) -> InferRequest:
         """`graph`'s inference request, imported from the compiled graphs in `folder`, else compiled and kept there."""
         digests = [self.manifest["files"][file] for file in IR_FILES[graph]]
         key = compiled_key(self.core, digests, {"precision": self.precision, "threads": self.threads})
@@ -375,7 +380,7 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
         compiled = self.requests["image_encoder"].get_compiled_model()
         return compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
-    def request(self, graph: str, feed: dict[str, np.ndarray]):
+    def request(self, graph: str, feed: dict[str, np.ndarray]) -> InferRequest:
         """`graph`'s request for `feed`: one compiled for its shapes (made once they were seen `static_after` times,
         up to STATIC_SHAPES shapes per graph), else the shape-generic one."""
         key = (graph, shape_key(feed))

@@ -32,9 +32,13 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipseg.onnx.backend import SHA256
 from clipseg.outputs import atomic_write, read_regular, write_json
+
+if TYPE_CHECKING:  # openvino is optional: imported where it is used
+    from openvino import CompiledModel, Core
 
 MAX_RECORD_BYTES = 1 << 20
 MAX_BLOB_BYTES = 16 << 30  # a ViT-B/16 int8 conversion compiles to 224 MB
@@ -46,7 +50,7 @@ OPTIONS = {
 }
 
 
-def compiled_key(core, graph_digests: Sequence[str], asked: dict) -> str:
+def compiled_key(core: Core, graph_digests: Sequence[str], asked: dict) -> str:
     """SHA-256 over a compiled graph's identity: its files' SHA-256s, `asked` (what its compile options come from,
     e.g. the export's precision and the threads), the openvino version and the CPU."""
     import openvino
@@ -78,7 +82,7 @@ def recorded_options(record: object) -> dict | None:
     return options
 
 
-def import_compiled(core, folder: Path, key: str):
+def import_compiled(core: Core, folder: Path, key: str) -> CompiledModel | None:
     """The compiled graph kept under `key` in `folder`, imported with the options it was compiled with; None when
     there is none or it cannot be used (see the module's docstring)."""
     try:
@@ -100,7 +104,7 @@ def import_compiled(core, folder: Path, key: str):
     return compiled
 
 
-def keep_compiled(folder: Path, key: str, compiled, options: dict) -> None:
+def keep_compiled(folder: Path, key: str, compiled: CompiledModel, options: dict) -> None:
     """Keep `compiled` (compiled with `options`) in `folder` under `key`, each file written whole or not at all (the
     record last). A folder that cannot be written only means the next run compiles again."""
     stream = io.BytesIO()

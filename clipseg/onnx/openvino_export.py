@@ -39,6 +39,8 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 from xml.etree import ElementTree
 
 import numpy as np
@@ -71,6 +73,9 @@ from clipseg.scenes import EXAMPLES_DIR
 from clipseg.transforms import ImageTransform
 from model import CLIPSeg
 
+if TYPE_CHECKING:  # openvino is optional: imported by `import_openvino`
+    from openvino import Model, Node
+
 # The check's prompts: the shapes and colours of the shipped scenes (clipseg.synthetic's vocabulary), and a few
 # everyday phrases for users' own calibration images.
 CHECK_PHRASES = (
@@ -89,7 +94,7 @@ class AccuracyCheckFailed(RuntimeError):
     written."""
 
 
-def import_nncf():
+def import_nncf() -> ModuleType:
     """The nncf module (quiet), or an OpenVinoBackendError naming the requirements file to install."""
     try:
         import nncf
@@ -187,7 +192,7 @@ DECODER_F32 = "f32"
 RECIPE_MARGIN = 0.001
 
 
-def sensitive_layers(encoder, blocks: int, layers: Sequence[str] = BLOCK_LAYERS) -> list[str]:
+def sensitive_layers(encoder: Model, blocks: int, layers: Sequence[str] = BLOCK_LAYERS) -> list[str]:
     """The image encoder's operations kept in floating point: the patch embedding (a convolution of the raw pixels)
     and the `layers` (of BLOCK_LAYERS) of its first KEPT_BLOCKS of `blocks` transformer blocks (its weighted
     MatMuls in graph order). A graph without six weighted MatMuls per block keeps those blocks whole."""
@@ -203,7 +208,7 @@ def sensitive_layers(encoder, blocks: int, layers: Sequence[str] = BLOCK_LAYERS)
     return convolutions + [weighted[per_block * block + index] for block in kept for index in indices]
 
 
-def is_weighted_matmul(op) -> bool:
+def is_weighted_matmul(op: Node) -> bool:
     """Whether `op` is a MatMul by a constant (a linear layer's weights), through converts and transposes."""
     if op.get_type_name() != "MatMul":
         return False
@@ -216,7 +221,7 @@ def is_weighted_matmul(op) -> bool:
     return False
 
 
-def decoder_f32_layers(decoder) -> list[str]:
+def decoder_f32_layers(decoder: Model) -> list[str]:
     """The decoder's operations an int8 export marks to compute in f32 where the rest computes in bf16: all but its
     attention (ScaledDotProductAttention) and its blocks' feed-forward layers (`feed_forward_layers`). OpenVINO's
     CPU plugin then keeps the layer norms, residual additions and FiLM in f32 (at ViT-B/16 the other linear layers
@@ -237,7 +242,7 @@ def decoder_f32_layers(decoder) -> list[str]:
     ]
 
 
-def feed_forward_layers(graph) -> set[str]:
+def feed_forward_layers(graph: Model) -> set[str]:
     """The names of `graph`'s feed-forward layers: each pair of weighted MatMuls with a ReLU between, with the first's
     bias Add and the ReLU (so that the hidden activations stay in one precision between the two)."""
     names = set()
@@ -273,7 +278,7 @@ def with_precise_layers(topology: bytes, names: Sequence[str]) -> bytes:
     return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
-def with_f32_layers(model, names: Sequence[str]):
+def with_f32_layers(model: Model, names: Sequence[str]) -> Model:
     """`model` (marked nowhere yet) read again from its IR with the layers `names` marked precise
     (`with_precise_layers`), as `save` writes it."""
     ov = import_openvino()
@@ -298,7 +303,9 @@ def calibration_scenes(model: CLIPSeg, count: int = CALIBRATION_SCENES) -> list[
     return [transform.pixels(image)[None] for image in photo_like_images(CALIBRATION_SEED, count)]
 
 
-def quantize_image_encoder(encoder, calibration: list[Tensor], blocks: int, layers: Sequence[str] = BLOCK_LAYERS):
+def quantize_image_encoder(
+    encoder: Model, calibration: list[Tensor], blocks: int, layers: Sequence[str] = BLOCK_LAYERS
+) -> Model:
     """The image encoder (`blocks` transformer blocks) with int8 weights and activations: NNCF post-training
     quantisation as a transformer with SmoothQuant, calibrated on `calibration` ((1, 3, H, W) pixels each) and their
     mirror images; `sensitive_layers(encoder, blocks, layers)` stay in floating point."""
@@ -319,7 +326,7 @@ def quantize_image_encoder(encoder, calibration: list[Tensor], blocks: int, laye
         )
 
 
-def compress_text_encoder(encoder):
+def compress_text_encoder(encoder: Model) -> Model:
     """The text encoder with int8 weights (NNCF weight compression, symmetric, a scale per output channel): 4x
     smaller; at a prompt's few tokens its time is reading weights (one AMX thread, 8 tokens: 7.7 ms computing in f32
     against 9.7 ms in bf16 from float weights), and the masks agreed as before."""
@@ -329,7 +336,9 @@ def compress_text_encoder(encoder):
 
 
 @torch.no_grad()
-def mask_agreement(model: CLIPSeg, runner, images: list[Tensor], names: list[str], phrases: Sequence[str]) -> dict:
+def mask_agreement(
+    model: CLIPSeg, runner: OpenVinoCLIPSeg, images: list[Tensor], names: list[str], phrases: Sequence[str]
+) -> dict:
     """How many mask pixels (probability > PAPER_THRESHOLD) of `runner` agree with `model` in fp32, over
     `images` ((1, 3, H, W) pixels, named by `names`) against each of `phrases`: the share over all pixels, and the
     worst image and phrase."""

@@ -12,6 +12,7 @@ import copy
 import functools
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -23,6 +24,9 @@ from clipseg.postprocess import PAPER_LOGIT
 from clipseg.precision import MASK_AGREEMENT_BAR, cpu_class, default_path, precision_context, prepare_model
 from clipseg.speed.timing import decoder_flops, interleaved, native_bf16, sync, text_flops, vit_flops
 from model import CLIPSeg
+
+if TYPE_CHECKING:
+    from clipseg.onnx.backend import OnnxCLIPSeg
 
 PHRASES = [
     "a red car on the left",
@@ -61,7 +65,9 @@ def forward_flops(model: CLIPSeg, size: int, prompts: int = 1) -> float:
     return vit_flops(tokens, deepest) + prompts * (text_flops(text_tokens) + decoder_flops(tokens))
 
 
-def forward_comparison(ours: CLIPSeg, hf, device: str, size: int, repeats: int) -> list[dict]:
+def forward_comparison(
+    ours: CLIPSeg, hf: transformers.CLIPSegForImageSegmentation, device: str, size: int, repeats: int
+) -> list[dict]:
     """Our fp32 forward against HF's, interleaved: one prompt per image at batch 1 and 8, and one image with ten
     prompts (encoded once by us, ten times by HF). A row per case: both latencies, their ratio, our GFLOP/s."""
     rows = []
@@ -118,7 +124,17 @@ def forward_comparison(ours: CLIPSeg, hf, device: str, size: int, repeats: int) 
     return rows
 
 
-def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int, matmul_side: int | None = None) -> dict:
+def bf16_comparison(
+    ours: CLIPSeg,
+    hf: transformers.CLIPSegForImageSegmentation,
+    device: str,
+    size: int,
+    repeats: int,
+    rows: list[dict],
+    flops: float,
+    batch: int,
+    matmul_side: int | None = None,
+) -> dict:
     """Our bf16-autocast forward vs HF fp32, how many mask pixels (p > 0.5) agree with our fp32 masks, and, with
     `matmul_side` n, our GFLOP/s as a share of the machine's bf16 rate: an n^3 bf16 matmul timed interleaved with the
     forwards, so that a busy machine slows both alike."""
@@ -175,7 +191,15 @@ def bf16_comparison(ours, hf, device, size, repeats, rows, flops, batch: int, ma
     }
 
 
-def precision_paths(ours, hf, device, size, repeats, flops, rates) -> dict:
+def precision_paths(
+    ours: CLIPSeg,
+    hf: transformers.CLIPSegForImageSegmentation,
+    device: str,
+    size: int,
+    repeats: int,
+    flops: float,
+    rates: dict,
+) -> dict:
     """Our fp32, bf16, int8, ONNX and OpenVINO paths against the HF class in fp32, interleaved in one run, at batch 1
     and 8 with one prompt per image (text encoded in each call, as HF does): median latency, speed-up over HF fp32,
     mask agreement (probability > 0.3) with our fp32 on the random-noise inputs timed and on real-looking images
@@ -221,7 +245,7 @@ def precision_paths(ours, hf, device, size, repeats, flops, rates) -> dict:
     return out
 
 
-def path_functions(hf, models: dict, runners: dict) -> dict:
+def path_functions(hf: transformers.CLIPSegForImageSegmentation, models: dict, runners: dict) -> dict:
     """name -> f(pixels (B, 3, S, S), phrases (B of them)) -> logits, one prompt per image, for the HF class in fp32,
     our PyTorch `models` ({name: (model, precision)}) and the exported `runners` (text embedded in each call)."""
 
@@ -345,7 +369,7 @@ def time_precision_paths(paths: dict, batch: int, size: int, repeats: int) -> di
     return rows
 
 
-def onnx_runner(model, folder: Path):
+def onnx_runner(model: CLIPSeg, folder: Path) -> OnnxCLIPSeg | None:
     """The benchmark model exported into `folder` (clipseg/onnx/export.py, export.py's graphs) and loaded in
     onnxruntime, or None (with a message) when requirements-export.txt is not installed."""
     try:
@@ -367,7 +391,7 @@ def onnx_runner(model, folder: Path):
     return OnnxCLIPSeg(folder, threads=torch.get_num_threads())  # as many threads as the torch paths
 
 
-def openvino_runners(model, folder: Path) -> dict:
+def openvino_runners(model: CLIPSeg, folder: Path) -> dict:
     """The benchmark model's ONNX export in `folder`/onnx converted to OpenVINO in fp32, bf16 (native bf16 only) and
     int8 (NNCF, calibrated on the shipped examples and generated scenes), loaded with torch's thread count:
     {"openvino_<precision>": runner} with its graphs compiled for each shape at its first call, the warm-up (as
@@ -420,7 +444,15 @@ def openvino_runners(model, folder: Path) -> dict:
 TRAINING_WARMUP = 8
 
 
-def training_comparison(ours, hf, device, size, repeats, bf16: bool, batch: int = 8) -> dict:
+def training_comparison(
+    ours: CLIPSeg,
+    hf: transformers.CLIPSegForImageSegmentation,
+    device: str,
+    size: int,
+    repeats: int,
+    bf16: bool,
+    batch: int = 8,
+) -> dict:
     """Samples/s of one training step (frozen backbone, decoder trained) once steps are steady (TRAINING_WARMUP):
     ours vs a plain HF loop, in fp32 and, where bf16 is native (`bf16`), in bf16 autocast. Each precision's two steps
     are timed interleaved, apart from the other precision's, as a training run takes steps in one precision: with

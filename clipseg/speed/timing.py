@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from clipseg.precision import amp_dtype, quantize_linears
 
@@ -129,7 +129,7 @@ def native_bf16(device: str) -> bool:
     return amp_dtype(device) == torch.bfloat16
 
 
-def sync(device: str, value=None):
+def sync(device: str, value: Tensor | None = None) -> Tensor | None:
     """Wait for the device's queued work (CUDA); returns `value`."""
     if device == "cuda":
         torch.cuda.synchronize()
