@@ -86,7 +86,7 @@ from clipseg.folder_prediction import (
     predict_folder,
     summarise_unreadable,
 )
-from clipseg.folders import unreadable_entry
+from clipseg.folders import IMAGE_SUFFIXES, SUMMARY_JSON_NAME, is_run_file, unreadable_entry
 from clipseg.images import UnreadableImage
 from clipseg.loading import LoadError
 from clipseg.mask_formats import SEGMENTATIONS
@@ -311,6 +311,19 @@ def check_outputs(args: argparse.Namespace) -> str | None:
                 f"--out {args.out} is the folder of the input {given}: each image's outputs go into a folder named "
                 "after it, beside it; choose another --out"
             )
+    return None if args.summary in (None, "-") else summary_conflict(args.summary, out, args.inputs)
+
+
+def summary_conflict(summary: str, out: str, inputs: Sequence[str]) -> str | None:
+    """Why writing the JSON summary to `summary` would overwrite something it must not (an input image, a file of
+    the run in `out`, a realpath), or None."""
+    real = Path(os.path.realpath(summary))
+    if real.suffix.lower() in IMAGE_SUFFIXES or any(os.path.realpath(given) == str(real) for given in inputs):
+        return f"--summary {summary} names an image: the summary is JSON; choose a .json file"
+    if real.parent == Path(out) and is_run_file(real.name) and real.name != SUMMARY_JSON_NAME:
+        return f"--summary {summary} is the run's own {real.name} in --out; choose another file"
+    if Path(out) in real.parents and real.parent != Path(out):
+        return f"--summary {summary} lies inside an image's output folder in --out; choose another file"
     return None
 
 

@@ -89,6 +89,31 @@ def test_out_in_the_folder_of_the_images_is_refused_before_any_work(tiny_dir, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]
 
 
+def test_a_summary_that_would_overwrite_an_image_or_a_file_of_the_run_is_refused_before_any_work(
+    tiny_dir, tmp_path, capsys
+):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    random_image(40, 30).save(photos / "cat.png")
+    (photos / "cat").symlink_to(photos / "cat.png")
+    image_bytes = (photos / "cat.png").read_bytes()
+    for summary, message in (
+        (photos / "cat.png", "names an image: the summary is JSON"),
+        (photos / "cat", "names an image: the summary is JSON"),  # the input itself, by another name
+        (tmp_path / "new.PNG", "names an image: the summary is JSON"),
+        (out / "run.json", "is the run's own run.json in --out"),
+        (out / "summary.jsonl", "is the run's own summary.jsonl in --out"),
+        (out / "cat.png" / "s.json", "lies inside an image's output folder in --out"),
+    ):
+        inputs = [photos / "cat"] if summary.name == "cat" else [photos]
+        assert run_cli(tiny_dir, inputs, out, "--prompt", "sky", "--summary", str(summary)) == 2
+        assert f"--summary {summary} {message}" in capsys.readouterr().err
+    assert (photos / "cat.png").read_bytes() == image_bytes and not out.exists()
+    assert run_cli(tiny_dir, [photos], out, "--prompt", "sky", "--summary", str(out / "summary.json")) == 0
+    assert run_cli(tiny_dir, [photos], out, "--prompt", "sky", "--summary", str(tmp_path / "mine.json")) == 0
+    assert json.loads((tmp_path / "mine.json").read_text())["processed"] == 1
+
+
 def test_images_named_like_the_runs_own_files_get_other_folders(tiny_dir, tmp_path):
     for name in ("summary.jsonl", "summary.json", "run.json", "coco.json"):
         random_image(40, 30).save(tmp_path / name, format="PNG")  # a PNG whatever its name says
