@@ -323,3 +323,31 @@ def test_export_checks_the_disk_space_of_its_output_folder_before_the_work(tiny_
     assert export_main([str(tiny_dir), str(tmp_path / "full")]) == 2
     assert f"not enough disk space for {tmp_path / 'full'}: the export needs about" in capsys.readouterr().err
     assert exported_graphs == []
+
+
+def folder_bytes(folder) -> dict:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("failure", ["the check fails", "killed while exporting"])
+def test_a_failed_export_into_an_export_folder_leaves_the_old_export_whole(
+    exported, tiny_dir, tmp_path, monkeypatch, capsys, failure
+):
+    """The new graphs are written and checked beside the old ones (a hidden staging folder) and moved into place
+    only once they pass: the export a user already has keeps working whatever stops the new one."""
+    copy = export_copy(exported, tmp_path)
+    before = folder_bytes(copy)
+    if failure == "the check fails":
+        monkeypatch.setattr(onnx_export, "verify", lambda *args: {"logits": {"relative": 1.0, "absolute": 1.0}})
+        assert export_main([str(tiny_dir), str(copy)]) == 1
+        assert f"nothing was written to {copy}" in capsys.readouterr().err
+    else:
+
+        def killed(*args):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(onnx_export, "export_decoder", killed)
+        with pytest.raises(KeyboardInterrupt):
+            onnx_export.export(CLIPSeg.from_pretrained(tiny_dir), copy)
+    assert folder_bytes(copy) == before  # the staging folder removed too
+    OnnxCLIPSeg(copy)

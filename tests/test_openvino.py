@@ -662,3 +662,24 @@ def test_the_app_gives_the_same_files_with_torch_and_openvino(model, exports, tm
     assert "--backend openvino needs --model EXPORT_DIR" in capsys.readouterr().err
     args = app.parse_args(["--backend", "openvino", "--model", str(exports["int8"])])
     assert (args.backend, args.precision) == ("openvino", None)  # the export's, read when it is opened
+
+
+def test_an_export_killed_while_saving_leaves_the_export_in_its_folder_whole(
+    exports, model, onnx_dir, tmp_path, monkeypatch
+):
+    folder = shutil.copytree(exports["fp32"], tmp_path / "copy")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    hashed = []
+
+    def killed_at_the_second_file(path):
+        hashed.append(path)
+        if len(hashed) == 2:
+            raise KeyboardInterrupt
+        return "0" * 64
+
+    monkeypatch.setattr(openvino_export, "graph_sha256", killed_at_the_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        export_openvino(model, folder, "fp32", onnx_dir=onnx_dir, bar=AGREEMENT)
+    assert hashed[0].parent != folder  # the new files went beside the old ones first
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    OpenVinoCLIPSeg(folder)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from clipseg.config import PATCH_SIZE, CLIPSegConfig
 from clipseg.decoder import prompts_per_image_of
-from clipseg.outputs import read_regular
+from clipseg.outputs import read_regular, write_json
 from clipseg.tokenizer import CLIPTokenizer
 from clipseg.weights import CheckpointError, read_json
 from model import CLIPSeg, ImageFeatures
@@ -118,6 +119,29 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_GRAPH_BYTES = 32 << 30  # a graph file read whole: ViT-L/14's weights in fp32 take 1.2 GB
+
+
+STAGING_NAME = ".export-in-progress"  # inside an export folder: the files of an export not yet checked
+
+
+def staging_folder(out_dir: Path) -> Path:
+    """A fresh folder inside `out_dir` (made if needed) where an export writes and checks its files before
+    `install_export` moves them into place, so that an export that fails its check, or is killed, leaves the export
+    already in `out_dir` as it was. A killed export's leftovers are removed first."""
+    staging = out_dir / STAGING_NAME
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def install_export(staging: Path, out_dir: Path, manifest: dict) -> None:
+    """Move the checked files of `staging` into `out_dir` and write `manifest` there last (a folder without one is
+    not an export): only renames lie between the old manifest's removal and the new one's writing."""
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    for file in staging.iterdir():
+        os.replace(file, out_dir / file.name)
+    write_json(out_dir / MANIFEST_NAME, manifest)
+    staging.rmdir()
 
 
 def graph_sha256(path: Path) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,15 +33,16 @@ from clipseg.onnx.backend import (
     FORMAT_VERSION,
     GRAPH_FILES,
     GRAPH_INPUTS,
-    MANIFEST_NAME,
     REQUIREMENTS_FILE,
     ExportedCLIPSeg,
     OnnxBackendError,
     OnnxCLIPSeg,
     graph_sha256,
     import_onnxruntime,
+    install_export,
+    staging_folder,
 )
-from clipseg.outputs import check_writable, write_json
+from clipseg.outputs import check_writable
 from clipseg.tokenizer import CONTEXT_LENGTH
 from clipseg.transforms import IMAGENET_MEAN, IMAGENET_STD
 from model import CLIPSeg, ImageFeatures
@@ -300,22 +302,23 @@ def export(model: CLIPSeg, out_dir: str | Path, source: str = "") -> dict:
             ) from err
     out_dir = Path(out_dir)
     check_writable(out_dir, folder=True, needed_bytes=export_bytes(model), what="the export")
-    out_dir.mkdir(parents=True, exist_ok=True)  # the check removes the folders it made for its probe
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    model = model.float().cpu().eval()
-    with torch.no_grad():
-        for export_one in (export_image_encoder, export_text_encoder, export_decoder, export_image_prompt_head):
-            export_one(model, out_dir)
-    manifest = build_manifest(model, source, out_dir)
-    manifest["difference_to_torch"] = verification = verify(model, OnnxCLIPSeg(out_dir, manifest=manifest))
-    worst = max(check["relative"] for check in verification.values())
-    if worst > VERIFY_TOLERANCE:
-        raise RuntimeError(
-            f"the ONNX graphs differ from PyTorch by up to {worst:.2e} of the values' scale (> {VERIFY_TOLERANCE}): "
-            f"{verification}; "
-            f"no {MANIFEST_NAME} was written, {out_dir} is not a usable export"
-        )
-    write_json(out_dir / MANIFEST_NAME, manifest)
+    staging = staging_folder(out_dir)  # the check removes the folders it made for its probe: made again here
+    try:
+        model = model.float().cpu().eval()
+        with torch.no_grad():
+            for export_one in (export_image_encoder, export_text_encoder, export_decoder, export_image_prompt_head):
+                export_one(model, staging)
+        manifest = build_manifest(model, source, staging)
+        manifest["difference_to_torch"] = verification = verify(model, OnnxCLIPSeg(staging, manifest=manifest))
+        worst = max(check["relative"] for check in verification.values())
+        if worst > VERIFY_TOLERANCE:
+            raise RuntimeError(
+                f"the ONNX graphs differ from PyTorch by up to {worst:.2e} of the values' scale (> "
+                f"{VERIFY_TOLERANCE}): {verification}; nothing was written to {out_dir}"
+            )
+        install_export(staging, out_dir, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 

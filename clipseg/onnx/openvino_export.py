@@ -36,6 +36,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,7 +50,13 @@ from torch import Tensor
 
 from clipseg.images import load_image
 from clipseg.onnx import export as onnx_export
-from clipseg.onnx.backend import GRAPH_FILES, MANIFEST_NAME, OnnxBackendError, graph_sha256
+from clipseg.onnx.backend import (
+    GRAPH_FILES,
+    OnnxBackendError,
+    graph_sha256,
+    install_export,
+    staging_folder,
+)
 from clipseg.onnx.backend import read_manifest as read_onnx_manifest
 from clipseg.onnx.openvino_backend import (
     FORMAT,
@@ -66,7 +73,7 @@ from clipseg.onnx.openvino_backend import (
     precise_layers,
     signal_stack_kept,
 )
-from clipseg.outputs import check_writable, write_json
+from clipseg.outputs import check_writable
 from clipseg.postprocess import PAPER_LOGIT, PAPER_THRESHOLD
 from clipseg.precision import MASK_AGREEMENT_BAR, cpu_class
 from clipseg.scenes import EXAMPLES_DIR
@@ -502,17 +509,20 @@ def refuse_failed_check(manifest: dict, precision: str, out_dir: Path) -> None:
 
 
 def save(models: dict, manifest: dict, out_dir: Path) -> None:
-    """The IR files (weights as they are: no fp16 compression; precise layers marked, `with_precise_layers`), their
-    SHA-256s into the manifest, the manifest last; an older export's manifest in `out_dir` is removed first."""
+    """The IR files (weights as they are: no fp16 compression; precise layers marked, `with_precise_layers`) and
+    their SHA-256s into the manifest, written beside `out_dir`'s files and moved into place, the manifest last
+    (`install_export`): an export killed while saving leaves an older export in `out_dir` whole."""
     ov = import_openvino()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    manifest["files"] = {}
-    for name, model in models.items():
-        xml, weights = (out_dir / file for file in IR_FILES[name])
-        ov.save_model(model, str(xml), compress_to_fp16=False)
-        names = precise_layers(model)
-        if names:  # save_model does not write them
-            xml.write_bytes(with_precise_layers(xml.read_bytes(), names))
-        manifest["files"].update({xml.name: graph_sha256(xml), weights.name: graph_sha256(weights)})
-    write_json(out_dir / MANIFEST_NAME, manifest)
+    staging = staging_folder(out_dir)
+    try:
+        manifest["files"] = {}
+        for name, model in models.items():
+            xml, weights = (staging / file for file in IR_FILES[name])
+            ov.save_model(model, str(xml), compress_to_fp16=False)
+            names = precise_layers(model)
+            if names:  # save_model does not write them
+                xml.write_bytes(with_precise_layers(xml.read_bytes(), names))
+            manifest["files"].update({xml.name: graph_sha256(xml), weights.name: graph_sha256(weights)})
+        install_export(staging, out_dir, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
