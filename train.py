@@ -43,6 +43,7 @@ from clipseg.sampling import (
     threads_beside_workers,
 )
 from clipseg.train_args import (
+    RUN_PLAN_FLAGS,
     TrainingError,
     build_model,
     build_training_set,
@@ -107,7 +108,7 @@ def start(args: argparse.Namespace, dataset: Dataset | None) -> tuple:
             runs.check_run_writable(files.dir, runs.checkpoint_bytes(model))
         except runs.CheckpointWriteError as err:
             raise TrainingError(str(err)) from err
-        if not args.resume:
+        if not args.resume or set(RUN_PLAN_FLAGS) & set(args.explicit):  # a resume that changes the plan records it
             write_args(files, args, world)
     if world.enabled:
         dist.barrier()

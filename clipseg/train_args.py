@@ -329,10 +329,12 @@ def known_patch_size(args: argparse.Namespace) -> int | None:
     return None
 
 
-# Flags that may differ from the stored run arguments when resuming; all others must match.
-RESUME_OVERRIDABLE = (
-    "max_iterations", "ckpt", "num_workers", "device", "compile", "log_every", "checkpoints_dir", "keep_checkpoints",
-)  # fmt: skip
+# Flags that may differ from the stored run arguments when resuming; all others must match. The run's length and
+# checkpointing stay as stored unless given again (a new value is stored for later resumes); the machine's are
+# this invocation's, given or default.
+RUN_PLAN_FLAGS = ("max_iterations", "ckpt", "log_every", "keep_checkpoints")
+MACHINE_FLAGS = ("num_workers", "device", "compile", "checkpoints_dir")
+RESUME_OVERRIDABLE = RUN_PLAN_FLAGS + MACHINE_FLAGS
 
 
 def build_training_set(args: argparse.Namespace) -> Dataset:
@@ -445,7 +447,8 @@ def stored_args(files: RunFiles, args: argparse.Namespace) -> argparse.Namespace
         )
     merged = {**vars(args), **stored}  # a flag newer than the run keeps its default (the run did without it)
     for key in RESUME_OVERRIDABLE:
-        merged[key] = getattr(args, key)
+        if key in MACHINE_FLAGS or key in args.explicit or stored.get(key) is None:
+            merged[key] = getattr(args, key)
     merged["resume"], merged["explicit"] = True, args.explicit
     for key in ("extract_layers", "mix_range", "keep_checkpoints"):
         if merged.get(key) is not None:

@@ -7,6 +7,8 @@ import pytest
 
 import train
 from clipseg import train_args
+from clipseg.distributed import Distributed
+from clipseg.runs import RunFiles
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,3 +96,20 @@ def test_init_takes_what_every_commands_model_takes(tiny_checkpoints, tmp_path):
 
 def test_a_run_name_may_hold_a_plus_as_the_papers_pc_plus():
     assert train_args.parse_args(["--name=pc+", "--mix"]).name == "pc+"
+
+
+def test_resume_keeps_the_runs_plan_unless_given_again_and_takes_the_machines_flags_from_this_call(tmp_path):
+    """`train.py --name=pc --resume` continues the run as planned: its --max-iterations, --ckpt, --log-every and
+    --keep-checkpoints are the stored ones (they were reset to the defaults, so a finished 4,400-iteration demo
+    trained on to 20,000); given again they change. --num-workers, --device, --compile are this call's."""
+    ck = f"--checkpoints-dir={tmp_path}"
+    planned = train.parse_args(["--name=r", ck, "--max-iterations=12", "--ckpt=4", "--log-every=3", "--num-workers=3"])
+    files = RunFiles(tmp_path / "r")
+    files.dir.mkdir()
+    train_args.write_args(files, planned, Distributed())
+    files.state.write_bytes(b"")  # only its presence matters here
+    resumed = train_args.stored_args(files, train.parse_args(["--name=r", ck, "--resume"]))
+    assert (resumed.max_iterations, resumed.ckpt, resumed.log_every) == (12, 4, 3)
+    assert resumed.num_workers == train.parse_args(["--name=r"]).num_workers  # the machine's: this call's default
+    longer = train_args.stored_args(files, train.parse_args(["--name=r", ck, "--resume", "--max-iterations=20"]))
+    assert (longer.max_iterations, longer.ckpt) == (20, 4)

@@ -5,6 +5,7 @@ with their choices."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,6 +73,17 @@ def test_ctrl_c_saves_and_resume_is_bitwise_exact(tmp_path, synthetic_root, refe
     assert training_state(run_dir)["step"] == 7
     assert train.main([*argv, "--resume"]) == 0
     assert_same_run(run_dir, reference)
+
+
+def test_a_resume_given_a_longer_run_trains_on_and_records_the_new_plan(tmp_path, synthetic_root, reference):
+    """A finished run resumed with --max-iterations=14 trains 2 more iterations, and args.json records 14, so that
+    a later plain --resume keeps it."""
+    shutil.copytree(reference, tmp_path / "ck" / "ref")
+    assert train.main([*flags(tmp_path, synthetic_root, "--name=ref", "--max-iterations=14"), "--resume"]) == 0
+    run_dir = tmp_path / "ck" / "ref"
+    assert training_state(run_dir)["step"] == 14
+    stored = json.loads((run_dir / "args.json").read_text())
+    assert (stored["max_iterations"], stored["ckpt"]) == (14, 4)
 
 
 def test_bf16_resume_is_bitwise_exact(tmp_path, synthetic_root, monkeypatch):
