@@ -117,7 +117,7 @@ def measure_threshold(predictor: Predictor, n_images: int, seed: int) -> dict:
 
     return {
         "calibrated_threshold": calibrated,
-        "held_out_miou": {"calibrated": at(calibrated), "0.5": at(0.5), "0.3 (paper)": at(0.3)},
+        "held_out_miou": {"calibrated": at(calibrated or PAPER_THRESHOLD), "0.5": at(0.5), "0.3 (paper)": at(0.3)},
         "held_out_best": {
             "threshold": thresholds[int(np.argmax(held_out["miou"]))],
             "miou": round(float(np.max(held_out["miou"])), 4),

@@ -146,17 +146,19 @@ class Validation:
         }
 
 
-def calibration(paper: PaperMetrics, metric: str) -> tuple[float, dict]:
+def calibration(paper: PaperMetrics, metric: str) -> tuple[float | None, dict]:
     """The calibrated mask threshold: the argmax of the validation curve of `metric` over the paper's thresholds
     0.02, 0.04, ..., 0.98 (the lowest of equal maxima, as `PaperMetrics.compute`), and that curve
     ({"metric", "thresholds", "values"}). Threshold-free metrics (ap, loss) calibrate on the mIoU curve. The CLIPSeg
-    paper notes that the best threshold can strongly deviate from 0.5 and differs per data set."""
+    paper notes that the best threshold can strongly deviate from 0.5 and differs per data set. A flat curve (no
+    threshold better than another: targets all empty, or a model that predicts nothing) calibrates nothing: None,
+    where its argmax, 0.02, would make every later mask cover nearly the whole image."""
     metric = metric if metric in CURVE_METRICS else "miou"
     curves = paper.curves()
-    best = int(np.argmax(curves[metric]))
     values = [round(float(v), 6) for v in curves[metric]]
     thresholds = [round(float(t), 4) for t in curves["thresholds"]]
-    return thresholds[best], {"metric": metric, "thresholds": thresholds, "values": values}
+    best = None if max(values) == min(values) else thresholds[int(np.argmax(curves[metric]))]
+    return best, {"metric": metric, "thresholds": thresholds, "values": values}
 
 
 @dataclass
@@ -431,9 +433,18 @@ class TrainingLoop:
 
     def calibrate(self, scores: dict) -> None:
         """The validated weights' calibrated threshold into the model's config: best/ and the run's next checkpoint
-        (written right after a validation) carry it as config.json's `clipseg_threshold`."""
+        (written right after a validation) carry it as config.json's `clipseg_threshold`; none after a flat curve
+        (`calibration`), so that predict.py and the app fall back to the paper's 0.3."""
         curve = scores["val_threshold_curve"]
         self.model.config.threshold = scores["val_threshold"]
+        self.model.config.threshold_origin = None
+        if scores["val_threshold"] is None:
+            tqdm.write(
+                f"{self.args.name}: validation at iteration {self.step}: {curve['metric']} is "
+                f"{curve['values'][0]:g} at every threshold, so no threshold is calibrated (predictions use the "
+                "paper's 0.3)"
+            )
+            return
         self.model.config.threshold_origin = (
             f"train.py validation of iteration {self.step}: the threshold of the highest {curve['metric']} over "
             f"{curve['thresholds'][0]}, {curve['thresholds'][1]}, ..., {curve['thresholds'][-1]} on "

@@ -388,6 +388,34 @@ def test_validation_equals_score_py_on_the_same_subset_and_weights(tmp_path, syn
     assert scores["val_threshold"] == paper["miou_best_threshold"]
 
 
+@pytest.mark.parametrize("case", ["targets all empty", "a model that predicts nothing"])
+def test_a_flat_validation_curve_calibrates_no_threshold(case, capsys):
+    """Every threshold scoring the same (mIoU 0 throughout) has no argmax worth keeping: the lowest, 0.02, was
+    written to config.json and made every later mask cover nearly the whole image. The config keeps no threshold
+    (predictions use the paper's 0.3) and the run says why."""
+    from types import SimpleNamespace
+
+    from clipseg.config import tiny_config
+    from clipseg.metrics import PaperMetrics
+
+    generator = torch.Generator().manual_seed(0)
+    random_map, random_truth = torch.rand(3, 1, 8, 8, generator=generator), torch.rand(3, 1, 8, 8, generator=generator)
+    paper = PaperMetrics()
+    if case == "targets all empty":
+        paper.update(random_map, torch.zeros(3, 1, 8, 8))
+    else:
+        paper.update(torch.zeros(3, 1, 8, 8), (random_truth > 0.5).float())
+    threshold, curve = training.calibration(paper, "miou")
+    assert threshold is None and set(curve["values"]) == {0.0} and len(curve["thresholds"]) == 49
+    config = replace(tiny_config(), threshold=0.4, threshold_origin="an earlier validation")
+    loop = SimpleNamespace(
+        model=SimpleNamespace(config=config), args=SimpleNamespace(name="run"), step=8, validation=None
+    )
+    training.TrainingLoop.calibrate(loop, {"val_threshold": threshold, "val_threshold_curve": curve})
+    assert config.threshold is None and config.threshold_origin is None
+    assert "run: validation at iteration 8: miou is 0 at every threshold" in capsys.readouterr().out
+
+
 def test_the_calibrated_threshold_is_the_argmax_of_the_validation_curve_and_the_models_default(validated):
     from clipseg.predictor import Predictor
 
