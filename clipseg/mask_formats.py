@@ -47,18 +47,30 @@ def _alpha(values: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- COCO
 
 
-def coco_rle(mask: np.ndarray) -> dict:
+def coco_rle(mask: np.ndarray, offset: tuple[int, int] = (0, 0), size: tuple[int, int] | None = None) -> dict:
     """(H, W) bool -> COCO compressed RLE {"size": [H, W], "counts": str}, as `pycocotools.mask.encode` of the
-    Fortran-ordered uint8 mask gives it (with counts decoded to text, as COCO JSON files hold them)."""
+    Fortran-ordered uint8 mask gives it (with counts decoded to text, as COCO JSON files hold them). `mask` may be a
+    crop of the image (an instance's box): `size` is then the image's (H, W) and `offset` the crop's (top, left);
+    only the crop is scanned."""
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"expected a non-empty (H, W) mask, got shape {mask.shape}")
-    flat = mask.ravel(order="F")
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], changes, [flat.size]]))
-    if flat[0]:
-        runs = np.concatenate([[0], runs])  # runs alternate, starting with background
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": _rle_text(runs.tolist())}
+    height, width = size or mask.shape
+    top, left = offset
+    if not (0 <= top and top + mask.shape[0] <= height and 0 <= left and left + mask.shape[1] <= width):
+        raise ValueError(f"a crop of shape {mask.shape} at {offset} does not fit an image of {(height, width)}")
+    padded = np.pad(mask, ((1, 1), (0, 0)))  # background above and below each column: no run crosses a column
+    flat = padded.ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # where a run of mask pixels starts or ends
+    column, row = np.divmod(changes, padded.shape[0])
+    places = (column + left) * height + (row - 1 + top)  # Fortran-order positions in the whole image
+    starts, ends = places[flat[changes]], places[~flat[changes]]
+    joined = np.flatnonzero(starts[1:] == ends[:-1])  # a run down one column's end that the next column continues
+    starts, ends = np.delete(starts, joined + 1), np.delete(ends, joined)
+    bounds = np.concatenate([[0], np.stack([starts, ends], axis=1).ravel(), [height * width]])
+    runs = np.diff(bounds)  # background, mask, background, ..., background
+    runs = runs[:-1] if len(runs) > 1 and runs[-1] == 0 else runs
+    return {"size": [int(height), int(width)], "counts": _rle_text(runs.tolist())}
 
 
 def _rle_text(runs: list[int]) -> str:
@@ -76,15 +88,17 @@ def _rle_text(runs: list[int]) -> str:
     return "".join(characters)
 
 
-def polygons(mask: np.ndarray) -> list[list[float]]:
+def polygons(mask: np.ndarray, offset: tuple[int, int] = (0, 0)) -> list[list[float]]:
     """The outlines of the (H, W) bool mask's 8-connected components, COCO style: one flat [x1, y1, x2, y2, ...]
-    list per component, its vertices the pixel corners where the outline turns. Holes are not represented."""
+    list per component, its vertices the pixel corners where the outline turns. Holes are not represented. `offset`
+    (top, left): where the mask lies in the image when it is a crop."""
     mask = np.asarray(mask, dtype=bool)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
         return []
     top, left = int(rows[0]), int(cols[0])
     crop = mask[top : rows[-1] + 1, left : cols[-1] + 1]
+    top, left = top + offset[0], left + offset[1]
     return [[float(v) for x, y in loop for v in (x + left, y + top)] for loop in _outlines(crop) if _area(loop) > 0]
 
 
@@ -159,26 +173,38 @@ class CocoDocument:
         return len(self.images)
 
     def add_mask(
-        self, image_id: int, category: str, mask: np.ndarray, score: float | None = None, segmentation: str = "rle"
+        self,
+        image_id: int,
+        category: str,
+        mask: np.ndarray,
+        score: float | None = None,
+        segmentation: str = "rle",
+        offset: tuple[int, int] | None = None,
     ) -> int | None:
         """One annotation of the (H, W) bool mask on image `image_id` (its size), segmented as "rle" or "polygons";
-        returns its id, or None for an empty mask (nothing to annotate)."""
+        returns its id, or None for an empty mask (nothing to annotate). With `offset` (top, left) the mask is a crop
+        of the image placed there (an instance's box), and only the crop is read."""
         if segmentation not in SEGMENTATIONS:
             raise ValueError(f"segmentation must be one of {', '.join(SEGMENTATIONS)}, got {segmentation!r}")
         image = self.images[image_id - 1]
         mask = np.asarray(mask, dtype=bool)
-        if mask.shape != (image["height"], image["width"]):
-            raise ValueError(f"a mask of shape {mask.shape} for image {image['file_name']!r}")
+        size = (image["height"], image["width"])
+        top, left = offset or (0, 0)
+        if not (0 <= top and top + mask.shape[0] <= size[0] and 0 <= left and left + mask.shape[1] <= size[1]) or (
+            offset is None and mask.shape != size
+        ):
+            raise ValueError(f"a mask of shape {mask.shape} at {(top, left)} for image {image['file_name']!r}")
         if not mask.any():
             return None
+        x, y, box_width, box_height = mask_bbox(mask)
         category_id = self.categories.setdefault(category, len(self.categories) + 1)
         annotation = {
             "id": len(self.annotations) + 1,
             "image_id": image_id,
             "category_id": category_id,
-            "segmentation": coco_rle(mask) if segmentation == "rle" else polygons(mask),
+            "segmentation": coco_rle(mask, (top, left), size) if segmentation == "rle" else polygons(mask, (top, left)),
             "area": int(mask.sum()),
-            "bbox": mask_bbox(mask),
+            "bbox": [x + left, y + top, box_width, box_height],
             "iscrowd": 0,
         }
         if score is not None:
@@ -188,14 +214,16 @@ class CocoDocument:
 
     def add_result(self, image_id: int, category: str, result: MaskResult, segmentation: str = "rle") -> list[int]:
         """The annotations of a `clipseg.postprocess.MaskResult`: one per instance (scored by its mean
-        probability) when instances were found, else one of the whole mask (no score). Returns their ids."""
+        probability) when instances were found, else one of the whole mask (no score). Returns their ids. Each
+        instance is read from its box only: a mask of a few thousand instances needs no full-size map per instance."""
         if result.labels is None:
             found = self.add_mask(image_id, category, result.mask, None, segmentation)
             return [] if found is None else [found]
-        ids = [
-            self.add_mask(image_id, category, mask, instance.score, segmentation)
-            for mask, instance in zip(result.instance_masks(), result.instances)
-        ]
+        ids = []
+        for instance in result.instances:
+            left, top, right, bottom = instance.box
+            crop = result.labels[top:bottom, left:right] == instance.label
+            ids.append(self.add_mask(image_id, category, crop, instance.score, segmentation, (top, left)))
         return [i for i in ids if i is not None]
 
     def records(self) -> list[dict]:

@@ -543,7 +543,8 @@ class Segmenter:
                     else:
                         continue
                     files[kind] = name
-                coco.add_result(image_id, prompt.label, found, "rle")
+                if "coco" in formats:
+                    coco.add_result(image_id, prompt.label, found, "rle")
                 entry = prompt_summary(prompt, prob, found.mask, files)
                 entry.update(found.summary())
                 if index < len(result.expressions):
