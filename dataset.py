@@ -329,11 +329,11 @@ def read_records(index_file: Path) -> list[dict]:
         )
     base = index_file.parent
     if index_file.suffix.lower() == ".csv":
-        with open(index_file, newline="", encoding="utf-8") as file:
+        with open(index_file, newline="", encoding="utf-8-sig") as file:
             raw = [(number + 2, dict(row)) for number, row in enumerate(csv.DictReader(file))]
     else:
         raw = []
-        with open(index_file, encoding="utf-8") as file:
+        with open(index_file, encoding="utf-8-sig") as file:
             for number, line in enumerate(file, start=1):
                 if not line.strip():
                     continue

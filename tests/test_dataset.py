@@ -452,6 +452,21 @@ def test_user_folder_csv_split_filter_and_one_pixel_image(tmp_path):
     assert val[0].tasks[0].full_mask.tolist() == [[True]]
 
 
+@pytest.mark.parametrize("name", ["data.csv", "data.jsonl"])
+def test_user_folder_index_saved_with_a_byte_order_mark_is_read(tmp_path, name):
+    """Excel's "CSV UTF-8" (and some editors' UTF-8) start the file with a byte-order mark; it was read into the
+    first field's name ('\ufeffimage'), and the index refused as lacking the field image."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    Image.new("L", (4, 4), 255).save(tmp_path / "m.png")
+    if name.endswith(".csv"):
+        text = "image,phrase,mask\na.png,a thing,m.png\n"
+    else:
+        text = json.dumps({"image": "a.png", "phrase": "a thing", "mask": "m.png"}) + "\n"
+    (tmp_path / name).write_text(text, encoding="utf-8-sig")
+    data = dataset.build_dataset("folder", tmp_path / name, "train", train=False, image_size=8)
+    assert len(data) == 1 and data[0].tasks[0].phrase == "a thing"
+
+
 def test_user_folder_non_binary_mask_is_thresholded_with_one_warning(tmp_path):
     Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
     Image.fromarray(np.tile(np.arange(0, 250, 25, dtype=np.uint8), (10, 1))).save(tmp_path / "soft.png")
