@@ -201,6 +201,8 @@ def _tokens(text: str) -> list[_Token]:
             tokens.append(_Token(char, char, i + 1))
         elif weight is not None:
             end_phrase(i)
+            if not np.isfinite(float(weight)):
+                raise ExpressionError(text, i + 2, f"a weight that is a finite number (not {weight[:12]}...)")
             tokens.append(_Token("weight", float(weight), i + 1))
             i += len(weight)
         elif char == '"':

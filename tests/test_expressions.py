@@ -131,6 +131,7 @@ def test_set_identities_hold_on_soft_maps():
         ("(cat:2):3", 8, "one weight per term"),
         ("", 1, "a phrase or '('"),
         ("cat - ", 7, "a phrase or '('"),
+        ("car:" + "9" * 400, 5, "a weight that is a finite number (not 999999999999...)"),  # float() gives inf
     ],
 )
 def test_syntax_errors_name_the_column_and_what_was_expected(text, column, expected):
