@@ -69,7 +69,7 @@ from clipseg.folders import (
 from clipseg.images import UnreadableImage, open_rgb
 from clipseg.mask_formats import CocoDocument
 from clipseg.mask_pipeline import PipelineOptions, mask_from_map
-from clipseg.outputs import atomic_write, json_text, write_text
+from clipseg.outputs import atomic_write, json_text, printable, write_text
 from clipseg.postprocess import MaskResult
 from clipseg.prediction_outputs import DEFAULT_SAVE, Prompt, image_files, image_summary, write_image_outputs
 from clipseg.predictor import Predictor
@@ -375,19 +375,36 @@ def write_summary_json(lines: Path, header: dict, counts: MergeCounts, destinati
 
 def write_coco(lines: Path, path: Path) -> str | None:
     """OUT/coco.json from the merged `lines`' COCO records (one document: the images in summary order, categories =
-    prompts). Returns its path, None when it could not be written (said on stderr)."""
-    document = CocoDocument()
+    prompts). Returns its path, None when it could not be written (said on stderr). A line without the image's size
+    or with damaged annotations (edited by hand) is left out with a note."""
+    document, damaged = CocoDocument(), []
     for record in read_summary(lines):
-        if "error" not in record:
-            image_id = document.add_image(record["image"], record["width"], record["height"])
-            for annotation in record.get("coco", []):
-                document.add_record(image_id, annotation)
+        if "error" in record:
+            continue
+        size, annotations = (record.get("width"), record.get("height")), record.get("coco", [])
+        if not all(type(side) is int and side > 0 for side in size) or not _annotation_records(annotations):
+            damaged.append(record["image"])
+            continue
+        image_id = document.add_image(record["image"], *size)
+        for annotation in annotations:
+            document.add_record(image_id, annotation)
+    if damaged:
+        print(
+            f"note: {len(damaged)} line(s) of {lines} without the image's size or with damaged COCO annotations are "
+            f"left out of {path.name} (first: {printable(damaged[0], 80)})",
+            file=sys.stderr,
+        )
     try:
         document.write(path)
     except OSError as err:
         print(f"error: cannot write {path} ({err})", file=sys.stderr)
         return None
     return str(path)
+
+
+def _annotation_records(annotations: object) -> bool:
+    """Whether `annotations` is a list of `CocoDocument.records()`: objects, each naming its category."""
+    return isinstance(annotations, list) and all(isinstance(a, dict) and "category" in a for a in annotations)
 
 
 def _write_to(path: str, write) -> None:

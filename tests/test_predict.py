@@ -627,6 +627,23 @@ def test_cli_sam_refinement_runs_end_to_end_and_a_bad_sam_model_exits_2(tiny_dir
     assert exit_info.value.code == 2 and "--sam-model is the checkpoint of --refine sam" in capsys.readouterr().err
 
 
+def test_a_damaged_summary_line_is_left_out_of_coco_json_with_a_note(tiny_dir, tmp_path, capsys):
+    """A --coco --resume over a summary.jsonl with a line edited by hand (no size) processed every image, then
+    stopped at the very end with a KeyError and no coco.json."""
+    folder = photo_folder(tmp_path, n=2)
+    out = tmp_path / "out"
+    args = ["--prompt", "sky", "--threshold", "0.55", "--instances", "--coco", "rle"]
+    assert run_cli(tiny_dir, [folder], out, *args) == 0
+    with open(out / "summary.jsonl", "a") as lines:
+        lines.write('{"image": "zzz.png"}\n{"image": "yyy.png", "width": 4, "height": 4, "coco": [7]}\n')
+    capsys.readouterr()
+    assert run_cli(tiny_dir, [folder], out, *args, "--resume") == 0
+    coco = json.loads((out / "coco.json").read_text())
+    names = {image["file_name"] for image in coco["images"]}
+    assert len(names) == 2 and not names & {"zzz.png", "yyy.png"}
+    assert "note: 2 line(s) of" in capsys.readouterr().err
+
+
 def test_cli_coco_polygons_rasterise_to_the_written_masks(tiny_dir, tmp_path):
     """--coco polygons: per instance a list of [x1, y1, x2, y2, ...] outlines that pycocotools rasterises back to the
     mask (holes filled, as polygons hold none), up to pixels on its boundary."""
