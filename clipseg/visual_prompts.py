@@ -61,12 +61,15 @@ def visual_prompt(
 
 def support_prompt(image: ImageInput, mask: ImageInput, transform: ImageTransform) -> Tensor:
     """A support image and its object mask (files, PIL images or arrays, the same size) -> (3, S, S) prompt image:
-    both squashed to S x S by `transform`'s rule, then `visual_prompt`. Raises ValueError for a size mismatch."""
+    both squashed to S x S by `transform`'s rule, then `visual_prompt`. Raises ValueError for a size mismatch or a
+    mask without an object (the prompt would be the whole support image, blurred)."""
     rgb, (object_mask, _) = load_image(image), read_mask(mask)
     if object_mask.shape != (rgb.height, rgb.width):
         raise ValueError(
             f"support mask is {object_mask.shape[1]}x{object_mask.shape[0]} but its image is {rgb.width}x"
             f"{rgb.height}: give a mask of the support image's size"
         )
+    if not object_mask.any():
+        raise ValueError("the support mask has no object: give a mask whose object is white on black")
     square = ImageTransform(transform.rule, transform.size, square=True)
     return visual_prompt(square.pixels(rgb), square.mask(object_mask), size=transform.size)

@@ -197,6 +197,10 @@ def test_cli_argument_errors(tiny_dir, tmp_path, capsys):
     spec = f"{tmp_path / 'img.png'}:{tmp_path / 'small_mask.png'}"
     assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--visual-prompt", spec) == 2
     assert "support image's size" in capsys.readouterr().err
+    Image.open(tmp_path / "img.png").convert("L").point(lambda _: 0).save(tmp_path / "black_mask.png")
+    spec = f"{tmp_path / 'img.png'}:{tmp_path / 'black_mask.png'}"
+    assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--visual-prompt", spec) == 2
+    assert "error: --visual-prompt: the support mask has no object" in capsys.readouterr().err
     assert run_cli(tmp_path / "no_model", [tmp_path / "img.png"], tmp_path / "out", "--prompt", "a") == 2
     assert f"error: {tmp_path / 'no_model'}: no such directory or file. Runs in checkpoints/" in capsys.readouterr().err
     assert run_cli(tiny_dir, [tmp_path / "img.png"], tmp_path / "out", "--prompt", "a", "--image-size", "50") == 2

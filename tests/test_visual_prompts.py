@@ -71,6 +71,9 @@ def test_support_prompt_reads_files_and_checks_sizes(tmp_path):
     Image.fromarray(mask[:20]).save(tmp_path / "small.png")
     with pytest.raises(ValueError, match="support mask is 60x20 but its image is 60x40"):
         support_prompt(tmp_path / "support.png", tmp_path / "small.png", transform)
+    Image.fromarray(mask * 0).save(tmp_path / "black.png")  # predict.py took it: the whole image, blurred
+    with pytest.raises(ValueError, match="the support mask has no object: give a mask whose object is white"):
+        support_prompt(tmp_path / "support.png", tmp_path / "black.png", transform)
 
 
 # ------------------------------------------------------------------------------------------- masks, logits
