@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from clipseg.benchmarks.classes import removal_rule
 from clipseg.images import UnreadableImage, read_mask
 from clipseg.metrics import PHRASE_TYPES
+from clipseg.outputs import printable
 from clipseg.phrasecut import (
     DATA_SUBDIR,
     DEFAULT_PHRASECUT_ROOT,
@@ -341,7 +342,16 @@ def read_records(index_file: Path) -> list[dict]:
                     raw.append((number, json.loads(line)))
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{index_file}:{number}: not valid JSON ({err})") from err
-    return [_normalise_record(record, index_file, number, base) for number, record in raw]
+    records, lines = [], {}
+    for number, record in raw:
+        records.append(_normalise_record(record, index_file, number, base))
+        first = lines.setdefault(records[-1]["id"], number)
+        if first != number:
+            raise ValueError(
+                f"{index_file}:{number}: id {printable(records[-1]['id'], 60)!r} is also the id of line {first}; "
+                "give each record its own id (ids name the tasks in scores and the saved predictions)"
+            )
+    return records
 
 
 def _normalise_record(record: object, index_file: Path, number: int, base: Path) -> dict:

@@ -498,6 +498,14 @@ def test_user_folder_bad_records_name_file_and_line(tmp_path):
             dataset.UserFolder(index, train=True)
 
 
+def test_user_folder_ids_must_be_unique(tmp_path):
+    """Two records with one id were both scored, but --save-predictions kept one file for the two."""
+    record = {"image": "a.png", "phrase": "p", "mask": "m.png", "id": "t1"}
+    index = make_folder(tmp_path, [record, {**record, "id": "t2"}, record])
+    with pytest.raises(ValueError, match=r"train.jsonl:3: id 't1' is also the id of line 1; give each record its"):
+        dataset.UserFolder(index, train=False)
+
+
 def test_user_folder_missing_files_and_mask_size_mismatch_are_skipped(tmp_path):
     Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
     Image.new("L", (5, 5), 255).save(tmp_path / "small_mask.png")
