@@ -52,12 +52,14 @@ from clipseg.distributed import (
 from clipseg.folders import (
     COCO_NAME,
     RUN_FILE,
+    STAMP_FIELD,
     SUMMARY_JSON_NAME,
     SUMMARY_NAME,
     CompletedImages,
     InputEntry,
     MergeCounts,
     SummaryLog,
+    input_stamp,
     iter_inputs,
     merge_summaries,
     output_name,
@@ -193,7 +195,7 @@ def predict_folder(
                 progress.update(1)
                 continue
             folder = options.out / output_name(entry.path, several)
-            if completed.is_complete(entry.key, image_files(folder, prompts, options.save)):
+            if completed.is_complete(entry.key, image_files(folder, prompts, options.save), input_stamp(entry.path)):
                 run.reused += 1
                 progress.update(1)
                 continue
@@ -211,6 +213,7 @@ def _segment(predictor, conditional, prompts, batch, options: FolderOptions, run
     """Read, segment and write a batch of images, one at a time; each image's summary line right after its files.
     `conditional`: the image prompts' vectors (None without)."""
     for entry, folder in batch:
+        stamp = input_stamp(entry.path)  # before reading: a file replaced meanwhile is done again on --resume
         try:
             image = open_rgb(entry.path)
         except UnreadableImage as err:
@@ -236,6 +239,8 @@ def _segment(predictor, conditional, prompts, batch, options: FolderOptions, run
             entries = [e | record for e, (*_, record) in zip(written["prompts"], found)]
             size = predictor.transform.input_size(*image.size)
             line = image_summary(entry.key, image.size, size, entries) | {"overlay": written["overlay"]}
+            if stamp is not None:
+                line[STAMP_FIELD] = stamp
             if options.coco:
                 line["coco"] = coco_records(entry.key, image.size, prompts, found, options.coco)
             log.write(line)

@@ -52,6 +52,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 SUMMARY_NAME = "summary.jsonl"
 RANK_SUMMARY = re.compile(r"summary-rank(\d+)\.jsonl")
 SUMMARY_JSON_NAME = "summary.json"  # the run's summary, written from summary.jsonl at the end
+STAMP_FIELD = "input_file"  # a summary line's record of its image file (`input_stamp`), for --resume
 RUN_FILE = "run.json"  # the flags an output folder was made with (for --resume)
 COCO_NAME = "coco.json"  # the run's COCO annotations, with --coco
 KEY_FIELD = "image"  # a summary line's key: the image's path as given (or the skipped input's)
@@ -373,10 +374,15 @@ class CompletedImages:
 
     @classmethod
     def load(cls, out: Path, owns: Callable[[str], bool] | None = None) -> CompletedImages:
-        """The completed images of out/summary.jsonl (after `start_summaries`) that `owns` keeps."""
+        """The completed images of out/summary.jsonl (after `start_summaries`) that `owns` keeps, each with the
+        size and modification time its file had (`input_stamp`; lines older than the stamp have none)."""
         path = out / SUMMARY_NAME
         records = read_summary(path) if path.exists() else iter(())
-        keys = (r[KEY_FIELD] for r in records if "error" not in r and (owns is None or owns(r[KEY_FIELD])))
+        keys = (
+            _stamped(r[KEY_FIELD], r.get(STAMP_FIELD))
+            for r in records
+            if "error" not in r and (owns is None or owns(r[KEY_FIELD]))
+        )
         return cls(np.fromiter(map(stable_hash, keys), dtype=np.uint64))
 
     def __len__(self) -> int:
@@ -387,9 +393,28 @@ class CompletedImages:
         at = int(np.searchsorted(self.hashes, value))
         return at < len(self.hashes) and self.hashes[at] == value
 
-    def is_complete(self, key: str, files: Iterable[Path]) -> bool:
-        """Whether the image `key` needs no work: its line was written and each of `files` exists, not empty."""
-        return key in self and all(_non_empty_file(path) for path in files)
+    def is_complete(self, key: str, files: Iterable[Path], stamp: dict | None = None) -> bool:
+        """Whether the image `key` needs no work: its line was written, for the file as it is now (`stamp`, from
+        `input_stamp`: an image replaced since is done again), and each of `files` exists, not empty."""
+        done = _stamped(key, stamp) in self or key in self  # the second: a line older than the stamps
+        return done and all(_non_empty_file(path) for path in files)
+
+
+def input_stamp(path: Path) -> dict | None:
+    """What a summary line records of its image's file (STAMP_FIELD): its size and modification time, or None when
+    it cannot be read."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return {"bytes": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def _stamped(key: str, stamp: object) -> str:
+    """The key a completed image is hashed under: with its file's stamp when there is one."""
+    if not isinstance(stamp, dict):
+        return key
+    return f"{key}\0{stamp.get('bytes')}:{stamp.get('mtime_ns')}"
 
 
 def _non_empty_file(path: Path) -> bool:

@@ -400,6 +400,24 @@ def test_a_killed_run_resumes_without_redoing_completed_images(tiny_dir, tmp_pat
         assert redone_png.size == Image.open(folder / half_written).size
 
 
+def test_resume_does_again_an_image_replaced_since_its_line_was_written(tiny_dir, tmp_path, capsys):
+    """The summary records each image file's size and modification time: a file replaced by another picture under
+    the same name is segmented again (its 60x40 mask and summary were kept for a 1000x1000 picture)."""
+    folder, out = photo_folder(tmp_path, n=2), tmp_path / "out"
+    assert run_cli(tiny_dir, [folder], out, "--prompt", "sky") == 0
+    replaced = folder / "img01.png"
+    random_image(64, 48, seed=9).save(replaced)
+    os.utime(replaced, ns=(replaced.stat().st_atime_ns, replaced.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert run_cli(tiny_dir, [folder], out, "--prompt", "sky", "--resume") == 0
+    assert "processed 2 image(s) (1 now, 1 done before), skipped 1" in capsys.readouterr().err
+    entry = next(e for e in json.loads((out / "summary.json").read_text())["images"] if e["image"] == str(replaced))
+    assert (entry["width"], entry["height"]) == (64, 48)
+    assert entry["input_file"] == {"bytes": replaced.stat().st_size, "mtime_ns": replaced.stat().st_mtime_ns}
+    with Image.open(out / "img01.png" / "sky.mask.png") as mask:
+        assert mask.size == (64, 48)
+
+
 def test_resume_with_other_inputs_says_where_the_summarys_other_images_come_from(tiny_dir, tmp_path, capsys):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     first, second, out = photo_folder(tmp_path / "a", n=2), photo_folder(tmp_path / "b", n=1), tmp_path / "out"
