@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from clipseg.cli import NOTHING_DONE, explicit_flags, output_folder, positive_int, stop
-from clipseg.config import CLIPSegConfig, check_image_side, random_clip_config
+from clipseg.cli import NOTHING_DONE, explicit_flags, int_up_to, output_folder, positive_int, stop
+from clipseg.config import RANDOM_BACKBONES, CLIPSegConfig, check_image_side, random_clip_config
 from clipseg.outputs import UnwritableOutput, check_writable, write_json
 from clipseg.speed.busy import busy_report, machine_state, print_warnings
 from clipseg.speed.data import data_pipeline_rate, index_rate
@@ -55,6 +55,7 @@ from model import CLIPDeconv, CLIPSeg, ViTSeg, count_parameters
 
 # This command picks the rows and writes the JSON; the measurements are clipseg/speed/ (timing, models, runs, data).
 RESULTS_NAME = "bench_results.json"
+MAX_THREADS = 1024  # torch's thread pool for 100,000 threads ran out of memory
 ROWS = {  # the groups of rows --rows picks, in the order they are measured
     "params": "the parameter counts of the full-size configurations (random weights, no download)",
     "scale-out": "score.py and predict.py throughput on 1 and 2 processes under torchrun (README 'Scale out')",
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per variant (median reported)")
     parser.add_argument(
-        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads", type=int_up_to(MAX_THREADS), default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument(
         "--image-size",
@@ -115,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--scale-out-backbone",
         default="random-vit-b16",
-        help="model of the scale-out rows: random-vit-b16 (the released geometry, default) or tiny",
+        choices=("tiny", *RANDOM_BACKBONES),
+        help="model of the scale-out rows, random weights: random-vit-b16 (the released geometry, default), another "
+        "CLIP geometry or tiny",
     )
     parser.add_argument(
         "--index-tasks",

@@ -167,6 +167,8 @@ def test_the_older_only_and_skip_flags_still_pick_the_same_rows(measured):
         (["--rows", "head", "--index-tasks", "5"], "--index-tasks measures with the data rows: add data to --rows"),
         (["--repeats", "0"], "argument --repeats: must be a positive integer, got 0"),
         (["--threads", "-2"], "argument --threads: must be a positive integer, got -2"),
+        (["--threads", "100000"], "argument --threads: must be at most 1024, got 100000"),
+        (["--rows", "scale-out", "--scale-out-backbone", "./nowhere"], "--scale-out-backbone: invalid choice"),
         (["--image-size", "360"], "image size 360 is not a multiple of the patch size 16 of ViT-B/16: use 352 or 368"),
         (["--image-size", "7"], "image size 7 is not a multiple of the patch size 16 of ViT-B/16: use 16\n"),
     ],
