@@ -18,8 +18,8 @@ path that keeps >= 99.5% of fp32's mask pixels. A run during which other process
 spread by more than 10%, ends with a warning (also under "busy" in the JSON): its absolute times are not those of a
 quiet machine.
 
-Exit status: 0 done; 2 bad flags or an --out that cannot be written; 1 the results could not be saved; 130
-interrupted (the rows measured so far are written).
+Exit status: 0 done; 2 bad flags or an --out that cannot be written; 1 a row failed (the rows measured before it
+are written) or the results could not be saved; 130 interrupted (the rows measured so far are written).
 """
 
 from __future__ import annotations
@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     except KeyboardInterrupt:
         results["interrupted"] = True
         print("interrupted: writing the rows measured so far", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 (any failure of a row: the rows measured before it are kept)
+        results["failed"] = f"{type(err).__name__}: {err}"
+        print(f"error: a row failed ({results['failed']}): writing the rows measured so far", file=sys.stderr)
     results["busy"] = busy_report(start, machine_state(), torch.get_num_threads(), repeat_spreads())
     print_warnings(results["busy"])
     try:
@@ -185,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (OSError, ValueError) as err:
         stop(f"the results above were not saved: {err}", NOTHING_DONE)
     print(f"wrote {out}")
+    if "failed" in results:
+        raise SystemExit(NOTHING_DONE)
     return results
 
 

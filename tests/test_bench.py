@@ -1,6 +1,8 @@
 """bench.py: an --out that cannot be written (or names a file, not a folder) is refused before anything is measured;
 the precision rows end with whether predict.py's default is this machine's fastest path that keeps fp32's masks."""
 
+import json
+
 import pytest
 import torch
 from conftest import AMX_XEON, VNNI_EPYC, simulate_cpu
@@ -177,3 +179,16 @@ def test_bad_flags_are_usage_errors_before_measuring(flags, message, measured, c
     with pytest.raises(SystemExit) as exit_info:
         measured(*flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_row_that_fails_keeps_the_rows_measured_before_it(measured, monkeypatch, tmp_path, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("no room for the batch")
+
+    monkeypatch.setattr(bench, "training_comparison", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        measured()
+    assert exit_info.value.code == 1
+    assert "error: a row failed (MemoryError: no room for the batch)" in capsys.readouterr().err
+    results = json.loads((tmp_path / "bench_results.json").read_text())
+    assert results["failed"] == "MemoryError: no room for the batch" and "precision_paths" in results
