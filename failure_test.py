@@ -79,7 +79,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the same as --model, the older form: --name demo analyses the run checkpoints/demo",
     )
     add_scoring_arguments(parser)
-    add_data_arguments(parser)
+    add_data_arguments(parser, benchmarks=False)
     parser.add_argument(
         "--out",
         type=output_folder,

@@ -14,6 +14,7 @@ loaded, data or output paths that cannot be used."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -280,10 +281,30 @@ def load_evaluation(args: argparse.Namespace) -> tuple[CLIPSeg | ExportedCLIPSeg
     try:
         model, source = load_command_model(args, reference=True)
         image_size = input_side(model, args.image_size)
-        data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
     except LoadError as err:
         stop(str(err))
+    try:
+        data = build_eval_dataset(args.data, args.data_root, args.split, image_size, args.limit, args.resize)
+    except LoadError as err:
+        stop(f"{err}{run_data_hint(args)}")
     return model, source, image_size, data
+
+
+def run_data_hint(args: argparse.Namespace) -> str:
+    """When --model is a run of train.py trained on other data than --data names: a hint that gives its --data and
+    --data-root (`python score.py demo` on the demo run, trained on synthetic data, looked for PhraseCut); else ''."""
+    named = Path(args.checkpoints_dir) / (args.model or "")
+    run_dir = named if args.model and named.is_dir() else Path(args.model or "")
+    for folder in (run_dir, run_dir.parent):
+        try:
+            stored = json.loads((folder / "args.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        data, root = (stored.get("data"), stored.get("data_root")) if isinstance(stored, dict) else (None, None)
+        if data in DATA_KINDS and data != args.data:
+            flags = f"--data {data}" + (f" --data-root {root}" if isinstance(root, str) else "")
+            return f"\n(the run {folder} was trained with {flags}: give those flags to score it on its own data)"
+    return ""
 
 
 def run_job(args: argparse.Namespace, work: Callable[[argparse.Namespace, Distributed], dict]) -> dict:
@@ -495,15 +516,20 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data set, split and limit flags of score.py and failure_test.py."""
+def add_data_arguments(parser: argparse.ArgumentParser, benchmarks: bool = True) -> None:
+    """The data set, split and limit flags of score.py and failure_test.py (`benchmarks`: whether --data offers
+    the paper's other benchmarks, which score.py runs and failure_test.py does not)."""
+    other = (
+        "; pascal5i, coco20i (one-shot), voc-zeroshot: the paper's other benchmarks, see the benchmark options"
+        if benchmarks
+        else ""
+    )
     parser.add_argument(
         "--data",
-        choices=DATA_KINDS + BENCHMARKS,
+        choices=DATA_KINDS + (BENCHMARKS if benchmarks else ()),
         default="phrasecut",
         help="phrasecut: the downloaded data set; synthetic: generated PhraseCut-format data (made if absent); "
-        "folder: your own JSONL/CSV index of image, phrase, mask; pascal5i, coco20i (one-shot), voc-zeroshot: the "
-        "paper's other benchmarks, see the benchmark options (default %(default)s)",
+        f"folder: your own JSONL/CSV index of image, phrase, mask{other} (default %(default)s)",
     )
     parser.add_argument(
         "--data-root",

@@ -183,6 +183,18 @@ def test_missing_run_is_a_clear_error(checkpoints, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_the_benchmarks_score_py_runs_are_not_offered(capsys):
+    """--data pascal5i was offered by --help, then refused with a message about --data folder."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", "pascal5i"])
+    assert (
+        exit_info.value.code == 2 and "invalid choice: 'pascal5i' (choose from 'phrasecut'" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "pascal5i" not in capsys.readouterr().out
+
+
 def test_an_unwritable_out_stops_before_the_model_is_loaded(checkpoints, tmp_path, capsys, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded although --out cannot be written")

@@ -236,6 +236,14 @@ def test_missing_phrasecut_data_names_the_folder(checkpoints, tmp_path, capsys):
     exits_with(2, capsys, re.escape(str(tmp_path / "nowhere")), argv)
 
 
+def test_missing_data_names_the_data_the_run_was_trained_on(tiny_checkpoint, tmp_path, capsys):
+    """`python score.py demo` on the demo run (trained on synthetic data) looked for PhraseCut and said only that."""
+    run = tiny_checkpoint("demo", image_size=SIZE)
+    (run / "args.json").write_text(json.dumps({"data": "synthetic", "data_root": "synthetic_phrasecut"}))
+    argv = ["demo", "--checkpoints-dir", str(run.parent), "--data-root", str(tmp_path / "nowhere")]
+    exits_with(2, capsys, "--data synthetic --data-root synthetic_phrasecut: give those flags to score it", argv)
+
+
 def test_image_size_is_checked_against_the_models_patch(checkpoints, synthetic_root, capsys):
     flags = ["--checkpoints-dir", str(checkpoints), "--data", "synthetic", "--data-root", str(synthetic_root)]
     pattern = r"image size 100 is not a multiple of the patch size 16 .*use 96 or 112"
