@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import torch
 import transformers
 from safetensors import SafetensorError
@@ -99,6 +100,8 @@ def resolve_file(name_or_path: str, filename: str) -> str:
             f"could not open {filename} of {name_or_path!r}: not a local checkpoint directory and not reachable "
             f"on the HF hub (offline? set HF_HUB_OFFLINE=0 and check the id) ({err})"
         ) from err
+    if path is None and not Path(name_or_path).is_dir() and huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{name_or_path!r} is not in the local HF cache, and HF_HUB_OFFLINE is set")
     if path is None:
         raise FileNotFoundError(f"{name_or_path!r} has no {filename}: is it a CLIPSeg checkpoint?")
     return path

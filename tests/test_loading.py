@@ -64,3 +64,16 @@ def test_the_papers_run_names_with_a_plus_are_run_names(tiny_checkpoints, tmp_pa
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(tiny_checkpoints / "demo", checkpoints / "pc+")
     assert resolve_model("pc+", checkpoints) == (str(checkpoints / "pc+"), checkpoints / "pc+")
+
+
+def test_a_hub_id_missing_from_the_cache_offline_says_so(monkeypatch, tmp_path):
+    """Offline (HF_HUB_OFFLINE=1, as the Makefile sets), the released model not yet fetched was reported as
+    "has no config.json: is it a CLIPSeg checkpoint?"."""
+    import huggingface_hub.constants
+
+    from clipseg.weights import resolve_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))
+    with pytest.raises(FileNotFoundError, match="'nobody/no-model' is not in the local HF cache, and HF_HUB_OFFLINE"):
+        resolve_file("nobody/no-model", "config.json")
