@@ -110,6 +110,17 @@ def batches_from(loader: DataLoader) -> Iterator[Iterator[Batch]]:
             shutdown()
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity; all of them where it cannot be read)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """train.py's --num-workers default: one fewer than the usable cores, at most 4: a core stays with the training
+    step (on 2 cores of an AMD EPYC, one run each: 7.8 samples/s with 4 workers, 11.2 with 1)."""
+    return min(4, usable_cores() - 1)
+
+
 @contextlib.contextmanager
 def threads_beside_workers(device: torch.device, num_workers: int) -> Iterator[None]:
     """On the CPU, leave one core to each DataLoader worker: the training step's threads otherwise compete with
@@ -119,8 +130,7 @@ def threads_beside_workers(device: torch.device, num_workers: int) -> Iterator[N
         yield
         return
     previous = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores - num_workers))
+    torch.set_num_threads(max(1, usable_cores() - num_workers))
     try:
         yield
     finally:

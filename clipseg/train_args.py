@@ -49,6 +49,7 @@ from clipseg.runs import RunFiles
 from clipseg.sample_pipeline import PROMPT_TEMPLATES
 from clipseg.sampling import (
     Distributed,
+    default_workers,
     derived_seed,
 )
 from clipseg.transforms import RESIZE_RULES
@@ -190,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         "of the first K zero-shot pairs (WordNet hyponyms included; needs nltk and WordNet, README) or an "
         "affordance word",
     )
-    data.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader worker processes")
+    data.add_argument(
+        "--num-workers",
+        type=non_negative_int,
+        default=default_workers(),
+        help="DataLoader worker processes (default: one fewer than the cores, at most 4: %(default)s here)",
+    )
     data.add_argument(
         "--text-cache-size", type=positive_int, default=100_000, help="phrases whose text embedding is kept"
     )

@@ -113,3 +113,13 @@ def test_resume_keeps_the_runs_plan_unless_given_again_and_takes_the_machines_fl
     assert resumed.num_workers == train.parse_args(["--name=r"]).num_workers  # the machine's: this call's default
     longer = train_args.stored_args(files, train.parse_args(["--name=r", ck, "--resume", "--max-iterations=20"]))
     assert (longer.max_iterations, longer.ckpt) == (20, 4)
+
+
+@pytest.mark.parametrize("cores, workers", [(1, 0), (2, 1), (3, 2), (64, 4)])
+def test_the_default_workers_leave_a_core_to_the_training_step(monkeypatch, cores, workers):
+    from clipseg import sampling
+
+    monkeypatch.setattr(sampling, "usable_cores", lambda: cores)
+    assert sampling.default_workers() == workers
+    monkeypatch.setattr(train_args, "default_workers", sampling.default_workers)
+    assert train.parse_args(["--name=r"]).num_workers == workers
