@@ -429,9 +429,12 @@ class Segmenter:
         maps = np.stack(maps).astype(np.float32)
         return guided_refine(maps, pixels) if options.refine == "guided" else maps
 
-    def _threshold_source(self, threshold: float) -> str:
-        """The default's source ("calibrated" or "paper") for the default value, else "given"."""
-        return self.threshold_source if threshold == self.default_threshold else "given"
+    def _threshold_record(self, threshold: float) -> dict:
+        """summary.json's threshold, as predict.py writes it: its value, its source ("calibrated" or "paper" for the
+        default value, else "given") and the note that says where it came from."""
+        if threshold == self.default_threshold:
+            return {"value": threshold, "source": self.threshold_source, "note": self.threshold_note}
+        return {"value": threshold, "source": "given", "note": describe_threshold(threshold, "given")}
 
     def _check_sam(self, options: PipelineOptions) -> None:
         if options.refine == "sam" and self.sam is None:
@@ -558,8 +561,7 @@ class Segmenter:
             image_entry = image_summary(encoded.name, encoded.size, encoded.predictor.input_size, entries)
             summary = {
                 "model": self.model_name,
-                "threshold": options.mask.threshold,
-                "threshold_source": self._threshold_source(options.mask.threshold),
+                "threshold": self._threshold_record(options.mask.threshold),
                 "pipeline": options.to_dict(),
                 "formats": list(formats),
                 "square": encoded.predictor.transform.square,

@@ -269,7 +269,7 @@ def test_browser_mask_controls_give_the_pipelines_mask_and_the_chosen_files(demo
     assert sorted(files) == sorted(["coco.json", "summary.json", *entry["files"].values()])
     assert sorted(entry["files"]) == ["cutout", "mask"] and sorted(summary["formats"]) == ["coco", "cutout", "mask"]
     chosen = MaskOptions(0.55, grow=1, fill_holes=True, instances=True, max_instances=1)
-    assert summary["pipeline"]["mask"] == chosen.to_dict() and summary["threshold"] == 0.55
+    assert summary["pipeline"]["mask"] == chosen.to_dict() and summary["threshold"]["value"] == 0.55
 
     predictor = Predictor(demo_model)
     predictor.set_image(image)

@@ -53,7 +53,8 @@ def test_two_prompts_give_overlay_heatmaps_and_a_zip_of_original_size_masks(demo
         assert entry["area_fraction"] == pytest.approx((prob > 0.4).mean(), abs=1e-6)
         assert entry["max_probability"] == pytest.approx(prob.max(), abs=1e-6)
     assert 0 < (probs > 0.4).mean() < 1  # a mask that is neither empty nor everything
-    assert summary["threshold"] == 0.4 and summary["square"] is False and summary["processed"] == 1
+    assert summary["threshold"] == {"value": 0.4, "source": "given", "note": "threshold 0.4 (given)"}
+    assert summary["square"] is False and summary["processed"] == 1
     assert summary["images"][0] | {"prompts": None} == {
         "image": "room.png",
         "width": 203,
@@ -76,7 +77,7 @@ def test_prompt_changes_reuse_the_encoded_image_and_threshold_changes_run_no_mod
         assert calls == {"vision": 1, "decoder": 2} and out.ok
         assert Path(out.zip_path).is_file() and not old_zip.exists()  # a session keeps one zip on disk
         assert out.summary["images"][0]["prompts"][0]["area_fraction"] < before
-        assert out.summary["threshold"] == 0.9 and "Re-thresholded at 0.90" in out.message
+        assert out.summary["threshold"]["value"] == 0.9 and "Re-thresholded at 0.90" in out.message
         session, out = segmenter.segment(session, str(image), "sky", geometry=segmenter.square_label)
         assert calls["vision"] == 2 and out.summary["images"][0]["inference_size"] == [64, 64]
         session, out = segmenter.segment(session, str(save(scene(120, 90, seed=1), tmp_path / "b.png")), "sky")
@@ -288,7 +289,7 @@ def test_expressions_and_mask_controls_give_the_predictors_masks(demo_model, seg
     entries = summary["images"][0]["prompts"]
     assert [e["prompt"] for e in entries] == ["red disc | blue square - sky", "grass", "sky"]
     assert entries[0]["expression"]["phrases"] == ["red disc", "blue square", "sky"]
-    assert (summary["threshold"], summary["threshold_source"]) == (0.3, "paper")
+    assert summary["threshold"] == {"value": 0.3, "source": "paper", "note": segmenter.threshold_note}  # as predict.py
     assert summary["pipeline"]["mask"]["grow"] == 2 and summary["pipeline"]["mask"]["max_instances"] == 2
     predictor = Predictor(demo_model)
     predictor.set_image(image)
