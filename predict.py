@@ -15,8 +15,9 @@ For each image and prompt this writes, under `--out/<image>/`, the probability m
 (`<prompt>.overlay.png`); with several prompts also one combined `overlay.png` (a colour per prompt, legend).
 `summary.json` lists, per image and prompt, the mask's area fraction, the maximum probability and the files.
 All maps are at the original image resolution. With `--save` also `<prompt>.soft.png` (the mask with its feathered
-edge) and `<prompt>.cutout.png` (RGBA). `<image>` is the image's file name (its whole path as given when there are
-several inputs). Each image's line of `summary.jsonl` is written as soon as its files are, so a run cut
+edge) and `<prompt>.cutout.png` (RGBA). `<image>` is the image's file name (made from its whole path as given when
+there are several inputs); names that are not plain lowercase ASCII become a slug with a hash
+(clipseg/outputs.py `safe_name`). Each image's line of `summary.jsonl` is written as soon as its files are, so a run cut
 short keeps what it did: `--resume` skips the images that are complete and redoes the rest.
 
 Folders are walked as a stream (never listed whole), so a folder of millions of images costs no memory. Under
