@@ -238,7 +238,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=positive_int,
         default=None,
         help="short side the model sees, a multiple of the model's patch size (16 for the released models; "
-        "default: the model's training size, 352)",
+        "default: the size the model was trained at, from its config; 352 for the released models)",
     )
     parser.add_argument(
         "--square",
