@@ -13,8 +13,9 @@ the original's rule (`--resize original`). PhraseCut's official metrics (mean Io
 IoU > 0.5 .. 0.9, per subset) are computed at the original resolution against its own ground truth (PIL fill +
 outline): logits resized bilinearly to the image size, then probability > `--threshold`. Results go to
 `<out>/scores_<split>.json`, `--out` being the run's folder (`checkpoints/NAME/`, or the model directory) unless
-given, `scores/<model>/` for hub ids and .pth files; skipped samples are counted and listed there and in the
-printed table, never dropped silently. Precision: fp32 unless `--precision` asks for another (clipseg/precision.py).
+given, `scores/<model>/` for hub ids, .pth files and export folders; skipped samples are counted and listed there
+and in the printed table, never dropped silently. Precision: fp32 unless `--precision` asks for another
+(clipseg/precision.py).
 
 The output paths are checked before the model is loaded, and the table is printed before the JSON is written.
 Exit status: 0 scored; 2 a model, data set, option or output path that cannot be used (before any scoring), or a
@@ -67,8 +68,8 @@ from model import CLIPSeg
 
 
 def default_folder(run_dir: Path | None, model: str) -> Path:
-    """Where the scores go without --out: the run's folder (or the model directory); scores/<model>/ for hub ids
-    and .pth files."""
+    """Where the scores go without --out: the run's folder (or the model directory); scores/<model>/ for hub ids,
+    .pth files and export folders (--backend onnx or openvino: the export stays as export.py wrote it)."""
     return run_dir if run_dir is not None else Path("scores") / safe_name(model.lower())
 
 
@@ -158,7 +159,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         metavar="DIR",
         help="folder of the results, OUT/scores_<split>[_first<N>][_shuffled].json (default: the run's folder, "
-        "checkpoints/NAME, or the model directory; scores/<model> for a hub id or .pth)",
+        "checkpoints/NAME, or the model directory; scores/<model> for a hub id, a .pth or an export folder)",
     )
     parser.add_argument(
         "--save-predictions",
