@@ -104,12 +104,14 @@ from model import CLIPSeg
 
 def parse_support(spec: str) -> tuple[Path, Path]:
     """'SUPPORT.jpg:MASK.png' -> (support, mask); the split is the first ':' after which both files exist."""
-    for match in re.finditer(":", spec):
-        support, mask = Path(spec[: match.start()]), Path(spec[match.end() :])
+    splits = [(Path(spec[: match.start()]), Path(spec[match.end() :])) for match in re.finditer(":", spec)]
+    for support, mask in splits:
         if support.is_file() and mask.is_file():
             return support, mask
+    missing = sorted({str(path) for pair in splits for path in pair if path.name and not path.is_file()})
     raise argparse.ArgumentTypeError(
         f"--visual-prompt {spec!r}: expected SUPPORT_IMAGE:MASK_IMAGE, two existing files joined by ':'"
+        + (f" (no such file: {', '.join(missing)})" if missing and len(splits) == 1 else "")
     )
 
 
@@ -450,8 +452,9 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
         if others > 0 and not world.enabled:  # lines of earlier runs of this folder with other inputs
             resumed += f"; {others} from earlier runs into {options.out} with other inputs"
         resumed += ")"
+    large = f"; {run.large_images} much larger than the model's input, --tile may help" if run.large_images else ""
     print(
-        f"processed {job['processed']} image(s){resumed}, skipped {job['skipped']}; summary: {job['summary']}",
+        f"processed {job['processed']} image(s){resumed}, skipped {job['skipped']}{large}; summary: {job['summary']}",
         file=sys.stderr,
     )
     if job["stopped"]:

@@ -429,10 +429,10 @@ def check_precision_flags(
 # --------------------------------------------------------------- the backend flag of every command that runs a model
 
 BACKEND_HELP = (
-    "torch: the model in PyTorch; onnx: the graphs `python export.py MODEL DIR` wrote, given as --model DIR, "
-    "in onnxruntime (CPU, fp32; pip install -r requirements-export.txt); openvino: the folder `python export.py "
-    "MODEL DIR --openvino --precision P` wrote, given as --model DIR, in OpenVINO (CPU, in the export's precision P; "
-    "pip install -r requirements-openvino.txt)"
+    "torch: the model in PyTorch; onnx: the graphs `python export.py --model MODEL --out DIR` wrote, given as "
+    "--model DIR, in onnxruntime (CPU, fp32; pip install -r requirements-export.txt); openvino: the folder `python "
+    "export.py --model MODEL --out DIR --openvino --precision P` wrote, given as --model DIR, in OpenVINO (CPU, in "
+    "the export's precision P; pip install -r requirements-openvino.txt)"
 )
 
 

@@ -116,6 +116,7 @@ class FolderRun:
     reused: int = 0
     skipped: int = 0
     stopped: str | None = None
+    large_images: int = 0  # images much larger than the model's input, segmented without --tile
 
 
 def check_same_predictor(
@@ -221,6 +222,7 @@ def _segment(predictor, conditional, prompts, batch, options: FolderOptions, run
             progress.update(1)
             continue
         try:
+            note_large_image(predictor, image, options, run)
             found = image_masks(predictor, image, prompts, conditional, options)
         except NonFiniteOutput as err:
             run.stopped = f"stopped after {run.processed} image(s): {err}"
@@ -248,6 +250,20 @@ def _segment(predictor, conditional, prompts, batch, options: FolderOptions, run
         progress.update(1)
 
 
+def note_large_image(predictor: Predictor, image: Image.Image, options: FolderOptions, run: FolderRun) -> None:
+    """Once per run, at the first image much larger than the model's input (`should_tile`) when --tile is off: a
+    note that tiles may find small objects (the closing line counts such images)."""
+    if options.masks.tile is not None or not should_tile(image.height, image.width, predictor.transform.size):
+        return
+    run.large_images += 1
+    if run.large_images == 1:
+        tqdm.write(
+            f"note: {image.width}x{image.height} is much larger than the model's input ({predictor.transform.size} "
+            "px): --tile may find small objects (said once; the closing line counts such images)",
+            file=sys.stderr,
+        )
+
+
 def image_masks(
     predictor: Predictor,
     image: Image.Image,
@@ -260,12 +276,6 @@ def image_masks(
     instances, SAM's scores). Text prompts go through `Predictor.predict_masks` (one encoding of the image, or of
     each window with tiles), image prompts (`conditional`) through the same steps on their maps."""
     pipeline = options.masks
-    if pipeline.tile is None and should_tile(image.height, image.width, predictor.transform.size):
-        tqdm.write(
-            f"note: {image.width}x{image.height} is much larger than the model's input "
-            f"({predictor.transform.size} px): --tile may find small objects",
-            file=sys.stderr,
-        )
     predictor.set_image(image, encode=pipeline.tile is None)
     found = []
     expressions = [prompt.expression for prompt in prompts if prompt.kind == "text"]

@@ -167,7 +167,9 @@ def test_missing_onnxruntime_or_export_is_a_clear_error(exported, tmp_path, monk
     Image.new("RGB", (32, 32)).save(tmp_path / "img.png")
     cli = [str(tmp_path / "img.png"), "--prompt", "a", "--backend", "onnx", "--out", str(tmp_path / "out")]
     assert predict_main([*cli, "--model", str(tmp_path)]) == 2  # a folder export.py did not write
-    assert "no manifest.json; write the folder with `python export.py MODEL DIR`" in capsys.readouterr().err
+    assert (
+        "no manifest.json; write the folder with `python export.py --model MODEL --out DIR`" in capsys.readouterr().err
+    )
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     assert predict_main([*cli, "--model", str(exported)]) == 2
     assert (

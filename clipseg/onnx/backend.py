@@ -103,7 +103,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     """The manifest of an export folder; OnnxBackendError when it is not one export.py wrote, or files are missing."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
-    hint = "write the folder with `python export.py MODEL DIR`"
+    hint = "write the folder with `python export.py --model MODEL --out DIR`"
     manifest = manifest_of(directory, (FORMAT, FORMAT_VERSION), OnnxBackendError, hint)
     graphs = manifest.get("graphs")
     for name in GRAPH_FILES:
