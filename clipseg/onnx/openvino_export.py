@@ -408,63 +408,91 @@ def export_openvino(
     calibration = []
     if precision == "int8":
         calibration = image_pixels(model, calibration_images) + calibration_scenes(model, scenes)
-    checks, names = image_pixels(model, check_images), [Path(image).name for image in check_images]
+    check = AccuracyCheck(model, precision, out_dir, threads, image_pixels(model, check_images), check_images, phrases)
     with tempfile.TemporaryDirectory(prefix="clipseg-onnx-") as work_dir:
-        models, onnx_manifest = convert_graphs(model, Path(onnx_dir or work_dir), written=onnx_dir is not None)
-    onnx_manifest["source_model"] = source
+        models, check.onnx_manifest = convert_graphs(model, Path(onnx_dir or work_dir), written=onnx_dir is not None)
+    check.onnx_manifest["source_model"] = source
+    if precision != "int8":
+        manifest = check.manifest(models, bar)
+    else:
+        manifest = quantise_until_checked(models, check, calibration, bar)
+        manifest["quantisation"].update(
+            calibration_images=[Path(image).name for image in calibration_images], generated_scenes=scenes
+        )
+    refuse_failed_check(manifest, precision, out_dir)
+    save(models, manifest, out_dir)
+    return manifest
 
-    def checked(models: dict) -> dict:
-        """The manifest of `models`, with their accuracy check and their difference to PyTorch."""
-        manifest = describe(onnx_manifest, models, precision)
-        runner = OpenVinoCLIPSeg(out_dir, threads=threads, manifest=manifest, models=models)
+
+class AccuracyCheck:
+    """The check of an export's graphs against `model` in PyTorch fp32 (`mask_agreement` on the check images and
+    phrases, `onnx_export.verify`), run in OpenVINO as predict.py will run them; `manifest(models, bar)` is the
+    manifest of `models` with its results."""
+
+    def __init__(
+        self,
+        model: CLIPSeg,
+        precision: str,
+        out_dir: Path,
+        threads: int | None,
+        pixels: list[Tensor],
+        images: Sequence[str | os.PathLike],
+        phrases: Sequence[str],
+    ) -> None:
+        self.model, self.precision, self.out_dir, self.threads = model, precision, out_dir, threads
+        self.pixels, self.names, self.phrases = pixels, [Path(image).name for image in images], list(phrases)
+        self.onnx_manifest: dict = {}
+
+    def manifest(self, models: dict, bar: float) -> dict:
+        manifest = describe(self.onnx_manifest, models, self.precision)
+        runner = OpenVinoCLIPSeg(self.out_dir, threads=self.threads, manifest=manifest, models=models)
         manifest["accuracy_check"] = {
-            **mask_agreement(model, runner, checks, names, phrases),
+            **mask_agreement(self.model, runner, self.pixels, self.names, self.phrases),
             "bar": bar,
-            "images": names,
-            "phrases": list(phrases),
+            "images": self.names,
+            "phrases": self.phrases,
             "probability_threshold": PAPER_THRESHOLD,
             "reference": "PyTorch fp32",
             "inference_precision": runner.inference_precision(),
             "cpu_class": cpu_class(),  # int8's kernels, and so its masks, differ between classes
         }
-        manifest["difference_to_torch"] = onnx_export.verify(model, runner)
+        manifest["difference_to_torch"] = onnx_export.verify(self.model, runner)
         return manifest
 
-    if precision != "int8":
-        manifest = checked(models)
-    else:
-        blocks = max(model.config.extract_layers) + 1
-        models["text_encoder"] = compress_text_encoder(models["text_encoder"])
-        decoders = {DECODER_MIXED: with_f32_layers(models["decoder"], decoder_f32_layers(models["decoder"]))}
-        if openvino_bf16():  # elsewhere the two compute alike, in f32
-            decoders[DECODER_F32] = models["decoder"]
-        recipes = [(layers, decoder) for layers in FLOAT_RECIPES for decoder in decoders]
-        float_encoder, tried, quantised = models["image_encoder"], [], {}
-        for layers, decoder in recipes:  # fastest first; the first that passes the check is kept
-            if layers not in quantised:
-                quantised[layers] = quantize_image_encoder(float_encoder.clone(), calibration, blocks, layers)
-            models["image_encoder"], models["decoder"] = quantised[layers], decoders[decoder]
-            manifest = checked(models)
-            kept = f"the patch embedding and blocks 0-{min(KEPT_BLOCKS, blocks) - 1}'s {', '.join(layers)}"
-            agreement = manifest["accuracy_check"]["mask_agreement"]
-            tried.append({"kept_in_floating_point": kept, "decoder": decoder, "mask_agreement": agreement})
-            if agreement >= bar + (RECIPE_MARGIN if (layers, decoder) != recipes[-1] else 0):
-                break
-        manifest["quantisation"] = {
-            "tool": "nncf",
-            "graphs": ["image_encoder"],
-            "model_type": "transformer",
-            "smooth_quant_alpha": SMOOTH_QUANT_ALPHA,
-            "kept_in_floating_point": kept,
-            "decoder": decoder,
-            "recipes_tried": tried,
-            "calibration_images": [Path(image).name for image in calibration_images],
-            "generated_scenes": scenes,
-            "mirrored": True,
-            "int8_weights_only": ["text_encoder"],
-        }
-    refuse_failed_check(manifest, precision, out_dir)
-    save(models, manifest, out_dir)
+
+def quantise_until_checked(models: dict, check: AccuracyCheck, calibration: list[Tensor], bar: float) -> dict:
+    """int8: the text encoder's weights compressed, the image encoder quantised by the recipes of FLOAT_RECIPES
+    (fewest layers kept in floating point first) with the decoder mixed or, where bf16 is native, all f32; the
+    first recipe whose check passes `bar` (by RECIPE_MARGIN, but the last) is kept in `models`. Returns its
+    manifest, with the recipes tried under "quantisation"."""
+    blocks = max(check.model.config.extract_layers) + 1
+    models["text_encoder"] = compress_text_encoder(models["text_encoder"])
+    decoders = {DECODER_MIXED: with_f32_layers(models["decoder"], decoder_f32_layers(models["decoder"]))}
+    if openvino_bf16():  # elsewhere the two compute alike, in f32
+        decoders[DECODER_F32] = models["decoder"]
+    recipes = [(layers, decoder) for layers in FLOAT_RECIPES for decoder in decoders]
+    float_encoder, tried, quantised = models["image_encoder"], [], {}
+    for layers, decoder in recipes:  # fastest first; the first that passes the check is kept
+        if layers not in quantised:
+            quantised[layers] = quantize_image_encoder(float_encoder.clone(), calibration, blocks, layers)
+        models["image_encoder"], models["decoder"] = quantised[layers], decoders[decoder]
+        manifest = check.manifest(models, bar)
+        kept = f"the patch embedding and blocks 0-{min(KEPT_BLOCKS, blocks) - 1}'s {', '.join(layers)}"
+        agreement = manifest["accuracy_check"]["mask_agreement"]
+        tried.append({"kept_in_floating_point": kept, "decoder": decoder, "mask_agreement": agreement})
+        if agreement >= bar + (RECIPE_MARGIN if (layers, decoder) != recipes[-1] else 0):
+            break
+    manifest["quantisation"] = {
+        "tool": "nncf",
+        "graphs": ["image_encoder"],
+        "model_type": "transformer",
+        "smooth_quant_alpha": SMOOTH_QUANT_ALPHA,
+        "kept_in_floating_point": kept,
+        "decoder": decoder,
+        "recipes_tried": tried,
+        "mirrored": True,
+        "int8_weights_only": ["text_encoder"],
+    }
     return manifest
 
 
