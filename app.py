@@ -41,7 +41,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,6 +98,50 @@ def build_page(segmenter: Segmenter, threshold: float | None = None) -> gr.Block
     from gradio.utils import get_upload_folder
 
     segmenter.upload_folders = (Path(os.path.realpath(get_upload_folder())),)
+    on_segment, on_threshold, on_geometry = page_handlers(segmenter)
+    with gr.Blocks(title="CLIPSeg", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
+        gr.Markdown(
+            "# CLIPSeg: segment an image by text or image prompts\n"
+            f"Model: `{segmenter.model_name}`. Masks are the pixels whose probability is above the threshold."
+        )
+        session = gr.State(delete_callback=segmenter.forget)  # called when a closed tab's state expires
+        with gr.Row():
+            with gr.Column():
+                image, prompts, support, support_mask = prompt_widgets()
+                threshold_slider, geometry = view_widgets(segmenter, threshold)
+                with gr.Accordion("Mask: post-processing, refinement, tiles, formats", open=False):
+                    mask_controls = mask_control_widgets(segmenter)
+                run = gr.Button("Segment", variant="primary", elem_id="segment")
+            with gr.Column():
+                status, overlay, heatmaps, download, summary = output_widgets()
+        examples = [[str(EXAMPLES_DIR / name), text] for name, text in EXAMPLES if (EXAMPLES_DIR / name).is_file()]
+        if examples:
+            gr.Examples(examples, inputs=[image, prompts], label="Examples")
+        inputs = [session, image, prompts, support, support_mask, threshold_slider, geometry, *mask_controls]
+        outputs = [session, status, overlay, heatmaps, download, summary]
+        # Events with files keep preprocess=False. Gradio 6.31 checks a file payload before any handler whatever this
+        # flag says (Blocks.preprocess_data): one carrying meta {"_type": "gradio.FileData"} must lie in its upload
+        # folder (processing_utils._check_allowed), and ImageEditor's payloads must carry that meta. gr.Image's
+        # payloads need no meta, and its own preprocess then opens any path a client names with PIL (a FIFO hangs
+        # it) and turns an unreadable upload into a bare "Error". So Segmenter reads each file itself: only from
+        # the upload folder, only regular files, at most MAX_UPLOAD_BYTES (`read_upload`), and checks the other
+        # inputs as they come.
+        run.click(on_segment, inputs, outputs, preprocess=False, api_name="segment")
+        geometry.change(on_geometry, inputs, outputs, preprocess=False, api_visibility="private")
+        threshold_slider.input(
+            on_threshold,
+            [session, threshold_slider, *mask_controls],
+            outputs,
+            api_name="rethreshold",
+            trigger_mode="always_last",
+        )
+    return page
+
+
+def page_handlers(segmenter: Segmenter) -> tuple[Callable, Callable, Callable]:
+    """The page's event handlers over `segmenter`: segment, re-threshold, and redo on a change of geometry; each
+    takes the page's inputs in order and returns its six outputs."""
+    import gradio as gr
 
     def outputs_of(session: Session, output: Output) -> tuple:
         return session, output.message, output.overlay, output.heatmaps or None, output.zip_path, output.summary
@@ -128,127 +172,122 @@ def build_page(segmenter: Segmenter, threshold: float | None = None) -> gr.Block
             return (gr.skip(),) * 6
         return on_segment(session, image, prompts, support, support_mask, threshold, geometry, *mask)
 
-    with gr.Blocks(title="CLIPSeg", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
-        gr.Markdown(
-            "# CLIPSeg: segment an image by text or image prompts\n"
-            f"Model: `{segmenter.model_name}`. Masks are the pixels whose probability is above the threshold."
+    return on_segment, on_threshold, on_geometry
+
+
+def prompt_widgets() -> tuple:
+    """The image and the prompts: the image, the text prompts, and the image prompt (a support image with its
+    object painted, or its mask uploaded)."""
+    import gradio as gr
+
+    image = gr.Image(
+        label="Image (upload, paste or webcam)",
+        sources=["upload", "clipboard", "webcam"],
+        type="filepath",
+        elem_id="image",
+    )
+    prompts = gr.Textbox(
+        label=f"Text prompts: one per line or comma-separated (at most {MAX_PROMPTS})",
+        lines=3,
+        placeholder="a cat\nthe sofa",
+        elem_id="prompts",
+    )
+    with gr.Accordion("Image prompt (optional): an example of the object", open=False):
+        support = gr.ImageEditor(
+            label="Support image: upload it, then paint over the object with the brush",
+            sources=["upload", "clipboard"],
+            brush=gr.Brush(colors=["#ff3030"], color_mode="fixed"),
+            layers=False,
+            transforms=(),
+            elem_id="support",
         )
-        session = gr.State(delete_callback=segmenter.forget)  # called when a closed tab's state expires
-        with gr.Row():
-            with gr.Column():
-                image = gr.Image(
-                    label="Image (upload, paste or webcam)",
-                    sources=["upload", "clipboard", "webcam"],
-                    type="filepath",
-                    elem_id="image",
-                )
-                prompts = gr.Textbox(
-                    label=f"Text prompts: one per line or comma-separated (at most {MAX_PROMPTS})",
-                    lines=3,
-                    placeholder="a cat\nthe sofa",
-                    elem_id="prompts",
-                )
-                with gr.Accordion("Image prompt (optional): an example of the object", open=False):
-                    support = gr.ImageEditor(
-                        label="Support image: upload it, then paint over the object with the brush",
-                        sources=["upload", "clipboard"],
-                        brush=gr.Brush(colors=["#ff3030"], color_mode="fixed"),
-                        layers=False,
-                        transforms=(),
-                        elem_id="support",
-                    )
-                    # Gradio's ImageEditor keeps every blob posted to its `accept_blobs` route in memory (up to 100 MB
-                    # each, any number) until an event preprocesses that editor, which never happens here; its page
-                    # posts blobs only to editors with a change listener, which this one has not: the route is off.
-                    support.accept_blobs = None
-                    support_mask = gr.Image(
-                        label="... or upload its mask (same size as the support image; white = object)",
-                        sources=["upload", "clipboard"],
-                        type="filepath",
-                        elem_id="support-mask",
-                    )
-                threshold_slider = gr.Slider(
-                    0,
-                    0.99,
-                    value=segmenter.default_threshold if threshold is None else threshold,
-                    step=0.01,
-                    label="Threshold",
-                    info=segmenter.threshold_note if threshold is None else "given with --threshold",
-                    elem_id="threshold",
-                )
-                geometry = gr.Radio(
-                    [NATIVE, segmenter.square_label],
-                    value=NATIVE,
-                    label="What the model sees",
-                    info=f"native aspect: short side {segmenter.image_size}, aspect kept; square: squashed as in "
-                    "the paper",
-                    elem_id="geometry",
-                )
-                with gr.Accordion("Mask: post-processing, refinement, tiles, formats", open=False):
-                    mask_controls = [
-                        gr.Slider(0, 64, value=0, step=1, label="Grow (px)", elem_id="grow"),
-                        gr.Slider(0, 64, value=0, step=1, label="Shrink (px, before growing)", elem_id="shrink"),
-                        gr.Slider(
-                            0, 64, value=0, step=1, label="Feather (px, the soft mask's edge)", elem_id="feather"
-                        ),
-                        gr.Checkbox(label="Fill holes", elem_id="fill-holes"),
-                        gr.Number(0, minimum=0, precision=0, label="Minimum area (px)", elem_id="min-area"),
-                        gr.Checkbox(label="Instances (connected components)", elem_id="instances"),
-                        gr.Number(0, minimum=0, precision=0, label="Keep at most (0 = all)", elem_id="max-instances"),
-                        gr.Radio(list(SORT_KEYS), value=SORT_KEYS[0], label="Instances by", elem_id="sort-by"),
-                        gr.Radio(
-                            [mode for mode in REFINE_MODES if mode != "sam" or segmenter.sam is not None],
-                            value="none",
-                            label="Refine the edges",
-                            info="guided: the mask's edge moved onto the image's edges; "
-                            + ("sam: SAM prompted per component" if segmenter.sam else "sam needs --sam-model"),
-                            elem_id="refine",
-                        ),
-                        gr.Checkbox(label="Tiles (large images, small objects)", elem_id="tile"),
-                        gr.CheckboxGroup(list(FORMATS), value=["mask"], label="In the zip", elem_id="formats"),
-                    ]
-                run = gr.Button("Segment", variant="primary", elem_id="segment")
-            with gr.Column():
-                status = gr.Markdown(label="Status", elem_id="status")
-                overlay = gr.Image(label="Overlay", format="png", interactive=False, elem_id="overlay")
-                heatmaps = gr.Gallery(
-                    label="Probability per prompt (black 0, yellow 1)",
-                    columns=3,
-                    height="auto",
-                    object_fit="contain",
-                    format="png",
-                    interactive=False,
-                    elem_id="heatmaps",
-                )
-                download = gr.File(
-                    label="Masks: a PNG per prompt at the original size + summary.json",
-                    interactive=False,
-                    elem_id="download",
-                )
-                with gr.Accordion("Summary (predict.py's summary.json)", open=False):
-                    summary = gr.JSON(label="Summary", show_label=False, elem_id="summary")
-        examples = [[str(EXAMPLES_DIR / name), text] for name, text in EXAMPLES if (EXAMPLES_DIR / name).is_file()]
-        if examples:
-            gr.Examples(examples, inputs=[image, prompts], label="Examples")
-        inputs = [session, image, prompts, support, support_mask, threshold_slider, geometry, *mask_controls]
-        outputs = [session, status, overlay, heatmaps, download, summary]
-        # Events with files keep preprocess=False. Gradio 6.31 checks a file payload before any handler whatever this
-        # flag says (Blocks.preprocess_data): one carrying meta {"_type": "gradio.FileData"} must lie in its upload
-        # folder (processing_utils._check_allowed), and ImageEditor's payloads must carry that meta. gr.Image's
-        # payloads need no meta, and its own preprocess then opens any path a client names with PIL (a FIFO hangs
-        # it) and turns an unreadable upload into a bare "Error". So Segmenter reads each file itself: only from
-        # the upload folder, only regular files, at most MAX_UPLOAD_BYTES (`read_upload`), and checks the other
-        # inputs as they come.
-        run.click(on_segment, inputs, outputs, preprocess=False, api_name="segment")
-        geometry.change(on_geometry, inputs, outputs, preprocess=False, api_visibility="private")
-        threshold_slider.input(
-            on_threshold,
-            [session, threshold_slider, *mask_controls],
-            outputs,
-            api_name="rethreshold",
-            trigger_mode="always_last",
+        # Gradio's ImageEditor keeps every blob posted to its `accept_blobs` route in memory (up to 100 MB
+        # each, any number) until an event preprocesses that editor, which never happens here; its page
+        # posts blobs only to editors with a change listener, which this one has not: the route is off.
+        support.accept_blobs = None
+        support_mask = gr.Image(
+            label="... or upload its mask (same size as the support image; white = object)",
+            sources=["upload", "clipboard"],
+            type="filepath",
+            elem_id="support-mask",
         )
-    return page
+    return image, prompts, support, support_mask
+
+
+def view_widgets(segmenter: Segmenter, threshold: float | None) -> tuple:
+    """The threshold slider (starting at `threshold`, else the model's default) and what the model sees."""
+    import gradio as gr
+
+    threshold_slider = gr.Slider(
+        0,
+        0.99,
+        value=segmenter.default_threshold if threshold is None else threshold,
+        step=0.01,
+        label="Threshold",
+        info=segmenter.threshold_note if threshold is None else "given with --threshold",
+        elem_id="threshold",
+    )
+    geometry = gr.Radio(
+        [NATIVE, segmenter.square_label],
+        value=NATIVE,
+        label="What the model sees",
+        info=f"native aspect: short side {segmenter.image_size}, aspect kept; square: squashed as in the paper",
+        elem_id="geometry",
+    )
+    return threshold_slider, geometry
+
+
+def mask_control_widgets(segmenter: Segmenter) -> list:
+    """The mask controls, in `controls_of`'s order: grow, shrink, feather, fill holes, minimum area, instances,
+    keep at most, sort by, refine, tiles, the zip's formats."""
+    import gradio as gr
+
+    mask_controls = [
+        gr.Slider(0, 64, value=0, step=1, label="Grow (px)", elem_id="grow"),
+        gr.Slider(0, 64, value=0, step=1, label="Shrink (px, before growing)", elem_id="shrink"),
+        gr.Slider(0, 64, value=0, step=1, label="Feather (px, the soft mask's edge)", elem_id="feather"),
+        gr.Checkbox(label="Fill holes", elem_id="fill-holes"),
+        gr.Number(0, minimum=0, precision=0, label="Minimum area (px)", elem_id="min-area"),
+        gr.Checkbox(label="Instances (connected components)", elem_id="instances"),
+        gr.Number(0, minimum=0, precision=0, label="Keep at most (0 = all)", elem_id="max-instances"),
+        gr.Radio(list(SORT_KEYS), value=SORT_KEYS[0], label="Instances by", elem_id="sort-by"),
+        gr.Radio(
+            [mode for mode in REFINE_MODES if mode != "sam" or segmenter.sam is not None],
+            value="none",
+            label="Refine the edges",
+            info="guided: the mask's edge moved onto the image's edges; "
+            + ("sam: SAM prompted per component" if segmenter.sam else "sam needs --sam-model"),
+            elem_id="refine",
+        ),
+        gr.Checkbox(label="Tiles (large images, small objects)", elem_id="tile"),
+        gr.CheckboxGroup(list(FORMATS), value=["mask"], label="In the zip", elem_id="formats"),
+    ]
+    return mask_controls
+
+
+def output_widgets() -> tuple:
+    """The status line, the overlay, the heat maps, the zip and the summary."""
+    import gradio as gr
+
+    status = gr.Markdown(label="Status", elem_id="status")
+    overlay = gr.Image(label="Overlay", format="png", interactive=False, elem_id="overlay")
+    heatmaps = gr.Gallery(
+        label="Probability per prompt (black 0, yellow 1)",
+        columns=3,
+        height="auto",
+        object_fit="contain",
+        format="png",
+        interactive=False,
+        elem_id="heatmaps",
+    )
+    download = gr.File(
+        label="Masks: a PNG per prompt at the original size + summary.json",
+        interactive=False,
+        elem_id="download",
+    )
+    with gr.Accordion("Summary (predict.py's summary.json)", open=False):
+        summary = gr.JSON(label="Summary", show_label=False, elem_id="summary")
+    return status, overlay, heatmaps, download, summary
 
 
 def launch(page: gr.Blocks, port: int, share: bool = False) -> tuple[str, str | None]:
