@@ -1,7 +1,7 @@
-"""fewshot.py and score.py's benchmarks: episodes are the protocols' (seeded, never the query as its own support),
-the demo model scores every benchmark end to end from the CLI, the reported per-class IoUs and zero-shot
-scores equal a brute-force recomputation from the saved prediction PNGs, and 2 processes under torchrun write the
-same results and PNGs as one, scoring each episode, image or task once."""
+"""clipseg/benchmarks/protocols.py and score.py's benchmarks: episodes are the protocols' (seeded, never the query as
+its own support), the demo model scores every benchmark end to end from the CLI, the reported per-class IoUs and
+zero-shot scores equal a brute-force recomputation from the saved prediction PNGs, and 2 processes under torchrun
+write the same results and PNGs as one, scoring each episode, image or task once."""
 
 import contextlib
 import io
