@@ -68,9 +68,10 @@ def open_rgb(path: str | os.PathLike, upright: bool = True) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An in-memory image as RGB: 16-bit grayscale scaled, palette expanded, alpha composited on black."""
-    if image.mode.startswith("I"):
-        image = _sixteen_bit_to_l(image)
+    """An in-memory image as RGB: 16/32-bit and float grayscale scaled, palette expanded, alpha composited on
+    black."""
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _wide_gray_to_l(image)
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -81,10 +82,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
-    """16/32-bit integer grayscale -> 8 bit (PIL's own conversion clips everything above 255 to white)."""
-    values = np.asarray(image, dtype=np.float64)
-    if values.max(initial=0) > 255:
+def _wide_gray_to_l(image: Image.Image) -> Image.Image:
+    """16/32-bit integer or float grayscale -> 8 bit by the range its values use (PIL's own conversion clips
+    everything above 255 to white, and a float image in [0, 1] to black): [0, 1] floats x 255, 8-bit values as they
+    are, 16-bit ones / 257, wider ones by their maximum. NaN is black."""
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    top = values.max(initial=0)
+    if image.mode == "F" and top <= 1:
+        values = values * 255
+    elif top > 65535:
+        values = values * (255 / top)
+    elif top > 255:
         values = values / 257.0
     return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
 

@@ -53,8 +53,11 @@ def solid(mode: str, value, size=(6, 4)) -> Image.Image:
         (solid("CMYK", (0, 255, 255, 0)), ".jpg", (255, 0, 0)),
         (solid("I;16", 65535), ".png", (255, 255, 255)),
         (solid("RGB", (1, 2, 3), size=(1, 1)), ".png", (1, 2, 3)),
+        (solid("F", 0.5), ".tif", (127, 127, 127)),  # a float image in [0, 1] read black
+        (solid("F", 200.0), ".tif", (200, 200, 200)),
+        (solid("I", 3_000_000), ".tif", (255, 255, 255)),  # its own maximum: white, not clipped
     ],
-    ids=["grayscale", "transparent", "opaque-rgba", "cmyk", "16-bit", "1x1"],
+    ids=["grayscale", "transparent", "opaque-rgba", "cmyk", "16-bit", "1x1", "float-unit", "float-8bit", "int32"],
 )
 def test_open_rgb_converts_modes(tmp_path, image, suffix, expected):
     path = tmp_path / f"image{suffix}"
@@ -62,6 +65,14 @@ def test_open_rgb_converts_modes(tmp_path, image, suffix, expected):
     rgb = open_rgb(path)
     assert rgb.mode == "RGB" and rgb.size == image.size
     np.testing.assert_allclose(np.asarray(rgb)[0, 0], expected, atol=3)
+
+
+def test_a_32_bit_image_is_scaled_by_its_own_range(tmp_path):
+    """A 32-bit integer TIFF beyond 16 bits came out mostly white (its values / 257, clipped)."""
+    ramp = np.linspace(0, 4_000_000, 24, dtype=np.int32).reshape(4, 6)
+    Image.fromarray(ramp, mode="I").save(tmp_path / "ramp.tif")
+    gray = np.asarray(open_rgb(tmp_path / "ramp.tif"))[..., 0]
+    np.testing.assert_allclose(gray, ramp * (255 / 4_000_000), atol=1)
 
 
 def test_open_rgb_palette_and_exif_rotation(tmp_path):
