@@ -294,6 +294,21 @@ MANIFEST_DAMAGE = {
     "graphs not an object": (lambda m: m.update(graphs=[1, 2]), "no SHA-256 for the image_encoder graph"),
     "a graph entry not an object": (lambda m: m["graphs"].update(decoder="x"), "no SHA-256 for the decoder graph"),
     "no config": (lambda m: m.pop("config"), "no model config"),
+    "a config of another patch size": (
+        lambda m: (
+            m["config"]["vision_config"].update(patch_size=32)  # images were resized for 32-px patches
+            or m["config"].update(use_complex_transposed_convolution=False)
+        ),  # a plain head takes any patch size
+        "its config does not describe the graphs (patch_size 32, the graphs cut 16-px patches)",
+    ),
+    "a config of another projection": (
+        lambda m: m["config"].update(projection_dim=128),  # a ValueError traceback at the first prediction
+        "its config does not describe the graphs (projection_dim 128, the decoder takes 64)",
+    ),
+    "a config reading other layers": (
+        lambda m: m["config"].update(extract_layers=[1, 3]),
+        "its config does not describe the graphs (2 extract_layers, the image encoder gives 3)",
+    ),
     "config values out of range": (
         lambda m: m["config"]["vision_config"].update(num_attention_heads=0),
         "manifest.json: vision_config.num_attention_heads = 0 is out of range",

@@ -373,6 +373,11 @@ def test_the_backend_refuses_a_failed_check_and_changed_files(exports, tmp_path)
         with pytest.raises(OpenVinoBackendError, match="no valid accuracy check recorded"):
             OpenVinoCLIPSeg(folder)
 
+    edited = {**manifest, "config": {**manifest["config"], "projection_dim": 128}}
+    manifest_path.write_text(json.dumps(edited))
+    with pytest.raises(OpenVinoBackendError, match="its config does not describe the graphs \\(projection_dim 128"):
+        OpenVinoCLIPSeg(folder)
+
     manifest_path.write_text(json.dumps(manifest))
     weights = folder / "decoder.bin"
     damaged = bytearray(weights.read_bytes())

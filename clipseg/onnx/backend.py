@@ -164,6 +164,24 @@ def check_graph_inputs(graph: str, names: Sequence[str], path: Path, error: type
         )
 
 
+def check_config_fits(
+    config: CLIPSegConfig, activations: int, conditional_width: int | None, path: Path, error: type[Exception]
+) -> None:
+    """`error` naming the manifest unless its model config describes the graphs: the patch size they cut (16), the
+    number of activations the image encoder hands the decoder (one per extracted layer) and the width of the
+    decoder's conditional input (`conditional_width`, None when the graph leaves it open). An edited config would
+    resize images for another patch size, or fail mid-run."""
+    problems = []
+    if config.clip.vision_config.patch_size != PATCH_SIZE:
+        problems.append(f"patch_size {config.clip.vision_config.patch_size}, the graphs cut {PATCH_SIZE}-px patches")
+    if len(config.extract_layers) != activations:
+        problems.append(f"{len(config.extract_layers)} extract_layers, the image encoder gives {activations}")
+    if conditional_width is not None and conditional_width != config.clip.projection_dim:
+        problems.append(f"projection_dim {config.clip.projection_dim}, the decoder takes {conditional_width}")
+    if problems:
+        raise error(f"{path}: its config does not describe the graphs ({'; '.join(problems)}); export the model again")
+
+
 def read_checked(path: Path, expected_sha256: str, error: type[Exception]) -> bytes:
     """The bytes of an exported file once their SHA-256 is the one the manifest records, else `error` naming the
     file. The file is read once: a runtime given these bytes loads what was checked, whatever happens to the file
@@ -324,6 +342,11 @@ class OnnxCLIPSeg(ExportedCLIPSeg):
             inputs = [node.name for node in session.get_inputs()]
             check_graph_inputs(name, inputs, self.directory / GRAPH_FILES[name], OnnxBackendError)
         self.activation_names = [output.name for output in self.sessions["image_encoder"].get_outputs()]
+        (width,) = [node.shape[-1] for node in self.sessions["decoder"].get_inputs() if node.name == "conditional"]
+        width = width if isinstance(width, int) else None
+        check_config_fits(
+            self.config, len(self.activation_names), width, self.directory / MANIFEST_NAME, OnnxBackendError
+        )
 
     def _run(self, graph: str, **inputs: Tensor) -> list[Tensor]:
         feed = {name: np.ascontiguousarray(value.detach().cpu().numpy()) for name, value in inputs.items()}

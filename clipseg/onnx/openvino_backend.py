@@ -59,6 +59,7 @@ from clipseg.onnx.backend import (
     MANIFEST_NAME,
     SHA256,
     ExportedCLIPSeg,
+    check_config_fits,
     check_graph_inputs,
     manifest_of,
     read_checked,
@@ -304,6 +305,14 @@ class OpenVinoCLIPSeg(ExportedCLIPSeg):
             inputs = [node.get_any_name() for node in request.model_inputs]
             check_graph_inputs(name, inputs, self.directory / IR_FILES[name][0], OpenVinoBackendError)
         self.activation_names = [output.get_any_name() for output in self.requests["image_encoder"].model_outputs]
+        (width,) = [
+            node.get_partial_shape()[-1] for node in self.requests["decoder"].model_inputs
+            if node.get_any_name() == "conditional"
+        ]  # fmt: skip
+        width = width.get_length() if width.is_static else None
+        check_config_fits(
+            self.config, len(self.activation_names), width, self.directory / MANIFEST_NAME, OpenVinoBackendError
+        )
         self.static_requests: dict[tuple, object] = {}  # (graph, shape key) -> request compiled for that shape
         self.shape_counts: collections.Counter = collections.Counter()
 
