@@ -95,10 +95,15 @@ def model_directory(run_dir: Path, checkpoint: str | None) -> tuple[str, Path]:
     if (directory / "config.json").is_file():
         return str(directory), directory
     kept = sorted(p.parent.name for p in run_dir.glob("*/config.json"))
+    models = (["the latest"] if (run_dir / "config.json").is_file() else []) + kept
+    if not models:
+        raise LoadError(
+            f"no trained model in {run_dir} (config.json missing): a run writes its model at its first checkpoint "
+            "(train.py --ckpt); a run that stopped before it has none (start it again, or --resume it)"
+        )
     raise LoadError(
-        f"no trained model in {directory} (config.json missing); models in {run_dir}: the latest"
-        + (f", {', '.join(kept)}" if kept else "")
-        + " (--checkpoint best exists once a run validates, see train.py --val-interval)"
+        f"no trained model in {directory} (config.json missing); models in {run_dir}: {', '.join(models)}"
+        " (--checkpoint best exists once a run validates, see train.py --val-interval)"
     )
 
 

@@ -21,6 +21,12 @@ def test_a_run_name_a_directory_and_a_checkpoint_inside_resolve(tiny_checkpoints
     assert resolve_model("demo", checkpoints, "best") == (str(run / "best"), run / "best")
     with pytest.raises(LoadError, match=r"no trained model in .*iter_000500 .*models in .*demo: the latest, best"):
         resolve_model("demo", checkpoints, "iter_000500")
+    (checkpoints / "stopped").mkdir()  # a run that stopped before its first checkpoint: only args.json
+    (checkpoints / "stopped" / "args.json").write_text("{}")
+    with pytest.raises(
+        LoadError, match=r"no trained model in .*stopped \(config.json missing\): a run writes its model"
+    ):
+        resolve_model("stopped", checkpoints)
 
 
 def test_a_run_name_wins_over_a_same_named_folder_here(tiny_checkpoints, tmp_path, monkeypatch):
