@@ -109,7 +109,10 @@ def start(args: argparse.Namespace, dataset: Dataset | None) -> tuple:
         except runs.CheckpointWriteError as err:
             raise TrainingError(str(err)) from err
         if not args.resume or set(RUN_PLAN_FLAGS) & set(args.explicit):  # a resume that changes the plan records it
-            write_args(files, args, world)
+            try:
+                write_args(files, args, world)
+            except OSError as err:
+                raise TrainingError(f"{files.args} cannot be written ({err}); free space and start again") from err
     if world.enabled:
         dist.barrier()
 

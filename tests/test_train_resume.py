@@ -332,6 +332,19 @@ def test_resume_skips_foreign_log_lines_and_says_when_the_log_cannot_be_written(
     log = tmp_path / "ck" / "log" / "log.jsonl"
     log.write_text(log.read_text() + '5\n[1, 2]\n{"step": "three"}\n{"step": 9, "loss": 1.0}\n\xff\n')
     monkeypatch.setattr(runs, "write_text", lambda path, text: (_ for _ in ()).throw(OSError(28, "No space left")))
+    assert train.main([*argv, "--resume", "--max-iterations=4"]) == 2  # args.json first: the plan changes
+    error = capsys.readouterr().err
+    assert f"{log.parent / 'args.json'} cannot be written ([Errno 28] No space left); free space" in error
+    assert "Traceback" not in error
+    monkeypatch.undo()
+    real_write_text = runs.write_text
+
+    def full_for_the_log(path, text):
+        if path == log:
+            raise OSError(28, "No space left")
+        return real_write_text(path, text)
+
+    monkeypatch.setattr(runs, "write_text", full_for_the_log)
     assert train.main([*argv, "--resume", "--max-iterations=4"]) == 2
     error = capsys.readouterr().err
     assert f"{log} cannot be written ([Errno 28] No space left); free space" in error and "Traceback" not in error
