@@ -7,6 +7,7 @@ Needs requirements-export.txt (`make test` installs it); skipped with a message 
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -343,7 +344,8 @@ def test_export_checks_the_disk_space_of_its_output_folder_before_the_work(tiny_
 
 
 def folder_bytes(folder) -> dict:
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+    """The files of `folder` by name (a folder inside it: None)."""
+    return {path.name: path.read_bytes() if path.is_file() else None for path in sorted(folder.iterdir())}
 
 
 @pytest.mark.parametrize("failure", ["the check fails", "killed while exporting"])
@@ -367,4 +369,32 @@ def test_a_failed_export_into_an_export_folder_leaves_the_old_export_whole(
         with pytest.raises(KeyboardInterrupt):
             onnx_export.export(CLIPSeg.from_pretrained(tiny_dir), copy)
     assert folder_bytes(copy) == before  # the staging folder removed too
+    OnnxCLIPSeg(copy)
+
+
+def test_an_export_refuses_a_folder_in_the_way_and_another_export_at_work_before_touching_the_old_one(
+    exported, tiny_dir, tmp_path, capsys
+):
+    import fcntl
+
+    copy = export_copy(exported, tmp_path)
+    (copy / ".export-in-progress-x1y2").mkdir()  # a killed export's leftovers
+    (copy / ".export-in-progress-x1y2" / "decoder.onnx").write_bytes(b"half")
+    before = {name: data for name, data in folder_bytes(copy).items() if data is not None}
+    handle = os.open(copy, os.O_RDONLY)  # another export holds the folder
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        assert export_main([str(tiny_dir), str(copy)]) == 2
+        assert f"{copy}: another export is writing there; wait for it to end" in capsys.readouterr().err
+    finally:
+        os.close(handle)
+    (copy / "decoder.onnx").unlink()
+    (copy / "decoder.onnx").mkdir()  # a folder where a graph goes: the moves would stop halfway
+    assert export_main([str(tiny_dir), str(copy)]) == 2
+    assert f"{copy / 'decoder.onnx'} is a folder in the way of the export's file decoder.onnx" in (
+        capsys.readouterr().err
+    )
+    (copy / "decoder.onnx").rmdir()
+    assert export_main([str(tiny_dir), str(copy)]) == 0
+    assert sorted(folder_bytes(copy)) == sorted(before)  # the leftovers removed, the files in place
     OnnxCLIPSeg(copy)

@@ -19,10 +19,12 @@ paths lead outside their folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from clipseg.config import PATCH_SIZE, CLIPSegConfig
 from clipseg.decoder import prompts_per_image_of
-from clipseg.outputs import read_regular, write_json
+from clipseg.outputs import UnwritableOutput, read_regular, write_json
 from clipseg.tokenizer import CLIPTokenizer
 from clipseg.weights import CheckpointError, read_json
 from model import CLIPSeg, ImageFeatures
@@ -121,27 +123,69 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_GRAPH_BYTES = 32 << 30  # a graph file read whole: ViT-L/14's weights in fp32 take 1.2 GB
 
 
-STAGING_NAME = ".export-in-progress"  # inside an export folder: the files of an export not yet checked
+STAGING_PREFIX = ".export-in-progress-"  # inside an export folder: the files of an export not yet checked
 
 
-def staging_folder(out_dir: Path) -> Path:
-    """A fresh folder inside `out_dir` (made if needed) where an export writes and checks its files before
+def check_export_targets(out_dir: Path, names: Sequence[str]) -> None:
+    """UnwritableOutput naming the path unless each of the export's files `names` can take its place in `out_dir`:
+    a folder of that name would stop the export halfway through moving its files."""
+    for name in names:
+        target = out_dir / name
+        if target.is_dir() and not target.is_symlink():
+            raise UnwritableOutput(f"{target} is a folder in the way of the export's file {name}: move it")
+
+
+@contextlib.contextmanager
+def staged_export(out_dir: Path, names: Sequence[str]) -> Iterator[Path]:
+    """A fresh folder inside `out_dir` (made if needed) where an export writes and checks its files `names` before
     `install_export` moves them into place, so that an export that fails its check, or is killed, leaves the export
-    already in `out_dir` as it was. A killed export's leftovers are removed first."""
-    staging = out_dir / STAGING_NAME
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
+    already in `out_dir` as it was. While it is open no other export can write `out_dir` (UnwritableOutput);
+    the leftovers of a killed export are removed. The folder is removed on the way out."""
+    check_export_targets(out_dir, names)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _export_lock(out_dir):
+        for leftover in out_dir.glob(STAGING_PREFIX + "*"):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=STAGING_PREFIX))
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _export_lock(out_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the folder itself (flock on its descriptor: no lock file, released if the process dies);
+    none where the OS has no flock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    handle = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise UnwritableOutput(
+                f"{out_dir}: another export is writing there; wait for it to end, or choose another --out"
+            ) from err
+        yield
+    finally:
+        os.close(handle)
 
 
 def install_export(staging: Path, out_dir: Path, manifest: dict) -> None:
     """Move the checked files of `staging` into `out_dir` and write `manifest` there last (a folder without one is
-    not an export): only renames lie between the old manifest's removal and the new one's writing."""
+    not an export): only renames lie between the old manifest's removal and the new one's writing, and each target
+    is checked before the old manifest goes."""
+    files = sorted(staging.iterdir())
+    check_export_targets(out_dir, [file.name for file in files])
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    for file in staging.iterdir():
+    for file in files:
         os.replace(file, out_dir / file.name)
     write_json(out_dir / MANIFEST_NAME, manifest)
-    staging.rmdir()
 
 
 def graph_sha256(path: Path) -> str:

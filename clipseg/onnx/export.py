@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ from clipseg.onnx.backend import (
     graph_sha256,
     import_onnxruntime,
     install_export,
-    staging_folder,
+    staged_export,
 )
 from clipseg.outputs import check_writable
 from clipseg.tokenizer import CONTEXT_LENGTH
@@ -302,8 +301,7 @@ def export(model: CLIPSeg, out_dir: str | Path, source: str = "") -> dict:
             ) from err
     out_dir = Path(out_dir)
     check_writable(out_dir, folder=True, needed_bytes=export_bytes(model), what="the export")
-    staging = staging_folder(out_dir)  # the check removes the folders it made for its probe: made again here
-    try:
+    with staged_export(out_dir, list(GRAPH_FILES.values())) as staging:
         model = model.float().cpu().eval()
         with torch.no_grad():
             for export_one in (export_image_encoder, export_text_encoder, export_decoder, export_image_prompt_head):
@@ -317,8 +315,6 @@ def export(model: CLIPSeg, out_dir: str | Path, source: str = "") -> dict:
                 f"{VERIFY_TOLERANCE}): {verification}; nothing was written to {out_dir}"
             )
         install_export(staging, out_dir, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 

@@ -36,7 +36,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,9 +52,10 @@ from clipseg.onnx import export as onnx_export
 from clipseg.onnx.backend import (
     GRAPH_FILES,
     OnnxBackendError,
+    check_export_targets,
     graph_sha256,
     install_export,
-    staging_folder,
+    staged_export,
 )
 from clipseg.onnx.backend import read_manifest as read_onnx_manifest
 from clipseg.onnx.openvino_backend import (
@@ -403,6 +403,7 @@ def export_openvino(
     out_dir = Path(out_dir)
     needed = onnx_export.export_bytes(model)
     check_writable(out_dir, folder=True, needed_bytes=needed, what="the export")
+    check_export_targets(out_dir, [file for files in IR_FILES.values() for file in files])
     check_writable(tempfile.gettempdir(), folder=True, needed_bytes=needed, what="the temporary ONNX graphs")
     model = model.float().cpu().eval()
     calibration = []
@@ -541,8 +542,8 @@ def save(models: dict, manifest: dict, out_dir: Path) -> None:
     their SHA-256s into the manifest, written beside `out_dir`'s files and moved into place, the manifest last
     (`install_export`): an export killed while saving leaves an older export in `out_dir` whole."""
     ov = import_openvino()
-    staging = staging_folder(out_dir)
-    try:
+    names = [file for name in models for file in IR_FILES[name]]
+    with staged_export(out_dir, names) as staging:
         manifest["files"] = {}
         for name, model in models.items():
             xml, weights = (staging / file for file in IR_FILES[name])
@@ -552,5 +553,3 @@ def save(models: dict, manifest: dict, out_dir: Path) -> None:
                 xml.write_bytes(with_precise_layers(xml.read_bytes(), names))
             manifest["files"].update({xml.name: graph_sha256(xml), weights.name: graph_sha256(weights)})
         install_export(staging, out_dir, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
