@@ -84,11 +84,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _wide_gray_to_l(image: Image.Image) -> Image.Image:
     """16/32-bit integer or float grayscale -> 8 bit by the range its values use (PIL's own conversion clips
-    everything above 255 to white, and a float image in [0, 1] to black): [0, 1] floats x 255, 8-bit values as they
-    are, 16-bit ones / 257, wider ones by their maximum. NaN is black."""
+    everything above 255 to white, and a float image in [0, 1] to black): floats of [0, 1] x 255 (a few overshoots,
+    as resampling leaves, clipped), 8-bit values as they are, 16-bit ones / 257, wider ones by their maximum. NaN is
+    black."""
     values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     top = values.max(initial=0)
-    if image.mode == "F" and top <= 1:
+    if image.mode == "F" and (top <= 1.5 or np.quantile(values, 0.99) <= 1):
         values = values * 255
     elif top > 65535:
         values = values * (255 / top)

@@ -67,6 +67,17 @@ def test_open_rgb_converts_modes(tmp_path, image, suffix, expected):
     np.testing.assert_allclose(np.asarray(rgb)[0, 0], expected, atol=3)
 
 
+def test_a_float_image_in_unit_range_with_an_overshoot_stays_in_unit_range(tmp_path):
+    """One pixel at 1.05 (a resampling overshoot) made the whole [0, 1] image read black; one at 40 (a hot pixel)
+    is clipped too, as long as nearly all the image stays in [0, 1]."""
+    values = np.linspace(0.05, 0.95, 600, dtype=np.float32).reshape(20, 30)
+    for overshoot in (1.05, 40.0):
+        values[0, 0] = overshoot
+        Image.fromarray(values, mode="F").save(tmp_path / "unit.tif")
+        gray = np.asarray(open_rgb(tmp_path / "unit.tif"))[..., 0].astype(float)
+        np.testing.assert_allclose(gray, np.clip(values * 255, 0, 255), atol=1)
+
+
 def test_a_32_bit_image_is_scaled_by_its_own_range(tmp_path):
     """A 32-bit integer TIFF beyond 16 bits came out mostly white (its values / 257, clipped)."""
     ramp = np.linspace(0, 4_000_000, 24, dtype=np.int32).reshape(4, 6)
