@@ -39,6 +39,7 @@ OPERATOR_NAMES = {UNION: "union", INTERSECTION: "intersection", DIFFERENCE: "dif
 PRECEDENCE = {UNION: 1, INTERSECTION: 2, DIFFERENCE: 3}  # higher binds tighter
 MAX_DEPTH = 16  # nested parentheses
 MAX_TERMS = 32  # phrase occurrences in one expression
+MAX_WEIGHT = 1e6  # a weight scales probabilities clipped to [0, 1]: beyond this it only overflows float32 maps
 
 _NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 _SPACES = re.compile(r"\s*")
@@ -201,8 +202,8 @@ def _tokens(text: str) -> list[_Token]:
             tokens.append(_Token(char, char, i + 1))
         elif weight is not None:
             end_phrase(i)
-            if not np.isfinite(float(weight)):
-                raise ExpressionError(text, i + 2, f"a weight that is a finite number (not {weight[:12]}...)")
+            if not float(weight) <= MAX_WEIGHT:
+                raise ExpressionError(text, i + 2, f"a weight of at most {MAX_WEIGHT:g} (not {weight[:12]}...)")
             tokens.append(_Token("weight", float(weight), i + 1))
             i += len(weight)
         elif char == '"':
@@ -314,8 +315,8 @@ def _combine(operator: str, terms: list[Node]) -> Node:
 
 
 def _check_weight(weight: float) -> None:
-    if not (isinstance(weight, int | float) and np.isfinite(weight) and weight >= 0):
-        raise ValueError(f"a weight is a finite number >= 0, got {weight!r}")
+    if not (isinstance(weight, int | float) and 0 <= weight <= MAX_WEIGHT):
+        raise ValueError(f"a weight is a number from 0 to {MAX_WEIGHT:g}, got {weight!r}")
 
 
 # ------------------------------------------------------------------------------------ canonical forms

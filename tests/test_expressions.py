@@ -131,7 +131,8 @@ def test_set_identities_hold_on_soft_maps():
         ("(cat:2):3", 8, "one weight per term"),
         ("", 1, "a phrase or '('"),
         ("cat - ", 7, "a phrase or '('"),
-        ("car:" + "9" * 400, 5, "a weight that is a finite number (not 999999999999...)"),  # float() gives inf
+        ("car:" + "9" * 400, 5, "a weight of at most 1e+06 (not 999999999999...)"),  # float() gives inf
+        ("(cat:0 | dog:0):" + "9" * 39, 17, "a weight of at most 1e+06"),  # inf in float32: 0 x inf made NaN
     ],
 )
 def test_syntax_errors_name_the_column_and_what_was_expected(text, column, expected):
