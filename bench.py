@@ -225,7 +225,10 @@ def chosen_rows(rows: tuple[str, ...], older: list[str], rows_given: bool) -> tu
         raise ValueError(f"give the rows either with --rows or with {older[0]}, not both")
     kept = {OLDER_ROW_FLAGS[flag][1] for flag in older if OLDER_ROW_FLAGS[flag][0] == "only"}
     dropped = {OLDER_ROW_FLAGS[flag][1] for flag in older if OLDER_ROW_FLAGS[flag][0] == "skip"}
-    return tuple(name for name in ROWS if name in (kept or set(DEFAULT_ROWS)) and name not in dropped)
+    rows = tuple(name for name in ROWS if name in (kept or set(DEFAULT_ROWS)) and name not in dropped)
+    if not rows:
+        raise ValueError(f"{' '.join(older)} leave no row to measure")
+    return rows
 
 
 def cpu_description() -> str:

@@ -326,7 +326,10 @@ def summary_conflict(summary: str, out: str, inputs: Sequence[str]) -> str | Non
     if real.parent == Path(out) and is_run_file(real.name) and real.name != SUMMARY_JSON_NAME:
         return f"--summary {summary} is the run's own {real.name} in --out; choose another file"
     if Path(out) in real.parents and real.parent != Path(out):
-        return f"--summary {summary} lies inside an image's output folder in --out; choose another file"
+        return (
+            f"--summary {summary} lies in a subfolder of --out, where the images' output folders go; put it in --out "
+            "itself or elsewhere"
+        )
     return None
 
 
@@ -385,7 +388,8 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
             print(f"skipped {item}: {problem}", file=sys.stderr)
         if world.is_main:
             header = {key: getattr(args, key) for key in ("model", "backend", "precision", "square")}
-            header["threshold"] = None if args.threshold is None else {"value": args.threshold, "source": "given"}
+            given = {"value": args.threshold, "source": "given", "note": describe_threshold(args.threshold, "given")}
+            header["threshold"] = None if args.threshold is None else given  # the model was not loaded
             header |= {"image_size": args.image_size, "interrupted": False, "merged_prompts": merged}
             summarise_unreadable(Path(args.out), header, unreadable, args.summary)
         print("error: no readable input images", file=sys.stderr)

@@ -166,6 +166,7 @@ def test_the_older_only_and_skip_flags_still_pick_the_same_rows(measured):
         (["--rows", "precision,speed"], "argument --rows: speed: choose from params, scale-out, head"),
         (["--rows", ","], "argument --rows: no group"),
         (["--rows", "runs", "--only-data"], "give the rows either with --rows or with --only-data, not both"),
+        (["--only-runs", "--skip-runs"], "--only-runs --skip-runs leave no row to measure"),
         (["--rows", "head", "--index-tasks", "5"], "--index-tasks measures with the data rows: add data to --rows"),
         (["--repeats", "0"], "argument --repeats: must be a positive integer, got 0"),
         (["--threads", "-2"], "argument --threads: must be a positive integer, got -2"),

@@ -117,7 +117,7 @@ def test_a_summary_that_would_overwrite_an_image_or_a_file_of_the_run_is_refused
         (tmp_path / "new.PNG", "names an image: the summary is JSON"),
         (out / "run.json", "is the run's own run.json in --out"),
         (out / "summary.jsonl", "is the run's own summary.jsonl in --out"),
-        (out / "cat.png" / "s.json", "lies inside an image's output folder in --out"),
+        (out / "cat.png" / "s.json", "lies in a subfolder of --out, where the images' output folders go"),
     ):
         inputs = [photos / "cat"] if summary.name == "cat" else [photos]
         assert run_cli(tiny_dir, inputs, out, "--prompt", "sky", "--summary", str(summary)) == 2
