@@ -14,6 +14,7 @@ keeps its other polygons, and a task with no usable polygon left is excluded (`T
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -375,9 +376,26 @@ def load_task_table(data_dir: Path, split: str, cache_dir: Path | None = None) -
             return table
     for directory in candidates:
         if _writable(directory.parent):
-            _build_index(data_dir, split, directory, fingerprint)
+            with _build_lock(directory.parent / f".{split}.lock"):  # processes of one job: one builds, the rest wait
+                if _cached_table(directory, data_dir / "images", fingerprint) is None:
+                    _build_index(data_dir, split, directory, fingerprint)
             return TaskTable(directory, data_dir / "images")
     raise PermissionError(f"cannot write a PhraseCut index in any of {[str(d) for d in candidates]}")
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock (flock, released if the process dies) that one process builds an index under while the
+    others of a torchrun job wait, then find it built: two building at once removed each other's index while it
+    was being opened. None where the OS has no flock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _cached_table(directory: Path, images_dir: Path, fingerprint: list) -> TaskTable | None:

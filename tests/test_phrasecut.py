@@ -1,12 +1,18 @@
 """clipseg/phrasecut.py: a split's JSON parsed once into memory-mapped arrays, cached, rebuilt when it changes."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from helpers import data_dir, refer
 
 import dataset
 from clipseg import phrasecut as phrasecut_index
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_index_is_cached_and_rebuilt_when_the_json_changes(damaged_root, monkeypatch):
@@ -35,6 +41,29 @@ def test_a_damaged_index_is_built_again(damaged_root, name, damage):
     again = dataset.PhraseCut(damaged_root, "val", train=False)
     assert [t["task_id"] for t in again.tasks] == [t["task_id"] for t in first.tasks]
     assert json.loads((data_dir(damaged_root) / ".clipseg_index" / "val" / "meta.json").read_text())["arrays"]
+
+
+def test_processes_opening_a_fresh_split_at_once_build_one_index(damaged_root):
+    """The ranks of a torchrun job open a split whose index is not built yet at the same moment: one builds it
+    while the others wait (two building at once removed each other's index while it was being opened)."""
+    script = (
+        "import sys, pathlib, time\nfrom clipseg import phrasecut\nbuild = phrasecut._build_index\n"
+        "phrasecut._build_index = lambda *args: print('built', file=sys.stderr) or time.sleep(3) or build(*args)\n"
+        "print(len(phrasecut.load_task_table(pathlib.Path(sys.argv[1]), 'train')))"
+    )
+    folder = data_dir(damaged_root)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        for _ in range(3)
+    ]
+    results = [(job.wait(timeout=120), *job.communicate()) for job in jobs]
+    assert [code for code, *_ in results] == [0, 0, 0], [err.decode()[-800:] for *_, err in results]
+    assert len({out for _, out, _ in results}) == 1
+    assert sum(err.decode().count("built") for *_, err in results) == 1  # the others waited and opened it
+    assert len(list((folder / ".clipseg_index").glob(".train-building-*"))) == 0
 
 
 def test_index_falls_back_to_user_cache_when_data_dir_is_read_only(damaged_root, tmp_path, monkeypatch):
