@@ -388,8 +388,10 @@ def segment(args: argparse.Namespace, prompts: list, merged: list[dict], world: 
             print(f"skipped {item}: {problem}", file=sys.stderr)
         if world.is_main:
             header = {key: getattr(args, key) for key in ("model", "backend", "precision", "square")}
-            given = {"value": args.threshold, "source": "given", "note": describe_threshold(args.threshold, "given")}
-            header["threshold"] = None if args.threshold is None else given  # the model was not loaded
+            header["threshold"] = None  # the model was not loaded: its calibrated threshold is not known
+            if args.threshold is not None:
+                note = describe_threshold(args.threshold, "given")
+                header["threshold"] = {"value": args.threshold, "source": "given", "note": note}
             header |= {"image_size": args.image_size, "interrupted": False, "merged_prompts": merged}
             summarise_unreadable(Path(args.out), header, unreadable, args.summary)
         print("error: no readable input images", file=sys.stderr)

@@ -81,6 +81,18 @@ def test_an_image_whose_name_is_not_utf8_gets_its_outputs_and_the_summary(tiny_d
     assert Path(entry["prompts"][0]["files"]["mask"]).is_file()
 
 
+def test_a_run_without_readable_images_records_the_threshold_it_was_given(tiny_dir, tmp_path):
+    """The summary of a run with no readable input is written before the model loads: a given threshold in the
+    form predict.py and the app always write, no threshold (null) when none was given."""
+    for extra, expected in (
+        (["--threshold", "0.4"], {"value": 0.4, "source": "given", "note": "threshold 0.4 (given)"}),
+        ([], None),
+    ):
+        out = tmp_path / f"out{len(extra)}"
+        assert run_cli(tiny_dir, [tmp_path / "missing.png"], out, "--prompt", "sky", *extra) == 1
+        assert json.loads((out / "summary.json").read_text())["threshold"] == expected
+
+
 def test_the_tile_hint_for_large_images_is_said_once_and_counted(tiny_dir, tmp_path, capsys):
     """With a small model every photo is "much larger than the model's input": the note came once per image, inside
     the progress bar."""
