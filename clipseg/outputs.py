@@ -10,6 +10,7 @@ anyone may have replaced since: only a regular file of a bounded size is read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -19,7 +20,7 @@ import shutil
 import stat
 import tempfile
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,31 @@ def write_json(path: str | os.PathLike, value: object, indent: int | None = 2) -
     """`atomic_write` of a strict JSON file (`json_text`: no NaN or Infinity; UTF-8, non-ASCII kept, trailing
     newline)."""
     write_text(path, json_text(value, indent=indent, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[None]:
+    """An exclusive flock on `path`, a folder or a lock file (made if missing), held for the `with` block and
+    released if the process dies; with `wait` False, LockHeld when another process holds it. No lock where the OS
+    has no flock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    handle = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise LockHeld(f"{path} is locked by another process") from err
+        yield
+    finally:
+        os.close(handle)
+
+
+class LockHeld(OSError):
+    """`exclusive_lock(path, wait=False)` found the lock held by another process."""
 
 
 class UnwritableOutput(OSError):

@@ -14,7 +14,6 @@ keeps its other polygons, and a task with no usable polygon left is excluded (`T
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -31,7 +30,7 @@ from tqdm import tqdm
 
 from clipseg.images import upright_size
 from clipseg.metrics import PHRASE_TYPES
-from clipseg.outputs import json_text, printable
+from clipseg.outputs import exclusive_lock, json_text, printable
 from clipseg.rasterise import MAX_COORDINATE
 
 DATA_SUBDIR = Path("data") / "VGPhraseCut_v0"
@@ -376,26 +375,13 @@ def load_task_table(data_dir: Path, split: str, cache_dir: Path | None = None) -
             return table
     for directory in candidates:
         if _writable(directory.parent):
-            with _build_lock(directory.parent / f".{split}.lock"):  # processes of one job: one builds, the rest wait
+            # The ranks of a torchrun job: one builds while the others wait, then open it (two building at once
+            # removed each other's index while it was being opened).
+            with exclusive_lock(directory.parent / f".{split}.lock"):
                 if _cached_table(directory, data_dir / "images", fingerprint) is None:
                     _build_index(data_dir, split, directory, fingerprint)
             return TaskTable(directory, data_dir / "images")
     raise PermissionError(f"cannot write a PhraseCut index in any of {[str(d) for d in candidates]}")
-
-
-@contextlib.contextmanager
-def _build_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock (flock, released if the process dies) that one process builds an index under while the
-    others of a torchrun job wait, then find it built: two building at once removed each other's index while it
-    was being opened. None where the OS has no flock."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def _cached_table(directory: Path, images_dir: Path, fingerprint: list) -> TaskTable | None:

@@ -4,6 +4,8 @@ printable labels."""
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clipseg.outputs import (
+    LockHeld,
     UnwritableOutput,
     atomic_write,
     check_writable,
+    exclusive_lock,
     is_safe_name,
     json_text,
     printable,
@@ -134,3 +138,23 @@ def test_check_writable_finds_what_blocks_an_output_before_any_work(tmp_path):
     check_writable(tmp_path / "new2" / "out", folder=True)
     check_writable(tmp_path / "file.txt")  # an existing file is replaced atomically: its folder is what counts
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # probing leaves nothing behind
+
+
+def test_an_exclusive_lock_is_refused_while_another_process_holds_it(tmp_path):
+    script = (
+        "import sys, time\nfrom clipseg.outputs import exclusive_lock\n"
+        "with exclusive_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(30)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for path in (tmp_path / "a.lock", tmp_path):  # a lock file (made) or a folder itself
+        holder = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, env=env)
+        try:
+            assert holder.stdout.readline() == b"held\n"
+            with pytest.raises(LockHeld, match="is locked by another process"):
+                with exclusive_lock(path, wait=False):
+                    pass
+        finally:
+            holder.kill()
+            holder.wait()
+        with exclusive_lock(path, wait=False):  # released when its holder died
+            pass

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from clipseg.config import PATCH_SIZE, CLIPSegConfig
 from clipseg.decoder import prompts_per_image_of
-from clipseg.outputs import UnwritableOutput, read_regular, write_json
+from clipseg.outputs import LockHeld, UnwritableOutput, exclusive_lock, read_regular, write_json
 from clipseg.tokenizer import CLIPTokenizer
 from clipseg.weights import CheckpointError, read_json
 from model import CLIPSeg, ImageFeatures
@@ -143,37 +143,20 @@ def staged_export(out_dir: Path, names: Sequence[str]) -> Iterator[Path]:
     the leftovers of a killed export are removed. The folder is removed on the way out."""
     check_export_targets(out_dir, names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _export_lock(out_dir):
-        for leftover in out_dir.glob(STAGING_PREFIX + "*"):
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=STAGING_PREFIX))
-        try:
-            yield staging
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _export_lock(out_dir: Path) -> Iterator[None]:
-    """An exclusive lock on the folder itself (flock on its descriptor: no lock file, released if the process dies);
-    none where the OS has no flock."""
     try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    handle = os.open(out_dir, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            raise UnwritableOutput(
-                f"{out_dir}: another export is writing there; wait for it to end, or choose another --out"
-            ) from err
-        yield
-    finally:
-        os.close(handle)
+        with exclusive_lock(out_dir, wait=False):
+            for leftover in out_dir.glob(STAGING_PREFIX + "*"):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=STAGING_PREFIX))
+            try:
+                yield staging
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except LockHeld as err:
+        raise UnwritableOutput(
+            f"{out_dir}: another export is writing there; wait for it to end, or choose another --out"
+        ) from err
 
 
 def install_export(staging: Path, out_dir: Path, manifest: dict) -> None:
